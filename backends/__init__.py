@@ -1,0 +1,99 @@
+"""The backend interface: pure functions over tensors that the model and trainer call.
+
+`cpu-torch` is the executable specification; `cuda-triton` implements the same ops with fused
+Triton kernels and is checked against it. Pick one with get_backend("auto" | "cpu-torch" | "cuda-triton").
+
+Conventions (shared by every backend):
+  * a weight W is a `Q8Weight` (int8 qs [out, in] + fp16 d [out, in/32]) or a float tensor [out, in];
+  * LoRA factors are stored as llama.cpp stores them: a = lora_a as an (in, r) array, b = lora_b as
+    an (out, r) array, so the delta is  dW(out, in) = b @ a.T  and  y = x @ W.T + s * (x @ a) @ b.T.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from lorakit.errors import UsageError
+from lorakit.quant import Weight
+
+BACKEND_NAMES = ("auto", "cpu-torch", "cuda-triton")
+
+
+@dataclass(frozen=True)
+class AdamHyper:
+    """One AdamW update, llama.cpp semantics (ggml_opt_adam)."""
+
+    alpha: float  # peak learning rate
+    decay: float  # weight decay, relative to the learning rate
+    beta1: float
+    beta2: float
+    eps: float  # added after the square root
+    gclip: float  # global-norm clip; 0 disables
+    sched: float  # schedule factor for this update
+    t: int  # 1-based iteration number after the increment
+
+
+class Backend(Protocol):
+    name: str
+    device: torch.device
+
+    def matmul(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
+        """x [..., in] @ W.T -> [..., out], float32 accumulation, result in x's dtype."""
+
+    def matmul_grad_input(self, dy: torch.Tensor, w: Weight) -> torch.Tensor:
+        """dy [..., out] @ W -> [..., in] (the base is frozen: no weight gradient)."""
+
+    def lora_linear(
+        self, x: torch.Tensor, w: Weight, loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]]
+    ) -> torch.Tensor:
+        """x @ W.T + sum_i s_i * (x @ a_i) @ b_i.T (no autograd; used for inference)."""
+
+    def embedding(self, w: Weight, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows of W selected by tokens, dequantized."""
+
+    def adamw_step(
+        self,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        m: Sequence[torch.Tensor],
+        v: Sequence[torch.Tensor],
+        decayed: Sequence[bool],
+        hp: AdamHyper,
+    ) -> float:
+        """In-place AdamW over all tensors (global clip, decay only where decayed[i]); returns the grad norm."""
+
+    def dequantize(self, w: Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The full weight (for merges, exports and as a test oracle)."""
+
+
+def cuda_triton_available() -> tuple[bool, str]:
+    """Whether cuda-triton can run here, and why not."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU is visible to torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False, "the triton package is not installed (pip install 'lorakit[triton]')"
+    return True, ""
+
+
+def get_backend(name: str = "auto") -> Backend:
+    if name not in BACKEND_NAMES:
+        raise UsageError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    if name == "auto":
+        ok, _ = cuda_triton_available()
+        name = "cuda-triton" if ok else "cpu-torch"
+    if name == "cpu-torch":
+        from .cpu_torch import CpuTorchBackend
+
+        return CpuTorchBackend()
+    ok, why = cuda_triton_available()
+    if not ok:
+        raise UsageError(f"--backend cuda-triton cannot run here: {why}")
+    from .cuda_triton import CudaTritonBackend
+
+    return CudaTritonBackend()

@@ -1,0 +1,111 @@
+"""cpu-torch: every backend op in the most obvious torch. This file is the specification.
+
+Quantized weights are dequantized block by block (a slice of output rows at a time), so no full
+float copy of a large weight ever exists, and the slice stays in cache for its matmul.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from lorakit.quant import Q8Weight, Weight, dequantize, dequantize_q8_0
+
+from . import AdamHyper
+
+# rows of W dequantized at a time: 64 Ki values per slice keeps the float copy in L2
+_CHUNK_VALUES = 1 << 16
+
+
+def _row_chunk(n_in: int) -> int:
+    return max(16, _CHUNK_VALUES // max(1, n_in))
+
+
+class CpuTorchBackend:
+    name = "cpu-torch"
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+
+    def matmul(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
+        if not isinstance(w, Q8Weight):
+            return x @ w.to(x.dtype).T
+        out_f, n_in = w.shape
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, n_in)
+        y = torch.empty(x2.shape[0], out_f, dtype=x.dtype, device=x.device)
+        step = _row_chunk(n_in)
+        for r0 in range(0, out_f, step):
+            r1 = min(out_f, r0 + step)
+            wt = dequantize_q8_0(w.qs[r0:r1], w.d[r0:r1], x.dtype)
+            torch.matmul(x2, wt.T, out=y[:, r0:r1])
+        return y.reshape(*lead, out_f)
+
+    def matmul_grad_input(self, dy: torch.Tensor, w: Weight) -> torch.Tensor:
+        if not isinstance(w, Q8Weight):
+            return dy @ w.to(dy.dtype)
+        out_f, n_in = w.shape
+        lead = dy.shape[:-1]
+        dy2 = dy.reshape(-1, out_f)
+        dx = torch.zeros(dy2.shape[0], n_in, dtype=dy.dtype, device=dy.device)
+        step = _row_chunk(n_in)
+        for r0 in range(0, out_f, step):
+            r1 = min(out_f, r0 + step)
+            wt = dequantize_q8_0(w.qs[r0:r1], w.d[r0:r1], dy.dtype)
+            dx.addmm_(dy2[:, r0:r1], wt)
+        return dx.reshape(*lead, n_in)
+
+    def lora_linear(
+        self, x: torch.Tensor, w: Weight, loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]]
+    ) -> torch.Tensor:
+        y = self.matmul(x, w)
+        for a, b, s in loras:
+            y = y + s * ((x @ a.to(x.dtype)) @ b.to(x.dtype).T)
+        return y
+
+    def embedding(self, w: Weight, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if isinstance(w, Q8Weight):
+            return w.rows(tokens, dtype)
+        return w[tokens].to(dtype)
+
+    def adamw_step(
+        self,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        m: Sequence[torch.Tensor],
+        v: Sequence[torch.Tensor],
+        decayed: Sequence[bool],
+        hp: AdamHyper,
+    ) -> float:
+        """ggml_opt_adam's update, op for op in float32 (spec §4.2)."""
+        # global norm: float products summed in double
+        sq = sum(float((g * g).double().sum()) for g in grads)
+        norm = math.sqrt(sq)
+        factor = 1.0
+        if hp.gclip > 0 and norm > hp.gclip:
+            factor = float(torch.tensor(hp.gclip / norm, dtype=torch.float32))
+        f32 = torch.float32
+        beta1 = torch.tensor(hp.beta1, dtype=f32)
+        beta2 = torch.tensor(hp.beta2, dtype=f32)
+        t = hp.t
+        h1 = torch.tensor(hp.alpha, dtype=f32) * torch.tensor(hp.sched, dtype=f32)
+        h1 = h1 / (1.0 - torch.pow(beta1, torch.tensor(float(t), dtype=f32)))
+        h2 = 1.0 / (1.0 - torch.pow(beta2, torch.tensor(float(t), dtype=f32)))
+        dec = (torch.tensor(hp.decay, dtype=f32) * torch.tensor(hp.alpha, dtype=f32)) * torch.tensor(
+            hp.sched, dtype=f32
+        )
+        one = torch.tensor(1.0, dtype=f32)
+        for x, g, mi, vi, dk in zip(params, grads, m, v, decayed):
+            gi = g * torch.tensor(factor, dtype=f32) if factor != 1.0 else g
+            mi.mul_(beta1).add_(gi * (one - beta1))
+            vi.mul_(beta2).add_(gi * gi * (one - beta2))
+            num = mi * h1
+            den = torch.sqrt(vi * h2) + torch.tensor(hp.eps, dtype=f32)
+            keep = (one - dec) if dk else one
+            x.data.mul_(keep).sub_(num / den)
+        return norm
+
+    def dequantize(self, w: Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(w, dtype)

@@ -1,0 +1,187 @@
+"""Thin layer over the `gguf` package: open any GGUF file, read metadata and tensors, write files.
+
+Shapes are reported in numpy order (the reverse of ggml's ne), so a 2-D weight with
+ne = [n_in, n_out] is (n_out, n_in) here, matching a PyTorch (out, in) weight.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LorakitError
+
+GGUF_MAGIC = b"GGUF"
+GGLA_MAGIC = b"algg"  # 0x67676C61 little-endian
+
+
+def file_magic(path: str | os.PathLike) -> bytes:
+    """First four bytes of a file, or a clear error when it cannot be read."""
+    p = Path(path)
+    if not p.exists():
+        raise LorakitError("file not found", p)
+    if p.is_dir():
+        raise LorakitError("is a directory, expected a file", p)
+    try:
+        with open(p, "rb") as f:
+            return f.read(4)
+    except OSError as e:
+        raise LorakitError(f"cannot read file ({e.strerror})", p) from None
+
+
+def _check_header(path: Path) -> None:
+    """Reject files whose header claims more tensors/keys than the file could hold (bounded memory)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 4 or head[:4] != GGUF_MAGIC:
+        raise LorakitError("not a GGUF file (bad magic)", path)
+    if len(head) < 24:
+        raise LorakitError("truncated GGUF header", path)
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+    if version not in (2, 3):
+        raise LorakitError(f"unsupported GGUF version {version}", path)
+    # every tensor info takes at least 8+1+4+8+4+8 bytes and every key/value at least 8+1+4+1
+    if n_tensors * 33 + n_kv * 14 > size:
+        raise LorakitError(
+            f"GGUF header claims {n_tensors} tensors and {n_kv} keys, more than the file's {size} bytes can hold",
+            path,
+        )
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # numpy order (ne reversed)
+    ggml_type: int
+    type_name: str
+    n_bytes: int
+
+
+class GGUFFile:
+    """A memory-mapped GGUF file: metadata as plain Python values, tensors as numpy views."""
+
+    def __init__(self, path: str | os.PathLike):
+        import gguf
+
+        self.path = Path(path)
+        if file_magic(self.path) != GGUF_MAGIC:
+            raise LorakitError("not a GGUF file (bad magic)", self.path)
+        _check_header(self.path)
+        try:
+            self._reader = gguf.GGUFReader(self.path, "r")
+        except Exception as e:  # the gguf package raises ValueError/IndexError/struct errors
+            raise LorakitError(f"corrupt or truncated GGUF file ({type(e).__name__}: {e})", self.path) from None
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        self.fields: dict[str, object] = {}
+        for name, field in self._reader.fields.items():
+            if name.startswith("GGUF."):
+                continue
+            try:
+                self.fields[name] = field.contents()
+            except Exception as e:
+                raise LorakitError(f"cannot decode metadata key {name!r} ({e})", self.path) from None
+        self.field_types: dict[str, int] = {
+            name: int(field.types[0]) for name, field in self._reader.fields.items() if field.types
+        }
+
+    # metadata -------------------------------------------------------------
+    def get(self, key: str, default=None):
+        return self.fields.get(key, default)
+
+    def require(self, key: str):
+        if key not in self.fields:
+            raise LorakitError(f"missing metadata key {key!r}", self.path)
+        return self.fields[key]
+
+    @property
+    def architecture(self) -> str | None:
+        return self.fields.get("general.architecture")
+
+    # tensors --------------------------------------------------------------
+    def tensor_names(self) -> list[str]:
+        return list(self._tensors)
+
+    def has(self, name: str) -> bool:
+        return name in self._tensors
+
+    def info(self, name: str) -> TensorInfo:
+        t = self._tensors[name]
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        return TensorInfo(name, shape, int(t.tensor_type), t.tensor_type.name, int(t.n_bytes))
+
+    def infos(self) -> Iterator[TensorInfo]:
+        for name in self._tensors:
+            yield self.info(name)
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's data as stored (a memmap view; quantized types come as uint8 rows)."""
+        if name not in self._tensors:
+            raise LorakitError(f"missing tensor {name!r}", self.path)
+        return self._tensors[name].data
+
+    def float_array(self, name: str) -> np.ndarray:
+        """The tensor as float32 in numpy order, dequantizing through `gguf` where needed."""
+        import gguf
+
+        info = self.info(name)
+        data = self.raw(name)
+        if info.ggml_type == gguf.GGMLQuantizationType.F32:
+            return np.asarray(data, dtype=np.float32).reshape(info.shape)
+        try:
+            out = gguf.quants.dequantize(data, gguf.GGMLQuantizationType(info.ggml_type))
+        except NotImplementedError:
+            raise LorakitError(f"tensor {name!r} has type {info.type_name}, which cannot be dequantized", self.path)
+        return np.asarray(out, dtype=np.float32).reshape(info.shape)
+
+
+def write_gguf_atomic(path: str | os.PathLike, fill) -> None:
+    """Write a GGUF file through `gguf.GGUFWriter` to a temporary name, then rename it into place.
+
+    `fill(writer)` adds keys and tensors. An interrupted write never leaves a partial file at `path`.
+    """
+    import gguf
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        writer = gguf.GGUFWriter(tmp, arch="")
+        # GGUFWriter always puts general.architecture first; llama.cpp's checkpoints put
+        # training.type first, so fill() adds every key itself, in file order.
+        del writer.kv_data[0]["general.architecture"]
+        fill(writer)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, chunks) -> None:
+    """Write an iterable of bytes-like chunks to a temporary file, fsync, then rename into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise

@@ -1,0 +1,195 @@
+"""LoRA tensors for llama.cpp's 12 tensor kinds, the one autograd.Function over the backend ops,
+and the functions that run a model with adapters (unmerged) on top of its quantized weights.
+
+Storage convention (llama.cpp's finetune/ggla, numpy order): for a base weight W of shape (out, in)
+    a = lora_a  (in, r)      b = lora_b  (out, r)      dW = b @ a.T
+Norm vectors are treated as (1, E) weights: a (E, r), b (1, r), dg = (a @ b.T).reshape(E).
+token_embd (V, E): a (E, r), b (V, r); an embedding row v gains b[v] @ a.T.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .model import LAYER_KINDS, LinearFn, LlamaModel, ModelArgs
+
+# llama.cpp's order of the 12 kinds (checkpoint rank keys, LoRA init order, ggla records)
+KINDS = (
+    "token_embd",
+    "output_norm",
+    "output",
+    "attn_norm",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_norm",
+    "ffn_gate",
+    "ffn_down",
+    "ffn_up",
+)
+NORMS = ("output_norm", "attn_norm", "ffn_norm")
+
+
+def kind_of(name: str) -> str:
+    """'blk.3.attn_q.weight' -> 'attn_q'; 'token_embd.weight' -> 'token_embd'."""
+    stem = name[: -len(".weight")] if name.endswith(".weight") else name
+    return stem.split(".")[-1]
+
+
+def tensor_names(args: ModelArgs) -> list[str]:
+    """Base tensor names in llama.cpp's checkpoint order (spec §6.3)."""
+    names = ["token_embd.weight", "output_norm.weight", "output.weight"]
+    for i in range(args.n_layer):
+        names += [f"blk.{i}.{k}.weight" for k in LAYER_KINDS]
+    return names
+
+
+def base_shape(args: ModelArgs, name: str) -> tuple[int, int]:
+    """(out, in) of the base weight; norms count as (1, E)."""
+    shape = args.expected_shapes()[name]
+    return (1, shape[0]) if len(shape) == 1 else shape
+
+
+@dataclass(frozen=True)
+class LoraRanks:
+    ranks: dict[str, int]  # kind -> rank, all 12 kinds
+
+    @classmethod
+    def default(cls, lora_r: int = 4, **overrides: int) -> LoraRanks:
+        ranks = {k: (1 if k in NORMS else lora_r) for k in KINDS}
+        ranks.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(ranks)
+
+    def __getitem__(self, kind: str) -> int:
+        return self.ranks[kind]
+
+
+def lora_shapes(args: ModelArgs, ranks: LoraRanks) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+    """name -> ((in, r), (out, r)) for every adapted tensor, in checkpoint order; rank 0 = no LoRA."""
+    out = {}
+    for name in tensor_names(args):
+        r = ranks[kind_of(name)]
+        if r <= 0:
+            continue
+        o, i = base_shape(args, name)
+        out[name] = ((i, r), (o, r))
+    return out
+
+
+@dataclass
+class LoraPair:
+    a: torch.Tensor  # (in, r)
+    b: torch.Tensor  # (out, r)
+    scale: float = 1.0  # the file's own factor (alpha/r); the user's scale multiplies it
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[1]
+
+    def delta(self) -> torch.Tensor:
+        """dW (out, in) = scale * b @ a.T."""
+        return self.scale * (self.b @ self.a.T)
+
+
+@dataclass
+class LoraAdapter:
+    """An adapter in memory, whatever file it came from."""
+
+    pairs: dict[str, LoraPair]  # base tensor name -> pair
+    alpha: float | None = None
+    rank: int | None = None  # header rank (ggla)
+    source: str = ""
+    format: str = ""  # 'ggla' | 'gguf' | 'checkpoint'
+    meta: dict = field(default_factory=dict)
+
+    def to(self, device) -> LoraAdapter:
+        pairs = {k: LoraPair(p.a.to(device), p.b.to(device), p.scale) for k, p in self.pairs.items()}
+        return LoraAdapter(pairs, self.alpha, self.rank, self.source, self.format, self.meta)
+
+
+class LoraLinear(torch.autograd.Function):
+    """y = x @ W.T + s * (x @ a) @ b.T over a frozen (possibly q8_0) W.
+
+    backward:  dx = dy @ W + s * (dy @ b) @ a.T
+               da = s * x.T @ (dy @ b)          (in, r)
+               db = s * dy.T @ (x @ a)          (out, r)
+    W gets no gradient (the base is frozen), so only the backend's matmul_grad_input touches it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, a, b, scale, backend):
+        ctx.w, ctx.scale, ctx.backend = w, scale, backend
+        ctx.has_lora = a is not None
+        if a is None:
+            ctx.save_for_backward(x)
+            return backend.matmul(x, w)
+        ctx.save_for_backward(x, a, b)
+        return backend.lora_linear(x, w, [(a, b, scale)])
+
+    @staticmethod
+    def backward(ctx, dy):
+        backend, w, s = ctx.backend, ctx.w, ctx.scale
+        dx = backend.matmul_grad_input(dy, w) if ctx.needs_input_grad[0] else None
+        if not ctx.has_lora:
+            return dx, None, None, None, None, None
+        x, a, b = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dyb = dy2 @ b.to(dy.dtype)  # [N, r]
+        if dx is not None:
+            dx = dx + (s * (dyb @ a.to(dy.dtype).T)).reshape(dx.shape)
+        da = (s * (x2.T @ dyb)).to(a.dtype) if ctx.needs_input_grad[2] else None
+        db = (s * (dy2.T @ (x2 @ a.to(x.dtype)))).to(b.dtype) if ctx.needs_input_grad[3] else None
+        return dx, None, da, db, None, None
+
+
+def model_fns(
+    model: LlamaModel,
+    backend,
+    adapters: Sequence[tuple[LoraAdapter, float]] = (),
+    dtype: torch.dtype = torch.float32,
+):
+    """The linear/norm/embed functions for model.forward_hidden with adapters applied unmerged.
+
+    Every adapter contributes s_user * s_file * b @ (a @ x). When autograd is on (training), the
+    matrices go through LoraLinear so the frozen base gets the backend's grad-input op.
+    """
+    by_name: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    for adapter, user_scale in adapters:
+        for name, p in adapter.pairs.items():
+            by_name.setdefault(name, []).append((p.a, p.b, float(user_scale) * p.scale))
+
+    def linear(x: torch.Tensor, name: str) -> torch.Tensor:
+        w = model.weight(name)
+        loras = by_name.get(name, [])
+        if torch.is_grad_enabled():
+            if not loras:
+                return LoraLinear.apply(x, w, None, None, 1.0, backend)
+            y = None
+            for a, b, s in loras:
+                part = LoraLinear.apply(x, w, a, b, s, backend) if y is None else s * ((x @ a) @ b.T)
+                y = part if y is None else y + part
+            return y
+        return backend.lora_linear(x, w, loras)
+
+    def norm(name: str) -> torch.Tensor:
+        g = model.tensors[name].to(dtype)
+        for a, b, s in by_name.get(name, []):
+            g = g + s * (a @ b.T).reshape(-1).to(dtype)
+        return g
+
+    def embed(tokens: torch.Tensor) -> torch.Tensor:
+        h = backend.embedding(model.tensors["token_embd.weight"], tokens, dtype)
+        for a, b, s in by_name.get("token_embd.weight", []):
+            h = h + s * (b[tokens] @ a.T).to(dtype)
+        return h
+
+    return linear, norm, embed
+
+
+def output_logits(linear: LinearFn, h: torch.Tensor) -> torch.Tensor:
+    return linear(h, "output.weight")

@@ -1,0 +1,340 @@
+"""The llama architecture over GGUF weights: args from metadata, weights that stay quantized,
+and a functional forward pass (training and KV-cached decoding) that runs every matmul through
+a backend. Tensor names are GGUF's (`blk.N.attn_q.weight`, ...).
+
+Shapes (numpy order, E = n_embd, Ekv = n_embd_kv, F = n_ff, V = n_vocab):
+    token_embd.weight   [V, E]      output.weight [V, E] (absent: tied to token_embd)
+    output_norm.weight  [E]
+    blk.N.attn_norm     [E]         blk.N.ffn_norm  [E]
+    blk.N.attn_q        [E, E]      blk.N.attn_output [E, E]
+    blk.N.attn_k/v      [Ekv, E]
+    blk.N.ffn_gate/up   [F, E]      blk.N.ffn_down  [E, F]
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .errors import LorakitError
+from .gguf_io import GGUFFile
+from .quant import GGML_BF16, GGML_F16, GGML_F32, GGML_Q8_0, Q8Weight, Weight, weight_from_gguf
+
+LAYER_KINDS = (
+    "attn_norm",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_norm",
+    "ffn_gate",
+    "ffn_down",
+    "ffn_up",
+)
+NORM_KINDS = ("attn_norm", "ffn_norm", "output_norm")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    n_vocab: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    n_layer: int
+    norm_eps: float = 1e-5
+    rope_freq_base: float = 10000.0
+    rope_freq_scale: float = 1.0
+    n_ctx_train: int = 2048
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def n_embd_kv(self) -> int:
+        return self.head_dim * self.n_head_kv
+
+    @classmethod
+    def from_gguf(cls, gf: GGUFFile) -> ModelArgs:
+        arch = gf.architecture
+        if arch is None:
+            raise LorakitError("missing general.architecture", gf.path)
+        if arch != "llama":
+            raise LorakitError(f"architecture {arch!r} is not supported (only 'llama')", gf.path)
+        problems = [f"missing metadata key 'llama.{k}'" for k in _REQUIRED if f"llama.{k}" not in gf.fields]
+        if problems:
+            raise LorakitError("; ".join(problems), gf.path)
+        n_head = int(gf.get("llama.attention.head_count"))
+        scale_linear = gf.get("llama.rope.scale_linear")
+        freq_scale = 1.0
+        if scale_linear is not None and float(scale_linear) != 1.0:
+            freq_scale = 1.0 / float(scale_linear)
+        if gf.get("llama.rope.scaling.type") == "linear" and gf.get("llama.rope.scaling.factor"):
+            freq_scale = 1.0 / float(gf.get("llama.rope.scaling.factor"))
+        n_vocab = gf.get("llama.vocab_size")
+        if n_vocab is None:
+            tokens = gf.get("tokenizer.ggml.tokens")
+            if tokens is not None:
+                n_vocab = len(tokens)
+            elif gf.has("token_embd.weight"):
+                n_vocab = gf.info("token_embd.weight").shape[0]
+            else:
+                raise LorakitError("cannot tell the vocabulary size (no tokenizer, no token_embd)", gf.path)
+        args = cls(
+            n_vocab=int(n_vocab),
+            n_embd=int(gf.get("llama.embedding_length")),
+            n_ff=int(gf.get("llama.feed_forward_length")),
+            n_head=n_head,
+            n_head_kv=int(gf.get("llama.attention.head_count_kv", n_head)),
+            n_layer=int(gf.get("llama.block_count")),
+            norm_eps=float(gf.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_freq_base=float(gf.get("llama.rope.freq_base", 10000.0)),
+            rope_freq_scale=freq_scale,
+            n_ctx_train=int(gf.get("llama.context_length", 2048)),
+        )
+        bad = []
+        if args.n_head <= 0 or args.n_embd % args.n_head:
+            bad.append(f"embedding_length {args.n_embd} is not a multiple of head_count {args.n_head}")
+        elif args.n_head_kv <= 0 or args.n_head % args.n_head_kv:
+            bad.append(f"head_count {args.n_head} is not a multiple of head_count_kv {args.n_head_kv}")
+        if min(args.n_vocab, args.n_embd, args.n_ff, args.n_layer) <= 0:
+            bad.append("a hyperparameter is zero or negative")
+        if bad:
+            raise LorakitError("; ".join(bad), gf.path)
+        return args
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        E, Ekv, Fd, V = self.n_embd, self.n_embd_kv, self.n_ff, self.n_vocab
+        shapes = {"token_embd.weight": (V, E), "output_norm.weight": (E,), "output.weight": (V, E)}
+        per = {
+            "attn_norm": (E,),
+            "attn_q": (E, E),
+            "attn_k": (Ekv, E),
+            "attn_v": (Ekv, E),
+            "attn_output": (E, E),
+            "ffn_norm": (E,),
+            "ffn_gate": (Fd, E),
+            "ffn_down": (E, Fd),
+            "ffn_up": (Fd, E),
+        }
+        for i in range(self.n_layer):
+            for k, s in per.items():
+                shapes[f"blk.{i}.{k}.weight"] = s
+        return shapes
+
+
+_REQUIRED = ("embedding_length", "feed_forward_length", "attention.head_count", "block_count")
+
+
+@dataclass
+class LlamaModel:
+    """Weights as loaded: q8_0 matrices stay quantized, norms in float32."""
+
+    args: ModelArgs
+    tensors: dict[str, Weight]
+    path: str
+    tied_output: bool
+    source_types: dict[str, str] = field(default_factory=dict)
+
+    def weight(self, name: str) -> Weight:
+        if name == "output.weight" and self.tied_output:
+            return self.tensors["token_embd.weight"]
+        return self.tensors[name]
+
+    def to(self, device: torch.device) -> LlamaModel:
+        moved = {k: v.to(device) for k, v in self.tensors.items()}
+        return LlamaModel(self.args, moved, self.path, self.tied_output, self.source_types)
+
+
+def load_model(path: str | os.PathLike, gf: GGUFFile | None = None) -> LlamaModel:
+    """Read and validate a llama GGUF; every problem found is reported at once."""
+    gf = gf or GGUFFile(path)
+    if gf.get("general.type") == "adapter":
+        raise LorakitError("is a LoRA adapter, not a model (pass it with --lora)", gf.path)
+    if gf.get("training.type") is not None:
+        raise LorakitError("is a finetune checkpoint, not a model", gf.path)
+    if gf.get("tokenizer.ggml.model") == "gpt2":
+        raise LorakitError("BPE ('gpt2') vocabularies are not supported yet; only SPM ('llama') vocabularies", gf.path)
+    args = ModelArgs.from_gguf(gf)
+    expected = args.expected_shapes()
+    tied = not gf.has("output.weight")
+    problems = []
+    for name, shape in expected.items():
+        if name == "output.weight" and tied:
+            continue
+        if not gf.has(name):
+            problems.append(f"missing tensor {name!r}")
+            continue
+        got = gf.info(name).shape
+        if tuple(got) != shape:
+            problems.append(f"tensor {name!r} has shape {list(got)}, expected {list(shape)}")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise LorakitError("; ".join(problems[:5]) + more, gf.path)
+    tensors: dict[str, Weight] = {}
+    types: dict[str, str] = {}
+    for name in expected:
+        if name == "output.weight" and tied:
+            continue
+        info = gf.info(name)
+        types[name] = info.type_name
+        w = weight_from_gguf(gf, name)
+        if isinstance(w, torch.Tensor) and (w.dim() == 1 or info.ggml_type not in (GGML_F16, GGML_BF16)):
+            w = w.to(torch.float32)  # norms and dequantized types in float32
+        tensors[name] = w
+    return LlamaModel(args, tensors, str(gf.path), tied, types)
+
+
+def kept_quantized(type_name: str) -> bool:
+    return type_name in ("Q8_0",)
+
+
+def stored_as_is(ggml_type: int) -> bool:
+    return ggml_type in (GGML_F32, GGML_F16, GGML_BF16, GGML_Q8_0)
+
+
+# --------------------------------------------------------------------------- math
+
+
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps), computed in float32."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rope_tables(args: ModelArgs, n_pos: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [n_pos, D/2] for ggml RoPE mode 0: pair (2i, 2i+1) turns by p*scale*base^(-2i/D)."""
+    D = args.head_dim
+    inv = args.rope_freq_base ** (-torch.arange(0, D // 2, dtype=torch.float64) * 2.0 / D)
+    pos = torch.arange(n_pos, dtype=torch.float64) * args.rope_freq_scale
+    theta = pos[:, None] * inv[None, :]
+    return theta.cos().float().to(device), theta.sin().float().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D]; cos/sin [T, D/2]. Rotates adjacent pairs (x[2i], x[2i+1])."""
+    xp = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xp[..., 0], xp[..., 1]
+    c = cos[None, :, None, :]
+    s = sin[None, :, None, :]
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+# A LinearFn computes y = x @ W'.T for the named (possibly LoRA-adapted) weight.
+LinearFn = Callable[[torch.Tensor, str], torch.Tensor]
+# A NormFn returns the (possibly adapted) norm gain vector for a norm tensor name.
+NormFn = Callable[[str], torch.Tensor]
+# An EmbedFn returns the (possibly adapted) embedding rows for a token tensor.
+EmbedFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class KVCache:
+    """Static per-layer key/value cache [B, Hkv, n_ctx, D]."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+    @classmethod
+    def empty(cls, args: ModelArgs, batch: int, n_ctx: int, dtype, device) -> KVCache:
+        shape = (batch, args.n_head_kv, n_ctx, args.head_dim)
+        return cls(
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layer)],
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layer)],
+        )
+
+
+def attention(
+    args: ModelArgs,
+    i: int,
+    x: torch.Tensor,
+    linear: LinearFn,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache: KVCache | None,
+    n_past: int,
+) -> torch.Tensor:
+    B, T, _ = x.shape
+    H, Hkv, D = args.n_head, args.n_head_kv, args.head_dim
+    q = linear(x, f"blk.{i}.attn_q.weight").view(B, T, H, D)
+    k = linear(x, f"blk.{i}.attn_k.weight").view(B, T, Hkv, D)
+    v = linear(x, f"blk.{i}.attn_v.weight").view(B, T, Hkv, D)
+    q = apply_rope(q, cos, sin).transpose(1, 2)
+    k = apply_rope(k, cos, sin).transpose(1, 2)
+    v = v.transpose(1, 2)
+    causal = True
+    mask = None
+    if cache is not None:
+        cache.k[i][:, :, n_past : n_past + T] = k
+        cache.v[i][:, :, n_past : n_past + T] = v
+        k = cache.k[i][:, :, : n_past + T]
+        v = cache.v[i][:, :, : n_past + T]
+        if n_past > 0:
+            causal = False
+            if T > 1:
+                qpos = torch.arange(n_past, n_past + T, device=x.device)[:, None]
+                kpos = torch.arange(n_past + T, device=x.device)[None, :]
+                mask = kpos <= qpos
+    if Hkv != H:
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal and T > 1, scale=1.0 / math.sqrt(D)
+    )
+    out = out.transpose(1, 2).reshape(B, T, H * D)
+    return linear(out, f"blk.{i}.attn_output.weight")
+
+
+def feed_forward(i: int, x: torch.Tensor, linear: LinearFn) -> torch.Tensor:
+    gate = linear(x, f"blk.{i}.ffn_gate.weight")
+    up = linear(x, f"blk.{i}.ffn_up.weight")
+    return linear(F.silu(gate) * up, f"blk.{i}.ffn_down.weight")
+
+
+def block(
+    args: ModelArgs,
+    i: int,
+    h: torch.Tensor,
+    linear: LinearFn,
+    norm: NormFn,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache: KVCache | None = None,
+    n_past: int = 0,
+) -> torch.Tensor:
+    a = rms_norm(h, args.norm_eps) * norm(f"blk.{i}.attn_norm.weight").to(h.dtype)
+    h = h + attention(args, i, a, linear, cos, sin, cache, n_past)
+    f = rms_norm(h, args.norm_eps) * norm(f"blk.{i}.ffn_norm.weight").to(h.dtype)
+    return h + feed_forward(i, f, linear)
+
+
+def forward_hidden(
+    args: ModelArgs,
+    tokens: torch.Tensor,
+    linear: LinearFn,
+    norm: NormFn,
+    embed: EmbedFn,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    cache: KVCache | None = None,
+    n_past: int = 0,
+    checkpoint_layers: bool = False,
+) -> torch.Tensor:
+    """tokens [B, T] -> final normed hidden state [B, T, E] (before the output projection)."""
+    T = tokens.shape[1]
+    cos, sin = rope[0][n_past : n_past + T], rope[1][n_past : n_past + T]
+    h = embed(tokens)
+    for i in range(args.n_layer):
+        if checkpoint_layers and torch.is_grad_enabled():
+            h = torch.utils.checkpoint.checkpoint(
+                block, args, i, h, linear, norm, cos, sin, use_reentrant=False
+            )
+        else:
+            h = block(args, i, h, linear, norm, cos, sin, cache, n_past)
+    return rms_norm(h, args.norm_eps) * norm("output_norm.weight").to(h.dtype)
