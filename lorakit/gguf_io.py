@@ -150,10 +150,10 @@ def write_gguf_atomic(path: str | os.PathLike, fill) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        writer = gguf.GGUFWriter(tmp, arch="")
+        writer = gguf.GGUFWriter(tmp, arch="")  # an empty arch adds no key
         # GGUFWriter always puts general.architecture first; llama.cpp's checkpoints put
         # training.type first, so fill() adds every key itself, in file order.
-        del writer.kv_data[0]["general.architecture"]
+        writer.kv_data[0].pop("general.architecture", None)
         fill(writer)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -1,0 +1,192 @@
+"""The `lorakit` command line: finetune, predict, inspect. The only module that prints.
+
+Exit codes: 0 ok, 1 runtime/data error (one line on stderr naming the file and the problem),
+2 usage error, 130 interrupted (finetune saves its last finished iteration first).
+Long options accept '_' for '-' as llama.cpp does (`--adam_iter` == `--adam-iter`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import LorakitError, UsageError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    help="Fine-tune and apply LoRA adapters directly on quantized GGUF llama models.",
+)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+_SEP = "\x00"  # joins the two values of --lora-scaled FN SCALE into one option value
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """llama.cpp spellings: '_' -> '-' in long option names; --lora-scaled takes two values."""
+    res: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--") and len(a) > 2:
+            name, eq, val = a.partition("=")
+            a = name.replace("_", "-") + eq + val
+        if a == "--lora-scaled":
+            if i + 2 >= len(argv):
+                raise UsageError("--lora-scaled needs two values: FN SCALE")
+            res += [a, argv[i + 1] + _SEP + argv[i + 2]]
+            i += 3
+            continue
+        res.append(a)
+        i += 1
+    return res
+
+
+def parse_lora_args(lora: list[str] | None, lora_scaled: list[str] | None) -> list[tuple[str, float]]:
+    pairs = [(p, 1.0) for p in (lora or [])]
+    for item in lora_scaled or []:
+        fn, _, scale = item.partition(_SEP)
+        try:
+            pairs.append((fn, float(scale)))
+        except ValueError:
+            raise UsageError(f"--lora-scaled {fn}: scale {scale!r} is not a number") from None
+    return pairs
+
+
+def _backend_opt():
+    return typer.Option("--backend", help="auto | cpu-torch | cuda-triton")
+
+
+@app.command(help="Generate text with a GGUF llama model and any number of LoRA adapters (unmerged).")
+def predict(
+    model: Annotated[Path, typer.Option("-m", "--model", help="GGUF model")],
+    prompt: Annotated[Optional[str], typer.Option("-p", "--prompt")] = None,
+    file: Annotated[Optional[Path], typer.Option("-f", "--file", help="read the prompt from a file")] = None,
+    n_predict: Annotated[int, typer.Option("-n", "--n-predict", help="tokens to generate (-1: until EOS)")] = -1,
+    temp: Annotated[float, typer.Option("--temp", help="temperature; 0 = greedy")] = 0.8,
+    top_k: Annotated[int, typer.Option("--top-k")] = 40,
+    top_p: Annotated[float, typer.Option("--top-p")] = 0.95,
+    min_p: Annotated[float, typer.Option("--min-p")] = 0.05,
+    repeat_penalty: Annotated[float, typer.Option("--repeat-penalty")] = 1.0,
+    repeat_last_n: Annotated[int, typer.Option("--repeat-last-n")] = 64,
+    seed: Annotated[int, typer.Option("-s", "--seed", help="-1: random")] = -1,
+    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="context size (0: the model's)")] = 512,
+    threads: Annotated[int, typer.Option("-t", "--threads")] = 0,
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", metavar="FN", help="adapter, scale 1")] = None,
+    lora_scaled: Annotated[
+        Optional[list[str]], typer.Option("--lora-scaled", metavar="FN SCALE", help="adapter with a scale")
+    ] = None,
+    backend: Annotated[str, _backend_opt()] = "auto",
+    no_bos: Annotated[bool, typer.Option("--no-bos", help="do not add BOS to the prompt")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="print timings to stderr")] = False,
+) -> None:
+    from .predict import PredictRequest, run_predict
+
+    if prompt is not None and file is not None:
+        raise UsageError("use either -p/--prompt or -f/--file, not both")
+    if file is not None:
+        try:
+            prompt = file.read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise LorakitError(f"cannot read prompt file ({e.strerror})", file) from None
+    req = PredictRequest(
+        model=str(model),
+        prompt=prompt or "",
+        n_predict=n_predict,
+        temp=temp,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repeat_penalty=repeat_penalty,
+        repeat_last_n=repeat_last_n,
+        seed=seed,
+        n_ctx=ctx_size,
+        threads=threads,
+        adapters=parse_lora_args(lora, lora_scaled),
+        backend=backend,
+        add_bos=not no_bos,
+    )
+    stats = None
+    for piece in run_predict(req):
+        if isinstance(piece, str):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        else:
+            stats = piece
+    sys.stdout.write("\n")
+    if verbose and stats is not None:
+        err.print(
+            f"prompt {stats.prompt_tokens} tokens in {stats.prefill_s:.3f} s; "
+            f"generated {stats.generated} tokens in {stats.decode_s:.3f} s "
+            f"({stats.generated / max(stats.decode_s, 1e-9):.1f} tok/s)"
+        )
+
+
+@app.command(help="Describe a GGUF model, finetune checkpoint, GGUF adapter or ggla .bin adapter.")
+def inspect(
+    file: Annotated[Path, typer.Argument(help="file to inspect")],
+    json_out: Annotated[bool, typer.Option("--json", help="machine-readable JSON on stdout")] = False,
+    tensors: Annotated[bool, typer.Option("--tensors", help="list every tensor")] = False,
+) -> None:
+    from .inspect import inspect_file
+    from .render import print_report
+
+    report = inspect_file(file, with_tensors=tensors)
+    print_report(out, report, as_json=json_out)
+
+
+def _register_finetune() -> None:
+    from .finetune_cli import finetune
+
+    app.command(
+        help="llama.cpp finetune: train a LoRA on a (quantized) GGUF llama model.",
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )(finetune)
+
+
+_register_finetune()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="lorakit: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        app(normalize_argv(argv), prog_name="lorakit", standalone_mode=False)
+        return 0
+    except UsageError as e:
+        err.print(f"lorakit: usage error: {e}")
+        return 2
+    except LorakitError as e:
+        err.print(f"lorakit: error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        err.print("lorakit: interrupted")
+        return 130
+    except BrokenPipeError:
+        return 0
+    except SystemExit as e:  # typer/click exits (help, usage errors)
+        return int(e.code or 0)
+    except Exception as e:  # click usage errors and anything unexpected: one line, no traceback
+        if hasattr(e, "exit_code") and hasattr(e, "show"):  # click's ClickException (vendored by typer)
+            e.show()
+            return int(e.exit_code)
+        if type(e).__name__ == "Abort":
+            err.print("lorakit: aborted")
+            return 130
+        if isinstance(e, MemoryError):
+            err.print("lorakit: error: out of memory")
+            return 1
+        err.print(f"lorakit: internal error: {type(e).__name__}: {e} (please report this)")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

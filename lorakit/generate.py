@@ -1,0 +1,134 @@
+"""Sampling and KV-cached decoding with any number of scaled adapters applied unmerged.
+
+Sampler chain and defaults follow current llama.cpp (`llama-cli`): repetition penalty over the
+last `repeat_last_n` tokens, then top-k, top-p, min-p, temperature, and a seeded draw;
+`temp <= 0` is greedy (argmax after the penalties).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UsageError
+from .lora import LoraAdapter, model_fns
+from .model import KVCache, LlamaModel, forward_hidden, rope_tables
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temp: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int = -1
+
+
+def apply_repeat_penalty(logits: torch.Tensor, recent: Sequence[int], penalty: float) -> torch.Tensor:
+    """llama.cpp's penalty: positive logits are divided, negative ones multiplied, once per distinct token."""
+    if penalty == 1.0 or not recent:
+        return logits
+    logits = logits.clone()
+    idx = torch.tensor(sorted(set(recent)), dtype=torch.long, device=logits.device)
+    vals = logits[idx]
+    logits[idx] = torch.where(vals > 0, vals / penalty, vals * penalty)
+    return logits
+
+
+def sample_token(logits: torch.Tensor, p: SamplingParams, history: Sequence[int], rng: torch.Generator) -> int:
+    """One token from float32 logits [V]."""
+    logits = logits.float().cpu()
+    recent = list(history[-p.repeat_last_n :]) if p.repeat_last_n > 0 else []
+    logits = apply_repeat_penalty(logits, recent, p.repeat_penalty)
+    if p.temp <= 0:
+        return int(torch.argmax(logits))
+    if p.top_k > 0:
+        k = min(p.top_k, logits.numel())
+        vals, idx = torch.topk(logits, k)
+    else:
+        vals, idx = torch.sort(logits, descending=True)
+    probs = torch.softmax(vals, dim=-1)
+    if p.top_p < 1.0:
+        cum = torch.cumsum(probs, dim=-1)
+        keep = int((cum < p.top_p).sum()) + 1
+        vals, idx = vals[:keep], idx[:keep]
+    if p.min_p > 0:
+        probs = torch.softmax(vals, dim=-1)
+        keep_mask = probs >= p.min_p * probs[0]
+        vals, idx = vals[keep_mask], idx[keep_mask]
+    probs = torch.softmax(vals / p.temp, dim=-1)
+    choice = torch.multinomial(probs, 1, generator=rng)
+    return int(idx[choice])
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+
+class Generator:
+    """Holds the model, adapters, KV cache and sampler state for one generation."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        backend,
+        adapters: Sequence[tuple[LoraAdapter, float]] = (),
+        n_ctx: int = 512,
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.model, self.backend, self.n_ctx, self.dtype = model, backend, n_ctx, dtype
+        self.fns = model_fns(model, backend, adapters, dtype)
+        self.rope = rope_tables(model.args, n_ctx, backend.device)
+        self.stats = GenerationStats()
+
+    @torch.no_grad()
+    def logits(self, tokens: Sequence[int], cache: KVCache, n_past: int) -> torch.Tensor:
+        """Run tokens at positions n_past.. and return the last position's logits [V] (float32)."""
+        linear, norm, embed = self.fns
+        t = torch.tensor([list(tokens)], dtype=torch.long, device=self.backend.device)
+        h = forward_hidden(self.model.args, t, linear, norm, embed, self.rope, cache, n_past)
+        return linear(h[:, -1:], "output.weight")[0, -1].float()
+
+    def new_cache(self) -> KVCache:
+        return KVCache.empty(self.model.args, 1, self.n_ctx, self.dtype, self.backend.device)
+
+    def generate(
+        self, prompt: Sequence[int], n_predict: int, params: SamplingParams, stop_ids: Sequence[int] = ()
+    ) -> Iterator[int]:
+        """Yield generated token ids; stops at n_predict (<0: until EOS or the context is full)."""
+        if not prompt:
+            raise UsageError("the prompt is empty")
+        if len(prompt) >= self.n_ctx:
+            raise UsageError(f"the prompt has {len(prompt)} tokens, the context only {self.n_ctx} (-c)")
+        seed = params.seed if params.seed >= 0 else random.SystemRandom().randrange(2**31)
+        rng = torch.Generator().manual_seed(seed)
+        cache = self.new_cache()
+        t0 = time.perf_counter()
+        logits = self.logits(prompt, cache, 0)
+        self.stats = GenerationStats(prompt_tokens=len(prompt), prefill_s=time.perf_counter() - t0)
+        history = list(prompt)
+        n_past = len(prompt)
+        t1 = time.perf_counter()
+        while n_predict < 0 or self.stats.generated < n_predict:
+            tok = sample_token(logits, params, history, rng)
+            self.stats.generated += 1
+            if tok in stop_ids:
+                break
+            yield tok
+            history.append(tok)
+            if n_past >= self.n_ctx:
+                break
+            logits = self.logits([tok], cache, n_past)
+            n_past += 1
+            self.stats.decode_s = time.perf_counter() - t1
+        self.stats.decode_s = time.perf_counter() - t1

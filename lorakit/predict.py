@@ -1,0 +1,83 @@
+"""`lorakit predict` as a library call: load model, tokenizer and adapters, then stream text."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import LorakitError, UsageError
+from .generate import GenerationStats, Generator, SamplingParams
+from .gguf_io import GGUFFile
+from .model import load_model
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    model: str
+    prompt: str
+    n_predict: int = -1
+    temp: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int = -1
+    n_ctx: int = 512
+    threads: int = 0
+    adapters: list[tuple[str, float]] = field(default_factory=list)
+    backend: str = "auto"
+    add_bos: bool = True
+
+
+def load_adapters(paths: list[tuple[str, float]], model) -> list:
+    from .adapters import check_adapter_fits, load_adapter
+
+    loaded = []
+    for path, scale in paths:
+        adapter = load_adapter(path)
+        check_adapter_fits(adapter, model.args, path)
+        loaded.append((adapter, scale))
+    return loaded
+
+
+def run_predict(req: PredictRequest) -> Iterator[str | GenerationStats]:
+    from .backends import get_backend
+    from .tokenizer import StreamDecoder, Tokenizer
+
+    if req.threads > 0:
+        torch.set_num_threads(req.threads)
+    if req.n_ctx < 0:
+        raise UsageError("-c/--ctx-size must be >= 0")
+    backend = get_backend(req.backend)
+    gf = GGUFFile(req.model)
+    model = load_model(req.model, gf)
+    tok = Tokenizer.from_gguf(gf)
+    adapters = load_adapters(req.adapters, model)
+    model = model.to(backend.device)
+    adapters = [(a.to(backend.device), s) for a, s in adapters]
+    n_ctx = req.n_ctx or model.args.n_ctx_train
+    ids = tok.encode(req.prompt, add_bos=req.add_bos) if req.prompt else ([tok.bos_id] if req.add_bos else [])
+    if not ids:
+        raise UsageError("the prompt is empty (give -p, -f, or leave BOS on)")
+    if any(i >= model.args.n_vocab for i in ids):
+        raise LorakitError("the tokenizer produced ids outside the model's vocabulary", req.model)
+    gen = Generator(model, backend, adapters, n_ctx=n_ctx)
+    params = SamplingParams(
+        temp=req.temp,
+        top_k=req.top_k,
+        top_p=req.top_p,
+        min_p=req.min_p,
+        repeat_penalty=req.repeat_penalty,
+        repeat_last_n=req.repeat_last_n,
+        seed=req.seed,
+    )
+    dec = StreamDecoder(tok)
+    yield req.prompt
+    for t in gen.generate(ids, req.n_predict, params, stop_ids=(tok.eos_id,)):
+        text = dec.push(t)
+        if text:
+            yield text
+    yield gen.stats
