@@ -26,18 +26,18 @@ that buffer in place; otherwise they are concatenated, updated, and scattered ba
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# the same switch triton.jit read when it decorated the kernels below (TRITON_INTERPRET at import)
+_INTERPRET = bool(triton.knobs.runtime.interpret)
 
 BLOCK = 4096  # elements per program (all three kernels)
-# hyper-parameter slots in the small fp32 buffer the kernels read
-_GCLIP, _BETA1, _OMB1, _BETA2, _OMB2, _H1, _H2, _EPS, _KEEP = range(9)
+# hyper-parameter slots in the small fp64 buffer the kernels read
+_HP_KEYS = ("gclip", "beta1", "omb1", "beta2", "omb2", "h1", "h2", "eps", "keep_dec")
 _N_HP = 16
 
 
@@ -86,7 +86,7 @@ def _finalize_kernel(part_ptr, n_parts, hp_ptr, factor_ptr, norm_ptr, BLOCK_P: t
         offs = p0 + tl.arange(0, BLOCK_P)
         acc += tl.load(part_ptr + offs, mask=offs < n_parts, other=0.0).to(tl.float64)
     norm = tl.sqrt(tl.sum(acc, axis=0))
-    gclip = tl.load(hp_ptr + 0).to(tl.float64)
+    gclip = tl.load(hp_ptr + 0)  # fp64, as the spec's Python float
     clip = (gclip > 0.0) & (norm > gclip)
     factor = tl.where(clip, (gclip / tl.where(clip, norm, 1.0)).to(tl.float32), 1.0)
     tl.store(factor_ptr, factor)
@@ -110,14 +110,15 @@ def _adamw_kernel(
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    beta1 = tl.load(hp_ptr + 1)
-    omb1 = tl.load(hp_ptr + 2)
-    beta2 = tl.load(hp_ptr + 3)
-    omb2 = tl.load(hp_ptr + 4)
-    h1 = tl.load(hp_ptr + 5)
-    h2 = tl.load(hp_ptr + 6)
-    eps = tl.load(hp_ptr + 7)
-    keep_dec = tl.load(hp_ptr + 8)
+    # fp64 slots holding fp32-representable values: the conversions are exact
+    beta1 = tl.load(hp_ptr + 1).to(tl.float32)
+    omb1 = tl.load(hp_ptr + 2).to(tl.float32)
+    beta2 = tl.load(hp_ptr + 3).to(tl.float32)
+    omb2 = tl.load(hp_ptr + 4).to(tl.float32)
+    h1 = tl.load(hp_ptr + 5).to(tl.float32)
+    h2 = tl.load(hp_ptr + 6).to(tl.float32)
+    eps = tl.load(hp_ptr + 7).to(tl.float32)
+    keep_dec = tl.load(hp_ptr + 8).to(tl.float32)
     factor = tl.load(factor_ptr)
 
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
@@ -156,9 +157,10 @@ def adam_constants(hp) -> dict[str, float]:
     h1 = torch.tensor(hp.alpha, dtype=f32) * torch.tensor(hp.sched, dtype=f32)
     h1 = h1 / (1.0 - torch.pow(beta1, tt))
     h2 = 1.0 / (1.0 - torch.pow(beta2, tt))
-    dec = (torch.tensor(hp.decay, dtype=f32) * torch.tensor(hp.alpha, dtype=f32)) * torch.tensor(hp.sched, dtype=f32)
+    dec = torch.tensor(hp.decay, dtype=f32) * torch.tensor(hp.alpha, dtype=f32)  # (decay * alpha) first
+    dec = dec * torch.tensor(hp.sched, dtype=f32)
     return {
-        "gclip": float(torch.tensor(hp.gclip, dtype=f32)) if hp.gclip > 0 else 0.0,
+        "gclip": float(hp.gclip) if hp.gclip > 0 else 0.0,  # compared and divided in double
         "beta1": float(beta1),
         "omb1": float(one - beta1),
         "beta2": float(beta2),
@@ -218,8 +220,8 @@ def adamw_flat(
     if not _INTERPRET and x.device.type != "cuda":
         raise ValueError("adamw_flat needs CUDA tensors (or TRITON_INTERPRET=1)")
     c = adam_constants(hp)
-    hpv = torch.zeros(_N_HP, dtype=torch.float32)
-    for i, key in enumerate(("gclip", "beta1", "omb1", "beta2", "omb2", "h1", "h2", "eps", "keep_dec")):
+    hpv = torch.zeros(_N_HP, dtype=torch.float64)
+    for i, key in enumerate(_HP_KEYS):
         hpv[i] = c[key]
     hpv = hpv.to(x.device)
 
@@ -256,7 +258,7 @@ def adamw_step(
         raise ValueError("params, grads, m, v and decayed must have the same length")
     if not params:
         return 0.0
-    for i, (p, g, mi, vi) in enumerate(zip(params, grads, m, v)):
+    for i, (p, g, mi, vi) in enumerate(zip(params, grads, m, v, strict=True)):
         if not (p.shape == g.shape == mi.shape == vi.shape):
             raise ValueError(f"tensor {i}: shapes differ: {p.shape}, {g.shape}, {mi.shape}, {vi.shape}")
     numels = tuple(int(p.numel()) for p in params)
@@ -264,7 +266,7 @@ def adamw_step(
     views = [_flat_view(ts) for ts in (params, grads, m, v)]
     flat = [
         fv if fv is not None else torch.cat([t.detach().reshape(-1).to(torch.float32) for t in ts])
-        for fv, ts in zip(views, (params, grads, m, v))
+        for fv, ts in zip(views, (params, grads, m, v), strict=True)
     ]
     if all(decayed):
         decay: bool | torch.Tensor = True
@@ -276,6 +278,6 @@ def adamw_step(
     # scatter back where the lists were not one buffer (grads are only read)
     for fv, ts, buf in ((views[0], params, flat[0]), (views[2], m, flat[2]), (views[3], v, flat[3])):
         if fv is None:
-            for t, part in zip(ts, torch.split(buf, numels)):
+            for t, part in zip(ts, torch.split(buf, numels), strict=True):
                 t.detach().copy_(part.view(t.shape))
     return float(norm)

@@ -35,7 +35,6 @@ are widened to fp32 after the bf16 rounding, which is the same arithmetic as the
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -45,7 +44,8 @@ QK = 32  # q8_0 block length
 MAX_FUSED_RANK = 64  # LoRA ranks above this are added by a separate torch matmul
 GEMV_MAX_M = 4
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# the same switch triton.jit read when it decorated the kernels below (TRITON_INTERPRET at import)
+_INTERPRET = bool(triton.knobs.runtime.interpret)
 
 
 def interpreting() -> bool:
@@ -56,6 +56,21 @@ def interpreting() -> bool:
 # --------------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _to(x, dtype: tl.constexpr, EMU_BF16: tl.constexpr):
+    """x.to(dtype). The interpreter truncates fp32 -> bf16; with EMU_BF16 it rounds to nearest-even first
+    (integer ops on the bits, finite values), as the GPU's conversion does."""
+    if EMU_BF16:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True).to(dtype)
+        else:
+            return x.to(dtype)
+    else:
+        return x.to(dtype)
 
 
 @triton.jit
@@ -100,6 +115,7 @@ def _q8_gemm_kernel(
     HAS_LORA: tl.constexpr,
     BLOCK_R: tl.constexpr,
     DOT_F32: tl.constexpr,
+    EMU_BF16: tl.constexpr,
 ):
     """y[split] = x @ W.T over this split's K range (+ LoRA in split 0)."""
     KB: tl.constexpr = BLOCK_K // 32
@@ -142,7 +158,7 @@ def _q8_gemm_kernel(
             x = tl.load(x_ptrs, mask=offs_k[None, :] < k_rem, other=0.0)
             q = tl.load(q_ptrs, mask=offs_k[None, :] < k_rem, other=0)
             dd = tl.load(d_ptrs, mask=offs_kb[None, :] * 32 < k_rem, other=0.0)
-        w = _dequant_tile(q, dd, BLOCK_N, BLOCK_K).to(x.dtype)  # the spec's dequantize_q8_0(.., x.dtype)
+        w = _to(_dequant_tile(q, dd, BLOCK_N, BLOCK_K), x.dtype, EMU_BF16)  # = dequantize_q8_0(.., x.dtype)
         if DOT_F32:
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
         else:
@@ -155,8 +171,10 @@ def _q8_gemm_kernel(
         if pid_k == 0:
             offs_r = tl.arange(0, BLOCK_R)
             mask_r = offs_r < R
-            t = tl.load(t_ptr + rm[:, None] * stride_tm + offs_r[None, :] * stride_tr, mask=mask_r[None, :], other=0.0)
-            bb = tl.load(b_ptr + rn[:, None] * stride_bn + offs_r[None, :] * stride_br, mask=mask_r[None, :], other=0.0)
+            t_ptrs = t_ptr + rm[:, None] * stride_tm + offs_r[None, :] * stride_tr
+            b_ptrs = b_ptr + rn[:, None] * stride_bn + offs_r[None, :] * stride_br
+            t = tl.load(t_ptrs, mask=mask_r[None, :], other=0.0)
+            bb = tl.load(b_ptrs, mask=mask_r[None, :], other=0.0)
             if DOT_F32:
                 lora = tl.dot(t.to(tl.float32), tl.trans(bb.to(tl.float32)), input_precision="ieee")
             else:
@@ -170,7 +188,7 @@ def _q8_gemm_kernel(
         + offs_m[:, None].to(tl.int64) * stride_ym
         + offs_n[None, :] * stride_yn
     )
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptrs, _to(acc, y_ptr.dtype.element_ty, EMU_BF16), mask=mask)
 
 
 @triton.jit
@@ -204,6 +222,7 @@ def _q8_gemv_kernel(
     EVEN_K: tl.constexpr,
     HAS_LORA: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    EMU_BF16: tl.constexpr,
 ):
     """Small-M path: y[split, :M, n-block] from one pass over BLOCK_N rows of W (FMA reduction)."""
     KB: tl.constexpr = BLOCK_K // 32
@@ -237,7 +256,7 @@ def _q8_gemv_kernel(
             q = tl.load(q_ptrs, mask=offs_k[None, :] < k_rem, other=0)
             dd = tl.load(d_ptrs, mask=offs_kb[None, :] * 32 < k_rem, other=0.0)
         # round W to x's dtype first (as the spec does), then multiply exactly in fp32
-        w = _dequant_tile(q, dd, BLOCK_N, BLOCK_K).to(x.dtype).to(tl.float32)
+        w = _to(_dequant_tile(q, dd, BLOCK_N, BLOCK_K), x.dtype, EMU_BF16).to(tl.float32)
         xf = x.to(tl.float32)
         acc += tl.sum(xf[:, None, :] * w[None, :, :], axis=2)
         x_ptrs += BLOCK_K * stride_xk
@@ -248,8 +267,10 @@ def _q8_gemv_kernel(
         if pid_k == 0:
             offs_r = tl.arange(0, BLOCK_R)
             mask_r = offs_r < R
-            t = tl.load(t_ptr + rm[:, None] * stride_tm + offs_r[None, :] * stride_tr, mask=mask_r[None, :], other=0.0)
-            bb = tl.load(b_ptr + rn[:, None] * stride_bn + offs_r[None, :] * stride_br, mask=mask_r[None, :], other=0.0)
+            t_ptrs = t_ptr + rm[:, None] * stride_tm + offs_r[None, :] * stride_tr
+            b_ptrs = b_ptr + rn[:, None] * stride_bn + offs_r[None, :] * stride_br
+            t = tl.load(t_ptrs, mask=mask_r[None, :], other=0.0)
+            bb = tl.load(b_ptrs, mask=mask_r[None, :], other=0.0)
             lora = tl.sum(t.to(tl.float32)[:, None, :] * bb.to(tl.float32)[None, :, :], axis=2)
             acc += lora * scale
 
@@ -260,7 +281,7 @@ def _q8_gemv_kernel(
         + offs_m[:, None].to(tl.int64) * stride_ym
         + offs_n[None, :] * stride_yn
     )
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptrs, _to(acc, y_ptr.dtype.element_ty, EMU_BF16), mask=mask)
 
 
 @triton.jit
@@ -287,6 +308,7 @@ def _q8_gemm_t_kernel(
     SPLIT_N: tl.constexpr,
     EVEN_N: tl.constexpr,
     DOT_F32: tl.constexpr,
+    EMU_BF16: tl.constexpr,
 ):
     """dx[split] = dy @ W over this split's range of W's rows."""
     KB: tl.constexpr = BLOCK_K // 32
@@ -329,7 +351,7 @@ def _q8_gemm_t_kernel(
             g = tl.load(dy_ptrs, mask=offs_n[None, :] < n_rem, other=0.0)
             q = tl.load(q_ptrs, mask=offs_n[:, None] < n_rem, other=0)
             dd = tl.load(d_ptrs, mask=offs_n[:, None] < n_rem, other=0.0)
-        w = _dequant_tile(q, dd, BLOCK_N, BLOCK_K).to(g.dtype)  # [BLOCK_N, BLOCK_K]
+        w = _to(_dequant_tile(q, dd, BLOCK_N, BLOCK_K), g.dtype, EMU_BF16)  # [BLOCK_N, BLOCK_K]
         if DOT_F32:
             acc = tl.dot(g.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -345,7 +367,7 @@ def _q8_gemm_t_kernel(
         + offs_m[:, None].to(tl.int64) * stride_xm
         + offs_k[None, :] * stride_xk
     )
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptrs, _to(acc, dx_ptr.dtype.element_ty, EMU_BF16), mask=mask)
 
 
 @triton.jit
@@ -360,6 +382,7 @@ def _q8_rows_kernel(
     stride_om,
     HAS_IDX: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EMU_BF16: tl.constexpr,
 ):
     """out[i] = W[idx[i]] (or W[i]) dequantized: fp32 product qs * d, rounded once to out's dtype."""
     row = tl.program_id(0)
@@ -373,7 +396,9 @@ def _q8_rows_kernel(
     q = tl.load(qs_ptr + src * stride_qn + offs_k, mask=mask, other=0)
     dd = tl.load(d_ptr + src * stride_dn + offs_k // 32, mask=mask, other=0.0)
     w = q.to(tl.float32) * dd.to(tl.float32)
-    tl.store(out_ptr + row.to(tl.int64) * stride_om + offs_k, w.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        out_ptr + row.to(tl.int64) * stride_om + offs_k, _to(w, out_ptr.dtype.element_ty, EMU_BF16), mask=mask
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -401,7 +426,13 @@ _LARGE_CONFIGS = [
 _SKINNY_CONFIGS = [
     _cfg(bm, bn, bk, w, s, group_m=1)
     for bm in (16, 32, 64)
-    for (bn, bk, w, s) in ((64, 128, 4, 4), (128, 64, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3), (32, 256, 4, 4))
+    for (bn, bk, w, s) in (
+        (64, 128, 4, 4),
+        (128, 64, 4, 4),
+        (64, 256, 4, 3),
+        (128, 128, 8, 3),
+        (32, 256, 4, 4),
+    )
 ]
 # grad-input: BLOCK_N is the reduction tile, BLOCK_K the output tile
 _T_LARGE_CONFIGS = [
@@ -536,11 +567,26 @@ def _check_act(x: torch.Tensor, dim: int, k: int, qs: torch.Tensor, what: str) -
     if x.dtype not in _ACT_DTYPES:
         raise TypeError(f"{what} must be float32, bfloat16 or float16, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(f"{what} has shape {tuple(x.shape)}; its last axis must be {k} (W is {tuple(qs.shape)})")
+        raise ValueError(
+            f"{what} has shape {tuple(x.shape)}; its last axis must be {k} (W {tuple(qs.shape)})"
+        )
     if x.device != qs.device:
         raise ValueError(f"{what} is on {x.device} but the weight is on {qs.device}")
     if not _INTERPRET and x.device.type != "cuda":
         raise ValueError(f"{what} must be a CUDA tensor (or set TRITON_INTERPRET=1 before importing triton)")
+
+
+def _tiles(defaults: dict, cfg: dict) -> dict:
+    """The fixed (interpreter / forced) tiles: defaults overridden by cfg's BLOCK_*/GROUP_M entries."""
+    return {key: cfg.get(key, val) for key, val in defaults.items()}
+
+
+def _reduce_splits(parts: torch.Tensor, out: torch.Tensor) -> None:
+    """out = sum of the fp32 split-K partials (in a fixed order: deterministic), rounded once."""
+    if out.dtype == torch.float32:
+        torch.sum(parts, dim=0, out=out)
+    else:
+        out.copy_(parts.sum(dim=0))
 
 
 def _dot_f32(dtype: torch.dtype) -> bool:
@@ -579,7 +625,8 @@ def q8_0_matmul(
     has_lora = a is not None and float(scale) != 0.0
     extra = None
     if has_lora:
-        if b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != k or b.shape[0] != n or a.shape[1] != b.shape[1]:
+        ok = b is not None and a.dim() == 2 and b.dim() == 2
+        if not ok or a.shape[0] != k or b.shape[0] != n or a.shape[1] != b.shape[1]:
             raise ValueError(
                 f"LoRA factors must be a ({k}, r) and b ({n}, r), got {tuple(a.shape)} and "
                 f"{None if b is None else tuple(b.shape)}"
@@ -613,10 +660,33 @@ def q8_0_matmul(
         block_m = triton.next_power_of_2(m)
         if block_m > GEMV_MAX_M:
             raise ValueError(f"the gemv path takes M <= {GEMV_MAX_M}, got {m}")
-        args = (x2, qs, d, out, t, bb, m, n, k, x2.stride(0), x2.stride(1), qs.stride(0), d.stride(0), ys, ym, yn)
-        const = dict(BLOCK_M=block_m, SPLIT_K=split, HAS_LORA=has_lora, BLOCK_R=max(1, triton.next_power_of_2(r)))
+        args = (
+            x2,
+            qs,
+            d,
+            out,
+            t,
+            bb,
+            m,
+            n,
+            k,
+            x2.stride(0),
+            x2.stride(1),
+            qs.stride(0),
+            d.stride(0),
+            ys,
+            ym,
+            yn,
+        )
+        const = dict(
+            BLOCK_M=block_m,
+            SPLIT_K=split,
+            HAS_LORA=has_lora,
+            BLOCK_R=max(1, triton.next_power_of_2(r)),
+            EMU_BF16=_INTERPRET,
+        )
         if _INTERPRET or "BLOCK_N" in cfg:
-            tiles = {**_INTERP_GEMV, **{kk: cfg[kk] for kk in ("BLOCK_N", "BLOCK_K") if kk in cfg}}
+            tiles = _tiles(_INTERP_GEMV, cfg)
             grid = (triton.cdiv(n, tiles["BLOCK_N"]), split)
             _q8_gemv_kernel[grid](*args, *lora_args, **const, **tiles, EVEN_K=k % tiles["BLOCK_K"] == 0)
         else:
@@ -628,10 +698,14 @@ def q8_0_matmul(
             x2.stride(0), x2.stride(1), qs.stride(0), d.stride(0), ys, ym, yn,
         )  # fmt: skip
         const = dict(
-            SPLIT_K=split, HAS_LORA=has_lora, BLOCK_R=max(16, triton.next_power_of_2(r)), DOT_F32=_dot_f32(x.dtype)
+            SPLIT_K=split,
+            HAS_LORA=has_lora,
+            BLOCK_R=max(16, triton.next_power_of_2(r)),
+            DOT_F32=_dot_f32(x.dtype),
+            EMU_BF16=_INTERPRET,
         )
         if _INTERPRET or "BLOCK_N" in cfg:
-            tiles = {**_INTERP_GEMM, **{kk: cfg[kk] for kk in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M") if kk in cfg}}
+            tiles = _tiles(_INTERP_GEMM, cfg)
             grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(n, tiles["BLOCK_N"]), split)
             _q8_gemm_kernel[grid](*args, *lora_args, **const, **tiles, EVEN_K=k % tiles["BLOCK_K"] == 0)
         else:
@@ -640,14 +714,19 @@ def q8_0_matmul(
             kern[grid](*args, *lora_args, **const)
 
     if split > 1:
-        torch.sum(out, dim=0, out=y) if out_dtype == torch.float32 else y.copy_(out.sum(dim=0))
+        _reduce_splits(out, y)
     if extra is not None:
         y += extra.to(out_dtype)
     return y.reshape(*lead, n)
 
 
 def q8_0_matmul_grad_input(
-    dy: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, out_dtype: torch.dtype | None = None, *, config: dict | None = None
+    dy: torch.Tensor,
+    qs: torch.Tensor,
+    d: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
+    *,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """dx[..., K] = dy[..., N] @ W, W = q8_0(qs, d) of shape [N, K]; fp32 accumulation, dx in dy's dtype."""
     n, k = _check_weight(qs, d)
@@ -666,10 +745,26 @@ def q8_0_matmul_grad_input(
     out = dx if split == 1 else torch.empty(split, m, k, dtype=torch.float32, device=dy.device)
     xs = out.stride(0) if split > 1 else 0
     xm, xk = (out.stride(1), out.stride(2)) if split > 1 else (out.stride(0), out.stride(1))
-    args = (dy2, qs, d, out, m, n, k, _m_bucket(m), dy2.stride(0), dy2.stride(1), qs.stride(0), d.stride(0), xs, xm, xk)
-    const = dict(SPLIT_N=split, DOT_F32=_dot_f32(dy.dtype))
+    args = (
+        dy2,
+        qs,
+        d,
+        out,
+        m,
+        n,
+        k,
+        _m_bucket(m),
+        dy2.stride(0),
+        dy2.stride(1),
+        qs.stride(0),
+        d.stride(0),
+        xs,
+        xm,
+        xk,
+    )
+    const = dict(SPLIT_N=split, DOT_F32=_dot_f32(dy.dtype), EMU_BF16=_INTERPRET)
     if _INTERPRET or "BLOCK_N" in cfg:
-        tiles = {**_INTERP_GEMM, **{kk: cfg[kk] for kk in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M") if kk in cfg}}
+        tiles = _tiles(_INTERP_GEMM, cfg)
         grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(k, tiles["BLOCK_K"]), split)
         _q8_gemm_t_kernel[grid](*args, **const, **tiles, EVEN_N=n % tiles["BLOCK_N"] == 0)
     else:
@@ -678,7 +773,7 @@ def q8_0_matmul_grad_input(
         kern[grid](*args, **const)
 
     if split > 1:
-        torch.sum(out, dim=0, out=dx) if out_dtype == torch.float32 else dx.copy_(out.sum(dim=0))
+        _reduce_splits(out, dx)
     return dx.reshape(*lead, k)
 
 
@@ -696,12 +791,13 @@ def q8_0_dequantize(
             raise TypeError(f"index must be int32 or int64, got {index.dtype}")
         idx = index.to(qs.device).reshape(-1).contiguous()
         rows, lead = idx.numel(), tuple(index.shape)
+        if rows and (int(idx.min()) < 0 or int(idx.max()) >= n):  # one sync; a bad id must not read wild
+            raise IndexError(f"row index out of range [0, {n}): min {int(idx.min())}, max {int(idx.max())}")
     out = torch.empty(rows, k, dtype=dtype, device=qs.device)
     if rows == 0:
         return out.reshape(*lead, k)
     block_k = min(1024, triton.next_power_of_2(k))
     grid = (rows, triton.cdiv(k, block_k))
-    _q8_rows_kernel[grid](
-        qs, d, idx, out, k, qs.stride(0), d.stride(0), out.stride(0), HAS_IDX=index is not None, BLOCK_K=block_k
-    )
+    args = (qs, d, idx, out, k, qs.stride(0), d.stride(0), out.stride(0))
+    _q8_rows_kernel[grid](*args, HAS_IDX=index is not None, BLOCK_K=block_k, EMU_BF16=_INTERPRET)
     return out.reshape(*lead, k)

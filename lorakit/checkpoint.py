@@ -10,8 +10,7 @@ does not say which; read_checkpoint infers it from the zero pattern of the secon
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +18,22 @@ import torch
 
 from .errors import LorakitError
 from .gguf_io import GGLA_MAGIC, GGUF_MAGIC, GGUFFile, file_magic, write_gguf_atomic
-from .lora import KINDS, NORMS, LoraRanks, kind_of
-from .model import LAYER_KINDS, ModelArgs
-
-LEFT_TO_RIGHT = "left_to_right"
-RIGHT_TO_LEFT = "right_to_left"
-ORDERS = (LEFT_TO_RIGHT, RIGHT_TO_LEFT)
+from .lora import KINDS, NORMS, LoraRanks, kind_of, lora_shapes
+from .model import ModelArgs
+from .moments import (  # noqa: F401  (re-exported)
+    LEFT_TO_RIGHT,
+    ORDERS,
+    RIGHT_TO_LEFT,
+    checkpoint_tensor_order,
+    detect_moment_order,
+    flatten_moments,
+    param_order,
+    unflatten_moments,
+)
 
 # GGUF value types
 U32, I32, F32, BOOL, STR, U64 = 4, 5, 6, 7, 8, 10
-_TYPE_NAMES = {0: "u8", 1: "i8", 2: "u16", 3: "i16", 4: "u32", 5: "i32", 6: "f32", 7: "bool", 8: "string",
-               9: "array", 10: "u64", 11: "i64", 12: "f64"}  # fmt: skip
+_TYPE_NAMES = dict(enumerate("u8 i8 u16 i16 u32 i32 f32 bool string array u64 i64 f64".split()))
 M_NAME, V_NAME, PAST_NAME = (
     "optimizer.adam.first_moments",
     "optimizer.adam.second_moments",
@@ -37,7 +41,7 @@ M_NAME, V_NAME, PAST_NAME = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Checkpoint:
     """Everything a finetune checkpoint holds. lora: base name -> (a (in, r), b (out, r)), float32."""
 
@@ -52,13 +56,13 @@ class Checkpoint:
     rope_freq_base: float
     rope_scale_linear: float  # the key's raw value (finetune writes freq_scale here)
     ranks: LoraRanks
-    lora: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
     train_its: int = 0
     train_samples: int = 0
     train_tokens: int = 0
     train_epochs: int = 0
     shuffle_samples_hash: int = 0
-    shuffle_rng_state: str = ""
+    shuffle_rng_state: str = field(default="", repr=False)
     shuffle_sample_count: int = 0
     shuffle_next_sample: int = 0
     opt_past: int = 0
@@ -68,9 +72,9 @@ class Checkpoint:
     best_loss: float = 0.0
     previous_loss: float = 0.0
     no_improvement_count: int = 0
-    m: torch.Tensor | None = None  # flat [nx], in moment_order
-    v: torch.Tensor | None = None
-    past_loss_values: torch.Tensor | None = None  # [opt_past] when opt_past > 0
+    m: torch.Tensor | None = field(default=None, repr=False)  # flat [nx], in moment_order
+    v: torch.Tensor | None = field(default=None, repr=False)
+    past_loss_values: torch.Tensor | None = field(default=None, repr=False)  # [opt_past] if opt_past > 0
     moment_order: str = RIGHT_TO_LEFT
 
     @property
@@ -90,113 +94,6 @@ class Checkpoint:
             unflatten_moments(self.m, shapes, self.moment_order),
             unflatten_moments(self.v, shapes, self.moment_order),
         )
-
-
-# --------------------------------------------------------------------------- parameter order
-
-_LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
-
-
-def _order_key(order: str) -> str:
-    o = order.lower()
-    if o not in ORDERS:
-        raise ValueError(f"unknown evaluation order {order!r} (expected {ORDERS})")
-    return o
-
-
-def param_order(names, order: str) -> list[tuple[str, str]]:
-    """The optimizer's flattening order (§4.1) as (base tensor name, 'a'|'b'), for the names present.
-
-    RIGHT_TO_LEFT: token_embd; per layer 0..L-1 attn_norm, q, k, v, output, ffn_norm, up, gate, down;
-    output_norm; output (b before a in each). LEFT_TO_RIGHT: output, output_norm; per layer L-1..0
-    ffn_down, ffn_gate, ffn_norm, attn_output, attn_norm; token_embd; per layer 0..L-1 attn_v, attn_k,
-    attn_q, ffn_up (a before b). Kinds with rank 0 are simply absent from `names`.
-    """
-    order = _order_key(order)
-    present = set(names)
-    layers: set[int] = set()
-    for n in present:
-        mt = _LAYER_RE.match(n)
-        if mt and mt.group(2) in LAYER_KINDS:
-            layers.add(int(mt.group(1)))
-        elif n not in ("token_embd.weight", "output_norm.weight", "output.weight"):
-            raise ValueError(f"not a llama LoRA tensor name: {n!r}")
-    lay = sorted(layers)
-
-    def blk(i: int, kinds) -> list[str]:
-        return [f"blk.{i}.{k}.weight" for k in kinds]
-
-    if order == RIGHT_TO_LEFT:
-        seq = ["token_embd.weight"]
-        for i in lay:
-            seq += blk(i, ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
-                           "ffn_up", "ffn_gate", "ffn_down"))  # fmt: skip
-        seq += ["output_norm.weight", "output.weight"]
-        halves = ("b", "a")
-    else:
-        seq = ["output.weight", "output_norm.weight"]
-        for i in reversed(lay):
-            seq += blk(i, ("ffn_down", "ffn_gate", "ffn_norm", "attn_output", "attn_norm"))
-        seq.append("token_embd.weight")
-        for i in lay:
-            seq += blk(i, ("attn_v", "attn_k", "attn_q", "ffn_up"))
-        halves = ("a", "b")
-    return [(n, h) for n in seq if n in present for h in halves]
-
-
-def checkpoint_tensor_order(names) -> list[str]:
-    """Base names in checkpoint order (§6.3): token_embd, output_norm, output, then per layer."""
-    present = set(names)
-    head = [n for n in ("token_embd.weight", "output_norm.weight", "output.weight") if n in present]
-    rest = sorted(
-        present - set(head),
-        key=lambda n: (
-            (int(n.split(".")[1]), LAYER_KINDS.index(kind_of(n))) if _LAYER_RE.match(n) else (-1, n)
-        ),
-    )
-    return head + rest
-
-
-def flatten_moments(per_param: dict, order: str) -> torch.Tensor:
-    """{(name, 'a'|'b'): tensor} -> one flat float32 vector in the optimizer's order."""
-    names = list(dict.fromkeys(n for n, _ in per_param))
-    parts = [
-        torch.as_tensor(per_param[k], dtype=torch.float32).reshape(-1) for k in param_order(names, order)
-    ]
-    return torch.cat(parts) if parts else torch.zeros(0)
-
-
-def unflatten_moments(flat, shapes: dict, order: str) -> dict:
-    """Inverse of flatten_moments; shapes: name -> (a shape, b shape) as in lora.lora_shapes()."""
-    flat = torch.as_tensor(flat, dtype=torch.float32).reshape(-1)
-    seq = param_order(list(shapes), order)
-    sizes = [int(np.prod(shapes[n][0 if h == "a" else 1])) for n, h in seq]
-    if sum(sizes) != flat.numel():
-        raise ValueError(f"moment vector has {flat.numel()} values, the LoRA tensors have {sum(sizes)}")
-    out, pos = {}, 0
-    for (n, h), size in zip(seq, sizes, strict=True):
-        out[(n, h)] = flat[pos : pos + size].reshape(shapes[n][0 if h == "a" else 1])
-        pos += size
-    return out
-
-
-def _order_score(v: torch.Tensor, shapes: dict, order: str) -> float:
-    """How well `order` explains v: token_embd's B should have whole zero rows (tokens never seen as
-    inputs get no gradient), output's B should have no zeros (the softmax gradient is dense)."""
-    parts = unflatten_moments(v, shapes, order)
-    score = 0.0
-    if ("token_embd.weight", "b") in parts:
-        score += float((parts[("token_embd.weight", "b")] == 0).all(dim=1).float().mean())
-    if ("output.weight", "b") in parts:
-        score -= float((parts[("output.weight", "b")] == 0).float().mean())
-    return score
-
-
-def detect_moment_order(v: torch.Tensor, shapes: dict) -> str:
-    """LEFT_TO_RIGHT or RIGHT_TO_LEFT, from the second moments; ties (e.g. all zero) -> RIGHT_TO_LEFT."""
-    l2r = _order_score(v, shapes, LEFT_TO_RIGHT)
-    r2l = _order_score(v, shapes, RIGHT_TO_LEFT)
-    return LEFT_TO_RIGHT if l2r > r2l else RIGHT_TO_LEFT
 
 
 # --------------------------------------------------------------------------- reading
@@ -261,23 +158,27 @@ def read_checkpoint(path: str | os.PathLike, args: ModelArgs | None = None) -> C
         raise LorakitError(f"general.file_type is {ftype}, expected 0 (all F32)", p)
 
     hp: dict = {}
-    for suffix, field, required in _HPARAMS:
-        hp[field] = k.get(f"llama.{suffix}", U32, required)
+    for suffix, name, required in _HPARAMS:
+        hp[name] = k.get(f"llama.{suffix}", U32, required)
     hp["n_ctx"] = hp["n_ctx"] or 0
     if hp["n_head_kv"] is None:
         hp["n_head_kv"] = hp["n_head"]
     if hp["n_head"] <= 0 or hp["n_embd"] % hp["n_head"]:
         raise LorakitError(f"n_embd {hp['n_embd']} is not a multiple of n_head {hp['n_head']}", p)
+    if hp["n_head_kv"] <= 0 or hp["n_head"] % hp["n_head_kv"]:
+        raise LorakitError(f"n_head {hp['n_head']} is not a multiple of n_head_kv {hp['n_head_kv']}", p)
+    if hp["n_layer"] > len(gf.tensor_names()):
+        raise LorakitError(f"block_count {hp['n_layer']} is more than the file's tensors can hold", p)
     if hp["rope_dim"] is None:
         hp["rope_dim"] = hp["n_embd"] // hp["n_head"]
     hp["norm_eps"] = float(k.get("llama.attention.layer_norm_rms_epsilon", F32, False, 1e-5))
     hp["rope_freq_base"] = float(k.get("llama.rope.freq_base", F32, False, 10000.0))
     hp["rope_scale_linear"] = float(k.get("llama.rope.scale_linear", F32, False, 1.0))
     if args is not None:
-        for field in ("n_embd", "n_ff", "n_head", "n_head_kv", "n_layer"):
-            if hp[field] != getattr(args, field):
+        for name in ("n_embd", "n_ff", "n_head", "n_head_kv", "n_layer"):
+            if hp[name] != getattr(args, name):
                 raise LorakitError(
-                    f"checkpoint is for another model: {field} {hp[field]} != {getattr(args, field)} "
+                    f"checkpoint is for another model: {name} {hp[name]} != {getattr(args, name)} "
                     "(checkpoint vs base model)",
                     p,
                 )
@@ -346,41 +247,30 @@ def _flat_tensor(gf: GGUFFile, name: str, n: int) -> torch.Tensor:
 
 
 def _read_lora(gf: GGUFFile, hp: dict, ranks: LoraRanks, args: ModelArgs | None) -> dict:
-    E, Fd = hp["n_embd"], hp["n_ff"]
-    Ekv = E // hp["n_head"] * hp["n_head_kv"]
-    V = None
+    n_vocab = 1  # placeholder when neither token_embd nor output has a LoRA
     for name in ("token_embd.weight.lora_b", "output.weight.lora_b"):
         if gf.has(name) and len(gf.info(name).shape) == 2:
-            V = gf.info(name).shape[0]
+            n_vocab = gf.info(name).shape[0]
             break
-    if args is not None:
-        if V is not None and V != args.n_vocab:
-            raise LorakitError(f"checkpoint is for another model: n_vocab {V} != {args.n_vocab} "
-                               "(checkpoint vs base model)", gf.path)  # fmt: skip
-        V = args.n_vocab
-    io = {"token_embd": (V, E), "output_norm": (1, E), "output": (V, E), "attn_norm": (1, E),
-          "attn_q": (E, E), "attn_k": (Ekv, E), "attn_v": (Ekv, E), "attn_output": (E, E),
-          "ffn_norm": (1, E), "ffn_gate": (Fd, E), "ffn_down": (E, Fd), "ffn_up": (Fd, E)}  # fmt: skip
-    names = ["token_embd.weight", "output_norm.weight", "output.weight"]
-    for i in range(hp["n_layer"]):
-        names += [f"blk.{i}.{kk}.weight" for kk in LAYER_KINDS]
+    if args is not None and ranks["token_embd"] + ranks["output"] > 0 and n_vocab != args.n_vocab:
+        raise LorakitError(
+            f"checkpoint is for another model: n_vocab {n_vocab} != {args.n_vocab} "
+            "(checkpoint vs base model)",
+            gf.path,
+        )
+    shape_args = ModelArgs(n_vocab, hp["n_embd"], hp["n_ff"], hp["n_head"], hp["n_head_kv"], hp["n_layer"])
     lora = {}
-    for name in names:
-        kind = kind_of(name)
-        r = ranks[kind]
-        if r <= 0:
-            continue
-        out_dim, in_dim = io[kind]
+    for name, (want_a, want_b) in lora_shapes(shape_args, ranks).items():
         a = _tensor(gf, f"{name}.lora_a")
         b = _tensor(gf, f"{name}.lora_b")
-        if kind in NORMS and b.shape in ((r,), (1, r)):
-            b = b.reshape(1, r)  # 1-D since 2023-12-14, [r, 1] before
-        want_b = (out_dim if out_dim is not None else b.shape[0], r)
-        for tname, arr, want in ((f"{name}.lora_a", a, (in_dim, r)), (f"{name}.lora_b", b, want_b)):
+        r = want_a[1]
+        if kind_of(name) in NORMS and b.shape == (r,):
+            b = b.reshape(1, r)  # 1-D since 2023-12-14 ([r, 1] before)
+        for tname, arr, want in ((f"{name}.lora_a", a, want_a), (f"{name}.lora_b", b, want_b)):
             if arr.shape != want:
                 raise LorakitError(
                     f"tensor {tname!r} has shape {list(arr.shape)}, expected {list(want)} "
-                    f"(rank {r} from training.lora.rank.{kind})",
+                    f"(rank {r} from training.lora.rank.{kind_of(name)})",
                     gf.path,
                 )
         lora[name] = (torch.from_numpy(a.copy()), torch.from_numpy(b.copy()))

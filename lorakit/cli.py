@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="lorakit: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(normalize_argv(argv), prog_name="lorakit", standalone_mode=False)
-        return 0
+        rv = app(normalize_argv(argv), prog_name="lorakit", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0  # typer returns 130 for a KeyboardInterrupt here
     except UsageError as e:
         err.print(f"lorakit: usage error: {e}")
         return 2

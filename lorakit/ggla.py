@@ -105,6 +105,7 @@ def read_ggla(path: str | os.PathLike) -> LoraAdapter:
 
     arrays: dict[str, dict[str, np.ndarray]] = {}
     order: list[str] = []
+    records: list[tuple[str, str, tuple[int, ...], int]] = []  # (name, type, ne, bytes) in file order
     pending: str | None = None  # base name whose partner must come next
     pos = 16
     while pos < size:
@@ -140,6 +141,7 @@ def read_ggla(path: str | os.PathLike) -> LoraAdapter:
             raise LorakitError(f"tensor {name!r} is not a LoRA tensor (name must end in .loraA or .loraB)", p)
         base, which = split
         arr = np.frombuffer(data, dtype=dtype, count=count, offset=start).astype(np.float32)
+        records.append((name, _TYPES[ftype][2], tuple(ne), count * elsize))
         # numpy order = reversed ne: (n_in, r) for A, (n_out, r) for B; a 1-D [r] is (1, r)
         arr = arr.reshape(ne[1] if n_dims == 2 else 1, ne[0])
         if pending is None:
@@ -170,7 +172,7 @@ def read_ggla(path: str | os.PathLike) -> LoraAdapter:
         if a.shape[1] != b.shape[1]:
             raise LorakitError(f"tensor {base!r}: loraA rank {a.shape[1]} != loraB rank {b.shape[1]}", p)
         pairs[base] = LoraPair(torch.from_numpy(a), torch.from_numpy(b), scale)
-    meta = {"version": version, "order": order}
+    meta = {"version": version, "order": order, "records": records}
     return LoraAdapter(pairs, alpha=float(alpha), rank=int(r), source=str(p), format="ggla", meta=meta)
 
 

@@ -100,7 +100,7 @@ class MessageEvent:
     warning: bool = False
 
 
-class Interrupted(Exception):
+class Interrupted(KeyboardInterrupt):
     """Ctrl-C: the last finished iteration was saved (CLI exit code 130)."""
 
 

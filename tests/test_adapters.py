@@ -137,6 +137,9 @@ def test_write_gguf_adapter_like_fixture(tmp_path):
     fkeys, ftensors = _gguf_layout(ADAPTER_GGUF)
     assert keys == fkeys
     assert tensors == ftensors
+    # alpha 4 / r 4 bakes nothing, so the tensor data equals the fixture's byte for byte
+    for t, f in zip(gguf.GGUFReader(out).tensors, gguf.GGUFReader(ADAPTER_GGUF).tensors, strict=True):
+        assert t.data.tobytes() == f.data.tobytes(), t.name
     gf = GGUFFile(out)
     assert gf.field_types["adapter.lora.alpha"] == gguf.GGUFValueType.FLOAT32
     assert gf.get("adapter.lora.alpha") == 0.0

@@ -1,0 +1,114 @@
+"""cuda-triton: the Backend ops on fused Triton kernels (lorakit.kernels), checked against cpu-torch.
+
+q8_0 weights are never dequantized for a product: the matmul kernels read int8 qs + fp16 d directly
+(and fuse the LoRA term into the epilogue); float weights fall back to torch matmuls (cuBLAS). AdamW
+runs as one fused pass over the LoRA tensors (global-norm clip included).
+
+Triton is imported only when a backend object is built. For tests without a GPU, the backend can be
+built on CPU tensors when TRITON_INTERPRET=1 was set before lorakit.kernels was first imported:
+    CudaTritonBackend(device="cpu")
+get_backend("cuda-triton") still requires CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from lorakit.errors import UsageError
+from lorakit.quant import Q8Weight, Weight
+
+from . import AdamHyper
+
+
+class CudaTritonBackend:
+    name = "cuda-triton"
+
+    def __init__(self, device: torch.device | str = "cuda"):
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise UsageError("cuda-triton needs a CUDA GPU visible to torch")
+        elif os.environ.get("TRITON_INTERPRET") != "1":
+            raise UsageError(
+                f"cuda-triton runs on CUDA devices (got {dev}); on CPU only with TRITON_INTERPRET=1"
+            )
+        try:
+            from lorakit.kernels import lora_update, q8_0_matmul
+        except ImportError as e:  # triton missing
+            raise UsageError(f"cuda-triton needs the triton package ({e})") from e
+        if dev.type != "cuda" and not q8_0_matmul.interpreting():
+            raise UsageError(
+                "the triton kernels were imported before TRITON_INTERPRET=1 was set; they cannot run on CPU"
+            )
+        self.device = dev
+        self._mm = q8_0_matmul
+        self._adam = lora_update
+
+    # -- products -----------------------------------------------------------------------------------
+
+    def matmul(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
+        if not isinstance(w, Q8Weight):
+            return x @ w.to(x.dtype).T
+        return self._mm.q8_0_matmul(x, w.qs, w.d)
+
+    def matmul_grad_input(self, dy: torch.Tensor, w: Weight) -> torch.Tensor:
+        if not isinstance(w, Q8Weight):
+            return dy @ w.to(dy.dtype)
+        return self._mm.q8_0_matmul_grad_input(dy, w.qs, w.d)
+
+    def lora_linear(
+        self, x: torch.Tensor, w: Weight, loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]]
+    ) -> torch.Tensor:
+        loras = [(a, b, float(s)) for a, b, s in loras if float(s) != 0.0]
+        if not isinstance(w, Q8Weight):
+            y = x @ w.to(x.dtype).T
+            for a, b, s in loras:
+                y = y + s * ((x @ a.to(x.dtype)) @ b.to(x.dtype).T)
+            return y
+        if not loras:
+            return self._mm.q8_0_matmul(x, w.qs, w.d)
+        if len(loras) == 1:
+            a, b, s = loras[0]
+            return self._mm.q8_0_matmul(x, w.qs, w.d, a, b, s)
+        # several adapters: one fused term  sum_i s_i (x a_i) b_i^T = (x [a_1..a_k]) [s_1 b_1..s_k b_k]^T
+        fused, rest, r = [], [], 0
+        for a, b, s in loras:
+            if r + a.shape[1] <= self._mm.MAX_FUSED_RANK:
+                fused.append((a, b, s))
+                r += a.shape[1]
+            else:
+                rest.append((a, b, s))
+        a_cat = torch.cat([a.to(x.dtype) for a, _, _ in fused], dim=1)
+        b_cat = torch.cat([(s * b.to(torch.float32)).to(x.dtype) for _, b, s in fused], dim=1)
+        y = self._mm.q8_0_matmul(x, w.qs, w.d, a_cat, b_cat, 1.0)
+        for a, b, s in rest:
+            y = y + s * ((x @ a.to(x.dtype)) @ b.to(x.dtype).T)
+        return y
+
+    # -- lookups --------------------------------------------------------------------------------------
+
+    def embedding(self, w: Weight, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if isinstance(w, Q8Weight):
+            return self._mm.q8_0_dequantize(w.qs, w.d, dtype, index=tokens)
+        return w[tokens].to(dtype)
+
+    def dequantize(self, w: Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if isinstance(w, Q8Weight):
+            return self._mm.q8_0_dequantize(w.qs, w.d, dtype)
+        return w.to(dtype)
+
+    # -- optimizer ------------------------------------------------------------------------------------
+
+    def adamw_step(
+        self,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        m: Sequence[torch.Tensor],
+        v: Sequence[torch.Tensor],
+        decayed: Sequence[bool],
+        hp: AdamHyper,
+    ) -> float:
+        return self._adam.adamw_step(params, grads, m, v, decayed, hp)

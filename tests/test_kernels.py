@@ -1,0 +1,458 @@
+"""The cuda-triton kernels against the cpu-torch specification (backends/cpu_torch.py).
+
+Runs on a CUDA GPU when one is visible; otherwise under Triton's CPU interpreter, which this module
+switches on itself (TRITON_INTERPRET=1 must be set before lorakit.kernels is imported). Interpreter
+shapes are small but odd on purpose: K = 32*odd (96, 160), N not a multiple of any tile (50, 97),
+M = 1 (the gemv path), 3 (gemv with several rows) and 37 (the tiled path with a ragged M tile).
+
+Tolerances (ONE table, used by every comparison below)
+-----------------------------------------------------
+Both sides dequantize W identically (fp32 product qs*d, rounded once to the activation dtype), so the
+only differences are the order of the fp32 accumulations and where the result is rounded. With
+u_acc = 2^-24 (fp32 unit roundoff), a sum of K products computed in any order is within
+K*u_acc*sum|x_k w_k| of the exact sum, so two orders differ by at most 2*K*u_acc*mag, where
+mag = |x| @ |W|.T (elementwise, computed in fp64) is the natural scale that survives cancellation.
+Rounding the result to a storage dtype with unit roundoff u_out (half an ulp, relative) can move two
+values that straddle a rounding boundary one ulp apart: <= 2*u_out*|y|.
+  * fp32 out  (u_out = 2^-24):  |d| <= 2*K*2^-24*mag + 2*2^-24*|y|
+  * bf16 out  (u_out = 2^-8, 8 significant bits):   adds 2*2^-8*|y|
+  * fp16 out  (u_out = 2^-11, 11 significant bits): adds 2*2^-11*|y|
+Fused LoRA: the spec rounds t = x@a, t@b.T, s*(.) and the final sum to the activation dtype (u_act
+each); the kernel keeps t@b.T and the sum in fp32 and rounds once. So add u_act*(|y_base| + 3*lmag)
+with lmag = |s|*(|x|@|a|)@|b|.T, plus the accumulation term over K + r terms.
+AdamW: the update is the spec's op sequence; without clipping (factor 1) it is bit-exact. With
+clipping the factor float(c/n) can differ by 1 ulp, because the norm's squares are summed in fp32
+blocks (ggml/spec: in double); that relative 2^-23 perturbation of g' passes through at most ~4 more
+roundings, so m, v, x match to ADAM_RTOL = 16*2^-24 relative to their magnitude.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    # must happen before triton decorates lorakit's kernels
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+
+from lorakit.backends import AdamHyper  # noqa: E402
+from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
+from lorakit.kernels import lora_update  # noqa: E402
+from lorakit.kernels import q8_0_matmul as qmm  # noqa: E402
+
+from lorakit.lora import LoraLinear  # noqa: E402
+from lorakit.quant import Q8Weight, quantize_q8_0  # noqa: E402
+
+if not CUDA and not qmm.interpreting():
+    pytest.skip("lorakit.kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+# the interpreter's numpy scalar conversions warn on every program; they are not ours
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+# ---- the tolerance table -------------------------------------------------------------------------
+U_ACC = 2.0**-24  # fp32 accumulator unit roundoff
+U_OUT = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}  # unit roundoff
+ADAM_RTOL = 16 * 2.0**-24
+NORM_RTOL = 64 * 2.0**-24  # fp32 block sums (tree, log2(4096) = 12 levels) vs the spec's double sum
+
+
+def bound(dtype, n_terms, mag, y, lora_mag=None, y_base=None):
+    """The derived elementwise bound on |kernel - spec| (see the module docstring)."""
+    u = U_OUT[dtype]
+    tol = 2 * n_terms * U_ACC * mag + 2 * u * y.abs() + 1e-30
+    if lora_mag is not None:
+        tol = tol + u * (y_base.abs() + 3 * lora_mag)
+    return tol
+
+
+def assert_within(got, ref, tol, what=""):
+    err = (got.double().cpu() - ref.double().cpu()).abs()
+    tol = tol.double().cpu()
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    assert torch.isfinite(got.double()).all(), f"{what}: non-finite output"
+    worst = float((err / tol).max())
+    assert worst <= 1.0, f"{what}: max |err|/bound = {worst:.3g} (max err {float(err.max()):.3g})"
+
+
+# ---- fixtures --------------------------------------------------------------------------------------
+
+SPEC = CpuTorchBackend()
+
+
+@pytest.fixture(scope="module")
+def tri():
+    from lorakit.backends.cuda_triton import CudaTritonBackend
+
+    return CudaTritonBackend(device=DEVICE)
+
+
+def make_weight(n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return quantize_q8_0(torch.randn(n, k, generator=g))
+
+
+def on(w: Q8Weight, device=DEVICE) -> Q8Weight:
+    return w.to(device)
+
+
+def rand(*shape, dtype=torch.float32, seed=1, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+def magnitude(x, w: Q8Weight):
+    """|x| @ |W|.T in fp64 with W as the spec rounds it for x's dtype."""
+    wd = SPEC.dequantize(w, x.dtype).double()
+    return x.double().abs() @ wd.abs().T
+
+
+# ---- forward: q8_0 matmul (+ fused LoRA) ---------------------------------------------------------
+
+SHAPES = [(1, 50, 96), (3, 97, 160), (37, 97, 160), (37, 50, 96)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_matmul(tri, m, n, k, dtype):
+    w = make_weight(n, k)
+    x = rand(m, k, dtype=dtype)
+    ref = SPEC.matmul(x, w)
+    got = tri.matmul(x.to(DEVICE), on(w))
+    assert got.dtype == dtype
+    assert_within(got, ref, bound(dtype, k, magnitude(x, w), ref.double()), f"matmul {m}x{n}x{k} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", [(1, 97, 160), (37, 50, 96)])
+@pytest.mark.parametrize("rank", [4, 20])
+def test_lora_linear_fused(tri, m, n, k, dtype, rank):
+    w = make_weight(n, k)
+    x = rand(m, k, dtype=dtype)
+    a = rand(k, rank, seed=2, scale=0.3)
+    b = rand(n, rank, seed=3, scale=0.3)
+    s = 0.75
+    ref = SPEC.lora_linear(x, w, [(a, b, s)])
+    got = tri.lora_linear(x.to(DEVICE), on(w), [(a.to(DEVICE), b.to(DEVICE), s)])
+    y_base = SPEC.matmul(x, w).double()
+    lmag = s * ((x.double().abs() @ a.to(dtype).double().abs()) @ b.to(dtype).double().abs().T)
+    tol = bound(dtype, k + rank, magnitude(x, w) + lmag, ref.double(), lora_mag=lmag, y_base=y_base)
+    assert_within(got, ref, tol, f"lora_linear {m}x{n}x{k} r{rank} {dtype}")
+
+
+def test_lora_linear_several_adapters(tri):
+    m, n, k = 5, 50, 96
+    w = make_weight(n, k)
+    x = rand(m, k)
+    loras = [
+        (rand(k, 4, seed=10 + i, scale=0.3), rand(n, 4, seed=20 + i, scale=0.3), 0.5 + i) for i in (0, 1, 2)
+    ]
+    ref = SPEC.lora_linear(x, w, loras)
+    got = tri.lora_linear(x.to(DEVICE), on(w), [(a.to(DEVICE), b.to(DEVICE), s) for a, b, s in loras])
+    lmag = sum(s * (x.double().abs() @ a.double().abs()) @ b.double().abs().T for a, b, s in loras)
+    tol = bound(torch.float32, k + 12, magnitude(x, w) + lmag, ref.double(), lmag, ref.double())
+    assert_within(got, ref, tol, "three adapters")
+
+
+@pytest.mark.parametrize(
+    "m,config",
+    [
+        (1, {"path": "gemv", "SPLIT_K": 3}),  # split-K with a ragged last split (3 K tiles of 64 over 160)
+        (4, {"path": "gemv", "BLOCK_N": 8, "BLOCK_K": 32}),
+        (1, {"path": "gemm"}),  # the tiled kernel with a single row
+        (37, {"path": "gemm", "SPLIT_K": 2, "BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}),
+    ],
+)
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_matmul_paths(m, config, with_lora):
+    """Every kernel path and split-K explicitly, with and without LoRA (bf16)."""
+    n, k, dtype = 97, 160, torch.bfloat16
+    w = make_weight(n, k)
+    x = rand(m, k, dtype=dtype)
+    a = rand(k, 8, seed=2, scale=0.3)
+    b = rand(n, 8, seed=3, scale=0.3)
+    s = 1.5 if with_lora else 0.0
+    ref = SPEC.lora_linear(x, w, [(a, b, s)] if with_lora else [])
+    wd = on(w)
+    got = qmm.q8_0_matmul(x.to(DEVICE), wd.qs, wd.d, a.to(DEVICE), b.to(DEVICE), s, config=config)
+    y_base = SPEC.matmul(x, w).double()
+    lmag = abs(s) * ((x.double().abs() @ a.to(dtype).double().abs()) @ b.to(dtype).double().abs().T)
+    tol = bound(dtype, k + 8, magnitude(x, w) + lmag, ref.double(), lora_mag=lmag, y_base=y_base)
+    assert_within(got, ref, tol, f"path {config}")
+
+
+def test_matmul_fp16_and_out_dtype_and_batch_dims():
+    n, k = 50, 96
+    w = make_weight(n, k)
+    x = rand(2, 3, k, dtype=torch.float16)
+    wd = on(w)
+    ref = SPEC.matmul(x, w)
+    got = qmm.q8_0_matmul(x.to(DEVICE), wd.qs, wd.d)
+    assert got.shape == (2, 3, n) and got.dtype == torch.float16
+    mag = magnitude(x.reshape(-1, k), w).reshape(2, 3, n)
+    assert_within(got, ref, bound(torch.float16, k, mag, ref.double()), "fp16")
+    # fp32 output of a bf16 product: no rounding of the result
+    xb = rand(37, k, dtype=torch.bfloat16)
+    ref32 = xb.float() @ SPEC.dequantize(w, torch.bfloat16).float().T
+    got32 = qmm.q8_0_matmul(xb.to(DEVICE), wd.qs, wd.d, out_dtype=torch.float32)
+    assert got32.dtype == torch.float32
+    assert_within(got32, ref32, bound(torch.float32, k, magnitude(xb, w), ref32.double()), "bf16->fp32")
+
+
+def test_matmul_strided_input():
+    n, k = 50, 96
+    w = make_weight(n, k)
+    x = rand(37, 2 * k)[:, ::2]  # non-contiguous rows and columns
+    ref = SPEC.matmul(x.contiguous(), w)
+    got = qmm.q8_0_matmul(x.to(DEVICE), on(w).qs, on(w).d)
+    assert_within(got, ref, bound(torch.float32, k, magnitude(x, w), ref.double()), "strided x")
+
+
+def test_matmul_rejects_bad_input():
+    w = on(make_weight(50, 96))
+    with pytest.raises(ValueError):
+        qmm.q8_0_matmul(torch.zeros(2, 64, device=DEVICE), w.qs, w.d)
+    with pytest.raises(TypeError):
+        qmm.q8_0_matmul(torch.zeros(2, 96, dtype=torch.int32, device=DEVICE), w.qs, w.d)
+    with pytest.raises(ValueError):
+        a, b = torch.zeros(96, 4, device=DEVICE), torch.zeros(49, 4, device=DEVICE)
+        qmm.q8_0_matmul(torch.zeros(2, 96, device=DEVICE), w.qs, w.d, a, b, 1.0)
+    assert qmm.q8_0_matmul(torch.zeros(0, 96, device=DEVICE), w.qs, w.d).shape == (0, 50)
+
+
+# ---- backward: grad-input, and LoraLinear end to end ---------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_matmul_grad_input(tri, m, n, k, dtype):
+    w = make_weight(n, k)
+    dy = rand(m, n, dtype=dtype, seed=5)
+    ref = SPEC.matmul_grad_input(dy, w)
+    got = tri.matmul_grad_input(dy.to(DEVICE), on(w))
+    mag = dy.double().abs() @ SPEC.dequantize(w, dtype).double().abs()
+    assert got.dtype == dtype
+    assert_within(got, ref, bound(dtype, n, mag, ref.double()), f"grad_input {m}x{n}x{k} {dtype}")
+
+
+def test_grad_input_split_and_tiles():
+    n, k = 97, 160
+    w = make_weight(n, k)
+    dy = rand(37, n, seed=6)
+    ref = SPEC.matmul_grad_input(dy, w)
+    mag = dy.double().abs() @ SPEC.dequantize(w).double().abs()
+    wd = on(w)
+    for cfg in ({"SPLIT_K": 3}, {"SPLIT_K": 2, "BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32}):
+        got = qmm.q8_0_matmul_grad_input(dy.to(DEVICE), wd.qs, wd.d, config=cfg)
+        assert_within(got, ref, bound(torch.float32, n, mag, ref.double()), f"grad_input {cfg}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,with_lora", [(1, True), (37, True), (37, False)])
+def test_lora_linear_autograd(tri, m, with_lora, dtype):
+    """LoraLinear.apply with the triton backend vs the cpu-torch backend: y, dx, da, db."""
+    n, k, r, s = 97, 160, 4, 0.5
+    w = make_weight(n, k)
+    x0 = rand(m, k, dtype=dtype)
+    a0 = rand(k, r, seed=2, scale=0.3)
+    b0 = rand(n, r, seed=3, scale=0.3)
+    gy = rand(m, n, dtype=dtype, seed=4)
+
+    def run(backend, device):
+        x = x0.clone().to(device).requires_grad_(True)
+        a = a0.clone().to(device).requires_grad_(True) if with_lora else None
+        b = b0.clone().to(device).requires_grad_(True) if with_lora else None
+        y = LoraLinear.apply(x, w.to(device), a, b, s, backend)
+        (y.float() * gy.to(device).float()).sum().backward()
+        grads = (x.grad, a.grad, b.grad) if with_lora else (x.grad, None, None)
+        return y.detach(), grads
+
+    y_ref, (dx_ref, da_ref, db_ref) = run(SPEC, "cpu")
+    y_got, (dx_got, da_got, db_got) = run(tri, DEVICE)
+
+    wd = SPEC.dequantize(w, dtype).double()
+    y_base = SPEC.matmul(x0, w).double()
+    if with_lora:
+        lmag = s * ((x0.double().abs() @ a0.to(dtype).double().abs()) @ b0.to(dtype).double().abs().T)
+        tol = bound(dtype, k + r, x0.double().abs() @ wd.abs().T + lmag, y_ref.double(), lmag, y_base)
+    else:
+        tol = bound(dtype, k, x0.double().abs() @ wd.abs().T, y_ref.double())
+    assert_within(y_got, y_ref, tol, "y")
+    # dx = grad_input(dy) + s*(dy@b)@a.T: the second term and the sum are the same torch ops on both
+    # sides; the bound covers the grad-input term, plus one rounding of the sum
+    gmag = gy.double().abs() @ wd.abs()
+    if with_lora:
+        gmag = gmag + s * (gy.double().abs() @ b0.to(dtype).double().abs()) @ a0.to(dtype).double().abs().T
+    assert_within(dx_got, dx_ref, bound(dtype, n + r, gmag, dx_ref.double()) + U_OUT[dtype] * gmag, "dx")
+    if with_lora:  # da, db: the same torch ops on both sides (in dtype, with two intermediate roundings)
+        u = U_OUT[dtype]
+        amag = s * (x0.double().abs().T @ (gy.double().abs() @ b0.double().abs()))
+        assert_within(da_got, da_ref, bound(dtype, m + n, amag, da_ref.double()) + 2 * u * amag, "da")
+        bmag = s * (gy.double().abs().T @ (x0.double().abs() @ a0.double().abs()))
+        assert_within(db_got, db_ref, bound(dtype, m + k, bmag, db_ref.double()) + 2 * u * bmag, "db")
+
+
+# ---- embedding / dequantize ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_embedding_and_dequantize_exact(tri, dtype):
+    w = make_weight(97, 160)
+    tokens = torch.tensor([[0, 96, 5], [5, 1, 50]])
+    assert torch.equal(tri.embedding(on(w), tokens.to(DEVICE), dtype).cpu(), SPEC.embedding(w, tokens, dtype))
+    assert torch.equal(tri.dequantize(on(w), dtype).cpu(), SPEC.dequantize(w, dtype))
+    with pytest.raises(IndexError):
+        tri.embedding(on(w), torch.tensor([97], device=DEVICE), dtype)
+
+
+def test_float_weights_fall_back_to_torch(tri):
+    w = rand(50, 96, seed=7)
+    x = rand(3, 96)
+    got = tri.matmul(x.to(DEVICE), w.to(DEVICE)).cpu()
+    assert torch.allclose(got, SPEC.matmul(x, w), rtol=1e-5, atol=1e-5)
+    dy = rand(3, 50)
+    got = tri.matmul_grad_input(dy.to(DEVICE), w.to(DEVICE)).cpu()
+    assert torch.allclose(got, SPEC.matmul_grad_input(dy, w), rtol=1e-5, atol=1e-5)
+    assert torch.equal(tri.embedding(w.to(DEVICE), torch.tensor([1, 2], device=DEVICE)).cpu(), w[[1, 2]])
+
+
+# ---- AdamW ---------------------------------------------------------------------------------------
+
+SIZES = [(96, 4), (4, 50), (4,), (1000, 4), (4, 1)]  # lora_a / lora_b / norm lora_b shapes
+DECAYED = [True, True, False, True, False]
+
+
+def _adam_state(seed, grad_scale):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda s, f=1.0: (torch.randn(*s, generator=g) * f).float()  # noqa: E731
+    params = [mk(s) for s in SIZES]
+    grads = [mk(s, grad_scale) for s in SIZES]
+    m = [mk(s, 0.01) for s in SIZES]
+    v = [mk(s, 0.01).abs() for s in SIZES]
+    return params, grads, m, v
+
+
+def close(got, want):
+    torch.testing.assert_close(got, want, rtol=ADAM_RTOL, atol=ADAM_RTOL * float(want.abs().max()))
+
+
+def _hyper(gclip, t=3, sched=0.7):
+    return AdamHyper(alpha=1e-3, decay=0.1, beta1=0.9, beta2=0.999, eps=1e-8, gclip=gclip, sched=sched, t=t)
+
+
+@pytest.mark.parametrize("as_views", [False, True])
+@pytest.mark.parametrize("gclip,grad_scale", [(1.0, 1.0), (1e6, 1.0), (0.0, 1.0), (1.0, 1e-3)])
+def test_adamw_step(tri, gclip, grad_scale, as_views):
+    hp = _hyper(gclip)
+    params, grads, m, v = _adam_state(11, grad_scale)
+    ref = [[t.clone() for t in ts] for ts in (params, grads, m, v)]
+    norm_ref = SPEC.adamw_step(*ref[0:4], DECAYED, hp)
+    clipping = gclip > 0 and norm_ref > gclip
+
+    if as_views:  # the layout the trainer keeps: every tensor a view into one flat buffer per role
+        flats, lists = [], []
+        for ts in (params, grads, m, v):
+            flat = torch.cat([t.reshape(-1) for t in ts]).to(DEVICE)
+            flats.append(flat)
+            lists.append(
+                [p.view(t.shape) for p, t in zip(torch.split(flat, [t.numel() for t in ts]), ts, strict=True)]
+            )
+    else:
+        lists = [[t.to(DEVICE) for t in ts] for ts in (params, grads, m, v)]
+    norm = tri.adamw_step(*lists, DECAYED, hp)
+
+    assert abs(norm - norm_ref) <= NORM_RTOL * norm_ref
+    for name, got_ts, ref_ts in zip(("param", "grad", "m", "v"), lists, ref, strict=True):
+        for i, (got, want) in enumerate(zip(got_ts, ref_ts, strict=True)):
+            got = got.cpu()
+            if not clipping or name == "grad":
+                assert torch.equal(got, want), f"{name}[{i}] not bit-exact (gclip={gclip})"
+            else:
+                close(got, want)
+    if as_views:  # in place in the caller's buffers: the lists' views changed
+        assert not torch.equal(lists[0][0].cpu(), params[0])
+
+
+def test_adamw_sched_zero_moves_nothing(tri):
+    """§4.3: with sched = 0 the first update only fills m and v."""
+    hp = _hyper(1.0, t=1, sched=0.0)
+    params, grads, m, v = _adam_state(12, 1.0)
+    lists = [[t.clone().to(DEVICE) for t in ts] for ts in (params, grads, m, v)]
+    tri.adamw_step(*lists, DECAYED, hp)
+    for got, want in zip(lists[0], params, strict=True):
+        assert torch.equal(got.cpu(), want)
+    assert not torch.equal(lists[2][0].cpu(), m[0])
+
+
+def test_adamw_flat_matches_list_form():
+    hp = _hyper(0.5)
+    params, grads, m, v = _adam_state(13, 1.0)
+    flat = [torch.cat([t.reshape(-1) for t in ts]).to(DEVICE) for ts in (params, grads, m, v)]
+    mask = torch.cat(
+        [torch.full((t.numel(),), int(dk), dtype=torch.uint8) for t, dk in zip(params, DECAYED, strict=True)]
+    )
+    norm = lora_update.adamw_flat(*flat, hp, decay=mask.to(DEVICE))
+    ref = [[t.clone() for t in ts] for ts in (params, grads, m, v)]
+    lists = [[t.to(DEVICE) for t in ts] for ts in ref]
+    norm2 = lora_update.adamw_step(*lists, DECAYED, hp)
+    assert float(norm) == norm2
+    assert torch.equal(flat[0].cpu(), torch.cat([t.cpu().reshape(-1) for t in lists[0]]))
+
+
+# ---- GPU only: real shapes through the autotuned kernels -------------------------------------------
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("m", [1, 2, 16, 64, 300, 2048])
+@pytest.mark.parametrize("n,k", [(3200, 3200), (8640, 3200), (3200, 8640), (1024, 4096)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_autotuned_shapes(m, n, k, dtype):
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    w = on(make_weight(n, k))
+    x = rand(m, k, dtype=dtype).cuda()
+    r, s = 16, 0.5
+    a = rand(k, r, seed=2, scale=0.1).cuda()
+    b = rand(n, r, seed=3, scale=0.1).cuda()
+    wd = w.qs.float().reshape(n, k // 32, 32).mul(w.d.float()[:, :, None]).reshape(n, k).to(dtype)
+    y_base = (x.double() @ wd.double().T).to(dtype).double()
+    mag = x.double().abs() @ wd.double().abs().T
+    got = qmm.q8_0_matmul(x, w.qs, w.d)
+    assert_within(got, y_base, bound(dtype, k, mag, y_base), f"gpu fwd {m}x{n}x{k} {dtype}")
+    ref = SPEC.lora_linear(x, w, [(a, b, s)])
+    lmag = s * ((x.double().abs() @ a.to(dtype).double().abs()) @ b.to(dtype).double().abs().T)
+    got = qmm.q8_0_matmul(x, w.qs, w.d, a, b, s)
+    tol = bound(dtype, k + r, mag + lmag, ref.double(), lmag, y_base)
+    assert_within(got, ref, tol, f"gpu lora {m}x{n}x{k} {dtype}")
+    dy = rand(m, n, dtype=dtype, seed=5).cuda()
+    dref = (dy.double() @ wd.double()).to(dtype).double()
+    gmag = dy.double().abs() @ wd.double().abs()
+    dx = qmm.q8_0_matmul_grad_input(dy, w.qs, w.d)
+    assert_within(dx, dref, bound(dtype, n, gmag, dref), f"gpu grad {m}x{n}x{k} {dtype}")
+
+
+@gpu
+@needs_gpu
+def test_gpu_adamw_large():
+    hp = _hyper(1.0)
+    sizes = [(3200, 8), (8, 8640), (8,)] * 20
+    g = torch.Generator().manual_seed(3)
+    state = [[torch.randn(*s, generator=g) for s in sizes] for _ in range(4)]
+    state[3] = [t.abs() * 0.01 for t in state[3]]
+    decayed = [len(s) == 2 for s in sizes]
+    ref = [[t.clone() for t in ts] for ts in state]
+    norm_ref = SPEC.adamw_step(*ref, decayed, hp)
+    lists = [[t.cuda() for t in ts] for ts in state]
+    norm = lora_update.adamw_step(*lists, decayed, hp)
+    assert abs(norm - norm_ref) <= NORM_RTOL * norm_ref
+    for got_ts, ref_ts in zip(lists, ref, strict=True):
+        for got, want in zip(got_ts, ref_ts, strict=True):
+            close(got.cpu(), want)
