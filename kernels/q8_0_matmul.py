@@ -419,7 +419,6 @@ _LARGE_CONFIGS = [
     _cfg(128, 256, 64, 8, 3),
     _cfg(256, 128, 64, 8, 3),
     _cfg(64, 128, 64, 4, 4),
-    _cfg(128, 64, 64, 4, 4),
     _cfg(128, 128, 128, 8, 3),
 ]
 # 4 < M <= 64: memory-bound; BLOCK_M follows the bucket, wide K tiles keep many bytes in flight
@@ -431,7 +430,6 @@ _SKINNY_CONFIGS = [
         (128, 64, 4, 4),
         (64, 256, 4, 3),
         (128, 128, 8, 3),
-        (32, 256, 4, 4),
     )
 ]
 # grad-input: BLOCK_N is the reduction tile, BLOCK_K the output tile
@@ -440,7 +438,6 @@ _T_LARGE_CONFIGS = [
     _cfg(128, 64, 128, 4, 4),
     _cfg(128, 64, 256, 8, 3),
     _cfg(256, 64, 128, 8, 3),
-    _cfg(64, 64, 128, 4, 4),
     _cfg(128, 128, 128, 8, 3),
 ]
 _T_SKINNY_CONFIGS = [
@@ -456,8 +453,6 @@ _GEMV_CONFIGS = [
         (16, 512, 8, 3),
         (32, 256, 8, 3),
         (8, 512, 4, 3),
-        (32, 128, 4, 4),
-        (4, 512, 4, 4),
     )
 ]
 

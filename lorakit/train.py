@@ -352,14 +352,23 @@ class Trainer:
         st.m, st.v = self.m, self.v
         st.shuffle = self.ds.shuffle
         st.train_samples, st.train_epochs = self.ds.train_samples, self.ds.train_epochs
+        n_notes = len(st.notes)
         paths = save_outputs(self.cfg, self.args, st, st.opt_iter, self.model.tied_output)
         self.last_save_iter = st.opt_iter
         self.emit(SaveEvent(st.opt_iter, tuple(paths)))
+        self._emit_notes(n_notes)
 
     def write_lora_only(self) -> None:
         st = self.st
+        n_notes = len(st.notes)
         paths = save_outputs(self.cfg, self.args, st, st.opt_iter, self.model.tied_output, lora_only=True)
         self.emit(SaveEvent(st.opt_iter, tuple(paths)))
+        self._emit_notes(n_notes)
+
+    def _emit_notes(self, start: int) -> None:
+        """Warnings save_outputs recorded (e.g. LoRAs a GGUF adapter cannot carry), once each."""
+        for note in self.st.notes[start:]:
+            self.emit(MessageEvent(note, warning=True))
 
 
 class _Stop(Exception):

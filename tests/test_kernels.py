@@ -42,12 +42,12 @@ triton = pytest.importorskip("triton")
 
 from lorakit.backends import AdamHyper  # noqa: E402
 from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
-from lorakit.kernels import lora_update  # noqa: E402
-from lorakit.kernels import q8_0_matmul as qmm  # noqa: E402
+from lorakit.kernels import lora_update, q8_0_matmul  # noqa: E402
 
 from lorakit.lora import LoraLinear  # noqa: E402
 from lorakit.quant import Q8Weight, quantize_q8_0  # noqa: E402
 
+qmm = q8_0_matmul
 if not CUDA and not qmm.interpreting():
     pytest.skip("lorakit.kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
@@ -411,9 +411,13 @@ def test_adamw_flat_matches_list_form():
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("m", [1, 2, 16, 64, 300, 2048])
-@pytest.mark.parametrize("n,k", [(3200, 3200), (8640, 3200), (3200, 8640), (1024, 4096)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "m,n,k,dtype",
+    [(m, 3200, 3200, torch.bfloat16) for m in (1, 3, 16, 64, 300, 2048)]
+    + [(m, 1024, 4096, torch.bfloat16) for m in (1, 37, 256)]
+    + [(m, 3200, 8640, torch.bfloat16) for m in (2, 512)]
+    + [(m, 8640, 3200, torch.float32) for m in (1, 40, 1000)],
+)
 def test_gpu_autotuned_shapes(m, n, k, dtype):
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     torch.backends.cuda.matmul.allow_tf32 = False
