@@ -118,7 +118,7 @@ def read_ref_lora(path: str | os.PathLike) -> RefLora:
         if base.endswith(NORM_SUFFIX):
             continue  # llama.cpp never applies norm LoRAs
         a, b = arrs[name], arrs[base + ".lora_b"]
-        rank = b.shape[1] if base != "token_embd.weight" else b.shape[1]
+        rank = b.shape[1]  # lora_b.ne0, as llama.cpp reads it (token_embd included)
         pairs[base] = (a, b, alpha / rank if alpha != 0 else 1.0)
     return RefLora(pairs)
 
