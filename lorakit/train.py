@@ -232,22 +232,29 @@ class Trainer:
         loss.backward()
         return loss.detach()
 
-    def _accumulate(self, g: dict, scale: float) -> None:
+    def _accumulate(self, g: dict, n_acc: int) -> None:
+        """g += grad / G per micro-batch (ggml_opt_acc_grad); with G = 1 the gradient is taken as is."""
         for n, (a, b) in self.params.items():
             for h, t in (("a", a), ("b", b)):
-                if t.grad is not None:
-                    g[(n, h)].add_(t.grad * scale if scale != 1.0 else t.grad)
-                    t.grad = None
+                grad, t.grad = t.grad, None
+                if grad is None:
+                    grad = torch.zeros_like(t)
+                if n_acc == 1:
+                    g[(n, h)] = grad
+                else:
+                    g[(n, h)].add_(grad * (1.0 / n_acc))
 
     def _update(self, g: dict, sched: float, t: int) -> None:
         o = self.cfg.optim
-        keys = list(g)
-        tensors = [self.params[n][0 if p == "a" else 1] for n, p in keys]
-        decayed = [_n_dims(self.params[n][0 if p == "a" else 1]) >= o.decay_min_ndim for n, p in keys]
+        if not hasattr(self, "_opt_lists"):
+            keys = list(g)
+            tensors = [self.params[n][0 if h == "a" else 1] for n, h in keys]
+            self._opt_lists = (keys, tensors, [_n_dims(x) >= o.decay_min_ndim for x in tensors],
+                               [self.m[k] for k in keys], [self.v[k] for k in keys])  # fmt: skip
+        keys, tensors, decayed, m, v = self._opt_lists
         hp = AdamHyper(o.alpha, o.decay, o.beta1, o.beta2, o.eps, o.gclip, sched, t)
         with torch.no_grad():
-            self.backend.adamw_step(tensors, [g[k] for k in keys], [self.m[k] for k in keys],
-                                    [self.v[k] for k in keys], decayed, hp)
+            self.backend.adamw_step(tensors, [g[k] for k in keys], m, v, decayed, hp)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> None:
@@ -304,12 +311,13 @@ class Trainer:
 
             def gradient() -> float:
                 fx = torch.zeros((), dtype=torch.float32, device=dev)
-                for k in g.values():
-                    k.zero_()
+                if G > 1:
+                    for k in g.values():
+                        k.zero_()
                 for a in range(G):
                     inputs, targets = callback(a)
                     fx += self.forward_backward(inputs, targets)
-                    self._accumulate(g, 1.0 / G)
+                    self._accumulate(g, G)
                 return float(fx * (1.0 / G)) if G > 1 else float(fx)
 
             interrupted = False
