@@ -90,6 +90,7 @@ class Generator:
         self.fns = model_fns(model, backend, adapters, dtype)
         self.rope = rope_tables(model.args, n_ctx, backend.device)
         self.stats = GenerationStats()
+        self.use_graph = backend.device.type == "cuda"
 
     @torch.no_grad()
     def logits(self, tokens: Sequence[int], cache: KVCache, n_past: int) -> torch.Tensor:
@@ -118,6 +119,11 @@ class Generator:
         self.stats = GenerationStats(prompt_tokens=len(prompt), prefill_s=time.perf_counter() - t0)
         history = list(prompt)
         n_past = len(prompt)
+        step = None
+        if self.use_graph:
+            from .decode import GraphDecoder
+
+            step = GraphDecoder(self.model, self.fns, self.rope, cache, self.n_ctx, self.dtype)
         t1 = time.perf_counter()
         while n_predict < 0 or self.stats.generated < n_predict:
             tok = sample_token(logits, params, history, rng)
@@ -128,7 +134,7 @@ class Generator:
             history.append(tok)
             if n_past >= self.n_ctx:
                 break
-            logits = self.logits([tok], cache, n_past)
+            logits = step(tok, n_past) if step is not None else self.logits([tok], cache, n_past)
             n_past += 1
             self.stats.decode_s = time.perf_counter() - t1
         self.stats.decode_s = time.perf_counter() - t1
