@@ -116,6 +116,7 @@ def _q8_gemm_kernel(
     BLOCK_R: tl.constexpr,
     DOT_F32: tl.constexpr,
     EMU_BF16: tl.constexpr,
+    SWAP_AB: tl.constexpr = False,
 ):
     """y[split] = x @ W.T over this split's K range (+ LoRA in split 0)."""
     KB: tl.constexpr = BLOCK_K // 32
@@ -147,7 +148,13 @@ def _q8_gemm_kernel(
     q_ptrs = qs_ptr + rn[:, None] * stride_qn + (kt0 * BLOCK_K + offs_k)[None, :]
     d_ptrs = d_ptr + rn[:, None] * stride_dn + (kt0 * KB + offs_kb)[None, :]
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # SWAP_AB computes the transposed tile y.T = W @ x.T: the dequantized W (computed in registers) is
+    # the MMA's A operand, which Hopper's wgmma can take from registers, and a small M becomes the
+    # MMA's N dimension (>= 8) instead of padding its M dimension (>= 64)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(kt0, kt1):
         if EVEN_K:
             x = tl.load(x_ptrs)
@@ -159,10 +166,16 @@ def _q8_gemm_kernel(
             q = tl.load(q_ptrs, mask=offs_k[None, :] < k_rem, other=0)
             dd = tl.load(d_ptrs, mask=offs_kb[None, :] * 32 < k_rem, other=0.0)
         w = _to(_dequant_tile(q, dd, BLOCK_N, BLOCK_K), x.dtype, EMU_BF16)  # = dequantize_q8_0(.., x.dtype)
-        if DOT_F32:
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        if SWAP_AB:
+            if DOT_F32:
+                acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w, tl.trans(x), acc)
         else:
-            acc = tl.dot(x, tl.trans(w), acc)
+            if DOT_F32:
+                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
         x_ptrs += BLOCK_K * stride_xk
         q_ptrs += BLOCK_K
         d_ptrs += KB
@@ -175,19 +188,25 @@ def _q8_gemm_kernel(
             b_ptrs = b_ptr + rn[:, None] * stride_bn + offs_r[None, :] * stride_br
             t = tl.load(t_ptrs, mask=mask_r[None, :], other=0.0)
             bb = tl.load(b_ptrs, mask=mask_r[None, :], other=0.0)
-            if DOT_F32:
-                lora = tl.dot(t.to(tl.float32), tl.trans(bb.to(tl.float32)), input_precision="ieee")
+            if SWAP_AB:
+                if DOT_F32:
+                    lora = tl.dot(bb.to(tl.float32), tl.trans(t.to(tl.float32)), input_precision="ieee")
+                else:
+                    lora = tl.dot(bb, tl.trans(t))
             else:
-                lora = tl.dot(t, tl.trans(bb))
+                if DOT_F32:
+                    lora = tl.dot(t.to(tl.float32), tl.trans(bb.to(tl.float32)), input_precision="ieee")
+                else:
+                    lora = tl.dot(t, tl.trans(bb))
             acc += lora * scale
 
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    y_ptrs = (
-        y_ptr
-        + pid_k.to(tl.int64) * stride_ys
-        + offs_m[:, None].to(tl.int64) * stride_ym
-        + offs_n[None, :] * stride_yn
-    )
+    y_base = y_ptr + pid_k.to(tl.int64) * stride_ys
+    if SWAP_AB:
+        mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+        y_ptrs = y_base + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None] * stride_yn
+    else:
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        y_ptrs = y_base + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, _to(acc, y_ptr.dtype.element_ty, EMU_BF16), mask=mask)
 
 
@@ -406,10 +425,11 @@ def _q8_rows_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-def _cfg(bm, bn, bk, warps, stages, group_m=8):
-    return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_warps=warps, num_stages=stages
-    )
+def _cfg(bm, bn, bk, warps, stages, group_m=8, swap=None):
+    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}
+    if swap is not None:
+        kw["SWAP_AB"] = swap
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
 # M > 64: Hopper-sized tiles (the tensor cores are the limit); BLOCK_K covers 2 or 4 q8 blocks
@@ -420,6 +440,11 @@ _LARGE_CONFIGS = [
     _cfg(256, 128, 64, 8, 3),
     _cfg(64, 128, 64, 4, 4),
     _cfg(128, 128, 128, 8, 3),
+    # y.T = W @ x.T: W rows are the MMA's M (BLOCK_N), tokens its N (BLOCK_M <= 256)
+    _cfg(128, 128, 64, 8, 3, swap=True),
+    _cfg(256, 128, 64, 8, 3, swap=True),
+    _cfg(128, 256, 64, 8, 3, swap=True),
+    _cfg(128, 128, 128, 8, 3, swap=True),
 ]
 # 4 < M <= 64: memory-bound; BLOCK_M follows the bucket, wide K tiles keep many bytes in flight
 _SKINNY_CONFIGS = [
@@ -431,6 +456,10 @@ _SKINNY_CONFIGS = [
         (64, 256, 4, 3),
         (128, 128, 8, 3),
     )
+] + [
+    _cfg(bm, bn, bk, w, s, group_m=1, swap=True)
+    for bm in (16, 32, 64)
+    for (bn, bk, w, s) in ((64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3))
 ]
 # grad-input: BLOCK_N is the reduction tile, BLOCK_K the output tile
 _T_LARGE_CONFIGS = [
@@ -488,7 +517,8 @@ def _tuned():
 
 
 # fixed tiles for the CPU interpreter: small, so the tests' odd shapes hit every mask
-_INTERP_GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2}
+_INTERP_GEMM_T = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2}
+_INTERP_GEMM = {**_INTERP_GEMM_T, "SWAP_AB": False}
 _INTERP_GEMV = {"BLOCK_N": 16, "BLOCK_K": 64}
 
 
@@ -569,6 +599,24 @@ def _check_act(x: torch.Tensor, dim: int, k: int, qs: torch.Tensor, what: str) -
         raise ValueError(f"{what} is on {x.device} but the weight is on {qs.device}")
     if not _INTERPRET and x.device.type != "cuda":
         raise ValueError(f"{what} must be a CUDA tensor (or set TRITON_INTERPRET=1 before importing triton)")
+
+
+# best autotuned config per launch key: later calls skip the Autotuner/Heuristics wrappers (their
+# Python overhead is tens of microseconds, comparable to a decode-sized kernel)
+_BEST: dict[tuple, triton.Config] = {}
+
+
+def _launch_tuned(name: str, raw, grid_fn, args: tuple, const: dict, key: tuple, even: tuple[str, str, int]):
+    """Launch the autotuned kernel `name` (first time per key), then the raw kernel with its best config."""
+    best = _BEST.get(key)
+    if best is None:
+        tuned = _tuned()[name]
+        tuned[grid_fn](*args, **const)
+        _BEST[key] = tuned.best_config
+        return
+    meta = best.all_kwargs()
+    flag, block, length = even
+    raw[grid_fn(meta)](*args, **const, **meta, **{flag: length % meta[block] == 0})
 
 
 def _tiles(defaults: dict, cfg: dict) -> dict:
@@ -685,8 +733,11 @@ def q8_0_matmul(
             grid = (triton.cdiv(n, tiles["BLOCK_N"]), split)
             _q8_gemv_kernel[grid](*args, *lora_args, **const, **tiles, EVEN_K=k % tiles["BLOCK_K"] == 0)
         else:
-            kern = _tuned()["gemv"]
-            kern[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)](*args, *lora_args, **const)
+            key = ("gemv", m, n, k, x.dtype, out.dtype, has_lora, split)
+            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
+            _launch_tuned(
+                "gemv", _q8_gemv_kernel, grid, (*args, *lora_args), const, key, ("EVEN_K", "BLOCK_K", k)
+            )
     else:
         args = (
             x2, qs, d, out, t, bb, m, n, k, _m_bucket(m),
@@ -704,9 +755,12 @@ def q8_0_matmul(
             grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(n, tiles["BLOCK_N"]), split)
             _q8_gemm_kernel[grid](*args, *lora_args, **const, **tiles, EVEN_K=k % tiles["BLOCK_K"] == 0)
         else:
-            kern = _tuned()["gemm_skinny" if path == "skinny" else "gemm_large"]
+            name = "gemm_skinny" if path == "skinny" else "gemm_large"
+            key = (name, _m_bucket(m), n, k, x.dtype, out.dtype, has_lora, split)
             grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
-            kern[grid](*args, *lora_args, **const)
+            _launch_tuned(
+                name, _q8_gemm_kernel, grid, (*args, *lora_args), const, key, ("EVEN_K", "BLOCK_K", k)
+            )
 
     if split > 1:
         _reduce_splits(out, y)
@@ -759,13 +813,14 @@ def q8_0_matmul_grad_input(
     )
     const = dict(SPLIT_N=split, DOT_F32=_dot_f32(dy.dtype), EMU_BF16=_INTERPRET)
     if _INTERPRET or "BLOCK_N" in cfg:
-        tiles = _tiles(_INTERP_GEMM, cfg)
+        tiles = _tiles(_INTERP_GEMM_T, cfg)
         grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(k, tiles["BLOCK_K"]), split)
         _q8_gemm_t_kernel[grid](*args, **const, **tiles, EVEN_N=n % tiles["BLOCK_N"] == 0)
     else:
-        kern = _tuned()["gemm_t_skinny" if path == "skinny" else "gemm_t_large"]
+        name = "gemm_t_skinny" if path == "skinny" else "gemm_t_large"
+        key = (name, _m_bucket(m), n, k, dy.dtype, out.dtype, split)
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]), split)  # noqa: E731
-        kern[grid](*args, **const)
+        _launch_tuned(name, _q8_gemm_t_kernel, grid, args, const, key, ("EVEN_N", "BLOCK_N", n))
 
     if split > 1:
         _reduce_splits(out, dx)

@@ -6,6 +6,7 @@ ne = [n_in, n_out] is (n_out, n_in) here, matching a PyTorch (out, in) weight.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -49,9 +50,57 @@ def _check_header(path: Path) -> None:
     # every tensor info takes at least 8+1+4+8+4+8 bytes and every key/value at least 8+1+4+1
     if n_tensors * 33 + n_kv * 14 > size:
         raise LorakitError(
-            f"GGUF header claims {n_tensors} tensors and {n_kv} keys, more than the file's {size} bytes can hold",
+            f"GGUF header claims {n_tensors} tensors and {n_kv} keys, "
+            f"more than the file's {size} bytes can hold",
             path,
         )
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        _check_kv_lengths(path, buf, n_kv)
+
+
+# byte size of each scalar GGUF value type; 8 = string, 9 = array
+_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _check_kv_lengths(path: Path, buf, n_kv: int) -> None:
+    """Walk the key/value section checking every length against the file size, without decoding.
+
+    The `gguf` reader walks arrays element by element and clips reads at the end of the file, so an
+    absurd string or array length would make it loop (and allocate) without end.
+    """
+    size = len(buf)
+
+    def need(pos: int, n: int, what: str) -> int:
+        if pos + n > size:
+            raise LorakitError(
+                f"corrupt or truncated GGUF metadata: {what} at offset {pos} needs {n} bytes, "
+                f"past the end of the {size}-byte file",
+                path,
+            )
+        return pos + n
+
+    def value(pos: int, vtype: int, depth: int) -> int:
+        if vtype in _SCALAR_SIZE:
+            return need(pos, _SCALAR_SIZE[vtype], "a value")
+        if vtype == 8:
+            n = struct.unpack_from("<Q", buf, need(pos, 8, "a string length") - 8)[0]
+            return need(pos + 8, n, "a string")
+        if vtype == 9 and depth < 4:
+            itype, count = struct.unpack_from("<IQ", buf, need(pos, 12, "an array header") - 12)
+            pos += 12
+            if itype in _SCALAR_SIZE:
+                return need(pos, count * _SCALAR_SIZE[itype], f"an array of {count} values")
+            need(pos, count * 8, f"an array of {count} values")  # every element takes >= 8 bytes
+            for _ in range(count):
+                pos = value(pos, itype, depth + 1)
+            return pos
+        raise LorakitError(f"corrupt GGUF metadata: unknown value type {vtype} at offset {pos}", path)
+
+    pos = 24
+    for _ in range(n_kv):
+        n = struct.unpack_from("<Q", buf, need(pos, 8, "a key length") - 8)[0]
+        pos = need(pos + 8, n + 4, "a key")
+        pos = value(pos, struct.unpack_from("<I", buf, pos - 4)[0], 0)
 
 
 @dataclass(frozen=True)
@@ -70,13 +119,18 @@ class GGUFFile:
         import gguf
 
         self.path = Path(path)
-        if file_magic(self.path) != GGUF_MAGIC:
-            raise LorakitError("not a GGUF file (bad magic)", self.path)
+        magic = file_magic(self.path)
+        if magic == GGLA_MAGIC:
+            raise LorakitError("is a ggla LoRA adapter (.bin), not a GGUF file", self.path)
+        if magic != GGUF_MAGIC:
+            raise LorakitError(f"not a GGUF file (bad magic {magic!r})", self.path)
         _check_header(self.path)
         try:
             self._reader = gguf.GGUFReader(self.path, "r")
         except Exception as e:  # the gguf package raises ValueError/IndexError/struct errors
-            raise LorakitError(f"corrupt or truncated GGUF file ({type(e).__name__}: {e})", self.path) from None
+            raise LorakitError(
+                f"corrupt or truncated GGUF file ({type(e).__name__}: {e})", self.path
+            ) from None
         self._tensors = {t.name: t for t in self._reader.tensors}
         self.fields: dict[str, object] = {}
         for name, field in self._reader.fields.items():
@@ -136,7 +190,9 @@ class GGUFFile:
         try:
             out = gguf.quants.dequantize(data, gguf.GGMLQuantizationType(info.ggml_type))
         except NotImplementedError:
-            raise LorakitError(f"tensor {name!r} has type {info.type_name}, which cannot be dequantized", self.path)
+            raise LorakitError(
+                f"tensor {name!r} has type {info.type_name}, which cannot be dequantized", self.path
+            ) from None
         return np.asarray(out, dtype=np.float32).reshape(info.shape)
 
 
@@ -160,11 +216,13 @@ def write_gguf_atomic(path: str | os.PathLike, fill) -> None:
         writer.write_tensors_to_file()
         writer.close()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             tmp.unlink()
-        except FileNotFoundError:
+        except OSError:
             pass
+        if isinstance(e, OSError):
+            raise LorakitError(f"cannot write file ({e.strerror or e})", path) from None
         raise
 
 
@@ -179,9 +237,11 @@ def atomic_write_bytes(path: str | os.PathLike, chunks) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             tmp.unlink()
-        except FileNotFoundError:
+        except OSError:
             pass
+        if isinstance(e, OSError):
+            raise LorakitError(f"cannot write file ({e.strerror or e})", path) from None
         raise

@@ -200,14 +200,18 @@ def _type_table(gf: GGUFFile, with_holding: bool) -> Section:
 
 
 def _tensor_table(gf: GGUFFile) -> Section:
-    rows = tuple(
-        (i.name, i.type_name, tuple(reversed(i.shape)), i.shape, i.n_bytes) for i in gf.infos()
-    )
+    rows = tuple((i.name, i.type_name, tuple(reversed(i.shape)), i.shape, i.n_bytes) for i in gf.infos())
     return _tensor_section(rows)
 
 
 def _tensor_section(rows: tuple) -> Section:
-    cols = (("name", "name"), ("type", "type"), ("ne", "ne (ggml)"), ("shape", "shape (numpy)"), ("bytes", "bytes"))
+    cols = (
+        ("name", "name"),
+        ("type", "type"),
+        ("ne", "ne (ggml)"),
+        ("shape", "shape (numpy)"),
+        ("bytes", "bytes"),
+    )
     return Section("tensors", "Tensors", columns=cols, rows=rows)
 
 
@@ -339,7 +343,9 @@ def _other_report(gf: GGUFFile):
     if arch is None:
         problem = "no general.architecture key: not a model lorakit can run"
     else:
-        problem = f"architecture {arch!r} is not supported by lorakit (only 'llama'); described from its metadata"
+        problem = (
+            f"architecture {arch!r} is not supported by lorakit (only 'llama'); described from its metadata"
+        )
     return "other_gguf", sections, [], [problem]
 
 
@@ -358,7 +364,12 @@ def _checkpoint_report(gf: GGUFFile):
 
     if gf.get("training.type") not in (None, "finetune_lora"):
         kind, sections, notes, _ = _other_report(gf)
-        return kind, sections, notes, [f"training.type is {gf.get('training.type')!r}, not a finetune checkpoint"]
+        return (
+            kind,
+            sections,
+            notes,
+            [f"training.type is {gf.get('training.type')!r}, not a finetune checkpoint"],
+        )
     try:
         ck = read_checkpoint(gf.path)
     except LorakitError as e:
@@ -410,9 +421,7 @@ def _checkpoint_report(gf: GGUFFile):
         Field("moment_order", "moment order (detected)", ck.moment_order),
     )
     lora = _kv("lora", "LoRA tensors", Field("pairs", "pairs", len(ck.lora)))
-    notes = [
-        "resume training with --checkpoint-in; for predict --lora use the adapter written by --lora-out"
-    ]
+    notes = ["resume training with --checkpoint-in; for predict --lora use the adapter written by --lora-out"]
     return "checkpoint", [_file_section(gf), hp, ranks, lora, training, optimizer], notes, []
 
 
@@ -435,7 +444,9 @@ def _adapter_sections(ad, extra: tuple[Field, ...], scale_rule: str) -> list[Sec
         Field("pairs", "LoRA pairs applied", len(ad.pairs)),
         Field("layers", "layers", len(layers)),
         Field("target_kinds", "target tensor kinds", tuple(order)),
-        Field("effective_scale", "effective scale (times --lora-scaled)", _uniform(scales) if scales else None),
+        Field(
+            "effective_scale", "effective scale (times --lora-scaled)", _uniform(scales) if scales else None
+        ),
         Field("scale_rule", "scale rule", scale_rule),
     )
     ranks = _kv("ranks", "LoRA ranks by kind", *(Field(k, k, _uniform(by_kind[k])) for k in order))

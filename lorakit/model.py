@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .errors import LorakitError
 from .gguf_io import GGUFFile
-from .quant import GGML_BF16, GGML_F16, GGML_F32, GGML_Q8_0, Q8Weight, Weight, weight_from_gguf
+from .quant import GGML_BF16, GGML_F16, GGML_F32, GGML_Q8_0, Weight, weight_from_gguf
 
 LAYER_KINDS = (
     "attn_norm",
@@ -159,9 +159,13 @@ def load_model(path: str | os.PathLike, gf: GGUFFile | None = None) -> LlamaMode
         raise LorakitError("is a LoRA adapter, not a model (pass it with --lora)", gf.path)
     if gf.get("training.type") is not None:
         raise LorakitError("is a finetune checkpoint, not a model", gf.path)
+    args = ModelArgs.from_gguf(gf)  # the architecture first: a gpt2/falcon file fails on that
     if gf.get("tokenizer.ggml.model") == "gpt2":
-        raise LorakitError("BPE ('gpt2') vocabularies are not supported yet; only SPM ('llama') vocabularies", gf.path)
-    args = ModelArgs.from_gguf(gf)
+        raise LorakitError(
+            "BPE ('gpt2') vocabularies are not supported yet; only SPM ('llama') vocabularies", gf.path
+        )
+    if not gf.tensor_names():
+        raise LorakitError("has no tensors (a vocabulary-only GGUF), not a model", gf.path)
     expected = args.expected_shapes()
     tied = not gf.has("output.weight")
     problems = []

@@ -37,7 +37,9 @@ def format_value(value, unit: str = "") -> str:
 
 
 def _kv_table(section: Section) -> Table:
-    table = Table(title=escape(section.title), title_justify="left", show_header=False, box=None, padding=(0, 2))
+    table = Table(
+        title=escape(section.title), title_justify="left", show_header=False, box=None, padding=(0, 2)
+    )
     table.add_column(style="bold")
     table.add_column()
     for f in section.fields:

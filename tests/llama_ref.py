@@ -282,8 +282,8 @@ class LlamaCppRunner:
             n_ubatch=n_ctx,
             logits_all=True,
             verbose=False,
-            n_threads=2,
-            n_threads_batch=2,
+            n_threads=1,  # tiny models; spinning OpenMP barriers are slow on a busy 2-core host
+            n_threads_batch=1,
             flash_attn=False,
             seed=0,
             **kw,

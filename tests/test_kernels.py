@@ -17,6 +17,11 @@ values that straddle a rounding boundary one ulp apart: <= 2*u_out*|y|.
   * fp32 out  (u_out = 2^-24):  |d| <= 2*K*2^-24*mag + 2*2^-24*|y|
   * bf16 out  (u_out = 2^-8, 8 significant bits):   adds 2*2^-8*|y|
   * fp16 out  (u_out = 2^-11, 11 significant bits): adds 2*2^-11*|y|
+Weight rounding: the kernels form W = rnd(qs*d) (fp32 product, one rounding to the activation dtype,
+as lorakit.quant.dequantize_q8_0). The cpu-torch spec may form it as rnd(qs*rnd(d)) (d converted to
+the activation dtype first): |W' - W| <= 3*u_w*|W| with u_w = 2^-8 for bf16, 0 for fp16 (d is exact
+in fp16, so both are one rounding of the exact product) and fp32; vs the spec add 3*u_w*mag (U_W_SPEC).
+test_weight_rounding_exact checks the kernels' own rounding with the tight bound.
 Fused LoRA: the spec rounds t = x@a, t@b.T, s*(.) and the final sum to the activation dtype (u_act
 each); the kernel keeps t@b.T and the sum in fp32 and rounds once. So add u_act*(|y_base| + 3*lmag)
 with lmag = |s|*(|x|@|a|)@|b|.T, plus the accumulation term over K + r terms.
@@ -45,7 +50,7 @@ from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
 from lorakit.kernels import lora_update, q8_0_matmul  # noqa: E402
 
 from lorakit.lora import LoraLinear  # noqa: E402
-from lorakit.quant import Q8Weight, quantize_q8_0  # noqa: E402
+from lorakit.quant import Q8Weight, dequantize_q8_0, quantize_q8_0  # noqa: E402
 
 qmm = q8_0_matmul
 if not CUDA and not qmm.interpreting():
@@ -60,14 +65,17 @@ needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 # ---- the tolerance table -------------------------------------------------------------------------
 U_ACC = 2.0**-24  # fp32 accumulator unit roundoff
 U_OUT = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}  # unit roundoff
+U_W_SPEC = {torch.float32: 0.0, torch.bfloat16: 3 * 2.0**-8, torch.float16: 0.0}  # spec's W rounding
 ADAM_RTOL = 16 * 2.0**-24
 NORM_RTOL = 64 * 2.0**-24  # fp32 block sums (tree, log2(4096) = 12 levels) vs the spec's double sum
 
 
-def bound(dtype, n_terms, mag, y, lora_mag=None, y_base=None):
+def bound(dtype, n_terms, mag, y, lora_mag=None, y_base=None, spec_w=True):
     """The derived elementwise bound on |kernel - spec| (see the module docstring)."""
     u = U_OUT[dtype]
     tol = 2 * n_terms * U_ACC * mag + 2 * u * y.abs() + 1e-30
+    if spec_w:
+        tol = tol + U_W_SPEC[dtype] * mag
     if lora_mag is not None:
         tol = tol + u * (y_base.abs() + 3 * lora_mag)
     return tol
@@ -168,6 +176,9 @@ def test_lora_linear_several_adapters(tri):
         (4, {"path": "gemv", "BLOCK_N": 8, "BLOCK_K": 32}),
         (1, {"path": "gemm"}),  # the tiled kernel with a single row
         (37, {"path": "gemm", "SPLIT_K": 2, "BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}),
+        # y.T = W @ x.T (the dequantized tile as the MMA's A operand), ragged M and N tiles, split-K
+        (37, {"path": "gemm", "SWAP_AB": True, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}),
+        (2, {"path": "gemm", "SWAP_AB": True, "SPLIT_K": 2, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32}),
     ],
 )
 @pytest.mark.parametrize("with_lora", [False, True])
@@ -225,6 +236,24 @@ def test_matmul_rejects_bad_input():
         a, b = torch.zeros(96, 4, device=DEVICE), torch.zeros(49, 4, device=DEVICE)
         qmm.q8_0_matmul(torch.zeros(2, 96, device=DEVICE), w.qs, w.d, a, b, 1.0)
     assert qmm.q8_0_matmul(torch.zeros(0, 96, device=DEVICE), w.qs, w.d).shape == (0, 50)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 97, 160), (37, 50, 96)])
+def test_weight_rounding_exact(m, n, k):
+    """bf16: the kernels' W is rnd_bf16(qs*d) exactly (fp64 reference over that W, tight bound)."""
+    w = make_weight(n, k)
+    x = rand(m, k, dtype=torch.bfloat16)
+    wb = dequantize_q8_0(w.qs, w.d, torch.bfloat16).double()
+    ref = (x.double() @ wb.T).to(torch.bfloat16).double()
+    mag = x.double().abs() @ wb.abs().T
+    wd = on(w)
+    got = qmm.q8_0_matmul(x.to(DEVICE), wd.qs, wd.d)
+    assert_within(got, ref, bound(torch.bfloat16, k, mag, ref, spec_w=False), "fwd W = rnd(qs*d)")
+    dy = rand(m, n, dtype=torch.bfloat16, seed=5)
+    dref = (dy.double() @ wb).to(torch.bfloat16).double()
+    got = qmm.q8_0_matmul_grad_input(dy.to(DEVICE), wd.qs, wd.d)
+    gmag = dy.double().abs() @ wb.abs()
+    assert_within(got, dref, bound(torch.bfloat16, n, gmag, dref, spec_w=False), "grad W = rnd(qs*d)")
 
 
 # ---- backward: grad-input, and LoraLinear end to end ---------------------------------------------
@@ -430,7 +459,7 @@ def test_gpu_autotuned_shapes(m, n, k, dtype):
     y_base = (x.double() @ wd.double().T).to(dtype).double()
     mag = x.double().abs() @ wd.double().abs().T
     got = qmm.q8_0_matmul(x, w.qs, w.d)
-    assert_within(got, y_base, bound(dtype, k, mag, y_base), f"gpu fwd {m}x{n}x{k} {dtype}")
+    assert_within(got, y_base, bound(dtype, k, mag, y_base, spec_w=False), f"gpu fwd {m}x{n}x{k} {dtype}")
     ref = SPEC.lora_linear(x, w, [(a, b, s)])
     lmag = s * ((x.double().abs() @ a.to(dtype).double().abs()) @ b.to(dtype).double().abs().T)
     got = qmm.q8_0_matmul(x, w.qs, w.d, a, b, s)
@@ -440,7 +469,7 @@ def test_gpu_autotuned_shapes(m, n, k, dtype):
     dref = (dy.double() @ wd.double()).to(dtype).double()
     gmag = dy.double().abs() @ wd.double().abs()
     dx = qmm.q8_0_matmul_grad_input(dy, w.qs, w.d)
-    assert_within(dx, dref, bound(dtype, n, gmag, dref), f"gpu grad {m}x{n}x{k} {dtype}")
+    assert_within(dx, dref, bound(dtype, n, gmag, dref, spec_w=False), f"gpu grad {m}x{n}x{k} {dtype}")
 
 
 @gpu
