@@ -83,23 +83,36 @@ def main(argv=None) -> int:
         dtype, ck = case.split(":")
         rows.append(run_case(model, data, work, a.iters, a.threads, ck == "ckpt", dtype))
         r = rows[-1]
-        print(f"{dtype:5s} {'ckpt' if r['checkpointing'] else 'no-ckpt':8s} {r['s_per_iter']:7.2f} s/iter "
-              f"{r['tokens_per_s']:7.1f} tok/s  peak RSS {r['peak_rss_gb']:.2f} GiB  "
-              f"{r['speedup_vs_llamacpp']:.2f}x llama.cpp", flush=True)
+        print(
+            f"{dtype:5s} {'ckpt' if r['checkpointing'] else 'no-ckpt':8s} {r['s_per_iter']:7.2f} s/iter "
+            f"{r['tokens_per_s']:7.1f} tok/s  peak RSS {r['peak_rss_gb']:.2f} GiB  "
+            f"{r['speedup_vs_llamacpp']:.2f}x llama.cpp",
+            flush=True,
+        )
     f32 = next((r for r in rows if r["compute_dtype"] == "f32"), None)
     for r in rows:
         if f32 is not None:
             r["max_loss_diff_vs_f32"] = max(abs(x - y) for x, y in zip(r["losses"], f32["losses"]))
     print()
-    print(f"{'dtype':6s}{'ckpt':6s}{'s/iter':>9s}{'tok/s':>9s}{'RSS GiB':>9s}{'vs llama.cpp':>14s}{'|dloss|':>10s}")
+    print(
+        f"{'dtype':6s}{'ckpt':6s}{'s/iter':>9s}{'tok/s':>9s}{'RSS GiB':>9s}{'vs llama.cpp':>14s}{'|dloss|':>10s}"
+    )
     for r in rows:
-        print(f"{r['compute_dtype']:6s}{'yes' if r['checkpointing'] else 'no':6s}{r['s_per_iter']:9.2f}"
-              f"{r['tokens_per_s']:9.1f}{r['peak_rss_gb']:9.2f}{r['speedup_vs_llamacpp']:13.2f}x"
-              f"{r.get('max_loss_diff_vs_f32', 0):10.4f}")
+        print(
+            f"{r['compute_dtype']:6s}{'yes' if r['checkpointing'] else 'no':6s}{r['s_per_iter']:9.2f}"
+            f"{r['tokens_per_s']:9.1f}{r['peak_rss_gb']:9.2f}{r['speedup_vs_llamacpp']:13.2f}x"
+            f"{r.get('max_loss_diff_vs_f32', 0):10.4f}"
+        )
     out = ROOT / "bench" / "results" / "finetune_cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": a.threads,
-            "layers": a.layers, "iters": a.iters, "llamacpp_s_per_iter": LLAMACPP_S_PER_ITER}
+    meta = {
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": a.threads,
+        "layers": a.layers,
+        "iters": a.iters,
+        "llamacpp_s_per_iter": LLAMACPP_S_PER_ITER,
+    }
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"saved {out}")
     return 0

@@ -52,7 +52,9 @@ def random_q8_model(s: dict, device):
             tensors[name] = torch.ones(shape, device=device)
         else:
             qs = torch.randint(-127, 128, shape, dtype=torch.int8, device=device, generator=g)
-            d = torch.full((shape[0], shape[1] // 32), shape[1] ** -0.5 / 73.3, dtype=torch.float16, device=device)
+            d = torch.full(
+                (shape[0], shape[1] // 32), shape[1] ** -0.5 / 73.3, dtype=torch.float16, device=device
+            )
             tensors[name] = Q8Weight(qs, d)
     return LlamaModel(args, tensors, "random", tied_output=False)
 
@@ -68,10 +70,16 @@ def bench_lorakit(s: dict, batch: int, ctx: int, ckpt: bool, kinds: str, steps: 
     be = get_backend("cuda-triton")
     torch.cuda.reset_peak_memory_stats()
     model = random_q8_model(s, be.device)
-    off = {} if kinds == "12" else {"token_embd": 0, "output": 0, "output_norm": 0, "attn_norm": 0, "ffn_norm": 0}
+    off = (
+        {}
+        if kinds == "12"
+        else {"token_embd": 0, "output": 0, "output_norm": 0, "attn_norm": 0, "ffn_norm": 0}
+    )
     ranks = LoraRanks.default(4, **off)
     lora = init_lora(lora_shapes(model.args, ranks), seed=1)
-    params = {n: (a.to(be.device).requires_grad_(), b.to(be.device).requires_grad_()) for n, (a, b) in lora.items()}
+    params = {
+        n: (a.to(be.device).requires_grad_(), b.to(be.device).requires_grad_()) for n, (a, b) in lora.items()
+    }
     adapter = LoraAdapter({n: LoraPair(a, b, 1.0) for n, (a, b) in params.items()})
     linear, norm, embed = model_fns(model, be, [(adapter, 1.0)], torch.bfloat16)
     rope = rope_tables(model.args, ctx, be.device)
@@ -123,7 +131,9 @@ def bench_peft(s: dict, batch: int, ctx: int, ckpt: bool, compiled: bool, steps:
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=PEFT_TARGETS, lora_dropout=0.0))
+    model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=4, target_modules=PEFT_TARGETS, lora_dropout=0.0)
+    )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.1)
     fwd = torch.compile(model) if compiled else model
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -189,17 +199,25 @@ def main(argv=None) -> int:
         peer = next((r for r in rows if (r["batch"], r["ctx"], r["checkpointing"]) == (batch, ctx, ckpt)
                      and r.get("peer") == "PEFT compiled" and "tokens_per_s" in r), None)  # fmt: skip
         for r in rows:
-            if (r["batch"], r["ctx"], r["checkpointing"]) == (batch, ctx, ckpt) and peer and "tokens_per_s" in r:
+            if (
+                (r["batch"], r["ctx"], r["checkpointing"]) == (batch, ctx, ckpt)
+                and peer
+                and "tokens_per_s" in r
+            ):
                 r["speed_vs_compiled_peft"] = r["tokens_per_s"] / peer["tokens_per_s"]
                 r["memory_vs_compiled_peft"] = r["peak_gib"] / peer["peak_gib"]
-    print(f"\n{'setting':14s}{'peer':22s}{'tok/s':>10s}{'peak GiB':>10s}{'MFU':>7s}{'x PEFTc':>9s}{'mem x':>7s}")
+    print(
+        f"\n{'setting':14s}{'peer':22s}{'tok/s':>10s}{'peak GiB':>10s}{'MFU':>7s}{'x PEFTc':>9s}{'mem x':>7s}"
+    )
     for r in rows:
         st = f"{r['batch']}x{r['ctx']}{' ckpt' if r['checkpointing'] else ''}"
         if "error" in r:
             print(f"{st:14s}{r['peer']:22s}  error: {r['error'][:60]}")
             continue
-        print(f"{st:14s}{r['peer']:22s}{r['tokens_per_s']:10.0f}{r['peak_gib']:10.2f}{r['mfu']:7.1%}"
-              f"{r.get('speed_vs_compiled_peft', float('nan')):9.2f}{r.get('memory_vs_compiled_peft', float('nan')):7.2f}")
+        print(
+            f"{st:14s}{r['peer']:22s}{r['tokens_per_s']:10.0f}{r['peak_gib']:10.2f}{r['mfu']:7.1%}"
+            f"{r.get('speed_vs_compiled_peft', float('nan')):9.2f}{r.get('memory_vs_compiled_peft', float('nan')):7.2f}"
+        )
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": a.layers, "params": N}
     out = ROOT / "bench" / "results" / "finetune_h200.json"
     out.parent.mkdir(parents=True, exist_ok=True)

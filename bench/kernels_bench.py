@@ -197,16 +197,11 @@ def save(path, meta, rows):
 
 
 def print_row(r):
-    grad = (
-        f" grad {r['t_q8_grad_ms'] * 1e3:8.1f}us ({r['grad_pct_cublas']:5.1f}%)"
-        if "t_q8_grad_ms" in r
-        else ""
-    )
+    grad = f" g {r['t_q8_grad_ms'] * 1e3:.1f}us {r['grad_pct_cublas']:.0f}%" if "t_q8_grad_ms" in r else ""
     print(
-        f"{r['model']} N={r['N']:5d} K={r['K']:5d} M={r['M']:5d} ok={r['ok']!s:5} "
-        f"err {r['fwd_rel_err']:.1e} | fwd {r['t_q8_fwd_ms'] * 1e3:8.1f}us "
-        f"({r['fwd_pct_cublas']:5.1f}% cuBLAS, {r['q8_fwd_GBps']:6.0f} GB/s) "
-        f"lora {r['t_q8_lora_ms'] * 1e3:8.1f}us{grad}",
+        f"{r['N']}x{r['K']} M={r['M']} ok={r['ok']} e={r['fwd_rel_err']:.0e}/{r['fwd_err_over_bound']:.2f} "
+        f"f {r['t_q8_fwd_ms'] * 1e3:.1f}us {r['fwd_pct_cublas']:.0f}% {r['q8_fwd_GBps']:.0f}GB/s "
+        f"L {r['t_q8_lora_ms'] * 1e3:.1f}us{grad} eager {r['eager_q8_fwd_ms'] * 1e3:.0f}us",
         flush=True,
     )
 

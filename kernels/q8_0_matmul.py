@@ -14,18 +14,19 @@ accumulated in fp32; the result is rounded once to the output dtype. fp32 activa
 dot (no tf32), so fp32 results match torch's fp32 matmul to accumulation-order rounding.
 
 Paths (chosen by the launcher from M):
-  * M <= 4 ("gemv", decode): one program per BLOCK_N rows of W (x 1..SPLIT_K slices of K); the weight
-    tile is dequantized in registers and reduced against the 1..4 rows of x with FMAs (no tensor cores,
-    no shared-memory round trip), so every weight byte is read once. When N alone gives too few
-    programs to fill the GPU, K is split and the fp32 partials [SPLIT_K, M, N] are summed afterwards
-    (deterministic: no atomics).
-  * M > 4 ("gemm"): tutorial-03 style tiled matmul with grouped program order for L2 reuse; the K tile
-    is a multiple of 32 so it always covers whole q8_0 blocks: the [BLOCK_N, BLOCK_K] int8 tile is
-    reshaped to [BLOCK_N, BLOCK_K/32, 32] and scaled by the [BLOCK_N, BLOCK_K/32] fp16 scales.
-    Autotuned per (M bucket, N, K); "skinny" configs (BLOCK_M 16..64, split-K when the tile count is
-    below the SM count) for M <= 64, Hopper-sized tiles (128x128/128x256, BLOCK_K 64/128) above.
-  * LoRA (optional): t = x @ a is a tiny [M, r] torch matmul; the epilogue adds scale * t @ b.T (a
-    [BLOCK_M, r] x [r, BLOCK_N] dot, r padded to >= 16) before the single rounding of y.
+  * "gemm": tutorial-03 style tiled matmul with grouped program order for L2 reuse; the K tile is a
+    multiple of 32 so it always covers whole q8_0 blocks: the [BLOCK_N, BLOCK_K] int8 tile is reshaped
+    to [BLOCK_N, BLOCK_K/32, 32] and scaled by the [BLOCK_N, BLOCK_K/32] fp16 scales. Autotuned per
+    (M bucket, N, K): "skinny" configs for M <= 64 (BLOCK_M 16..64; decode M = 1 uses BLOCK_M = 16),
+    Hopper-sized tiles (128x128 .. 256x128, BLOCK_K 64/128) above; each set also has SWAP_AB configs
+    that compute y.T = W @ x.T (the dequantized tile as the MMA's A operand). When the output tiles
+    cannot fill the SMs, K is split (power of two, >= 4 K tiles per split) and the fp32 partials
+    [SPLIT_K, M, N] are summed afterwards in a fixed order (deterministic: no atomics).
+  * "gemv" (selectable with config={"path": "gemv"}; off by default, see USE_GEMV): one program per
+    BLOCK_N rows of W, the tile dequantized in registers and reduced against <= 4 rows of x with FMAs.
+  * LoRA (optional): t = x @ a is a tiny [M, r] torch matmul; the kernel starts its accumulator with
+    scale * t @ b.T (a [BLOCK_M, r] x [r, BLOCK_N] dot, r padded to >= 16; split 0 only), so y is
+    rounded once.
 
 Under TRITON_INTERPRET=1 the kernels run on CPU tensors with fixed small tiles (no autotuning); the
 interpreter's dot is wrong for bf16 operands (it multiplies the raw uint16 bits), so there bf16 tiles
@@ -43,6 +44,10 @@ import triton.language as tl
 QK = 32  # q8_0 block length
 MAX_FUSED_RANK = 64  # LoRA ranks above this are added by a separate torch matmul
 GEMV_MAX_M = 4
+# Route M <= GEMV_MAX_M to the FMA gemv kernel by default? Measured on the H200 (bench/results): no;
+# the tensor-core skinny path moved 2.1-2.3 TB/s of q8_0 bytes at M = 16 where gemv reached 0.7-1.1 TB/s
+# at M = 1, so small M takes the skinny path (BLOCK_M = 16) and gemv stays selectable via config.
+USE_GEMV = False
 
 # the same switch triton.jit read when it decorated the kernels below (TRITON_INTERPRET at import)
 _INTERPRET = bool(triton.knobs.runtime.interpret)
@@ -155,6 +160,27 @@ def _q8_gemm_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # LoRA first, straight into the accumulator (split 0 only): a separate [BLOCK_M, BLOCK_N] result tile
+    # in the epilogue doubled the register footprint and halved the speed of large tiles on the H200
+    if HAS_LORA:
+        if pid_k == 0:
+            offs_r = tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+            t_ptrs = t_ptr + rm[:, None] * stride_tm + offs_r[None, :] * stride_tr
+            b_ptrs = b_ptr + rn[:, None] * stride_bn + offs_r[None, :] * stride_br
+            t = tl.load(t_ptrs, mask=mask_r[None, :], other=0.0)
+            bb = tl.load(b_ptrs, mask=mask_r[None, :], other=0.0)
+            if SWAP_AB:
+                if DOT_F32:
+                    acc = tl.dot(bb.to(tl.float32), tl.trans(t.to(tl.float32)), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(bb, tl.trans(t), acc)
+            else:
+                if DOT_F32:
+                    acc = tl.dot(t.to(tl.float32), tl.trans(bb.to(tl.float32)), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(t, tl.trans(bb), acc)
+            acc = acc * scale
     for kt in range(kt0, kt1):
         if EVEN_K:
             x = tl.load(x_ptrs)
@@ -179,26 +205,6 @@ def _q8_gemm_kernel(
         x_ptrs += BLOCK_K * stride_xk
         q_ptrs += BLOCK_K
         d_ptrs += KB
-
-    if HAS_LORA:
-        if pid_k == 0:
-            offs_r = tl.arange(0, BLOCK_R)
-            mask_r = offs_r < R
-            t_ptrs = t_ptr + rm[:, None] * stride_tm + offs_r[None, :] * stride_tr
-            b_ptrs = b_ptr + rn[:, None] * stride_bn + offs_r[None, :] * stride_br
-            t = tl.load(t_ptrs, mask=mask_r[None, :], other=0.0)
-            bb = tl.load(b_ptrs, mask=mask_r[None, :], other=0.0)
-            if SWAP_AB:
-                if DOT_F32:
-                    lora = tl.dot(bb.to(tl.float32), tl.trans(t.to(tl.float32)), input_precision="ieee")
-                else:
-                    lora = tl.dot(bb, tl.trans(t))
-            else:
-                if DOT_F32:
-                    lora = tl.dot(t.to(tl.float32), tl.trans(bb.to(tl.float32)), input_precision="ieee")
-                else:
-                    lora = tl.dot(t, tl.trans(bb))
-            acc += lora * scale
 
     y_base = y_ptr + pid_k.to(tl.int64) * stride_ys
     if SWAP_AB:
@@ -691,7 +697,7 @@ def q8_0_matmul(
     lora_args = (t.stride(0), t.stride(1), bb.stride(0), bb.stride(1), r, float(scale) if has_lora else 0.0)
 
     cfg = dict(config or {})
-    path, split = _plan(m, n, k, x.device, small_m_gemv=True)
+    path, split = _plan(m, n, k, x.device, small_m_gemv=USE_GEMV)
     if "path" in cfg:
         path = {"gemm": "skinny" if _m_bucket(m) <= 64 else "large"}.get(cfg["path"], cfg["path"])
     split = int(cfg.get("SPLIT_K", split))

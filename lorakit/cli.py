@@ -24,7 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Fine-tune and apply LoRA adapters directly on quantized GGUF llama models.",
 )
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)  # paths may hold "[...]"
 out = Console(highlight=False, soft_wrap=True)
 
 _SEP = "\x00"  # joins the two values of --lora-scaled FN SCALE into one option value

@@ -104,6 +104,20 @@ def load_or_init(cfg, args: ModelArgs, shapes: dict, seed: int, emit: Callable, 
     )
 
 
+def check_output_dirs(cfg) -> None:
+    """Fail before training (and before any save) when an output directory is missing or read-only."""
+    import os
+
+    for opt, template in (("--checkpoint-out", cfg.checkpoint_out), ("--lora-out", cfg.lora_out)):
+        if not template or (opt == "--checkpoint-out" and cfg.only_write_lora):
+            continue
+        parent = Path(template).parent
+        if not parent.is_dir():
+            raise LorakitError(f"{opt}: directory {str(parent)!r} does not exist", template)
+        if not os.access(parent, os.W_OK):
+            raise LorakitError(f"{opt}: directory {str(parent)!r} is not writable", template)
+
+
 def fill_pattern(template: str, pattern: str, value: str) -> str:
     """llama.cpp replaces the first occurrence of --pattern-fn-it in an output name."""
     return template.replace(pattern, value, 1) if pattern else template

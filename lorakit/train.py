@@ -29,7 +29,7 @@ from .lora_init import init_lora
 from .loss import cross_entropy
 from .model import forward_hidden, load_model, rope_tables
 from .optim import OptimConfig, learning_schedule
-from .state import TrainerState, load_or_init, save_outputs
+from .state import TrainerState, check_output_dirs, load_or_init, save_outputs
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("lorakit.train")
@@ -156,6 +156,7 @@ class Trainer:
         self.shapes = lora_shapes(args, cfg.ranks)
         seed = cfg.seed if cfg.seed >= 0 else int(time.time()) & 0xFFFFFFFF
         self.seed = seed
+        check_output_dirs(cfg)
         # LoRA, optimizer and training counters: from --checkpoint-in, or fresh (spec §5, §6.4)
         self.st: TrainerState = load_or_init(cfg, args, self.shapes, seed, self.emit, init_lora)
         dev = self.backend.device

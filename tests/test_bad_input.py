@@ -293,11 +293,6 @@ def test_finetune_missing_train_data(capsys, tmp_path):
     expect_failure(capsys, tmp_path, argv, tmp_path / "no-such.txt")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finetune writes the checkpoint targets before it finds that --lora-out's directory is "
-    "missing (train.py/state.py should check output directories before training)",
-)
 def test_finetune_unwritable_lora_out_keeps_checkpoint_targets(capsys, tmp_path):
     argv = _finetune(tmp_path, TINY_Q8)
     bad = tmp_path / "no-such-dir" / "lora-ITERATION.bin"
@@ -328,11 +323,6 @@ def test_bad_lora_scaled_value(capsys, tmp_path):
 # --------------------------------------------------------------------------- paths that look like markup
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py prints error messages through rich markup: '[v2]' in a path is swallowed and "
-    "'[/v2]' raises MarkupError (fix: err.print(..., markup=False))",
-)
 @pytest.mark.parametrize("name", ["model[v2].gguf", "model[/v2].gguf"])
 def test_path_with_brackets_is_named(capsys, tmp_path, name):
     expect_failure(capsys, tmp_path, ["inspect", str(tmp_path / name)], tmp_path / name)

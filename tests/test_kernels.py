@@ -3,7 +3,8 @@
 Runs on a CUDA GPU when one is visible; otherwise under Triton's CPU interpreter, which this module
 switches on itself (TRITON_INTERPRET=1 must be set before lorakit.kernels is imported). Interpreter
 shapes are small but odd on purpose: K = 32*odd (96, 160), N not a multiple of any tile (50, 97),
-M = 1 (the gemv path), 3 (gemv with several rows) and 37 (the tiled path with a ragged M tile).
+M = 1 (decode), 3 and 37 (ragged M tiles); test_matmul_paths forces every kernel path (gemv, gemm,
+SWAP_AB, split-K) explicitly.
 
 Tolerances (ONE table, used by every comparison below)
 -----------------------------------------------------
