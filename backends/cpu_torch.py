@@ -107,7 +107,7 @@ class CpuTorchBackend:
             hp.sched, dtype=f32
         )
         one = torch.tensor(1.0, dtype=f32)
-        for x, g, mi, vi, dk in zip(params, grads, m, v, decayed):
+        for x, g, mi, vi, dk in zip(params, grads, m, v, decayed, strict=False):
             gi = g * torch.tensor(factor, dtype=f32) if factor != 1.0 else g
             mi.mul_(beta1).add_(gi * (one - beta1))
             vi.mul_(beta2).add_(gi * gi * (one - beta2))

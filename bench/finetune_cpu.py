@@ -49,7 +49,7 @@ def run_case(model: Path, data: Path, work: Path, iters: int, threads: int, ckpt
     rss = int(p.stderr.split("PEAK_RSS_KB")[1].split()[0]) * 1024
     recs = [json.loads(x) for x in log.read_text().splitlines()]
     t = [r["seconds"] for r in recs]
-    steps = [b - a for a, b in zip(t, t[1:])]
+    steps = [b - a for a, b in zip(t, t[1:], strict=False)]
     steady = steps[1:] if len(steps) > 1 else steps
     s_per_iter = sum(steady) / len(steady)
     return {
@@ -92,11 +92,9 @@ def main(argv=None) -> int:
     f32 = next((r for r in rows if r["compute_dtype"] == "f32"), None)
     for r in rows:
         if f32 is not None:
-            r["max_loss_diff_vs_f32"] = max(abs(x - y) for x, y in zip(r["losses"], f32["losses"]))
+            r["max_loss_diff_vs_f32"] = max(abs(x - y) for x, y in zip(r["losses"], f32["losses"], strict=False))
     print()
-    print(
-        f"{'dtype':6s}{'ckpt':6s}{'s/iter':>9s}{'tok/s':>9s}{'RSS GiB':>9s}{'vs llama.cpp':>14s}{'|dloss|':>10s}"
-    )
+    print(f"{'dtype':6s}{'ckpt':6s}{'s/iter':>9s}{'tok/s':>9s}{'RSS GiB':>9s}{'vs llama.cpp':>14s}{'|dloss|':>10s}")
     for r in rows:
         print(
             f"{r['compute_dtype']:6s}{'yes' if r['checkpointing'] else 'no':6s}{r['s_per_iter']:9.2f}"

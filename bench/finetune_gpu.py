@@ -52,9 +52,7 @@ def random_q8_model(s: dict, device):
             tensors[name] = torch.ones(shape, device=device)
         else:
             qs = torch.randint(-127, 128, shape, dtype=torch.int8, device=device, generator=g)
-            d = torch.full(
-                (shape[0], shape[1] // 32), shape[1] ** -0.5 / 73.3, dtype=torch.float16, device=device
-            )
+            d = torch.full((shape[0], shape[1] // 32), shape[1] ** -0.5 / 73.3, dtype=torch.float16, device=device)
             tensors[name] = Q8Weight(qs, d)
     return LlamaModel(args, tensors, "random", tied_output=False)
 
@@ -62,6 +60,7 @@ def random_q8_model(s: dict, device):
 def bench_lorakit(s: dict, batch: int, ctx: int, ckpt: bool, kinds: str, steps: int) -> dict:
     """The trainer's own step (forward, backward, fused AdamW) on the cuda-triton backend."""
     from lorakit.backends import AdamHyper, get_backend
+
     from lorakit.lora import LoraAdapter, LoraPair, LoraRanks, lora_shapes, model_fns
     from lorakit.lora_init import init_lora
     from lorakit.loss import cross_entropy
@@ -70,16 +69,10 @@ def bench_lorakit(s: dict, batch: int, ctx: int, ckpt: bool, kinds: str, steps: 
     be = get_backend("cuda-triton")
     torch.cuda.reset_peak_memory_stats()
     model = random_q8_model(s, be.device)
-    off = (
-        {}
-        if kinds == "12"
-        else {"token_embd": 0, "output": 0, "output_norm": 0, "attn_norm": 0, "ffn_norm": 0}
-    )
+    off = {} if kinds == "12" else {"token_embd": 0, "output": 0, "output_norm": 0, "attn_norm": 0, "ffn_norm": 0}
     ranks = LoraRanks.default(4, **off)
     lora = init_lora(lora_shapes(model.args, ranks), seed=1)
-    params = {
-        n: (a.to(be.device).requires_grad_(), b.to(be.device).requires_grad_()) for n, (a, b) in lora.items()
-    }
+    params = {n: (a.to(be.device).requires_grad_(), b.to(be.device).requires_grad_()) for n, (a, b) in lora.items()}
     adapter = LoraAdapter({n: LoraPair(a, b, 1.0) for n, (a, b) in params.items()})
     linear, norm, embed = model_fns(model, be, [(adapter, 1.0)], torch.bfloat16)
     rope = rope_tables(model.args, ctx, be.device)
@@ -112,7 +105,6 @@ def bench_lorakit(s: dict, batch: int, ctx: int, ckpt: bool, kinds: str, steps: 
     dt = (time.perf_counter() - t0) / steps
     out = {"peer": f"lorakit ({kinds} kinds)", "tokens_per_s": batch * ctx / dt, "s_per_step": dt,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss)}  # fmt: skip
-    del model, params, adapter, m, v, flat
     return out
 
 
@@ -131,9 +123,7 @@ def bench_peft(s: dict, batch: int, ctx: int, ckpt: bool, compiled: bool, steps:
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=4, target_modules=PEFT_TARGETS, lora_dropout=0.0)
-    )
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=PEFT_TARGETS, lora_dropout=0.0))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.1)
     fwd = torch.compile(model) if compiled else model
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -157,7 +147,6 @@ def bench_peft(s: dict, batch: int, ctx: int, ckpt: bool, compiled: bool, steps:
     dt = (time.perf_counter() - t0) / steps
     res = {"peer": "PEFT compiled" if compiled else "PEFT eager", "tokens_per_s": batch * ctx / dt,
            "s_per_step": dt, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss)}  # fmt: skip
-    del model, opt, fwd
     return res
 
 
@@ -199,16 +188,10 @@ def main(argv=None) -> int:
         peer = next((r for r in rows if (r["batch"], r["ctx"], r["checkpointing"]) == (batch, ctx, ckpt)
                      and r.get("peer") == "PEFT compiled" and "tokens_per_s" in r), None)  # fmt: skip
         for r in rows:
-            if (
-                (r["batch"], r["ctx"], r["checkpointing"]) == (batch, ctx, ckpt)
-                and peer
-                and "tokens_per_s" in r
-            ):
+            if (r["batch"], r["ctx"], r["checkpointing"]) == (batch, ctx, ckpt) and peer and "tokens_per_s" in r:
                 r["speed_vs_compiled_peft"] = r["tokens_per_s"] / peer["tokens_per_s"]
                 r["memory_vs_compiled_peft"] = r["peak_gib"] / peer["peak_gib"]
-    print(
-        f"\n{'setting':14s}{'peer':22s}{'tok/s':>10s}{'peak GiB':>10s}{'MFU':>7s}{'x PEFTc':>9s}{'mem x':>7s}"
-    )
+    print(f"\n{'setting':14s}{'peer':22s}{'tok/s':>10s}{'peak GiB':>10s}{'MFU':>7s}{'x PEFTc':>9s}{'mem x':>7s}")
     for r in rows:
         st = f"{r['batch']}x{r['ctx']}{' ckpt' if r['checkpointing'] else ''}"
         if "error" in r:

@@ -37,9 +37,7 @@ def q8_rows(rng: np.random.Generator, rows: int, cols: int, std: float) -> np.nd
     return blocks.reshape(rows, nb * 34)
 
 
-def make(
-    out: Path, vocab: int, embd: int, ff: int, layers: int, heads: int, kv_heads: int, seed: int
-) -> None:
+def make(out: Path, vocab: int, embd: int, ff: int, layers: int, heads: int, kv_heads: int, seed: int) -> None:
     import gguf
 
     rng = np.random.default_rng(seed)

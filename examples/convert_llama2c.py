@@ -24,6 +24,7 @@ import torch
 from lorakit.gguf_io import write_gguf_atomic
 from lorakit.quant import q8_0_to_bytes, quantize_q8_0
 
+
 # sentencepiece piece types -> GGUF token types (1 normal, 2 unknown, 3 control, 4 user, 5 unused, 6 byte)
 def _token_type(sp: spm.SentencePieceProcessor, i: int) -> int:
     if sp.is_unknown(i):
@@ -44,8 +45,16 @@ def read_llama2c(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = struct.unpack("<7i", raw[:28])
     shared = vocab > 0
     vocab = abs(vocab)
-    hp = dict(dim=dim, hidden=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab=vocab,
-              seq_len=seq_len, shared=shared)
+    hp = dict(
+        dim=dim,
+        hidden=hidden,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        vocab=vocab,
+        seq_len=seq_len,
+        shared=shared,
+    )
     head = dim // n_heads
     kv_dim = n_kv_heads * head
     data = np.frombuffer(raw, dtype="<f4", offset=28)

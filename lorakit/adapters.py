@@ -83,8 +83,7 @@ def _read_gguf_adapter(gf: GGUFFile) -> LoraAdapter:
             info = gf.info(h[which])
             if info.type_name not in _ACCEPTED_TYPES:
                 raise LorakitError(
-                    f"tensor {h[which]!r} has type {info.type_name} "
-                    f"(expected one of {', '.join(_ACCEPTED_TYPES)})",
+                    f"tensor {h[which]!r} has type {info.type_name} (expected one of {', '.join(_ACCEPTED_TYPES)})",
                     path,
                 )
             if len(info.shape) != 2:
@@ -95,8 +94,7 @@ def _read_gguf_adapter(gf: GGUFFile) -> LoraAdapter:
             # flipped: lora_a (V, r), lora_b (E, r)
             if ga.shape[1] != gb.shape[1]:
                 raise LorakitError(
-                    f"tensor {base!r}: lora_a {list(ga.shape)} and lora_b {list(gb.shape)} "
-                    "have different ranks",
+                    f"tensor {base!r}: lora_a {list(ga.shape)} and lora_b {list(gb.shape)} have different ranks",
                     path,
                 )
             a, b = gb, ga

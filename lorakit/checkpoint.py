@@ -254,8 +254,7 @@ def _read_lora(gf: GGUFFile, hp: dict, ranks: LoraRanks, args: ModelArgs | None)
             break
     if args is not None and ranks["token_embd"] + ranks["output"] > 0 and n_vocab != args.n_vocab:
         raise LorakitError(
-            f"checkpoint is for another model: n_vocab {n_vocab} != {args.n_vocab} "
-            "(checkpoint vs base model)",
+            f"checkpoint is for another model: n_vocab {n_vocab} != {args.n_vocab} (checkpoint vs base model)",
             gf.path,
         )
     shape_args = ModelArgs(n_vocab, hp["n_embd"], hp["n_ff"], hp["n_head"], hp["n_head_kv"], hp["n_layer"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -68,8 +68,8 @@ def _backend_opt():
 @app.command(help="Generate text with a GGUF llama model and any number of LoRA adapters (unmerged).")
 def predict(
     model: Annotated[Path, typer.Option("-m", "--model", help="GGUF model")],
-    prompt: Annotated[Optional[str], typer.Option("-p", "--prompt")] = None,
-    file: Annotated[Optional[Path], typer.Option("-f", "--file", help="read the prompt from a file")] = None,
+    prompt: Annotated[str | None, typer.Option("-p", "--prompt")] = None,
+    file: Annotated[Path | None, typer.Option("-f", "--file", help="read the prompt from a file")] = None,
     n_predict: Annotated[int, typer.Option("-n", "--n-predict", help="tokens to generate (-1: until EOS)")] = -1,
     temp: Annotated[float, typer.Option("--temp", help="temperature; 0 = greedy")] = 0.8,
     top_k: Annotated[int, typer.Option("--top-k")] = 40,
@@ -80,9 +80,9 @@ def predict(
     seed: Annotated[int, typer.Option("-s", "--seed", help="-1: random")] = -1,
     ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="context size (0: the model's)")] = 512,
     threads: Annotated[int, typer.Option("-t", "--threads")] = 0,
-    lora: Annotated[Optional[list[str]], typer.Option("--lora", metavar="FN", help="adapter, scale 1")] = None,
+    lora: Annotated[list[str] | None, typer.Option("--lora", metavar="FN", help="adapter, scale 1")] = None,
     lora_scaled: Annotated[
-        Optional[list[str]], typer.Option("--lora-scaled", metavar="FN SCALE", help="adapter with a scale")
+        list[str] | None, typer.Option("--lora-scaled", metavar="FN SCALE", help="adapter with a scale")
     ] = None,
     backend: Annotated[str, _backend_opt()] = "auto",
     no_bos: Annotated[bool, typer.Option("--no-bos", help="do not add BOS to the prompt")] = False,

@@ -339,9 +339,7 @@ def after_batch(samples: Samples, ds: DataState, used: int) -> DataState:
     return DataState(st, Permutation(b, s, o), ds.train_samples + used, ds.train_epochs + 1)
 
 
-def draw_batch(
-    samples: Samples, ds: DataState, opts: BatchOptions
-) -> tuple[np.ndarray, np.ndarray, int, DataState]:
+def draw_batch(samples: Samples, ds: DataState, opts: BatchOptions) -> tuple[np.ndarray, np.ndarray, int, DataState]:
     """Build the batch at ds.shuffle.next_sample and advance: (inputs, targets, used, new state)."""
     x, y, used = build_batch(samples, ds.perm, ds.shuffle.next_sample, opts)
     return x, y, used, after_batch(samples, ds, used)

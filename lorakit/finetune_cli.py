@@ -10,7 +10,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -29,23 +29,23 @@ def finetune(
         str, O("--lora-out", help="adapter path: .bin = llama.cpp ggla, .gguf = GGUF LoRA adapter")
     ] = "ggml-lora-ITERATION-f32.gguf",
     only_write_lora: Annotated[bool, O("--only-write-lora", help="only write the LoRA, do not train")] = False,
-    norm_rms_eps: Annotated[Optional[float], O("--norm-rms-eps", help="RMS-Norm epsilon (default: model)")] = None,
-    rope_freq_base: Annotated[Optional[float], O("--rope-freq-base", help="RoPE base (default: model)")] = None,
-    rope_freq_scale: Annotated[Optional[float], O("--rope-freq-scale", help="RoPE scale (default: model)")] = None,
-    lora_alpha: Annotated[Optional[int], O("--lora-alpha", help="LoRA alpha (header only; default = r)")] = None,
+    norm_rms_eps: Annotated[float | None, O("--norm-rms-eps", help="RMS-Norm epsilon (default: model)")] = None,
+    rope_freq_base: Annotated[float | None, O("--rope-freq-base", help="RoPE base (default: model)")] = None,
+    rope_freq_scale: Annotated[float | None, O("--rope-freq-scale", help="RoPE scale (default: model)")] = None,
+    lora_alpha: Annotated[int | None, O("--lora-alpha", help="LoRA alpha (header only; default = r)")] = None,
     lora_r: Annotated[int, O("--lora-r", help="default LoRA rank")] = 4,
     rank_att_norm: Annotated[int, O("--rank-att-norm")] = 1,
     rank_ffn_norm: Annotated[int, O("--rank-ffn-norm")] = 1,
     rank_out_norm: Annotated[int, O("--rank-out-norm")] = 1,
-    rank_tok_embd: Annotated[Optional[int], O("--rank-tok-embd")] = None,
-    rank_out: Annotated[Optional[int], O("--rank-out")] = None,
-    rank_wq: Annotated[Optional[int], O("--rank-wq")] = None,
-    rank_wk: Annotated[Optional[int], O("--rank-wk")] = None,
-    rank_wv: Annotated[Optional[int], O("--rank-wv")] = None,
-    rank_wo: Annotated[Optional[int], O("--rank-wo")] = None,
-    rank_ffn_gate: Annotated[Optional[int], O("--rank-ffn-gate", "--rank-w1")] = None,
-    rank_ffn_down: Annotated[Optional[int], O("--rank-ffn-down", "--rank-w2")] = None,
-    rank_ffn_up: Annotated[Optional[int], O("--rank-ffn-up", "--rank-w3")] = None,
+    rank_tok_embd: Annotated[int | None, O("--rank-tok-embd")] = None,
+    rank_out: Annotated[int | None, O("--rank-out")] = None,
+    rank_wq: Annotated[int | None, O("--rank-wq")] = None,
+    rank_wk: Annotated[int | None, O("--rank-wk")] = None,
+    rank_wv: Annotated[int | None, O("--rank-wv")] = None,
+    rank_wo: Annotated[int | None, O("--rank-wo")] = None,
+    rank_ffn_gate: Annotated[int | None, O("--rank-ffn-gate", "--rank-w1")] = None,
+    rank_ffn_down: Annotated[int | None, O("--rank-ffn-down", "--rank-w2")] = None,
+    rank_ffn_up: Annotated[int | None, O("--rank-ffn-up", "--rank-w3")] = None,
     train_data: Annotated[str, O("--train-data", help="training text file")] = "shakespeare.txt",
     checkpoint_in: Annotated[str, O("--checkpoint-in", help="resume from this checkpoint if it exists")] = (
         "checkpoint.gguf"
@@ -91,10 +91,10 @@ def finetune(
     n_gpu_layers: Annotated[int, O("-ngl", "--n-gpu-layers", help="ignored (use --backend)", hidden=True)] = 0,
     backend: Annotated[str, O("--backend", help="auto | cpu-torch | cuda-triton")] = "auto",
     compute_dtype: Annotated[str, O("--compute-dtype", help="f32 (llama.cpp's numbers) | bf16")] = "f32",
-    log_jsonl: Annotated[Optional[str], O("--log-jsonl", help="write one JSON object per iteration")] = None,
+    log_jsonl: Annotated[str | None, O("--log-jsonl", help="write one JSON object per iteration")] = None,
 ) -> None:
     from .lora import LoraRanks
-    from .train import FinetuneConfig, run_finetune
+    from .train import FinetuneConfig
 
     if not model_base:
         raise UsageError("--model-base is required")
@@ -210,15 +210,40 @@ def _run(cfg, log_jsonl: str | None) -> None:
                 flush=True,
             )
             if task is None:
-                task = progress.add_task("train", total=ev.last_iter, completed=0, it=ev.iter, loss=ev.loss,
-                                         lr=ev.lr, tps=0.0, sample="", epoch=0)
-            progress.update(task, completed=ev.iter - ev.first_iter, total=ev.last_iter - ev.first_iter,
-                            it=ev.iter, loss=ev.loss, lr=ev.lr, tps=ev.tokens_per_s,
-                            sample=f"{ev.sample}/{ev.sample_count}", epoch=ev.epochs)
+                task = progress.add_task(
+                    "train",
+                    total=ev.last_iter,
+                    completed=0,
+                    it=ev.iter,
+                    loss=ev.loss,
+                    lr=ev.lr,
+                    tps=0.0,
+                    sample="",
+                    epoch=0,
+                )
+            progress.update(
+                task,
+                completed=ev.iter - ev.first_iter,
+                total=ev.last_iter - ev.first_iter,
+                it=ev.iter,
+                loss=ev.loss,
+                lr=ev.lr,
+                tps=ev.tokens_per_s,
+                sample=f"{ev.sample}/{ev.sample_count}",
+                epoch=ev.epochs,
+            )
             if jsonl is not None:
-                rec = {"iter": ev.iter, "loss": ev.loss, "sched": ev.sched, "lr": ev.lr, "tokens": ev.tokens,
-                       "seconds": round(time.perf_counter() - t_start, 4), "dt": ev.dt,
-                       "sample": ev.sample, "epochs": ev.epochs}
+                rec = {
+                    "iter": ev.iter,
+                    "loss": ev.loss,
+                    "sched": ev.sched,
+                    "lr": ev.lr,
+                    "tokens": ev.tokens,
+                    "seconds": round(time.perf_counter() - t_start, 4),
+                    "dt": ev.dt,
+                    "sample": ev.sample,
+                    "epochs": ev.epochs,
+                }
                 jsonl.write(json.dumps(rec) + "\n")
                 jsonl.flush()
         elif isinstance(ev, SaveEvent):

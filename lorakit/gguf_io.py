@@ -50,8 +50,7 @@ def _check_header(path: Path) -> None:
     # every tensor info takes at least 8+1+4+8+4+8 bytes and every key/value at least 8+1+4+1
     if n_tensors * 33 + n_kv * 14 > size:
         raise LorakitError(
-            f"GGUF header claims {n_tensors} tensors and {n_kv} keys, "
-            f"more than the file's {size} bytes can hold",
+            f"GGUF header claims {n_tensors} tensors and {n_kv} keys, more than the file's {size} bytes can hold",
             path,
         )
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
@@ -128,9 +127,7 @@ class GGUFFile:
         try:
             self._reader = gguf.GGUFReader(self.path, "r")
         except Exception as e:  # the gguf package raises ValueError/IndexError/struct errors
-            raise LorakitError(
-                f"corrupt or truncated GGUF file ({type(e).__name__}: {e})", self.path
-            ) from None
+            raise LorakitError(f"corrupt or truncated GGUF file ({type(e).__name__}: {e})", self.path) from None
         self._tensors = {t.name: t for t in self._reader.tensors}
         self.fields: dict[str, object] = {}
         for name, field in self._reader.fields.items():

@@ -343,9 +343,7 @@ def _other_report(gf: GGUFFile):
     if arch is None:
         problem = "no general.architecture key: not a model lorakit can run"
     else:
-        problem = (
-            f"architecture {arch!r} is not supported by lorakit (only 'llama'); described from its metadata"
-        )
+        problem = f"architecture {arch!r} is not supported by lorakit (only 'llama'); described from its metadata"
     return "other_gguf", sections, [], [problem]
 
 
@@ -444,9 +442,7 @@ def _adapter_sections(ad, extra: tuple[Field, ...], scale_rule: str) -> list[Sec
         Field("pairs", "LoRA pairs applied", len(ad.pairs)),
         Field("layers", "layers", len(layers)),
         Field("target_kinds", "target tensor kinds", tuple(order)),
-        Field(
-            "effective_scale", "effective scale (times --lora-scaled)", _uniform(scales) if scales else None
-        ),
+        Field("effective_scale", "effective scale (times --lora-scaled)", _uniform(scales) if scales else None),
         Field("scale_rule", "scale rule", scale_rule),
     )
     ranks = _kv("ranks", "LoRA ranks by kind", *(Field(k, k, _uniform(by_kind[k])) for k in order))

@@ -45,6 +45,4 @@ def init_lora(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """name -> (lora_a (in, r), lora_b (out, r)) as float32 tensors; `shapes` in llama.cpp order
     (as `lorakit.lora.lora_shapes` gives it)."""
-    return {
-        k: (torch.from_numpy(a), torch.from_numpy(b)) for k, (a, b) in init_lora_arrays(shapes, seed).items()
-    }
+    return {k: (torch.from_numpy(a), torch.from_numpy(b)) for k, (a, b) in init_lora_arrays(shapes, seed).items()}

@@ -161,9 +161,7 @@ def load_model(path: str | os.PathLike, gf: GGUFFile | None = None) -> LlamaMode
         raise LorakitError("is a finetune checkpoint, not a model", gf.path)
     args = ModelArgs.from_gguf(gf)  # the architecture first: a gpt2/falcon file fails on that
     if gf.get("tokenizer.ggml.model") == "gpt2":
-        raise LorakitError(
-            "BPE ('gpt2') vocabularies are not supported yet; only SPM ('llama') vocabularies", gf.path
-        )
+        raise LorakitError("BPE ('gpt2') vocabularies are not supported yet; only SPM ('llama') vocabularies", gf.path)
     if not gf.tensor_names():
         raise LorakitError("has no tensors (a vocabulary-only GGUF), not a model", gf.path)
     expected = args.expected_shapes()
@@ -289,9 +287,7 @@ def attention(
     if Hkv != H:
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=causal and T > 1, scale=1.0 / math.sqrt(D)
-    )
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1, scale=1.0 / math.sqrt(D))
     out = out.transpose(1, 2).reshape(B, T, H * D)
     return linear(out, f"blk.{i}.attn_output.weight")
 
@@ -336,9 +332,7 @@ def forward_hidden(
     h = embed(tokens)
     for i in range(args.n_layer):
         if checkpoint_layers and torch.is_grad_enabled():
-            h = torch.utils.checkpoint.checkpoint(
-                block, args, i, h, linear, norm, cos, sin, use_reentrant=False
-            )
+            h = torch.utils.checkpoint.checkpoint(block, args, i, h, linear, norm, cos, sin, use_reentrant=False)
         else:
             h = block(args, i, h, linear, norm, cos, sin, cache, n_past)
     return rms_norm(h, args.norm_eps) * norm("output_norm.weight").to(h.dtype)

@@ -78,9 +78,7 @@ def checkpoint_tensor_order(names) -> list[str]:
     head = [n for n in _GLOBAL if n in present]
     rest = sorted(
         present - set(head),
-        key=lambda n: (
-            (int(n.split(".")[1]), LAYER_KINDS.index(kind_of(n))) if _LAYER_RE.match(n) else (-1, n)
-        ),
+        key=lambda n: (int(n.split(".")[1]), LAYER_KINDS.index(kind_of(n))) if _LAYER_RE.match(n) else (-1, n),
     )
     return head + rest
 
@@ -88,9 +86,7 @@ def checkpoint_tensor_order(names) -> list[str]:
 def flatten_moments(per_param: dict, order: str) -> torch.Tensor:
     """{(name, 'a'|'b'): tensor} -> one flat float32 vector in the optimizer's order."""
     names = list(dict.fromkeys(n for n, _ in per_param))
-    parts = [
-        torch.as_tensor(per_param[k], dtype=torch.float32).reshape(-1) for k in param_order(names, order)
-    ]
+    parts = [torch.as_tensor(per_param[k], dtype=torch.float32).reshape(-1) for k in param_order(names, order)]
     return torch.cat(parts) if parts else torch.zeros(0)
 
 

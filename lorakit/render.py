@@ -37,9 +37,7 @@ def format_value(value, unit: str = "") -> str:
 
 
 def _kv_table(section: Section) -> Table:
-    table = Table(
-        title=escape(section.title), title_justify="left", show_header=False, box=None, padding=(0, 2)
-    )
+    table = Table(title=escape(section.title), title_justify="left", show_header=False, box=None, padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
     for f in section.fields:
@@ -63,9 +61,7 @@ def print_report(console: Console, report: Report, as_json: bool) -> None:
         console.file.write(json.dumps(report.to_json_dict(), indent=2) + "\n")
         console.file.flush()
         return
-    console.print(
-        f"[bold]{escape(report.kind_label)}[/bold]  {escape(report.path)}  {human_bytes(report.file_size)}"
-    )
+    console.print(f"[bold]{escape(report.kind_label)}[/bold]  {escape(report.path)}  {human_bytes(report.file_size)}")
     for section in report.sections:
         console.print()
         console.print(_grid(section) if section.columns else _kv_table(section))

@@ -81,7 +81,11 @@ def load_or_init(cfg, args: ModelArgs, shapes: dict, seed: int, emit: Callable, 
             train_tokens=ck.train_tokens,
             train_epochs=ck.train_epochs,
             shuffle=ShuffleState(
-                ck.shuffle_rng_state, "", ck.shuffle_sample_count, ck.shuffle_next_sample, ck.shuffle_samples_hash
+                ck.shuffle_rng_state,
+                "",
+                ck.shuffle_sample_count,
+                ck.shuffle_next_sample,
+                ck.shuffle_samples_hash,
             ),
             just_initialized=ck.just_initialized,
             fx_best=ck.best_loss,
@@ -170,8 +174,9 @@ def write_adapter(path: str, cfg, st: TrainerState, tied_output: bool) -> list[s
     return []
 
 
-def save_outputs(cfg, args: ModelArgs, st: TrainerState, iteration: int, tied_output: bool,
-                 lora_only: bool = False) -> list[str]:
+def save_outputs(
+    cfg, args: ModelArgs, st: TrainerState, iteration: int, tied_output: bool, lora_only: bool = False
+) -> list[str]:
     """checkpoint(iter), checkpoint(LATEST), lora(iter), lora(LATEST): llama.cpp's order; each atomic."""
     written: list[str] = []
     names = (str(iteration), cfg.fn_latest)

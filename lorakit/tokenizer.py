@@ -96,9 +96,7 @@ class Tokenizer:
                 raise LorakitError(f"tokenizer.ggml.{name} has {len(arr)} entries, tokens has {n}", source)
         for name, v in (("bos", bos_id), ("eos", eos_id), ("unknown", unk_id)):
             if not 0 <= v < n:
-                raise LorakitError(
-                    f"tokenizer.ggml.{name}_token_id {v} is outside the vocabulary of {n}", source
-                )
+                raise LorakitError(f"tokenizer.ggml.{name}_token_id {v} is outside the vocabulary of {n}", source)
         self.n_vocab, self.bos_id, self.eos_id, self.unk_id = n, bos_id, eos_id, unk_id
         self.add_bos, self.add_space_prefix = bool(add_bos), bool(add_space_prefix)
         self._pieces = list(tokens)

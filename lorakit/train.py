@@ -160,7 +160,9 @@ class Trainer:
         # LoRA, optimizer and training counters: from --checkpoint-in, or fresh (spec §5, §6.4)
         self.st: TrainerState = load_or_init(cfg, args, self.shapes, seed, self.emit, init_lora)
         dev = self.backend.device
-        self.params = {n: (a.to(dev).requires_grad_(), b.to(dev).requires_grad_()) for n, (a, b) in self.st.lora.items()}
+        self.params = {
+            n: (a.to(dev).requires_grad_(), b.to(dev).requires_grad_()) for n, (a, b) in self.st.lora.items()
+        }
         self.m = {k: t.to(dev) for k, t in self.st.m.items()}
         self.v = {k: t.to(dev) for k, t in self.st.v.items()}
         self.adapter = LoraAdapter({n: LoraPair(a, b, 1.0) for n, (a, b) in self.params.items()}, format="train")
@@ -226,9 +228,7 @@ class Trainer:
         x = torch.from_numpy(inputs).to(dev)
         y = torch.from_numpy(targets).to(dev)
         linear, norm, embed = self.fns
-        h = forward_hidden(
-            self.args, x, linear, norm, embed, self.rope, checkpoint_layers=self.cfg.use_checkpointing
-        )
+        h = forward_hidden(self.args, x, linear, norm, embed, self.rope, checkpoint_layers=self.cfg.use_checkpointing)
         loss = cross_entropy(linear(h, "output.weight"), y)
         loss.backward()
         return loss.detach()
@@ -295,11 +295,18 @@ class Trainer:
                     sh = self.ds.shuffle
                     self.emit(
                         IterationEvent(
-                            iter=st.opt_iter, first_iter=iter0, last_iter=last, loss=loss_after, sched=sched,
-                            lr=o.alpha * sched, sample=min(1 + sh.next_sample, sh.sample_count),
-                            sample_count=sh.sample_count, epochs=self.ds.train_epochs,
+                            iter=st.opt_iter,
+                            first_iter=iter0,
+                            last_iter=last,
+                            loss=loss_after,
+                            sched=sched,
+                            lr=o.alpha * sched,
+                            sample=min(1 + sh.next_sample, sh.sample_count),
+                            sample_count=sh.sample_count,
+                            epochs=self.ds.train_epochs,
                             tokens=st.train_tokens + (st.opt_iter - self.last_save_iter) * tokens_per_iter,
-                            dt=dt_avg, tokens_per_s=(tokens_per_iter / dt_avg) if dt_avg else 0.0,
+                            dt=dt_avg,
+                            tokens_per_s=(tokens_per_iter / dt_avg) if dt_avg else 0.0,
                         )
                     )
                 inputs, targets, used, self.ds = D.draw_batch(self.samples, self.ds, self.batch_opts)

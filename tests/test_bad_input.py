@@ -145,11 +145,7 @@ UNREADABLE = ("missing", "directory", "truncated", "random-bytes", "absurd-count
 
 
 def _snapshot(tmp: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(tmp)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in tmp.rglob("*")
-        if p.is_file()
-    }
+    return {str(p.relative_to(tmp)): hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp.rglob("*") if p.is_file()}
 
 
 def _predict(model: Path, *extra: str) -> list[str]:
@@ -312,9 +308,7 @@ def test_cuda_triton_without_gpu(capsys, tmp_path):
 
 
 def test_bad_lora_scaled_value(capsys, tmp_path):
-    line = expect_failure(
-        capsys, tmp_path, _predict(TINY_Q8, "--lora-scaled", str(ADAPTER), "abc"), ADAPTER, 2
-    )
+    line = expect_failure(capsys, tmp_path, _predict(TINY_Q8, "--lora-scaled", str(ADAPTER), "abc"), ADAPTER, 2)
     assert "'abc' is not a number" in line
     line = expect_failure(capsys, tmp_path, _predict(TINY_Q8, "--lora-scaled", str(ADAPTER)), None, code=2)
     assert "two values" in line

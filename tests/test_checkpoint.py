@@ -250,9 +250,7 @@ def test_identity_rewrite_is_identical(tmp_path):
 
 def test_checkpoint_for_another_model():
     other = _args("stories260K-f32.gguf")
-    _raises(
-        lambda: read_checkpoint(CHK_A4, other), CHK_A4, "checkpoint is for another model", "n_ff 192 != 172"
-    )
+    _raises(lambda: read_checkpoint(CHK_A4, other), CHK_A4, "checkpoint is for another model", "n_ff 192 != 172")
     wide = ModelArgs(n_vocab=400, n_embd=128, n_ff=192, n_head=4, n_head_kv=4, n_layer=2)
     _raises(lambda: read_checkpoint(CHK_A4, wide), CHK_A4, "n_embd 64 != 128")
     vocab = ModelArgs(n_vocab=512, n_embd=64, n_ff=192, n_head=4, n_head_kv=4, n_layer=2)
@@ -317,9 +315,7 @@ def test_invalid_tensors(tmp_path):
 def test_training_file_version_0(tmp_path):
     """Version 0: u32 counts and no epoch/shuffle keys."""
     p = tmp_path / "v0.gguf"
-    drop = [k for k in GGUFFile(CHK_A4).fields if k.startswith("training.shuffle.")] + [
-        "training.epoch_count"
-    ]
+    drop = [k for k in GGUFFile(CHK_A4).fields if k.startswith("training.shuffle.")] + ["training.epoch_count"]
     edit = {
         "training.file_version": (0, VT.UINT32),
         "training.iteration_count": (4, VT.UINT32),

@@ -151,9 +151,7 @@ def test_sample_start_run_d(encode, max_token_bytes):
     # every sample is the separate tokenization of its line, newline included at its start
     text = TRAIN.read_bytes()
     lines = [b"\n" + t for t in text.split(b"\n")[1:]]
-    assert [s.tokens[b : b + n].tolist() for b, n in zip(s.begins, s.sizes, strict=True)] == [
-        encode(t) for t in lines
-    ]
+    assert [s.tokens[b : b + n].tolist() for b, n in zip(s.begins, s.sizes, strict=True)] == [encode(t) for t in lines]
 
 
 def test_sample_start_modes(encode, max_token_bytes):
@@ -223,9 +221,7 @@ def test_shuffle_spec_properties():
 # --------------------------------------------------------------------------- batches of the real runs
 
 
-@pytest.mark.parametrize(
-    "run", ["a_fresh_q8_0", "c_ranks_f32_gradacc", "d_sample_start", "e1_use_checkpointing"]
-)
+@pytest.mark.parametrize("run", ["a_fresh_q8_0", "c_ranks_f32_gradacc", "d_sample_start", "e1_use_checkpointing"])
 def test_fresh_run_batches(run, encode, max_token_bytes):
     o, samples, bopts, n_batches = run_setup(run, encode, max_token_bytes)
     want = json.loads((RUNS / run / "debug_batches.json").read_text())
@@ -316,19 +312,13 @@ def test_batch_fill_separators_and_clamp():
     assert x.tolist() == [[1, 10, 11, 12, 1, 2, 1, 21, 1, 10]]
     assert used == 4
     # fill with EOS and BOS separation
-    _, y, used = build_batch(
-        s, perm, 0, BatchOptions(**base, fill_with_next_samples=True, separate_with_eos=True)
-    )
+    _, y, used = build_batch(s, perm, 0, BatchOptions(**base, fill_with_next_samples=True, separate_with_eos=True))
     assert y.tolist() == [[10, 11, 12, 2, 1, 2, 2, 1, 21, 2]] and used == 3
     # no separators at all
-    _, y, used = build_batch(
-        s, perm, 0, BatchOptions(**base, fill_with_next_samples=True, separate_with_bos=False)
-    )
+    _, y, used = build_batch(s, perm, 0, BatchOptions(**base, fill_with_next_samples=True, separate_with_bos=False))
     assert y.tolist() == [[10, 11, 12, 2, 21, 10, 11, 12, 2, 21]] and used == 6
     # random offsets apply to the first sample of a row only; token 500 is clamped to 399
     s2 = Samples(toks, np.array([1, 3], np.int64), np.array([4, 3], np.int64))
     perm2 = Permutation(s2.begins, s2.sizes, np.array([2, 1], np.uint64))
-    _, y, _ = build_batch(
-        s2, perm2, 0, BatchOptions(n_batch=2, ctx=4, n_vocab=400, sample_random_offsets=True)
-    )
+    _, y, _ = build_batch(s2, perm2, 0, BatchOptions(n_batch=2, ctx=4, n_vocab=400, sample_random_offsets=True))
     assert y.tolist() == [[399, 20, 2, 2], [20, 21, 2, 2]]

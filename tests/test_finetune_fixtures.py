@@ -39,7 +39,7 @@ def tree(tmp_path):
 
 def _compare_losses(ours, theirs):
     assert [r["iter"] for r in ours] == [r["iter"] for r in theirs]
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=False):
         assert abs(a["loss"] - b["loss"]) <= LOSS_TOL, (a, b)
         assert abs(a["sched"] - b["sched"]) <= 1e-6, (a, b)
         assert a["sample"] == b["sample"]
@@ -48,13 +48,24 @@ def _compare_losses(ours, theirs):
 def _compare_checkpoints(ours_path, theirs_path, lr: float):
     a, b = read_checkpoint(ours_path), read_checkpoint(theirs_path)
     tol = param_tol(lr, b.opt_iter)
-    for field in ("train_its", "train_samples", "train_tokens", "train_epochs", "shuffle_samples_hash",
-                  "shuffle_rng_state", "shuffle_sample_count", "shuffle_next_sample", "opt_iter", "nx",
-                  "n_ctx", "ranks"):
+    for field in (
+        "train_its",
+        "train_samples",
+        "train_tokens",
+        "train_epochs",
+        "shuffle_samples_hash",
+        "shuffle_rng_state",
+        "shuffle_sample_count",
+        "shuffle_next_sample",
+        "opt_iter",
+        "nx",
+        "n_ctx",
+        "ranks",
+    ):
         assert getattr(a, field) == getattr(b, field), field
     assert a.lora.keys() == b.lora.keys()
     for n in a.lora:
-        for x, y in zip(a.lora[n], b.lora[n]):
+        for x, y in zip(a.lora[n], b.lora[n], strict=False):
             assert x.shape == y.shape
             assert float((x - y).abs().max()) <= tol, n
     (ma, va), (mb, vb) = a.moments(), b.moments()  # each in its own file's order
@@ -138,5 +149,10 @@ def test_ffn_rank_flags_work(tree, monkeypatch):
     rc, _ = replay(tree, "ranks", monkeypatch, args=args)
     assert rc == 0
     ck = read_checkpoint(tree / "runs" / "ranks" / "chk-LATEST.gguf")
-    assert (ck.ranks["ffn_gate"], ck.ranks["ffn_down"], ck.ranks["ffn_up"], ck.ranks["attn_q"]) == (5, 2, 1, 3)
+    assert (ck.ranks["ffn_gate"], ck.ranks["ffn_down"], ck.ranks["ffn_up"], ck.ranks["attn_q"]) == (
+        5,
+        2,
+        1,
+        3,
+    )
     assert ck.lora["blk.0.ffn_gate.weight"][0].shape == (64, 5)

@@ -141,9 +141,7 @@ def test_ggla_adapter_c_alpha_and_ranks(capsys):
     assert (r["attn_q"], r["attn_v"], r["token_embd"], r["output"], r["attn_norm"]) == (2, 5, 2, 6, 2)
     rows = {t["name"]: t for t in j["tensors"]}
     assert len(rows) == 42
-    assert rows["blk.0.attn_q.weight.loraA"]["ne"] == [2, 64] and rows["blk.0.attn_q.weight.loraA"][
-        "shape"
-    ] == [64, 2]
+    assert rows["blk.0.attn_q.weight.loraA"]["ne"] == [2, 64] and rows["blk.0.attn_q.weight.loraA"]["shape"] == [64, 2]
     assert rows["output_norm.weight.loraB"]["ne"] == [1]  # 1-D norm B (ggml_n_dims)
     assert j["file"]["tensor_bytes"] == sum(t["bytes"] for t in j["tensors"])
 

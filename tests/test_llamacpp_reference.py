@@ -471,9 +471,7 @@ def test_fixture_ggla_vs_gguf(cache, scale):
     ggla = load_adapter(LORA_A4)
     norm_names = [n for n in ggla.pairs if n.endswith("_norm.weight")]
     assert len(norm_names) == 5 and len(ggla.pairs) == 21
-    no_norms = LoraAdapter(
-        {n: p for n, p in ggla.pairs.items() if n not in norm_names}, ggla.alpha, ggla.rank
-    )
+    no_norms = LoraAdapter({n: p for n, p in ggla.pairs.items() if n not in norm_names}, ggla.alpha, ggla.rank)
     gguf_ad = load_adapter(ADAPTER_GGUF)
     assert sorted(gguf_ad.pairs) == sorted(no_norms.pairs)
 

@@ -14,9 +14,7 @@ from lorakit.lora import LoraRanks, lora_shapes
 from lorakit.lora_init import init_lora
 from lorakit.model import ModelArgs
 
-INIT_BIN = (
-    Path(__file__).parent / "fixtures" / "llamacpp" / "runs" / "f2_only_write_lora_init" / "lora-init-0.bin"
-)
+INIT_BIN = Path(__file__).parent / "fixtures" / "llamacpp" / "runs" / "f2_only_write_lora_init" / "lora-init-0.bin"
 TINY = ModelArgs(n_vocab=400, n_embd=64, n_ff=192, n_head=4, n_head_kv=4, n_layer=2)
 
 

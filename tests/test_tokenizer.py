@@ -71,9 +71,7 @@ def test_stories260k(stories_tok: Tokenizer):
     assert stories_tok.encode("Once upon a time", add_bos=True) == [1, 403, 407, 261, 378]
     ids = [432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337, 410, 408]
     ids += [419, 292, 411, 322, 265, 282]
-    assert (
-        stories_tok.decode(ids) == ", there was a little girl named Lily. She loved to play outside in the p"
-    )
+    assert stories_tok.decode(ids) == ", there was a little girl named Lily. She loved to play outside in the p"
     assert stories_tok.decode(stories_tok.encode("Once upon a time", add_bos=True)) == "Once upon a time"
 
 
