@@ -32,9 +32,7 @@ class CudaTritonBackend:
             if not torch.cuda.is_available():
                 raise UsageError("cuda-triton needs a CUDA GPU visible to torch")
         elif os.environ.get("TRITON_INTERPRET") != "1":
-            raise UsageError(
-                f"cuda-triton runs on CUDA devices (got {dev}); on CPU only with TRITON_INTERPRET=1"
-            )
+            raise UsageError(f"cuda-triton runs on CUDA devices (got {dev}); on CPU only with TRITON_INTERPRET=1")
         try:
             from lorakit.kernels import lora_update, q8_0_matmul
         except ImportError as e:  # triton missing

@@ -157,6 +157,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument("--settings", default="all", help="'all' or e.g. '4x64c,8x512'")
+    ap.add_argument("--peers", default="lorakit7,lorakit12,peft,peftc", help="which peers to run")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "finetune_h200.json")
     a = ap.parse_args(argv)
     s = shapes(a.layers)
     N = n_params(s)
@@ -166,9 +168,10 @@ def main(argv=None) -> int:
                     for t in a.settings.split(",")]  # fmt: skip
     rows = []
     for batch, ctx, ckpt in settings:
-        runs = [("lorakit", "7"), ("lorakit", "12")]
-        if not a.skip_peft:
-            runs += [("peft", False)] + ([] if a.skip_compile else [("peft", True)])
+        every = {"lorakit7": ("lorakit", "7"), "lorakit12": ("lorakit", "12"), "peft": ("peft", False),
+                 "peftc": ("peft", True)}  # fmt: skip
+        runs = [every[p] for p in a.peers.split(",")]
+        runs = [r for r in runs if not (r[0] == "peft" and (a.skip_peft or (r[1] and a.skip_compile)))]
         for kind, opt in runs:
             gc.collect()
             torch.cuda.empty_cache()
@@ -202,7 +205,7 @@ def main(argv=None) -> int:
             f"{r.get('speed_vs_compiled_peft', float('nan')):9.2f}{r.get('memory_vs_compiled_peft', float('nan')):7.2f}"
         )
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": a.layers, "params": N}
-    out = ROOT / "bench" / "results" / "finetune_h200.json"
+    out = a.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"saved {out}")

@@ -4,13 +4,15 @@ For each weight shape (N, K) of open_llama_3b and Llama-3-8B and each M it
   1. checks correctness first: the fused kernels vs an fp64 product over the same bf16-rounded
      dequantized weight (max |err| / max |ref|, and max |err| over the elementwise bound of
      tests/test_kernels.py), forward, forward + LoRA and grad-input;
-  2. times (triton.testing.do_bench, median):
+  2. times GPU time per call (triton.testing.do_bench_cudagraph, median: graph replays, so Python
+     launch overhead is excluded; --eager times eager launches instead) of:
        q8 fwd      q8_0_matmul(x, qs, d)                       (fused, reads int8 + fp16 scales)
        q8 fwd+lora q8_0_matmul(x, qs, d, a, b, s), r = 16
        q8 grad     q8_0_matmul_grad_input(dy, qs, d)
        cublas      x @ W_bf16.T and dy @ W_bf16 on a pre-dequantized bf16 weight
        deq+mm      dequantize_q8_0(qs, d, bf16) then the cuBLAS matmul (what cpu-torch does)
-and prints TFLOP/s, % of cuBLAS, and for small M the effective bandwidth on the q8_0 bytes
+plus the eager per-call wall time of q8 fwd and cuBLAS (what an eager decode step pays), and prints
+TFLOP/s, % of cuBLAS, and for small M the effective bandwidth on the q8_0 bytes
 (N*K*34/32) as GB/s and % of the H200's 4.23 TB/s (measured copy bandwidth; 4.8 TB/s datasheet).
 Results go to bench/results/kernels_h200.json.
 
@@ -38,9 +40,7 @@ RANK = 16
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", default="3b,8b", help="comma list of: " + ", ".join(SHAPES))
     p.add_argument("--m", default=",".join(map(str, M_VALUES)), help="comma list of M (tokens)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="activation dtype")
@@ -149,9 +149,7 @@ def main(argv=None) -> int:
                     )
                     del gref, gmag, got, got2, err
                 row["ok"] = (
-                    row["fwd_err_over_bound"] <= 1
-                    and row.get("grad_err_over_bound", 0) <= 1
-                    and row["deterministic"]
+                    row["fwd_err_over_bound"] <= 1 and row.get("grad_err_over_bound", 0) <= 1 and row["deterministic"]
                 )
                 torch.cuda.empty_cache()
 

@@ -160,9 +160,7 @@ def test_lora_linear_several_adapters(tri):
     m, n, k = 5, 50, 96
     w = make_weight(n, k)
     x = rand(m, k)
-    loras = [
-        (rand(k, 4, seed=10 + i, scale=0.3), rand(n, 4, seed=20 + i, scale=0.3), 0.5 + i) for i in (0, 1, 2)
-    ]
+    loras = [(rand(k, 4, seed=10 + i, scale=0.3), rand(n, 4, seed=20 + i, scale=0.3), 0.5 + i) for i in (0, 1, 2)]
     ref = SPEC.lora_linear(x, w, loras)
     got = tri.lora_linear(x.to(DEVICE), on(w), [(a.to(DEVICE), b.to(DEVICE), s) for a, b, s in loras])
     lmag = sum(s * (x.double().abs() @ a.double().abs()) @ b.double().abs().T for a, b, s in loras)
@@ -391,9 +389,7 @@ def test_adamw_step(tri, gclip, grad_scale, as_views):
         for ts in (params, grads, m, v):
             flat = torch.cat([t.reshape(-1) for t in ts]).to(DEVICE)
             flats.append(flat)
-            lists.append(
-                [p.view(t.shape) for p, t in zip(torch.split(flat, [t.numel() for t in ts]), ts, strict=True)]
-            )
+            lists.append([p.view(t.shape) for p, t in zip(torch.split(flat, [t.numel() for t in ts]), ts, strict=True)])
     else:
         lists = [[t.to(DEVICE) for t in ts] for ts in (params, grads, m, v)]
     norm = tri.adamw_step(*lists, DECAYED, hp)

@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""GPU predict benchmark: q8_0 decode and prefill on an open_llama_3b-shaped model (random weights).
+
+    python bench/predict_gpu.py [--layers 26] [--new 256] [--prompt 128]
+
+Batch 1, prompt 128, 256 new tokens (greedy), bf16 activations, CUDA-graph decode step, without
+adapters and with two scaled adapters (r 4 on the 7 matrices, scales 0.7 and 0.4, unmerged);
+prefill of 512 tokens through the batched q8_0 matmul. Reports tokens/s and % of the bandwidth
+limit (q8_0 weight bytes per token at 4.23 TB/s). Saves bench/results/predict_h200.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+HBM = 4.23e12
+LLAMACPP_DECODE, LLAMACPP_PREFILL, HF_DECODE = 234.0, 16100.0, 36.0  # measured on the H200 (issue #5)
+
+
+def random_adapter(model, rank: int, seed: int, device):
+    from lorakit.lora import LoraAdapter, LoraPair, base_shape
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    pairs = {}
+    for name in model.args.expected_shapes():
+        if name.startswith("blk.") and "norm" not in name:
+            out_f, in_f = base_shape(model.args, name)
+            a = torch.randn(in_f, rank, device=device, generator=g) * in_f**-0.5
+            b = torch.randn(out_f, rank, device=device, generator=g) * 0.02
+            pairs[name] = LoraPair(a, b, 1.0)
+    return LoraAdapter(pairs, format="random")
+
+
+def weight_bytes(model) -> int:
+    from lorakit.quant import Q8Weight
+
+    total = 0
+    for name, w in model.tensors.items():
+        if name == "token_embd.weight":
+            continue  # one row per token is read, not the matrix
+        total += w.qs.numel() + 2 * w.d.numel() if isinstance(w, Q8Weight) else w.numel() * w.element_size()
+    return total
+
+
+def bench_decode(model, backend, adapters, prompt: int, new: int, dtype=torch.bfloat16) -> dict:
+    from lorakit.decode import GraphDecoder
+    from lorakit.generate import Generator
+
+    gen = Generator(model, backend, adapters, n_ctx=prompt + new + 1, dtype=dtype)
+    cache = gen.new_cache()
+    ids = torch.randint(3, model.args.n_vocab, (prompt,)).tolist()
+    logits = gen.logits(ids, cache, 0)
+    step = GraphDecoder(model, gen.fns, gen.rope, cache, gen.n_ctx, dtype)
+    tok = int(torch.argmax(logits))
+    logits = step(tok, prompt)  # capture
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for p in range(prompt + 1, prompt + new):
+        tok = int(torch.argmax(logits))
+        logits = step(tok, p)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    tps = (new - 1) / dt
+    wb = weight_bytes(model)
+    return {"decode_tok_s": tps, "ms_per_token": 1e3 / tps, "bandwidth_limit_tok_s": HBM / wb,
+            "pct_of_bandwidth_limit": tps * wb / HBM, "weight_bytes": wb}  # fmt: skip
+
+
+def bench_prefill(model, backend, n: int = 512, dtype=torch.bfloat16) -> dict:
+    from lorakit.generate import Generator
+
+    gen = Generator(model, backend, (), n_ctx=n, dtype=dtype)
+    ids = torch.randint(3, model.args.n_vocab, (n,)).tolist()
+    gen.logits(ids, gen.new_cache(), 0)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    reps = 3
+    for _ in range(reps):
+        gen.logits(ids, gen.new_cache(), 0)
+    torch.cuda.synchronize()
+    return {"prefill_tok_s": n * reps / (time.perf_counter() - t0), "prefill_tokens": n}
+
+
+def main(argv=None) -> int:
+    from lorakit.backends import get_backend
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from finetune_gpu import random_q8_model, shapes
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=26)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "predict_h200.json")
+    a = ap.parse_args(argv)
+    be = get_backend("cuda-triton")
+    model = random_q8_model(shapes(a.layers), be.device)
+    rows = []
+    r = bench_decode(model, be, (), a.prompt, a.new)
+    rows.append({"case": "decode, no adapter", **r, "vs_llamacpp": r["decode_tok_s"] / LLAMACPP_DECODE})
+    print(json.dumps(rows[-1]), flush=True)
+    ads = [(random_adapter(model, 4, 1, be.device), 0.7), (random_adapter(model, 4, 2, be.device), 0.4)]
+    r = bench_decode(model, be, ads, a.prompt, a.new)
+    rows.append({"case": "decode, 2 scaled adapters", **r, "vs_llamacpp": r["decode_tok_s"] / LLAMACPP_DECODE})
+    print(json.dumps(rows[-1]), flush=True)
+    r = bench_prefill(model, be)
+    rows.append({"case": "prefill 512", **r, "vs_llamacpp": r["prefill_tok_s"] / LLAMACPP_PREFILL})
+    print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{'case':28s}{'tok/s':>10s}{'% BW limit':>12s}{'x llama.cpp':>13s}")
+    for r in rows:
+        tps = r.get("decode_tok_s", r.get("prefill_tok_s"))
+        pct = r.get("pct_of_bandwidth_limit")
+        print(f"{r['case']:28s}{tps:10.0f}{'' if pct is None else f'{pct:.0%}':>12s}{r['vs_llamacpp']:12.2f}x")
+    print(f"(HF transformers generate, bf16, same shape on the H200: {HF_DECODE:.0f} tok/s; llama.cpp CUDA "
+          f"{LLAMACPP_DECODE:.0f} tok/s decode, {LLAMACPP_PREFILL:.0f} tok/s prefill — issue #5's measurements)")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"meta": {"gpu": torch.cuda.get_device_name(), "layers": a.layers}, "rows": rows},
+                                indent=2))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
