@@ -176,6 +176,21 @@ class GGUFFile:
             raise LorakitError(f"missing tensor {name!r}", self.path)
         return self._tensors[name].data
 
+    def read_copy(self, name: str) -> np.ndarray:
+        """Like raw(), but read into a private buffer with plain file I/O: the memory map's pages are
+        never touched, so loading a model costs its size in memory once, not twice."""
+        if name not in self._tensors:
+            raise LorakitError(f"missing tensor {name!r}", self.path)
+        t = self._tensors[name]
+        view = t.data  # a lazy memmap view: gives dtype and shape without reading
+        try:
+            buf = np.fromfile(self.path, dtype=np.uint8, count=int(t.n_bytes), offset=int(t.data_offset))
+        except OSError as e:
+            raise LorakitError(f"cannot read tensor {name!r} ({e})", self.path) from None
+        if buf.size != int(t.n_bytes):
+            raise LorakitError(f"tensor {name!r} is truncated", self.path)
+        return buf.view(view.dtype).reshape(view.shape)
+
     def float_array(self, name: str) -> np.ndarray:
         """The tensor as float32 in numpy order, dequantizing through `gguf` where needed."""
         import gguf

@@ -52,9 +52,9 @@ def q8_0_from_bytes(raw: np.ndarray, shape: tuple[int, int]) -> Q8Weight:
     if n_in % QK8_0:
         raise ValueError(f"q8_0 row length {n_in} is not a multiple of 32")
     blocks = np.asarray(raw, dtype=np.uint8).reshape(out, n_in // QK8_0, 2 + QK8_0)
-    d = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16).reshape(out, n_in // QK8_0)
-    qs = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(out, n_in)
-    return Q8Weight(torch.from_numpy(qs.copy()), torch.from_numpy(d.copy()))
+    d = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16).reshape(out, n_in // QK8_0)  # copies
+    qs = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(out, n_in)  # copies
+    return Q8Weight(torch.from_numpy(qs), torch.from_numpy(d))
 
 
 def q8_0_to_bytes(w: Q8Weight) -> np.ndarray:
@@ -93,15 +93,14 @@ def quantize_q8_0(x: torch.Tensor) -> Q8Weight:
 def weight_from_gguf(gf, name: str) -> Weight:
     """Load one model tensor: q8_0 stays quantized, F32/F16/BF16 as torch tensors, others dequantized."""
     info = gf.info(name)
-    raw = gf.raw(name)
     if info.ggml_type == GGML_Q8_0 and len(info.shape) == 2:
-        return q8_0_from_bytes(raw, info.shape)
+        return q8_0_from_bytes(gf.read_copy(name), info.shape)
     if info.ggml_type == GGML_F32:
-        return torch.from_numpy(np.array(raw, dtype=np.float32).reshape(info.shape))
+        return torch.from_numpy(gf.read_copy(name).astype(np.float32, copy=False).reshape(info.shape))
     if info.ggml_type == GGML_F16:
-        return torch.from_numpy(np.array(raw, dtype=np.float16).reshape(info.shape))
+        return torch.from_numpy(gf.read_copy(name).astype(np.float16, copy=False).reshape(info.shape))
     if info.ggml_type == GGML_BF16:
-        as_u16 = np.array(raw, dtype=np.uint8).view(np.int16).reshape(info.shape)
+        as_u16 = gf.read_copy(name).view(np.uint8).view(np.int16).reshape(info.shape)
         return torch.from_numpy(as_u16.copy()).view(torch.bfloat16)
     return torch.from_numpy(gf.float_array(name).copy())
 
