@@ -86,10 +86,15 @@ def predict(
     ] = None,
     backend: Annotated[str, _backend_opt()] = "auto",
     no_bos: Annotated[bool, typer.Option("--no-bos", help="do not add BOS to the prompt")] = False,
+    compute_dtype: Annotated[
+        str, typer.Option("--compute-dtype", help="activations: f32 (default) or bf16 (faster on GPUs)")
+    ] = "f32",
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="print timings to stderr")] = False,
 ) -> None:
     from .predict import PredictRequest, run_predict
 
+    if compute_dtype not in ("f32", "bf16"):
+        raise UsageError(f"--compute-dtype {compute_dtype!r}: choose f32 or bf16")
     if prompt is not None and file is not None:
         raise UsageError("use either -p/--prompt or -f/--file, not both")
     if file is not None:
@@ -113,6 +118,7 @@ def predict(
         adapters=parse_lora_args(lora, lora_scaled),
         backend=backend,
         add_bos=not no_bos,
+        compute_dtype=compute_dtype,
     )
     stats = None
     for piece in run_predict(req):

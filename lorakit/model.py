@@ -331,7 +331,9 @@ def forward_hidden(
     cos, sin = rope[0][n_past : n_past + T], rope[1][n_past : n_past + T]
     h = embed(tokens)
     for i in range(args.n_layer):
-        if checkpoint_layers and torch.is_grad_enabled():
+        # the last block is not checkpointed: its backward runs right after its forward, so keeping
+        # its activations costs one layer's worth of memory and saves recomputing it
+        if checkpoint_layers and torch.is_grad_enabled() and i < args.n_layer - 1:
             h = torch.utils.checkpoint.checkpoint(block, args, i, h, linear, norm, cos, sin, use_reentrant=False)
         else:
             h = block(args, i, h, linear, norm, cos, sin, cache, n_past)

@@ -30,6 +30,7 @@ class PredictRequest:
     adapters: list[tuple[str, float]] = field(default_factory=list)
     backend: str = "auto"
     add_bos: bool = True
+    compute_dtype: str = "f32"
 
 
 def load_adapters(paths: list[tuple[str, float]], model) -> list:
@@ -64,7 +65,8 @@ def run_predict(req: PredictRequest) -> Iterator[str | GenerationStats]:
         raise UsageError("the prompt is empty (give -p, -f, or leave BOS on)")
     if any(i >= model.args.n_vocab for i in ids):
         raise LorakitError("the tokenizer produced ids outside the model's vocabulary", req.model)
-    gen = Generator(model, backend, adapters, n_ctx=n_ctx)
+    dtype = torch.bfloat16 if req.compute_dtype == "bf16" else torch.float32
+    gen = Generator(model, backend, adapters, n_ctx=n_ctx, dtype=dtype)
     params = SamplingParams(
         temp=req.temp,
         top_k=req.top_k,

@@ -247,9 +247,10 @@ class LlamaCppRunner:
     Q and the attention probabilities). Flash attention is off (the default of the fixture's build).
     """
 
-    def __init__(self, model_path: str | os.PathLike, n_ctx: int = 128, kv_f32: bool = True):
+    def __init__(self, model_path: str | os.PathLike, n_ctx: int = 128, kv_f32: bool = True, n_threads: int = 1):
         import llama_cpp
 
+        self.n_threads = n_threads
         self.lc = llama_cpp
         kw = {}
         if kv_f32:
@@ -282,8 +283,8 @@ class LlamaCppRunner:
             n_ubatch=n_ctx,
             logits_all=True,
             verbose=False,
-            n_threads=1,  # tiny models; spinning OpenMP barriers are slow on a busy 2-core host
-            n_threads_batch=1,
+            n_threads=self.n_threads,  # 1 for tiny models: OpenMP barriers are slow on a busy 2-core host
+            n_threads_batch=self.n_threads,
             flash_attn=False,
             seed=0,
             **kw,
