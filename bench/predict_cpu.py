@@ -36,6 +36,7 @@ def main(argv=None) -> int:
 
         subprocess.run([sys.executable, str(ROOT / "bench/make_model.py"), str(a.model)], check=True)
     from lorakit.backends import get_backend
+
     from lorakit.generate import Generator, SamplingParams
     from lorakit.model import load_model
     from tests.llama_ref import LlamaCppRunner
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     rows.append({"peer": "llama-cpp-python 0.3.36", "prefill_tok_s": a.prompt / (t1 - t0),
                  "decode_tok_s": (a.new - 1) / (t2 - t1), "total_s": t2 - t0, "ids": got})  # fmt: skip
     print(json.dumps({k: v for k, v in rows[-1].items() if k != "ids"}), flush=True)
-    same = sum(x == y for x, y in zip(rows[0]["ids"], got))
+    same = sum(x == y for x, y in zip(rows[0]["ids"], got, strict=False))
     print(f"\n{'peer':36s}{'prefill tok/s':>15s}{'decode tok/s':>14s}")
     for r in rows:
         print(f"{r['peer']:36s}{r['prefill_tok_s']:15.2f}{r['decode_tok_s']:14.2f}")

@@ -119,8 +119,10 @@ def main(argv=None) -> int:
         tps = r.get("decode_tok_s", r.get("prefill_tok_s"))
         pct = r.get("pct_of_bandwidth_limit")
         print(f"{r['case']:28s}{tps:10.0f}{'' if pct is None else f'{pct:.0%}':>12s}{r['vs_llamacpp']:12.2f}x")
-    print(f"(HF transformers generate, bf16, same shape on the H200: {HF_DECODE:.0f} tok/s; llama.cpp CUDA "
-          f"{LLAMACPP_DECODE:.0f} tok/s decode, {LLAMACPP_PREFILL:.0f} tok/s prefill — issue #5's measurements)")
+    print(
+        f"(HF transformers generate, bf16, same shape on the H200: {HF_DECODE:.0f} tok/s; llama.cpp CUDA "
+        f"{LLAMACPP_DECODE:.0f} tok/s decode, {LLAMACPP_PREFILL:.0f} tok/s prefill — issue #5's measurements)"
+    )
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"meta": {"gpu": torch.cuda.get_device_name(), "layers": a.layers}, "rows": rows},
                                 indent=2))  # fmt: skip

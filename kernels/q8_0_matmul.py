@@ -855,7 +855,9 @@ def q8_0_dequantize(
         idx = index.to(qs.device).reshape(-1).contiguous()
         rows, lead = idx.numel(), tuple(index.shape)
         capturing = idx.is_cuda and torch.cuda.is_current_stream_capturing()  # no host sync inside a graph
-        if rows and not capturing and (int(idx.min()) < 0 or int(idx.max()) >= n):  # one sync; a bad id must not read wild
+        if (
+            rows and not capturing and (int(idx.min()) < 0 or int(idx.max()) >= n)
+        ):  # one sync; a bad id must not read wild
             raise IndexError(f"row index out of range [0, {n}): min {int(idx.min())}, max {int(idx.max())}")
     out = torch.empty(rows, k, dtype=dtype, device=qs.device)
     if rows == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -49,7 +50,7 @@ def run_predict(req: PredictRequest) -> Iterator[str | GenerationStats]:
     from .tokenizer import StreamDecoder, Tokenizer
 
     if req.threads > 0:
-        torch.set_num_threads(req.threads)
+        torch.set_num_threads(min(req.threads, os.cpu_count() or req.threads))  # never oversubscribe
     if req.n_ctx < 0:
         raise UsageError("-c/--ctx-size must be >= 0")
     backend = get_backend(req.backend)

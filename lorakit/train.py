@@ -11,6 +11,7 @@ update just used. The base model stays quantized; base and LoRA paths are comput
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -136,7 +137,7 @@ class Trainer:
     def __init__(self, cfg: FinetuneConfig, on_event: EventFn):
         self.cfg, self.emit = cfg, on_event
         if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
+            torch.set_num_threads(min(cfg.threads, os.cpu_count() or cfg.threads))  # never oversubscribe
         self.backend = get_backend(cfg.backend)
         gf = GGUFFile(cfg.model_base)
         model = load_model(cfg.model_base, gf)
