@@ -15,13 +15,14 @@ from lorakit.quant import Q8Weight, Weight, dequantize
 
 from . import AdamHyper
 
-# rows of W dequantized at a time: ~2 Mi values per slice (8 MB in float32) is large enough for
-# an efficient GEMM per slice and small enough that no full float copy of a weight ever exists
-_CHUNK_VALUES = 1 << 21
+# rows of W dequantized at a time: an 8 MB slice (2 Mi float32 or 4 Mi bf16 values) is large enough
+# for an efficient GEMM per slice and small enough that no full float copy of a weight ever exists
+_CHUNK_BYTES = 8 << 20
 
 
-def _row_chunk(n_in: int) -> int:
-    return max(16, _CHUNK_VALUES // max(1, n_in))
+def _row_chunk(n_in: int, dtype: torch.dtype) -> int:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return max(16, _CHUNK_BYTES // max(1, n_in * itemsize))
 
 
 def _dequant_rows(w: Q8Weight, r0: int, r1: int, buf: torch.Tensor) -> torch.Tensor:
@@ -46,7 +47,7 @@ class CpuTorchBackend:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, n_in)
         y = torch.empty(x2.shape[0], out_f, dtype=x.dtype, device=x.device)
-        step = _row_chunk(n_in)
+        step = _row_chunk(n_in, x.dtype)
         buf = torch.empty(min(step, out_f), n_in, dtype=x.dtype, device=x.device)
         for r0 in range(0, out_f, step):
             r1 = min(out_f, r0 + step)
@@ -60,7 +61,7 @@ class CpuTorchBackend:
         lead = dy.shape[:-1]
         dy2 = dy.reshape(-1, out_f)
         dx = torch.zeros(dy2.shape[0], n_in, dtype=dy.dtype, device=dy.device)
-        step = _row_chunk(n_in)
+        step = _row_chunk(n_in, dy.dtype)
         buf = torch.empty(min(step, out_f), n_in, dtype=dy.dtype, device=dy.device)
         for r0 in range(0, out_f, step):
             r1 = min(out_f, r0 + step)

@@ -102,17 +102,21 @@ def predict(
             prompt = file.read_text(encoding="utf-8", errors="replace")
         except OSError as e:
             raise LorakitError(f"cannot read prompt file ({e.strerror})", file) from None
+    from .generate import SamplingParams
+
     req = PredictRequest(
         model=str(model),
         prompt=prompt or "",
         n_predict=n_predict,
-        temp=temp,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repeat_penalty=repeat_penalty,
-        repeat_last_n=repeat_last_n,
-        seed=seed,
+        sampling=SamplingParams(
+            temp=temp,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            repeat_last_n=repeat_last_n,
+            seed=seed,
+        ),
         n_ctx=ctx_size,
         threads=threads,
         adapters=parse_lora_args(lora, lora_scaled),

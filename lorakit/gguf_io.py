@@ -6,6 +6,7 @@ ne = [n_in, n_out] is (n_out, n_in) here, matching a PyTorch (out, in) weight.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -208,6 +209,24 @@ class GGUFFile:
         return np.asarray(out, dtype=np.float32).reshape(info.shape)
 
 
+@contextlib.contextmanager
+def _atomic_target(path: Path):
+    """Yield a temporary name beside `path`; on success the caller has written it and it is renamed
+    into place; on any failure it is removed and `path` is untouched. OSErrors become one-line errors."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise LorakitError(f"cannot write file ({e.strerror or e})", path) from None
+        raise
+
+
 def write_gguf_atomic(path: str | os.PathLike, fill) -> None:
     """Write a GGUF file through `gguf.GGUFWriter` to a temporary name, then rename it into place.
 
@@ -215,9 +234,7 @@ def write_gguf_atomic(path: str | os.PathLike, fill) -> None:
     """
     import gguf
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with _atomic_target(Path(path)) as tmp:
         writer = gguf.GGUFWriter(tmp, arch="")  # an empty arch adds no key
         # GGUFWriter always puts general.architecture first; llama.cpp's checkpoints put
         # training.type first, so fill() adds every key itself, in file order.
@@ -227,33 +244,12 @@ def write_gguf_atomic(path: str | os.PathLike, fill) -> None:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise LorakitError(f"cannot write file ({e.strerror or e})", path) from None
-        raise
 
 
 def atomic_write_bytes(path: str | os.PathLike, chunks) -> None:
     """Write an iterable of bytes-like chunks to a temporary file, fsync, then rename into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            for c in chunks:
-                f.write(c)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise LorakitError(f"cannot write file ({e.strerror or e})", path) from None
-        raise
+    with _atomic_target(Path(path)) as tmp, open(tmp, "wb") as f:
+        for c in chunks:
+            f.write(c)
+        f.flush()
+        os.fsync(f.fileno())

@@ -17,20 +17,7 @@ import torch
 from .model import LAYER_KINDS, LinearFn, LlamaModel, ModelArgs
 
 # llama.cpp's order of the 12 kinds (checkpoint rank keys, LoRA init order, ggla records)
-KINDS = (
-    "token_embd",
-    "output_norm",
-    "output",
-    "attn_norm",
-    "attn_q",
-    "attn_k",
-    "attn_v",
-    "attn_output",
-    "ffn_norm",
-    "ffn_gate",
-    "ffn_down",
-    "ffn_up",
-)
+KINDS = ("token_embd", "output_norm", "output", *LAYER_KINDS)
 NORMS = ("output_norm", "attn_norm", "ffn_norm")
 
 

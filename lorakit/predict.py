@@ -19,13 +19,7 @@ class PredictRequest:
     model: str
     prompt: str
     n_predict: int = -1
-    temp: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-    seed: int = -1
+    sampling: SamplingParams = SamplingParams()
     n_ctx: int = 512
     threads: int = 0
     adapters: list[tuple[str, float]] = field(default_factory=list)
@@ -68,18 +62,9 @@ def run_predict(req: PredictRequest) -> Iterator[str | GenerationStats]:
         raise LorakitError("the tokenizer produced ids outside the model's vocabulary", req.model)
     dtype = torch.bfloat16 if req.compute_dtype == "bf16" else torch.float32
     gen = Generator(model, backend, adapters, n_ctx=n_ctx, dtype=dtype)
-    params = SamplingParams(
-        temp=req.temp,
-        top_k=req.top_k,
-        top_p=req.top_p,
-        min_p=req.min_p,
-        repeat_penalty=req.repeat_penalty,
-        repeat_last_n=req.repeat_last_n,
-        seed=req.seed,
-    )
     dec = StreamDecoder(tok)
     yield req.prompt
-    for t in gen.generate(ids, req.n_predict, params, stop_ids=(tok.eos_id,)):
+    for t in gen.generate(ids, req.n_predict, req.sampling, stop_ids=(tok.eos_id,)):
         text = dec.push(t)
         if text:
             yield text
