@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import LAYER_KINDS, LinearFn, LlamaModel, ModelArgs
+from .model import LAYER_KINDS, LlamaModel, ModelArgs
 
 # llama.cpp's order of the 12 kinds (checkpoint rank keys, LoRA init order, ggla records)
 KINDS = ("token_embd", "output_norm", "output", *LAYER_KINDS)
@@ -176,7 +176,3 @@ def model_fns(
         return h
 
     return linear, norm, embed
-
-
-def output_logits(linear: LinearFn, h: torch.Tensor) -> torch.Tensor:
-    return linear(h, "output.weight")

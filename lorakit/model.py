@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .errors import LorakitError
 from .gguf_io import GGUFFile
-from .quant import GGML_BF16, GGML_F16, GGML_F32, GGML_Q8_0, Weight, weight_from_gguf
+from .quant import GGML_BF16, GGML_F16, Weight, weight_from_gguf
 
 LAYER_KINDS = (
     "attn_norm",
@@ -191,14 +191,6 @@ def load_model(path: str | os.PathLike, gf: GGUFFile | None = None) -> LlamaMode
             w = w.to(torch.float32)  # norms and dequantized types in float32
         tensors[name] = w
     return LlamaModel(args, tensors, str(gf.path), tied, types)
-
-
-def kept_quantized(type_name: str) -> bool:
-    return type_name in ("Q8_0",)
-
-
-def stored_as_is(ggml_type: int) -> bool:
-    return ggml_type in (GGML_F32, GGML_F16, GGML_BF16, GGML_Q8_0)
 
 
 # --------------------------------------------------------------------------- math
