@@ -199,15 +199,22 @@ def _run(cfg, log_jsonl: str | None) -> None:
     )
     task = None
     t_start = time.perf_counter()
+    # with the bar on the same terminal, log lines go through its console so they print above it
+    shared_tty = show_bar and sys.stdout.isatty()
+
+    def say(text: str, warning: bool = False) -> None:
+        if shared_tty:
+            progress.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=sys.stderr if warning else sys.stdout, flush=True)
 
     def on_event(ev) -> None:
         nonlocal task
         if isinstance(ev, IterationEvent):
             # llama.cpp's log line, so existing scripts that grep losses keep working
-            print(
+            say(
                 f"train_opt_callback: iter={ev.iter:6d} sample={ev.sample}/{ev.sample_count} "
-                f"sched={ev.sched:.6f} loss={ev.loss:.6f} dt={ev.dt:.3f}s tok/s={ev.tokens_per_s:.1f}",
-                flush=True,
+                f"sched={ev.sched:.6f} loss={ev.loss:.6f} dt={ev.dt:.3f}s tok/s={ev.tokens_per_s:.1f}"
             )
             if task is None:
                 task = progress.add_task(
@@ -248,9 +255,9 @@ def _run(cfg, log_jsonl: str | None) -> None:
                 jsonl.flush()
         elif isinstance(ev, SaveEvent):
             for p in ev.paths:
-                print(f"save: {p}", flush=True)
+                say(f"save: {p}")
         elif isinstance(ev, MessageEvent):
-            print(ev.text, file=sys.stderr if ev.warning else sys.stdout, flush=True)
+            say(ev.text, ev.warning)
 
     try:
         with progress:
