@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import shutil
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -253,3 +254,9 @@ def atomic_write_bytes(path: str | os.PathLike, chunks) -> None:
             f.write(c)
         f.flush()
         os.fsync(f.fileno())
+
+
+def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy a finished file to another name through a temporary file and a rename."""
+    with _atomic_target(Path(dst)) as tmp:
+        shutil.copyfile(src, tmp)

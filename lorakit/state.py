@@ -20,6 +20,7 @@ from .checkpoint import RIGHT_TO_LEFT, Checkpoint, flatten_moments, read_checkpo
 from .data import ShuffleState
 from .errors import LorakitError
 from .ggla import write_ggla
+from .gguf_io import copy_atomic
 from .lora import KINDS
 from .model import ModelArgs
 
@@ -179,22 +180,27 @@ def save_outputs(
 ) -> list[str]:
     """checkpoint(iter), checkpoint(LATEST), lora(iter), lora(LATEST): llama.cpp's order; each atomic."""
     written: list[str] = []
-    names = (str(iteration), cfg.fn_latest)
+    values = (str(iteration), cfg.fn_latest)
     if cfg.checkpoint_out and not lora_only:
-        ck = to_checkpoint(cfg, args, st)
-        for value in names:
-            p = fill_pattern(cfg.checkpoint_out, cfg.pattern_fn_it, value)
-            write_checkpoint(p, ck)
-            written.append(p)
+        first, latest = (fill_pattern(cfg.checkpoint_out, cfg.pattern_fn_it, v) for v in values)
+        write_checkpoint(first, to_checkpoint(cfg, args, st))
+        _also_as(first, latest)
+        written += [first, latest]
     if cfg.lora_out:
-        for value in names:
-            p = fill_pattern(cfg.lora_out, cfg.pattern_fn_it, value)
-            dropped = write_adapter(p, cfg, st, tied_output)
-            if dropped and not st.notes:
-                st.notes.append(
-                    f"{p}: GGUF adapters cannot carry {len(dropped)} of the trained LoRAs "
-                    "(norm LoRAs, which llama.cpp ignores; on a tied-output base also token_embd/output); "
-                    "use a .bin --lora-out to keep them"
-                )
-            written.append(p)
+        first, latest = (fill_pattern(cfg.lora_out, cfg.pattern_fn_it, v) for v in values)
+        dropped = write_adapter(first, cfg, st, tied_output)
+        _also_as(first, latest)
+        written += [first, latest]
+        if dropped and not st.notes:
+            st.notes.append(
+                f"{first}: GGUF adapters cannot carry {len(dropped)} of the trained LoRAs "
+                "(norm LoRAs, which llama.cpp ignores; on a tied-output base also token_embd/output); "
+                "use a .bin --lora-out to keep them"
+            )
     return written
+
+
+def _also_as(first: str, latest: str) -> None:
+    """The LATEST file is a byte copy of the iteration's (llama.cpp writes the same bytes twice)."""
+    if Path(latest).resolve() != Path(first).resolve():
+        copy_atomic(first, latest)
