@@ -515,22 +515,21 @@ def _quick(configs, **want):
 def _tuned():
     """The autotuned kernels (built on first GPU use). LORAKIT_AUTOTUNE=0 skips the search and uses
     the configs that won most often on the H200 (for short runs where tuning time would dominate)."""
-    global _LARGE_CONFIGS, _SKINNY_CONFIGS, _T_LARGE_CONFIGS, _T_SKINNY_CONFIGS
+    large, skinny_cfgs, t_large, t_skinny = _LARGE_CONFIGS, _SKINNY_CONFIGS, _T_LARGE_CONFIGS, _T_SKINNY_CONFIGS
     if os.environ.get("LORAKIT_AUTOTUNE", "1") == "0":
-        _LARGE_CONFIGS = _LARGE_CONFIGS[:1]
-        _SKINNY_CONFIGS = _quick(_SKINNY_CONFIGS, BLOCK_N=64, BLOCK_K=256, SWAP_AB=True)
-        _T_LARGE_CONFIGS = _T_LARGE_CONFIGS[:1]
-        _T_SKINNY_CONFIGS = _quick(_T_SKINNY_CONFIGS, BLOCK_N=128, BLOCK_K=64)
+        large, t_large = large[:1], t_large[:1]
+        skinny_cfgs = _quick(skinny_cfgs, BLOCK_N=64, BLOCK_K=256, SWAP_AB=True)
+        t_skinny = _quick(t_skinny, BLOCK_N=128, BLOCK_K=64)
     gemm = triton.heuristics({"EVEN_K": _even_k})(_q8_gemm_kernel)
     gemm_t = triton.heuristics({"EVEN_N": _even_n})(_q8_gemm_t_kernel)
     gemv = triton.heuristics({"EVEN_K": _even_k})(_q8_gemv_kernel)
     key = ["M_BUCKET", "N", "K"]
     skinny = {"early_config_prune": _prune_skinny}
     return {
-        "gemm_large": triton.autotune(_LARGE_CONFIGS, key=key)(gemm),
-        "gemm_skinny": triton.autotune(_SKINNY_CONFIGS, key=key, prune_configs_by=skinny)(gemm),
-        "gemm_t_large": triton.autotune(_T_LARGE_CONFIGS, key=key)(gemm_t),
-        "gemm_t_skinny": triton.autotune(_T_SKINNY_CONFIGS, key=key, prune_configs_by=skinny)(gemm_t),
+        "gemm_large": triton.autotune(large, key=key)(gemm),
+        "gemm_skinny": triton.autotune(skinny_cfgs, key=key, prune_configs_by=skinny)(gemm),
+        "gemm_t_large": triton.autotune(t_large, key=key)(gemm_t),
+        "gemm_t_skinny": triton.autotune(t_skinny, key=key, prune_configs_by=skinny)(gemm_t),
         "gemv": triton.autotune(_GEMV_CONFIGS, key=["M", "N", "K"])(gemv),
     }
 

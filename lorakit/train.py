@@ -271,7 +271,12 @@ class Trainer:
         sched = 1.0
         loss_after = 0.0  # what llama.cpp prints at the first callback of a run
         dev = self.backend.device
-        g = {(n, p): torch.zeros_like(self.params[n][0 if p == "a" else 1]) for n in self.params for p in "ab"}
+        # with G = 1 the gradients are taken as they are (_accumulate); only G > 1 needs buffers
+        g = (
+            {(n, h): torch.zeros_like(t) for n, ab in self.params.items() for h, t in zip("ab", ab, strict=True)}
+            if G > 1
+            else {}
+        )
         t_last = time.perf_counter()
         dt_avg = 0.0
         snapshot = self.ds  # data state right after the last update (what a save records)
