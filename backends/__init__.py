@@ -52,6 +52,32 @@ class Backend(Protocol):
     ) -> torch.Tensor:
         """x @ W.T + sum_i s_i * (x @ a_i) @ b_i.T (no autograd; used for inference)."""
 
+    def add_rms_norm(
+        self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, y): s = h + delta (h when delta is None), y = rms_norm(s, eps) * w, in h's dtype (model.block)."""
+
+    def rope_kv_write(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        pos: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        n_head: int,
+        n_head_kv: int,
+    ) -> torch.Tensor:
+        """One token's [q | k | v]: RoPE on q, k at device position pos; k, v into cache row pos; q [1, H, 1, D]."""
+
+    def attention_decode(
+        self, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos: torch.Tensor
+    ) -> torch.Tensor:
+        """q [1, H, 1, D] attending over cache rows 0..pos (GQA), scale 1/sqrt(D) -> [1, 1, H*D] in q's dtype."""
+
+    def swiglu(self, gu: torch.Tensor, n_ff: int) -> torch.Tensor:
+        """gu [..., 2F] = [gate | up] -> silu(gate) * up [..., F], rounded as model.feed_forward."""
+
     def embedding(self, w: Weight, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows of W selected by tokens, dequantized."""
 

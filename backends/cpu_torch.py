@@ -10,7 +10,9 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
+from lorakit.model import apply_rope, rms_norm
 from lorakit.quant import Q8Weight, Weight, dequantize
 
 from . import AdamHyper
@@ -75,6 +77,54 @@ class CpuTorchBackend:
         for a, b, s in loras:
             y = y + s * ((x @ a.to(x.dtype)) @ b.to(x.dtype).T)
         return y
+
+    def add_rms_norm(
+        self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """model.block's `h = h + delta` then `rms_norm(h, eps) * w.to(h.dtype)`."""
+        s = h if delta is None else h + delta
+        return s, rms_norm(s, eps) * w.to(s.dtype)
+
+    def rope_kv_write(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        pos: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        n_head: int,
+        n_head_kv: int,
+    ) -> torch.Tensor:
+        """decode.py's step: apply_rope to q and k at position pos (a device tensor), k and v to cache row pos."""
+        H, Hkv, D = n_head, n_head_kv, cache_k.shape[-1]
+        pos = pos.reshape(1)
+        c, s = cos.index_select(0, pos), sin.index_select(0, pos)
+        q, k, v = qkv.reshape(1, 1, H + 2 * Hkv, D).split([H, Hkv, Hkv], dim=2)
+        q = apply_rope(q, c, s).transpose(1, 2)
+        k = apply_rope(k, c, s).transpose(1, 2)
+        cache_k.index_copy_(2, pos, k.to(cache_k.dtype))
+        cache_v.index_copy_(2, pos, v.transpose(1, 2).to(cache_v.dtype))
+        return q
+
+    def attention_decode(
+        self, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos: torch.Tensor
+    ) -> torch.Tensor:
+        """decode.py's step: SDPA over the full static cache with the mask key_pos <= pos."""
+        H, Hkv, D = q.shape[1], cache_k.shape[1], q.shape[-1]
+        mask = (torch.arange(cache_k.shape[2], device=q.device) <= pos.reshape(1)).view(1, 1, 1, -1)
+        kk, vv = cache_k, cache_v
+        if Hkv != H:
+            kk = kk.repeat_interleave(H // Hkv, dim=1)
+            vv = vv.repeat_interleave(H // Hkv, dim=1)
+        out = F.scaled_dot_product_attention(q, kk.to(q.dtype), vv.to(q.dtype), attn_mask=mask, scale=1 / math.sqrt(D))
+        return out.transpose(1, 2).reshape(1, 1, H * D)
+
+    def swiglu(self, gu: torch.Tensor, n_ff: int) -> torch.Tensor:
+        """model.feed_forward's F.silu(gate) * up (gate made contiguous, as the model's is: torch's CPU silu
+        takes a scalar exp on the tail of each contiguous run, so its last bits depend on the layout)."""
+        gate, up = gu.split([n_ff, n_ff], dim=-1)
+        return F.silu(gate.contiguous()) * up
 
     def embedding(self, w: Weight, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if isinstance(w, Q8Weight):

@@ -34,7 +34,7 @@ class CudaTritonBackend:
         elif os.environ.get("TRITON_INTERPRET") != "1":
             raise UsageError(f"cuda-triton runs on CUDA devices (got {dev}); on CPU only with TRITON_INTERPRET=1")
         try:
-            from lorakit.kernels import lora_update, q8_0_matmul
+            from lorakit.kernels import decode_ops, lora_update, q8_0_matmul
         except ImportError as e:  # triton missing
             raise UsageError(f"cuda-triton needs the triton package ({e})") from e
         if dev.type != "cuda" and not q8_0_matmul.interpreting():
@@ -44,6 +44,7 @@ class CudaTritonBackend:
         self.device = dev
         self._mm = q8_0_matmul
         self._adam = lora_update
+        self._dec = decode_ops
 
     # -- products -----------------------------------------------------------------------------------
 
@@ -85,6 +86,34 @@ class CudaTritonBackend:
         for a, b, s in rest:
             y = y + s * ((x @ a.to(x.dtype)) @ b.to(x.dtype).T)
         return y
+
+    # -- decode ops -----------------------------------------------------------------------------------
+
+    def add_rms_norm(
+        self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._dec.add_rms_norm(h, delta, w, eps)
+
+    def rope_kv_write(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        pos: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        n_head: int,
+        n_head_kv: int,
+    ) -> torch.Tensor:
+        return self._dec.rope_kv_write(qkv, cos, sin, pos, cache_k, cache_v, n_head, n_head_kv)
+
+    def attention_decode(
+        self, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos: torch.Tensor
+    ) -> torch.Tensor:
+        return self._dec.attention_decode(q, cache_k, cache_v, pos)
+
+    def swiglu(self, gu: torch.Tensor, n_ff: int) -> torch.Tensor:
+        return self._dec.swiglu(gu, n_ff)
 
     # -- lookups --------------------------------------------------------------------------------------
 

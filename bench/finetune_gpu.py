@@ -54,17 +54,20 @@ def random_q8_model(s: dict, device):
             qs = torch.randint(-127, 128, shape, dtype=torch.int8, device=device, generator=g)
             d = torch.full((shape[0], shape[1] // 32), shape[1] ** -0.5 / 73.3, dtype=torch.float16, device=device)
             tensors[name] = Q8Weight(qs, d)
-    return LlamaModel(args, tensors, "random", tied_output=False)
+    return LlamaModel(args, tensors, "random", tied_output=False).to(device)  # packs q/k/v, gate/up on CUDA
 
 
-def bench_lorakit(s: dict, batch: int, ctx: int, ckpt: bool, kinds: str, steps: int) -> dict:
-    """The trainer's own step (forward, backward, fused AdamW) on the cuda-triton backend."""
+def bench_lorakit(s: dict, batch: int, ctx: int, ckpt: bool, kinds: str, steps: int, graph: bool = True) -> dict:
+    """The trainer's own step (forward, backward, fused AdamW, one host sync for the loss) on cuda-triton:
+    replayed as one CUDA graph (lorakit.train_graph.GraphedStep, the trainer's default) or eager."""
+    import numpy as np
     from lorakit.backends import AdamHyper, get_backend
 
     from lorakit.lora import LoraAdapter, LoraPair, LoraRanks, lora_shapes, model_fns
     from lorakit.lora_init import init_lora
     from lorakit.loss import cross_entropy
     from lorakit.model import forward_hidden, rope_tables
+    from lorakit.train_graph import GraphedStep
 
     be = get_backend("cuda-triton")
     torch.cuda.reset_peak_memory_stats()
@@ -80,20 +83,30 @@ def bench_lorakit(s: dict, batch: int, ctx: int, ckpt: bool, kinds: str, steps: 
     m = [torch.zeros_like(t) for t in flat]
     v = [torch.zeros_like(t) for t in flat]
     decayed = [t.shape[0] > 1 for t in flat]
-    gen = torch.Generator(device=be.device).manual_seed(0)
+    rng = np.random.default_rng(0)
 
-    def step(i: int) -> float:
-        x = torch.randint(0, s["vocab"], (batch, ctx), device=be.device, generator=gen)
-        y = torch.randint(0, s["vocab"], (batch, ctx), device=be.device, generator=gen)
+    def loss_and_backward(x, y):
         h = forward_hidden(model.args, x, linear, norm, embed, rope, checkpoint_layers=ckpt)
         loss = cross_entropy(linear(h, "output.weight"), y)
         loss.backward()
-        grads = [t.grad for t in flat]
+        return loss.detach()
+
+    graphed = GraphedStep(loss_and_backward, flat) if graph else None
+
+    def step(i: int) -> float:
+        xi = rng.integers(0, s["vocab"], (batch, ctx))
+        yi = rng.integers(0, s["vocab"], (batch, ctx))
+        if graphed is not None:
+            loss, grads = graphed(xi, yi)
+        else:
+            loss = loss_and_backward(torch.from_numpy(xi).cuda(), torch.from_numpy(yi).cuda())
+            grads = [t.grad for t in flat]
         with torch.no_grad():
             be.adamw_step(flat, grads, m, v, decayed, AdamHyper(1e-3, 0.1, 0.9, 0.999, 1e-8, 1.0, 1.0, i + 1))
-        for t in flat:
-            t.grad = None
-        return loss
+        if graphed is None:
+            for t in flat:
+                t.grad = None
+        return float(loss)  # the trainer reads every loss (llama.cpp's convergence tests)
 
     for i in range(2):
         step(i)
@@ -103,8 +116,9 @@ def bench_lorakit(s: dict, batch: int, ctx: int, ckpt: bool, kinds: str, steps: 
         loss = step(i + 2)
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
-    out = {"peer": f"lorakit ({kinds} kinds)", "tokens_per_s": batch * ctx / dt, "s_per_step": dt,
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss)}  # fmt: skip
+    name = f"lorakit ({kinds} kinds{'' if graph else ', eager'})"
+    out = {"peer": name, "tokens_per_s": batch * ctx / dt, "s_per_step": dt,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss}  # fmt: skip
     return out
 
 
@@ -157,7 +171,11 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument("--settings", default="all", help="'all' or e.g. '4x64c,8x512'")
-    ap.add_argument("--peers", default="lorakit7,lorakit12,peft,peftc", help="which peers to run")
+    ap.add_argument(
+        "--peers",
+        default="lorakit7,lorakit12,peft,peftc",
+        help="which peers to run (lorakit7e: lorakit eager, without the CUDA graph)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "finetune_h200.json")
     a = ap.parse_args(argv)
     s = shapes(a.layers)
@@ -168,16 +186,16 @@ def main(argv=None) -> int:
                     for t in a.settings.split(",")]  # fmt: skip
     rows = []
     for batch, ctx, ckpt in settings:
-        every = {"lorakit7": ("lorakit", "7"), "lorakit12": ("lorakit", "12"), "peft": ("peft", False),
-                 "peftc": ("peft", True)}  # fmt: skip
+        every = {"lorakit7": ("lorakit", "7"), "lorakit12": ("lorakit", "12"), "lorakit7e": ("eager", "7"),
+                 "peft": ("peft", False), "peftc": ("peft", True)}  # fmt: skip
         runs = [every[p] for p in a.peers.split(",")]
         runs = [r for r in runs if not (r[0] == "peft" and (a.skip_peft or (r[1] and a.skip_compile)))]
         for kind, opt in runs:
             gc.collect()
             torch.cuda.empty_cache()
             try:
-                if kind == "lorakit":
-                    r = bench_lorakit(s, batch, ctx, ckpt, opt, a.steps)
+                if kind in ("lorakit", "eager"):
+                    r = bench_lorakit(s, batch, ctx, ckpt, opt, a.steps, graph=kind == "lorakit")
                 else:
                     r = bench_peft(s, batch, ctx, ckpt, opt, a.steps)
             except Exception as e:  # report and continue: one failing peer must not hide the others

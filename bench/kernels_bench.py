@@ -6,7 +6,8 @@ For each weight shape (N, K) of open_llama_3b and Llama-3-8B and each M it
      tests/test_kernels.py), forward, forward + LoRA and grad-input;
   2. times GPU time per call (triton.testing.do_bench_cudagraph, median: graph replays, so Python
      launch overhead is excluded; --eager times eager launches instead) of:
-       q8 fwd      q8_0_matmul(x, qs, d)                       (fused, reads int8 + fp16 scales)
+       q8 fwd      q8_0_matmul(x, qs, d)   (the path lorakit picks: gemv / fused tiled / dequant + cuBLAS)
+       fused fwd   the fused tiled tensor-core kernel alone (config={"path": "gemm"})
        q8 fwd+lora q8_0_matmul(x, qs, d, a, b, s), r = 16
        q8 grad     q8_0_matmul_grad_input(dy, qs, d)
        cublas      x @ W_bf16.T and dy @ W_bf16 on a pre-dequantized bf16 weight
@@ -160,6 +161,9 @@ def main(argv=None) -> int:
                 row["eager_q8_fwd_ms"] = eager(q8_0_matmul, x, qs, d)
                 row["eager_cublas_fwd_ms"] = eager(torch.matmul, x, w_bf.T)
                 row["t_q8_lora_ms"] = bench(q8_0_matmul, x, qs, d, a, b, 0.5)
+                row["t_fused_fwd_ms"] = bench(q8_0_matmul, x, qs, d, config={"path": "gemm"})
+                if not args.no_grad:
+                    row["t_fused_grad_ms"] = bench(q8_0_matmul_grad_input, dy, qs, d, config={"path": "gemm"})
                 row["t_cublas_fwd_ms"] = bench(torch.matmul, x, w_bf.T)
                 row["t_deq_mm_ms"] = bench(deq_mm, x, qs, d)
                 if not args.no_grad:
@@ -168,6 +172,8 @@ def main(argv=None) -> int:
                 for key in [kk for kk in row if kk.startswith("t_")]:
                     row[key.replace("t_", "tflops_").replace("_ms", "")] = flops / (row[key] * 1e-3) / 1e12
                 row["fwd_pct_cublas"] = 100 * row["t_cublas_fwd_ms"] / row["t_q8_fwd_ms"]
+                row["fused_fwd_pct_cublas"] = 100 * row["t_cublas_fwd_ms"] / row["t_fused_fwd_ms"]
+                row["paths"] = {key: val for key, val in qmm.tuned_choices().items() if f", {n}, {k}," in key}
                 if not args.no_grad:
                     row["grad_pct_cublas"] = 100 * row["t_cublas_grad_ms"] / row["t_q8_grad_ms"]
                 row["q8_fwd_GBps"] = q8_bytes / (row["t_q8_fwd_ms"] * 1e-3) / 1e9
@@ -214,6 +220,7 @@ def print_table(rows):
         ("TF/s", lambda r: f"{r['tflops_q8_fwd']:.1f}"),
         ("cuBLAS", lambda r: f"{r['tflops_cublas_fwd']:.1f}"),
         ("%cuB", lambda r: f"{r['fwd_pct_cublas']:.0f}"),
+        ("fused%", lambda r: f"{r['fused_fwd_pct_cublas']:.0f}"),
         ("deq+mm", lambda r: f"{r['t_deq_mm_ms'] * 1e3:.1f}"),
         ("+lora", lambda r: f"{r['t_q8_lora_ms'] * 1e3:.1f}"),
         ("gTF/s", lambda r: f"{r['tflops_q8_grad']:.1f}" if "tflops_q8_grad" in r else "-"),

@@ -58,7 +58,7 @@ def bench_decode(model, backend, adapters, prompt: int, new: int, dtype=torch.bf
     cache = gen.new_cache()
     ids = torch.randint(3, model.args.n_vocab, (prompt,)).tolist()
     logits = gen.logits(ids, cache, 0)
-    step = GraphDecoder(model, gen.fns, gen.rope, cache, gen.n_ctx, dtype)
+    step = GraphDecoder(model, backend, adapters, gen.rope, cache, dtype)
     tok = int(torch.argmax(logits))
     logits = step(tok, prompt)  # capture
     torch.cuda.synchronize()

@@ -2,77 +2,94 @@
 
 The step takes the token and its position as device tensors, so nothing in it depends on Python
 values and the whole forward pass of one token replays as a single CUDA graph (no launch or Python
-overhead per kernel). Attention runs over the full static cache with a mask `key_pos <= pos`.
-Every matmul goes through the backend (q8_0 GEMV reading each weight byte once, adapters fused as
-low-rank terms, never merged). Prefill uses the ordinary batched forward (q8_0 GEMM) on the same cache.
+overhead per kernel). Per layer it runs nine backend ops: add+RMSNorm, the q/k/v product (one product
+over the packed [q; k; v] weight, model.FUSED_KINDS), RoPE + KV-cache write, attention over positions
+0..pos, the output product, add+RMSNorm, the packed gate/up product, SwiGLU, the down product. Every
+product is a q8_0 GEMV reading each weight byte once; adapters stay unmerged, their low-rank terms fused
+into the products (one block-diagonal term for a packed weight, lora.fused_lora_term). Norm gains (with
+their adapter terms) are formed once per generation. Prefill uses the ordinary batched forward.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from .model import KVCache, LlamaModel, ModelArgs, apply_rope, feed_forward, rms_norm
-
-
-def _attention_step(args: ModelArgs, i: int, x, linear, cos, sin, cache: KVCache, pos, mask):
-    """x [1, 1, E] at position `pos` (a 1-element long tensor); cache updated in place."""
-    H, Hkv, D = args.n_head, args.n_head_kv, args.head_dim
-    q = linear(x, f"blk.{i}.attn_q.weight").view(1, 1, H, D)
-    k = linear(x, f"blk.{i}.attn_k.weight").view(1, 1, Hkv, D)
-    v = linear(x, f"blk.{i}.attn_v.weight").view(1, 1, Hkv, D)
-    q = apply_rope(q, cos, sin).transpose(1, 2)
-    k = apply_rope(k, cos, sin).transpose(1, 2)
-    cache.k[i].index_copy_(2, pos, k.to(cache.k[i].dtype))
-    cache.v[i].index_copy_(2, pos, v.transpose(1, 2).to(cache.v[i].dtype))
-    kk, vv = cache.k[i], cache.v[i]
-    if Hkv != H:
-        kk = kk.repeat_interleave(H // Hkv, dim=1)
-        vv = vv.repeat_interleave(H // Hkv, dim=1)
-    out = F.scaled_dot_product_attention(q, kk.to(q.dtype), vv.to(q.dtype), attn_mask=mask, scale=1 / math.sqrt(D))
-    return linear(out.transpose(1, 2).reshape(1, 1, H * D), f"blk.{i}.attn_output.weight")
+from .lora import LoraAdapter, fused_lora_term, lora_terms, model_fns
+from .model import FUSED_KINDS, KVCache, LlamaModel
 
 
 class GraphDecoder:
-    """One decode step of `model` as a replayable CUDA graph (falls back to eager off CUDA)."""
+    """One decode step of `model` as a replayable CUDA graph (eager off CUDA or with use_graph=False)."""
 
-    def __init__(self, model: LlamaModel, fns, rope, cache: KVCache, n_ctx: int, dtype, use_graph: bool = True):
-        self.model, self.fns, self.cache, self.n_ctx, self.dtype = model, fns, cache, n_ctx, dtype
+    def __init__(
+        self,
+        model: LlamaModel,
+        backend,
+        adapters: Sequence[tuple[LoraAdapter, float]],
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache,
+        dtype: torch.dtype,
+        use_graph: bool = True,
+    ):
+        self.model, self.backend, self.cache, self.dtype = model, backend, cache, dtype
         self.cos_table, self.sin_table = rope
+        self.linear, norm, self.embed = model_fns(model, backend, adapters, dtype)
         dev = cache.k[0].device
+        args = model.args
+        names = [f"blk.{i}.{k}.weight" for i in range(args.n_layer) for k in ("attn_norm", "ffn_norm")]
+        with torch.no_grad():
+            self.norms = {n: norm(n) for n in [*names, "output_norm.weight"]}
+            terms = lora_terms(adapters)
+            self.fused = {}  # blk.N.<fused kind> -> (packed weight, its one fused LoRA term)
+            for name, w in model.fused.items():
+                i, kind = name.split(".")[1], name.split(".")[2]
+                members = [f"blk.{i}.{m}.weight" for m in FUSED_KINDS[kind]]
+                rows = [model.tensors[m].shape[0] for m in members]
+                term = fused_lora_term([terms.get(m, []) for m in members], rows)
+                self.fused[name] = (w, [(a.to(dtype), b.to(dtype), s) for a, b, s in term])
         self.tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
-        self.key_pos = torch.arange(n_ctx, device=dev)
         self.graph = None
         self.use_graph = use_graph and dev.type == "cuda"
         self.out = None
 
+    def _packed(self, x: torch.Tensor, i: int, kind: str) -> torch.Tensor:
+        """x @ [W_1; ..; W_k].T for the layer's FUSED_KINDS members (one product when packed)."""
+        packed = self.fused.get(f"blk.{i}.{kind}")
+        if packed is not None:
+            return self.backend.lora_linear(x, *packed)
+        return torch.cat([self.linear(x, f"blk.{i}.{m}.weight") for m in FUSED_KINDS[kind]], dim=-1)
+
     def _step(self) -> torch.Tensor:
-        args = self.model.args
-        linear, norm, embed = self.fns
-        cos = self.cos_table.index_select(0, self.pos)
-        sin = self.sin_table.index_select(0, self.pos)
-        mask = (self.key_pos <= self.pos).view(1, 1, 1, -1)
-        h = embed(self.tok)
+        args, be, cache = self.model.args, self.backend, self.cache
+        eps = args.norm_eps
+        h = self.embed(self.tok)
+        delta = None
         for i in range(args.n_layer):
-            a = rms_norm(h, args.norm_eps) * norm(f"blk.{i}.attn_norm.weight").to(h.dtype)
-            h = h + _attention_step(args, i, a, linear, cos, sin, self.cache, self.pos, mask)
-            f = rms_norm(h, args.norm_eps) * norm(f"blk.{i}.ffn_norm.weight").to(h.dtype)
-            h = h + feed_forward(i, f, linear)
-        h = rms_norm(h, args.norm_eps) * norm("output_norm.weight").to(h.dtype)
-        return linear(h, "output.weight")[0, -1].float()
+            h, a = be.add_rms_norm(h, delta, self.norms[f"blk.{i}.attn_norm.weight"], eps)
+            qkv = self._packed(a, i, "attn_qkv")
+            q = be.rope_kv_write(qkv, self.cos_table, self.sin_table, self.pos, cache.k[i], cache.v[i],
+                                 args.n_head, args.n_head_kv)  # fmt: skip
+            o = be.attention_decode(q, cache.k[i], cache.v[i], self.pos)
+            delta = self.linear(o, f"blk.{i}.attn_output.weight")
+            h, f = be.add_rms_norm(h, delta, self.norms[f"blk.{i}.ffn_norm.weight"], eps)
+            gu = self._packed(f, i, "ffn_gate_up")
+            delta = self.linear(be.swiglu(gu, args.n_ff), f"blk.{i}.ffn_down.weight")
+        _, h = be.add_rms_norm(h, delta, self.norms["output_norm.weight"], eps)
+        return self.linear(h, "output.weight")[0, -1].float()
 
     @torch.no_grad()
     def __call__(self, token: int, pos: int) -> torch.Tensor:
+        """Logits [V] (float32) of `token` at position `pos`; writes the cache at `pos`."""
         self.tok.fill_(token)
         self.pos.fill_(pos)
         if not self.use_graph:
             return self._step()
         if self.graph is None:
-            # warm up on a side stream (autotuning, allocator), then capture; the warm-up writes
-            # the cache at `pos`, which the captured replay below rewrites identically
+            # warm up on a side stream (autotuning, path choice, allocator), then capture; the warm-up
+            # writes the cache at `pos`, which the captured replay below rewrites identically
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):

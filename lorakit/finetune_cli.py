@@ -91,6 +91,9 @@ def finetune(
     n_gpu_layers: Annotated[int, O("-ngl", "--n-gpu-layers", help="ignored (use --backend)", hidden=True)] = 0,
     backend: Annotated[str, O("--backend", help="auto | cpu-torch | cuda-triton")] = "auto",
     compute_dtype: Annotated[str, O("--compute-dtype", help="f32 (llama.cpp's numbers) | bf16")] = "f32",
+    cuda_graph: Annotated[
+        bool, O("--cuda-graph/--no-cuda-graph", help="GPU: replay each training step as one CUDA graph")
+    ] = True,
     log_jsonl: Annotated[str | None, O("--log-jsonl", help="write one JSON object per iteration")] = None,
 ) -> None:
     from .lora import LoraRanks
@@ -176,6 +179,7 @@ def finetune(
         optim=optim,
         backend=backend,
         compute_dtype=compute_dtype,
+        cuda_graph=cuda_graph,
     )
     _run(cfg, log_jsonl)
 

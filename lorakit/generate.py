@@ -87,6 +87,7 @@ class Generator:
         dtype: torch.dtype = torch.float32,
     ):
         self.model, self.backend, self.n_ctx, self.dtype = model, backend, n_ctx, dtype
+        self.adapters = list(adapters)
         self.fns = model_fns(model, backend, adapters, dtype)
         self.rope = rope_tables(model.args, n_ctx, backend.device)
         self.stats = GenerationStats()
@@ -123,7 +124,7 @@ class Generator:
         if self.use_graph:
             from .decode import GraphDecoder
 
-            step = GraphDecoder(self.model, self.fns, self.rope, cache, self.n_ctx, self.dtype)
+            step = GraphDecoder(self.model, self.backend, self.adapters, self.rope, cache, self.dtype)
         t1 = time.perf_counter()
         while n_predict < 0 or self.stats.generated < n_predict:
             tok = sample_token(logits, params, history, rng)

@@ -134,6 +134,38 @@ class LoraLinear(torch.autograd.Function):
         return dx, None, da, db, None, None
 
 
+LoraTerm = tuple[torch.Tensor, torch.Tensor, float]  # (a, b, s): adds s * (x @ a) @ b.T
+
+
+def lora_terms(adapters: Sequence[tuple[LoraAdapter, float]]) -> dict[str, list[LoraTerm]]:
+    """Base tensor name -> its adapters' terms, each scale = the user's scale x the file's own factor."""
+    by_name: dict[str, list[LoraTerm]] = {}
+    for adapter, user_scale in adapters:
+        for name, p in adapter.pairs.items():
+            by_name.setdefault(name, []).append((p.a, p.b, float(user_scale) * p.scale))
+    return by_name
+
+
+def fused_lora_term(members: Sequence[Sequence[LoraTerm]], rows: Sequence[int]) -> list[LoraTerm]:
+    """The terms of weights stacked along their output rows (model.FUSED_KINDS) as one term:
+    sum_j s_j (x a_j) b_j.T placed in member rows = (x [a_1 .. a_k]) B.T with B block-diagonal, holding
+    s_j * b_j in member j's rows and term j's rank columns. Empty if no member has a term."""
+    terms = [(j, a, b, s) for j, ts in enumerate(members) for a, b, s in ts]
+    if not terms:
+        return []
+    a0 = terms[0][1]
+    r_total = sum(a.shape[1] for _, a, _, _ in terms)
+    row0 = [sum(rows[:j]) for j in range(len(rows))]
+    b_cat = torch.zeros(sum(rows), r_total, dtype=torch.float32, device=a0.device)
+    c = 0
+    for j, a, b, s in terms:
+        r = a.shape[1]
+        b_cat[row0[j] : row0[j] + rows[j], c : c + r] = s * b.to(torch.float32)
+        c += r
+    a_cat = torch.cat([a.to(torch.float32) for _, a, _, _ in terms], dim=1)
+    return [(a_cat, b_cat, 1.0)]
+
+
 def model_fns(
     model: LlamaModel,
     backend,
@@ -145,10 +177,7 @@ def model_fns(
     Every adapter contributes s_user * s_file * b @ (a @ x). When autograd is on (training), the
     matrices go through LoraLinear so the frozen base gets the backend's grad-input op.
     """
-    by_name: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
-    for adapter, user_scale in adapters:
-        for name, p in adapter.pairs.items():
-            by_name.setdefault(name, []).append((p.a, p.b, float(user_scale) * p.scale))
+    by_name = lora_terms(adapters)
 
     def linear(x: torch.Tensor, name: str) -> torch.Tensor:
         w = model.weight(name)

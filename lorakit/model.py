@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .errors import LorakitError
 from .gguf_io import GGUFFile
-from .quant import GGML_BF16, GGML_F16, Weight, weight_from_gguf
+from .quant import GGML_BF16, GGML_F16, Q8Weight, Weight, weight_from_gguf
 
 LAYER_KINDS = (
     "attn_norm",
@@ -37,6 +37,9 @@ LAYER_KINDS = (
     "ffn_up",
 )
 NORM_KINDS = ("attn_norm", "ffn_norm", "output_norm")
+# per-layer weights that read the same input, stored as row slices of one tensor on the GPU so that a
+# decode step runs them as one product: blk.N.attn_qkv = [q; k; v], blk.N.ffn_gate_up = [gate; up]
+FUSED_KINDS = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_gate_up": ("ffn_gate", "ffn_up")}
 
 
 @dataclass(frozen=True)
@@ -134,13 +137,17 @@ _REQUIRED = ("embedding_length", "feed_forward_length", "attention.head_count", 
 
 @dataclass
 class LlamaModel:
-    """Weights as loaded: q8_0 matrices stay quantized, norms in float32."""
+    """Weights as loaded: q8_0 matrices stay quantized, norms in float32.
+
+    `fused` holds, once the model is on a CUDA device, the per-layer FUSED_KINDS tensors; the member
+    names in `tensors` are then row views of them (no extra memory)."""
 
     args: ModelArgs
     tensors: dict[str, Weight]
     path: str
     tied_output: bool
     source_types: dict[str, str] = field(default_factory=dict)
+    fused: dict[str, Weight] = field(default_factory=dict)
 
     def weight(self, name: str) -> Weight:
         if name == "output.weight" and self.tied_output:
@@ -148,8 +155,42 @@ class LlamaModel:
         return self.tensors[name]
 
     def to(self, device: torch.device) -> LlamaModel:
+        device = torch.device(device)
         moved = {k: v.to(device) for k, v in self.tensors.items()}
-        return LlamaModel(self.args, moved, self.path, self.tied_output, self.source_types)
+        model = LlamaModel(self.args, moved, self.path, self.tied_output, self.source_types)
+        return pack_fused(model) if device.type == "cuda" else model
+
+
+def pack_fused(model: LlamaModel) -> LlamaModel:
+    """The model with each layer's FUSED_KINDS weights packed into one tensor (members become views)."""
+    tensors, fused = dict(model.tensors), dict(model.fused)
+    for i in range(model.args.n_layer):
+        for kind, members in FUSED_KINDS.items():
+            names = [f"blk.{i}.{m}.weight" for m in members]
+            if f"blk.{i}.{kind}" in fused:
+                continue
+            packed = _pack_rows([tensors[n] for n in names])
+            if packed is not None:
+                fused[f"blk.{i}.{kind}"] = packed
+                tensors.update(zip(names, _row_views(packed, [tensors[n].shape[0] for n in names]), strict=True))
+    return LlamaModel(model.args, tensors, model.path, model.tied_output, model.source_types, fused)
+
+
+def _pack_rows(ws: list[Weight]) -> Weight | None:
+    """The weights stacked along their output rows, or None if their types differ."""
+    if all(isinstance(w, Q8Weight) for w in ws):
+        return Q8Weight(torch.cat([w.qs for w in ws]), torch.cat([w.d for w in ws]))
+    if all(isinstance(w, torch.Tensor) and w.dtype == ws[0].dtype for w in ws):
+        return torch.cat(ws)
+    return None
+
+
+def _row_views(w: Weight, rows: list[int]) -> list[Weight]:
+    out, r0 = [], 0
+    for r in rows:
+        out.append(Q8Weight(w.qs[r0 : r0 + r], w.d[r0 : r0 + r]) if isinstance(w, Q8Weight) else w[r0 : r0 + r])
+        r0 += r
+    return out
 
 
 def load_model(path: str | os.PathLike, gf: GGUFFile | None = None) -> LlamaModel:
@@ -326,7 +367,10 @@ def forward_hidden(
         # the last block is not checkpointed: its backward runs right after its forward, so keeping
         # its activations costs one layer's worth of memory and saves recomputing it
         if checkpoint_layers and torch.is_grad_enabled() and i < args.n_layer - 1:
-            h = torch.utils.checkpoint.checkpoint(block, args, i, h, linear, norm, cos, sin, use_reentrant=False)
+            # no RNG-state bookkeeping (the forward has no randomness; it would synchronize a CUDA graph)
+            h = torch.utils.checkpoint.checkpoint(
+                block, args, i, h, linear, norm, cos, sin, use_reentrant=False, preserve_rng_state=False
+            )
         else:
             h = block(args, i, h, linear, norm, cos, sin, cache, n_past)
     return rms_norm(h, args.norm_eps) * norm("output_norm.weight").to(h.dtype)

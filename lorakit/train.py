@@ -71,6 +71,7 @@ class FinetuneConfig:
     optim: OptimConfig = OptimConfig()
     backend: str = "auto"
     compute_dtype: str = "f32"
+    cuda_graph: bool = True  # on a CUDA backend, replay each micro-step as one captured graph
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,12 @@ class Trainer:
         self.adapter = LoraAdapter({n: LoraPair(a, b, 1.0) for n, (a, b) in self.params.items()}, format="train")
         self.fns = model_fns(self.model, self.backend, [(self.adapter, 1.0)], self.dtype)
         self.rope = rope_tables(args, cfg.n_ctx, dev)
+        self._flat_params = [t for ab in self.params.values() for t in ab]
+        self._graphed = None
+        if cfg.cuda_graph and dev.type == "cuda":
+            from .train_graph import GraphedStep
+
+            self._graphed = GraphedStep(self._loss_and_backward, self._flat_params)
         if cfg.only_write_lora:
             return
         self._prepare_data()
@@ -223,28 +230,33 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ math
-    def forward_backward(self, inputs: np.ndarray, targets: np.ndarray) -> torch.Tensor:
-        """Loss of one micro-batch; gradients accumulate into the LoRA tensors' .grad."""
-        dev = self.backend.device
-        x = torch.from_numpy(inputs).to(dev)
-        y = torch.from_numpy(targets).to(dev)
+    def _loss_and_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         linear, norm, embed = self.fns
         h = forward_hidden(self.args, x, linear, norm, embed, self.rope, checkpoint_layers=self.cfg.use_checkpointing)
         loss = cross_entropy(linear(h, "output.weight"), y)
         loss.backward()
         return loss.detach()
 
-    def _accumulate(self, g: dict, n_acc: int) -> None:
+    def forward_backward(self, inputs: np.ndarray, targets: np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Loss of one micro-batch and the gradients of the LoRA tensors (a, b per name, params order)."""
+        if self._graphed is not None:
+            return self._graphed(inputs, targets)
+        dev = self.backend.device
+        loss = self._loss_and_backward(torch.from_numpy(inputs).to(dev), torch.from_numpy(targets).to(dev))
+        grads = []
+        for t in self._flat_params:
+            grad, t.grad = t.grad, None
+            grads.append(grad if grad is not None else torch.zeros_like(t))
+        return loss, grads
+
+    def _accumulate(self, g: dict, grads: list[torch.Tensor], n_acc: int) -> None:
         """g += grad / G per micro-batch (ggml_opt_acc_grad); with G = 1 the gradient is taken as is."""
-        for n, (a, b) in self.params.items():
-            for h, t in (("a", a), ("b", b)):
-                grad, t.grad = t.grad, None
-                if grad is None:
-                    grad = torch.zeros_like(t)
-                if n_acc == 1:
-                    g[(n, h)] = grad
-                else:
-                    g[(n, h)].add_(grad * (1.0 / n_acc))
+        keys = [(n, h) for n in self.params for h in "ab"]
+        for key, grad in zip(keys, grads, strict=True):
+            if n_acc == 1:
+                g[key] = grad
+            else:
+                g[key].add_(grad * (1.0 / n_acc))
 
     def _update(self, g: dict, sched: float, t: int) -> None:
         o = self.cfg.optim
@@ -330,8 +342,9 @@ class Trainer:
                         k.zero_()
                 for a in range(G):
                     inputs, targets = callback(a)
-                    fx += self.forward_backward(inputs, targets)
-                    self._accumulate(g, G)
+                    loss, grads = self.forward_backward(inputs, targets)
+                    fx += loss
+                    self._accumulate(g, grads, G)
                 return float(fx * (1.0 / G)) if G > 1 else float(fx)
 
             interrupted = False

@@ -171,8 +171,10 @@ def test_lora_linear_several_adapters(tri):
 @pytest.mark.parametrize(
     "m,config",
     [
-        (1, {"path": "gemv", "SPLIT_K": 3}),  # split-K with a ragged last split (3 K tiles of 64 over 160)
-        (4, {"path": "gemv", "BLOCK_N": 8, "BLOCK_K": 32}),
+        (1, {"path": "gemv"}),  # ragged last K step (64 + 64 + 32 of 160) and N tile (97 = 6 * 16 + 1)
+        (4, {"path": "gemv", "BLOCK_N": 8, "BLOCK_K": 32}),  # several rows of x, even K steps
+        (1, {"path": "gemv", "BLOCK_N": 8, "BLOCK_K": 128, "DEQ_RESHAPE": True}),  # scales via reshape
+        (37, {"path": "dequant"}),  # dequantize + torch matmul (cuBLAS on the GPU), LoRA by addmm
         (1, {"path": "gemm"}),  # the tiled kernel with a single row
         (37, {"path": "gemm", "SPLIT_K": 2, "BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}),
         # y.T = W @ x.T (the dequantized tile as the MMA's A operand), ragged M and N tiles, split-K
@@ -277,7 +279,7 @@ def test_grad_input_split_and_tiles():
     ref = SPEC.matmul_grad_input(dy, w)
     mag = dy.double().abs() @ SPEC.dequantize(w).double().abs()
     wd = on(w)
-    for cfg in ({"SPLIT_K": 3}, {"SPLIT_K": 2, "BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32}):
+    for cfg in ({"SPLIT_K": 3}, {"SPLIT_K": 2, "BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32}, {"path": "dequant"}):
         got = qmm.q8_0_matmul_grad_input(dy.to(DEVICE), wd.qs, wd.d, config=cfg)
         assert_within(got, ref, bound(torch.float32, n, mag, ref.double()), f"grad_input {cfg}")
 

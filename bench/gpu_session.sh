@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One batched GPU session on a machine with torch + triton but without lorakit installed:
+#   bash bench/gpu_session.sh OUTDIR [check] [predict] [finetune-quick] [finetune] [kernels]
+# Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
+# to OUTDIR, and a failing step does not stop the next one.
+set -u
+out=${1:?usage: gpu_session.sh OUTDIR steps...}
+shift
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+[ -e lorakit/kernels ] || ln -s ../kernels lorakit/kernels
+[ -e lorakit/backends ] || ln -s ../backends lorakit/backends
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+step() {  # name limit_s command...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name ($(date +%T))"
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    echo "=== $name rc=$? ($(date +%T))"
+    tail -n 25 "$out/$name.log"
+}
+for s in "$@"; do
+    case $s in
+    check)
+        step pytest_gpu 150 env LORAKIT_AUTOTUNE=0 python3 -m pytest -q -x -p no:cacheprovider \
+            tests/test_kernels.py tests/test_decode.py tests/test_decode_ops.py
+        step gpu_check 120 python3 bench/gpu_check.py ;;
+    predict) step predict 200 python3 bench/predict_gpu.py --out "$out/predict_h200.json" ;;
+    finetune-quick)
+        step finetune_quick 110 python3 bench/finetune_gpu.py --settings 4x64c --peers lorakit7,lorakit7e,lorakit12 \
+            --out "$out/finetune_quick.json" ;;
+    finetune) step finetune 580 python3 bench/finetune_gpu.py --out "$out/finetune_h200.json" ;;
+    kernels) step kernels 400 python3 bench/kernels_bench.py --models 3b --out "$out/kernels_h200_3b.json" ;;
+    esac
+done

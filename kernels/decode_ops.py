@@ -1,0 +1,283 @@
+"""Fused kernels for the single-token decode step (lorakit/decode.py), one launch per op.
+
+The compute dtype is fp32, bf16 or fp16; all math is fp32 and each result is rounded once to the dtype
+where the spec (backends/cpu_torch.py, i.e. lorakit/model.py's math) rounds it. Every launcher: check ->
+allocate -> launch. `pos` is a 1-element integer device tensor read by the kernels (no host sync, no
+shape that depends on it: the launches can be captured in a CUDA graph).
+
+  add_rms_norm(h, delta, w, eps) -> (s, y)   one program per row, the whole row in registers (E <= MAX_ROW):
+      s = rnd(h + delta) (s is h itself when delta is None), y = rnd(rnd(s * rsqrt(mean(s^2) + eps)) * rnd(w)).
+  rope_kv_write(qkv, cos, sin, pos, cache_k, cache_v, H, Hkv) -> q [1, H, 1, D]   one program per head
+      (H + Hkv): qkv = [q | k | v] of one token; q and k pairs (x[2i], x[2i+1]) turn by (cos, sin)[pos, i]
+      (x0*c - x1*s, x0*s + x1*c); q goes to the output, k to cache_k[0, :, pos], v (as is) to cache_v[0, :, pos].
+  attention_decode(q, cache_k, cache_v, pos) -> [1, 1, H*D]   one program per q head (GQA: kv head
+      h // (H / Hkv)): online softmax over keys 0..pos in BLOCK_T chunks, scores/max/sum/acc in fp32.
+  swiglu(gu, n_ff) -> [..., F]   elementwise over gu = [gate | up]: rnd(rnd(silu(gate)) * up).
+
+Numerics against cpu-torch:
+  * add_rms_norm: s is bit-identical (one fp32 add, one rounding, as torch). The sum of squares is a tree
+    reduction (torch sums in another order) and rsqrt is the hardware approximation, so 1/rms differs by a
+    few fp32 ulps (<= ~E/2 ulps in the worst case); y agrees to that in fp32, and to one rounding step per
+    rounding (the normalized value, then the product) in bf16/fp16.
+  * rope_kv_write: op for op the spec's fp32 sequence, launched with enable_fp_fusion=False so the GPU
+    compiler cannot contract x0*c - x1*s into an FMA: bit-identical q and cache rows.
+  * attention_decode: exp2 with scale*log2(e) folded into the scores; P stays fp32 (torch's CPU flash kernel
+    rounds P to bf16/fp16 for reduced dtypes): differences of a few fp32 ulps of the scores plus, for
+    bf16/fp16, the spec's P rounding and one output rounding step.
+  * swiglu: the spec's sequence (silu = g / (1 + exp(-g)) in fp32, rounded, times up, rounded); only exp's
+    implementation differs (a few fp32 ulps, GPU ex2.approx: ~|g| ulps) -> one rounding step apart at most.
+
+A pos outside [0, n_ctx) writes no cache row (rotating with zeros) and attention reads only rows < n_ctx.
+Under TRITON_INTERPRET=1 (CPU tensors) the tiles are small so the tests' odd shapes hit every mask, and
+EMU_BF16 makes the interpreter's fp32 -> bf16 cast round to nearest-even like the GPU (see q8_0_matmul).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_util import _to, interpreting
+
+_INTERPRET = interpreting()
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_ROW = 16384  # add_rms_norm keeps a whole row in registers
+_LOG2E = 1.0 / math.log(2.0)
+BLOCK_T = 8 if _INTERPRET else 64  # keys per attention chunk
+SWIGLU_BLOCK = 64 if _INTERPRET else 1024
+
+
+@triton.jit
+def _add_rms_norm_kernel(
+    h_ptr, d_ptr, w_ptr, s_ptr, y_ptr, E, E_f, eps, stride_h, stride_d, stride_s, stride_y,
+    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, EMU_BF16: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    dtype = y_ptr.dtype.element_ty
+    offs = tl.arange(0, BLOCK)
+    mask = offs < E
+    h = tl.load(h_ptr + row * stride_h + offs, mask=mask, other=0.0)
+    if HAS_DELTA:
+        d = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0)
+        s = _to(h.to(tl.float32) + d.to(tl.float32), dtype, EMU_BF16)
+        tl.store(s_ptr + row * stride_s + offs, s, mask=mask)
+    else:
+        s = h
+    x = s.to(tl.float32)
+    r = tl.math.rsqrt(tl.math.div_rn(tl.sum(x * x, axis=0), E_f) + eps)  # E_f = float(E)
+    n = _to(x * r, dtype, EMU_BF16).to(tl.float32)
+    w = _to(tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32), dtype, EMU_BF16).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + offs, _to(n * w, dtype, EMU_BF16), mask=mask)
+
+
+@triton.jit
+def _rope_kv_kernel(
+    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, H, Hkv, D, n_pos,
+    stride_c0, stride_c1, stride_s0, stride_s1, stride_kh, stride_kt, stride_vh, stride_vt,
+    BLOCK_P: tl.constexpr, EMU_BF16: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    dtype = q_ptr.dtype.element_ty
+    pos = tl.load(pos_ptr).to(tl.int64)
+    ok = (pos >= 0) & (pos < n_pos)
+    i = tl.arange(0, BLOCK_P)
+    m = i < D // 2
+    src = qkv_ptr + pid * D + 2 * i  # q heads, then k heads: head pid starts at pid * D
+    x0 = tl.load(src, mask=m, other=0.0).to(tl.float32)
+    x1 = tl.load(src + 1, mask=m, other=0.0).to(tl.float32)
+    c = tl.load(cos_ptr + pos * stride_c0 + i * stride_c1, mask=m & ok, other=0.0)
+    s = tl.load(sin_ptr + pos * stride_s0 + i * stride_s1, mask=m & ok, other=0.0)
+    o0 = _to(x0 * c - x1 * s, dtype, EMU_BF16)
+    o1 = _to(x0 * s + x1 * c, dtype, EMU_BF16)
+    if pid < H:
+        dst = q_ptr + pid * D + 2 * i
+        tl.store(dst, o0, mask=m)
+        tl.store(dst + 1, o1, mask=m)
+    else:
+        j = pid - H
+        kd = k_ptr + j * stride_kh + pos * stride_kt + 2 * i
+        tl.store(kd, o0, mask=m & ok)
+        tl.store(kd + 1, o1, mask=m & ok)
+        vs = qkv_ptr + (H + Hkv + j) * D + 2 * i
+        vd = v_ptr + j * stride_vh + pos * stride_vt + 2 * i
+        tl.store(vd, tl.load(vs, mask=m, other=0.0), mask=m & ok)
+        tl.store(vd + 1, tl.load(vs + 1, mask=m, other=0.0), mask=m & ok)
+
+
+@triton.jit
+def _attn_decode_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, D, n_ctx, group, qk_scale, stride_qh, stride_qd,
+    stride_kh, stride_kt, stride_vh, stride_vt,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, EMU_BF16: tl.constexpr,
+):  # fmt: skip
+    h = tl.program_id(0)
+    kvh = (h // group).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    md = offs_d < D
+    q = tl.load(q_ptr + h * stride_qh + offs_d * stride_qd, mask=md, other=0.0).to(tl.float32)
+    n = tl.minimum(tl.load(pos_ptr) + 1, n_ctx).to(tl.int32)  # keys 0..pos
+    k_base = k_ptr + kvh * stride_kh
+    v_base = v_ptr + kvh * stride_vh
+    offs_t = tl.arange(0, BLOCK_T)
+    m_i = tl.full((), float("-inf"), tl.float32)  # running max of the scores (log2 units)
+    l_i = tl.full((), 0.0, tl.float32)  # running sum of exp2(score - m_i)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for t0 in range(0, n, BLOCK_T):
+        t = t0 + offs_t
+        mt = t < n
+        tile = mt[:, None] & md[None, :]
+        kt = tl.load(k_base + t[:, None] * stride_kt + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
+        sc = tl.where(mt, tl.sum(kt * q[None, :], axis=1) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(sc - m_new)
+        vt = tl.load(v_base + t[:, None] * stride_vt + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
+        m_i = m_new
+    tl.store(o_ptr + h * D + offs_d, _to(tl.math.div_rn(acc, l_i), o_ptr.dtype.element_ty, EMU_BF16), mask=md)
+
+
+@triton.jit
+def _swiglu_kernel(gu_ptr, y_ptr, F, n_blk, stride_g, stride_y, BLOCK: tl.constexpr, EMU_BF16: tl.constexpr):
+    pid = tl.program_id(0)
+    row = (pid // n_blk).to(tl.int64)
+    cols = (pid % n_blk) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < F
+    dtype = y_ptr.dtype.element_ty
+    g = tl.load(gu_ptr + row * stride_g + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * stride_g + F + cols, mask=m, other=0.0).to(tl.float32)
+    a = _to(tl.math.div_rn(g, 1.0 + tl.exp(-g)), dtype, EMU_BF16).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, _to(a * u, dtype, EMU_BF16), mask=m)
+
+
+# --------------------------------------------------------------------------------------------------
+# checks and launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def _check(x: torch.Tensor, what: str, dtype: torch.dtype | None = None, device=None) -> None:
+    if dtype is None and x.dtype not in _DTYPES:
+        raise TypeError(f"{what} must be float32, bfloat16 or float16, got {x.dtype}")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{what} must be {dtype}, got {x.dtype}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{what} is on {x.device}, expected {device}")
+    if not _INTERPRET and x.device.type != "cuda":
+        raise ValueError(f"{what} must be a CUDA tensor (or set TRITON_INTERPRET=1 before importing triton)")
+    if x.dim() and x.stride(-1) != 1:
+        raise ValueError(f"{what} must be contiguous along its last axis")
+
+
+def _check_pos(pos: torch.Tensor, device) -> None:
+    if pos.numel() != 1 or pos.dtype not in (torch.int32, torch.int64) or pos.device != device:
+        raise ValueError(f"pos must be a 1-element int32/int64 tensor on {device}, got {pos.dtype} {tuple(pos.shape)}")
+
+
+def _check_cache(cache_k: torch.Tensor, cache_v: torch.Tensor, dtype, device) -> tuple[int, int, int]:
+    _check(cache_k, "cache_k", dtype, device)
+    _check(cache_v, "cache_v", dtype, device)
+    if cache_k.dim() != 4 or cache_k.shape[0] != 1 or cache_v.shape != cache_k.shape:
+        raise ValueError(f"caches must be [1, Hkv, n_ctx, D], got {tuple(cache_k.shape)} and {tuple(cache_v.shape)}")
+    return cache_k.shape[1], cache_k.shape[2], cache_k.shape[3]
+
+
+def add_rms_norm(
+    h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, y): s = h + delta (h itself when delta is None), y = rms_norm(s, eps) * w, both in h's dtype."""
+    _check(h, "h")
+    E = h.shape[-1]
+    if delta is not None:
+        _check(delta, "delta", h.dtype, h.device)
+        if delta.shape != h.shape:
+            raise ValueError(f"delta has shape {tuple(delta.shape)}, h {tuple(h.shape)}")
+    _check(w, "w", None, h.device)
+    if w.shape != (E,):
+        raise ValueError(f"w must be [{E}], got {tuple(w.shape)}")
+    if not 0 < E <= MAX_ROW:
+        raise ValueError(f"row length {E} is outside 1..{MAX_ROW} (the kernel keeps a row in registers)")
+    h2 = h.reshape(-1, E)  # a copy only when the leading axes cannot be flattened
+    d2 = h2 if delta is None else delta.reshape(-1, E)  # (dummy when there is no delta: never read)
+    s = h if delta is None else torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    y = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    s2, y2 = s.reshape(-1, E), y.view(-1, E)  # (s2 is only written when there is a delta)
+    if h2.shape[0] == 0:
+        return s, y
+    block = triton.next_power_of_2(E)
+    _add_rms_norm_kernel[(h2.shape[0],)](
+        h2, d2, w, s2, y2, E, float(E), float(eps), h2.stride(0), d2.stride(0), s2.stride(0), y2.stride(0),
+        HAS_DELTA=delta is not None, BLOCK=block, EMU_BF16=_INTERPRET, num_warps=min(16, max(1, block // 512)),
+    )  # fmt: skip
+    return s, y
+
+
+def rope_kv_write(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    n_head: int,
+    n_head_kv: int,
+) -> torch.Tensor:
+    """Rotate q and k of one token at position pos; k and v into the caches' row pos; returns q [1, H, 1, D]."""
+    _check(qkv, "qkv")
+    Hkv, n_ctx, D = _check_cache(cache_k, cache_v, qkv.dtype, qkv.device)
+    H = n_head
+    if n_head_kv != Hkv or D % 2 or qkv.numel() != (H + 2 * Hkv) * D or qkv.shape[-1] != qkv.numel():
+        raise ValueError(
+            f"qkv {tuple(qkv.shape)} must be [1, 1, (H + 2*Hkv) * D] with H={H}, Hkv={n_head_kv}, D={D} (even) "
+            f"and caches [1, {Hkv}, n_ctx, D]"
+        )
+    for t, name in ((cos, "cos"), (sin, "sin")):
+        if t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != D // 2 or t.device != qkv.device:
+            raise ValueError(f"{name} must be a float32 [n_pos, {D // 2}] table on {qkv.device}")
+    _check_pos(pos, qkv.device)
+    q = torch.empty(1, H, 1, D, dtype=qkv.dtype, device=qkv.device)
+    _rope_kv_kernel[(H + Hkv,)](
+        qkv, cos, sin, pos, q, cache_k, cache_v, H, Hkv, D, min(n_ctx, cos.shape[0], sin.shape[0]),
+        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+        cache_k.stride(1), cache_k.stride(2), cache_v.stride(1), cache_v.stride(2),
+        BLOCK_P=max(1, triton.next_power_of_2(D // 2)), EMU_BF16=_INTERPRET, enable_fp_fusion=False, num_warps=1,
+    )  # fmt: skip
+    return q
+
+
+def attention_decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """softmax(q k.T / sqrt(D)) v over key positions 0..pos of the caches -> [1, 1, H*D] in q's dtype."""
+    _check(q, "q")
+    Hkv, n_ctx, D = _check_cache(cache_k, cache_v, q.dtype, q.device)
+    if q.dim() != 4 or q.shape[0] != 1 or q.shape[2] != 1 or q.shape[3] != D or q.shape[1] % Hkv:
+        raise ValueError(f"q must be [1, H, 1, {D}] with H a multiple of {Hkv}, got {tuple(q.shape)}")
+    _check_pos(pos, q.device)
+    H = q.shape[1]
+    out = torch.empty(1, 1, H * D, dtype=q.dtype, device=q.device)
+    _attn_decode_kernel[(H,)](
+        q, cache_k, cache_v, pos, out, D, n_ctx, H // Hkv, _LOG2E / math.sqrt(D), q.stride(1), q.stride(3),
+        cache_k.stride(1), cache_k.stride(2), cache_v.stride(1), cache_v.stride(2),
+        BLOCK_T=BLOCK_T, BLOCK_D=triton.next_power_of_2(D), EMU_BF16=_INTERPRET, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def swiglu(gu: torch.Tensor, n_ff: int) -> torch.Tensor:
+    """gu [..., 2F] = [gate | up] -> silu(gate) * up [..., F] (model.feed_forward's roundings)."""
+    _check(gu, "gu")
+    F = int(n_ff)
+    if F <= 0 or gu.shape[-1] != 2 * F:
+        raise ValueError(f"gu has shape {tuple(gu.shape)}; its last axis must be 2 * n_ff = {2 * F}")
+    g2 = gu.reshape(-1, 2 * F)
+    y = torch.empty(*gu.shape[:-1], F, dtype=gu.dtype, device=gu.device)
+    rows = g2.shape[0]
+    if rows == 0:
+        return y
+    n_blk = triton.cdiv(F, SWIGLU_BLOCK)
+    _swiglu_kernel[(rows * n_blk,)](
+        g2, y, F, n_blk, g2.stride(0), F, BLOCK=SWIGLU_BLOCK, EMU_BF16=_INTERPRET, num_warps=4
+    )
+    return y

@@ -1,0 +1,83 @@
+"""q8_0 rows dequantized on the device: the whole weight (for the large-M dequantize-then-cuBLAS path,
+merges and tests) or W[index] (an embedding lookup). fp32 product qs * d, rounded once to the dtype."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_util import _INTERPRET, QK, _to
+
+
+@triton.jit
+def _q8_rows_kernel(
+    qs_ptr,
+    d_ptr,
+    idx_ptr,
+    out_ptr,
+    K,
+    stride_qn,
+    stride_dn,
+    stride_om,
+    HAS_IDX: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EMU_BF16: tl.constexpr,
+):
+    """out[i] = W[idx[i]] (or W[i]) dequantized: fp32 product qs * d, rounded once to out's dtype."""
+    row = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    if HAS_IDX:
+        src = tl.load(idx_ptr + row).to(tl.int64)
+    else:
+        src = row.to(tl.int64)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = offs_k < K
+    q = tl.load(qs_ptr + src * stride_qn + offs_k, mask=mask, other=0)
+    dd = tl.load(d_ptr + src * stride_dn + offs_k // 32, mask=mask, other=0.0)
+    w = q.to(tl.float32) * dd.to(tl.float32)
+    tl.store(out_ptr + row.to(tl.int64) * stride_om + offs_k, _to(w, out_ptr.dtype.element_ty, EMU_BF16), mask=mask)
+
+
+def _check_weight(qs: torch.Tensor, d: torch.Tensor) -> tuple[int, int]:
+    if qs.dtype != torch.int8 or qs.dim() != 2:
+        raise TypeError(f"qs must be a 2-D int8 tensor, got {qs.dtype} {tuple(qs.shape)}")
+    n, k = qs.shape
+    if k % QK or k == 0:
+        raise ValueError(f"q8_0 row length {k} is not a positive multiple of {QK}")
+    if d.dtype != torch.float16 or tuple(d.shape) != (n, k // QK):
+        raise TypeError(f"d must be float16 [{n}, {k // QK}], got {d.dtype} {tuple(d.shape)}")
+    if qs.stride(1) != 1 or d.stride(1) != 1:
+        raise ValueError("qs and d must be contiguous along the input axis")
+    if d.device != qs.device:
+        raise ValueError(f"qs is on {qs.device} but d is on {d.device}")
+    return n, k
+
+
+def q8_0_dequantize(
+    qs: torch.Tensor, d: torch.Tensor, dtype: torch.dtype = torch.float32, index: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W (or W[index], any index shape) dequantized to `dtype`: fp32 product qs * d rounded once."""
+    n, k = _check_weight(qs, d)
+    if not _INTERPRET and qs.device.type != "cuda":
+        raise ValueError("the weight must be on a CUDA device (or set TRITON_INTERPRET=1)")
+    if index is None:
+        rows, lead, idx = n, (n,), qs
+    else:
+        if index.dtype not in (torch.int32, torch.int64) or index.is_floating_point():
+            raise TypeError(f"index must be int32 or int64, got {index.dtype}")
+        idx = index.to(qs.device).reshape(-1).contiguous()
+        rows, lead = idx.numel(), tuple(index.shape)
+        capturing = idx.is_cuda and torch.cuda.is_current_stream_capturing()  # no host sync inside a graph
+        if (
+            rows and not capturing and (int(idx.min()) < 0 or int(idx.max()) >= n)
+        ):  # one sync; a bad id must not read wild
+            raise IndexError(f"row index out of range [0, {n}): min {int(idx.min())}, max {int(idx.max())}")
+    out = torch.empty(rows, k, dtype=dtype, device=qs.device)
+    if rows == 0:
+        return out.reshape(*lead, k)
+    block_k = min(1024, triton.next_power_of_2(k))
+    grid = (rows, triton.cdiv(k, block_k))
+    args = (qs, d, idx, out, k, qs.stride(0), d.stride(0), out.stride(0))
+    _q8_rows_kernel[grid](*args, HAS_IDX=index is not None, BLOCK_K=block_k, EMU_BF16=_INTERPRET)
+    return out.reshape(*lead, k)

@@ -1,0 +1,186 @@
+"""Autotuning of the q8_0 kernels (GPU only; the interpreter runs fixed small tiles), and the choice
+between ways of computing the same product, measured once per shape on the device in use."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+
+import torch
+import triton
+
+from .q8_0_gemm import _q8_gemm_kernel, _q8_gemm_t_kernel
+from .q8_0_gemv import _q8_gemv_kernel
+from .triton_util import _INTERPRET
+
+
+def autotuning() -> bool:
+    """LORAKIT_AUTOTUNE=0 skips every search (fixed configs, heuristic paths) for short runs."""
+    return os.environ.get("LORAKIT_AUTOTUNE", "1") != "0"
+
+
+def _skinny_block_m(m_bucket: int) -> int:
+    return min(64, max(16, m_bucket))
+
+
+# --------------------------------------------------------------------------------------------------
+# autotuning (GPU only; the interpreter uses fixed configs)
+# --------------------------------------------------------------------------------------------------
+
+
+def _cfg(bm, bn, bk, warps, stages, group_m=8, swap=None):
+    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}
+    if swap is not None:
+        kw["SWAP_AB"] = swap
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
+
+
+# M > 64: Hopper-sized tiles (the tensor cores are the limit); BLOCK_K covers 2 or 4 q8 blocks
+_LARGE_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 128, 64, 4, 4),
+    _cfg(128, 256, 64, 8, 3),
+    _cfg(256, 128, 64, 8, 3),
+    _cfg(64, 128, 64, 4, 4),
+    _cfg(128, 128, 128, 8, 3),
+    # y.T = W @ x.T: W rows are the MMA's M (BLOCK_N), tokens its N (BLOCK_M <= 256)
+    _cfg(128, 128, 64, 8, 3, swap=True),
+    _cfg(256, 128, 64, 8, 3, swap=True),
+    _cfg(128, 256, 64, 8, 3, swap=True),
+    _cfg(128, 128, 128, 8, 3, swap=True),
+]
+# 4 < M <= 64: memory-bound; BLOCK_M follows the bucket, wide K tiles keep many bytes in flight
+_SKINNY_CONFIGS = [
+    _cfg(bm, bn, bk, w, s, group_m=1)
+    for bm in (16, 32, 64)
+    for (bn, bk, w, s) in (
+        (64, 128, 4, 4),
+        (128, 64, 4, 4),
+        (64, 256, 4, 3),
+        (128, 128, 8, 3),
+    )
+] + [
+    _cfg(bm, bn, bk, w, s, group_m=1, swap=True)
+    for bm in (16, 32, 64)
+    for (bn, bk, w, s) in ((64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3))
+]
+# grad-input: BLOCK_N is the reduction tile, BLOCK_K the output tile
+_T_LARGE_CONFIGS = [
+    _cfg(128, 64, 128, 8, 3),
+    _cfg(128, 64, 128, 4, 4),
+    _cfg(128, 64, 256, 8, 3),
+    _cfg(256, 64, 128, 8, 3),
+    _cfg(128, 128, 128, 8, 3),
+]
+_T_SKINNY_CONFIGS = [
+    _cfg(bm, bn, bk, w, s, group_m=1)
+    for bm in (16, 32, 64)
+    for (bn, bk, w, s) in ((128, 64, 4, 4), (64, 128, 4, 4), (256, 64, 4, 3), (128, 128, 8, 3))
+]
+# M <= 2 (decode): rows per program x K step, warps; both ways of broadcasting the scales
+_GEMV_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "DEQ_RESHAPE": dr}, num_warps=w, num_stages=1)
+    for (bn, bk, w) in ((4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (4, 1024, 8))
+    for dr in (False, True)
+]
+
+
+def _prune_skinny(configs, named_args, **kwargs):
+    bm = _skinny_block_m(named_args["M_BUCKET"])
+    return [c for c in configs if c.kwargs["BLOCK_M"] == bm]
+
+
+def _even_k(args):
+    return args["K"] % args["BLOCK_K"] == 0
+
+
+def _even_n(args):
+    return args["N"] % args["BLOCK_N"] == 0
+
+
+def _quick(configs, **want):
+    """One config per BLOCK_M: the ones that won most often on the H200 (bench/results)."""
+    out, seen = [], set()
+    for c in configs:
+        kw = c.kwargs
+        if all(kw.get(k) == v for k, v in want.items()) and kw["BLOCK_M"] not in seen:
+            seen.add(kw["BLOCK_M"])
+            out.append(c)
+    return out or configs[:1]
+
+
+@functools.cache
+def _tuned():
+    """The autotuned kernels (built on first GPU use). LORAKIT_AUTOTUNE=0 skips the search and uses
+    the configs that won most often on the H200 (for short runs where tuning time would dominate)."""
+    large, skinny_cfgs, t_large, t_skinny = _LARGE_CONFIGS, _SKINNY_CONFIGS, _T_LARGE_CONFIGS, _T_SKINNY_CONFIGS
+    gemv = _GEMV_CONFIGS
+    if not autotuning():
+        large, t_large, gemv = large[:1], t_large[:1], gemv[4:5]
+        skinny_cfgs = _quick(skinny_cfgs, BLOCK_N=64, BLOCK_K=256, SWAP_AB=True)
+        t_skinny = _quick(t_skinny, BLOCK_N=128, BLOCK_K=64)
+    gemm = triton.heuristics({"EVEN_K": _even_k})(_q8_gemm_kernel)
+    gemm_t = triton.heuristics({"EVEN_N": _even_n})(_q8_gemm_t_kernel)
+    key = ["M_BUCKET", "N", "K"]
+    skinny = {"early_config_prune": _prune_skinny}
+    return {
+        "gemm_large": triton.autotune(large, key=key)(gemm),
+        "gemm_skinny": triton.autotune(skinny_cfgs, key=key, prune_configs_by=skinny)(gemm),
+        "gemm_t_large": triton.autotune(t_large, key=key)(gemm_t),
+        "gemm_t_skinny": triton.autotune(t_skinny, key=key, prune_configs_by=skinny)(gemm_t),
+        "gemv": triton.autotune(gemv, key=["N", "K"])(_q8_gemv_kernel),
+    }
+
+
+# fixed tiles for the CPU interpreter: small, so the tests' odd shapes hit every mask
+_INTERP_GEMM_T = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2}
+_INTERP_GEMM = {**_INTERP_GEMM_T, "SWAP_AB": False}
+_INTERP_GEMV = {"BLOCK_N": 16, "BLOCK_K": 64, "DEQ_RESHAPE": False}
+
+
+# best autotuned config per launch key: later calls skip the Autotuner/Heuristics wrappers (their
+# Python overhead is tens of microseconds, comparable to a decode-sized kernel)
+_BEST: dict[tuple, triton.Config] = {}
+
+
+def _launch_tuned(name: str, raw, grid_fn, args: tuple, const: dict, key: tuple, even: tuple[str, str, int] | None):
+    """Launch the autotuned kernel `name` (first time per key), then the raw kernel with its best config
+    (`even`: the heuristic flag the raw kernel needs, as (flag, BLOCK_* it depends on, length))."""
+    best = _BEST.get(key)
+    if best is None:
+        tuned = _tuned()[name]
+        tuned[grid_fn](*args, **const)
+        _BEST[key] = tuned.best_config
+        return
+    meta = best.all_kwargs()
+    if even is not None:
+        flag, block, length = even
+        meta[flag] = length % meta[block] == 0
+    raw[grid_fn(meta)](*args, **const, **meta)
+
+
+def _tiles(defaults: dict, cfg: dict) -> dict:
+    """The fixed (interpreter / forced) tiles: defaults overridden by cfg's BLOCK_*/GROUP_M entries."""
+    return {key: cfg.get(key, val) for key, val in defaults.items()}
+
+
+# the fastest path per product key, measured once (see choose_path)
+_PATH: dict[tuple, str] = {}
+
+
+def choose_path(key: tuple, runners: dict[str, Callable[[], object]], default: str) -> str:
+    """The fastest of `runners` (each computes the same product), timed once per key on the GPU. Each
+    runner's first call autotunes its own kernel. Without a search (interpreter, LORAKIT_AUTOTUNE=0, a
+    single candidate, or inside CUDA-graph capture, where nothing may synchronize) `default` is used."""
+    best = _PATH.get(key)
+    if best is not None:
+        return best
+    if len(runners) == 1 or _INTERPRET or not autotuning() or torch.cuda.is_current_stream_capturing():
+        return default if default in runners else next(iter(runners))
+    times = {}
+    for name, fn in runners.items():
+        fn()  # autotune (synchronizes), then time the tuned launch
+        times[name] = triton.testing.do_bench(fn, warmup=3, rep=15)
+    best = _PATH[key] = min(times, key=times.get)
+    return best

@@ -1,0 +1,132 @@
+"""The single-token decode step (lorakit.decode.GraphDecoder, eager here) against the batched KV-cached
+forward (model.forward_hidden), on both backends: cpu-torch and cuda-triton (Triton's CPU interpreter
+without a GPU). A tiny random q8_0 llama with GQA, two scaled adapters on every tensor kind (norms and
+token_embd included), packed q/k/v and gate/up weights (model.pack_fused) with block-diagonal LoRA terms.
+
+Tolerance: both paths compute the same ops in float32 with different association (fused LoRA term with
+the scale folded into b, fp32 attention with an online softmax vs SDPA, one GEMV vs three products).
+Each op's result moves by at most ~K * 2^-24 relative to its magnitude (K <= 96 terms here), i.e.
+< 6e-6; through 2 layers and the output product the logits move by under 1e-5 of their largest
+magnitude, and greedy tokens are equal. bf16: every op rounds to 8 significant bits, so the two
+association orders can differ by a few bf16 ulps per op; we compare logits to 2^-8 * 8 (8 bf16 ulps of
+the largest magnitude: one per op in the longest chain of non-linear ops, norm -> product -> add, per
+layer) and do not require equal argmax.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
+
+from lorakit.decode import GraphDecoder  # noqa: E402
+from lorakit.generate import Generator  # noqa: E402
+from lorakit.lora import LoraAdapter, LoraPair, base_shape  # noqa: E402
+from lorakit.model import LlamaModel, ModelArgs, pack_fused  # noqa: E402
+from lorakit.quant import quantize_q8_0  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+ARGS = ModelArgs(n_vocab=120, n_embd=64, n_ff=96, n_head=4, n_head_kv=2, n_layer=2, norm_eps=1e-5)
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+
+def _model() -> LlamaModel:
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, shape in ARGS.expected_shapes().items():
+        if len(shape) == 1:
+            tensors[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            tensors[name] = quantize_q8_0(torch.randn(shape, generator=g) * shape[1] ** -0.5)
+    return LlamaModel(ARGS, tensors, "random", tied_output=False)
+
+
+def _adapter(seed: int) -> LoraAdapter:
+    g = torch.Generator().manual_seed(seed)
+    pairs = {}
+    for name in ARGS.expected_shapes():
+        if "attn_v" in name:
+            continue  # a member of a packed weight without a LoRA
+        out_f, in_f = base_shape(ARGS, name)
+        r = 1 if out_f == 1 else 3
+        pairs[name] = LoraPair(torch.randn(in_f, r, generator=g) * 0.2, torch.randn(out_f, r, generator=g) * 0.2)
+    return LoraAdapter(pairs, format="random")
+
+
+def _backends():
+    out = [pytest.param(CpuTorchBackend, id="cpu-torch")]
+    try:
+        from lorakit.backends.cuda_triton import CudaTritonBackend
+        from lorakit.kernels import q8_0_matmul
+    except ImportError:
+        return out
+    if CUDA or q8_0_matmul.interpreting():
+        out.append(pytest.param(lambda: CudaTritonBackend(DEVICE), id="cuda-triton"))
+    return out
+
+
+@pytest.mark.parametrize("make_backend", _backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_matches_batched_forward(make_backend, dtype):
+    be = make_backend()
+    dev = be.device
+    model = pack_fused(_model().to(dev))
+    assert model.fused, "q/k/v and gate/up should be packed"
+    ads = [(_adapter(1).to(dev), 0.7), (_adapter(2).to(dev), 0.4)]
+    gen = Generator(model, be, ads, n_ctx=12, dtype=dtype)
+    prompt = [1, 17, 5, 99, 42]
+    ref_cache, dec_cache = gen.new_cache(), gen.new_cache()
+    gen.logits(prompt, ref_cache, 0)
+    gen.logits(prompt, dec_cache, 0)
+    step = GraphDecoder(model, be, ads, gen.rope, dec_cache, dtype, use_graph=False)
+    tok = 7
+    for pos in range(len(prompt), 12):
+        ref = gen.logits([tok], ref_cache, pos)
+        got = step(tok, pos)
+        scale = ref.abs().max().item()
+        tol = 1e-5 * scale if dtype == torch.float32 else 8 * 2.0**-8 * scale
+        err = (got - ref).abs().max().item()
+        assert err <= tol, f"pos {pos}: max |diff| {err:.3g} > {tol:.3g} ({dtype})"
+        if dtype == torch.float32:
+            assert int(got.argmax()) == int(ref.argmax())
+        tok = int(ref.argmax())
+    # the step wrote the same cache rows as the batched forward
+    for i in range(ARGS.n_layer):
+        for a, b in ((dec_cache.k[i], ref_cache.k[i]), (dec_cache.v[i], ref_cache.v[i])):
+            kv_tol = 1e-5 if dtype == torch.float32 else 4 * 2.0**-8
+            assert (a.float() - b.float()).abs().max().item() <= kv_tol * max(1.0, b.float().abs().max().item())
+
+
+def test_unpacked_model_decodes_like_packed():
+    """Without packed weights (a model not on CUDA) the step runs the members one by one: same logits."""
+    be = CpuTorchBackend()
+    plain = _model()
+    packed = pack_fused(plain)
+    ads = [(_adapter(3), 0.5)]
+    outs = []
+    for model in (plain, packed):
+        gen = Generator(model, be, ads, n_ctx=8, dtype=torch.float32)
+        cache = gen.new_cache()
+        gen.logits([1, 2, 3], cache, 0)
+        step = GraphDecoder(model, be, ads, gen.rope, cache, torch.float32, use_graph=False)
+        outs.append(step(4, 3))
+    assert not plain.fused
+    diff = (outs[0] - outs[1]).abs().max().item()
+    assert diff <= 1e-4 * outs[0].abs().max().item()
+
+
+def test_pack_fused_views_share_storage():
+    packed = pack_fused(_model())
+    qkv = packed.fused["blk.0.attn_qkv"]
+    q, k, v = (packed.tensors[f"blk.0.attn_{m}.weight"] for m in "qkv")
+    assert q.qs.untyped_storage().data_ptr() == qkv.qs.untyped_storage().data_ptr()
+    assert torch.equal(torch.cat([q.qs, k.qs, v.qs]), qkv.qs) and torch.equal(torch.cat([q.d, k.d, v.d]), qkv.d)
+    assert qkv.shape == (ARGS.n_embd + 2 * ARGS.n_embd_kv, ARGS.n_embd)
+    assert packed.fused["blk.1.ffn_gate_up"].shape == (2 * ARGS.n_ff, ARGS.n_embd)

@@ -1,0 +1,270 @@
+"""The decode-step kernels (kernels/decode_ops.py) against the cpu-torch specification, and the
+specification against lorakit/model.py (bit for bit on CPU where the op sequence is the same).
+
+Runs on a CUDA GPU when one is visible; otherwise under Triton's CPU interpreter (switched on here, before
+lorakit.kernels is imported). Shapes are odd on purpose: E = 96, 200 and F = 96, 200 (not powers of two,
+ragged column blocks), D = 8, 12 (12: the pair / head tiles are masked), GQA (H = 4, Hkv = 2), n_ctx = 37
+with pos = 0, 5, 36 (the first key only, a partial chunk, the last row of the cache).
+
+Tolerances (derived; u = 2^-24 is fp32's unit roundoff, u_out the output dtype's: 2^-24 fp32, 2^-8 bf16)
+------------------------------------------------------------------------------------------------------
+Rounding two values that are d apart to the output dtype leaves them at most d + 2*u_out*|y| apart (they
+may straddle a rounding boundary: one unit of the dtype, <= 2*u_out relative). Per op:
+  * add_rms_norm: s: the same fp32 add and one rounding on both sides -> bit-identical.
+    y = rnd(rnd(x * r) * w), r = rsqrt(sum(x^2) / E + eps). A sum of E positive terms is within (E-1)*u
+    (relative) of the exact sum in any order; the mean (a divide, or a product with 1/E: 2u) and +eps
+    (u) make the argument of rsqrt (E+2)u-accurate per side; rsqrt halves that and adds its own error
+    (<= 4u: the GPU's rsqrt.approx is within 2^-22.9, 1/sqrt within 2u) -> the two sides' r are (E+10)u
+    apart. Then two roundings to the dtype (the normalized value, the product): 4*u_out.
+    |dy| <= ((E+10)u + 4 u_out) * |y| * (1 + 4 u_out).
+  * swiglu: silu(g) = g / (1 + exp(-g)) in fp32 on both sides. exp is within 4u (libm / Sleef <= 1 ulp;
+    the GPU's ex2.approx of g*log2(e): 2 ulp plus the argument's rounding, u*|g| relative); + and / add
+    u each (div.rn) -> (|g| + 6)u per side, 2(|g| + 6)u apart; then two roundings (silu, the product):
+    |dy| <= (2(|g| + 6)u + 4 u_out) * |silu(g) * up| * (1 + 4 u_out).
+  * rope_kv_write: the same fp32 ops (mul, mul, sub/add; FMA contraction disabled on the GPU) and one
+    rounding on both sides -> q and the cache rows are bit-identical; every other cache row is untouched.
+  * attention_decode: with S = max_j scale*sum_d |q_d k_jd| over the n = pos+1 keys and pmag = sum_j p_j |v_j|
+    (fp64 softmax weights p), each side computes o = sum_j p'_j v_j / sum_j p'_j with p'_j = p_j (1 + e_j):
+    the score is within (D+3)u*S (D-term fp32 dot, the scale and log2(e) factors), the argument s_j - max
+    within 2u*S, exp within 4u, and the online rescalings by exp(m_old - m_new) (n_c <= n chunks) add
+    4u*n_c + 2u*S (the arguments' roundings telescope) -> |e_j| <= ((D+7)S + 4 + 4n)u; normalizing moves
+    the weights by twice that. The fp32 sums over n keys with n_c rescalings (numerator and denominator)
+    and the divide add (4n + 3)u -> per side (2(D+7)S + 12n + 11)u * pmag, twice that apart. The spec's
+    CPU flash kernel also rounds P to bf16 before P @ V (fp32: no rounding): <= 2 u_P * pmag. The output
+    rounding: 2 u_out * |o|.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    # must happen before triton decorates lorakit's kernels
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+
+import torch.nn.functional as F  # noqa: E402
+from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
+from lorakit.kernels import q8_0_matmul  # noqa: E402
+
+from lorakit import model  # noqa: E402
+
+if not CUDA and not q8_0_matmul.interpreting():
+    pytest.skip("lorakit.kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+# the interpreter's numpy scalar conversions warn on every program; they are not ours
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+U = 2.0**-24  # fp32 unit roundoff
+U_OUT = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}
+U_P = {torch.float32: 0.0, torch.bfloat16: 2.0**-8}  # the spec's rounding of the softmax weights
+DTYPES = [torch.float32, torch.bfloat16]
+EPS = 1e-5
+N_CTX, H, SENTINEL = 37, 4, 99.0  # 99 is exact in bf16
+
+SPEC = CpuTorchBackend()
+WORST: dict[str, float] = {}  # largest |err| / bound per test family (printed with -s)
+
+
+@pytest.fixture(scope="module")
+def tri():
+    from lorakit.backends.cuda_triton import CudaTritonBackend
+
+    yield CudaTritonBackend(device=DEVICE)
+    print("\nworst |err|/bound:", {k: f"{v:.3g}" for k, v in WORST.items()})
+
+
+def rand(*shape, dtype=torch.float32, seed=1, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+def assert_within(got, ref, tol, what):
+    got, ref = got.double().cpu(), ref.double().cpu()
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    assert torch.isfinite(got).all(), f"{what}: non-finite output"
+    err = (got - ref).abs()
+    worst = float((err / (tol.double().cpu() + 1e-30)).max())
+    family = what.split()[0]
+    WORST[family] = max(WORST.get(family, 0.0), worst)
+    assert worst <= 1.0, f"{what}: max |err|/bound = {worst:.3g} (max err {float(err.max()):.3g})"
+
+
+def rope_args(D, Hkv):
+    return model.ModelArgs(n_vocab=8, n_embd=H * D, n_ff=8, n_head=H, n_head_kv=Hkv, n_layer=1)
+
+
+# ---- add_rms_norm ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E", [96, 200])
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_add_rms_norm(tri, dtype, E, M, with_delta):
+    shape = (1, 1, E) if M == 1 else (M, E)
+    h = rand(*shape, dtype=dtype) * torch.tensor([0.01, 1.0, 30.0][:M]).view(-1, 1).to(dtype)  # rows of any scale
+    delta = rand(*shape, dtype=dtype, seed=2) if with_delta else None
+    w = (rand(E, seed=3, scale=0.5) + 1.0).to(dtype)
+    s_ref, y_ref = SPEC.add_rms_norm(h, delta, w, EPS)
+    hd = h.to(DEVICE)
+    s, y = tri.add_rms_norm(hd, None if delta is None else delta.to(DEVICE), w.to(DEVICE), EPS)
+    assert s.dtype == y.dtype == dtype and s.shape == y.shape == h.shape
+    if delta is None:
+        assert s is hd
+    assert torch.equal(s.cpu(), s_ref), "s = h + delta must be bit-identical"
+    u_out = U_OUT[dtype]
+    tol = ((E + 10) * U + 4 * u_out) * y_ref.double().abs() * (1 + 4 * u_out)
+    assert_within(y, y_ref, tol, f"add_rms_norm E={E} M={M} {dtype}")
+
+
+# ---- swiglu ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Fd", [96, 200])
+@pytest.mark.parametrize("M", [1, 3])
+def test_swiglu(tri, dtype, Fd, M):
+    shape = (1, 1, 2 * Fd) if M == 1 else (M, 2 * Fd)
+    gu = rand(*shape, dtype=dtype, scale=4.0)  # gates over [-15, 15]: silu's tails and its bend
+    ref = SPEC.swiglu(gu, Fd)
+    got = tri.swiglu(gu.to(DEVICE), Fd)
+    assert got.dtype == dtype and got.shape == (*shape[:-1], Fd)
+    g, up = gu.double().split([Fd, Fd], dim=-1)
+    mag = (F.silu(g) * up).abs()
+    u_out = U_OUT[dtype]
+    tol = (2 * (g.abs() + 6) * U + 4 * u_out) * mag * (1 + 4 * u_out)
+    assert_within(got, ref, tol, f"swiglu F={Fd} M={M} {dtype}")
+
+
+# ---- rope_kv_write ---------------------------------------------------------------------------------
+
+ATTN_CASES = [(D, Hkv, pos) for D in (8, 12) for Hkv in (4, 2) for pos in (0, 5, 36)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D,Hkv,pos", ATTN_CASES)
+def test_rope_kv_write(tri, dtype, D, Hkv, pos):
+    cos, sin = model.rope_tables(rope_args(D, Hkv), N_CTX)
+    qkv = rand(1, 1, (H + 2 * Hkv) * D, dtype=dtype, seed=pos)
+    p = torch.tensor([pos])
+    caches = [torch.full((1, Hkv, N_CTX, D), SENTINEL, dtype=dtype) for _ in range(4)]
+    q_ref = SPEC.rope_kv_write(qkv, cos, sin, p, caches[0], caches[1], H, Hkv)
+    kd, vd = caches[2].to(DEVICE), caches[3].to(DEVICE)
+    q = tri.rope_kv_write(qkv.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE), p.to(DEVICE), kd, vd, H, Hkv)
+    assert q.shape == (1, H, 1, D) and q.dtype == dtype
+    assert torch.equal(q.cpu(), q_ref), "rotated q must be bit-identical"
+    for got, ref, name in ((kd.cpu(), caches[0], "k"), (vd.cpu(), caches[1], "v")):
+        assert torch.equal(got, ref), f"cache_{name} must be bit-identical"
+        others = torch.ones(N_CTX, dtype=torch.bool)
+        others[pos] = False
+        assert (got[:, :, others] == SENTINEL).all(), f"cache_{name}: a row other than pos was written"
+        assert (got[:, :, pos] != SENTINEL).all()
+    v = qkv.view(H + 2 * Hkv, D)[H + Hkv :]
+    assert torch.equal(vd[0, :, pos].cpu(), v), "v is stored as is"
+
+
+# ---- attention_decode ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D,Hkv,pos", ATTN_CASES)
+def test_attention_decode(tri, dtype, D, Hkv, pos):
+    q = rand(1, H, 1, D, dtype=dtype, seed=1, scale=2.0)  # peaked and flat softmaxes
+    k = rand(1, Hkv, N_CTX, D, dtype=dtype, seed=2)
+    v = rand(1, Hkv, N_CTX, D, dtype=dtype, seed=3)
+    p = torch.tensor([pos])
+    ref = SPEC.attention_decode(q, k, v, p)
+    # rows past pos are NaN for the kernel: one read of them would poison the output
+    kn, vn = k.clone(), v.clone()
+    kn[:, :, pos + 1 :] = float("nan")
+    vn[:, :, pos + 1 :] = float("nan")
+    got = tri.attention_decode(q.to(DEVICE), kn.to(DEVICE), vn.to(DEVICE), p.to(DEVICE))
+    assert got.shape == (1, 1, H * D) and got.dtype == dtype
+
+    assert_within(got, ref, attention_bound(q, k, v, pos, ref), f"attention D={D} Hkv={Hkv} pos={pos} {dtype}")
+
+
+def attention_bound(q, k, v, pos, ref):
+    """The module docstring's bound on |o - ref| for q [1, H, 1, D] over cache rows 0..pos ([1, 1, H*D])."""
+    Hq, D, Hkv = q.shape[1], q.shape[-1], k.shape[1]
+    n, scale = pos + 1, 1 / math.sqrt(D)
+    kk = k[:, :, :n].double().repeat_interleave(Hq // Hkv, dim=1)
+    vv = v[:, :, :n].double().repeat_interleave(Hq // Hkv, dim=1)
+    qd = q.double()
+    w = torch.softmax(qd @ kk.transpose(-1, -2) * scale, dim=-1)  # [1, H, 1, n]
+    S = (qd.abs() @ kk.abs().transpose(-1, -2) * scale).amax(dim=-1, keepdim=True)  # [1, H, 1, 1]
+    pmag = w @ vv.abs()  # [1, H, 1, D]
+    side = (2 * (D + 7) * S + 12 * n + 11) * U * pmag
+    tol = (2 * side + 2 * U_P[q.dtype] * pmag).transpose(1, 2).reshape(1, 1, Hq * D)
+    return tol + 2 * U_OUT[q.dtype] * ref.double().abs()
+
+
+# ---- the specification against model.py / decode.py (bit for bit, CPU) ---------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_spec_add_rms_norm_is_model_math(dtype):
+    h, delta = rand(3, 200, dtype=dtype), rand(3, 200, dtype=dtype, seed=2)
+    w = rand(200, seed=3) + 1.0  # float32, as load_model keeps norms; block converts with .to(h.dtype)
+    s, y = SPEC.add_rms_norm(h, delta, w.to(dtype), EPS)
+    assert torch.equal(s, h + delta)
+    assert torch.equal(y, model.rms_norm(h + delta, EPS) * w.to(dtype))
+    assert torch.equal(SPEC.add_rms_norm(h, None, w.to(dtype), EPS)[1], model.rms_norm(h, EPS) * w.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_spec_swiglu_is_feed_forward(dtype):
+    Fd = 200
+    gate, up = rand(1, 3, Fd, dtype=dtype, scale=4.0), rand(1, 3, Fd, dtype=dtype, seed=2)
+    seen = {}
+
+    def linear(x, name):
+        if "gate" in name:
+            return gate
+        if "up" in name:
+            return up
+        seen["down_input"] = x
+        return x
+
+    model.feed_forward(0, None, linear)
+    assert torch.equal(SPEC.swiglu(torch.cat([gate, up], dim=-1), Fd), seen["down_input"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Hkv,pos", [(2, 0), (2, 5), (4, 36)])
+def test_spec_rope_attention_is_model_attention(dtype, Hkv, pos):
+    """rope_kv_write + attention_decode against model.attention's cached path for one token at n_past = pos:
+    q and the cache rows bit for bit (apply_rope, the row write), the attention within the bound."""
+    D = 12
+    args = rope_args(D, Hkv)
+    cos, sin = model.rope_tables(args, N_CTX)
+    qkv = rand(1, 1, (H + 2 * Hkv) * D, dtype=dtype, seed=7)
+    q_, k_, v_ = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    seen = {}
+
+    def linear(x, name):
+        if "attn_output" in name:
+            seen["attn"] = x
+            return x
+        return {"attn_q": q_, "attn_k": k_, "attn_v": v_}[name.split(".")[2]]
+
+    p = torch.tensor([pos])
+    cache = model.KVCache.empty(args, 1, N_CTX, dtype, "cpu")
+    for t in (*cache.k, *cache.v):
+        t.copy_(rand(*t.shape, dtype=dtype, seed=9))
+    ck, cv = cache.k[0].clone(), cache.v[0].clone()
+    model.attention(args, 0, qkv[..., :0], linear, cos[pos : pos + 1], sin[pos : pos + 1], cache, pos)
+    q = SPEC.rope_kv_write(qkv, cos, sin, p, ck, cv, H, Hkv)
+    assert torch.equal(ck, cache.k[0]) and torch.equal(cv, cache.v[0])
+    # SDPA over rows 0..pos (the model's slice) vs over the masked full cache: not always the same fp32
+    # operation order (measured: 1 ulp apart in fp32), so the attention bound applies, not equality
+    got, ref = SPEC.attention_decode(q, ck, cv, p), seen["attn"]
+    assert_within(got, ref, attention_bound(q, ck, cv, pos, ref), f"spec_attention Hkv={Hkv} pos={pos} {dtype}")
