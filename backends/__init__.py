@@ -78,6 +78,25 @@ class Backend(Protocol):
     def swiglu(self, gu: torch.Tensor, n_ff: int) -> torch.Tensor:
         """gu [..., 2F] = [gate | up] -> silu(gate) * up [..., F], rounded as model.feed_forward."""
 
+    def rms_norm_fwd(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, rstd): y = rms_norm(x, eps) * w.to(x.dtype) as model.block; rstd fp32 [rows] = 1/rms for the backward."""
+
+    def rms_norm_bwd(
+        self, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dx in x's dtype, dw fp32 [E]): rms_norm_fwd's gradient (rounding of the normed x as identity)."""
+
+    def rope_fwd(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """model.apply_rope on x [B, T, H, D] with cos/sin [T, D/2]; inverse=True turns by -theta (the backward)."""
+
+    def silu_mul_fwd(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """F.silu(g) * u as model.feed_forward (silu rounded to the dtype, then the product)."""
+
+    def silu_mul_bwd(
+        self, dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dg, du) in g's dtype: silu_mul_fwd's gradient, fp32 math rounded once."""
+
     def embedding(self, w: Weight, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows of W selected by tokens, dequantized."""
 

@@ -22,6 +22,11 @@ from . import AdamHyper
 _CHUNK_BYTES = 8 << 20
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The compute dtype of the training ops: float32 (model.py's .float()), float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _row_chunk(n_in: int, dtype: torch.dtype) -> int:
     itemsize = torch.empty((), dtype=dtype).element_size()
     return max(16, _CHUNK_BYTES // max(1, n_in * itemsize))
@@ -125,6 +130,53 @@ class CpuTorchBackend:
         takes a scalar exp on the tail of each contiguous run, so its last bits depend on the layout)."""
         gate, up = gu.split([n_ff, n_ff], dim=-1)
         return F.silu(gate.contiguous()) * up
+
+    # training ops: forward exactly model.py's op sequence, backward the gradient formulas in fp32 (float64
+    # inputs compute in float64, for gradcheck)
+
+    def rms_norm_fwd(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """model.block's `rms_norm(h, eps) * w.to(h.dtype)`, and rstd = rsqrt(mean(x^2) + eps) per row."""
+        xf = x.to(_acc(x.dtype))
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return (xf * rstd).to(x.dtype) * w.to(x.dtype), rstd.reshape(-1)
+
+    def rms_norm_bwd(
+        self, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """n = x*rstd, g = dy*w: dx = rstd * (g - n * mean(g*n)); dw = sum over rows of dy * rnd(n) (fp32)."""
+        E, acc = x.shape[-1], _acc(x.dtype)
+        xf, dyf = x.reshape(-1, E).to(acc), dy.reshape(-1, E).to(acc)
+        r = rstd.reshape(-1, 1).to(acc)
+        n = xf * r
+        g = dyf * w.to(x.dtype).to(acc)
+        dx = (r * (g - n * (g * n).mean(-1, keepdim=True))).to(x.dtype).reshape(x.shape)
+        return dx, (dyf * n.to(x.dtype).to(acc)).sum(0)
+
+    def rope_fwd(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """model.apply_rope's sequence (pairs (x0, x1) -> (x0*c - x1*s, x0*s + x1*c)); inverse: s -> -s."""
+        acc = _acc(x.dtype)
+        xp = x.to(acc).unflatten(-1, (-1, 2))
+        x0, x1 = xp[..., 0], xp[..., 1]
+        c = cos.to(acc)[None, :, None, :]
+        s = sin.to(acc)[None, :, None, :]
+        if inverse:
+            s = -s
+        return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).to(x.dtype)
+
+    def silu_mul_fwd(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """model.feed_forward's F.silu(gate) * up (gate contiguous, as the model's: see swiglu)."""
+        return F.silu(g.contiguous()) * u
+
+    def silu_mul_bwd(
+        self, dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """sig = 1/(1 + exp(-g)): du = dy * rnd(silu(g)), dg = dy * u * sig * (1 + g * (1 - sig)) in fp32."""
+        acc = _acc(g.dtype)
+        gf, uf, dyf = g.to(acc), u.to(acc), dy.to(acc)
+        sig = 1.0 / (1.0 + torch.exp(-gf))
+        du = (dyf * F.silu(g.contiguous()).to(acc)).to(g.dtype)
+        dg = (dyf * uf * sig * (1.0 + gf * (1.0 - sig))).to(g.dtype)
+        return dg, du
 
     def embedding(self, w: Weight, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if isinstance(w, Q8Weight):

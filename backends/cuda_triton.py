@@ -34,7 +34,7 @@ class CudaTritonBackend:
         elif os.environ.get("TRITON_INTERPRET") != "1":
             raise UsageError(f"cuda-triton runs on CUDA devices (got {dev}); on CPU only with TRITON_INTERPRET=1")
         try:
-            from lorakit.kernels import decode_ops, lora_update, q8_0_matmul
+            from lorakit.kernels import decode_ops, lora_update, q8_0_matmul, train_ops
         except ImportError as e:  # triton missing
             raise UsageError(f"cuda-triton needs the triton package ({e})") from e
         if dev.type != "cuda" and not q8_0_matmul.interpreting():
@@ -45,6 +45,7 @@ class CudaTritonBackend:
         self._mm = q8_0_matmul
         self._adam = lora_update
         self._dec = decode_ops
+        self._train = train_ops
 
     # -- products -----------------------------------------------------------------------------------
 
@@ -86,6 +87,27 @@ class CudaTritonBackend:
         for a, b, s in rest:
             y = y + s * ((x @ a.to(x.dtype)) @ b.to(x.dtype).T)
         return y
+
+    # -- training ops ---------------------------------------------------------------------------------
+
+    def rms_norm_fwd(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._train.rms_norm_fwd(x, w, eps)
+
+    def rms_norm_bwd(
+        self, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._train.rms_norm_bwd(dy, x, w, rstd)
+
+    def rope_fwd(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        return self._train.rope_fwd(x, cos, sin, inverse)
+
+    def silu_mul_fwd(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self._train.silu_mul_fwd(g, u)
+
+    def silu_mul_bwd(
+        self, dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._train.silu_mul_bwd(dy, g, u)
 
     # -- decode ops -----------------------------------------------------------------------------------
 

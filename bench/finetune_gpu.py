@@ -63,10 +63,10 @@ def bench_lorakit(s: dict, batch: int, ctx: int, ckpt: bool, kinds: str, steps: 
     import numpy as np
     from lorakit.backends import AdamHyper, get_backend
 
-    from lorakit.lora import LoraAdapter, LoraPair, LoraRanks, lora_shapes, model_fns
+    from lorakit.lora import LoraRanks, lora_shapes
     from lorakit.lora_init import init_lora
-    from lorakit.loss import cross_entropy
-    from lorakit.model import forward_hidden, rope_tables
+    from lorakit.model import rope_tables
+    from lorakit.train import loss_and_backward
     from lorakit.train_graph import GraphedStep
 
     be = get_backend("cuda-triton")
@@ -76,8 +76,6 @@ def bench_lorakit(s: dict, batch: int, ctx: int, ckpt: bool, kinds: str, steps: 
     ranks = LoraRanks.default(4, **off)
     lora = init_lora(lora_shapes(model.args, ranks), seed=1)
     params = {n: (a.to(be.device).requires_grad_(), b.to(be.device).requires_grad_()) for n, (a, b) in lora.items()}
-    adapter = LoraAdapter({n: LoraPair(a, b, 1.0) for n, (a, b) in params.items()})
-    linear, norm, embed = model_fns(model, be, [(adapter, 1.0)], torch.bfloat16)
     rope = rope_tables(model.args, ctx, be.device)
     flat = [t for ab in params.values() for t in ab]
     m = [torch.zeros_like(t) for t in flat]
@@ -85,13 +83,10 @@ def bench_lorakit(s: dict, batch: int, ctx: int, ckpt: bool, kinds: str, steps: 
     decayed = [t.shape[0] > 1 for t in flat]
     rng = np.random.default_rng(0)
 
-    def loss_and_backward(x, y):
-        h = forward_hidden(model.args, x, linear, norm, embed, rope, checkpoint_layers=ckpt)
-        loss = cross_entropy(linear(h, "output.weight"), y)
-        loss.backward()
-        return loss.detach()
+    def step_fn(x, y):  # the trainer's micro-step
+        return loss_and_backward(model, be, params, torch.bfloat16, rope, x, y, ckpt)
 
-    graphed = GraphedStep(loss_and_backward, flat) if graph else None
+    graphed = GraphedStep(step_fn, flat) if graph else None
 
     def step(i: int) -> float:
         xi = rng.integers(0, s["vocab"], (batch, ctx))
@@ -99,7 +94,7 @@ def bench_lorakit(s: dict, batch: int, ctx: int, ckpt: bool, kinds: str, steps: 
         if graphed is not None:
             loss, grads = graphed(xi, yi)
         else:
-            loss = loss_and_backward(torch.from_numpy(xi).cuda(), torch.from_numpy(yi).cuda())
+            loss = step_fn(torch.from_numpy(xi).cuda(), torch.from_numpy(yi).cuda())
             grads = [t.grad for t in flat]
         with torch.no_grad():
             be.adamw_step(flat, grads, m, v, decayed, AdamHyper(1e-3, 0.1, 0.9, 0.999, 1e-8, 1.0, 1.0, i + 1))

@@ -10,8 +10,20 @@ shape that depends on it: the launches can be captured in a CUDA graph).
   rope_kv_write(qkv, cos, sin, pos, cache_k, cache_v, H, Hkv) -> q [1, H, 1, D]   one program per head
       (H + Hkv): qkv = [q | k | v] of one token; q and k pairs (x[2i], x[2i+1]) turn by (cos, sin)[pos, i]
       (x0*c - x1*s, x0*s + x1*c); q goes to the output, k to cache_k[0, :, pos], v (as is) to cache_v[0, :, pos].
-  attention_decode(q, cache_k, cache_v, pos) -> [1, 1, H*D]   one program per q head (GQA: kv head
-      h // (H / Hkv)): online softmax over keys 0..pos in BLOCK_T chunks, scores/max/sum/acc in fp32.
+  attention_decode(q, cache_k, cache_v, pos) -> [1, 1, H*D]   flash-decoding in one launch, grid (H, S):
+      program (h, s) (GQA: kv head h // (H / Hkv)) runs the online softmax (scores/max/sum/acc in fp32) over
+      the BLOCK_T-key blocks s, s + S, s + 2S, ... of keys 0..pos. S = min(cdiv(n_ctx, BLOCK_T), MAX_SPLITS)
+      is fixed by n_ctx, never by pos (pos lives on the device); the blocks are dealt round-robin so that
+      the splits stay balanced at any pos (every split is busy once pos >= (S-1)*BLOCK_T; a split whose
+      first block lies past pos is empty). S == 1 writes the output directly. Otherwise each program
+      stores its partial (acc[D], m, l) in an fp32 workspace [H, S, D+2] (an empty split: 0, -inf, 0),
+      then (bar.sync, so that its threads' stores precede) takes a ticket from the head's counter with one
+      acq_rel gpu-scope atomic; the program that draws S-1 reads the S partials with .cg loads (L2, not a
+      stale L1), combines them as one [S, D] tile (m = max m_s, w_s = exp2(m_s - m), o = sum w_s acc_s /
+      sum w_s l_s: a fixed reduction order, whichever program comes last), writes the output rounded once
+      and resets the counter to 0. The launcher allocates the workspace (torch.empty) and zeroed counters
+      (torch.zeros) per call: no state survives a call. D and the row strides are compile-time constants
+      and the head strides carry their power-of-two factor (KV_ALIGN), so the rows load as vectors.
   swiglu(gu, n_ff) -> [..., F]   elementwise over gu = [gate | up]: rnd(rnd(silu(gate)) * up).
 
 Numerics against cpu-torch:
@@ -23,7 +35,10 @@ Numerics against cpu-torch:
     compiler cannot contract x0*c - x1*s into an FMA: bit-identical q and cache rows.
   * attention_decode: exp2 with scale*log2(e) folded into the scores; P stays fp32 (torch's CPU flash kernel
     rounds P to bf16/fp16 for reduced dtypes): differences of a few fp32 ulps of the scores plus, for
-    bf16/fp16, the spec's P rounding and one output rounding step.
+    bf16/fp16, the spec's P rounding and one output rounding step. The key splits only re-associate the
+    fp32 sums and add one rescaling exp2(m_s - m) per split (exactly 1 for the split holding the max).
+    The result is deterministic (bit-identical from call to call) for a given S; another S may differ
+    in the last fp32 bits.
   * swiglu: the spec's sequence (silu = g / (1 + exp(-g)) in fp32, rounded, times up, rounded); only exp's
     implementation differs (a few fp32 ulps, GPU ex2.approx: ~|g| ulps) -> one rounding step apart at most.
 
@@ -46,7 +61,10 @@ _INTERPRET = interpreting()
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_ROW = 16384  # add_rms_norm keeps a whole row in registers
 _LOG2E = 1.0 / math.log(2.0)
-BLOCK_T = 8 if _INTERPRET else 64  # keys per attention chunk
+# attention_decode: keys per block (one step of a split's loop), most splits (programs) per head, warps
+BLOCK_T = 8 if _INTERPRET else 32
+MAX_SPLITS = 16
+ATTN_WARPS = 4
 SWIGLU_BLOCK = 64 if _INTERPRET else 1024
 
 
@@ -109,36 +127,67 @@ def _rope_kv_kernel(
 
 @triton.jit
 def _attn_decode_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, D, n_ctx, group, qk_scale, stride_qh, stride_qd,
-    stride_kh, stride_kt, stride_vh, stride_vt,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, EMU_BF16: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, ws_ptr, cnt_ptr, n_ctx, group, qk_scale, stride_qh, stride_qd,
+    kh_units, vh_units, D: tl.constexpr, stride_kt: tl.constexpr, stride_vt: tl.constexpr, KV_ALIGN: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    EMU_BF16: tl.constexpr,
 ):  # fmt: skip
     h = tl.program_id(0)
+    s = tl.program_id(1)  # this program's key split: key blocks s, s + SPLITS, s + 2*SPLITS, ...
     kvh = (h // group).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     md = offs_d < D
     q = tl.load(q_ptr + h * stride_qh + offs_d * stride_qd, mask=md, other=0.0).to(tl.float32)
     n = tl.minimum(tl.load(pos_ptr) + 1, n_ctx).to(tl.int32)  # keys 0..pos
-    k_base = k_ptr + kvh * stride_kh
-    v_base = v_ptr + kvh * stride_vh
+    # head strides = units * KV_ALIGN: the compiler sees their power-of-two factor (vector loads of the rows)
+    k_base = k_ptr + kvh * (kh_units * KV_ALIGN)
+    v_base = v_ptr + kvh * (vh_units * KV_ALIGN)
     offs_t = tl.arange(0, BLOCK_T)
     m_i = tl.full((), float("-inf"), tl.float32)  # running max of the scores (log2 units)
     l_i = tl.full((), 0.0, tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for t0 in range(0, n, BLOCK_T):
+    for t0 in range(s * BLOCK_T, n, SPLITS * BLOCK_T):  # empty when the split's first block lies past pos
         t = t0 + offs_t
         mt = t < n
         tile = mt[:, None] & md[None, :]
         kt = tl.load(k_base + t[:, None] * stride_kt + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
+        vt = tl.load(v_base + t[:, None] * stride_vt + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
         sc = tl.where(mt, tl.sum(kt * q[None, :], axis=1) * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, axis=0))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(sc - m_new)
-        vt = tl.load(v_base + t[:, None] * stride_vt + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
         m_i = m_new
-    tl.store(o_ptr + h * D + offs_d, _to(tl.math.div_rn(acc, l_i), o_ptr.dtype.element_ty, EMU_BF16), mask=md)
+    o_row = o_ptr + h * D + offs_d
+    if SPLITS == 1:
+        tl.store(o_row, _to(tl.math.div_rn(acc, l_i), o_ptr.dtype.element_ty, EMU_BF16), mask=md)
+    else:
+        # partial (acc[0:D], m, l) -> ws[h, s]; an empty split writes (0, -inf, 0)
+        W = D + 2
+        ws_h = ws_ptr + h.to(tl.int64) * (SPLITS * W)
+        ws_row = ws_h + s * W
+        tl.store(ws_row + offs_d, acc, mask=md)
+        tl.store(ws_row + D, m_i)
+        tl.store(ws_row + D + 1, l_i)
+        # every thread's partial stores precede the one thread's gpu-scope release (the atomic)
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr + h, 1, sem="acq_rel")
+        if done == SPLITS - 1:  # the last of the head's SPLITS programs combines, s = 0..SPLITS-1 as one tile
+            offs_s = tl.arange(0, BLOCK_S)
+            ms = offs_s < SPLITS
+            rows = ws_h + offs_s * W
+            m_s = tl.load(rows + D, mask=ms, other=float("-inf"), cache_modifier=".cg")
+            l_s = tl.load(rows + D + 1, mask=ms, other=0.0, cache_modifier=".cg")
+            a_s = tl.load(
+                rows[:, None] + offs_d[None, :], mask=ms[:, None] & md[None, :], other=0.0, cache_modifier=".cg"
+            )
+            m = tl.max(m_s, axis=0)  # finite: split 0 holds key 0 (pos >= 0)
+            w = tl.exp2(m_s - m)  # 0 for the empty splits (m_s = -inf)
+            l_sum = tl.sum(l_s * w, axis=0)
+            o = tl.sum(a_s * w[:, None], axis=0)
+            tl.store(o_row, _to(tl.math.div_rn(o, l_sum), o_ptr.dtype.element_ty, EMU_BF16), mask=md)
+            tl.atomic_xchg(cnt_ptr + h, 0, sem="relaxed")  # ready for the next launch
 
 
 @triton.jit
@@ -248,21 +297,40 @@ def rope_kv_write(
     return q
 
 
-def attention_decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """softmax(q k.T / sqrt(D)) v over key positions 0..pos of the caches -> [1, 1, H*D] in q's dtype."""
+def attention_decode(
+    q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos: torch.Tensor, *, splits: int | None = None
+) -> torch.Tensor:
+    """softmax(q k.T / sqrt(D)) v over key positions 0..pos of the caches -> [1, 1, H*D] in q's dtype.
+
+    splits (a test hook) overrides the number of key splits S (default: attention_splits(n_ctx))."""
     _check(q, "q")
     Hkv, n_ctx, D = _check_cache(cache_k, cache_v, q.dtype, q.device)
     if q.dim() != 4 or q.shape[0] != 1 or q.shape[2] != 1 or q.shape[3] != D or q.shape[1] % Hkv:
         raise ValueError(f"q must be [1, H, 1, {D}] with H a multiple of {Hkv}, got {tuple(q.shape)}")
     _check_pos(pos, q.device)
+    S = attention_splits(n_ctx) if splits is None else int(splits)
+    if S < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
     H = q.shape[1]
     out = torch.empty(1, 1, H * D, dtype=q.dtype, device=q.device)
-    _attn_decode_kernel[(H,)](
-        q, cache_k, cache_v, pos, out, D, n_ctx, H // Hkv, _LOG2E / math.sqrt(D), q.stride(1), q.stride(3),
-        cache_k.stride(1), cache_k.stride(2), cache_v.stride(1), cache_v.stride(2),
-        BLOCK_T=BLOCK_T, BLOCK_D=triton.next_power_of_2(D), EMU_BF16=_INTERPRET, num_warps=4,
+    if S == 1:
+        ws = cnt = out  # never touched
+    else:
+        ws = torch.empty(H, S, D + 2, dtype=torch.float32, device=q.device)
+        cnt = torch.zeros(H, dtype=torch.int32, device=q.device)  # the combining program resets it too
+    a = math.gcd(cache_k.stride(1), cache_v.stride(1), 16)  # KV_ALIGN: a power of two dividing both
+    _attn_decode_kernel[(H, S)](
+        q, cache_k, cache_v, pos, out, ws, cnt, n_ctx, H // Hkv, _LOG2E / math.sqrt(D), q.stride(1), q.stride(3),
+        cache_k.stride(1) // a, cache_v.stride(1) // a, D=D, stride_kt=cache_k.stride(2), stride_vt=cache_v.stride(2),
+        KV_ALIGN=a, SPLITS=S, BLOCK_S=triton.next_power_of_2(S), BLOCK_T=BLOCK_T, BLOCK_D=triton.next_power_of_2(D),
+        EMU_BF16=_INTERPRET, num_warps=ATTN_WARPS,
     )  # fmt: skip
     return out
+
+
+def attention_splits(n_ctx: int) -> int:
+    """S for a cache of n_ctx rows: one split per BLOCK_T-key block of the cache, at most MAX_SPLITS."""
+    return max(1, min(triton.cdiv(n_ctx, BLOCK_T), MAX_SPLITS))
 
 
 def swiglu(gu: torch.Tensor, n_ff: int) -> torch.Tensor:

@@ -1,18 +1,17 @@
 """q8_0 matrix-vector product for decoding (M = 1 or a few rows): y[m] = W @ x[m] (+ LoRA term).
 
 Memory-bound: the goal is to stream the int8 values and fp16 scales once at HBM speed. One program owns
-BLOCK_N rows of W for one row of x and walks K in BLOCK_K steps, accumulating elementwise products in an
-fp32 [BLOCK_N, BLOCK_K] register tile (no reduction inside the loop, so the loads of the next step are
-not held up); one tl.sum at the end. No split-K: every program writes its own outputs, so the result is
-deterministic and there is no second pass. Rows of x beyond the first reuse W from L2 (grid axis 1).
+BLOCK_N rows of W for one row of x and walks K in steps of BLOCK_K = KB q8_0 blocks. Every tile is
+built as [rows, blocks, 32] from one 3-D layout, so a scale loaded as [rows, blocks, 1] broadcasts over
+its 32 values without a layout shuffle and costs one load per block a thread holds. Products are
+accumulated elementwise in an fp32 register tile (no reduction inside the loop, so nothing waits on
+the previous step); UNROLL steps issue all their loads before any arithmetic, to keep more bytes in
+flight per program. One reduction at the end; no split-K, so every program writes its own outputs
+(deterministic, no second pass). Rows of x beyond the first reuse W from L2 (grid axis 1).
 
 Numerics (as the tensor-core path and the spec): W = rnd_dtype(qs * d) (fp32 product, one rounding to
 x's dtype), products W * x exact in fp32 for bf16/fp16 inputs, fp32 accumulation, y rounded once. The
 LoRA term s * t @ b.T (t = x @ a, computed by the launcher) is added in fp32 before that rounding.
-
-DEQ_RESHAPE picks how a scale reaches its 32 values: a [BLOCK_N, BLOCK_K/32] load broadcast through a
-reshape (fewer loads, a layout shuffle) or a gathered [BLOCK_N, BLOCK_K] load of d[n, k // 32] (more
-load instructions, served from L1); the autotuner measures both.
 """
 
 from __future__ import annotations
@@ -20,47 +19,32 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_util import _dequant_tile, _to
+from .triton_util import _to
 
 
 @triton.jit
-def _gemv_tile(
-    x_row,
-    q_rows,
-    d_rows,
-    k0,
-    K,
-    stride_xk,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    MASKED: tl.constexpr,
-    DEQ_RESHAPE: tl.constexpr,
-    EMU_BF16: tl.constexpr,
-):
-    """The [BLOCK_N, BLOCK_K] products W[n, k0 + j] * x[k0 + j] of one K step, in fp32 (k0 % 32 == 0)."""
-    KB: tl.constexpr = BLOCK_K // 32
-    kk = k0 + tl.arange(0, BLOCK_K)
-    kb = k0 // 32 + tl.arange(0, KB)
+def _gemv_load(x_row, q_rows, d_rows, k0, K, KB: tl.constexpr, MASKED: tl.constexpr):
+    """x [1, KB, 32], q [BLOCK_N, KB, 32], d [BLOCK_N, KB] of the K step starting at k0 (k0 % 32 == 0)."""
+    offs_b = tl.arange(0, KB)
+    offs_j = tl.arange(0, 32)
+    kk = k0 + offs_b[:, None] * 32 + offs_j[None, :]  # [KB, 32]
+    kb = k0 // 32 + offs_b  # [KB]
     if MASKED:
-        x = tl.load(x_row + kk * stride_xk, mask=kk < K, other=0.0)
-        q = tl.load(q_rows + kk[None, :], mask=(kk < K)[None, :], other=0)
+        x = tl.load(x_row + kk[None, :, :], mask=(kk < K)[None, :, :], other=0.0)
+        q = tl.load(q_rows + kk[None, :, :], mask=(kk < K)[None, :, :], other=0)
+        d = tl.load(d_rows + kb[None, :], mask=(kb * 32 < K)[None, :], other=0.0)
     else:
-        x = tl.load(x_row + kk * stride_xk)
-        q = tl.load(q_rows + kk[None, :])
-    if DEQ_RESHAPE:
-        if MASKED:
-            dd = tl.load(d_rows + kb[None, :], mask=(kb * 32 < K)[None, :], other=0.0)
-        else:
-            dd = tl.load(d_rows + kb[None, :])
-        w = _dequant_tile(q, dd, BLOCK_N, BLOCK_K)
-    else:
-        if MASKED:
-            dd = tl.load(d_rows + (kk // 32)[None, :], mask=(kk < K)[None, :], other=0.0)
-        else:
-            dd = tl.load(d_rows + (kk // 32)[None, :])
-        w = q.to(tl.float32) * dd.to(tl.float32)
-    w = _to(w, x.dtype, EMU_BF16)  # = dequantize_q8_0(qs, d, x.dtype)
-    return w.to(tl.float32) * x.to(tl.float32)[None, :]
+        x = tl.load(x_row + kk[None, :, :])
+        q = tl.load(q_rows + kk[None, :, :])
+        d = tl.load(d_rows + kb[None, :])
+    return x, q, d
+
+
+@triton.jit
+def _gemv_products(x, q, d, EMU_BF16: tl.constexpr):
+    """W * x in fp32 with W = rnd_{x.dtype}(q * d) (= dequantize_q8_0(qs, d, x.dtype))."""
+    w = _to(q.to(tl.float32) * d.to(tl.float32)[:, :, None], x.dtype, EMU_BF16)
+    return w.to(tl.float32) * x.to(tl.float32)
 
 
 @triton.jit
@@ -73,8 +57,7 @@ def _q8_gemv_kernel(
     b_ptr,
     N,
     K,
-    stride_xm,
-    stride_xk,
+    stride_xm,  # x rows are contiguous (the launcher makes them so)
     stride_qn,
     stride_dn,
     stride_ym,
@@ -86,28 +69,38 @@ def _q8_gemv_kernel(
     R,
     scale,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    DEQ_RESHAPE: tl.constexpr,
+    KB: tl.constexpr,  # q8_0 blocks per K step (BLOCK_K = 32 * KB)
+    UNROLL: tl.constexpr,  # K steps whose loads are issued together (1 or 2)
     HAS_LORA: tl.constexpr,
     BLOCK_R: tl.constexpr,
     EMU_BF16: tl.constexpr,
 ):
     """y[m, n-block] = W[n-block] @ x[m] (+ scale * t[m] @ b[n-block].T)."""
+    BLOCK_K: tl.constexpr = KB * 32
     pid_n = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rn = (offs_n % N).to(tl.int64)  # wrapped rows keep every load in bounds; the store is masked
     x_row = x_ptr + row * stride_xm
-    q_rows = qs_ptr + rn[:, None] * stride_qn
+    q_rows = qs_ptr + rn[:, None, None] * stride_qn
     d_rows = d_ptr + rn[:, None] * stride_dn
 
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    k_full = (K // BLOCK_K) * BLOCK_K
-    for k0 in range(0, k_full, BLOCK_K):
-        acc += _gemv_tile(x_row, q_rows, d_rows, k0, K, stride_xk, BLOCK_N, BLOCK_K, False, DEQ_RESHAPE, EMU_BF16)
-    if k_full < K:  # the ragged last step (K is a multiple of 32, not of BLOCK_K)
-        acc += _gemv_tile(x_row, q_rows, d_rows, k_full, K, stride_xk, BLOCK_N, BLOCK_K, True, DEQ_RESHAPE, EMU_BF16)
-    y = tl.sum(acc, axis=1)
+    acc = tl.zeros((BLOCK_N, KB, 32), dtype=tl.float32)
+    STEP: tl.constexpr = BLOCK_K * UNROLL
+    k_full = (K // STEP) * STEP
+    for k0 in range(0, k_full, STEP):
+        if UNROLL == 2:
+            x0, q0, d0 = _gemv_load(x_row, q_rows, d_rows, k0, K, KB, False)
+            x1, q1, d1 = _gemv_load(x_row, q_rows, d_rows, k0 + BLOCK_K, K, KB, False)
+            acc += _gemv_products(x0, q0, d0, EMU_BF16)
+            acc += _gemv_products(x1, q1, d1, EMU_BF16)
+        else:
+            x0, q0, d0 = _gemv_load(x_row, q_rows, d_rows, k0, K, KB, False)
+            acc += _gemv_products(x0, q0, d0, EMU_BF16)
+    for k0 in range(k_full, K, BLOCK_K):  # the ragged end (K is a multiple of 32, not of STEP)
+        x0, q0, d0 = _gemv_load(x_row, q_rows, d_rows, k0, K, KB, True)
+        acc += _gemv_products(x0, q0, d0, EMU_BF16)
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
 
     if HAS_LORA:
         offs_r = tl.arange(0, BLOCK_R)

@@ -179,7 +179,8 @@ def _fwd(path: str, x2, qs, d, y, lora, cfg: dict) -> None:
     t, bb, r, s = lora if lora is not None else (y, y, 0, 0.0)  # dummies, never read without HAS_LORA
     lora_args = (t.stride(0), t.stride(1), bb.stride(0), bb.stride(1), r, float(s))
     if path == "gemv":
-        args = (x2, qs, d, y, t, bb, n, k, x2.stride(0), x2.stride(1), qs.stride(0), d.stride(0),
+        x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+        args = (x2, qs, d, y, t, bb, n, k, x2.stride(0), qs.stride(0), d.stride(0),
                 y.stride(0), y.stride(1), *lora_args)  # fmt: skip
         const = dict(HAS_LORA=lora is not None, BLOCK_R=max(1, triton.next_power_of_2(r)), EMU_BF16=_INTERPRET)
         if _INTERPRET or "BLOCK_N" in cfg:

@@ -78,17 +78,38 @@ _T_SKINNY_CONFIGS = [
     for bm in (16, 32, 64)
     for (bn, bk, w, s) in ((128, 64, 4, 4), (64, 128, 4, 4), (256, 64, 4, 3), (128, 128, 8, 3))
 ]
-# M <= 2 (decode): rows per program x K step, warps; both ways of broadcasting the scales
+# M <= 2 (decode): rows per program, q8_0 blocks per K step, steps loaded together, warps, stages
 _GEMV_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "DEQ_RESHAPE": dr}, num_warps=w, num_stages=1)
-    for (bn, bk, w) in ((4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (4, 1024, 8))
-    for dr in (False, True)
+    triton.Config({"BLOCK_N": bn, "KB": kb, "UNROLL": u}, num_warps=w, num_stages=st)
+    for (bn, kb, u, w, st) in (
+        (4, 16, 2, 4, 1),
+        (8, 8, 2, 4, 1),
+        (8, 16, 1, 4, 1),
+        (16, 8, 1, 4, 1),
+        (16, 8, 2, 8, 1),
+        (4, 32, 1, 8, 1),
+        (2, 32, 1, 4, 1),
+        (2, 16, 2, 2, 1),
+        (8, 8, 1, 4, 3),
+        (4, 16, 1, 4, 3),
+        (32, 4, 2, 8, 1),
+        (1, 32, 2, 2, 1),
+    )
 ]
+
+
+# weights below this many elements are not worth a search (compiling the candidates costs seconds; the
+# product costs microseconds): they take the first config of their list
+SMALL_WEIGHT = 1 << 21
+
+
+def _prune_small(configs, named_args, **kwargs):
+    return configs[:1] if named_args["N"] * named_args["K"] < SMALL_WEIGHT else configs
 
 
 def _prune_skinny(configs, named_args, **kwargs):
     bm = _skinny_block_m(named_args["M_BUCKET"])
-    return [c for c in configs if c.kwargs["BLOCK_M"] == bm]
+    return _prune_small([c for c in configs if c.kwargs["BLOCK_M"] == bm], named_args)
 
 
 def _even_k(args):
@@ -117,26 +138,30 @@ def _tuned():
     large, skinny_cfgs, t_large, t_skinny = _LARGE_CONFIGS, _SKINNY_CONFIGS, _T_LARGE_CONFIGS, _T_SKINNY_CONFIGS
     gemv = _GEMV_CONFIGS
     if not autotuning():
-        large, t_large, gemv = large[:1], t_large[:1], gemv[4:5]
+        large, t_large, gemv = large[:1], t_large[:1], gemv[1:2]
         skinny_cfgs = _quick(skinny_cfgs, BLOCK_N=64, BLOCK_K=256, SWAP_AB=True)
         t_skinny = _quick(t_skinny, BLOCK_N=128, BLOCK_K=64)
     gemm = triton.heuristics({"EVEN_K": _even_k})(_q8_gemm_kernel)
     gemm_t = triton.heuristics({"EVEN_N": _even_n})(_q8_gemm_t_kernel)
     key = ["M_BUCKET", "N", "K"]
     skinny = {"early_config_prune": _prune_skinny}
+    small = {"early_config_prune": _prune_small}
+    # results are cached on disk with the compiled kernels (triton's cache dir): a later process skips
+    # the search for a key it has seen
+    tune = functools.partial(triton.autotune, cache_results=True)
     return {
-        "gemm_large": triton.autotune(large, key=key)(gemm),
-        "gemm_skinny": triton.autotune(skinny_cfgs, key=key, prune_configs_by=skinny)(gemm),
-        "gemm_t_large": triton.autotune(t_large, key=key)(gemm_t),
-        "gemm_t_skinny": triton.autotune(t_skinny, key=key, prune_configs_by=skinny)(gemm_t),
-        "gemv": triton.autotune(gemv, key=["N", "K"])(_q8_gemv_kernel),
+        "gemm_large": tune(large, key=key, prune_configs_by=small)(gemm),
+        "gemm_skinny": tune(skinny_cfgs, key=key, prune_configs_by=skinny)(gemm),
+        "gemm_t_large": tune(t_large, key=key, prune_configs_by=small)(gemm_t),
+        "gemm_t_skinny": tune(t_skinny, key=key, prune_configs_by=skinny)(gemm_t),
+        "gemv": tune(gemv, key=["N", "K"], prune_configs_by=small)(_q8_gemv_kernel),
     }
 
 
 # fixed tiles for the CPU interpreter: small, so the tests' odd shapes hit every mask
 _INTERP_GEMM_T = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2}
 _INTERP_GEMM = {**_INTERP_GEMM_T, "SWAP_AB": False}
-_INTERP_GEMV = {"BLOCK_N": 16, "BLOCK_K": 64, "DEQ_RESHAPE": False}
+_INTERP_GEMV = {"BLOCK_N": 16, "KB": 2, "UNROLL": 1}
 
 
 # best autotuned config per launch key: later calls skip the Autotuner/Heuristics wrappers (their
@@ -176,7 +201,8 @@ def choose_path(key: tuple, runners: dict[str, Callable[[], object]], default: s
     best = _PATH.get(key)
     if best is not None:
         return best
-    if len(runners) == 1 or _INTERPRET or not autotuning() or torch.cuda.is_current_stream_capturing():
+    small = key[2] * key[3] < SMALL_WEIGHT  # key = (op, m, n, k, ...)
+    if len(runners) == 1 or small or _INTERPRET or not autotuning() or torch.cuda.is_current_stream_capturing():
         return default if default in runners else next(iter(runners))
     times = {}
     for name, fn in runners.items():

@@ -42,13 +42,20 @@ class GraphDecoder:
         with torch.no_grad():
             self.norms = {n: norm(n) for n in [*names, "output_norm.weight"]}
             terms = lora_terms(adapters)
-            self.fused = {}  # blk.N.<fused kind> -> (packed weight, its one fused LoRA term)
+
+            def one_term(members: list[str]) -> list:
+                rows = [model.weight(m).shape[0] for m in members]
+                term = fused_lora_term([terms.get(m, []) for m in members], rows)
+                return [(a.to(dtype), b.to(dtype), s) for a, b, s in term]
+
+            # every product of the step with its adapters folded into one low-rank term, in the compute
+            # dtype, formed once (nothing is cast or concatenated per token)
+            self.fused = {}  # blk.N.<fused kind> -> (packed weight, term)
             for name, w in model.fused.items():
                 i, kind = name.split(".")[1], name.split(".")[2]
-                members = [f"blk.{i}.{m}.weight" for m in FUSED_KINDS[kind]]
-                rows = [model.tensors[m].shape[0] for m in members]
-                term = fused_lora_term([terms.get(m, []) for m in members], rows)
-                self.fused[name] = (w, [(a.to(dtype), b.to(dtype), s) for a, b, s in term])
+                self.fused[name] = (w, one_term([f"blk.{i}.{m}.weight" for m in FUSED_KINDS[kind]]))
+            single = [f"blk.{i}.{k}.weight" for i in range(args.n_layer) for k in ("attn_output", "ffn_down")]
+            self.products = {n: (model.weight(n), one_term([n])) for n in [*single, "output.weight"]}
         self.tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.graph = None
@@ -73,12 +80,12 @@ class GraphDecoder:
             q = be.rope_kv_write(qkv, self.cos_table, self.sin_table, self.pos, cache.k[i], cache.v[i],
                                  args.n_head, args.n_head_kv)  # fmt: skip
             o = be.attention_decode(q, cache.k[i], cache.v[i], self.pos)
-            delta = self.linear(o, f"blk.{i}.attn_output.weight")
+            delta = be.lora_linear(o, *self.products[f"blk.{i}.attn_output.weight"])
             h, f = be.add_rms_norm(h, delta, self.norms[f"blk.{i}.ffn_norm.weight"], eps)
             gu = self._packed(f, i, "ffn_gate_up")
-            delta = self.linear(be.swiglu(gu, args.n_ff), f"blk.{i}.ffn_down.weight")
+            delta = be.lora_linear(be.swiglu(gu, args.n_ff), *self.products[f"blk.{i}.ffn_down.weight"])
         _, h = be.add_rms_norm(h, delta, self.norms["output_norm.weight"], eps)
-        return self.linear(h, "output.weight")[0, -1].float()
+        return be.lora_linear(h, *self.products["output.weight"])[0, -1].float()
 
     @torch.no_grad()
     def __call__(self, token: int, pos: int) -> torch.Tensor:

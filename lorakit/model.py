@@ -262,6 +262,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).to(x.dtype)
 
 
+class SpecOps:
+    """The block's elementwise ops in plain torch (autograd through torch): the specification. A backend
+    may supply fused versions with the same signatures and numerics (lorakit.fused_ops)."""
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        return rms_norm(x, eps) * w.to(x.dtype)
+
+    @staticmethod
+    def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rope(x, cos, sin)
+
+    @staticmethod
+    def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return F.silu(g) * u
+
+
+SPEC_OPS = SpecOps()
+
 # A LinearFn computes y = x @ W'.T for the named (possibly LoRA-adapted) weight.
 LinearFn = Callable[[torch.Tensor, str], torch.Tensor]
 # A NormFn returns the (possibly adapted) norm gain vector for a norm tensor name.
@@ -295,14 +314,15 @@ def attention(
     sin: torch.Tensor,
     cache: KVCache | None,
     n_past: int,
+    ops=SPEC_OPS,
 ) -> torch.Tensor:
     B, T, _ = x.shape
     H, Hkv, D = args.n_head, args.n_head_kv, args.head_dim
     q = linear(x, f"blk.{i}.attn_q.weight").view(B, T, H, D)
     k = linear(x, f"blk.{i}.attn_k.weight").view(B, T, Hkv, D)
     v = linear(x, f"blk.{i}.attn_v.weight").view(B, T, Hkv, D)
-    q = apply_rope(q, cos, sin).transpose(1, 2)
-    k = apply_rope(k, cos, sin).transpose(1, 2)
+    q = ops.rope(q, cos, sin).transpose(1, 2)
+    k = ops.rope(k, cos, sin).transpose(1, 2)
     v = v.transpose(1, 2)
     causal = True
     mask = None
@@ -325,10 +345,10 @@ def attention(
     return linear(out, f"blk.{i}.attn_output.weight")
 
 
-def feed_forward(i: int, x: torch.Tensor, linear: LinearFn) -> torch.Tensor:
+def feed_forward(i: int, x: torch.Tensor, linear: LinearFn, ops=SPEC_OPS) -> torch.Tensor:
     gate = linear(x, f"blk.{i}.ffn_gate.weight")
     up = linear(x, f"blk.{i}.ffn_up.weight")
-    return linear(F.silu(gate) * up, f"blk.{i}.ffn_down.weight")
+    return linear(ops.silu_mul(gate, up), f"blk.{i}.ffn_down.weight")
 
 
 def block(
@@ -341,11 +361,12 @@ def block(
     sin: torch.Tensor,
     cache: KVCache | None = None,
     n_past: int = 0,
+    ops=SPEC_OPS,
 ) -> torch.Tensor:
-    a = rms_norm(h, args.norm_eps) * norm(f"blk.{i}.attn_norm.weight").to(h.dtype)
-    h = h + attention(args, i, a, linear, cos, sin, cache, n_past)
-    f = rms_norm(h, args.norm_eps) * norm(f"blk.{i}.ffn_norm.weight").to(h.dtype)
-    return h + feed_forward(i, f, linear)
+    a = ops.rms_norm(h, norm(f"blk.{i}.attn_norm.weight"), args.norm_eps)
+    h = h + attention(args, i, a, linear, cos, sin, cache, n_past, ops)
+    f = ops.rms_norm(h, norm(f"blk.{i}.ffn_norm.weight"), args.norm_eps)
+    return h + feed_forward(i, f, linear, ops)
 
 
 def forward_hidden(
@@ -358,8 +379,10 @@ def forward_hidden(
     cache: KVCache | None = None,
     n_past: int = 0,
     checkpoint_layers: bool = False,
+    ops=SPEC_OPS,
 ) -> torch.Tensor:
-    """tokens [B, T] -> final normed hidden state [B, T, E] (before the output projection)."""
+    """tokens [B, T] -> final normed hidden state [B, T, E] (before the output projection). `ops`: the
+    elementwise ops (SPEC_OPS, or a backend's fused ones with the same numerics)."""
     T = tokens.shape[1]
     cos, sin = rope[0][n_past : n_past + T], rope[1][n_past : n_past + T]
     h = embed(tokens)
@@ -369,8 +392,8 @@ def forward_hidden(
         if checkpoint_layers and torch.is_grad_enabled() and i < args.n_layer - 1:
             # no RNG-state bookkeeping (the forward has no randomness; it would synchronize a CUDA graph)
             h = torch.utils.checkpoint.checkpoint(
-                block, args, i, h, linear, norm, cos, sin, use_reentrant=False, preserve_rng_state=False
+                block, args, i, h, linear, norm, cos, sin, None, 0, ops, use_reentrant=False, preserve_rng_state=False
             )
         else:
-            h = block(args, i, h, linear, norm, cos, sin, cache, n_past)
-    return rms_norm(h, args.norm_eps) * norm("output_norm.weight").to(h.dtype)
+            h = block(args, i, h, linear, norm, cos, sin, cache, n_past, ops)
+    return ops.rms_norm(h, norm("output_norm.weight"), args.norm_eps)

@@ -167,8 +167,6 @@ class Trainer:
         }
         self.m = {k: t.to(dev) for k, t in self.st.m.items()}
         self.v = {k: t.to(dev) for k, t in self.st.v.items()}
-        self.adapter = LoraAdapter({n: LoraPair(a, b, 1.0) for n, (a, b) in self.params.items()}, format="train")
-        self.fns = model_fns(self.model, self.backend, [(self.adapter, 1.0)], self.dtype)
         self.rope = rope_tables(args, cfg.n_ctx, dev)
         self._flat_params = [t for ab in self.params.values() for t in ab]
         self._graphed = None
@@ -231,11 +229,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ math
     def _loss_and_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        linear, norm, embed = self.fns
-        h = forward_hidden(self.args, x, linear, norm, embed, self.rope, checkpoint_layers=self.cfg.use_checkpointing)
-        loss = cross_entropy(linear(h, "output.weight"), y)
-        loss.backward()
-        return loss.detach()
+        return loss_and_backward(self.model, self.backend, self.params, self.dtype, self.rope, x, y,
+                                 self.cfg.use_checkpointing)  # fmt: skip
 
     def forward_backward(self, inputs: np.ndarray, targets: np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Loss of one micro-batch and the gradients of the LoRA tensors (a, b per name, params order)."""
@@ -404,6 +399,21 @@ class Trainer:
         """Warnings save_outputs recorded (e.g. LoRAs a GGUF adapter cannot carry), once each."""
         for note in self.st.notes[start:]:
             self.emit(MessageEvent(note, warning=True))
+
+
+def loss_and_backward(model, backend, params: dict, dtype, rope, x, y, checkpointing: bool) -> torch.Tensor:
+    """One micro-batch: forward with the LoRA `params` (name -> (a, b), trained at scale 1), ggml's
+    cross-entropy, backward into the params' .grad; returns the loss. The LoRA tensors are cast to the
+    compute dtype once here (a differentiable cast), not at each of their uses in forward, recompute and
+    backward."""
+    if dtype != torch.float32:
+        params = {n: (a.to(dtype), b.to(dtype)) for n, (a, b) in params.items()}
+    adapter = LoraAdapter({n: LoraPair(a, b, 1.0) for n, (a, b) in params.items()}, format="train")
+    linear, norm, embed = model_fns(model, backend, [(adapter, 1.0)], dtype)
+    h = forward_hidden(model.args, x, linear, norm, embed, rope, checkpoint_layers=checkpointing)
+    loss = cross_entropy(linear(h, "output.weight"), y)
+    loss.backward()
+    return loss.detach()
 
 
 class _Stop(Exception):

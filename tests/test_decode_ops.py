@@ -51,7 +51,7 @@ triton = pytest.importorskip("triton")
 
 import torch.nn.functional as F  # noqa: E402
 from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
-from lorakit.kernels import q8_0_matmul  # noqa: E402
+from lorakit.kernels import decode_ops, q8_0_matmul  # noqa: E402
 
 from lorakit import model  # noqa: E402
 
@@ -190,6 +190,98 @@ def test_attention_decode(tri, dtype, D, Hkv, pos):
     assert got.shape == (1, 1, H * D) and got.dtype == dtype
 
     assert_within(got, ref, attention_bound(q, k, v, pos, ref), f"attention D={D} Hkv={Hkv} pos={pos} {dtype}")
+
+
+# the key splits (decode_ops.attention_decode's test hook `splits`): S = 1 (the direct path), S < the number
+# of BLOCK_T-key blocks (several blocks per split), S = that number (the default at N_CTX = 37 under the
+# interpreter: 5 blocks of 8), S above it (splits that never hold a key) and S = 16 (MAX_SPLITS); N_CTX is
+# a multiple of none. pos = 0 (one busy split), 5, 20, N_CTX - 1 and N_CTX + 5 (past the cache: every row);
+# GQA groups of 1, 2 and 4.
+SPLITS = [1, 2, 3, 5, 7, 16]
+SPLIT_CASES = [(12, 4, 0), (12, 4, 20), (12, 2, 5), (12, 2, N_CTX - 1), (12, 1, 20), (8, 1, 0), (8, 2, N_CTX + 5)]
+
+
+def attention_inputs(D, Hkv, pos, dtype, n_ctx=N_CTX):
+    """q, k, v (rows past pos NaN: one read of them would poison the output) and the spec's output."""
+    q = rand(1, H, 1, D, dtype=dtype, seed=1, scale=2.0)
+    k = rand(1, Hkv, n_ctx, D, dtype=dtype, seed=2)
+    v = rand(1, Hkv, n_ctx, D, dtype=dtype, seed=3)
+    ref = SPEC.attention_decode(q, k, v, torch.tensor([pos]))
+    kn, vn = k.clone(), v.clone()
+    kn[:, :, pos + 1 :] = float("nan")
+    vn[:, :, pos + 1 :] = float("nan")
+    return q, k, v, kn, vn, ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("S", SPLITS)
+@pytest.mark.parametrize("D,Hkv,pos", SPLIT_CASES)
+def test_attention_decode_splits(dtype, S, D, Hkv, pos):
+    q, k, v, kn, vn, ref = attention_inputs(D, Hkv, pos, dtype)
+    p = torch.tensor([pos], device=DEVICE)
+    got = decode_ops.attention_decode(q.to(DEVICE), kn.to(DEVICE), vn.to(DEVICE), p, splits=S)
+    assert got.shape == (1, 1, H * D) and got.dtype == dtype
+    last = min(pos, N_CTX - 1)  # keys 0..last
+    bound = attention_bound(q, k, v, last, ref)
+    assert_within(got, ref, bound, f"attention_splits S={S} D={D} Hkv={Hkv} pos={pos} {dtype}")
+
+
+def test_attention_splits_heuristic():
+    bt, most = decode_ops.BLOCK_T, decode_ops.MAX_SPLITS
+    assert decode_ops.attention_splits(1) == decode_ops.attention_splits(bt) == 1
+    assert decode_ops.attention_splits(bt + 1) == 2
+    assert decode_ops.attention_splits(N_CTX) == -(-N_CTX // bt)
+    assert decode_ops.attention_splits(most * bt) == decode_ops.attention_splits(100 * most * bt) == most
+    with pytest.raises(ValueError, match="splits"):
+        decode_ops.attention_decode(
+            *[t.to(DEVICE) for t in attention_inputs(8, 2, 3, torch.float32)[:3]],
+            torch.tensor([3], device=DEVICE),
+            splits=0,
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("S", [None, 1, 3, 16])
+def test_attention_decode_deterministic(dtype, S, monkeypatch):
+    """Two calls with the same inputs give the same bits, and the combining program leaves its counters at 0:
+    the second call here gets the first call's counter buffer back (not re-zeroed)."""
+    q, k, v, *_ = attention_inputs(12, 2, N_CTX - 1, dtype)
+    q, k, v, p = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), torch.tensor([N_CTX - 1], device=DEVICE)
+    counters = []
+    zeros = torch.zeros
+
+    def reused_counters(*shape, **kw):  # the first int32 buffer, handed out again as is
+        if kw.get("dtype") is not torch.int32:
+            return zeros(*shape, **kw)
+        if not counters:
+            counters.append(zeros(*shape, **kw))
+        return counters[0]
+
+    monkeypatch.setattr(decode_ops.torch, "zeros", reused_counters)
+    outs = [decode_ops.attention_decode(q, k, v, p, splits=S) for _ in range(3)]
+    monkeypatch.undo()
+    split = (S or decode_ops.attention_splits(N_CTX)) > 1
+    assert len(counters) == int(split)
+    if split:
+        assert counters[0].shape == (H,) and not counters[0].any(), "the counters must be back at 0"
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0]), "repeated calls must be bit-identical"
+
+
+def test_attention_decode_strided_cache():
+    """Caches that are views: rows longer than D (stride_kt != D) and a head stride with no power-of-two factor
+    above 1 (KV_ALIGN = 1)."""
+    D, Hkv, pos = 12, 2, 30
+    q, k, v, kn, vn, ref = attention_inputs(D, Hkv, pos, torch.float32)
+    views = []
+    for t in (kn, vn):
+        big = torch.full((1, Hkv, N_CTX, D + 1), SENTINEL)  # head stride 37 * 13: odd
+        big[..., :D] = t
+        views.append(big.to(DEVICE)[..., :D])
+    assert views[0].stride(2) == D + 1 and views[0].stride(1) % 2
+    for S in (1, 4):
+        got = decode_ops.attention_decode(q.to(DEVICE), *views, torch.tensor([pos], device=DEVICE), splits=S)
+        assert_within(got, ref, attention_bound(q, k, v, pos, ref), f"attention_strided S={S}")
 
 
 def attention_bound(q, k, v, pos, ref):

@@ -172,8 +172,8 @@ def test_lora_linear_several_adapters(tri):
     "m,config",
     [
         (1, {"path": "gemv"}),  # ragged last K step (64 + 64 + 32 of 160) and N tile (97 = 6 * 16 + 1)
-        (4, {"path": "gemv", "BLOCK_N": 8, "BLOCK_K": 32}),  # several rows of x, even K steps
-        (1, {"path": "gemv", "BLOCK_N": 8, "BLOCK_K": 128, "DEQ_RESHAPE": True}),  # scales via reshape
+        (4, {"path": "gemv", "BLOCK_N": 8, "KB": 1, "UNROLL": 2}),  # several rows of x, 2 steps per load
+        (1, {"path": "gemv", "BLOCK_N": 8, "KB": 4, "UNROLL": 2}),  # K < one unrolled step: all masked
         (37, {"path": "dequant"}),  # dequantize + torch matmul (cuBLAS on the GPU), LoRA by addmm
         (1, {"path": "gemm"}),  # the tiled kernel with a single row
         (37, {"path": "gemm", "SPLIT_K": 2, "BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}),

@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Where the GPU time goes: torch.profiler kernel tables for the decode step, a 512-token prefill and a
+training step, on the open_llama_3b-shaped q8_0 model (random weights).
+
+    python bench/profile_gpu.py [--layers 26] [--what decode,prefill,train] [--out bench/results/profile_h200.json]
+
+For each workload: wall time per call (graph replay where lorakit uses one, and eager), the sum of GPU
+kernel time per call, and the kernels that take the most GPU time (per call, share of the total). The
+gap between wall time and kernel time is launch/idle overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def kernel_table(fn, calls: int, top: int = 18) -> dict:
+    """Profile `calls` runs of fn; GPU kernel time per call by kernel name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = {}
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0:
+            rows[e.key] = (rows.get(e.key, (0.0, 0))[0] + t / calls, e.count // calls)
+    total = sum(t for t, _ in rows.values())
+    ranked = sorted(rows.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "kernel_us_per_call": total,
+        "top": [{"kernel": k[:90], "us": t, "count": c, "share": t / total} for k, (t, c) in ranked],
+    }
+
+
+def wall(fn, calls: int) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def show(name: str, r: dict) -> None:
+    print(f"\n== {name}: wall {r.get('wall_us', 0):.0f} us/call"
+          + (f" (eager {r['eager_wall_us']:.0f})" if "eager_wall_us" in r else "")
+          + f", kernels {r['kernel_us_per_call']:.0f} us/call")  # fmt: skip
+    for k in r["top"]:
+        print(f"{k['us']:9.1f} us {k['share']:6.1%} x{k['count']:<4d} {k['kernel']}")
+
+
+def profile_decode(model, be, prompt=128, adapters=()) -> dict:
+    from lorakit.decode import GraphDecoder
+    from lorakit.generate import Generator
+
+    dt = torch.bfloat16
+    gen = Generator(model, be, adapters, n_ctx=prompt + 64, dtype=dt)
+    cache = gen.new_cache()
+    gen.logits(list(range(3, 3 + prompt)), cache, 0)
+    graph = GraphDecoder(model, be, adapters, gen.rope, cache, dt)
+    eager = GraphDecoder(model, be, adapters, gen.rope, cache, dt, use_graph=False)
+    graph(5, prompt)
+    eager(5, prompt)
+    r = kernel_table(lambda: eager(5, prompt), 5)
+    r["wall_us"] = wall(lambda: graph(5, prompt), 50)
+    r["eager_wall_us"] = wall(lambda: eager(5, prompt), 5)
+    return r
+
+
+def profile_prefill(model, be, n=512) -> dict:
+    from lorakit.generate import Generator
+
+    gen = Generator(model, be, (), n_ctx=n, dtype=torch.bfloat16)
+    ids = list(range(3, 3 + n))
+
+    def run():
+        gen.logits(ids, gen.new_cache(), 0)
+
+    run()
+    r = kernel_table(run, 2)
+    r["wall_us"] = wall(run, 3)
+    return r
+
+
+def profile_train(model, be, batch: int, ctx: int, ckpt: bool) -> dict:
+    import numpy as np
+
+    from lorakit.lora import LoraRanks, lora_shapes
+    from lorakit.lora_init import init_lora
+    from lorakit.model import rope_tables
+    from lorakit.train import loss_and_backward
+    from lorakit.train_graph import GraphedStep
+
+    off = {"token_embd": 0, "output": 0, "output_norm": 0, "attn_norm": 0, "ffn_norm": 0}
+    lora = init_lora(lora_shapes(model.args, LoraRanks.default(4, **off)), seed=1)
+    params = {n: (a.cuda().requires_grad_(), b.cuda().requires_grad_()) for n, (a, b) in lora.items()}
+    rope = rope_tables(model.args, ctx, be.device)
+    flat = [t for ab in params.values() for t in ab]
+    xi = np.random.default_rng(0).integers(0, model.args.n_vocab, (batch, ctx))
+
+    def step(x, y):
+        return loss_and_backward(model, be, params, torch.bfloat16, rope, x, y, ckpt)
+
+    x = torch.from_numpy(xi).cuda()
+
+    def eager():
+        step(x, x)
+        for t in flat:
+            t.grad = None
+
+    eager()
+    r = kernel_table(eager, 2)
+    r["eager_wall_us"] = wall(eager, 2)
+    g = GraphedStep(step, flat)
+    g(xi, xi)
+    r["wall_us"] = wall(lambda: g(xi, xi), 5)
+    return r
+
+
+def main(argv=None) -> int:
+    from finetune_gpu import random_q8_model, shapes
+    from lorakit.backends import get_backend
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=26)
+    ap.add_argument("--what", default="decode,prefill,train")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "profile_h200.json")
+    a = ap.parse_args(argv)
+    be = get_backend("cuda-triton")
+    model = random_q8_model(shapes(a.layers), be.device)
+    out = {}
+    for what in a.what.split(","):
+        if what == "decode":
+            out["decode"] = profile_decode(model, be)
+        elif what == "prefill":
+            out["prefill 512"] = profile_prefill(model, be)
+        elif what == "train":
+            out["train 4x64 ckpt"] = profile_train(model, be, 4, 64, True)
+            out["train 8x512"] = profile_train(model, be, 8, 512, False)
+        for name in [k for k in out if k.startswith(what)]:
+            show(name, out[name])
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""Fused kernels for the training step's elementwise ops (lorakit/fused_ops.py), one launch forward and one
+backward per op, in place of torch's chains of small kernels (cast, pow, mean, rsqrt, mul, cast, mul, ...).
+
+The compute dtype is fp32, bf16 or fp16; all math is fp32 and each result is rounded to the dtype once, where
+the spec (backends/cpu_torch.py, i.e. lorakit/model.py's op sequence) rounds it. Every launcher: check ->
+allocate -> launch. rnd(.) is the rounding to the compute dtype, E the row length, rows the number of rows.
+
+  rms_norm_fwd(x, w, eps) -> (y, rstd)   one program per row (the whole row in registers, E <= MAX_ROW):
+      xf = fp32(x), rstd = 1 / sqrt(sum(xf^2) / E + eps), n = xf * rstd,
+      y = rnd(rnd(n) * rnd(w))            (model.block: rms_norm(h, eps) * w.to(h.dtype))
+      rstd (fp32 [rows]) is kept for the backward.
+  rms_norm_bwd(dy, x, w, rstd) -> (dx, dw)   the gradient of that forward with the rounding rnd(n) taken as
+      the identity (as autograd does). With wf = fp32(rnd(w)), g = dy * wf:
+      dx = rnd(rstd * (g - n * (sum(g * n) / E)))                       (fp32 math, one rounding)
+      dw = sum over rows of dy * fp32(rnd(n))      fp32 [E]; autograd's gradient of rnd(n) * rnd(w) w.r.t. rnd(w)
+      dw is deterministic: each program adds its fixed block of consecutive rows (in order) into one fp32 row of
+      a [programs, E] buffer; torch sums that buffer over axis 0 (no atomics; the same shape gives the same bits).
+  rope_fwd(x, cos, sin, inverse=False) -> y   x [B, T, H, D], cos/sin fp32 [T, D/2]; one program per (b, t) and
+      block of heads. Pairs (x0, x1) = (x[2i], x[2i+1]) turn by theta = (t, i):
+      forward  (x0*c - x1*s, x0*s + x1*c),  inverse (x0*c + x1*s, -x0*s + x1*c) (the inverse is the forward with
+      s -> -s, exactly). The rotation is orthogonal, so the backward of rope_fwd is rope_fwd(dy, inverse=True).
+  silu_mul_fwd(g, u) -> y   elementwise: a = rnd(g / (1 + exp(-g))), y = rnd(a * u)   (F.silu(g) * up)
+  silu_mul_bwd(dy, g, u) -> (dg, du)   with sig = 1 / (1 + exp(-g)):
+      du = rnd(dy * a)                                    (a as the forward stored it)
+      dg = rnd(((dy * u) * sig) * (1 + g * (1 - sig)))   (d silu / dg = sig * (1 + g * (1 - sig)))
+
+Numerics against cpu-torch (the tests' table, tests/test_train_ops.py, derives the bounds):
+  * rms_norm: 1/sqrt is sqrt.rn then div.rn (correctly rounded, as torch's CPU rsqrt: 1 / sqrt); the sum of
+    squares is a tree reduction (torch sums in another order), so rstd is within ~E fp32 ulps of the spec's
+    and y within that plus one rounding step per rounding (n, the product). Given the same rstd, dx differs
+    only by the order of the E-term sum, dw only by the order of the row sum.
+  * rope: op for op the spec's fp32 sequence, launched with enable_fp_fusion=False so the GPU compiler cannot
+    contract x0*c - x1*s into an FMA: bit-identical to model.apply_rope (forward) and to its autograd (inverse).
+  * silu_mul: the spec's sequence; only exp differs (a few fp32 ulps; on the GPU ex2.approx of -g*log2(e),
+    ~|g| ulps from the argument) -> one rounding step apart at most in each rounded result.
+
+Under TRITON_INTERPRET=1 (CPU tensors) the tiles are small so the tests' odd shapes hit every mask, and EMU_BF16
+makes the interpreter's fp32 -> bf16 cast round to nearest-even like the GPU (see triton_util._to).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_util import _to, interpreting
+
+_INTERPRET = interpreting()
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_ROW = 16384  # rms_norm keeps a whole row in registers
+# rms_norm_bwd: about this many programs (each a block of consecutive rows); a constant, not the device's
+# SM count, so that dw's summation order (and bits) depends on the shape only
+BWD_PROGRAMS = 4 if _INTERPRET else 512
+ROPE_TILE = 8 if _INTERPRET else 2048  # rope: elements (heads x D) per program
+EW_BLOCK = 16 if _INTERPRET else 1024  # silu_mul: columns per program
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    x_ptr, w_ptr, y_ptr, r_ptr, E, E_f, eps, stride_x,
+    BLOCK: tl.constexpr, EMU_BF16: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    dtype = y_ptr.dtype.element_ty
+    offs = tl.arange(0, BLOCK)
+    mask = offs < E
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    ms = tl.math.div_rn(tl.sum(x * x, axis=0), E_f) + eps  # E_f = float(E)
+    r = tl.math.div_rn(1.0, tl.math.sqrt_rn(ms))
+    n = _to(x * r, dtype, EMU_BF16).to(tl.float32)
+    w = _to(tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32), dtype, EMU_BF16).to(tl.float32)
+    tl.store(y_ptr + row * E + offs, _to(n * w, dtype, EMU_BF16), mask=mask)
+    tl.store(r_ptr + row, r)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    dy_ptr, x_ptr, w_ptr, r_ptr, dx_ptr, part_ptr, n_rows, rows_per_prog, E, E_f, stride_dy, stride_x,
+    BLOCK: tl.constexpr, EMU_BF16: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    dtype = dx_ptr.dtype.element_ty
+    offs = tl.arange(0, BLOCK)
+    mask = offs < E
+    w = _to(tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32), dtype, EMU_BF16).to(tl.float32)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    row0 = pid.to(tl.int64) * rows_per_prog  # (the loop's row is then int64 too)
+    row1 = tl.minimum(row0 + rows_per_prog, n_rows)
+    for row in range(row0, row1):
+        dy = tl.load(dy_ptr + row * stride_dy + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + row)
+        n = x * r
+        g = dy * w
+        c = tl.math.div_rn(tl.sum(g * n, axis=0), E_f)
+        tl.store(dx_ptr + row * E + offs, _to(r * (g - n * c), dtype, EMU_BF16), mask=mask)
+        acc += dy * _to(n, dtype, EMU_BF16).to(tl.float32)
+    tl.store(part_ptr + pid.to(tl.int64) * E + offs, acc, mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    x_ptr, cos_ptr, sin_ptr, y_ptr, T, H, P, stride_xb, stride_xt, stride_xh, stride_c0, stride_c1,
+    stride_s0, stride_s1,
+    INVERSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, EMU_BF16: tl.constexpr,
+):  # fmt: skip
+    bt = tl.program_id(0)  # b * T + t
+    b = (bt // T).to(tl.int64)
+    t = bt % T
+    dtype = y_ptr.dtype.element_ty
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    p = tl.arange(0, BLOCK_P)
+    two = tl.arange(0, 2)
+    mp = p < P
+    c = tl.load(cos_ptr + t * stride_c0 + p * stride_c1, mask=mp, other=0.0)[None, :]
+    s = tl.load(sin_ptr + t * stride_s0 + p * stride_s1, mask=mp, other=0.0)[None, :]
+    if INVERSE:
+        s = -s
+    m3 = (h < H)[:, None, None] & mp[None, :, None] & (two < 2)[None, None, :]
+    pair = (2 * p)[None, :, None] + two[None, None, :]  # [1, BLOCK_P, 2]: element 2i + j of a head
+    src = x_ptr + b * stride_xb + t * stride_xt + h[:, None, None].to(tl.int64) * stride_xh + pair
+    x0, x1 = tl.split(tl.load(src, mask=m3, other=0.0).to(tl.float32))  # [BLOCK_H, BLOCK_P] each
+    o0 = _to(x0 * c - x1 * s, dtype, EMU_BF16)
+    o1 = _to(x0 * s + x1 * c, dtype, EMU_BF16)
+    dst = y_ptr + bt.to(tl.int64) * (H * 2 * P) + h[:, None, None].to(tl.int64) * (2 * P) + pair
+    tl.store(dst, tl.join(o0, o1), mask=m3)
+
+
+@triton.jit
+def _silu_mul_fwd_kernel(
+    g_ptr, u_ptr, y_ptr, Fd, n_blk, stride_g, stride_u, BLOCK: tl.constexpr, EMU_BF16: tl.constexpr
+):
+    pid = tl.program_id(0)
+    row = (pid // n_blk).to(tl.int64)
+    cols = (pid % n_blk) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < Fd
+    dtype = y_ptr.dtype.element_ty
+    g = tl.load(g_ptr + row * stride_g + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_u + cols, mask=m, other=0.0).to(tl.float32)
+    a = _to(tl.math.div_rn(g, 1.0 + tl.exp(-g)), dtype, EMU_BF16).to(tl.float32)
+    tl.store(y_ptr + row * Fd + cols, _to(a * u, dtype, EMU_BF16), mask=m)
+
+
+@triton.jit
+def _silu_mul_bwd_kernel(
+    dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, Fd, n_blk, stride_dy, stride_g, stride_u,
+    BLOCK: tl.constexpr, EMU_BF16: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    row = (pid // n_blk).to(tl.int64)
+    cols = (pid % n_blk) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < Fd
+    dtype = dg_ptr.dtype.element_ty
+    dy = tl.load(dy_ptr + row * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + row * stride_g + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_u + cols, mask=m, other=0.0).to(tl.float32)
+    den = 1.0 + tl.exp(-g)
+    a = _to(tl.math.div_rn(g, den), dtype, EMU_BF16).to(tl.float32)
+    sig = tl.math.div_rn(1.0, den)
+    tl.store(du_ptr + row * Fd + cols, _to(dy * a, dtype, EMU_BF16), mask=m)
+    dg = ((dy * u) * sig) * (1.0 + g * (1.0 - sig))
+    tl.store(dg_ptr + row * Fd + cols, _to(dg, dtype, EMU_BF16), mask=m)
+
+
+# --------------------------------------------------------------------------------------------------
+# checks and launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def _check(x: torch.Tensor, what: str, dtype: torch.dtype | None = None, device=None) -> None:
+    if dtype is None and x.dtype not in _DTYPES:
+        raise TypeError(f"{what} must be float32, bfloat16 or float16, got {x.dtype}")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{what} must be {dtype}, got {x.dtype}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{what} is on {x.device}, expected {device}")
+    if not _INTERPRET and x.device.type != "cuda":
+        raise ValueError(f"{what} must be a CUDA tensor (or set TRITON_INTERPRET=1 before importing triton)")
+    if x.dim() and x.stride(-1) != 1:
+        raise ValueError(f"{what} must be contiguous along its last axis")
+
+
+def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x [..., n] as [rows, n] with one row stride (a copy only when the leading axes cannot be flattened)."""
+    return x.reshape(-1, n)
+
+
+def _check_row(x: torch.Tensor, w: torch.Tensor) -> int:
+    _check(x, "x")
+    E = x.shape[-1] if x.dim() else 0
+    if not 0 < E <= MAX_ROW:
+        raise ValueError(f"row length {E} is outside 1..{MAX_ROW} (the kernel keeps a row in registers)")
+    if not w.is_floating_point() or w.shape != (E,) or w.device != x.device:
+        raise ValueError(f"w must be a float [{E}] tensor on {x.device}, got {w.dtype} {tuple(w.shape)} on {w.device}")
+    return E
+
+
+def _w_arg(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """w as the kernels read it: fp32/bf16/fp16 as is (rounded to dtype in the kernel), other floats converted."""
+    w = w if w.dtype in _DTYPES else w.to(dtype)
+    return w if w.stride(0) == 1 else w.contiguous()
+
+
+def _row_warps(block: int) -> int:
+    return min(16, max(1, block // 512))
+
+
+def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, rstd): y = rms_norm(x, eps) * w.to(x.dtype) in x's dtype [..., E]; rstd fp32 [rows] = 1/rms per row."""
+    E = _check_row(x, w)
+    x2 = _rows(x, E)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+    if x2.shape[0] == 0:
+        return y, rstd
+    block = triton.next_power_of_2(E)
+    _rms_norm_fwd_kernel[(x2.shape[0],)](
+        x2, _w_arg(w, x.dtype), y, rstd, E, float(E), float(eps), x2.stride(0),
+        BLOCK=block, EMU_BF16=_INTERPRET, num_warps=_row_warps(block),
+    )  # fmt: skip
+    return y, rstd
+
+
+def rms_norm_bwd(
+    dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx in x's dtype, dw fp32 [E]): the gradient of rms_norm_fwd for the output gradient dy (deterministic)."""
+    E = _check_row(x, w)
+    _check(dy, "dy", x.dtype, x.device)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy has shape {tuple(dy.shape)}, x {tuple(x.shape)}")
+    x2, dy2 = _rows(x, E), _rows(dy, E)
+    n_rows = x2.shape[0]
+    if rstd.dtype != torch.float32 or rstd.numel() != n_rows or rstd.device != x.device:
+        raise ValueError(f"rstd must be a float32 tensor of {n_rows} rows on {x.device} (rms_norm_fwd's)")
+    rstd = rstd.reshape(-1).contiguous()
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if n_rows == 0:
+        return dx, torch.zeros(E, dtype=torch.float32, device=x.device)
+    rows_per_prog = triton.cdiv(n_rows, BWD_PROGRAMS)
+    n_prog = triton.cdiv(n_rows, rows_per_prog)
+    part = torch.empty(n_prog, E, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(E)
+    _rms_norm_bwd_kernel[(n_prog,)](
+        dy2, x2, _w_arg(w, x.dtype), rstd, dx, part, n_rows, rows_per_prog, E, float(E), dy2.stride(0), x2.stride(0),
+        BLOCK=block, EMU_BF16=_INTERPRET, num_warps=_row_warps(block),
+    )  # fmt: skip
+    return dx, part.sum(0)
+
+
+def rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """model.apply_rope: x [B, T, H, D] (last axis contiguous, any strides on the others; D even), cos/sin fp32
+    [T, D/2] -> contiguous [B, T, H, D] in x's dtype. inverse=True turns by -theta (the backward)."""
+    _check(x, "x")
+    if x.dim() != 4 or x.shape[-1] % 2:
+        raise ValueError(f"x must be [B, T, H, D] with D even, got {tuple(x.shape)}")
+    B, T, H, D = x.shape
+    for t, name in ((cos, "cos"), (sin, "sin")):
+        if t.dtype != torch.float32 or t.shape != (T, D // 2) or t.device != x.device:
+            raise ValueError(
+                f"{name} must be a float32 [{T}, {D // 2}] table on {x.device}, got {t.dtype} {tuple(t.shape)}"
+            )
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    block_p = triton.next_power_of_2(D // 2)
+    block_h = min(triton.next_power_of_2(H), max(1, ROPE_TILE // (2 * block_p)))
+    _rope_kernel[(B * T, triton.cdiv(H, block_h))](
+        x, cos, sin, y, T, H, D // 2, x.stride(0), x.stride(1), x.stride(2),
+        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+        INVERSE=bool(inverse), BLOCK_H=block_h, BLOCK_P=block_p, EMU_BF16=_INTERPRET,
+        enable_fp_fusion=False, num_warps=4 if block_h * block_p >= 512 else 1,
+    )  # fmt: skip
+    return y
+
+
+def _check_same(ts: list[tuple[torch.Tensor, str]]) -> int:
+    t0, name0 = ts[0]
+    _check(t0, name0)
+    for t, name in ts[1:]:
+        _check(t, name, t0.dtype, t0.device)
+        if t.shape != t0.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, {name0} {tuple(t0.shape)}")
+    Fd = t0.shape[-1] if t0.dim() else 0
+    if Fd <= 0:
+        raise ValueError(f"{name0} must have a non-empty last axis, got shape {tuple(t0.shape)}")
+    return Fd
+
+
+def silu_mul_fwd(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """F.silu(g) * u with model.feed_forward's roundings; g, u [..., F] (last axis contiguous) -> contiguous y."""
+    Fd = _check_same([(g, "g"), (u, "u")])
+    g2, u2 = _rows(g, Fd), _rows(u, Fd)
+    y = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    rows = g2.shape[0]
+    if rows == 0:
+        return y
+    n_blk = triton.cdiv(Fd, EW_BLOCK)
+    _silu_mul_fwd_kernel[(rows * n_blk,)](
+        g2, u2, y, Fd, n_blk, g2.stride(0), u2.stride(0), BLOCK=EW_BLOCK, EMU_BF16=_INTERPRET, num_warps=4
+    )
+    return y
+
+
+def silu_mul_bwd(dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dg, du) in g's dtype: the gradient of silu_mul_fwd for the output gradient dy."""
+    Fd = _check_same([(g, "g"), (u, "u"), (dy, "dy")])
+    dy2, g2, u2 = _rows(dy, Fd), _rows(g, Fd), _rows(u, Fd)
+    dg = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    du = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    rows = g2.shape[0]
+    if rows == 0:
+        return dg, du
+    n_blk = triton.cdiv(Fd, EW_BLOCK)
+    _silu_mul_bwd_kernel[(rows * n_blk,)](
+        dy2, g2, u2, dg, du, Fd, n_blk, dy2.stride(0), g2.stride(0), u2.stride(0),
+        BLOCK=EW_BLOCK, EMU_BF16=_INTERPRET, num_warps=4,
+    )  # fmt: skip
+    return dg, du
