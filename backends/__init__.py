@@ -92,9 +92,7 @@ class Backend(Protocol):
     def silu_mul_fwd(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """F.silu(g) * u as model.feed_forward (silu rounded to the dtype, then the product)."""
 
-    def silu_mul_bwd(
-        self, dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def silu_mul_bwd(self, dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(dg, du) in g's dtype: silu_mul_fwd's gradient, fp32 math rounded once."""
 
     def embedding(self, w: Weight, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -167,9 +167,7 @@ class CpuTorchBackend:
         """model.feed_forward's F.silu(gate) * up (gate contiguous, as the model's: see swiglu)."""
         return F.silu(g.contiguous()) * u
 
-    def silu_mul_bwd(
-        self, dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def silu_mul_bwd(self, dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """sig = 1/(1 + exp(-g)): du = dy * rnd(silu(g)), dg = dy * u * sig * (1 + g * (1 - sig)) in fp32."""
         acc = _acc(g.dtype)
         gf, uf, dyf = g.to(acc), u.to(acc), dy.to(acc)

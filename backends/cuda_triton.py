@@ -104,9 +104,7 @@ class CudaTritonBackend:
     def silu_mul_fwd(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return self._train.silu_mul_fwd(g, u)
 
-    def silu_mul_bwd(
-        self, dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def silu_mul_bwd(self, dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._train.silu_mul_bwd(dy, g, u)
 
     # -- decode ops -----------------------------------------------------------------------------------

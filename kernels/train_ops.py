@@ -15,6 +15,8 @@ allocate -> launch. rnd(.) is the rounding to the compute dtype, E the row lengt
       dw = sum over rows of dy * fp32(rnd(n))      fp32 [E]; autograd's gradient of rnd(n) * rnd(w) w.r.t. rnd(w)
       dw is deterministic: each program adds its fixed block of consecutive rows (in order) into one fp32 row of
       a [programs, E] buffer; torch sums that buffer over axis 0 (no atomics; the same shape gives the same bits).
+      (programs ~ BWD_PROGRAMS. On sm_90 the backward holds ~6 fp32 rows in registers: no spills up to E = 8192,
+      ~0.5 KB of spills per thread at E = 16384.)
   rope_fwd(x, cos, sin, inverse=False) -> y   x [B, T, H, D], cos/sin fp32 [T, D/2]; one program per (b, t) and
       block of heads. Pairs (x0, x1) = (x[2i], x[2i+1]) turn by theta = (t, i):
       forward  (x0*c - x1*s, x0*s + x1*c),  inverse (x0*c + x1*s, -x0*s + x1*c) (the inverse is the forward with
@@ -24,13 +26,16 @@ allocate -> launch. rnd(.) is the rounding to the compute dtype, E the row lengt
       du = rnd(dy * a)                                    (a as the forward stored it)
       dg = rnd(((dy * u) * sig) * (1 + g * (1 - sig)))   (d silu / dg = sig * (1 + g * (1 - sig)))
 
-Numerics against cpu-torch (the tests' table, tests/test_train_ops.py, derives the bounds):
+Numerics against cpu-torch (the tests' table, tests/test_train_ops.py, derives the bounds). Every launch passes
+enable_fp_fusion=False: the GPU rounds each multiply and add on its own (no FMA contraction), as torch's CPU
+kernels and the interpreter (numpy) do, so the interpreter tests check the GPU's op sequence. What differs is
+only the order of the sums and the implementation of exp (sqrt.rn and div.rn are correctly rounded):
   * rms_norm: 1/sqrt is sqrt.rn then div.rn (correctly rounded, as torch's CPU rsqrt: 1 / sqrt); the sum of
     squares is a tree reduction (torch sums in another order), so rstd is within ~E fp32 ulps of the spec's
     and y within that plus one rounding step per rounding (n, the product). Given the same rstd, dx differs
     only by the order of the E-term sum, dw only by the order of the row sum.
-  * rope: op for op the spec's fp32 sequence, launched with enable_fp_fusion=False so the GPU compiler cannot
-    contract x0*c - x1*s into an FMA: bit-identical to model.apply_rope (forward) and to its autograd (inverse).
+  * rope: op for op the spec's fp32 sequence (no FMA: x0*c - x1*s is two rounded products and a rounded
+    difference): bit-identical to model.apply_rope (forward) and to its autograd gradient (inverse).
   * silu_mul: the spec's sequence; only exp differs (a few fp32 ulps; on the GPU ex2.approx of -g*log2(e),
     ~|g| ulps from the argument) -> one rounding step apart at most in each rounded result.
 
@@ -217,7 +222,7 @@ def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Te
     block = triton.next_power_of_2(E)
     _rms_norm_fwd_kernel[(x2.shape[0],)](
         x2, _w_arg(w, x.dtype), y, rstd, E, float(E), float(eps), x2.stride(0),
-        BLOCK=block, EMU_BF16=_INTERPRET, num_warps=_row_warps(block),
+        BLOCK=block, EMU_BF16=_INTERPRET, enable_fp_fusion=False, num_warps=_row_warps(block),
     )  # fmt: skip
     return y, rstd
 
@@ -244,7 +249,7 @@ def rms_norm_bwd(
     block = triton.next_power_of_2(E)
     _rms_norm_bwd_kernel[(n_prog,)](
         dy2, x2, _w_arg(w, x.dtype), rstd, dx, part, n_rows, rows_per_prog, E, float(E), dy2.stride(0), x2.stride(0),
-        BLOCK=block, EMU_BF16=_INTERPRET, num_warps=_row_warps(block),
+        BLOCK=block, EMU_BF16=_INTERPRET, enable_fp_fusion=False, num_warps=_row_warps(block),
     )  # fmt: skip
     return dx, part.sum(0)
 
@@ -298,8 +303,9 @@ def silu_mul_fwd(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return y
     n_blk = triton.cdiv(Fd, EW_BLOCK)
     _silu_mul_fwd_kernel[(rows * n_blk,)](
-        g2, u2, y, Fd, n_blk, g2.stride(0), u2.stride(0), BLOCK=EW_BLOCK, EMU_BF16=_INTERPRET, num_warps=4
-    )
+        g2, u2, y, Fd, n_blk, g2.stride(0), u2.stride(0),
+        BLOCK=EW_BLOCK, EMU_BF16=_INTERPRET, enable_fp_fusion=False, num_warps=4,
+    )  # fmt: skip
     return y
 
 
@@ -315,6 +321,6 @@ def silu_mul_bwd(dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[to
     n_blk = triton.cdiv(Fd, EW_BLOCK)
     _silu_mul_bwd_kernel[(rows * n_blk,)](
         dy2, g2, u2, dg, du, Fd, n_blk, dy2.stride(0), g2.stride(0), u2.stride(0),
-        BLOCK=EW_BLOCK, EMU_BF16=_INTERPRET, num_warps=4,
+        BLOCK=EW_BLOCK, EMU_BF16=_INTERPRET, enable_fp_fusion=False, num_warps=4,
     )  # fmt: skip
     return dg, du

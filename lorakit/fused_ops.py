@@ -6,8 +6,9 @@ functions. The results are model.py's (the backends' numerics: backends/cpu_torc
     rms_norm(x, w, eps)  = rms_norm(x, eps) * w.to(x.dtype)       (x [..., E], w [E])
     rope(x, cos, sin)    = apply_rope(x, cos, sin)                 (x [B, T, H, D], cos/sin [T, D/2])
     silu_mul(g, u)       = F.silu(g) * u                           (g, u [..., F])
-`fused_ops(backend)` builds them over the autograd Functions below; `TORCH_OPS` is model.py's own functions
-(plain torch under autograd), the path the CPU keeps using.
+`fused_ops(backend)` builds them over the autograd Functions below; `TORCH_OPS` (= model.SPEC_OPS) is
+model.py's own functions (plain torch under autograd), the path the CPU keeps using; `ops_for(backend)`
+picks.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-# the module, not its names: model.py may import this module while it is itself being imported
-from . import model as _model
+from .model import SPEC_OPS
 
 
 class RMSNormFn(torch.autograd.Function):
@@ -114,9 +113,11 @@ def fused_ops(backend) -> FusedOps:
     return FusedOps(rms_norm, rope, silu_mul)
 
 
-# model.py's functions under plain torch autograd (the spec; names looked up at call time, see the import)
-TORCH_OPS = FusedOps(
-    rms_norm=lambda x, w, eps: _model.rms_norm(x, eps) * w.to(x.dtype),
-    rope=lambda x, cos, sin: _model.apply_rope(x, cos, sin),
-    silu_mul=lambda g, u: F.silu(g) * u,
-)
+# model.py's functions under plain torch autograd: the spec, and what the CPU runs
+TORCH_OPS = SPEC_OPS
+
+
+def ops_for(backend):
+    """The elementwise ops a backend's forward uses: fused kernels on cuda-triton; the spec elsewhere (on
+    CPU the torch ops are as fast, and llama.cpp's fixture runs are reproduced through them)."""
+    return fused_ops(backend) if backend.name == "cuda-triton" else SPEC_OPS

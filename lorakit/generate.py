@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UsageError
+from .fused_ops import ops_for
 from .lora import LoraAdapter, model_fns
 from .model import KVCache, LlamaModel, forward_hidden, rope_tables
 
@@ -89,6 +90,7 @@ class Generator:
         self.model, self.backend, self.n_ctx, self.dtype = model, backend, n_ctx, dtype
         self.adapters = list(adapters)
         self.fns = model_fns(model, backend, adapters, dtype)
+        self.ops = ops_for(backend)
         self.rope = rope_tables(model.args, n_ctx, backend.device)
         self.stats = GenerationStats()
         self.use_graph = backend.device.type == "cuda"
@@ -98,7 +100,7 @@ class Generator:
         """Run tokens at positions n_past.. and return the last position's logits [V] (float32)."""
         linear, norm, embed = self.fns
         t = torch.tensor([list(tokens)], dtype=torch.long, device=self.backend.device)
-        h = forward_hidden(self.model.args, t, linear, norm, embed, self.rope, cache, n_past)
+        h = forward_hidden(self.model.args, t, linear, norm, embed, self.rope, cache, n_past, ops=self.ops)
         return linear(h[:, -1:], "output.weight")[0, -1].float()
 
     def new_cache(self) -> KVCache:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import LAYER_KINDS, LlamaModel, ModelArgs
+from .model import FUSED_KINDS, LAYER_KINDS, LlamaModel, ModelArgs
 
 # llama.cpp's order of the 12 kinds (checkpoint rank keys, LoRA init order, ggla records)
 KINDS = ("token_embd", "output_norm", "output", *LAYER_KINDS)
@@ -166,6 +166,11 @@ def fused_lora_term(members: Sequence[Sequence[LoraTerm]], rows: Sequence[int]) 
     return [(a_cat, b_cat, 1.0)]
 
 
+def t_zero(rows: int, like: torch.Tensor) -> torch.Tensor:
+    """A (rows, 0) block: a packed member without a LoRA term."""
+    return like.new_zeros(rows, 0)
+
+
 def model_fns(
     model: LlamaModel,
     backend,
@@ -179,7 +184,29 @@ def model_fns(
     """
     by_name = lora_terms(adapters)
 
+    def packed_linear(x: torch.Tensor, name: str) -> torch.Tensor:
+        """x @ [W_1; ..; W_k].T for blk.N.<fused kind>: one product over the packed weight, the members'
+        LoRA terms as one block-diagonal term (differentiable: cat / block_diag of the factors)."""
+        _, i, kind = name.split(".")
+        members = [f"blk.{i}.{m}.weight" for m in FUSED_KINDS[kind]]
+        w = model.fused.get(name)
+        terms = [by_name.get(m, []) for m in members]
+        if w is None or any(len(t) > 1 for t in terms):
+            return torch.cat([linear(x, m) for m in members], dim=-1)
+        if not torch.is_grad_enabled():
+            return backend.lora_linear(x, w, fused_lora_term(terms, [model.tensors[m].shape[0] for m in members]))
+        if not any(terms):
+            return LoraLinear.apply(x, w, None, None, 1.0, backend)
+        a_cat = torch.cat([t[0][0] for t in terms if t], dim=1)
+        blocks = [
+            t[0][2] * t[0][1] if t else t_zero(model.tensors[m].shape[0], a_cat)
+            for t, m in zip(terms, members, strict=True)
+        ]
+        return LoraLinear.apply(x, w, a_cat, torch.block_diag(*blocks), 1.0, backend)
+
     def linear(x: torch.Tensor, name: str) -> torch.Tensor:
+        if not name.endswith(".weight"):
+            return packed_linear(x, name)
         w = model.weight(name)
         loras = by_name.get(name, [])
         if torch.is_grad_enabled():

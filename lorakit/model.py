@@ -281,7 +281,8 @@ class SpecOps:
 
 SPEC_OPS = SpecOps()
 
-# A LinearFn computes y = x @ W'.T for the named (possibly LoRA-adapted) weight.
+# A LinearFn computes y = x @ W'.T for the named (possibly LoRA-adapted) weight, or for a FUSED_KINDS
+# name (`blk.N.attn_qkv`, `blk.N.ffn_gate_up`) the members' outputs concatenated along the last axis.
 LinearFn = Callable[[torch.Tensor, str], torch.Tensor]
 # A NormFn returns the (possibly adapted) norm gain vector for a norm tensor name.
 NormFn = Callable[[str], torch.Tensor]
@@ -318,9 +319,9 @@ def attention(
 ) -> torch.Tensor:
     B, T, _ = x.shape
     H, Hkv, D = args.n_head, args.n_head_kv, args.head_dim
-    q = linear(x, f"blk.{i}.attn_q.weight").view(B, T, H, D)
-    k = linear(x, f"blk.{i}.attn_k.weight").view(B, T, Hkv, D)
-    v = linear(x, f"blk.{i}.attn_v.weight").view(B, T, Hkv, D)
+    # one product over [q; k; v] (model_fns computes it from the packed weight, or member by member)
+    q, k, v = linear(x, f"blk.{i}.attn_qkv").split([H * D, Hkv * D, Hkv * D], dim=-1)
+    q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
     q = ops.rope(q, cos, sin).transpose(1, 2)
     k = ops.rope(k, cos, sin).transpose(1, 2)
     v = v.transpose(1, 2)
@@ -346,8 +347,7 @@ def attention(
 
 
 def feed_forward(i: int, x: torch.Tensor, linear: LinearFn, ops=SPEC_OPS) -> torch.Tensor:
-    gate = linear(x, f"blk.{i}.ffn_gate.weight")
-    up = linear(x, f"blk.{i}.ffn_up.weight")
+    gate, up = linear(x, f"blk.{i}.ffn_gate_up").chunk(2, dim=-1)  # one product over [gate; up]
     return linear(ops.silu_mul(gate, up), f"blk.{i}.ffn_down.weight")
 
 

@@ -24,6 +24,7 @@ import torch
 from . import data as D
 from .backends import AdamHyper, get_backend
 from .errors import LorakitError
+from .fused_ops import ops_for
 from .gguf_io import GGUFFile
 from .lora import LoraAdapter, LoraPair, LoraRanks, lora_shapes, model_fns
 from .lora_init import init_lora
@@ -410,7 +411,8 @@ def loss_and_backward(model, backend, params: dict, dtype, rope, x, y, checkpoin
         params = {n: (a.to(dtype), b.to(dtype)) for n, (a, b) in params.items()}
     adapter = LoraAdapter({n: LoraPair(a, b, 1.0) for n, (a, b) in params.items()}, format="train")
     linear, norm, embed = model_fns(model, backend, [(adapter, 1.0)], dtype)
-    h = forward_hidden(model.args, x, linear, norm, embed, rope, checkpoint_layers=checkpointing)
+    ops = ops_for(backend)
+    h = forward_hidden(model.args, x, linear, norm, embed, rope, checkpoint_layers=checkpointing, ops=ops)
     loss = cross_entropy(linear(h, "output.weight"), y)
     loss.backward()
     return loss.detach()

@@ -319,6 +319,8 @@ def test_spec_swiglu_is_feed_forward(dtype):
     seen = {}
 
     def linear(x, name):
+        if "gate_up" in name:  # model.feed_forward's one product over [gate; up]
+            return torch.cat([gate, up], dim=-1)
         if "gate" in name:
             return gate
         if "up" in name:
@@ -346,7 +348,7 @@ def test_spec_rope_attention_is_model_attention(dtype, Hkv, pos):
         if "attn_output" in name:
             seen["attn"] = x
             return x
-        return {"attn_q": q_, "attn_k": k_, "attn_v": v_}[name.split(".")[2]]
+        return {"attn_q": q_, "attn_k": k_, "attn_v": v_, "attn_qkv": qkv}[name.split(".")[2]]
 
     p = torch.tensor([pos])
     cache = model.KVCache.empty(args, 1, N_CTX, dtype, "cpu")

@@ -543,13 +543,23 @@ def test_finetuned_adapter_llamacpp_vs_predict(cache, finetuned):
         exact = forward_f64(ref, ids + ll_ids, [(read_ref_lora(finetuned["gguf"]), 1.0)])
         emul = forward_f64(ref, ids + ll_ids, [(read_ref_lora(finetuned["gguf"]), 1.0)], act_q8=True)
         tol, _ = q8_tol(ref, exact, emul)
-        assert assert_greedy_match(lk_ids, ll_ids, gen, ids, tol, f"finetuned {prompt!r}") is None
+        split = assert_greedy_match(lk_ids, ll_ids, gen, ids, tol, f"finetuned {prompt!r}")
+        if split is not None:
+            # a near tie that llama.cpp's activation rounding breaks the other way (as in the base
+            # case of test_fixture_adapter_generation): lorakit follows the exact float64 pass there,
+            # the emulated pass (llama.cpp's rounding) follows llama.cpp, and the margin is within tol
+            k, lora = split[0], [(read_ref_lora(finetuned["gguf"]), 1.0)]
+            ex_k = forward_f64(ref, ids + ll_ids[:k], lora)[-1]
+            em_k = forward_f64(ref, ids + ll_ids[:k], lora, act_q8=True)[-1]
+            assert int(np.argmax(ex_k)) == lk_ids[k] and int(np.argmax(em_k)) == ll_ids[k], split
+            assert top2_margin(ex_k) < tol
         assert lk_ids != lk_greedy(base_gen, ids), "training did not change the greedy output"
         lk_first = lk_logits(gen, ids)[-1]
         assert np.abs(lk_first - ll_first).max() <= tol
         tol1 = f32_tol(ref, float(np.abs(exact).max()))
         assert np.abs(lk_first - exact[len(ids) - 1]).max() <= tol1
-        # the same through `lorakit predict` (text out): prompt + llama.cpp's detokenized ids
+        # the same through `lorakit predict` (text out): prompt + the detokenized greedy ids (llama.cpp's
+        # tokenizer), equal to llama.cpp's text wherever the ids agree
         req = PredictRequest(
             model=str(path),
             prompt=prompt,
@@ -561,8 +571,8 @@ def test_finetuned_adapter_llamacpp_vs_predict(cache, finetuned):
             backend="cpu-torch",
         )
         text = "".join(x for x in run_predict(req) if isinstance(x, str))
-        assert 2 not in ll_ids  # no EOS (predict would stop there)
-        assert text == llama.llm.detokenize(ids + ll_ids).decode("utf-8")
+        assert 2 not in lk_ids  # no EOS (predict would stop there)
+        assert text == llama.llm.detokenize(ids + lk_ids).decode("utf-8")
     llama.set_adapters([])
 
 
