@@ -126,10 +126,11 @@ class CpuTorchBackend:
         return out.transpose(1, 2).reshape(1, 1, H * D)
 
     def swiglu(self, gu: torch.Tensor, n_ff: int) -> torch.Tensor:
-        """model.feed_forward's F.silu(gate) * up (gate made contiguous, as the model's is: torch's CPU silu
-        takes a scalar exp on the tail of each contiguous run, so its last bits depend on the layout)."""
+        """model.feed_forward's F.silu(gate) * up, on the same column slices of [gate | up] as the model's
+        (torch's CPU silu takes a scalar exp on the tail of each contiguous run, so its last bits depend on
+        the layout)."""
         gate, up = gu.split([n_ff, n_ff], dim=-1)
-        return F.silu(gate.contiguous()) * up
+        return F.silu(gate) * up
 
     # training ops: forward exactly model.py's op sequence, backward the gradient formulas in fp32 (float64
     # inputs compute in float64, for gradcheck)
@@ -164,15 +165,15 @@ class CpuTorchBackend:
         return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).to(x.dtype)
 
     def silu_mul_fwd(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """model.feed_forward's F.silu(gate) * up (gate contiguous, as the model's: see swiglu)."""
-        return F.silu(g.contiguous()) * u
+        """model.feed_forward's F.silu(gate) * up (on g as given: see swiglu)."""
+        return F.silu(g) * u
 
     def silu_mul_bwd(self, dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """sig = 1/(1 + exp(-g)): du = dy * rnd(silu(g)), dg = dy * u * sig * (1 + g * (1 - sig)) in fp32."""
         acc = _acc(g.dtype)
         gf, uf, dyf = g.to(acc), u.to(acc), dy.to(acc)
         sig = 1.0 / (1.0 + torch.exp(-gf))
-        du = (dyf * F.silu(g.contiguous()).to(acc)).to(g.dtype)
+        du = (dyf * F.silu(g).to(acc)).to(g.dtype)
         dg = (dyf * uf * sig * (1.0 + gf * (1.0 - sig))).to(g.dtype)
         return dg, du
 

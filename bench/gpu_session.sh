@@ -23,15 +23,14 @@ step() {  # name limit_s command...
 for s in "$@"; do
     case $s in
     check)
-        step pytest_gpu 150 env LORAKIT_AUTOTUNE=0 python3 -m pytest -q -x -p no:cacheprovider \
-            tests/test_kernels.py tests/test_decode.py tests/test_decode_ops.py
-        step gpu_check 120 python3 bench/gpu_check.py ;;
-    gputests) step pytest_gpu 150 env LORAKIT_AUTOTUNE=0 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu \
-        tests/test_kernels.py; python3 -m pytest -q -p no:cacheprovider tests/test_decode.py tests/test_decode_ops.py" ;;
+        step gpu_check 100 env LORAKIT_AUTOTUNE=0 python3 bench/gpu_check.py ;;
+    gputests) step pytest_gpu 130 env LORAKIT_AUTOTUNE=0 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu \
+        tests/test_kernels.py; python3 -m pytest -q -x -p no:cacheprovider tests/test_decode.py tests/test_decode_ops.py \
+        tests/test_train_ops.py tests/test_train_step_backends.py" ;;
     profile) step profile 240 python3 bench/profile_gpu.py --out "$out/profile_h200.json" ;;
-    predict) step predict 200 python3 bench/predict_gpu.py --out "$out/predict_h200.json" ;;
+    predict) step predict 150 python3 bench/predict_gpu.py --out "$out/predict_h200.json" ;;
     finetune-quick)
-        step finetune_quick 110 python3 bench/finetune_gpu.py --settings 4x64c --peers lorakit7,lorakit7e,lorakit12 \
+        step finetune_quick 150 python3 bench/finetune_gpu.py --settings 4x64c,8x512 --peers lorakit7,lorakit12 \
             --out "$out/finetune_quick.json" ;;
     finetune) step finetune 580 python3 bench/finetune_gpu.py --out "$out/finetune_h200.json" ;;
     kernels) step kernels 240 python3 bench/kernels_bench.py --models 3b --out "$out/kernels_h200_3b.json" ;;

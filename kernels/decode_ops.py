@@ -55,10 +55,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_util import _to, interpreting
+from .triton_util import _to, check_tensor, interpreting
 
 _INTERPRET = interpreting()
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_ROW = 16384  # add_rms_norm keeps a whole row in registers
 _LOG2E = 1.0 / math.log(2.0)
 # attention_decode: keys per block (one step of a split's loop), most splits (programs) per head, warps
@@ -208,17 +207,7 @@ def _swiglu_kernel(gu_ptr, y_ptr, F, n_blk, stride_g, stride_y, BLOCK: tl.conste
 # --------------------------------------------------------------------------------------------------
 
 
-def _check(x: torch.Tensor, what: str, dtype: torch.dtype | None = None, device=None) -> None:
-    if dtype is None and x.dtype not in _DTYPES:
-        raise TypeError(f"{what} must be float32, bfloat16 or float16, got {x.dtype}")
-    if dtype is not None and x.dtype != dtype:
-        raise TypeError(f"{what} must be {dtype}, got {x.dtype}")
-    if device is not None and x.device != device:
-        raise ValueError(f"{what} is on {x.device}, expected {device}")
-    if not _INTERPRET and x.device.type != "cuda":
-        raise ValueError(f"{what} must be a CUDA tensor (or set TRITON_INTERPRET=1 before importing triton)")
-    if x.dim() and x.stride(-1) != 1:
-        raise ValueError(f"{what} must be contiguous along its last axis")
+_check = check_tensor
 
 
 def _check_pos(pos: torch.Tensor, device) -> None:

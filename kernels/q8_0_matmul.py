@@ -57,7 +57,7 @@ from .q8_0_tuning import (
     _tiles,
     choose_path,
 )
-from .triton_util import _INTERPRET, QK, _to, interpreting
+from .triton_util import _INTERPRET, ACT_DTYPES, QK, _to, interpreting
 
 __all__ = [
     "QK",
@@ -135,11 +135,9 @@ def _forced_path(cfg: dict, m: int) -> str:
 # checks and helpers
 # --------------------------------------------------------------------------------------------------
 
-_ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 def _check_act(x: torch.Tensor, k: int, qs: torch.Tensor, what: str) -> None:
-    if x.dtype not in _ACT_DTYPES:
+    if x.dtype not in ACT_DTYPES:
         raise TypeError(f"{what} must be float32, bfloat16 or float16, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"{what} has shape {tuple(x.shape)}; its last axis must be {k} (W {tuple(qs.shape)})")

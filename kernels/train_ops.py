@@ -49,10 +49,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_util import _to, interpreting
+from .triton_util import ACT_DTYPES, _to, check_tensor, interpreting
 
 _INTERPRET = interpreting()
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_ROW = 16384  # rms_norm keeps a whole row in registers
 # rms_norm_bwd: about this many programs (each a block of consecutive rows); a constant, not the device's
 # SM count, so that dw's summation order (and bits) depends on the shape only
@@ -173,17 +172,7 @@ def _silu_mul_bwd_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-def _check(x: torch.Tensor, what: str, dtype: torch.dtype | None = None, device=None) -> None:
-    if dtype is None and x.dtype not in _DTYPES:
-        raise TypeError(f"{what} must be float32, bfloat16 or float16, got {x.dtype}")
-    if dtype is not None and x.dtype != dtype:
-        raise TypeError(f"{what} must be {dtype}, got {x.dtype}")
-    if device is not None and x.device != device:
-        raise ValueError(f"{what} is on {x.device}, expected {device}")
-    if not _INTERPRET and x.device.type != "cuda":
-        raise ValueError(f"{what} must be a CUDA tensor (or set TRITON_INTERPRET=1 before importing triton)")
-    if x.dim() and x.stride(-1) != 1:
-        raise ValueError(f"{what} must be contiguous along its last axis")
+_check = check_tensor
 
 
 def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -203,7 +192,7 @@ def _check_row(x: torch.Tensor, w: torch.Tensor) -> int:
 
 def _w_arg(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """w as the kernels read it: fp32/bf16/fp16 as is (rounded to dtype in the kernel), other floats converted."""
-    w = w if w.dtype in _DTYPES else w.to(dtype)
+    w = w if w.dtype in ACT_DTYPES else w.to(dtype)
     return w if w.stride(0) == 1 else w.contiguous()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -14,6 +15,24 @@ _INTERPRET = bool(triton.knobs.runtime.interpret)
 def interpreting() -> bool:
     """Whether the kernels were compiled for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
     return _INTERPRET
+
+
+ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_tensor(x: torch.Tensor, what: str, dtype: torch.dtype | None = None, device=None) -> None:
+    """A kernel operand: a float activation dtype (or exactly `dtype`), on `device`, on CUDA (or the
+    interpreter's CPU), contiguous along its last axis."""
+    if dtype is None and x.dtype not in ACT_DTYPES:
+        raise TypeError(f"{what} must be float32, bfloat16 or float16, got {x.dtype}")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{what} must be {dtype}, got {x.dtype}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{what} is on {x.device}, expected {device}")
+    if not _INTERPRET and x.device.type != "cuda":
+        raise ValueError(f"{what} must be a CUDA tensor (or set TRITON_INTERPRET=1 before importing triton)")
+    if x.dim() and x.stride(-1) != 1:
+        raise ValueError(f"{what} must be contiguous along its last axis")
 
 
 @triton.jit

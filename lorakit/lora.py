@@ -166,11 +166,6 @@ def fused_lora_term(members: Sequence[Sequence[LoraTerm]], rows: Sequence[int]) 
     return [(a_cat, b_cat, 1.0)]
 
 
-def t_zero(rows: int, like: torch.Tensor) -> torch.Tensor:
-    """A (rows, 0) block: a packed member without a LoRA term."""
-    return like.new_zeros(rows, 0)
-
-
 def model_fns(
     model: LlamaModel,
     backend,
@@ -184,25 +179,27 @@ def model_fns(
     """
     by_name = lora_terms(adapters)
 
-    def packed_linear(x: torch.Tensor, name: str) -> torch.Tensor:
-        """x @ [W_1; ..; W_k].T for blk.N.<fused kind>: one product over the packed weight, the members'
-        LoRA terms as one block-diagonal term (differentiable: cat / block_diag of the factors)."""
+    def packed_linear(x: torch.Tensor, name: str) -> tuple[torch.Tensor, ...]:
+        """The members' outputs x @ W_j.T for blk.N.<fused kind>: views of one product over the packed
+        weight with the members' LoRA terms as one block-diagonal term (differentiable: cat / block_diag
+        of the factors), or one product per member where the model is not packed."""
         _, i, kind = name.split(".")
         members = [f"blk.{i}.{m}.weight" for m in FUSED_KINDS[kind]]
         w = model.fused.get(name)
         terms = [by_name.get(m, []) for m in members]
-        if w is None or any(len(t) > 1 for t in terms):
-            return torch.cat([linear(x, m) for m in members], dim=-1)
+        rows = [model.tensors[m].shape[0] for m in members]
+        if w is None or (torch.is_grad_enabled() and any(len(t) > 1 for t in terms)):
+            return tuple(linear(x, m) for m in members)  # not packed, or several adapters in training
         if not torch.is_grad_enabled():
-            return backend.lora_linear(x, w, fused_lora_term(terms, [model.tensors[m].shape[0] for m in members]))
-        if not any(terms):
-            return LoraLinear.apply(x, w, None, None, 1.0, backend)
-        a_cat = torch.cat([t[0][0] for t in terms if t], dim=1)
-        blocks = [
-            t[0][2] * t[0][1] if t else t_zero(model.tensors[m].shape[0], a_cat)
-            for t, m in zip(terms, members, strict=True)
-        ]
-        return LoraLinear.apply(x, w, a_cat, torch.block_diag(*blocks), 1.0, backend)
+            y = backend.lora_linear(x, w, fused_lora_term(terms, rows))
+        elif not any(terms):
+            y = LoraLinear.apply(x, w, None, None, 1.0, backend)
+        else:
+            a_cat = torch.cat([t[0][0] for t in terms if t], dim=1)
+            # s_j * b_j in member j's rows; a (rows, 0) block for a member without a LoRA
+            blocks = [t[0][2] * t[0][1] if t else a_cat.new_zeros(r, 0) for t, r in zip(terms, rows, strict=True)]
+            y = LoraLinear.apply(x, w, a_cat, torch.block_diag(*blocks), 1.0, backend)
+        return y.split(rows, dim=-1)
 
     def linear(x: torch.Tensor, name: str) -> torch.Tensor:
         if not name.endswith(".weight"):

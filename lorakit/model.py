@@ -281,8 +281,9 @@ class SpecOps:
 
 SPEC_OPS = SpecOps()
 
-# A LinearFn computes y = x @ W'.T for the named (possibly LoRA-adapted) weight, or for a FUSED_KINDS
-# name (`blk.N.attn_qkv`, `blk.N.ffn_gate_up`) the members' outputs concatenated along the last axis.
+# A LinearFn computes y = x @ W'.T for the named (possibly LoRA-adapted) weight; for a FUSED_KINDS name
+# (`blk.N.attn_qkv`, `blk.N.ffn_gate_up`) it returns the members' outputs as a tuple (views of one
+# product over the packed weight when the model has one, else one product per member).
 LinearFn = Callable[[torch.Tensor, str], torch.Tensor]
 # A NormFn returns the (possibly adapted) norm gain vector for a norm tensor name.
 NormFn = Callable[[str], torch.Tensor]
@@ -319,8 +320,7 @@ def attention(
 ) -> torch.Tensor:
     B, T, _ = x.shape
     H, Hkv, D = args.n_head, args.n_head_kv, args.head_dim
-    # one product over [q; k; v] (model_fns computes it from the packed weight, or member by member)
-    q, k, v = linear(x, f"blk.{i}.attn_qkv").split([H * D, Hkv * D, Hkv * D], dim=-1)
+    q, k, v = linear(x, f"blk.{i}.attn_qkv")  # one product over the packed [q; k; v] where there is one
     q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
     q = ops.rope(q, cos, sin).transpose(1, 2)
     k = ops.rope(k, cos, sin).transpose(1, 2)
@@ -347,7 +347,7 @@ def attention(
 
 
 def feed_forward(i: int, x: torch.Tensor, linear: LinearFn, ops=SPEC_OPS) -> torch.Tensor:
-    gate, up = linear(x, f"blk.{i}.ffn_gate_up").chunk(2, dim=-1)  # one product over [gate; up]
+    gate, up = linear(x, f"blk.{i}.ffn_gate_up")  # one product over the packed [gate; up] where there is one
     return linear(ops.silu_mul(gate, up), f"blk.{i}.ffn_down.weight")
 
 

@@ -4,7 +4,9 @@ specification against lorakit/model.py (bit for bit on CPU where the op sequence
 Runs on a CUDA GPU when one is visible; otherwise under Triton's CPU interpreter (switched on here, before
 lorakit.kernels is imported). Shapes are odd on purpose: E = 96, 200 and F = 96, 200 (not powers of two,
 ragged column blocks), D = 8, 12 (12: the pair / head tiles are masked), GQA (H = 4, Hkv = 2), n_ctx = 37
-with pos = 0, 5, 36 (the first key only, a partial chunk, the last row of the cache).
+with pos = 0, 5, 36 (the first key only, a partial chunk, the last row of the cache); attention_decode also
+with forced key splits S = 1..16 (empty splits included), repeated calls (bit-identical, counters back at 0)
+and strided cache views.
 
 Tolerances (derived; u = 2^-24 is fp32's unit roundoff, u_out the output dtype's: 2^-24 fp32, 2^-8 bf16)
 ------------------------------------------------------------------------------------------------------
@@ -319,8 +321,8 @@ def test_spec_swiglu_is_feed_forward(dtype):
     seen = {}
 
     def linear(x, name):
-        if "gate_up" in name:  # model.feed_forward's one product over [gate; up]
-            return torch.cat([gate, up], dim=-1)
+        if "gate_up" in name:  # model.feed_forward's one product over the packed [gate; up]: two views
+            return torch.cat([gate, up], dim=-1).split([Fd, Fd], dim=-1)
         if "gate" in name:
             return gate
         if "up" in name:
@@ -348,7 +350,7 @@ def test_spec_rope_attention_is_model_attention(dtype, Hkv, pos):
         if "attn_output" in name:
             seen["attn"] = x
             return x
-        return {"attn_q": q_, "attn_k": k_, "attn_v": v_, "attn_qkv": qkv}[name.split(".")[2]]
+        return {"attn_q": q_, "attn_k": k_, "attn_v": v_, "attn_qkv": (q_, k_, v_)}[name.split(".")[2]]
 
     p = torch.tensor([pos])
     cache = model.KVCache.empty(args, 1, N_CTX, dtype, "cpu")
