@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
-#   bash bench/gpu_session.sh OUTDIR [check] [predict] [finetune-quick] [finetune] [kernels]
+#   bash bench/gpu_session.sh OUTDIR [gputests] [check] [profile] [predict] [finetune-quick] [finetune] [kernels]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
 set -u
@@ -32,7 +32,8 @@ for s in "$@"; do
     finetune-quick)
         step finetune_quick 150 python3 bench/finetune_gpu.py --settings 4x64c,8x512 --peers lorakit7,lorakit12 \
             --out "$out/finetune_quick.json" ;;
-    finetune) step finetune 580 python3 bench/finetune_gpu.py --out "$out/finetune_h200.json" ;;
+    finetune) step finetune 580 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c \
+        --peers peftc,lorakit7,lorakit12,peft --steps 5 --out "$out/finetune_h200.json" ;;
     kernels) step kernels 240 python3 bench/kernels_bench.py --models 3b --out "$out/kernels_h200_3b.json" ;;
     esac
 done

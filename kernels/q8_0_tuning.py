@@ -94,6 +94,10 @@ _GEMV_CONFIGS = [
         (4, 16, 1, 4, 3),
         (32, 4, 2, 8, 1),
         (1, 32, 2, 2, 1),
+        (4, 32, 2, 4, 1),  # more bytes in flight per program: 8 KB per unrolled step
+        (8, 16, 2, 8, 1),
+        (2, 64, 1, 8, 1),
+        (16, 16, 1, 8, 1),
     )
 ]
 
