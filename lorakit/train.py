@@ -163,11 +163,15 @@ class Trainer:
         # LoRA, optimizer and training counters: from --checkpoint-in, or fresh (spec §5, §6.4)
         self.st: TrainerState = load_or_init(cfg, args, self.shapes, seed, self.emit, init_lora)
         dev = self.backend.device
-        self.params = {
-            n: (a.to(dev).requires_grad_(), b.to(dev).requires_grad_()) for n, (a, b) in self.st.lora.items()
-        }
-        self.m = {k: t.to(dev) for k, t in self.st.m.items()}
-        self.v = {k: t.to(dev) for k, t in self.st.v.items()}
+        # LoRA tensors and AdamW moments as views into one flat buffer each, in the optimizer's order
+        # (a, b per name): the fused AdamW then updates them in place without gathering them per step
+        keys = [(n, h) for n in self.st.lora for h in "ab"]
+        ab = {(n, h): t for n, pair in self.st.lora.items() for h, t in zip("ab", pair, strict=True)}
+        flat_p = _flat_views([ab[k] for k in keys], dev)
+        self.params = {n: (flat_p[2 * i].requires_grad_(), flat_p[2 * i + 1].requires_grad_())
+                       for i, n in enumerate(self.st.lora)}  # fmt: skip
+        self.m = dict(zip(keys, _flat_views([self.st.m[k] for k in keys], dev), strict=True))
+        self.v = dict(zip(keys, _flat_views([self.st.v[k] for k in keys], dev), strict=True))
         self.rope = rope_tables(args, cfg.n_ctx, dev)
         self._flat_params = [t for ab in self.params.values() for t in ab]
         self._graphed = None
@@ -421,6 +425,18 @@ def loss_and_backward(model, backend, params: dict, dtype, rope, x, y, checkpoin
 class _Stop(Exception):
     def __init__(self, interrupted: bool):
         self.interrupted = interrupted
+
+
+def _flat_views(ts: list[torch.Tensor], device) -> list[torch.Tensor]:
+    """Float32 copies of ts on `device`, laid end to end in one buffer (each a leaf view of it)."""
+    buf = torch.empty(sum(t.numel() for t in ts), dtype=torch.float32, device=device)
+    out, off = [], 0
+    for t in ts:
+        view = buf[off : off + t.numel()].view(t.shape)
+        view.copy_(t)
+        out.append(view.detach())
+        off += t.numel()
+    return out
 
 
 def _n_dims(t: torch.Tensor) -> int:
