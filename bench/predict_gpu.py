@@ -5,8 +5,9 @@
 
 Batch 1, prompt 128, 256 new tokens (greedy), bf16 activations, CUDA-graph decode step, without
 adapters and with two scaled adapters (r 4 on the 7 matrices, scales 0.7 and 0.4, unmerged);
-prefill of 512 tokens through the batched q8_0 matmul. Reports tokens/s and % of the bandwidth
-limit (q8_0 weight bytes per token at 4.23 TB/s). Saves bench/results/predict_h200.json.
+prefill of 512 tokens through the batched q8_0 matmul; then HF transformers `generate` (bf16, same
+shape, random weights) in the same run (--skip-hf to leave it out). Reports tokens/s and % of the
+bandwidth limit (q8_0 weight bytes per token at 4.23 TB/s). Saves bench/results/predict_h200.json.
 """
 
 from __future__ import annotations
@@ -89,6 +90,31 @@ def bench_prefill(model, backend, n: int = 512, dtype=torch.bfloat16) -> dict:
     return {"prefill_tok_s": n * reps / (time.perf_counter() - t0), "prefill_tokens": n}
 
 
+def bench_hf(layers: int, prompt: int, new: int) -> dict:
+    """HF transformers `generate` (greedy, bf16, default dynamic cache) on the same shape, random weights:
+    decode tok/s = (new - 1) tokens over the time beyond a 1-token generate (the prefill)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=3200, intermediate_size=8640, num_hidden_layers=layers,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
+                      rms_norm_eps=1e-6, torch_dtype=torch.bfloat16)  # fmt: skip
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(3, 32000, (1, prompt), device="cuda")
+
+    def run(n: int) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    run(4)  # warm-up
+    t1, tn = run(1), run(new)
+    return {"decode_tok_s": (new - 1) / (tn - t1)}
+
+
 def main(argv=None) -> int:
     from lorakit.backends import get_backend
 
@@ -100,6 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "predict_h200.json")
+    ap.add_argument("--skip-hf", action="store_true", help="skip HF transformers generate (same run, same shape)")
     a = ap.parse_args(argv)
     be = get_backend("cuda-triton")
     model = random_q8_model(shapes(a.layers), be.device)
@@ -114,14 +141,26 @@ def main(argv=None) -> int:
     r = bench_prefill(model, be)
     rows.append({"case": "prefill 512", **r, "vs_llamacpp": r["prefill_tok_s"] / LLAMACPP_PREFILL})
     print(json.dumps(rows[-1]), flush=True)
+    if not a.skip_hf:
+        del model
+        torch.cuda.empty_cache()
+        try:
+            r = bench_hf(a.layers, a.prompt, a.new)
+            rows.append({"case": "HF transformers generate", **r, "vs_llamacpp": r["decode_tok_s"] / LLAMACPP_DECODE})
+        except Exception as e:  # report and continue
+            rows.append({"case": "HF transformers generate", "error": f"{type(e).__name__}: {e}"[:200]})
+        print(json.dumps(rows[-1]), flush=True)
     print(f"\n{'case':28s}{'tok/s':>10s}{'% BW limit':>12s}{'x llama.cpp':>13s}")
     for r in rows:
+        if "error" in r:
+            print(f"{r['case']:28s}  error: {r['error'][:60]}")
+            continue
         tps = r.get("decode_tok_s", r.get("prefill_tok_s"))
         pct = r.get("pct_of_bandwidth_limit")
         print(f"{r['case']:28s}{tps:10.0f}{'' if pct is None else f'{pct:.0%}':>12s}{r['vs_llamacpp']:12.2f}x")
     print(
-        f"(HF transformers generate, bf16, same shape on the H200: {HF_DECODE:.0f} tok/s; llama.cpp CUDA "
-        f"{LLAMACPP_DECODE:.0f} tok/s decode, {LLAMACPP_PREFILL:.0f} tok/s prefill — issue #5's measurements)"
+        f"(issue #5's measurements on the H200: HF transformers generate {HF_DECODE:.0f} tok/s; llama.cpp CUDA "
+        f"{LLAMACPP_DECODE:.0f} tok/s decode, {LLAMACPP_PREFILL:.0f} tok/s prefill)"
     )
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"meta": {"gpu": torch.cuda.get_device_name(), "layers": a.layers}, "rows": rows},
