@@ -55,10 +55,13 @@ def _step(model, backend, lora, ckpt: bool):
     return float(loss), grads
 
 
-@pytest.mark.parametrize("ckpt", [False, True])
-def test_train_step_cuda_triton_matches_spec(ckpt):
+@pytest.mark.parametrize(
+    "ckpt,off",
+    [(False, {}), (True, {}), (False, {"attn_k": 0, "ffn_up": 0})],  # last: packed members without a LoRA
+)
+def test_train_step_cuda_triton_matches_spec(ckpt, off):
     tri = _triton()
-    lora = init_lora(lora_shapes(ARGS, LoraRanks.default(3)), seed=7)
+    lora = init_lora(lora_shapes(ARGS, LoraRanks.default(3, **off)), seed=7)
     # llama.cpp starts b at zero; give b values so every path's gradient is non-trivial
     gen = torch.Generator().manual_seed(3)
     lora = {n: (a, torch.randn(b.shape, generator=gen) * 0.1) for n, (a, b) in lora.items()}
