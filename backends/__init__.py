@@ -75,9 +75,6 @@ class Backend(Protocol):
     ) -> torch.Tensor:
         """q [1, H, 1, D] attending over cache rows 0..pos (GQA), scale 1/sqrt(D) -> [1, 1, H*D] in q's dtype."""
 
-    def swiglu(self, gu: torch.Tensor, n_ff: int) -> torch.Tensor:
-        """gu [..., 2F] = [gate | up] -> silu(gate) * up [..., F], rounded as model.feed_forward."""
-
     def rms_norm_fwd(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(y, rstd): y = rms_norm(x, eps) * w.to(x.dtype) as model.block; rstd fp32 [rows] = 1/rms for the backward."""
 

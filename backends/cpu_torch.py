@@ -125,13 +125,6 @@ class CpuTorchBackend:
         out = F.scaled_dot_product_attention(q, kk.to(q.dtype), vv.to(q.dtype), attn_mask=mask, scale=1 / math.sqrt(D))
         return out.transpose(1, 2).reshape(1, 1, H * D)
 
-    def swiglu(self, gu: torch.Tensor, n_ff: int) -> torch.Tensor:
-        """model.feed_forward's F.silu(gate) * up, on the same column slices of [gate | up] as the model's
-        (torch's CPU silu takes a scalar exp on the tail of each contiguous run, so its last bits depend on
-        the layout)."""
-        gate, up = gu.split([n_ff, n_ff], dim=-1)
-        return F.silu(gate) * up
-
     # training ops: forward exactly model.py's op sequence, backward the gradient formulas in fp32 (float64
     # inputs compute in float64, for gradcheck)
 
@@ -165,7 +158,9 @@ class CpuTorchBackend:
         return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).to(x.dtype)
 
     def silu_mul_fwd(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """model.feed_forward's F.silu(gate) * up (on g as given: see swiglu)."""
+        """model.feed_forward's F.silu(gate) * up, on g and u as given (torch's CPU silu takes a scalar exp on
+        the tail of each contiguous run, so its last bits depend on the layout: the decode step passes the
+        same column views of the packed [gate | up] as the model's forward)."""
         return F.silu(g) * u
 
     def silu_mul_bwd(self, dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -132,9 +132,6 @@ class CudaTritonBackend:
     ) -> torch.Tensor:
         return self._dec.attention_decode(q, cache_k, cache_v, pos)
 
-    def swiglu(self, gu: torch.Tensor, n_ff: int) -> torch.Tensor:
-        return self._dec.swiglu(gu, n_ff)
-
     # -- lookups --------------------------------------------------------------------------------------
 
     def embedding(self, w: Weight, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

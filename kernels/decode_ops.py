@@ -24,7 +24,7 @@ shape that depends on it: the launches can be captured in a CUDA graph).
       and resets the counter to 0. The launcher allocates the workspace (torch.empty) and zeroed counters
       (torch.zeros) per call: no state survives a call. D and the row strides are compile-time constants
       and the head strides carry their power-of-two factor (KV_ALIGN), so the rows load as vectors.
-  swiglu(gu, n_ff) -> [..., F]   elementwise over gu = [gate | up]: rnd(rnd(silu(gate)) * up).
+(SwiGLU over the packed [gate | up] is train_ops.silu_mul_fwd on its two column views.)
 
 Numerics against cpu-torch:
   * add_rms_norm: s is bit-identical (one fp32 add, one rounding, as torch). The sum of squares is a tree
@@ -39,8 +39,6 @@ Numerics against cpu-torch:
     fp32 sums and add one rescaling exp2(m_s - m) per split (exactly 1 for the split holding the max).
     The result is deterministic (bit-identical from call to call) for a given S; another S may differ
     in the last fp32 bits.
-  * swiglu: the spec's sequence (silu = g / (1 + exp(-g)) in fp32, rounded, times up, rounded); only exp's
-    implementation differs (a few fp32 ulps, GPU ex2.approx: ~|g| ulps) -> one rounding step apart at most.
 
 A pos outside [0, n_ctx) writes no cache row (rotating with zeros) and attention reads only rows < n_ctx.
 Under TRITON_INTERPRET=1 (CPU tensors) the tiles are small so the tests' odd shapes hit every mask, and
@@ -64,7 +62,6 @@ _LOG2E = 1.0 / math.log(2.0)
 BLOCK_T = 8 if _INTERPRET else 32
 MAX_SPLITS = 16
 ATTN_WARPS = 4
-SWIGLU_BLOCK = 64 if _INTERPRET else 1024
 
 
 @triton.jit
@@ -189,25 +186,9 @@ def _attn_decode_kernel(
             tl.atomic_xchg(cnt_ptr + h, 0, sem="relaxed")  # ready for the next launch
 
 
-@triton.jit
-def _swiglu_kernel(gu_ptr, y_ptr, F, n_blk, stride_g, stride_y, BLOCK: tl.constexpr, EMU_BF16: tl.constexpr):
-    pid = tl.program_id(0)
-    row = (pid // n_blk).to(tl.int64)
-    cols = (pid % n_blk) * BLOCK + tl.arange(0, BLOCK)
-    m = cols < F
-    dtype = y_ptr.dtype.element_ty
-    g = tl.load(gu_ptr + row * stride_g + cols, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + row * stride_g + F + cols, mask=m, other=0.0).to(tl.float32)
-    a = _to(tl.math.div_rn(g, 1.0 + tl.exp(-g)), dtype, EMU_BF16).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + cols, _to(a * u, dtype, EMU_BF16), mask=m)
-
-
 # --------------------------------------------------------------------------------------------------
 # checks and launchers
 # --------------------------------------------------------------------------------------------------
-
-
-_check = check_tensor
 
 
 def _check_pos(pos: torch.Tensor, device) -> None:
@@ -216,8 +197,8 @@ def _check_pos(pos: torch.Tensor, device) -> None:
 
 
 def _check_cache(cache_k: torch.Tensor, cache_v: torch.Tensor, dtype, device) -> tuple[int, int, int]:
-    _check(cache_k, "cache_k", dtype, device)
-    _check(cache_v, "cache_v", dtype, device)
+    check_tensor(cache_k, "cache_k", dtype, device)
+    check_tensor(cache_v, "cache_v", dtype, device)
     if cache_k.dim() != 4 or cache_k.shape[0] != 1 or cache_v.shape != cache_k.shape:
         raise ValueError(f"caches must be [1, Hkv, n_ctx, D], got {tuple(cache_k.shape)} and {tuple(cache_v.shape)}")
     return cache_k.shape[1], cache_k.shape[2], cache_k.shape[3]
@@ -227,13 +208,13 @@ def add_rms_norm(
     h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, y): s = h + delta (h itself when delta is None), y = rms_norm(s, eps) * w, both in h's dtype."""
-    _check(h, "h")
+    check_tensor(h, "h")
     E = h.shape[-1]
     if delta is not None:
-        _check(delta, "delta", h.dtype, h.device)
+        check_tensor(delta, "delta", h.dtype, h.device)
         if delta.shape != h.shape:
             raise ValueError(f"delta has shape {tuple(delta.shape)}, h {tuple(h.shape)}")
-    _check(w, "w", None, h.device)
+    check_tensor(w, "w", None, h.device)
     if w.shape != (E,):
         raise ValueError(f"w must be [{E}], got {tuple(w.shape)}")
     if not 0 < E <= MAX_ROW:
@@ -264,7 +245,7 @@ def rope_kv_write(
     n_head_kv: int,
 ) -> torch.Tensor:
     """Rotate q and k of one token at position pos; k and v into the caches' row pos; returns q [1, H, 1, D]."""
-    _check(qkv, "qkv")
+    check_tensor(qkv, "qkv")
     Hkv, n_ctx, D = _check_cache(cache_k, cache_v, qkv.dtype, qkv.device)
     H = n_head
     if n_head_kv != Hkv or D % 2 or qkv.numel() != (H + 2 * Hkv) * D or qkv.shape[-1] != qkv.numel():
@@ -292,7 +273,7 @@ def attention_decode(
     """softmax(q k.T / sqrt(D)) v over key positions 0..pos of the caches -> [1, 1, H*D] in q's dtype.
 
     splits (a test hook) overrides the number of key splits S (default: attention_splits(n_ctx))."""
-    _check(q, "q")
+    check_tensor(q, "q")
     Hkv, n_ctx, D = _check_cache(cache_k, cache_v, q.dtype, q.device)
     if q.dim() != 4 or q.shape[0] != 1 or q.shape[2] != 1 or q.shape[3] != D or q.shape[1] % Hkv:
         raise ValueError(f"q must be [1, H, 1, {D}] with H a multiple of {Hkv}, got {tuple(q.shape)}")
@@ -320,21 +301,3 @@ def attention_decode(
 def attention_splits(n_ctx: int) -> int:
     """S for a cache of n_ctx rows: one split per BLOCK_T-key block of the cache, at most MAX_SPLITS."""
     return max(1, min(triton.cdiv(n_ctx, BLOCK_T), MAX_SPLITS))
-
-
-def swiglu(gu: torch.Tensor, n_ff: int) -> torch.Tensor:
-    """gu [..., 2F] = [gate | up] -> silu(gate) * up [..., F] (model.feed_forward's roundings)."""
-    _check(gu, "gu")
-    F = int(n_ff)
-    if F <= 0 or gu.shape[-1] != 2 * F:
-        raise ValueError(f"gu has shape {tuple(gu.shape)}; its last axis must be 2 * n_ff = {2 * F}")
-    g2 = gu.reshape(-1, 2 * F)
-    y = torch.empty(*gu.shape[:-1], F, dtype=gu.dtype, device=gu.device)
-    rows = g2.shape[0]
-    if rows == 0:
-        return y
-    n_blk = triton.cdiv(F, SWIGLU_BLOCK)
-    _swiglu_kernel[(rows * n_blk,)](
-        g2, y, F, n_blk, g2.stride(0), F, BLOCK=SWIGLU_BLOCK, EMU_BF16=_INTERPRET, num_warps=4
-    )
-    return y

@@ -57,7 +57,7 @@ from .q8_0_tuning import (
     _tiles,
     choose_path,
 )
-from .triton_util import _INTERPRET, ACT_DTYPES, QK, _to, interpreting
+from .triton_util import _INTERPRET, ACT_DTYPES, QK, interpreting
 
 __all__ = [
     "QK",
@@ -66,7 +66,6 @@ __all__ = [
     "q8_0_matmul",
     "q8_0_matmul_grad_input",
     "q8_0_dequantize",
-    "_to",
     "_BEST",
 ]
 
@@ -265,8 +264,7 @@ def q8_0_matmul(
     else:
         paths, default = _candidates(m, out_dtype == x.dtype, gemv=True)
         key = ("fwd", m if m <= GEMV_MAX_M else _m_bucket(m), n, k, x.dtype, out_dtype, has_lora)
-        runners = {p: functools.partial(_fwd, p, x2, qs, d, y, lora, cfg) for p in paths}
-        path = choose_path(key, runners, default)
+        path = choose_path(key, paths, lambda p: _fwd(p, x2, qs, d, y, lora, cfg), default)
     _fwd(path, x2, qs, d, y, lora, cfg)
     if extra is not None:
         y += extra.to(out_dtype)
@@ -329,8 +327,7 @@ def q8_0_matmul_grad_input(
     else:
         paths, default = _candidates(m, out_dtype == dy.dtype, gemv=False)
         key = ("grad", _m_bucket(m), n, k, dy.dtype, out_dtype)
-        runners = {p: functools.partial(_grad, p, dy2, qs, d, dx, cfg) for p in paths}
-        path = choose_path(key, runners, default)
+        path = choose_path(key, paths, lambda p: _grad(p, dy2, qs, d, dx, cfg), default)
     _grad(path, dy2, qs, d, dx, cfg)
     return dx.reshape(*lead, k)
 

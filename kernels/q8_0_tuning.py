@@ -198,19 +198,20 @@ def _tiles(defaults: dict, cfg: dict) -> dict:
 _PATH: dict[tuple, str] = {}
 
 
-def choose_path(key: tuple, runners: dict[str, Callable[[], object]], default: str) -> str:
-    """The fastest of `runners` (each computes the same product), timed once per key on the GPU. Each
-    runner's first call autotunes its own kernel. Without a search (interpreter, LORAKIT_AUTOTUNE=0, a
-    single candidate, or inside CUDA-graph capture, where nothing may synchronize) `default` is used."""
+def choose_path(key: tuple, paths: list[str], run: Callable[[str], object], default: str) -> str:
+    """The fastest of `paths` for this product (run(path) computes it along one), timed once per key on
+    the GPU. Each path's first run autotunes its own kernel. Without a search (interpreter,
+    LORAKIT_AUTOTUNE=0, a single candidate, or inside CUDA-graph capture, where nothing may synchronize)
+    `default` is used."""
     best = _PATH.get(key)
     if best is not None:
         return best
     small = key[2] * key[3] < SMALL_WEIGHT  # key = (op, m, n, k, ...)
-    if len(runners) == 1 or small or _INTERPRET or not autotuning() or torch.cuda.is_current_stream_capturing():
-        return default if default in runners else next(iter(runners))
+    if len(paths) == 1 or small or _INTERPRET or not autotuning() or torch.cuda.is_current_stream_capturing():
+        return default if default in paths else paths[0]
     times = {}
-    for name, fn in runners.items():
-        fn()  # autotune (synchronizes), then time the tuned launch
-        times[name] = triton.testing.do_bench(fn, warmup=3, rep=15)
+    for name in paths:
+        run(name)  # autotune (synchronizes), then time the tuned launch
+        times[name] = triton.testing.do_bench(lambda name=name: run(name), warmup=3, rep=15)
     best = _PATH[key] = min(times, key=times.get)
     return best

@@ -172,16 +172,13 @@ def _silu_mul_bwd_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-_check = check_tensor
-
-
 def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
     """x [..., n] as [rows, n] with one row stride (a copy only when the leading axes cannot be flattened)."""
     return x.reshape(-1, n)
 
 
 def _check_row(x: torch.Tensor, w: torch.Tensor) -> int:
-    _check(x, "x")
+    check_tensor(x, "x")
     E = x.shape[-1] if x.dim() else 0
     if not 0 < E <= MAX_ROW:
         raise ValueError(f"row length {E} is outside 1..{MAX_ROW} (the kernel keeps a row in registers)")
@@ -221,7 +218,7 @@ def rms_norm_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx in x's dtype, dw fp32 [E]): the gradient of rms_norm_fwd for the output gradient dy (deterministic)."""
     E = _check_row(x, w)
-    _check(dy, "dy", x.dtype, x.device)
+    check_tensor(dy, "dy", x.dtype, x.device)
     if dy.shape != x.shape:
         raise ValueError(f"dy has shape {tuple(dy.shape)}, x {tuple(x.shape)}")
     x2, dy2 = _rows(x, E), _rows(dy, E)
@@ -246,7 +243,7 @@ def rms_norm_bwd(
 def rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """model.apply_rope: x [B, T, H, D] (last axis contiguous, any strides on the others; D even), cos/sin fp32
     [T, D/2] -> contiguous [B, T, H, D] in x's dtype. inverse=True turns by -theta (the backward)."""
-    _check(x, "x")
+    check_tensor(x, "x")
     if x.dim() != 4 or x.shape[-1] % 2:
         raise ValueError(f"x must be [B, T, H, D] with D even, got {tuple(x.shape)}")
     B, T, H, D = x.shape
@@ -271,9 +268,9 @@ def rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: boo
 
 def _check_same(ts: list[tuple[torch.Tensor, str]]) -> int:
     t0, name0 = ts[0]
-    _check(t0, name0)
+    check_tensor(t0, name0)
     for t, name in ts[1:]:
-        _check(t, name, t0.dtype, t0.device)
+        check_tensor(t, name, t0.dtype, t0.device)
         if t.shape != t0.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, {name0} {tuple(t0.shape)}")
     Fd = t0.shape[-1] if t0.dim() else 0

@@ -67,7 +67,7 @@ class GraphDecoder:
         packed = self.fused.get(f"blk.{i}.{kind}")
         if packed is not None:
             return self.backend.lora_linear(x, *packed)
-        return torch.cat([self.linear(x, f"blk.{i}.{m}.weight") for m in FUSED_KINDS[kind]], dim=-1)
+        return torch.cat(self.linear(x, f"blk.{i}.{kind}"), dim=-1)  # the members one by one
 
     def _step(self) -> torch.Tensor:
         args, be, cache = self.model.args, self.backend, self.cache
@@ -83,7 +83,8 @@ class GraphDecoder:
             delta = be.lora_linear(o, *self.products[f"blk.{i}.attn_output.weight"])
             h, f = be.add_rms_norm(h, delta, self.norms[f"blk.{i}.ffn_norm.weight"], eps)
             gu = self._packed(f, i, "ffn_gate_up")
-            delta = be.lora_linear(be.swiglu(gu, args.n_ff), *self.products[f"blk.{i}.ffn_down.weight"])
+            act = be.silu_mul_fwd(*gu.chunk(2, dim=-1))  # SwiGLU on the two views of the packed output
+            delta = be.lora_linear(act, *self.products[f"blk.{i}.ffn_down.weight"])
         _, h = be.add_rms_norm(h, delta, self.norms["output_norm.weight"], eps)
         return be.lora_linear(h, *self.products["output.weight"])[0, -1].float()
 

@@ -165,7 +165,7 @@ class Trainer:
         dev = self.backend.device
         # LoRA tensors and AdamW moments as views into one flat buffer each, in the optimizer's order
         # (a, b per name): the fused AdamW then updates them in place without gathering them per step
-        keys = [(n, h) for n in self.st.lora for h in "ab"]
+        self._keys = keys = [(n, h) for n in self.st.lora for h in "ab"]
         ab = {(n, h): t for n, pair in self.st.lora.items() for h, t in zip("ab", pair, strict=True)}
         flat_p = _flat_views([ab[k] for k in keys], dev)
         self.params = {n: (flat_p[2 * i].requires_grad_(), flat_p[2 * i + 1].requires_grad_())
@@ -251,8 +251,7 @@ class Trainer:
 
     def _accumulate(self, g: dict, grads: list[torch.Tensor], n_acc: int) -> None:
         """g += grad / G per micro-batch (ggml_opt_acc_grad); with G = 1 the gradient is taken as is."""
-        keys = [(n, h) for n in self.params for h in "ab"]
-        for key, grad in zip(keys, grads, strict=True):
+        for key, grad in zip(self._keys, grads, strict=True):
             if n_acc == 1:
                 g[key] = grad
             else:
@@ -260,15 +259,12 @@ class Trainer:
 
     def _update(self, g: dict, sched: float, t: int) -> None:
         o = self.cfg.optim
-        if not hasattr(self, "_opt_lists"):
-            keys = list(g)
-            tensors = [self.params[n][0 if h == "a" else 1] for n, h in keys]
-            self._opt_lists = (keys, tensors, [_n_dims(x) >= o.decay_min_ndim for x in tensors],
-                               [self.m[k] for k in keys], [self.v[k] for k in keys])  # fmt: skip
-        keys, tensors, decayed, m, v = self._opt_lists
+        keys = self._keys  # the order of _flat_params and of the flat moment buffers
+        decayed = [_n_dims(x) >= o.decay_min_ndim for x in self._flat_params]
         hp = AdamHyper(o.alpha, o.decay, o.beta1, o.beta2, o.eps, o.gclip, sched, t)
         with torch.no_grad():
-            self.backend.adamw_step(tensors, [g[k] for k in keys], m, v, decayed, hp)
+            self.backend.adamw_step(self._flat_params, [g[k] for k in keys], [self.m[k] for k in keys],
+                                    [self.v[k] for k in keys], decayed, hp)  # fmt: skip
 
     # ------------------------------------------------------------------ loop
     def train(self) -> None:

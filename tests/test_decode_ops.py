@@ -19,7 +19,8 @@ may straddle a rounding boundary: one unit of the dtype, <= 2*u_out relative). P
     (<= 4u: the GPU's rsqrt.approx is within 2^-22.9, 1/sqrt within 2u) -> the two sides' r are (E+10)u
     apart. Then two roundings to the dtype (the normalized value, the product): 4*u_out.
     |dy| <= ((E+10)u + 4 u_out) * |y| * (1 + 4 u_out).
-  * swiglu: silu(g) = g / (1 + exp(-g)) in fp32 on both sides. exp is within 4u (libm / Sleef <= 1 ulp;
+  * swiglu (silu_mul_fwd on the packed output's views): silu(g) = g / (1 + exp(-g)) in fp32 on both sides.
+    exp is within 4u (libm / Sleef <= 1 ulp;
     the GPU's ex2.approx of g*log2(e): 2 ulp plus the argument's rounding, u*|g| relative); + and / add
     u each (div.rn) -> (|g| + 6)u per side, 2(|g| + 6)u apart; then two roundings (silu, the product):
     |dy| <= (2(|g| + 6)u + 4 u_out) * |silu(g) * up| * (1 + 4 u_out).
@@ -134,10 +135,11 @@ def test_add_rms_norm(tri, dtype, E, M, with_delta):
 @pytest.mark.parametrize("Fd", [96, 200])
 @pytest.mark.parametrize("M", [1, 3])
 def test_swiglu(tri, dtype, Fd, M):
+    """SwiGLU as the decode step runs it: silu_mul_fwd on the two column views of the packed [gate | up]."""
     shape = (1, 1, 2 * Fd) if M == 1 else (M, 2 * Fd)
     gu = rand(*shape, dtype=dtype, scale=4.0)  # gates over [-15, 15]: silu's tails and its bend
-    ref = SPEC.swiglu(gu, Fd)
-    got = tri.swiglu(gu.to(DEVICE), Fd)
+    ref = SPEC.silu_mul_fwd(*gu.chunk(2, dim=-1))
+    got = tri.silu_mul_fwd(*gu.to(DEVICE).chunk(2, dim=-1))
     assert got.dtype == dtype and got.shape == (*shape[:-1], Fd)
     g, up = gu.double().split([Fd, Fd], dim=-1)
     mag = (F.silu(g) * up).abs()
@@ -331,7 +333,7 @@ def test_spec_swiglu_is_feed_forward(dtype):
         return x
 
     model.feed_forward(0, None, linear)
-    assert torch.equal(SPEC.swiglu(torch.cat([gate, up], dim=-1), Fd), seen["down_input"])
+    assert torch.equal(SPEC.silu_mul_fwd(*torch.cat([gate, up], dim=-1).chunk(2, dim=-1)), seen["down_input"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
