@@ -11,6 +11,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 [ -e lorakit/kernels ] || ln -s ../kernels lorakit/kernels
 [ -e lorakit/backends ] || ln -s ../backends lorakit/backends
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# triton's cache (compiled kernels + autotune results) lives in .tcache: carry it in from an earlier call
+# (run(carry=[".tcache"])) and it comes back as OUTDIR/tcache.tgz, so later calls skip the searches
+export TRITON_CACHE_DIR=$PWD/.tcache
+mkdir -p "$TRITON_CACHE_DIR"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 step() {  # name limit_s command...
     local name=$1 limit=$2
@@ -35,5 +39,8 @@ for s in "$@"; do
     finetune) step finetune 580 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c \
         --peers peftc,lorakit7,lorakit12,peft --steps 5 --out "$out/finetune_h200.json" ;;
     kernels) step kernels 240 python3 bench/kernels_bench.py --models 3b --out "$out/kernels_h200_3b.json" ;;
+    kernels-small) step kernels_small 150 python3 bench/kernels_bench.py --models 3b --m 1,256 --no-grad \
+        --out "$out/kernels_small.json" ;;
     esac
 done
+tar czf "$out/tcache.tgz" .tcache && ls -la "$out/tcache.tgz"
