@@ -11,10 +11,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 [ -e lorakit/kernels ] || ln -s ../kernels lorakit/kernels
 [ -e lorakit/backends ] || ln -s ../backends lorakit/backends
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-# triton's cache (compiled kernels + autotune results) lives in .tcache: carry it in from an earlier call
-# (run(carry=[".tcache"])) and it comes back as OUTDIR/tcache.tgz, so later calls skip the searches
+# triton's cache (compiled kernels + autotune results) lives in .tcache and comes back as OUTDIR/tcache.tgz;
+# copied to .tcache.tgz and carried into a later call (run(carry=[".tcache.tgz"])), it spares the searches
 export TRITON_CACHE_DIR=$PWD/.tcache
 mkdir -p "$TRITON_CACHE_DIR"
+[ -f .tcache.tgz ] && tar xzf .tcache.tgz
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 step() {  # name limit_s command...
     local name=$1 limit=$2
@@ -32,9 +33,12 @@ for s in "$@"; do
         tests/test_kernels.py; python3 -m pytest -q -x -p no:cacheprovider tests/test_decode.py tests/test_decode_ops.py \
         tests/test_train_ops.py tests/test_train_step_backends.py" ;;
     profile) step profile 240 python3 bench/profile_gpu.py --out "$out/profile_h200.json" ;;
+    profile-pt) step profile_pt 240 python3 bench/profile_gpu.py --what prefill,train --out "$out/profile_pt.json" ;;
+    gemvlab) step gemv_lab 200 python3 bench/gemv_lab.py --out "$out/gemv_lab_h200.json" ;;
+    prefill-fixed) step prefill_fixed 100 env LORAKIT_AUTOTUNE=0 python3 bench/predict_gpu.py --only-prefill ;;
     predict) step predict 150 python3 bench/predict_gpu.py --out "$out/predict_h200.json" ;;
     finetune-quick)
-        step finetune_quick 150 python3 bench/finetune_gpu.py --settings 4x64c,8x512 --peers lorakit7,lorakit12 \
+        step finetune_quick 200 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c --peers lorakit7 \
             --out "$out/finetune_quick.json" ;;
     finetune) step finetune 580 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c \
         --peers peftc,lorakit7,lorakit12,peft --steps 5 --out "$out/finetune_h200.json" ;;

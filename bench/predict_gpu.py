@@ -127,10 +127,15 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "predict_h200.json")
     ap.add_argument("--skip-hf", action="store_true", help="skip HF transformers generate (same run, same shape)")
+    ap.add_argument("--only-prefill", action="store_true", help="just the 512-token prefill")
     a = ap.parse_args(argv)
     be = get_backend("cuda-triton")
     model = random_q8_model(shapes(a.layers), be.device)
     rows = []
+    if a.only_prefill:
+        r = bench_prefill(model, be)
+        print(json.dumps({"case": "prefill 512", **r}), flush=True)
+        return 0
     r = bench_decode(model, be, (), a.prompt, a.new)
     rows.append({"case": "decode, no adapter", **r, "vs_llamacpp": r["decode_tok_s"] / LLAMACPP_DECODE})
     print(json.dumps(rows[-1]), flush=True)

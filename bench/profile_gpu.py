@@ -42,7 +42,7 @@ def kernel_table(fn, calls: int, top: int = 18) -> dict:
     ranked = sorted(rows.items(), key=lambda kv: -kv[1][0])[:top]
     return {
         "kernel_us_per_call": total,
-        "top": [{"kernel": k[:90], "us": t, "count": c, "share": t / total} for k, (t, c) in ranked],
+        "top": [{"kernel": k[:200], "us": t, "count": c, "share": t / total} for k, (t, c) in ranked],
     }
 
 
@@ -60,7 +60,11 @@ def show(name: str, r: dict) -> None:
           + (f" (eager {r['eager_wall_us']:.0f})" if "eager_wall_us" in r else "")
           + f", kernels {r['kernel_us_per_call']:.0f} us/call")  # fmt: skip
     for k in r["top"]:
-        print(f"{k['us']:9.1f} us {k['share']:6.1%} x{k['count']:<4d} {k['kernel']}")
+        print(f"{k['us']:9.1f} us {k['share']:6.1%} x{k['count']:<4d} {k['kernel'][:120]}")
+    if "host" in r:
+        print("   host (cProfile, one call, by own time):")
+        for h in r["host"]:
+            print(f"{h['tottime_us']:9.0f} us own {h['cumtime_us']:9.0f} us cum x{h['calls']:<5d} {h['fn']}")
 
 
 def profile_decode(model, be, prompt=128, adapters=()) -> dict:
@@ -93,7 +97,27 @@ def profile_prefill(model, be, n=512) -> dict:
     run()
     r = kernel_table(run, 2)
     r["wall_us"] = wall(run, 3)
+    r["host"] = host_table(run)
     return r
+
+
+def host_table(fn, top: int = 25) -> list[dict]:
+    """Python-side cost of one call of fn (cProfile, by own time): where launch overhead comes from."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    prof.enable()
+    fn()
+    torch.cuda.synchronize()
+    prof.disable()
+    st = pstats.Stats(prof)
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [
+        {"fn": f"{Path(f).name}:{line}:{name}", "calls": nc, "tottime_us": tt * 1e6, "cumtime_us": ct * 1e6}
+        for (f, line, name), (_cc, nc, tt, ct, _callers) in rows
+    ]
 
 
 def profile_train(model, be, batch: int, ctx: int, ckpt: bool) -> dict:
@@ -107,13 +131,17 @@ def profile_train(model, be, batch: int, ctx: int, ckpt: bool) -> dict:
 
     off = {"token_embd": 0, "output": 0, "output_norm": 0, "attn_norm": 0, "ffn_norm": 0}
     lora = init_lora(lora_shapes(model.args, LoraRanks.default(4, **off)), seed=1)
-    params = {n: (a.cuda().requires_grad_(), b.cuda().requires_grad_()) for n, (a, b) in lora.items()}
     rope = rope_tables(model.args, ctx, be.device)
-    flat = [t for ab in params.values() for t in ab]
     xi = np.random.default_rng(0).integers(0, model.args.n_vocab, (batch, ctx))
 
-    def step(x, y):
-        return loss_and_backward(model, be, params, torch.bfloat16, rope, x, y, ckpt)
+    def make_step():
+        # own leaf tensors per use: the eager steps' gradient nodes belong to the default stream, which a
+        # capture may not depend on
+        params = {n: (a.cuda().requires_grad_(), b.cuda().requires_grad_()) for n, (a, b) in lora.items()}
+        flat = [t for ab in params.values() for t in ab]
+        return (lambda x, y: loss_and_backward(model, be, params, torch.bfloat16, rope, x, y, ckpt)), flat
+
+    step, flat = make_step()
 
     x = torch.from_numpy(xi).cuda()
 
@@ -125,7 +153,7 @@ def profile_train(model, be, batch: int, ctx: int, ckpt: bool) -> dict:
     eager()
     r = kernel_table(eager, 2)
     r["eager_wall_us"] = wall(eager, 2)
-    g = GraphedStep(step, flat)
+    g = GraphedStep(*make_step())
     g(xi, xi)
     r["wall_us"] = wall(lambda: g(xi, xi), 5)
     return r

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_util import _INTERPRET, QK, _to
+from .triton_util import _INTERPRET, QK, _q8_f32, _to
 
 
 @triton.jit
@@ -35,7 +35,7 @@ def _q8_rows_kernel(
     mask = offs_k < K
     q = tl.load(qs_ptr + src * stride_qn + offs_k, mask=mask, other=0)
     dd = tl.load(d_ptr + src * stride_dn + offs_k // 32, mask=mask, other=0.0)
-    w = q.to(tl.float32) * dd.to(tl.float32)
+    w = _q8_f32(q) * dd.to(tl.float32)
     tl.store(out_ptr + row.to(tl.int64) * stride_om + offs_k, _to(w, out_ptr.dtype.element_ty, EMU_BF16), mask=mask)
 
 

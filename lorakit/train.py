@@ -167,11 +167,11 @@ class Trainer:
         # (a, b per name): the fused AdamW then updates them in place without gathering them per step
         self._keys = keys = [(n, h) for n in self.st.lora for h in "ab"]
         ab = {(n, h): t for n, pair in self.st.lora.items() for h, t in zip("ab", pair, strict=True)}
-        flat_p = _flat_views([ab[k] for k in keys], dev)
+        flat_p = flat_views([ab[k] for k in keys], dev)
         self.params = {n: (flat_p[2 * i].requires_grad_(), flat_p[2 * i + 1].requires_grad_())
                        for i, n in enumerate(self.st.lora)}  # fmt: skip
-        self.m = dict(zip(keys, _flat_views([self.st.m[k] for k in keys], dev), strict=True))
-        self.v = dict(zip(keys, _flat_views([self.st.v[k] for k in keys], dev), strict=True))
+        self.m = dict(zip(keys, flat_views([self.st.m[k] for k in keys], dev), strict=True))
+        self.v = dict(zip(keys, flat_views([self.st.v[k] for k in keys], dev), strict=True))
         self.rope = rope_tables(args, cfg.n_ctx, dev)
         self._flat_params = [t for ab in self.params.values() for t in ab]
         self._graphed = None
@@ -423,7 +423,7 @@ class _Stop(Exception):
         self.interrupted = interrupted
 
 
-def _flat_views(ts: list[torch.Tensor], device) -> list[torch.Tensor]:
+def flat_views(ts: list[torch.Tensor], device) -> list[torch.Tensor]:
     """Float32 copies of ts on `device`, laid end to end in one buffer (each a leaf view of it)."""
     buf = torch.empty(sum(t.numel() for t in ts), dtype=torch.float32, device=device)
     out, off = [], 0

@@ -5,7 +5,8 @@ Python costs more than running them. The shapes never change during a run, so af
 steps (Triton autotuning and path choice happen there) the step is captured with
 torch.cuda.graph and every later micro-batch is one replay: copy the batch into the static input
 tensors, replay, read the static loss and gradients. The graph's kernels are the eager step's kernels,
-so the numbers are the same. Nothing in the step may synchronize with the host (checkpointing runs
+so the numbers are the same. The gradients come back as views of one flat fp32 buffer (gathered inside the
+graph), so the fused AdamW reads them in place. Nothing in the step may synchronize with the host (checkpointing runs
 without RNG-state bookkeeping: the forward has no randomness).
 """
 
@@ -47,9 +48,15 @@ class GraphedStep:
         # about the mismatch does not apply here
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream does not match")
+            flat = torch.empty(sum(p.numel() for p in self.params), dtype=torch.float32, device=x.device)
             with torch.cuda.graph(self.graph):
                 self.loss = self.fn(self.x, self.y)
-        self.grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+                parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params]
+                torch.cat([t.float() for t in parts], out=flat)
+        for p in self.params:
+            p.grad = None
+        self.grads = [g.view(p.shape) for g, p in zip(torch.split(flat, [p.numel() for p in self.params]), self.params,
+                                                      strict=True)]  # fmt: skip
 
     def __call__(self, inputs: np.ndarray, targets: np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor]]:
         dev = self.params[0].device

@@ -45,10 +45,10 @@ if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
 triton = pytest.importorskip("triton")
-
+import triton.language as tl  # noqa: E402
 from lorakit.backends import AdamHyper  # noqa: E402
 from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
-from lorakit.kernels import lora_update, q8_0_matmul  # noqa: E402
+from lorakit.kernels import lora_update, q8_0_matmul, triton_util  # noqa: E402
 
 from lorakit.lora import LoraLinear  # noqa: E402
 from lorakit.quant import Q8Weight, dequantize_q8_0, quantize_q8_0  # noqa: E402
@@ -488,3 +488,32 @@ def test_gpu_adamw_large():
     for got_ts, ref_ts in zip(lists, ref, strict=True):
         for got, want in zip(got_ts, ref_ts, strict=True):
             close(got.cpu(), want)
+
+
+@triton.jit
+def _round_probe_kernel(q_ptr, d_ptr, out_ptr, n_d, BLOCK: tl.constexpr, EXACT: tl.constexpr):
+    # out[i, j] = rnd_bf16(q[i] * d[j]) through the kernels' conversion and rounding helpers
+    i = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_d
+    q = tl.load(q_ptr + i + tl.zeros([BLOCK], dtype=tl.int32))
+    d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = triton_util._round_bf16_f32(triton_util._q8_f32(q) * d, EXACT)
+    tl.store(out_ptr + i * n_d + offs, w, mask=mask)
+
+
+def test_q8_conversion_and_bf16_rounding_exhaustive():
+    """Every int8 q times every finite fp16 d: _q8_f32 is exact and _round_bf16_f32 equals a real
+    fp32 -> bf16 conversion (round to nearest even), bit for bit — the GEMV relies on both."""
+    q = torch.arange(-128, 128, dtype=torch.int8, device=DEVICE)
+    d = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    d = d[torch.isfinite(d)].to(DEVICE)
+    if not CUDA:  # the interpreter is slow: every q with a spread of d (both signs, subnormals, extremes)
+        d = torch.cat([d[::37], d[:64], d[-64:]])
+    out = torch.empty(q.numel(), d.numel(), dtype=torch.float32, device=DEVICE)
+    block = 1024
+    _round_probe_kernel[(q.numel(), triton.cdiv(d.numel(), block))](q, d, out, d.numel(), BLOCK=block, EXACT=CUDA)
+    exact = q.double()[:, None] * d.double()[None, :]
+    assert torch.equal(exact.float().double(), exact)  # q * d is exact in fp32
+    ref = exact.float().to(torch.bfloat16).float()
+    assert torch.equal(out, ref)

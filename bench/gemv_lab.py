@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Where the q8_0 GEMV's time goes (GPU only): the decode GEMV with its per-element conversions swapped.
+
+    python bench/gemv_lab.py [--out bench/results/gemv_lab_h200.json]
+
+Variants of one kernel (same tiles, same loads), best of a few tile configs each, GPU time per call
+(CUDA-graph replay) and GB/s on the q8_0 bytes, at the decode shapes of open_llama_3b:
+  i2f+cvt   int8 -> fp32 by conversion instruction, rounding to bf16 by conversion (the shipped kernel)
+  i2f+int   conversion instruction, rounding to bf16 by integer ops on the fp32 bits
+  mag+cvt   int8 -> fp32 by integer add of a magic exponent (no conversion instruction), cvt rounding
+  mag+int   magic conversion, integer rounding (no conversion instruction at all)
+  mag+velt  magic conversion, rounding by Veltkamp's split in fp32 (what lorakit ships, triton_util)
+  mag+none  magic conversion, no rounding (not lorakit's numerics: the cost of rounding)
+  loadonly  the loads and an integer sum of the bytes (the bandwidth this load pattern can reach)
+The exact variants compute the same W; their outputs differ from the shipped kernel's only by the order of
+the fp32 sums (other tiles), so the table shows their largest difference in output ulps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from lorakit.kernels.triton_util import _q8_f32, _round_bf16_f32  # noqa: E402
+
+HBM = 4.23e12
+SHAPES = [(3200, 3200), (9600, 3200), (17280, 3200), (3200, 8640), (32000, 3200)]
+CONFIGS = [  # BLOCK_N, KB, UNROLL, warps
+    (4, 16, 2, 4),
+    (8, 8, 2, 4),
+    (8, 16, 1, 4),
+    (4, 32, 1, 8),
+    (2, 32, 1, 4),
+    (16, 8, 2, 8),
+    (4, 32, 2, 4),
+    (8, 16, 2, 8),
+]
+VARIANTS = {"i2f+cvt": (0, 0), "i2f+int": (0, 1), "mag+cvt": (1, 0), "mag+int": (1, 1), "mag+velt": (1, 3),
+            "mag+none": (1, 2), "loadonly": (2, 2)}  # fmt: skip
+
+
+@triton.jit
+def _w(q, d, CONV: tl.constexpr, ROUND: tl.constexpr):
+    if CONV == 0:
+        f = q.to(tl.float32)
+    else:
+        f = _q8_f32(q)
+    v = f * d.to(tl.float32)[:, :, None]
+    if ROUND == 3:
+        v = _round_bf16_f32(v, True)
+    elif ROUND == 0:
+        v = v.to(tl.bfloat16).to(tl.float32)
+    elif ROUND == 1:
+        b = v.to(tl.int32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+        v = b.to(tl.float32, bitcast=True)
+    return v
+
+
+@triton.jit
+def _lab_kernel(x_ptr, qs_ptr, d_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, KB: tl.constexpr, UNROLL: tl.constexpr,
+                CONV: tl.constexpr, ROUND: tl.constexpr):  # fmt: skip
+    BLOCK_K: tl.constexpr = KB * 32
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = (offs_n % N).to(tl.int64)
+    offs_b = tl.arange(0, KB)
+    offs_j = tl.arange(0, 32)
+    kk0 = offs_b[:, None] * 32 + offs_j[None, :]
+    acc = tl.zeros((BLOCK_N, KB, 32), dtype=tl.float32)
+    iacc = tl.zeros((BLOCK_N, KB, 32), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K * UNROLL):
+        for u in tl.static_range(UNROLL):
+            kk = k0 + u * BLOCK_K + kk0
+            kb = (k0 + u * BLOCK_K) // 32 + offs_b
+            x = tl.load(x_ptr + kk[None, :, :], mask=(kk < K)[None, :, :], other=0.0)
+            q = tl.load(qs_ptr + rn[:, None, None] * K + kk[None, :, :], mask=(kk < K)[None, :, :], other=0)
+            d = tl.load(d_ptr + rn[:, None] * (K // 32) + kb[None, :], mask=(kb * 32 < K)[None, :], other=0.0)
+            if CONV == 2:
+                iacc += q.to(tl.int32) + d.to(tl.int16, bitcast=True).to(tl.int32)[:, :, None]
+            else:
+                acc += _w(q, d, CONV, ROUND) * x.to(tl.float32)
+    if CONV == 2:
+        y = tl.sum(tl.sum(iacc, axis=2), axis=1).to(tl.float32)
+    else:
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    tl.store(y_ptr + offs_n, y.to(tl.bfloat16), mask=offs_n < N)
+
+
+def bench_shape(n: int, k: int) -> dict:
+    from lorakit.kernels.q8_0_matmul import q8_0_matmul
+
+    qs = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+    d = (torch.rand(n, k // 32, device="cuda") * 0.01 + 1e-3).half()
+    x = torch.randn(1, k, device="cuda").bfloat16()
+    ref = q8_0_matmul(x, qs, d)
+    shipped = triton.testing.do_bench_cudagraph(lambda: q8_0_matmul(x, qs, d), rep=30)
+    row = {"N": n, "K": k, "bytes": n * k * 34 // 32, "shipped_us": shipped * 1e3}
+    ulp = ref.float().abs().clamp_min(1e-30) * 2.0**-8
+    for name, (conv, rnd) in VARIANTS.items():
+        best = None
+        for bn, kb, un, w in CONFIGS:
+            y = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
+
+            def run(y=y, bn=bn, kb=kb, un=un, w=w, conv=conv, rnd=rnd):
+                _lab_kernel[(triton.cdiv(n, bn),)](x, qs, d, y, n, k, BLOCK_N=bn, KB=kb, UNROLL=un, CONV=conv,
+                                                   ROUND=rnd, num_warps=w)  # fmt: skip
+
+            run()
+            diff = float(((y.float() - ref.float()).abs() / ulp).max()) if rnd in (0, 1, 3) else None
+            t = triton.testing.do_bench_cudagraph(run, rep=20)
+            if best is None or t < best[0]:
+                best = (t, (bn, kb, un, w), diff)
+        t, cfg, diff = best
+        row[name] = {"us": t * 1e3, "GBps": row["bytes"] / t / 1e6, "cfg": cfg, "max_diff_ulps": diff}
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gemv_lab_h200.json")
+    a = ap.parse_args(argv)
+    torch.manual_seed(0)
+    rows = []
+    for n, k in SHAPES:
+        row = bench_shape(n, k)
+        rows.append(row)
+        print(f"{n:6d}x{k:<5d} shipped {row['shipped_us']:6.1f}us "
+              + " ".join(f"{v}:{row[v]['us']:5.1f}us/{row[v]['GBps']:5.0f}" for v in VARIANTS), flush=True)  # fmt: skip
+    print("\n(us per call, GB/s on the q8_0 bytes)")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
