@@ -41,6 +41,9 @@ class Backend(Protocol):
     name: str
     device: torch.device
 
+    def eager_inference(self) -> Backend:
+        """The same ops and numbers, for eager host-bound work (a prefill): may prefer fewer launches."""
+
     def matmul(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
         """x [..., in] @ W.T -> [..., out], float32 accumulation, result in x's dtype."""
 

@@ -26,7 +26,7 @@ from . import AdamHyper
 class CudaTritonBackend:
     name = "cuda-triton"
 
-    def __init__(self, device: torch.device | str = "cuda"):
+    def __init__(self, device: torch.device | str = "cuda", host_bound: bool = False):
         dev = torch.device(device)
         if dev.type == "cuda":
             if not torch.cuda.is_available():
@@ -42,17 +42,22 @@ class CudaTritonBackend:
                 "the triton kernels were imported before TRITON_INTERPRET=1 was set; they cannot run on CPU"
             )
         self.device = dev
+        self.host_bound = host_bound
         self._mm = q8_0_matmul
         self._adam = lora_update
         self._dec = decode_ops
         self._train = train_ops
+
+    def eager_inference(self) -> CudaTritonBackend:
+        """This backend for eager, host-bound work (a prefill): products prefer one launch over two."""
+        return self if self.host_bound else CudaTritonBackend(self.device, host_bound=True)
 
     # -- products -----------------------------------------------------------------------------------
 
     def matmul(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
         if not isinstance(w, Q8Weight):
             return x @ w.to(x.dtype).T
-        return self._mm.q8_0_matmul(x, w.qs, w.d)
+        return self._mm.q8_0_matmul(x, w.qs, w.d, host_bound=self.host_bound)
 
     def matmul_grad_input(self, dy: torch.Tensor, w: Weight) -> torch.Tensor:
         if not isinstance(w, Q8Weight):
@@ -68,11 +73,12 @@ class CudaTritonBackend:
             for a, b, s in loras:
                 y = y + s * ((x @ a.to(x.dtype)) @ b.to(x.dtype).T)
             return y
+        hb = self.host_bound
         if not loras:
-            return self._mm.q8_0_matmul(x, w.qs, w.d)
+            return self._mm.q8_0_matmul(x, w.qs, w.d, host_bound=hb)
         if len(loras) == 1:
             a, b, s = loras[0]
-            return self._mm.q8_0_matmul(x, w.qs, w.d, a, b, s)
+            return self._mm.q8_0_matmul(x, w.qs, w.d, a, b, s, host_bound=hb)
         # several adapters: one fused term  sum_i s_i (x a_i) b_i^T = (x [a_1..a_k]) [s_1 b_1..s_k b_k]^T
         fused, rest, r = [], [], 0
         for a, b, s in loras:
@@ -83,7 +89,7 @@ class CudaTritonBackend:
                 rest.append((a, b, s))
         a_cat = torch.cat([a.to(x.dtype) for a, _, _ in fused], dim=1)
         b_cat = torch.cat([(s * b.to(torch.float32)).to(x.dtype) for _, b, s in fused], dim=1)
-        y = self._mm.q8_0_matmul(x, w.qs, w.d, a_cat, b_cat, 1.0)
+        y = self._mm.q8_0_matmul(x, w.qs, w.d, a_cat, b_cat, 1.0, host_bound=hb)
         for a, b, s in rest:
             y = y + s * ((x @ a.to(x.dtype)) @ b.to(x.dtype).T)
         return y

@@ -32,8 +32,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_util import _mul_rn
-
 # the same switch triton.jit read when it decorated the kernels below (TRITON_INTERPRET at import)
 _INTERPRET = bool(triton.knobs.runtime.interpret)
 
@@ -41,6 +39,16 @@ BLOCK = 4096  # elements per program (all three kernels)
 # hyper-parameter slots in the small fp64 buffer the kernels read
 _HP_KEYS = ("gclip", "beta1", "omb1", "beta2", "omb2", "h1", "h2", "eps", "keep_dec")
 _N_HP = 16
+
+
+@triton.jit
+def _mul(a, b, EXACT: tl.constexpr):
+    if EXACT:
+        return tl.inline_asm_elementwise(
+            "mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return a * b
 
 
 @triton.jit
@@ -118,17 +126,17 @@ def _adamw_kernel(
     v = tl.load(v_ptr + offs, mask=mask, other=0.0)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
 
-    g = _mul_rn(g, factor, EXACT)  # exact when factor == 1
-    m = _add(_mul_rn(m, beta1, EXACT), _mul_rn(g, omb1, EXACT), EXACT)
-    v = _add(_mul_rn(v, beta2, EXACT), _mul_rn(_mul_rn(g, g, EXACT), omb2, EXACT), EXACT)
-    num = _mul_rn(m, h1, EXACT)
-    den = _add(tl.sqrt_rn(_mul_rn(v, h2, EXACT)), eps, EXACT)
+    g = _mul(g, factor, EXACT)  # exact when factor == 1
+    m = _add(_mul(m, beta1, EXACT), _mul(g, omb1, EXACT), EXACT)
+    v = _add(_mul(v, beta2, EXACT), _mul(_mul(g, g, EXACT), omb2, EXACT), EXACT)
+    num = _mul(m, h1, EXACT)
+    den = _add(tl.sqrt_rn(_mul(v, h2, EXACT)), eps, EXACT)
     step = tl.math.div_rn(num, den)
     if DECAY == 1:
-        x = _mul_rn(x, keep_dec, EXACT)
+        x = _mul(x, keep_dec, EXACT)
     elif DECAY == 2:
         flag = tl.load(flag_ptr + offs, mask=mask, other=0)
-        x = _mul_rn(x, tl.where(flag != 0, keep_dec, 1.0), EXACT)  # x * 1 is exact
+        x = _mul(x, tl.where(flag != 0, keep_dec, 1.0), EXACT)  # x * 1 is exact
     x = _sub(x, step, EXACT)
 
     tl.store(m_ptr + offs, m, mask=mask)

@@ -113,13 +113,15 @@ def _split_for(path: str, m: int, n_out: int, n_red: int, device: torch.device) 
     return _split(tiles, triton.cdiv(n_red, 64), sms)
 
 
-def _candidates(m: int, same_dtype: bool, gemv: bool) -> tuple[list[str], str]:
-    """(paths that can compute an [m, *] product, the default without a measurement)."""
+def _candidates(m: int, same_dtype: bool, gemv: bool, host_bound: bool = False) -> tuple[list[str], str]:
+    """(paths that can compute an [m, *] product, the default without a measurement). host_bound: the caller
+    launches eagerly and the host, not the GPU, is the limit (a prefill): below DEQUANT_DEFAULT_M rows the
+    two-launch dequantize + cuBLAS path is left out (its GPU-time advantage is smaller than a launch there)."""
     if gemv and m <= GEMV_MAX_M:
         return ["gemv", "skinny"], "gemv"
     if _m_bucket(m) <= 64:
         return ["skinny"], "skinny"
-    if m >= DEQUANT_MIN_M and same_dtype:
+    if m >= DEQUANT_MIN_M and same_dtype and not (host_bound and m < DEQUANT_DEFAULT_M):
         return ["large", "dequant"], "dequant" if m >= DEQUANT_DEFAULT_M else "large"
     return ["large"], "large"
 
@@ -224,12 +226,14 @@ def q8_0_matmul(
     out_dtype: torch.dtype | None = None,
     *,
     config: dict | None = None,
+    host_bound: bool = False,
 ) -> torch.Tensor:
     """y[..., N] = x[..., K] @ W.T (+ scale * (x @ a) @ b.T), W = q8_0(qs, d) of shape [N, K].
 
     a: (K, r), b: (N, r) (llama.cpp's lora_a / lora_b layout). fp32 accumulation; y in out_dtype
     (default x.dtype). `config` forces a path/tiles (tests): {"path": "gemv"|"gemm"|"dequant",
-    "SPLIT_K": s, plus BLOCK_* entries}.
+    "SPLIT_K": s, plus BLOCK_* entries}. host_bound: eager launches where the host is the limit
+    (_candidates); every path computes the same numbers.
     """
     n, k = _check_weight(qs, d)
     _check_act(x, k, qs, "x")
@@ -262,8 +266,8 @@ def q8_0_matmul(
     if "path" in cfg:
         path = _forced_path(cfg, m)
     else:
-        paths, default = _candidates(m, out_dtype == x.dtype, gemv=True)
-        key = ("fwd", m if m <= GEMV_MAX_M else _m_bucket(m), n, k, x.dtype, out_dtype, has_lora)
+        paths, default = _candidates(m, out_dtype == x.dtype, gemv=True, host_bound=host_bound)
+        key = ("fwd", m if m <= GEMV_MAX_M else _m_bucket(m), n, k, x.dtype, out_dtype, has_lora, host_bound)
         path = choose_path(key, paths, lambda p: _fwd(p, x2, qs, d, y, lora, cfg), default)
     _fwd(path, x2, qs, d, y, lora, cfg)
     if extra is not None:

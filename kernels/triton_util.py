@@ -59,27 +59,6 @@ def _q8_f32(q):
 
 
 @triton.jit
-def _mul_rn(a, b, EXACT: tl.constexpr):
-    """a * b rounded on its own (PTX mul.rn: never contracted into an FMA with a later add)."""
-    if EXACT:
-        return tl.inline_asm_elementwise(
-            "mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1
-        )
-    else:
-        return a * b
-
-
-@triton.jit
-def _round_bf16_f32(v, EXACT: tl.constexpr):
-    """fp32 v rounded to bf16 precision (to nearest, ties to even), kept as fp32, in three fp32 operations
-    (Veltkamp's split with 2^16 + 1). For a q8_0 product v = q * d (int8 q, fp16 d: exact in fp32) it equals
-    v.to(bf16).to(fp32) for every q and every finite d (checked exhaustively in tests/test_kernels.py), and
-    costs less than the conversion and unpacking it replaces. EXACT: the multiply is kept from contracting."""
-    t = _mul_rn(v, 65537.0, EXACT)
-    return t - (t - v)
-
-
-@triton.jit
 def _dequant_tile(q, dd, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """int8 [BLOCK_N, BLOCK_K] x fp16 [BLOCK_N, BLOCK_K // 32] -> fp32 [BLOCK_N, BLOCK_K]."""
     KB: tl.constexpr = BLOCK_K // 32

@@ -89,7 +89,8 @@ class Generator:
     ):
         self.model, self.backend, self.n_ctx, self.dtype = model, backend, n_ctx, dtype
         self.adapters = list(adapters)
-        self.fns = model_fns(model, backend, adapters, dtype)
+        # prompt and eager steps launch op by op (the host is the limit on a GPU); decode steps replay a graph
+        self.fns = model_fns(model, backend.eager_inference(), adapters, dtype)
         self.ops = ops_for(backend)
         self.rope = rope_tables(model.args, n_ctx, backend.device)
         self.stats = GenerationStats()

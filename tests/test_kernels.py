@@ -491,20 +491,20 @@ def test_gpu_adamw_large():
 
 
 @triton.jit
-def _round_probe_kernel(q_ptr, d_ptr, out_ptr, n_d, BLOCK: tl.constexpr, EXACT: tl.constexpr):
-    # out[i, j] = rnd_bf16(q[i] * d[j]) through the kernels' conversion and rounding helpers
+def _round_probe_kernel(q_ptr, d_ptr, out_ptr, n_d, BLOCK: tl.constexpr, EMU_BF16: tl.constexpr):
+    # out[i, j] = rnd_bf16(q[i] * d[j]) as the q8_0 kernels form it (_q8_f32, fp32 product, one rounding)
     i = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_d
     q = tl.load(q_ptr + i + tl.zeros([BLOCK], dtype=tl.int32))
     d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    w = triton_util._round_bf16_f32(triton_util._q8_f32(q) * d, EXACT)
-    tl.store(out_ptr + i * n_d + offs, w, mask=mask)
+    w = triton_util._to(triton_util._q8_f32(q) * d, tl.bfloat16, EMU_BF16)
+    tl.store(out_ptr + i * n_d + offs, w.to(tl.float32), mask=mask)
 
 
 def test_q8_conversion_and_bf16_rounding_exhaustive():
-    """Every int8 q times every finite fp16 d: _q8_f32 is exact and _round_bf16_f32 equals a real
-    fp32 -> bf16 conversion (round to nearest even), bit for bit — the GEMV relies on both."""
+    """Every int8 q times every finite fp16 d: the kernels' int8 -> fp32 without a conversion instruction
+    (_q8_f32) is exact, so W = rnd_bf16(q * d) equals the spec's dequantization bit for bit."""
     q = torch.arange(-128, 128, dtype=torch.int8, device=DEVICE)
     d = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
     d = d[torch.isfinite(d)].to(DEVICE)
@@ -512,8 +512,33 @@ def test_q8_conversion_and_bf16_rounding_exhaustive():
         d = torch.cat([d[::37], d[:64], d[-64:]])
     out = torch.empty(q.numel(), d.numel(), dtype=torch.float32, device=DEVICE)
     block = 1024
-    _round_probe_kernel[(q.numel(), triton.cdiv(d.numel(), block))](q, d, out, d.numel(), BLOCK=block, EXACT=CUDA)
+    grid = (q.numel(), triton.cdiv(d.numel(), block))
+    _round_probe_kernel[grid](q, d, out, d.numel(), BLOCK=block, EMU_BF16=not CUDA)
     exact = q.double()[:, None] * d.double()[None, :]
     assert torch.equal(exact.float().double(), exact)  # q * d is exact in fp32
     ref = exact.float().to(torch.bfloat16).float()
     assert torch.equal(out, ref)
+
+
+def test_host_bound_candidates_leave_out_the_two_launch_path():
+    """A prefill (host_bound) never takes dequantize + cuBLAS below DEQUANT_DEFAULT_M rows; above, and for
+    graph-replayed work, the measured choice keeps every path."""
+    from lorakit.kernels.q8_0_matmul import DEQUANT_DEFAULT_M, DEQUANT_MIN_M, _candidates
+
+    for m in (DEQUANT_MIN_M, 512, DEQUANT_DEFAULT_M - 1):
+        assert "dequant" in _candidates(m, True, True)[0]
+        paths, default = _candidates(m, True, True, host_bound=True)
+        assert paths == ["large"] and default == "large"
+    assert "dequant" in _candidates(DEQUANT_DEFAULT_M, True, True, host_bound=True)[0]
+    assert _candidates(1, True, True, host_bound=True) == _candidates(1, True, True)  # decode: gemv
+
+
+def test_eager_inference_backend_same_numbers(tri):
+    eager = tri.eager_inference()
+    assert eager.host_bound and not tri.host_bound and eager.eager_inference() is eager
+    w = on(make_weight(97, 160))
+    x = rand(37, 160, dtype=torch.bfloat16).to(DEVICE)
+    a, b = rand(160, 4, seed=2).to(DEVICE), rand(97, 4, seed=3).to(DEVICE)
+    assert torch.equal(eager.matmul(x, w), tri.matmul(x, w))
+    assert torch.equal(eager.lora_linear(x, w, [(a, b, 0.5)]), tri.lora_linear(x, w, [(a, b, 0.5)]))
+    assert SPEC.eager_inference() is SPEC
