@@ -201,6 +201,8 @@ def main(argv=None) -> int:
                 r["mfu"] = r["tokens_per_s"] * (6 if ckpt else 4) * N / PEAK_BF16
             rows.append(r)
             print(json.dumps(r), flush=True)
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(json.dumps({"meta": {"partial": True}, "rows": rows}, indent=2))  # survives a timeout
     for batch, ctx, ckpt in settings:
         peer = next((r for r in rows if (r["batch"], r["ctx"], r["checkpointing"]) == (batch, ctx, ckpt)
                      and r.get("peer") == "PEFT compiled" and "tokens_per_s" in r), None)  # fmt: skip

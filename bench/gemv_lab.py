@@ -13,7 +13,10 @@ Variants of one kernel (same tiles, same loads), best of a few tile configs each
   mag+velt  magic conversion, rounding by Veltkamp's split in fp32 (t = v * 65537, t - (t - v): equal to
             the conversion for every q8_0 product, and slower than it on the H200)
   mag+none  magic conversion, no rounding (not lorakit's numerics: the cost of rounding)
+  prmt+cvt  qs read as int32 words, each byte placed into a float's mantissa by one PRMT (inline PTX), x
+            read in the matching order; cvt rounding
   loadonly  the loads and an integer sum of the bytes (the bandwidth this load pattern can reach)
+  tiled     lorakit's tensor-core tiled kernel at M = 1 (autotuned skinny tiles), for comparison
 The exact variants compute the same W; their outputs differ from the shipped kernel's only by the order of
 the fp32 sums (other tiles), so the table shows their largest difference in output ulps.
 """
@@ -46,7 +49,7 @@ CONFIGS = [  # BLOCK_N, KB, UNROLL, warps
     (8, 16, 2, 8),
 ]
 VARIANTS = {"i2f+cvt": (0, 0), "i2f+int": (0, 1), "mag+cvt": (1, 0), "mag+int": (1, 1), "mag+velt": (1, 3),
-            "mag+none": (1, 2), "loadonly": (2, 2)}  # fmt: skip
+            "mag+none": (1, 2), "prmt+cvt": (3, 0), "loadonly": (2, 2)}  # fmt: skip
 
 
 @triton.jit
@@ -99,15 +102,54 @@ def _lab_kernel(x_ptr, qs_ptr, d_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, KB: tl
     tl.store(y_ptr + offs_n, y.to(tl.bfloat16), mask=offs_n < N)
 
 
+@triton.jit
+def _prmt_term(w, dd, x_ptr, kw, K, I: tl.constexpr, ASM: tl.constexpr):
+    """W * x for byte I of every word: one PRMT puts the byte into the float 2^23 + byte (bytes [b, 0, 0, 0x4B])."""
+    xi = tl.load(x_ptr + kw[None, :, :] * 4 + I, mask=(kw * 4 < K)[None, :, :], other=0.0)
+    bits = tl.inline_asm_elementwise(ASM, "=r,r", [w], dtype=tl.float32, is_pure=True, pack=1)
+    v = (bits - 8388736.0) * dd
+    return v.to(tl.bfloat16).to(tl.float32) * xi.to(tl.float32)
+
+
+@triton.jit
+def _prmt_kernel(x_ptr, qw_ptr, d_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, KB: tl.constexpr, UNROLL: tl.constexpr):
+    BLOCK_K: tl.constexpr = KB * 32
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = (offs_n % N).to(tl.int64)
+    offs_b = tl.arange(0, KB)
+    offs_w = tl.arange(0, 8)
+    kw0 = offs_b[:, None] * 8 + offs_w[None, :]  # word index within the step
+    acc = tl.zeros((BLOCK_N, KB, 8), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K * UNROLL):
+        for u in tl.static_range(UNROLL):
+            ks = k0 + u * BLOCK_K
+            kw = ks // 4 + kw0
+            kb = ks // 32 + offs_b
+            w = tl.load(qw_ptr + rn[:, None, None] * (K // 4) + kw[None, :, :], mask=(kw * 4 < K)[None, :, :], other=0)
+            d = tl.load(d_ptr + rn[:, None] * (K // 32) + kb[None, :], mask=(kb * 32 < K)[None, :], other=0.0)
+            w = w ^ -2139062144  # 0x80808080: each byte q + 128
+            dd = d.to(tl.float32)[:, :, None]
+            acc += _prmt_term(w, dd, x_ptr, kw, K, 0, "prmt.b32 $0, $1, 0x4B000000, 0x7440;")
+            acc += _prmt_term(w, dd, x_ptr, kw, K, 1, "prmt.b32 $0, $1, 0x4B000000, 0x7441;")
+            acc += _prmt_term(w, dd, x_ptr, kw, K, 2, "prmt.b32 $0, $1, 0x4B000000, 0x7442;")
+            acc += _prmt_term(w, dd, x_ptr, kw, K, 3, "prmt.b32 $0, $1, 0x4B000000, 0x7443;")
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    tl.store(y_ptr + offs_n, y.to(tl.bfloat16), mask=offs_n < N)
+
+
 def bench_shape(n: int, k: int) -> dict:
     from lorakit.kernels.q8_0_matmul import q8_0_matmul
 
     qs = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
     d = (torch.rand(n, k // 32, device="cuda") * 0.01 + 1e-3).half()
     x = torch.randn(1, k, device="cuda").bfloat16()
+    qw = qs.view(torch.int32)
     ref = q8_0_matmul(x, qs, d)
     shipped = triton.testing.do_bench_cudagraph(lambda: q8_0_matmul(x, qs, d), rep=30)
-    row = {"N": n, "K": k, "bytes": n * k * 34 // 32, "shipped_us": shipped * 1e3}
+    q8_0_matmul(x, qs, d, config={"path": "gemm"})  # autotune
+    tiled = triton.testing.do_bench_cudagraph(lambda: q8_0_matmul(x, qs, d, config={"path": "gemm"}), rep=30)
+    row = {"N": n, "K": k, "bytes": n * k * 34 // 32, "shipped_us": shipped * 1e3, "tiled_us": tiled * 1e3}
     ulp = ref.float().abs().clamp_min(1e-30) * 2.0**-8
     for name, (conv, rnd) in VARIANTS.items():
         best = None
@@ -115,14 +157,24 @@ def bench_shape(n: int, k: int) -> dict:
             y = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
 
             def run(y=y, bn=bn, kb=kb, un=un, w=w, conv=conv, rnd=rnd):
+                if conv == 3:
+                    _prmt_kernel[(triton.cdiv(n, bn),)](x, qw, d, y, n, k, BLOCK_N=bn, KB=kb, UNROLL=un, num_warps=w)
+                    return
                 _lab_kernel[(triton.cdiv(n, bn),)](x, qs, d, y, n, k, BLOCK_N=bn, KB=kb, UNROLL=un, CONV=conv,
                                                    ROUND=rnd, num_warps=w)  # fmt: skip
 
-            run()
-            diff = float(((y.float() - ref.float()).abs() / ulp).max()) if rnd in (0, 1, 3) else None
+            try:
+                run()
+            except Exception as e:  # a variant that does not compile is reported, not fatal
+                print(f"{name} {(bn, kb, un, w)}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            diff = float(((y.float() - ref.float()).abs() / ulp).max()) if rnd in (0, 1, 3) and conv != 2 else None
             t = triton.testing.do_bench_cudagraph(run, rep=20)
             if best is None or t < best[0]:
                 best = (t, (bn, kb, un, w), diff)
+        if best is None:
+            row[name] = {"us": float("nan"), "GBps": float("nan"), "cfg": None, "max_diff_ulps": None}
+            continue
         t, cfg, diff = best
         row[name] = {"us": t * 1e3, "GBps": row["bytes"] / t / 1e6, "cfg": cfg, "max_diff_ulps": diff}
     return row
@@ -137,8 +189,12 @@ def main(argv=None) -> int:
     for n, k in SHAPES:
         row = bench_shape(n, k)
         rows.append(row)
-        print(f"{n:6d}x{k:<5d} shipped {row['shipped_us']:6.1f}us "
+        print(f"{n:6d}x{k:<5d} shipped {row['shipped_us']:6.1f}us tiled {row['tiled_us']:6.1f}us "
               + " ".join(f"{v}:{row[v]['us']:5.1f}us/{row[v]['GBps']:5.0f}" for v in VARIANTS), flush=True)  # fmt: skip
+        print(
+            "   max diff vs shipped (output ulps): "
+            + " ".join(f"{v}:{row[v]['max_diff_ulps']:.1f}" for v in VARIANTS if row[v]["max_diff_ulps"] is not None)
+        )
     print("\n(us per call, GB/s on the q8_0 bytes)")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}, indent=1))

@@ -40,8 +40,8 @@ for s in "$@"; do
     finetune-quick)
         step finetune_quick 200 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c --peers lorakit7 \
             --out "$out/finetune_quick.json" ;;
-    finetune) step finetune 580 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c \
-        --peers peftc,lorakit7,lorakit12,peft --steps 5 --out "$out/finetune_h200.json" ;;
+    finetune) step finetune 560 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c \
+        --peers lorakit7,lorakit12,peftc,peft --steps 5 --out "$out/finetune_h200.json" ;;
     kernels) step kernels 240 python3 bench/kernels_bench.py --models 3b --out "$out/kernels_h200_3b.json" ;;
     kernels-small) step kernels_small 150 python3 bench/kernels_bench.py --models 3b --m 1,256 --no-grad \
         --out "$out/kernels_small.json" ;;

@@ -128,7 +128,9 @@ class LoraLinear(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         dyb = dy2 @ b.to(dy.dtype)  # [N, r]
         if dx is not None:
-            dx = dx + (s * (dyb @ a.to(dy.dtype).T)).reshape(dx.shape)
+            # the low-rank term added by the same GEMM call (beta = 1, alpha = s): no [N, in]-sized
+            # scaled copy and sum (two elementwise passes per product, ~5% of a step at 8 x 512)
+            dx = dx.reshape(-1, dx.shape[-1]).addmm_(dyb, a.to(dy.dtype).T, alpha=s).view(dx.shape)
         da = (s * (x2.T @ dyb)).to(a.dtype) if ctx.needs_input_grad[2] else None
         db = (s * (dy2.T @ (x2 @ a.to(x.dtype)))).to(b.dtype) if ctx.needs_input_grad[3] else None
         return dx, None, da, db, None, None
