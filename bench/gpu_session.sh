@@ -11,7 +11,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 [ -e lorakit/kernels ] || ln -s ../kernels lorakit/kernels
 [ -e lorakit/backends ] || ln -s ../backends lorakit/backends
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-# triton's cache (compiled kernels + autotune results) lives in .tcache and comes back as OUTDIR/tcache.tgz;
+# triton's cache (compiled kernels + autotune results) lives in .tcache; its autotune results come back as
+# OUTDIR/tcache.tgz;
 # copied to .tcache.tgz and carried into a later call (run(carry=[".tcache.tgz"])), it spares the searches
 export TRITON_CACHE_DIR=$PWD/.tcache
 mkdir -p "$TRITON_CACHE_DIR"
@@ -47,4 +48,6 @@ for s in "$@"; do
         --out "$out/kernels_small.json" ;;
     esac
 done
-tar czf "$out/tcache.tgz" .tcache && ls -la "$out/tcache.tgz"
+# only the autotune results come back (the compiled kernels would exceed what a call may return; the best
+# configs recompile in seconds, the searches are what costs minutes)
+find .tcache -name '*.autotune.json' | tar czf "$out/tcache.tgz" -T - && ls -la "$out/tcache.tgz"
