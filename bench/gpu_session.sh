@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
-#   bash bench/gpu_session.sh OUTDIR [gputests] [check] [profile] [predict] [finetune-quick] [finetune] [kernels]
+#   bash bench/gpu_session.sh OUTDIR [gputests] [check] [profile] [profile-pt] [gemvlab] [predict] [prefill-fixed]
+#                             [finetune-quick] [finetune] [finetune-ckpt] [kernels] [kernels-small]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
 set -u
@@ -37,12 +38,14 @@ for s in "$@"; do
     profile-pt) step profile_pt 240 python3 bench/profile_gpu.py --what prefill,train --out "$out/profile_pt.json" ;;
     gemvlab) step gemv_lab 200 python3 bench/gemv_lab.py --out "$out/gemv_lab_h200.json" ;;
     prefill-fixed) step prefill_fixed 100 env LORAKIT_AUTOTUNE=0 python3 bench/predict_gpu.py --only-prefill ;;
-    predict) step predict 150 python3 bench/predict_gpu.py --out "$out/predict_h200.json" ;;
+    predict) step predict 100 python3 bench/predict_gpu.py --out "$out/predict_h200.json" ;;
     finetune-quick)
         step finetune_quick 200 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c --peers lorakit7 \
             --out "$out/finetune_quick.json" ;;
     finetune) step finetune 560 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c \
         --peers lorakit7,lorakit12,peftc,peft --steps 5 --out "$out/finetune_h200.json" ;;
+    finetune-ckpt) step finetune_ckpt 230 python3 bench/finetune_gpu.py --settings 8x512c \
+        --peers lorakit7,peftc,peft --steps 5 --out "$out/finetune_h200_8x512c.json" ;;
     kernels) step kernels 240 python3 bench/kernels_bench.py --models 3b --out "$out/kernels_h200_3b.json" ;;
     kernels-small) step kernels_small 150 python3 bench/kernels_bench.py --models 3b --m 1,256 --no-grad \
         --out "$out/kernels_small.json" ;;
