@@ -30,7 +30,7 @@ step() {  # name limit_s command...
 for s in "$@"; do
     case $s in
     check)
-        step gpu_check 100 env LORAKIT_AUTOTUNE=0 python3 bench/gpu_check.py ;;
+        step gpu_check 80 env LORAKIT_AUTOTUNE=0 python3 bench/gpu_check.py ;;
     gputests) step pytest_gpu 130 env LORAKIT_AUTOTUNE=0 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_kernels.py; python3 -m pytest -q -x -p no:cacheprovider tests/test_decode.py tests/test_decode_ops.py \
         tests/test_train_ops.py tests/test_train_step_backends.py" ;;
@@ -44,8 +44,8 @@ for s in "$@"; do
             --out "$out/finetune_quick.json" ;;
     finetune) step finetune 560 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c \
         --peers lorakit7,lorakit12,peftc,peft --steps 5 --out "$out/finetune_h200.json" ;;
-    finetune-ckpt) step finetune_ckpt 230 python3 bench/finetune_gpu.py --settings 8x512c \
-        --peers lorakit7,peftc,peft --steps 5 --out "$out/finetune_h200_8x512c.json" ;;
+    finetune-ckpt) step finetune_ckpt 200 python3 bench/finetune_gpu.py --settings 8x512c \
+        --peers lorakit7,peftc --steps 5 --out "$out/finetune_h200_8x512c.json" ;;
     kernels) step kernels 240 python3 bench/kernels_bench.py --models 3b --out "$out/kernels_h200_3b.json" ;;
     kernels-small) step kernels_small 150 python3 bench/kernels_bench.py --models 3b --m 1,256 --no-grad \
         --out "$out/kernels_small.json" ;;
