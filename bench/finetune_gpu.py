@@ -155,8 +155,8 @@ def bench_peft(s: dict, batch: int, ctx: int, ckpt: bool, compiled: bool, steps:
         loss = step()
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
-    res = {"peer": "PEFT compiled" if compiled else "PEFT eager", "tokens_per_s": batch * ctx / dt,
-           "s_per_step": dt, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss)}  # fmt: skip
+    res = {"peer": "PEFT compiled" if compiled else "PEFT eager", "tokens_per_s": batch * ctx / dt, "s_per_step": dt,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss.detach())}  # fmt: skip
     return res
 
 
