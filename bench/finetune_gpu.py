@@ -66,7 +66,7 @@ def bench_lorakit(s: dict, batch: int, ctx: int, ckpt: bool, kinds: str, steps: 
     from lorakit.lora import LoraRanks, lora_shapes
     from lorakit.lora_init import init_lora
     from lorakit.model import rope_tables
-    from lorakit.train import flat_views, loss_and_backward
+    from lorakit.train import flat_lora, flat_views, loss_and_backward
     from lorakit.train_graph import GraphedStep
 
     be = get_backend("cuda-triton")
@@ -75,9 +75,9 @@ def bench_lorakit(s: dict, batch: int, ctx: int, ckpt: bool, kinds: str, steps: 
     off = {} if kinds == "12" else {"token_embd": 0, "output": 0, "output_norm": 0, "attn_norm": 0, "ffn_norm": 0}
     ranks = LoraRanks.default(4, **off)
     lora = init_lora(lora_shapes(model.args, ranks), seed=1)
-    # as the trainer holds them: LoRA tensors and moments are views of one flat buffer each (train.flat_views)
-    flat = [t.requires_grad_() for t in flat_views([t for ab in lora.values() for t in ab], be.device)]
-    params = {n: (flat[2 * i], flat[2 * i + 1]) for i, n in enumerate(lora)}
+    # as the trainer holds them: LoRA tensors and moments are views of one flat buffer each
+    params = flat_lora(lora, be.device)
+    flat = [t for ab in params.values() for t in ab]
     rope = rope_tables(model.args, ctx, be.device)
     m = flat_views([torch.zeros_like(t) for t in flat], be.device)
     v = flat_views([torch.zeros_like(t) for t in flat], be.device)

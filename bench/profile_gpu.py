@@ -126,7 +126,7 @@ def profile_train(model, be, batch: int, ctx: int, ckpt: bool) -> dict:
     from lorakit.lora import LoraRanks, lora_shapes
     from lorakit.lora_init import init_lora
     from lorakit.model import rope_tables
-    from lorakit.train import loss_and_backward
+    from lorakit.train import flat_lora, loss_and_backward
     from lorakit.train_graph import GraphedStep
 
     off = {"token_embd": 0, "output": 0, "output_norm": 0, "attn_norm": 0, "ffn_norm": 0}
@@ -137,7 +137,7 @@ def profile_train(model, be, batch: int, ctx: int, ckpt: bool) -> dict:
     def make_step():
         # own leaf tensors per use: the eager steps' gradient nodes belong to the default stream, which a
         # capture may not depend on
-        params = {n: (a.cuda().requires_grad_(), b.cuda().requires_grad_()) for n, (a, b) in lora.items()}
+        params = flat_lora(lora, be.device)  # as the trainer holds them
         flat = [t for ab in params.values() for t in ab]
         return (lambda x, y: loss_and_backward(model, be, params, torch.bfloat16, rope, x, y, ckpt)), flat
 

@@ -166,10 +166,7 @@ class Trainer:
         # LoRA tensors and AdamW moments as views into one flat buffer each, in the optimizer's order
         # (a, b per name): the fused AdamW then updates them in place without gathering them per step
         self._keys = keys = [(n, h) for n in self.st.lora for h in "ab"]
-        ab = {(n, h): t for n, pair in self.st.lora.items() for h, t in zip("ab", pair, strict=True)}
-        flat_p = flat_views([ab[k] for k in keys], dev)
-        self.params = {n: (flat_p[2 * i].requires_grad_(), flat_p[2 * i + 1].requires_grad_())
-                       for i, n in enumerate(self.st.lora)}  # fmt: skip
+        self.params = flat_lora(self.st.lora, dev)
         self.m = dict(zip(keys, flat_views([self.st.m[k] for k in keys], dev), strict=True))
         self.v = dict(zip(keys, flat_views([self.st.v[k] for k in keys], dev), strict=True))
         self.rope = rope_tables(args, cfg.n_ctx, dev)
@@ -433,6 +430,13 @@ def flat_views(ts: list[torch.Tensor], device) -> list[torch.Tensor]:
         out.append(view.detach())
         off += t.numel()
     return out
+
+
+def flat_lora(lora: dict[str, tuple[torch.Tensor, torch.Tensor]], device) -> dict[str, tuple]:
+    """LoRA tensors (name -> (a, b)) as float32 leaves requiring grad, views of one buffer in (name, a/b)
+    order: how the trainer holds them, so the fused AdamW updates them in place."""
+    flat = flat_views([t for pair in lora.values() for t in pair], device)
+    return {n: (flat[2 * i].requires_grad_(), flat[2 * i + 1].requires_grad_()) for i, n in enumerate(lora)}
 
 
 def _n_dims(t: torch.Tensor) -> int:
