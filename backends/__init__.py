@@ -89,11 +89,25 @@ class Backend(Protocol):
     def rope_fwd(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """model.apply_rope on x [B, T, H, D] with cos/sin [T, D/2]; inverse=True turns by -theta (the backward)."""
 
+    def rope_heads(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        n_rot: int,
+        out: torch.Tensor,
+        inverse: bool = False,
+    ) -> torch.Tensor:
+        """out[..., :D] = rope_fwd of x's first n_rot heads, x's other heads unchanged; out[..., D:] = 0.
+        x [B, T, H, D], out [B, T, H, W >= D] (views into packed or padded buffers). Returns out."""
+
     def silu_mul_fwd(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """F.silu(g) * u as model.feed_forward (silu rounded to the dtype, then the product)."""
 
-    def silu_mul_bwd(self, dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(dg, du) in g's dtype: silu_mul_fwd's gradient, fp32 math rounded once."""
+    def silu_mul_bwd(
+        self, dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dg, du) in g's dtype: silu_mul_fwd's gradient, fp32 math rounded once; written into out if given."""
 
     def embedding(self, w: Weight, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows of W selected by tokens, dequantized."""

@@ -161,19 +161,41 @@ class CpuTorchBackend:
             s = -s
         return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).to(x.dtype)
 
+    def rope_heads(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        n_rot: int,
+        out: torch.Tensor,
+        inverse: bool = False,
+    ) -> torch.Tensor:
+        """out[..., :D] = rope_fwd on the first n_rot heads, the rest copied; out[..., D:] = 0."""
+        D = x.shape[-1]
+        out[..., D:] = 0
+        out[:, :, :n_rot, :D] = self.rope_fwd(x[:, :, :n_rot], cos, sin, inverse)
+        out[:, :, n_rot:, :D] = x[:, :, n_rot:]
+        return out
+
     def silu_mul_fwd(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """model.feed_forward's F.silu(gate) * up, on g and u as given (torch's CPU silu takes a scalar exp on
         the tail of each contiguous run, so its last bits depend on the layout: the decode step passes the
         same column views of the packed [gate | up] as the model's forward)."""
         return F.silu(g) * u
 
-    def silu_mul_bwd(self, dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def silu_mul_bwd(
+        self, dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """sig = 1/(1 + exp(-g)): du = dy * rnd(silu(g)), dg = dy * u * sig * (1 + g * (1 - sig)) in fp32."""
         acc = _acc(g.dtype)
         gf, uf, dyf = g.to(acc), u.to(acc), dy.to(acc)
         sig = 1.0 / (1.0 + torch.exp(-gf))
         du = (dyf * F.silu(g).to(acc)).to(g.dtype)
         dg = (dyf * uf * sig * (1.0 + gf * (1.0 - sig))).to(g.dtype)
+        if out is not None:
+            out[0].copy_(dg)
+            out[1].copy_(du)
+            return out
         return dg, du
 
     def embedding(self, w: Weight, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

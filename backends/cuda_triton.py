@@ -107,11 +107,24 @@ class CudaTritonBackend:
     def rope_fwd(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         return self._train.rope_fwd(x, cos, sin, inverse)
 
+    def rope_heads(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        n_rot: int,
+        out: torch.Tensor,
+        inverse: bool = False,
+    ) -> torch.Tensor:
+        return self._train.rope_heads(x, cos, sin, n_rot, out, inverse)
+
     def silu_mul_fwd(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return self._train.silu_mul_fwd(g, u)
 
-    def silu_mul_bwd(self, dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._train.silu_mul_bwd(dy, g, u)
+    def silu_mul_bwd(
+        self, dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._train.silu_mul_bwd(dy, g, u, out)
 
     # -- decode ops -----------------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
 #   bash bench/gpu_session.sh OUTDIR [gputests] [check] [profile] [profile-pt] [gemvlab] [predict] [prefill-fixed]
-#                             [finetune-quick] [finetune] [finetune-ckpt] [kernels] [kernels-small]
+#                             [finetune-quick] [finetune] [finetune-big] [finetune-ckpt] [kernels] [kernels-small]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
 set -u
@@ -31,7 +31,7 @@ for s in "$@"; do
     case $s in
     check)
         step gpu_check 80 env LORAKIT_AUTOTUNE=0 python3 bench/gpu_check.py ;;
-    gputests) step pytest_gpu 130 env LORAKIT_AUTOTUNE=0 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu \
+    gputests) step pytest_gpu 180 env LORAKIT_AUTOTUNE=0 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_kernels.py; python3 -m pytest -q -x -p no:cacheprovider tests/test_decode.py tests/test_decode_ops.py \
         tests/test_train_ops.py tests/test_train_step_backends.py" ;;
     profile) step profile 240 python3 bench/profile_gpu.py --out "$out/profile_h200.json" ;;
@@ -44,6 +44,8 @@ for s in "$@"; do
             --out "$out/finetune_quick.json" ;;
     finetune) step finetune 560 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c \
         --peers lorakit7,lorakit12,peftc,peft --steps 5 --out "$out/finetune_h200.json" ;;
+    finetune-big) step finetune_big 420 python3 bench/finetune_gpu.py --settings 8x512,8x512c \
+        --peers lorakit7,peftc,lorakit12 --steps 5 --out "$out/finetune_big.json" ;;
     finetune-ckpt) step finetune_ckpt 200 python3 bench/finetune_gpu.py --settings 8x512c \
         --peers lorakit7,peftc --steps 5 --out "$out/finetune_h200_8x512c.json" ;;
     kernels) step kernels 240 python3 bench/kernels_bench.py --models 3b --out "$out/kernels_h200_3b.json" ;;

@@ -104,11 +104,13 @@ def _rms_norm_bwd_kernel(
 
 
 @triton.jit
-def _rope_kernel(
-    x_ptr, cos_ptr, sin_ptr, y_ptr, T, H, P, stride_xb, stride_xt, stride_xh, stride_c0, stride_c1,
-    stride_s0, stride_s1,
-    INVERSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, EMU_BF16: tl.constexpr,
+def _heads_kernel(
+    x_ptr, y_ptr, cos_ptr, sin_ptr, T, H, N_ROT, P, W, stride_xb, stride_xt, stride_xh, stride_yb, stride_yt,
+    stride_yh, stride_c0, stride_c1, stride_s0, stride_s1,
+    INVERSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+    EMU_BF16: tl.constexpr,
 ):  # fmt: skip
+    """y[b, t, h, :2P] = RoPE(x[b, t, h]) for heads h < N_ROT, x[b, t, h] for the others; y[b, t, h, 2P:W] = 0."""
     bt = tl.program_id(0)  # b * T + t
     b = (bt // T).to(tl.int64)
     t = bt % T
@@ -123,12 +125,19 @@ def _rope_kernel(
         s = -s
     m3 = (h < H)[:, None, None] & mp[None, :, None] & (two < 2)[None, None, :]
     pair = (2 * p)[None, :, None] + two[None, None, :]  # [1, BLOCK_P, 2]: element 2i + j of a head
-    src = x_ptr + b * stride_xb + t * stride_xt + h[:, None, None].to(tl.int64) * stride_xh + pair
-    x0, x1 = tl.split(tl.load(src, mask=m3, other=0.0).to(tl.float32))  # [BLOCK_H, BLOCK_P] each
-    o0 = _to(x0 * c - x1 * s, dtype, EMU_BF16)
-    o1 = _to(x0 * s + x1 * c, dtype, EMU_BF16)
-    dst = y_ptr + bt.to(tl.int64) * (H * 2 * P) + h[:, None, None].to(tl.int64) * (2 * P) + pair
-    tl.store(dst, tl.join(o0, o1), mask=m3)
+    h64 = h[:, None, None].to(tl.int64)
+    src = x_ptr + b * stride_xb + t * stride_xt + h64 * stride_xh + pair
+    xv = tl.load(src, mask=m3, other=0.0)
+    x0, x1 = tl.split(xv.to(tl.float32))  # [BLOCK_H, BLOCK_P] each
+    turned = tl.join(_to(x0 * c - x1 * s, dtype, EMU_BF16), _to(x0 * s + x1 * c, dtype, EMU_BF16))
+    out = tl.where((h < N_ROT)[:, None, None], turned, xv.to(dtype))
+    row = y_ptr + b * stride_yb + t * stride_yt
+    tl.store(row + h64 * stride_yh + pair, out, mask=m3)
+    if BLOCK_TAIL > 0:  # zero columns 2P .. W-1 of each head
+        tail = 2 * P + tl.arange(0, BLOCK_TAIL)
+        mt = (h < H)[:, None] & (tail < W)[None, :]
+        zero = tl.zeros((BLOCK_H, BLOCK_TAIL), dtype=dtype)
+        tl.store(row + h[:, None].to(tl.int64) * stride_yh + tail[None, :], zero, mask=mt)
 
 
 @triton.jit
@@ -148,7 +157,7 @@ def _silu_mul_fwd_kernel(
 
 @triton.jit
 def _silu_mul_bwd_kernel(
-    dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, Fd, n_blk, stride_dy, stride_g, stride_u,
+    dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, Fd, n_blk, stride_dy, stride_g, stride_u, stride_dg, stride_du,
     BLOCK: tl.constexpr, EMU_BF16: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -162,9 +171,9 @@ def _silu_mul_bwd_kernel(
     den = 1.0 + tl.exp(-g)
     a = _to(tl.math.div_rn(g, den), dtype, EMU_BF16).to(tl.float32)
     sig = tl.math.div_rn(1.0, den)
-    tl.store(du_ptr + row * Fd + cols, _to(dy * a, dtype, EMU_BF16), mask=m)
+    tl.store(du_ptr + row * stride_du + cols, _to(dy * a, dtype, EMU_BF16), mask=m)
     dg = ((dy * u) * sig) * (1.0 + g * (1.0 - sig))
-    tl.store(dg_ptr + row * Fd + cols, _to(dg, dtype, EMU_BF16), mask=m)
+    tl.store(dg_ptr + row * stride_dg + cols, _to(dg, dtype, EMU_BF16), mask=m)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,26 +253,43 @@ def rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: boo
     """model.apply_rope: x [B, T, H, D] (last axis contiguous, any strides on the others; D even), cos/sin fp32
     [T, D/2] -> contiguous [B, T, H, D] in x's dtype. inverse=True turns by -theta (the backward)."""
     check_tensor(x, "x")
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return rope_heads(x, cos, sin, x.shape[2] if x.dim() == 4 else 0, y, inverse)
+
+
+def rope_heads(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int, out: torch.Tensor, inverse: bool = False
+) -> torch.Tensor:
+    """out[..., :D] = model.apply_rope of x's first n_rot heads (-theta if inverse) and x's other heads as they
+    are; out[..., D:] = 0. x [B, T, H, D], out [B, T, H, W >= D] in x's dtype (last axes contiguous, any
+    strides on the others: views into packed or padded buffers); cos/sin fp32 [T, D/2]. Returns out."""
+    check_tensor(x, "x")
     if x.dim() != 4 or x.shape[-1] % 2:
         raise ValueError(f"x must be [B, T, H, D] with D even, got {tuple(x.shape)}")
     B, T, H, D = x.shape
+    check_tensor(out, "out", x.dtype, x.device)
+    if out.dim() != 4 or tuple(out.shape[:3]) != (B, T, H) or out.shape[3] < D:
+        raise ValueError(f"out must be [{B}, {T}, {H}, >= {D}], got {tuple(out.shape)}")
+    if not 0 <= n_rot <= H:
+        raise ValueError(f"n_rot must be in 0..{H}, got {n_rot}")
     for t, name in ((cos, "cos"), (sin, "sin")):
         if t.dtype != torch.float32 or t.shape != (T, D // 2) or t.device != x.device:
             raise ValueError(
                 f"{name} must be a float32 [{T}, {D // 2}] table on {x.device}, got {t.dtype} {tuple(t.shape)}"
             )
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if y.numel() == 0:
-        return y
+    if out.numel() == 0:
+        return out
+    W = out.shape[3]
     block_p = triton.next_power_of_2(D // 2)
     block_h = min(triton.next_power_of_2(H), max(1, ROPE_TILE // (2 * block_p)))
-    _rope_kernel[(B * T, triton.cdiv(H, block_h))](
-        x, cos, sin, y, T, H, D // 2, x.stride(0), x.stride(1), x.stride(2),
-        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
-        INVERSE=bool(inverse), BLOCK_H=block_h, BLOCK_P=block_p, EMU_BF16=_INTERPRET,
+    _heads_kernel[(B * T, triton.cdiv(H, block_h))](
+        x, out, cos, sin, T, H, n_rot, D // 2, W, x.stride(0), x.stride(1), x.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+        INVERSE=bool(inverse), BLOCK_H=block_h, BLOCK_P=block_p,
+        BLOCK_TAIL=triton.next_power_of_2(W - D) if W > D else 0, EMU_BF16=_INTERPRET,
         enable_fp_fusion=False, num_warps=4 if block_h * block_p >= 512 else 1,
     )  # fmt: skip
-    return y
+    return out
 
 
 def _check_same(ts: list[tuple[torch.Tensor, str]]) -> int:
@@ -295,18 +321,27 @@ def silu_mul_fwd(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def silu_mul_bwd(dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dg, du) in g's dtype: the gradient of silu_mul_fwd for the output gradient dy."""
+def silu_mul_bwd(
+    dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dg, du) in g's dtype: the gradient of silu_mul_fwd for the output gradient dy. out: (dg, du) to write
+    into, g's shape (last axis contiguous, rows strided: e.g. the two column views of one packed buffer)."""
     Fd = _check_same([(g, "g"), (u, "u"), (dy, "dy")])
     dy2, g2, u2 = _rows(dy, Fd), _rows(g, Fd), _rows(u, Fd)
-    dg = torch.empty(g.shape, dtype=g.dtype, device=g.device)
-    du = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    if out is None:
+        out = tuple(torch.empty(g.shape, dtype=g.dtype, device=g.device) for _ in range(2))
+    else:
+        _check_same([(g, "g"), (out[0], "out[0]"), (out[1], "out[1]")])
+    dg, du = out
+    dg2, du2 = _rows(dg, Fd), _rows(du, Fd)
+    if dg2.data_ptr() != dg.data_ptr() or du2.data_ptr() != du.data_ptr():
+        raise ValueError("out's leading axes must flatten to one row stride (no copy)")
     rows = g2.shape[0]
     if rows == 0:
         return dg, du
     n_blk = triton.cdiv(Fd, EW_BLOCK)
     _silu_mul_bwd_kernel[(rows * n_blk,)](
-        dy2, g2, u2, dg, du, Fd, n_blk, dy2.stride(0), g2.stride(0), u2.stride(0),
+        dy2, g2, u2, dg2, du2, Fd, n_blk, dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0),
         BLOCK=EW_BLOCK, EMU_BF16=_INTERPRET, enable_fp_fusion=False, num_warps=4,
     )  # fmt: skip
     return dg, du

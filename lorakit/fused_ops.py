@@ -2,10 +2,12 @@
 one backward each, in place of the chains of small torch kernels (and their autograd nodes) of model.py's
 functions. The results are model.py's (the backends' numerics: backends/cpu_torch.py is the spec).
 
-`FusedOps` bundles the three functions that model.block / forward_hidden call:
+`FusedOps` bundles the functions that model.block / forward_hidden call:
     rms_norm(x, w, eps)  = rms_norm(x, eps) * w.to(x.dtype)       (x [..., E], w [E])
     rope(x, cos, sin)    = apply_rope(x, cos, sin)                 (x [B, T, H, D], cos/sin [T, D/2])
     silu_mul(g, u)       = F.silu(g) * u                           (g, u [..., F])
+    swiglu(gate_up)      = silu_mul(*gate_up)       (on the packed product where there is one: SwigluPackedFn)
+    causal_attention(qkv, cos, sin, H, Hkv) = model.causal_attention   (packed: CausalAttentionFn, flash)
 `fused_ops(backend)` builds them over the autograd Functions below; `TORCH_OPS` (= model.SPEC_OPS) is
 model.py's own functions (plain torch under autograd), the path the CPU keeps using; `ops_for(backend)`
 picks.
@@ -13,11 +15,13 @@ picks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from . import flash, model
 from .model import SPEC_OPS
 
 
@@ -89,6 +93,73 @@ class SiluMulFn(torch.autograd.Function):
         return dg, du, None
 
 
+class SwigluPackedFn(torch.autograd.Function):
+    """SiluMulFn on the packed product gu = [gate | up] (model.Packed.whole): the backward writes dg and du
+    into the two column halves of one gradient for gu (no concatenation of the members' gradients)."""
+
+    @staticmethod
+    def forward(ctx, gu, backend):
+        ctx.save_for_backward(gu)
+        ctx.backend = backend
+        return backend.silu_mul_fwd(*gu.chunk(2, dim=-1))
+
+    @staticmethod
+    def backward(ctx, dy):
+        (gu,) = ctx.saved_tensors
+        dgu = torch.empty_like(gu, memory_format=torch.contiguous_format)
+        ctx.backend.silu_mul_bwd(dy.contiguous(), *gu.chunk(2, dim=-1), out=dgu.chunk(2, dim=-1))
+        return dgu, None
+
+
+def _round8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+class CausalAttentionFn(torch.autograd.Function):
+    """model.causal_attention on the packed product qkv = [q | k | v] [B, T, 3*H*D] (H query = key heads):
+    out [B, T, H*D]. The heads go to torch's flash kernel padded with zero columns to Dp = 8 * ceil(D/8)
+    (lorakit/flash.py: the kernel SDPA itself runs on padded heads, so the numbers are SDPA's).
+
+    forward:  one rope_heads launch writes RoPE(q), RoPE(k) and v into one zero-tailed [B, T, 3H, Dp]
+              buffer; flash forward; one launch copies the output's D columns to [B, T, H*D].
+    backward: one launch pads dout; flash backward; three launches write the inverse RoPE of dq, dk and dv
+              (as is) into the one [B, T, 3*H*D] gradient of qkv.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, n_head, backend):
+        B, T, W = qkv.shape
+        H, D = n_head, W // (3 * n_head)
+        Dp = _round8(D)
+        padded = qkv.new_empty(B, T, 3 * H, Dp)
+        backend.rope_heads(qkv.view(B, T, 3 * H, D), cos, sin, 2 * H, padded)
+        q, k, v = (t.transpose(1, 2) for t in padded.split(H, dim=2))
+        scale = 1.0 / math.sqrt(D)
+        out_p, lse, state = flash.forward(q, k, v, scale)
+        out = qkv.new_empty(B, T, H * D)
+        backend.rope_heads(out_p.transpose(1, 2)[..., :D], cos, sin, 0, out.view(B, T, H, D))
+        ctx.save_for_backward(padded, out_p, lse, cos, sin, *state.tensors)
+        ctx.state, ctx.scale, ctx.n_head, ctx.backend = state, scale, n_head, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        padded, out_p, lse, cos, sin, *state_tensors = ctx.saved_tensors
+        state = flash.FlashState(tuple(state_tensors), ctx.state.max_q, ctx.state.max_k)
+        be, H = ctx.backend, ctx.n_head
+        B, T, _, Dp = padded.shape
+        D = dout.shape[-1] // H
+        dout_p = dout.new_empty(B, T, H, Dp)
+        be.rope_heads(dout.contiguous().view(B, T, H, D), cos, sin, 0, dout_p)
+        q, k, v = (t.transpose(1, 2) for t in padded.split(H, dim=2))
+        grads = flash.backward(dout_p.transpose(1, 2), q, k, v, out_p, lse, state, ctx.scale)
+        dqkv = dout.new_empty(B, T, 3 * H, D)
+        for j, g in enumerate(grads):  # dq, dk turned back by -theta; dv as is
+            n_rot = H if j < 2 else 0
+            be.rope_heads(g.transpose(1, 2)[..., :D], cos, sin, n_rot, dqkv[:, :, j * H : (j + 1) * H], inverse=True)
+        return dqkv.view(B, T, 3 * H * D), None, None, None, None
+
+
 @dataclass(frozen=True)
 class FusedOps:
     """The elementwise ops of model.block / forward_hidden (see the module docstring)."""
@@ -96,6 +167,8 @@ class FusedOps:
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     silu_mul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    swiglu: Callable[[Sequence[torch.Tensor]], torch.Tensor]
+    causal_attention: Callable[..., torch.Tensor]
 
 
 def fused_ops(backend) -> FusedOps:
@@ -110,7 +183,20 @@ def fused_ops(backend) -> FusedOps:
     def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return SiluMulFn.apply(g, u, backend)
 
-    return FusedOps(rms_norm, rope, silu_mul)
+    def swiglu(gate_up: Sequence[torch.Tensor]) -> torch.Tensor:
+        whole = getattr(gate_up, "whole", None)
+        return SiluMulFn.apply(*gate_up, backend) if whole is None else SwigluPackedFn.apply(whole, backend)
+
+    def causal_attention(
+        qkv: Sequence[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, n_head: int, n_head_kv: int
+    ) -> torch.Tensor:
+        whole = getattr(qkv, "whole", None)
+        if whole is None or n_head != n_head_kv or not flash.supported(whole.dtype, whole.device):
+            return model.causal_attention(qkv, cos, sin, n_head, n_head_kv, ops)
+        return CausalAttentionFn.apply(whole, cos, sin, n_head, backend)
+
+    ops = FusedOps(rms_norm, rope, silu_mul, swiglu, causal_attention)
+    return ops
 
 
 # model.py's functions under plain torch autograd: the spec, and what the CPU runs

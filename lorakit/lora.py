@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import FUSED_KINDS, LAYER_KINDS, LlamaModel, ModelArgs
+from .model import FUSED_KINDS, LAYER_KINDS, LlamaModel, ModelArgs, Packed
 
 # llama.cpp's order of the 12 kinds (checkpoint rank keys, LoRA init order, ggla records)
 KINDS = ("token_embd", "output_norm", "output", *LAYER_KINDS)
@@ -181,17 +181,17 @@ def model_fns(
     """
     by_name = lora_terms(adapters)
 
-    def packed_linear(x: torch.Tensor, name: str) -> tuple[torch.Tensor, ...]:
+    def packed_linear(x: torch.Tensor, name: str) -> Packed:
         """The members' outputs x @ W_j.T for blk.N.<fused kind>: views of one product over the packed
-        weight with the members' LoRA terms as one block-diagonal term (differentiable: cat / block_diag
-        of the factors), or one product per member where the model is not packed."""
+        weight (Packed.whole) with the members' LoRA terms as one block-diagonal term (differentiable:
+        cat / block_diag of the factors), or one product per member where the model is not packed."""
         _, i, kind = name.split(".")
         members = [f"blk.{i}.{m}.weight" for m in FUSED_KINDS[kind]]
         w = model.fused.get(name)
         terms = [by_name.get(m, []) for m in members]
         rows = [model.tensors[m].shape[0] for m in members]
         if w is None or (torch.is_grad_enabled() and any(len(t) > 1 for t in terms)):
-            return tuple(linear(x, m) for m in members)  # not packed, or several adapters in training
+            return Packed(linear(x, m) for m in members)  # not packed, or several adapters in training
         if not torch.is_grad_enabled():
             y = backend.lora_linear(x, w, fused_lora_term(terms, rows))
         elif not any(terms):
@@ -201,7 +201,7 @@ def model_fns(
             # s_j * b_j in member j's rows; a (rows, 0) block for a member without a LoRA
             blocks = [t[0][2] * t[0][1] if t else a_cat.new_zeros(r, 0) for t, r in zip(terms, rows, strict=True)]
             y = LoraLinear.apply(x, w, a_cat, torch.block_diag(*blocks), 1.0, backend)
-        return y.split(rows, dim=-1)
+        return Packed(y.split(rows, dim=-1), y)
 
     def linear(x: torch.Tensor, name: str) -> torch.Tensor:
         if not name.endswith(".weight"):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -278,8 +278,34 @@ class SpecOps:
     def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return F.silu(g) * u
 
+    @staticmethod
+    def swiglu(gate_up: Sequence[torch.Tensor]) -> torch.Tensor:
+        """silu(gate) * up on the pair a LinearFn returns for blk.N.ffn_gate_up."""
+        return SpecOps.silu_mul(*gate_up)
+
+    @staticmethod
+    def causal_attention(
+        qkv: Sequence[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, n_head: int, n_head_kv: int
+    ) -> torch.Tensor:
+        """Causal self-attention over T tokens without a cache (training): see causal_attention."""
+        return causal_attention(qkv, cos, sin, n_head, n_head_kv, SPEC_OPS)
+
 
 SPEC_OPS = SpecOps()
+
+
+class Packed(tuple):
+    """A fused kind's member outputs (model.FUSED_KINDS): views of one product over the packed weight, which
+    `whole` holds (None when the members were computed one by one). An op that takes the whole product hands
+    back one gradient for it, where autograd would otherwise concatenate the members' gradients."""
+
+    whole: torch.Tensor | None
+
+    def __new__(cls, parts, whole: torch.Tensor | None = None):
+        obj = super().__new__(cls, parts)
+        obj.whole = whole
+        return obj
+
 
 # A LinearFn computes y = x @ W'.T for the named (possibly LoRA-adapted) weight; for a FUSED_KINDS name
 # (`blk.N.attn_qkv`, `blk.N.ffn_gate_up`) it returns the members' outputs as a tuple (views of one
@@ -319,36 +345,52 @@ def attention(
     ops=SPEC_OPS,
 ) -> torch.Tensor:
     B, T, _ = x.shape
-    H, Hkv, D = args.n_head, args.n_head_kv, args.head_dim
-    q, k, v = linear(x, f"blk.{i}.attn_qkv")  # one product over the packed [q; k; v] where there is one
-    q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
-    q = ops.rope(q, cos, sin).transpose(1, 2)
-    k = ops.rope(k, cos, sin).transpose(1, 2)
-    v = v.transpose(1, 2)
-    causal = True
+    qkv = linear(x, f"blk.{i}.attn_qkv")  # one product over the packed [q; k; v] where there is one
+    if cache is None:
+        out = ops.causal_attention(qkv, cos, sin, args.n_head, args.n_head_kv)
+        return linear(out, f"blk.{i}.attn_output.weight")
+    q, k, v = _rope_heads(qkv, cos, sin, args.n_head, args.n_head_kv, ops)
+    cache.k[i][:, :, n_past : n_past + T] = k
+    cache.v[i][:, :, n_past : n_past + T] = v
+    k = cache.k[i][:, :, : n_past + T]
+    v = cache.v[i][:, :, : n_past + T]
     mask = None
-    if cache is not None:
-        cache.k[i][:, :, n_past : n_past + T] = k
-        cache.v[i][:, :, n_past : n_past + T] = v
-        k = cache.k[i][:, :, : n_past + T]
-        v = cache.v[i][:, :, : n_past + T]
-        if n_past > 0:
-            causal = False
-            if T > 1:
-                qpos = torch.arange(n_past, n_past + T, device=x.device)[:, None]
-                kpos = torch.arange(n_past + T, device=x.device)[None, :]
-                mask = kpos <= qpos
-    if Hkv != H:
-        k = k.repeat_interleave(H // Hkv, dim=1)
-        v = v.repeat_interleave(H // Hkv, dim=1)
+    if n_past > 0 and T > 1:
+        qpos = torch.arange(n_past, n_past + T, device=x.device)[:, None]
+        kpos = torch.arange(n_past + T, device=x.device)[None, :]
+        mask = kpos <= qpos
+    return linear(_attend(q, k, v, mask, causal=n_past == 0), f"blk.{i}.attn_output.weight")
+
+
+def _rope_heads(qkv, cos, sin, H: int, Hkv: int, ops) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The packed product's q, k, v as [B, heads, T, D], q and k turned by RoPE."""
+    q, k, v = qkv
+    B, T, _ = q.shape
+    D = q.shape[-1] // H
+    q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+    return ops.rope(q, cos, sin).transpose(1, 2), ops.rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, causal: bool) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) [+ causal or boolean mask]) v over [B, H, T, D] (k, v: GQA heads) -> [B, T, H*D]."""
+    B, H, T, D = q.shape
+    if k.shape[1] != H:
+        k = k.repeat_interleave(H // k.shape[1], dim=1)
+        v = v.repeat_interleave(H // v.shape[1], dim=1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1, scale=1.0 / math.sqrt(D))
-    out = out.transpose(1, 2).reshape(B, T, H * D)
-    return linear(out, f"blk.{i}.attn_output.weight")
+    return out.transpose(1, 2).reshape(B, T, H * D)
+
+
+def causal_attention(qkv, cos, sin, n_head: int, n_head_kv: int, ops=SPEC_OPS) -> torch.Tensor:
+    """Causal self-attention over T tokens without a cache: qkv = (q [B, T, H*D], k, v [B, T, Hkv*D]) ->
+    [B, T, H*D] (RoPE on q and k with cos/sin [T, D/2], scale 1/sqrt(D)); the spec of the fused versions."""
+    q, k, v = _rope_heads(qkv, cos, sin, n_head, n_head_kv, ops)
+    return _attend(q, k, v, None, causal=True)
 
 
 def feed_forward(i: int, x: torch.Tensor, linear: LinearFn, ops=SPEC_OPS) -> torch.Tensor:
-    gate, up = linear(x, f"blk.{i}.ffn_gate_up")  # one product over the packed [gate; up] where there is one
-    return linear(ops.silu_mul(gate, up), f"blk.{i}.ffn_down.weight")
+    gate_up = linear(x, f"blk.{i}.ffn_gate_up")  # one product over the packed [gate; up] where there is one
+    return linear(ops.swiglu(gate_up), f"blk.{i}.ffn_down.weight")
 
 
 def block(

@@ -37,15 +37,15 @@ ARGS = ModelArgs(n_vocab=120, n_embd=64, n_ff=96, n_head=4, n_head_kv=2, n_layer
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 
-def _model() -> LlamaModel:
+def _model(args: ModelArgs = ARGS) -> LlamaModel:
     g = torch.Generator().manual_seed(0)
     tensors = {}
-    for name, shape in ARGS.expected_shapes().items():
+    for name, shape in args.expected_shapes().items():
         if len(shape) == 1:
             tensors[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
         else:
             tensors[name] = quantize_q8_0(torch.randn(shape, generator=g) * shape[1] ** -0.5)
-    return LlamaModel(ARGS, tensors, "random", tied_output=False)
+    return LlamaModel(args, tensors, "random", tied_output=False)
 
 
 def _adapter(seed: int) -> LoraAdapter:

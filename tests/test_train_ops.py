@@ -59,7 +59,7 @@ import torch.nn.functional as F  # noqa: E402
 from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
 from lorakit.kernels import train_ops  # noqa: E402
 
-from lorakit import model  # noqa: E402
+from lorakit import flash, model  # noqa: E402
 from lorakit.fused_ops import TORCH_OPS, RMSNormFn, RopeFn, SiluMulFn, fused_ops  # noqa: E402
 
 if not CUDA and not train_ops.interpreting():
@@ -286,6 +286,30 @@ def test_rope(tri, dtype, D):
     assert_equal(tri.rope_fwd(dy.to(DEVICE), cd, sd, inverse=True), dx_ag, f"rope_bwd D={D} {dtype}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rope_heads(tri, dtype, inverse):
+    """rope_heads between packed and padded layouts: x = the [q | k | v] heads of one product row (strided),
+    out = a zero-tailed [B, T, 3H, 16] buffer (first 2H heads turned, v copied bit for bit), and back."""
+    D, H = 12, 3
+    x, cos, sin, _ = rope_input(D, dtype, H=3 * H)
+    packed = torch.cat([x, x[:, :, :1]], dim=2)[:, :, : 3 * H]  # a view with a head stride, not contiguous
+    out = torch.full((2, 5, 3 * H, 16), float("nan"), dtype=dtype)
+    SPEC.rope_heads(packed, cos, sin, 2 * H, out, inverse)
+    ref = SPEC.rope_fwd(packed[:, :, : 2 * H], cos, sin, inverse)
+    assert_equal(out[:, :, : 2 * H, :D].contiguous(), ref, f"rope_heads_spec {dtype}")
+    assert torch.equal(out[:, :, 2 * H :, :D], packed[:, :, 2 * H :]) and not out[..., D:].any()
+    got = torch.full(out.shape, float("nan"), dtype=dtype, device=DEVICE)
+    tri.rope_heads(*dev(packed, cos, sin), 2 * H, got, inverse)
+    assert_equal(got, out, f"rope_heads {dtype}")
+    # padded -> packed: the narrowed heads of a [B, T, H, 16] buffer into column slices of a wider row
+    wide = torch.full((2, 5, 4 * H, D), float("nan"), dtype=dtype, device=DEVICE)
+    tri.rope_heads(got[..., :D], *dev(cos, sin), H, wide[:, :, H:], inverse)
+    ref2 = SPEC.rope_heads(out[..., :D], cos, sin, H, torch.empty(2, 5, 3 * H, D, dtype=dtype), inverse)
+    assert_equal(wide[:, :, H:], ref2, f"rope_heads_narrow {dtype}")
+    assert wide[:, :, :H].isnan().all()  # nothing written outside out
+
+
 # ---- silu_mul --------------------------------------------------------------------------------------
 
 
@@ -322,6 +346,20 @@ def test_silu_mul_strided_rows(tri):
     assert torch.equal(tri.silu_mul_fwd(g, u), tri.silu_mul_fwd(g.contiguous(), u.contiguous()))
     for a, b in zip(tri.silu_mul_bwd(dy, g, u), tri.silu_mul_bwd(dy, g.contiguous(), u.contiguous()), strict=True):
         assert torch.equal(a, b)
+
+
+def test_silu_mul_bwd_into_packed(tri):
+    """silu_mul_bwd(out=(dg, du)) writes the column halves of one [rows, 2F] gradient: the same bits."""
+    rows, Fd = 7, 40
+    g, u, dy = dev(*silu_input(rows, Fd, torch.bfloat16))
+    dgu = torch.full((rows, 2 * Fd), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    got = tri.silu_mul_bwd(dy, g, u, out=dgu.chunk(2, dim=-1))
+    for a, b in zip(got, tri.silu_mul_bwd(dy, g, u), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(torch.cat(tri.silu_mul_bwd(dy, g, u), dim=-1), dgu)
+    bad = torch.empty(Fd // 8, 2, 8, dtype=torch.bfloat16, device=DEVICE).transpose(0, 1)  # [2, F/8, 8]: no row stride
+    with pytest.raises(ValueError, match="one row stride"):
+        tri.silu_mul_bwd(*(t[:2].reshape(2, Fd // 8, 8) for t in (dy, g, u)), out=(bad, bad))
 
 
 def test_launcher_checks(tri):
@@ -386,3 +424,85 @@ def test_functions_vs_torch_ops(tri, dtype):
     assert_within(y, y_ag, tol_silu_y(g, u, dtype), f"fn_silu_fwd {tag}")
     assert_within(dg, dg_ag, tol_silu_dg(dy, g, u, dg_ag, dtype, True), f"fn_silu_dg {tag}")
     assert_within(du, du_ag, tol_silu_du(dy, g, dtype), f"fn_silu_du {tag}")
+
+
+# ---- the packed-product Functions (fused attention, SwiGLU) ----------------------------------------
+
+
+def attn_grad_mags(qkv, cos, sin, H, dy):
+    """fp64 magnitudes bounding one side's fp32 rounding error in d(qkv) of causal attention (before the
+    factor gamma = N u): the computation on absolute values, with P's relative error carried as (1 + |S|)
+    (S's rounding through exp): mag_dq = s dS_abs |K|, mag_dk = s dS_abs^T |Q|, mag_dv = (P (1 + S_abs))^T |dO|
+    with dS_abs = P (1 + S_abs) (|dO| |V|^T + rowsum |dO o O|); the inverse RoPE adds each pair's magnitudes."""
+    B, T, W = qkv.shape
+    D = W // (3 * H)
+    x = qkv.double().view(B, T, 3 * H, D)
+    q = model.apply_rope(x[:, :, :H], cos, sin).transpose(1, 2).double()
+    k = model.apply_rope(x[:, :, H : 2 * H], cos, sin).transpose(1, 2).double()
+    v = x[:, :, 2 * H :].transpose(1, 2)
+    do = dy.double().view(B, T, H, D).transpose(1, 2)
+    s = 1.0 / D**0.5
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    p = (s * q @ k.transpose(-1, -2)).masked_fill(~causal, float("-inf")).softmax(-1)
+    s_abs = (s * q.abs() @ k.abs().transpose(-1, -2)).masked_fill(~causal, 0.0)
+    pe = p * (1 + s_abs)
+    ds_abs = pe * (do.abs() @ v.abs().transpose(-1, -2) + (do.abs() * (p @ v).abs()).sum(-1, keepdim=True))
+    mags = [s * ds_abs @ k.abs(), s * ds_abs.transpose(-1, -2) @ q.abs(), pe.transpose(-1, -2) @ do.abs()]
+    out = []
+    for j, m in enumerate(mags):
+        m = m.transpose(1, 2)  # [B, T, H, D]
+        if j < 2:  # the rotation mixes each pair
+            m = m.unflatten(-1, (-1, 2)).sum(-1, keepdim=True).expand(*m.shape[:-1], D // 2, 2).flatten(-2)
+        out.append(m)
+    return torch.cat(out, dim=2).reshape(B, T, W)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_attention_vs_torch_ops(tri, dtype):
+    """fused_ops' causal_attention on the packed product (CausalAttentionFn: heads padded 12 -> 16, flash, the
+    gradient straight into [q | k | v]) against model.causal_attention under autograd. The forward is the same
+    flash kernel SDPA runs on its own padded copies (bit-identical); the backward's sums may run in another order
+    where the flash kernel sees padded heads: per side <= gamma_N mag (attn_grad_mags), N = Dp + T + 8 sums and
+    steps along any path, + 3u for the RoPE roundings; bf16 rounds the results: `rounded`."""
+    ops = fused_ops(tri)
+    B, T, H, D = 2, 7, 3, 12
+    args = model.ModelArgs(n_vocab=8, n_embd=H * D, n_ff=8, n_head=H, n_head_kv=H, n_layer=1)
+    cos, sin = model.rope_tables(args, T)
+    qkv = rand(B, T, 3 * H * D, dtype=dtype, scale=2.0)
+    dy = rand(B, T, H * D, dtype=dtype, seed=4)
+
+    def packed(fn):
+        return lambda x, c, s: fn(model.Packed(x.split(H * D, dim=-1), x), c, s, H, H)
+
+    if flash.supported(dtype, DEVICE):
+        leaf = qkv.to(DEVICE).clone().requires_grad_()
+        assert "CausalAttentionFn" in packed(ops.causal_attention)(leaf, *dev(cos, sin)).grad_fn.name()
+    y_ag, (dx_ag,) = autograd(packed(TORCH_OPS.causal_attention), (qkv, cos, sin), dy, wrt=(0,))
+    y, (dx,) = autograd(packed(ops.causal_attention), dev(qkv, cos, sin), dy.to(DEVICE), wrt=(0,))
+    assert_equal(y, y_ag, f"attn_fwd {dtype}")
+    n = 16 + T + 8
+    tol = rounded(2 * (n + 3) * U * attn_grad_mags(qkv, cos, sin, H, dy), dx_ag, dtype)
+    assert_within(dx, dx_ag, tol, f"attn_bwd {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_swiglu_packed_vs_torch_ops(tri, dtype):
+    """fused_ops' swiglu on the packed [gate | up] product (SwigluPackedFn: one gradient for the product)
+    against model's silu(gate) * up on its two views under autograd; the silu_mul bounds."""
+    ops = fused_ops(tri)
+    rows, Fd = 7, 40
+    g, u, dy = silu_input(rows, Fd, dtype)
+    gu = torch.cat([g, u], dim=-1)
+
+    def packed(fn):
+        return lambda x: fn(model.Packed(x.chunk(2, dim=-1), x))
+
+    y_ag, (dgu_ag,) = autograd(packed(TORCH_OPS.swiglu), (gu,), dy, wrt=(0,))
+    leaf = gu.to(DEVICE).clone().requires_grad_()
+    assert "SwigluPackedFn" in packed(ops.swiglu)(leaf).grad_fn.name()
+    y, (dgu,) = autograd(packed(ops.swiglu), dev(gu), dy.to(DEVICE), wrt=(0,))
+    assert_within(y, y_ag, tol_silu_y(g, u, dtype), f"swiglu_fwd {dtype}")
+    dg, du = dgu.chunk(2, dim=-1)
+    dg_ag, du_ag = dgu_ag.chunk(2, dim=-1)
+    assert_within(dg, dg_ag, tol_silu_dg(dy, g, u, dg_ag, dtype, True), f"swiglu_dg {dtype}")
+    assert_within(du, du_ag, tol_silu_du(dy, g, dtype), f"swiglu_du {dtype}")

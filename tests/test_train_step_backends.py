@@ -1,8 +1,9 @@
 """One training micro-step (lorakit.train.loss_and_backward: forward, ggml cross-entropy, backward) on the
 cuda-triton backend — packed q/k/v and gate/up weights with block-diagonal LoRA terms, fused RMSNorm /
 RoPE / SiLU*up, q8_0 kernels; Triton's CPU interpreter without a GPU — against the cpu-torch spec path
-(member-by-member products, model.py's torch ops), on a tiny random q8_0 llama with GQA and all 12
-LoRA kinds.
+(member-by-member products, model.py's torch ops), on tiny random q8_0 llamas with all 12 LoRA kinds: one
+with GQA, one with as many key as query heads and head size 12 (the fused attention: flash on heads padded
+to 16, gradients straight into the packed q/k/v product).
 
 Tolerance (float32): both paths do the same arithmetic in another association (fused LoRA terms,
 one packed product instead of three, fp32 reductions in the kernels' order), so every intermediate
@@ -27,7 +28,10 @@ from test_decode import ARGS, _model  # noqa: E402
 
 from lorakit.lora import LoraRanks, lora_shapes  # noqa: E402
 from lorakit.lora_init import init_lora  # noqa: E402
-from lorakit.model import pack_fused, rope_tables  # noqa: E402
+from lorakit.model import ModelArgs, pack_fused, rope_tables  # noqa: E402
+
+# as many key/value as query heads, head size 12 (not a multiple of 8)
+MHA_ARGS = ModelArgs(n_vocab=120, n_embd=96, n_ff=96, n_head=8, n_head_kv=8, n_layer=2, norm_eps=1e-5)
 from lorakit.train import loss_and_backward  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -45,27 +49,33 @@ def _triton():
 
 
 def _step(model, backend, lora, ckpt: bool):
-    dev = backend.device
+    dev, args = backend.device, model.args
     params = {n: (a.clone().to(dev).requires_grad_(), b.clone().to(dev).requires_grad_()) for n, (a, b) in lora.items()}
     g = torch.Generator().manual_seed(5)
-    x = torch.randint(0, ARGS.n_vocab, (2, 9), generator=g).to(dev)
-    y = torch.randint(0, ARGS.n_vocab, (2, 9), generator=g).to(dev)
-    loss = loss_and_backward(model, backend, params, torch.float32, rope_tables(ARGS, 9, dev), x, y, ckpt)
+    x = torch.randint(0, args.n_vocab, (2, 9), generator=g).to(dev)
+    y = torch.randint(0, args.n_vocab, (2, 9), generator=g).to(dev)
+    loss = loss_and_backward(model, backend, params, torch.float32, rope_tables(args, 9, dev), x, y, ckpt)
     grads = {(n, h): t.grad.cpu() for n, ab in params.items() for h, t in zip("ab", ab, strict=True)}
     return float(loss), grads
 
 
 @pytest.mark.parametrize(
-    "ckpt,off",
-    [(False, {}), (True, {}), (False, {"attn_k": 0, "ffn_up": 0})],  # last: packed members without a LoRA
+    "ckpt,off,args",
+    [
+        (False, {}, ARGS),
+        (True, {}, ARGS),
+        (False, {"attn_k": 0, "ffn_up": 0}, ARGS),  # packed members without a LoRA
+        (False, {}, MHA_ARGS),
+        (True, {"attn_k": 0}, MHA_ARGS),
+    ],
 )
-def test_train_step_cuda_triton_matches_spec(ckpt, off):
+def test_train_step_cuda_triton_matches_spec(ckpt, off, args):
     tri = _triton()
-    lora = init_lora(lora_shapes(ARGS, LoraRanks.default(3, **off)), seed=7)
+    lora = init_lora(lora_shapes(args, LoraRanks.default(3, **off)), seed=7)
     # llama.cpp starts b at zero; give b values so every path's gradient is non-trivial
     gen = torch.Generator().manual_seed(3)
     lora = {n: (a, torch.randn(b.shape, generator=gen) * 0.1) for n, (a, b) in lora.items()}
-    base = _model()
+    base = _model(args)
     loss_ref, g_ref = _step(base, CpuTorchBackend(), lora, ckpt)
     packed = pack_fused(base.to(DEVICE))
     assert packed.fused
