@@ -47,6 +47,9 @@ class CudaTritonBackend:
         self._adam = lora_update
         self._dec = decode_ops
         self._train = train_ops
+        # the dequantize + cuBLAS path's last few dequantized weights (a checkpointed layer's recompute and
+        # backward share them)
+        self._wcache = q8_0_matmul.DequantCache(size=4)
 
     def eager_inference(self) -> CudaTritonBackend:
         """This backend for eager, host-bound work (a prefill): products prefer one launch over two."""
@@ -57,12 +60,12 @@ class CudaTritonBackend:
     def matmul(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
         if not isinstance(w, Q8Weight):
             return x @ w.to(x.dtype).T
-        return self._mm.q8_0_matmul(x, w.qs, w.d, host_bound=self.host_bound)
+        return self._mm.q8_0_matmul(x, w.qs, w.d, host_bound=self.host_bound, dequant_cache=self._wcache)
 
     def matmul_grad_input(self, dy: torch.Tensor, w: Weight) -> torch.Tensor:
         if not isinstance(w, Q8Weight):
             return dy @ w.to(dy.dtype)
-        return self._mm.q8_0_matmul_grad_input(dy, w.qs, w.d)
+        return self._mm.q8_0_matmul_grad_input(dy, w.qs, w.d, dequant_cache=self._wcache)
 
     def lora_linear(
         self, x: torch.Tensor, w: Weight, loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]]
@@ -73,12 +76,12 @@ class CudaTritonBackend:
             for a, b, s in loras:
                 y = y + s * ((x @ a.to(x.dtype)) @ b.to(x.dtype).T)
             return y
-        hb = self.host_bound
+        kw = dict(host_bound=self.host_bound, dequant_cache=self._wcache)
         if not loras:
-            return self._mm.q8_0_matmul(x, w.qs, w.d, host_bound=hb)
+            return self._mm.q8_0_matmul(x, w.qs, w.d, **kw)
         if len(loras) == 1:
             a, b, s = loras[0]
-            return self._mm.q8_0_matmul(x, w.qs, w.d, a, b, s, host_bound=hb)
+            return self._mm.q8_0_matmul(x, w.qs, w.d, a, b, s, **kw)
         # several adapters: one fused term  sum_i s_i (x a_i) b_i^T = (x [a_1..a_k]) [s_1 b_1..s_k b_k]^T
         fused, rest, r = [], [], 0
         for a, b, s in loras:
@@ -89,7 +92,7 @@ class CudaTritonBackend:
                 rest.append((a, b, s))
         a_cat = torch.cat([a.to(x.dtype) for a, _, _ in fused], dim=1)
         b_cat = torch.cat([(s * b.to(torch.float32)).to(x.dtype) for _, b, s in fused], dim=1)
-        y = self._mm.q8_0_matmul(x, w.qs, w.d, a_cat, b_cat, 1.0, host_bound=hb)
+        y = self._mm.q8_0_matmul(x, w.qs, w.d, a_cat, b_cat, 1.0, **kw)
         for a, b, s in rest:
             y = y + s * ((x @ a.to(x.dtype)) @ b.to(x.dtype).T)
         return y

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
 #   bash bench/gpu_session.sh OUTDIR [gputests] [check] [profile] [profile-pt] [gemvlab] [predict] [prefill-fixed]
-#                             [finetune-quick] [finetune] [finetune-big] [finetune-ckpt] [kernels] [kernels-small]
+#                             [finetune-quick] [finetune] [finetune-main] [finetune-big] [finetune-ckpt] [kernels] [kernels-small]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
 set -u
@@ -44,6 +44,8 @@ for s in "$@"; do
             --out "$out/finetune_quick.json" ;;
     finetune) step finetune 560 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c \
         --peers lorakit7,lorakit12,peftc,peft --steps 5 --out "$out/finetune_h200.json" ;;
+    finetune-main) step finetune_main 480 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c \
+        --peers lorakit7,peftc,lorakit12 --steps 5 --out "$out/finetune_main.json" ;;
     finetune-big) step finetune_big 420 python3 bench/finetune_gpu.py --settings 8x512,8x512c \
         --peers lorakit7,peftc,lorakit12 --steps 5 --out "$out/finetune_big.json" ;;
     finetune-ckpt) step finetune_ckpt 200 python3 bench/finetune_gpu.py --settings 8x512c \

@@ -81,3 +81,35 @@ def q8_0_dequantize(
     args = (qs, d, idx, out, k, qs.stride(0), d.stride(0), out.stride(0))
     _q8_rows_kernel[grid](*args, HAS_IDX=index is not None, BLOCK_K=block_k, EMU_BF16=_INTERPRET)
     return out.reshape(*lead, k)
+
+
+class DequantCache:
+    """The last `size` weights dequantized for the dequantize + cuBLAS path (q8_0_matmul's "dequant"), kept
+    for reuse. With activation checkpointing a layer's recomputed forward and its backward run back to back:
+    each base weight is dequantized once for both instead of twice (the base is frozen, so a copy stays valid;
+    an entry holds its int8 tensor, so its key cannot be reused by another weight). At most `size` transient
+    copies (one layer's products with size 4), never a float copy of the model.
+
+    CUDA graphs: a graph must only read memory it owns, so the entries are dropped whenever the stream's
+    capture state differs from the one they were made under (a capture starts with an empty cache)."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self._entries: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._capturing = False
+
+    def get(self, qs: torch.Tensor, d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        capturing = qs.is_cuda and torch.cuda.is_current_stream_capturing()
+        if capturing != self._capturing:
+            self._entries.clear()
+            self._capturing = capturing
+        key = (qs.data_ptr(), d.data_ptr(), tuple(qs.shape), dtype)
+        hit = self._entries.pop(key, None)
+        w = hit[1] if hit is not None else q8_0_dequantize(qs, d, dtype)
+        self._entries[key] = (qs, w)  # most recently used last
+        while len(self._entries) > self.size:
+            self._entries.pop(next(iter(self._entries)))
+        return w
+
+    def clear(self) -> None:
+        self._entries.clear()

@@ -23,9 +23,10 @@ on the device, q8_0_tuning.choose_path):
     fill the SMs, K is split (power of two) and the fp32 partials are summed in a fixed order
     (deterministic: no atomics).
   * "dequant" (M >= DEQUANT_MIN_M, compute-bound): W is dequantized into a transient buffer in the
-    activation dtype (one matrix at a time, freed after the product; never a persistent float copy of
-    the model) and multiplied by cuBLAS. At large M the product costs O(M) times the dequantization,
-    and cuBLAS's Hopper kernels beat the fused kernel there; whether it is taken is measured per shape.
+    activation dtype (freed after the product, or kept among a DequantCache's last few for the backward
+    of a recomputed layer; never a float copy of the model) and multiplied by cuBLAS. At large M the
+    product costs O(M) times the dequantization, and cuBLAS's Hopper kernels beat the fused kernel there;
+    whether it is taken is measured per shape.
     Numerics: the same W; cuBLAS accumulates in fp32 (and, with torch's default
     allow_bf16_reduced_precision_reduction, may add split-K partials in bf16).
   * LoRA (optional): t = x @ a is a tiny [M, r] torch matmul; the kernels add scale * t @ b.T to the fp32
@@ -44,7 +45,7 @@ import functools
 import torch
 import triton
 
-from .q8_0_dequant import _check_weight, q8_0_dequantize
+from .q8_0_dequant import DequantCache, _check_weight, q8_0_dequantize
 from .q8_0_gemm import _q8_gemm_kernel, _q8_gemm_t_kernel
 from .q8_0_gemv import _q8_gemv_kernel
 from .q8_0_tuning import (
@@ -66,6 +67,7 @@ __all__ = [
     "q8_0_matmul",
     "q8_0_matmul_grad_input",
     "q8_0_dequantize",
+    "DequantCache",
     "_BEST",
 ]
 
@@ -165,12 +167,16 @@ def _dot_f32(dtype: torch.dtype) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-def _fwd(path: str, x2, qs, d, y, lora, cfg: dict) -> None:
+def _dequantized(qs, d, dtype, cache: DequantCache | None) -> torch.Tensor:
+    return q8_0_dequantize(qs, d, dtype) if cache is None else cache.get(qs, d, dtype)
+
+
+def _fwd(path: str, x2, qs, d, y, lora, cfg: dict, cache: DequantCache | None = None) -> None:
     """y[M, N] = x2 @ W.T (+ LoRA) along `path`; lora = (t [M, r], b [N, r], r, scale) or None."""
     m, k = x2.shape
     n = qs.shape[0]
     if path == "dequant":
-        torch.matmul(x2, q8_0_dequantize(qs, d, x2.dtype).T, out=y)
+        torch.matmul(x2, _dequantized(qs, d, x2.dtype, cache).T, out=y)
         if lora is not None:
             t, bb, _, s = lora
             y.addmm_(t, bb.T, alpha=s)
@@ -227,13 +233,15 @@ def q8_0_matmul(
     *,
     config: dict | None = None,
     host_bound: bool = False,
+    dequant_cache: DequantCache | None = None,
 ) -> torch.Tensor:
     """y[..., N] = x[..., K] @ W.T (+ scale * (x @ a) @ b.T), W = q8_0(qs, d) of shape [N, K].
 
     a: (K, r), b: (N, r) (llama.cpp's lora_a / lora_b layout). fp32 accumulation; y in out_dtype
     (default x.dtype). `config` forces a path/tiles (tests): {"path": "gemv"|"gemm"|"dequant",
     "SPLIT_K": s, plus BLOCK_* entries}. host_bound: eager launches where the host is the limit
-    (_candidates); every path computes the same numbers.
+    (_candidates); every path computes the same numbers. dequant_cache: where the dequantize + cuBLAS path
+    keeps its dequantized weights for reuse (DequantCache; None: a transient copy per product).
     """
     n, k = _check_weight(qs, d)
     _check_act(x, k, qs, "x")
@@ -269,7 +277,7 @@ def q8_0_matmul(
         paths, default = _candidates(m, out_dtype == x.dtype, gemv=True, host_bound=host_bound)
         key = ("fwd", m if m <= GEMV_MAX_M else _m_bucket(m), n, k, x.dtype, out_dtype, has_lora, host_bound)
         path = choose_path(key, paths, lambda p: _fwd(p, x2, qs, d, y, lora, cfg), default)
-    _fwd(path, x2, qs, d, y, lora, cfg)
+    _fwd(path, x2, qs, d, y, lora, cfg, dequant_cache)
     if extra is not None:
         y += extra.to(out_dtype)
     return y.reshape(*lead, n)
@@ -280,12 +288,12 @@ def q8_0_matmul(
 # --------------------------------------------------------------------------------------------------
 
 
-def _grad(path: str, dy2, qs, d, dx, cfg: dict) -> None:
+def _grad(path: str, dy2, qs, d, dx, cfg: dict, cache: DequantCache | None = None) -> None:
     """dx[M, K] = dy2 @ W along `path` ("skinny", "large" or "dequant")."""
     m, n = dy2.shape
     k = qs.shape[1]
     if path == "dequant":
-        torch.matmul(dy2, q8_0_dequantize(qs, d, dy2.dtype), out=dx)
+        torch.matmul(dy2, _dequantized(qs, d, dy2.dtype, cache), out=dx)
         return
     split = int(cfg.get("SPLIT_K", _split_for(path, m, k, n, dy2.device)))
     out = dx if split == 1 else torch.empty(split, m, k, dtype=torch.float32, device=dy2.device)
@@ -314,8 +322,10 @@ def q8_0_matmul_grad_input(
     out_dtype: torch.dtype | None = None,
     *,
     config: dict | None = None,
+    dequant_cache: DequantCache | None = None,
 ) -> torch.Tensor:
-    """dx[..., K] = dy[..., N] @ W, W = q8_0(qs, d) of shape [N, K]; fp32 accumulation, dx in dy's dtype."""
+    """dx[..., K] = dy[..., N] @ W, W = q8_0(qs, d) of shape [N, K]; fp32 accumulation, dx in dy's dtype.
+    dequant_cache: as for q8_0_matmul."""
     n, k = _check_weight(qs, d)
     _check_act(dy, n, qs, "dy")
     out_dtype = out_dtype or dy.dtype
@@ -332,7 +342,7 @@ def q8_0_matmul_grad_input(
         paths, default = _candidates(m, out_dtype == dy.dtype, gemv=False)
         key = ("grad", _m_bucket(m), n, k, dy.dtype, out_dtype)
         path = choose_path(key, paths, lambda p: _grad(p, dy2, qs, d, dx, cfg), default)
-    _grad(path, dy2, qs, d, dx, cfg)
+    _grad(path, dy2, qs, d, dx, cfg, dequant_cache)
     return dx.reshape(*lead, k)
 
 

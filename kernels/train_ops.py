@@ -56,7 +56,7 @@ MAX_ROW = 16384  # rms_norm keeps a whole row in registers
 # rms_norm_bwd: about this many programs (each a block of consecutive rows); a constant, not the device's
 # SM count, so that dw's summation order (and bits) depends on the shape only
 BWD_PROGRAMS = 4 if _INTERPRET else 512
-ROPE_TILE = 8 if _INTERPRET else 2048  # rope: elements (heads x D) per program
+ROPE_TILE = 8 if _INTERPRET else 4096  # rope_heads: elements (heads x padded head row) per program
 EW_BLOCK = 16 if _INTERPRET else 1024  # silu_mul: columns per program
 
 
@@ -105,39 +105,43 @@ def _rms_norm_bwd_kernel(
 
 @triton.jit
 def _heads_kernel(
-    x_ptr, y_ptr, cos_ptr, sin_ptr, T, H, N_ROT, P, W, stride_xb, stride_xt, stride_xh, stride_yb, stride_yt,
+    x_ptr, y_ptr, cos_ptr, sin_ptr, T, H, N_ROT, D, W, stride_xb, stride_xt, stride_xh, stride_yb, stride_yt,
     stride_yh, stride_c0, stride_c1, stride_s0, stride_s1,
-    INVERSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+    HAS_ROT: tl.constexpr, INVERSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     EMU_BF16: tl.constexpr,
 ):  # fmt: skip
-    """y[b, t, h, :2P] = RoPE(x[b, t, h]) for heads h < N_ROT, x[b, t, h] for the others; y[b, t, h, 2P:W] = 0."""
+    """y[b, t, h, :D] = RoPE(x[b, t, h]) for heads h < N_ROT, x[b, t, h] for the others; y[b, t, h, D:W] = 0.
+    A [BLOCK_H, BLOCK_W] tile of one token's heads, each head a contiguous run: element j of a head turns with
+    its partner j ^ 1 (a second load of the same lines), so loads and stores stay whole-row and vectorised."""
     bt = tl.program_id(0)  # b * T + t
     b = (bt // T).to(tl.int64)
     t = bt % T
     dtype = y_ptr.dtype.element_ty
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    p = tl.arange(0, BLOCK_P)
-    two = tl.arange(0, 2)
-    mp = p < P
-    c = tl.load(cos_ptr + t * stride_c0 + p * stride_c1, mask=mp, other=0.0)[None, :]
-    s = tl.load(sin_ptr + t * stride_s0 + p * stride_s1, mask=mp, other=0.0)[None, :]
-    if INVERSE:
-        s = -s
-    m3 = (h < H)[:, None, None] & mp[None, :, None] & (two < 2)[None, None, :]
-    pair = (2 * p)[None, :, None] + two[None, None, :]  # [1, BLOCK_P, 2]: element 2i + j of a head
-    h64 = h[:, None, None].to(tl.int64)
-    src = x_ptr + b * stride_xb + t * stride_xt + h64 * stride_xh + pair
-    xv = tl.load(src, mask=m3, other=0.0)
-    x0, x1 = tl.split(xv.to(tl.float32))  # [BLOCK_H, BLOCK_P] each
-    turned = tl.join(_to(x0 * c - x1 * s, dtype, EMU_BF16), _to(x0 * s + x1 * c, dtype, EMU_BF16))
-    out = tl.where((h < N_ROT)[:, None, None], turned, xv.to(dtype))
-    row = y_ptr + b * stride_yb + t * stride_yt
-    tl.store(row + h64 * stride_yh + pair, out, mask=m3)
-    if BLOCK_TAIL > 0:  # zero columns 2P .. W-1 of each head
-        tail = 2 * P + tl.arange(0, BLOCK_TAIL)
-        mt = (h < H)[:, None] & (tail < W)[None, :]
-        zero = tl.zeros((BLOCK_H, BLOCK_TAIL), dtype=dtype)
-        tl.store(row + h[:, None].to(tl.int64) * stride_yh + tail[None, :], zero, mask=mt)
+    col = tl.arange(0, BLOCK_W)
+    mh = (h < H)[:, None]
+    mx = mh & (col < D)[None, :]
+    src = x_ptr + b * stride_xb + t * stride_xt + h[:, None].to(tl.int64) * stride_xh
+    xv = tl.load(src + col[None, :], mask=mx, other=0.0)
+    out = xv.to(dtype)
+    if HAS_ROT:
+        # spec: (x0, x1) -> (x0*c - x1*s, x0*s + x1*c); for element j with partner p = x[j ^ 1]:
+        # even j: x*c - p*s, odd j: x*c + p*s (the same products; a + b == b + a exactly)
+        xf = xv.to(tl.float32)
+        pf = tl.load(src + (col ^ 1)[None, :], mask=mx, other=0.0).to(tl.float32)
+        half = col // 2
+        mc = col < D
+        c = tl.load(cos_ptr + t * stride_c0 + half * stride_c1, mask=mc, other=0.0)[None, :]
+        s = tl.load(sin_ptr + t * stride_s0 + half * stride_s1, mask=mc, other=0.0)[None, :]
+        if INVERSE:
+            s = -s
+        xc = xf * c
+        ps = pf * s
+        turned = tl.where((col % 2 == 1)[None, :], xc + ps, xc - ps)
+        out = tl.where((h < N_ROT)[:, None], _to(turned, dtype, EMU_BF16), out)
+    out = tl.where((col < D)[None, :], out, tl.zeros((BLOCK_H, BLOCK_W), dtype=dtype))
+    dst = y_ptr + b * stride_yb + t * stride_yt + h[:, None].to(tl.int64) * stride_yh + col[None, :]
+    tl.store(dst, out, mask=mh & (col < W)[None, :])
 
 
 @triton.jit
@@ -280,14 +284,13 @@ def rope_heads(
     if out.numel() == 0:
         return out
     W = out.shape[3]
-    block_p = triton.next_power_of_2(D // 2)
-    block_h = min(triton.next_power_of_2(H), max(1, ROPE_TILE // (2 * block_p)))
+    block_w = triton.next_power_of_2(W)
+    block_h = min(triton.next_power_of_2(H), max(1, ROPE_TILE // block_w))
     _heads_kernel[(B * T, triton.cdiv(H, block_h))](
-        x, out, cos, sin, T, H, n_rot, D // 2, W, x.stride(0), x.stride(1), x.stride(2),
+        x, out, cos, sin, T, H, n_rot, D, W, x.stride(0), x.stride(1), x.stride(2),
         out.stride(0), out.stride(1), out.stride(2), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
-        INVERSE=bool(inverse), BLOCK_H=block_h, BLOCK_P=block_p,
-        BLOCK_TAIL=triton.next_power_of_2(W - D) if W > D else 0, EMU_BF16=_INTERPRET,
-        enable_fp_fusion=False, num_warps=4 if block_h * block_p >= 512 else 1,
+        HAS_ROT=n_rot > 0, INVERSE=bool(inverse), BLOCK_H=block_h, BLOCK_W=block_w, EMU_BF16=_INTERPRET,
+        enable_fp_fusion=False, num_warps=8 if block_h * block_w >= 4096 else (4 if block_h * block_w >= 512 else 1),
     )  # fmt: skip
     return out
 

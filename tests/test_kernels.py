@@ -542,3 +542,26 @@ def test_eager_inference_backend_same_numbers(tri):
     assert torch.equal(eager.matmul(x, w), tri.matmul(x, w))
     assert torch.equal(eager.lora_linear(x, w, [(a, b, 0.5)]), tri.lora_linear(x, w, [(a, b, 0.5)]))
     assert SPEC.eager_inference() is SPEC
+
+
+def test_dequant_cache_reuses_and_evicts():
+    """DequantCache: the same weight twice -> the same tensor (no second dequantization); the least recently
+    used entry goes first; the products through the cache are those without it (bit for bit)."""
+    cache = qmm.DequantCache(size=2)
+    ws = [on(make_weight(40, 64, seed=s)) for s in range(3)]
+    w0 = cache.get(ws[0].qs, ws[0].d, torch.float32)
+    assert torch.equal(w0, qmm.q8_0_dequantize(ws[0].qs, ws[0].d, torch.float32))
+    assert cache.get(ws[0].qs, ws[0].d, torch.float32) is w0
+    assert cache.get(ws[0].qs, ws[0].d, torch.bfloat16) is not w0  # one entry per dtype
+    assert cache.get(ws[0].qs, ws[0].d, torch.float32) is w0  # now the most recently used
+    cache.get(ws[1].qs, ws[1].d, torch.float32)  # evicts w0 in bf16
+    assert cache.get(ws[0].qs, ws[0].d, torch.float32) is w0
+    cache.get(ws[2].qs, ws[2].d, torch.float32)  # evicts ws[1]
+    assert len(cache._entries) == 2 and all(k[0] != ws[1].qs.data_ptr() for k in cache._entries)
+    x, dy = rand(300, 64, seed=3).to(DEVICE), rand(300, 40, seed=4).to(DEVICE)
+    cfg = {"path": "dequant"}
+    for _ in range(2):  # a miss, then a hit
+        y = qmm.q8_0_matmul(x, ws[2].qs, ws[2].d, config=cfg, dequant_cache=cache)
+        assert torch.equal(y, qmm.q8_0_matmul(x, ws[2].qs, ws[2].d, config=cfg))
+        dx = qmm.q8_0_matmul_grad_input(dy, ws[2].qs, ws[2].d, config=cfg, dequant_cache=cache)
+        assert torch.equal(dx, qmm.q8_0_matmul_grad_input(dy, ws[2].qs, ws[2].d, config=cfg))

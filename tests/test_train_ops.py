@@ -460,10 +460,12 @@ def attn_grad_mags(qkv, cos, sin, H, dy):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_attention_vs_torch_ops(tri, dtype):
     """fused_ops' causal_attention on the packed product (CausalAttentionFn: heads padded 12 -> 16, flash, the
-    gradient straight into [q | k | v]) against model.causal_attention under autograd. The forward is the same
-    flash kernel SDPA runs on its own padded copies (bit-identical); the backward's sums may run in another order
-    where the flash kernel sees padded heads: per side <= gamma_N mag (attn_grad_mags), N = Dp + T + 8 sums and
-    steps along any path, + 3u for the RoPE roundings; bf16 rounds the results: `rounded`."""
+    gradient straight into [q | k | v]) against model.causal_attention under autograd on the same device (the
+    attention kernels are torch's own on each device, so the reference is torch's SDPA there). The forward is
+    the same flash kernel SDPA runs on its own padded copies (bit-identical; fp32 on CUDA, where flash does not
+    run, the same SDPA call); the backward's sums may run in another order where the kernel sees padded heads:
+    per side <= gamma_N mag (attn_grad_mags), N = Dp + T + 8 sums and steps along any path, + 3u for the RoPE
+    roundings; bf16 rounds the results: `rounded`."""
     ops = fused_ops(tri)
     B, T, H, D = 2, 7, 3, 12
     args = model.ModelArgs(n_vocab=8, n_embd=H * D, n_ff=8, n_head=H, n_head_kv=H, n_layer=1)
@@ -477,8 +479,9 @@ def test_fused_attention_vs_torch_ops(tri, dtype):
     if flash.supported(dtype, DEVICE):
         leaf = qkv.to(DEVICE).clone().requires_grad_()
         assert "CausalAttentionFn" in packed(ops.causal_attention)(leaf, *dev(cos, sin)).grad_fn.name()
-    y_ag, (dx_ag,) = autograd(packed(TORCH_OPS.causal_attention), (qkv, cos, sin), dy, wrt=(0,))
+    y_ag, (dx_ag,) = autograd(packed(TORCH_OPS.causal_attention), dev(qkv, cos, sin), dy.to(DEVICE), wrt=(0,))
     y, (dx,) = autograd(packed(ops.causal_attention), dev(qkv, cos, sin), dy.to(DEVICE), wrt=(0,))
+    y_ag, dx_ag = y_ag.cpu(), dx_ag.cpu()
     assert_equal(y, y_ag, f"attn_fwd {dtype}")
     n = 16 + T + 8
     tol = rounded(2 * (n + 3) * U * attn_grad_mags(qkv, cos, sin, H, dy), dx_ag, dtype)
