@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
 #   bash bench/gpu_session.sh OUTDIR [gputests] [check] [profile] [profile-pt] [gemvlab] [predict] [prefill-fixed]
-#                             [finetune-quick] [finetune] [finetune-main] [finetune-big] [finetune-ckpt] [kernels] [kernels-small]
+#                             [finetune-quick] [finetune] [finetune-main] [finetune-big] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-small]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
 set -u
@@ -48,8 +48,10 @@ for s in "$@"; do
         --peers lorakit7,peftc,lorakit12 --steps 5 --out "$out/finetune_main.json" ;;
     finetune-big) step finetune_big 420 python3 bench/finetune_gpu.py --settings 8x512,8x512c \
         --peers lorakit7,peftc,lorakit12 --steps 5 --out "$out/finetune_big.json" ;;
-    finetune-ckpt) step finetune_ckpt 200 python3 bench/finetune_gpu.py --settings 8x512c \
-        --peers lorakit7,peftc --steps 5 --out "$out/finetune_h200_8x512c.json" ;;
+    trainstep-tests) step pytest_train 120 env LORAKIT_AUTOTUNE=0 python3 -m pytest -q -x -p no:cacheprovider \
+        tests/test_train_ops.py tests/test_train_step_backends.py ;;
+    finetune-ckpt) step finetune_ckpt 260 python3 bench/finetune_gpu.py --settings 8x512c \
+        --peers lorakit7,peftc,lorakit12 --steps 5 --out "$out/finetune_h200_8x512c.json" ;;
     kernels) step kernels 240 python3 bench/kernels_bench.py --models 3b --out "$out/kernels_h200_3b.json" ;;
     kernels-small) step kernels_small 150 python3 bench/kernels_bench.py --models 3b --m 1,256 --no-grad \
         --out "$out/kernels_small.json" ;;
