@@ -17,8 +17,6 @@ from dataclasses import dataclass
 import torch
 
 aten = torch.ops.aten
-# the forward kernels (a checkpointed layer's recompute may reuse their outputs: fused_ops)
-KERNELS = (aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_flash_attention_for_cpu.default)
 
 
 @dataclass

@@ -169,22 +169,6 @@ class FusedOps:
     silu_mul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     swiglu: Callable[[Sequence[torch.Tensor]], torch.Tensor]
     causal_attention: Callable[..., torch.Tensor]
-    # torch.utils.checkpoint's context_fn for checkpointed layers: keep the flash kernel's outputs (out and
-    # logsumexp, [B, H, T, Dp] + [B, H, T]: ~0.2x of a layer's inputs' memory at head size 100) from the first
-    # forward, so the recompute skips the attention kernel (the step's largest op after the products)
-    checkpoint_context: Callable[[], tuple] | None = None
-
-
-def _keep_flash_outputs(ctx, op, *args, **kwargs):
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    return CheckpointPolicy.MUST_SAVE if op in flash.KERNELS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _checkpoint_context():
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-    return create_selective_checkpoint_contexts(_keep_flash_outputs)
 
 
 def fused_ops(backend) -> FusedOps:
@@ -211,7 +195,7 @@ def fused_ops(backend) -> FusedOps:
             return model.causal_attention(qkv, cos, sin, n_head, n_head_kv, ops)
         return CausalAttentionFn.apply(whole, cos, sin, n_head, backend)
 
-    ops = FusedOps(rms_norm, rope, silu_mul, swiglu, causal_attention, _checkpoint_context)
+    ops = FusedOps(rms_norm, rope, silu_mul, swiglu, causal_attention)
     return ops
 
 

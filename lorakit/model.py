@@ -433,12 +433,9 @@ def forward_hidden(
         # its activations costs one layer's worth of memory and saves recomputing it
         if checkpoint_layers and torch.is_grad_enabled() and i < args.n_layer - 1:
             # no RNG-state bookkeeping (the forward has no randomness; it would synchronize a CUDA graph)
-            # ops.checkpoint_context (optional): which ops' outputs the recompute reuses instead of recomputing
-            extra = {"context_fn": ops.checkpoint_context} if getattr(ops, "checkpoint_context", None) else {}
             h = torch.utils.checkpoint.checkpoint(
-                block, args, i, h, linear, norm, cos, sin, None, 0, ops, use_reentrant=False, preserve_rng_state=False,
-                **extra,
-            )  # fmt: skip
+                block, args, i, h, linear, norm, cos, sin, None, 0, ops, use_reentrant=False, preserve_rng_state=False
+            )
         else:
             h = block(args, i, h, linear, norm, cos, sin, cache, n_past, ops)
     return ops.rms_norm(h, norm("output_norm.weight"), args.norm_eps)

@@ -91,27 +91,3 @@ def test_train_step_cuda_triton_matches_spec(ckpt, off, args):
             a, b = lora[name]
             mag = a.abs().sum().item() * g_ref[(name, "a")].abs().max().item() / abs(b.item())
         assert err <= 1e-5 * mag, f"{key}: {err:.3g} vs scale {mag:.3g}"
-
-
-def test_checkpointed_layers_reuse_the_attention_kernel():
-    """With checkpointing on the fused path, a recomputed layer takes the flash kernel's outputs from the first
-    forward (fused_ops.checkpoint_context): one attention kernel call per layer and step, not two."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from lorakit import flash
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += func in flash.KERNELS
-            return func(*args, **(kwargs or {}))
-
-    tri = _triton()
-    lora = init_lora(lora_shapes(MHA_ARGS, LoraRanks.default(3)), seed=7)
-    model = pack_fused(_model(MHA_ARGS).to(DEVICE))
-    for ckpt in (False, True):
-        Count.n = 0
-        with Count():
-            _step(model, tri, lora, ckpt)
-        assert Count.n == MHA_ARGS.n_layer, (ckpt, Count.n)
