@@ -28,9 +28,19 @@ class FlashState:
     max_k: int = 0
 
 
-def supported(dtype: torch.dtype, device: torch.device) -> bool:
+MAX_HEAD = 256  # the CUDA flash kernels' largest head size
+
+
+def supported(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
+    """Whether forward/backward run for these heads (padded to a multiple of 8). CUDA: bf16/fp16 on sm_80 or
+    newer (torch's flash kernels), padded head size <= 256; CPU: any float dtype."""
     if device.type == "cuda":
-        return dtype in (torch.bfloat16, torch.float16)
+        padded = -(-head_dim // 8) * 8
+        return (
+            dtype in (torch.bfloat16, torch.float16)
+            and padded <= MAX_HEAD
+            and torch.cuda.get_device_capability(device) >= (8, 0)
+        )
     return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 

@@ -191,7 +191,8 @@ def fused_ops(backend) -> FusedOps:
         qkv: Sequence[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, n_head: int, n_head_kv: int
     ) -> torch.Tensor:
         whole = getattr(qkv, "whole", None)
-        if whole is None or n_head != n_head_kv or not flash.supported(whole.dtype, whole.device):
+        head_dim = whole.shape[-1] // (3 * n_head) if whole is not None else 0
+        if whole is None or n_head != n_head_kv or not flash.supported(whole.dtype, whole.device, head_dim):
             return model.causal_attention(qkv, cos, sin, n_head, n_head_kv, ops)
         return CausalAttentionFn.apply(whole, cos, sin, n_head, backend)
 

@@ -476,7 +476,7 @@ def test_fused_attention_vs_torch_ops(tri, dtype):
     def packed(fn):
         return lambda x, c, s: fn(model.Packed(x.split(H * D, dim=-1), x), c, s, H, H)
 
-    if flash.supported(dtype, DEVICE):
+    if flash.supported(dtype, DEVICE, D):
         leaf = qkv.to(DEVICE).clone().requires_grad_()
         assert "CausalAttentionFn" in packed(ops.causal_attention)(leaf, *dev(cos, sin)).grad_fn.name()
     y_ag, (dx_ag,) = autograd(packed(TORCH_OPS.causal_attention), dev(qkv, cos, sin), dy.to(DEVICE), wrt=(0,))
@@ -486,6 +486,24 @@ def test_fused_attention_vs_torch_ops(tri, dtype):
     n = 16 + T + 8
     tol = rounded(2 * (n + 3) * U * attn_grad_mags(qkv, cos, sin, H, dy), dx_ag, dtype)
     assert_within(dx, dx_ag, tol, f"attn_bwd {dtype}")
+
+
+def test_fused_attention_falls_back_where_flash_cannot_run(tri):
+    """Head sizes past the CUDA flash kernels' limit and GQA take model.causal_attention (with the fused RoPE)."""
+    assert flash.supported(torch.float32, torch.device("cpu"), 12)
+    assert not flash.supported(torch.int32, torch.device("cpu"), 12)
+    if CUDA:
+        assert not flash.supported(torch.bfloat16, DEVICE, flash.MAX_HEAD + 2)
+        assert not flash.supported(torch.float32, DEVICE, 64)
+    ops = fused_ops(tri)
+    B, T, H, Hkv, D = 1, 4, 4, 2, 8
+    args = model.ModelArgs(n_vocab=8, n_embd=H * D, n_ff=8, n_head=H, n_head_kv=Hkv, n_layer=1)
+    cos, sin = dev(*model.rope_tables(args, T))
+    x = rand(B, T, (H + 2 * Hkv) * D).to(DEVICE).requires_grad_()
+    y = ops.causal_attention(model.Packed(x.split([H * D, Hkv * D, Hkv * D], dim=-1), x), cos, sin, H, Hkv)
+    assert "CausalAttentionFn" not in y.grad_fn.name()
+    ref = model.causal_attention(x.detach().split([H * D, Hkv * D, Hkv * D], dim=-1), cos, sin, H, Hkv)
+    assert torch.equal(y.detach(), ref)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
