@@ -7,7 +7,8 @@ functions. The results are model.py's (the backends' numerics: backends/cpu_torc
     rope(x, cos, sin)    = apply_rope(x, cos, sin)                 (x [B, T, H, D], cos/sin [T, D/2])
     silu_mul(g, u)       = F.silu(g) * u                           (g, u [..., F])
     swiglu(gate_up)      = silu_mul(*gate_up)       (on the packed product where there is one: SwigluPackedFn)
-    causal_attention(qkv, cos, sin, H, Hkv) = model.causal_attention   (packed: CausalAttentionFn, flash)
+    causal_attention(qkv, cos, sin, H, Hkv[, kv_out]) = model.causal_attention   (packed: CausalAttentionFn,
+                           flash; a prompt's k, v written into the KV cache: flash_prompt)
 `fused_ops(backend)` builds them over the autograd Functions below; `TORCH_OPS` (= model.SPEC_OPS) is
 model.py's own functions (plain torch under autograd), the path the CPU keeps using; `ops_for(backend)`
 picks.
@@ -115,29 +116,46 @@ def _round8(n: int) -> int:
     return -(-n // 8) * 8
 
 
+def _flash_causal(qkv: torch.Tensor, cos, sin, n_head: int, backend):
+    """model.causal_attention's forward on the packed product: (out [B, T, H*D], padded [B, T, 3H, Dp],
+    out_p, lse, state, scale). One rope_heads launch writes RoPE(q), RoPE(k) and v into one zero-tailed
+    buffer; flash forward; one launch copies the output's D columns to [B, T, H*D]."""
+    B, T, W = qkv.shape
+    H, D = n_head, W // (3 * n_head)
+    padded = qkv.new_empty(B, T, 3 * H, _round8(D))
+    backend.rope_heads(qkv.view(B, T, 3 * H, D), cos, sin, 2 * H, padded)
+    q, k, v = (t.transpose(1, 2) for t in padded.split(H, dim=2))
+    scale = 1.0 / math.sqrt(D)
+    out_p, lse, state = flash.forward(q, k, v, scale)
+    out = qkv.new_empty(B, T, H * D)
+    backend.rope_heads(out_p.transpose(1, 2)[..., :D], cos, sin, 0, out.view(B, T, H, D))
+    return out, padded, out_p, lse, state, scale
+
+
+def flash_prompt(qkv: torch.Tensor, cos, sin, n_head: int, backend, kv_out) -> torch.Tensor:
+    """_flash_causal for a prompt at position 0 (no autograd): also writes RoPE(k) and v into the cache's rows
+    0..T-1 (kv_out = (k, v) [B, H, n_ctx, D]), one copy launch each from the padded buffer."""
+    out, padded, *_ = _flash_causal(qkv, cos, sin, n_head, backend)
+    T, D = qkv.shape[1], kv_out[0].shape[-1]
+    for j, cache in ((1, kv_out[0]), (2, kv_out[1])):
+        heads = padded[:, :, j * n_head : (j + 1) * n_head, :D]
+        backend.rope_heads(heads, cos, sin, 0, cache[:, :, :T].transpose(1, 2))
+    return out
+
+
 class CausalAttentionFn(torch.autograd.Function):
     """model.causal_attention on the packed product qkv = [q | k | v] [B, T, 3*H*D] (H query = key heads):
     out [B, T, H*D]. The heads go to torch's flash kernel padded with zero columns to Dp = 8 * ceil(D/8)
     (lorakit/flash.py: the kernel SDPA itself runs on padded heads, so the numbers are SDPA's).
 
-    forward:  one rope_heads launch writes RoPE(q), RoPE(k) and v into one zero-tailed [B, T, 3H, Dp]
-              buffer; flash forward; one launch copies the output's D columns to [B, T, H*D].
+    forward:  _flash_causal (rope_heads into one zero-tailed [B, T, 3H, Dp] buffer, flash, unpad).
     backward: one launch pads dout; flash backward; three launches write the inverse RoPE of dq, dk and dv
               (as is) into the one [B, T, 3*H*D] gradient of qkv.
     """
 
     @staticmethod
     def forward(ctx, qkv, cos, sin, n_head, backend):
-        B, T, W = qkv.shape
-        H, D = n_head, W // (3 * n_head)
-        Dp = _round8(D)
-        padded = qkv.new_empty(B, T, 3 * H, Dp)
-        backend.rope_heads(qkv.view(B, T, 3 * H, D), cos, sin, 2 * H, padded)
-        q, k, v = (t.transpose(1, 2) for t in padded.split(H, dim=2))
-        scale = 1.0 / math.sqrt(D)
-        out_p, lse, state = flash.forward(q, k, v, scale)
-        out = qkv.new_empty(B, T, H * D)
-        backend.rope_heads(out_p.transpose(1, 2)[..., :D], cos, sin, 0, out.view(B, T, H, D))
+        out, padded, out_p, lse, state, scale = _flash_causal(qkv, cos, sin, n_head, backend)
         ctx.save_for_backward(padded, out_p, lse, cos, sin, *state.tensors)
         ctx.state, ctx.scale, ctx.n_head, ctx.backend = state, scale, n_head, backend
         return out
@@ -188,12 +206,20 @@ def fused_ops(backend) -> FusedOps:
         return SiluMulFn.apply(*gate_up, backend) if whole is None else SwigluPackedFn.apply(whole, backend)
 
     def causal_attention(
-        qkv: Sequence[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, n_head: int, n_head_kv: int
+        qkv: Sequence[torch.Tensor],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        n_head: int,
+        n_head_kv: int,
+        kv_out: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         whole = getattr(qkv, "whole", None)
         head_dim = whole.shape[-1] // (3 * n_head) if whole is not None else 0
-        if whole is None or n_head != n_head_kv or not flash.supported(whole.dtype, whole.device, head_dim):
-            return model.causal_attention(qkv, cos, sin, n_head, n_head_kv, ops)
+        fused = whole is not None and n_head == n_head_kv and flash.supported(whole.dtype, whole.device, head_dim)
+        if kv_out is not None and fused and not (torch.is_grad_enabled() and whole.requires_grad):
+            return flash_prompt(whole, cos, sin, n_head, backend, kv_out)
+        if kv_out is not None or not fused:
+            return model.causal_attention(qkv, cos, sin, n_head, n_head_kv, ops, kv_out)
         return CausalAttentionFn.apply(whole, cos, sin, n_head, backend)
 
     ops = FusedOps(rms_norm, rope, silu_mul, swiglu, causal_attention)

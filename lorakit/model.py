@@ -285,10 +285,15 @@ class SpecOps:
 
     @staticmethod
     def causal_attention(
-        qkv: Sequence[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, n_head: int, n_head_kv: int
+        qkv: Sequence[torch.Tensor],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        n_head: int,
+        n_head_kv: int,
+        kv_out: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Causal self-attention over T tokens without a cache (training): see causal_attention."""
-        return causal_attention(qkv, cos, sin, n_head, n_head_kv, SPEC_OPS)
+        """Causal self-attention over T tokens from position 0 (training, a prompt): see causal_attention."""
+        return causal_attention(qkv, cos, sin, n_head, n_head_kv, SPEC_OPS, kv_out)
 
 
 SPEC_OPS = SpecOps()
@@ -346,8 +351,9 @@ def attention(
 ) -> torch.Tensor:
     B, T, _ = x.shape
     qkv = linear(x, f"blk.{i}.attn_qkv")  # one product over the packed [q; k; v] where there is one
-    if cache is None:
-        out = ops.causal_attention(qkv, cos, sin, args.n_head, args.n_head_kv)
+    if cache is None or n_past == 0:  # training, or a prompt from position 0 (its k, v go into the cache)
+        kv_out = None if cache is None else (cache.k[i], cache.v[i])
+        out = ops.causal_attention(qkv, cos, sin, args.n_head, args.n_head_kv, kv_out)
         return linear(out, f"blk.{i}.attn_output.weight")
     q, k, v = _rope_heads(qkv, cos, sin, args.n_head, args.n_head_kv, ops)
     cache.k[i][:, :, n_past : n_past + T] = k
@@ -355,11 +361,11 @@ def attention(
     k = cache.k[i][:, :, : n_past + T]
     v = cache.v[i][:, :, : n_past + T]
     mask = None
-    if n_past > 0 and T > 1:
+    if T > 1:
         qpos = torch.arange(n_past, n_past + T, device=x.device)[:, None]
         kpos = torch.arange(n_past + T, device=x.device)[None, :]
         mask = kpos <= qpos
-    return linear(_attend(q, k, v, mask, causal=n_past == 0), f"blk.{i}.attn_output.weight")
+    return linear(_attend(q, k, v, mask, causal=False), f"blk.{i}.attn_output.weight")
 
 
 def _rope_heads(qkv, cos, sin, H: int, Hkv: int, ops) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -381,10 +387,15 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, causal: boo
     return out.transpose(1, 2).reshape(B, T, H * D)
 
 
-def causal_attention(qkv, cos, sin, n_head: int, n_head_kv: int, ops=SPEC_OPS) -> torch.Tensor:
-    """Causal self-attention over T tokens without a cache: qkv = (q [B, T, H*D], k, v [B, T, Hkv*D]) ->
-    [B, T, H*D] (RoPE on q and k with cos/sin [T, D/2], scale 1/sqrt(D)); the spec of the fused versions."""
+def causal_attention(qkv, cos, sin, n_head: int, n_head_kv: int, ops=SPEC_OPS, kv_out=None) -> torch.Tensor:
+    """Causal self-attention over T tokens from position 0: qkv = (q [B, T, H*D], k, v [B, T, Hkv*D]) ->
+    [B, T, H*D] (RoPE on q and k with cos/sin [T, D/2], scale 1/sqrt(D)); the spec of the fused versions.
+    kv_out: a KV cache's (k, v) [B, Hkv, n_ctx, D]: k (after RoPE) and v are written into rows 0..T-1."""
     q, k, v = _rope_heads(qkv, cos, sin, n_head, n_head_kv, ops)
+    if kv_out is not None:
+        T = q.shape[2]
+        kv_out[0][:, :, :T] = k
+        kv_out[1][:, :, :T] = v
     return _attend(q, k, v, None, causal=True)
 
 

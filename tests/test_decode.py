@@ -34,6 +34,8 @@ from lorakit.quant import quantize_q8_0  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 ARGS = ModelArgs(n_vocab=120, n_embd=64, n_ff=96, n_head=4, n_head_kv=2, n_layer=2, norm_eps=1e-5)
+# as many key/value as query heads, head size 12 (not a multiple of 8): the GPU path's fused attention
+MHA_ARGS = ModelArgs(n_vocab=120, n_embd=96, n_ff=96, n_head=8, n_head_kv=8, n_layer=2, norm_eps=1e-5)
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 
@@ -48,13 +50,13 @@ def _model(args: ModelArgs = ARGS) -> LlamaModel:
     return LlamaModel(args, tensors, "random", tied_output=False)
 
 
-def _adapter(seed: int) -> LoraAdapter:
+def _adapter(seed: int, args: ModelArgs = ARGS) -> LoraAdapter:
     g = torch.Generator().manual_seed(seed)
     pairs = {}
-    for name in ARGS.expected_shapes():
+    for name in args.expected_shapes():
         if "attn_v" in name:
             continue  # a member of a packed weight without a LoRA
-        out_f, in_f = base_shape(ARGS, name)
+        out_f, in_f = base_shape(args, name)
         r = 1 if out_f == 1 else 3
         pairs[name] = LoraPair(torch.randn(in_f, r, generator=g) * 0.2, torch.randn(out_f, r, generator=g) * 0.2)
     return LoraAdapter(pairs, format="random")
@@ -74,12 +76,13 @@ def _backends():
 
 @pytest.mark.parametrize("make_backend", _backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_step_matches_batched_forward(make_backend, dtype):
+@pytest.mark.parametrize("args", [ARGS, MHA_ARGS], ids=["gqa", "mha"])
+def test_decode_step_matches_batched_forward(make_backend, dtype, args):
     be = make_backend()
     dev = be.device
-    model = pack_fused(_model().to(dev))
+    model = pack_fused(_model(args).to(dev))
     assert model.fused, "q/k/v and gate/up should be packed"
-    ads = [(_adapter(1).to(dev), 0.7), (_adapter(2).to(dev), 0.4)]
+    ads = [(_adapter(1, args).to(dev), 0.7), (_adapter(2, args).to(dev), 0.4)]
     gen = Generator(model, be, ads, n_ctx=12, dtype=dtype)
     prompt = [1, 17, 5, 99, 42]
     ref_cache, dec_cache = gen.new_cache(), gen.new_cache()
@@ -98,7 +101,7 @@ def test_decode_step_matches_batched_forward(make_backend, dtype):
             assert int(got.argmax()) == int(ref.argmax())
         tok = int(ref.argmax())
     # the step wrote the same cache rows as the batched forward
-    for i in range(ARGS.n_layer):
+    for i in range(args.n_layer):
         for a, b in ((dec_cache.k[i], ref_cache.k[i]), (dec_cache.v[i], ref_cache.v[i])):
             kv_tol = 1e-5 if dtype == torch.float32 else 4 * 2.0**-8
             assert (a.float() - b.float()).abs().max().item() <= kv_tol * max(1.0, b.float().abs().max().item())

@@ -488,6 +488,38 @@ def test_fused_attention_vs_torch_ops(tri, dtype):
     assert_within(dx, dx_ag, tol, f"attn_bwd {dtype}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_attention_prompt_writes_the_cache(tri, dtype, monkeypatch):
+    """A prompt from position 0 (no autograd) with kv_out = a KV cache's (k, v): fused_ops' path (flash_prompt)
+    gives model.causal_attention's output on the same device and the same cache rows, bit for bit; rows past
+    the prompt are left alone."""
+    from lorakit import fused_ops as fo
+
+    real, calls = fo.flash_prompt, []
+
+    def counting(*a):
+        calls.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(fo, "flash_prompt", counting)  # to see which path ran
+    ops = fused_ops(tri)
+    B, T, H, D, n_ctx = 1, 7, 3, 12, 10
+    args = model.ModelArgs(n_vocab=8, n_embd=H * D, n_ff=8, n_head=H, n_head_kv=H, n_layer=1)
+    cos, sin = dev(*model.rope_tables(args, T))
+    qkv = rand(B, T, 3 * H * D, dtype=dtype, scale=2.0).to(DEVICE)
+    packed = model.Packed(qkv.split(H * D, dim=-1), qkv)
+    got_kv = [torch.full((B, H, n_ctx, D), 7.0, dtype=dtype, device=DEVICE) for _ in range(2)]
+    ref_kv = [t.clone() for t in got_kv]
+    with torch.no_grad():
+        got = ops.causal_attention(packed, cos, sin, H, H, tuple(got_kv))
+        ref = TORCH_OPS.causal_attention(packed, cos, sin, H, H, tuple(ref_kv))
+    assert_equal(got, ref.cpu(), f"attn_prompt {dtype}")
+    for g, r in zip(got_kv, ref_kv, strict=True):
+        assert_equal(g, r.cpu(), f"attn_prompt_cache {dtype}")
+        assert (g[:, :, T:] == 7.0).all()
+    assert len(calls) == int(flash.supported(dtype, DEVICE, D))
+
+
 def test_fused_attention_falls_back_where_flash_cannot_run(tri):
     """Head sizes past the CUDA flash kernels' limit and GQA take model.causal_attention (with the fused RoPE)."""
     assert flash.supported(torch.float32, torch.device("cpu"), 12)

@@ -24,14 +24,11 @@ if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
 from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
-from test_decode import ARGS, _model  # noqa: E402
+from test_decode import ARGS, MHA_ARGS, _model  # noqa: E402
 
 from lorakit.lora import LoraRanks, lora_shapes  # noqa: E402
 from lorakit.lora_init import init_lora  # noqa: E402
-from lorakit.model import ModelArgs, pack_fused, rope_tables  # noqa: E402
-
-# as many key/value as query heads, head size 12 (not a multiple of 8)
-MHA_ARGS = ModelArgs(n_vocab=120, n_embd=96, n_ff=96, n_head=8, n_head_kv=8, n_layer=2, norm_eps=1e-5)
+from lorakit.model import pack_fused, rope_tables  # noqa: E402
 from lorakit.train import loss_and_backward  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
