@@ -21,8 +21,12 @@ allocate -> launch. rnd(.) is the rounding to the compute dtype, E the row lengt
       block of heads. Pairs (x0, x1) = (x[2i], x[2i+1]) turn by theta = (t, i):
       forward  (x0*c - x1*s, x0*s + x1*c),  inverse (x0*c + x1*s, -x0*s + x1*c) (the inverse is the forward with
       s -> -s, exactly). The rotation is orthogonal, so the backward of rope_fwd is rope_fwd(dy, inverse=True).
+  rope_heads(x, cos, sin, n_rot, out, inverse=False) -> out   the general form behind rope_fwd: x's first n_rot
+      heads turned, the others copied, into out [B, T, H, W >= D] (any strides but the last axis: views into a
+      packed product, a zero-tailed padded buffer or a KV cache); columns D..W-1 of each head set to zero. One
+      program per (b, t) and block of heads, whole head rows (element j's pair partner is a second load of j ^ 1).
   silu_mul_fwd(g, u) -> y   elementwise: a = rnd(g / (1 + exp(-g))), y = rnd(a * u)   (F.silu(g) * up)
-  silu_mul_bwd(dy, g, u) -> (dg, du)   with sig = 1 / (1 + exp(-g)):
+  silu_mul_bwd(dy, g, u, out=None) -> (dg, du)   with sig = 1 / (1 + exp(-g)) (out: tensors to write into):
       du = rnd(dy * a)                                    (a as the forward stored it)
       dg = rnd(((dy * u) * sig) * (1 + g * (1 - sig)))   (d silu / dg = sig * (1 + g * (1 - sig)))
 
