@@ -7,7 +7,8 @@ that are already padded (zero columns: they add exact zeros to q.k and give zero
 scale = 1/sqrt(D) of the unpadded D computes the same numbers without those copies.
 
 CUDA: aten._scaled_dot_product_flash_attention (bf16/fp16); CPU: its _for_cpu variant (any float dtype; the
-interpreter tests run through it). q, k, v: [B, H, T, Dp] views, last axis contiguous, same head count.
+interpreter tests run through it). q [B, H, T, Dp], k, v [B, Hkv, T, Dp] views (last axis contiguous; Hkv
+divides H: grouped-query attention, query head h reading key/value head h // (H / Hkv)).
 """
 
 from __future__ import annotations
@@ -31,17 +32,53 @@ class FlashState:
 MAX_HEAD = 256  # the CUDA flash kernels' largest head size
 
 
-def supported(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
+def supported(dtype: torch.dtype, device: torch.device, head_dim: int, gqa: bool = False) -> bool:
     """Whether forward/backward run for these heads (padded to a multiple of 8). CUDA: bf16/fp16 on sm_80 or
-    newer (torch's flash kernels), padded head size <= 256; CPU: any float dtype."""
+    newer (torch's flash kernels), padded head size <= 256, and for GQA (fewer key/value than query heads) a
+    torch whose flash kernels take them natively; CPU: any float dtype, GQA included."""
     if device.type == "cuda":
         padded = -(-head_dim // 8) * 8
-        return (
+        ok = (
             dtype in (torch.bfloat16, torch.float16)
             and padded <= MAX_HEAD
             and torch.cuda.get_device_capability(device) >= (8, 0)
         )
+        return ok and (not gqa or _cuda_gqa(device.index if device.index is not None else torch.cuda.current_device()))
     return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+_GQA_PROBED: dict[int, bool] = {}
+
+
+def _cuda_gqa(device_index: int) -> bool:
+    """Whether this torch's CUDA flash kernels take fewer key/value than query heads natively with
+    repeat_interleave's head mapping, forward and backward (probed once per device on tiny tensors against the
+    same kernels on repeated heads; a torch that refuses gets SDPA with repeated key/value heads instead). Not
+    probed inside a CUDA-graph capture (the answer is then no, and asked again later)."""
+    if device_index not in _GQA_PROBED:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        _GQA_PROBED[device_index] = _probe_gqa(device_index)
+    return _GQA_PROBED[device_index]
+
+
+def _probe_gqa(device_index: int) -> bool:
+    g = torch.Generator(device=torch.device("cuda", device_index)).manual_seed(0)
+    q, k, v, dout = (torch.randn(1, h, 3, 8, generator=g, device=g.device, dtype=torch.bfloat16) for h in (4, 2, 2, 4))
+    try:
+        out, lse, state = forward(q, k, v, 0.5)
+        dq, dk, dv = backward(dout, q, k, v, out, lse, state, 0.5)
+    except Exception:  # any refusal (a shape check, an unsupported layout) means: not supported
+        return False
+    k4, v4 = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    out4, lse4, state4 = forward(q, k4, v4, 0.5)
+    dq4, dk4, dv4 = backward(dout, q, k4, v4, out4, lse4, state4, 0.5)
+    grouped = [t.float().unflatten(1, (2, 2)).sum(2) for t in (dk4, dv4)]
+    return bool(
+        torch.equal(out, out4)
+        and torch.allclose(dq.float(), dq4.float(), atol=0.05)
+        and all(torch.allclose(a.float(), b, atol=0.05) for a, b in zip((dk, dv), grouped, strict=True))
+    )
 
 
 def forward(

@@ -116,15 +116,17 @@ def _round8(n: int) -> int:
     return -(-n // 8) * 8
 
 
-def _flash_causal(qkv: torch.Tensor, cos, sin, n_head: int, backend):
-    """model.causal_attention's forward on the packed product: (out [B, T, H*D], padded [B, T, 3H, Dp],
-    out_p, lse, state, scale). One rope_heads launch writes RoPE(q), RoPE(k) and v into one zero-tailed
-    buffer; flash forward; one launch copies the output's D columns to [B, T, H*D]."""
+def _flash_causal(qkv: torch.Tensor, cos, sin, n_head: int, n_head_kv: int, backend):
+    """model.causal_attention's forward on the packed product [q | k | v] [B, T, (H + 2 Hkv) D]: (out
+    [B, T, H*D], padded [B, T, H + 2 Hkv, Dp], out_p, lse, state, scale). One rope_heads launch writes RoPE(q),
+    RoPE(k) and v into one zero-tailed buffer; flash forward (GQA natively: query head h reads key/value head
+    h // (H / Hkv), as repeat_interleave does); one launch copies the output's D columns to [B, T, H*D]."""
     B, T, W = qkv.shape
-    H, D = n_head, W // (3 * n_head)
-    padded = qkv.new_empty(B, T, 3 * H, _round8(D))
-    backend.rope_heads(qkv.view(B, T, 3 * H, D), cos, sin, 2 * H, padded)
-    q, k, v = (t.transpose(1, 2) for t in padded.split(H, dim=2))
+    H, Hkv = n_head, n_head_kv
+    D = W // (H + 2 * Hkv)
+    padded = qkv.new_empty(B, T, H + 2 * Hkv, _round8(D))
+    backend.rope_heads(qkv.view(B, T, H + 2 * Hkv, D), cos, sin, H + Hkv, padded)
+    q, k, v = (t.transpose(1, 2) for t in padded.split([H, Hkv, Hkv], dim=2))
     scale = 1.0 / math.sqrt(D)
     out_p, lse, state = flash.forward(q, k, v, scale)
     out = qkv.new_empty(B, T, H * D)
@@ -132,50 +134,49 @@ def _flash_causal(qkv: torch.Tensor, cos, sin, n_head: int, backend):
     return out, padded, out_p, lse, state, scale
 
 
-def flash_prompt(qkv: torch.Tensor, cos, sin, n_head: int, backend, kv_out) -> torch.Tensor:
+def flash_prompt(qkv: torch.Tensor, cos, sin, n_head: int, n_head_kv: int, backend, kv_out) -> torch.Tensor:
     """_flash_causal for a prompt at position 0 (no autograd): also writes RoPE(k) and v into the cache's rows
-    0..T-1 (kv_out = (k, v) [B, H, n_ctx, D]), one copy launch each from the padded buffer."""
-    out, padded, *_ = _flash_causal(qkv, cos, sin, n_head, backend)
+    0..T-1 (kv_out = (k, v) [B, Hkv, n_ctx, D]), one copy launch each from the padded buffer."""
+    out, padded, *_ = _flash_causal(qkv, cos, sin, n_head, n_head_kv, backend)
     T, D = qkv.shape[1], kv_out[0].shape[-1]
-    for j, cache in ((1, kv_out[0]), (2, kv_out[1])):
-        heads = padded[:, :, j * n_head : (j + 1) * n_head, :D]
-        backend.rope_heads(heads, cos, sin, 0, cache[:, :, :T].transpose(1, 2))
+    for j0, cache in ((n_head, kv_out[0]), (n_head + n_head_kv, kv_out[1])):
+        backend.rope_heads(padded[:, :, j0 : j0 + n_head_kv, :D], cos, sin, 0, cache[:, :, :T].transpose(1, 2))
     return out
 
 
 class CausalAttentionFn(torch.autograd.Function):
-    """model.causal_attention on the packed product qkv = [q | k | v] [B, T, 3*H*D] (H query = key heads):
-    out [B, T, H*D]. The heads go to torch's flash kernel padded with zero columns to Dp = 8 * ceil(D/8)
-    (lorakit/flash.py: the kernel SDPA itself runs on padded heads, so the numbers are SDPA's).
+    """model.causal_attention on the packed product qkv = [q | k | v] [B, T, (H + 2 Hkv) D]: out [B, T, H*D].
+    The heads go to torch's flash kernel padded with zero columns to Dp = 8 * ceil(D/8) (lorakit/flash.py: the
+    kernel SDPA itself runs on padded heads, so the numbers are SDPA's).
 
-    forward:  _flash_causal (rope_heads into one zero-tailed [B, T, 3H, Dp] buffer, flash, unpad).
-    backward: one launch pads dout; flash backward; three launches write the inverse RoPE of dq, dk and dv
-              (as is) into the one [B, T, 3*H*D] gradient of qkv.
+    forward:  _flash_causal (rope_heads into one zero-tailed [B, T, H + 2 Hkv, Dp] buffer, flash, unpad).
+    backward: one launch pads dout; flash backward (dk, dv summed over each key/value head's query heads);
+              three launches write the inverse RoPE of dq, dk and dv (as is) into the one gradient of qkv.
     """
 
     @staticmethod
-    def forward(ctx, qkv, cos, sin, n_head, backend):
-        out, padded, out_p, lse, state, scale = _flash_causal(qkv, cos, sin, n_head, backend)
+    def forward(ctx, qkv, cos, sin, n_head, n_head_kv, backend):
+        out, padded, out_p, lse, state, scale = _flash_causal(qkv, cos, sin, n_head, n_head_kv, backend)
         ctx.save_for_backward(padded, out_p, lse, cos, sin, *state.tensors)
-        ctx.state, ctx.scale, ctx.n_head, ctx.backend = state, scale, n_head, backend
+        ctx.state, ctx.scale, ctx.heads, ctx.backend = state, scale, (n_head, n_head_kv), backend
         return out
 
     @staticmethod
     def backward(ctx, dout):
         padded, out_p, lse, cos, sin, *state_tensors = ctx.saved_tensors
         state = flash.FlashState(tuple(state_tensors), ctx.state.max_q, ctx.state.max_k)
-        be, H = ctx.backend, ctx.n_head
-        B, T, _, Dp = padded.shape
+        be, (H, Hkv) = ctx.backend, ctx.heads
+        B, T, N, Dp = padded.shape
         D = dout.shape[-1] // H
         dout_p = dout.new_empty(B, T, H, Dp)
         be.rope_heads(dout.contiguous().view(B, T, H, D), cos, sin, 0, dout_p)
-        q, k, v = (t.transpose(1, 2) for t in padded.split(H, dim=2))
+        q, k, v = (t.transpose(1, 2) for t in padded.split([H, Hkv, Hkv], dim=2))
         grads = flash.backward(dout_p.transpose(1, 2), q, k, v, out_p, lse, state, ctx.scale)
-        dqkv = dout.new_empty(B, T, 3 * H, D)
-        for j, g in enumerate(grads):  # dq, dk turned back by -theta; dv as is
-            n_rot = H if j < 2 else 0
-            be.rope_heads(g.transpose(1, 2)[..., :D], cos, sin, n_rot, dqkv[:, :, j * H : (j + 1) * H], inverse=True)
-        return dqkv.view(B, T, 3 * H * D), None, None, None, None
+        dqkv = dout.new_empty(B, T, N, D)
+        for g, j0, n_rot in zip(grads, (0, H, H + Hkv), (H, Hkv, 0), strict=True):  # dq, dk by -theta; dv as is
+            dst = dqkv[:, :, j0 : j0 + g.shape[1]]
+            be.rope_heads(g.transpose(1, 2)[..., :D], cos, sin, n_rot, dst, inverse=True)
+        return dqkv.view(B, T, N * D), None, None, None, None, None
 
 
 @dataclass(frozen=True)
@@ -214,13 +215,14 @@ def fused_ops(backend) -> FusedOps:
         kv_out: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         whole = getattr(qkv, "whole", None)
-        head_dim = whole.shape[-1] // (3 * n_head) if whole is not None else 0
-        fused = whole is not None and n_head == n_head_kv and flash.supported(whole.dtype, whole.device, head_dim)
+        fused = whole is not None and flash.supported(
+            whole.dtype, whole.device, whole.shape[-1] // (n_head + 2 * n_head_kv), gqa=n_head != n_head_kv
+        )
         if kv_out is not None and fused and not (torch.is_grad_enabled() and whole.requires_grad):
-            return flash_prompt(whole, cos, sin, n_head, backend, kv_out)
+            return flash_prompt(whole, cos, sin, n_head, n_head_kv, backend, kv_out)
         if kv_out is not None or not fused:
             return model.causal_attention(qkv, cos, sin, n_head, n_head_kv, ops, kv_out)
-        return CausalAttentionFn.apply(whole, cos, sin, n_head, backend)
+        return CausalAttentionFn.apply(whole, cos, sin, n_head, n_head_kv, backend)
 
     ops = FusedOps(rms_norm, rope, silu_mul, swiglu, causal_attention)
     return ops

@@ -429,17 +429,19 @@ def test_functions_vs_torch_ops(tri, dtype):
 # ---- the packed-product Functions (fused attention, SwiGLU) ----------------------------------------
 
 
-def attn_grad_mags(qkv, cos, sin, H, dy):
+def attn_grad_mags(qkv, cos, sin, H, Hkv, dy):
     """fp64 magnitudes bounding one side's fp32 rounding error in d(qkv) of causal attention (before the
     factor gamma = N u): the computation on absolute values, with P's relative error carried as (1 + |S|)
     (S's rounding through exp): mag_dq = s dS_abs |K|, mag_dk = s dS_abs^T |Q|, mag_dv = (P (1 + S_abs))^T |dO|
-    with dS_abs = P (1 + S_abs) (|dO| |V|^T + rowsum |dO o O|); the inverse RoPE adds each pair's magnitudes."""
+    with dS_abs = P (1 + S_abs) (|dO| |V|^T + rowsum |dO o O|), key/value heads repeated for GQA and their
+    gradients' magnitudes summed over each group; the inverse RoPE adds each pair's magnitudes."""
     B, T, W = qkv.shape
-    D = W // (3 * H)
-    x = qkv.double().view(B, T, 3 * H, D)
+    D = W // (H + 2 * Hkv)
+    x = qkv.double().view(B, T, H + 2 * Hkv, D)
+    r = H // Hkv
     q = model.apply_rope(x[:, :, :H], cos, sin).transpose(1, 2).double()
-    k = model.apply_rope(x[:, :, H : 2 * H], cos, sin).transpose(1, 2).double()
-    v = x[:, :, 2 * H :].transpose(1, 2)
+    k = model.apply_rope(x[:, :, H : H + Hkv], cos, sin).transpose(1, 2).double().repeat_interleave(r, dim=1)
+    v = x[:, :, H + Hkv :].transpose(1, 2).repeat_interleave(r, dim=1)
     do = dy.double().view(B, T, H, D).transpose(1, 2)
     s = 1.0 / D**0.5
     causal = torch.ones(T, T, dtype=torch.bool).tril()
@@ -448,9 +450,10 @@ def attn_grad_mags(qkv, cos, sin, H, dy):
     pe = p * (1 + s_abs)
     ds_abs = pe * (do.abs() @ v.abs().transpose(-1, -2) + (do.abs() * (p @ v).abs()).sum(-1, keepdim=True))
     mags = [s * ds_abs @ k.abs(), s * ds_abs.transpose(-1, -2) @ q.abs(), pe.transpose(-1, -2) @ do.abs()]
+    mags[1:] = [m.unflatten(1, (Hkv, r)).sum(2) for m in mags[1:]]  # a key/value head's group of query heads
     out = []
     for j, m in enumerate(mags):
-        m = m.transpose(1, 2)  # [B, T, H, D]
+        m = m.transpose(1, 2)  # [B, T, heads, D]
         if j < 2:  # the rotation mixes each pair
             m = m.unflatten(-1, (-1, 2)).sum(-1, keepdim=True).expand(*m.shape[:-1], D // 2, 2).flatten(-2)
         out.append(m)
@@ -458,38 +461,46 @@ def attn_grad_mags(qkv, cos, sin, H, dy):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_attention_vs_torch_ops(tri, dtype):
+@pytest.mark.parametrize("Hkv", [3, 1], ids=["mha", "gqa"])
+def test_fused_attention_vs_torch_ops(tri, dtype, Hkv):
     """fused_ops' causal_attention on the packed product (CausalAttentionFn: heads padded 12 -> 16, flash, the
     gradient straight into [q | k | v]) against model.causal_attention under autograd on the same device (the
-    attention kernels are torch's own on each device, so the reference is torch's SDPA there). The forward is
-    the same flash kernel SDPA runs on its own padded copies (bit-identical; fp32 on CUDA, where flash does not
-    run, the same SDPA call); the backward's sums may run in another order where the kernel sees padded heads:
-    per side <= gamma_N mag (attn_grad_mags), N = Dp + T + 8 sums and steps along any path, + 3u for the RoPE
-    roundings; bf16 rounds the results: `rounded`."""
+    attention kernels are torch's own on each device, so the reference is torch's SDPA there; GQA: SDPA on
+    repeated key/value heads, flash natively). The forward is the same flash kernel SDPA runs on its own padded
+    copies (bit-identical; fp32 on CUDA, where flash does not run, the same SDPA call); the backward's sums may
+    run in another order where the kernel sees padded heads: per side <= gamma_N mag (attn_grad_mags),
+    N = Dp + T + 8 + H/Hkv sums and steps along any path, + 3u for the RoPE roundings; with GQA the reference
+    also rounds each repeated head's dk, dv to the dtype before summing them (+ u_o mag); bf16 rounds the
+    results: `rounded`."""
     ops = fused_ops(tri)
     B, T, H, D = 2, 7, 3, 12
-    args = model.ModelArgs(n_vocab=8, n_embd=H * D, n_ff=8, n_head=H, n_head_kv=H, n_layer=1)
+    args = model.ModelArgs(n_vocab=8, n_embd=H * D, n_ff=8, n_head=H, n_head_kv=Hkv, n_layer=1)
     cos, sin = model.rope_tables(args, T)
-    qkv = rand(B, T, 3 * H * D, dtype=dtype, scale=2.0)
+    qkv = rand(B, T, (H + 2 * Hkv) * D, dtype=dtype, scale=2.0)
     dy = rand(B, T, H * D, dtype=dtype, seed=4)
 
     def packed(fn):
-        return lambda x, c, s: fn(model.Packed(x.split(H * D, dim=-1), x), c, s, H, H)
+        return lambda x, c, s: fn(model.Packed(x.split([H * D, Hkv * D, Hkv * D], dim=-1), x), c, s, H, Hkv)
 
-    if flash.supported(dtype, DEVICE, D):
+    if flash.supported(dtype, DEVICE, D, gqa=Hkv != H):
         leaf = qkv.to(DEVICE).clone().requires_grad_()
         assert "CausalAttentionFn" in packed(ops.causal_attention)(leaf, *dev(cos, sin)).grad_fn.name()
     y_ag, (dx_ag,) = autograd(packed(TORCH_OPS.causal_attention), dev(qkv, cos, sin), dy.to(DEVICE), wrt=(0,))
     y, (dx,) = autograd(packed(ops.causal_attention), dev(qkv, cos, sin), dy.to(DEVICE), wrt=(0,))
     y_ag, dx_ag = y_ag.cpu(), dx_ag.cpu()
     assert_equal(y, y_ag, f"attn_fwd {dtype}")
-    n = 16 + T + 8
-    tol = rounded(2 * (n + 3) * U * attn_grad_mags(qkv, cos, sin, H, dy), dx_ag, dtype)
+    n = 16 + T + 8 + H // Hkv
+    mag = attn_grad_mags(qkv, cos, sin, H, Hkv, dy)
+    d = 2 * (n + 3) * U * mag
+    if Hkv != H:  # the reference rounds each repeated head's dk, dv to the dtype before the group sum
+        d[..., H * D :] += U_OUT[dtype] * mag[..., H * D :]
+    tol = rounded(d, dx_ag, dtype)
     assert_within(dx, dx_ag, tol, f"attn_bwd {dtype}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_attention_prompt_writes_the_cache(tri, dtype, monkeypatch):
+@pytest.mark.parametrize("Hkv", [3, 1], ids=["mha", "gqa"])
+def test_fused_attention_prompt_writes_the_cache(tri, dtype, Hkv, monkeypatch):
     """A prompt from position 0 (no autograd) with kv_out = a KV cache's (k, v): fused_ops' path (flash_prompt)
     gives model.causal_attention's output on the same device and the same cache rows, bit for bit; rows past
     the prompt are left alone."""
@@ -504,25 +515,26 @@ def test_fused_attention_prompt_writes_the_cache(tri, dtype, monkeypatch):
     monkeypatch.setattr(fo, "flash_prompt", counting)  # to see which path ran
     ops = fused_ops(tri)
     B, T, H, D, n_ctx = 1, 7, 3, 12, 10
-    args = model.ModelArgs(n_vocab=8, n_embd=H * D, n_ff=8, n_head=H, n_head_kv=H, n_layer=1)
+    args = model.ModelArgs(n_vocab=8, n_embd=H * D, n_ff=8, n_head=H, n_head_kv=Hkv, n_layer=1)
     cos, sin = dev(*model.rope_tables(args, T))
-    qkv = rand(B, T, 3 * H * D, dtype=dtype, scale=2.0).to(DEVICE)
-    packed = model.Packed(qkv.split(H * D, dim=-1), qkv)
-    got_kv = [torch.full((B, H, n_ctx, D), 7.0, dtype=dtype, device=DEVICE) for _ in range(2)]
+    qkv = rand(B, T, (H + 2 * Hkv) * D, dtype=dtype, scale=2.0).to(DEVICE)
+    packed = model.Packed(qkv.split([H * D, Hkv * D, Hkv * D], dim=-1), qkv)
+    got_kv = [torch.full((B, Hkv, n_ctx, D), 7.0, dtype=dtype, device=DEVICE) for _ in range(2)]
     ref_kv = [t.clone() for t in got_kv]
     with torch.no_grad():
-        got = ops.causal_attention(packed, cos, sin, H, H, tuple(got_kv))
-        ref = TORCH_OPS.causal_attention(packed, cos, sin, H, H, tuple(ref_kv))
+        got = ops.causal_attention(packed, cos, sin, H, Hkv, tuple(got_kv))
+        ref = TORCH_OPS.causal_attention(packed, cos, sin, H, Hkv, tuple(ref_kv))
     assert_equal(got, ref.cpu(), f"attn_prompt {dtype}")
     for g, r in zip(got_kv, ref_kv, strict=True):
         assert_equal(g, r.cpu(), f"attn_prompt_cache {dtype}")
         assert (g[:, :, T:] == 7.0).all()
-    assert len(calls) == int(flash.supported(dtype, DEVICE, D))
+    assert len(calls) == int(flash.supported(dtype, DEVICE, D, gqa=Hkv != H))
 
 
 def test_fused_attention_falls_back_where_flash_cannot_run(tri):
-    """Head sizes past the CUDA flash kernels' limit and GQA take model.causal_attention (with the fused RoPE)."""
-    assert flash.supported(torch.float32, torch.device("cpu"), 12)
+    """Where torch's flash kernels cannot run (CUDA: fp32, a padded head past 256) or the members were computed
+    one by one (no packed product), model.causal_attention runs (with the fused RoPE): the same numbers."""
+    assert flash.supported(torch.float32, torch.device("cpu"), 12, gqa=True)
     assert not flash.supported(torch.int32, torch.device("cpu"), 12)
     if CUDA:
         assert not flash.supported(torch.bfloat16, DEVICE, flash.MAX_HEAD + 2)
@@ -532,7 +544,8 @@ def test_fused_attention_falls_back_where_flash_cannot_run(tri):
     args = model.ModelArgs(n_vocab=8, n_embd=H * D, n_ff=8, n_head=H, n_head_kv=Hkv, n_layer=1)
     cos, sin = dev(*model.rope_tables(args, T))
     x = rand(B, T, (H + 2 * Hkv) * D).to(DEVICE).requires_grad_()
-    y = ops.causal_attention(model.Packed(x.split([H * D, Hkv * D, Hkv * D], dim=-1), x), cos, sin, H, Hkv)
+    members = model.Packed(t.clone() for t in x.split([H * D, Hkv * D, Hkv * D], dim=-1))  # no .whole
+    y = ops.causal_attention(members, cos, sin, H, Hkv)
     assert "CausalAttentionFn" not in y.grad_fn.name()
     ref = model.causal_attention(x.detach().split([H * D, Hkv * D, Hkv * D], dim=-1), cos, sin, H, Hkv)
     assert torch.equal(y.detach(), ref)
