@@ -46,6 +46,24 @@ def kernel_table(fn, calls: int, top: int = 18) -> dict:
     }
 
 
+def op_table(fn, calls: int, top: int = 30) -> list[dict]:
+    """Profile `calls` eager runs of fn with input shapes: the torch ops (and autograd Functions) whose own
+    GPU kernels take the most time, one row per (op, input shapes): which products and copies cost what."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0 and e.device_type.name == "CPU":
+            rows.append({"op": e.key, "shapes": str(e.input_shapes)[:160], "us": t / calls, "count": e.count // calls})
+    return sorted(rows, key=lambda r: -r["us"])[:top]
+
+
 def wall(fn, calls: int) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -61,6 +79,10 @@ def show(name: str, r: dict) -> None:
           + f", kernels {r['kernel_us_per_call']:.0f} us/call")  # fmt: skip
     for k in r["top"]:
         print(f"{k['us']:9.1f} us {k['share']:6.1%} x{k['count']:<4d} {k['kernel'][:120]}")
+    if "ops" in r:
+        print("   torch ops by own GPU time, with input shapes (eager step):")
+        for o in r["ops"]:
+            print(f"{o['us']:9.1f} us x{o['count']:<4d} {o['op'][:40]:40s} {o['shapes'][:110]}")
     if "host" in r:
         print("   host (cProfile, one call, by own time):")
         for h in r["host"]:
@@ -152,6 +174,7 @@ def profile_train(model, be, batch: int, ctx: int, ckpt: bool) -> dict:
 
     eager()
     r = kernel_table(eager, 2)
+    r["ops"] = op_table(eager, 1)
     r["eager_wall_us"] = wall(eager, 2)
     g = GraphedStep(*make_step())
     g(xi, xi)
