@@ -51,9 +51,14 @@ class Backend(Protocol):
         """dy [..., out] @ W -> [..., in] (the base is frozen: no weight gradient)."""
 
     def lora_linear(
-        self, x: torch.Tensor, w: Weight, loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]]
+        self,
+        x: torch.Tensor,
+        w: Weight,
+        loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
+        t: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x @ W.T + sum_i s_i * (x @ a_i) @ b_i.T (no autograd; used for inference)."""
+        """x @ W.T + sum_i s_i * (x @ a_i) @ b_i.T (no autograd: inference, and LoraLinear's forward).
+        t: x @ a_1 in x's dtype, [rows, r], already formed for a single term (LoraLinear keeps it for db)."""
 
     def add_rms_norm(
         self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float

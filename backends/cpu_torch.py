@@ -80,11 +80,16 @@ class CpuTorchBackend:
         return dx.reshape(*lead, n_in)
 
     def lora_linear(
-        self, x: torch.Tensor, w: Weight, loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]]
+        self,
+        x: torch.Tensor,
+        w: Weight,
+        loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
+        t: torch.Tensor | None = None,
     ) -> torch.Tensor:
         y = self.matmul(x, w)
-        for a, b, s in loras:
-            y = y + s * ((x @ a.to(x.dtype)) @ b.to(x.dtype).T)
+        for i, (a, b, s) in enumerate(loras):
+            xa = x @ a.to(x.dtype) if t is None or i else t.view(*x.shape[:-1], -1)
+            y = y + s * (xa @ b.to(x.dtype).T)
         return y
 
     def add_rms_norm(

@@ -68,8 +68,18 @@ class CudaTritonBackend:
         return self._mm.q8_0_matmul_grad_input(dy, w.qs, w.d, dequant_cache=self._wcache)
 
     def lora_linear(
-        self, x: torch.Tensor, w: Weight, loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]]
+        self,
+        x: torch.Tensor,
+        w: Weight,
+        loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
+        t: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if t is not None and len(loras) == 1 and float(loras[0][2]) != 0.0:
+            a, b, s = loras[0]
+            if not isinstance(w, Q8Weight):
+                return x @ w.to(x.dtype).T + float(s) * (t.view(*x.shape[:-1], -1) @ b.to(x.dtype).T)
+            kw = dict(host_bound=self.host_bound, dequant_cache=self._wcache)
+            return self._mm.q8_0_matmul(x, w.qs, w.d, a, b, float(s), lora_t=t, **kw)
         loras = [(a, b, float(s)) for a, b, s in loras if float(s) != 0.0]
         if not isinstance(w, Q8Weight):
             y = x @ w.to(x.dtype).T

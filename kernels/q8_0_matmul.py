@@ -234,6 +234,7 @@ def q8_0_matmul(
     config: dict | None = None,
     host_bound: bool = False,
     dequant_cache: DequantCache | None = None,
+    lora_t: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y[..., N] = x[..., K] @ W.T (+ scale * (x @ a) @ b.T), W = q8_0(qs, d) of shape [N, K].
 
@@ -241,7 +242,8 @@ def q8_0_matmul(
     (default x.dtype). `config` forces a path/tiles (tests): {"path": "gemv"|"gemm"|"dequant",
     "SPLIT_K": s, plus BLOCK_* entries}. host_bound: eager launches where the host is the limit
     (_candidates); every path computes the same numbers. dequant_cache: where the dequantize + cuBLAS path
-    keeps its dequantized weights for reuse (DequantCache; None: a transient copy per product).
+    keeps its dequantized weights for reuse (DequantCache; None: a transient copy per product). lora_t: x @ a
+    in x's dtype ([rows, r]) where the caller already formed it (LoraLinear keeps it for its backward).
     """
     n, k = _check_weight(qs, d)
     _check_act(x, k, qs, "x")
@@ -267,7 +269,8 @@ def q8_0_matmul(
         return y.reshape(*lead, n)
     lora = None
     if has_lora:
-        t = x2 @ a.to(x.dtype)  # [M, r] in x's dtype, as the spec forms it
+        # [M, r] in x's dtype, as the spec forms it
+        t = x2 @ a.to(x.dtype) if lora_t is None else lora_t.reshape(m, a.shape[1])
         lora = (t, b.to(x.dtype), t.shape[1], float(scale))
 
     cfg = dict(config or {})

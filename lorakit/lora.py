@@ -103,7 +103,7 @@ class LoraLinear(torch.autograd.Function):
 
     backward:  dx = dy @ W + s * (dy @ b) @ a.T
                da = s * x.T @ (dy @ b)          (in, r)
-               db = s * dy.T @ (x @ a)          (out, r)
+               db = s * dy.T @ t                (out, r), t = x @ a kept from the forward
     W gets no gradient (the base is frozen), so only the backend's matmul_grad_input touches it.
     """
 
@@ -114,8 +114,9 @@ class LoraLinear(torch.autograd.Function):
         if a is None:
             ctx.save_for_backward(x)
             return backend.matmul(x, w)
-        ctx.save_for_backward(x, a, b)
-        return backend.lora_linear(x, w, [(a, b, scale)])
+        t = x.reshape(-1, x.shape[-1]) @ a.to(x.dtype)  # [N, r], kept: db needs it (no second pass over x)
+        ctx.save_for_backward(x, a, b, t)
+        return backend.lora_linear(x, w, [(a, b, scale)], t=t)
 
     @staticmethod
     def backward(ctx, dy):
@@ -123,7 +124,7 @@ class LoraLinear(torch.autograd.Function):
         dx = backend.matmul_grad_input(dy, w) if ctx.needs_input_grad[0] else None
         if not ctx.has_lora:
             return dx, None, None, None, None, None
-        x, a, b = ctx.saved_tensors
+        x, a, b, t = ctx.saved_tensors
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1])
         dyb = dy2 @ b.to(dy.dtype)  # [N, r]
@@ -132,7 +133,7 @@ class LoraLinear(torch.autograd.Function):
             # scaled copy and sum (two elementwise passes per product, ~5% of a step at 8 x 512)
             dx = dx.reshape(-1, dx.shape[-1]).addmm_(dyb, a.to(dy.dtype).T, alpha=s).view(dx.shape)
         da = (s * (x2.T @ dyb)).to(a.dtype) if ctx.needs_input_grad[2] else None
-        db = (s * (dy2.T @ (x2 @ a.to(x.dtype)))).to(b.dtype) if ctx.needs_input_grad[3] else None
+        db = (s * (dy2.T @ t)).to(b.dtype) if ctx.needs_input_grad[3] else None
         return dx, None, da, db, None, None
 
 

@@ -565,3 +565,18 @@ def test_dequant_cache_reuses_and_evicts():
         assert torch.equal(y, qmm.q8_0_matmul(x, ws[2].qs, ws[2].d, config=cfg))
         dx = qmm.q8_0_matmul_grad_input(dy, ws[2].qs, ws[2].d, config=cfg, dequant_cache=cache)
         assert torch.equal(dx, qmm.q8_0_matmul_grad_input(dy, ws[2].qs, ws[2].d, config=cfg))
+
+
+def test_lora_linear_with_formed_t_is_the_same_product(tri):
+    """lora_linear(x, w, [(a, b, s)], t=x @ a) (LoraLinear's forward, which keeps t for db) gives the bits of
+    lora_linear without t, on both backends, q8_0 and float weights."""
+    x = rand(2, 37, 64, seed=3)
+    a, b = rand(64, 4, seed=5, scale=0.3), rand(40, 4, seed=6, scale=0.3)
+    w8 = make_weight(40, 64, seed=2)
+    for w in (make_weight(40, 64), dequantize_q8_0(w8.qs, w8.d)):
+        for be, dev in ((SPEC, torch.device("cpu")), (tri, DEVICE)):
+            wd = on(w, dev) if isinstance(w, Q8Weight) else w.to(dev)
+            xd, ad, bd = x.to(dev), a.to(dev), b.to(dev)
+            t = xd.reshape(-1, 64) @ ad
+            got = be.lora_linear(xd, wd, [(ad, bd, 0.7)], t=t)
+            assert torch.equal(got, be.lora_linear(xd, wd, [(ad, bd, 0.7)])), (be.name, type(w))
