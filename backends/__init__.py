@@ -86,10 +86,16 @@ class Backend(Protocol):
     def rms_norm_fwd(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(y, rstd): y = rms_norm(x, eps) * w.to(x.dtype) as model.block; rstd fp32 [rows] = 1/rms for the backward."""
 
+    def add_rms_norm_fwd(
+        self, h: torch.Tensor, delta: torch.Tensor, w: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(s, y, rstd): s = h + delta in h's dtype (a residual sum), then rms_norm_fwd of s."""
+
     def rms_norm_bwd(
-        self, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor
+        self, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, dres: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(dx in x's dtype, dw fp32 [E]): rms_norm_fwd's gradient (rounding of the normed x as identity)."""
+        """(dx in x's dtype, dw fp32 [E]): rms_norm_fwd's gradient (rounding of the normed x as identity);
+        dres: x's gradient along another use, added to dx in x's dtype (as autograd adds it)."""
 
     def rope_fwd(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """model.apply_rope on x [B, T, H, D] with cos/sin [T, D/2]; inverse=True turns by -theta (the backward)."""

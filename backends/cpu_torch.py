@@ -143,8 +143,15 @@ class CpuTorchBackend:
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         return (xf * rstd).to(x.dtype) * w.to(x.dtype), rstd.reshape(-1)
 
+    def add_rms_norm_fwd(
+        self, h: torch.Tensor, delta: torch.Tensor, w: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """model.block's `h = h + delta`, then rms_norm_fwd(h)."""
+        s = h + delta
+        return s, *self.rms_norm_fwd(s, w, eps)
+
     def rms_norm_bwd(
-        self, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor
+        self, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, dres: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """n = x*rstd, g = dy*w: dx = rstd * (g - n * mean(g*n)); dw = sum over rows of dy * rnd(n) (fp32)."""
         E, acc = x.shape[-1], _acc(x.dtype)
@@ -153,6 +160,8 @@ class CpuTorchBackend:
         n = xf * r
         g = dyf * w.to(x.dtype).to(acc)
         dx = (r * (g - n * (g * n).mean(-1, keepdim=True))).to(x.dtype).reshape(x.shape)
+        if dres is not None:
+            dx = dx + dres
         return dx, (dyf * n.to(x.dtype).to(acc)).sum(0)
 
     def rope_fwd(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:

@@ -112,10 +112,15 @@ class CudaTritonBackend:
     def rms_norm_fwd(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         return self._train.rms_norm_fwd(x, w, eps)
 
+    def add_rms_norm_fwd(
+        self, h: torch.Tensor, delta: torch.Tensor, w: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._train.add_rms_norm_fwd(h, delta, w, eps)
+
     def rms_norm_bwd(
-        self, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor
+        self, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, dres: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._train.rms_norm_bwd(dy, x, w, rstd)
+        return self._train.rms_norm_bwd(dy, x, w, rstd, dres)
 
     def rope_fwd(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         return self._train.rope_fwd(x, cos, sin, inverse)

@@ -9,9 +9,11 @@ allocate -> launch. rnd(.) is the rounding to the compute dtype, E the row lengt
       xf = fp32(x), rstd = 1 / sqrt(sum(xf^2) / E + eps), n = xf * rstd,
       y = rnd(rnd(n) * rnd(w))            (model.block: rms_norm(h, eps) * w.to(h.dtype))
       rstd (fp32 [rows]) is kept for the backward.
-  rms_norm_bwd(dy, x, w, rstd) -> (dx, dw)   the gradient of that forward with the rounding rnd(n) taken as
-      the identity (as autograd does). With wf = fp32(rnd(w)), g = dy * wf:
+  add_rms_norm_fwd(h, delta, w, eps) -> (s, y, rstd)   the same on s = rnd(h + delta) (a residual sum, returned).
+  rms_norm_bwd(dy, x, w, rstd, dres=None) -> (dx, dw)   the gradient of that forward with the rounding rnd(n)
+      taken as the identity (as autograd does). With wf = fp32(rnd(w)), g = dy * wf:
       dx = rnd(rstd * (g - n * (sum(g * n) / E)))                       (fp32 math, one rounding)
+      [dres: dx = rnd(dx + dres), the residual's gradient added as autograd adds it (two roundings)]
       dw = sum over rows of dy * fp32(rnd(n))      fp32 [E]; autograd's gradient of rnd(n) * rnd(w) w.r.t. rnd(w)
       dw is deterministic: each program adds its fixed block of consecutive rows (in order) into one fp32 row of
       a [programs, E] buffer; torch sums that buffer over axis 0 (no atomics; the same shape gives the same bits).
@@ -66,14 +68,19 @@ EW_BLOCK = 16 if _INTERPRET else 1024  # silu_mul: columns per program
 
 @triton.jit
 def _rms_norm_fwd_kernel(
-    x_ptr, w_ptr, y_ptr, r_ptr, E, E_f, eps, stride_x,
-    BLOCK: tl.constexpr, EMU_BF16: tl.constexpr,
+    x_ptr, res_ptr, s_ptr, w_ptr, y_ptr, r_ptr, E, E_f, eps, stride_x, stride_res,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, EMU_BF16: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     dtype = y_ptr.dtype.element_ty
     offs = tl.arange(0, BLOCK)
     mask = offs < E
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:  # x = rnd(x + res): the residual sum, stored, then normalised
+        res = tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0).to(tl.float32)
+        xs = _to(x + res, dtype, EMU_BF16)
+        tl.store(s_ptr + row * E + offs, xs, mask=mask)
+        x = xs.to(tl.float32)
     ms = tl.math.div_rn(tl.sum(x * x, axis=0), E_f) + eps  # E_f = float(E)
     r = tl.math.div_rn(1.0, tl.math.sqrt_rn(ms))
     n = _to(x * r, dtype, EMU_BF16).to(tl.float32)
@@ -84,8 +91,8 @@ def _rms_norm_fwd_kernel(
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    dy_ptr, x_ptr, w_ptr, r_ptr, dx_ptr, part_ptr, n_rows, rows_per_prog, E, E_f, stride_dy, stride_x,
-    BLOCK: tl.constexpr, EMU_BF16: tl.constexpr,
+    dy_ptr, x_ptr, w_ptr, r_ptr, dres_ptr, dx_ptr, part_ptr, n_rows, rows_per_prog, E, E_f, stride_dy, stride_x,
+    stride_dres, HAS_DRES: tl.constexpr, BLOCK: tl.constexpr, EMU_BF16: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     dtype = dx_ptr.dtype.element_ty
@@ -102,7 +109,11 @@ def _rms_norm_bwd_kernel(
         n = x * r
         g = dy * w
         c = tl.math.div_rn(tl.sum(g * n, axis=0), E_f)
-        tl.store(dx_ptr + row * E + offs, _to(r * (g - n * c), dtype, EMU_BF16), mask=mask)
+        dx = _to(r * (g - n * c), dtype, EMU_BF16)
+        if HAS_DRES:  # + the gradient reaching x along its other use (a residual), as autograd adds it
+            dres = tl.load(dres_ptr + row * stride_dres + offs, mask=mask, other=0.0).to(tl.float32)
+            dx = _to(dx.to(tl.float32) + dres, dtype, EMU_BF16)
+        tl.store(dx_ptr + row * E + offs, dx, mask=mask)
         acc += dy * _to(n, dtype, EMU_BF16).to(tl.float32)
     tl.store(part_ptr + pid.to(tl.int64) * E + offs, acc, mask=mask)
 
@@ -216,29 +227,54 @@ def _row_warps(block: int) -> int:
 
 def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, rstd): y = rms_norm(x, eps) * w.to(x.dtype) in x's dtype [..., E]; rstd fp32 [rows] = 1/rms per row."""
-    E = _check_row(x, w)
-    x2 = _rows(x, E)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-    if x2.shape[0] == 0:
-        return y, rstd
-    block = triton.next_power_of_2(E)
-    _rms_norm_fwd_kernel[(x2.shape[0],)](
-        x2, _w_arg(w, x.dtype), y, rstd, E, float(E), float(eps), x2.stride(0),
-        BLOCK=block, EMU_BF16=_INTERPRET, enable_fp_fusion=False, num_warps=_row_warps(block),
-    )  # fmt: skip
+    _, y, rstd = _rms_fwd(x, None, w, eps)
     return y, rstd
 
 
+def add_rms_norm_fwd(
+    h: torch.Tensor, delta: torch.Tensor, w: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s, y, rstd): s = rnd(h + delta) (the residual sum), then rms_norm_fwd of s, in one pass."""
+    check_tensor(delta, "delta", h.dtype, h.device)
+    if delta.shape != h.shape:
+        raise ValueError(f"delta has shape {tuple(delta.shape)}, h {tuple(h.shape)}")
+    return _rms_fwd(h, delta, w, eps)
+
+
+def _rms_fwd(x, res, w, eps):
+    E = _check_row(x, w)
+    x2 = _rows(x, E)
+    r2 = _rows(res, E) if res is not None else x2
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    s = torch.empty(x.shape, dtype=x.dtype, device=x.device) if res is not None else x
+    rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+    if x2.shape[0] == 0:
+        return s, y, rstd
+    block = triton.next_power_of_2(E)
+    _rms_norm_fwd_kernel[(x2.shape[0],)](
+        x2, r2, s, _w_arg(w, x.dtype), y, rstd, E, float(E), float(eps), x2.stride(0), r2.stride(0),
+        HAS_RES=res is not None, BLOCK=block, EMU_BF16=_INTERPRET, enable_fp_fusion=False,
+        num_warps=_row_warps(block),
+    )  # fmt: skip
+    return s, y, rstd
+
+
 def rms_norm_bwd(
-    dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor
+    dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, dres: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx in x's dtype, dw fp32 [E]): the gradient of rms_norm_fwd for the output gradient dy (deterministic)."""
+    """(dx in x's dtype, dw fp32 [E]): the gradient of rms_norm_fwd for the output gradient dy (deterministic).
+    dres: a gradient reaching x along another use (add_rms_norm_fwd's residual sum): dx = rnd(dx_norm + dres),
+    the sum autograd would form."""
     E = _check_row(x, w)
     check_tensor(dy, "dy", x.dtype, x.device)
     if dy.shape != x.shape:
         raise ValueError(f"dy has shape {tuple(dy.shape)}, x {tuple(x.shape)}")
+    if dres is not None:
+        check_tensor(dres, "dres", x.dtype, x.device)
+        if dres.shape != x.shape:
+            raise ValueError(f"dres has shape {tuple(dres.shape)}, x {tuple(x.shape)}")
     x2, dy2 = _rows(x, E), _rows(dy, E)
+    dr2 = _rows(dres, E) if dres is not None else dy2
     n_rows = x2.shape[0]
     if rstd.dtype != torch.float32 or rstd.numel() != n_rows or rstd.device != x.device:
         raise ValueError(f"rstd must be a float32 tensor of {n_rows} rows on {x.device} (rms_norm_fwd's)")
@@ -251,7 +287,8 @@ def rms_norm_bwd(
     part = torch.empty(n_prog, E, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(E)
     _rms_norm_bwd_kernel[(n_prog,)](
-        dy2, x2, _w_arg(w, x.dtype), rstd, dx, part, n_rows, rows_per_prog, E, float(E), dy2.stride(0), x2.stride(0),
+        dy2, x2, _w_arg(w, x.dtype), rstd, dr2, dx, part, n_rows, rows_per_prog, E, float(E), dy2.stride(0),
+        x2.stride(0), dr2.stride(0), HAS_DRES=dres is not None,
         BLOCK=block, EMU_BF16=_INTERPRET, enable_fp_fusion=False, num_warps=_row_warps(block),
     )  # fmt: skip
     return dx, part.sum(0)

@@ -4,6 +4,7 @@ functions. The results are model.py's (the backends' numerics: backends/cpu_torc
 
 `FusedOps` bundles the functions that model.block / forward_hidden call:
     rms_norm(x, w, eps)  = rms_norm(x, eps) * w.to(x.dtype)       (x [..., E], w [E])
+    add_rms_norm(h, d, w, eps) = (s, rms_norm(s, w, eps)), s = h + d     (a residual sum and its norm)
     rope(x, cos, sin)    = apply_rope(x, cos, sin)                 (x [B, T, H, D], cos/sin [T, D/2])
     silu_mul(g, u)       = F.silu(g) * u                           (g, u [..., F])
     swiglu(gate_up)      = silu_mul(*gate_up)       (on the packed product where there is one: SwigluPackedFn)
@@ -51,6 +52,30 @@ class RMSNormFn(torch.autograd.Function):
         dx = dx if ctx.needs_input_grad[0] else None
         dw = dw.to(w.dtype) if ctx.needs_input_grad[1] else None
         return dx, dw, None, None
+
+
+class AddRMSNormFn(torch.autograd.Function):
+    """(s, y) = (h + d, RMSNormFn(s)): model.block's residual sum and the norm that reads it, one pass each way.
+
+    backward: s feeds the norm and (as the residual stream) later ops, so its gradient is ds + dx_norm, which
+    autograd would add in s's dtype after rounding dx_norm: the norm's backward adds ds in the same pass
+    (rms_norm_bwd's dres). h and d both get that gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, h, d, w, eps, backend):
+        s, y, rstd = backend.add_rms_norm_fwd(h, d, w, eps)
+        ctx.save_for_backward(s, w, rstd)
+        ctx.backend = backend
+        return s, y
+
+    @staticmethod
+    def backward(ctx, ds, dy):
+        s, w, rstd = ctx.saved_tensors
+        dres = None if ds is None else ds.contiguous()
+        dx, dw = ctx.backend.rms_norm_bwd(dy.contiguous(), s, w, rstd, dres)
+        dw = dw.to(w.dtype) if ctx.needs_input_grad[2] else None
+        return dx, dx, dw, None, None
 
 
 class RopeFn(torch.autograd.Function):
@@ -184,6 +209,7 @@ class FusedOps:
     """The elementwise ops of model.block / forward_hidden (see the module docstring)."""
 
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     silu_mul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     swiglu: Callable[[Sequence[torch.Tensor]], torch.Tensor]
@@ -195,6 +221,11 @@ def fused_ops(backend) -> FusedOps:
 
     def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         return RMSNormFn.apply(x, w, eps, backend)
+
+    def add_rms_norm(
+        h: torch.Tensor, d: torch.Tensor, w: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return AddRMSNormFn.apply(h, d, w, eps, backend)
 
     def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return RopeFn.apply(x, cos, sin, backend)
@@ -224,7 +255,7 @@ def fused_ops(backend) -> FusedOps:
             return model.causal_attention(qkv, cos, sin, n_head, n_head_kv, ops, kv_out)
         return CausalAttentionFn.apply(whole, cos, sin, n_head, n_head_kv, backend)
 
-    ops = FusedOps(rms_norm, rope, silu_mul, swiglu, causal_attention)
+    ops = FusedOps(rms_norm, add_rms_norm, rope, silu_mul, swiglu, causal_attention)
     return ops
 
 

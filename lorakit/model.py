@@ -271,6 +271,14 @@ class SpecOps:
         return rms_norm(x, eps) * w.to(x.dtype)
 
     @staticmethod
+    def add_rms_norm(
+        h: torch.Tensor, d: torch.Tensor, w: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual sum s = h + d and rms_norm(s, eps) * w (model.block's second half's input)."""
+        s = h + d
+        return s, SpecOps.rms_norm(s, w, eps)
+
+    @staticmethod
     def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return apply_rope(x, cos, sin)
 
@@ -417,8 +425,8 @@ def block(
     ops=SPEC_OPS,
 ) -> torch.Tensor:
     a = ops.rms_norm(h, norm(f"blk.{i}.attn_norm.weight"), args.norm_eps)
-    h = h + attention(args, i, a, linear, cos, sin, cache, n_past, ops)
-    f = ops.rms_norm(h, norm(f"blk.{i}.ffn_norm.weight"), args.norm_eps)
+    attn = attention(args, i, a, linear, cos, sin, cache, n_past, ops)
+    h, f = ops.add_rms_norm(h, attn, norm(f"blk.{i}.ffn_norm.weight"), args.norm_eps)  # h + attn, its norm
     return h + feed_forward(i, f, linear, ops)
 
 

@@ -250,6 +250,55 @@ def test_rms_norm(tri, dtype, E, rows):
     assert_within(dw_t, dw_ag, tol_rms_dw(S, dw_ag, rows, dtype, dr, True), f"rms_dw_autograd {tag}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm(tri, dtype):
+    """add_rms_norm_fwd (the residual sum s = rnd(h + delta), then the norm of s) and rms_norm_bwd with dres
+    (dx = rnd(rnd(dx_norm) + dres), autograd's sum) against the spec, and fused_ops.add_rms_norm against
+    model's h + d and rms_norm under autograd with gradients on both outputs (s as the residual stream)."""
+    rows, E = 7, 200
+    h, w, dy = rms_input(rows, E, dtype)
+    d = rand(rows, E, dtype=dtype, seed=9)
+    ds = rand(rows, E, dtype=dtype, seed=10)
+    tag = f"{dtype}"
+    s_s, y_s, r_s = SPEC.add_rms_norm_fwd(h, d, w, EPS)
+    assert torch.equal(s_s, h + d) and torch.equal(y_s, SPEC.rms_norm_fwd(h + d, w, EPS)[0])
+    s_t, y_t, r_t = tri.add_rms_norm_fwd(*dev(h, d, w), EPS)
+    assert_equal(s_t, s_s, f"addrms_sum {tag}")  # one rounded add, as torch's
+    dr = rstd_rel(E)
+    assert_within(r_t, r_s, dr * r_s.double().abs(), f"addrms_rstd {tag}")
+    assert_within(y_t, y_s, tol_rms_y(y_s, E, dtype, dr), f"addrms_fwd {tag}")
+    _, _, mag, S = rms_mags(s_s, w, dy, EPS)
+    dxn_s, _ = SPEC.rms_norm_bwd(dy, s_s, w, r_s)
+    dx_s, dw_s = SPEC.rms_norm_bwd(dy, s_s, w, r_s, dres=ds)
+    assert torch.equal(dx_s, dxn_s + ds)
+    dx_t, dw_t = tri.rms_norm_bwd(*dev(dy, s_s, w, r_s, ds))
+    # |dxn_t - dxn_s| <= tol_rms_dx; adding ds and rounding again may straddle once more
+    tol = rounded(tol_rms_dx(mag, dxn_s, E, dtype, 0.0, False), dx_s, dtype)
+    assert_within(dx_t, dx_s, tol, f"addrms_dx_spec {tag}")
+    assert_within(dw_t, dw_s, tol_rms_dw(S, dw_s, rows, dtype, 0.0, False), f"addrms_dw_spec {tag}")
+
+    # the autograd Function against model's ops, gradients flowing into both outputs
+    def both(fn):
+        def f(h_, d_, w_):
+            s_, y_ = fn(h_, d_, w_, EPS)
+            return torch.cat([s_, y_], dim=-1)
+
+        return f
+
+    ops = fused_ops(tri)
+    dsy = torch.cat([ds, dy], dim=-1)
+    out_ag, (dh_ag, dd_ag, dw_ag) = autograd(both(TORCH_OPS.add_rms_norm), (h, d, w), dsy, wrt=(0, 1, 2))
+    out, (dh, dd, dw) = autograd(both(ops.add_rms_norm), dev(h, d, w), dsy.to(DEVICE), wrt=(0, 1, 2))
+    assert_equal(out[..., :E].contiguous(), out_ag[..., :E].contiguous(), f"fn_addrms_sum {tag}")
+    assert_within(out[..., E:], out_ag[..., E:], tol_rms_y(out_ag[..., E:], E, dtype, dr), f"fn_addrms_fwd {tag}")
+    dxn_ag = autograd(TORCH_OPS.rms_norm, (s_s, w, EPS), dy, wrt=(0,))[1][0]
+    tol = rounded(tol_rms_dx(mag, dxn_ag, E, dtype, dr, True), dh_ag, dtype)
+    assert torch.equal(dh_ag, dd_ag)
+    assert_within(dh, dh_ag, tol, f"fn_addrms_dh {tag}")
+    assert_within(dd, dd_ag, tol, f"fn_addrms_dd {tag}")
+    assert_within(dw, dw_ag, tol_rms_dw(S, dw_ag, rows, dtype, dr, True), f"fn_addrms_dw {tag}")
+
+
 def test_rms_norm_bwd_deterministic(tri):
     rows, E = 37, 200  # several programs (a ragged last block of rows) under the interpreter
     x, w, dy = rms_input(rows, E, torch.bfloat16)
