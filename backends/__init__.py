@@ -79,9 +79,16 @@ class Backend(Protocol):
         """One token's [q | k | v]: RoPE on q, k at device position pos; k, v into cache row pos; q [1, H, 1, D]."""
 
     def attention_decode(
-        self, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos: torch.Tensor
+        self,
+        q: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        pos: torch.Tensor,
+        counters: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q [1, H, 1, D] attending over cache rows 0..pos (GQA), scale 1/sqrt(D) -> [1, 1, H*D] in q's dtype."""
+        """q [1, H, 1, D] attending over cache rows 0..pos (GQA), scale 1/sqrt(D) -> [1, 1, H*D] in q's dtype.
+        counters: int32 zeros (>= H) a GPU launch may use and leaves zero (kept by a caller that replays the
+        step, instead of a memset per launch); ignored where not needed."""
 
     def rms_norm_fwd(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(y, rstd): y = rms_norm(x, eps) * w.to(x.dtype) as model.block; rstd fp32 [rows] = 1/rms for the backward."""

@@ -122,7 +122,12 @@ class CpuTorchBackend:
         return q
 
     def attention_decode(
-        self, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos: torch.Tensor
+        self,
+        q: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        pos: torch.Tensor,
+        counters: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """decode.py's step: SDPA over the full static cache with the mask key_pos <= pos."""
         H, Hkv, D = q.shape[1], cache_k.shape[1], q.shape[-1]

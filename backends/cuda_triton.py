@@ -165,9 +165,14 @@ class CudaTritonBackend:
         return self._dec.rope_kv_write(qkv, cos, sin, pos, cache_k, cache_v, n_head, n_head_kv)
 
     def attention_decode(
-        self, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos: torch.Tensor
+        self,
+        q: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        pos: torch.Tensor,
+        counters: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self._dec.attention_decode(q, cache_k, cache_v, pos)
+        return self._dec.attention_decode(q, cache_k, cache_v, pos, counters)
 
     # -- lookups --------------------------------------------------------------------------------------
 

@@ -21,9 +21,10 @@ shape that depends on it: the launches can be captured in a CUDA graph).
       acq_rel gpu-scope atomic; the program that draws S-1 reads the S partials with .cg loads (L2, not a
       stale L1), combines them as one [S, D] tile (m = max m_s, w_s = exp2(m_s - m), o = sum w_s acc_s /
       sum w_s l_s: a fixed reduction order, whichever program comes last), writes the output rounded once
-      and resets the counter to 0. The launcher allocates the workspace (torch.empty) and zeroed counters
-      (torch.zeros) per call: no state survives a call. D and the row strides are compile-time constants
-      and the head strides carry their power-of-two factor (KV_ALIGN), so the rows load as vectors.
+      and resets the counter to 0. The launcher allocates the workspace (torch.empty) per call, and zeroed
+      counters (torch.zeros) unless the caller passes its own (every launch leaves them zero again). D and
+      the row strides are compile-time constants and the head strides carry their power-of-two factor
+      (KV_ALIGN), so the rows load as vectors.
 (SwiGLU over the packed [gate | up] is train_ops.silu_mul_fwd on its two column views.)
 
 Numerics against cpu-torch:
@@ -268,11 +269,20 @@ def rope_kv_write(
 
 
 def attention_decode(
-    q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos: torch.Tensor, *, splits: int | None = None
+    q: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    pos: torch.Tensor,
+    counters: torch.Tensor | None = None,
+    *,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """softmax(q k.T / sqrt(D)) v over key positions 0..pos of the caches -> [1, 1, H*D] in q's dtype.
 
-    splits (a test hook) overrides the number of key splits S (default: attention_splits(n_ctx))."""
+    counters: int32 zeros (>= H of them) on q's device that the launch may use and leaves zero again: a caller
+    that replays the step (the CUDA-graph decode) keeps one buffer for all its layers instead of a memset per
+    launch; None: zeroed counters per call. splits (a test hook) overrides the number of key splits S
+    (default: attention_splits(n_ctx))."""
     check_tensor(q, "q")
     Hkv, n_ctx, D = _check_cache(cache_k, cache_v, q.dtype, q.device)
     if q.dim() != 4 or q.shape[0] != 1 or q.shape[2] != 1 or q.shape[3] != D or q.shape[1] % Hkv:
@@ -287,7 +297,11 @@ def attention_decode(
         ws = cnt = out  # never touched
     else:
         ws = torch.empty(H, S, D + 2, dtype=torch.float32, device=q.device)
-        cnt = torch.zeros(H, dtype=torch.int32, device=q.device)  # the combining program resets it too
+        if counters is None:
+            cnt = torch.zeros(H, dtype=torch.int32, device=q.device)  # the combining program resets it too
+        else:
+            check_counters(counters, H, q.device)
+            cnt = counters
     a = math.gcd(cache_k.stride(1), cache_v.stride(1), 16)  # KV_ALIGN: a power of two dividing both
     _attn_decode_kernel[(H, S)](
         q, cache_k, cache_v, pos, out, ws, cnt, n_ctx, H // Hkv, _LOG2E / math.sqrt(D), q.stride(1), q.stride(3),
@@ -296,6 +310,13 @@ def attention_decode(
         EMU_BF16=_INTERPRET, num_warps=ATTN_WARPS,
     )  # fmt: skip
     return out
+
+
+def check_counters(counters: torch.Tensor, H: int, device: torch.device) -> None:
+    if counters.dtype != torch.int32 or counters.dim() != 1 or counters.numel() < H or counters.device != device:
+        raise ValueError(f"counters must be a 1-D int32 tensor of >= {H} zeros on {device}")
+    if not counters.is_contiguous():
+        raise ValueError("counters must be contiguous")
 
 
 def attention_splits(n_ctx: int) -> int:

@@ -2,7 +2,8 @@
 
 The step takes the token and its position as device tensors, so nothing in it depends on Python
 values and the whole forward pass of one token replays as a single CUDA graph (no launch or Python
-overhead per kernel). Per layer it runs nine backend ops: add+RMSNorm, the q/k/v product (one product
+overhead per kernel). Per layer it runs nine backend ops (and no memset: attention's split counters are
+one persistent buffer that every launch leaves zero): add+RMSNorm, the q/k/v product (one product
 over the packed [q; k; v] weight, model.FUSED_KINDS), RoPE + KV-cache write, attention over positions
 0..pos, the output product, add+RMSNorm, the packed gate/up product, SwiGLU, the down product. Every
 product is a q8_0 GEMV reading each weight byte once; adapters stay unmerged, their low-rank terms fused
@@ -58,6 +59,9 @@ class GraphDecoder:
             self.products = {n: (model.weight(n), one_term([n])) for n in [*single, "output.weight"]}
         self.tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        # attention's split counters, zero between launches (each launch leaves them zero): one buffer for
+        # all layers instead of a memset per layer and token
+        self.counters = torch.zeros(args.n_head, dtype=torch.int32, device=dev)
         self.graph = None
         self.use_graph = use_graph and dev.type == "cuda"
         self.out = None
@@ -79,7 +83,7 @@ class GraphDecoder:
             qkv = self._packed(a, i, "attn_qkv")
             q = be.rope_kv_write(qkv, self.cos_table, self.sin_table, self.pos, cache.k[i], cache.v[i],
                                  args.n_head, args.n_head_kv)  # fmt: skip
-            o = be.attention_decode(q, cache.k[i], cache.v[i], self.pos)
+            o = be.attention_decode(q, cache.k[i], cache.v[i], self.pos, self.counters)
             delta = be.lora_linear(o, *self.products[f"blk.{i}.attn_output.weight"])
             h, f = be.add_rms_norm(h, delta, self.norms[f"blk.{i}.ffn_norm.weight"], eps)
             gu = self._packed(f, i, "ffn_gate_up")

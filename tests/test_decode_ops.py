@@ -230,6 +230,22 @@ def test_attention_decode_splits(dtype, S, D, Hkv, pos):
     assert_within(got, ref, bound, f"attention_splits S={S} D={D} Hkv={Hkv} pos={pos} {dtype}")
 
 
+def test_attention_decode_with_kept_counters():
+    """One counters buffer kept across launches (as the CUDA-graph decode keeps it for all layers): the same bits
+    as fresh counters, and every launch leaves it zero; a wrong buffer is refused."""
+    cnt = torch.zeros(H + 3, dtype=torch.int32, device=DEVICE)
+    for S, (D, Hkv, pos) in zip((3, 16, 5, 2), SPLIT_CASES, strict=False):
+        q, _, _, kn, vn, _ = attention_inputs(D, Hkv, pos, torch.float32)
+        args = (q.to(DEVICE), kn.to(DEVICE), vn.to(DEVICE), torch.tensor([pos], device=DEVICE))
+        got = decode_ops.attention_decode(*args, cnt, splits=S)
+        assert torch.equal(got, decode_ops.attention_decode(*args, splits=S))
+        assert not cnt.any()
+    with pytest.raises(ValueError, match="counters"):
+        decode_ops.attention_decode(*args, cnt[:2], splits=3)
+    with pytest.raises(ValueError, match="counters"):
+        decode_ops.attention_decode(*args, cnt.long(), splits=3)
+
+
 def test_attention_splits_heuristic():
     bt, most = decode_ops.BLOCK_T, decode_ops.MAX_SPLITS
     assert decode_ops.attention_splits(1) == decode_ops.attention_splits(bt) == 1
