@@ -1,5 +1,6 @@
-"""The training step's elementwise ops (RMSNorm with its gain, RoPE, SiLU * up) as one backend op forward and
-one backward each, in place of the chains of small torch kernels (and their autograd nodes) of model.py's
+"""The block's non-product ops (RMSNorm with its gain, the residual sum with the norm that reads it, RoPE,
+SiLU * up, causal attention on the packed q|k|v product) as one backend op (or torch's flash kernel) forward
+and one backward each, in place of the chains of small torch kernels (and their autograd nodes) of model.py's
 functions. The results are model.py's (the backends' numerics: backends/cpu_torch.py is the spec).
 
 `FusedOps` bundles the functions that model.block / forward_hidden call:
