@@ -74,24 +74,20 @@ class CudaTritonBackend:
         loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
         t: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if t is not None and len(loras) == 1 and float(loras[0][2]) != 0.0:
-            a, b, s = loras[0]
-            if not isinstance(w, Q8Weight):
-                return x @ w.to(x.dtype).T + float(s) * (t.view(*x.shape[:-1], -1) @ b.to(x.dtype).T)
-            kw = dict(host_bound=self.host_bound, dequant_cache=self._wcache)
-            return self._mm.q8_0_matmul(x, w.qs, w.d, a, b, float(s), lora_t=t, **kw)
         loras = [(a, b, float(s)) for a, b, s in loras if float(s) != 0.0]
+        t = t if len(loras) == 1 else None  # t belongs to a single term (and none when its scale is 0)
         if not isinstance(w, Q8Weight):
             y = x @ w.to(x.dtype).T
-            for a, b, s in loras:
-                y = y + s * ((x @ a.to(x.dtype)) @ b.to(x.dtype).T)
+            for i, (a, b, s) in enumerate(loras):
+                xa = x @ a.to(x.dtype) if t is None or i else t.view(*x.shape[:-1], -1)
+                y = y + s * (xa @ b.to(x.dtype).T)
             return y
         kw = dict(host_bound=self.host_bound, dequant_cache=self._wcache)
         if not loras:
             return self._mm.q8_0_matmul(x, w.qs, w.d, **kw)
         if len(loras) == 1:
             a, b, s = loras[0]
-            return self._mm.q8_0_matmul(x, w.qs, w.d, a, b, s, **kw)
+            return self._mm.q8_0_matmul(x, w.qs, w.d, a, b, s, lora_t=t, **kw)
         # several adapters: one fused term  sum_i s_i (x a_i) b_i^T = (x [a_1..a_k]) [s_1 b_1..s_k b_k]^T
         fused, rest, r = [], [], 0
         for a, b, s in loras:

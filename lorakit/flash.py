@@ -32,15 +32,19 @@ class FlashState:
 MAX_HEAD = 256  # the CUDA flash kernels' largest head size
 
 
+def padded_head(head_dim: int) -> int:
+    """The head size the kernels run on: the next multiple of 8 (zero columns fill the rest)."""
+    return -(-head_dim // 8) * 8
+
+
 def supported(dtype: torch.dtype, device: torch.device, head_dim: int, gqa: bool = False) -> bool:
     """Whether forward/backward run for these heads (padded to a multiple of 8). CUDA: bf16/fp16 on sm_80 or
     newer (torch's flash kernels), padded head size <= 256, and for GQA (fewer key/value than query heads) a
     torch whose flash kernels take them natively; CPU: any float dtype, GQA included."""
     if device.type == "cuda":
-        padded = -(-head_dim // 8) * 8
         ok = (
             dtype in (torch.bfloat16, torch.float16)
-            and padded <= MAX_HEAD
+            and padded_head(head_dim) <= MAX_HEAD
             and torch.cuda.get_device_capability(device) >= (8, 0)
         )
         return ok and (not gqa or _cuda_gqa(device.index if device.index is not None else torch.cuda.current_device()))

@@ -138,10 +138,6 @@ class SwigluPackedFn(torch.autograd.Function):
         return dgu, None
 
 
-def _round8(n: int) -> int:
-    return -(-n // 8) * 8
-
-
 def _flash_causal(qkv: torch.Tensor, cos, sin, n_head: int, n_head_kv: int, backend):
     """model.causal_attention's forward on the packed product [q | k | v] [B, T, (H + 2 Hkv) D]: (out
     [B, T, H*D], padded [B, T, H + 2 Hkv, Dp], out_p, lse, state, scale). One rope_heads launch writes RoPE(q),
@@ -150,7 +146,7 @@ def _flash_causal(qkv: torch.Tensor, cos, sin, n_head: int, n_head_kv: int, back
     B, T, W = qkv.shape
     H, Hkv = n_head, n_head_kv
     D = W // (H + 2 * Hkv)
-    padded = qkv.new_empty(B, T, H + 2 * Hkv, _round8(D))
+    padded = qkv.new_empty(B, T, H + 2 * Hkv, flash.padded_head(D))
     backend.rope_heads(qkv.view(B, T, H + 2 * Hkv, D), cos, sin, H + Hkv, padded)
     q, k, v = (t.transpose(1, 2) for t in padded.split([H, Hkv, Hkv], dim=2))
     scale = 1.0 / math.sqrt(D)
@@ -184,13 +180,13 @@ class CausalAttentionFn(torch.autograd.Function):
     def forward(ctx, qkv, cos, sin, n_head, n_head_kv, backend):
         out, padded, out_p, lse, state, scale = _flash_causal(qkv, cos, sin, n_head, n_head_kv, backend)
         ctx.save_for_backward(padded, out_p, lse, cos, sin, *state.tensors)
-        ctx.state, ctx.scale, ctx.heads, ctx.backend = state, scale, (n_head, n_head_kv), backend
+        ctx.max_qk, ctx.scale, ctx.heads, ctx.backend = (state.max_q, state.max_k), scale, (n_head, n_head_kv), backend
         return out
 
     @staticmethod
     def backward(ctx, dout):
         padded, out_p, lse, cos, sin, *state_tensors = ctx.saved_tensors
-        state = flash.FlashState(tuple(state_tensors), ctx.state.max_q, ctx.state.max_k)
+        state = flash.FlashState(tuple(state_tensors), *ctx.max_qk)
         be, (H, Hkv) = ctx.backend, ctx.heads
         B, T, N, Dp = padded.shape
         D = dout.shape[-1] // H

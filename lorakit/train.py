@@ -171,6 +171,7 @@ class Trainer:
         self.v = dict(zip(keys, flat_views([self.st.v[k] for k in keys], dev), strict=True))
         self.rope = rope_tables(args, cfg.n_ctx, dev)
         self._flat_params = [t for ab in self.params.values() for t in ab]
+        self._decayed = [_n_dims(x) >= cfg.optim.decay_min_ndim for x in self._flat_params]  # AdamW's decay mask
         self._graphed = None
         if cfg.cuda_graph and dev.type == "cuda":
             from .train_graph import GraphedStep
@@ -257,11 +258,10 @@ class Trainer:
     def _update(self, g: dict, sched: float, t: int) -> None:
         o = self.cfg.optim
         keys = self._keys  # the order of _flat_params and of the flat moment buffers
-        decayed = [_n_dims(x) >= o.decay_min_ndim for x in self._flat_params]
         hp = AdamHyper(o.alpha, o.decay, o.beta1, o.beta2, o.eps, o.gclip, sched, t)
         with torch.no_grad():
             self.backend.adamw_step(self._flat_params, [g[k] for k in keys], [self.m[k] for k in keys],
-                                    [self.v[k] for k in keys], decayed, hp)  # fmt: skip
+                                    [self.v[k] for k in keys], self._decayed, hp)  # fmt: skip
 
     # ------------------------------------------------------------------ loop
     def train(self) -> None:
