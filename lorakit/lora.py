@@ -98,13 +98,26 @@ class LoraAdapter:
         return LoraAdapter(pairs, self.alpha, self.rank, self.source, self.format, self.meta)
 
 
+def _scaled(s: float, t: torch.Tensor) -> torch.Tensor:
+    return t if s == 1.0 else s * t
+
+
+def _pad_rank(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """t (rows, r) with zero columns up to a multiple of `multiple` (the same products: the extra rank terms are
+    0 * 0); cuBLAS runs rank-4 factors (8-byte rows) in its slow align-2 kernels, rank 8 in aligned ones."""
+    pad = -t.shape[1] % multiple
+    return torch.nn.functional.pad(t, (0, pad)) if pad else t
+
+
 class LoraLinear(torch.autograd.Function):
     """y = x @ W.T + s * (x @ a) @ b.T over a frozen (possibly q8_0) W.
 
     backward:  dx = dy @ W + s * (dy @ b) @ a.T
                da = s * x.T @ (dy @ b)          (in, r)
                db = s * dy.T @ t                (out, r), t = x @ a kept from the forward
-    W gets no gradient (the base is frozen), so only the backend's matmul_grad_input touches it.
+    W gets no gradient (the base is frozen), so only the backend's matmul_grad_input touches it. The factors
+    are padded with zero columns to the backend's `lora_rank_multiple` for the products (exact), and the
+    gradients cut back to rank r.
     """
 
     @staticmethod
@@ -114,7 +127,10 @@ class LoraLinear(torch.autograd.Function):
         if a is None:
             ctx.save_for_backward(x)
             return backend.matmul(x, w)
-        t = x.reshape(-1, x.shape[-1]) @ a.to(x.dtype)  # [N, r], kept: db needs it (no second pass over x)
+        ctx.rank = a.shape[1]
+        m = getattr(backend, "lora_rank_multiple", 1)
+        a, b = _pad_rank(a.to(x.dtype), m), _pad_rank(b, m)
+        t = x.reshape(-1, x.shape[-1]) @ a  # [N, r], kept: db needs it (no second pass over x)
         ctx.save_for_backward(x, a, b, t)
         return backend.lora_linear(x, w, [(a, b, scale)], t=t)
 
@@ -125,6 +141,7 @@ class LoraLinear(torch.autograd.Function):
         if not ctx.has_lora:
             return dx, None, None, None, None, None
         x, a, b, t = ctx.saved_tensors
+        r = ctx.rank
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1])
         dyb = dy2 @ b.to(dy.dtype)  # [N, r]
@@ -132,9 +149,41 @@ class LoraLinear(torch.autograd.Function):
             # the low-rank term added by the same GEMM call (beta = 1, alpha = s): no [N, in]-sized
             # scaled copy and sum (two elementwise passes per product, ~5% of a step at 8 x 512)
             dx = dx.reshape(-1, dx.shape[-1]).addmm_(dyb, a.to(dy.dtype).T, alpha=s).view(dx.shape)
-        da = (s * (x2.T @ dyb)).to(a.dtype) if ctx.needs_input_grad[2] else None
-        db = (s * (dy2.T @ t)).to(b.dtype) if ctx.needs_input_grad[3] else None
+        da = _scaled(s, x2.T @ dyb)[:, :r] if ctx.needs_input_grad[2] else None
+        db = _scaled(s, dy2.T @ t)[:, :r] if ctx.needs_input_grad[3] else None
         return dx, None, da, db, None, None
+
+
+class CastFn(torch.autograd.Function):
+    """Tensors of one dtype cast to another as views of one new buffer: one concatenation and one cast each way
+    (the trainer's LoRA tensors to the compute dtype: hundreds of small tensors, one copy kernel each
+    otherwise). The gradients come back in the tensors' dtype."""
+
+    @staticmethod
+    def forward(ctx, dtype, *ts):
+        ctx.shapes = [t.shape for t in ts]
+        ctx.dtype = ts[0].dtype
+        flat = torch.cat([t.reshape(-1) for t in ts]).to(dtype)
+        return tuple(v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in ts]), ts, strict=True))
+
+    @staticmethod
+    def backward(ctx, *gs):
+        ref = next(g for g in gs if g is not None)
+        parts = [
+            (g if g is not None else ref.new_zeros(shape)).reshape(-1) for g, shape in zip(gs, ctx.shapes, strict=True)
+        ]
+        flat = torch.cat(parts).to(ctx.dtype)
+        return (
+            None,
+            *(v.view(shape) for v, shape in zip(flat.split([p.numel() for p in parts]), ctx.shapes, strict=True)),
+        )
+
+
+def cast_all(ts: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """ts in dtype (differentiable), as views of one buffer; ts themselves where they already have it."""
+    if not ts or all(t.dtype == dtype for t in ts):
+        return list(ts)
+    return list(CastFn.apply(dtype, *ts))
 
 
 LoraTerm = tuple[torch.Tensor, torch.Tensor, float]  # (a, b, s): adds s * (x @ a) @ b.T
@@ -200,7 +249,9 @@ def model_fns(
         else:
             a_cat = torch.cat([t[0][0] for t in terms if t], dim=1)
             # s_j * b_j in member j's rows; a (rows, 0) block for a member without a LoRA
-            blocks = [t[0][2] * t[0][1] if t else a_cat.new_zeros(r, 0) for t, r in zip(terms, rows, strict=True)]
+            blocks = [
+                _scaled(t[0][2], t[0][1]) if t else a_cat.new_zeros(r, 0) for t, r in zip(terms, rows, strict=True)
+            ]
             y = LoraLinear.apply(x, w, a_cat, torch.block_diag(*blocks), 1.0, backend)
         return Packed(y.split(rows, dim=-1), y)
 
@@ -219,8 +270,12 @@ def model_fns(
             return y
         return backend.lora_linear(x, w, loras)
 
+    base_norms: dict[str, torch.Tensor] = {}  # the frozen norm gains in dtype, cast once (not per forward)
+
     def norm(name: str) -> torch.Tensor:
-        g = model.tensors[name].to(dtype)
+        g = base_norms.get(name)
+        if g is None:
+            g = base_norms[name] = model.tensors[name].to(dtype)
         for a, b, s in by_name.get(name, []):
             g = g + s * (a @ b.T).reshape(-1).to(dtype)
         return g

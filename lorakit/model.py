@@ -339,11 +339,9 @@ class KVCache:
 
     @classmethod
     def empty(cls, args: ModelArgs, batch: int, n_ctx: int, dtype, device) -> KVCache:
-        shape = (batch, args.n_head_kv, n_ctx, args.head_dim)
-        return cls(
-            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layer)],
-            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layer)],
-        )
+        # one zero fill for all layers' k and v (a prompt's eager prefill pays a launch per allocation)
+        kv = torch.zeros(2, args.n_layer, batch, args.n_head_kv, n_ctx, args.head_dim, dtype=dtype, device=device)
+        return cls(list(kv[0].unbind(0)), list(kv[1].unbind(0)))
 
 
 def attention(

@@ -26,7 +26,7 @@ from .backends import AdamHyper, get_backend
 from .errors import LorakitError
 from .fused_ops import ops_for
 from .gguf_io import GGUFFile
-from .lora import LoraAdapter, LoraPair, LoraRanks, lora_shapes, model_fns
+from .lora import LoraAdapter, LoraPair, LoraRanks, cast_all, lora_shapes, model_fns
 from .lora_init import init_lora
 from .loss import cross_entropy
 from .model import forward_hidden, load_model, rope_tables
@@ -402,10 +402,11 @@ class Trainer:
 def loss_and_backward(model, backend, params: dict, dtype, rope, x, y, checkpointing: bool) -> torch.Tensor:
     """One micro-batch: forward with the LoRA `params` (name -> (a, b), trained at scale 1), ggml's
     cross-entropy, backward into the params' .grad; returns the loss. The LoRA tensors are cast to the
-    compute dtype once here (a differentiable cast), not at each of their uses in forward, recompute and
-    backward."""
+    compute dtype once here (one differentiable cast of them all, lora.cast_all), not at each of their uses in
+    forward, recompute and backward."""
     if dtype != torch.float32:
-        params = {n: (a.to(dtype), b.to(dtype)) for n, (a, b) in params.items()}
+        cast = iter(cast_all([t for pair in params.values() for t in pair], dtype))
+        params = {n: (next(cast), next(cast)) for n in params}
     adapter = LoraAdapter({n: LoraPair(a, b, 1.0) for n, (a, b) in params.items()}, format="train")
     linear, norm, embed = model_fns(model, backend, [(adapter, 1.0)], dtype)
     ops = ops_for(backend)
