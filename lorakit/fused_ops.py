@@ -156,13 +156,30 @@ def _flash_causal(qkv: torch.Tensor, cos, sin, n_head: int, n_head_kv: int, back
     return out, padded, out_p, lse, state, scale
 
 
+def _joint_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """k and v [B, Hkv, n, D] as one [B, 2 Hkv, n, D] view where v's heads follow k's in memory with the same
+    strides (model.KVCache's layout), else None."""
+    if k.dtype != v.dtype or k.device != v.device or k.shape != v.shape or k.stride() != v.stride():
+        return None
+    if v.data_ptr() != k.data_ptr() + k.shape[1] * k.stride(1) * k.element_size():
+        return None
+    B, Hkv, n, D = k.shape
+    return k.as_strided((B, 2 * Hkv, n, D), k.stride())
+
+
 def flash_prompt(qkv: torch.Tensor, cos, sin, n_head: int, n_head_kv: int, backend, kv_out) -> torch.Tensor:
     """_flash_causal for a prompt at position 0 (no autograd): also writes RoPE(k) and v into the cache's rows
-    0..T-1 (kv_out = (k, v) [B, Hkv, n_ctx, D]), one copy launch each from the padded buffer."""
+    0..T-1 (kv_out = (k, v) [B, Hkv, n_ctx, D]) from the padded buffer: one copy launch for both where the
+    cache keeps each layer's v heads right after its k heads (model.KVCache), else one each."""
     out, padded, *_ = _flash_causal(qkv, cos, sin, n_head, n_head_kv, backend)
     T, D = qkv.shape[1], kv_out[0].shape[-1]
-    for j0, cache in ((n_head, kv_out[0]), (n_head + n_head_kv, kv_out[1])):
-        backend.rope_heads(padded[:, :, j0 : j0 + n_head_kv, :D], cos, sin, 0, cache[:, :, :T].transpose(1, 2))
+    joint = _joint_kv(*kv_out)
+    if joint is not None:
+        pairs = [(n_head, 2 * n_head_kv, joint)]
+    else:
+        pairs = [(n_head, n_head_kv, kv_out[0]), (n_head + n_head_kv, n_head_kv, kv_out[1])]
+    for j0, n, cache in pairs:
+        backend.rope_heads(padded[:, :, j0 : j0 + n, :D], cos, sin, 0, cache[:, :, :T].transpose(1, 2))
     return out
 
 

@@ -332,16 +332,18 @@ EmbedFn = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass
 class KVCache:
-    """Static per-layer key/value cache [B, Hkv, n_ctx, D]."""
+    """Static per-layer key/value cache [B, Hkv, n_ctx, D] (views of one buffer [n_layer, B, 2 Hkv, n_ctx, D])."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
 
     @classmethod
     def empty(cls, args: ModelArgs, batch: int, n_ctx: int, dtype, device) -> KVCache:
-        # one zero fill for all layers' k and v (a prompt's eager prefill pays a launch per allocation)
-        kv = torch.zeros(2, args.n_layer, batch, args.n_head_kv, n_ctx, args.head_dim, dtype=dtype, device=device)
-        return cls(list(kv[0].unbind(0)), list(kv[1].unbind(0)))
+        # one zero fill for all layers (a prompt's eager prefill pays a launch per allocation); each layer's v
+        # heads follow its k heads, so a prompt's k and v go into the cache by one copy (fused_ops.flash_prompt)
+        Hkv = args.n_head_kv
+        kv = torch.zeros(args.n_layer, batch, 2 * Hkv, n_ctx, args.head_dim, dtype=dtype, device=device)
+        return cls([layer[:, :Hkv] for layer in kv], [layer[:, Hkv:] for layer in kv])
 
 
 def attention(

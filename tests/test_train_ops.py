@@ -547,12 +547,14 @@ def test_fused_attention_vs_torch_ops(tri, dtype, Hkv):
     assert_within(dx, dx_ag, tol, f"attn_bwd {dtype}")
 
 
+@pytest.mark.parametrize("layout", ["kvcache", "separate"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("Hkv", [3, 1], ids=["mha", "gqa"])
-def test_fused_attention_prompt_writes_the_cache(tri, dtype, Hkv, monkeypatch):
+def test_fused_attention_prompt_writes_the_cache(tri, dtype, Hkv, layout, monkeypatch):
     """A prompt from position 0 (no autograd) with kv_out = a KV cache's (k, v): fused_ops' path (flash_prompt)
     gives model.causal_attention's output on the same device and the same cache rows, bit for bit; rows past
-    the prompt are left alone."""
+    the prompt are left alone. Layouts: model.KVCache's (v heads right after k heads: one copy for both) and
+    two separate tensors (one copy each)."""
     from lorakit import fused_ops as fo
 
     real, calls = fo.flash_prompt, []
@@ -568,7 +570,15 @@ def test_fused_attention_prompt_writes_the_cache(tri, dtype, Hkv, monkeypatch):
     cos, sin = dev(*model.rope_tables(args, T))
     qkv = rand(B, T, (H + 2 * Hkv) * D, dtype=dtype, scale=2.0).to(DEVICE)
     packed = model.Packed(qkv.split([H * D, Hkv * D, Hkv * D], dim=-1), qkv)
-    got_kv = [torch.full((B, Hkv, n_ctx, D), 7.0, dtype=dtype, device=DEVICE) for _ in range(2)]
+    if layout == "kvcache":
+        cache = model.KVCache.empty(args, B, n_ctx, dtype, DEVICE)
+        got_kv = [cache.k[0], cache.v[0]]
+        for t in got_kv:
+            t.fill_(7.0)
+        assert fo._joint_kv(*got_kv) is not None
+    else:
+        got_kv = [torch.full((B, Hkv, n_ctx, D), 7.0, dtype=dtype, device=DEVICE) for _ in range(2)]
+        assert fo._joint_kv(*got_kv) is None
     ref_kv = [t.clone() for t in got_kv]
     with torch.no_grad():
         got = ops.causal_attention(packed, cos, sin, H, Hkv, tuple(got_kv))
