@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
 #   bash bench/gpu_session.sh OUTDIR [gputests] [check] [profile] [profile-pt] [loralab] [gemvlab] [predict] [prefill-fixed]
-#                             [finetune-quick] [finetune] [finetune-main] [finetune-big] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-small]
+#                             [finetune-quick] [finetune] [finetune-main] [finetune-big] [finetune-seed] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-small]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
 set -u
@@ -51,6 +51,8 @@ for s in "$@"; do
         --peers lorakit7,peftc,lorakit12 --steps 5 --out "$out/finetune_big.json" ;;
     trainstep-tests) step pytest_train 120 env LORAKIT_AUTOTUNE=0 python3 -m pytest -q -x -p no:cacheprovider \
         tests/test_train_ops.py tests/test_train_step_backends.py ;;
+    finetune-seed) step finetune_seed 240 python3 bench/finetune_gpu.py --settings 4x64c \
+        --peers lorakit7,peftc,lorakit12 --steps 5 --out "$out/finetune_h200_4x64c.json" ;;
     finetune-ckpt) step finetune_ckpt 260 python3 bench/finetune_gpu.py --settings 8x512c \
         --peers lorakit7,peftc,lorakit12 --steps 5 --out "$out/finetune_h200_8x512c.json" ;;
     kernels) step kernels 240 python3 bench/kernels_bench.py --models 3b --out "$out/kernels_h200_3b.json" ;;
