@@ -102,22 +102,14 @@ def _scaled(s: float, t: torch.Tensor) -> torch.Tensor:
     return t if s == 1.0 else s * t
 
 
-def _pad_rank(t: torch.Tensor, multiple: int) -> torch.Tensor:
-    """t (rows, r) with zero columns up to a multiple of `multiple` (the same products: the extra rank terms are
-    0 * 0); cuBLAS runs rank-4 factors (8-byte rows) in its slow align-2 kernels, rank 8 in aligned ones."""
-    pad = -t.shape[1] % multiple
-    return torch.nn.functional.pad(t, (0, pad)) if pad else t
-
-
 class LoraLinear(torch.autograd.Function):
     """y = x @ W.T + s * (x @ a) @ b.T over a frozen (possibly q8_0) W.
 
     backward:  dx = dy @ W + s * (dy @ b) @ a.T
                da = s * x.T @ (dy @ b)          (in, r)
                db = s * dy.T @ t                (out, r), t = x @ a kept from the forward
-    W gets no gradient (the base is frozen), so only the backend's matmul_grad_input touches it. The factors
-    are padded with zero columns to the backend's `lora_rank_multiple` for the products (exact), and the
-    gradients cut back to rank r.
+    W gets no gradient (the base is frozen), so only the backend's matmul_grad_input touches it. (The trainer
+    hands it factors padded to the backend's `lora_rank_multiple`: lora_pack.)
     """
 
     @staticmethod
@@ -127,10 +119,7 @@ class LoraLinear(torch.autograd.Function):
         if a is None:
             ctx.save_for_backward(x)
             return backend.matmul(x, w)
-        ctx.rank = a.shape[1]
-        m = getattr(backend, "lora_rank_multiple", 1)
-        a, b = _pad_rank(a.to(x.dtype), m), _pad_rank(b, m)
-        t = x.reshape(-1, x.shape[-1]) @ a  # [N, r], kept: db needs it (no second pass over x)
+        t = x.reshape(-1, x.shape[-1]) @ a.to(x.dtype)  # [N, r], kept: db needs it (no second pass over x)
         ctx.save_for_backward(x, a, b, t)
         return backend.lora_linear(x, w, [(a, b, scale)], t=t)
 
@@ -141,7 +130,6 @@ class LoraLinear(torch.autograd.Function):
         if not ctx.has_lora:
             return dx, None, None, None, None, None
         x, a, b, t = ctx.saved_tensors
-        r = ctx.rank
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1])
         dyb = dy2 @ b.to(dy.dtype)  # [N, r]
@@ -149,41 +137,9 @@ class LoraLinear(torch.autograd.Function):
             # the low-rank term added by the same GEMM call (beta = 1, alpha = s): no [N, in]-sized
             # scaled copy and sum (two elementwise passes per product, ~5% of a step at 8 x 512)
             dx = dx.reshape(-1, dx.shape[-1]).addmm_(dyb, a.to(dy.dtype).T, alpha=s).view(dx.shape)
-        da = _scaled(s, x2.T @ dyb)[:, :r] if ctx.needs_input_grad[2] else None
-        db = _scaled(s, dy2.T @ t)[:, :r] if ctx.needs_input_grad[3] else None
+        da = _scaled(s, x2.T @ dyb).to(a.dtype) if ctx.needs_input_grad[2] else None
+        db = _scaled(s, dy2.T @ t).to(b.dtype) if ctx.needs_input_grad[3] else None
         return dx, None, da, db, None, None
-
-
-class CastFn(torch.autograd.Function):
-    """Tensors of one dtype cast to another as views of one new buffer: one concatenation and one cast each way
-    (the trainer's LoRA tensors to the compute dtype: hundreds of small tensors, one copy kernel each
-    otherwise). The gradients come back in the tensors' dtype."""
-
-    @staticmethod
-    def forward(ctx, dtype, *ts):
-        ctx.shapes = [t.shape for t in ts]
-        ctx.dtype = ts[0].dtype
-        flat = torch.cat([t.reshape(-1) for t in ts]).to(dtype)
-        return tuple(v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in ts]), ts, strict=True))
-
-    @staticmethod
-    def backward(ctx, *gs):
-        ref = next(g for g in gs if g is not None)
-        parts = [
-            (g if g is not None else ref.new_zeros(shape)).reshape(-1) for g, shape in zip(gs, ctx.shapes, strict=True)
-        ]
-        flat = torch.cat(parts).to(ctx.dtype)
-        return (
-            None,
-            *(v.view(shape) for v, shape in zip(flat.split([p.numel() for p in parts]), ctx.shapes, strict=True)),
-        )
-
-
-def cast_all(ts: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    """ts in dtype (differentiable), as views of one buffer; ts themselves where they already have it."""
-    if not ts or all(t.dtype == dtype for t in ts):
-        return list(ts)
-    return list(CastFn.apply(dtype, *ts))
 
 
 LoraTerm = tuple[torch.Tensor, torch.Tensor, float]  # (a, b, s): adds s * (x @ a) @ b.T
@@ -223,12 +179,15 @@ def model_fns(
     backend,
     adapters: Sequence[tuple[LoraAdapter, float]] = (),
     dtype: torch.dtype = torch.float32,
+    packed: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ):
     """The linear/norm/embed functions for model.forward_hidden with adapters applied unmerged.
 
     Every adapter contributes s_user * s_file * b @ (a @ x). When autograd is on (training), the
-    matrices go through LoraLinear so the frozen base gets the backend's grad-input op.
+    matrices go through LoraLinear so the frozen base gets the backend's grad-input op. packed: packed weight
+    name -> its members' LoRA as one formed term (a_cat, B) at scale 1 (the trainer's, lora_pack.pack_lora).
     """
+    packed = packed or {}
     by_name = lora_terms(adapters)
 
     def packed_linear(x: torch.Tensor, name: str) -> Packed:
@@ -240,6 +199,9 @@ def model_fns(
         w = model.fused.get(name)
         terms = [by_name.get(m, []) for m in members]
         rows = [model.tensors[m].shape[0] for m in members]
+        if w is not None and name in packed:
+            y = LoraLinear.apply(x, w, *packed[name], 1.0, backend)
+            return Packed(y.split(rows, dim=-1), y)
         if w is None or (torch.is_grad_enabled() and any(len(t) > 1 for t in terms)):
             return Packed(linear(x, m) for m in members)  # not packed, or several adapters in training
         if not torch.is_grad_enabled():

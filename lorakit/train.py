@@ -26,8 +26,9 @@ from .backends import AdamHyper, get_backend
 from .errors import LorakitError
 from .fused_ops import ops_for
 from .gguf_io import GGUFFile
-from .lora import LoraAdapter, LoraPair, LoraRanks, cast_all, lora_shapes, model_fns
+from .lora import LoraAdapter, LoraPair, LoraRanks, lora_shapes, model_fns
 from .lora_init import init_lora
+from .lora_pack import pack_lora
 from .loss import cross_entropy
 from .model import forward_hidden, load_model, rope_tables
 from .optim import OptimConfig, learning_schedule
@@ -402,13 +403,13 @@ class Trainer:
 def loss_and_backward(model, backend, params: dict, dtype, rope, x, y, checkpointing: bool) -> torch.Tensor:
     """One micro-batch: forward with the LoRA `params` (name -> (a, b), trained at scale 1), ggml's
     cross-entropy, backward into the params' .grad; returns the loss. The LoRA tensors are cast to the
-    compute dtype once here (one differentiable cast of them all, lora.cast_all), not at each of their uses in
-    forward, recompute and backward."""
-    if dtype != torch.float32:
-        cast = iter(cast_all([t for pair in params.values() for t in pair], dtype))
-        params = {n: (next(cast), next(cast)) for n in params}
+    compute dtype, packed and padded for the products once here (lora_pack: one gather each way), not at each
+    of their uses in forward, recompute and backward."""
+    packed = {}
+    if dtype != torch.float32 or backend.lora_rank_multiple > 1 or model.fused:
+        params, packed = pack_lora(params, model, backend.lora_rank_multiple, dtype)
     adapter = LoraAdapter({n: LoraPair(a, b, 1.0) for n, (a, b) in params.items()}, format="train")
-    linear, norm, embed = model_fns(model, backend, [(adapter, 1.0)], dtype)
+    linear, norm, embed = model_fns(model, backend, [(adapter, 1.0)], dtype, packed)
     ops = ops_for(backend)
     h = forward_hidden(model.args, x, linear, norm, embed, rope, checkpoint_layers=checkpointing, ops=ops)
     loss = cross_entropy(linear(h, "output.weight"), y)

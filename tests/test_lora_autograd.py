@@ -1,75 +1,90 @@
-"""lora.py's autograd pieces on the cpu-torch spec: the one-buffer cast of the trainer's LoRA tensors (CastFn)
-and LoraLinear's padding of the LoRA rank (zero columns: the same products, the gradients cut back to r)."""
+"""lora_pack: the trainer's LoRA tensors cast, packed (block-diagonal terms of packed weights) and padded to the
+backend's rank multiple by one gather. Its terms and its gradients equal those of the tensor-by-tensor path
+(cast, cat, block_diag, zero padding: torch's own autograd) exactly, since both only move numbers; and a
+training step with padded and packed terms equals the spec's step up to the order of fp32 sums."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from lorakit.backends.cpu_torch import CpuTorchBackend
+from test_decode import ARGS, _model
+from test_train_step_backends import _step, assert_step_close
 
-from lorakit.lora import LoraLinear, cast_all
-from lorakit.quant import quantize_q8_0
+from lorakit.lora import LoraRanks, kind_of, lora_shapes
+from lorakit.lora_init import init_lora
+from lorakit.lora_pack import pack_lora
+from lorakit.model import FUSED_KINDS, pack_fused
 
-
-def _leaves(shapes, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g).requires_grad_() for s in shapes]
-
-
-SHAPES = [(160, 4), (97, 4), (1, 1), (33, 12), (5,)]
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cast_all_matches_per_tensor_casts(dtype):
-    """Values, dtypes, shapes and fp32 gradients equal those of one .to(dtype) per tensor; an unused output
-    (no gradient reaching it) gives its input a zero gradient, as the per-tensor casts' sum does."""
-    got_in, ref_in = _leaves(SHAPES), _leaves(SHAPES)
-    got = cast_all(got_in, dtype)
-    ref = [t.to(dtype) for t in ref_in]
-    for g, r in zip(got, ref, strict=True):
-        assert g.dtype == dtype and g.shape == r.shape and torch.equal(g, r)
-    w = _leaves(SHAPES, seed=1)
-    used = range(len(SHAPES) - 1)  # the last tensor takes no part in the loss
-    sum((got[i].float() * w[i].detach()).sum() for i in used).backward()
-    sum((ref[i].float() * w[i].detach()).sum() for i in used).backward()
-    for i, (g, r) in enumerate(zip(got_in, ref_in, strict=True)):
-        assert g.grad.dtype == torch.float32 and g.grad.shape == g.shape
-        assert torch.equal(g.grad, r.grad if r.grad is not None else torch.zeros_like(g)), i
+def _lora(off: dict, rank: int = 3, seed: int = 7):
+    lora = init_lora(lora_shapes(ARGS, LoraRanks.default(rank, **off)), seed=seed)
+    g = torch.Generator().manual_seed(3)
+    return {n: (a, torch.randn(b.shape, generator=g) * 0.1) for n, (a, b) in lora.items()}
 
 
-def test_cast_all_same_dtype_is_identity():
-    ts = _leaves(SHAPES)
-    assert all(a is b for a, b in zip(cast_all(ts, torch.float32), ts, strict=True))
-    assert cast_all([], torch.bfloat16) == []
+def _pad(t: torch.Tensor, m: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, -t.shape[1] % m))
+
+
+def _reference(params, model, m: int, dtype):
+    """The tensor-by-tensor path: cast, cat / block_diag for packed weights, zero columns."""
+    cast = {n: (a.to(dtype), b.to(dtype)) for n, (a, b) in params.items()}
+    pairs, packed, used = {}, {}, set()
+    for name in model.fused:
+        _, i, kind = name.split(".")
+        members = [f"blk.{i}.{k}.weight" for k in FUSED_KINDS[kind]]
+        if not any(x in cast for x in members):
+            continue
+        used.update(members)
+        a = torch.cat([cast[x][0] for x in members if x in cast], dim=1)
+        blocks = [cast[x][1] if x in cast else a.new_zeros(model.tensors[x].shape[0], 0) for x in members]
+        packed[name] = (_pad(a, m), _pad(torch.block_diag(*blocks), m))
+    for n, (a, b) in cast.items():
+        if n not in used:
+            mm = 1 if kind_of(n) in ("attn_norm", "ffn_norm", "output_norm", "token_embd") else m
+            pairs[n] = (_pad(a, mm), _pad(b, mm))
+    return pairs, packed
+
+
+@pytest.mark.parametrize("m,dtype", [(8, torch.bfloat16), (8, torch.float32), (1, torch.bfloat16)])
+@pytest.mark.parametrize("off", [{}, {"attn_k": 0, "ffn_up": 0}, {"attn_q": 0, "attn_k": 0, "attn_v": 0}])
+def test_pack_lora_equals_tensor_by_tensor(m, dtype, off):
+    model = pack_fused(_model())
+    assert model.fused
+    lora = _lora(off)
+    runs = []
+    for fn in (lambda p: pack_lora(p, model, m, dtype), lambda p: _reference(p, model, m, dtype)):
+        params = {n: (a.clone().requires_grad_(), b.clone().requires_grad_()) for n, (a, b) in lora.items()}
+        pairs, packed = fn(params)
+        outs = {**{(n, "pair"): ab for n, ab in pairs.items()}, **{(n, "packed"): ab for n, ab in packed.items()}}
+        g = torch.Generator().manual_seed(11)
+        loss = sum((t.float() * torch.randn(t.shape, generator=g)).sum() for k in sorted(outs) for t in outs[k])
+        loss.backward()
+        runs.append((outs, {n: (a.grad, b.grad) for n, (a, b) in params.items()}))
+    (got, got_g), (ref, ref_g) = runs
+    assert got.keys() == ref.keys()
+    for k in got:
+        for x, y in zip(got[k], ref[k], strict=True):
+            assert x.dtype == dtype and x.shape == y.shape and torch.equal(x, y), k
+            assert x.shape[1] % m == 0 or k[0].split(".")[-2] in ("attn_norm", "ffn_norm", "output_norm", "token_embd")
+    for n in ref_g:
+        for x, y in zip(got_g[n], ref_g[n], strict=True):
+            assert x.dtype == torch.float32 and torch.equal(x, y), n
 
 
 class _Padding(CpuTorchBackend):
     lora_rank_multiple = 8
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("r,s", [(4, 1.0), (5, 0.5), (8, 2.0), (12, 1.0)])
-def test_lora_linear_rank_padding(dtype, r, s):
-    """The padded factors' products equal the unpadded ones up to the order of fp32 sums (the extra rank terms
-    are exact zeros); the gradients of a and b have rank r. Bound: |y| terms of length r8 summed in fp32 with
-    a rounding to dtype at the end: 2 * r8 * 2^-24 * mag + one unit of dtype (tie-breaking of the rounding)."""
-    m, n, k = 37, 97, 160
-    g = torch.Generator().manual_seed(r)
-    w = quantize_q8_0(torch.randn(n, k, generator=g))
-    x0 = torch.randn(2, m, k, generator=g).to(dtype)
-    a0, b0 = 0.3 * torch.randn(k, r, generator=g), 0.3 * torch.randn(n, r, generator=g)
-    gy = torch.randn(2, m, n, generator=g)
-
-    def run(backend):
-        x = x0.clone().requires_grad_()
-        a, b = a0.to(dtype).requires_grad_(), b0.to(dtype).requires_grad_()
-        y = LoraLinear.apply(x, w, a, b, s, backend)
-        (y.float() * gy).sum().backward()
-        return y.detach(), x.grad, a.grad, b.grad
-
-    ref, got = run(CpuTorchBackend()), run(_Padding())
-    u = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}[dtype]
-    for name, gt, rf in zip(("y", "dx", "da", "db"), got, ref, strict=True):
-        assert gt.shape == rf.shape and gt.dtype == rf.dtype, name
-        tol = 2 * 16 * 2.0**-24 * rf.double().abs().max() + u * rf.double().abs()
-        assert ((gt.double() - rf.double()).abs() <= tol + 1e-30).all(), name
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_train_step_with_packed_padded_terms_matches_spec(ckpt):
+    """cpu-torch on the packed model with ranks padded to 8 vs the spec (unpacked, rank 3): same loss and
+    gradients up to fp32 reassociation (the bound of test_train_step_backends)."""
+    lora = _lora({"attn_k": 0})
+    base = _model()
+    loss_ref, g_ref = _step(base, CpuTorchBackend(), lora, ckpt)
+    loss, g = _step(pack_fused(base), _Padding(), lora, ckpt)
+    assert_step_close(loss, g, loss_ref, g_ref, lora)
