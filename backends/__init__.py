@@ -40,7 +40,7 @@ class AdamHyper:
 class Backend(Protocol):
     name: str
     device: torch.device
-    lora_rank_multiple: int  # LoraLinear pads the LoRA factors' rank to a multiple of it (zero columns: exact)
+    lora_rank_multiple: int  # the trainer pads LoRA ranks to a multiple of it (lora_pack; zero columns: exact)
 
     def eager_inference(self) -> Backend:
         """The same ops and numbers, for eager host-bound work (a prefill): may prefer fewer launches."""

@@ -43,7 +43,7 @@ def _dequant_rows(w: Q8Weight, r0: int, r1: int, buf: torch.Tensor) -> torch.Ten
 
 class CpuTorchBackend:
     name = "cpu-torch"
-    lora_rank_multiple = 1  # LoraLinear's padding of LoRA factors (no gain on CPU)
+    lora_rank_multiple = 1  # the trainer's padding of LoRA ranks (lora_pack): none, no gain on CPU
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)

@@ -25,7 +25,7 @@ from . import AdamHyper
 
 class CudaTritonBackend:
     name = "cuda-triton"
-    lora_rank_multiple = 8  # LoraLinear pads LoRA factors to it: cuBLAS's aligned kernels (rank 4 -> 8: ~25% faster)
+    lora_rank_multiple = 8  # the trainer pads LoRA ranks to it (lora_pack): cuBLAS's aligned kernels, ~25% faster
 
     def __init__(self, device: torch.device | str = "cuda", host_bound: bool = False):
         dev = torch.device(device)
