@@ -42,7 +42,9 @@ def _padded(r: int, multiple: int) -> int:
     return -(-r // multiple) * multiple
 
 
-@functools.lru_cache(maxsize=4)  # index tensors: ~80 MiB at the 3B shape; a few trainers' worth
+# kept for the process: a captured training step (train_graph) reads these index tensors at every replay, so
+# a plan must outlive every graph made with it (one plan per model shape and rank set in practice)
+@functools.cache
 def plan(shapes: Shapes, groups: Groups, multiple: int, device: torch.device) -> PackPlan:
     """The gather for `shapes` (the inputs laid end to end in this order, a before b) into: one (a_cat, B) term
     per packed weight in `groups` with a LoRA on some member, and each other name's (a, b), its rank padded to
