@@ -547,10 +547,10 @@ def test_fused_attention_vs_torch_ops(tri, dtype, Hkv):
     assert_within(dx, dx_ag, tol, f"attn_bwd {dtype}")
 
 
-@pytest.mark.parametrize("layout", ["kvcache", "separate"])
+@pytest.mark.parametrize("layout,B", [("kvcache", 1), ("kvcache", 2), ("separate", 1)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("Hkv", [3, 1], ids=["mha", "gqa"])
-def test_fused_attention_prompt_writes_the_cache(tri, dtype, Hkv, layout, monkeypatch):
+def test_fused_attention_prompt_writes_the_cache(tri, dtype, Hkv, layout, B, monkeypatch):
     """A prompt from position 0 (no autograd) with kv_out = a KV cache's (k, v): fused_ops' path (flash_prompt)
     gives model.causal_attention's output on the same device and the same cache rows, bit for bit; rows past
     the prompt are left alone. Layouts: model.KVCache's (v heads right after k heads: one copy for both) and
@@ -565,7 +565,7 @@ def test_fused_attention_prompt_writes_the_cache(tri, dtype, Hkv, layout, monkey
 
     monkeypatch.setattr(fo, "flash_prompt", counting)  # to see which path ran
     ops = fused_ops(tri)
-    B, T, H, D, n_ctx = 1, 7, 3, 12, 10
+    T, H, D, n_ctx = 7, 3, 12, 10
     args = model.ModelArgs(n_vocab=8, n_embd=H * D, n_ff=8, n_head=H, n_head_kv=Hkv, n_layer=1)
     cos, sin = dev(*model.rope_tables(args, T))
     qkv = rand(B, T, (H + 2 * Hkv) * D, dtype=dtype, scale=2.0).to(DEVICE)
