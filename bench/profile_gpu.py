@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Where the GPU time goes: torch.profiler kernel tables for the decode step, a 512-token prefill and a
-training step, on the open_llama_3b-shaped q8_0 model (random weights).
+training step, on the open_llama_3b-shaped q8_0 model (random weights). decode2: the decode step with
+predict_gpu.py's two scaled adapters (where their cost goes).
 
-    python bench/profile_gpu.py [--layers 26] [--what decode,prefill,train] [--out bench/results/profile_h200.json]
+    python bench/profile_gpu.py [--layers 26] [--what decode,decode2,prefill,train]
+                                [--out bench/results/profile_h200.json]
 
 For each workload: wall time per call (graph replay where lorakit uses one, and eager), the sum of GPU
 kernel time per call, and the kernels that take the most GPU time (per call, share of the total). The
@@ -102,6 +104,7 @@ def profile_decode(model, be, prompt=128, adapters=()) -> dict:
     graph(5, prompt)
     eager(5, prompt)
     r = kernel_table(lambda: eager(5, prompt), 5)
+    r["ops"] = op_table(lambda: eager(5, prompt), 5)
     r["wall_us"] = wall(lambda: graph(5, prompt), 50)
     r["eager_wall_us"] = wall(lambda: eager(5, prompt), 5)
     return r
@@ -197,6 +200,11 @@ def main(argv=None) -> int:
     for what in a.what.split(","):
         if what == "decode":
             out["decode"] = profile_decode(model, be)
+        elif what == "decode2":  # predict_gpu.py's two scaled adapters: where the adapters' cost goes
+            from predict_gpu import random_adapter
+
+            ads = [(random_adapter(model, 4, 1, be.device), 0.7), (random_adapter(model, 4, 2, be.device), 0.4)]
+            out["decode2 (2 adapters)"] = profile_decode(model, be, adapters=ads)
         elif what == "prefill":
             out["prefill 512"] = profile_prefill(model, be)
         elif what == "train":
