@@ -37,6 +37,19 @@ class AdamHyper:
     t: int  # 1-based iteration number after the increment
 
 
+def add_lora_terms(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
+    t: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y + sum_i s_i * (x @ a_i) @ b_i.T in x's dtype, term by term (t: x @ a_1, already formed)."""
+    for i, (a, b, s) in enumerate(loras):
+        xa = x @ a.to(x.dtype) if t is None or i else t.view(*x.shape[:-1], -1)
+        y = y + s * (xa @ b.to(x.dtype).T)
+    return y
+
+
 class Backend(Protocol):
     name: str
     device: torch.device

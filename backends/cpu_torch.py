@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from lorakit.model import apply_rope, rms_norm
 from lorakit.quant import Q8Weight, Weight, dequantize
 
-from . import AdamHyper
+from . import AdamHyper, add_lora_terms
 
 # rows of W dequantized at a time: an 8 MB slice (2 Mi float32 or 4 Mi bf16 values) is large enough
 # for an efficient GEMM per slice and small enough that no full float copy of a weight ever exists
@@ -87,11 +87,7 @@ class CpuTorchBackend:
         loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
         t: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        y = self.matmul(x, w)
-        for i, (a, b, s) in enumerate(loras):
-            xa = x @ a.to(x.dtype) if t is None or i else t.view(*x.shape[:-1], -1)
-            y = y + s * (xa @ b.to(x.dtype).T)
-        return y
+        return add_lora_terms(self.matmul(x, w), x, loras, t)
 
     def add_rms_norm(
         self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float

@@ -20,7 +20,7 @@ import torch
 from lorakit.errors import UsageError
 from lorakit.quant import Q8Weight, Weight
 
-from . import AdamHyper
+from . import AdamHyper, add_lora_terms
 
 
 class CudaTritonBackend:
@@ -78,11 +78,7 @@ class CudaTritonBackend:
         loras = [(a, b, float(s)) for a, b, s in loras if float(s) != 0.0]
         t = t if len(loras) == 1 else None  # t belongs to a single term (and none when its scale is 0)
         if not isinstance(w, Q8Weight):
-            y = x @ w.to(x.dtype).T
-            for i, (a, b, s) in enumerate(loras):
-                xa = x @ a.to(x.dtype) if t is None or i else t.view(*x.shape[:-1], -1)
-                y = y + s * (xa @ b.to(x.dtype).T)
-            return y
+            return add_lora_terms(x @ w.to(x.dtype).T, x, loras, t)
         kw = dict(host_bound=self.host_bound, dequant_cache=self._wcache)
         if not loras:
             return self._mm.q8_0_matmul(x, w.qs, w.d, **kw)
@@ -99,10 +95,7 @@ class CudaTritonBackend:
                 rest.append((a, b, s))
         a_cat = torch.cat([a.to(x.dtype) for a, _, _ in fused], dim=1)
         b_cat = torch.cat([(s * b.to(torch.float32)).to(x.dtype) for _, b, s in fused], dim=1)
-        y = self._mm.q8_0_matmul(x, w.qs, w.d, a_cat, b_cat, 1.0, **kw)
-        for a, b, s in rest:
-            y = y + s * ((x @ a.to(x.dtype)) @ b.to(x.dtype).T)
-        return y
+        return add_lora_terms(self._mm.q8_0_matmul(x, w.qs, w.d, a_cat, b_cat, 1.0, **kw), x, rest)
 
     # -- training ops ---------------------------------------------------------------------------------
 

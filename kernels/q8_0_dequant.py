@@ -110,6 +110,3 @@ class DequantCache:
         while len(self._entries) > self.size:
             self._entries.pop(next(iter(self._entries)))
         return w
-
-    def clear(self) -> None:
-        self._entries.clear()

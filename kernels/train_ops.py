@@ -235,9 +235,7 @@ def add_rms_norm_fwd(
     h: torch.Tensor, delta: torch.Tensor, w: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(s, y, rstd): s = rnd(h + delta) (the residual sum), then rms_norm_fwd of s, in one pass."""
-    check_tensor(delta, "delta", h.dtype, h.device)
-    if delta.shape != h.shape:
-        raise ValueError(f"delta has shape {tuple(delta.shape)}, h {tuple(h.shape)}")
+    _check_same([(h, "h"), (delta, "delta")])
     return _rms_fwd(h, delta, w, eps)
 
 
@@ -266,13 +264,7 @@ def rms_norm_bwd(
     dres: a gradient reaching x along another use (add_rms_norm_fwd's residual sum): dx = rnd(dx_norm + dres),
     the sum autograd would form."""
     E = _check_row(x, w)
-    check_tensor(dy, "dy", x.dtype, x.device)
-    if dy.shape != x.shape:
-        raise ValueError(f"dy has shape {tuple(dy.shape)}, x {tuple(x.shape)}")
-    if dres is not None:
-        check_tensor(dres, "dres", x.dtype, x.device)
-        if dres.shape != x.shape:
-            raise ValueError(f"dres has shape {tuple(dres.shape)}, x {tuple(x.shape)}")
+    _check_same([(x, "x"), (dy, "dy"), *([(dres, "dres")] if dres is not None else [])])
     x2, dy2 = _rows(x, E), _rows(dy, E)
     dr2 = _rows(dres, E) if dres is not None else dy2
     n_rows = x2.shape[0]

@@ -138,6 +138,11 @@ class SwigluPackedFn(torch.autograd.Function):
         return dgu, None
 
 
+def _heads(padded: torch.Tensor, H: int, Hkv: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v [B, heads, T, Dp] as views of the padded [B, T, H + 2 Hkv, Dp] buffer."""
+    return tuple(t.transpose(1, 2) for t in padded.split([H, Hkv, Hkv], dim=2))
+
+
 def _flash_causal(qkv: torch.Tensor, cos, sin, n_head: int, n_head_kv: int, backend):
     """model.causal_attention's forward on the packed product [q | k | v] [B, T, (H + 2 Hkv) D]: (out
     [B, T, H*D], padded [B, T, H + 2 Hkv, Dp], out_p, lse, state, scale). One rope_heads launch writes RoPE(q),
@@ -148,9 +153,8 @@ def _flash_causal(qkv: torch.Tensor, cos, sin, n_head: int, n_head_kv: int, back
     D = W // (H + 2 * Hkv)
     padded = qkv.new_empty(B, T, H + 2 * Hkv, flash.padded_head(D))
     backend.rope_heads(qkv.view(B, T, H + 2 * Hkv, D), cos, sin, H + Hkv, padded)
-    q, k, v = (t.transpose(1, 2) for t in padded.split([H, Hkv, Hkv], dim=2))
     scale = 1.0 / math.sqrt(D)
-    out_p, lse, state = flash.forward(q, k, v, scale)
+    out_p, lse, state = flash.forward(*_heads(padded, H, Hkv), scale)
     out = qkv.new_empty(B, T, H * D)
     backend.rope_heads(out_p.transpose(1, 2)[..., :D], cos, sin, 0, out.view(B, T, H, D))
     return out, padded, out_p, lse, state, scale
@@ -209,8 +213,7 @@ class CausalAttentionFn(torch.autograd.Function):
         D = dout.shape[-1] // H
         dout_p = dout.new_empty(B, T, H, Dp)
         be.rope_heads(dout.contiguous().view(B, T, H, D), cos, sin, 0, dout_p)
-        q, k, v = (t.transpose(1, 2) for t in padded.split([H, Hkv, Hkv], dim=2))
-        grads = flash.backward(dout_p.transpose(1, 2), q, k, v, out_p, lse, state, ctx.scale)
+        grads = flash.backward(dout_p.transpose(1, 2), *_heads(padded, H, Hkv), out_p, lse, state, ctx.scale)
         dqkv = dout.new_empty(B, T, N, D)
         for g, j0, n_rot in zip(grads, (0, H, H + Hkv), (H, Hkv, 0), strict=True):  # dq, dk by -theta; dv as is
             dst = dqkv[:, :, j0 : j0 + g.shape[1]]
