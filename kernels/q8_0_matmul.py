@@ -29,8 +29,9 @@ on the device, q8_0_tuning.choose_path):
     whether it is taken is measured per shape.
     Numerics: the same W; cuBLAS accumulates in fp32 (and, with torch's default
     allow_bf16_reduced_precision_reduction, may add split-K partials in bf16).
-  * LoRA (optional): t = x @ a is a tiny [M, r] torch matmul; the kernels add scale * t @ b.T to the fp32
-    accumulator (so y is rounded once); the dequant path adds it with one addmm.
+  * LoRA (optional): t = x @ a is a tiny [M, r] torch matmul (the gemv path forms it in its own launch,
+    q8_0_gemv's t-programs); the kernels add scale * t @ b.T to the fp32 accumulator (so y is rounded
+    once); the dequant path adds it with one addmm.
 
 Under TRITON_INTERPRET=1 the kernels run on CPU tensors with fixed small tiles (no autotuning). Two
 triton 3.6 interpreter bugs are worked around there: its dot multiplies the raw uint16 bits of bf16
@@ -171,31 +172,66 @@ def _dequantized(qs, d, dtype, cache: DequantCache | None) -> torch.Tensor:
     return q8_0_dequantize(qs, d, dtype) if cache is None else cache.get(qs, d, dtype)
 
 
-def _fwd(path: str, x2, qs, d, y, lora, cfg: dict, cache: DequantCache | None = None) -> None:
-    """y[M, N] = x2 @ W.T (+ LoRA) along `path`; lora = (t [M, r], b [N, r], r, scale) or None."""
+# the GEMV's t-program sync words (three int32 per row of x, zero between launches) per (device, stream):
+# launches on one stream run one after another, so they can share them
+_SYNC: dict[tuple, torch.Tensor] = {}
+
+
+def _sync_words(device: torch.device, n: int) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    buf = _SYNC.get((device, stream))
+    if buf is None or buf.numel() < n:
+        buf = _SYNC[(device, stream)] = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
+    return buf
+
+
+def _gemv(x2, qs, d, y, lora, cfg: dict) -> None:
+    """The gemv path; without a formed t, t = x @ a is formed by the launch's own t-programs."""
     m, k = x2.shape
     n = qs.shape[0]
+    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+    t, a, bb, r, s = lora if lora is not None else (y, y, y, 0, 0.0)  # dummies, never read without HAS_LORA
+    block_r = max(1, triton.next_power_of_2(r))
+    t_prog = lora is not None and t is None
+    splits, block_kt, ws, sync = 0, 1, y, y
+    if t_prog:
+        block_kt = int(cfg.get("BLOCK_KT", max(16, 4096 // block_r)))
+        splits = triton.cdiv(k, block_kt)
+        t = torch.empty(m, r, dtype=x2.dtype, device=x2.device)
+        ws = torch.empty(m, splits, block_r, dtype=torch.float32, device=x2.device)
+        sync = _sync_words(x2.device, 3 * m)
+    args = (x2, qs, d, y, t, bb, n, k, x2.stride(0), qs.stride(0), d.stride(0), y.stride(0), y.stride(1),
+            t.stride(0), t.stride(1), bb.stride(0), bb.stride(1), r, float(s),
+            a, a.stride(0), a.stride(1), ws, sync, splits)  # fmt: skip
+    const = dict(HAS_LORA=lora is not None, BLOCK_R=block_r, EMU_BF16=_INTERPRET, T_PROG=t_prog,
+                 BLOCK_KT=block_kt, BLOCK_S=triton.next_power_of_2(max(1, splits)))  # fmt: skip
+    if _INTERPRET or "BLOCK_N" in cfg:
+        tiles = _tiles(_INTERP_GEMV, cfg)
+        _q8_gemv_kernel[(splits + triton.cdiv(n, tiles["BLOCK_N"]), m)](*args, **const, **tiles)
+    else:
+        key = ("gemv", m, n, k, x2.dtype, y.dtype, lora is not None, t_prog)
+        grid = lambda meta: (splits + triton.cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731
+        _launch_tuned("gemv", _q8_gemv_kernel, grid, args, const, key, None)
+
+
+def _fwd(path: str, x2, qs, d, y, lora, cfg: dict, cache: DequantCache | None = None) -> None:
+    """y[M, N] = x2 @ W.T (+ LoRA) along `path`; lora = (t [M, r] or None, a [K, r], b [N, r], r, scale) or
+    None, a and b in x2's dtype; t = x2 @ a is formed here when not given."""
+    m, k = x2.shape
+    n = qs.shape[0]
+    if path == "gemv":
+        _gemv(x2, qs, d, y, lora, cfg)
+        return
+    if lora is not None and lora[0] is None:
+        lora = (x2 @ lora[1], *lora[1:])
     if path == "dequant":
         torch.matmul(x2, _dequantized(qs, d, x2.dtype, cache).T, out=y)
         if lora is not None:
-            t, bb, _, s = lora
+            t, _, bb, _, s = lora
             y.addmm_(t, bb.T, alpha=s)
         return
-    t, bb, r, s = lora if lora is not None else (y, y, 0, 0.0)  # dummies, never read without HAS_LORA
+    t, _, bb, r, s = lora if lora is not None else (y, None, y, 0, 0.0)  # dummies, never read without HAS_LORA
     lora_args = (t.stride(0), t.stride(1), bb.stride(0), bb.stride(1), r, float(s))
-    if path == "gemv":
-        x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
-        args = (x2, qs, d, y, t, bb, n, k, x2.stride(0), qs.stride(0), d.stride(0),
-                y.stride(0), y.stride(1), *lora_args)  # fmt: skip
-        const = dict(HAS_LORA=lora is not None, BLOCK_R=max(1, triton.next_power_of_2(r)), EMU_BF16=_INTERPRET)
-        if _INTERPRET or "BLOCK_N" in cfg:
-            tiles = _tiles(_INTERP_GEMV, cfg)
-            _q8_gemv_kernel[(triton.cdiv(n, tiles["BLOCK_N"]), m)](*args, **const, **tiles)
-        else:
-            key = ("gemv", m, n, k, x2.dtype, y.dtype, lora is not None)
-            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731
-            _launch_tuned("gemv", _q8_gemv_kernel, grid, args, const, key, None)
-        return
     split = int(cfg.get("SPLIT_K", _split_for(path, m, n, k, x2.device)))
     out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
     ys = out.stride(0) if split > 1 else 0
@@ -269,9 +305,9 @@ def q8_0_matmul(
         return y.reshape(*lead, n)
     lora = None
     if has_lora:
-        # [M, r] in x's dtype, as the spec forms it
-        t = x2 @ a.to(x.dtype) if lora_t is None else lora_t.reshape(m, a.shape[1])
-        lora = (t, b.to(x.dtype), t.shape[1], float(scale))
+        # t = x @ a [M, r] in x's dtype, as the spec forms it (by the path, when not given)
+        t = None if lora_t is None else lora_t.reshape(m, a.shape[1])
+        lora = (t, a.to(x.dtype), b.to(x.dtype), a.shape[1], float(scale))
 
     cfg = dict(config or {})
     if "path" in cfg:

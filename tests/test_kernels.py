@@ -174,6 +174,8 @@ def test_lora_linear_several_adapters(tri):
         (1, {"path": "gemv"}),  # ragged last K step (64 + 64 + 32 of 160) and N tile (97 = 6 * 16 + 1)
         (4, {"path": "gemv", "BLOCK_N": 8, "KB": 1, "UNROLL": 2}),  # several rows of x, 2 steps per load
         (1, {"path": "gemv", "BLOCK_N": 8, "KB": 4, "UNROLL": 2}),  # K < one unrolled step: all masked
+        (1, {"path": "gemv", "BLOCK_KT": 32}),  # t = x @ a by 5 t-programs in the launch
+        (2, {"path": "gemv", "BLOCK_KT": 64}),  # ... by 3 per row, the last one ragged
         (37, {"path": "dequant"}),  # dequantize + torch matmul (cuBLAS on the GPU), LoRA by addmm
         (1, {"path": "gemm"}),  # the tiled kernel with a single row
         (37, {"path": "gemm", "SPLIT_K": 2, "BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}),
@@ -198,6 +200,32 @@ def test_matmul_paths(m, config, with_lora):
     lmag = abs(s) * ((x.double().abs() @ a.to(dtype).double().abs()) @ b.to(dtype).double().abs().T)
     tol = bound(dtype, k + 8, magnitude(x, w) + lmag, ref.double(), lora_mag=lmag, y_base=y_base)
     assert_within(got, ref, tol, f"path {config}")
+
+
+@pytest.mark.parametrize("m,r,block_kt", [(1, 5, 32), (2, 24, 16), (3, 8, 4096)])
+def test_gemv_t_programs(m, r, block_kt):
+    """The gemv path forms t = x @ a in its own launch (t-programs summing K chunks, the last combining): the
+    same product as with t given (t rounded to bf16 once either way: their t may differ in its last bit, so
+    the bound counts one more rounding of t), the same bits on every call, and its sync words zero again."""
+    n, k, dtype = 97, 160, torch.bfloat16
+    w = make_weight(n, k, seed=4)
+    x = rand(m, k, dtype=dtype, seed=5)
+    a = rand(k, r, seed=6, scale=0.3).to(dtype)
+    b = rand(n, r, seed=7, scale=0.3).to(dtype)
+    wd, xd, ad, bd = on(w), x.to(DEVICE), a.to(DEVICE), b.to(DEVICE)
+    cfg = {"path": "gemv", "BLOCK_KT": block_kt}
+    got = qmm.q8_0_matmul(xd, wd.qs, wd.d, ad, bd, 0.75, config=cfg)
+    again = qmm.q8_0_matmul(xd, wd.qs, wd.d, ad, bd, 0.75, config=cfg)
+    assert torch.equal(got, again)
+    assert all(int(buf.abs().sum()) == 0 for buf in qmm._SYNC.values())
+    ref = SPEC.lora_linear(x, w, [(a, b, 0.75)])
+    y_base = SPEC.matmul(x, w).double()
+    tmag = x.double().abs() @ a.double().abs()
+    lmag = 0.75 * tmag @ b.double().abs().T
+    tol = bound(dtype, k + r, magnitude(x, w) + lmag, ref.double(), lora_mag=2 * lmag, y_base=y_base)
+    assert_within(got, ref, tol, f"gemv t-programs m{m} r{r}")
+    given = qmm.q8_0_matmul(xd, wd.qs, wd.d, ad, bd, 0.75, config=cfg, lora_t=xd @ ad)
+    assert_within(got, given, tol, "t formed in the launch vs given")
 
 
 def test_matmul_fp16_and_out_dtype_and_batch_dims():
