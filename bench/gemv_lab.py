@@ -16,6 +16,8 @@ Variants of one kernel (same tiles, same loads), best of a few tile configs each
   prmt+cvt  qs read as int32 words, each byte placed into a float's mantissa by one PRMT (inline PTX), x
             read in the matching order; cvt rounding (written after the last GPU run of session 3: not yet
             run; a failing variant is reported and skipped)
+  roll      mag+cvt's arithmetic, G row blocks per program walked as one loop of K steps whose next step's loads
+            are issued before this step's arithmetic (register prefetch across steps and row blocks)
   loadonly  the loads and an integer sum of the bytes (the bandwidth this load pattern can reach)
   tiled     lorakit's tensor-core tiled kernel at M = 1 (autotuned skinny tiles), for comparison
 The exact variants compute the same W; their outputs differ from the shipped kernel's only by the order of
@@ -50,7 +52,7 @@ CONFIGS = [  # BLOCK_N, KB, UNROLL, warps
     (8, 16, 2, 8),
 ]
 VARIANTS = {"i2f+cvt": (0, 0), "i2f+int": (0, 1), "mag+cvt": (1, 0), "mag+int": (1, 1), "mag+velt": (1, 3),
-            "mag+none": (1, 2), "prmt+cvt": (3, 0), "loadonly": (2, 2)}  # fmt: skip
+            "mag+none": (1, 2), "prmt+cvt": (3, 0), "loadonly": (2, 2), "roll": (1, 0)}  # fmt: skip
 
 
 @triton.jit
@@ -140,7 +142,80 @@ def _prmt_kernel(x_ptr, qw_ptr, d_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, KB: t
     tl.store(y_ptr + offs_n, y.to(tl.bfloat16), mask=offs_n < N)
 
 
-def bench_shape(n: int, k: int) -> dict:
+@triton.jit
+def _roll_load(x_ptr, qs_ptr, d_ptr, i, pid, N, K, n_k, G: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr):
+    """Step i of a program's flattened (row block, K step) walk: x [1, KB, 32], q [BLOCK_N, KB, 32], d [BLOCK_N, KB]."""
+    blk = pid * G + i // n_k
+    ks = (i % n_k) * (KB * 32)
+    rn = ((blk * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+    offs_b = tl.arange(0, KB)
+    kk = ks + offs_b[:, None] * 32 + tl.arange(0, 32)[None, :]
+    kb = ks // 32 + offs_b
+    x = tl.load(x_ptr + kk[None, :, :], mask=(kk < K)[None, :, :], other=0.0)
+    q = tl.load(qs_ptr + rn[:, None, None] * K + kk[None, :, :], mask=(kk < K)[None, :, :], other=0)
+    d = tl.load(d_ptr + rn[:, None] * (K // 32) + kb[None, :], mask=(kb * 32 < K)[None, :], other=0.0)
+    return x, q, d
+
+
+@triton.jit
+def _roll_kernel(x_ptr, qs_ptr, d_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, KB: tl.constexpr, G: tl.constexpr):
+    """G row blocks per program, walked as one flattened loop of K steps with the next step's loads issued
+    before this step's arithmetic (register prefetch: loads stay in flight across row blocks and steps)."""
+    pid = tl.program_id(0)
+    n_k = tl.cdiv(K, KB * 32)
+    total = G * n_k
+    xc, qc, dc = _roll_load(x_ptr, qs_ptr, d_ptr, 0, pid, N, K, n_k, G, BLOCK_N, KB)
+    acc = tl.zeros((BLOCK_N, KB, 32), dtype=tl.float32)
+    for i in range(total):
+        xn, qn, dn = _roll_load(x_ptr, qs_ptr, d_ptr, tl.minimum(i + 1, total - 1), pid, N, K, n_k, G, BLOCK_N, KB)
+        acc += _w(qc, dc, 1, 0) * xc.to(tl.float32)
+        if i % n_k == n_k - 1:
+            offs_n = (pid * G + i // n_k) * BLOCK_N + tl.arange(0, BLOCK_N)
+            tl.store(y_ptr + offs_n, tl.sum(tl.sum(acc, axis=2), axis=1).to(tl.bfloat16), mask=offs_n < N)
+            acc = tl.zeros((BLOCK_N, KB, 32), dtype=tl.float32)
+        xc, qc, dc = xn, qn, dn
+
+
+ROLL_CONFIGS = [  # BLOCK_N, KB, G, warps
+    (4, 16, 4, 4),
+    (8, 8, 4, 4),
+    (4, 16, 8, 4),
+    (8, 16, 2, 8),
+    (4, 32, 2, 8),
+    (2, 32, 8, 4),
+    (8, 8, 8, 4),
+    (16, 8, 2, 8),
+    (4, 8, 8, 2),
+    (8, 16, 4, 8),
+]
+
+
+def bench_roll(n, k, x, qs, d, ref) -> dict:
+    """The register-prefetch walk (numerics of mag+cvt), best of ROLL_CONFIGS."""
+    ulp = ref.float().abs().clamp_min(1e-30) * 2.0**-8
+    best = None
+    for bn, kb, g, w in ROLL_CONFIGS:
+        y = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
+
+        def run(y=y, bn=bn, kb=kb, g=g, w=w):
+            _roll_kernel[(triton.cdiv(triton.cdiv(n, bn), g),)](x, qs, d, y, n, k, BLOCK_N=bn, KB=kb, G=g, num_warps=w)
+
+        try:
+            run()
+        except Exception as e:
+            print(f"roll {(bn, kb, g, w)}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        diff = float(((y.float() - ref.float()).abs() / ulp).max())
+        t = triton.testing.do_bench_cudagraph(run, rep=20)
+        if best is None or t < best[0]:
+            best = (t, (bn, kb, g, w), diff)
+    if best is None:
+        return {"us": float("nan"), "GBps": float("nan"), "cfg": None, "max_diff_ulps": None}
+    t, cfg, diff = best
+    return {"us": t * 1e3, "GBps": n * k * 34 / 32 / t / 1e6, "cfg": cfg, "max_diff_ulps": diff}
+
+
+def bench_shape(n: int, k: int, variants: dict) -> dict:
     from lorakit.kernels.q8_0_matmul import q8_0_matmul
 
     qs = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
@@ -153,7 +228,11 @@ def bench_shape(n: int, k: int) -> dict:
     tiled = triton.testing.do_bench_cudagraph(lambda: q8_0_matmul(x, qs, d, config={"path": "gemm"}), rep=30)
     row = {"N": n, "K": k, "bytes": n * k * 34 // 32, "shipped_us": shipped * 1e3, "tiled_us": tiled * 1e3}
     ulp = ref.float().abs().clamp_min(1e-30) * 2.0**-8
-    for name, (conv, rnd) in VARIANTS.items():
+    if "roll" in variants:
+        row["roll"] = bench_roll(n, k, x, qs, d, ref)
+    for name, (conv, rnd) in variants.items():
+        if name == "roll":
+            continue
         best = None
         for bn, kb, un, w in CONFIGS:
             y = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
@@ -185,17 +264,19 @@ def bench_shape(n: int, k: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gemv_lab_h200.json")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ",".join(VARIANTS))
     a = ap.parse_args(argv)
+    variants = {v: VARIANTS[v] for v in a.variants.split(",")}
     torch.manual_seed(0)
     rows = []
     for n, k in SHAPES:
-        row = bench_shape(n, k)
+        row = bench_shape(n, k, variants)
         rows.append(row)
         print(f"{n:6d}x{k:<5d} shipped {row['shipped_us']:6.1f}us tiled {row['tiled_us']:6.1f}us "
-              + " ".join(f"{v}:{row[v]['us']:5.1f}us/{row[v]['GBps']:5.0f}" for v in VARIANTS), flush=True)  # fmt: skip
+              + " ".join(f"{v}:{row[v]['us']:5.1f}us/{row[v]['GBps']:5.0f}" for v in variants), flush=True)  # fmt: skip
         print(
             "   max diff vs shipped (output ulps): "
-            + " ".join(f"{v}:{row[v]['max_diff_ulps']:.1f}" for v in VARIANTS if row[v]["max_diff_ulps"] is not None)
+            + " ".join(f"{v}:{row[v]['max_diff_ulps']:.1f}" for v in variants if row[v]["max_diff_ulps"] is not None)
         )
     print("\n(us per call, GB/s on the q8_0 bytes)")
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -104,8 +104,9 @@ def _q8_gemv_kernel(
     x_row = x_ptr + row * stride_xm
     if T_PROG:
         if pid < T_SPLITS:
-            _t_program(x_row, a_ptr, stride_ak, stride_ar, ws_ptr + row * T_SPLITS * BLOCK_R, sync_ptr + row * 3,
-                       t_ptr + row * stride_tm, stride_tr, K, R, pid, T_SPLITS, BLOCK_KT, BLOCK_R, BLOCK_S, EMU_BF16)  # fmt: skip
+            ws_row = ws_ptr + row * T_SPLITS * BLOCK_R
+            _t_program(x_row, a_ptr, stride_ak, stride_ar, ws_row, sync_ptr + row * 3, t_ptr + row * stride_tm,
+                       stride_tr, K, R, pid, T_SPLITS, BLOCK_KT, BLOCK_R, BLOCK_S, EMU_BF16)  # fmt: skip
         else:
             _w_program(x_row, qs_ptr, d_ptr, y_ptr, t_ptr, b_ptr, N, K, stride_qn, stride_dn, stride_ym, stride_yn,
                        stride_tm, stride_tr, stride_bn, stride_br, R, scale, pid - T_SPLITS, row, sync_ptr + row * 3,
@@ -118,7 +119,8 @@ def _q8_gemv_kernel(
 
 @triton.jit
 def _t_program(x_row, a_ptr, stride_ak, stride_ar, ws_row, sync_row, t_row, stride_tr, K, R, split, T_SPLITS,
-               BLOCK_KT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, EMU_BF16: tl.constexpr):  # fmt: skip
+               BLOCK_KT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+               EMU_BF16: tl.constexpr):  # fmt: skip
     """t-program `split`: the fp32 partial of x . a over its K chunk; the last one sums them (fixed order), rounds
     t to x's dtype, stores it and raises the row's flag."""
     offs_k = split * BLOCK_KT + tl.arange(0, BLOCK_KT)
