@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
-#   bash bench/gpu_session.sh OUTDIR [gputests] [gemvtests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab] [gemvlab-roll] [predict] [prefill-fixed]
+#   bash bench/gpu_session.sh OUTDIR [gputests] [gemvtests] [decodetests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab] [gemvlab-roll] [predict] [prefill-fixed]
 #                             [finetune-quick] [finetune] [finetune-main] [finetune-big] [finetune-seed] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-small]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
@@ -37,6 +37,9 @@ for s in "$@"; do
     gemvtests) step pytest_gemv 150 env LORAKIT_AUTOTUNE=0 bash -c "python3 -m pytest -q -x -p no:cacheprovider \
         tests/test_kernels.py -k 'gemv or paths or lora or gpu'; python3 -m pytest -q -x -p no:cacheprovider \
         tests/test_decode.py" ;;
+    decodetests) step pytest_decode 150 env LORAKIT_AUTOTUNE=0 bash -c "python3 -m pytest -q -x -p no:cacheprovider \
+        tests/test_decode.py tests/test_decode_ops.py; python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+        -k 'formed_t or t_programs'" ;;
     profile) step profile 240 python3 bench/profile_gpu.py --out "$out/profile_h200.json" ;;
     profile-decode) step profile_decode 200 python3 bench/profile_gpu.py --what decode,decode2 \
         --out "$out/profile_decode.json" ;;
