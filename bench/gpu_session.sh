@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
-#   bash bench/gpu_session.sh OUTDIR [gputests] [gemvtests] [decodetests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab] [gemvlab-roll] [predict] [prefill-fixed]
+#   bash bench/gpu_session.sh OUTDIR [gputests] [gemvtests] [gemvcheck] [decodetests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab] [gemvlab-quick] [gemvlab-roll] [predict] [prefill-fixed]
 #                             [finetune-quick] [finetune] [finetune-main] [finetune-big] [finetune-seed] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-small]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
@@ -37,6 +37,9 @@ for s in "$@"; do
     gemvtests) step pytest_gemv 150 env LORAKIT_AUTOTUNE=0 bash -c "python3 -m pytest -q -x -p no:cacheprovider \
         tests/test_kernels.py -k 'gemv or paths or lora or gpu'; python3 -m pytest -q -x -p no:cacheprovider \
         tests/test_decode.py" ;;
+    gemvcheck) step pytest_gemvcheck 120 env LORAKIT_AUTOTUNE=0 bash -c "python3 -m pytest -q -x -p no:cacheprovider \
+        tests/test_kernels.py -k 'gemv or exhaustive or paths'; python3 -m pytest -q -x -p no:cacheprovider \
+        tests/test_decode.py" ;;
     decodetests) step pytest_decode 150 env LORAKIT_AUTOTUNE=0 bash -c "python3 -m pytest -q -x -p no:cacheprovider \
         tests/test_decode.py tests/test_decode_ops.py; python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
         -k 'formed_t or t_programs'" ;;
@@ -46,6 +49,8 @@ for s in "$@"; do
     profile-pt) step profile_pt 240 python3 bench/profile_gpu.py --what prefill,train --out "$out/profile_pt.json" ;;
     loralab) step lora_lab 120 python3 bench/lora_lab.py --out "$out/lora_lab_h200.json" ;;
     gemvlab) step gemv_lab 200 python3 bench/gemv_lab.py --out "$out/gemv_lab_h200.json" ;;
+    gemvlab-quick) step gemv_lab 120 python3 bench/gemv_lab.py --variants mag+cvt,mag+none,loadonly \
+        --out "$out/gemv_lab_h200.json" ;;
     gemvlab-roll) step gemv_lab 200 python3 bench/gemv_lab.py --variants mag+cvt,mag+none,loadonly,prmt+cvt,roll \
         --out "$out/gemv_lab_h200.json" ;;
     prefill-fixed) step prefill_fixed 100 env LORAKIT_AUTOTUNE=0 python3 bench/predict_gpu.py --only-prefill ;;

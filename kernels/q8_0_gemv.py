@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_util import _q8_f32, _to
+from .triton_util import _q8_times, _to
 
 
 @triton.jit
@@ -55,9 +55,10 @@ def _gemv_load(x_row, q_rows, d_rows, k0, K, KB: tl.constexpr, MASKED: tl.conste
 def _gemv_products(x, q, d, EMU_BF16: tl.constexpr):
     """W * x in fp32 with W = rnd_{x.dtype}(q * d) (= dequantize_q8_0(qs, d, x.dtype)). The kernel is bound
     by these per-element instructions more than by memory (bench/gemv_lab.py), so int8 -> fp32 goes by an
-    integer add (_q8_f32) instead of the slower conversion instruction; the rounding to bf16 stays the
-    hardware conversion (it measured faster than the fp32-arithmetic and integer roundings)."""
-    w = _to(_q8_f32(q) * d.to(tl.float32)[:, :, None], x.dtype, EMU_BF16)
+    integer add instead of the slower conversion instruction, with the magic number's subtraction folded
+    into the scale's multiply on the GPU (_q8_times); the rounding to bf16 stays the hardware conversion (it
+    measured faster than the fp32-arithmetic and integer roundings)."""
+    w = _to(_q8_times(q, d.to(tl.float32)[:, :, None], not EMU_BF16), x.dtype, EMU_BF16)
     return w.to(tl.float32) * x.to(tl.float32)
 
 

@@ -520,19 +520,21 @@ def test_gpu_adamw_large():
 
 @triton.jit
 def _round_probe_kernel(q_ptr, d_ptr, out_ptr, n_d, BLOCK: tl.constexpr, EMU_BF16: tl.constexpr):
-    # out[i, j] = rnd_bf16(q[i] * d[j]) as the q8_0 kernels form it (_q8_f32, fp32 product, one rounding)
+    # out[i, j] = rnd_bf16(q[i] * d[j]) as the q8_0 GEMV forms it (_q8_times: on the GPU one fma folding
+    # _q8_f32's subtraction, in the interpreter _q8_f32 and the product), one rounding
     i = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_d
     q = tl.load(q_ptr + i + tl.zeros([BLOCK], dtype=tl.int32))
     d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    w = triton_util._to(triton_util._q8_f32(q) * d, tl.bfloat16, EMU_BF16)
+    w = triton_util._to(triton_util._q8_times(q, d, not EMU_BF16), tl.bfloat16, EMU_BF16)
     tl.store(out_ptr + i * n_d + offs, w.to(tl.float32), mask=mask)
 
 
 def test_q8_conversion_and_bf16_rounding_exhaustive():
     """Every int8 q times every finite fp16 d: the kernels' int8 -> fp32 without a conversion instruction
-    (_q8_f32) is exact, so W = rnd_bf16(q * d) equals the spec's dequantization bit for bit."""
+    (_q8_f32) and the GEMV's fma form of q * d (_q8_times, GPU only) are exact, so W = rnd_bf16(q * d)
+    equals the spec's dequantization bit for bit."""
     q = torch.arange(-128, 128, dtype=torch.int8, device=DEVICE)
     d = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
     d = d[torch.isfinite(d)].to(DEVICE)
