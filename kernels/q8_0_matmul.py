@@ -121,7 +121,10 @@ def _candidates(m: int, same_dtype: bool, gemv: bool, host_bound: bool = False) 
     launches eagerly and the host, not the GPU, is the limit (a prefill): below DEQUANT_DEFAULT_M rows the
     two-launch dequantize + cuBLAS path is left out (its GPU-time advantage is smaller than a launch there)."""
     if gemv and m <= GEMV_MAX_M:
-        return ["gemv", "skinny"], "gemv"
+        # one row: the GEMV is 1.3-2x faster than the tiled kernel at every measured shape (bench/gemv_lab.py's
+        # tiled column), and timing them against each other measured the Python launch (longer than either
+        # kernel), not the GPU: one run took the tiled kernel's time (2x) for a 9600 x 3200 product
+        return (["gemv"] if m == 1 else ["gemv", "skinny"]), "gemv"
     if _m_bucket(m) <= 64:
         return ["skinny"], "skinny"
     if m >= DEQUANT_MIN_M and same_dtype and not (host_bound and m < DEQUANT_DEFAULT_M):

@@ -560,7 +560,7 @@ def test_host_bound_candidates_leave_out_the_two_launch_path():
         paths, default = _candidates(m, True, True, host_bound=True)
         assert paths == ["large"] and default == "large"
     assert "dequant" in _candidates(DEQUANT_DEFAULT_M, True, True, host_bound=True)[0]
-    assert _candidates(1, True, True, host_bound=True) == _candidates(1, True, True)  # decode: gemv
+    assert _candidates(1, True, True, host_bound=True) == _candidates(1, True, True) == (["gemv"], "gemv")
 
 
 def test_eager_inference_backend_same_numbers(tri):
