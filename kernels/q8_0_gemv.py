@@ -14,9 +14,9 @@ x's dtype), products W * x exact in fp32 for bf16/fp16 inputs, fp32 accumulation
 LoRA term s * t @ b.T is added in fp32 before that rounding; t = x @ a (fp32 sums, rounded once to x's
 dtype, as the spec forms it) is either given or formed inside the same launch (T_PROG).
 
-t in the same launch (T_PROG): a separate t = x @ a costs a launch per product (a
-cuBLAS split-K GEMM and its reduce: ~6 us each, 0.66 ms of a 3.2 ms decode step with two adapters), more
-than the term's arithmetic. So the first T_SPLITS programs of each row of the grid are t-programs: each
+t in the same launch (T_PROG): a separate t = x @ a costs a launch per product (a cuBLAS split-K GEMM
+and its reduce: ~6 us each, 0.66 ms of a 3.2 ms decode step with two adapters), more than the term's
+arithmetic. So the first T_SPLITS programs of each row of the grid are t-programs: each
 sums x . a over one chunk of K into an fp32 partial, and the last of them to finish (an acq_rel counter)
 adds the partials in a fixed order, rounds t, stores it and raises the row's flag (release). The other
 programs stream W as usual and wait for the flag (acquire) only in their epilogue, long after the
