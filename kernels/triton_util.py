@@ -51,11 +51,18 @@ def _to(x, dtype: tl.constexpr, EMU_BF16: tl.constexpr):
 
 
 @triton.jit
+def _q8_magic(q):
+    """1.5 * 2^23 + q as fp32, exactly: the integer q added to the bits of 1.5 * 2^23 (a float whose last
+    mantissa bits then hold q)."""
+    return (q.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _q8_f32(q):
-    """int8 -> fp32, exactly, without a conversion instruction: the integer added to the bits of 1.5 * 2^23
-    (a float whose last mantissa bits are q), minus 1.5 * 2^23. Integer and fp32 adds issue at 4-8x the rate
-    of the int-to-float conversion, which limits the q8_0 kernels' dequantization (bench/gemv_lab.py)."""
-    return (q.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    """int8 -> fp32, exactly, without a conversion instruction: _q8_magic(q) - 1.5 * 2^23. Integer and fp32
+    adds issue at 4-8x the rate of the int-to-float conversion, which limits the q8_0 kernels' dequantization
+    (bench/gemv_lab.py)."""
+    return _q8_magic(q) - 12582912.0
 
 
 @triton.jit
@@ -66,8 +73,7 @@ def _q8_times(q, d, FMA: tl.constexpr):
     _q8_f32(q) * d with one fp32 instruction per element fewer (the products are instruction-bound). Not
     under the interpreter, whose fma rounds the product before the add."""
     if FMA:
-        f = (q.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True)
-        return tl.fma(f, d, d * -12582912.0)
+        return tl.fma(_q8_magic(q), d, d * -12582912.0)
     else:
         return _q8_f32(q) * d
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from .lora import LoraAdapter, fused_lora_term, lora_terms, model_fns
-from .model import FUSED_KINDS, KVCache, LlamaModel
+from .model import KVCache, LlamaModel, fused_members
 
 
 class GraphDecoder:
@@ -53,8 +53,7 @@ class GraphDecoder:
             # dtype, formed once (nothing is cast or concatenated per token)
             self.fused = {}  # blk.N.<fused kind> -> (packed weight, term)
             for name, w in model.fused.items():
-                i, kind = name.split(".")[1], name.split(".")[2]
-                self.fused[name] = (w, one_term([f"blk.{i}.{m}.weight" for m in FUSED_KINDS[kind]]))
+                self.fused[name] = (w, one_term(fused_members(name)))
             single = [f"blk.{i}.{k}.weight" for i in range(args.n_layer) for k in ("attn_output", "ffn_down")]
             self.products = {n: (model.weight(n), one_term([n])) for n in [*single, "output.weight"]}
         self.tok = torch.zeros(1, 1, dtype=torch.long, device=dev)

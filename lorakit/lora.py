@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import FUSED_KINDS, LAYER_KINDS, LlamaModel, ModelArgs, Packed
+from .model import LAYER_KINDS, LlamaModel, ModelArgs, Packed, fused_members
 
 # llama.cpp's order of the 12 kinds (checkpoint rank keys, LoRA init order, ggla records)
 KINDS = ("token_embd", "output_norm", "output", *LAYER_KINDS)
@@ -194,8 +194,7 @@ def model_fns(
         """The members' outputs x @ W_j.T for blk.N.<fused kind>: views of one product over the packed
         weight (Packed.whole) with the members' LoRA terms as one block-diagonal term (differentiable:
         cat / block_diag of the factors), or one product per member where the model is not packed."""
-        _, i, kind = name.split(".")
-        members = [f"blk.{i}.{m}.weight" for m in FUSED_KINDS[kind]]
+        members = fused_members(name)
         w = model.fused.get(name)
         terms = [by_name.get(m, []) for m in members]
         rows = [model.tensors[m].shape[0] for m in members]

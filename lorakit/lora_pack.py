@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .lora import NORMS, kind_of
-from .model import FUSED_KINDS, LlamaModel
+from .model import LlamaModel, fused_members
 
 Shapes = tuple[tuple[str, tuple[int, int], tuple[int, int]], ...]  # (name, a shape, b shape) in params order
 Groups = tuple[tuple[str, tuple[tuple[str, int], ...]], ...]  # (packed weight, ((member weight, its rows), ..))
@@ -131,9 +131,9 @@ def pack_lora(
     ts = [t for ab in params.values() for t in ab]
     shapes = tuple((n, tuple(a.shape), tuple(b.shape)) for n, (a, b) in params.items())
     groups = tuple(
-        (packed, tuple((m, model.tensors[m].shape[0]) for m in _members(packed)))
+        (packed, tuple((m, model.tensors[m].shape[0]) for m in fused_members(packed)))
         for packed in model.fused
-        if any(m in params for m in _members(packed))
+        if any(m in params for m in fused_members(packed))
     )
     p = plan(shapes, groups, multiple, ts[0].device)
     outs = iter(PackFn.apply(p, dtype, *ts))
@@ -141,8 +141,3 @@ def pack_lora(
     for name, _, _ in p.terms:
         (packed if name in model.fused else pairs)[name] = (next(outs), next(outs))
     return pairs, packed
-
-
-def _members(packed: str) -> list[str]:
-    _, i, kind = packed.split(".")
-    return [f"blk.{i}.{m}.weight" for m in FUSED_KINDS[kind]]

@@ -42,6 +42,12 @@ NORM_KINDS = ("attn_norm", "ffn_norm", "output_norm")
 FUSED_KINDS = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_gate_up": ("ffn_gate", "ffn_up")}
 
 
+def fused_members(name: str) -> list[str]:
+    """The member weights of the packed weight `name` = blk.N.<FUSED_KINDS kind>, in packing order."""
+    _, i, kind = name.split(".")
+    return [f"blk.{i}.{m}.weight" for m in FUSED_KINDS[kind]]
+
+
 @dataclass(frozen=True)
 class ModelArgs:
     n_vocab: int
@@ -165,13 +171,14 @@ def pack_fused(model: LlamaModel) -> LlamaModel:
     """The model with each layer's FUSED_KINDS weights packed into one tensor (members become views)."""
     tensors, fused = dict(model.tensors), dict(model.fused)
     for i in range(model.args.n_layer):
-        for kind, members in FUSED_KINDS.items():
-            names = [f"blk.{i}.{m}.weight" for m in members]
-            if f"blk.{i}.{kind}" in fused:
+        for kind in FUSED_KINDS:
+            name = f"blk.{i}.{kind}"
+            names = fused_members(name)
+            if name in fused:
                 continue
             packed = _pack_rows([tensors[n] for n in names])
             if packed is not None:
-                fused[f"blk.{i}.{kind}"] = packed
+                fused[name] = packed
                 tensors.update(zip(names, _row_views(packed, [tensors[n].shape[0] for n in names]), strict=True))
     return LlamaModel(model.args, tensors, model.path, model.tied_output, model.source_types, fused)
 
