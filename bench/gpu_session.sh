@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
-#   bash bench/gpu_session.sh OUTDIR [gputests] [gemvtests] [gemvcheck] [decodetests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab] [gemvlab-quick] [gemvlab-roll] [predict] [prefill-fixed]
+#   bash bench/gpu_session.sh OUTDIR [gputests] [gemvtests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [predict] [prefill-fixed]
 #                             [finetune-quick] [finetune] [finetune-main] [finetune-big] [finetune-seed] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-small]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
@@ -34,25 +34,18 @@ for s in "$@"; do
     gputests) step pytest_gpu 180 env LORAKIT_AUTOTUNE=0 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_kernels.py; python3 -m pytest -q -x -p no:cacheprovider tests/test_decode.py tests/test_decode_ops.py \
         tests/test_train_ops.py tests/test_train_step_backends.py" ;;
-    gemvtests) step pytest_gemv 150 env LORAKIT_AUTOTUNE=0 bash -c "python3 -m pytest -q -x -p no:cacheprovider \
-        tests/test_kernels.py -k 'gemv or paths or lora or gpu'; python3 -m pytest -q -x -p no:cacheprovider \
-        tests/test_decode.py" ;;
-    gemvcheck) step pytest_gemvcheck 120 env LORAKIT_AUTOTUNE=0 bash -c "python3 -m pytest -q -x -p no:cacheprovider \
-        tests/test_kernels.py -k 'gemv or exhaustive or paths'; python3 -m pytest -q -x -p no:cacheprovider \
-        tests/test_decode.py" ;;
-    decodetests) step pytest_decode 150 env LORAKIT_AUTOTUNE=0 bash -c "python3 -m pytest -q -x -p no:cacheprovider \
-        tests/test_decode.py tests/test_decode_ops.py; python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
-        -k 'formed_t or t_programs'" ;;
+    gemvtests) step pytest_gemv 200 env LORAKIT_AUTOTUNE=0 bash -c "python3 -m pytest -q -x -p no:cacheprovider \
+        tests/test_kernels.py -k 'gemv or paths or lora or exhaustive'; python3 -m pytest -q -x -p no:cacheprovider \
+        tests/test_decode.py tests/test_decode_ops.py" ;;
     profile) step profile 240 python3 bench/profile_gpu.py --out "$out/profile_h200.json" ;;
     profile-decode) step profile_decode 200 python3 bench/profile_gpu.py --what decode,decode2 \
         --out "$out/profile_decode.json" ;;
     profile-pt) step profile_pt 240 python3 bench/profile_gpu.py --what prefill,train --out "$out/profile_pt.json" ;;
     loralab) step lora_lab 120 python3 bench/lora_lab.py --out "$out/lora_lab_h200.json" ;;
-    gemvlab) step gemv_lab 200 python3 bench/gemv_lab.py --out "$out/gemv_lab_h200.json" ;;
-    gemvlab-quick) step gemv_lab 120 python3 bench/gemv_lab.py --variants mag+cvt,mag+none,loadonly \
-        --out "$out/gemv_lab_h200.json" ;;
-    gemvlab-roll) step gemv_lab 200 python3 bench/gemv_lab.py --variants mag+cvt,mag+none,loadonly,prmt+cvt,roll \
-        --out "$out/gemv_lab_h200.json" ;;
+    gemvlab | gemvlab:*)  # gemvlab:VARIANTS runs only those (comma-separated, bench/gemv_lab.py --variants)
+        v=${s#gemvlab}
+        v=${v#:}
+        step gemv_lab 200 python3 bench/gemv_lab.py ${v:+--variants "$v"} --out "$out/gemv_lab_h200.json" ;;
     prefill-fixed) step prefill_fixed 100 env LORAKIT_AUTOTUNE=0 python3 bench/predict_gpu.py --only-prefill ;;
     predict) step predict 100 python3 bench/predict_gpu.py --out "$out/predict_h200.json" ;;
     finetune-quick)
