@@ -27,6 +27,7 @@ the fp32 sums (other tiles), so the table shows their largest difference in outp
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -190,29 +191,28 @@ ROLL_CONFIGS = [  # BLOCK_N, KB, G, warps
 ]
 
 
-def bench_roll(n, k, x, qs, d, ref) -> dict:
-    """The register-prefetch walk (numerics of mag+cvt), best of ROLL_CONFIGS."""
+def best_of(name: str, n: int, nbytes: int, ref: torch.Tensor, configs, launch, exact: bool) -> dict:
+    """The fastest of `configs` for launch(y, cfg) writing y [1, n] (GPU time, CUDA-graph replay; a config that
+    does not compile is reported and skipped), with its output's largest difference from ref in bf16 ulps
+    where the variant computes lorakit's W."""
     ulp = ref.float().abs().clamp_min(1e-30) * 2.0**-8
     best = None
-    for bn, kb, g, w in ROLL_CONFIGS:
+    for cfg in configs:
         y = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
-
-        def run(y=y, bn=bn, kb=kb, g=g, w=w):
-            _roll_kernel[(triton.cdiv(triton.cdiv(n, bn), g),)](x, qs, d, y, n, k, BLOCK_N=bn, KB=kb, G=g, num_warps=w)
-
+        run = functools.partial(launch, y, cfg)
         try:
             run()
-        except Exception as e:
-            print(f"roll {(bn, kb, g, w)}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        except Exception as e:  # a variant that does not compile is reported, not fatal
+            print(f"{name} {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
-        diff = float(((y.float() - ref.float()).abs() / ulp).max())
+        diff = float(((y.float() - ref.float()).abs() / ulp).max()) if exact else None
         t = triton.testing.do_bench_cudagraph(run, rep=20)
         if best is None or t < best[0]:
-            best = (t, (bn, kb, g, w), diff)
+            best = (t, cfg, diff)
     if best is None:
         return {"us": float("nan"), "GBps": float("nan"), "cfg": None, "max_diff_ulps": None}
     t, cfg, diff = best
-    return {"us": t * 1e3, "GBps": n * k * 34 / 32 / t / 1e6, "cfg": cfg, "max_diff_ulps": diff}
+    return {"us": t * 1e3, "GBps": nbytes / t / 1e6, "cfg": cfg, "max_diff_ulps": diff}
 
 
 def bench_shape(n: int, k: int, variants: dict) -> dict:
@@ -227,37 +227,26 @@ def bench_shape(n: int, k: int, variants: dict) -> dict:
     q8_0_matmul(x, qs, d, config={"path": "gemm"})  # autotune
     tiled = triton.testing.do_bench_cudagraph(lambda: q8_0_matmul(x, qs, d, config={"path": "gemm"}), rep=30)
     row = {"N": n, "K": k, "bytes": n * k * 34 // 32, "shipped_us": shipped * 1e3, "tiled_us": tiled * 1e3}
-    ulp = ref.float().abs().clamp_min(1e-30) * 2.0**-8
-    if "roll" in variants:
-        row["roll"] = bench_roll(n, k, x, qs, d, ref)
     for name, (conv, rnd) in variants.items():
         if name == "roll":
-            continue
-        best = None
-        for bn, kb, un, w in CONFIGS:
-            y = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
 
-            def run(y=y, bn=bn, kb=kb, un=un, w=w, conv=conv, rnd=rnd):
-                if conv == 3:
-                    _prmt_kernel[(triton.cdiv(n, bn),)](x, qw, d, y, n, k, BLOCK_N=bn, KB=kb, UNROLL=un, num_warps=w)
-                    return
-                _lab_kernel[(triton.cdiv(n, bn),)](x, qs, d, y, n, k, BLOCK_N=bn, KB=kb, UNROLL=un, CONV=conv,
-                                                   ROUND=rnd, num_warps=w)  # fmt: skip
+            def launch(y, cfg):
+                bn, kb, g, w = cfg
+                _roll_kernel[(triton.cdiv(triton.cdiv(n, bn), g),)](x, qs, d, y, n, k, BLOCK_N=bn, KB=kb, G=g,
+                                                                    num_warps=w)  # fmt: skip
 
-            try:
-                run()
-            except Exception as e:  # a variant that does not compile is reported, not fatal
-                print(f"{name} {(bn, kb, un, w)}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                continue
-            diff = float(((y.float() - ref.float()).abs() / ulp).max()) if rnd in (0, 1, 3) and conv != 2 else None
-            t = triton.testing.do_bench_cudagraph(run, rep=20)
-            if best is None or t < best[0]:
-                best = (t, (bn, kb, un, w), diff)
-        if best is None:
-            row[name] = {"us": float("nan"), "GBps": float("nan"), "cfg": None, "max_diff_ulps": None}
+            row[name] = best_of(name, n, row["bytes"], ref, ROLL_CONFIGS, launch, True)
             continue
-        t, cfg, diff = best
-        row[name] = {"us": t * 1e3, "GBps": row["bytes"] / t / 1e6, "cfg": cfg, "max_diff_ulps": diff}
+
+        def launch(y, cfg, conv=conv, rnd=rnd):
+            bn, kb, un, w = cfg
+            if conv == 3:
+                _prmt_kernel[(triton.cdiv(n, bn),)](x, qw, d, y, n, k, BLOCK_N=bn, KB=kb, UNROLL=un, num_warps=w)
+                return
+            _lab_kernel[(triton.cdiv(n, bn),)](x, qs, d, y, n, k, BLOCK_N=bn, KB=kb, UNROLL=un, CONV=conv,
+                                               ROUND=rnd, num_warps=w)  # fmt: skip
+
+        row[name] = best_of(name, n, row["bytes"], ref, CONFIGS, launch, rnd in (0, 1, 3) and conv != 2)
     return row
 
 
