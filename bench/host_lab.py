@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Where the host time of an eager 512-token prefill goes (open_llama_3b-shaped q8_0 model, random weights).
+
+    python bench/host_lab.py [--layers 26] [--tokens 512] [--out bench/results/host_lab_h200.json]
+
+The prefill launches op by op, so the host (Python + launch) can be the limit rather than the GPU. For each
+op the prefill calls, it times `calls` back-to-back calls without synchronizing: host us/call (until the
+Python call returns) next to wall us/call (until the GPU is done). Where host >= wall the op is host-bound.
+Then the same for one whole layer (model.block) and the whole prefill (Generator.logits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def host_wall(fn, calls: int) -> tuple[float, float]:
+    """(host us/call, wall us/call) over `calls` back-to-back calls after two warm-up calls."""
+    fn()
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return (t1 - t0) / calls * 1e6, (t2 - t0) / calls * 1e6
+
+
+def main(argv=None) -> int:
+    import triton
+    import triton.language as tl
+    from finetune_gpu import random_q8_model, shapes
+    from lorakit.backends import get_backend
+
+    from lorakit import flash
+    from lorakit.fused_ops import _heads
+    from lorakit.generate import Generator
+    from lorakit.model import block
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=26)
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--calls", type=int, default=50)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "host_lab_h200.json")
+    a = ap.parse_args(argv)
+
+    @triton.jit
+    def _bare(p0, p1, p2, p3, n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10, n11, B: tl.constexpr):
+        tl.store(p0 + tl.arange(0, B), tl.load(p1 + tl.arange(0, B)))
+
+    be = get_backend("cuda-triton").eager_inference()
+    model = random_q8_model(shapes(a.layers), be.device)
+    args, T, dt = model.args, a.tokens, torch.bfloat16
+    gen = Generator(model, be, (), n_ctx=T, dtype=dt)
+    linear, norm, _ = gen.fns
+    ops = gen.ops
+    cos, sin = gen.rope[0][:T], gen.rope[1][:T]
+    dev = be.device
+    E, H, D = args.n_embd, args.n_head, args.head_dim
+    x = torch.randn(1, T, E, device=dev, dtype=dt)
+    qkv = linear(x, "blk.0.attn_qkv")
+    whole = qkv.whole
+    g = torch.randn(1, T, args.n_ff, device=dev, dtype=dt)
+    w_n = norm("blk.0.attn_norm.weight")
+    p0 = torch.zeros(64, device=dev)
+    padded = whole.new_empty(1, T, 3 * H, flash.padded_head(D))
+    be.rope_heads(whole.view(1, T, 3 * H, D), cos, sin, 2 * H, padded)
+    q8 = model.fused["blk.0.attn_qkv"]
+    cache = gen.new_cache()
+    ids = torch.randint(3, args.n_vocab, (T,)).tolist()
+
+    cases = {
+        "triton bare launch (16 args)": lambda: _bare[(1,)](p0, p0, p0, p0, *range(1, 13), B=16),
+        "torch.empty [T, 9600]": lambda: torch.empty(T, 9600, device=dev, dtype=dt),
+        "torch add [T, E]": lambda: x + x,
+        "rms_norm_fwd": lambda: be.rms_norm_fwd(x, w_n, 1e-6),
+        "ops.rms_norm (autograd Function)": lambda: ops.rms_norm(x, w_n, 1e-6),
+        "ops.add_rms_norm": lambda: ops.add_rms_norm(x, x, w_n, 1e-6),
+        "rope_heads (q, k, v -> padded)": lambda: be.rope_heads(whole.view(1, T, 3 * H, D), cos, sin, 2 * H, padded),
+        "flash.forward": lambda: flash.forward(*_heads(padded, H, H), D**-0.5),
+        "ops.causal_attention (+ cache write)": lambda: ops.causal_attention(qkv, cos, sin, H, H, (cache.k[0],
+                                                                                                   cache.v[0])),
+        "q8_0_matmul qkv (backend.matmul)": lambda: be.matmul(x, q8),
+        "linear qkv (model_fns, packed)": lambda: linear(x, "blk.0.attn_qkv"),
+        "linear attn_output": lambda: linear(x, "blk.0.attn_output.weight"),
+        "ops.silu_mul": lambda: ops.silu_mul(g, g),
+        "block (one layer)": lambda: block(args, 0, x, linear, norm, cos, sin, cache, 0, ops),
+    }  # fmt: skip
+    rows = []
+    with torch.no_grad():
+        for name, fn in cases.items():
+            host, wall = host_wall(fn, a.calls)
+            rows.append({"case": name, "host_us": host, "wall_us": wall})
+            print(json.dumps(rows[-1]), flush=True)
+        host, wall = host_wall(lambda: gen.logits(ids, gen.new_cache(), 0), 5)
+        rows.append({"case": f"prefill {T} (Generator.logits)", "host_us": host, "wall_us": wall,
+                     "tok_s": T / wall * 1e6})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{'case':40s}{'host us':>10s}{'wall us':>10s}")
+    for r in rows:
+        print(f"{r['case']:40s}{r['host_us']:10.1f}{r['wall_us']:10.1f}")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"meta": {"gpu": torch.cuda.get_device_name(), "tokens": T}, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
