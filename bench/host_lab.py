@@ -38,6 +38,26 @@ def host_wall(fn, calls: int) -> tuple[float, float]:
     return (t1 - t0) / calls * 1e6, (t2 - t0) / calls * 1e6
 
 
+def print_profile(fn, calls: int, top: int) -> None:
+    """cProfile of `calls` calls of fn: the top functions by own time, us per call."""
+    import cProfile
+    import pstats
+
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    prof.disable()
+    st = pstats.Stats(prof)
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]
+    print(f"{'own us':>9s}{'cum us':>9s}{'calls':>7s}  function (per prefill)")
+    for (file, line, name), (_, ncalls, tt, ct, _) in rows:
+        where = f"{Path(file).parent.name}/{Path(file).name}:{line}" if line else file
+        print(f"{tt / calls * 1e6:9.0f}{ct / calls * 1e6:9.0f}{ncalls // calls:7d}  {name} ({where})")
+
+
 def main(argv=None) -> int:
     import triton
     import triton.language as tl
@@ -53,6 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=26)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--calls", type=int, default=50)
+    ap.add_argument("--profile", type=int, default=40, help="cProfile's top N functions (own time) of a prefill")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "host_lab_h200.json")
     a = ap.parse_args(argv)
 
@@ -81,7 +102,11 @@ def main(argv=None) -> int:
     cache = gen.new_cache()
     ids = torch.randint(3, args.n_vocab, (T,)).tolist()
 
+    compiled = _bare[(1,)](p0, p0, p0, p0, *range(1, 13), B=16)
+    runner = compiled[(1, 1, 1)]
+    stream = torch.cuda.current_stream().cuda_stream
     cases = {
+        "compiled-kernel launch (16 args)": lambda: runner(p0, p0, p0, p0, *range(1, 13), 16, stream=stream),
         "triton bare launch (16 args)": lambda: _bare[(1,)](p0, p0, p0, p0, *range(1, 13), B=16),
         "torch.empty [T, 9600]": lambda: torch.empty(T, 9600, device=dev, dtype=dt),
         "torch add [T, E]": lambda: x + x,
@@ -100,11 +125,17 @@ def main(argv=None) -> int:
     }  # fmt: skip
     rows = []
     with torch.no_grad():
+        prefill = lambda: gen.logits(ids, gen.new_cache(), 0)  # noqa: E731
+        host, wall = host_wall(prefill, 5)
+        rows.append({"case": f"prefill {T} first", "host_us": host, "wall_us": wall, "tok_s": T / wall * 1e6})
+        print(json.dumps(rows[-1]), flush=True)
+        if a.profile:
+            print_profile(prefill, 3, a.profile)
         for name, fn in cases.items():
             host, wall = host_wall(fn, a.calls)
             rows.append({"case": name, "host_us": host, "wall_us": wall})
             print(json.dumps(rows[-1]), flush=True)
-        host, wall = host_wall(lambda: gen.logits(ids, gen.new_cache(), 0), 5)
+        host, wall = host_wall(prefill, 5)
         rows.append({"case": f"prefill {T} (Generator.logits)", "host_us": host, "wall_us": wall,
                      "tok_s": T / wall * 1e6})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
