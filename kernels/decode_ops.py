@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_util import _to, check_tensor, interpreting
+from .triton_util import _to, cdiv, check_tensor, interpreting, next_pow2
 
 _INTERPRET = interpreting()
 MAX_ROW = 16384  # add_rms_norm keeps a whole row in registers
@@ -227,7 +227,7 @@ def add_rms_norm(
     s2, y2 = s.reshape(-1, E), y.view(-1, E)  # (s2 is only written when there is a delta)
     if h2.shape[0] == 0:
         return s, y
-    block = triton.next_power_of_2(E)
+    block = next_pow2(E)
     _add_rms_norm_kernel[(h2.shape[0],)](
         h2, d2, w, s2, y2, E, float(E), float(eps), h2.stride(0), d2.stride(0), s2.stride(0), y2.stride(0),
         HAS_DELTA=delta is not None, BLOCK=block, EMU_BF16=_INTERPRET, num_warps=min(16, max(1, block // 512)),
@@ -263,7 +263,7 @@ def rope_kv_write(
         qkv, cos, sin, pos, q, cache_k, cache_v, H, Hkv, D, min(n_ctx, cos.shape[0], sin.shape[0]),
         cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
         cache_k.stride(1), cache_k.stride(2), cache_v.stride(1), cache_v.stride(2),
-        BLOCK_P=max(1, triton.next_power_of_2(D // 2)), EMU_BF16=_INTERPRET, enable_fp_fusion=False, num_warps=1,
+        BLOCK_P=max(1, next_pow2(D // 2)), EMU_BF16=_INTERPRET, enable_fp_fusion=False, num_warps=1,
     )  # fmt: skip
     return q
 
@@ -306,7 +306,7 @@ def attention_decode(
     _attn_decode_kernel[(H, S)](
         q, cache_k, cache_v, pos, out, ws, cnt, n_ctx, H // Hkv, _LOG2E / math.sqrt(D), q.stride(1), q.stride(3),
         cache_k.stride(1) // a, cache_v.stride(1) // a, D=D, stride_kt=cache_k.stride(2), stride_vt=cache_v.stride(2),
-        KV_ALIGN=a, SPLITS=S, BLOCK_S=triton.next_power_of_2(S), BLOCK_T=BLOCK_T, BLOCK_D=triton.next_power_of_2(D),
+        KV_ALIGN=a, SPLITS=S, BLOCK_S=next_pow2(S), BLOCK_T=BLOCK_T, BLOCK_D=next_pow2(D),
         EMU_BF16=_INTERPRET, num_warps=ATTN_WARPS,
     )  # fmt: skip
     return out
@@ -321,4 +321,4 @@ def check_counters(counters: torch.Tensor, H: int, device: torch.device) -> None
 
 def attention_splits(n_ctx: int) -> int:
     """S for a cache of n_ctx rows: one split per BLOCK_T-key block of the cache, at most MAX_SPLITS."""
-    return max(1, min(triton.cdiv(n_ctx, BLOCK_T), MAX_SPLITS))
+    return max(1, min(cdiv(n_ctx, BLOCK_T), MAX_SPLITS))

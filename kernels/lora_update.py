@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_util import cdiv
+
 # the same switch triton.jit read when it decorated the kernels below (TRITON_INTERPRET at import)
 _INTERPRET = bool(triton.knobs.runtime.interpret)
 
@@ -232,7 +234,7 @@ def adamw_flat(
     else:
         flags, mode = x, (1 if decay else 0)  # flags unused
 
-    n_blocks = max(1, triton.cdiv(n, BLOCK))
+    n_blocks = max(1, cdiv(n, BLOCK))
     parts = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     factor = torch.empty(1, dtype=torch.float32, device=x.device)
     norm = torch.empty((), dtype=torch.float64, device=x.device)

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_util import _INTERPRET, QK, _q8_f32, _to
+from .triton_util import _INTERPRET, QK, _q8_f32, _to, cdiv, launch, next_pow2
 
 
 @triton.jit
@@ -76,10 +76,10 @@ def q8_0_dequantize(
     out = torch.empty(rows, k, dtype=dtype, device=qs.device)
     if rows == 0:
         return out.reshape(*lead, k)
-    block_k = min(1024, triton.next_power_of_2(k))
-    grid = (rows, triton.cdiv(k, block_k))
+    block_k = min(1024, next_pow2(k))
+    grid = (rows, cdiv(k, block_k))
     args = (qs, d, idx, out, k, qs.stride(0), d.stride(0), out.stride(0))
-    _q8_rows_kernel[grid](*args, HAS_IDX=index is not None, BLOCK_K=block_k, EMU_BF16=_INTERPRET)
+    launch(_q8_rows_kernel, grid, args, dict(HAS_IDX=index is not None, BLOCK_K=block_k, EMU_BF16=_INTERPRET))
     return out.reshape(*lead, k)
 
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 from .q8_0_dequant import DequantCache, _check_weight, q8_0_dequantize
 from .q8_0_gemm import _q8_gemm_kernel, _q8_gemm_t_kernel
@@ -59,7 +58,7 @@ from .q8_0_tuning import (
     _tiles,
     choose_path,
 )
-from .triton_util import _INTERPRET, ACT_DTYPES, QK, interpreting
+from .triton_util import _INTERPRET, ACT_DTYPES, QK, cdiv, interpreting, launch, next_pow2
 
 __all__ = [
     "QK",
@@ -89,9 +88,10 @@ def _num_sms(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index or 0).multi_processor_count
 
 
+@functools.lru_cache(maxsize=4096)
 def _m_bucket(m: int) -> int:
     """Autotune bucket of M: the next power of two, capped at 8192."""
-    return min(8192, triton.next_power_of_2(max(1, m)))
+    return min(8192, next_pow2(max(1, m)))
 
 
 def _split(tiles: int, k_tiles: int, target: int, max_split: int = 16) -> int:
@@ -103,6 +103,7 @@ def _split(tiles: int, k_tiles: int, target: int, max_split: int = 16) -> int:
     return s
 
 
+@functools.lru_cache(maxsize=4096)
 def _split_for(path: str, m: int, n_out: int, n_red: int, device: torch.device) -> int:
     """Split of the reduction for the tiled paths; depends on (bucket, N, K) only (the autotune key)."""
     if path not in ("skinny", "large"):
@@ -110,10 +111,10 @@ def _split_for(path: str, m: int, n_out: int, n_red: int, device: torch.device) 
     sms = _num_sms(device.index if device.type == "cuda" else None)
     mb = _m_bucket(m)
     if path == "skinny":
-        tiles = triton.cdiv(mb, _skinny_block_m(mb)) * triton.cdiv(n_out, 64)
-        return _split(tiles, triton.cdiv(n_red, 64), 2 * sms)
-    tiles = triton.cdiv(mb, 128) * triton.cdiv(n_out, 128)
-    return _split(tiles, triton.cdiv(n_red, 64), sms)
+        tiles = cdiv(mb, _skinny_block_m(mb)) * cdiv(n_out, 64)
+        return _split(tiles, cdiv(n_red, 64), 2 * sms)
+    tiles = cdiv(mb, 128) * cdiv(n_out, 128)
+    return _split(tiles, cdiv(n_red, 64), sms)
 
 
 def _candidates(m: int, same_dtype: bool, gemv: bool, host_bound: bool = False) -> tuple[list[str], str]:
@@ -194,12 +195,12 @@ def _gemv(x2, qs, d, y, lora, cfg: dict) -> None:
     n = qs.shape[0]
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
     t, a, bb, r, s = lora if lora is not None else (y, y, y, 0, 0.0)  # dummies, never read without HAS_LORA
-    block_r = max(1, triton.next_power_of_2(r))
+    block_r = max(1, next_pow2(r))
     t_prog = lora is not None and t is None
     splits, block_kt, ws, sync = 0, 1, y, y
     if t_prog:
         block_kt = int(cfg.get("BLOCK_KT", max(16, 4096 // block_r)))
-        splits = triton.cdiv(k, block_kt)
+        splits = cdiv(k, block_kt)
         t = torch.empty(m, r, dtype=x2.dtype, device=x2.device)
         ws = torch.empty(m, splits, block_r, dtype=torch.float32, device=x2.device)
         sync = _sync_words(x2.device, 3 * m)
@@ -207,13 +208,13 @@ def _gemv(x2, qs, d, y, lora, cfg: dict) -> None:
             t.stride(0), t.stride(1), bb.stride(0), bb.stride(1), r, float(s),
             a, a.stride(0), a.stride(1), ws, sync, splits)  # fmt: skip
     const = dict(HAS_LORA=lora is not None, BLOCK_R=block_r, EMU_BF16=_INTERPRET, T_PROG=t_prog,
-                 BLOCK_KT=block_kt, BLOCK_S=triton.next_power_of_2(max(1, splits)))  # fmt: skip
+                 BLOCK_KT=block_kt, BLOCK_S=next_pow2(max(1, splits)))  # fmt: skip
     if _INTERPRET or "BLOCK_N" in cfg:
         tiles = _tiles(_INTERP_GEMV, cfg)
-        _q8_gemv_kernel[(splits + triton.cdiv(n, tiles["BLOCK_N"]), m)](*args, **const, **tiles)
+        launch(_q8_gemv_kernel, (splits + cdiv(n, tiles["BLOCK_N"]), m), args, {**const, **tiles})
     else:
         key = ("gemv", m, n, k, x2.dtype, y.dtype, lora is not None, t_prog)
-        grid = lambda meta: (splits + triton.cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731
+        grid = lambda meta: (splits + cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731
         _launch_tuned("gemv", _q8_gemv_kernel, grid, args, const, key, None)
 
 
@@ -244,18 +245,18 @@ def _fwd(path: str, x2, qs, d, y, lora, cfg: dict, cache: DequantCache | None = 
     const = dict(
         SPLIT_K=split,
         HAS_LORA=lora is not None,
-        BLOCK_R=max(16, triton.next_power_of_2(r)),
+        BLOCK_R=max(16, next_pow2(r)),
         DOT_F32=_dot_f32(x2.dtype),
         EMU_BF16=_INTERPRET,
     )
     if _INTERPRET or "BLOCK_N" in cfg:
         tiles = _tiles(_INTERP_GEMM, cfg)
-        grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(n, tiles["BLOCK_N"]), split)
-        _q8_gemm_kernel[grid](*args, **const, **tiles, EVEN_K=k % tiles["BLOCK_K"] == 0)
+        grid = (cdiv(m, tiles["BLOCK_M"]) * cdiv(n, tiles["BLOCK_N"]), split)
+        launch(_q8_gemm_kernel, grid, args, {**const, **tiles, "EVEN_K": k % tiles["BLOCK_K"] == 0})
     else:
         name = "gemm_skinny" if path == "skinny" else "gemm_large"
         key = (name, _m_bucket(m), n, k, x2.dtype, out.dtype, lora is not None, split)
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
+        grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
         _launch_tuned(name, _q8_gemm_kernel, grid, args, const, key, ("EVEN_K", "BLOCK_K", k))
     if split > 1:
         _reduce_splits(out, y)
@@ -346,12 +347,12 @@ def _grad(path: str, dy2, qs, d, dx, cfg: dict, cache: DequantCache | None = Non
     const = dict(SPLIT_N=split, DOT_F32=_dot_f32(dy2.dtype), EMU_BF16=_INTERPRET)
     if _INTERPRET or "BLOCK_N" in cfg:
         tiles = _tiles(_INTERP_GEMM_T, cfg)
-        grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(k, tiles["BLOCK_K"]), split)
-        _q8_gemm_t_kernel[grid](*args, **const, **tiles, EVEN_N=n % tiles["BLOCK_N"] == 0)
+        grid = (cdiv(m, tiles["BLOCK_M"]) * cdiv(k, tiles["BLOCK_K"]), split)
+        launch(_q8_gemm_t_kernel, grid, args, {**const, **tiles, "EVEN_N": n % tiles["BLOCK_N"] == 0})
     else:
         name = "gemm_t_skinny" if path == "skinny" else "gemm_t_large"
         key = (name, _m_bucket(m), n, k, dy2.dtype, out.dtype, split)
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]), split)  # noqa: E731
+        grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(k, meta["BLOCK_K"]), split)  # noqa: E731
         _launch_tuned(name, _q8_gemm_t_kernel, grid, args, const, key, ("EVEN_N", "BLOCK_N", n))
     if split > 1:
         _reduce_splits(out, dx)

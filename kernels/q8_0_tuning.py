@@ -12,7 +12,7 @@ import triton
 
 from .q8_0_gemm import _q8_gemm_kernel, _q8_gemm_t_kernel
 from .q8_0_gemv import _q8_gemv_kernel
-from .triton_util import _INTERPRET
+from .triton_util import _INTERPRET, launch
 
 
 def autotuning() -> bool:
@@ -171,6 +171,7 @@ _INTERP_GEMV = {"BLOCK_N": 16, "KB": 2, "UNROLL": 1}
 # best autotuned config per launch key: later calls skip the Autotuner/Heuristics wrappers (their
 # Python overhead is tens of microseconds, comparable to a decode-sized kernel)
 _BEST: dict[tuple, triton.Config] = {}
+_META: dict[tuple, dict] = {}  # ... as the raw kernel's constexprs and options
 
 
 def _launch_tuned(name: str, raw, grid_fn, args: tuple, const: dict, key: tuple, even: tuple[str, str, int] | None):
@@ -182,11 +183,14 @@ def _launch_tuned(name: str, raw, grid_fn, args: tuple, const: dict, key: tuple,
         tuned[grid_fn](*args, **const)
         _BEST[key] = tuned.best_config
         return
-    meta = best.all_kwargs()
-    if even is not None:
-        flag, block, length = even
-        meta[flag] = length % meta[block] == 0
-    raw[grid_fn(meta)](*args, **const, **meta)
+    meta = _META.get(key)
+    if meta is None:
+        meta = best.all_kwargs()
+        if even is not None:
+            flag, block, length = even
+            meta[flag] = length % meta[block] == 0
+        _META[key] = meta
+    launch(raw, grid_fn(meta), args, {**const, **meta})
 
 
 def _tiles(defaults: dict, cfg: dict) -> dict:

@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_util import ACT_DTYPES, _to, check_tensor, interpreting
+from .triton_util import ACT_DTYPES, _to, cdiv, check_tensor, interpreting, launch, next_pow2
 
 _INTERPRET = interpreting()
 MAX_ROW = 16384  # rms_norm keeps a whole row in registers
@@ -248,12 +248,11 @@ def _rms_fwd(x, res, w, eps):
     rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
     if x2.shape[0] == 0:
         return s, y, rstd
-    block = triton.next_power_of_2(E)
-    _rms_norm_fwd_kernel[(x2.shape[0],)](
-        x2, r2, s, _w_arg(w, x.dtype), y, rstd, E, float(E), float(eps), x2.stride(0), r2.stride(0),
-        HAS_RES=res is not None, BLOCK=block, EMU_BF16=_INTERPRET, enable_fp_fusion=False,
-        num_warps=_row_warps(block),
-    )  # fmt: skip
+    block = next_pow2(E)
+    launch(_rms_norm_fwd_kernel, (x2.shape[0],),
+           (x2, r2, s, _w_arg(w, x.dtype), y, rstd, E, float(E), float(eps), x2.stride(0), r2.stride(0)),
+           dict(HAS_RES=res is not None, BLOCK=block, EMU_BF16=_INTERPRET, enable_fp_fusion=False,
+                num_warps=_row_warps(block)))  # fmt: skip
     return s, y, rstd
 
 
@@ -274,15 +273,15 @@ def rms_norm_bwd(
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if n_rows == 0:
         return dx, torch.zeros(E, dtype=torch.float32, device=x.device)
-    rows_per_prog = triton.cdiv(n_rows, BWD_PROGRAMS)
-    n_prog = triton.cdiv(n_rows, rows_per_prog)
+    rows_per_prog = cdiv(n_rows, BWD_PROGRAMS)
+    n_prog = cdiv(n_rows, rows_per_prog)
     part = torch.empty(n_prog, E, dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(E)
-    _rms_norm_bwd_kernel[(n_prog,)](
-        dy2, x2, _w_arg(w, x.dtype), rstd, dr2, dx, part, n_rows, rows_per_prog, E, float(E), dy2.stride(0),
-        x2.stride(0), dr2.stride(0), HAS_DRES=dres is not None,
-        BLOCK=block, EMU_BF16=_INTERPRET, enable_fp_fusion=False, num_warps=_row_warps(block),
-    )  # fmt: skip
+    block = next_pow2(E)
+    launch(_rms_norm_bwd_kernel, (n_prog,),
+           (dy2, x2, _w_arg(w, x.dtype), rstd, dr2, dx, part, n_rows, rows_per_prog, E, float(E), dy2.stride(0),
+            x2.stride(0), dr2.stride(0)),
+           dict(HAS_DRES=dres is not None, BLOCK=block, EMU_BF16=_INTERPRET, enable_fp_fusion=False,
+                num_warps=_row_warps(block)))  # fmt: skip
     return dx, part.sum(0)
 
 
@@ -317,14 +316,15 @@ def rope_heads(
     if out.numel() == 0:
         return out
     W = out.shape[3]
-    block_w = triton.next_power_of_2(W)
-    block_h = min(triton.next_power_of_2(H), max(1, ROPE_TILE // block_w))
-    _heads_kernel[(B * T, triton.cdiv(H, block_h))](
-        x, out, cos, sin, T, H, n_rot, D, W, x.stride(0), x.stride(1), x.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
-        HAS_ROT=n_rot > 0, INVERSE=bool(inverse), BLOCK_H=block_h, BLOCK_W=block_w, EMU_BF16=_INTERPRET,
-        enable_fp_fusion=False, num_warps=8 if block_h * block_w >= 4096 else (4 if block_h * block_w >= 512 else 1),
-    )  # fmt: skip
+    block_w = next_pow2(W)
+    block_h = min(next_pow2(H), max(1, ROPE_TILE // block_w))
+    xs, os_, cs, ss = x.stride(), out.stride(), cos.stride(), sin.stride()
+    launch(_heads_kernel, (B * T, cdiv(H, block_h)),
+           (x, out, cos, sin, T, H, n_rot, D, W, xs[0], xs[1], xs[2], os_[0], os_[1], os_[2], cs[0], cs[1], ss[0],
+            ss[1]),
+           dict(HAS_ROT=n_rot > 0, INVERSE=bool(inverse), BLOCK_H=block_h, BLOCK_W=block_w, EMU_BF16=_INTERPRET,
+                enable_fp_fusion=False,
+                num_warps=8 if block_h * block_w >= 4096 else (4 if block_h * block_w >= 512 else 1)))  # fmt: skip
     return out
 
 
@@ -349,11 +349,9 @@ def silu_mul_fwd(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     rows = g2.shape[0]
     if rows == 0:
         return y
-    n_blk = triton.cdiv(Fd, EW_BLOCK)
-    _silu_mul_fwd_kernel[(rows * n_blk,)](
-        g2, u2, y, Fd, n_blk, g2.stride(0), u2.stride(0),
-        BLOCK=EW_BLOCK, EMU_BF16=_INTERPRET, enable_fp_fusion=False, num_warps=4,
-    )  # fmt: skip
+    n_blk = cdiv(Fd, EW_BLOCK)
+    launch(_silu_mul_fwd_kernel, (rows * n_blk,), (g2, u2, y, Fd, n_blk, g2.stride(0), u2.stride(0)),
+           dict(BLOCK=EW_BLOCK, EMU_BF16=_INTERPRET, enable_fp_fusion=False, num_warps=4))  # fmt: skip
     return y
 
 
@@ -375,9 +373,9 @@ def silu_mul_bwd(
     rows = g2.shape[0]
     if rows == 0:
         return dg, du
-    n_blk = triton.cdiv(Fd, EW_BLOCK)
-    _silu_mul_bwd_kernel[(rows * n_blk,)](
-        dy2, g2, u2, dg2, du2, Fd, n_blk, dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0),
-        BLOCK=EW_BLOCK, EMU_BF16=_INTERPRET, enable_fp_fusion=False, num_warps=4,
-    )  # fmt: skip
+    n_blk = cdiv(Fd, EW_BLOCK)
+    launch(_silu_mul_bwd_kernel, (rows * n_blk,),
+           (dy2, g2, u2, dg2, du2, Fd, n_blk, dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0),
+            du2.stride(0)),
+           dict(BLOCK=EW_BLOCK, EMU_BF16=_INTERPRET, enable_fp_fusion=False, num_warps=4))  # fmt: skip
     return dg, du

@@ -20,6 +20,19 @@ def interpreting() -> bool:
 ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+# Host-side grid and block arithmetic for the launchers. triton.cdiv and triton.next_power_of_2 are
+# constexpr_functions in triton 3.6: each host call unwraps its arguments through triton's constexpr
+# machinery (~5 us; a 512-token prefill made ~1,500 such calls, about an eighth of its host time).
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for integers (triton.cdiv)."""
+    return (a + b - 1) // b
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n for n >= 1, 0 for n = 0 (triton.next_power_of_2)."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
 def check_tensor(x: torch.Tensor, what: str, dtype: torch.dtype | None = None, device=None) -> None:
     """A kernel operand: a float activation dtype (or exactly `dtype`), on `device`, on CUDA (or the
     interpreter's CPU), contiguous along its last axis."""
@@ -33,6 +46,64 @@ def check_tensor(x: torch.Tensor, what: str, dtype: torch.dtype | None = None, d
         raise ValueError(f"{what} must be a CUDA tensor (or set TRITON_INTERPRET=1 before importing triton)")
     if x.dim() and x.stride(-1) != 1:
         raise ValueError(f"{what} must be contiguous along its last axis")
+
+
+# (kernel, device, constexprs + options, specialization of the runtime arguments) -> (compiled kernel, the
+# constexpr tail of its argument list); see launch()
+_COMPILED: dict[tuple, tuple] = {}
+
+
+def launch(kernel, grid: tuple, args: tuple, const: dict) -> None:
+    """kernel[grid](*args, **const): `args` the kernel's leading runtime arguments in order, `const` its
+    constexprs (by name) and compile options (num_warps, ...).
+
+    triton's JIT dispatch (binding, specialization, cache key, lookup) costs about as much host time per
+    launch as the launch itself (bench/host_lab.py: 28 vs 14 us for 16 arguments on the H200's host), and an
+    eager prefill is host-bound. So the first launch per specialization goes through triton and keeps the
+    compiled kernel; later ones call its launcher directly. The key holds everything triton specializes on
+    and more: every int argument's value, every tensor's dtype and 16-byte alignment, the type of floats,
+    the constexprs and options, the current device. Launch hooks (knobs.runtime) are honoured."""
+    if _INTERPRET:
+        kernel[grid](*args, **const)
+        return
+    device = triton.runtime.driver.active.get_current_device()
+    spec = tuple(
+        (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (float if type(a) is float else a)
+        for a in args
+    )
+    key = (kernel, device, tuple(const.items()), spec)
+    hit = _COMPILED.get(key)
+    if hit is None:
+        compiled = kernel[grid](*args, **const)
+        _COMPILED[key] = (compiled, _constexpr_tail(kernel, len(args), const))
+        return
+    compiled, tail = hit
+    if tail is None:  # runtime arguments after a constexpr: triton's own dispatch
+        kernel[grid](*args, **const)
+        return
+    full = (*args, *tail)
+    stream = triton.runtime.driver.active.get_current_stream(device)
+    g = (*grid, 1, 1)
+    rt = triton.knobs.runtime
+    meta = compiled.launch_metadata(grid, stream, *full)  # None unless a launch hook is set
+    compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, meta,
+                 rt.launch_enter_hook, rt.launch_exit_hook, *full)  # fmt: skip
+
+
+def _constexpr_tail(kernel, n_args: int, const: dict) -> tuple | None:
+    """The values of the kernel's parameters after its first n_args (all constexprs: from const or their
+    defaults), or None where one of them is not a constexpr."""
+    tail = []
+    for p in kernel.params[n_args:]:
+        if not p.is_constexpr:
+            return None
+        if p.name in const:
+            tail.append(const[p.name])
+        elif p.has_default:
+            tail.append(p.default)
+        else:
+            return None
+    return tuple(tail)
 
 
 @triton.jit

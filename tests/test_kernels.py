@@ -550,6 +550,57 @@ def test_q8_conversion_and_bf16_rounding_exhaustive():
     assert torch.equal(out, ref)
 
 
+def test_host_grid_arithmetic_matches_triton():
+    """triton_util.cdiv / next_pow2 (plain host functions) give triton.cdiv / triton.next_power_of_2's values."""
+    for n in [*range(0, 2100), 4095, 4096, 4097, 2**31 - 1, 2**31, 2**40 + 3]:
+        assert triton_util.next_pow2(n) == triton.next_power_of_2(n), n
+        for b in (1, 16, 32, 100, 1024):
+            assert triton_util.cdiv(n, b) == triton.cdiv(n, b), (n, b)
+
+
+@triton.jit
+def _affine_kernel(x_ptr, y_ptr, n, shift, BLOCK: tl.constexpr, SCALE: tl.constexpr, NEG: tl.constexpr = False):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    y = x * SCALE + shift
+    if NEG:
+        y = -y
+    tl.store(y_ptr + offs, y, mask=offs < n)
+
+
+@triton.jit
+def _late_arg_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr, shift):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + shift, mask=offs < n)
+
+
+@gpu
+def test_launch_reuses_compiled_kernels_per_specialization():
+    """triton_util.launch: the first launch per key through triton, later ones straight to the compiled
+    kernel's launcher. Every call computes what kernel[grid](...) computes, across what triton specializes on:
+    int values (1, multiples of 16, others), tensor alignment (a view one element in), float arguments,
+    constexprs and options, defaulted constexprs; a runtime argument after a constexpr takes triton's path."""
+    g = torch.Generator().manual_seed(0)
+    for rep in range(3):  # the same keys again: the cached path
+        for n, offset, shift, scale, neg in [(37, 0, 0.5, 2, False), (37, 1, -1.0, 2, False), (1, 0, 3.0, 2, False),
+                                             (16, 0, 0.25, 3, True), (64, 1, 0.0, 2, False)]:  # fmt: skip
+            x = torch.randn(n + offset, generator=g).to(DEVICE)[offset:]
+            y = torch.full((n + 1,), 7.0, device=DEVICE)
+            const = dict(BLOCK=16, SCALE=scale, num_warps=1, **({"NEG": True} if neg else {}))
+            triton_util.launch(_affine_kernel, (triton_util.cdiv(n, 16),), (x, y, n, shift), const)
+            want = (x * scale + shift) * (-1 if neg else 1)
+            assert torch.equal(y[:n], want), (rep, n, offset, neg)
+            assert y[n] == 7.0  # nothing written past n
+        x = torch.randn(40, generator=g).to(DEVICE)
+        y = torch.zeros(40, device=DEVICE)
+        triton_util.launch(_late_arg_kernel, (3,), (x, y, 40), dict(BLOCK=16, shift=1.5))
+        assert torch.equal(y, x + 1.5)
+    if CUDA:
+        keys = [k for k in triton_util._COMPILED if k[0] is _affine_kernel]
+        assert len(keys) == 5  # one per distinct specialization above, reused on the later passes
+        assert all(tail is None for k, (_, tail) in triton_util._COMPILED.items() if k[0] is _late_arg_kernel)
+
+
 def test_host_bound_candidates_leave_out_the_two_launch_path():
     """A prefill (host_bound) never takes dequantize + cuBLAS below DEQUANT_DEFAULT_M rows; above, and for
     graph-replayed work, the measured choice keeps every path."""
