@@ -129,9 +129,11 @@ class Backend(Protocol):
         n_rot: int,
         out: torch.Tensor,
         inverse: bool = False,
+        last: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """out[..., :D] = rope_fwd of x's first n_rot heads, x's other heads unchanged; out[..., D:] = 0.
-        x [B, T, H, D], out [B, T, H, W >= D] (views into packed or padded buffers). Returns out."""
+        x [B, T, H, D], out [B, T, H, W >= D] (views into packed or padded buffers). last [B, T, Hl, D]: also
+        gets out[:, :, H - Hl:, :D] (a prompt's k and v into a KV cache). Returns out."""
 
     def silu_mul_fwd(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """F.silu(g) * u as model.feed_forward (silu rounded to the dtype, then the product)."""

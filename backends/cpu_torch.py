@@ -185,12 +185,16 @@ class CpuTorchBackend:
         n_rot: int,
         out: torch.Tensor,
         inverse: bool = False,
+        last: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """out[..., :D] = rope_fwd on the first n_rot heads, the rest copied; out[..., D:] = 0."""
+        """out[..., :D] = rope_fwd on the first n_rot heads, the rest copied; out[..., D:] = 0; last = the last
+        heads of out[..., :D]."""
         D = x.shape[-1]
         out[..., D:] = 0
         out[:, :, :n_rot, :D] = self.rope_fwd(x[:, :, :n_rot], cos, sin, inverse)
         out[:, :, n_rot:, :D] = x[:, :, n_rot:]
+        if last is not None:
+            last.copy_(out[:, :, out.shape[2] - last.shape[2] :, :D])
         return out
 
     def silu_mul_fwd(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

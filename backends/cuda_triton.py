@@ -123,8 +123,9 @@ class CudaTritonBackend:
         n_rot: int,
         out: torch.Tensor,
         inverse: bool = False,
+        last: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self._train.rope_heads(x, cos, sin, n_rot, out, inverse)
+        return self._train.rope_heads(x, cos, sin, n_rot, out, inverse, last)
 
     def silu_mul_fwd(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return self._train.silu_mul_fwd(g, u)

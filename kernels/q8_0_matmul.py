@@ -234,14 +234,16 @@ def _fwd(path: str, x2, qs, d, y, lora, cfg: dict, cache: DequantCache | None = 
             t, _, bb, _, s = lora
             y.addmm_(t, bb.T, alpha=s)
         return
-    t, _, bb, r, s = lora if lora is not None else (y, None, y, 0, 0.0)  # dummies, never read without HAS_LORA
-    lora_args = (t.stride(0), t.stride(1), bb.stride(0), bb.stride(1), r, float(s))
-    split = int(cfg.get("SPLIT_K", _split_for(path, m, n, k, x2.device)))
+    if lora is None:  # dummies, never read without HAS_LORA
+        t, bb, r, lora_args = y, y, 0, (0, 0, 0, 0, 0, 0.0)
+    else:
+        t, _, bb, r, s = lora
+        lora_args = (*t.stride(), *bb.stride(), r, float(s))
+    split = int(cfg["SPLIT_K"]) if "SPLIT_K" in cfg else _split_for(path, m, n, k, x2.device)
     out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
-    ys = out.stride(0) if split > 1 else 0
-    ym, yn = (out.stride(1), out.stride(2)) if split > 1 else (out.stride(0), out.stride(1))
-    args = (x2, qs, d, out, t, bb, m, n, k, _m_bucket(m),
-            x2.stride(0), x2.stride(1), qs.stride(0), d.stride(0), ys, ym, yn, *lora_args)  # fmt: skip
+    ys, ym, yn = out.stride() if split > 1 else (0, *out.stride())
+    args = (x2, qs, d, out, t, bb, m, n, k, _m_bucket(m), *x2.stride(), qs.stride(0), d.stride(0), ys, ym, yn,
+            *lora_args)  # fmt: skip
     const = dict(
         SPLIT_K=split,
         HAS_LORA=lora is not None,

@@ -23,10 +23,11 @@ allocate -> launch. rnd(.) is the rounding to the compute dtype, E the row lengt
       block of heads. Pairs (x0, x1) = (x[2i], x[2i+1]) turn by theta = (t, i):
       forward  (x0*c - x1*s, x0*s + x1*c),  inverse (x0*c + x1*s, -x0*s + x1*c) (the inverse is the forward with
       s -> -s, exactly). The rotation is orthogonal, so the backward of rope_fwd is rope_fwd(dy, inverse=True).
-  rope_heads(x, cos, sin, n_rot, out, inverse=False) -> out   the general form behind rope_fwd: x's first n_rot
-      heads turned, the others copied, into out [B, T, H, W >= D] (any strides but the last axis: views into a
-      packed product, a zero-tailed padded buffer or a KV cache); columns D..W-1 of each head set to zero. One
-      program per (b, t) and block of heads, whole head rows (element j's pair partner is a second load of j ^ 1).
+  rope_heads(x, cos, sin, n_rot, out, inverse=False, last=None) -> out   the general form behind rope_fwd: x's
+      first n_rot heads turned, the others copied, into out [B, T, H, W >= D] (any strides but the last axis:
+      views into a packed product, a zero-tailed padded buffer or a KV cache); columns D..W-1 of each head set to
+      zero; `last` gets the last heads' D columns too (a prompt's k and v into the KV cache). One program per
+      (b, t) and block of heads, whole head rows (element j's pair partner is a second load of j ^ 1).
   silu_mul_fwd(g, u) -> y   elementwise: a = rnd(g / (1 + exp(-g))), y = rnd(a * u)   (F.silu(g) * up)
   silu_mul_bwd(dy, g, u, out=None) -> (dg, du)   with sig = 1 / (1 + exp(-g)) (out: tensors to write into):
       du = rnd(dy * a)                                    (a as the forward stored it)
@@ -121,11 +122,12 @@ def _rms_norm_bwd_kernel(
 @triton.jit
 def _heads_kernel(
     x_ptr, y_ptr, cos_ptr, sin_ptr, T, H, N_ROT, D, W, stride_xb, stride_xt, stride_xh, stride_yb, stride_yt,
-    stride_yh, stride_c0, stride_c1, stride_s0, stride_s1,
+    stride_yh, stride_c0, stride_c1, stride_s0, stride_s1, z_ptr, H_Z, stride_zb, stride_zt, stride_zh,
     HAS_ROT: tl.constexpr, INVERSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    EMU_BF16: tl.constexpr,
+    EMU_BF16: tl.constexpr, HAS_Z: tl.constexpr = False,
 ):  # fmt: skip
     """y[b, t, h, :D] = RoPE(x[b, t, h]) for heads h < N_ROT, x[b, t, h] for the others; y[b, t, h, D:W] = 0.
+    HAS_Z: the last heads h >= H_Z of that also go to z[b, t, h - H_Z, :D].
     A [BLOCK_H, BLOCK_W] tile of one token's heads, each head a contiguous run: element j of a head turns with
     its partner j ^ 1 (a second load of the same lines), so loads and stores stay whole-row and vectorised."""
     bt = tl.program_id(0)  # b * T + t
@@ -157,6 +159,10 @@ def _heads_kernel(
     out = tl.where((col < D)[None, :], out, tl.zeros((BLOCK_H, BLOCK_W), dtype=dtype))
     dst = y_ptr + b * stride_yb + t * stride_yt + h[:, None].to(tl.int64) * stride_yh + col[None, :]
     tl.store(dst, out, mask=mh & (col < W)[None, :])
+    if HAS_Z:
+        hz = h[:, None].to(tl.int64) - H_Z
+        dz = z_ptr + b * stride_zb + t * stride_zt + hz * stride_zh + col[None, :]
+        tl.store(dz, out, mask=mx & (hz >= 0))
 
 
 @triton.jit
@@ -294,11 +300,19 @@ def rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: boo
 
 
 def rope_heads(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int, out: torch.Tensor, inverse: bool = False
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    n_rot: int,
+    out: torch.Tensor,
+    inverse: bool = False,
+    last: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[..., :D] = model.apply_rope of x's first n_rot heads (-theta if inverse) and x's other heads as they
     are; out[..., D:] = 0. x [B, T, H, D], out [B, T, H, W >= D] in x's dtype (last axes contiguous, any
-    strides on the others: views into packed or padded buffers); cos/sin fp32 [T, D/2]. Returns out."""
+    strides on the others: views into packed or padded buffers); cos/sin fp32 [T, D/2]. last [B, T, Hl, D]
+    (Hl <= H, any strides but the last axis: a KV cache's rows): also gets out[:, :, H - Hl:, :D], in the same
+    launch. Returns out."""
     check_tensor(x, "x")
     if x.dim() != 4 or x.shape[-1] % 2:
         raise ValueError(f"x must be [B, T, H, D] with D even, got {tuple(x.shape)}")
@@ -313,17 +327,22 @@ def rope_heads(
             raise ValueError(
                 f"{name} must be a float32 [{T}, {D // 2}] table on {x.device}, got {t.dtype} {tuple(t.shape)}"
             )
+    if last is not None:
+        check_tensor(last, "last", x.dtype, x.device)
+        if last.dim() != 4 or tuple(last.shape[:2]) != (B, T) or last.shape[2] > H or last.shape[3] != D:
+            raise ValueError(f"last must be [{B}, {T}, <= {H}, {D}], got {tuple(last.shape)}")
     if out.numel() == 0:
         return out
     W = out.shape[3]
     block_w = next_pow2(W)
     block_h = min(next_pow2(H), max(1, ROPE_TILE // block_w))
     xs, os_, cs, ss = x.stride(), out.stride(), cos.stride(), sin.stride()
+    z, h_z, zs = (out, H, (0, 0, 0)) if last is None else (last, H - last.shape[2], last.stride())
     launch(_heads_kernel, (B * T, cdiv(H, block_h)),
            (x, out, cos, sin, T, H, n_rot, D, W, xs[0], xs[1], xs[2], os_[0], os_[1], os_[2], cs[0], cs[1], ss[0],
-            ss[1]),
+            ss[1], z, h_z, zs[0], zs[1], zs[2]),
            dict(HAS_ROT=n_rot > 0, INVERSE=bool(inverse), BLOCK_H=block_h, BLOCK_W=block_w, EMU_BF16=_INTERPRET,
-                enable_fp_fusion=False,
+                HAS_Z=last is not None, enable_fp_fusion=False,
                 num_warps=8 if block_h * block_w >= 4096 else (4 if block_h * block_w >= 512 else 1)))  # fmt: skip
     return out
 

@@ -143,16 +143,17 @@ def _heads(padded: torch.Tensor, H: int, Hkv: int) -> tuple[torch.Tensor, ...]:
     return tuple(t.transpose(1, 2) for t in padded.split([H, Hkv, Hkv], dim=2))
 
 
-def _flash_causal(qkv: torch.Tensor, cos, sin, n_head: int, n_head_kv: int, backend):
+def _flash_causal(qkv: torch.Tensor, cos, sin, n_head: int, n_head_kv: int, backend, kv_last=None):
     """model.causal_attention's forward on the packed product [q | k | v] [B, T, (H + 2 Hkv) D]: (out
     [B, T, H*D], padded [B, T, H + 2 Hkv, Dp], out_p, lse, state, scale). One rope_heads launch writes RoPE(q),
-    RoPE(k) and v into one zero-tailed buffer; flash forward (GQA natively: query head h reads key/value head
-    h // (H / Hkv), as repeat_interleave does); one launch copies the output's D columns to [B, T, H*D]."""
+    RoPE(k) and v into one zero-tailed buffer (and into kv_last [B, T, 2 Hkv, D], a KV cache's rows, where
+    given); flash forward (GQA natively: query head h reads key/value head h // (H / Hkv), as repeat_interleave
+    does); one launch copies the output's D columns to [B, T, H*D]."""
     B, T, W = qkv.shape
     H, Hkv = n_head, n_head_kv
     D = W // (H + 2 * Hkv)
     padded = qkv.new_empty(B, T, H + 2 * Hkv, flash.padded_head(D))
-    backend.rope_heads(qkv.view(B, T, H + 2 * Hkv, D), cos, sin, H + Hkv, padded)
+    backend.rope_heads(qkv.view(B, T, H + 2 * Hkv, D), cos, sin, H + Hkv, padded, last=kv_last)
     scale = 1.0 / math.sqrt(D)
     out_p, lse, state = flash.forward(*_heads(padded, H, Hkv), scale)
     out = qkv.new_empty(B, T, H * D)
@@ -173,17 +174,16 @@ def _joint_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
 
 def flash_prompt(qkv: torch.Tensor, cos, sin, n_head: int, n_head_kv: int, backend, kv_out) -> torch.Tensor:
     """_flash_causal for a prompt at position 0 (no autograd): also writes RoPE(k) and v into the cache's rows
-    0..T-1 (kv_out = (k, v) [B, Hkv, n_ctx, D]) from the padded buffer: one copy launch for both where the
-    cache keeps each layer's v heads right after its k heads (model.KVCache), else one each."""
-    out, padded, *_ = _flash_causal(qkv, cos, sin, n_head, n_head_kv, backend)
-    T, D = qkv.shape[1], kv_out[0].shape[-1]
+    0..T-1 (kv_out = (k, v) [B, Hkv, n_ctx, D]): by the launch that forms them where the cache keeps each layer's
+    v heads right after its k heads (model.KVCache), else by one copy launch each from the padded buffer."""
+    T = qkv.shape[1]
     joint = _joint_kv(*kv_out)
     if joint is not None:
-        pairs = [(n_head, 2 * n_head_kv, joint)]
-    else:
-        pairs = [(n_head, n_head_kv, kv_out[0]), (n_head + n_head_kv, n_head_kv, kv_out[1])]
-    for j0, n, cache in pairs:
-        backend.rope_heads(padded[:, :, j0 : j0 + n, :D], cos, sin, 0, cache[:, :, :T].transpose(1, 2))
+        return _flash_causal(qkv, cos, sin, n_head, n_head_kv, backend, joint[:, :, :T].transpose(1, 2))[0]
+    out, padded, *_ = _flash_causal(qkv, cos, sin, n_head, n_head_kv, backend)
+    D = kv_out[0].shape[-1]
+    for j0, cache in ((n_head, kv_out[0]), (n_head + n_head_kv, kv_out[1])):
+        backend.rope_heads(padded[:, :, j0 : j0 + n_head_kv, :D], cos, sin, 0, cache[:, :, :T].transpose(1, 2))
     return out
 
 
@@ -236,23 +236,37 @@ class FusedOps:
 def fused_ops(backend) -> FusedOps:
     """The ops as the backend's fused forward/backward (autograd Functions)."""
 
+    # without autograd (a prefill) the backend's forward directly: a Function's apply costs host time even
+    # then, and an eager prefill is host-bound (bench/host_lab.py)
     def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return backend.rms_norm_fwd(x, w, eps)[0]
         return RMSNormFn.apply(x, w, eps, backend)
 
     def add_rms_norm(
         h: torch.Tensor, d: torch.Tensor, w: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not torch.is_grad_enabled():
+            return backend.add_rms_norm_fwd(h, d, w, eps)[:2]
         return AddRMSNormFn.apply(h, d, w, eps, backend)
 
     def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return backend.rope_fwd(x, cos, sin)
         return RopeFn.apply(x, cos, sin, backend)
 
     def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return backend.silu_mul_fwd(g, u)
         return SiluMulFn.apply(g, u, backend)
 
     def swiglu(gate_up: Sequence[torch.Tensor]) -> torch.Tensor:
         whole = getattr(gate_up, "whole", None)
-        return SiluMulFn.apply(*gate_up, backend) if whole is None else SwigluPackedFn.apply(whole, backend)
+        if whole is None:
+            return silu_mul(*gate_up)
+        if not torch.is_grad_enabled():
+            return backend.silu_mul_fwd(*whole.chunk(2, dim=-1))
+        return SwigluPackedFn.apply(whole, backend)
 
     def causal_attention(
         qkv: Sequence[torch.Tensor],

@@ -189,15 +189,19 @@ def model_fns(
     """
     packed = packed or {}
     by_name = lora_terms(adapters)
+    layout: dict[str, tuple[list[str], list[int]]] = {}  # packed weight name -> (members, their rows)
+
+    def _members_rows(name: str) -> tuple[list[str], list[int]]:
+        members = fused_members(name)
+        return members, [model.tensors[m].shape[0] for m in members]
 
     def packed_linear(x: torch.Tensor, name: str) -> Packed:
         """The members' outputs x @ W_j.T for blk.N.<fused kind>: views of one product over the packed
         weight (Packed.whole) with the members' LoRA terms as one block-diagonal term (differentiable:
         cat / block_diag of the factors), or one product per member where the model is not packed."""
-        members = fused_members(name)
+        members, rows = layout.get(name) or layout.setdefault(name, _members_rows(name))
         w = model.fused.get(name)
         terms = [by_name.get(m, []) for m in members]
-        rows = [model.tensors[m].shape[0] for m in members]
         if w is not None and name in packed:
             y = LoraLinear.apply(x, w, *packed[name], 1.0, backend)
             return Packed(y.split(rows, dim=-1), y)

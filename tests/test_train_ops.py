@@ -351,6 +351,16 @@ def test_rope_heads(tri, dtype, inverse):
     got = torch.full(out.shape, float("nan"), dtype=dtype, device=DEVICE)
     tri.rope_heads(*dev(packed, cos, sin), 2 * H, got, inverse)
     assert_equal(got, out, f"rope_heads {dtype}")
+    # the last heads also into a second, strided buffer (a KV cache's rows [B, Hl, n_ctx, D] seen as [B, T, Hl, D])
+    for be, where in ((SPEC, "cpu"), (tri, DEVICE)):
+        cache = torch.full((2, H + 1, 7, D), float("nan"), dtype=dtype, device=where)
+        got2 = torch.full(out.shape, float("nan"), dtype=dtype, device=where)
+        be.rope_heads(
+            packed.to(where), cos.to(where), sin.to(where), 2 * H, got2, inverse, cache[:, :, :5].transpose(1, 2)
+        )
+        assert torch.equal(got2.cpu(), out)
+        assert torch.equal(cache[:, :, :5].transpose(1, 2).cpu(), out[:, :, 2 * H - 1 :, :D]), where
+        assert cache[:, :, 5:].isnan().all()  # rows beyond T untouched
     # padded -> packed: the narrowed heads of a [B, T, H, 16] buffer into column slices of a wider row
     wide = torch.full((2, 5, 4 * H, D), float("nan"), dtype=dtype, device=DEVICE)
     tri.rope_heads(got[..., :D], *dev(cos, sin), H, wide[:, :, H:], inverse)
