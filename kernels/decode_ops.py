@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_util import _to, cdiv, check_tensor, interpreting, next_pow2
+from .triton_util import _pdl_start, _to, cdiv, check_tensor, interpreting, next_pow2, pdl
 
 _INTERPRET = interpreting()
 MAX_ROW = 16384  # add_rms_norm keeps a whole row in registers
@@ -68,8 +68,9 @@ ATTN_WARPS = 4
 @triton.jit
 def _add_rms_norm_kernel(
     h_ptr, d_ptr, w_ptr, s_ptr, y_ptr, E, E_f, eps, stride_h, stride_d, stride_s, stride_y,
-    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, EMU_BF16: tl.constexpr,
+    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, EMU_BF16: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
+    _pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     dtype = y_ptr.dtype.element_ty
     offs = tl.arange(0, BLOCK)
@@ -92,8 +93,9 @@ def _add_rms_norm_kernel(
 def _rope_kv_kernel(
     qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, H, Hkv, D, n_pos,
     stride_c0, stride_c1, stride_s0, stride_s1, stride_kh, stride_kt, stride_vh, stride_vt,
-    BLOCK_P: tl.constexpr, EMU_BF16: tl.constexpr,
+    BLOCK_P: tl.constexpr, EMU_BF16: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
+    _pdl_start(PDL)
     pid = tl.program_id(0)
     dtype = q_ptr.dtype.element_ty
     pos = tl.load(pos_ptr).to(tl.int64)
@@ -127,8 +129,9 @@ def _attn_decode_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, ws_ptr, cnt_ptr, n_ctx, group, qk_scale, stride_qh, stride_qd,
     kh_units, vh_units, D: tl.constexpr, stride_kt: tl.constexpr, stride_vt: tl.constexpr, KV_ALIGN: tl.constexpr,
     SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    EMU_BF16: tl.constexpr,
+    EMU_BF16: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
+    _pdl_start(PDL)
     h = tl.program_id(0)
     s = tl.program_id(1)  # this program's key split: key blocks s, s + SPLITS, s + 2*SPLITS, ...
     kvh = (h // group).to(tl.int64)
@@ -231,6 +234,7 @@ def add_rms_norm(
     _add_rms_norm_kernel[(h2.shape[0],)](
         h2, d2, w, s2, y2, E, float(E), float(eps), h2.stride(0), d2.stride(0), s2.stride(0), y2.stride(0),
         HAS_DELTA=delta is not None, BLOCK=block, EMU_BF16=_INTERPRET, num_warps=min(16, max(1, block // 512)),
+        **pdl(h.device),
     )  # fmt: skip
     return s, y
 
@@ -264,6 +268,7 @@ def rope_kv_write(
         cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
         cache_k.stride(1), cache_k.stride(2), cache_v.stride(1), cache_v.stride(2),
         BLOCK_P=max(1, next_pow2(D // 2)), EMU_BF16=_INTERPRET, enable_fp_fusion=False, num_warps=1,
+        **pdl(qkv.device),
     )  # fmt: skip
     return q
 
@@ -307,7 +312,7 @@ def attention_decode(
         q, cache_k, cache_v, pos, out, ws, cnt, n_ctx, H // Hkv, _LOG2E / math.sqrt(D), q.stride(1), q.stride(3),
         cache_k.stride(1) // a, cache_v.stride(1) // a, D=D, stride_kt=cache_k.stride(2), stride_vt=cache_v.stride(2),
         KV_ALIGN=a, SPLITS=S, BLOCK_S=next_pow2(S), BLOCK_T=BLOCK_T, BLOCK_D=next_pow2(D),
-        EMU_BF16=_INTERPRET, num_warps=ATTN_WARPS,
+        EMU_BF16=_INTERPRET, num_warps=ATTN_WARPS, **pdl(q.device),
     )  # fmt: skip
     return out
 

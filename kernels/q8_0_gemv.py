@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_util import _q8_times, _to
+from .triton_util import _pdl_start, _q8_times, _to
 
 
 @triton.jit
@@ -98,8 +98,10 @@ def _q8_gemv_kernel(
     T_PROG: tl.constexpr = False,  # form t = x @ a in this launch (the first T_SPLITS programs of a row)
     BLOCK_KT: tl.constexpr = 128,  # K rows of a per t-program
     BLOCK_S: tl.constexpr = 1,  # >= T_SPLITS
+    PDL: tl.constexpr = False,  # launched with triton_util.pdl(): overlaps the previous kernel's tail
 ):
     """y[m, n-block] = W[n-block] @ x[m] (+ scale * t[m] @ b[n-block].T)."""
+    _pdl_start(PDL)
     pid = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     x_row = x_ptr + row * stride_xm

@@ -58,7 +58,7 @@ from .q8_0_tuning import (
     _tiles,
     choose_path,
 )
-from .triton_util import _INTERPRET, ACT_DTYPES, QK, cdiv, interpreting, launch, next_pow2
+from .triton_util import _INTERPRET, ACT_DTYPES, QK, cdiv, interpreting, launch, next_pow2, pdl
 
 __all__ = [
     "QK",
@@ -208,7 +208,7 @@ def _gemv(x2, qs, d, y, lora, cfg: dict) -> None:
             t.stride(0), t.stride(1), bb.stride(0), bb.stride(1), r, float(s),
             a, a.stride(0), a.stride(1), ws, sync, splits)  # fmt: skip
     const = dict(HAS_LORA=lora is not None, BLOCK_R=block_r, EMU_BF16=_INTERPRET, T_PROG=t_prog,
-                 BLOCK_KT=block_kt, BLOCK_S=next_pow2(max(1, splits)))  # fmt: skip
+                 BLOCK_KT=block_kt, BLOCK_S=next_pow2(max(1, splits)), **pdl(x2.device))  # fmt: skip
     if _INTERPRET or "BLOCK_N" in cfg:
         tiles = _tiles(_INTERP_GEMV, cfg)
         launch(_q8_gemv_kernel, (splits + cdiv(n, tiles["BLOCK_N"]), m), args, {**const, **tiles})

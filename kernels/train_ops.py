@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_util import ACT_DTYPES, _to, cdiv, check_tensor, interpreting, launch, next_pow2
+from .triton_util import ACT_DTYPES, _pdl_start, _to, cdiv, check_tensor, interpreting, launch, next_pow2, pdl
 
 _INTERPRET = interpreting()
 MAX_ROW = 16384  # rms_norm keeps a whole row in registers
@@ -167,8 +167,18 @@ def _heads_kernel(
 
 @triton.jit
 def _silu_mul_fwd_kernel(
-    g_ptr, u_ptr, y_ptr, Fd, n_blk, stride_g, stride_u, BLOCK: tl.constexpr, EMU_BF16: tl.constexpr
+    g_ptr,
+    u_ptr,
+    y_ptr,
+    Fd,
+    n_blk,
+    stride_g,
+    stride_u,
+    BLOCK: tl.constexpr,
+    EMU_BF16: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    _pdl_start(PDL)
     pid = tl.program_id(0)
     row = (pid // n_blk).to(tl.int64)
     cols = (pid % n_blk) * BLOCK + tl.arange(0, BLOCK)
@@ -370,7 +380,7 @@ def silu_mul_fwd(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return y
     n_blk = cdiv(Fd, EW_BLOCK)
     launch(_silu_mul_fwd_kernel, (rows * n_blk,), (g2, u2, y, Fd, n_blk, g2.stride(0), u2.stride(0)),
-           dict(BLOCK=EW_BLOCK, EMU_BF16=_INTERPRET, enable_fp_fusion=False, num_warps=4))  # fmt: skip
+           dict(BLOCK=EW_BLOCK, EMU_BF16=_INTERPRET, enable_fp_fusion=False, num_warps=4, **pdl(g.device)))  # fmt: skip
     return y
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import cuda as tl_cuda
 
 QK = 32  # q8_0 block length
 
@@ -46,6 +49,30 @@ def check_tensor(x: torch.Tensor, what: str, dtype: torch.dtype | None = None, d
         raise ValueError(f"{what} must be a CUDA tensor (or set TRITON_INTERPRET=1 before importing triton)")
     if x.dim() and x.stride(-1) != 1:
         raise ValueError(f"{what} must be contiguous along its last axis")
+
+
+@functools.cache
+def _pdl_device(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def pdl(device: torch.device) -> dict:
+    """The launch options and constexpr of a programmatic dependent launch where the device has them (sm_90+):
+    the kernel may be launched while the previous one in the stream is still running, and waits for it
+    (_pdl_start) before touching memory. In a decode step of ~240 short kernels this overlaps each launch with
+    the previous kernel's tail. Empty (a plain launch) elsewhere and under the interpreter."""
+    if _INTERPRET or device.type != "cuda" or not _pdl_device(device.index or 0):
+        return {}
+    return {"PDL": True, "launch_pdl": True}
+
+
+@triton.jit
+def _pdl_start(PDL: tl.constexpr):
+    """The first statement of a kernel launched with pdl(): let the next kernel launch once every program of
+    this one has started, then wait until the previous kernel has finished and its writes are visible."""
+    if PDL:
+        tl_cuda.gdc_launch_dependents()
+        tl_cuda.gdc_wait()
 
 
 # (kernel, device, constexprs + options, specialization of the runtime arguments) -> (compiled kernel, the
