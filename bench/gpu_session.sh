@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
-#   bash bench/gpu_session.sh OUTDIR [gputests] [gemvtests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [hostlab] [predict] [prefill-fixed]
+#   bash bench/gpu_session.sh OUTDIR [gputests] [gemvtests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [hostlab] [predict] [predict-nohf] [launchtest] [prefill-fixed]
 #                             [finetune-quick] [finetune] [finetune-main] [finetune-big] [finetune-seed] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-small]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
@@ -49,6 +49,9 @@ for s in "$@"; do
     hostlab) step host_lab 150 python3 bench/host_lab.py --out "$out/host_lab_h200.json" ;;
     prefill-fixed) step prefill_fixed 100 env LORAKIT_AUTOTUNE=0 python3 bench/predict_gpu.py --only-prefill ;;
     predict) step predict 150 python3 bench/predict_gpu.py --out "$out/predict_h200.json" ;;
+    predict-nohf) step predict 150 python3 bench/predict_gpu.py --skip-hf --out "$out/predict_h200.json" ;;
+    launchtest) step pytest_launch 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+        -k "launch or grid_arith" ;;
     finetune-quick)
         step finetune_quick 200 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c --peers lorakit7 \
             --out "$out/finetune_quick.json" ;;
