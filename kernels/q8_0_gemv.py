@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_util import _pdl_wait, _prefetch_l2, _q8_times, _to, tl_cuda
+from .triton_util import _pdl_start, _q8_times, _to
 
 
 @triton.jit
@@ -101,25 +101,23 @@ def _q8_gemv_kernel(
     PDL: tl.constexpr = False,  # launched with triton_util.pdl(): overlaps the previous kernel's tail
 ):
     """y[m, n-block] = W[n-block] @ x[m] (+ scale * t[m] @ b[n-block].T)."""
-    if PDL:  # the next kernel may launch once every program has started (each waits for the previous one below)
-        tl_cuda.gdc_launch_dependents()
+    _pdl_start(PDL)
     pid = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     if T_PROG:
         if pid < T_SPLITS:
-            _pdl_wait(PDL)
             ws_row = ws_ptr + row * T_SPLITS * BLOCK_R
             _t_program(x_row, a_ptr, stride_ak, stride_ar, ws_row, sync_ptr + row * 3, t_ptr + row * stride_tm,
                        stride_tr, K, R, pid, T_SPLITS, BLOCK_KT, BLOCK_R, BLOCK_S, EMU_BF16)  # fmt: skip
         else:
             _w_program(x_row, qs_ptr, d_ptr, y_ptr, t_ptr, b_ptr, N, K, stride_qn, stride_dn, stride_ym, stride_yn,
                        stride_tm, stride_tr, stride_bn, stride_br, R, scale, pid - T_SPLITS, row, sync_ptr + row * 3,
-                       BLOCK_N, KB, UNROLL, HAS_LORA, BLOCK_R, EMU_BF16, True, PDL)  # fmt: skip
+                       BLOCK_N, KB, UNROLL, HAS_LORA, BLOCK_R, EMU_BF16, True)  # fmt: skip
     else:
         _w_program(x_row, qs_ptr, d_ptr, y_ptr, t_ptr, b_ptr, N, K, stride_qn, stride_dn, stride_ym, stride_yn,
                    stride_tm, stride_tr, stride_bn, stride_br, R, scale, pid, row, sync_ptr,
-                   BLOCK_N, KB, UNROLL, HAS_LORA, BLOCK_R, EMU_BF16, False, PDL)  # fmt: skip
+                   BLOCK_N, KB, UNROLL, HAS_LORA, BLOCK_R, EMU_BF16, False)  # fmt: skip
 
 
 @triton.jit
@@ -153,22 +151,13 @@ def _t_program(x_row, a_ptr, stride_ak, stride_ar, ws_row, sync_row, t_row, stri
 def _w_program(x_row, qs_ptr, d_ptr, y_ptr, t_ptr, b_ptr, N, K, stride_qn, stride_dn, stride_ym, stride_yn,
                stride_tm, stride_tr, stride_bn, stride_br, R, scale, pid_n, row, sync_row,
                BLOCK_N: tl.constexpr, KB: tl.constexpr, UNROLL: tl.constexpr, HAS_LORA: tl.constexpr,
-               BLOCK_R: tl.constexpr, EMU_BF16: tl.constexpr, WAIT_T: tl.constexpr,
-               PDL: tl.constexpr = False):  # fmt: skip
-    """y[row, rows of block pid_n] (WAIT_T: t comes from this launch's t-programs). PDL: the first K step's
-    weight lines are requested into L2 while the previous kernel is still running (the weights are read-only;
-    only x and the outputs wait for it)."""
+               BLOCK_R: tl.constexpr, EMU_BF16: tl.constexpr, WAIT_T: tl.constexpr):  # fmt: skip
+    """y[row, rows of block pid_n] (WAIT_T: t comes from this launch's t-programs)."""
     BLOCK_K: tl.constexpr = KB * 32
-    LINES: tl.constexpr = (BLOCK_K * UNROLL + 127) // 128  # 128-byte lines of one step's int8 row
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rn = (offs_n % N).to(tl.int64)  # wrapped rows keep every load in bounds; the store is masked
     q_rows = qs_ptr + rn[:, None, None] * stride_qn
     d_rows = d_ptr + rn[:, None] * stride_dn
-    if PDL:
-        lines = tl.minimum(tl.arange(0, LINES) * 128, K - 1)
-        _prefetch_l2(qs_ptr + rn[:, None] * stride_qn + lines[None, :])
-        _prefetch_l2(d_rows)
-        _pdl_wait(PDL)
 
     acc = tl.zeros((BLOCK_N, KB, 32), dtype=tl.float32)
     STEP: tl.constexpr = BLOCK_K * UNROLL

@@ -75,20 +75,6 @@ def _pdl_start(PDL: tl.constexpr):
         tl_cuda.gdc_wait()
 
 
-@triton.jit
-def _pdl_wait(PDL: tl.constexpr):
-    """_pdl_start's wait alone (for a kernel that does read-only work, e.g. _prefetch_l2 of its weights, first)."""
-    if PDL:
-        tl_cuda.gdc_wait()
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    """Ask for the memory lines at ptrs (a tile of addresses in bounds) to be brought into L2 (prefetch.global.L2:
-    no result, no wait). The dummy output only satisfies inline_asm_elementwise."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
-
-
 # (kernel, device, constexprs + options, specialization of the runtime arguments) -> (compiled kernel, the
 # constexpr tail of its argument list); see launch()
 _COMPILED: dict[tuple, tuple] = {}
