@@ -558,6 +558,17 @@ def test_host_grid_arithmetic_matches_triton():
             assert triton_util.cdiv(n, b) == triton.cdiv(n, b), (n, b)
 
 
+def test_pdl_only_on_hopper_cuda():
+    """Programmatic dependent launch is asked for only on a CUDA device of sm_90 or newer (its griddepcontrol
+    instructions need it), never under the interpreter or on CPU tensors."""
+    assert triton_util.pdl(torch.device("cpu")) == {}
+    if CUDA:
+        want = torch.cuda.get_device_capability() >= (9, 0)
+        assert bool(triton_util.pdl(torch.device("cuda"))) == want
+        if want:
+            assert triton_util.pdl(torch.device("cuda")) == {"PDL": True, "launch_pdl": True}
+
+
 @triton.jit
 def _affine_kernel(x_ptr, y_ptr, n, shift, BLOCK: tl.constexpr, SCALE: tl.constexpr, NEG: tl.constexpr = False):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

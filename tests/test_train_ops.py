@@ -485,6 +485,35 @@ def test_functions_vs_torch_ops(tri, dtype):
     assert_within(du, du_ag, tol_silu_du(dy, g, dtype), f"fn_silu_du {tag}")
 
 
+def test_functions_without_autograd_are_the_backend_forwards(tri):
+    """Under no_grad (a prefill) fused_ops skips its autograd Functions and calls the backend's forwards: the
+    same bits as the Functions give with grad enabled, and no graph."""
+    ops = fused_ops(tri)
+    x, w, _ = rms_input(7, 200, torch.bfloat16)
+    h, d = dev(x, x.flip(0))
+    w = w.to(DEVICE)
+    xr, cos, sin, _ = rope_input(12, torch.bfloat16)
+    xr, cos, sin = dev(xr, cos, sin)
+    g, u, _ = silu_input(7, 40, torch.bfloat16)
+    g, u = dev(g, u)
+    gu = torch.cat([g, u], dim=-1)
+    calls = {
+        "rms_norm": lambda: ops.rms_norm(h, w, EPS),
+        "add_rms_norm": lambda: torch.cat(ops.add_rms_norm(h, d, w, EPS)),
+        "rope": lambda: ops.rope(xr, cos, sin),
+        "silu_mul": lambda: ops.silu_mul(g, u),
+        "swiglu": lambda: ops.swiglu(model.Packed(gu.chunk(2, dim=-1), gu)),
+        "swiglu members": lambda: ops.swiglu(model.Packed((g, u))),
+    }
+    for name, call in calls.items():
+        with torch.enable_grad():
+            want = call()
+        with torch.no_grad():
+            got = call()
+        assert got.grad_fn is None
+        assert torch.equal(got, want), name
+
+
 # ---- the packed-product Functions (fused attention, SwiGLU) ----------------------------------------
 
 
