@@ -8,7 +8,9 @@ over the packed [q; k; v] weight, model.FUSED_KINDS), RoPE + KV-cache write, att
 0..pos, the output product, add+RMSNorm, the packed gate/up product, SwiGLU, the down product. Every
 product is a q8_0 GEMV reading each weight byte once; adapters stay unmerged, their low-rank terms fused
 into the products (one block-diagonal term for a packed weight, lora.fused_lora_term). Norm gains (with
-their adapter terms) are formed once per generation. Prefill uses the ordinary batched forward.
+their adapter terms) are formed once per generation. On sm_90+ the step's kernels are programmatic dependent
+launches (kernels.triton_util.pdl): each starts while the previous one finishes and waits for it before
+touching memory. Prefill uses the ordinary batched forward.
 """
 
 from __future__ import annotations
