@@ -7,7 +7,7 @@ one persistent buffer that every launch leaves zero): add+RMSNorm, the q/k/v pro
 over the packed [q; k; v] weight, model.FUSED_KINDS), RoPE + KV-cache write, attention over positions
 0..pos, the output product, add+RMSNorm, the packed gate/up product, SwiGLU, the down product. Every
 product is a q8_0 GEMV reading each weight byte once; adapters stay unmerged, their low-rank terms fused
-into the products (one block-diagonal term for a packed weight, lora.fused_lora_term). Norm gains (with
+into the products (one block-diagonal term for a packed weight, lora.formed_term). Norm gains (with
 their adapter terms) are formed once per generation. On sm_90+ the step's kernels are programmatic dependent
 launches (kernels.triton_util.pdl): each starts while the previous one finishes and waits for it before
 touching memory. Prefill uses the ordinary batched forward.
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .lora import LoraAdapter, fused_lora_term, lora_terms, model_fns
+from .lora import LoraAdapter, formed_term, lora_terms, model_fns
 from .model import KVCache, LlamaModel, fused_members
 
 
@@ -48,8 +48,7 @@ class GraphDecoder:
 
             def one_term(members: list[str]) -> list:
                 rows = [model.weight(m).shape[0] for m in members]
-                term = fused_lora_term([terms.get(m, []) for m in members], rows)
-                return [(a.to(dtype), b.to(dtype), s) for a, b, s in term]
+                return formed_term([terms.get(m, []) for m in members], rows, dtype)
 
             # every product of the step with its adapters folded into one low-rank term, in the compute
             # dtype, formed once (nothing is cast or concatenated per token)

@@ -90,7 +90,7 @@ class Generator:
         self.model, self.backend, self.n_ctx, self.dtype = model, backend, n_ctx, dtype
         self.adapters = list(adapters)
         # prompt and eager steps launch op by op (the host is the limit on a GPU); decode steps replay a graph
-        self.fns = model_fns(model, backend.eager_inference(), adapters, dtype)
+        self.fns = model_fns(model, backend.eager_inference(), adapters, dtype, frozen=True)
         self.ops = ops_for(backend)
         self.rope = rope_tables(model.args, n_ctx, backend.device)
         self.stats = GenerationStats()

@@ -174,22 +174,33 @@ def fused_lora_term(members: Sequence[Sequence[LoraTerm]], rows: Sequence[int]) 
     return [(a_cat, b_cat, 1.0)]
 
 
+def formed_term(members: Sequence[Sequence[LoraTerm]], rows: Sequence[int], dtype: torch.dtype) -> list[LoraTerm]:
+    """fused_lora_term with its factors cast to the compute dtype: what a generation forms once per product
+    (the products cast them to x's dtype anyway, so the numbers are the same)."""
+    return [(a.to(dtype), b.to(dtype), s) for a, b, s in fused_lora_term(members, rows)]
+
+
 def model_fns(
     model: LlamaModel,
     backend,
     adapters: Sequence[tuple[LoraAdapter, float]] = (),
     dtype: torch.dtype = torch.float32,
     packed: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    frozen: bool = False,
 ):
     """The linear/norm/embed functions for model.forward_hidden with adapters applied unmerged.
 
     Every adapter contributes s_user * s_file * b @ (a @ x). When autograd is on (training), the
     matrices go through LoraLinear so the frozen base gets the backend's grad-input op. packed: packed weight
     name -> its members' LoRA as one formed term (a_cat, B) at scale 1 (the trainer's, lora_pack.pack_lora).
+    frozen: the adapters do not change while these functions run without autograd (a generation), so each
+    packed weight's block-diagonal term is formed once, on first use, instead of at every product (a
+    prompt's prefill formed ~15 small tensors per packed product with two adapters).
     """
     packed = packed or {}
     by_name = lora_terms(adapters)
     layout: dict[str, tuple[list[str], list[int]]] = {}  # packed weight name -> (members, their rows)
+    formed: dict[str, list[LoraTerm]] = {}  # frozen: packed weight name -> its term in dtype
 
     def _members_rows(name: str) -> tuple[list[str], list[int]]:
         members = fused_members(name)
@@ -208,7 +219,12 @@ def model_fns(
         if w is None or (torch.is_grad_enabled() and any(len(t) > 1 for t in terms)):
             return Packed(linear(x, m) for m in members)  # not packed, or several adapters in training
         if not torch.is_grad_enabled():
-            y = backend.lora_linear(x, w, fused_lora_term(terms, rows))
+            term = formed.get(name)
+            if term is None:
+                term = formed_term(terms, rows, dtype)
+                if frozen:
+                    formed[name] = term
+            y = backend.lora_linear(x, w, term)
         elif not any(terms):
             y = LoraLinear.apply(x, w, None, None, 1.0, backend)
         else:

@@ -107,6 +107,28 @@ def test_decode_step_matches_batched_forward(make_backend, dtype, args):
             assert (a.float() - b.float()).abs().max().item() <= kv_tol * max(1.0, b.float().abs().max().item())
 
 
+def test_generator_forms_packed_lora_terms_once(monkeypatch):
+    """A generation's adapters are fixed (model_fns(frozen=True)): each packed weight's block-diagonal LoRA term is
+    formed on first use and reused by later prompts, with the numbers of forming it at every product."""
+    from lorakit import lora
+
+    be = CpuTorchBackend()
+    model = pack_fused(_model())
+    ads = [(_adapter(1), 0.7), (_adapter(2), 0.4)]
+    formed = []
+    real = lora.fused_lora_term
+    monkeypatch.setattr(lora, "fused_lora_term", lambda *a: formed.append(1) or real(*a))
+    gen = Generator(model, be, ads, n_ctx=12, dtype=torch.bfloat16)
+    prompt = [1, 17, 5, 99, 42]
+    first = gen.logits(prompt, gen.new_cache(), 0)
+    assert len(formed) == len(model.fused)  # q|k|v and gate|up of every layer, once
+    again = gen.logits(prompt, gen.new_cache(), 0)
+    assert len(formed) == len(model.fused) and torch.equal(again, first)
+    gen.fns = lora.model_fns(model, be, ads, torch.bfloat16)  # not frozen: the terms formed at every product
+    assert torch.equal(gen.logits(prompt, gen.new_cache(), 0), first)
+    assert len(formed) == 2 * len(model.fused)
+
+
 def test_unpacked_model_decodes_like_packed():
     """Without packed weights (a model not on CUDA) the step runs the members one by one: same logits."""
     be = CpuTorchBackend()
