@@ -74,6 +74,12 @@ class Backend(Protocol):
         """x @ W.T + sum_i s_i * (x @ a_i) @ b_i.T (no autograd: inference, and LoraLinear's forward).
         t: x @ a_1 in x's dtype, [rows, r], already formed for a single term (LoraLinear keeps it for db)."""
 
+    def fuse_loras(
+        self, loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype
+    ) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+        """The terms as lora_linear combines them for x of `dtype`, formed ahead for products whose adapters do
+        not change (a generation): lora_linear(x, w, fuse_loras(loras, x.dtype)) == lora_linear(x, w, loras)."""
+
     def add_rms_norm(
         self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:

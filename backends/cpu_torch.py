@@ -89,6 +89,12 @@ class CpuTorchBackend:
     ) -> torch.Tensor:
         return add_lora_terms(self.matmul(x, w), x, loras, t)
 
+    def fuse_loras(
+        self, loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype
+    ) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+        """Term by term, as lora_linear adds them; the factors already in dtype (as it casts them)."""
+        return [(a.to(dtype), b.to(dtype), s) for a, b, s in loras]
+
     def add_rms_norm(
         self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -82,20 +82,28 @@ class CudaTritonBackend:
         kw = dict(host_bound=self.host_bound, dequant_cache=self._wcache)
         if not loras:
             return self._mm.q8_0_matmul(x, w.qs, w.d, **kw)
-        if len(loras) == 1:
-            a, b, s = loras[0]
-            return self._mm.q8_0_matmul(x, w.qs, w.d, a, b, s, lora_t=t, **kw)
-        # several adapters: one fused term  sum_i s_i (x a_i) b_i^T = (x [a_1..a_k]) [s_1 b_1..s_k b_k]^T
+        (a, b, s), *rest = loras if len(loras) == 1 else self.fuse_loras(loras, x.dtype)
+        return add_lora_terms(self._mm.q8_0_matmul(x, w.qs, w.d, a, b, s, lora_t=t, **kw), x, rest)
+
+    def fuse_loras(
+        self, loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype
+    ) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+        """Several adapters as one term for the q8_0 kernels' fused LoRA (up to MAX_FUSED_RANK in all):
+        sum_i s_i (x a_i) b_i^T = (x [a_1..a_k]) [s_1 b_1..s_k b_k]^T, the scaled b in fp32 rounded once to dtype;
+        the terms beyond that rank after it; the factors in dtype. Terms with scale 0 are dropped."""
+        loras = [(a, b, float(s)) for a, b, s in loras if float(s) != 0.0]
         fused, rest, r = [], [], 0
         for a, b, s in loras:
             if r + a.shape[1] <= self._mm.MAX_FUSED_RANK:
                 fused.append((a, b, s))
                 r += a.shape[1]
             else:
-                rest.append((a, b, s))
-        a_cat = torch.cat([a.to(x.dtype) for a, _, _ in fused], dim=1)
-        b_cat = torch.cat([(s * b.to(torch.float32)).to(x.dtype) for _, b, s in fused], dim=1)
-        return add_lora_terms(self._mm.q8_0_matmul(x, w.qs, w.d, a_cat, b_cat, 1.0, **kw), x, rest)
+                rest.append((a.to(dtype), b.to(dtype), s))
+        if len(loras) == 1 or not fused:  # nothing to join (a lone term keeps its scale)
+            return [(a.to(dtype), b.to(dtype), s) for a, b, s in fused] + rest
+        a_cat = torch.cat([a.to(dtype) for a, _, _ in fused], dim=1)
+        b_cat = torch.cat([(s * b.to(torch.float32)).to(dtype) for _, b, s in fused], dim=1)
+        return [(a_cat, b_cat, 1.0), *rest]
 
     # -- training ops ---------------------------------------------------------------------------------
 

@@ -194,13 +194,14 @@ def model_fns(
     matrices go through LoraLinear so the frozen base gets the backend's grad-input op. packed: packed weight
     name -> its members' LoRA as one formed term (a_cat, B) at scale 1 (the trainer's, lora_pack.pack_lora).
     frozen: the adapters do not change while these functions run without autograd (a generation), so each
-    packed weight's block-diagonal term is formed once, on first use, instead of at every product (a
-    prompt's prefill formed ~15 small tensors per packed product with two adapters).
+    packed weight's block-diagonal term, and each other weight's terms as the backend combines them
+    (Backend.fuse_loras), are formed once, on first use, instead of at every product (a prompt's prefill
+    formed ~20 small tensors per packed product with two adapters).
     """
     packed = packed or {}
     by_name = lora_terms(adapters)
     layout: dict[str, tuple[list[str], list[int]]] = {}  # packed weight name -> (members, their rows)
-    formed: dict[str, list[LoraTerm]] = {}  # frozen: packed weight name -> its term in dtype
+    formed: dict[str, list[LoraTerm]] = {}  # frozen: weight name -> its formed terms in dtype
 
     def _members_rows(name: str) -> tuple[list[str], list[int]]:
         members = fused_members(name)
@@ -249,6 +250,11 @@ def model_fns(
                 part = LoraLinear.apply(x, w, a, b, s, backend) if y is None else s * ((x @ a) @ b.T)
                 y = part if y is None else y + part
             return y
+        if frozen and loras:  # the adapters' terms as the backend combines them, formed once
+            term = formed.get(name)
+            if term is None:
+                term = formed[name] = backend.fuse_loras(loras, dtype)
+            loras = term
         return backend.lora_linear(x, w, loras)
 
     base_norms: dict[str, torch.Tensor] = {}  # the frozen norm gains in dtype, cast once (not per forward)

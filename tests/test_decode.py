@@ -107,14 +107,16 @@ def test_decode_step_matches_batched_forward(make_backend, dtype, args):
             assert (a.float() - b.float()).abs().max().item() <= kv_tol * max(1.0, b.float().abs().max().item())
 
 
-def test_generator_forms_packed_lora_terms_once(monkeypatch):
-    """A generation's adapters are fixed (model_fns(frozen=True)): each packed weight's block-diagonal LoRA term is
-    formed on first use and reused by later prompts, with the numbers of forming it at every product."""
+@pytest.mark.parametrize("make_backend", _backends())
+def test_generator_forms_lora_terms_once(make_backend, monkeypatch):
+    """A generation's adapters are fixed (model_fns(frozen=True)): each packed weight's block-diagonal LoRA term,
+    and the other weights' terms as the backend combines them (Backend.fuse_loras), are formed on first use and
+    reused by later prompts, with the numbers of forming them at every product."""
     from lorakit import lora
 
-    be = CpuTorchBackend()
-    model = pack_fused(_model())
-    ads = [(_adapter(1), 0.7), (_adapter(2), 0.4)]
+    be = make_backend()
+    model = pack_fused(_model().to(be.device))
+    ads = [(_adapter(1).to(be.device), 0.7), (_adapter(2).to(be.device), 0.4)]
     formed = []
     real = lora.fused_lora_term
     monkeypatch.setattr(lora, "fused_lora_term", lambda *a: formed.append(1) or real(*a))

@@ -168,6 +168,35 @@ def test_lora_linear_several_adapters(tri):
     assert_within(got, ref, tol, "three adapters")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fuse_loras_gives_lora_linears_numbers(tri, dtype):
+    """Backend.fuse_loras forms the terms ahead as lora_linear combines them: the same bits from the formed terms,
+    on both backends, for one term, several (joined into one fused term on cuda-triton), a scale 0, and a rank
+    past MAX_FUSED_RANK (kept apart)."""
+    m, n, k = 5, 50, 96
+    w = make_weight(n, k)
+    x = rand(m, k, dtype=dtype)
+
+    def term(i, r, s):
+        return rand(k, r, seed=10 + i, scale=0.3), rand(n, r, seed=20 + i, scale=0.3), s
+
+    cases = {
+        "one": [term(0, 4, 0.7)],
+        "three": [term(0, 4, 0.7), term(1, 8, 0.4), term(2, 4, -1.5)],
+        "scale 0": [term(0, 4, 0.7), term(1, 4, 0.0)],
+        "past the fused rank": [term(0, 60, 0.5), term(1, 8, 0.3)],
+    }
+    for be, dev in ((SPEC, "cpu"), (tri, DEVICE)):
+        xd, wd = x.to(dev), on(w, dev)
+        for name, loras in cases.items():
+            loras = [(a.to(dev), b.to(dev), s) for a, b, s in loras]
+            formed = be.fuse_loras(loras, dtype)
+            assert all(a.dtype == dtype and b.dtype == dtype for a, b, _ in formed)
+            assert torch.equal(be.lora_linear(xd, wd, formed), be.lora_linear(xd, wd, loras)), (be.name, name)
+    joined = tri.fuse_loras([term(0, 4, 0.7), term(1, 8, 0.4)], dtype)
+    assert len(joined) == 1 and joined[0][0].shape[1] == 12 and joined[0][2] == 1.0
+
+
 @pytest.mark.parametrize(
     "m,config",
     [
