@@ -76,8 +76,11 @@ def _pdl_start(PDL: tl.constexpr):
 
 
 # (kernel, device, constexprs + options, specialization of the runtime arguments) -> (compiled kernel, the
-# constexpr tail of its argument list); see launch()
+# constexpr tail of its argument list); see launch(). Keys hold exact int values (a prompt length, say), so a
+# long-lived process could gather many: past COMPILED_MAX entries the map starts over (triton keeps the
+# compiled kernels; a first launch per key just goes through its dispatch again).
 _COMPILED: dict[tuple, tuple] = {}
+COMPILED_MAX = 8192
 
 
 def launch(kernel, grid: tuple, args: tuple, const: dict) -> None:
@@ -102,6 +105,8 @@ def launch(kernel, grid: tuple, args: tuple, const: dict) -> None:
     hit = _COMPILED.get(key)
     if hit is None:
         compiled = kernel[grid](*args, **const)
+        if len(_COMPILED) >= COMPILED_MAX:
+            _COMPILED.clear()
         _COMPILED[key] = (compiled, _constexpr_tail(kernel, len(args), const))
         return
     compiled, tail = hit

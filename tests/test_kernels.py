@@ -642,6 +642,22 @@ def test_launch_reuses_compiled_kernels_per_specialization():
         assert all(tail is None for k, (_, tail) in triton_util._COMPILED.items() if k[0] is _late_arg_kernel)
 
 
+@gpu
+@needs_gpu
+def test_launch_cache_starts_over_when_full(monkeypatch):
+    """Past COMPILED_MAX keys the cache of compiled kernels starts over; launches stay right throughout."""
+    monkeypatch.setattr(triton_util, "_COMPILED", {})
+    monkeypatch.setattr(triton_util, "COMPILED_MAX", 3)
+    for rep in range(2):
+        for n in range(1, 8):  # 7 distinct int values: more keys than the cache holds
+            x = torch.arange(n, dtype=torch.float32, device=DEVICE)
+            y = torch.zeros(n, device=DEVICE)
+            const = dict(BLOCK=16, SCALE=2, num_warps=1, enable_fp_fusion=False)
+            triton_util.launch(_affine_kernel, (1,), (x, y, n, 1.0), const)
+            assert torch.equal(y, x * 2 + 1), (rep, n)
+            assert len(triton_util._COMPILED) <= 3
+
+
 def test_host_bound_candidates_leave_out_the_two_launch_path():
     """A prefill (host_bound) never takes dequantize + cuBLAS below DEQUANT_DEFAULT_M rows; above, and for
     graph-replayed work, the measured choice keeps every path."""
