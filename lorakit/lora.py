@@ -9,7 +9,7 @@ token_embd (V, E): a (E, r), b (V, r); an embedding row v gains b[v] @ a.T.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -207,6 +207,15 @@ def model_fns(
         members = fused_members(name)
         return members, [model.tensors[m].shape[0] for m in members]
 
+    def _terms(name: str, make: Callable[[], list[LoraTerm]]) -> list[LoraTerm]:
+        """make()'s terms for weight `name`: formed at every call, or once when frozen."""
+        term = formed.get(name)
+        if term is None:
+            term = make()
+            if frozen:
+                formed[name] = term
+        return term
+
     def packed_linear(x: torch.Tensor, name: str) -> Packed:
         """The members' outputs x @ W_j.T for blk.N.<fused kind>: views of one product over the packed
         weight (Packed.whole) with the members' LoRA terms as one block-diagonal term (differentiable:
@@ -220,12 +229,7 @@ def model_fns(
         if w is None or (torch.is_grad_enabled() and any(len(t) > 1 for t in terms)):
             return Packed(linear(x, m) for m in members)  # not packed, or several adapters in training
         if not torch.is_grad_enabled():
-            term = formed.get(name)
-            if term is None:
-                term = formed_term(terms, rows, dtype)
-                if frozen:
-                    formed[name] = term
-            y = backend.lora_linear(x, w, term)
+            y = backend.lora_linear(x, w, _terms(name, lambda: formed_term(terms, rows, dtype)))
         elif not any(terms):
             y = LoraLinear.apply(x, w, None, None, 1.0, backend)
         else:
@@ -251,10 +255,7 @@ def model_fns(
                 y = part if y is None else y + part
             return y
         if frozen and loras:  # the adapters' terms as the backend combines them, formed once
-            term = formed.get(name)
-            if term is None:
-                term = formed[name] = backend.fuse_loras(loras, dtype)
-            loras = term
+            return backend.lora_linear(x, w, _terms(name, lambda: backend.fuse_loras(loras, dtype)))
         return backend.lora_linear(x, w, loras)
 
     base_norms: dict[str, torch.Tensor] = {}  # the frozen norm gains in dtype, cast once (not per forward)
