@@ -14,9 +14,15 @@ rounded once to the output dtype. fp32 activations use IEEE fp32 products (no tf
 identical W for fp32/fp16; for bf16 cpu-torch's matmul forms rnd(qs * rnd(d)) (d converted to bf16
 first), which differs from rnd(qs * d) by <= 3 * 2^-8 relative.
 
-Paths (kernels in q8_0_gemv.py, q8_0_gemm.py; the choice between candidates is measured once per shape
-on the device, q8_0_tuning.choose_path):
-  * "gemv" (M <= GEMV_MAX_M, decoding): FMA reduction streaming W once per token, no split-K.
+Paths (kernels in q8_0_gemv_tc.py, q8_0_gemv.py, q8_0_gemm.py; the choice between candidates is measured once
+per shape on the device, q8_0_tuning.choose_path):
+  * "gemv_tc" (M <= GEMV_TC_MAX_M, bf16/fp16 activations, decoding): W streamed once through shared memory,
+    dequantized in registers into the MMA's operand (one PRMT, one FFMA, half a packed conversion per element),
+    all rows of x in one MMA tile; split-K where the N blocks alone leave SMs idle, the partials summed in a
+    fixed order by the last program of each N block (deterministic). 1.2-1.3x faster than the FMA gemv at the
+    3B decode shapes (bench/results/gemv_tc_lab_h200.json).
+  * "gemv" (M <= GEMV_MAX_M: fp32 activations, or bf16/fp16 with t = x @ a still to be formed): FMA reduction
+    streaming W once per token, no split-K; forms t in its own launch (t-programs).
   * "skinny" (M <= 64) and "large": tutorial-03 style tiled tensor-core matmul; the K tile covers whole
     q8_0 blocks, dequantized in registers. Autotuned per (M bucket, N, K), with SWAP_AB configs that
     compute y.T = W @ x.T (the dequantized tile as the MMA's A operand). When the output tiles cannot
@@ -29,9 +35,9 @@ on the device, q8_0_tuning.choose_path):
     whether it is taken is measured per shape.
     Numerics: the same W; cuBLAS accumulates in fp32 (and, with torch's default
     allow_bf16_reduced_precision_reduction, may add split-K partials in bf16).
-  * LoRA (optional): t = x @ a is a tiny [M, r] torch matmul (the gemv path forms it in its own launch,
-    q8_0_gemv's t-programs); the kernels add scale * t @ b.T to the fp32 accumulator (so y is rounded
-    once); the dequant path adds it with one addmm.
+  * LoRA (optional): t = x @ a is a tiny [M, r] torch matmul (the FMA gemv forms it in its own launch,
+    q8_0_gemv's t-programs); the kernels add scale * t @ b.T to the fp32 accumulator (so y is rounded once);
+    the dequant path adds it with one addmm.
 
 Under TRITON_INTERPRET=1 the kernels run on CPU tensors with fixed small tiles (no autotuning). Two
 triton 3.6 interpreter bugs are worked around there: its dot multiplies the raw uint16 bits of bf16
@@ -48,11 +54,14 @@ import torch
 from .q8_0_dequant import DequantCache, _check_weight, q8_0_dequantize
 from .q8_0_gemm import _q8_gemm_kernel, _q8_gemm_t_kernel
 from .q8_0_gemv import _q8_gemv_kernel
+from .q8_0_gemv_tc import _q8_gemv_tc_kernel
 from .q8_0_tuning import (
     _BEST,
     _INTERP_GEMM,
     _INTERP_GEMM_T,
     _INTERP_GEMV,
+    _INTERP_GEMV_TC,
+    TC_TILES,
     _launch_tuned,
     _skinny_block_m,
     _tiles,
@@ -73,6 +82,7 @@ __all__ = [
 
 MAX_FUSED_RANK = 64  # LoRA ranks above this are added by a separate torch matmul
 GEMV_MAX_M = 2  # rows of x up to which the gemv kernel is a candidate
+GEMV_TC_MAX_M = 16  # ... and the tensor-core gemv (bf16/fp16 activations)
 DEQUANT_MIN_M = 256  # rows of x from which dequantize + cuBLAS is a candidate
 DEQUANT_DEFAULT_M = 1024  # ... and the choice without a measurement (LORAKIT_AUTOTUNE=0)
 
@@ -117,10 +127,18 @@ def _split_for(path: str, m: int, n_out: int, n_red: int, device: torch.device) 
     return _split(tiles, cdiv(n_red, 64), sms)
 
 
-def _candidates(m: int, same_dtype: bool, gemv: bool, host_bound: bool = False) -> tuple[list[str], str]:
+def _candidates(
+    m: int, same_dtype: bool, gemv: bool, host_bound: bool = False, half: bool = False, t_in_launch: bool = False
+) -> tuple[list[str], str]:
     """(paths that can compute an [m, *] product, the default without a measurement). host_bound: the caller
     launches eagerly and the host, not the GPU, is the limit (a prefill): below DEQUANT_DEFAULT_M rows the
-    two-launch dequantize + cuBLAS path is left out (its GPU-time advantage is smaller than a launch there)."""
+    two-launch dequantize + cuBLAS path is left out (its GPU-time advantage is smaller than a launch there).
+    half: the activations are bf16/fp16 (the tensor-core gemv's products are exact only for those).
+    t_in_launch: a LoRA term whose t = x @ a is still to be formed: up to GEMV_MAX_M rows the FMA gemv forms it
+    in its launch at less cost (a decode step with two adapters: 2.42 ms with it, 2.84 ms with the tensor-core
+    gemv's t-programs, bench/results/h200_session8)."""
+    if gemv and half and m <= GEMV_TC_MAX_M and not (t_in_launch and m <= GEMV_MAX_M):
+        return ["gemv_tc"], "gemv_tc"
     if gemv and m <= GEMV_MAX_M:
         # one row: the GEMV is 1.3-2x faster than the tiled kernel at every measured shape (bench/gemv_lab.py's
         # tiled column), and timing them against each other measured the Python launch (longer than either
@@ -176,16 +194,21 @@ def _dequantized(qs, d, dtype, cache: DequantCache | None) -> torch.Tensor:
     return q8_0_dequantize(qs, d, dtype) if cache is None else cache.get(qs, d, dtype)
 
 
-# the GEMV's t-program sync words (three int32 per row of x, zero between launches) per (device, stream):
-# launches on one stream run one after another, so they can share them
+# the GEMV kernels' sync words (the FMA gemv's t-program flags and counts, three int32 per row of x; the
+# tensor-core gemv's split-K counters, one per N block), zero between launches, per (device, stream): launches on
+# one stream run one after another, so they can share them. A buffer outgrown is kept, not freed: a CUDA graph
+# captured with it keeps using it, and freed memory could be handed to a later tensor of the same capture.
 _SYNC: dict[tuple, torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []
 
 
 def _sync_words(device: torch.device, n: int) -> torch.Tensor:
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     buf = _SYNC.get((device, stream))
     if buf is None or buf.numel() < n:
-        buf = _SYNC[(device, stream)] = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
+        if buf is not None:
+            _OUTGROWN.append(buf)
+        buf = _SYNC[(device, stream)] = torch.zeros(max(2 * n, 64), dtype=torch.int32, device=device)
     return buf
 
 
@@ -218,6 +241,44 @@ def _gemv(x2, qs, d, y, lora, cfg: dict) -> None:
         _launch_tuned("gemv", _q8_gemv_kernel, grid, args, const, key, None)
 
 
+def _d_align(d: torch.Tensor) -> int:
+    """The bytes (2, 4, 8 or 16) that d's start and every row of it are aligned to."""
+    a = 16
+    while a > 2 and (d.data_ptr() % a or (d.stride(0) * 2) % a):
+        a //= 2
+    return a
+
+
+def _gemv_tc(x2, qs, d, y, lora, cfg: dict) -> None:
+    """The tensor-core gemv path (q8_0_gemv_tc): all rows of x in each program; t = x @ a (when not given) by a
+    torch matmul; split-K partials combined by the last program of each N block."""
+    m, k = x2.shape
+    n = qs.shape[0]
+    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+    t, a, bb, r, s = lora if lora is not None else (y, y, y, 0, 0.0)  # dummies, never read without HAS_LORA
+    if lora is not None and t is None:
+        t = x2 @ a
+    forced = _INTERPRET or any(key in cfg for key in _INTERP_GEMV_TC)
+    key = ("gemv_tc", m, n, k, x2.dtype, y.dtype, lora is not None)
+    tiles = _tiles(_INTERP_GEMV_TC, cfg) if forced else (_BEST[key].kwargs if key in _BEST else None)
+    # split-K scratch (for every config before the autotuning): partial tiles [N blocks, SPLIT_K, BLOCK_N, BLOCK_M],
+    # a counter per N block
+    block_m = max(8, next_pow2(m))
+    shapes = [(tiles["BLOCK_N"], tiles["SPLIT_K"])] if tiles else TC_TILES
+    counts = _sync_words(x2.device, max(cdiv(n, bn) for bn, _ in shapes))
+    numel = max(cdiv(n, bn) * bn * sk * block_m if sk > 1 else 1 for bn, sk in shapes)
+    parts = torch.empty(numel, dtype=torch.float32, device=x2.device)
+    args = (x2, qs, d, y, t, bb, parts, counts, m, n, k, x2.stride(0), qs.stride(0), d.stride(0), y.stride(0),
+            y.stride(1), t.stride(0), t.stride(1), bb.stride(0), bb.stride(1), r, float(s))  # fmt: skip
+    const = dict(BLOCK_M=block_m, HAS_LORA=lora is not None, BLOCK_R=max(16, next_pow2(r)), EMU_BF16=_INTERPRET,
+                 D_ALIGN=_d_align(d), **pdl(x2.device))  # fmt: skip
+    if forced:
+        launch(_q8_gemv_tc_kernel, (cdiv(n, tiles["BLOCK_N"]) * tiles["SPLIT_K"],), args, {**const, **tiles})
+    else:
+        grid = lambda meta: (cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"],)  # noqa: E731
+        _launch_tuned("gemv_tc", _q8_gemv_tc_kernel, grid, args, const, key, None)
+
+
 def _fwd(path: str, x2, qs, d, y, lora, cfg: dict, cache: DequantCache | None = None) -> None:
     """y[M, N] = x2 @ W.T (+ LoRA) along `path`; lora = (t [M, r] or None, a [K, r], b [N, r], r, scale) or
     None, a and b in x2's dtype; t = x2 @ a is formed here when not given."""
@@ -225,6 +286,9 @@ def _fwd(path: str, x2, qs, d, y, lora, cfg: dict, cache: DequantCache | None = 
     n = qs.shape[0]
     if path == "gemv":
         _gemv(x2, qs, d, y, lora, cfg)
+        return
+    if path == "gemv_tc":
+        _gemv_tc(x2, qs, d, y, lora, cfg)
         return
     if lora is not None and lora[0] is None:
         lora = (x2 @ lora[1], *lora[1:])
@@ -319,8 +383,10 @@ def q8_0_matmul(
     if "path" in cfg:
         path = _forced_path(cfg, m)
     else:
-        paths, default = _candidates(m, out_dtype == x.dtype, gemv=True, host_bound=host_bound)
-        key = ("fwd", m if m <= GEMV_MAX_M else _m_bucket(m), n, k, x.dtype, out_dtype, has_lora, host_bound)
+        half = x.dtype in (torch.bfloat16, torch.float16)
+        t_in = has_lora and lora_t is None
+        paths, default = _candidates(m, out_dtype == x.dtype, True, host_bound, half, t_in)
+        key = ("fwd", m if m <= GEMV_TC_MAX_M else _m_bucket(m), n, k, x.dtype, out_dtype, has_lora, t_in, host_bound)
         path = choose_path(key, paths, lambda p: _fwd(p, x2, qs, d, y, lora, cfg), default)
     _fwd(path, x2, qs, d, y, lora, cfg, dequant_cache)
     if extra is not None:

@@ -12,6 +12,7 @@ import triton
 
 from .q8_0_gemm import _q8_gemm_kernel, _q8_gemm_t_kernel
 from .q8_0_gemv import _q8_gemv_kernel
+from .q8_0_gemv_tc import _q8_gemv_tc_kernel
 from .triton_util import _INTERPRET, launch
 
 
@@ -101,6 +102,37 @@ _GEMV_CONFIGS = [
     )
 ]
 
+# M <= 16, bf16/fp16 (decode): the tensor-core gemv. Rows of W per program (16 per warp), K tile, programs per
+# N block (split-K), stages. First: the best all-round config at the 3B decode shapes (bench/results/h200_session8)
+_GEMV_TC_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=bn // 16, num_stages=st)
+    for (bn, bk, sk, st) in (
+        (32, 128, 8, 4),
+        (32, 256, 1, 4),
+        (16, 256, 1, 4),
+        (32, 512, 1, 3),
+        (32, 256, 2, 4),
+        (32, 256, 4, 4),
+        (64, 256, 4, 3),
+        (16, 256, 4, 4),
+        (64, 128, 4, 4),
+        (16, 128, 8, 4),
+    )
+]
+TC_TILES = sorted({(c.kwargs["BLOCK_N"], c.kwargs["SPLIT_K"]) for c in _GEMV_TC_CONFIGS})  # the scratch covers any
+
+
+def _bench_graph(kernel_call, quantiles):
+    """The autotuner's timing for decode-sized kernels: GPU time of CUDA-graph replays. triton's default
+    (do_bench: eager launches) measured the ~20 us Python launch more than these 5-40 us kernels and picked
+    configs up to 2.5x slower than the best (bench/results/h200_session8/call1_gemv_tc_lab.log).
+    do_bench_cudagraph launches on a new stream that does not wait for the caller's: the device is synchronized
+    first, or the timed launches would read inputs still being written and write into memory (the output, the
+    split-K scratch) that the caller's stream had freed but may still be using (it corrupted a product's
+    reference in bench/results/h200_session8/call4_kernels_decode.log)."""
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(kernel_call, rep=10, quantiles=quantiles)
+
 
 # weights below this many elements are not worth a search (compiling the candidates costs seconds; the
 # product costs microseconds): they take the first config of their list
@@ -140,9 +172,9 @@ def _tuned():
     """The autotuned kernels (built on first GPU use). LORAKIT_AUTOTUNE=0 skips the search and uses
     the configs that won most often on the H200 (for short runs where tuning time would dominate)."""
     large, skinny_cfgs, t_large, t_skinny = _LARGE_CONFIGS, _SKINNY_CONFIGS, _T_LARGE_CONFIGS, _T_SKINNY_CONFIGS
-    gemv = _GEMV_CONFIGS
+    gemv, gemv_tc = _GEMV_CONFIGS, _GEMV_TC_CONFIGS
     if not autotuning():
-        large, t_large, gemv = large[:1], t_large[:1], gemv[1:2]
+        large, t_large, gemv, gemv_tc = large[:1], t_large[:1], gemv[1:2], gemv_tc[:1]
         skinny_cfgs = _quick(skinny_cfgs, BLOCK_N=64, BLOCK_K=256, SWAP_AB=True)
         t_skinny = _quick(t_skinny, BLOCK_N=128, BLOCK_K=64)
     gemm = triton.heuristics({"EVEN_K": _even_k})(_q8_gemm_kernel)
@@ -159,6 +191,9 @@ def _tuned():
         "gemm_t_large": tune(t_large, key=key, prune_configs_by=small)(gemm_t),
         "gemm_t_skinny": tune(t_skinny, key=key, prune_configs_by=skinny)(gemm_t),
         "gemv": tune(gemv, key=["N", "K"], prune_configs_by=small)(_q8_gemv_kernel),
+        "gemv_tc": tune(gemv_tc, key=["M", "N", "K"], prune_configs_by=small, do_bench=_bench_graph)(
+            _q8_gemv_tc_kernel
+        ),
     }
 
 
@@ -166,6 +201,7 @@ def _tuned():
 _INTERP_GEMM_T = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2}
 _INTERP_GEMM = {**_INTERP_GEMM_T, "SWAP_AB": False}
 _INTERP_GEMV = {"BLOCK_N": 16, "KB": 2, "UNROLL": 1}
+_INTERP_GEMV_TC = {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 1, "num_stages": 2}
 
 
 # best autotuned config per launch key: later calls skip the Autotuner/Heuristics wrappers (their

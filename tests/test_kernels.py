@@ -49,6 +49,7 @@ import triton.language as tl  # noqa: E402
 from lorakit.backends import AdamHyper  # noqa: E402
 from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
 from lorakit.kernels import lora_update, q8_0_matmul, triton_util  # noqa: E402
+from lorakit.kernels.q8_0_gemv_tc import _dequant_words  # noqa: E402
 
 from lorakit.lora import LoraLinear  # noqa: E402
 from lorakit.quant import Q8Weight, dequantize_q8_0, quantize_q8_0  # noqa: E402
@@ -205,6 +206,10 @@ def test_fuse_loras_gives_lora_linears_numbers(tri, dtype):
         (1, {"path": "gemv", "BLOCK_N": 8, "KB": 4, "UNROLL": 2}),  # K < one unrolled step: all masked
         (1, {"path": "gemv", "BLOCK_KT": 32}),  # t = x @ a by 5 t-programs in the launch
         (2, {"path": "gemv", "BLOCK_KT": 64}),  # ... by 3 per row, the last one ragged
+        (1, {"path": "gemv_tc"}),  # tensor-core gemv: ragged last K tile (64 + 64 + 32) and N tile
+        (16, {"path": "gemv_tc", "BLOCK_N": 32, "num_warps": 2}),  # all 16 rows of x in one MMA tile
+        (3, {"path": "gemv_tc", "SPLIT_K": 2}),  # split-K: the last program of an N block sums the partials
+        (5, {"path": "gemv_tc", "SPLIT_K": 4, "BLOCK_K": 32}),  # 5 K tiles over 4 splits (2, 2, 1, 0 tiles)
         (37, {"path": "dequant"}),  # dequantize + torch matmul (cuBLAS on the GPU), LoRA by addmm
         (1, {"path": "gemm"}),  # the tiled kernel with a single row
         (37, {"path": "gemm", "SPLIT_K": 2, "BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}),
@@ -530,6 +535,29 @@ def test_gpu_autotuned_shapes(m, n, k, dtype):
 
 @gpu
 @needs_gpu
+def test_gpu_gemv_tc_replays_in_a_cuda_graph():
+    """Tensor-core gemvs with split-K and a LoRA term, captured in one CUDA graph whose capture grows their sync
+    words (a larger N after a smaller) and then allocates and fills another tensor: every replay gives the eager
+    bits (an outgrown sync buffer stays allocated for the graph that still uses it)."""
+    k, dtype = 256, torch.bfloat16
+    x = rand(1, k, dtype=dtype).cuda()
+    a = rand(k, 8, seed=2, scale=0.3).to(dtype).cuda()
+    cases = [(on(make_weight(n, k, seed=n)), rand(n, 8, seed=n, scale=0.3).to(dtype).cuda()) for n in (64, 3000)]
+    cfg = {"path": "gemv_tc", "BLOCK_N": 16, "SPLIT_K": 4, "num_warps": 1}
+    eager = [qmm.q8_0_matmul(x, w.qs, w.d, a, b, 0.5, config=cfg) for w, b in cases]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # a new stream: its sync words are allocated (and grown) in the capture
+        outs = [qmm.q8_0_matmul(x, w.qs, w.d, a, b, 0.5, config=cfg) for w, b in cases]
+        other = torch.full((1 << 16,), 7, dtype=torch.int32, device="cuda")
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(o, e) for o, e in zip(outs, eager, strict=True))
+    assert int(other.sum()) == 7 << 16
+
+
+@gpu
+@needs_gpu
 def test_gpu_adamw_large():
     hp = _hyper(1.0)
     sizes = [(3200, 8), (8, 8640), (8,)] * 20
@@ -576,6 +604,50 @@ def test_q8_conversion_and_bf16_rounding_exhaustive():
     exact = q.double()[:, None] * d.double()[None, :]
     assert torch.equal(exact.float().double(), exact)  # q * d is exact in fp32
     ref = exact.float().to(torch.bfloat16).float()
+    assert torch.equal(out, ref)
+
+
+def test_tc_dequant_identity():
+    """The tensor-core gemv's dequantization (q8_0_gemv_tc._dequant_words) in exact arithmetic: the PRMT float
+    2^23 + 256 (q + 128), times d / 256, plus -(2^15 + 2^7) d, is q * d exactly for every int8 q and finite fp16
+    d: d / 256 and the constant are exact in fp32, and the fma's exact result is the exact q * d (which fp32
+    holds), so its one rounding changes nothing."""
+    q = torch.arange(-128, 128, dtype=torch.float64)
+    d = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    d = d[torch.isfinite(d)].double()
+    bits = 0x4B000000 + 256 * (q.to(torch.int64) + 128)  # the PRMT's word: bytes (0, q ^ 0x80, 0, 0x4B)
+    v = bits.to(torch.int32).view(torch.float32).double()
+    assert torch.equal(v, 2.0**23 + 256 * (q + 128))
+    dq, c = d / 256, -32896 * d
+    assert torch.equal(dq.float().double(), dq) and torch.equal(c.float().double(), c)  # exact in fp32
+    fma = v[:, None] * dq[None, :] + c[None, :]  # products of <= 24 + 11 bits: exact in fp64, as is the sum
+    exact = q[:, None] * d[None, :]
+    assert torch.equal(fma, exact) and torch.equal(exact.float().double(), exact)
+
+
+@triton.jit
+def _words_probe_kernel(q_ptr, d_ptr, out_ptr, n_d, F16: tl.constexpr):
+    # out[j, c * 32 + i] = W for q[c * 32 + i] and d[j] as the tensor-core gemv forms it (inline PTX)
+    rows = tl.program_id(0) * 16 + tl.arange(0, 16)
+    cols = tl.program_id(1) * 32 + tl.arange(0, 32)
+    q = tl.broadcast_to(tl.load(q_ptr + cols)[None, :], (16, 32))
+    d = tl.load(d_ptr + rows, mask=rows < n_d, other=0.0)[:, None]
+    w = _dequant_words(q, d, tl.float16 if F16 else tl.bfloat16, 16, 32)
+    tl.store(out_ptr + rows[:, None] * 256 + cols[None, :], w.to(tl.float32), mask=rows[:, None] < n_d)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_dequant_words_exhaustive(dtype):
+    """On the GPU: the tensor-core gemv's W (XOR, PRMT, fma, packed conversion) is rnd(q * d) bit for bit, for
+    every int8 q and every finite fp16 d."""
+    q = torch.arange(-128, 128, dtype=torch.int8, device=DEVICE)
+    d = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    d = d[torch.isfinite(d)].to(DEVICE)
+    out = torch.empty(d.numel(), 256, dtype=torch.float32, device=DEVICE)
+    _words_probe_kernel[(triton.cdiv(d.numel(), 16), 8)](q, d, out, d.numel(), F16=dtype == torch.float16)
+    ref = (d.double()[:, None] * q.double()[None, :]).float().to(dtype).float()
     assert torch.equal(out, ref)
 
 
@@ -669,6 +741,14 @@ def test_host_bound_candidates_leave_out_the_two_launch_path():
         assert paths == ["large"] and default == "large"
     assert "dequant" in _candidates(DEQUANT_DEFAULT_M, True, True, host_bound=True)[0]
     assert _candidates(1, True, True, host_bound=True) == _candidates(1, True, True) == (["gemv"], "gemv")
+    # bf16/fp16 activations up to 16 rows: the tensor-core gemv; fp32 keeps the FMA gemv / tiled kernels
+    for m in (1, 2, 16):
+        assert _candidates(m, True, True, half=True) == (["gemv_tc"], "gemv_tc")
+    assert _candidates(17, True, True, half=True) == (["skinny"], "skinny")
+    # ... except where t = x @ a is to be formed in the launch for one or two rows: the FMA gemv's t-programs
+    assert _candidates(1, True, True, half=True, t_in_launch=True) == (["gemv"], "gemv")
+    assert _candidates(3, True, True, half=True, t_in_launch=True) == (["gemv_tc"], "gemv_tc")
+    assert _candidates(16, True, False, half=True) == (["skinny"], "skinny")  # not for grad-input
 
 
 def test_eager_inference_backend_same_numbers(tri):
