@@ -250,11 +250,82 @@ def bench_shape(n: int, k: int, variants: dict) -> dict:
     return row
 
 
+def _timed_tc(row: dict, name: str, prod, ref: torch.Tensor, nbytes: int) -> float | None:
+    """row[name] = GPU time of prod() (CUDA-graph replay), GB/s, largest difference from ref in bf16 ulps."""
+    try:
+        y = prod()
+        torch.cuda.synchronize()
+    except Exception as e:  # a config that does not compile is reported, not fatal
+        print(f"{name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return None
+    t = triton.testing.do_bench_cudagraph(prod, rep=30)
+    ulp = ref.float().abs().clamp_min(1e-30) * 2.0**-8
+    diff = float(((y.float() - ref.float()).abs() / ulp).max())
+    row[name] = {"us": t * 1e3, "GBps": nbytes / t / 1e6, "max_diff_ulps": diff}
+    return t
+
+
+def bench_tc(m: int, n: int, k: int) -> dict:
+    """--tc: the tensor-core gemv (q8_0_gemv_tc) at every config of its autotune list, forced, next to its
+    autotuned launch and the FMA gemv (M <= 2) or the tiled skinny kernel (autotuned), with and without a LoRA
+    term (r = 16, t formed in the launch): GPU time per call (CUDA-graph replay), GB/s on the q8_0 bytes, and
+    each output's largest difference from the reference kernel's in bf16 ulps."""
+    from lorakit.kernels.q8_0_matmul import q8_0_matmul
+    from lorakit.kernels.q8_0_tuning import _GEMV_TC_CONFIGS
+
+    qs = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+    d = (torch.rand(n, k // 32, device="cuda") * 0.01 + 1e-3).half()
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    a = (torch.randn(k, 16, device="cuda") * 0.05).bfloat16()
+    b = (torch.randn(n, 16, device="cuda") * 0.05).bfloat16()
+    nbytes = n * k * 34 // 32
+    row = {"M": m, "N": n, "K": k, "bytes": nbytes}
+    ref_path = "gemv" if m <= 2 else "gemm"
+    for la, tag in (((), ""), ((a, b, 0.5), "+lora")):
+        ref = q8_0_matmul(x, qs, d, *la, config={"path": ref_path})  # autotunes
+        _timed_tc(row, ref_path + tag, functools.partial(q8_0_matmul, x, qs, d, *la, config={"path": ref_path}),
+                  ref, nbytes)  # fmt: skip
+        _timed_tc(row, "tc_tuned" + tag, functools.partial(q8_0_matmul, x, qs, d, *la), ref, nbytes)  # default path
+        best = None
+        for c in _GEMV_TC_CONFIGS:
+            kw = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+            name = "tc_" + "_".join(str(v) for v in (kw["BLOCK_N"], kw["BLOCK_K"], kw["SPLIT_K"], kw["num_stages"]))
+            prod = functools.partial(q8_0_matmul, x, qs, d, *la, config={"path": "gemv_tc", **kw})
+            t = _timed_tc(row, name + tag, prod, ref, nbytes)
+            if t is not None and (best is None or t < best[0]):
+                best = (t, name)
+        row["tc_best" + tag] = best[1] if best else None
+    return row
+
+
+def main_tc(out: Path) -> int:
+    torch.manual_seed(0)
+    rows = []
+    for m in (1, 16):
+        for n, k in SHAPES:
+            row = bench_tc(m, n, k)
+            rows.append(row)
+            ref = "gemv" if m <= 2 else "gemm"
+            for tag in ("", "+lora"):
+                r0, tt = row[ref + tag], row["tc_tuned" + tag]
+                bb = row[row["tc_best" + tag] + tag] if row["tc_best" + tag] else None
+                print(f"M={m:2d} {n:6d}x{k:<5d}{tag:6s} {ref} {r0['us']:6.1f}us {r0['GBps']:5.0f}GB/s | tc tuned "
+                      f"{tt['us']:6.1f}us {tt['GBps']:5.0f}GB/s ({tt['us'] / r0['us']:.2f}x time, diff "
+                      f"{tt['max_diff_ulps']:.1f} ulp) | best forced {row['tc_best' + tag]} "
+                      f"{bb['us'] if bb else float('nan'):6.1f}us", flush=True)  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gemv_lab_h200.json")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ",".join(VARIANTS))
+    ap.add_argument("--tc", action="store_true", help="the tensor-core gemv's configs instead (bench_tc)")
     a = ap.parse_args(argv)
+    if a.tc:
+        return main_tc(a.out)
     variants = {v: VARIANTS[v] for v in a.variants.split(",")}
     torch.manual_seed(0)
     rows = []
