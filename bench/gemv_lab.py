@@ -266,10 +266,12 @@ def _timed_tc(row: dict, name: str, prod, ref: torch.Tensor, nbytes: int) -> flo
 
 
 def bench_tc(m: int, n: int, k: int) -> dict:
-    """--tc: the tensor-core gemv (q8_0_gemv_tc) at every config of its autotune list, forced, next to its
-    autotuned launch and the FMA gemv (M <= 2) or the tiled skinny kernel (autotuned), with and without a LoRA
-    term (r = 16, t formed in the launch): GPU time per call (CUDA-graph replay), GB/s on the q8_0 bytes, and
-    each output's largest difference from the reference kernel's in bf16 ulps."""
+    """--tc: the tensor-core gemv (q8_0_gemv_tc) at every config of its autotune list, forced, next to the default
+    path ("tc_tuned": the autotuned tensor-core gemv; with a LoRA term at M <= 2 the FMA gemv, which forms t in its
+    launch) and the FMA gemv (M <= 2) or the tiled skinny kernel (autotuned), with and without a LoRA term (r = 16;
+    the forced tensor-core configs take t from a torch matmul): GPU time per call (CUDA-graph replay), GB/s on the
+    q8_0 bytes, and each output's largest difference from the reference kernel's in bf16 ulps. (The session-8
+    results were taken while the tensor-core gemv still formed t in its launch.)"""
     from lorakit.kernels.q8_0_matmul import q8_0_matmul
     from lorakit.kernels.q8_0_tuning import _GEMV_TC_CONFIGS
 
