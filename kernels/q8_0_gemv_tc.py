@@ -1,12 +1,16 @@
 """q8_0 matrix-vector product on the tensor cores, for decoding (M <= 16 rows of x): y = x @ W.T (+ LoRA term).
 
-Why the tensor cores for a memory-bound product: the FMA GEMV (q8_0_gemv.py) spends ~8 instructions per weight
-element (int8 -> fp32, scale, round to bf16 on the conversion pipe, back to fp32, multiply by x, add), which
-caps it near half the HBM bandwidth (bench/gemv_lab.py). Here one program owns BLOCK_N rows of W, streams
+Why the tensor cores for a memory-bound product: the FMA GEMV (q8_0_gemv.py) spends 8.2 instructions per weight
+element in its sm_90 SASS (int8 -> fp32, scale, round to bf16 on the conversion pipe, back to fp32, multiply by
+x, add, and layout shuffles of x through shared memory), which caps it near half the HBM bandwidth
+(bench/gemv_lab.py). Here one program owns BLOCK_N rows of W, streams
 [BLOCK_N, BLOCK_K] int8 tiles through shared memory (software-pipelined copies), dequantizes each tile in
 registers directly into the MMA's A-operand layout, and lets an MMA with the x tile [BLOCK_K, BLOCK_M] (rows of
 x beyond M are zeros) do the products and sums: per element one PRMT, one FFMA and half a packed conversion
-(_dequant_words: ~4.3 instructions per element in all, by the SASS of the sm_90 build).
+(_dequant_words; 4.7-5.1 instructions per element in all in the sm_90 SASS). The scales reach that layout
+through the same asynchronous copies only when triton knows their rows' alignment (D_ALIGN, from the launcher:
+K / 32 even gives 4-byte rows); without it the dequantized tile took a round trip through shared memory
+(5.4 instructions per element).
 
 Numerics: the same as every q8_0 kernel: W = rnd_dtype(qs * d) exactly (fp32 product, one rounding), products
 exact in fp32 (bf16/fp16 inputs), fp32 accumulation (the MMA's), y rounded once. The LoRA term s * t @ b.T (t =

@@ -18,9 +18,9 @@ Paths (kernels in q8_0_gemv_tc.py, q8_0_gemv.py, q8_0_gemm.py; the choice betwee
 per shape on the device, q8_0_tuning.choose_path):
   * "gemv_tc" (M <= GEMV_TC_MAX_M, bf16/fp16 activations, decoding): W streamed once through shared memory,
     dequantized in registers into the MMA's operand (one PRMT, one FFMA, half a packed conversion per element),
-    all rows of x in one MMA tile; split-K where the N blocks alone leave SMs idle, the partials summed in a
-    fixed order by the last program of each N block (deterministic). 1.2-1.3x faster than the FMA gemv at the
-    3B decode shapes (bench/results/gemv_tc_lab_h200.json).
+    all rows of x in one MMA tile; split-K (autotuned), the partials summed in a fixed order by the last
+    program of each N block (deterministic). 1.19-1.28x faster than the FMA gemv at four of the five 3B decode
+    shapes, 0.96x at 3200 x 3200 (bench/results/gemv_tc_lab_h200.json).
   * "gemv" (M <= GEMV_MAX_M: fp32 activations, or bf16/fp16 with t = x @ a still to be formed): FMA reduction
     streaming W once per token, no split-K; forms t in its own launch (t-programs).
   * "skinny" (M <= 64) and "large": tutorial-03 style tiled tensor-core matmul; the K tile covers whole
@@ -135,8 +135,8 @@ def _candidates(
     two-launch dequantize + cuBLAS path is left out (its GPU-time advantage is smaller than a launch there).
     half: the activations are bf16/fp16 (the tensor-core gemv's products are exact only for those).
     t_in_launch: a LoRA term whose t = x @ a is still to be formed: up to GEMV_MAX_M rows the FMA gemv forms it
-    in its launch at less cost (a decode step with two adapters: 2.42 ms with it, 2.84 ms with the tensor-core
-    gemv's t-programs, bench/results/h200_session8)."""
+    in its launch at less cost (a decode step with two adapters: 2.42 ms with it, 2.84 ms when the tensor-core
+    gemv formed t in its launch, a variant since removed; bench/results/h200_session8)."""
     if gemv and half and m <= GEMV_TC_MAX_M and not (t_in_launch and m <= GEMV_MAX_M):
         return ["gemv_tc"], "gemv_tc"
     if gemv and m <= GEMV_MAX_M:
