@@ -651,6 +651,20 @@ def test_gpu_dequant_words_exhaustive(dtype):
     assert torch.equal(out, ref)
 
 
+def test_scale_row_alignment_hint():
+    """The tensor-core gemv tells triton how d's rows are aligned (D_ALIGN) only as far as they are: K / 32 odd
+    gives 2-byte rows, even 4, a multiple of 4 gives 8, of 8 gives 16; a view starting off the allocation's
+    alignment lowers it."""
+    from lorakit.kernels.q8_0_matmul import _d_align
+
+    for kb, want in ((3, 2), (270, 4), (100, 8), (128, 16), (448, 16)):
+        d = torch.zeros(4, kb, dtype=torch.float16, device=DEVICE)
+        assert _d_align(d) == want, (kb, want)
+    wide = torch.zeros(4, 130, dtype=torch.float16, device=DEVICE)
+    assert _d_align(wide[:, 1:129]) == 2  # rows 260 bytes apart, starting 2 bytes in
+    assert _d_align(wide[:, 2:130]) == 4
+
+
 def test_host_grid_arithmetic_matches_triton():
     """triton_util.cdiv / next_pow2 (plain host functions) give triton.cdiv / triton.next_power_of_2's values."""
     for n in [*range(0, 2100), 4095, 4096, 4097, 2**31 - 1, 2**31, 2**40 + 3]:
