@@ -250,14 +250,12 @@ def _d_align(d: torch.Tensor) -> int:
 
 
 def _gemv_tc(x2, qs, d, y, lora, cfg: dict) -> None:
-    """The tensor-core gemv path (q8_0_gemv_tc): all rows of x in each program; t = x @ a (when not given) by a
-    torch matmul; split-K partials combined by the last program of each N block."""
+    """The tensor-core gemv path (q8_0_gemv_tc): all rows of x in each program; t = x @ a formed (by _fwd);
+    split-K partials combined by the last program of each N block."""
     m, k = x2.shape
     n = qs.shape[0]
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
-    t, a, bb, r, s = lora if lora is not None else (y, y, y, 0, 0.0)  # dummies, never read without HAS_LORA
-    if lora is not None and t is None:
-        t = x2 @ a
+    t, _, bb, r, s = lora if lora is not None else (y, y, y, 0, 0.0)  # dummies, never read without HAS_LORA
     forced = _INTERPRET or any(key in cfg for key in _INTERP_GEMV_TC)
     key = ("gemv_tc", m, n, k, x2.dtype, y.dtype, lora is not None)
     tiles = _tiles(_INTERP_GEMV_TC, cfg) if forced else (_BEST[key].kwargs if key in _BEST else None)
@@ -287,11 +285,11 @@ def _fwd(path: str, x2, qs, d, y, lora, cfg: dict, cache: DequantCache | None = 
     if path == "gemv":
         _gemv(x2, qs, d, y, lora, cfg)
         return
+    if lora is not None and lora[0] is None:
+        lora = (x2 @ lora[1], *lora[1:])
     if path == "gemv_tc":
         _gemv_tc(x2, qs, d, y, lora, cfg)
         return
-    if lora is not None and lora[0] is None:
-        lora = (x2 @ lora[1], *lora[1:])
     if path == "dequant":
         torch.matmul(x2, _dequantized(qs, d, x2.dtype, cache).T, out=y)
         if lora is not None:
