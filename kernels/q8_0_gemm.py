@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_util import _dequant_tile, _to
+from .triton_util import _dequant_tile, _dequant_words, _to
 
 
 @triton.jit
@@ -48,6 +48,7 @@ def _q8_gemm_kernel(
     DOT_F32: tl.constexpr,
     EMU_BF16: tl.constexpr,
     SWAP_AB: tl.constexpr = False,
+    D_ALIGN: tl.constexpr = 2,
 ):
     """y[split] = x @ W.T over this split's K range (+ LoRA in split 0)."""
     KB: tl.constexpr = BLOCK_K // 32
@@ -78,6 +79,8 @@ def _q8_gemm_kernel(
     x_ptrs = x_ptr + rm[:, None] * stride_xm + (kt0 * BLOCK_K + offs_k)[None, :] * stride_xk
     q_ptrs = qs_ptr + rn[:, None] * stride_qn + (kt0 * BLOCK_K + offs_k)[None, :]
     d_ptrs = d_ptr + rn[:, None] * stride_dn + (kt0 * KB + offs_kb)[None, :]
+    if D_ALIGN > 2:
+        d_ptrs = tl.max_contiguous(tl.multiple_of(d_ptrs, [D_ALIGN, D_ALIGN]), [1, KB])
 
     # SWAP_AB computes the transposed tile y.T = W @ x.T: the dequantized W (computed in registers) is
     # the MMA's A operand, which Hopper's wgmma can take from registers, and a small M becomes the
@@ -117,7 +120,10 @@ def _q8_gemm_kernel(
             x = tl.load(x_ptrs, mask=offs_k[None, :] < k_rem, other=0.0)
             q = tl.load(q_ptrs, mask=offs_k[None, :] < k_rem, other=0)
             dd = tl.load(d_ptrs, mask=offs_kb[None, :] * 32 < k_rem, other=0.0)
-        w = _to(_dequant_tile(q, dd, BLOCK_N, BLOCK_K), x.dtype, EMU_BF16)  # = dequantize_q8_0(.., x.dtype)
+        if EMU_BF16 or DOT_F32:
+            w = _to(_dequant_tile(q, dd, BLOCK_N, BLOCK_K), x.dtype, EMU_BF16)  # = dequantize_q8_0(.., x.dtype)
+        else:
+            w = _dequant_words(q, dd, x.dtype, BLOCK_N, BLOCK_K)
         if SWAP_AB:
             if DOT_F32:
                 acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
@@ -209,7 +215,10 @@ def _q8_gemm_t_kernel(
             g = tl.load(dy_ptrs, mask=offs_n[None, :] < n_rem, other=0.0)
             q = tl.load(q_ptrs, mask=offs_n[:, None] < n_rem, other=0)
             dd = tl.load(d_ptrs, mask=offs_n[:, None] < n_rem, other=0.0)
-        w = _to(_dequant_tile(q, dd, BLOCK_N, BLOCK_K), g.dtype, EMU_BF16)  # [BLOCK_N, BLOCK_K]
+        if EMU_BF16 or DOT_F32:
+            w = _to(_dequant_tile(q, dd, BLOCK_N, BLOCK_K), g.dtype, EMU_BF16)  # [BLOCK_N, BLOCK_K]
+        else:
+            w = _dequant_words(q, dd, g.dtype, BLOCK_N, BLOCK_K)
         if DOT_F32:
             acc = tl.dot(g.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:

@@ -19,7 +19,7 @@ on the tensor cores: fp32 x takes the FMA GEMV). A variant that formed t in the 
 t-programs do, made a decode step with two adapters slower (2.84 vs 2.42 ms, bench/results/h200_session8): a
 program that finishes its split early holds its SM slot while it waits for t.
 
-_dequant_words: for four int8 q of one 32-bit word, u = q ^ 0x80 = q + 128 (per byte), and one PRMT places u
+triton_util._dequant_words: for four int8 q of one 32-bit word, u = q ^ 0x80 = q + 128 (per byte), and one PRMT places u
 into bits 8..15 of the float 2^23 (0x4B00uu00 = 2^23 + 256 u); then fma(2^23 + 256 u, d / 256, -(2^15 + 2^7) d)
 = q * d exactly: d / 256 is exact, (2^15 + 2^7) d = 2^7 * 257 * d has 9 + 11 significant bits (exact in fp32),
 and the fma rounds the exact q * d (<= 19 significant bits) once, i.e. not at all. cvt.rn.{bf16x2,f16x2}.f32
@@ -32,42 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_util import _dequant_tile, _pdl_start, _to
-
-_DEQ_ASM = """{{
-    .reg .b32 u, f0, f1, f2, f3;
-    xor.b32 u, $2, 0x80808080;
-    prmt.b32 f0, u, 0x4B000000, 0x7404;
-    prmt.b32 f1, u, 0x4B000000, 0x7414;
-    prmt.b32 f2, u, 0x4B000000, 0x7424;
-    prmt.b32 f3, u, 0x4B000000, 0x7434;
-    fma.rn.f32 f0, f0, $3, $7;
-    fma.rn.f32 f1, f1, $4, $8;
-    fma.rn.f32 f2, f2, $5, $9;
-    fma.rn.f32 f3, f3, $6, $10;
-    cvt.rn.{t}x2.f32 $0, f1, f0;
-    cvt.rn.{t}x2.f32 $1, f3, f2;
-}}"""
-_DEQ_BF16: tl.constexpr = tl.constexpr(_DEQ_ASM.format(t="bf16"))
-_DEQ_F16: tl.constexpr = tl.constexpr(_DEQ_ASM.format(t="f16"))
-
-
-@triton.jit
-def _dequant_words(q, d, dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """int8 [BLOCK_N, BLOCK_K] x fp16 [BLOCK_N, BLOCK_K // 32] -> W [BLOCK_N, BLOCK_K] in dtype (bf16/fp16)
-    = rnd(q * d), four elements per inline-PTX call (see the module docstring)."""
-    KB: tl.constexpr = BLOCK_K // 32
-    df = d.to(tl.float32)
-    dq = tl.broadcast_to(tl.reshape(df * 0.00390625, (BLOCK_N, KB, 1)), (BLOCK_N, KB, 32))  # d / 256
-    dc = tl.broadcast_to(tl.reshape(df * -32896.0, (BLOCK_N, KB, 1)), (BLOCK_N, KB, 32))  # -(2^15 + 2^7) d
-    q3 = tl.reshape(q, (BLOCK_N, KB, 32))
-    if dtype == tl.bfloat16:
-        w = tl.inline_asm_elementwise(_DEQ_BF16, "=r,=r,r,r,r,r,r,r,r,r,r", [q3, dq, dc], dtype=tl.bfloat16,
-                                      is_pure=True, pack=4)  # fmt: skip
-    else:
-        w = tl.inline_asm_elementwise(_DEQ_F16, "=r,=r,r,r,r,r,r,r,r,r,r", [q3, dq, dc], dtype=tl.float16,
-                                      is_pure=True, pack=4)  # fmt: skip
-    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+from .triton_util import _dequant_tile, _dequant_words, _pdl_start_prefetch, _to
 
 
 @triton.jit
@@ -122,11 +87,11 @@ def _q8_gemv_tc_kernel(
     EMU_BF16: tl.constexpr,
     D_ALIGN: tl.constexpr = 2,  # bytes every row of d (and d_ptr) is aligned to: 2, 4, 8 or 16
     PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = 0,  # with PDL: bytes of each row's K range copied into L2 before the wait
 ):
     """y[:, n-block] = x @ W[n-block].T (+ scale * t @ b[n-block].T) for all M rows of x: program pid covers K range
     pid % SPLIT_K of N block pid // SPLIT_K. With SPLIT_K > 1 each stores its fp32 partial and the last of a block to
     finish (an acq_rel counter) sums the block's partials in split order (deterministic) and finishes the block."""
-    _pdl_start(PDL)
     pid = tl.program_id(0)
     pid_n = pid // SPLIT_K
     pid_k = pid % SPLIT_K
@@ -141,6 +106,12 @@ def _q8_gemv_tc_kernel(
     mask_m = offs_m < M
     offs_k = tl.arange(0, BLOCK_K)
     offs_kb = tl.arange(0, BLOCK_K // 32)
+    if PREFETCH > 0:
+        q_addr = (qs_ptr + rn * stride_qn + k_lo).to(tl.int64, bitcast=True)
+        d_addr = (d_ptr + rn * stride_dn + k_lo // 32).to(tl.int64, bitcast=True)
+        _pdl_start_prefetch(PDL, q_addr, d_addr, tl.minimum(k_hi - k_lo, PREFETCH), 2)  # BLOCK_N / 16 warps
+    else:
+        _pdl_start_prefetch(PDL, rn, rn, 0, 1)
     x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (k_lo + offs_k)[:, None]
     q_ptrs = qs_ptr + rn[:, None] * stride_qn + (k_lo + offs_k)[None, :]
     d_ptrs = d_ptr + rn[:, None] * stride_dn + (k_lo // 32 + offs_kb)[None, :]

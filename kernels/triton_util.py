@@ -75,6 +75,41 @@ def _pdl_start(PDL: tl.constexpr):
         tl_cuda.gdc_wait()
 
 
+@triton.jit
+def _l2_prefetch(addr, nbytes, CHUNKS: tl.constexpr):
+    """Start copying [addr, addr + nbytes) into L2 for each row (addr int64 [R]; nbytes int32, scalar or [R]),
+    without waiting and without registers (sm_90's cp.async.bulk.prefetch.L2), each row in CHUNKS pieces (R *
+    CHUNKS = the program's threads: one instruction per thread). The range is widened to 16-byte boundaries
+    (the instruction's granule), which stays inside any allocation of torch's (512-byte blocks)."""
+    lo = addr & -16
+    nb = ((addr + nbytes + 15) & -16) - lo
+    chunk = ((nb + (CHUNKS - 1)) // CHUNKS + 15) & -16
+    offs = tl.arange(0, CHUNKS)[None, :] * chunk[:, None]
+    size = tl.minimum(nb[:, None] - offs, chunk[:, None]).to(tl.int32)
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
+        "=r,l,r",
+        [lo[:, None] + offs, size],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
+def _pdl_start_prefetch(PDL: tl.constexpr, q_addr, d_addr, q_bytes, CHUNKS: tl.constexpr):
+    """_pdl_start for a kernel that streams q8_0 weights: between letting the next kernel launch and waiting for
+    the previous one, start copying the first q_bytes of its qs rows (q_addr, int64 [R]) and their scales (d_addr:
+    q_bytes / 16 bytes) into L2 (q_bytes <= 0: nothing). The weights do not depend on the previous kernel, so HBM
+    streams them during its tail and the launch gap instead of after them."""
+    if PDL:
+        tl_cuda.gdc_launch_dependents()
+        if q_bytes > 0:
+            _l2_prefetch(q_addr, q_bytes, CHUNKS)
+            _l2_prefetch(d_addr, q_bytes // 16, CHUNKS)
+        tl_cuda.gdc_wait()
+
+
 # (kernel, device, constexprs + options, specialization of the runtime arguments) -> (compiled kernel, the
 # constexpr tail of its argument list); see launch(). Keys hold exact int values (a prompt length, say), so a
 # long-lived process could gather many: past COMPILED_MAX entries the map starts over (triton keeps the
@@ -186,4 +221,40 @@ def _dequant_tile(q, dd, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """int8 [BLOCK_N, BLOCK_K] x fp16 [BLOCK_N, BLOCK_K // 32] -> fp32 [BLOCK_N, BLOCK_K]."""
     KB: tl.constexpr = BLOCK_K // 32
     w = tl.reshape(_q8_f32(q), (BLOCK_N, KB, 32)) * tl.reshape(dd.to(tl.float32), (BLOCK_N, KB, 1))
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+
+_DEQ_ASM = """{{
+    .reg .b32 u, f0, f1, f2, f3;
+    xor.b32 u, $2, 0x80808080;
+    prmt.b32 f0, u, 0x4B000000, 0x7404;
+    prmt.b32 f1, u, 0x4B000000, 0x7414;
+    prmt.b32 f2, u, 0x4B000000, 0x7424;
+    prmt.b32 f3, u, 0x4B000000, 0x7434;
+    fma.rn.f32 f0, f0, $3, $7;
+    fma.rn.f32 f1, f1, $4, $8;
+    fma.rn.f32 f2, f2, $5, $9;
+    fma.rn.f32 f3, f3, $6, $10;
+    cvt.rn.{t}x2.f32 $0, f1, f0;
+    cvt.rn.{t}x2.f32 $1, f3, f2;
+}}"""
+_DEQ_BF16: tl.constexpr = tl.constexpr(_DEQ_ASM.format(t="bf16"))
+_DEQ_F16: tl.constexpr = tl.constexpr(_DEQ_ASM.format(t="f16"))
+
+
+@triton.jit
+def _dequant_words(q, d, dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int8 [BLOCK_N, BLOCK_K] x fp16 [BLOCK_N, BLOCK_K // 32] -> W [BLOCK_N, BLOCK_K] in dtype (bf16/fp16)
+    = rnd(q * d), four elements per inline-PTX call (see q8_0_gemv_tc's module docstring)."""
+    KB: tl.constexpr = BLOCK_K // 32
+    df = d.to(tl.float32)
+    dq = tl.broadcast_to(tl.reshape(df * 0.00390625, (BLOCK_N, KB, 1)), (BLOCK_N, KB, 32))  # d / 256
+    dc = tl.broadcast_to(tl.reshape(df * -32896.0, (BLOCK_N, KB, 1)), (BLOCK_N, KB, 32))  # -(2^15 + 2^7) d
+    q3 = tl.reshape(q, (BLOCK_N, KB, 32))
+    if dtype == tl.bfloat16:
+        w = tl.inline_asm_elementwise(_DEQ_BF16, "=r,=r,r,r,r,r,r,r,r,r,r", [q3, dq, dc], dtype=tl.bfloat16,
+                                      is_pure=True, pack=4)  # fmt: skip
+    else:
+        w = tl.inline_asm_elementwise(_DEQ_F16, "=r,=r,r,r,r,r,r,r,r,r,r", [q3, dq, dc], dtype=tl.float16,
+                                      is_pure=True, pack=4)  # fmt: skip
     return tl.reshape(w, (BLOCK_N, BLOCK_K))
