@@ -1,7 +1,12 @@
 """Tiled q8_0 matmul kernels on the tensor cores: y = x @ W.T (with the LoRA term in the accumulator) and
 dx = dy @ W. The K (or N) tile is a multiple of 32, so a weight tile always covers whole q8_0 blocks and
-is dequantized in registers (lorakit.kernels.triton_util._dequant_tile) before the MMA. Launchers,
-autotuning and the numerics contract: lorakit.kernels.q8_0_matmul.
+is dequantized in registers before the MMA: on the GPU by triton_util._dequant_words for bf16/fp16 (one PRMT, one
+FFMA and half a packed conversion per element, the same numbers as _dequant_tile + _to; in the sm_90 SASS of the
+autotuned configs 16-23% fewer instructions per loop step, none fewer for the swapped 128 x 128 x 128 tile), by
+_dequant_tile for fp32 and under the interpreter. Each loop step waits for its wgmma before dequantizing the next tile
+(triton keeps one shared-memory copy of the dequantized operand): the MMAs and the dequantization do not overlap,
+which caps the kernel near half of cuBLAS at large M. Launchers, autotuning and the numerics contract:
+lorakit.kernels.q8_0_matmul.
 """
 
 from __future__ import annotations
@@ -48,7 +53,6 @@ def _q8_gemm_kernel(
     DOT_F32: tl.constexpr,
     EMU_BF16: tl.constexpr,
     SWAP_AB: tl.constexpr = False,
-    D_ALIGN: tl.constexpr = 2,
 ):
     """y[split] = x @ W.T over this split's K range (+ LoRA in split 0)."""
     KB: tl.constexpr = BLOCK_K // 32
@@ -79,8 +83,6 @@ def _q8_gemm_kernel(
     x_ptrs = x_ptr + rm[:, None] * stride_xm + (kt0 * BLOCK_K + offs_k)[None, :] * stride_xk
     q_ptrs = qs_ptr + rn[:, None] * stride_qn + (kt0 * BLOCK_K + offs_k)[None, :]
     d_ptrs = d_ptr + rn[:, None] * stride_dn + (kt0 * KB + offs_kb)[None, :]
-    if D_ALIGN > 2:
-        d_ptrs = tl.max_contiguous(tl.multiple_of(d_ptrs, [D_ALIGN, D_ALIGN]), [1, KB])
 
     # SWAP_AB computes the transposed tile y.T = W @ x.T: the dequantized W (computed in registers) is
     # the MMA's A operand, which Hopper's wgmma can take from registers, and a small M becomes the

@@ -19,12 +19,13 @@ on the tensor cores: fp32 x takes the FMA GEMV). A variant that formed t in the 
 t-programs do, made a decode step with two adapters slower (2.84 vs 2.42 ms, bench/results/h200_session8): a
 program that finishes its split early holds its SM slot while it waits for t.
 
-triton_util._dequant_words: for four int8 q of one 32-bit word, u = q ^ 0x80 = q + 128 (per byte), and one PRMT places u
-into bits 8..15 of the float 2^23 (0x4B00uu00 = 2^23 + 256 u); then fma(2^23 + 256 u, d / 256, -(2^15 + 2^7) d)
-= q * d exactly: d / 256 is exact, (2^15 + 2^7) d = 2^7 * 257 * d has 9 + 11 significant bits (exact in fp32),
-and the fma rounds the exact q * d (<= 19 significant bits) once, i.e. not at all. cvt.rn.{bf16x2,f16x2}.f32
-then rounds pairs to the activation dtype, which is the operand format the MMA takes. Under the interpreter
-(no inline PTX) the tile is dequantized by triton_util._dequant_tile and rounded by _to.
+triton_util._dequant_words (also used by the tiled kernels, q8_0_gemm): for four int8 q of one 32-bit word, u = q ^
+0x80 = q + 128 (per byte), and one PRMT places u into bits 8..15 of the float 2^23 (0x4B00uu00 = 2^23 + 256 u);
+then fma(2^23 + 256 u, d / 256, -(2^15 + 2^7) d) = q * d exactly: d / 256 is exact, (2^15 + 2^7) d = 2^7 * 257 * d
+has 9 + 11 significant bits (exact in fp32), and the fma rounds the exact q * d (<= 19 significant bits) once, i.e.
+not at all. cvt.rn.{bf16x2,f16x2}.f32 then rounds pairs to the activation dtype, which is the operand format the
+MMA takes. Under the interpreter (no inline PTX) the tile is dequantized by triton_util._dequant_tile and rounded
+by _to.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_util import _dequant_tile, _dequant_words, _pdl_start_prefetch, _to
+from .triton_util import _dequant_tile, _dequant_words, _pdl_start, _to
 
 
 @triton.jit
@@ -87,11 +88,11 @@ def _q8_gemv_tc_kernel(
     EMU_BF16: tl.constexpr,
     D_ALIGN: tl.constexpr = 2,  # bytes every row of d (and d_ptr) is aligned to: 2, 4, 8 or 16
     PDL: tl.constexpr = False,
-    PREFETCH: tl.constexpr = 0,  # with PDL: bytes of each row's K range copied into L2 before the wait
 ):
     """y[:, n-block] = x @ W[n-block].T (+ scale * t @ b[n-block].T) for all M rows of x: program pid covers K range
     pid % SPLIT_K of N block pid // SPLIT_K. With SPLIT_K > 1 each stores its fp32 partial and the last of a block to
     finish (an acq_rel counter) sums the block's partials in split order (deterministic) and finishes the block."""
+    _pdl_start(PDL)
     pid = tl.program_id(0)
     pid_n = pid // SPLIT_K
     pid_k = pid % SPLIT_K
@@ -106,12 +107,6 @@ def _q8_gemv_tc_kernel(
     mask_m = offs_m < M
     offs_k = tl.arange(0, BLOCK_K)
     offs_kb = tl.arange(0, BLOCK_K // 32)
-    if PREFETCH > 0:
-        q_addr = (qs_ptr + rn * stride_qn + k_lo).to(tl.int64, bitcast=True)
-        d_addr = (d_ptr + rn * stride_dn + k_lo // 32).to(tl.int64, bitcast=True)
-        _pdl_start_prefetch(PDL, q_addr, d_addr, tl.minimum(k_hi - k_lo, PREFETCH), 2)  # BLOCK_N / 16 warps
-    else:
-        _pdl_start_prefetch(PDL, rn, rn, 0, 1)
     x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (k_lo + offs_k)[:, None]
     q_ptrs = qs_ptr + rn[:, None] * stride_qn + (k_lo + offs_k)[None, :]
     d_ptrs = d_ptr + rn[:, None] * stride_dn + (k_lo // 32 + offs_kb)[None, :]

@@ -51,7 +51,6 @@ import functools
 
 import torch
 
-from .lora_t import _lora_t_kernel
 from .q8_0_dequant import DequantCache, _check_weight, q8_0_dequantize
 from .q8_0_gemm import _q8_gemm_kernel, _q8_gemm_t_kernel
 from .q8_0_gemv import _q8_gemv_kernel
@@ -86,8 +85,6 @@ GEMV_MAX_M = 2  # rows of x up to which the gemv kernel is a candidate
 GEMV_TC_MAX_M = 16  # ... and the tensor-core gemv (bf16/fp16 activations)
 DEQUANT_MIN_M = 256  # rows of x from which dequantize + cuBLAS is a candidate
 DEQUANT_DEFAULT_M = 1024  # ... and the choice without a measurement (LORAKIT_AUTOTUNE=0)
-GEMV_TC_PREFETCH = 0  # bytes of each weight row's K range the tensor-core gemv copies into L2 before its PDL wait
-GEMV_TC_LORA = False  # products with a LoRA t still to form take the tensor-core gemv too (t by _lora_t's launch)
 
 # --------------------------------------------------------------------------------------------------
 # launch planning
@@ -140,7 +137,7 @@ def _candidates(
     t_in_launch: a LoRA term whose t = x @ a is still to be formed: up to GEMV_MAX_M rows the FMA gemv forms it
     in its launch at less cost (a decode step with two adapters: 2.42 ms with it, 2.84 ms when the tensor-core
     gemv formed t in its launch, a variant since removed; bench/results/h200_session8)."""
-    if gemv and half and m <= GEMV_TC_MAX_M and (GEMV_TC_LORA or not (t_in_launch and m <= GEMV_MAX_M)):
+    if gemv and half and m <= GEMV_TC_MAX_M and not (t_in_launch and m <= GEMV_MAX_M):
         return ["gemv_tc"], "gemv_tc"
     if gemv and m <= GEMV_MAX_M:
         # one row: the GEMV is 1.3-2x faster than the tiled kernel at every measured shape (bench/gemv_lab.py's
@@ -252,30 +249,6 @@ def _d_align(d: torch.Tensor) -> int:
     return a
 
 
-def _lora_t(x2: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """t = x2 @ a [M, r] in x2's dtype for a decode-sized product, by its own short launch (lora_t)."""
-    m, k = x2.shape
-    r = a.shape[1]
-    block_m, block_r = next_pow2(m), next_pow2(r)
-    block_kt = max(16, min(256, 2048 // (block_m * block_r)))  # a register tile of ~2k products per program
-    n_prog = cdiv(k, block_kt)
-    t = torch.empty(m, r, dtype=x2.dtype, device=x2.device)
-    ws = torch.empty(n_prog * block_m * block_r, dtype=torch.float32, device=x2.device)
-    args = (x2, a, t, ws, _sync_words(x2.device, 1), m, k, r, x2.stride(0), a.stride(0), a.stride(1), t.stride(0),
-            t.stride(1))  # fmt: skip
-    const = dict(BLOCK_M=block_m, BLOCK_KT=block_kt, BLOCK_R=block_r, BLOCK_S=next_pow2(n_prog), EMU_BF16=_INTERPRET,
-                 num_warps=4, **pdl(x2.device))  # fmt: skip
-    launch(_lora_t_kernel, (n_prog,), args, const)
-    return t
-
-
-def _prefetch_bytes(qs: torch.Tensor, const: dict) -> int:
-    """The tensor-core gemv's L2 prefetch per row (GEMV_TC_PREFETCH) where it can take one: a PDL launch, qs rows
-    16-byte aligned (the bulk prefetch's granule)."""
-    ok = const.get("PDL", False) and qs.data_ptr() % 16 == 0 and qs.stride(0) % 16 == 0
-    return GEMV_TC_PREFETCH if ok else 0
-
-
 def _gemv_tc(x2, qs, d, y, lora, cfg: dict) -> None:
     """The tensor-core gemv path (q8_0_gemv_tc): all rows of x in each program; t = x @ a formed (by _fwd);
     split-K partials combined by the last program of each N block."""
@@ -297,7 +270,6 @@ def _gemv_tc(x2, qs, d, y, lora, cfg: dict) -> None:
             y.stride(1), t.stride(0), t.stride(1), bb.stride(0), bb.stride(1), r, float(s))  # fmt: skip
     const = dict(BLOCK_M=block_m, HAS_LORA=lora is not None, BLOCK_R=max(16, next_pow2(r)), EMU_BF16=_INTERPRET,
                  D_ALIGN=_d_align(d), **pdl(x2.device))  # fmt: skip
-    const["PREFETCH"] = _prefetch_bytes(qs, const)
     if forced:
         launch(_q8_gemv_tc_kernel, (cdiv(n, tiles["BLOCK_N"]) * tiles["SPLIT_K"],), args, {**const, **tiles})
     else:
@@ -314,11 +286,7 @@ def _fwd(path: str, x2, qs, d, y, lora, cfg: dict, cache: DequantCache | None = 
         _gemv(x2, qs, d, y, lora, cfg)
         return
     if lora is not None and lora[0] is None:
-        if path == "gemv_tc":
-            x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
-            lora = (_lora_t(x2, lora[1]), *lora[1:])
-        else:
-            lora = (x2 @ lora[1], *lora[1:])
+        lora = (x2 @ lora[1], *lora[1:])
     if path == "gemv_tc":
         _gemv_tc(x2, qs, d, y, lora, cfg)
         return

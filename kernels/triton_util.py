@@ -75,41 +75,6 @@ def _pdl_start(PDL: tl.constexpr):
         tl_cuda.gdc_wait()
 
 
-@triton.jit
-def _l2_prefetch(addr, nbytes, CHUNKS: tl.constexpr):
-    """Start copying [addr, addr + nbytes) into L2 for each row (addr int64 [R]; nbytes int32, scalar or [R]),
-    without waiting and without registers (sm_90's cp.async.bulk.prefetch.L2), each row in CHUNKS pieces (R *
-    CHUNKS = the program's threads: one instruction per thread). The range is widened to 16-byte boundaries
-    (the instruction's granule), which stays inside any allocation of torch's (512-byte blocks)."""
-    lo = addr & -16
-    nb = ((addr + nbytes + 15) & -16) - lo
-    chunk = ((nb + (CHUNKS - 1)) // CHUNKS + 15) & -16
-    offs = tl.arange(0, CHUNKS)[None, :] * chunk[:, None]
-    size = tl.minimum(nb[:, None] - offs, chunk[:, None]).to(tl.int32)
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
-        "=r,l,r",
-        [lo[:, None] + offs, size],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
-
-
-@triton.jit
-def _pdl_start_prefetch(PDL: tl.constexpr, q_addr, d_addr, q_bytes, CHUNKS: tl.constexpr):
-    """_pdl_start for a kernel that streams q8_0 weights: between letting the next kernel launch and waiting for
-    the previous one, start copying the first q_bytes of its qs rows (q_addr, int64 [R]) and their scales (d_addr:
-    q_bytes / 16 bytes) into L2 (q_bytes <= 0: nothing). The weights do not depend on the previous kernel, so HBM
-    streams them during its tail and the launch gap instead of after them."""
-    if PDL:
-        tl_cuda.gdc_launch_dependents()
-        if q_bytes > 0:
-            _l2_prefetch(q_addr, q_bytes, CHUNKS)
-            _l2_prefetch(d_addr, q_bytes // 16, CHUNKS)
-        tl_cuda.gdc_wait()
-
-
 # (kernel, device, constexprs + options, specialization of the runtime arguments) -> (compiled kernel, the
 # constexpr tail of its argument list); see launch(). Keys hold exact int values (a prompt length, say), so a
 # long-lived process could gather many: past COMPILED_MAX entries the map starts over (triton keeps the
