@@ -51,7 +51,10 @@ def weight_bytes(model) -> int:
     return total
 
 
-def bench_decode(model, backend, adapters, prompt: int, new: int, dtype=torch.bfloat16) -> dict:
+def bench_decode(model, backend, adapters, prompt: int, new: int, dtype=torch.bfloat16, on_device=False) -> dict:
+    """Greedy decoding of `new` tokens after a random prompt: new - 1 timed steps after the graph's capture.
+    on_device: the argmax and next position inside the step, the host one step behind (what `lorakit predict`
+    does for greedy sampling, --temp 0); else the host reads each step's argmax before launching the next."""
     from lorakit.decode import GraphDecoder
     from lorakit.generate import Generator
 
@@ -59,14 +62,20 @@ def bench_decode(model, backend, adapters, prompt: int, new: int, dtype=torch.bf
     cache = gen.new_cache()
     ids = torch.randint(3, model.args.n_vocab, (prompt,)).tolist()
     logits = gen.logits(ids, cache, 0)
-    step = GraphDecoder(model, backend, adapters, gen.rope, cache, dtype)
+    step = GraphDecoder(model, backend, adapters, gen.rope, cache, dtype, greedy=on_device)
     tok = int(torch.argmax(logits))
-    logits = step(tok, prompt)  # capture
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for p in range(prompt + 1, prompt + new):
-        tok = int(torch.argmax(logits))
-        logits = step(tok, p)
+    if on_device:
+        list(step.greedy_tokens(tok, prompt, 1))  # capture
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        list(step.greedy_tokens(tok, prompt, new - 1))
+    else:
+        logits = step(tok, prompt)  # capture
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for p in range(prompt + 1, prompt + new):
+            tok = int(torch.argmax(logits))
+            logits = step(tok, p)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     tps = (new - 1) / dt
@@ -143,13 +152,12 @@ def main(argv=None) -> int:
     r = bench_prefill(model, be)
     rows.append({"case": "prefill 512", **r, "vs_llamacpp": r["prefill_tok_s"] / LLAMACPP_PREFILL})
     print(json.dumps(rows[-1]), flush=True)
-    r = bench_decode(model, be, (), a.prompt, a.new)
-    rows.append({"case": "decode, no adapter", **r, "vs_llamacpp": r["decode_tok_s"] / LLAMACPP_DECODE})
-    print(json.dumps(rows[-1]), flush=True)
     ads = [(random_adapter(model, 4, 1, be.device), 0.7), (random_adapter(model, 4, 2, be.device), 0.4)]
-    r = bench_decode(model, be, ads, a.prompt, a.new)
-    rows.append({"case": "decode, 2 scaled adapters", **r, "vs_llamacpp": r["decode_tok_s"] / LLAMACPP_DECODE})
-    print(json.dumps(rows[-1]), flush=True)
+    for name, adapters in (("no adapter", ()), ("2 scaled adapters", ads)):
+        for on_device, how in ((False, "host argmax"), (True, "argmax on GPU")):
+            r = bench_decode(model, be, adapters, a.prompt, a.new, on_device=on_device)
+            rows.append({"case": f"decode, {name}, {how}", **r, "vs_llamacpp": r["decode_tok_s"] / LLAMACPP_DECODE})
+            print(json.dumps(rows[-1]), flush=True)
     r = bench_prefill(model, be)
     rows.append({"case": "prefill 512, after the decode runs", **r,
                  "vs_llamacpp": r["prefill_tok_s"] / LLAMACPP_PREFILL})  # fmt: skip
@@ -163,14 +171,14 @@ def main(argv=None) -> int:
         except Exception as e:  # report and continue
             rows.append({"case": "HF transformers generate", "error": f"{type(e).__name__}: {e}"[:200]})
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{'case':36s}{'tok/s':>10s}{'% BW limit':>12s}{'x llama.cpp':>13s}")
+    print(f"\n{'case':48s}{'tok/s':>10s}{'% BW limit':>12s}{'x llama.cpp':>13s}")
     for r in rows:
         if "error" in r:
-            print(f"{r['case']:36s}  error: {r['error'][:60]}")
+            print(f"{r['case']:48s}  error: {r['error'][:60]}")
             continue
         tps = r.get("decode_tok_s", r.get("prefill_tok_s"))
         pct = r.get("pct_of_bandwidth_limit")
-        print(f"{r['case']:36s}{tps:10.0f}{'' if pct is None else f'{pct:.0%}':>12s}{r['vs_llamacpp']:12.2f}x")
+        print(f"{r['case']:48s}{tps:10.0f}{'' if pct is None else f'{pct:.0%}':>12s}{r['vs_llamacpp']:12.2f}x")
     print(
         f"(issue #5's measurements on the H200: HF transformers generate {HF_DECODE:.0f} tok/s; llama.cpp CUDA "
         f"{LLAMACPP_DECODE:.0f} tok/s decode, {LLAMACPP_PREFILL:.0f} tok/s prefill)"

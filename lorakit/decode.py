@@ -10,12 +10,14 @@ product is a q8_0 GEMV reading each weight byte once; adapters stay unmerged, th
 into the products (one block-diagonal term for a packed weight, lora.formed_term). Norm gains (with
 their adapter terms) are formed once per generation. On sm_90+ the step's kernels are programmatic dependent
 launches (kernels.triton_util.pdl): each starts while the previous one finishes and waits for it before
-touching memory. Prefill uses the ordinary batched forward.
+touching memory. Greedy decoding (GraphDecoder(greedy=True).greedy_tokens) also takes the argmax and the next
+position inside the step, so the host never waits for a token before launching the next step. Prefill uses the
+ordinary batched forward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -35,8 +37,10 @@ class GraphDecoder:
         cache: KVCache,
         dtype: torch.dtype,
         use_graph: bool = True,
+        greedy: bool = False,
     ):
         self.model, self.backend, self.cache, self.dtype = model, backend, cache, dtype
+        self.greedy = greedy
         self.cos_table, self.sin_table = rope
         self.linear, norm, self.embed = model_fns(model, backend, adapters, dtype)
         dev = cache.k[0].device
@@ -90,26 +94,64 @@ class GraphDecoder:
             act = be.silu_mul_fwd(*gu.chunk(2, dim=-1))  # SwiGLU on the two views of the packed output
             delta = be.lora_linear(act, *self.products[f"blk.{i}.ffn_down.weight"])
         _, h = be.add_rms_norm(h, delta, self.norms["output_norm.weight"], eps)
-        return be.lora_linear(h, *self.products["output.weight"])[0, -1].float()
+        logits = be.lora_linear(h, *self.products["output.weight"])[0, -1].float()
+        if self.greedy:  # the next step's token and position, formed on the device
+            self.tok.copy_(torch.argmax(logits).view(1, 1))
+            self.pos.add_(1)
+        return logits
 
-    @torch.no_grad()
-    def __call__(self, token: int, pos: int) -> torch.Tensor:
-        """Logits [V] (float32) of `token` at position `pos`; writes the cache at `pos`."""
-        self.tok.fill_(token)
-        self.pos.fill_(pos)
+    def _run(self) -> torch.Tensor:
+        """One step with the token and position already in self.tok / self.pos."""
         if not self.use_graph:
             return self._step()
         if self.graph is None:
             # warm up on a side stream (autotuning, path choice, allocator), then capture; the warm-up
-            # writes the cache at `pos`, which the captured replay below rewrites identically
+            # writes the cache at `pos`, which the captured replay below rewrites identically (a greedy
+            # step also moves tok and pos on: they are put back)
+            tok, pos = self.tok.clone(), self.pos.clone()
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
                 for _ in range(2):
                     self._step()
+                    self.tok.copy_(tok)
+                    self.pos.copy_(pos)
             torch.cuda.current_stream().wait_stream(s)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.out = self._step()
         self.graph.replay()
         return self.out
+
+    @torch.no_grad()
+    def __call__(self, token: int, pos: int) -> torch.Tensor:
+        """Logits [V] (float32) of `token` at position `pos`; writes the cache at `pos`."""
+        self.tok.fill_(token)
+        self.pos.fill_(pos)
+        return self._run()
+
+    @torch.no_grad()
+    def greedy_tokens(self, token: int, pos: int, steps: int) -> Iterator[int]:
+        """The greedy continuation of `token` at `pos`: the argmax token of each of `steps` steps (positions pos,
+        pos + 1, ...), for a decoder made with greedy=True. Each step takes its token and position from the
+        previous one on the device, and the host reads token i while step i + 1 runs (one step ahead; a caller
+        that stops early leaves one step computed past its last token, whose cache row is never read)."""
+        if not self.greedy:
+            raise ValueError("greedy_tokens needs a GraphDecoder made with greedy=True")
+        self.tok.fill_(token)
+        self.pos.fill_(pos)
+        if not self.use_graph:
+            for _ in range(steps):
+                self._step()
+                yield int(self.tok)
+            return
+        host = torch.empty(2, dtype=torch.long, pin_memory=True)
+        done = [torch.cuda.Event(), torch.cuda.Event()]
+        for i in range(steps + 1):
+            if i < steps:
+                self._run()
+                host[i % 2].copy_(self.tok.view(()), non_blocking=True)
+                done[i % 2].record()
+            if i > 0:
+                done[(i - 1) % 2].synchronize()
+                yield int(host[(i - 1) % 2])

@@ -68,6 +68,11 @@ def sample_token(logits: torch.Tensor, p: SamplingParams, history: Sequence[int]
     return int(idx[choice])
 
 
+def greedy_only(p: SamplingParams) -> bool:
+    """Whether sample_token is the plain argmax of the logits (no temperature, no repetition penalty)."""
+    return p.temp <= 0 and (p.repeat_penalty == 1.0 or p.repeat_last_n <= 0)
+
+
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
@@ -127,7 +132,12 @@ class Generator:
         if self.use_graph:
             from .decode import GraphDecoder
 
-            step = GraphDecoder(self.model, self.backend, self.adapters, self.rope, cache, self.dtype)
+            greedy = greedy_only(params)
+            step = GraphDecoder(self.model, self.backend, self.adapters, self.rope, cache, self.dtype, greedy=greedy)
+            if greedy:
+                first = sample_token(logits, params, history, rng)
+                yield from self._greedy(step, first, n_past, n_predict, stop_ids)
+                return
         t1 = time.perf_counter()
         while n_predict < 0 or self.stats.generated < n_predict:
             tok = sample_token(logits, params, history, rng)
@@ -142,3 +152,23 @@ class Generator:
             n_past += 1
             self.stats.decode_s = time.perf_counter() - t1
         self.stats.decode_s = time.perf_counter() - t1
+
+    def _greedy(self, step, first: int, n_past: int, n_predict: int, stop_ids: Sequence[int]) -> Iterator[int]:
+        """generate()'s loop for greedy sampling on a GPU, from the prompt's token `first`: the same tokens, each step
+        launched before the host has read the previous one's token (GraphDecoder.greedy_tokens)."""
+        if n_predict == 0:
+            return
+        t1 = time.perf_counter()
+        steps = self.n_ctx - n_past if n_predict < 0 else min(n_predict - 1, self.n_ctx - n_past)
+        tokens = step.greedy_tokens(first, n_past, steps)
+        tok = first
+        while True:
+            self.stats.generated += 1
+            if tok in stop_ids:
+                break
+            yield tok
+            tok = next(tokens, None)
+            self.stats.decode_s = time.perf_counter() - t1
+            if tok is None:
+                break
+        tokens.close()

@@ -157,3 +157,58 @@ def test_pack_fused_views_share_storage():
     assert torch.equal(torch.cat([q.qs, k.qs, v.qs]), qkv.qs) and torch.equal(torch.cat([q.d, k.d, v.d]), qkv.d)
     assert qkv.shape == (ARGS.n_embd + 2 * ARGS.n_embd_kv, ARGS.n_embd)
     assert packed.fused["blk.1.ffn_gate_up"].shape == (2 * ARGS.n_ff, ARGS.n_embd)
+
+
+@pytest.mark.parametrize("make_backend", _backends())
+def test_greedy_steps_take_their_token_on_the_device(make_backend):
+    """GraphDecoder(greedy=True): each step's argmax and next position are formed inside the step, and
+    greedy_tokens yields the same tokens (and leaves the same cache) as host argmax step by step (a CUDA graph
+    on a GPU, eager here)."""
+    be = make_backend()
+    model = pack_fused(_model().to(be.device))
+    ads = [(_adapter(1).to(be.device), 0.7)]
+    gen = Generator(model, be, ads, n_ctx=12, dtype=torch.float32)
+    prompt = [1, 17, 5, 99, 42]
+    caches = [gen.new_cache(), gen.new_cache()]
+    first = [int(torch.argmax(gen.logits(prompt, c, 0))) for c in caches][0]
+    host = GraphDecoder(model, be, ads, gen.rope, caches[0], torch.float32)
+    want, tok = [], first
+    for pos in range(len(prompt), 11):
+        tok = int(torch.argmax(host(tok, pos)))
+        want.append(tok)
+    dev = GraphDecoder(model, be, ads, gen.rope, caches[1], torch.float32, greedy=True)
+    assert list(dev.greedy_tokens(first, len(prompt), len(want))) == want
+    assert int(dev.pos) == 11  # moved on by the steps themselves
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v, strict=True):
+        assert torch.equal(a[:, :, :11], b[:, :, :11])
+    with pytest.raises(ValueError, match="greedy=True"):
+        next(host.greedy_tokens(first, len(prompt), 1))
+
+
+@pytest.mark.parametrize("n_predict,stop", [(-1, False), (0, False), (1, False), (4, False), (-1, True)])
+def test_generate_greedy_on_the_device_same_tokens(n_predict, stop):
+    """Generator.generate with greedy sampling takes the device-side loop where it replays graphs (forced here on
+    CPU, where GraphDecoder runs its steps eagerly): the same tokens, counts and stops as the host loop, up to the
+    context's end."""
+    from lorakit.generate import SamplingParams, greedy_only
+
+    params = SamplingParams(temp=0.0, seed=1)
+    assert greedy_only(params) and not greedy_only(SamplingParams(temp=0.0, repeat_penalty=1.1))
+    be = CpuTorchBackend()
+    model = pack_fused(_model())
+    prompt = [1, 17, 5, 99, 42]
+
+    def run(device_loop: bool, stop_ids=()) -> tuple[list[int], int]:
+        gen = Generator(model, be, [(_adapter(2), 0.5)], n_ctx=12, dtype=torch.float32)
+        gen.use_graph = device_loop
+        return list(gen.generate(prompt, n_predict, params, stop_ids)), gen.stats.generated
+
+    host = run(False)
+    assert len(host[0]) == {-1: 12 - 5 + 1, 0: 0, 1: 1, 4: 4}[n_predict]
+    if stop:  # stop at the third token's first occurrence
+        stop_ids = (host[0][2],)
+        host = run(False, stop_ids)
+        assert len(host[0]) == host[1] - 1 <= 2
+        assert run(True, stop_ids) == host
+    else:
+        assert run(True) == host
