@@ -51,12 +51,15 @@ def weight_bytes(model) -> int:
     return total
 
 
-def bench_decode(model, backend, adapters, prompt: int, new: int, dtype=torch.bfloat16, on_device=False) -> dict:
-    """Greedy decoding of `new` tokens after a random prompt: new - 1 timed steps after the graph's capture.
-    on_device: the argmax and next position inside the step, the host one step behind (what `lorakit predict`
-    does for greedy sampling, --temp 0); else the host reads each step's argmax before launching the next."""
+def bench_decode(model, backend, adapters, prompt: int, new: int, dtype=torch.bfloat16, mode="host") -> dict:
+    """Decoding of `new` tokens after a random prompt: new - 1 timed steps after the graph's capture. mode "host":
+    greedy, the host reads each step's argmax before launching the next; "device": greedy with the argmax and next
+    position inside the step, the host one step behind (what `lorakit predict --temp 0` does); "sampled":
+    `lorakit predict`'s default sampler chain (temp 0.8, top-k 40, top-p 0.95, min-p 0.05) on every step's logits."""
     from lorakit.decode import GraphDecoder
-    from lorakit.generate import Generator
+    from lorakit.generate import Generator, SamplingParams, sample_token
+
+    on_device = mode == "device"
 
     gen = Generator(model, backend, adapters, n_ctx=prompt + new + 1, dtype=dtype)
     cache = gen.new_cache()
@@ -70,11 +73,13 @@ def bench_decode(model, backend, adapters, prompt: int, new: int, dtype=torch.bf
         t0 = time.perf_counter()
         list(step.greedy_tokens(tok, prompt, new - 1))
     else:
+        params, rng, history = SamplingParams(seed=1), torch.Generator().manual_seed(1), list(ids)
         logits = step(tok, prompt)  # capture
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for p in range(prompt + 1, prompt + new):
-            tok = int(torch.argmax(logits))
+            tok = int(torch.argmax(logits)) if mode == "host" else sample_token(logits, params, history, rng)
+            history.append(tok)
             logits = step(tok, p)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -154,8 +159,8 @@ def main(argv=None) -> int:
     print(json.dumps(rows[-1]), flush=True)
     ads = [(random_adapter(model, 4, 1, be.device), 0.7), (random_adapter(model, 4, 2, be.device), 0.4)]
     for name, adapters in (("no adapter", ()), ("2 scaled adapters", ads)):
-        for on_device, how in ((False, "host argmax"), (True, "argmax on GPU")):
-            r = bench_decode(model, be, adapters, a.prompt, a.new, on_device=on_device)
+        for mode, how in (("host", "host argmax"), ("device", "argmax on GPU"), ("sampled", "default sampling")):
+            r = bench_decode(model, be, adapters, a.prompt, a.new, mode=mode)
             rows.append({"case": f"decode, {name}, {how}", **r, "vs_llamacpp": r["decode_tok_s"] / LLAMACPP_DECODE})
             print(json.dumps(rows[-1]), flush=True)
     r = bench_prefill(model, be)

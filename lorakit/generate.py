@@ -43,17 +43,18 @@ def apply_repeat_penalty(logits: torch.Tensor, recent: Sequence[int], penalty: f
 
 
 def sample_token(logits: torch.Tensor, p: SamplingParams, history: Sequence[int], rng: torch.Generator) -> int:
-    """One token from float32 logits [V]."""
-    logits = logits.float().cpu()
+    """One token from float32 logits [V]. The penalty, the argmax and the top-k run where the logits are (on a GPU
+    only the k survivors are copied to the host); the rest of the chain and the draw run on the CPU with rng."""
+    logits = logits.float()
     recent = list(history[-p.repeat_last_n :]) if p.repeat_last_n > 0 else []
     logits = apply_repeat_penalty(logits, recent, p.repeat_penalty)
     if p.temp <= 0:
         return int(torch.argmax(logits))
     if p.top_k > 0:
         k = min(p.top_k, logits.numel())
-        vals, idx = torch.topk(logits, k)
+        vals, idx = (t.cpu() for t in torch.topk(logits, k))
     else:
-        vals, idx = torch.sort(logits, descending=True)
+        vals, idx = torch.sort(logits.cpu(), descending=True)
     probs = torch.softmax(vals, dim=-1)
     if p.top_p < 1.0:
         cum = torch.cumsum(probs, dim=-1)

@@ -212,3 +212,19 @@ def test_generate_greedy_on_the_device_same_tokens(n_predict, stop):
         assert run(True, stop_ids) == host
     else:
         assert run(True) == host
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_sampling_from_gpu_logits_draws_the_same_tokens():
+    """sample_token on logits that live on the GPU (top-k there, the k survivors drawn on the CPU) draws what it
+    draws from the same logits on the CPU, penalties included."""
+    from lorakit.generate import SamplingParams, sample_token
+
+    g = torch.Generator().manual_seed(3)
+    for case in range(20):
+        logits = torch.randn(32000, generator=g) * 3
+        params = SamplingParams(seed=case, repeat_penalty=1.0 if case % 2 else 1.3)
+        history = torch.randint(0, 32000, (80,), generator=g).tolist()
+        draws = [sample_token(x, params, history, torch.Generator().manual_seed(case)) for x in (logits, logits.cuda())]
+        assert draws[0] == draws[1], case
