@@ -11,8 +11,9 @@ into the products (one block-diagonal term for a packed weight, lora.formed_term
 their adapter terms) are formed once per generation. On sm_90+ the step's kernels are programmatic dependent
 launches (kernels.triton_util.pdl): each starts while the previous one finishes and waits for it before
 touching memory. Greedy decoding (GraphDecoder(greedy=True).greedy_tokens) also takes the argmax and the next
-position inside the step, so the host never waits for a token before launching the next step. Prefill uses the
-ordinary batched forward.
+position inside the step, so the host never waits for a token before launching the next step; sampled decoding
+(sampler=...) captures the top-k / top-p / min-p stages (generate.survivors), so only their survivors reach the host
+for the draw. Prefill uses the ordinary batched forward.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .generate import SamplingParams, survivors
 from .lora import LoraAdapter, formed_term, lora_terms, model_fns
 from .model import KVCache, LlamaModel, fused_members
 
@@ -38,9 +40,11 @@ class GraphDecoder:
         dtype: torch.dtype,
         use_graph: bool = True,
         greedy: bool = False,
+        sampler: SamplingParams | None = None,
     ):
         self.model, self.backend, self.cache, self.dtype = model, backend, cache, dtype
-        self.greedy = greedy
+        self.greedy, self.sampler = greedy, sampler
+        self.picks = None  # with a sampler: generate.survivors of the last step's logits
         self.cos_table, self.sin_table = rope
         self.linear, norm, self.embed = model_fns(model, backend, adapters, dtype)
         dev = cache.k[0].device
@@ -98,6 +102,8 @@ class GraphDecoder:
         if self.greedy:  # the next step's token and position, formed on the device
             self.tok.copy_(torch.argmax(logits).view(1, 1))
             self.pos.add_(1)
+        if self.sampler is not None:  # the sampler's device stages: only their survivors go to the host
+            self.picks = survivors(logits, self.sampler)
         return logits
 
     def _run(self) -> torch.Tensor:

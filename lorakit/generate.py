@@ -42,36 +42,50 @@ def apply_repeat_penalty(logits: torch.Tensor, recent: Sequence[int], penalty: f
     return logits
 
 
+def survivors(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The top-k, top-p and min-p stages of the sampler chain where the logits are, without a host sync (a decode
+    step captures them in its CUDA graph): float32 [2k + 1] = the k largest logits (descending), their token ids,
+    and n, how many of them survive top-p and min-p (always a prefix: the logits are sorted). top_k <= 0: k = V."""
+    vals, idx = torch.topk(logits.float(), p.top_k if 0 < p.top_k < logits.numel() else logits.numel())
+    k = vals.numel()
+    first = torch.arange(k, device=vals.device)
+    keep = torch.full((), k, device=vals.device)
+    if p.top_p < 1.0:  # the smallest prefix whose probability reaches top_p
+        keep = ((torch.cumsum(torch.softmax(vals, dim=-1), dim=-1) < p.top_p).sum() + 1).clamp(max=k)
+    if p.min_p > 0:  # ... then those of at least min_p times the first's probability among them
+        probs = torch.softmax(vals.masked_fill(first >= keep, float("-inf")), dim=-1)
+        keep = ((probs >= p.min_p * probs[0]) & (first < keep)).sum()
+    return torch.cat([vals, idx.float(), keep.float().view(1)])
+
+
+def draw(packed: torch.Tensor, p: SamplingParams, rng: torch.Generator) -> int:
+    """The last stages on the CPU: temperature over survivors()'s n logits, and a draw with rng."""
+    packed = packed.cpu()
+    k = (packed.numel() - 1) // 2
+    n = int(packed[-1])
+    probs = torch.softmax(packed[:n] / p.temp, dim=-1)
+    return int(packed[k + int(torch.multinomial(probs, 1, generator=rng))])
+
+
 def sample_token(logits: torch.Tensor, p: SamplingParams, history: Sequence[int], rng: torch.Generator) -> int:
-    """One token from float32 logits [V]. The penalty, the argmax and the top-k run where the logits are (on a GPU
-    only the k survivors are copied to the host); the rest of the chain and the draw run on the CPU with rng."""
+    """One token from float32 logits [V]: repetition penalty, then argmax (temp <= 0) or survivors() and draw()
+    (on a GPU only the survivors reach the host)."""
     logits = logits.float()
     recent = list(history[-p.repeat_last_n :]) if p.repeat_last_n > 0 else []
     logits = apply_repeat_penalty(logits, recent, p.repeat_penalty)
     if p.temp <= 0:
         return int(torch.argmax(logits))
-    if p.top_k > 0:
-        k = min(p.top_k, logits.numel())
-        vals, idx = (t.cpu() for t in torch.topk(logits, k))
-    else:
-        vals, idx = torch.sort(logits.cpu(), descending=True)
-    probs = torch.softmax(vals, dim=-1)
-    if p.top_p < 1.0:
-        cum = torch.cumsum(probs, dim=-1)
-        keep = int((cum < p.top_p).sum()) + 1
-        vals, idx = vals[:keep], idx[:keep]
-    if p.min_p > 0:
-        probs = torch.softmax(vals, dim=-1)
-        keep_mask = probs >= p.min_p * probs[0]
-        vals, idx = vals[keep_mask], idx[keep_mask]
-    probs = torch.softmax(vals / p.temp, dim=-1)
-    choice = torch.multinomial(probs, 1, generator=rng)
-    return int(idx[choice])
+    return draw(survivors(logits, p), p, rng)
+
+
+def no_penalty(p: SamplingParams) -> bool:
+    """Whether the repetition penalty leaves the logits as they are (the chain does not depend on history)."""
+    return p.repeat_penalty == 1.0 or p.repeat_last_n <= 0
 
 
 def greedy_only(p: SamplingParams) -> bool:
     """Whether sample_token is the plain argmax of the logits (no temperature, no repetition penalty)."""
-    return p.temp <= 0 and (p.repeat_penalty == 1.0 or p.repeat_last_n <= 0)
+    return p.temp <= 0 and no_penalty(p)
 
 
 @dataclass
@@ -133,15 +147,19 @@ class Generator:
         if self.use_graph:
             from .decode import GraphDecoder
 
-            greedy = greedy_only(params)
-            step = GraphDecoder(self.model, self.backend, self.adapters, self.rope, cache, self.dtype, greedy=greedy)
+            greedy, fixed = greedy_only(params), no_penalty(params)  # fixed: the chain does not depend on history
+            sampler = params if fixed and not greedy else None
+            step = GraphDecoder(
+                self.model, self.backend, self.adapters, self.rope, cache, self.dtype, greedy=greedy, sampler=sampler
+            )
             if greedy:
                 first = sample_token(logits, params, history, rng)
                 yield from self._greedy(step, first, n_past, n_predict, stop_ids)
                 return
+        picks = None  # the captured step's survivors of its logits (GraphDecoder's sampler)
         t1 = time.perf_counter()
         while n_predict < 0 or self.stats.generated < n_predict:
-            tok = sample_token(logits, params, history, rng)
+            tok = sample_token(logits, params, history, rng) if picks is None else draw(picks, params, rng)
             self.stats.generated += 1
             if tok in stop_ids:
                 break
@@ -150,6 +168,7 @@ class Generator:
             if n_past >= self.n_ctx:
                 break
             logits = step(tok, n_past) if step is not None else self.logits([tok], cache, n_past)
+            picks = step.picks if step is not None else None
             n_past += 1
             self.stats.decode_s = time.perf_counter() - t1
         self.stats.decode_s = time.perf_counter() - t1

@@ -185,15 +185,17 @@ def test_greedy_steps_take_their_token_on_the_device(make_backend):
         next(host.greedy_tokens(first, len(prompt), 1))
 
 
+@pytest.mark.parametrize("temp", [0.0, 0.8])
 @pytest.mark.parametrize("n_predict,stop", [(-1, False), (0, False), (1, False), (4, False), (-1, True)])
-def test_generate_greedy_on_the_device_same_tokens(n_predict, stop):
-    """Generator.generate with greedy sampling takes the device-side loop where it replays graphs (forced here on
-    CPU, where GraphDecoder runs its steps eagerly): the same tokens, counts and stops as the host loop, up to the
-    context's end."""
+def test_generate_on_the_device_same_tokens(n_predict, stop, temp):
+    """Generator.generate where it replays graphs (forced here on CPU, where GraphDecoder runs its steps eagerly):
+    greedy sampling forms each token in the step (greedy_tokens), sampling forms the survivors of top-k / top-p /
+    min-p there (GraphDecoder's sampler): the same tokens, counts and stops as the host loop, up to the context's
+    end."""
     from lorakit.generate import SamplingParams, greedy_only
 
-    params = SamplingParams(temp=0.0, seed=1)
-    assert greedy_only(params) and not greedy_only(SamplingParams(temp=0.0, repeat_penalty=1.1))
+    params = SamplingParams(temp=temp, seed=1, top_k=8, min_p=0.01)
+    assert greedy_only(params) == (temp == 0) and not greedy_only(SamplingParams(temp=0.0, repeat_penalty=1.1))
     be = CpuTorchBackend()
     model = pack_fused(_model())
     prompt = [1, 17, 5, 99, 42]
@@ -228,3 +230,44 @@ def test_sampling_from_gpu_logits_draws_the_same_tokens():
         history = torch.randint(0, 32000, (80,), generator=g).tolist()
         draws = [sample_token(x, params, history, torch.Generator().manual_seed(case)) for x in (logits, logits.cuda())]
         assert draws[0] == draws[1], case
+
+
+def _sample_by_slices(logits, p, history, rng) -> int:
+    """The sampler chain as slices of the sorted logits (llama.cpp's order: penalty, top-k, top-p, min-p,
+    temperature, a seeded draw): what generate.survivors + draw compute with masks and counts."""
+    from lorakit.generate import apply_repeat_penalty
+
+    recent = list(history[-p.repeat_last_n :]) if p.repeat_last_n > 0 else []
+    logits = apply_repeat_penalty(logits.float(), recent, p.repeat_penalty)
+    if p.temp <= 0:
+        return int(torch.argmax(logits))
+    vals, idx = torch.topk(logits, min(p.top_k, logits.numel())) if p.top_k > 0 else torch.sort(logits, descending=True)
+    if p.top_p < 1.0:
+        keep = int((torch.cumsum(torch.softmax(vals, dim=-1), dim=-1) < p.top_p).sum()) + 1
+        vals, idx = vals[:keep], idx[:keep]
+    if p.min_p > 0:
+        probs = torch.softmax(vals, dim=-1)
+        vals, idx = vals[probs >= p.min_p * probs[0]], idx[probs >= p.min_p * probs[0]]
+    return int(idx[torch.multinomial(torch.softmax(vals / p.temp, dim=-1), 1, generator=rng)])
+
+
+def test_sampler_chain_with_masks_draws_as_slices():
+    """generate.sample_token (survivors: top-k / top-p / min-p as a count over the sorted logits, no host sync;
+    draw: temperature and the seeded draw) picks the token the chain of slices picks, over vocabularies, scales
+    and every stage switched on and off."""
+    from lorakit.generate import SamplingParams, sample_token
+
+    g = torch.Generator().manual_seed(0)
+    for case in range(120):
+        V = (50, 1000, 32000)[case % 3]
+        logits = torch.randn(V, generator=g) * (0.2 + 5 * float(torch.rand(1, generator=g)))
+        p = SamplingParams(
+            temp=(0.8, 1.5, 0.3)[case % 3],
+            top_k=(40, 0, 5, 100000)[case % 4],
+            top_p=(0.95, 1.0, 0.5)[case % 3],
+            min_p=(0.05, 0.0, 0.2, 0.0)[case % 4],
+            repeat_penalty=(1.0, 1.3)[case % 2],
+        )
+        history = torch.randint(0, V, (70,), generator=g).tolist()
+        want = _sample_by_slices(logits, p, history, torch.Generator().manual_seed(case))
+        assert sample_token(logits, p, history, torch.Generator().manual_seed(case)) == want, case
