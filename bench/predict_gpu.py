@@ -55,17 +55,20 @@ def bench_decode(model, backend, adapters, prompt: int, new: int, dtype=torch.bf
     """Decoding of `new` tokens after a random prompt: new - 1 timed steps after the graph's capture. mode "host":
     greedy, the host reads each step's argmax before launching the next; "device": greedy with the argmax and next
     position inside the step, the host one step behind (what `lorakit predict --temp 0` does); "sampled":
-    `lorakit predict`'s default sampler chain (temp 0.8, top-k 40, top-p 0.95, min-p 0.05) on every step's logits."""
+    `lorakit predict`'s default sampler chain (temp 0.8, top-k 40, top-p 0.95, min-p 0.05) as it runs it: top-k,
+    top-p and min-p in the captured step, the draw from their survivors on the host."""
     from lorakit.decode import GraphDecoder
-    from lorakit.generate import Generator, SamplingParams, sample_token
+    from lorakit.generate import Generator, SamplingParams, draw
 
     on_device = mode == "device"
+    params = SamplingParams(seed=1)
 
     gen = Generator(model, backend, adapters, n_ctx=prompt + new + 1, dtype=dtype)
     cache = gen.new_cache()
     ids = torch.randint(3, model.args.n_vocab, (prompt,)).tolist()
     logits = gen.logits(ids, cache, 0)
-    step = GraphDecoder(model, backend, adapters, gen.rope, cache, dtype, greedy=on_device)
+    sampler = params if mode == "sampled" else None
+    step = GraphDecoder(model, backend, adapters, gen.rope, cache, dtype, greedy=on_device, sampler=sampler)
     tok = int(torch.argmax(logits))
     if on_device:
         list(step.greedy_tokens(tok, prompt, 1))  # capture
@@ -73,13 +76,12 @@ def bench_decode(model, backend, adapters, prompt: int, new: int, dtype=torch.bf
         t0 = time.perf_counter()
         list(step.greedy_tokens(tok, prompt, new - 1))
     else:
-        params, rng, history = SamplingParams(seed=1), torch.Generator().manual_seed(1), list(ids)
+        rng = torch.Generator().manual_seed(1)
         logits = step(tok, prompt)  # capture
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for p in range(prompt + 1, prompt + new):
-            tok = int(torch.argmax(logits)) if mode == "host" else sample_token(logits, params, history, rng)
-            history.append(tok)
+            tok = int(torch.argmax(logits)) if mode == "host" else draw(step.picks, params, rng)
             logits = step(tok, p)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0

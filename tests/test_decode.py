@@ -271,3 +271,25 @@ def test_sampler_chain_with_masks_draws_as_slices():
         history = torch.randint(0, V, (70,), generator=g).tolist()
         want = _sample_by_slices(logits, p, history, torch.Generator().manual_seed(case))
         assert sample_token(logits, p, history, torch.Generator().manual_seed(case)) == want, case
+
+
+@pytest.mark.parametrize("make_backend", _backends())
+def test_step_sampler_survivors_match_its_logits(make_backend):
+    """GraphDecoder(sampler=...): the survivors the (captured, on a GPU) step forms are generate.survivors of the
+    logits it returns, and draws from them give sample_token's tokens."""
+    from lorakit.generate import SamplingParams, draw, sample_token, survivors
+
+    be = make_backend()
+    model = pack_fused(_model().to(be.device))
+    gen = Generator(model, be, (), n_ctx=12, dtype=torch.float32)
+    cache = gen.new_cache()
+    prompt = [1, 17, 5, 99, 42]
+    gen.logits(prompt, cache, 0)
+    params = SamplingParams(temp=0.9, top_k=16, top_p=0.9, min_p=0.02, seed=4)
+    step = GraphDecoder(model, be, (), gen.rope, cache, torch.float32, sampler=params)
+    tok = 3
+    for pos in range(len(prompt), 12):
+        logits = step(tok, pos)
+        assert torch.equal(step.picks, survivors(logits, params))
+        tok = draw(step.picks, params, torch.Generator().manual_seed(pos))
+        assert tok == sample_token(logits, params, [], torch.Generator().manual_seed(pos))
