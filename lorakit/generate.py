@@ -192,3 +192,4 @@ class Generator:
             if tok is None:
                 break
         tokens.close()
+        self.stats.decode_s = time.perf_counter() - t1
