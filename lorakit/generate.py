@@ -52,9 +52,11 @@ def survivors(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     keep = torch.full((), k, device=vals.device)
     if p.top_p < 1.0:  # the smallest prefix whose probability reaches top_p
         keep = ((torch.cumsum(torch.softmax(vals, dim=-1), dim=-1) < p.top_p).sum() + 1).clamp(max=k)
-    if p.min_p > 0:  # ... then those of at least min_p times the first's probability among them
+    if p.min_p > 0:  # ... then those of at least min_p times the first's probability among them (none of them
+        # for min_p > 1: then, as llama.cpp's min-p sampler, the stage keeps what it got)
         probs = torch.softmax(vals.masked_fill(first >= keep, float("-inf")), dim=-1)
-        keep = ((probs >= p.min_p * probs[0]) & (first < keep)).sum()
+        passed = ((probs >= p.min_p * probs[0]) & (first < keep)).sum()
+        keep = torch.where(passed > 0, passed, keep)
     return torch.cat([vals, idx.float(), keep.float().view(1)])
 
 

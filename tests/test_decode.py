@@ -293,3 +293,17 @@ def test_step_sampler_survivors_match_its_logits(make_backend):
         assert torch.equal(step.picks, survivors(logits, params))
         tok = draw(step.picks, params, torch.Generator().manual_seed(pos))
         assert tok == sample_token(logits, params, [], torch.Generator().manual_seed(pos))
+
+
+def test_min_p_that_no_token_passes_keeps_the_candidates():
+    """min_p > 1 lets no token pass (not even the first): the stage then keeps what it got, as llama.cpp's min-p
+    sampler does, instead of leaving nothing to draw from."""
+    from lorakit.generate import SamplingParams, sample_token
+
+    logits = torch.randn(500, generator=torch.Generator().manual_seed(5))
+    for seed in range(10):
+        draws = [
+            sample_token(logits, SamplingParams(min_p=mp, seed=seed), [], torch.Generator().manual_seed(seed))
+            for mp in (2.0, 0.0)
+        ]
+        assert draws[0] == draws[1]
