@@ -1,11 +1,11 @@
 """Tiled q8_0 matmul kernels on the tensor cores: y = x @ W.T (with the LoRA term in the accumulator) and
 dx = dy @ W. The K (or N) tile is a multiple of 32, so a weight tile always covers whole q8_0 blocks and
-is dequantized in registers before the MMA: on the GPU by triton_util._dequant_words for bf16/fp16 (one PRMT, one
-FFMA and half a packed conversion per element, the same numbers as _dequant_tile + _to; in the sm_90 SASS of the
-autotuned configs 16-23% fewer instructions per loop step, none fewer for the swapped 128 x 128 x 128 tile), by
-_dequant_tile for fp32 and under the interpreter. Each loop step waits for its wgmma before dequantizing the next tile
-(triton keeps one shared-memory copy of the dequantized operand): the MMAs and the dequantization do not overlap,
-which caps the kernel near half of cuBLAS at large M. Launchers, autotuning and the numerics contract:
+is dequantized in registers before the MMA (triton_util._dequant_to): on the GPU by _dequant_words for bf16/fp16
+(one PRMT, one FFMA and half a packed conversion per element, the same numbers as _dequant_tile + _to; in the sm_90
+SASS of the autotuned configs 16-23% fewer instructions per loop step, none fewer for the swapped 128 x 128 x 128
+tile), by _dequant_tile for fp32 and under the interpreter. Each loop step waits for its wgmma before dequantizing
+the next tile (triton keeps one shared-memory copy of the dequantized operand): the MMAs and the dequantization do
+not overlap, which caps the kernel near half of cuBLAS at large M. Launchers, autotuning and the numerics contract:
 lorakit.kernels.q8_0_matmul.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_util import _dequant_tile, _dequant_words, _to
+from .triton_util import _dequant_to, _to
 
 
 @triton.jit
@@ -122,10 +122,7 @@ def _q8_gemm_kernel(
             x = tl.load(x_ptrs, mask=offs_k[None, :] < k_rem, other=0.0)
             q = tl.load(q_ptrs, mask=offs_k[None, :] < k_rem, other=0)
             dd = tl.load(d_ptrs, mask=offs_kb[None, :] * 32 < k_rem, other=0.0)
-        if EMU_BF16 or DOT_F32:
-            w = _to(_dequant_tile(q, dd, BLOCK_N, BLOCK_K), x.dtype, EMU_BF16)  # = dequantize_q8_0(.., x.dtype)
-        else:
-            w = _dequant_words(q, dd, x.dtype, BLOCK_N, BLOCK_K)
+        w = _dequant_to(q, dd, x.dtype, BLOCK_N, BLOCK_K, EMU_BF16)  # = dequantize_q8_0(.., x.dtype)
         if SWAP_AB:
             if DOT_F32:
                 acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
@@ -217,10 +214,7 @@ def _q8_gemm_t_kernel(
             g = tl.load(dy_ptrs, mask=offs_n[None, :] < n_rem, other=0.0)
             q = tl.load(q_ptrs, mask=offs_n[:, None] < n_rem, other=0)
             dd = tl.load(d_ptrs, mask=offs_n[:, None] < n_rem, other=0.0)
-        if EMU_BF16 or DOT_F32:
-            w = _to(_dequant_tile(q, dd, BLOCK_N, BLOCK_K), g.dtype, EMU_BF16)  # [BLOCK_N, BLOCK_K]
-        else:
-            w = _dequant_words(q, dd, g.dtype, BLOCK_N, BLOCK_K)
+        w = _dequant_to(q, dd, g.dtype, BLOCK_N, BLOCK_K, EMU_BF16)  # [BLOCK_N, BLOCK_K]
         if DOT_F32:
             acc = tl.dot(g.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:

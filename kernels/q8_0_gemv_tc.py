@@ -33,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_util import _dequant_tile, _dequant_words, _pdl_start, _to
+from .triton_util import _dequant_to, _pdl_start, _to
 
 
 @triton.jit
@@ -48,10 +48,9 @@ def _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, k_rem, offs_k, offs_kb, BLOCK_
         xt = tl.load(x_ptrs, mask=mask_m[None, :], other=0.0)
         q = tl.load(q_ptrs)
         d = tl.load(d_ptrs)
-    if EMU_BF16:  # the interpreter: no inline PTX, and its dot needs fp32 operands (see q8_0_matmul)
-        w = _to(_dequant_tile(q, d, BLOCK_N, BLOCK_K), xt.dtype, EMU_BF16)
+    w = _dequant_to(q, d, xt.dtype, BLOCK_N, BLOCK_K, EMU_BF16)
+    if EMU_BF16:  # the interpreter's dot needs fp32 operands (see q8_0_matmul)
         return tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-    w = _dequant_words(q, d, xt.dtype, BLOCK_N, BLOCK_K)
     return tl.dot(w, xt, acc)
 
 

@@ -223,3 +223,13 @@ def _dequant_words(q, d, dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl
         w = tl.inline_asm_elementwise(_DEQ_F16, "=r,=r,r,r,r,r,r,r,r,r,r", [q3, dq, dc], dtype=tl.float16,
                                       is_pure=True, pack=4)  # fmt: skip
     return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _dequant_to(q, d, dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EMU_BF16: tl.constexpr):
+    """W [BLOCK_N, BLOCK_K] = rnd_dtype(q * d) as the q8_0 kernels form it: _dequant_words for bf16/fp16 on the GPU,
+    _dequant_tile and _to for fp32 and under the interpreter (no inline PTX); the same numbers either way."""
+    if EMU_BF16 or dtype == tl.float32:
+        return _to(_dequant_tile(q, d, BLOCK_N, BLOCK_K), dtype, EMU_BF16)
+    else:
+        return _dequant_words(q, d, dtype, BLOCK_N, BLOCK_K)

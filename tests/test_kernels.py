@@ -49,7 +49,7 @@ import triton.language as tl  # noqa: E402
 from lorakit.backends import AdamHyper  # noqa: E402
 from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
 from lorakit.kernels import lora_update, q8_0_matmul, triton_util  # noqa: E402
-from lorakit.kernels.q8_0_gemv_tc import _dequant_words  # noqa: E402
+from lorakit.kernels.triton_util import _dequant_words  # noqa: E402
 
 from lorakit.lora import LoraLinear  # noqa: E402
 from lorakit.quant import Q8Weight, dequantize_q8_0, quantize_q8_0  # noqa: E402
@@ -608,7 +608,7 @@ def test_q8_conversion_and_bf16_rounding_exhaustive():
 
 
 def test_tc_dequant_identity():
-    """The tensor-core gemv's dequantization (q8_0_gemv_tc._dequant_words) in exact arithmetic: the PRMT float
+    """The tensor-core gemv's dequantization (triton_util._dequant_words) in exact arithmetic: the PRMT float
     2^23 + 256 (q + 128), times d / 256, plus -(2^15 + 2^7) d, is q * d exactly for every int8 q and finite fp16
     d: d / 256 and the constant are exact in fp32, and the fma's exact result is the exact q * d (which fp32
     holds), so its one rounding changes nothing."""
