@@ -155,20 +155,20 @@ def _attn_decode_kernel(
     k_base = k_ptr + kvh * (kh_units * KV_ALIGN)
     v_base = v_ptr + kvh * (vh_units * KV_ALIGN)
     if ROPE:  # q_ptr is the token's [q | k | v]: rotate q and k here (as _rope_kv_kernel), v as is
-        p = pos.to(tl.int64)
-        ok = (p >= 0) & (p < n_pos)
+        row = pos.to(tl.int64)
+        ok = (row >= 0) & (row < n_pos)
         i = tl.arange(0, BLOCK_D // 2)
         mi = i < D // 2
-        c = tl.load(cos_ptr + p * stride_c0 + i * stride_c1, mask=mi & ok, other=0.0)
-        sn = tl.load(sin_ptr + p * stride_s0 + i * stride_s1, mask=mi & ok, other=0.0)
+        c = tl.load(cos_ptr + row * stride_c0 + i * stride_c1, mask=mi & ok, other=0.0)
+        sn = tl.load(sin_ptr + row * stride_s0 + i * stride_s1, mask=mi & ok, other=0.0)
         dtype = o_ptr.dtype.element_ty
         q = _rope_pairs(q_ptr + h * D, i, mi, c, sn, dtype, EMU_BF16).to(tl.float32)
         k_new = _rope_pairs(q_ptr + (H + kvh) * D, i, mi, c, sn, dtype, EMU_BF16)
         v_new = tl.load(q_ptr + (H + Hkv + kvh) * D + offs_d, mask=md, other=0.0)
         if (h % group == 0) & (s == 0):  # one program per kv head writes its cache row; the others (this launch
             # reads row pos from none of them: the loop below takes k_new / v_new for it) need not wait
-            tl.store(k_base + p * stride_kt + offs_d, k_new, mask=md & ok)
-            tl.store(v_base + p * stride_vt + offs_d, v_new, mask=md & ok)
+            tl.store(k_base + row * stride_kt + offs_d, k_new, mask=md & ok)
+            tl.store(v_base + row * stride_vt + offs_d, v_new, mask=md & ok)
         k_new = k_new.to(tl.float32)
         v_new = v_new.to(tl.float32)
     else:
