@@ -110,6 +110,21 @@ class Backend(Protocol):
         counters: int32 zeros (>= H) a GPU launch may use and leaves zero (kept by a caller that replays the
         step, instead of a memset per launch); ignored where not needed."""
 
+    def rope_attention_decode(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        pos: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        n_head: int,
+        n_head_kv: int,
+        counters: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """attention_decode(rope_kv_write(qkv, cos, sin, pos, cache_k, cache_v, n_head, n_head_kv), cache_k, cache_v,
+        pos, counters): the decode step's RoPE, cache write and attention (one launch on cuda-triton)."""
+
     def rms_norm_fwd(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(y, rstd): y = rms_norm(x, eps) * w.to(x.dtype) as model.block; rstd fp32 [rows] = 1/rms for the backward."""
 

@@ -142,6 +142,22 @@ class CpuTorchBackend:
         out = F.scaled_dot_product_attention(q, kk.to(q.dtype), vv.to(q.dtype), attn_mask=mask, scale=1 / math.sqrt(D))
         return out.transpose(1, 2).reshape(1, 1, H * D)
 
+    def rope_attention_decode(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        pos: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        n_head: int,
+        n_head_kv: int,
+        counters: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """rope_kv_write, then attention_decode."""
+        q = self.rope_kv_write(qkv, cos, sin, pos, cache_k, cache_v, n_head, n_head_kv)
+        return self.attention_decode(q, cache_k, cache_v, pos, counters)
+
     # training ops: forward exactly model.py's op sequence, backward the gradient formulas in fp32 (float64
     # inputs compute in float64, for gradcheck)
 

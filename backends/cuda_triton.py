@@ -173,6 +173,20 @@ class CudaTritonBackend:
     ) -> torch.Tensor:
         return self._dec.attention_decode(q, cache_k, cache_v, pos, counters)
 
+    def rope_attention_decode(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        pos: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        n_head: int,
+        n_head_kv: int,
+        counters: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self._dec.rope_attention_decode(qkv, cos, sin, pos, cache_k, cache_v, n_head, n_head_kv, counters)
+
     # -- lookups --------------------------------------------------------------------------------------
 
     def embedding(self, w: Weight, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
-#   bash bench/gpu_session.sh OUTDIR [gputests] [gemvtests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [tclab] [tccheck] [hostlab] [predict] [predict-nohf] [launchtest] [prefill-fixed]
+#   bash bench/gpu_session.sh OUTDIR [gputests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [tclab] [tccheck] [hostlab] [predict] [predict-nohf] [launchtest] [prefill-fixed]
 #                             [finetune-quick] [finetune] [finetune-main] [finetune-big] [finetune-seed] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-large] [kernels-small] [kernels-decode]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
@@ -34,6 +34,8 @@ for s in "$@"; do
     gputests) step pytest_gpu 180 env LORAKIT_AUTOTUNE=0 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_kernels.py; python3 -m pytest -q -x -p no:cacheprovider tests/test_decode.py tests/test_decode_ops.py \
         tests/test_train_ops.py tests/test_train_step_backends.py" ;;
+    decodetests) step pytest_decode 150 env LORAKIT_AUTOTUNE=0 python3 -m pytest -q -x -p no:cacheprovider \
+        tests/test_decode.py tests/test_decode_ops.py ;;
     gemvtests) step pytest_gemv 200 env LORAKIT_AUTOTUNE=0 bash -c "python3 -m pytest -q -x -p no:cacheprovider \
         tests/test_kernels.py -k 'gemv or paths or lora or exhaustive'; python3 -m pytest -q -x -p no:cacheprovider \
         tests/test_decode.py tests/test_decode_ops.py" ;;

@@ -125,11 +125,23 @@ def _rope_kv_kernel(
 
 
 @triton.jit
+def _rope_pairs(src, i, mi, c, sn, dtype: tl.constexpr, EMU_BF16: tl.constexpr):
+    """One head of D values at src, its pairs (x[2i], x[2i+1]) turned by (c, sn)[i] as _rope_kv_kernel turns them,
+    rounded to dtype: [2 * len(i)] (the pairs interleaved again)."""
+    x0 = tl.load(src + 2 * i, mask=mi, other=0.0).to(tl.float32)
+    x1 = tl.load(src + 2 * i + 1, mask=mi, other=0.0).to(tl.float32)
+    o0 = _to(x0 * c - x1 * sn, dtype, EMU_BF16)
+    o1 = _to(x0 * sn + x1 * c, dtype, EMU_BF16)
+    return tl.reshape(tl.join(o0, o1), (2 * i.shape[0],))
+
+
+@triton.jit
 def _attn_decode_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, ws_ptr, cnt_ptr, n_ctx, group, qk_scale, stride_qh, stride_qd,
-    kh_units, vh_units, D: tl.constexpr, stride_kt: tl.constexpr, stride_vt: tl.constexpr, KV_ALIGN: tl.constexpr,
+    kh_units, vh_units, cos_ptr, sin_ptr, n_pos, stride_c0, stride_c1, stride_s0, stride_s1, H, Hkv,
+    D: tl.constexpr, stride_kt: tl.constexpr, stride_vt: tl.constexpr, KV_ALIGN: tl.constexpr,
     SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    EMU_BF16: tl.constexpr, PDL: tl.constexpr = False,
+    EMU_BF16: tl.constexpr, ROPE: tl.constexpr = False, PDL: tl.constexpr = False,
 ):  # fmt: skip
     _pdl_start(PDL)
     h = tl.program_id(0)
@@ -137,11 +149,30 @@ def _attn_decode_kernel(
     kvh = (h // group).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     md = offs_d < D
-    q = tl.load(q_ptr + h * stride_qh + offs_d * stride_qd, mask=md, other=0.0).to(tl.float32)
-    n = tl.minimum(tl.load(pos_ptr) + 1, n_ctx).to(tl.int32)  # keys 0..pos
+    pos = tl.load(pos_ptr)
+    n = tl.minimum(pos + 1, n_ctx).to(tl.int32)  # keys 0..pos
     # head strides = units * KV_ALIGN: the compiler sees their power-of-two factor (vector loads of the rows)
     k_base = k_ptr + kvh * (kh_units * KV_ALIGN)
     v_base = v_ptr + kvh * (vh_units * KV_ALIGN)
+    if ROPE:  # q_ptr is the token's [q | k | v]: rotate q and k here (as _rope_kv_kernel), v as is
+        row = pos.to(tl.int64)
+        ok = (row >= 0) & (row < n_pos)
+        i = tl.arange(0, BLOCK_D // 2)
+        mi = i < D // 2
+        c = tl.load(cos_ptr + row * stride_c0 + i * stride_c1, mask=mi & ok, other=0.0)
+        sn = tl.load(sin_ptr + row * stride_s0 + i * stride_s1, mask=mi & ok, other=0.0)
+        dtype = o_ptr.dtype.element_ty
+        q = _rope_pairs(q_ptr + h * D, i, mi, c, sn, dtype, EMU_BF16).to(tl.float32)
+        k_new = _rope_pairs(q_ptr + (H + kvh) * D, i, mi, c, sn, dtype, EMU_BF16)
+        v_new = tl.load(q_ptr + (H + Hkv + kvh) * D + offs_d, mask=md, other=0.0)
+        if (h % group == 0) & (s == 0):  # one program per kv head writes its cache row; the others (this launch
+            # reads row pos from none of them: the loop below takes k_new / v_new for it) need not wait
+            tl.store(k_base + row * stride_kt + offs_d, k_new, mask=md & ok)
+            tl.store(v_base + row * stride_vt + offs_d, v_new, mask=md & ok)
+        k_new = k_new.to(tl.float32)
+        v_new = v_new.to(tl.float32)
+    else:
+        q = tl.load(q_ptr + h * stride_qh + offs_d * stride_qd, mask=md, other=0.0).to(tl.float32)
     offs_t = tl.arange(0, BLOCK_T)
     m_i = tl.full((), float("-inf"), tl.float32)  # running max of the scores (log2 units)
     l_i = tl.full((), 0.0, tl.float32)  # running sum of exp2(score - m_i)
@@ -152,6 +183,9 @@ def _attn_decode_kernel(
         tile = mt[:, None] & md[None, :]
         kt = tl.load(k_base + t[:, None] * stride_kt + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
         vt = tl.load(v_base + t[:, None] * stride_vt + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
+        if ROPE:  # key pos: this token's, from registers
+            kt = tl.where((t == pos)[:, None], k_new[None, :], kt)
+            vt = tl.where((t == pos)[:, None], v_new[None, :], vt)
         sc = tl.where(mt, tl.sum(kt * q[None, :], axis=1) * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, axis=0))
         alpha = tl.exp2(m_i - m_new)
@@ -239,6 +273,25 @@ def add_rms_norm(
     return s, y
 
 
+def _check_rope(qkv, cos, sin, pos, cache_k, cache_v, n_head: int, n_head_kv: int) -> tuple[int, int, int, int]:
+    """(H, Hkv, n_ctx, D) of one token's [q | k | v], its RoPE tables and the caches, or a ValueError."""
+    check_tensor(qkv, "qkv")
+    Hkv, n_ctx, D = _check_cache(cache_k, cache_v, qkv.dtype, qkv.device)
+    H = n_head
+    if n_head_kv != Hkv or D % 2 or qkv.numel() != (H + 2 * Hkv) * D or qkv.shape[-1] != qkv.numel():
+        raise ValueError(
+            f"qkv {tuple(qkv.shape)} must be [1, 1, (H + 2*Hkv) * D] with H={H}, Hkv={n_head_kv}, D={D} (even) "
+            f"and caches [1, {Hkv}, n_ctx, D]"
+        )
+    if H % Hkv:
+        raise ValueError(f"n_head {H} must be a multiple of n_head_kv {Hkv}")
+    for t, name in ((cos, "cos"), (sin, "sin")):
+        if t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != D // 2 or t.device != qkv.device:
+            raise ValueError(f"{name} must be a float32 [n_pos, {D // 2}] table on {qkv.device}")
+    _check_pos(pos, qkv.device)
+    return H, Hkv, n_ctx, D
+
+
 def rope_kv_write(
     qkv: torch.Tensor,
     cos: torch.Tensor,
@@ -250,18 +303,7 @@ def rope_kv_write(
     n_head_kv: int,
 ) -> torch.Tensor:
     """Rotate q and k of one token at position pos; k and v into the caches' row pos; returns q [1, H, 1, D]."""
-    check_tensor(qkv, "qkv")
-    Hkv, n_ctx, D = _check_cache(cache_k, cache_v, qkv.dtype, qkv.device)
-    H = n_head
-    if n_head_kv != Hkv or D % 2 or qkv.numel() != (H + 2 * Hkv) * D or qkv.shape[-1] != qkv.numel():
-        raise ValueError(
-            f"qkv {tuple(qkv.shape)} must be [1, 1, (H + 2*Hkv) * D] with H={H}, Hkv={n_head_kv}, D={D} (even) "
-            f"and caches [1, {Hkv}, n_ctx, D]"
-        )
-    for t, name in ((cos, "cos"), (sin, "sin")):
-        if t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != D // 2 or t.device != qkv.device:
-            raise ValueError(f"{name} must be a float32 [n_pos, {D // 2}] table on {qkv.device}")
-    _check_pos(pos, qkv.device)
+    H, Hkv, n_ctx, D = _check_rope(qkv, cos, sin, pos, cache_k, cache_v, n_head, n_head_kv)
     q = torch.empty(1, H, 1, D, dtype=qkv.dtype, device=qkv.device)
     _rope_kv_kernel[(H + Hkv,)](
         qkv, cos, sin, pos, q, cache_k, cache_v, H, Hkv, D, min(n_ctx, cos.shape[0], sin.shape[0]),
@@ -293,10 +335,37 @@ def attention_decode(
     if q.dim() != 4 or q.shape[0] != 1 or q.shape[2] != 1 or q.shape[3] != D or q.shape[1] % Hkv:
         raise ValueError(f"q must be [1, H, 1, {D}] with H a multiple of {Hkv}, got {tuple(q.shape)}")
     _check_pos(pos, q.device)
+    return _attend(q, q.shape[1], (q.stride(1), q.stride(3)), cache_k, cache_v, pos, counters, splits, None)
+
+
+def rope_attention_decode(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    n_head: int,
+    n_head_kv: int,
+    counters: torch.Tensor | None = None,
+    *,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """attention_decode(rope_kv_write(qkv, ...), ...) in one launch: every program rotates its q head, the first
+    program of each kv head writes the rotated k and v to cache row pos, and the programs whose keys include pos
+    take that row from registers. The same q and cache rows as rope_kv_write (the launch keeps the rotation
+    from being contracted into FMAs)."""
+    H, Hkv, n_ctx, D = _check_rope(qkv, cos, sin, pos, cache_k, cache_v, n_head, n_head_kv)
+    return _attend(qkv, H, (D, 1), cache_k, cache_v, pos, counters, splits, (cos, sin, Hkv))
+
+
+def _attend(q, H, q_strides, cache_k, cache_v, pos, counters, splits, rope) -> torch.Tensor:
+    """The attention launch of attention_decode (q [1, H, 1, D]) or, with rope = (cos, sin, Hkv), of
+    rope_attention_decode (q the token's [q | k | v])."""
+    Hkv, n_ctx, D = cache_k.shape[1], cache_k.shape[2], cache_k.shape[3]
     S = attention_splits(n_ctx) if splits is None else int(splits)
     if S < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
-    H = q.shape[1]
     out = torch.empty(1, 1, H * D, dtype=q.dtype, device=q.device)
     if S == 1:
         ws = cnt = out  # never touched
@@ -307,12 +376,20 @@ def attention_decode(
         else:
             check_counters(counters, H, q.device)
             cnt = counters
+    if rope is None:
+        cos = sin = out  # never read
+        rope_args = (cos, sin, 0, 0, 0, 0, 0, H, Hkv)
+    else:
+        cos, sin, _ = rope
+        n_pos = min(n_ctx, cos.shape[0], sin.shape[0])
+        rope_args = (cos, sin, n_pos, cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), H, Hkv)
     a = math.gcd(cache_k.stride(1), cache_v.stride(1), 16)  # KV_ALIGN: a power of two dividing both
     _attn_decode_kernel[(H, S)](
-        q, cache_k, cache_v, pos, out, ws, cnt, n_ctx, H // Hkv, _LOG2E / math.sqrt(D), q.stride(1), q.stride(3),
-        cache_k.stride(1) // a, cache_v.stride(1) // a, D=D, stride_kt=cache_k.stride(2), stride_vt=cache_v.stride(2),
-        KV_ALIGN=a, SPLITS=S, BLOCK_S=next_pow2(S), BLOCK_T=BLOCK_T, BLOCK_D=next_pow2(D),
-        EMU_BF16=_INTERPRET, num_warps=ATTN_WARPS, **pdl(q.device),
+        q, cache_k, cache_v, pos, out, ws, cnt, n_ctx, H // Hkv, _LOG2E / math.sqrt(D), *q_strides,
+        cache_k.stride(1) // a, cache_v.stride(1) // a, *rope_args, D=D, stride_kt=cache_k.stride(2),
+        stride_vt=cache_v.stride(2), KV_ALIGN=a, SPLITS=S, BLOCK_S=next_pow2(S), BLOCK_T=BLOCK_T,
+        BLOCK_D=next_pow2(D), EMU_BF16=_INTERPRET, ROPE=rope is not None, enable_fp_fusion=rope is None,
+        num_warps=ATTN_WARPS, **pdl(q.device),
     )  # fmt: skip
     return out
 

@@ -2,10 +2,11 @@
 
 The step takes the token and its position as device tensors, so nothing in it depends on Python
 values and the whole forward pass of one token replays as a single CUDA graph (no launch or Python
-overhead per kernel). Per layer it runs nine backend ops (and no memset: attention's split counters are
+overhead per kernel). Per layer it runs eight backend ops (and no memset: attention's split counters are
 one persistent buffer that every launch leaves zero): add+RMSNorm, the q/k/v product (one product
-over the packed [q; k; v] weight, model.FUSED_KINDS), RoPE + KV-cache write, attention over positions
-0..pos, the output product, add+RMSNorm, the packed gate/up product, SwiGLU, the down product. Every
+over the packed [q; k; v] weight, model.FUSED_KINDS), RoPE + KV-cache write + attention over positions
+0..pos (one launch on cuda-triton), the output product, add+RMSNorm, the packed gate/up product, SwiGLU, the
+down product. Every
 product is a q8_0 GEMV reading each weight byte once; adapters stay unmerged, their low-rank terms fused
 into the products (one block-diagonal term for a packed weight, lora.formed_term). Norm gains (with
 their adapter terms) are formed once per generation. On sm_90+ the step's kernels are programmatic dependent
@@ -89,9 +90,8 @@ class GraphDecoder:
         for i in range(args.n_layer):
             h, a = be.add_rms_norm(h, delta, self.norms[f"blk.{i}.attn_norm.weight"], eps)
             qkv = self._packed(a, i, "attn_qkv")
-            q = be.rope_kv_write(qkv, self.cos_table, self.sin_table, self.pos, cache.k[i], cache.v[i],
-                                 args.n_head, args.n_head_kv)  # fmt: skip
-            o = be.attention_decode(q, cache.k[i], cache.v[i], self.pos, self.counters)
+            o = be.rope_attention_decode(qkv, self.cos_table, self.sin_table, self.pos, cache.k[i], cache.v[i],
+                                         args.n_head, args.n_head_kv, self.counters)  # fmt: skip
             delta = be.lora_linear(o, *self.products[f"blk.{i}.attn_output.weight"])
             h, f = be.add_rms_norm(h, delta, self.norms[f"blk.{i}.ffn_norm.weight"], eps)
             gu = self._packed(f, i, "ffn_gate_up")

@@ -196,6 +196,53 @@ def test_attention_decode(tri, dtype, D, Hkv, pos):
     assert_within(got, ref, attention_bound(q, k, v, pos, ref), f"attention D={D} Hkv={Hkv} pos={pos} {dtype}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("S", [None, 1, 3, 16])
+@pytest.mark.parametrize("D,Hkv,pos", [(12, 2, 0), (12, 4, 5), (8, 2, N_CTX - 1), (12, 1, 20), (8, 1, 30)])
+def test_rope_attention_decode_is_rope_then_attention(tri, dtype, S, D, Hkv, pos):
+    """The fused launch (RoPE of q and k, the cache write, attention; decode.py's step) against the spec's
+    rope_kv_write then attention_decode: the same cache rows bit for bit (row pos written, every other row kept),
+    the attention within attention_decode's bound (on the rotated q), the same
+    bits on a second call, and kept counters back at zero."""
+    cos, sin = model.rope_tables(rope_args(D, Hkv), N_CTX)
+    qkv = rand(1, 1, (H + 2 * Hkv) * D, dtype=dtype, seed=pos + 7, scale=2.0)
+    k, v = rand(1, Hkv, N_CTX, D, dtype=dtype, seed=2), rand(1, Hkv, N_CTX, D, dtype=dtype, seed=3)
+    p = torch.tensor([pos])
+    kr, vr = k.clone(), v.clone()
+    q_ref = SPEC.rope_kv_write(qkv, cos, sin, p, kr, vr, H, Hkv)
+    ref = SPEC.attention_decode(q_ref, kr, vr, p)
+    kd, vd = k.clone().to(DEVICE), v.clone().to(DEVICE)
+    last = min(pos, N_CTX - 1)
+    kd[:, :, last + 1 :] = float("nan")  # rows past pos: one read of them would poison the output
+    vd[:, :, last + 1 :] = float("nan")
+    cnt = torch.zeros(H, dtype=torch.int32, device=DEVICE)
+    args = (qkv.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE), p.to(DEVICE), kd, vd, H, Hkv)
+    got = decode_ops.rope_attention_decode(*args, cnt, splits=S)
+    assert got.shape == (1, 1, H * D) and got.dtype == dtype
+    assert torch.equal(kd[:, :, : last + 1].cpu(), kr[:, :, : last + 1]), "cache_k rows must be bit-identical"
+    assert torch.equal(vd[:, :, : last + 1].cpu(), vr[:, :, : last + 1]), "cache_v rows must be bit-identical"
+    assert torch.isnan(kd[:, :, last + 1 :]).all() and torch.isnan(vd[:, :, last + 1 :]).all()
+    bound = attention_bound(q_ref, kr, vr, last, ref)
+    assert_within(got, ref, bound, f"rope_attention S={S} D={D} Hkv={Hkv} pos={pos} {dtype}")
+    assert torch.equal(decode_ops.rope_attention_decode(*args, cnt, splits=S), got)
+    assert not cnt.any()
+    assert torch.equal(tri.rope_attention_decode(*args, cnt), decode_ops.rope_attention_decode(*args, cnt))
+
+
+def test_rope_attention_decode_rejects_bad_input():
+    cos, sin = model.rope_tables(rope_args(12, 2), N_CTX)
+    k = torch.zeros(1, 2, N_CTX, 12, device=DEVICE)
+    p = torch.tensor([3], device=DEVICE)
+    qkv = torch.zeros(1, 1, (H + 4) * 12, device=DEVICE)
+    with pytest.raises(ValueError, match="qkv"):
+        decode_ops.rope_attention_decode(qkv[..., :-1], cos.to(DEVICE), sin.to(DEVICE), p, k, k.clone(), H, 2)
+    with pytest.raises(ValueError, match="cos"):
+        decode_ops.rope_attention_decode(qkv, cos.double().to(DEVICE), sin.to(DEVICE), p, k, k.clone(), H, 2)
+    with pytest.raises(ValueError, match="multiple"):
+        decode_ops.rope_attention_decode(torch.zeros(1, 1, 7 * 12, device=DEVICE), cos.to(DEVICE), sin.to(DEVICE),
+                                         p, k, k.clone(), 3, 2)  # fmt: skip
+
+
 # the key splits (decode_ops.attention_decode's test hook `splits`): S = 1 (the direct path), S < the number
 # of BLOCK_T-key blocks (several blocks per split), S = that number (the default at N_CTX = 37 under the
 # interpreter: 5 blocks of 8), S above it (splits that never hold a key) and S = 16 (MAX_SPLITS); N_CTX is
