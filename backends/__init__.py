@@ -85,13 +85,6 @@ class Backend(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, y): s = h + delta (h when delta is None), y = rms_norm(s, eps) * w, in h's dtype (model.block)."""
 
-    def add_rms_norm_lora(
-        self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float, a: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(s, y, t): add_rms_norm, and t = y @ a in h's dtype, the t of the LoRA term (a, b, s) of the product
-        that y goes into (lora_linear(y, w, [(a, b, s)], t=t)), formed with the norm (one launch on a GPU);
-        t is None where the backend leaves it to the product (lora_linear then forms it)."""
-
     def rope_kv_write(
         self,
         qkv: torch.Tensor,

@@ -102,13 +102,6 @@ class CpuTorchBackend:
         s = h if delta is None else h + delta
         return s, rms_norm(s, eps) * w.to(s.dtype)
 
-    def add_rms_norm_lora(
-        self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float, a: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """add_rms_norm, then t = y @ a as lora.add_lora_terms forms it."""
-        s, y = self.add_rms_norm(h, delta, w, eps)
-        return s, y, y @ a.to(y.dtype)
-
     def rope_kv_write(
         self,
         qkv: torch.Tensor,

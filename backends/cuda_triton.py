@@ -150,13 +150,6 @@ class CudaTritonBackend:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self._dec.add_rms_norm(h, delta, w, eps)
 
-    def add_rms_norm_lora(
-        self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float, a: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        if a.shape[1] > self._dec.MAX_T_RANK or a.dtype != h.dtype:  # the product forms t (or adds the term apart)
-            return (*self._dec.add_rms_norm(h, delta, w, eps), None)
-        return self._dec.add_rms_norm(h, delta, w, eps, a)
-
     def rope_kv_write(
         self,
         qkv: torch.Tensor,

@@ -7,9 +7,6 @@ shape that depends on it: the launches can be captured in a CUDA graph).
 
   add_rms_norm(h, delta, w, eps) -> (s, y)   one program per row, the whole row in registers (E <= MAX_ROW):
       s = rnd(h + delta) (s is h itself when delta is None), y = rnd(rnd(s * rsqrt(mean(s^2) + eps)) * rnd(w)).
-      With a LoRA down factor a [E, R]: (s, y, t = rnd(y @ a)), grid (rows, E / T_CHUNK): each program has the
-      whole row for the sum of squares, writes s and y for its T_CHUNK columns and stores y[chunk] @ a[chunk]
-      (fp32); the last of a row (acq_rel counter, as attention_decode's) sums the parts in chunk order.
   rope_kv_write(qkv, cos, sin, pos, cache_k, cache_v, H, Hkv) -> q [1, H, 1, D]   one program per head
       (H + Hkv): qkv = [q | k | v] of one token; q and k pairs (x[2i], x[2i+1]) turn by (cos, sin)[pos, i]
       (x0*c - x1*s, x0*s + x1*c); q goes to the output, k to cache_k[0, :, pos], v (as is) to cache_v[0, :, pos].
@@ -71,59 +68,25 @@ ATTN_WARPS = 4
 @triton.jit
 def _add_rms_norm_kernel(
     h_ptr, d_ptr, w_ptr, s_ptr, y_ptr, E, E_f, eps, stride_h, stride_d, stride_s, stride_y,
-    a_ptr, part_ptr, count_ptr, t_ptr, R, stride_ak, stride_ar, stride_t,
-    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, EMU_BF16: tl.constexpr, HAS_T: tl.constexpr = False,
-    CHUNK: tl.constexpr = 1, BLOCK_R: tl.constexpr = 1, PDL: tl.constexpr = False,
+    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, EMU_BF16: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
+    _pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     dtype = y_ptr.dtype.element_ty
-    if HAS_T:  # program (row, c) also forms y[row, chunk c] @ a[chunk c]; a does not depend on the previous kernel
-        chunk = tl.program_id(1)
-        offs_c = chunk * CHUNK + tl.arange(0, CHUNK)
-        mask_c = offs_c < E
-        offs_r = tl.arange(0, BLOCK_R)
-        a_c = tl.load(a_ptr + offs_c[:, None].to(tl.int64) * stride_ak + offs_r[None, :] * stride_ar,
-                      mask=mask_c[:, None] & (offs_r < R)[None, :], other=0.0)  # fmt: skip
-        w_c = _to(tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32), dtype, EMU_BF16).to(tl.float32)
-    _pdl_start(PDL)
     offs = tl.arange(0, BLOCK)
     mask = offs < E
     h = tl.load(h_ptr + row * stride_h + offs, mask=mask, other=0.0)
     if HAS_DELTA:
         d = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0)
         s = _to(h.to(tl.float32) + d.to(tl.float32), dtype, EMU_BF16)
-        if not HAS_T:
-            tl.store(s_ptr + row * stride_s + offs, s, mask=mask)
+        tl.store(s_ptr + row * stride_s + offs, s, mask=mask)
     else:
         s = h
     x = s.to(tl.float32)
     r = tl.math.rsqrt(tl.math.div_rn(tl.sum(x * x, axis=0), E_f) + eps)  # E_f = float(E)
-    if HAS_T:
-        # this program's columns again (the row stays in registers, which cannot be sliced): the same
-        # operations on the same values, so s and y are those of the whole-row branch below
-        s_c = tl.load(h_ptr + row * stride_h + offs_c, mask=mask_c, other=0.0)
-        if HAS_DELTA:
-            d_c = tl.load(d_ptr + row * stride_d + offs_c, mask=mask_c, other=0.0)
-            s_c = _to(s_c.to(tl.float32) + d_c.to(tl.float32), dtype, EMU_BF16)
-            tl.store(s_ptr + row * stride_s + offs_c, s_c, mask=mask_c)
-        n_c = _to(s_c.to(tl.float32) * r, dtype, EMU_BF16).to(tl.float32)
-        y_c = _to(n_c * w_c, dtype, EMU_BF16)
-        tl.store(y_ptr + row * stride_y + offs_c, y_c, mask=mask_c)
-        part = tl.sum(y_c.to(tl.float32)[:, None] * a_c.to(tl.float32), axis=0)  # exact products, fp32 sum
-        n_chunks = tl.num_programs(1)
-        parts = part_ptr + row * n_chunks * BLOCK_R
-        tl.store(parts + chunk * BLOCK_R + offs_r, part)
-        tl.debug_barrier()  # every thread's partial store precedes the one thread's gpu-scope release
-        if tl.atomic_add(count_ptr + row, 1, sem="acq_rel") == n_chunks - 1:  # the last: sum in chunk order
-            t = tl.zeros((BLOCK_R,), dtype=tl.float32)
-            for c in range(0, n_chunks):
-                t += tl.load(parts + c * BLOCK_R + offs_r, cache_modifier=".cg")
-            tl.store(t_ptr + row * stride_t + offs_r, _to(t, t_ptr.dtype.element_ty, EMU_BF16), mask=offs_r < R)
-            tl.atomic_xchg(count_ptr + row, 0, sem="relaxed")
-    else:
-        n = _to(x * r, dtype, EMU_BF16).to(tl.float32)
-        w = _to(tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32), dtype, EMU_BF16).to(tl.float32)
-        tl.store(y_ptr + row * stride_y + offs, _to(n * w, dtype, EMU_BF16), mask=mask)
+    n = _to(x * r, dtype, EMU_BF16).to(tl.float32)
+    w = _to(tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32), dtype, EMU_BF16).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + offs, _to(n * w, dtype, EMU_BF16), mask=mask)
 
 
 @triton.jit
@@ -280,12 +243,9 @@ def _check_cache(cache_k: torch.Tensor, cache_v: torch.Tensor, dtype, device) ->
 
 
 def add_rms_norm(
-    h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float, a: torch.Tensor | None = None
-) -> tuple[torch.Tensor, ...]:
-    """(s, y): s = h + delta (h itself when delta is None), y = rms_norm(s, eps) * w, both in h's dtype.
-    With a [E, R] (a LoRA term's down factor, R <= MAX_T_RANK): (s, y, t), t = rnd(y @ a) in h's dtype, formed in
-    the same launch (row chunks of T_CHUNK columns each add their part; the last one sums them in chunk order)
-    for a product whose LoRA term then needs no launch of its own."""
+    h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, y): s = h + delta (h itself when delta is None), y = rms_norm(s, eps) * w, both in h's dtype."""
     check_tensor(h, "h")
     E = h.shape[-1]
     if delta is not None:
@@ -297,53 +257,20 @@ def add_rms_norm(
         raise ValueError(f"w must be [{E}], got {tuple(w.shape)}")
     if not 0 < E <= MAX_ROW:
         raise ValueError(f"row length {E} is outside 1..{MAX_ROW} (the kernel keeps a row in registers)")
-    if a is not None:
-        check_tensor(a, "a", h.dtype, h.device)
-        if a.dim() != 2 or a.shape[0] != E or not 0 < a.shape[1] <= MAX_T_RANK:
-            raise ValueError(f"a must be [{E}, R] with 1 <= R <= {MAX_T_RANK}, got {tuple(a.shape)}")
     h2 = h.reshape(-1, E)  # a copy only when the leading axes cannot be flattened
     d2 = h2 if delta is None else delta.reshape(-1, E)  # (dummy when there is no delta: never read)
     s = h if delta is None else torch.empty(h.shape, dtype=h.dtype, device=h.device)
     y = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     s2, y2 = s.reshape(-1, E), y.view(-1, E)  # (s2 is only written when there is a delta)
-    rows = h2.shape[0]
-    t = None if a is None else torch.empty(*h.shape[:-1], a.shape[1], dtype=h.dtype, device=h.device)
-    if rows == 0:
-        return (s, y) if a is None else (s, y, t)
+    if h2.shape[0] == 0:
+        return s, y
     block = next_pow2(E)
-    const = dict(HAS_DELTA=delta is not None, BLOCK=block, EMU_BF16=_INTERPRET, num_warps=min(16, max(1, block // 512)),
-                 **pdl(h.device))  # fmt: skip
-    if a is None:
-        grid, t_args = (rows, 1), (y2, y2, y2, y2, 0, 0, 0, 0)  # dummies, never read without HAS_T
-    else:
-        block_r = max(16, next_pow2(a.shape[1]))
-        chunks = cdiv(E, T_CHUNK)
-        t2 = t.view(-1, a.shape[1])
-        parts = torch.empty(rows, chunks, block_r, dtype=torch.float32, device=h.device)
-        grid = (rows, chunks)
-        t_args = (a, parts, _t_counters(h.device, rows), t2, a.shape[1], a.stride(0), a.stride(1), t2.stride(0))
-        const.update(HAS_T=True, CHUNK=T_CHUNK, BLOCK_R=block_r)
-    _add_rms_norm_kernel[grid](h2, d2, w, s2, y2, E, float(E), float(eps), h2.stride(0), d2.stride(0), s2.stride(0),
-                               y2.stride(0), *t_args, **const)  # fmt: skip
-    return (s, y) if a is None else (s, y, t)
-
-
-MAX_T_RANK = 64  # add_rms_norm's t: the rank of a LoRA term the q8_0 kernels fuse (q8_0_matmul.MAX_FUSED_RANK)
-T_CHUNK = 64 if _INTERPRET else 256  # columns per program of add_rms_norm's t
-_T_COUNTERS: dict[tuple, torch.Tensor] = {}
-_T_OUTGROWN: list[torch.Tensor] = []
-
-
-def _t_counters(device: torch.device, rows: int) -> torch.Tensor:
-    """add_rms_norm's per-row counters (int32, zero between launches: each launch leaves them zero), one buffer
-    per device and stream that grows as needed (a memset per call would be a launch of its own)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    buf = _T_COUNTERS.get((device, stream))
-    if buf is None or buf.numel() < rows:
-        if buf is not None:
-            _T_OUTGROWN.append(buf)  # a captured graph may still use it
-        buf = _T_COUNTERS[(device, stream)] = torch.zeros(max(64, 2 * rows), dtype=torch.int32, device=device)
-    return buf
+    _add_rms_norm_kernel[(h2.shape[0],)](
+        h2, d2, w, s2, y2, E, float(E), float(eps), h2.stride(0), d2.stride(0), s2.stride(0), y2.stride(0),
+        HAS_DELTA=delta is not None, BLOCK=block, EMU_BF16=_INTERPRET, num_warps=min(16, max(1, block // 512)),
+        **pdl(h.device),
+    )  # fmt: skip
+    return s, y
 
 
 def _check_rope(qkv, cos, sin, pos, cache_k, cache_v, n_head: int, n_head_kv: int) -> tuple[int, int, int, int]:

@@ -8,8 +8,7 @@ over the packed [q; k; v] weight, model.FUSED_KINDS), RoPE + KV-cache write + at
 0..pos (one launch on cuda-triton), the output product, add+RMSNorm, the packed gate/up product, SwiGLU, the
 down product. Every
 product is a q8_0 GEMV reading each weight byte once; adapters stay unmerged, their low-rank terms fused
-into the products (one block-diagonal term for a packed weight, lora.formed_term); a packed weight's term gets its
-t = x @ a from the add+RMSNorm launch before it (Backend.add_rms_norm_lora). Norm gains (with
+into the products (one block-diagonal term for a packed weight, lora.formed_term). Norm gains (with
 their adapter terms) are formed once per generation. On sm_90+ the step's kernels are programmatic dependent
 launches (kernels.triton_util.pdl): each starts while the previous one finishes and waits for it before
 touching memory. Greedy decoding (GraphDecoder(greedy=True).greedy_tokens) also takes the argmax and the next
@@ -83,29 +82,19 @@ class GraphDecoder:
             return self.backend.lora_linear(x, *packed)
         return torch.cat(self.linear(x, f"blk.{i}.{kind}"), dim=-1)  # the members one by one
 
-    def _norm_packed(self, h: torch.Tensor, delta, i: int, norm: str, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h + delta, the packed product of its norm): a packed weight's single LoRA term gets its t = x @ a
-        from the norm's launch (Backend.add_rms_norm_lora), so the product needs no launch or program for it."""
-        be, eps, w_norm = self.backend, self.model.args.norm_eps, self.norms[f"blk.{i}.{norm}.weight"]
-        packed = self.fused.get(f"blk.{i}.{kind}")
-        if packed is not None and len(packed[1]) == 1:
-            w, term = packed
-            h, x, t = be.add_rms_norm_lora(h, delta, w_norm, eps, term[0][0])
-            return h, be.lora_linear(x, w, term, t=t)
-        h, x = be.add_rms_norm(h, delta, w_norm, eps)
-        return h, self._packed(x, i, kind)
-
     def _step(self) -> torch.Tensor:
         args, be, cache = self.model.args, self.backend, self.cache
         eps = args.norm_eps
         h = self.embed(self.tok)
         delta = None
         for i in range(args.n_layer):
-            h, qkv = self._norm_packed(h, delta, i, "attn_norm", "attn_qkv")
+            h, a = be.add_rms_norm(h, delta, self.norms[f"blk.{i}.attn_norm.weight"], eps)
+            qkv = self._packed(a, i, "attn_qkv")
             o = be.rope_attention_decode(qkv, self.cos_table, self.sin_table, self.pos, cache.k[i], cache.v[i],
                                          args.n_head, args.n_head_kv, self.counters)  # fmt: skip
             delta = be.lora_linear(o, *self.products[f"blk.{i}.attn_output.weight"])
-            h, gu = self._norm_packed(h, delta, i, "ffn_norm", "ffn_gate_up")
+            h, f = be.add_rms_norm(h, delta, self.norms[f"blk.{i}.ffn_norm.weight"], eps)
+            gu = self._packed(f, i, "ffn_gate_up")
             act = be.silu_mul_fwd(*gu.chunk(2, dim=-1))  # SwiGLU on the two views of the packed output
             delta = be.lora_linear(act, *self.products[f"blk.{i}.ffn_down.weight"])
         _, h = be.add_rms_norm(h, delta, self.norms["output_norm.weight"], eps)

@@ -128,46 +128,6 @@ def test_add_rms_norm(tri, dtype, E, M, with_delta):
     assert_within(y, y_ref, tol, f"add_rms_norm E={E} M={M} {dtype}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("E", [96, 200])
-@pytest.mark.parametrize("M", [1, 3])
-@pytest.mark.parametrize("with_delta", [False, True])
-@pytest.mark.parametrize("R", [5, 24])
-def test_add_rms_norm_lora(tri, dtype, E, M, with_delta, R):
-    """add_rms_norm with a LoRA down factor a: s and y bit-identical to add_rms_norm's (the chunk programs
-    repeat its operations on the same values), t = rnd(y @ a) within the bound of an E-term fp32 dot in another
-    order over y's within add_rms_norm's bound; the same bits on a second call, the counters zero again."""
-    shape = (1, 1, E) if M == 1 else (M, E)
-    h = rand(*shape, dtype=dtype) * torch.tensor([0.01, 1.0, 30.0][:M]).view(-1, 1).to(dtype)
-    delta = rand(*shape, dtype=dtype, seed=2) if with_delta else None
-    w = (rand(E, seed=3, scale=0.5) + 1.0).to(dtype)
-    a = rand(E, R, dtype=dtype, seed=4, scale=E**-0.5)
-    s_ref, y_ref, t_ref = SPEC.add_rms_norm_lora(h, delta, w, EPS, a)
-    assert torch.equal(t_ref, y_ref @ a) and torch.equal(y_ref, SPEC.add_rms_norm(h, delta, w, EPS)[1])
-    hd, dd, wd, ad = h.to(DEVICE), None if delta is None else delta.to(DEVICE), w.to(DEVICE), a.to(DEVICE)
-    s, y, t = tri.add_rms_norm_lora(hd, dd, wd, EPS, ad)
-    s0, y0 = tri.add_rms_norm(hd, dd, wd, EPS)
-    assert torch.equal(s, s0) and torch.equal(y, y0), "the chunk programs' s and y are add_rms_norm's"
-    assert t.dtype == dtype and t.shape == (*shape[:-1], R)
-    again = tri.add_rms_norm_lora(hd, dd, wd, EPS, ad)[2]
-    assert torch.equal(t, again)
-    assert all(int(c.abs().sum()) == 0 for c in decode_ops._T_COUNTERS.values())
-    u_out = U_OUT[dtype]
-    y_tol = ((E + 10) * U + 4 * u_out) * y_ref.double().abs() * (1 + 4 * u_out)
-    mag = y_ref.double().abs() @ a.double().abs()
-    # y's deviation through a, two E-term fp32 dots in any order (+ the fp32 products' roundings), one rounding
-    tol = y_tol @ a.double().abs() + 2 * (E + 1) * U * mag * (1 + 4 * u_out) + 2 * u_out * t_ref.double().abs()
-    assert_within(t, t_ref, tol, f"add_rms_norm t E={E} M={M} R={R} {dtype}")
-
-
-def test_add_rms_norm_lora_leaves_large_ranks_to_the_product(tri):
-    """Above MAX_T_RANK the cuda-triton backend forms no t (None: lora_linear forms it)."""
-    E, R = 96, decode_ops.MAX_T_RANK + 1
-    h = rand(1, E).to(DEVICE)
-    s, y, t = tri.add_rms_norm_lora(h, None, torch.ones(E, device=DEVICE), EPS, rand(E, R).to(DEVICE))
-    assert t is None and torch.equal(y, tri.add_rms_norm(h, None, torch.ones(E, device=DEVICE), EPS)[1])
-
-
 # ---- swiglu ----------------------------------------------------------------------------------------
 
 
