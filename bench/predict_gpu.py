@@ -55,28 +55,32 @@ def bench_decode(model, backend, adapters, prompt: int, new: int, dtype=torch.bf
     """Decoding of `new` tokens after a random prompt: new - 1 timed steps after the graph's capture. mode "host":
     greedy, the host reads each step's argmax before launching the next; "device": greedy with the argmax and next
     position inside the step, the host one step behind (what `lorakit predict --temp 0` does); "sampled":
-    `lorakit predict`'s default sampler chain (temp 0.8, top-k 40, top-p 0.95, min-p 0.05) as it runs it: top-k,
-    top-p and min-p in the captured step, the draw from their survivors on the host."""
+    `lorakit predict`'s default sampler chain (temp 0.8, top-k 40, top-p 0.95, min-p 0.05) as it runs it: every
+    stage and the seeded draw inside the captured step (uniforms from the seeded generator handed over in
+    advance), the host one step behind; "sampled-host": the same chain with the temperature and the draw on the
+    host after each step (the way before session 10)."""
     from lorakit.decode import GraphDecoder
     from lorakit.generate import Generator, SamplingParams, draw
 
-    on_device = mode == "device"
+    on_device = mode in ("device", "sampled")
     params = SamplingParams(seed=1)
 
     gen = Generator(model, backend, adapters, n_ctx=prompt + new + 1, dtype=dtype)
     cache = gen.new_cache()
     ids = torch.randint(3, model.args.n_vocab, (prompt,)).tolist()
     logits = gen.logits(ids, cache, 0)
-    sampler = params if mode == "sampled" else None
-    step = GraphDecoder(model, backend, adapters, gen.rope, cache, dtype, greedy=on_device, sampler=sampler)
+    sampler = params if mode.startswith("sampled") else None
+    step = GraphDecoder(model, backend, adapters, gen.rope, cache, dtype, greedy=mode == "device", sampler=sampler,
+                        device_draw=mode == "sampled")  # fmt: skip
     tok = int(torch.argmax(logits))
+    rng = torch.Generator().manual_seed(1)
     if on_device:
-        list(step.greedy_tokens(tok, prompt, 1))  # capture
+        uniforms = torch.rand(new, generator=rng) if mode == "sampled" else None
+        list(step.tokens(tok, prompt, 1, uniforms))  # capture
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        list(step.greedy_tokens(tok, prompt, new - 1))
+        list(step.tokens(tok, prompt, new - 1, uniforms))
     else:
-        rng = torch.Generator().manual_seed(1)
         logits = step(tok, prompt)  # capture
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -161,7 +165,8 @@ def main(argv=None) -> int:
     print(json.dumps(rows[-1]), flush=True)
     ads = [(random_adapter(model, 4, 1, be.device), 0.7), (random_adapter(model, 4, 2, be.device), 0.4)]
     for name, adapters in (("no adapter", ()), ("2 scaled adapters", ads)):
-        for mode, how in (("host", "host argmax"), ("device", "argmax on GPU"), ("sampled", "default sampling")):
+        for mode, how in (("host", "host argmax"), ("device", "argmax on GPU"), ("sampled", "default sampling"),
+                          ("sampled-host", "default sampling, draw on host")):  # fmt: skip
             r = bench_decode(model, be, adapters, a.prompt, a.new, mode=mode)
             rows.append({"case": f"decode, {name}, {how}", **r, "vs_llamacpp": r["decode_tok_s"] / LLAMACPP_DECODE})
             print(json.dumps(rows[-1]), flush=True)
@@ -178,14 +183,14 @@ def main(argv=None) -> int:
         except Exception as e:  # report and continue
             rows.append({"case": "HF transformers generate", "error": f"{type(e).__name__}: {e}"[:200]})
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{'case':48s}{'tok/s':>10s}{'% BW limit':>12s}{'x llama.cpp':>13s}")
+    print(f"\n{'case':60s}{'tok/s':>10s}{'% BW limit':>12s}{'x llama.cpp':>13s}")
     for r in rows:
         if "error" in r:
-            print(f"{r['case']:48s}  error: {r['error'][:60]}")
+            print(f"{r['case']:60s}  error: {r['error'][:60]}")
             continue
         tps = r.get("decode_tok_s", r.get("prefill_tok_s"))
         pct = r.get("pct_of_bandwidth_limit")
-        print(f"{r['case']:48s}{tps:10.0f}{'' if pct is None else f'{pct:.0%}':>12s}{r['vs_llamacpp']:12.2f}x")
+        print(f"{r['case']:60s}{tps:10.0f}{'' if pct is None else f'{pct:.0%}':>12s}{r['vs_llamacpp']:12.2f}x")
     print(
         f"(issue #5's measurements on the H200: HF transformers generate {HF_DECODE:.0f} tok/s; llama.cpp CUDA "
         f"{LLAMACPP_DECODE:.0f} tok/s decode, {LLAMACPP_PREFILL:.0f} tok/s prefill)"

@@ -11,10 +11,11 @@ product is a q8_0 GEMV reading each weight byte once; adapters stay unmerged, th
 into the products (one block-diagonal term for a packed weight, lora.formed_term). Norm gains (with
 their adapter terms) are formed once per generation. On sm_90+ the step's kernels are programmatic dependent
 launches (kernels.triton_util.pdl): each starts while the previous one finishes and waits for it before
-touching memory. Greedy decoding (GraphDecoder(greedy=True).greedy_tokens) also takes the argmax and the next
-position inside the step, so the host never waits for a token before launching the next step; sampled decoding
-(sampler=...) captures the top-k / top-p / min-p stages (generate.survivors), so only their survivors reach the host
-for the draw. Prefill uses the ordinary batched forward.
+touching memory. Greedy decoding (GraphDecoder(greedy=True).tokens) also takes the argmax and the next position
+inside the step, so the host never waits for a token before launching the next step; sampled decoding (sampler=...)
+captures the top-k / top-p / min-p stages (generate.survivors) and, with device_draw=True, the temperature and the
+seeded draw too (generate.pick with one uniform per step, handed over from the generation's generator in advance).
+Prefill uses the ordinary batched forward.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .generate import SamplingParams, survivors
+from .generate import SamplingParams, pick, survivors
 from .lora import LoraAdapter, formed_term, lora_terms, model_fns
 from .model import KVCache, LlamaModel, fused_members
 
@@ -42,9 +43,12 @@ class GraphDecoder:
         use_graph: bool = True,
         greedy: bool = False,
         sampler: SamplingParams | None = None,
+        device_draw: bool = False,
     ):
+        if device_draw and (sampler is None or greedy):
+            raise ValueError("device_draw needs a sampler (and greedy=False)")
         self.model, self.backend, self.cache, self.dtype = model, backend, cache, dtype
-        self.greedy, self.sampler = greedy, sampler
+        self.greedy, self.sampler, self.device_draw = greedy, sampler, device_draw
         self.picks = None  # with a sampler: generate.survivors of the last step's logits
         self.cos_table, self.sin_table = rope
         self.linear, norm, self.embed = model_fns(model, backend, adapters, dtype)
@@ -68,6 +72,10 @@ class GraphDecoder:
             self.products = {n: (model.weight(n), one_term([n])) for n in [*single, "output.weight"]}
         self.tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        # device_draw: one uniform per step (tokens() fills them from the generation's seeded generator), and the
+        # index of the next one
+        self.uniforms = torch.zeros(cache.k[0].shape[2] if device_draw else 1, device=dev)
+        self.nth = torch.zeros(1, dtype=torch.long, device=dev)
         # attention's split counters, zero between launches (each launch leaves them zero): one buffer for
         # all layers instead of a memset per layer and token
         self.counters = torch.zeros(args.n_head, dtype=torch.int32, device=dev)
@@ -104,6 +112,11 @@ class GraphDecoder:
             self.pos.add_(1)
         if self.sampler is not None:  # the sampler's device stages: only their survivors go to the host
             self.picks = survivors(logits, self.sampler)
+        if self.device_draw:  # ... or the draw too, with the step's uniform
+            u = self.uniforms.index_select(0, self.nth)[0]
+            self.tok.copy_(pick(self.picks, self.sampler.temp, u).view(1, 1))
+            self.pos.add_(1)
+            self.nth.add_(1)
         return logits
 
     def _run(self) -> torch.Tensor:
@@ -114,7 +127,7 @@ class GraphDecoder:
             # warm up on a side stream (autotuning, path choice, allocator), then capture; the warm-up
             # writes the cache at `pos`, which the captured replay below rewrites identically (a greedy
             # step also moves tok and pos on: they are put back)
-            tok, pos = self.tok.clone(), self.pos.clone()
+            tok, pos, nth = self.tok.clone(), self.pos.clone(), self.nth.clone()
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
@@ -122,6 +135,7 @@ class GraphDecoder:
                     self._step()
                     self.tok.copy_(tok)
                     self.pos.copy_(pos)
+                    self.nth.copy_(nth)
             torch.cuda.current_stream().wait_stream(s)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
@@ -137,13 +151,20 @@ class GraphDecoder:
         return self._run()
 
     @torch.no_grad()
-    def greedy_tokens(self, token: int, pos: int, steps: int) -> Iterator[int]:
-        """The greedy continuation of `token` at `pos`: the argmax token of each of `steps` steps (positions pos,
-        pos + 1, ...), for a decoder made with greedy=True. Each step takes its token and position from the
-        previous one on the device, and the host reads token i while step i + 1 runs (one step ahead; a caller
-        that stops early leaves one step computed past its last token, whose cache row is never read)."""
-        if not self.greedy:
-            raise ValueError("greedy_tokens needs a GraphDecoder made with greedy=True")
+    def tokens(self, token: int, pos: int, steps: int, uniforms: torch.Tensor | None = None) -> Iterator[int]:
+        """The continuation of `token` at `pos`: the token each of `steps` steps (positions pos, pos + 1, ...) picks
+        itself, for a decoder made with greedy=True (the argmax) or with a sampler and device_draw=True (the seeded
+        draw: uniforms, one per step, as generate.draw takes them from the generator). Each step takes its token and
+        position from the previous one on the device, and the host reads token i while step i + 1 runs (one step
+        ahead; a caller that stops early leaves one step computed past its last token, whose cache row is never
+        read)."""
+        if not (self.greedy or self.device_draw):
+            raise ValueError("tokens() needs a GraphDecoder made with greedy=True or device_draw=True")
+        if self.device_draw:
+            if uniforms is None or uniforms.numel() < steps or steps > self.uniforms.numel():
+                raise ValueError(f"tokens() with device_draw needs {steps} uniforms (at most {self.uniforms.numel()})")
+            self.uniforms[:steps].copy_(uniforms[:steps])
+            self.nth.zero_()
         self.tok.fill_(token)
         self.pos.fill_(pos)
         if not self.use_graph:

@@ -60,13 +60,21 @@ def survivors(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return torch.cat([vals, idx.float(), keep.float().view(1)])
 
 
-def draw(packed: torch.Tensor, p: SamplingParams, rng: torch.Generator) -> int:
-    """The last stages on the CPU: temperature over survivors()'s n logits, and a draw with rng."""
-    packed = packed.cpu()
+def pick(packed: torch.Tensor, temp: float, u: torch.Tensor) -> torch.Tensor:
+    """The last stages, where survivors() left its result (a captured decode step runs them on the GPU): the
+    temperature over its n logits, then the token at the inverse CDF of u (a uniform in [0, 1)): the first
+    survivor whose cumulative probability exceeds u. A 0-dim long tensor on packed's device."""
     k = (packed.numel() - 1) // 2
-    n = int(packed[-1])
-    probs = torch.softmax(packed[:n] / p.temp, dim=-1)
-    return int(packed[k + int(torch.multinomial(probs, 1, generator=rng))])
+    n = packed[2 * k].long()
+    z = torch.where(torch.arange(k, device=packed.device) < n, packed[:k] / temp, float("-inf"))
+    c = torch.cumsum(torch.softmax(z, dim=-1), dim=-1)
+    i = torch.minimum((c <= u * c[-1]).sum(), n - 1)
+    return packed[k + i].long()
+
+
+def draw(packed: torch.Tensor, p: SamplingParams, rng: torch.Generator) -> int:
+    """The last stages on the CPU: pick() with the next uniform of rng (one per token)."""
+    return int(pick(packed.cpu(), p.temp, torch.rand((), generator=rng)))
 
 
 def sample_token(logits: torch.Tensor, p: SamplingParams, history: Sequence[int], rng: torch.Generator) -> int:
@@ -151,12 +159,11 @@ class Generator:
 
             greedy, fixed = greedy_only(params), no_penalty(params)  # fixed: the chain does not depend on history
             sampler = params if fixed and not greedy else None
-            step = GraphDecoder(
-                self.model, self.backend, self.adapters, self.rope, cache, self.dtype, greedy=greedy, sampler=sampler
-            )
-            if greedy:
+            step = GraphDecoder(self.model, self.backend, self.adapters, self.rope, cache, self.dtype, greedy=greedy,
+                                sampler=sampler, device_draw=sampler is not None)  # fmt: skip
+            if greedy or sampler is not None:
                 first = sample_token(logits, params, history, rng)
-                yield from self._greedy(step, first, n_past, n_predict, stop_ids)
+                yield from self._on_device(step, first, n_past, n_predict, stop_ids, None if greedy else rng)
                 return
         picks = None  # the captured step's survivors of its logits (GraphDecoder's sampler)
         t1 = time.perf_counter()
@@ -175,14 +182,19 @@ class Generator:
             self.stats.decode_s = time.perf_counter() - t1
         self.stats.decode_s = time.perf_counter() - t1
 
-    def _greedy(self, step, first: int, n_past: int, n_predict: int, stop_ids: Sequence[int]) -> Iterator[int]:
-        """generate()'s loop for greedy sampling on a GPU, from the prompt's token `first`: the same tokens, each step
-        launched before the host has read the previous one's token (GraphDecoder.greedy_tokens)."""
+    def _on_device(
+        self, step, first: int, n_past: int, n_predict: int, stop_ids: Sequence[int], rng: torch.Generator | None
+    ) -> Iterator[int]:
+        """generate()'s loop on a GPU where the captured step picks each next token itself (greedy, or the seeded
+        draw from rng's next uniforms: the same uniforms the host loop would draw), from the prompt's token
+        `first`: the same tokens, each step launched before the host has read the previous one's token
+        (GraphDecoder.tokens)."""
         if n_predict == 0:
             return
         t1 = time.perf_counter()
         steps = self.n_ctx - n_past if n_predict < 0 else min(n_predict - 1, self.n_ctx - n_past)
-        tokens = step.greedy_tokens(first, n_past, steps)
+        uniforms = None if rng is None else torch.rand(steps, generator=rng)
+        tokens = step.tokens(first, n_past, steps, uniforms)
         tok = first
         while True:
             self.stats.generated += 1

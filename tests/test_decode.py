@@ -162,7 +162,7 @@ def test_pack_fused_views_share_storage():
 @pytest.mark.parametrize("make_backend", _backends())
 def test_greedy_steps_take_their_token_on_the_device(make_backend):
     """GraphDecoder(greedy=True): each step's argmax and next position are formed inside the step, and
-    greedy_tokens yields the same tokens (and leaves the same cache) as host argmax step by step (a CUDA graph
+    tokens() yields the same tokens (and leaves the same cache) as host argmax step by step (a CUDA graph
     on a GPU, eager here)."""
     be = make_backend()
     model = pack_fused(_model().to(be.device))
@@ -177,21 +177,56 @@ def test_greedy_steps_take_their_token_on_the_device(make_backend):
         tok = int(torch.argmax(host(tok, pos)))
         want.append(tok)
     dev = GraphDecoder(model, be, ads, gen.rope, caches[1], torch.float32, greedy=True)
-    assert list(dev.greedy_tokens(first, len(prompt), len(want))) == want
+    assert list(dev.tokens(first, len(prompt), len(want))) == want
     assert int(dev.pos) == 11  # moved on by the steps themselves
     for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v, strict=True):
         assert torch.equal(a[:, :, :11], b[:, :, :11])
-    with pytest.raises(ValueError, match="greedy=True"):
-        next(host.greedy_tokens(first, len(prompt), 1))
+    with pytest.raises(ValueError, match="greedy=True or device_draw=True"):
+        next(host.tokens(first, len(prompt), 1))
+    with pytest.raises(ValueError, match="needs a sampler"):
+        GraphDecoder(model, be, ads, gen.rope, caches[1], torch.float32, device_draw=True)
+
+
+@pytest.mark.parametrize("make_backend", _backends())
+def test_sampled_steps_draw_their_token_on_the_device(make_backend):
+    """GraphDecoder(sampler=..., device_draw=True): each step draws its token with the next of the uniforms handed
+    to tokens() (generate.pick on the step's survivors): the tokens and cache of a host loop that draws each token
+    with generate.draw from the same seeded generator."""
+    from lorakit.generate import SamplingParams, draw
+
+    be = make_backend()
+    model = pack_fused(_model().to(be.device))
+    ads = [(_adapter(1).to(be.device), 0.7)]
+    gen = Generator(model, be, ads, n_ctx=12, dtype=torch.float32)
+    prompt = [1, 17, 5, 99, 42]
+    caches = [gen.new_cache(), gen.new_cache()]
+    for c in caches:
+        gen.logits(prompt, c, 0)
+    params = SamplingParams(temp=1.5, top_k=16, top_p=0.95, min_p=0.01, seed=4)
+    host = GraphDecoder(model, be, ads, gen.rope, caches[0], torch.float32, sampler=params)
+    rng = torch.Generator().manual_seed(7)
+    want, tok = [], 3
+    for pos in range(len(prompt), 11):
+        host(tok, pos)
+        tok = draw(host.picks, params, rng)
+        want.append(tok)
+    assert len(set(want)) > 1  # a flat enough distribution that the draws matter
+    dev = GraphDecoder(model, be, ads, gen.rope, caches[1], torch.float32, sampler=params, device_draw=True)
+    uniforms = torch.rand(len(want), generator=torch.Generator().manual_seed(7))
+    assert list(dev.tokens(3, len(prompt), len(want), uniforms)) == want
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v, strict=True):
+        assert torch.equal(a[:, :, :11], b[:, :, :11])
+    with pytest.raises(ValueError, match="uniforms"):
+        next(dev.tokens(3, len(prompt), 2))
 
 
 @pytest.mark.parametrize("temp", [0.0, 0.8])
 @pytest.mark.parametrize("n_predict,stop", [(-1, False), (0, False), (1, False), (4, False), (-1, True)])
 def test_generate_on_the_device_same_tokens(n_predict, stop, temp):
     """Generator.generate where it replays graphs (forced here on CPU, where GraphDecoder runs its steps eagerly):
-    greedy sampling forms each token in the step (greedy_tokens), sampling forms the survivors of top-k / top-p /
-    min-p there (GraphDecoder's sampler): the same tokens, counts and stops as the host loop, up to the context's
-    end."""
+    greedy sampling forms each token in the step, sampling runs top-k / top-p / min-p and the seeded draw there
+    (GraphDecoder's sampler with device_draw, the generator's uniforms handed over in advance): the same tokens,
+    counts and stops as the host loop, up to the context's end."""
     from lorakit.generate import SamplingParams, greedy_only
 
     params = SamplingParams(temp=temp, seed=1, top_k=8, min_p=0.01)
@@ -248,7 +283,10 @@ def _sample_by_slices(logits, p, history, rng) -> int:
     if p.min_p > 0:
         probs = torch.softmax(vals, dim=-1)
         vals, idx = vals[probs >= p.min_p * probs[0]], idx[probs >= p.min_p * probs[0]]
-    return int(idx[torch.multinomial(torch.softmax(vals / p.temp, dim=-1), 1, generator=rng)])
+    # the draw: the inverse CDF of one uniform (the first survivor whose cumulative probability exceeds it)
+    c = torch.cumsum(torch.softmax(vals / p.temp, dim=-1), dim=-1)
+    u = torch.rand((), generator=rng)
+    return int(idx[min(int((c <= u * c[-1]).sum()), vals.numel() - 1)])
 
 
 def test_sampler_chain_with_masks_draws_as_slices():
