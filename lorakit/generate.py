@@ -69,7 +69,7 @@ def pick(packed: torch.Tensor, temp: float, u: torch.Tensor) -> torch.Tensor:
     z = torch.where(torch.arange(k, device=packed.device) < n, packed[:k] / temp, float("-inf"))
     c = torch.cumsum(torch.softmax(z, dim=-1), dim=-1)
     i = torch.minimum((c <= u * c[-1]).sum(), n - 1)
-    return packed[k + i].long()
+    return packed[k : 2 * k].gather(0, i.view(1))[0].long()  # a tensor index (no host sync: capturable)
 
 
 def draw(packed: torch.Tensor, p: SamplingParams, rng: torch.Generator) -> int:
