@@ -1,7 +1,8 @@
 """Sampling and KV-cached decoding with any number of scaled adapters applied unmerged.
 
 Sampler chain and defaults follow current llama.cpp (`llama-cli`): repetition penalty over the
-last `repeat_last_n` tokens, then top-k, top-p, min-p, temperature, and a seeded draw;
+last `repeat_last_n` tokens, then top-k, top-p, min-p, temperature, and a seeded draw (the inverse CDF of one
+uniform per token from a torch generator seeded with --seed: lorakit's stream, not llama.cpp's RNG);
 `temp <= 0` is greedy (argmax after the penalties).
 """
 
