@@ -159,18 +159,26 @@ def test_pack_fused_views_share_storage():
     assert packed.fused["blk.1.ffn_gate_up"].shape == (2 * ARGS.n_ff, ARGS.n_embd)
 
 
-@pytest.mark.parametrize("make_backend", _backends())
-def test_greedy_steps_take_their_token_on_the_device(make_backend):
-    """GraphDecoder(greedy=True): each step's argmax and next position are formed inside the step, and
-    tokens() yields the same tokens (and leaves the same cache) as host argmax step by step (a CUDA graph
-    on a GPU, eager here)."""
+def _two_prompted_caches(make_backend):
+    """(backend, packed tiny model, one adapter, its Generator (n_ctx 12), the prompt, two caches holding the
+    prompt, the prompt's last logits): for comparing a step-by-step host loop with a decoder's own tokens."""
     be = make_backend()
     model = pack_fused(_model().to(be.device))
     ads = [(_adapter(1).to(be.device), 0.7)]
     gen = Generator(model, be, ads, n_ctx=12, dtype=torch.float32)
     prompt = [1, 17, 5, 99, 42]
     caches = [gen.new_cache(), gen.new_cache()]
-    first = [int(torch.argmax(gen.logits(prompt, c, 0))) for c in caches][0]
+    logits = [gen.logits(prompt, c, 0) for c in caches][0]
+    return be, model, ads, gen, prompt, caches, logits
+
+
+@pytest.mark.parametrize("make_backend", _backends())
+def test_greedy_steps_take_their_token_on_the_device(make_backend):
+    """GraphDecoder(greedy=True): each step's argmax and next position are formed inside the step, and
+    tokens() yields the same tokens (and leaves the same cache) as host argmax step by step (a CUDA graph
+    on a GPU, eager here)."""
+    be, model, ads, gen, prompt, caches, logits = _two_prompted_caches(make_backend)
+    first = int(torch.argmax(logits))
     host = GraphDecoder(model, be, ads, gen.rope, caches[0], torch.float32)
     want, tok = [], first
     for pos in range(len(prompt), 11):
@@ -194,14 +202,7 @@ def test_sampled_steps_draw_their_token_on_the_device(make_backend):
     with generate.draw from the same seeded generator."""
     from lorakit.generate import SamplingParams, draw
 
-    be = make_backend()
-    model = pack_fused(_model().to(be.device))
-    ads = [(_adapter(1).to(be.device), 0.7)]
-    gen = Generator(model, be, ads, n_ctx=12, dtype=torch.float32)
-    prompt = [1, 17, 5, 99, 42]
-    caches = [gen.new_cache(), gen.new_cache()]
-    for c in caches:
-        gen.logits(prompt, c, 0)
+    be, model, ads, gen, prompt, caches, _ = _two_prompted_caches(make_backend)
     params = SamplingParams(temp=1.5, top_k=16, top_p=0.95, min_p=0.01, seed=4)
     host = GraphDecoder(model, be, ads, gen.rope, caches[0], torch.float32, sampler=params)
     rng = torch.Generator().manual_seed(7)
