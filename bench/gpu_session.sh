@@ -31,7 +31,7 @@ for s in "$@"; do
     case $s in
     check)
         step gpu_check 80 env LORAKIT_AUTOTUNE=0 python3 bench/gpu_check.py ;;
-    gputests) step pytest_gpu 180 env LORAKIT_AUTOTUNE=0 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu \
+    gputests) step pytest_gpu 300 env LORAKIT_AUTOTUNE=0 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_kernels.py; python3 -m pytest -q -x -p no:cacheprovider tests/test_decode.py tests/test_decode_ops.py \
         tests/test_train_ops.py tests/test_train_step_backends.py" ;;
     decodetests) step pytest_decode 150 env LORAKIT_AUTOTUNE=0 python3 -m pytest -q -x -p no:cacheprovider \
