@@ -355,12 +355,12 @@ def rope_attention_decode(
     program of each kv head writes the rotated k and v to cache row pos, and the programs whose keys include pos
     take that row from registers. The same q and cache rows as rope_kv_write (the launch keeps the rotation
     from being contracted into FMAs)."""
-    H, Hkv, n_ctx, D = _check_rope(qkv, cos, sin, pos, cache_k, cache_v, n_head, n_head_kv)
-    return _attend(qkv, H, (D, 1), cache_k, cache_v, pos, counters, splits, (cos, sin, Hkv))
+    H, _, _, D = _check_rope(qkv, cos, sin, pos, cache_k, cache_v, n_head, n_head_kv)
+    return _attend(qkv, H, (D, 1), cache_k, cache_v, pos, counters, splits, (cos, sin))
 
 
 def _attend(q, H, q_strides, cache_k, cache_v, pos, counters, splits, rope) -> torch.Tensor:
-    """The attention launch of attention_decode (q [1, H, 1, D]) or, with rope = (cos, sin, Hkv), of
+    """The attention launch of attention_decode (q [1, H, 1, D]) or, with rope = (cos, sin), of
     rope_attention_decode (q the token's [q | k | v])."""
     Hkv, n_ctx, D = cache_k.shape[1], cache_k.shape[2], cache_k.shape[3]
     S = attention_splits(n_ctx) if splits is None else int(splits)
@@ -380,7 +380,7 @@ def _attend(q, H, q_strides, cache_k, cache_v, pos, counters, splits, rope) -> t
         cos = sin = out  # never read
         rope_args = (cos, sin, 0, 0, 0, 0, 0, H, Hkv)
     else:
-        cos, sin, _ = rope
+        cos, sin = rope
         n_pos = min(n_ctx, cos.shape[0], sin.shape[0])
         rope_args = (cos, sin, n_pos, cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), H, Hkv)
     a = math.gcd(cache_k.stride(1), cache_v.stride(1), 16)  # KV_ALIGN: a power of two dividing both

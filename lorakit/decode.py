@@ -107,16 +107,17 @@ class GraphDecoder:
             delta = be.lora_linear(act, *self.products[f"blk.{i}.ffn_down.weight"])
         _, h = be.add_rms_norm(h, delta, self.norms["output_norm.weight"], eps)
         logits = be.lora_linear(h, *self.products["output.weight"])[0, -1].float()
-        if self.greedy:  # the next step's token and position, formed on the device
-            self.tok.copy_(torch.argmax(logits).view(1, 1))
-            self.pos.add_(1)
         if self.sampler is not None:  # the sampler's device stages: only their survivors go to the host
             self.picks = survivors(logits, self.sampler)
-        if self.device_draw:  # ... or the draw too, with the step's uniform
-            u = self.uniforms.index_select(0, self.nth)[0]
-            self.tok.copy_(pick(self.picks, self.sampler.temp, u).view(1, 1))
-            self.pos.add_(1)
+        nxt = None
+        if self.greedy:
+            nxt = torch.argmax(logits)
+        elif self.device_draw:  # ... or the draw too, with the step's uniform
+            nxt = pick(self.picks, self.sampler.temp, self.uniforms.index_select(0, self.nth)[0])
             self.nth.add_(1)
+        if nxt is not None:  # the next step's token and position, formed on the device
+            self.tok.copy_(nxt.view(1, 1))
+            self.pos.add_(1)
         return logits
 
     def _run(self) -> torch.Tensor:

@@ -166,10 +166,9 @@ class Generator:
                 first = sample_token(logits, params, history, rng)
                 yield from self._on_device(step, first, n_past, n_predict, stop_ids, None if greedy else rng)
                 return
-        picks = None  # the captured step's survivors of its logits (GraphDecoder's sampler)
-        t1 = time.perf_counter()
+        t1 = time.perf_counter()  # the host loop: CPU, or a chain with a repetition penalty (it needs the history)
         while n_predict < 0 or self.stats.generated < n_predict:
-            tok = sample_token(logits, params, history, rng) if picks is None else draw(picks, params, rng)
+            tok = sample_token(logits, params, history, rng)
             self.stats.generated += 1
             if tok in stop_ids:
                 break
@@ -178,7 +177,6 @@ class Generator:
             if n_past >= self.n_ctx:
                 break
             logits = step(tok, n_past) if step is not None else self.logits([tok], cache, n_past)
-            picks = step.picks if step is not None else None
             n_past += 1
             self.stats.decode_s = time.perf_counter() - t1
         self.stats.decode_s = time.perf_counter() - t1
