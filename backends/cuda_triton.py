@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from lorakit.errors import UsageError
 from lorakit.quant import Q8Weight, Weight
 
 from . import AdamHyper, add_lora_terms
+
+if TYPE_CHECKING:
+    from lorakit.kernels.triton_util import Prefetch
 
 
 class CudaTritonBackend:
@@ -35,7 +39,7 @@ class CudaTritonBackend:
         elif os.environ.get("TRITON_INTERPRET") != "1":
             raise UsageError(f"cuda-triton runs on CUDA devices (got {dev}); on CPU only with TRITON_INTERPRET=1")
         try:
-            from lorakit.kernels import decode_ops, lora_update, q8_0_matmul, train_ops
+            from lorakit.kernels import decode_ops, lora_update, q8_0_matmul, train_ops, triton_util
         except ImportError as e:  # triton missing
             raise UsageError(f"cuda-triton needs the triton package ({e})") from e
         if dev.type != "cuda" and not q8_0_matmul.interpreting():
@@ -48,6 +52,7 @@ class CudaTritonBackend:
         self._adam = lora_update
         self._dec = decode_ops
         self._train = train_ops
+        self._prefetch = triton_util.Prefetch
         # the dequantize + cuBLAS path's last few dequantized weights (a checkpointed layer's recompute and
         # backward share them)
         self._wcache = q8_0_matmul.DequantCache(size=4)
@@ -74,16 +79,24 @@ class CudaTritonBackend:
         w: Weight,
         loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
         t: torch.Tensor | None = None,
+        prefetch: Prefetch | None = None,
     ) -> torch.Tensor:
         loras = [(a, b, float(s)) for a, b, s in loras if float(s) != 0.0]
         t = t if len(loras) == 1 else None  # t belongs to a single term (and none when its scale is 0)
         if not isinstance(w, Q8Weight):
             return add_lora_terms(x @ w.to(x.dtype).T, x, loras, t)
-        kw = dict(host_bound=self.host_bound, dequant_cache=self._wcache)
+        kw = dict(host_bound=self.host_bound, dequant_cache=self._wcache, prefetch=prefetch)
         if not loras:
             return self._mm.q8_0_matmul(x, w.qs, w.d, **kw)
         (a, b, s), *rest = loras if len(loras) == 1 else self.fuse_loras(loras, x.dtype)
         return add_lora_terms(self._mm.q8_0_matmul(x, w.qs, w.d, a, b, s, lora_t=t, **kw), x, rest)
+
+    def prefetch_hint(self, w: Weight, start: int, nbytes: int, kind: int = 2) -> Prefetch | None:
+        """kernels.triton_util.Prefetch for a q8_0 weight (bytes of its qs, and the same rows' scales); None for a
+        float weight or no bytes."""
+        if not isinstance(w, Q8Weight) or nbytes <= 0:
+            return None
+        return self._prefetch(w.qs, w.d, start, nbytes, kind)
 
     def fuse_loras(
         self, loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype
@@ -135,8 +148,8 @@ class CudaTritonBackend:
     ) -> torch.Tensor:
         return self._train.rope_heads(x, cos, sin, n_rot, out, inverse, last)
 
-    def silu_mul_fwd(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return self._train.silu_mul_fwd(g, u)
+    def silu_mul_fwd(self, g: torch.Tensor, u: torch.Tensor, prefetch: Prefetch | None = None) -> torch.Tensor:
+        return self._train.silu_mul_fwd(g, u, prefetch)
 
     def silu_mul_bwd(
         self, dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -146,9 +159,9 @@ class CudaTritonBackend:
     # -- decode ops -----------------------------------------------------------------------------------
 
     def add_rms_norm(
-        self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float
+        self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float, prefetch: Prefetch | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._dec.add_rms_norm(h, delta, w, eps)
+        return self._dec.add_rms_norm(h, delta, w, eps, prefetch)
 
     def rope_kv_write(
         self,
@@ -184,8 +197,11 @@ class CudaTritonBackend:
         n_head: int,
         n_head_kv: int,
         counters: torch.Tensor | None = None,
+        prefetch: Prefetch | None = None,
     ) -> torch.Tensor:
-        return self._dec.rope_attention_decode(qkv, cos, sin, pos, cache_k, cache_v, n_head, n_head_kv, counters)
+        return self._dec.rope_attention_decode(
+            qkv, cos, sin, pos, cache_k, cache_v, n_head, n_head_kv, counters, prefetch=prefetch
+        )
 
     # -- lookups --------------------------------------------------------------------------------------
 

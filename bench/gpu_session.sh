@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
-#   bash bench/gpu_session.sh OUTDIR [gputests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [tclab] [tccheck] [hostlab] [predict] [predict-nohf] [launchtest] [prefill-fixed]
+#   bash bench/gpu_session.sh OUTDIR [gputests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [tclab] [tccheck] [hostlab] [predict] [predict-nohf] [launchtest] [prefill-fixed]
 #                             [finetune-quick] [finetune] [finetune-main] [finetune-big] [finetune-seed] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-large] [kernels-small] [kernels-decode]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
@@ -48,6 +48,9 @@ for s in "$@"; do
         v=${s#gemvlab}
         v=${v#:}
         step gemv_lab 200 python3 bench/gemv_lab.py ${v:+--variants "$v"} --out "$out/gemv_lab_h200.json" ;;
+    prefetchtests) step pytest_prefetch 120 env LORAKIT_AUTOTUNE=0 python3 -m pytest -q -x -p no:cacheprovider \
+        tests/test_decode.py tests/test_decode_ops.py -k "prefetch or greedy or matches_batched or attention" ;;
+    prefetchlab) step prefetch_lab 420 python3 bench/prefetch_lab.py --out "$out/prefetch_lab.json" ;;
     decodetiles) step decode_tiles 200 python3 bench/decode_tiles_lab.py --out "$out/decode_tiles_lab.json" ;;
     decodetiles-ad) step decode_tiles_ad 200 python3 bench/decode_tiles_lab.py --adapters \
         --out "$out/decode_tiles_lab_ad.json" ;;

@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_util import _pdl_start, _q8_times, _to
+from .triton_util import _pdl_start, _prefetch, _q8_times, _to
 
 
 @triton.jit
@@ -89,6 +89,10 @@ def _q8_gemv_kernel(
     ws_ptr,
     sync_ptr,
     T_SPLITS,
+    pf_q,  # PREFETCH: programs past the product's prefetch these (triton_util.prefetch_launch)
+    pf_d,
+    pf_q_lines,
+    pf_d_lines,
     BLOCK_N: tl.constexpr,
     KB: tl.constexpr,  # q8_0 blocks per K step (BLOCK_K = 32 * KB)
     UNROLL: tl.constexpr,  # K steps whose loads are issued together (1 or 2)
@@ -99,11 +103,18 @@ def _q8_gemv_kernel(
     BLOCK_KT: tl.constexpr = 128,  # K rows of a per t-program
     BLOCK_S: tl.constexpr = 1,  # >= T_SPLITS
     PDL: tl.constexpr = False,  # launched with triton_util.pdl(): overlaps the previous kernel's tail
+    PREFETCH: tl.constexpr = 0,  # programs past the product's (of row 0) ask L2 for the next product's weights
 ):
     """y[m, n-block] = W[n-block] @ x[m] (+ scale * t[m] @ b[n-block].T)."""
-    _pdl_start(PDL)
     pid = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
+    if PREFETCH:
+        n_work = T_SPLITS + tl.cdiv(N, BLOCK_N)
+        if pid >= n_work:
+            if row == 0:
+                _prefetch(pf_q, pf_d, pf_q_lines, pf_d_lines, pid - n_work, tl.num_programs(0) - n_work, PREFETCH)
+            return
+    _pdl_start(PDL)
     x_row = x_ptr + row * stride_xm
     if T_PROG:
         if pid < T_SPLITS:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_util import _dequant_to, _pdl_start, _to
+from .triton_util import _dequant_to, _pdl_start, _prefetch, _to
 
 
 @triton.jit
@@ -78,6 +78,10 @@ def _q8_gemv_tc_kernel(
     stride_br,
     R,
     scale,
+    pf_q,  # PREFETCH: the programs after the product's prefetch these (triton_util.prefetch_launch)
+    pf_d,
+    pf_q_lines,
+    pf_d_lines,
     BLOCK_N: tl.constexpr,  # rows of W per program (16 per warp: each warp dequantizes its own rows)
     BLOCK_K: tl.constexpr,  # a multiple of 32
     BLOCK_M: tl.constexpr,  # >= M, >= 8 (the MMA's N)
@@ -87,12 +91,19 @@ def _q8_gemv_tc_kernel(
     EMU_BF16: tl.constexpr,
     D_ALIGN: tl.constexpr = 2,  # bytes every row of d (and d_ptr) is aligned to: 2, 4, 8 or 16
     PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = 0,
 ):
     """y[:, n-block] = x @ W[n-block].T (+ scale * t @ b[n-block].T) for all M rows of x: program pid covers K range
     pid % SPLIT_K of N block pid // SPLIT_K. With SPLIT_K > 1 each stores its fp32 partial and the last of a block to
-    finish (an acq_rel counter) sums the block's partials in split order (deterministic) and finishes the block."""
-    _pdl_start(PDL)
+    finish (an acq_rel counter) sums the block's partials in split order (deterministic) and finishes the block.
+    Programs past the product's (PREFETCH) ask L2 for the next product's first weights and end."""
     pid = tl.program_id(0)
+    if PREFETCH:
+        n_work = tl.cdiv(N, BLOCK_N) * SPLIT_K
+        if pid >= n_work:
+            _prefetch(pf_q, pf_d, pf_q_lines, pf_d_lines, pid - n_work, tl.num_programs(0) - n_work, PREFETCH)
+            return
+    _pdl_start(PDL)
     pid_n = pid // SPLIT_K
     pid_k = pid % SPLIT_K
     per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K

@@ -67,7 +67,18 @@ from .q8_0_tuning import (
     _tiles,
     choose_path,
 )
-from .triton_util import _INTERPRET, ACT_DTYPES, QK, cdiv, interpreting, launch, next_pow2, pdl
+from .triton_util import (
+    _INTERPRET,
+    ACT_DTYPES,
+    QK,
+    Prefetch,
+    cdiv,
+    interpreting,
+    launch,
+    next_pow2,
+    pdl,
+    prefetch_launch,
+)
 
 __all__ = [
     "QK",
@@ -212,7 +223,7 @@ def _sync_words(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-def _gemv(x2, qs, d, y, lora, cfg: dict) -> None:
+def _gemv(x2, qs, d, y, lora, cfg: dict, prefetch: Prefetch | None = None) -> None:
     """The gemv path; without a formed t, t = x @ a is formed by the launch's own t-programs."""
     m, k = x2.shape
     n = qs.shape[0]
@@ -227,17 +238,19 @@ def _gemv(x2, qs, d, y, lora, cfg: dict) -> None:
         t = torch.empty(m, r, dtype=x2.dtype, device=x2.device)
         ws = torch.empty(m, splits, block_r, dtype=torch.float32, device=x2.device)
         sync = _sync_words(x2.device, 3 * m)
+    forced = _INTERPRET or "BLOCK_N" in cfg
+    key = ("gemv", m, n, k, x2.dtype, y.dtype, lora is not None, t_prog)
+    pf_args, extra, kind = prefetch_launch(prefetch if forced or key in _BEST else None, qs)  # not while tuning
     args = (x2, qs, d, y, t, bb, n, k, x2.stride(0), qs.stride(0), d.stride(0), y.stride(0), y.stride(1),
             t.stride(0), t.stride(1), bb.stride(0), bb.stride(1), r, float(s),
-            a, a.stride(0), a.stride(1), ws, sync, splits)  # fmt: skip
+            a, a.stride(0), a.stride(1), ws, sync, splits, *pf_args)  # fmt: skip
     const = dict(HAS_LORA=lora is not None, BLOCK_R=block_r, EMU_BF16=_INTERPRET, T_PROG=t_prog,
-                 BLOCK_KT=block_kt, BLOCK_S=next_pow2(max(1, splits)), **pdl(x2.device))  # fmt: skip
-    if _INTERPRET or "BLOCK_N" in cfg:
+                 BLOCK_KT=block_kt, BLOCK_S=next_pow2(max(1, splits)), PREFETCH=kind, **pdl(x2.device))  # fmt: skip
+    if forced:
         tiles = _tiles(_INTERP_GEMV, cfg)
-        launch(_q8_gemv_kernel, (splits + cdiv(n, tiles["BLOCK_N"]), m), args, {**const, **tiles})
+        launch(_q8_gemv_kernel, (splits + cdiv(n, tiles["BLOCK_N"]) + extra, m), args, {**const, **tiles})
     else:
-        key = ("gemv", m, n, k, x2.dtype, y.dtype, lora is not None, t_prog)
-        grid = lambda meta: (splits + cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731
+        grid = lambda meta: (splits + cdiv(n, meta["BLOCK_N"]) + extra, m)  # noqa: E731
         _launch_tuned("gemv", _q8_gemv_kernel, grid, args, const, key, None)
 
 
@@ -249,7 +262,7 @@ def _d_align(d: torch.Tensor) -> int:
     return a
 
 
-def _gemv_tc(x2, qs, d, y, lora, cfg: dict) -> None:
+def _gemv_tc(x2, qs, d, y, lora, cfg: dict, prefetch: Prefetch | None = None) -> None:
     """The tensor-core gemv path (q8_0_gemv_tc): all rows of x in each program; t = x @ a formed (by _fwd);
     split-K partials combined by the last program of each N block."""
     m, k = x2.shape
@@ -266,29 +279,32 @@ def _gemv_tc(x2, qs, d, y, lora, cfg: dict) -> None:
     counts = _sync_words(x2.device, max(cdiv(n, bn) for bn, _ in shapes))
     numel = max(cdiv(n, bn) * bn * sk * block_m if sk > 1 else 1 for bn, sk in shapes)
     parts = torch.empty(numel, dtype=torch.float32, device=x2.device)
+    pf_args, extra, kind = prefetch_launch(prefetch if tiles else None, qs)  # not while tuning
     args = (x2, qs, d, y, t, bb, parts, counts, m, n, k, x2.stride(0), qs.stride(0), d.stride(0), y.stride(0),
-            y.stride(1), t.stride(0), t.stride(1), bb.stride(0), bb.stride(1), r, float(s))  # fmt: skip
+            y.stride(1), t.stride(0), t.stride(1), bb.stride(0), bb.stride(1), r, float(s), *pf_args)  # fmt: skip
     const = dict(BLOCK_M=block_m, HAS_LORA=lora is not None, BLOCK_R=max(16, next_pow2(r)), EMU_BF16=_INTERPRET,
-                 D_ALIGN=_d_align(d), **pdl(x2.device))  # fmt: skip
+                 D_ALIGN=_d_align(d), PREFETCH=kind, **pdl(x2.device))  # fmt: skip
     if forced:
-        launch(_q8_gemv_tc_kernel, (cdiv(n, tiles["BLOCK_N"]) * tiles["SPLIT_K"],), args, {**const, **tiles})
+        launch(_q8_gemv_tc_kernel, (cdiv(n, tiles["BLOCK_N"]) * tiles["SPLIT_K"] + extra,), args, {**const, **tiles})
     else:
-        grid = lambda meta: (cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"],)  # noqa: E731
+        grid = lambda meta: (cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"] + extra,)  # noqa: E731
         _launch_tuned("gemv_tc", _q8_gemv_tc_kernel, grid, args, const, key, None)
 
 
-def _fwd(path: str, x2, qs, d, y, lora, cfg: dict, cache: DequantCache | None = None) -> None:
+def _fwd(
+    path: str, x2, qs, d, y, lora, cfg: dict, cache: DequantCache | None = None, prefetch: Prefetch | None = None
+) -> None:
     """y[M, N] = x2 @ W.T (+ LoRA) along `path`; lora = (t [M, r] or None, a [K, r], b [N, r], r, scale) or
     None, a and b in x2's dtype; t = x2 @ a is formed here when not given."""
     m, k = x2.shape
     n = qs.shape[0]
     if path == "gemv":
-        _gemv(x2, qs, d, y, lora, cfg)
+        _gemv(x2, qs, d, y, lora, cfg, prefetch)
         return
     if lora is not None and lora[0] is None:
         lora = (x2 @ lora[1], *lora[1:])
     if path == "gemv_tc":
-        _gemv_tc(x2, qs, d, y, lora, cfg)
+        _gemv_tc(x2, qs, d, y, lora, cfg, prefetch)
         return
     if path == "dequant":
         torch.matmul(x2, _dequantized(qs, d, x2.dtype, cache).T, out=y)
@@ -339,6 +355,7 @@ def q8_0_matmul(
     host_bound: bool = False,
     dequant_cache: DequantCache | None = None,
     lora_t: torch.Tensor | None = None,
+    prefetch: Prefetch | None = None,
 ) -> torch.Tensor:
     """y[..., N] = x[..., K] @ W.T (+ scale * (x @ a) @ b.T), W = q8_0(qs, d) of shape [N, K].
 
@@ -348,6 +365,8 @@ def q8_0_matmul(
     (_candidates); every path computes the same numbers. dequant_cache: where the dequantize + cuBLAS path
     keeps its dequantized weights for reuse (DequantCache; None: a transient copy per product). lora_t: x @ a
     in x's dtype ([rows, r]) where the caller already formed it (LoraLinear keeps it for its backward).
+    prefetch: an L2 hint for the next product's weight (triton_util.Prefetch), carried by the GEMV paths' launch
+    (a decode step's); no effect on the result.
     """
     n, k = _check_weight(qs, d)
     _check_act(x, k, qs, "x")
@@ -386,7 +405,7 @@ def q8_0_matmul(
         paths, default = _candidates(m, out_dtype == x.dtype, True, host_bound, half, t_in)
         key = ("fwd", m if m <= GEMV_TC_MAX_M else _m_bucket(m), n, k, x.dtype, out_dtype, has_lora, t_in, host_bound)
         path = choose_path(key, paths, lambda p: _fwd(p, x2, qs, d, y, lora, cfg), default)
-    _fwd(path, x2, qs, d, y, lora, cfg, dequant_cache)
+    _fwd(path, x2, qs, d, y, lora, cfg, dequant_cache, prefetch)
     if extra is not None:
         y += extra.to(out_dtype)
     return y.reshape(*lead, n)

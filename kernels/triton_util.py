@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -73,6 +74,75 @@ def _pdl_start(PDL: tl.constexpr):
     if PDL:
         tl_cuda.gdc_launch_dependents()
         tl_cuda.gdc_wait()
+
+
+# L2 prefetch hints (PREFETCH constexpr of the decode kernels): 0 none, 1 a plain prefetch, 2 with the
+# evict_last priority (the lines outlive the streaming reads of the kernels in between)
+_PF_PLAIN: tl.constexpr = tl.constexpr("prefetch.global.L2 [$1];\n    mov.u32 $0, 0;")
+_PF_LAST: tl.constexpr = tl.constexpr("prefetch.global.L2::evict_last [$1];\n    mov.u32 $0, 0;")
+PF_LINE: tl.constexpr = tl.constexpr(128)  # bytes per prefetched line (an L2 line)
+PF_LINES: tl.constexpr = tl.constexpr(256)  # lines per loop step of a prefetch program
+
+
+@triton.jit
+def _prefetch_lines(ptr, lines, part, parts, KIND: tl.constexpr):
+    """Ask L2 for share `part` of `parts` of the first `lines` 128-byte lines at ptr (an int8 pointer); nothing
+    waits for them. The lines' order is the order in which a q8_0 product's programs read their weights
+    (row-major), so a prefix is what the next product's first programs need."""
+    per = tl.cdiv(lines, parts)
+    lo = part * per
+    hi = tl.minimum(lo + per, lines)
+    for start in range(lo, hi, PF_LINES):
+        offs = tl.minimum(start + tl.arange(0, PF_LINES), hi - 1).to(tl.int64) * PF_LINE
+        if KIND == 2:
+            tl.inline_asm_elementwise(_PF_LAST, "=r,l", [ptr + offs], dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            tl.inline_asm_elementwise(_PF_PLAIN, "=r,l", [ptr + offs], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch(pf_q, pf_d, q_lines, d_lines, part, parts, KIND: tl.constexpr):
+    """One prefetch program's share of a q8_0 weight's prefix: its qs lines and (the same rows') d lines."""
+    _prefetch_lines(pf_q, q_lines, part, parts, KIND)
+    _prefetch_lines(pf_d, d_lines, part, parts, KIND)
+
+
+class Prefetch(NamedTuple):
+    """An L2 prefetch hint a decode launch carries for the product after it: bytes [start, start + nbytes) of a
+    q8_0 weight's qs (row-major: the rows its first programs read) and the same rows' scales d, requested by
+    extra programs of the launch that read nothing else and wait for nothing (prefetch_launch). kind: 1 a plain
+    prefetch, 2 with the evict_last priority."""
+
+    qs: torch.Tensor
+    d: torch.Tensor
+    start: int
+    nbytes: int
+    kind: int = 2
+
+
+def prefetch_ranges(pf: Prefetch) -> tuple[int, int, int, int]:
+    """(q0, q_lines, d0, d_lines): the hinted bytes of qs from q0 and of d (as bytes) from d0, in 128-byte lines,
+    d's covering the scales of the hinted q8_0 blocks (qs and d are both row-major); q_lines = 0 for an empty
+    range. Every line starts inside its tensor."""
+    q0, q1 = max(0, pf.start), min(pf.qs.numel(), pf.start + pf.nbytes)
+    if q1 <= q0:
+        return 0, 0, 0, 0
+    es = pf.d.element_size()  # qs byte q is in block q // QK, whose scale is d's bytes [es * block, es * (block + 1))
+    d0, d1 = es * (q0 // QK), es * ((q1 - 1) // QK + 1)
+    return q0, cdiv(q1 - q0, PF_LINE.value), d0, cdiv(d1 - d0, PF_LINE.value)
+
+
+def prefetch_launch(pf: Prefetch | None, dummy: torch.Tensor) -> tuple[tuple, int, int]:
+    """((pf_q, pf_d, q_lines, d_lines), extra programs, PREFETCH) for a kernel's prefetch programs: the int8 views
+    of the hinted ranges (prefetch_ranges), PF_LINES qs lines per program. No programs (PREFETCH 0, the dummy
+    pointers) without a hint, for an empty range and under the interpreter (no PTX)."""
+    if pf is None or _INTERPRET:
+        return (dummy, dummy, 0, 0), 0, 0
+    q0, q_lines, d0, d_lines = prefetch_ranges(pf)
+    if q_lines == 0:
+        return (dummy, dummy, 0, 0), 0, 0
+    q, d = pf.qs.reshape(-1), pf.d.reshape(-1).view(torch.int8)
+    return (q[q0:], d[d0:], q_lines, d_lines), cdiv(q_lines, PF_LINES.value), pf.kind
 
 
 # (kernel, device, constexprs + options, specialization of the runtime arguments) -> (compiled kernel, the

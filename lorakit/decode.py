@@ -21,12 +21,25 @@ Prefill uses the ordinary batched forward.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from .generate import SamplingParams, pick, survivors
 from .lora import LoraAdapter, formed_term, lora_terms, model_fns
 from .model import KVCache, LlamaModel, fused_members
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    """How much of each product's weight the launches before it ask the memory system for (bytes, backend
+    prefetch_hint): the first `tail` by the previous product's launch, the next `gap` by the small launch right
+    before the product (add+RMSNorm, attention, SwiGLU), whose own work leaves the memory idle. kind: 1 plain,
+    2 with the evict_last priority. Hints change no result."""
+
+    tail: int = 0
+    gap: int = 0
+    kind: int = 2
 
 
 class GraphDecoder:
@@ -44,6 +57,7 @@ class GraphDecoder:
         greedy: bool = False,
         sampler: SamplingParams | None = None,
         device_draw: bool = False,
+        prefetch: Prefetch = Prefetch(),
     ):
         if device_draw and (sampler is None or greedy):
             raise ValueError("device_draw needs a sampler (and greedy=False)")
@@ -70,6 +84,18 @@ class GraphDecoder:
                 self.fused[name] = (w, one_term(fused_members(name)))
             single = [f"blk.{i}.{k}.weight" for i in range(args.n_layer) for k in ("attn_output", "ffn_down")]
             self.products = {n: (model.weight(n), one_term([n])) for n in [*single, "output.weight"]}
+        # the step's products in order, and each one's (tail, gap) prefetch hints
+        order = [
+            self._weight(f"blk.{i}.{kind}")
+            for i in range(args.n_layer)
+            for kind in ("attn_qkv", "attn_output.weight", "ffn_gate_up", "ffn_down.weight")
+        ]
+        order.append(self._weight("output.weight"))
+        p = prefetch
+        self.hints = [
+            (backend.prefetch_hint(w, 0, p.tail, p.kind), backend.prefetch_hint(w, p.tail, p.gap, p.kind))
+            for w in order
+        ]
         self.tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         # device_draw: one uniform per step (tokens() fills them from the generation's seeded generator), and the
@@ -83,29 +109,40 @@ class GraphDecoder:
         self.use_graph = use_graph and dev.type == "cuda"
         self.out = None
 
-    def _packed(self, x: torch.Tensor, i: int, kind: str) -> torch.Tensor:
+    def _weight(self, name: str):
+        """The weight of the step's product `name` (a packed weight, else its first member's)."""
+        if name in self.products:
+            return self.products[name][0]
+        if name in self.fused:
+            return self.fused[name][0]
+        return self.model.weight(fused_members(name)[0])
+
+    def _packed(self, x: torch.Tensor, i: int, kind: str, prefetch=None) -> torch.Tensor:
         """x @ [W_1; ..; W_k].T for the layer's FUSED_KINDS members (one product when packed)."""
         packed = self.fused.get(f"blk.{i}.{kind}")
         if packed is not None:
-            return self.backend.lora_linear(x, *packed)
+            return self.backend.lora_linear(x, *packed, prefetch=prefetch)
         return torch.cat(self.linear(x, f"blk.{i}.{kind}"), dim=-1)  # the members one by one
 
     def _step(self) -> torch.Tensor:
         args, be, cache = self.model.args, self.backend, self.cache
         eps = args.norm_eps
+        hints = self.hints  # [product][0]: its tail hint (for the product before it), [1] its gap hint
         h = self.embed(self.tok)
         delta = None
         for i in range(args.n_layer):
-            h, a = be.add_rms_norm(h, delta, self.norms[f"blk.{i}.attn_norm.weight"], eps)
-            qkv = self._packed(a, i, "attn_qkv")
+            p = 4 * i  # the layer's products: p (q/k/v), p + 1 (output), p + 2 (gate/up), p + 3 (down)
+            h, a = be.add_rms_norm(h, delta, self.norms[f"blk.{i}.attn_norm.weight"], eps, prefetch=hints[p][1])
+            qkv = self._packed(a, i, "attn_qkv", prefetch=hints[p + 1][0])
             o = be.rope_attention_decode(qkv, self.cos_table, self.sin_table, self.pos, cache.k[i], cache.v[i],
-                                         args.n_head, args.n_head_kv, self.counters)  # fmt: skip
-            delta = be.lora_linear(o, *self.products[f"blk.{i}.attn_output.weight"])
-            h, f = be.add_rms_norm(h, delta, self.norms[f"blk.{i}.ffn_norm.weight"], eps)
-            gu = self._packed(f, i, "ffn_gate_up")
-            act = be.silu_mul_fwd(*gu.chunk(2, dim=-1))  # SwiGLU on the two views of the packed output
-            delta = be.lora_linear(act, *self.products[f"blk.{i}.ffn_down.weight"])
-        _, h = be.add_rms_norm(h, delta, self.norms["output_norm.weight"], eps)
+                                         args.n_head, args.n_head_kv, self.counters,
+                                         prefetch=hints[p + 1][1])  # fmt: skip
+            delta = be.lora_linear(o, *self.products[f"blk.{i}.attn_output.weight"], prefetch=hints[p + 2][0])
+            h, f = be.add_rms_norm(h, delta, self.norms[f"blk.{i}.ffn_norm.weight"], eps, prefetch=hints[p + 2][1])
+            gu = self._packed(f, i, "ffn_gate_up", prefetch=hints[p + 3][0])
+            act = be.silu_mul_fwd(*gu.chunk(2, dim=-1), prefetch=hints[p + 3][1])  # SwiGLU on the packed output's views
+            delta = be.lora_linear(act, *self.products[f"blk.{i}.ffn_down.weight"], prefetch=hints[p + 4][0])
+        _, h = be.add_rms_norm(h, delta, self.norms["output_norm.weight"], eps, prefetch=hints[-1][1])
         logits = be.lora_linear(h, *self.products["output.weight"])[0, -1].float()
         if self.sampler is not None:  # the sampler's device stages: only their survivors go to the host
             self.picks = survivors(logits, self.sampler)

@@ -26,7 +26,7 @@ if not CUDA:
 
 from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
 
-from lorakit.decode import GraphDecoder  # noqa: E402
+from lorakit.decode import GraphDecoder, Prefetch  # noqa: E402
 from lorakit.generate import Generator  # noqa: E402
 from lorakit.lora import LoraAdapter, LoraPair, base_shape  # noqa: E402
 from lorakit.model import LlamaModel, ModelArgs, pack_fused  # noqa: E402
@@ -193,6 +193,24 @@ def test_greedy_steps_take_their_token_on_the_device(make_backend):
         next(host.tokens(first, len(prompt), 1))
     with pytest.raises(ValueError, match="needs a sampler"):
         GraphDecoder(model, be, ads, gen.rope, caches[1], torch.float32, device_draw=True)
+
+
+@pytest.mark.parametrize("make_backend", _backends())
+def test_prefetch_hints_change_no_result(make_backend):
+    """A decode.Prefetch plan (on a GPU: extra programs in the step's launches asking L2 for the next product's
+    weights, from its start and from inside it) decodes the same logits, tokens and cache as none."""
+    be, model, ads, gen, prompt, caches, logits = _two_prompted_caches(make_backend)
+    first = int(torch.argmax(logits))
+    runs = []
+    for cache, plan in zip(caches, (Prefetch(), Prefetch(tail=1000, gap=3000, kind=1)), strict=True):
+        dec = GraphDecoder(model, be, ads, gen.rope, cache, torch.float32, prefetch=plan)
+        runs.append([dec(first, len(prompt)).clone()])
+        dec = GraphDecoder(model, be, ads, gen.rope, cache, torch.float32, greedy=True, prefetch=plan)
+        runs[-1].append(list(dec.tokens(first, len(prompt), 11 - len(prompt))))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v, strict=True):
+        assert torch.equal(a[:, :, :11], b[:, :, :11])
 
 
 @pytest.mark.parametrize("make_backend", _backends())

@@ -429,3 +429,22 @@ def test_spec_rope_attention_is_model_attention(dtype, Hkv, pos):
     # operation order (measured: 1 ulp apart in fp32), so the attention bound applies, not equality
     got, ref = SPEC.attention_decode(q, ck, cv, p), seen["attn"]
     assert_within(got, ref, attention_bound(q, ck, cv, pos, ref), f"spec_attention Hkv={Hkv} pos={pos} {dtype}")
+
+
+@pytest.mark.parametrize("start,nbytes", [(0, 1), (0, 5000), (300, 129), (4096, 10**9), (6143, 1), (7000, 100), (5, 0)])
+def test_prefetch_ranges_cover_the_hinted_rows(start, nbytes):
+    """triton_util.prefetch_ranges: the hinted qs bytes (clipped to the weight) in 128-byte lines that all start
+    inside qs, and the lines of d covering the scales of the hinted q8_0 blocks (d is row-major like qs)."""
+    from lorakit.kernels.triton_util import Prefetch, prefetch_ranges
+
+    N, K = 48, 128  # qs 6144 bytes, d 48 x 4 fp16 = 384 bytes
+    qs, d = torch.zeros(N, K, dtype=torch.int8), torch.zeros(N, K // 32, dtype=torch.float16)
+    q0, q_lines, d0, d_lines = prefetch_ranges(Prefetch(qs, d, start, nbytes))
+    lo, hi = start, min(start + nbytes, N * K)
+    if hi <= lo:
+        assert q_lines == 0
+        return
+    assert q0 == lo and q0 + (q_lines - 1) * 128 < hi <= q0 + q_lines * 128
+    b_lo, b_hi = lo // 32, (hi - 1) // 32  # the blocks touched; block b's scale is d's bytes 2b, 2b + 1
+    assert d0 <= 2 * b_lo and d0 + d_lines * 128 >= 2 * b_hi + 2
+    assert d0 + (d_lines - 1) * 128 < 2 * N * K // 32
