@@ -29,6 +29,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 MB = 1 << 20
 PLANS = {  # name -> (tail, gap, kind)
     "none": (0, 0, 2),
+    "tail2": (2 * MB, 0, 2),
+    "tail6": (6 * MB, 0, 2),
+    "tail8": (8 * MB, 0, 2),
+    "tail12": (12 * MB, 0, 2),
+    "tail16": (16 * MB, 0, 2),
+    "tail8-plain": (8 * MB, 0, 1),
+    "tail4+gap2": (4 * MB, 2 * MB, 2),
+    "tail8+gap2": (8 * MB, 2 * MB, 2),
     "gap4": (0, 4 * MB, 2),
     "gap8": (0, 8 * MB, 2),
     "gap16": (0, 16 * MB, 2),
@@ -68,14 +76,16 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=26)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--plans", default=",".join(PLANS))
+    ap.add_argument("--ad-plans", default=None, help="the plans with adapters (default: --plans)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "prefetch_lab.json")
     a = ap.parse_args(argv)
-    names = a.plans.split(",")
+    plans = {False: a.plans.split(","), True: (a.ad_plans or a.plans).split(",")}
 
     be = get_backend("cuda-triton")
     model = random_q8_model(shapes(a.layers), be.device)
-    result = {"plans": {k: PLANS[k] for k in names}, "runs": {}}
+    result = {"plans": {k: PLANS[k] for k in {*plans[False], *plans[True]}}, "runs": {}}
     for with_ads in (False, True):
+        names = plans[with_ads]
         ads = []
         if with_ads:
             ads = [(random_adapter(model, 4, 1, be.device), 0.7), (random_adapter(model, 4, 2, be.device), 0.4)]
