@@ -159,13 +159,13 @@ def test_pack_fused_views_share_storage():
     assert packed.fused["blk.1.ffn_gate_up"].shape == (2 * ARGS.n_ff, ARGS.n_embd)
 
 
-def _two_prompted_caches(make_backend):
-    """(backend, packed tiny model, one adapter, its Generator (n_ctx 12), the prompt, two caches holding the
-    prompt, the prompt's last logits): for comparing a step-by-step host loop with a decoder's own tokens."""
+def _two_prompted_caches(make_backend, dtype=torch.float32, with_adapter: bool = True):
+    """(backend, packed tiny model, one adapter (or none), its Generator (n_ctx 12), the prompt, two caches holding
+    the prompt, the prompt's last logits): for comparing a step-by-step host loop with a decoder's own tokens."""
     be = make_backend()
     model = pack_fused(_model().to(be.device))
-    ads = [(_adapter(1).to(be.device), 0.7)]
-    gen = Generator(model, be, ads, n_ctx=12, dtype=torch.float32)
+    ads = [(_adapter(1).to(be.device), 0.7)] if with_adapter else []
+    gen = Generator(model, be, ads, n_ctx=12, dtype=dtype)
     prompt = [1, 17, 5, 99, 42]
     caches = [gen.new_cache(), gen.new_cache()]
     logits = [gen.logits(prompt, c, 0) for c in caches][0]
@@ -196,16 +196,22 @@ def test_greedy_steps_take_their_token_on_the_device(make_backend):
 
 
 @pytest.mark.parametrize("make_backend", _backends())
-def test_prefetch_hints_change_no_result(make_backend):
-    """A decode.Prefetch plan (on a GPU: extra programs in the step's launches asking L2 for the next product's
-    weights, from its start and from inside it) decodes the same logits, tokens and cache as none."""
-    be, model, ads, gen, prompt, caches, logits = _two_prompted_caches(make_backend)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_adapter", [True, False])
+def test_prefetch_hints_change_no_result(make_backend, dtype, with_adapter):
+    """A decode.Prefetch plan (on a GPU: extra programs in the step's launches asking L2 for weights: the next
+    product's from its start and from inside it, and the tensor-core GEMV's own) decodes the same logits, tokens and
+    cache as none. bf16 without an adapter takes the tensor-core GEMV, the others the FMA GEMV. Off the GPU the
+    hints are None (one case checks that plumbing)."""
+    if not CUDA and (dtype != torch.float32 or not with_adapter):
+        pytest.skip("the hints change nothing off the GPU: one case checks the plumbing")
+    be, model, ads, gen, prompt, caches, logits = _two_prompted_caches(make_backend, dtype, with_adapter)
     first = int(torch.argmax(logits))
     runs = []
-    for cache, plan in zip(caches, (Prefetch(), Prefetch(tail=1000, gap=3000, kind=1)), strict=True):
-        dec = GraphDecoder(model, be, ads, gen.rope, cache, torch.float32, prefetch=plan)
+    for cache, plan in zip(caches, (Prefetch(), Prefetch(tail=1000, gap=3000, kind=1, front=2000)), strict=True):
+        dec = GraphDecoder(model, be, ads, gen.rope, cache, dtype, prefetch=plan)
         runs.append([dec(first, len(prompt)).clone()])
-        dec = GraphDecoder(model, be, ads, gen.rope, cache, torch.float32, greedy=True, prefetch=plan)
+        dec = GraphDecoder(model, be, ads, gen.rope, cache, dtype, greedy=True, prefetch=plan)
         runs[-1].append(list(dec.tokens(first, len(prompt), 11 - len(prompt))))
     assert torch.equal(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1]
