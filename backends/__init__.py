@@ -71,12 +71,10 @@ class Backend(Protocol):
         loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
         t: torch.Tensor | None = None,
         prefetch: object | None = None,
-        own_prefetch: object | None = None,
     ) -> torch.Tensor:
         """x @ W.T + sum_i s_i * (x @ a_i) @ b_i.T (no autograd: inference, and LoraLinear's forward).
         t: x @ a_1 in x's dtype, [rows, r], already formed for a single term (LoraLinear keeps it for db).
-        prefetch: a prefetch_hint for the product after this one (the decode ops take one too); own_prefetch: one
-        for this product's own weight, requested before the launch waits for the previous one."""
+        prefetch: a prefetch_hint for the product after this one (the decode ops take one too)."""
 
     def prefetch_hint(self, w: Weight, start: int, nbytes: int, kind: int = 2) -> object | None:
         """A hint a decode op can carry (prefetch=): ask the memory system for bytes [start, start + nbytes) of w's

@@ -80,13 +80,12 @@ class CudaTritonBackend:
         loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
         t: torch.Tensor | None = None,
         prefetch: Prefetch | None = None,
-        own_prefetch: Prefetch | None = None,
     ) -> torch.Tensor:
         loras = [(a, b, float(s)) for a, b, s in loras if float(s) != 0.0]
         t = t if len(loras) == 1 else None  # t belongs to a single term (and none when its scale is 0)
         if not isinstance(w, Q8Weight):
             return add_lora_terms(x @ w.to(x.dtype).T, x, loras, t)
-        kw = dict(host_bound=self.host_bound, dequant_cache=self._wcache, prefetch=prefetch, own_prefetch=own_prefetch)
+        kw = dict(host_bound=self.host_bound, dequant_cache=self._wcache, prefetch=prefetch)
         if not loras:
             return self._mm.q8_0_matmul(x, w.qs, w.d, **kw)
         (a, b, s), *rest = loras if len(loras) == 1 else self.fuse_loras(loras, x.dtype)

@@ -27,12 +27,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 MB = 1 << 20
-PLANS = {  # name -> (tail, gap, kind[, front])
+PLANS = {  # name -> (tail, gap, kind)
     "none": (0, 0, 2),
-    "tail4+front2": (4 * MB, 0, 2, 2 * MB),
-    "tail4+front4": (4 * MB, 0, 2, 4 * MB),
-    "tail4+front8": (4 * MB, 0, 2, 8 * MB),
-    "front4": (0, 0, 2, 4 * MB),
     "tail2": (2 * MB, 0, 2),
     "tail6": (6 * MB, 0, 2),
     "tail8": (8 * MB, 0, 2),

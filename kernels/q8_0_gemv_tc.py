@@ -82,11 +82,6 @@ def _q8_gemv_tc_kernel(
     pf_d,
     pf_q_lines,
     pf_d_lines,
-    own_q,  # FRONT: the first n_front programs prefetch these (this product's own weights)
-    own_d,
-    own_q_lines,
-    own_d_lines,
-    n_front,
     BLOCK_N: tl.constexpr,  # rows of W per program (16 per warp: each warp dequantizes its own rows)
     BLOCK_K: tl.constexpr,  # a multiple of 32
     BLOCK_M: tl.constexpr,  # >= M, >= 8 (the MMA's N)
@@ -97,23 +92,16 @@ def _q8_gemv_tc_kernel(
     D_ALIGN: tl.constexpr = 2,  # bytes every row of d (and d_ptr) is aligned to: 2, 4, 8 or 16
     PDL: tl.constexpr = False,
     PREFETCH: tl.constexpr = 0,
-    FRONT: tl.constexpr = 0,
 ):
     """y[:, n-block] = x @ W[n-block].T (+ scale * t @ b[n-block].T) for all M rows of x: program pid covers K range
     pid % SPLIT_K of N block pid // SPLIT_K. With SPLIT_K > 1 each stores its fp32 partial and the last of a block to
     finish (an acq_rel counter) sums the block's partials in split order (deterministic) and finishes the block.
     Programs past the product's (PREFETCH) ask L2 for the next product's first weights and end."""
     pid = tl.program_id(0)
-    if FRONT:  # the first n_front programs ask L2 for this product's own weights without waiting, and end
-        if pid < n_front:
-            _prefetch(own_q, own_d, own_q_lines, own_d_lines, pid, n_front, FRONT)
-            return
-        pid -= n_front
     if PREFETCH:
         n_work = tl.cdiv(N, BLOCK_N) * SPLIT_K
         if pid >= n_work:
-            parts = tl.num_programs(0) - n_front - n_work
-            _prefetch(pf_q, pf_d, pf_q_lines, pf_d_lines, pid - n_work, parts, PREFETCH)
+            _prefetch(pf_q, pf_d, pf_q_lines, pf_d_lines, pid - n_work, tl.num_programs(0) - n_work, PREFETCH)
             return
     _pdl_start(PDL)
     pid_n = pid // SPLIT_K

@@ -262,7 +262,7 @@ def _d_align(d: torch.Tensor) -> int:
     return a
 
 
-def _gemv_tc(x2, qs, d, y, lora, cfg: dict, prefetch: Prefetch | None = None, own: Prefetch | None = None) -> None:
+def _gemv_tc(x2, qs, d, y, lora, cfg: dict, prefetch: Prefetch | None = None) -> None:
     """The tensor-core gemv path (q8_0_gemv_tc): all rows of x in each program; t = x @ a formed (by _fwd);
     split-K partials combined by the last program of each N block."""
     m, k = x2.shape
@@ -280,31 +280,19 @@ def _gemv_tc(x2, qs, d, y, lora, cfg: dict, prefetch: Prefetch | None = None, ow
     numel = max(cdiv(n, bn) * bn * sk * block_m if sk > 1 else 1 for bn, sk in shapes)
     parts = torch.empty(numel, dtype=torch.float32, device=x2.device)
     pf_args, extra, kind = prefetch_launch(prefetch if tiles else None, qs)  # not while tuning
-    own_args, front, front_kind = prefetch_launch(own if tiles else None, qs)
     args = (x2, qs, d, y, t, bb, parts, counts, m, n, k, x2.stride(0), qs.stride(0), d.stride(0), y.stride(0),
-            y.stride(1), t.stride(0), t.stride(1), bb.stride(0), bb.stride(1), r, float(s), *pf_args, *own_args,
-            front)  # fmt: skip
+            y.stride(1), t.stride(0), t.stride(1), bb.stride(0), bb.stride(1), r, float(s), *pf_args)  # fmt: skip
     const = dict(BLOCK_M=block_m, HAS_LORA=lora is not None, BLOCK_R=max(16, next_pow2(r)), EMU_BF16=_INTERPRET,
-                 D_ALIGN=_d_align(d), PREFETCH=kind, FRONT=front_kind, **pdl(x2.device))  # fmt: skip
+                 D_ALIGN=_d_align(d), PREFETCH=kind, **pdl(x2.device))  # fmt: skip
     if forced:
-        launch(_q8_gemv_tc_kernel, (front + cdiv(n, tiles["BLOCK_N"]) * tiles["SPLIT_K"] + extra,), args,
-               {**const, **tiles})  # fmt: skip
+        launch(_q8_gemv_tc_kernel, (cdiv(n, tiles["BLOCK_N"]) * tiles["SPLIT_K"] + extra,), args, {**const, **tiles})
     else:
-        grid = lambda meta: (front + cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"] + extra,)  # noqa: E731
+        grid = lambda meta: (cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"] + extra,)  # noqa: E731
         _launch_tuned("gemv_tc", _q8_gemv_tc_kernel, grid, args, const, key, None)
 
 
 def _fwd(
-    path: str,
-    x2,
-    qs,
-    d,
-    y,
-    lora,
-    cfg: dict,
-    cache: DequantCache | None = None,
-    prefetch: Prefetch | None = None,
-    own_prefetch: Prefetch | None = None,
+    path: str, x2, qs, d, y, lora, cfg: dict, cache: DequantCache | None = None, prefetch: Prefetch | None = None
 ) -> None:
     """y[M, N] = x2 @ W.T (+ LoRA) along `path`; lora = (t [M, r] or None, a [K, r], b [N, r], r, scale) or
     None, a and b in x2's dtype; t = x2 @ a is formed here when not given."""
@@ -316,7 +304,7 @@ def _fwd(
     if lora is not None and lora[0] is None:
         lora = (x2 @ lora[1], *lora[1:])
     if path == "gemv_tc":
-        _gemv_tc(x2, qs, d, y, lora, cfg, prefetch, own_prefetch)
+        _gemv_tc(x2, qs, d, y, lora, cfg, prefetch)
         return
     if path == "dequant":
         torch.matmul(x2, _dequantized(qs, d, x2.dtype, cache).T, out=y)
@@ -368,7 +356,6 @@ def q8_0_matmul(
     dequant_cache: DequantCache | None = None,
     lora_t: torch.Tensor | None = None,
     prefetch: Prefetch | None = None,
-    own_prefetch: Prefetch | None = None,
 ) -> torch.Tensor:
     """y[..., N] = x[..., K] @ W.T (+ scale * (x @ a) @ b.T), W = q8_0(qs, d) of shape [N, K].
 
@@ -379,8 +366,7 @@ def q8_0_matmul(
     keeps its dequantized weights for reuse (DequantCache; None: a transient copy per product). lora_t: x @ a
     in x's dtype ([rows, r]) where the caller already formed it (LoraLinear keeps it for its backward).
     prefetch: an L2 hint for the next product's weight (triton_util.Prefetch), carried by the GEMV paths' launch
-    (a decode step's); own_prefetch: one for this product's own weight, requested by the tensor-core GEMV's first
-    programs without waiting for the previous kernel; no effect on the result.
+    (a decode step's); no effect on the result.
     """
     n, k = _check_weight(qs, d)
     _check_act(x, k, qs, "x")
@@ -419,7 +405,7 @@ def q8_0_matmul(
         paths, default = _candidates(m, out_dtype == x.dtype, True, host_bound, half, t_in)
         key = ("fwd", m if m <= GEMV_TC_MAX_M else _m_bucket(m), n, k, x.dtype, out_dtype, has_lora, t_in, host_bound)
         path = choose_path(key, paths, lambda p: _fwd(p, x2, qs, d, y, lora, cfg), default)
-    _fwd(path, x2, qs, d, y, lora, cfg, dequant_cache, prefetch, own_prefetch)
+    _fwd(path, x2, qs, d, y, lora, cfg, dequant_cache, prefetch)
     if extra is not None:
         y += extra.to(out_dtype)
     return y.reshape(*lead, n)

@@ -42,7 +42,6 @@ class Prefetch:
     tail: int = 0
     gap: int = 0
     kind: int = 2
-    front: int = 0  # the next bytes, by the product's own first programs, which do not wait (tensor-core GEMV)
 
 
 MiB = 1 << 20
@@ -111,11 +110,7 @@ class GraphDecoder:
         order.append(self._weight("output.weight"))
         p = default_prefetch(dev) if prefetch is None else prefetch
         self.hints = [
-            (
-                backend.prefetch_hint(w, 0, p.tail, p.kind),
-                backend.prefetch_hint(w, p.tail, p.gap, p.kind),
-                backend.prefetch_hint(w, p.tail + p.gap, p.front, p.kind),
-            )
+            (backend.prefetch_hint(w, 0, p.tail, p.kind), backend.prefetch_hint(w, p.tail, p.gap, p.kind))
             for w in order
         ]
         self.tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
@@ -139,11 +134,11 @@ class GraphDecoder:
             return self.fused[name][0]
         return self.model.weight(fused_members(name)[0])
 
-    def _packed(self, x: torch.Tensor, i: int, kind: str, prefetch=None, own=None) -> torch.Tensor:
+    def _packed(self, x: torch.Tensor, i: int, kind: str, prefetch=None) -> torch.Tensor:
         """x @ [W_1; ..; W_k].T for the layer's FUSED_KINDS members (one product when packed)."""
         packed = self.fused.get(f"blk.{i}.{kind}")
         if packed is not None:
-            return self.backend.lora_linear(x, *packed, prefetch=prefetch, own_prefetch=own)
+            return self.backend.lora_linear(x, *packed, prefetch=prefetch)
         return torch.cat(self.linear(x, f"blk.{i}.{kind}"), dim=-1)  # the members one by one
 
     def _step(self) -> torch.Tensor:
@@ -155,19 +150,17 @@ class GraphDecoder:
         for i in range(args.n_layer):
             p = 4 * i  # the layer's products: p (q/k/v), p + 1 (output), p + 2 (gate/up), p + 3 (down)
             h, a = be.add_rms_norm(h, delta, self.norms[f"blk.{i}.attn_norm.weight"], eps, prefetch=hints[p][1])
-            qkv = self._packed(a, i, "attn_qkv", prefetch=hints[p + 1][0], own=hints[p][2])
+            qkv = self._packed(a, i, "attn_qkv", prefetch=hints[p + 1][0])
             o = be.rope_attention_decode(qkv, self.cos_table, self.sin_table, self.pos, cache.k[i], cache.v[i],
                                          args.n_head, args.n_head_kv, self.counters,
                                          prefetch=hints[p + 1][1])  # fmt: skip
-            delta = be.lora_linear(o, *self.products[f"blk.{i}.attn_output.weight"], prefetch=hints[p + 2][0],
-                                   own_prefetch=hints[p + 1][2])  # fmt: skip
+            delta = be.lora_linear(o, *self.products[f"blk.{i}.attn_output.weight"], prefetch=hints[p + 2][0])
             h, f = be.add_rms_norm(h, delta, self.norms[f"blk.{i}.ffn_norm.weight"], eps, prefetch=hints[p + 2][1])
-            gu = self._packed(f, i, "ffn_gate_up", prefetch=hints[p + 3][0], own=hints[p + 2][2])
+            gu = self._packed(f, i, "ffn_gate_up", prefetch=hints[p + 3][0])
             act = be.silu_mul_fwd(*gu.chunk(2, dim=-1), prefetch=hints[p + 3][1])  # SwiGLU on the packed output's views
-            delta = be.lora_linear(act, *self.products[f"blk.{i}.ffn_down.weight"], prefetch=hints[p + 4][0],
-                                   own_prefetch=hints[p + 3][2])  # fmt: skip
+            delta = be.lora_linear(act, *self.products[f"blk.{i}.ffn_down.weight"], prefetch=hints[p + 4][0])
         _, h = be.add_rms_norm(h, delta, self.norms["output_norm.weight"], eps, prefetch=hints[-1][1])
-        logits = be.lora_linear(h, *self.products["output.weight"], own_prefetch=hints[-1][2])[0, -1].float()
+        logits = be.lora_linear(h, *self.products["output.weight"])[0, -1].float()
         if self.sampler is not None:  # the sampler's device stages: only their survivors go to the host
             self.picks = survivors(logits, self.sampler)
         nxt = None

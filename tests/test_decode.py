@@ -199,16 +199,16 @@ def test_greedy_steps_take_their_token_on_the_device(make_backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_adapter", [True, False])
 def test_prefetch_hints_change_no_result(make_backend, dtype, with_adapter):
-    """A decode.Prefetch plan (on a GPU: extra programs in the step's launches asking L2 for weights: the next
-    product's from its start and from inside it, and the tensor-core GEMV's own) decodes the same logits, tokens and
-    cache as none. bf16 without an adapter takes the tensor-core GEMV, the others the FMA GEMV. Off the GPU the
-    hints are None (one case checks that plumbing)."""
+    """A decode.Prefetch plan (on a GPU: extra programs in the step's launches asking L2 for the next product's
+    weight, from its start and from inside it) decodes the same logits, tokens and cache as none. bf16 without an
+    adapter takes the tensor-core GEMV, the others the FMA GEMV. Off the GPU the hints are None (one case checks
+    that plumbing)."""
     if not CUDA and (dtype != torch.float32 or not with_adapter):
         pytest.skip("the hints change nothing off the GPU: one case checks the plumbing")
     be, model, ads, gen, prompt, caches, logits = _two_prompted_caches(make_backend, dtype, with_adapter)
     first = int(torch.argmax(logits))
     runs = []
-    for cache, plan in zip(caches, (Prefetch(), Prefetch(tail=1000, gap=3000, kind=1, front=2000)), strict=True):
+    for cache, plan in zip(caches, (Prefetch(), Prefetch(tail=1000, gap=3000, kind=1)), strict=True):
         dec = GraphDecoder(model, be, ads, gen.rope, cache, dtype, prefetch=plan)
         runs.append([dec(first, len(prompt)).clone()])
         dec = GraphDecoder(model, be, ads, gen.rope, cache, dtype, greedy=True, prefetch=plan)
