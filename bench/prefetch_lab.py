@@ -58,6 +58,10 @@ def run_plan(model, be, ads, gen, cache, plan, n: int) -> tuple[float, list[int]
 
     q8_0_matmul.TC_T_SPLIT = plan[3] if len(plan) > 3 else False  # read when the step is captured
     dec = GraphDecoder(model, be, ads, gen.rope, cache, torch.bfloat16, greedy=True, prefetch=Prefetch(*plan[:3]))
+    if len(plan) > 3 and plan[3]:  # the K-contiguous a that T_SPLIT's loads pipeline (lab: re-laid out in place)
+        for terms in (dec.fused, dec.products):
+            for name, (w, term) in terms.items():
+                terms[name] = (w, [(a.T.contiguous().T, b, s) for a, b, s in term])
     toks = list(dec.tokens(5, 64, 32))  # capture + warm-up + the tokens to compare
     best = float("inf")
     for _ in range(2):

@@ -49,15 +49,17 @@ def _tc_step(acc, tacc, x_ptrs, q_ptrs, d_ptrs, a_ptrs, mask_m, mask_r, k_rem, o
         xt = tl.load(x_ptrs, mask=mask_m[None, :], other=0.0)
         q = tl.load(q_ptrs)
         d = tl.load(d_ptrs)
-    if T_SPLIT:
+    if T_SPLIT:  # its own load of the x tile (not merged with the first: .cg): one use per load keeps both pipelined
         if MASKED:
-            at = tl.load(a_ptrs, mask=(offs_k[:, None] < k_rem) & mask_r[None, :], other=0.0)
+            xt2 = tl.load(x_ptrs, mask=mask_m[None, :] & (offs_k[:, None] < k_rem), other=0.0, cache_modifier=".cg")
+            at = tl.load(a_ptrs, mask=(offs_k[None, :] < k_rem) & mask_r[:, None], other=0.0)
         else:
-            at = tl.load(a_ptrs, mask=mask_r[None, :], other=0.0)
+            xt2 = tl.load(x_ptrs, mask=mask_m[None, :], other=0.0, cache_modifier=".cg")
+            at = tl.load(a_ptrs, mask=mask_r[:, None], other=0.0)
         if EMU_BF16:
-            tacc = tl.dot(tl.trans(at).to(tl.float32), xt.to(tl.float32), tacc, input_precision="ieee")
+            tacc = tl.dot(at.to(tl.float32), xt2.to(tl.float32), tacc, input_precision="ieee")
         else:
-            tacc = tl.dot(tl.trans(at), xt, tacc)
+            tacc = tl.dot(at, xt2, tacc)
     w = _dequant_to(q, d, xt.dtype, BLOCK_N, BLOCK_K, EMU_BF16)
     if EMU_BF16:  # the interpreter's dot needs fp32 operands (see q8_0_matmul)
         acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
@@ -146,7 +148,7 @@ def _q8_gemv_tc_kernel(
     tacc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)  # T_SPLIT: this K range's part of t.T
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
-    a_ptrs = a_ptr + (k_lo + offs_k)[:, None].to(tl.int64) * stride_ak + offs_r[None, :] * stride_ar
+    a_ptrs = a_ptr + (k_lo + offs_k)[None, :].to(tl.int64) * stride_ak + offs_r[:, None] * stride_ar  # a.T tile
     for _ in range(k_lo, k_full, BLOCK_K):
         acc, tacc = _tc_step(acc, tacc, x_ptrs, q_ptrs, d_ptrs, a_ptrs, mask_m, mask_r, K, offs_k, offs_kb, BLOCK_N,
                              BLOCK_K, False, EMU_BF16, T_SPLIT)  # fmt: skip
