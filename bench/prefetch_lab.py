@@ -27,10 +27,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 MB = 1 << 20
-PLANS = {  # name -> (tail, gap, kind[, t_split: q8_0_matmul.TC_T_SPLIT for the products with adapters])
+PLANS = {  # name -> (tail, gap, kind)
     "none": (0, 0, 2),
-    "tsplit": (0, 0, 2, True),
-    "tail4+tsplit": (4 * MB, 0, 2, True),
     "tail2": (2 * MB, 0, 2),
     "tail6": (6 * MB, 0, 2),
     "tail8": (8 * MB, 0, 2),
@@ -52,16 +50,9 @@ PLANS = {  # name -> (tail, gap, kind[, t_split: q8_0_matmul.TC_T_SPLIT for the 
 
 def run_plan(model, be, ads, gen, cache, plan, n: int) -> tuple[float, list[int]]:
     """(us per greedy step over n steps after a fresh capture, the first 32 tokens)."""
-    from lorakit.kernels import q8_0_matmul
-
     from lorakit.decode import GraphDecoder, Prefetch
 
-    q8_0_matmul.TC_T_SPLIT = plan[3] if len(plan) > 3 else False  # read when the step is captured
-    dec = GraphDecoder(model, be, ads, gen.rope, cache, torch.bfloat16, greedy=True, prefetch=Prefetch(*plan[:3]))
-    if len(plan) > 3 and plan[3]:  # the K-contiguous a that T_SPLIT's loads pipeline (lab: re-laid out in place)
-        for terms in (dec.fused, dec.products):
-            for name, (w, term) in terms.items():
-                terms[name] = (w, [(a.T.contiguous().T, b, s) for a, b, s in term])
+    dec = GraphDecoder(model, be, ads, gen.rope, cache, torch.bfloat16, greedy=True, prefetch=Prefetch(*plan))
     toks = list(dec.tokens(5, 64, 32))  # capture + warm-up + the tokens to compare
     best = float("inf")
     for _ in range(2):
@@ -88,15 +79,13 @@ def main(argv=None) -> int:
     ap.add_argument("--ad-plans", default=None, help="the plans with adapters (default: --plans)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "prefetch_lab.json")
     a = ap.parse_args(argv)
-    plans = {False: [p for p in a.plans.split(",") if p], True: [p for p in (a.ad_plans or a.plans).split(",") if p]}
+    plans = {False: a.plans.split(","), True: (a.ad_plans or a.plans).split(",")}
 
     be = get_backend("cuda-triton")
     model = random_q8_model(shapes(a.layers), be.device)
     result = {"plans": {k: PLANS[k] for k in {*plans[False], *plans[True]}}, "runs": {}}
     for with_ads in (False, True):
         names = plans[with_ads]
-        if not names:
-            continue
         ads = []
         if with_ads:
             ads = [(random_adapter(model, 4, 1, be.device), 0.7), (random_adapter(model, 4, 2, be.device), 0.4)]
@@ -123,7 +112,7 @@ def main(argv=None) -> int:
             print(f"  {k:14s}{t:9.1f}{1e6 / t:8.0f}  {ratio}  {same[k]}")
         result["runs"]["adapters" if with_ads else "base"] = {"us": times, "same_tokens": same}
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2, default=str))
+    a.out.write_text(json.dumps(result, indent=2))
     return 0 if all(all(r["same_tokens"].values()) for r in result["runs"].values()) else 1
 
 

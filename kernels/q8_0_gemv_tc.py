@@ -37,10 +37,9 @@ from .triton_util import _dequant_to, _pdl_start, _prefetch, _to
 
 
 @triton.jit
-def _tc_step(acc, tacc, x_ptrs, q_ptrs, d_ptrs, a_ptrs, mask_m, mask_r, k_rem, offs_k, offs_kb, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr, MASKED: tl.constexpr, EMU_BF16: tl.constexpr, T_SPLIT: tl.constexpr):  # fmt: skip
-    """acc += W[rows, k-tile] @ x[:, k-tile].T for one K tile (MASKED: the tile may run past K); with T_SPLIT also
-    tacc += a[k-tile].T @ x[:, k-tile].T (this K range's part of t = x @ a, transposed)."""
+def _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, k_rem, offs_k, offs_kb, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr, MASKED: tl.constexpr, EMU_BF16: tl.constexpr):  # fmt: skip
+    """acc += W[rows, k-tile] @ x[:, k-tile].T for one K tile (MASKED: the tile may run past K)."""
     if MASKED:
         xt = tl.load(x_ptrs, mask=mask_m[None, :] & (offs_k[:, None] < k_rem), other=0.0)
         q = tl.load(q_ptrs, mask=offs_k[None, :] < k_rem, other=0)
@@ -49,23 +48,10 @@ def _tc_step(acc, tacc, x_ptrs, q_ptrs, d_ptrs, a_ptrs, mask_m, mask_r, k_rem, o
         xt = tl.load(x_ptrs, mask=mask_m[None, :], other=0.0)
         q = tl.load(q_ptrs)
         d = tl.load(d_ptrs)
-    if T_SPLIT:  # its own load of the x tile (not merged with the first: .cg): one use per load keeps both pipelined
-        if MASKED:
-            xt2 = tl.load(x_ptrs, mask=mask_m[None, :] & (offs_k[:, None] < k_rem), other=0.0, cache_modifier=".cg")
-            at = tl.load(a_ptrs, mask=(offs_k[None, :] < k_rem) & mask_r[:, None], other=0.0)
-        else:
-            xt2 = tl.load(x_ptrs, mask=mask_m[None, :], other=0.0, cache_modifier=".cg")
-            at = tl.load(a_ptrs, mask=mask_r[:, None], other=0.0)
-        if EMU_BF16:
-            tacc = tl.dot(at.to(tl.float32), xt2.to(tl.float32), tacc, input_precision="ieee")
-        else:
-            tacc = tl.dot(at, xt2, tacc)
     w = _dequant_to(q, d, xt.dtype, BLOCK_N, BLOCK_K, EMU_BF16)
     if EMU_BF16:  # the interpreter's dot needs fp32 operands (see q8_0_matmul)
-        acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(w, xt, acc)
-    return acc, tacc
+        return tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(w, xt, acc)
 
 
 @triton.jit
@@ -96,10 +82,6 @@ def _q8_gemv_tc_kernel(
     pf_d,
     pf_q_lines,
     pf_d_lines,
-    a_ptr,  # T_SPLIT: a [K, R] in x's dtype, and fp32 [N blocks, SPLIT_K, BLOCK_R, BLOCK_M] partials of t.T
-    stride_ak,
-    stride_ar,
-    tpart_ptr,
     BLOCK_N: tl.constexpr,  # rows of W per program (16 per warp: each warp dequantizes its own rows)
     BLOCK_K: tl.constexpr,  # a multiple of 32
     BLOCK_M: tl.constexpr,  # >= M, >= 8 (the MMA's N)
@@ -110,13 +92,10 @@ def _q8_gemv_tc_kernel(
     D_ALIGN: tl.constexpr = 2,  # bytes every row of d (and d_ptr) is aligned to: 2, 4, 8 or 16
     PDL: tl.constexpr = False,
     PREFETCH: tl.constexpr = 0,
-    T_SPLIT: tl.constexpr = False,  # HAS_LORA with t = x @ a formed here: each program its K range's part
 ):
     """y[:, n-block] = x @ W[n-block].T (+ scale * t @ b[n-block].T) for all M rows of x: program pid covers K range
     pid % SPLIT_K of N block pid // SPLIT_K. With SPLIT_K > 1 each stores its fp32 partial and the last of a block to
     finish (an acq_rel counter) sums the block's partials in split order (deterministic) and finishes the block.
-    With T_SPLIT every program also forms its K range's part of t = x @ a (the MMA again, on the x tile it loaded),
-    summed with the block's partials, so every N block has all of t without waiting for another block.
     Programs past the product's (PREFETCH) ask L2 for the next product's first weights and end."""
     pid = tl.program_id(0)
     if PREFETCH:
@@ -145,62 +124,43 @@ def _q8_gemv_tc_kernel(
         d_ptrs = tl.max_contiguous(tl.multiple_of(d_ptrs, [D_ALIGN, D_ALIGN]), [1, BLOCK_K // 32])
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    tacc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)  # T_SPLIT: this K range's part of t.T
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
-    a_ptrs = a_ptr + (k_lo + offs_k)[None, :].to(tl.int64) * stride_ak + offs_r[:, None] * stride_ar  # a.T tile
     for _ in range(k_lo, k_full, BLOCK_K):
-        acc, tacc = _tc_step(acc, tacc, x_ptrs, q_ptrs, d_ptrs, a_ptrs, mask_m, mask_r, K, offs_k, offs_kb, BLOCK_N,
-                             BLOCK_K, False, EMU_BF16, T_SPLIT)  # fmt: skip
+        acc = _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, K, offs_k, offs_kb, BLOCK_N, BLOCK_K, False, EMU_BF16)
         x_ptrs += BLOCK_K
         q_ptrs += BLOCK_K
         d_ptrs += BLOCK_K // 32
-        a_ptrs += BLOCK_K * stride_ak
     if k_full < k_hi:  # the ragged end of K (a multiple of 32, not of BLOCK_K): the last split's
-        acc, tacc = _tc_step(acc, tacc, x_ptrs, q_ptrs, d_ptrs, a_ptrs, mask_m, mask_r, k_hi - k_full, offs_k, offs_kb,
-                             BLOCK_N, BLOCK_K, True, EMU_BF16, T_SPLIT)  # fmt: skip
+        acc = _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, k_hi - k_full, offs_k, offs_kb, BLOCK_N, BLOCK_K, True,
+                       EMU_BF16)  # fmt: skip
 
     if SPLIT_K > 1:
         tile = (pid_n * SPLIT_K).to(tl.int64) * (BLOCK_N * BLOCK_M)
         offs_tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + offs_m[None, :]
         tl.store(part_ptr + tile + pid_k * (BLOCK_N * BLOCK_M) + offs_tile, acc)
-        ttile = (pid_n * SPLIT_K).to(tl.int64) * (BLOCK_R * BLOCK_M)
-        offs_tt = offs_r[:, None] * BLOCK_M + offs_m[None, :]
-        if T_SPLIT:
-            tl.store(tpart_ptr + ttile + pid_k * (BLOCK_R * BLOCK_M) + offs_tt, tacc)
         tl.debug_barrier()  # every thread's partial store precedes the one thread's gpu-scope release
         if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel") == SPLIT_K - 1:
             acc = tl.load(part_ptr + tile + offs_tile, cache_modifier=".cg")
             for s in tl.static_range(1, SPLIT_K):
                 acc += tl.load(part_ptr + tile + s * (BLOCK_N * BLOCK_M) + offs_tile, cache_modifier=".cg")
-            if T_SPLIT:
-                tacc = tl.load(tpart_ptr + ttile + offs_tt, cache_modifier=".cg")
-                for s in tl.static_range(1, SPLIT_K):
-                    tacc += tl.load(tpart_ptr + ttile + s * (BLOCK_R * BLOCK_M) + offs_tt, cache_modifier=".cg")
             tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed")
-            tt = _to(tacc, x_ptr.dtype.element_ty, EMU_BF16).to(tl.float32)  # T_SPLIT: t.T rounded as t would be
-            _tc_finish(acc, tt, y_ptr, t_ptr, b_ptr, stride_ym, stride_yn, stride_tm, stride_tr, stride_bn, stride_br,
-                       R, scale, offs_n, rn, offs_m, mask_m, N, HAS_LORA, BLOCK_R, EMU_BF16, T_SPLIT)  # fmt: skip
+            _tc_finish(acc, y_ptr, t_ptr, b_ptr, stride_ym, stride_yn, stride_tm, stride_tr, stride_bn, stride_br, R,
+                       scale, offs_n, rn, offs_m, mask_m, N, HAS_LORA, BLOCK_R, EMU_BF16)  # fmt: skip
     else:
-        tt = _to(tacc, x_ptr.dtype.element_ty, EMU_BF16).to(tl.float32)
-        _tc_finish(acc, tt, y_ptr, t_ptr, b_ptr, stride_ym, stride_yn, stride_tm, stride_tr, stride_bn, stride_br, R,
-                   scale, offs_n, rn, offs_m, mask_m, N, HAS_LORA, BLOCK_R, EMU_BF16, T_SPLIT)  # fmt: skip
+        _tc_finish(acc, y_ptr, t_ptr, b_ptr, stride_ym, stride_yn, stride_tm, stride_tr, stride_bn, stride_br, R,
+                   scale, offs_n, rn, offs_m, mask_m, N, HAS_LORA, BLOCK_R, EMU_BF16)  # fmt: skip
 
 
 @triton.jit
-def _tc_finish(acc, tt, y_ptr, t_ptr, b_ptr, stride_ym, stride_yn, stride_tm, stride_tr, stride_bn, stride_br, R,
-               scale, offs_n, rn, offs_m, mask_m, N, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
-               EMU_BF16: tl.constexpr, T_SPLIT: tl.constexpr):  # fmt: skip
-    """y[:, n-block] = rnd(acc + scale * t @ b[n-block].T): the LoRA term in fp32 (exact products), one rounding;
-    t.T is tt (T_SPLIT) or read from t_ptr."""
+def _tc_finish(acc, y_ptr, t_ptr, b_ptr, stride_ym, stride_yn, stride_tm, stride_tr, stride_bn, stride_br, R, scale,
+               offs_n, rn, offs_m, mask_m, N, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
+               EMU_BF16: tl.constexpr):  # fmt: skip
+    """y[:, n-block] = rnd(acc + scale * t @ b[n-block].T): the LoRA term in fp32 (exact products), one rounding."""
     if HAS_LORA:
         offs_r = tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
-        if not T_SPLIT:
-            t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
-                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)  # fmt: skip
-            tt = tl.trans(t.to(tl.float32))
+        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)  # fmt: skip
         bb = tl.load(b_ptr + rn[:, None] * stride_bn + offs_r[None, :] * stride_br, mask=mask_r[None, :], other=0.0)
-        acc += scale * tl.dot(bb.to(tl.float32), tt, input_precision="ieee")
+        acc += scale * tl.dot(bb.to(tl.float32), tl.trans(t.to(tl.float32)), input_precision="ieee")
     y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None].to(tl.int64) * stride_yn
     tl.store(y_ptrs, _to(acc, y_ptr.dtype.element_ty, EMU_BF16), mask=(offs_n[:, None] < N) & mask_m[None, :])

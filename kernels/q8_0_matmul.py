@@ -94,10 +94,6 @@ __all__ = [
 MAX_FUSED_RANK = 64  # LoRA ranks above this are added by a separate torch matmul
 GEMV_MAX_M = 2  # rows of x up to which the gemv kernel is a candidate
 GEMV_TC_MAX_M = 16  # ... and the tensor-core gemv (bf16/fp16 activations)
-# a LoRA term whose t = x @ a is still to be formed: the tensor-core gemv forms it in its launch, each program for
-# its own K range (T_SPLIT), instead of a torch matmul before it; and takes such products of <= GEMV_MAX_M rows from
-# the FMA gemv (whose t-programs form t)
-TC_T_SPLIT = False
 DEQUANT_MIN_M = 256  # rows of x from which dequantize + cuBLAS is a candidate
 DEQUANT_DEFAULT_M = 1024  # ... and the choice without a measurement (LORAKIT_AUTOTUNE=0)
 
@@ -152,7 +148,7 @@ def _candidates(
     t_in_launch: a LoRA term whose t = x @ a is still to be formed: up to GEMV_MAX_M rows the FMA gemv forms it
     in its launch at less cost (a decode step with two adapters: 2.42 ms with it, 2.84 ms when the tensor-core
     gemv formed t in its launch, a variant since removed; bench/results/h200_session8)."""
-    if gemv and half and m <= GEMV_TC_MAX_M and not (t_in_launch and m <= GEMV_MAX_M and not TC_T_SPLIT):
+    if gemv and half and m <= GEMV_TC_MAX_M and not (t_in_launch and m <= GEMV_MAX_M):
         return ["gemv_tc"], "gemv_tc"
     if gemv and m <= GEMV_MAX_M:
         # one row: the GEMV is 1.3-2x faster than the tiled kernel at every measured shape (bench/gemv_lab.py's
@@ -267,36 +263,27 @@ def _d_align(d: torch.Tensor) -> int:
 
 
 def _gemv_tc(x2, qs, d, y, lora, cfg: dict, prefetch: Prefetch | None = None) -> None:
-    """The tensor-core gemv path (q8_0_gemv_tc): all rows of x in each program; t = x @ a given, or (t None) formed
-    in the launch by every program for its K range (T_SPLIT); split-K partials combined by the last program of
-    each N block."""
+    """The tensor-core gemv path (q8_0_gemv_tc): all rows of x in each program; t = x @ a formed (by _fwd);
+    split-K partials combined by the last program of each N block."""
     m, k = x2.shape
     n = qs.shape[0]
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
-    t, a, bb, r, s = lora if lora is not None else (y, y, y, 0, 0.0)  # dummies, never read without HAS_LORA
-    t_split = lora is not None and t is None
-    t = y if t_split else t  # (a dummy: never read with T_SPLIT)
-    block_r = max(16, next_pow2(r))
+    t, _, bb, r, s = lora if lora is not None else (y, y, y, 0, 0.0)  # dummies, never read without HAS_LORA
     forced = _INTERPRET or any(key in cfg for key in _INTERP_GEMV_TC)
-    key = ("gemv_tc", m, n, k, x2.dtype, y.dtype, lora is not None, t_split)
+    key = ("gemv_tc", m, n, k, x2.dtype, y.dtype, lora is not None)
     tiles = _tiles(_INTERP_GEMV_TC, cfg) if forced else (_BEST[key].kwargs if key in _BEST else None)
-    # split-K scratch (for every config before the autotuning): partial tiles [N blocks, SPLIT_K, BLOCK_N, BLOCK_M]
-    # (and [.., BLOCK_R, BLOCK_M] of t.T with T_SPLIT), a counter per N block
+    # split-K scratch (for every config before the autotuning): partial tiles [N blocks, SPLIT_K, BLOCK_N, BLOCK_M],
+    # a counter per N block
     block_m = max(8, next_pow2(m))
     shapes = [(tiles["BLOCK_N"], tiles["SPLIT_K"])] if tiles else TC_TILES
     counts = _sync_words(x2.device, max(cdiv(n, bn) for bn, _ in shapes))
     numel = max(cdiv(n, bn) * bn * sk * block_m if sk > 1 else 1 for bn, sk in shapes)
     parts = torch.empty(numel, dtype=torch.float32, device=x2.device)
-    tparts = parts
-    if t_split:
-        numel = max(cdiv(n, bn) * block_r * sk * block_m if sk > 1 else 1 for bn, sk in shapes)
-        tparts = torch.empty(numel, dtype=torch.float32, device=x2.device)
     pf_args, extra, kind = prefetch_launch(prefetch if tiles else None, qs)  # not while tuning
     args = (x2, qs, d, y, t, bb, parts, counts, m, n, k, x2.stride(0), qs.stride(0), d.stride(0), y.stride(0),
-            y.stride(1), t.stride(0), t.stride(1), bb.stride(0), bb.stride(1), r, float(s), *pf_args,
-            a, a.stride(0), a.stride(1), tparts)  # fmt: skip
-    const = dict(BLOCK_M=block_m, HAS_LORA=lora is not None, BLOCK_R=block_r, EMU_BF16=_INTERPRET,
-                 D_ALIGN=_d_align(d), PREFETCH=kind, T_SPLIT=t_split, **pdl(x2.device))  # fmt: skip
+            y.stride(1), t.stride(0), t.stride(1), bb.stride(0), bb.stride(1), r, float(s), *pf_args)  # fmt: skip
+    const = dict(BLOCK_M=block_m, HAS_LORA=lora is not None, BLOCK_R=max(16, next_pow2(r)), EMU_BF16=_INTERPRET,
+                 D_ALIGN=_d_align(d), PREFETCH=kind, **pdl(x2.device))  # fmt: skip
     if forced:
         launch(_q8_gemv_tc_kernel, (cdiv(n, tiles["BLOCK_N"]) * tiles["SPLIT_K"] + extra,), args, {**const, **tiles})
     else:
@@ -314,7 +301,7 @@ def _fwd(
     if path == "gemv":
         _gemv(x2, qs, d, y, lora, cfg, prefetch)
         return
-    if lora is not None and lora[0] is None and not (path == "gemv_tc" and cfg.get("T_SPLIT", TC_T_SPLIT)):
+    if lora is not None and lora[0] is None:
         lora = (x2 @ lora[1], *lora[1:])
     if path == "gemv_tc":
         _gemv_tc(x2, qs, d, y, lora, cfg, prefetch)

@@ -236,28 +236,18 @@ def test_matmul_paths(m, config, with_lora):
     assert_within(got, ref, tol, f"path {config}")
 
 
-@pytest.mark.parametrize(
-    "m,r,cfg",
-    [
-        (1, 5, {"path": "gemv", "BLOCK_KT": 32}),
-        (2, 24, {"path": "gemv", "BLOCK_KT": 16}),
-        (3, 8, {"path": "gemv", "BLOCK_KT": 4096}),
-        (1, 5, {"path": "gemv_tc", "T_SPLIT": True}),  # one program per N block: all of K
-        (2, 24, {"path": "gemv_tc", "T_SPLIT": True, "SPLIT_K": 2}),  # t's parts summed with the block's
-        (3, 8, {"path": "gemv_tc", "T_SPLIT": True, "SPLIT_K": 4, "BLOCK_K": 32}),  # 5 K tiles: 2, 2, 1, 0
-    ],
-)
-def test_gemv_t_in_launch(m, r, cfg):
-    """The gemv paths form t = x @ a in their own launch: the FMA gemv by t-programs summing K chunks (the last
-    combining), the tensor-core gemv (T_SPLIT) by every program for its K range, summed with its N block's split-K
-    partials. The same product as with t given (t rounded to bf16 once either way: their t may differ in its last
-    bit, so the bound counts one more rounding of t), the same bits on every call, and the sync words zero again."""
+@pytest.mark.parametrize("m,r,block_kt", [(1, 5, 32), (2, 24, 16), (3, 8, 4096)])
+def test_gemv_t_programs(m, r, block_kt):
+    """The gemv path forms t = x @ a in its own launch (t-programs summing K chunks, the last combining): the
+    same product as with t given (t rounded to bf16 once either way: their t may differ in its last bit, so
+    the bound counts one more rounding of t), the same bits on every call, and its sync words zero again."""
     n, k, dtype = 97, 160, torch.bfloat16
     w = make_weight(n, k, seed=4)
     x = rand(m, k, dtype=dtype, seed=5)
     a = rand(k, r, seed=6, scale=0.3).to(dtype)
     b = rand(n, r, seed=7, scale=0.3).to(dtype)
     wd, xd, ad, bd = on(w), x.to(DEVICE), a.to(DEVICE), b.to(DEVICE)
+    cfg = {"path": "gemv", "BLOCK_KT": block_kt}
     got = qmm.q8_0_matmul(xd, wd.qs, wd.d, ad, bd, 0.75, config=cfg)
     again = qmm.q8_0_matmul(xd, wd.qs, wd.d, ad, bd, 0.75, config=cfg)
     assert torch.equal(got, again)
@@ -267,7 +257,7 @@ def test_gemv_t_in_launch(m, r, cfg):
     tmag = x.double().abs() @ a.double().abs()
     lmag = 0.75 * tmag @ b.double().abs().T
     tol = bound(dtype, k + r, magnitude(x, w) + lmag, ref.double(), lora_mag=2 * lmag, y_base=y_base)
-    assert_within(got, ref, tol, f"{cfg} m{m} r{r}")
+    assert_within(got, ref, tol, f"gemv t-programs m{m} r{r}")
     given = qmm.q8_0_matmul(xd, wd.qs, wd.d, ad, bd, 0.75, config=cfg, lora_t=xd @ ad)
     assert_within(got, given, tol, "t formed in the launch vs given")
 
@@ -770,9 +760,7 @@ def test_host_bound_candidates_leave_out_the_two_launch_path():
         assert _candidates(m, True, True, half=True) == (["gemv_tc"], "gemv_tc")
     assert _candidates(17, True, True, half=True) == (["skinny"], "skinny")
     # ... except where t = x @ a is to be formed in the launch for one or two rows: the FMA gemv's t-programs
-    # (unless the tensor-core gemv forms it, TC_T_SPLIT)
-    want = (["gemv_tc"], "gemv_tc") if qmm.TC_T_SPLIT else (["gemv"], "gemv")
-    assert _candidates(1, True, True, half=True, t_in_launch=True) == want
+    assert _candidates(1, True, True, half=True, t_in_launch=True) == (["gemv"], "gemv")
     assert _candidates(3, True, True, half=True, t_in_launch=True) == (["gemv_tc"], "gemv_tc")
     assert _candidates(16, True, False, half=True) == (["skinny"], "skinny")  # not for grad-input
 
