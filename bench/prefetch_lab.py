@@ -27,8 +27,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 MB = 1 << 20
-PLANS = {  # name -> (tail, gap, kind)
+MAX_SPLITS = 16  # decode_ops.MAX_SPLITS as shipped
+PLANS = {  # name -> (tail, gap, kind[, {"wo_tail": bytes for the output projections, "splits": attention splits}])
     "none": (0, 0, 2),
+    "tail4+wo8": (4 * MB, 0, 2, {"wo_tail": 8 * MB}),
+    "tail4+wo11": (4 * MB, 0, 2, {"wo_tail": 11 * MB}),
+    "tail4+wo2": (4 * MB, 0, 2, {"wo_tail": 2 * MB}),
+    "tail4+splits4": (4 * MB, 0, 2, {"splits": 4}),
+    "tail4+splits2": (4 * MB, 0, 2, {"splits": 2}),
     "tail2": (2 * MB, 0, 2),
     "tail6": (6 * MB, 0, 2),
     "tail8": (8 * MB, 0, 2),
@@ -50,9 +56,17 @@ PLANS = {  # name -> (tail, gap, kind)
 
 def run_plan(model, be, ads, gen, cache, plan, n: int) -> tuple[float, list[int]]:
     """(us per greedy step over n steps after a fresh capture, the first 32 tokens)."""
+    from lorakit.kernels import decode_ops
+
     from lorakit.decode import GraphDecoder, Prefetch
 
-    dec = GraphDecoder(model, be, ads, gen.rope, cache, torch.bfloat16, greedy=True, prefetch=Prefetch(*plan))
+    extra = plan[3] if len(plan) > 3 else {}
+    decode_ops.MAX_SPLITS = extra.get("splits", MAX_SPLITS)  # read when the step is captured
+    dec = GraphDecoder(model, be, ads, gen.rope, cache, torch.bfloat16, greedy=True, prefetch=Prefetch(*plan[:3]))
+    if "wo_tail" in extra:  # the hints of the output projections (product 4 i + 1) take their own amount
+        for i, (tail, gap) in enumerate(dec.hints[:-1]):
+            if i % 4 == 1 and tail is not None:
+                dec.hints[i] = (tail._replace(nbytes=extra["wo_tail"]), gap)
     toks = list(dec.tokens(5, 64, 32))  # capture + warm-up + the tokens to compare
     best = float("inf")
     for _ in range(2):
