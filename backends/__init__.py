@@ -74,12 +74,12 @@ class Backend(Protocol):
     ) -> torch.Tensor:
         """x @ W.T + sum_i s_i * (x @ a_i) @ b_i.T (no autograd: inference, and LoraLinear's forward).
         t: x @ a_1 in x's dtype, [rows, r], already formed for a single term (LoraLinear keeps it for db).
-        prefetch: a prefetch_hint for the product after this one (the decode ops take one too)."""
+        prefetch: a prefetch_hint for the product after this one (decode: its launch's last programs request it)."""
 
     def prefetch_hint(self, w: Weight, start: int, nbytes: int, kind: int = 2) -> object | None:
-        """A hint a decode op can carry (prefetch=): ask the memory system for bytes [start, start + nbytes) of w's
-        storage while the op runs, so that the product after it finds them cached; no effect on any result.
-        None where the backend has no such thing."""
+        """A hint a product can carry (lora_linear's prefetch=): ask the memory system for bytes [start, start +
+        nbytes) of w's storage as the product ends, so that the product after it finds them cached; no effect on
+        any result. None where the backend has no such thing."""
 
     def fuse_loras(
         self, loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype
@@ -88,7 +88,7 @@ class Backend(Protocol):
         not change (a generation): lora_linear(x, w, fuse_loras(loras, x.dtype)) == lora_linear(x, w, loras)."""
 
     def add_rms_norm(
-        self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float, prefetch: object | None = None
+        self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, y): s = h + delta (h when delta is None), y = rms_norm(s, eps) * w, in h's dtype (model.block)."""
 
@@ -128,7 +128,6 @@ class Backend(Protocol):
         n_head: int,
         n_head_kv: int,
         counters: torch.Tensor | None = None,
-        prefetch: object | None = None,
     ) -> torch.Tensor:
         """attention_decode(rope_kv_write(qkv, cos, sin, pos, cache_k, cache_v, n_head, n_head_kv), cache_k, cache_v,
         pos, counters): the decode step's RoPE, cache write and attention (one launch on cuda-triton)."""
@@ -164,7 +163,7 @@ class Backend(Protocol):
         x [B, T, H, D], out [B, T, H, W >= D] (views into packed or padded buffers). last [B, T, Hl, D]: also
         gets out[:, :, H - Hl:, :D] (a prompt's k and v into a KV cache). Returns out."""
 
-    def silu_mul_fwd(self, g: torch.Tensor, u: torch.Tensor, prefetch: object | None = None) -> torch.Tensor:
+    def silu_mul_fwd(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """F.silu(g) * u as model.feed_forward (silu rounded to the dtype, then the product)."""
 
     def silu_mul_bwd(

@@ -101,7 +101,7 @@ class CpuTorchBackend:
         return [(a.to(dtype), b.to(dtype), s) for a, b, s in loras]
 
     def add_rms_norm(
-        self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float, prefetch: object | None = None
+        self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """model.block's `h = h + delta` then `rms_norm(h, eps) * w.to(h.dtype)`."""
         s = h if delta is None else h + delta
@@ -158,7 +158,6 @@ class CpuTorchBackend:
         n_head: int,
         n_head_kv: int,
         counters: torch.Tensor | None = None,
-        prefetch: object | None = None,
     ) -> torch.Tensor:
         """rope_kv_write, then attention_decode."""
         q = self.rope_kv_write(qkv, cos, sin, pos, cache_k, cache_v, n_head, n_head_kv)
@@ -225,7 +224,7 @@ class CpuTorchBackend:
             last.copy_(out[:, :, out.shape[2] - last.shape[2] :, :D])
         return out
 
-    def silu_mul_fwd(self, g: torch.Tensor, u: torch.Tensor, prefetch: object | None = None) -> torch.Tensor:
+    def silu_mul_fwd(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """model.feed_forward's F.silu(gate) * up, on g and u as given (torch's CPU silu takes a scalar exp on
         the tail of each contiguous run, so its last bits depend on the layout: the decode step passes the
         same column views of the packed [gate | up] as the model's forward)."""

@@ -148,8 +148,8 @@ class CudaTritonBackend:
     ) -> torch.Tensor:
         return self._train.rope_heads(x, cos, sin, n_rot, out, inverse, last)
 
-    def silu_mul_fwd(self, g: torch.Tensor, u: torch.Tensor, prefetch: Prefetch | None = None) -> torch.Tensor:
-        return self._train.silu_mul_fwd(g, u, prefetch)
+    def silu_mul_fwd(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self._train.silu_mul_fwd(g, u)
 
     def silu_mul_bwd(
         self, dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -159,9 +159,9 @@ class CudaTritonBackend:
     # -- decode ops -----------------------------------------------------------------------------------
 
     def add_rms_norm(
-        self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float, prefetch: Prefetch | None = None
+        self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._dec.add_rms_norm(h, delta, w, eps, prefetch)
+        return self._dec.add_rms_norm(h, delta, w, eps)
 
     def rope_kv_write(
         self,
@@ -197,11 +197,8 @@ class CudaTritonBackend:
         n_head: int,
         n_head_kv: int,
         counters: torch.Tensor | None = None,
-        prefetch: Prefetch | None = None,
     ) -> torch.Tensor:
-        return self._dec.rope_attention_decode(
-            qkv, cos, sin, pos, cache_k, cache_v, n_head, n_head_kv, counters, prefetch=prefetch
-        )
+        return self._dec.rope_attention_decode(qkv, cos, sin, pos, cache_k, cache_v, n_head, n_head_kv, counters)
 
     # -- lookups --------------------------------------------------------------------------------------
 

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Lab: do L2 prefetch hints for the next product's weight shorten a decode step?
 
-Each of the step's 105 q8_0 products pays ~6.8 us of fixed cost (bench/results/h200_session10/NOTES.md), and
-the small launches between them (add+RMSNorm, attention, SwiGLU: ~320 us per step) leave HBM idle. With a
-decode.Prefetch plan, extra programs of the launches before each product ask L2 for the product's first bytes
-(its first programs' rows): `tail` bytes from the previous product's launch, the next `gap` bytes from the small
-launch right before it. For each plan this times a captured greedy decode step of the 3B q8_0 model (batch 1),
-interleaved with the others over several rounds, without and with two scaled adapters, and checks that every
-plan decodes the same tokens as no prefetch.
+Each of the step's 105 q8_0 products pays ~6.8 us of fixed cost (bench/results/h200_session10/NOTES.md). With a
+decode.PrefetchPlan, extra programs at the end of each product's launch ask L2 for the first `tail` bytes of the
+next product's weight (the rows its first programs read). For each plan this times a captured greedy decode step
+of the 3B q8_0 model (batch 1), interleaved with the others over several rounds, without and with two scaled
+adapters, and checks that every plan decodes the same tokens as no prefetch. (Session 11 also measured the small
+launches between the products prefetching, the products' own first programs prefetching, and the tensor-core GEMV
+forming t = x @ a; those variants are in its NOTES.md and the git history.)
 
     python bench/prefetch_lab.py [--layers 26] [--rounds 3] [--out bench/results/prefetch_lab.json]
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,55 +27,39 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 MB = 1 << 20
 MAX_SPLITS = 16  # decode_ops.MAX_SPLITS as shipped
-PLANS = {  # name -> (tail, gap, kind[, {"wo_tail": bytes for the output projections, "splits": attention splits}])
-    "none": (0, 0, 2),
-    "tail4+wo8": (4 * MB, 0, 2, {"wo_tail": 8 * MB}),
-    "tail4+wo11": (4 * MB, 0, 2, {"wo_tail": 11 * MB}),
-    "tail4+wo2": (4 * MB, 0, 2, {"wo_tail": 2 * MB}),
-    "tail4+splits4": (4 * MB, 0, 2, {"splits": 4}),
-    "tail4+splits2": (4 * MB, 0, 2, {"splits": 2}),
-    "tail2": (2 * MB, 0, 2),
-    "tail6": (6 * MB, 0, 2),
-    "tail8": (8 * MB, 0, 2),
-    "tail12": (12 * MB, 0, 2),
-    "tail16": (16 * MB, 0, 2),
-    "tail8-plain": (8 * MB, 0, 1),
-    "tail4+gap2": (4 * MB, 2 * MB, 2),
-    "tail8+gap2": (8 * MB, 2 * MB, 2),
-    "gap4": (0, 4 * MB, 2),
-    "gap8": (0, 8 * MB, 2),
-    "gap16": (0, 16 * MB, 2),
-    "gap32": (0, 32 * MB, 2),
-    "gap8-plain": (0, 8 * MB, 1),
-    "tail4": (4 * MB, 0, 2),
-    "tail4+gap8": (4 * MB, 8 * MB, 2),
-    "tail8+gap16": (8 * MB, 16 * MB, 2),
+PLANS = {  # name -> (tail, kind[, {"wo_tail": bytes for the output projections, "splits": attention splits}])
+    "none": (0, 2),
+    "tail2": (2 * MB, 2),
+    "tail4": (4 * MB, 2),
+    "tail6": (6 * MB, 2),
+    "tail8": (8 * MB, 2),
+    "tail12": (12 * MB, 2),
+    "tail16": (16 * MB, 2),
+    "tail8-plain": (8 * MB, 1),
+    "tail4+wo2": (4 * MB, 2, {"wo_tail": 2 * MB}),
+    "tail4+wo8": (4 * MB, 2, {"wo_tail": 8 * MB}),
+    "tail4+wo11": (4 * MB, 2, {"wo_tail": 11 * MB}),
+    "tail4+splits4": (4 * MB, 2, {"splits": 4}),
+    "tail4+splits2": (4 * MB, 2, {"splits": 2}),
 }
 
 
 def run_plan(model, be, ads, gen, cache, plan, n: int) -> tuple[float, list[int]]:
     """(us per greedy step over n steps after a fresh capture, the first 32 tokens)."""
+    from decode_tiles_lab import best_step_us
     from lorakit.kernels import decode_ops
 
-    from lorakit.decode import GraphDecoder, Prefetch
+    from lorakit.decode import GraphDecoder, PrefetchPlan
 
-    extra = plan[3] if len(plan) > 3 else {}
+    extra = plan[2] if len(plan) > 2 else {}
     decode_ops.MAX_SPLITS = extra.get("splits", MAX_SPLITS)  # read when the step is captured
-    dec = GraphDecoder(model, be, ads, gen.rope, cache, torch.bfloat16, greedy=True, prefetch=Prefetch(*plan[:3]))
+    dec = GraphDecoder(model, be, ads, gen.rope, cache, torch.bfloat16, greedy=True, prefetch=PrefetchPlan(*plan[:2]))
     if "wo_tail" in extra:  # the hints of the output projections (product 4 i + 1) take their own amount
-        for i, (tail, gap) in enumerate(dec.hints[:-1]):
-            if i % 4 == 1 and tail is not None:
-                dec.hints[i] = (tail._replace(nbytes=extra["wo_tail"]), gap)
+        for i, hint in enumerate(dec.hints[:-1]):
+            if i % 4 == 1 and hint is not None:
+                dec.hints[i] = hint._replace(nbytes=extra["wo_tail"])
     toks = list(dec.tokens(5, 64, 32))  # capture + warm-up + the tokens to compare
-    best = float("inf")
-    for _ in range(2):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        list(dec.tokens(5, 64, n))
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t0) / n * 1e6)
-    del dec
-    return best, toks
+    return best_step_us(dec, n, 2), toks
 
 
 def main(argv=None) -> int:
@@ -93,7 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ad-plans", default=None, help="the plans with adapters (default: --plans)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "prefetch_lab.json")
     a = ap.parse_args(argv)
-    plans = {False: a.plans.split(","), True: (a.ad_plans or a.plans).split(",")}
+    ad_plans = a.plans if a.ad_plans is None else a.ad_plans
+    plans = {False: [p for p in a.plans.split(",") if p], True: [p for p in ad_plans.split(",") if p]}
 
     be = get_backend("cuda-triton")
     model = random_q8_model(shapes(a.layers), be.device)

@@ -54,18 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_util import (
-    Prefetch,
-    _pdl_start,
-    _prefetch,
-    _to,
-    cdiv,
-    check_tensor,
-    interpreting,
-    next_pow2,
-    pdl,
-    prefetch_launch,
-)
+from .triton_util import _pdl_start, _to, cdiv, check_tensor, interpreting, next_pow2, pdl
 
 _INTERPRET = interpreting()
 MAX_ROW = 16384  # add_rms_norm keeps a whole row in registers
@@ -78,16 +67,11 @@ ATTN_WARPS = 4
 
 @triton.jit
 def _add_rms_norm_kernel(
-    h_ptr, d_ptr, w_ptr, s_ptr, y_ptr, E, E_f, eps, stride_h, stride_d, stride_s, stride_y, n_rows,
-    pf_q, pf_d, pf_q_lines, pf_d_lines, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, EMU_BF16: tl.constexpr,
-    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
+    h_ptr, d_ptr, w_ptr, s_ptr, y_ptr, E, E_f, eps, stride_h, stride_d, stride_s, stride_y,
+    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, EMU_BF16: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
-    if PREFETCH:  # programs past the rows ask L2 for the next product's first weights (triton_util.prefetch_launch)
-        if row >= n_rows:
-            _prefetch(pf_q, pf_d, pf_q_lines, pf_d_lines, row - n_rows, tl.num_programs(0) - n_rows, PREFETCH)
-            return
     _pdl_start(PDL)
+    row = tl.program_id(0).to(tl.int64)
     dtype = y_ptr.dtype.element_ty
     offs = tl.arange(0, BLOCK)
     mask = offs < E
@@ -155,19 +139,13 @@ def _rope_pairs(src, i, mi, c, sn, dtype: tl.constexpr, EMU_BF16: tl.constexpr):
 def _attn_decode_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, ws_ptr, cnt_ptr, n_ctx, group, qk_scale, stride_qh, stride_qd,
     kh_units, vh_units, cos_ptr, sin_ptr, n_pos, stride_c0, stride_c1, stride_s0, stride_s1, H, Hkv,
-    pf_q, pf_d, pf_q_lines, pf_d_lines,
     D: tl.constexpr, stride_kt: tl.constexpr, stride_vt: tl.constexpr, KV_ALIGN: tl.constexpr,
     SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    EMU_BF16: tl.constexpr, ROPE: tl.constexpr = False, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
+    EMU_BF16: tl.constexpr, ROPE: tl.constexpr = False, PDL: tl.constexpr = False,
 ):  # fmt: skip
+    _pdl_start(PDL)
     h = tl.program_id(0)
     s = tl.program_id(1)  # this program's key split: key blocks s, s + SPLITS, s + 2*SPLITS, ...
-    if PREFETCH:  # programs past the heads ask L2 for the next product's first weights (prefetch_launch)
-        if h >= H:
-            _prefetch(pf_q, pf_d, pf_q_lines, pf_d_lines, (h - H) * SPLITS + s, (tl.num_programs(0) - H) * SPLITS,
-                      PREFETCH)  # fmt: skip
-            return
-    _pdl_start(PDL)
     kvh = (h // group).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     md = offs_d < D
@@ -265,10 +243,9 @@ def _check_cache(cache_k: torch.Tensor, cache_v: torch.Tensor, dtype, device) ->
 
 
 def add_rms_norm(
-    h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float, prefetch: Prefetch | None = None
+    h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, y): s = h + delta (h itself when delta is None), y = rms_norm(s, eps) * w, both in h's dtype.
-    prefetch: an L2 hint for the next product's weight (triton_util.Prefetch), requested by extra programs."""
+    """(s, y): s = h + delta (h itself when delta is None), y = rms_norm(s, eps) * w, both in h's dtype."""
     check_tensor(h, "h")
     E = h.shape[-1]
     if delta is not None:
@@ -288,12 +265,10 @@ def add_rms_norm(
     if h2.shape[0] == 0:
         return s, y
     block = next_pow2(E)
-    rows = h2.shape[0]
-    pf_args, extra, kind = prefetch_launch(prefetch, h2)
-    _add_rms_norm_kernel[(rows + extra,)](
-        h2, d2, w, s2, y2, E, float(E), float(eps), h2.stride(0), d2.stride(0), s2.stride(0), y2.stride(0), rows,
-        *pf_args, HAS_DELTA=delta is not None, BLOCK=block, EMU_BF16=_INTERPRET,
-        num_warps=min(16, max(1, block // 512)), PREFETCH=kind, **pdl(h.device),
+    _add_rms_norm_kernel[(h2.shape[0],)](
+        h2, d2, w, s2, y2, E, float(E), float(eps), h2.stride(0), d2.stride(0), s2.stride(0), y2.stride(0),
+        HAS_DELTA=delta is not None, BLOCK=block, EMU_BF16=_INTERPRET, num_warps=min(16, max(1, block // 512)),
+        **pdl(h.device),
     )  # fmt: skip
     return s, y
 
@@ -375,18 +350,16 @@ def rope_attention_decode(
     counters: torch.Tensor | None = None,
     *,
     splits: int | None = None,
-    prefetch: Prefetch | None = None,
 ) -> torch.Tensor:
     """attention_decode(rope_kv_write(qkv, ...), ...) in one launch: every program rotates its q head, the first
     program of each kv head writes the rotated k and v to cache row pos, and the programs whose keys include pos
     take that row from registers. The same q and cache rows as rope_kv_write (the launch keeps the rotation
-    from being contracted into FMAs). prefetch: an L2 hint for the next product's weight, requested by extra
-    programs."""
+    from being contracted into FMAs)."""
     H, _, _, D = _check_rope(qkv, cos, sin, pos, cache_k, cache_v, n_head, n_head_kv)
-    return _attend(qkv, H, (D, 1), cache_k, cache_v, pos, counters, splits, (cos, sin), prefetch)
+    return _attend(qkv, H, (D, 1), cache_k, cache_v, pos, counters, splits, (cos, sin))
 
 
-def _attend(q, H, q_strides, cache_k, cache_v, pos, counters, splits, rope, prefetch=None) -> torch.Tensor:
+def _attend(q, H, q_strides, cache_k, cache_v, pos, counters, splits, rope) -> torch.Tensor:
     """The attention launch of attention_decode (q [1, H, 1, D]) or, with rope = (cos, sin), of
     rope_attention_decode (q the token's [q | k | v])."""
     Hkv, n_ctx, D = cache_k.shape[1], cache_k.shape[2], cache_k.shape[3]
@@ -411,13 +384,12 @@ def _attend(q, H, q_strides, cache_k, cache_v, pos, counters, splits, rope, pref
         n_pos = min(n_ctx, cos.shape[0], sin.shape[0])
         rope_args = (cos, sin, n_pos, cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), H, Hkv)
     a = math.gcd(cache_k.stride(1), cache_v.stride(1), 16)  # KV_ALIGN: a power of two dividing both
-    pf_args, extra, kind = prefetch_launch(prefetch, out)
-    _attn_decode_kernel[(H + cdiv(extra, S), S)](
+    _attn_decode_kernel[(H, S)](
         q, cache_k, cache_v, pos, out, ws, cnt, n_ctx, H // Hkv, _LOG2E / math.sqrt(D), *q_strides,
-        cache_k.stride(1) // a, cache_v.stride(1) // a, *rope_args, *pf_args, D=D, stride_kt=cache_k.stride(2),
+        cache_k.stride(1) // a, cache_v.stride(1) // a, *rope_args, D=D, stride_kt=cache_k.stride(2),
         stride_vt=cache_v.stride(2), KV_ALIGN=a, SPLITS=S, BLOCK_S=next_pow2(S), BLOCK_T=BLOCK_T,
         BLOCK_D=next_pow2(D), EMU_BF16=_INTERPRET, ROPE=rope is not None, enable_fp_fusion=rope is None,
-        num_warps=ATTN_WARPS, PREFETCH=kind, **pdl(q.device),
+        num_warps=ATTN_WARPS, **pdl(q.device),
     )  # fmt: skip
     return out
 

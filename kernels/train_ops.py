@@ -56,20 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_util import (
-    ACT_DTYPES,
-    Prefetch,
-    _pdl_start,
-    _prefetch,
-    _to,
-    cdiv,
-    check_tensor,
-    interpreting,
-    launch,
-    next_pow2,
-    pdl,
-    prefetch_launch,
-)
+from .triton_util import ACT_DTYPES, _pdl_start, _to, cdiv, check_tensor, interpreting, launch, next_pow2, pdl
 
 _INTERPRET = interpreting()
 MAX_ROW = 16384  # rms_norm keeps a whole row in registers
@@ -187,22 +174,12 @@ def _silu_mul_fwd_kernel(
     n_blk,
     stride_g,
     stride_u,
-    n_work,
-    pf_q,
-    pf_d,
-    pf_q_lines,
-    pf_d_lines,
     BLOCK: tl.constexpr,
     EMU_BF16: tl.constexpr,
     PDL: tl.constexpr = False,
-    PREFETCH: tl.constexpr = 0,
 ):
-    pid = tl.program_id(0)
-    if PREFETCH:  # programs past the rows' ask L2 for the next product's first weights (triton_util.prefetch_launch)
-        if pid >= n_work:
-            _prefetch(pf_q, pf_d, pf_q_lines, pf_d_lines, pid - n_work, tl.num_programs(0) - n_work, PREFETCH)
-            return
     _pdl_start(PDL)
+    pid = tl.program_id(0)
     row = (pid // n_blk).to(tl.int64)
     cols = (pid % n_blk) * BLOCK + tl.arange(0, BLOCK)
     m = cols < Fd
@@ -393,9 +370,8 @@ def _check_same(ts: list[tuple[torch.Tensor, str]]) -> int:
     return Fd
 
 
-def silu_mul_fwd(g: torch.Tensor, u: torch.Tensor, prefetch: Prefetch | None = None) -> torch.Tensor:
-    """F.silu(g) * u with model.feed_forward's roundings; g, u [..., F] (last axis contiguous) -> contiguous y.
-    prefetch: an L2 hint for the next product's weight (triton_util.Prefetch), requested by extra programs."""
+def silu_mul_fwd(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """F.silu(g) * u with model.feed_forward's roundings; g, u [..., F] (last axis contiguous) -> contiguous y."""
     Fd = _check_same([(g, "g"), (u, "u")])
     g2, u2 = _rows(g, Fd), _rows(u, Fd)
     y = torch.empty(g.shape, dtype=g.dtype, device=g.device)
@@ -403,11 +379,8 @@ def silu_mul_fwd(g: torch.Tensor, u: torch.Tensor, prefetch: Prefetch | None = N
     if rows == 0:
         return y
     n_blk = cdiv(Fd, EW_BLOCK)
-    pf_args, extra, kind = prefetch_launch(prefetch, g2)
-    launch(_silu_mul_fwd_kernel, (rows * n_blk + extra,),
-           (g2, u2, y, Fd, n_blk, g2.stride(0), u2.stride(0), rows * n_blk, *pf_args),
-           dict(BLOCK=EW_BLOCK, EMU_BF16=_INTERPRET, enable_fp_fusion=False, num_warps=4, PREFETCH=kind,
-                **pdl(g.device)))  # fmt: skip
+    launch(_silu_mul_fwd_kernel, (rows * n_blk,), (g2, u2, y, Fd, n_blk, g2.stride(0), u2.stride(0)),
+           dict(BLOCK=EW_BLOCK, EMU_BF16=_INTERPRET, enable_fp_fusion=False, num_warps=4, **pdl(g.device)))  # fmt: skip
     return y
 
 

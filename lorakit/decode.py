@@ -12,7 +12,7 @@ into the products (one block-diagonal term for a packed weight, lora.formed_term
 their adapter terms) are formed once per generation. On sm_90+ the step's kernels are programmatic dependent
 launches (kernels.triton_util.pdl): each starts while the previous one finishes and waits for it before
 touching memory, and the last programs of each product's launch ask L2 for the first bytes of the next product's
-weight (Prefetch, default_prefetch): HBM stays busy through the tail of one product, the small launches after it
+weight (PrefetchPlan, default_prefetch): HBM stays busy through the tail of one product, the small launches after it
 and the start of the next. Greedy decoding (GraphDecoder(greedy=True).tokens) also takes the argmax and the next
 position inside the step, so the host never waits for a token before launching the next step; sampled decoding
 (sampler=...) captures the top-k / top-p / min-p stages (generate.survivors) and, with device_draw=True, the
@@ -33,30 +33,29 @@ from .model import KVCache, LlamaModel, fused_members
 
 
 @dataclass(frozen=True)
-class Prefetch:
-    """How much of each product's weight the launches before it ask the memory system for (bytes, backend
-    prefetch_hint): the first `tail` by the previous product's launch, the next `gap` by the small launch right
-    before the product (add+RMSNorm, attention, SwiGLU), whose own work leaves the memory idle. kind: 1 plain,
-    2 with the evict_last priority. Hints change no result."""
+class PrefetchPlan:
+    """How much of each product's weight the previous product's launch asks the memory system for as it ends
+    (bytes from the start, backend prefetch_hint; its first programs read those rows first). kind: 1 plain, 2 with
+    the evict_last priority. Hints change no result."""
 
     tail: int = 0
-    gap: int = 0
     kind: int = 2
 
 
 MiB = 1 << 20
 
 
-def default_prefetch(device: torch.device) -> Prefetch:
+def default_prefetch(device: torch.device) -> PrefetchPlan:
     """The plan a decode step uses unless told otherwise: the first 4 MiB of each product's weight requested by
     the previous product's tail programs, on a GPU whose L2 holds >= 32 MiB (the H200's 50 MiB: 1,973 -> 1,877 us
-    per 3B q8_0 step, +5.2%; 2 MiB +4.3%, 6 MiB the same as 4, 8 MiB +4.6%, 16 MiB +0.6%; any gap prefetch by the
-    small launches cost more than it saved past 2 MiB; bench/results/h200_session11). None elsewhere (not
-    measured: a small L2 would evict the lines before their product reads them)."""
+    per 3B q8_0 step, +5.2%, with two adapters +0.4%; 2 MiB +4.3%, 6 MiB the same as 4, 8 MiB +4.6%, 16 MiB
+    +0.6%; the small launches between the products (norms, attention, SwiGLU) prefetching instead: +2.1% at 4
+    MiB, slower from 16 MiB, nothing on top of the tail; bench/results/h200_session11/NOTES.md). Off elsewhere
+    (not measured: a small L2 would evict the lines before their product reads them)."""
     if device.type != "cuda":
-        return Prefetch()
+        return PrefetchPlan()
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
-    return Prefetch(tail=4 * MiB) if l2 >= 32 * MiB else Prefetch()
+    return PrefetchPlan(tail=4 * MiB) if l2 >= 32 * MiB else PrefetchPlan()
 
 
 class GraphDecoder:
@@ -74,7 +73,7 @@ class GraphDecoder:
         greedy: bool = False,
         sampler: SamplingParams | None = None,
         device_draw: bool = False,
-        prefetch: Prefetch | None = None,
+        prefetch: PrefetchPlan | None = None,
     ):
         if device_draw and (sampler is None or greedy):
             raise ValueError("device_draw needs a sampler (and greedy=False)")
@@ -101,7 +100,7 @@ class GraphDecoder:
                 self.fused[name] = (w, one_term(fused_members(name)))
             single = [f"blk.{i}.{k}.weight" for i in range(args.n_layer) for k in ("attn_output", "ffn_down")]
             self.products = {n: (model.weight(n), one_term([n])) for n in [*single, "output.weight"]}
-        # the step's products in order, and each one's (tail, gap) prefetch hints
+        # the step's products in order, and the prefetch hint for each (carried by the product before it)
         order = [
             self._weight(f"blk.{i}.{kind}")
             for i in range(args.n_layer)
@@ -109,10 +108,7 @@ class GraphDecoder:
         ]
         order.append(self._weight("output.weight"))
         p = default_prefetch(dev) if prefetch is None else prefetch
-        self.hints = [
-            (backend.prefetch_hint(w, 0, p.tail, p.kind), backend.prefetch_hint(w, p.tail, p.gap, p.kind))
-            for w in order
-        ]
+        self.hints = [backend.prefetch_hint(w, 0, p.tail, p.kind) for w in order]
         self.tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         # device_draw: one uniform per step (tokens() fills them from the generation's seeded generator), and the
@@ -144,22 +140,21 @@ class GraphDecoder:
     def _step(self) -> torch.Tensor:
         args, be, cache = self.model.args, self.backend, self.cache
         eps = args.norm_eps
-        hints = self.hints  # [product][0]: its tail hint (for the product before it), [1] its gap hint
+        hints = self.hints  # [product]: the prefetch hint for it, carried by the product before it
         h = self.embed(self.tok)
         delta = None
         for i in range(args.n_layer):
             p = 4 * i  # the layer's products: p (q/k/v), p + 1 (output), p + 2 (gate/up), p + 3 (down)
-            h, a = be.add_rms_norm(h, delta, self.norms[f"blk.{i}.attn_norm.weight"], eps, prefetch=hints[p][1])
-            qkv = self._packed(a, i, "attn_qkv", prefetch=hints[p + 1][0])
+            h, a = be.add_rms_norm(h, delta, self.norms[f"blk.{i}.attn_norm.weight"], eps)
+            qkv = self._packed(a, i, "attn_qkv", prefetch=hints[p + 1])
             o = be.rope_attention_decode(qkv, self.cos_table, self.sin_table, self.pos, cache.k[i], cache.v[i],
-                                         args.n_head, args.n_head_kv, self.counters,
-                                         prefetch=hints[p + 1][1])  # fmt: skip
-            delta = be.lora_linear(o, *self.products[f"blk.{i}.attn_output.weight"], prefetch=hints[p + 2][0])
-            h, f = be.add_rms_norm(h, delta, self.norms[f"blk.{i}.ffn_norm.weight"], eps, prefetch=hints[p + 2][1])
-            gu = self._packed(f, i, "ffn_gate_up", prefetch=hints[p + 3][0])
-            act = be.silu_mul_fwd(*gu.chunk(2, dim=-1), prefetch=hints[p + 3][1])  # SwiGLU on the packed output's views
-            delta = be.lora_linear(act, *self.products[f"blk.{i}.ffn_down.weight"], prefetch=hints[p + 4][0])
-        _, h = be.add_rms_norm(h, delta, self.norms["output_norm.weight"], eps, prefetch=hints[-1][1])
+                                         args.n_head, args.n_head_kv, self.counters)  # fmt: skip
+            delta = be.lora_linear(o, *self.products[f"blk.{i}.attn_output.weight"], prefetch=hints[p + 2])
+            h, f = be.add_rms_norm(h, delta, self.norms[f"blk.{i}.ffn_norm.weight"], eps)
+            gu = self._packed(f, i, "ffn_gate_up", prefetch=hints[p + 3])
+            act = be.silu_mul_fwd(*gu.chunk(2, dim=-1))  # SwiGLU on the two views of the packed output
+            delta = be.lora_linear(act, *self.products[f"blk.{i}.ffn_down.weight"], prefetch=hints[p + 4])
+        _, h = be.add_rms_norm(h, delta, self.norms["output_norm.weight"], eps)
         logits = be.lora_linear(h, *self.products["output.weight"])[0, -1].float()
         if self.sampler is not None:  # the sampler's device stages: only their survivors go to the host
             self.picks = survivors(logits, self.sampler)

@@ -26,7 +26,7 @@ if not CUDA:
 
 from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
 
-from lorakit.decode import GraphDecoder, Prefetch  # noqa: E402
+from lorakit.decode import GraphDecoder, PrefetchPlan  # noqa: E402
 from lorakit.generate import Generator  # noqa: E402
 from lorakit.lora import LoraAdapter, LoraPair, base_shape  # noqa: E402
 from lorakit.model import LlamaModel, ModelArgs, pack_fused  # noqa: E402
@@ -199,8 +199,8 @@ def test_greedy_steps_take_their_token_on_the_device(make_backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_adapter", [True, False])
 def test_prefetch_hints_change_no_result(make_backend, dtype, with_adapter):
-    """A decode.Prefetch plan (on a GPU: extra programs in the step's launches asking L2 for the next product's
-    weight, from its start and from inside it) decodes the same logits, tokens and cache as none. bf16 without an
+    """A decode.PrefetchPlan (on a GPU: extra programs in each product's launch asking L2 for the next product's
+    first weight bytes) decodes the same logits, tokens and cache as none. bf16 without an
     adapter takes the tensor-core GEMV, the others the FMA GEMV. Off the GPU the hints are None (one case checks
     that plumbing)."""
     if not CUDA and (dtype != torch.float32 or not with_adapter):
@@ -208,7 +208,7 @@ def test_prefetch_hints_change_no_result(make_backend, dtype, with_adapter):
     be, model, ads, gen, prompt, caches, logits = _two_prompted_caches(make_backend, dtype, with_adapter)
     first = int(torch.argmax(logits))
     runs = []
-    for cache, plan in zip(caches, (Prefetch(), Prefetch(tail=1000, gap=3000, kind=1)), strict=True):
+    for cache, plan in zip(caches, (PrefetchPlan(), PrefetchPlan(tail=3000, kind=1)), strict=True):
         dec = GraphDecoder(model, be, ads, gen.rope, cache, dtype, prefetch=plan)
         runs.append([dec(first, len(prompt)).clone()])
         dec = GraphDecoder(model, be, ads, gen.rope, cache, dtype, greedy=True, prefetch=plan)
