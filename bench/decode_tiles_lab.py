@@ -41,6 +41,20 @@ def best_step_us(dec, n: int, rounds: int) -> float:
     return best
 
 
+def prompted(model, be, with_adapters: bool):
+    """(adapters, Generator, KV cache holding a 64-token prompt) for decode steps from position 64: none or
+    predict_gpu's two scaled adapters, n_ctx 256, bf16."""
+    from predict_gpu import two_adapters
+
+    from lorakit.generate import Generator
+
+    ads = two_adapters(model, be.device) if with_adapters else []
+    gen = Generator(model, be, ads, n_ctx=256, dtype=torch.bfloat16)
+    cache = gen.new_cache()
+    gen.logits(list(range(3, 67)), cache, 0)
+    return ads, gen, cache
+
+
 def step_us(model, be, adapters, gen, cache, n: int = 96) -> float:
     """GPU decode: microseconds per greedy step (argmax in the step), after a fresh capture."""
     from lorakit.decode import GraphDecoder
@@ -71,9 +85,7 @@ def main(argv=None) -> int:
     from finetune_gpu import random_q8_model, shapes
     from lorakit.backends import get_backend
     from lorakit.kernels import q8_0_tuning
-    from predict_gpu import random_adapter
 
-    from lorakit.generate import Generator
     from lorakit.quant import Q8Weight
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -84,12 +96,7 @@ def main(argv=None) -> int:
 
     be = get_backend("cuda-triton")
     model = random_q8_model(shapes(a.layers), be.device)
-    ads = []
-    if a.adapters:
-        ads = [(random_adapter(model, 4, 1, be.device), 0.7), (random_adapter(model, 4, 2, be.device), 0.4)]
-    gen = Generator(model, be, ads, n_ctx=256, dtype=torch.bfloat16)
-    cache = gen.new_cache()
-    gen.logits(list(range(3, 67)), cache, 0)
+    ads, gen, cache = prompted(model, be, a.adapters)
     base = step_us(model, be, ads, gen, cache)  # also autotunes every decode key
     kind = "gemv" if a.adapters else "gemv_tc"
     cands = q8_0_tuning._GEMV_CONFIGS if a.adapters else q8_0_tuning._GEMV_TC_CONFIGS

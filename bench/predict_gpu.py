@@ -40,6 +40,11 @@ def random_adapter(model, rank: int, seed: int, device):
     return LoraAdapter(pairs, format="random")
 
 
+def two_adapters(model, device) -> list:
+    """The benchmarks' two scaled adapters: rank 4 at scales 0.7 and 0.4 (seeds 1 and 2)."""
+    return [(random_adapter(model, 4, 1, device), 0.7), (random_adapter(model, 4, 2, device), 0.4)]
+
+
 def weight_bytes(model) -> int:
     from lorakit.quant import Q8Weight
 
@@ -163,7 +168,7 @@ def main(argv=None) -> int:
     r = bench_prefill(model, be)
     rows.append({"case": "prefill 512", **r, "vs_llamacpp": r["prefill_tok_s"] / LLAMACPP_PREFILL})
     print(json.dumps(rows[-1]), flush=True)
-    ads = [(random_adapter(model, 4, 1, be.device), 0.7), (random_adapter(model, 4, 2, be.device), 0.4)]
+    ads = two_adapters(model, be.device)
     for name, adapters in (("no adapter", ()), ("2 scaled adapters", ads)):
         for mode, how in (("host", "host argmax"), ("device", "argmax on GPU"), ("sampled", "default sampling"),
                           ("sampled-host", "default sampling, draw on host")):  # fmt: skip

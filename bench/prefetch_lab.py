@@ -63,11 +63,9 @@ def run_plan(model, be, ads, gen, cache, plan, n: int) -> tuple[float, list[int]
 
 
 def main(argv=None) -> int:
+    from decode_tiles_lab import prompted
     from finetune_gpu import random_q8_model, shapes
     from lorakit.backends import get_backend
-    from predict_gpu import random_adapter
-
-    from lorakit.generate import Generator
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=26)
@@ -84,12 +82,7 @@ def main(argv=None) -> int:
     result = {"plans": {k: PLANS[k] for k in {*plans[False], *plans[True]}}, "runs": {}}
     for with_ads in (False, True):
         names = plans[with_ads]
-        ads = []
-        if with_ads:
-            ads = [(random_adapter(model, 4, 1, be.device), 0.7), (random_adapter(model, 4, 2, be.device), 0.4)]
-        gen = Generator(model, be, ads, n_ctx=256, dtype=torch.bfloat16)
-        cache = gen.new_cache()
-        gen.logits(list(range(3, 67)), cache, 0)
+        ads, gen, cache = prompted(model, be, with_ads)
         times = {k: [] for k in names}
         ref = None
         same = {}

@@ -201,10 +201,9 @@ def main(argv=None) -> int:
         if what == "decode":
             out["decode"] = profile_decode(model, be)
         elif what == "decode2":  # predict_gpu.py's two scaled adapters: where the adapters' cost goes
-            from predict_gpu import random_adapter
+            from predict_gpu import two_adapters
 
-            ads = [(random_adapter(model, 4, 1, be.device), 0.7), (random_adapter(model, 4, 2, be.device), 0.4)]
-            out["decode2 (2 adapters)"] = profile_decode(model, be, adapters=ads)
+            out["decode2 (2 adapters)"] = profile_decode(model, be, adapters=two_adapters(model, be.device))
         elif what == "prefill":
             out["prefill 512"] = profile_prefill(model, be)
         elif what == "train":
