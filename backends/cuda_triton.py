@@ -92,7 +92,7 @@ class CudaTritonBackend:
         return add_lora_terms(self._mm.q8_0_matmul(x, w.qs, w.d, a, b, s, lora_t=t, **kw), x, rest)
 
     def prefetch_hint(self, w: Weight, start: int, nbytes: int, kind: int = 2) -> Prefetch | None:
-        """kernels.triton_util.Prefetch for a q8_0 weight (bytes of its qs, and the same rows' scales); None for a
+        """kernels.triton_util.Prefetch for a q8_0 weight (bytes of its qs, and those blocks' scales); None for a
         float weight or no bytes."""
         if not isinstance(w, Q8Weight) or nbytes <= 0:
             return None

@@ -102,14 +102,15 @@ def _prefetch_lines(ptr, lines, part, parts, KIND: tl.constexpr):
 
 @triton.jit
 def _prefetch(pf_q, pf_d, q_lines, d_lines, part, parts, KIND: tl.constexpr):
-    """One prefetch program's share of a q8_0 weight's prefix: its qs lines and (the same rows') d lines."""
+    """One prefetch program's share of a q8_0 weight's hinted range: its qs lines and the lines of those blocks'
+    scales d."""
     _prefetch_lines(pf_q, q_lines, part, parts, KIND)
     _prefetch_lines(pf_d, d_lines, part, parts, KIND)
 
 
 class Prefetch(NamedTuple):
     """An L2 prefetch hint a decode launch carries for the product after it: bytes [start, start + nbytes) of a
-    q8_0 weight's qs (row-major: the rows its first programs read) and the same rows' scales d, requested by
+    q8_0 weight's qs (row-major: the rows its first programs read) and those blocks' scales d, requested by
     extra programs of the launch that read nothing else and wait for nothing (prefetch_launch). kind: 1 a plain
     prefetch, 2 with the evict_last priority."""
 

@@ -100,7 +100,8 @@ class GraphDecoder:
                 self.fused[name] = (w, one_term(fused_members(name)))
             single = [f"blk.{i}.{k}.weight" for i in range(args.n_layer) for k in ("attn_output", "ffn_down")]
             self.products = {n: (model.weight(n), one_term([n])) for n in [*single, "output.weight"]}
-        # the step's products in order, and the prefetch hint for each (carried by the product before it)
+        # the step's products in order, and the prefetch hint for each, carried by the product before it (none
+        # for the first: no product comes before it in the step)
         order = [
             self._weight(f"blk.{i}.{kind}")
             for i in range(args.n_layer)
@@ -108,7 +109,7 @@ class GraphDecoder:
         ]
         order.append(self._weight("output.weight"))
         p = default_prefetch(dev) if prefetch is None else prefetch
-        self.hints = [backend.prefetch_hint(w, 0, p.tail, p.kind) for w in order]
+        self.hints = [None] + [backend.prefetch_hint(w, 0, p.tail, p.kind) for w in order[1:]]
         self.tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         # device_draw: one uniform per step (tokens() fills them from the generation's seeded generator), and the
