@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
-#   bash bench/gpu_session.sh OUTDIR [gputests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [tclab] [tccheck] [hostlab] [predict] [predict-nohf] [launchtest] [prefill-fixed]
-#                             [finetune-quick] [finetune] [finetune-main] [finetune-big] [finetune-seed] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-large] [kernels-small] [kernels-decode]
+#   bash bench/gpu_session.sh OUTDIR [gputests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [tclab] [tccheck] [wgmmatests] [wgmmalab] [wgmmalab-quick] [hostlab] [predict] [predict-nohf] [launchtest] [prefill-fixed]
+#                             [finetune-quick] [finetune-quick-nogluon] [finetune] [finetune-main] [finetune-big] [finetune-seed] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-large] [kernels-small] [kernels-decode]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
 set -u
@@ -54,6 +54,10 @@ for s in "$@"; do
     decodetiles) step decode_tiles 200 python3 bench/decode_tiles_lab.py --out "$out/decode_tiles_lab.json" ;;
     decodetiles-ad) step decode_tiles_ad 200 python3 bench/decode_tiles_lab.py --adapters \
         --out "$out/decode_tiles_lab_ad.json" ;;
+    wgmmatests) step pytest_wgmma 300 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_wgmma.py; \
+        LORAKIT_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py" ;;
+    wgmmalab) step wgmma_lab 420 python3 bench/wgmma_lab.py --out "$out/wgmma_lab_h200.json" ;;
+    wgmmalab-quick) step wgmma_quick 200 python3 bench/wgmma_lab.py --quick --no-triton --out "$out/wgmma_quick.json" ;;
     tclab) step gemv_tc_lab 300 python3 bench/gemv_lab.py --tc --out "$out/gemv_tc_lab_h200.json" ;;
     tccheck) step gemv_tc_check 200 python3 bench/gemv_tc_check.py ;;
     hostlab) step host_lab 150 python3 bench/host_lab.py --out "$out/host_lab_h200.json" ;;
@@ -65,6 +69,9 @@ for s in "$@"; do
     finetune-quick)
         step finetune_quick 200 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c --peers lorakit7 \
             --out "$out/finetune_quick.json" ;;
+    finetune-quick-nogluon)  # the same without the Gluon path (LORAKIT_GLUON=0), for an A/B in one call
+        step finetune_quick_nogluon 200 env LORAKIT_GLUON=0 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c \
+            --peers lorakit7 --out "$out/finetune_quick_nogluon.json" ;;
     finetune) step finetune 560 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c \
         --peers lorakit7,lorakit12,peftc,peft --steps 5 --out "$out/finetune_h200.json" ;;
     finetune-main) step finetune_main 480 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c \

@@ -28,6 +28,10 @@ per shape on the device, q8_0_tuning.choose_path):
     compute y.T = W @ x.T (the dequantized tile as the MMA's A operand). When the output tiles cannot
     fill the SMs, K is split (power of two) and the fp32 partials are summed in a fixed order
     (deterministic: no atomics).
+  * "wgmma" (M > 64, bf16/fp16 activations, sm_90; q8_0_wgmma.py, Gluon): the tiled product with each W tile's
+    dequantization overlapping the previous tile's wgmma (x and W's int8 tiles by TMA into a ring, two W
+    buffers). Its config is measured per (M bucket, N, K) among WGMMA_CONFIGS. The same numbers as "large"
+    (W rounded once, fp32 accumulation, the LoRA term in the accumulator), up to the summation order.
   * "dequant" (M >= DEQUANT_MIN_M, compute-bound): W is dequantized into a transient buffer in the
     activation dtype (freed after the product, or kept among a DequantCache's last few for the backward
     of a recomputed layer; never a float copy of the model) and multiplied by cuBLAS. At large M the
@@ -48,6 +52,7 @@ bf16 MMA), and its fp32 -> bf16 cast truncates (EMU_BF16 rounds to nearest-even 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -61,11 +66,13 @@ from .q8_0_tuning import (
     _INTERP_GEMM_T,
     _INTERP_GEMV,
     _INTERP_GEMV_TC,
+    _WGMMA_BEST,
     TC_TILES,
     _launch_tuned,
     _skinny_block_m,
     _tiles,
     choose_path,
+    pick_wgmma_config,
 )
 from .triton_util import (
     _INTERPRET,
@@ -139,12 +146,19 @@ def _split_for(path: str, m: int, n_out: int, n_red: int, device: torch.device) 
 
 
 def _candidates(
-    m: int, same_dtype: bool, gemv: bool, host_bound: bool = False, half: bool = False, t_in_launch: bool = False
+    m: int,
+    same_dtype: bool,
+    gemv: bool,
+    host_bound: bool = False,
+    half: bool = False,
+    t_in_launch: bool = False,
+    wgmma: bool = False,
 ) -> tuple[list[str], str]:
     """(paths that can compute an [m, *] product, the default without a measurement). host_bound: the caller
     launches eagerly and the host, not the GPU, is the limit (a prefill): below DEQUANT_DEFAULT_M rows the
     two-launch dequantize + cuBLAS path is left out (its GPU-time advantage is smaller than a launch there).
     half: the activations are bf16/fp16 (the tensor-core gemv's products are exact only for those).
+    wgmma: the Gluon kernel can compute this product (wgmma_ok) and is a candidate above 64 rows.
     t_in_launch: a LoRA term whose t = x @ a is still to be formed: up to GEMV_MAX_M rows the FMA gemv forms it
     in its launch at less cost (a decode step with two adapters: 2.42 ms with it, 2.84 ms when the tensor-core
     gemv formed t in its launch, a variant since removed; bench/results/h200_session8)."""
@@ -157,9 +171,10 @@ def _candidates(
         return (["gemv"] if m == 1 else ["gemv", "skinny"]), "gemv"
     if _m_bucket(m) <= 64:
         return ["skinny"], "skinny"
+    tiled = ["large", "wgmma"] if wgmma else ["large"]  # "wgmma" only where measured faster: never the default
     if m >= DEQUANT_MIN_M and same_dtype and not (host_bound and m < DEQUANT_DEFAULT_M):
-        return ["large", "dequant"], "dequant" if m >= DEQUANT_DEFAULT_M else "large"
-    return ["large"], "large"
+        return [*tiled, "dequant"], "dequant" if m >= DEQUANT_DEFAULT_M else "large"
+    return tiled, "large"
 
 
 def _forced_path(cfg: dict, m: int) -> str:
@@ -291,6 +306,36 @@ def _gemv_tc(x2, qs, d, y, lora, cfg: dict, prefetch: Prefetch | None = None) ->
         _launch_tuned("gemv_tc", _q8_gemv_tc_kernel, grid, args, const, key, None)
 
 
+@functools.cache
+def _sm90(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] == 9
+
+
+def wgmma_ok(x2: torch.Tensor, qs: torch.Tensor, r: int) -> bool:
+    """Whether the Gluon kernel (q8_0_wgmma) can compute y = x2 @ W.T here: an sm_90 GPU (not the interpreter),
+    bf16/fp16 activations, W's int8 rows where TMA can read them (16-byte aligned), a LoRA rank <= 32 (its
+    tiles share the shared memory with the pipeline's), and LORAKIT_GLUON not 0."""
+    if _INTERPRET or x2.device.type != "cuda" or x2.dtype not in (torch.bfloat16, torch.float16) or r > 32:
+        return False
+    if os.environ.get("LORAKIT_GLUON", "1") == "0":  # switch the path off (benchmarks compare with and without)
+        return False
+    return _sm90(x2.device.index or 0) and qs.stride(1) == 1 and qs.stride(0) % 16 == 0 and qs.data_ptr() % 16 == 0
+
+
+def _wgmma(x2, qs, d, y, lora, cfg: dict) -> None:
+    """The Gluon path; lora = (t, a, b, r, scale) with t formed."""
+    from .q8_0_wgmma import wgmma_matmul
+
+    m, k = x2.shape
+    lo = None if lora is None else (lora[0], lora[2], lora[4])
+    if "BLOCK_N" in cfg:
+        wgmma_matmul(x2, qs, d, y, lo, cfg)
+        return
+    key = (_m_bucket(m), qs.shape[0], k, x2.dtype, y.dtype, lora is not None)
+    best = _WGMMA_BEST.get(key) or pick_wgmma_config(key, lambda c: wgmma_matmul(x2, qs, d, y, lo, c))
+    wgmma_matmul(x2, qs, d, y, lo, best)
+
+
 def _fwd(
     path: str, x2, qs, d, y, lora, cfg: dict, cache: DequantCache | None = None, prefetch: Prefetch | None = None
 ) -> None:
@@ -305,6 +350,9 @@ def _fwd(
         lora = (x2 @ lora[1], *lora[1:])
     if path == "gemv_tc":
         _gemv_tc(x2, qs, d, y, lora, cfg, prefetch)
+        return
+    if path == "wgmma":
+        _wgmma(x2, qs, d, y, lora, cfg)
         return
     if path == "dequant":
         torch.matmul(x2, _dequantized(qs, d, x2.dtype, cache).T, out=y)
@@ -402,7 +450,8 @@ def q8_0_matmul(
     else:
         half = x.dtype in (torch.bfloat16, torch.float16)
         t_in = has_lora and lora_t is None
-        paths, default = _candidates(m, out_dtype == x.dtype, True, host_bound, half, t_in)
+        gl_ok = m > 64 and wgmma_ok(x2, qs, a.shape[1] if has_lora else 0)
+        paths, default = _candidates(m, out_dtype == x.dtype, True, host_bound, half, t_in, gl_ok)
         key = ("fwd", m if m <= GEMV_TC_MAX_M else _m_bucket(m), n, k, x.dtype, out_dtype, has_lora, t_in, host_bound)
         path = choose_path(key, paths, lambda p: _fwd(p, x2, qs, d, y, lora, cfg), default)
     _fwd(path, x2, qs, d, y, lora, cfg, dequant_cache, prefetch)

@@ -234,6 +234,26 @@ def _tiles(defaults: dict, cfg: dict) -> dict:
     return {key: cfg.get(key, val) for key, val in defaults.items()}
 
 
+# the Gluon kernel's config per (M bucket, N, K, dtypes, LoRA), measured once (pick_wgmma_config)
+_WGMMA_BEST: dict[tuple, dict] = {}
+
+
+def pick_wgmma_config(key: tuple, run: Callable[[dict], object]) -> dict:
+    """The fastest of q8_0_wgmma.WGMMA_CONFIGS for this key (run(cfg) computes the product with it), timed once
+    (eager launches, as the products are launched); the first config without a search (LORAKIT_AUTOTUNE=0,
+    inside CUDA-graph capture)."""
+    from .q8_0_wgmma import WGMMA_CONFIGS
+
+    if not autotuning() or torch.cuda.is_current_stream_capturing():
+        return WGMMA_CONFIGS[0]
+    times = {}
+    for i, cfg in enumerate(WGMMA_CONFIGS):
+        run(cfg)  # compile outside the timing
+        times[i] = triton.testing.do_bench(lambda cfg=cfg: run(cfg), warmup=3, rep=15)
+    best = _WGMMA_BEST[key] = WGMMA_CONFIGS[min(times, key=times.get)]
+    return best
+
+
 # the fastest path per product key, measured once (see choose_path)
 _PATH: dict[tuple, str] = {}
 

@@ -1,0 +1,243 @@
+"""The q8_0 matmul y = x @ W.T for many rows of x on Hopper (sm_90), written in Gluon (triton's explicit
+language): the dequantization of each weight tile overlaps the previous tile's MMA.
+
+Why a second tiled kernel: triton's compiler keeps one shared-memory copy of an operand computed in the loop
+(the dequantized W tile), so q8_0_gemm's loop waits for each wgmma before dequantizing the next tile, and the
+tensor cores idle while the CUDA cores dequantize (about half of cuBLAS at large M). Here the program owns its
+shared memory: two W buffers, a ring of x tiles filled by TMA, and wgmma issued asynchronously with one group
+left in flight, so step k's MMA runs while step k + 1's W tile is dequantized.
+
+One program computes a [BLOCK_M, BLOCK_N] tile of y, all warps (2 warpgroups) sharing it:
+  * x tiles [BLOCK_M, BLOCK_K] arrive by TMA into a STAGES-deep ring (one mbarrier per stage; rows and
+    columns past x's end read as zero);
+  * W's int8 rows and fp16 scales are loaded into registers one tile ahead, dequantized exactly as
+    lorakit.quant.dequantize_q8_0(qs, d, x.dtype) (qs * d in fp32, rounded once to x's dtype) and stored into
+    the W buffer the MMA two steps back read;
+  * step k: wait for x tile k, issue wgmma(x_k, W_k) asynchronously, wait until only it is in flight (step
+    k - 1's MMA done in this warpgroup), a CTA barrier (... in every warpgroup: x stage k - 1 and W buffer
+    k + 1 are free), refill x stage k - 1 with tile k - 1 + STAGES, dequantize tile k + 1, fence the generic
+    proxy's shared writes for the MMA's async proxy, a CTA barrier;
+  * the LoRA term (optional) is the accumulator's start: scale * (t @ b.T) by one more wgmma over the rank
+    padded to BLOCK_R (as q8_0_gemm's kernel does: y is rounded once).
+Products are accumulated in fp32 (the MMA's), bf16/fp16 activations only. The interpreter cannot run Gluon:
+tests compare this kernel with cpu-torch on the GPU (marker gpu) and compile it for sm_90a without one.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.runtime.jit import constexpr_function
+
+from .triton_util import _DEQ_BF16, _DEQ_F16
+
+
+@constexpr_function
+def _rows_layout(cols, num_warps):
+    """8 consecutive values per thread along rows of `cols` (>= 8) values."""
+    tc = min(32, cols // 8)
+    return gl.BlockedLayout([1, 8], [32 // tc, tc], [num_warps, 1], [1, 0])
+
+
+@gluon.jit
+def _scales(d_ptr, rn, kt, K, stride_dn, BLOCK_K: gl.constexpr, L3: gl.constexpr):
+    """fp16 scales [BLOCK_N, KB] of K tile kt as fp32 (zero past K's end), in L3's slice along its last axis."""
+    KB: gl.constexpr = BLOCK_K // 32
+    kb = kt * KB + gl.arange(0, KB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))
+    ok = gl.expand_dims(kb * 32 < K, 0)  # K is a multiple of 32: a block is wholly in or out
+    return gl.load(d_ptr + gl.expand_dims(rn, 1) * stride_dn + gl.expand_dims(kb, 0), mask=ok, other=0.0).to(gl.float32)
+
+
+@gluon.jit
+def _dequant(q_s, d, dtype: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, L2: gl.constexpr,
+             L3: gl.constexpr):  # fmt: skip
+    """W tile [BLOCK_N, BLOCK_K] = rnd_dtype(q * d) from the int8 tile in shared memory, four values per PTX call
+    (triton_util's PRMT dequantization: the same numbers as lorakit.quant.dequantize_q8_0)."""
+    KB: gl.constexpr = BLOCK_K // 32
+    q = gl.convert_layout(gl.reshape(q_s.load(L2), [BLOCK_N, KB, 32]), L3, assert_trivial=True)
+    d3 = gl.expand_dims(d, 2)
+    dq, _ = gl.broadcast(d3 * 0.00390625, q)  # d / 256
+    dc, _ = gl.broadcast(d3 * -32896.0, q)  # -(2^15 + 2^7) d
+    if dtype == gl.bfloat16:
+        w = gl.inline_asm_elementwise(_DEQ_BF16, "=r,=r,r,r,r,r,r,r,r,r,r", [q, dq, dc], dtype=gl.bfloat16,
+                                      is_pure=True, pack=4)  # fmt: skip
+    else:
+        w = gl.inline_asm_elementwise(_DEQ_F16, "=r,=r,r,r,r,r,r,r,r,r,r", [q, dq, dc], dtype=gl.float16,
+                                      is_pure=True, pack=4)  # fmt: skip
+    return gl.reshape(w, [BLOCK_N, BLOCK_K])
+
+
+@gluon.jit
+def _load_tile(x_desc, q_desc, bar, x_dst, q_dst, off_m, off_n, kt, pred):
+    """TMA: x tile kt and W's int8 tile kt into one stage, completing `bar` (rows / columns past the ends: 0)."""
+    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+    mbarrier.expect(bar, x_desc.block_type.nbytes + q_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(x_desc, [off_m, kt * BLOCK_K], bar, x_dst, pred=pred)
+    tma.async_copy_global_to_shared(q_desc, [off_n, kt * BLOCK_K], bar, q_dst, pred=pred)
+
+
+@gluon.jit
+def _q8_wgmma_kernel(
+    x_desc,
+    q_desc,
+    d_ptr,
+    y_ptr,
+    t_ptr,
+    b_ptr,
+    M,
+    N,
+    K,
+    stride_dn,
+    stride_ym,
+    stride_tm,
+    stride_bn,
+    R,
+    scale,
+    STAGES: gl.constexpr,
+    GROUP_M: gl.constexpr,
+    HAS_LORA: gl.constexpr,
+    BLOCK_R: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = q_desc.block_type.shape[0]
+    dtype: gl.constexpr = x_desc.dtype
+
+    pid = gl.program_id(0)
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+
+    # the MMA: warps stacked along M (each warpgroup a [BLOCK_M / 2, BLOCK_N] slab), instruction N = BLOCK_N
+    mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
+    )
+    # the dequantization: 16 consecutive values of one q8_0 block per thread
+    L3: gl.constexpr = gl.BlockedLayout([1, 1, 16], [8, 2, 2], [num_warps, 1, 1], [2, 1, 0])
+    L2: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [num_warps, 1], [1, 0])  # the same, 2-D
+    w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], dtype)
+
+    x_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+    q_s = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K], q_desc.layout)
+    w_s = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_K], w_layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    for i in gl.static_range(STAGES - 1):
+        _load_tile(x_desc, q_desc, bars.index(i), x_s.index(i), q_s.index(i), off_m, off_n, i, i < k_tiles)
+
+    # wrapped row indices keep the scales' loads in bounds (W's rows past N are TMA zeros; the store is masked)
+    rn = (off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))) % N
+    d0 = _scales(d_ptr, rn, 0, K, stride_dn, BLOCK_K, L3)
+    d1 = _scales(d_ptr, rn, 1, K, stride_dn, BLOCK_K, L3)  # the scales run two tiles ahead of their use
+    d2 = _scales(d_ptr, rn, 2, K, stride_dn, BLOCK_K, L3)
+    mbarrier.wait(bars.index(0), 0)
+    w_s.index(0).store(_dequant(q_s.index(0), d0, dtype, BLOCK_N, BLOCK_K, L2, L3))
+
+    if HAS_LORA:
+        # acc = scale * (t @ b.T) over the rank (zero-padded to BLOCK_R), rounded into y with the base product
+        LR: gl.constexpr = _rows_layout(BLOCK_R, num_warps)
+        offs_r = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, LR))
+        rm_t = (off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LR))) % M
+        rn_b = (off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LR))) % N
+        mask_r = gl.expand_dims(offs_r < R, 0)
+        tt = gl.load(t_ptr + gl.expand_dims(rm_t, 1) * stride_tm + gl.expand_dims(offs_r, 0), mask=mask_r, other=0.0)
+        bb = gl.load(b_ptr + gl.expand_dims(rn_b, 1) * stride_bn + gl.expand_dims(offs_r, 0), mask=mask_r, other=0.0)
+        t_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_R], dtype)
+        b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_R], dtype)
+        t_s = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_R], t_layout, tt)
+        b_s = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_R], b_layout, bb)
+        fence_async_shared()
+        gl.thread_barrier()
+        acc = warpgroup_mma(t_s, b_s.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma), use_acc=False)
+        acc = acc * scale
+    else:
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
+    fence_async_shared()
+    gl.thread_barrier()
+
+    for kt in range(k_tiles):
+        st = kt % STAGES
+        mbarrier.wait(bars.index(st), (kt // STAGES) & 1)
+        acc = warpgroup_mma(x_s.index(st), w_s.index(kt % 2).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        gl.thread_barrier()  # step kt - 1's MMA is done in every warpgroup: its stage and W buffer are free
+        nxt = kt + STAGES - 1
+        sn = nxt % STAGES
+        _load_tile(x_desc, q_desc, bars.index(sn), x_s.index(sn), q_s.index(sn), off_m, off_n, nxt, nxt < k_tiles)
+        if kt + 1 < k_tiles:
+            s1 = (kt + 1) % STAGES
+            mbarrier.wait(bars.index(s1), ((kt + 1) // STAGES) & 1)
+            w_s.index((kt + 1) % 2).store(_dequant(q_s.index(s1), d1, dtype, BLOCK_N, BLOCK_K, L2, L3))
+            d1 = d2
+            d2 = _scales(d_ptr, rn, kt + 3, K, stride_dn, BLOCK_K, L3)
+            fence_async_shared()
+            gl.thread_barrier()
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+    LY: gl.constexpr = _rows_layout(BLOCK_N, num_warps)
+    out = gl.convert_layout(acc.to(y_ptr.dtype.element_ty), LY)
+    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LY))
+    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, LY))
+    mask = gl.expand_dims(offs_m < M, 1) & gl.expand_dims(offs_n < N, 0)
+    ptrs = y_ptr + gl.expand_dims(offs_m.to(gl.int64), 1) * stride_ym + gl.expand_dims(offs_n, 0)
+    gl.store(ptrs, out, mask=mask)
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, STAGES >= 3: the W tile dequantized at step k is TMA-loaded at step k - STAGES + 2);
+# 8 warps (two warpgroups along M)
+# first: the best at every measured 3B / 8B shape, M = 2048 and 8192 (bench/results/h200_session12)
+WGMMA_CONFIGS = [
+    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=4),
+    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=4),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=6),
+    dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, STAGES=4),
+]
+
+
+def wgmma_matmul(x2, qs, d, y, lora, cfg: dict, group_m: int = 8) -> None:
+    """y[M, N] = x2[M, K] @ W.T (+ scale * t @ b.T), lora = (t [M, r], b [N, r], scale) in x2's dtype or None.
+    x2 bf16/fp16 on an sm_90 GPU; y [M, N] with unit column stride."""
+    import torch
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    m, k = x2.shape
+    n = qs.shape[0]
+    if x2.stride(1) != 1 or (x2.stride(0) * x2.element_size()) % 16 or x2.data_ptr() % 16:
+        x2 = x2.contiguous()
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    gdt = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
+    x_desc = TensorDescriptor.from_tensor(x2, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gdt))
+    q_desc = TensorDescriptor.from_tensor(qs, [bn, bk], gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))
+    if lora is None:
+        t, b, r, s = y, y, 0, 0.0  # dummies, never read without HAS_LORA
+    else:
+        t, b, s = lora
+        r = b.shape[1]
+    block_r = max(16, 1 << (max(r, 1) - 1).bit_length())
+    grid = (-(-m // bm) * -(-n // bn),)
+    _q8_wgmma_kernel[grid](
+        x_desc, q_desc, d, y, t, b, m, n, k, d.stride(0), y.stride(0), t.stride(0), b.stride(0), r, float(s),
+        STAGES=cfg["STAGES"], GROUP_M=group_m, HAS_LORA=lora is not None, BLOCK_R=block_r,
+        num_warps=8,
+    )  # fmt: skip

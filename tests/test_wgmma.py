@@ -1,0 +1,146 @@
+"""The Gluon q8_0 matmul (kernels/q8_0_wgmma.py) and its place among the product's paths.
+
+Gluon kernels cannot run under triton's interpreter: on the CPU (CI) the kernel is compiled for sm_90a for every
+config (it must build and fit the H200's shared memory); on a GPU (marker gpu) its products are checked against
+cpu-torch with the derived bounds of test_kernels.py, forced configs and the measured one, odd shapes, LoRA ranks
+up to 32, bf16 and fp16, and in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lorakit.kernels import q8_0_matmul as qmm
+from lorakit.kernels.q8_0_wgmma import WGMMA_CONFIGS
+
+from tests.test_kernels import SPEC, assert_within, bound, make_weight, needs_gpu, on, rand
+
+gpu = pytest.mark.gpu
+SMEM_SM90 = 232448  # bytes of shared memory a block may use on sm_90 (227 KB)
+
+
+def _compile(cfg: dict, dtype: str, lora: bool):
+    import triton
+    from lorakit.kernels.q8_0_wgmma import _q8_wgmma_kernel
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    tdt, gdt = (torch.bfloat16, gl.bfloat16) if dtype == "bf16" else (torch.float16, gl.float16)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    x = torch.zeros(64, 64, dtype=tdt)
+    q = torch.zeros(64, 64, dtype=torch.int8)
+    xd = TensorDescriptor.from_tensor(x, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gdt))
+    qd = TensorDescriptor.from_tensor(q, [bn, bk], gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))
+    sig = {"x_desc": mangle_type(xd), "q_desc": mangle_type(qd), "d_ptr": "*fp16", "y_ptr": f"*{dtype}",
+           "t_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "M": "i32", "N": "i32", "K": "i32", "stride_dn": "i32",
+           "stride_ym": "i32", "stride_tm": "i32", "stride_bn": "i32", "R": "i32", "scale": "fp32",
+           "STAGES": "constexpr", "GROUP_M": "constexpr", "HAS_LORA": "constexpr", "BLOCK_R": "constexpr",
+           "num_warps": "constexpr"}  # fmt: skip
+    consts = {"STAGES": cfg["STAGES"], "GROUP_M": 8, "HAS_LORA": lora, "BLOCK_R": 32, "num_warps": 8}
+    src = GluonASTSource(_q8_wgmma_kernel, sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+
+
+@pytest.mark.parametrize("cfg", WGMMA_CONFIGS, ids=lambda c: "x".join(map(str, c.values())))
+def test_compiles_for_sm90_and_fits_shared_memory(cfg):
+    """Every config builds for sm_90a (PTX and cubin, without a GPU) and fits the shared memory, with the largest
+    LoRA tiles (rank 32); bf16 here, fp16 for the first config."""
+    k = _compile(cfg, "bf16", lora=True)
+    assert k.asm.get("cubin") and "wgmma.mma_async" in k.asm["ptx"]
+    assert k.metadata.shared <= SMEM_SM90, k.metadata.shared
+    if cfg is WGMMA_CONFIGS[0]:
+        assert "f16.f16" in _compile(cfg, "fp16", lora=False).asm["ptx"]
+
+
+def test_candidates_add_the_gluon_path_above_64_rows():
+    """A measured candidate, never the default without a measurement."""
+    c = qmm._candidates
+    assert c(100, True, True, half=True, wgmma=True) == (["large", "wgmma"], "large")
+    assert c(300, True, True, half=True, wgmma=True) == (["large", "wgmma", "dequant"], "large")
+    assert c(300, True, True, host_bound=True, half=True, wgmma=True) == (["large", "wgmma"], "large")
+    assert c(qmm.DEQUANT_DEFAULT_M, True, True, half=True, wgmma=True)[1] == "dequant"
+    assert c(64, True, True, half=True, wgmma=True) == (["skinny"], "skinny")
+    assert c(300, True, True, half=True) == (["large", "dequant"], "large")
+
+
+def test_wgmma_ok_only_for_sm90_half_activations(monkeypatch):
+    w = make_weight(64, 64)
+    x = rand(100, 64, dtype=torch.bfloat16)
+    assert not qmm.wgmma_ok(x, w.qs, 0)  # CPU tensors (or the interpreter)
+    if torch.cuda.is_available() and not qmm.interpreting():
+        wc = on(w)
+        sm90 = torch.cuda.get_device_capability()[0] == 9
+        assert qmm.wgmma_ok(x.cuda(), wc.qs, 16) == sm90
+        assert not qmm.wgmma_ok(x.cuda().float(), wc.qs, 0)
+        assert not qmm.wgmma_ok(x.cuda(), wc.qs, 64)
+        monkeypatch.setenv("LORAKIT_GLUON", "0")
+        assert not qmm.wgmma_ok(x.cuda(), wc.qs, 16)
+
+
+needs_sm90 = pytest.mark.skipif(
+    not torch.cuda.is_available() or qmm.interpreting() or torch.cuda.get_device_capability()[0] != 9,
+    reason="needs an sm_90 GPU (Gluon kernels do not run under the interpreter)",
+)
+
+
+def _check(m, n, k, dtype, r, config):
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    w = on(make_weight(n, k, seed=m + n))
+    x = rand(m, k, dtype=dtype).cuda()
+    wd = w.qs.float().reshape(n, k // 32, 32).mul(w.d.float()[:, :, None]).reshape(n, k).to(dtype)
+    y_base = (x.double() @ wd.double().T).to(dtype).double()
+    mag = x.double().abs() @ wd.double().abs().T
+    what = f"wgmma {m}x{n}x{k} {dtype} r={r} {config}"
+    if not r:
+        got = qmm.q8_0_matmul(x, w.qs, w.d, config=config)
+        assert_within(got, y_base, bound(dtype, k, mag, y_base, spec_w=False), what)
+        return
+    s = 0.5
+    a = rand(k, r, seed=2, scale=0.1).cuda()
+    b = rand(n, r, seed=3, scale=0.1).cuda()
+    ref = SPEC.lora_linear(x, w, [(a, b, s)])
+    lmag = s * ((x.double().abs() @ a.to(dtype).double().abs()) @ b.to(dtype).double().abs().T)
+    got = qmm.q8_0_matmul(x, w.qs, w.d, a, b, s, config=config)
+    assert_within(got, ref, bound(dtype, k + r, mag + lmag, ref.double(), lmag, y_base), what)
+
+
+@gpu
+@needs_gpu
+@needs_sm90
+@pytest.mark.parametrize("cfg", WGMMA_CONFIGS, ids=lambda c: "x".join(map(str, c.values())))
+@pytest.mark.parametrize("m,n,k,r", [(37, 130, 96, 0), (300, 200, 224, 4), (513, 1000, 1056, 32), (256, 384, 512, 0)])
+def test_gpu_forced_configs(cfg, m, n, k, r):
+    """Odd shapes: M and N not multiples of the tiles, K = 32 * odd (a half K tile), one K tile (K = 96)."""
+    _check(m, n, k, torch.bfloat16, r, {"path": "wgmma", **cfg})
+
+
+@gpu
+@needs_gpu
+@needs_sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k,r", [(300, 3200, 3200, 0), (2048, 8640, 3200, 16), (4096, 3200, 8640, 8)])
+def test_gpu_measured_config_and_real_shapes(dtype, m, n, k, r):
+    _check(m, n, k, dtype, r, {"path": "wgmma"})
+
+
+@gpu
+@needs_gpu
+@needs_sm90
+def test_gpu_replays_in_a_cuda_graph():
+    """The descriptors are built at capture: replays of the captured product give the eager bits."""
+    w = on(make_weight(640, 512))
+    x = rand(300, 512, dtype=torch.bfloat16).cuda()
+    a = rand(512, 8, seed=2, scale=0.3).to(torch.bfloat16).cuda()
+    b = rand(640, 8, seed=3, scale=0.3).to(torch.bfloat16).cuda()
+    cfg = {"path": "wgmma", **WGMMA_CONFIGS[0]}
+    eager = qmm.q8_0_matmul(x, w.qs, w.d, a, b, 0.5, config=cfg)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = qmm.q8_0_matmul(x, w.qs, w.d, a, b, 0.5, config=cfg)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
