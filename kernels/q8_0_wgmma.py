@@ -9,14 +9,15 @@ left in flight, so step k's MMA runs while step k + 1's W tile is dequantized.
 
 One program computes a [BLOCK_M, BLOCK_N] tile of y, all warps (2 warpgroups) sharing it:
   * x tiles [BLOCK_M, BLOCK_K] arrive by TMA into a STAGES-deep ring (one mbarrier per stage; rows and
-    columns past x's end read as zero);
-  * W's int8 rows and fp16 scales are loaded into registers one tile ahead, dequantized exactly as
-    lorakit.quant.dequantize_q8_0(qs, d, x.dtype) (qs * d in fp32, rounded once to x's dtype) and stored into
-    the W buffer the MMA two steps back read;
-  * step k: wait for x tile k, issue wgmma(x_k, W_k) asynchronously, wait until only it is in flight (step
-    k - 1's MMA done in this warpgroup), a CTA barrier (... in every warpgroup: x stage k - 1 and W buffer
-    k + 1 are free), refill x stage k - 1 with tile k - 1 + STAGES, dequantize tile k + 1, fence the generic
-    proxy's shared writes for the MMA's async proxy, a CTA barrier;
+    columns past the ends read as zero);
+  * W's int8 tiles arrive by TMA in the same stages; W's fp16 scales (a row's two per tile as one int32 word) by
+    cp.async eight tiles ahead into a small ring of their own (K % 64 != 0: loaded into registers a step ahead);
+  * step k: wait for stage k, issue wgmma(x_k, W_k) asynchronously, wait until only it is in flight (step
+    k - 1's MMA done in this warpgroup), a CTA barrier (... in every warpgroup: stage k - 1 and W buffer
+    k + 1 are free), refill stage k - 1 with tile k - 1 + STAGES, dequantize tile k + 1 exactly as
+    lorakit.quant.dequantize_q8_0(qs, d, x.dtype) (qs * d in fp32, rounded once to x's dtype; triton_util's
+    PRMT form) into W buffer k + 1, fence the generic proxy's shared writes for the MMA's async proxy, a CTA
+    barrier;
   * the LoRA term (optional) is the accumulator's start: scale * (t @ b.T) by one more wgmma over the rank
     padded to BLOCK_R (as q8_0_gemm's kernel does: y is rounded once).
 Products are accumulated in fp32 (the MMA's), bf16/fp16 activations only. The interpreter cannot run Gluon:
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -47,22 +49,46 @@ def _rows_layout(cols, num_warps):
 
 
 @gluon.jit
-def _scales(d_ptr, rn, kt, K, stride_dn, BLOCK_K: gl.constexpr, L3: gl.constexpr):
-    """fp16 scales [BLOCK_N, KB] of K tile kt as fp32 (zero past K's end), in L3's slice along its last axis."""
+def _scales(d_ptr, rn, kt, K, stride_dn, BLOCK_K: gl.constexpr, L3: gl.constexpr, D_WORDS: gl.constexpr):
+    """W's scales for K tile kt (zero past K's end), loaded a step before their use and kept as loaded: a
+    conversion or a packing move right after the load would wait for it and undo the prefetch.
+    D_WORDS (BLOCK_K = 64, K % 64 == 0, d 4-byte aligned): a row's two scales as one int32 word, [BLOCK_N];
+    else fp16 [BLOCK_N, KB] (in L3's slice along its last axis)."""
     KB: gl.constexpr = BLOCK_K // 32
-    kb = kt * KB + gl.arange(0, KB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))
-    ok = gl.expand_dims(kb * 32 < K, 0)  # K is a multiple of 32: a block is wholly in or out
-    return gl.load(d_ptr + gl.expand_dims(rn, 1) * stride_dn + gl.expand_dims(kb, 0), mask=ok, other=0.0).to(gl.float32)
+    if D_WORDS:
+        ok = rn * 0 + kt * BLOCK_K < K
+        words = (d_ptr + rn * stride_dn + kt * KB).to(gl.pointer_type(gl.int32), bitcast=True)
+        return gl.load(words, mask=ok, other=0)
+    else:
+        kb = kt * KB + gl.arange(0, KB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))
+        ok = gl.expand_dims(kb * 32 < K, 0)  # K is a multiple of 32: a block is wholly in or out
+        return gl.load(d_ptr + gl.expand_dims(rn, 1) * stride_dn + gl.expand_dims(kb, 0), mask=ok, other=0.0)
+
+
+@gluon.jit
+def _copy_scales(d_slot, d_ptr, rn, kt, K, stride_dn, BLOCK_K: gl.constexpr):
+    """cp.async of K tile kt's scale words [BLOCK_N] (int32: a row's two fp16 scales) into a ring slot, as one commit
+    group (a tile past K's end copies nothing; the group is still committed, so the groups count tiles)."""
+    ok = rn * 0 + kt * BLOCK_K < K
+    words = (d_ptr + rn * stride_dn + kt * (BLOCK_K // 32)).to(gl.pointer_type(gl.int32), bitcast=True)
+    async_copy.async_copy_global_to_shared(d_slot, words, mask=ok)
+    async_copy.commit_group()
 
 
 @gluon.jit
 def _dequant(q_s, d, dtype: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, L2: gl.constexpr,
-             L3: gl.constexpr):  # fmt: skip
+             L3: gl.constexpr, D_WORDS: gl.constexpr):  # fmt: skip
     """W tile [BLOCK_N, BLOCK_K] = rnd_dtype(q * d) from the int8 tile in shared memory, four values per PTX call
     (triton_util's PRMT dequantization: the same numbers as lorakit.quant.dequantize_q8_0)."""
     KB: gl.constexpr = BLOCK_K // 32
     q = gl.convert_layout(gl.reshape(q_s.load(L2), [BLOCK_N, KB, 32]), L3, assert_trivial=True)
-    d3 = gl.expand_dims(d, 2)
+    if D_WORDS:  # the word's low half is the first block's scale
+        kb = gl.arange(0, KB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))
+        half = (gl.expand_dims(d, 1) >> gl.expand_dims(kb * 16, 0)) & 0xFFFF
+        df = half.to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+    else:
+        df = d.to(gl.float32)
+    d3 = gl.expand_dims(df, 2)
     dq, _ = gl.broadcast(d3 * 0.00390625, q)  # d / 256
     dc, _ = gl.broadcast(d3 * -32896.0, q)  # -(2^15 + 2^7) d
     if dtype == gl.bfloat16:
@@ -104,11 +130,13 @@ def _q8_wgmma_kernel(
     GROUP_M: gl.constexpr,
     HAS_LORA: gl.constexpr,
     BLOCK_R: gl.constexpr,
+    D_WORDS: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = q_desc.block_type.shape[0]
+    D_AHEAD: gl.constexpr = 8
     dtype: gl.constexpr = x_desc.dtype
 
     pid = gl.program_id(0)
@@ -139,17 +167,32 @@ def _q8_wgmma_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
 
+    # W's scales: with D_WORDS by cp.async, D_AHEAD tiles ahead, into a ring of D_AHEAD + 1 slots (a thread waits for
+    # its own copies of a tile a step before its use, then a CTA barrier): a load into registers a step ahead left
+    # the dequantization waiting for it (49-51% of cuBLAS at 2048 x 3200 x 8640, 66% with cp.async at STAGES - 1
+    # tiles ahead, bench/results/h200_session12); else (K % 64 != 0) loaded into registers a step ahead
+    DS: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
+    DC: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    d_s = gl.allocate_shared_memory(gl.int32, [D_AHEAD + 1, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    # wrapped row indices keep the scales' loads in bounds (W's rows past N are TMA zeros; the store is masked)
+    rn = (off_n + gl.arange(0, BLOCK_N, layout=DS)) % N
+    rn_c = (off_n + gl.arange(0, BLOCK_N, layout=DC)) % N
+
     k_tiles = gl.cdiv(K, BLOCK_K)
     for i in gl.static_range(STAGES - 1):
         _load_tile(x_desc, q_desc, bars.index(i), x_s.index(i), q_s.index(i), off_m, off_n, i, i < k_tiles)
-
-    # wrapped row indices keep the scales' loads in bounds (W's rows past N are TMA zeros; the store is masked)
-    rn = (off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))) % N
-    d0 = _scales(d_ptr, rn, 0, K, stride_dn, BLOCK_K, L3)
-    d1 = _scales(d_ptr, rn, 1, K, stride_dn, BLOCK_K, L3)  # the scales run two tiles ahead of their use
-    d2 = _scales(d_ptr, rn, 2, K, stride_dn, BLOCK_K, L3)
+    if D_WORDS:
+        for i in gl.static_range(D_AHEAD):
+            _copy_scales(d_s.index(i), d_ptr, rn_c, i, K, stride_dn, BLOCK_K)
+        async_copy.wait_group(D_AHEAD - 1)
+        gl.thread_barrier()
+        d0 = d_s.index(0).load(DS)
+        d1 = d0  # unused
+    else:
+        d0 = _scales(d_ptr, rn, 0, K, stride_dn, BLOCK_K, L3, D_WORDS)
+        d1 = _scales(d_ptr, rn, 1, K, stride_dn, BLOCK_K, L3, D_WORDS)  # the next tile's, a step ahead
     mbarrier.wait(bars.index(0), 0)
-    w_s.index(0).store(_dequant(q_s.index(0), d0, dtype, BLOCK_N, BLOCK_K, L2, L3))
+    w_s.index(0).store(_dequant(q_s.index(0), d0, dtype, BLOCK_N, BLOCK_K, L2, L3, D_WORDS))
 
     if HAS_LORA:
         # acc = scale * (t @ b.T) over the rank (zero-padded to BLOCK_R), rounded into y with the base product
@@ -178,18 +221,27 @@ def _q8_wgmma_kernel(
         mbarrier.wait(bars.index(st), (kt // STAGES) & 1)
         acc = warpgroup_mma(x_s.index(st), w_s.index(kt % 2).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-        gl.thread_barrier()  # step kt - 1's MMA is done in every warpgroup: its stage and W buffer are free
+        if D_WORDS:
+            async_copy.wait_group(D_AHEAD - 2)  # this thread's copies of tile kt + 1's scales
+        # step kt - 1's MMA is done in every warpgroup: its stage and W buffer are free (and every thread's copies of
+        # tile kt + 1's scales have landed)
+        gl.thread_barrier()
         nxt = kt + STAGES - 1
         sn = nxt % STAGES
         _load_tile(x_desc, q_desc, bars.index(sn), x_s.index(sn), q_s.index(sn), off_m, off_n, nxt, nxt < k_tiles)
+        if D_WORDS:  # into the slot of tile kt - 1's scales, read a step ago
+            dn = kt + D_AHEAD
+            _copy_scales(d_s.index(dn % (D_AHEAD + 1)), d_ptr, rn_c, dn, K, stride_dn, BLOCK_K)
         if kt + 1 < k_tiles:
             s1 = (kt + 1) % STAGES
             mbarrier.wait(bars.index(s1), ((kt + 1) // STAGES) & 1)
-            w_s.index((kt + 1) % 2).store(_dequant(q_s.index(s1), d1, dtype, BLOCK_N, BLOCK_K, L2, L3))
-            d1 = d2
-            d2 = _scales(d_ptr, rn, kt + 3, K, stride_dn, BLOCK_K, L3)
+            if D_WORDS:
+                d1 = d_s.index((kt + 1) % (D_AHEAD + 1)).load(DS)
+            w_s.index((kt + 1) % 2).store(_dequant(q_s.index(s1), d1, dtype, BLOCK_N, BLOCK_K, L2, L3, D_WORDS))
             fence_async_shared()
             gl.thread_barrier()
+            if not D_WORDS:
+                d1 = _scales(d_ptr, rn, kt + 2, K, stride_dn, BLOCK_K, L3, D_WORDS)  # into d1's registers: no move
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
@@ -235,9 +287,10 @@ def wgmma_matmul(x2, qs, d, y, lora, cfg: dict, group_m: int = 8) -> None:
         t, b, s = lora
         r = b.shape[1]
     block_r = max(16, 1 << (max(r, 1) - 1).bit_length())
+    d_words = bk == 64 and k % 64 == 0 and d.stride(0) % 2 == 0 and d.data_ptr() % 4 == 0
     grid = (-(-m // bm) * -(-n // bn),)
     _q8_wgmma_kernel[grid](
         x_desc, q_desc, d, y, t, b, m, n, k, d.stride(0), y.stride(0), t.stride(0), b.stride(0), r, float(s),
-        STAGES=cfg["STAGES"], GROUP_M=group_m, HAS_LORA=lora is not None, BLOCK_R=block_r,
+        STAGES=cfg["STAGES"], GROUP_M=group_m, HAS_LORA=lora is not None, BLOCK_R=block_r, D_WORDS=d_words,
         num_warps=8,
     )  # fmt: skip

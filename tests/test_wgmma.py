@@ -19,7 +19,7 @@ gpu = pytest.mark.gpu
 SMEM_SM90 = 232448  # bytes of shared memory a block may use on sm_90 (227 KB)
 
 
-def _compile(cfg: dict, dtype: str, lora: bool):
+def _compile(cfg: dict, dtype: str, lora: bool, d_words: bool = True):
     import triton
     from lorakit.kernels.q8_0_wgmma import _q8_wgmma_kernel
     from triton.backends.compiler import GPUTarget
@@ -38,8 +38,15 @@ def _compile(cfg: dict, dtype: str, lora: bool):
            "t_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "M": "i32", "N": "i32", "K": "i32", "stride_dn": "i32",
            "stride_ym": "i32", "stride_tm": "i32", "stride_bn": "i32", "R": "i32", "scale": "fp32",
            "STAGES": "constexpr", "GROUP_M": "constexpr", "HAS_LORA": "constexpr", "BLOCK_R": "constexpr",
-           "num_warps": "constexpr"}  # fmt: skip
-    consts = {"STAGES": cfg["STAGES"], "GROUP_M": 8, "HAS_LORA": lora, "BLOCK_R": 32, "num_warps": 8}
+           "D_WORDS": "constexpr", "num_warps": "constexpr"}  # fmt: skip
+    consts = {
+        "STAGES": cfg["STAGES"],
+        "GROUP_M": 8,
+        "HAS_LORA": lora,
+        "BLOCK_R": 32,
+        "D_WORDS": d_words,
+        "num_warps": 8,
+    }
     src = GluonASTSource(_q8_wgmma_kernel, sig, constexprs=consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
 
@@ -47,12 +54,13 @@ def _compile(cfg: dict, dtype: str, lora: bool):
 @pytest.mark.parametrize("cfg", WGMMA_CONFIGS, ids=lambda c: "x".join(map(str, c.values())))
 def test_compiles_for_sm90_and_fits_shared_memory(cfg):
     """Every config builds for sm_90a (PTX and cubin, without a GPU) and fits the shared memory, with the largest
-    LoRA tiles (rank 32); bf16 here, fp16 for the first config."""
+    LoRA tiles (rank 32) and the scales' cp.async ring; bf16 here, fp16 (scales loaded into registers, K % 64 != 0)
+    for the first config."""
     k = _compile(cfg, "bf16", lora=True)
     assert k.asm.get("cubin") and "wgmma.mma_async" in k.asm["ptx"]
     assert k.metadata.shared <= SMEM_SM90, k.metadata.shared
     if cfg is WGMMA_CONFIGS[0]:
-        assert "f16.f16" in _compile(cfg, "fp16", lora=False).asm["ptx"]
+        assert "f16.f16" in _compile(cfg, "fp16", lora=False, d_words=False).asm["ptx"]
 
 
 def test_candidates_add_the_gluon_path_above_64_rows():
