@@ -38,7 +38,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.runtime.jit import constexpr_function
 
-from .triton_util import _DEQ_BF16, _DEQ_F16
+from . import triton_util
+
+# triton_util's helpers (builtins only), compiled by Gluon from the same source
+_grouped_tile = gluon.jit(triton_util._grouped_tile_src)
+_prmt_dequant = gluon.jit(triton_util._prmt_dequant_src)
 
 
 @constexpr_function
@@ -91,13 +95,7 @@ def _dequant(q_s, d, dtype: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.con
     d3 = gl.expand_dims(df, 2)
     dq, _ = gl.broadcast(d3 * 0.00390625, q)  # d / 256
     dc, _ = gl.broadcast(d3 * -32896.0, q)  # -(2^15 + 2^7) d
-    if dtype == gl.bfloat16:
-        w = gl.inline_asm_elementwise(_DEQ_BF16, "=r,=r,r,r,r,r,r,r,r,r,r", [q, dq, dc], dtype=gl.bfloat16,
-                                      is_pure=True, pack=4)  # fmt: skip
-    else:
-        w = gl.inline_asm_elementwise(_DEQ_F16, "=r,=r,r,r,r,r,r,r,r,r,r", [q, dq, dc], dtype=gl.float16,
-                                      is_pure=True, pack=4)  # fmt: skip
-    return gl.reshape(w, [BLOCK_N, BLOCK_K])
+    return gl.reshape(_prmt_dequant(q, dq, dc, dtype), [BLOCK_N, BLOCK_K])
 
 
 @gluon.jit
@@ -139,15 +137,7 @@ def _q8_wgmma_kernel(
     D_AHEAD: gl.constexpr = 8
     dtype: gl.constexpr = x_desc.dtype
 
-    pid = gl.program_id(0)
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _grouped_tile(gl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
 

@@ -278,6 +278,39 @@ _DEQ_BF16: tl.constexpr = tl.constexpr(_DEQ_ASM.format(t="bf16"))
 _DEQ_F16: tl.constexpr = tl.constexpr(_DEQ_ASM.format(t="f16"))
 
 
+def _grouped_tile_src(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program pid over the [M, N] output tiles in grouped order: GROUP_M tile rows at a time,
+    column by column, so programs running together share their operands' tiles in L2 (triton's tutorial 03).
+    Builtins only: the Gluon kernel compiles this same source (gluon.jit(_grouped_tile_src))."""
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+_grouped_tile = triton.jit(_grouped_tile_src)
+
+
+def _prmt_dequant_src(q3, dq, dc, dtype: tl.constexpr):
+    """W = rnd_dtype(q * d) for bf16/fp16 from int8 q3 and the per-element d / 256 (dq) and -(2^15 + 2^7) d (dc),
+    four elements per inline-PTX call (see q8_0_gemv_tc's module docstring). Also compiled by the Gluon kernel
+    (gluon.jit(_prmt_dequant_src))."""
+    if dtype == tl.bfloat16:
+        w = tl.inline_asm_elementwise(_DEQ_BF16, "=r,=r,r,r,r,r,r,r,r,r,r", [q3, dq, dc], dtype=tl.bfloat16,
+                                      is_pure=True, pack=4)  # fmt: skip
+    else:
+        w = tl.inline_asm_elementwise(_DEQ_F16, "=r,=r,r,r,r,r,r,r,r,r,r", [q3, dq, dc], dtype=tl.float16,
+                                      is_pure=True, pack=4)  # fmt: skip
+    return w
+
+
+_prmt_dequant = triton.jit(_prmt_dequant_src)
+
+
 @triton.jit
 def _dequant_words(q, d, dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """int8 [BLOCK_N, BLOCK_K] x fp16 [BLOCK_N, BLOCK_K // 32] -> W [BLOCK_N, BLOCK_K] in dtype (bf16/fp16)
@@ -286,13 +319,7 @@ def _dequant_words(q, d, dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl
     df = d.to(tl.float32)
     dq = tl.broadcast_to(tl.reshape(df * 0.00390625, (BLOCK_N, KB, 1)), (BLOCK_N, KB, 32))  # d / 256
     dc = tl.broadcast_to(tl.reshape(df * -32896.0, (BLOCK_N, KB, 1)), (BLOCK_N, KB, 32))  # -(2^15 + 2^7) d
-    q3 = tl.reshape(q, (BLOCK_N, KB, 32))
-    if dtype == tl.bfloat16:
-        w = tl.inline_asm_elementwise(_DEQ_BF16, "=r,=r,r,r,r,r,r,r,r,r,r", [q3, dq, dc], dtype=tl.bfloat16,
-                                      is_pure=True, pack=4)  # fmt: skip
-    else:
-        w = tl.inline_asm_elementwise(_DEQ_F16, "=r,=r,r,r,r,r,r,r,r,r,r", [q3, dq, dc], dtype=tl.float16,
-                                      is_pure=True, pack=4)  # fmt: skip
+    w = _prmt_dequant(tl.reshape(q, (BLOCK_N, KB, 32)), dq, dc, dtype)
     return tl.reshape(w, (BLOCK_N, BLOCK_K))
 
 
