@@ -53,20 +53,14 @@ def _rows_layout(cols, num_warps):
 
 
 @gluon.jit
-def _scales(d_ptr, rn, kt, K, stride_dn, BLOCK_K: gl.constexpr, L3: gl.constexpr, D_WORDS: gl.constexpr):
-    """W's scales for K tile kt (zero past K's end), loaded a step before their use and kept as loaded: a
-    conversion or a packing move right after the load would wait for it and undo the prefetch.
-    D_WORDS (BLOCK_K = 64, K % 64 == 0, d 4-byte aligned): a row's two scales as one int32 word, [BLOCK_N];
-    else fp16 [BLOCK_N, KB] (in L3's slice along its last axis)."""
+def _scales(d_ptr, rn, kt, K, stride_dn, BLOCK_K: gl.constexpr, L3: gl.constexpr):
+    """W's fp16 scales [BLOCK_N, KB] for K tile kt (zero past K's end; in L3's slice along its last axis), when they
+    cannot come as int32 words (K % 64 != 0): loaded a step before their use and kept as loaded (a conversion or
+    a packing move right after the load would wait for it)."""
     KB: gl.constexpr = BLOCK_K // 32
-    if D_WORDS:
-        ok = rn * 0 + kt * BLOCK_K < K
-        words = (d_ptr + rn * stride_dn + kt * KB).to(gl.pointer_type(gl.int32), bitcast=True)
-        return gl.load(words, mask=ok, other=0)
-    else:
-        kb = kt * KB + gl.arange(0, KB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))
-        ok = gl.expand_dims(kb * 32 < K, 0)  # K is a multiple of 32: a block is wholly in or out
-        return gl.load(d_ptr + gl.expand_dims(rn, 1) * stride_dn + gl.expand_dims(kb, 0), mask=ok, other=0.0)
+    kb = kt * KB + gl.arange(0, KB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))
+    ok = gl.expand_dims(kb * 32 < K, 0)  # K is a multiple of 32: a block is wholly in or out
+    return gl.load(d_ptr + gl.expand_dims(rn, 1) * stride_dn + gl.expand_dims(kb, 0), mask=ok, other=0.0)
 
 
 @gluon.jit
@@ -179,8 +173,8 @@ def _q8_wgmma_kernel(
         d0 = d_s.index(0).load(DS)
         d1 = d0  # unused
     else:
-        d0 = _scales(d_ptr, rn, 0, K, stride_dn, BLOCK_K, L3, D_WORDS)
-        d1 = _scales(d_ptr, rn, 1, K, stride_dn, BLOCK_K, L3, D_WORDS)  # the next tile's, a step ahead
+        d0 = _scales(d_ptr, rn, 0, K, stride_dn, BLOCK_K, L3)
+        d1 = _scales(d_ptr, rn, 1, K, stride_dn, BLOCK_K, L3)  # the next tile's, a step ahead
     mbarrier.wait(bars.index(0), 0)
     w_s.index(0).store(_dequant(q_s.index(0), d0, dtype, BLOCK_N, BLOCK_K, L2, L3, D_WORDS))
 
@@ -231,7 +225,7 @@ def _q8_wgmma_kernel(
             fence_async_shared()
             gl.thread_barrier()
             if not D_WORDS:
-                d1 = _scales(d_ptr, rn, kt + 2, K, stride_dn, BLOCK_K, L3, D_WORDS)  # into d1's registers: no move
+                d1 = _scales(d_ptr, rn, kt + 2, K, stride_dn, BLOCK_K, L3)  # into d1's registers: no move
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
