@@ -158,7 +158,9 @@ def _candidates(
     launches eagerly and the host, not the GPU, is the limit (a prefill): below DEQUANT_DEFAULT_M rows the
     two-launch dequantize + cuBLAS path is left out (its GPU-time advantage is smaller than a launch there).
     half: the activations are bf16/fp16 (the tensor-core gemv's products are exact only for those).
-    wgmma: the Gluon kernel can compute this product (wgmma_ok) and is a candidate above 64 rows.
+    wgmma: the Gluon kernel can compute this product (wgmma_ok): a candidate above 64 rows, taken only where measured
+    faster, never the default (as the default the fixed-tile prefill fell to 10.5k tok/s from 12.2k-16.4k: its
+    launch builds TMA descriptors on the host; bench/results/h200_session12/call3_prefill_fixed.log).
     t_in_launch: a LoRA term whose t = x @ a is still to be formed: up to GEMV_MAX_M rows the FMA gemv forms it
     in its launch at less cost (a decode step with two adapters: 2.42 ms with it, 2.84 ms when the tensor-core
     gemv formed t in its launch, a variant since removed; bench/results/h200_session8)."""
