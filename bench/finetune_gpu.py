@@ -221,6 +221,10 @@ def main(argv=None) -> int:
             f"{r.get('speed_vs_compiled_peft', float('nan')):9.2f}{r.get('memory_vs_compiled_peft', float('nan')):7.2f}"
         )
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": a.layers, "params": N}
+    from lorakit.kernels.q8_0_matmul import tuned_choices
+
+    # the path measured for each product shape (which products took "wgmma", "dequant", "large", ...)
+    meta["paths"] = {k: v for k, v in tuned_choices().items() if k.startswith(("('fwd'", "('grad'"))}
     out = a.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

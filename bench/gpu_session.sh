@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
 #   bash bench/gpu_session.sh OUTDIR [gputests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [tclab] [tccheck] [wgmmatests] [wgmmalab] [wgmmalab-quick] [hostlab] [predict] [predict-nohf] [launchtest] [prefill-fixed]
-#                             [finetune-quick] [finetune-quick-nogluon] [finetune] [finetune-main] [finetune-big] [finetune-seed] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-large] [kernels-small] [kernels-decode]
+#                             [finetune-quick] [finetune-quick-nogluon] [adamw-repeat] [finetune] [finetune-main] [finetune-big] [finetune-seed] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-large] [kernels-small] [kernels-decode]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
 set -u
@@ -78,6 +78,9 @@ for s in "$@"; do
         --peers lorakit7,peftc,lorakit12 --steps 5 --out "$out/finetune_main.json" ;;
     finetune-big) step finetune_big 420 python3 bench/finetune_gpu.py --settings 8x512,8x512c \
         --peers lorakit7,peftc,lorakit12 --steps 5 --out "$out/finetune_big.json" ;;
+    adamw-repeat)  # test_gpu_adamw_large failed once in session 12 (call 10), passed in call 4: repeat it
+        step adamw_repeat 200 bash -c 'for i in $(seq 10); do LORAKIT_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider \
+            tests/test_kernels.py -k adamw_large 2>&1 | tail -n 3; done' ;;
     trainstep-tests) step pytest_train 120 env LORAKIT_AUTOTUNE=0 python3 -m pytest -q -x -p no:cacheprovider \
         tests/test_train_ops.py tests/test_train_step_backends.py ;;
     finetune-seed) step finetune_seed 240 python3 bench/finetune_gpu.py --settings 4x64c \
