@@ -60,6 +60,17 @@ def test_candidates_add_the_gluon_path_above_64_rows():
     assert c(300, True, True, half=True) == (["large", "dequant"], "large")
 
 
+def test_config_choice_without_a_search(monkeypatch):
+    """LORAKIT_AUTOTUNE=0: the first config, nothing run or timed, nothing cached (a later search may still pick)."""
+    from lorakit.kernels import q8_0_tuning
+
+    monkeypatch.setenv("LORAKIT_AUTOTUNE", "0")
+    ran = []
+    key = ("test-key",)
+    assert q8_0_tuning.pick_wgmma_config(key, ran.append) is WGMMA_CONFIGS[0]
+    assert ran == [] and key not in q8_0_tuning._WGMMA_BEST
+
+
 def test_wgmma_ok_only_for_sm90_half_activations(monkeypatch):
     w = make_weight(64, 64)
     x = rand(100, 64, dtype=torch.bfloat16)
