@@ -454,7 +454,10 @@ def q8_0_matmul(
         t_in = has_lora and lora_t is None
         gl_ok = m > 64 and wgmma_ok(x2, qs, a.shape[1] if has_lora else 0)
         paths, default = _candidates(m, out_dtype == x.dtype, True, host_bound, half, t_in, gl_ok)
-        key = ("fwd", m if m <= GEMV_TC_MAX_M else _m_bucket(m), n, k, x.dtype, out_dtype, has_lora, t_in, host_bound)
+        # gl_ok in the key: a product the Gluon kernel cannot compute (a LoRA rank above 32, say) never reuses the
+        # "wgmma" measured for another of the same shape
+        key = ("fwd", m if m <= GEMV_TC_MAX_M else _m_bucket(m), n, k, x.dtype, out_dtype, has_lora, t_in, host_bound,
+               gl_ok)  # fmt: skip
         path = choose_path(key, paths, lambda p: _fwd(p, x2, qs, d, y, lora, cfg), default)
     _fwd(path, x2, qs, d, y, lora, cfg, dequant_cache, prefetch)
     if extra is not None:
