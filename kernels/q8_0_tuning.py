@@ -246,12 +246,18 @@ def pick_wgmma_config(key: tuple, run: Callable[[dict], object]) -> dict:
 
     if not autotuning() or torch.cuda.is_current_stream_capturing():
         return WGMMA_CONFIGS[0]
-    times = {}
-    for i, cfg in enumerate(WGMMA_CONFIGS):
-        run(cfg)  # compile outside the timing
-        times[i] = triton.testing.do_bench(lambda cfg=cfg: run(cfg), warmup=3, rep=15)
-    best = _WGMMA_BEST[key] = WGMMA_CONFIGS[min(times, key=times.get)]
+    best = _WGMMA_BEST[key] = _fastest(WGMMA_CONFIGS, run)
     return best
+
+
+def _fastest(options: list, run: Callable[[object], object]):
+    """The option whose run(option) takes least GPU time (eager launches, as the products are launched), each run
+    once first outside the timing (its kernels compile and autotune; that synchronizes)."""
+    times = []
+    for opt in options:
+        run(opt)
+        times.append(triton.testing.do_bench(lambda opt=opt: run(opt), warmup=3, rep=15))
+    return options[times.index(min(times))]
 
 
 # the fastest path per product key, measured once (see choose_path)
@@ -269,9 +275,5 @@ def choose_path(key: tuple, paths: list[str], run: Callable[[str], object], defa
     small = key[2] * key[3] < SMALL_WEIGHT  # key = (op, m, n, k, ...)
     if len(paths) == 1 or small or _INTERPRET or not autotuning() or torch.cuda.is_current_stream_capturing():
         return default if default in paths else paths[0]
-    times = {}
-    for name in paths:
-        run(name)  # autotune (synchronizes), then time the tuned launch
-        times[name] = triton.testing.do_bench(lambda name=name: run(name), warmup=3, rep=15)
-    best = _PATH[key] = min(times, key=times.get)
+    best = _PATH[key] = _fastest(paths, run)
     return best

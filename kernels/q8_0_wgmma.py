@@ -171,7 +171,6 @@ def _q8_wgmma_kernel(
         async_copy.wait_group(D_AHEAD - 1)
         gl.thread_barrier()
         d0 = d_s.index(0).load(DS)
-        d1 = d0  # unused
     else:
         d0 = _scales(d_ptr, rn, 0, K, stride_dn, BLOCK_K, L3)
         d1 = _scales(d_ptr, rn, 1, K, stride_dn, BLOCK_K, L3)  # the next tile's, a step ahead
