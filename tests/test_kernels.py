@@ -499,6 +499,33 @@ def test_adamw_flat_matches_list_form():
 # ---- GPU only: real shapes through the autotuned kernels -------------------------------------------
 
 
+def kernel_w(w: Q8Weight, dtype) -> torch.Tensor:
+    """W as the GPU kernels round it for activations of `dtype`: rnd(qs * d) (not the spec's rnd(qs * rnd(d)))."""
+    n, k = w.qs.shape
+    return w.qs.float().reshape(n, k // 32, 32).mul(w.d.float()[:, :, None]).reshape(n, k).to(dtype)
+
+
+def assert_gpu_matmul(x, w: Q8Weight, r: int, config: dict | None, what: str) -> None:
+    """q8_0_matmul(x, W) on the GPU (with r > 0: + 0.5 * (x @ a) @ b.T, rank r) within the derived bounds: the base
+    against fp64 over kernel_w (the tight spec_w=False bound), with LoRA against the spec's lora_linear."""
+    n, k = w.qs.shape
+    dtype = x.dtype
+    wd = kernel_w(w, dtype)
+    y_base = (x.double() @ wd.double().T).to(dtype).double()
+    mag = x.double().abs() @ wd.double().abs().T
+    if not r:
+        got = qmm.q8_0_matmul(x, w.qs, w.d, config=config)
+        assert_within(got, y_base, bound(dtype, k, mag, y_base, spec_w=False), what)
+        return
+    s = 0.5
+    a = rand(k, r, seed=2, scale=0.1).cuda()
+    b = rand(n, r, seed=3, scale=0.1).cuda()
+    ref = SPEC.lora_linear(x, w, [(a, b, s)])
+    lmag = s * ((x.double().abs() @ a.to(dtype).double().abs()) @ b.to(dtype).double().abs().T)
+    got = qmm.q8_0_matmul(x, w.qs, w.d, a, b, s, config=config)
+    assert_within(got, ref, bound(dtype, k + r, mag + lmag, ref.double(), lmag, y_base), what)
+
+
 @gpu
 @needs_gpu
 @pytest.mark.parametrize(
@@ -513,19 +540,9 @@ def test_gpu_autotuned_shapes(m, n, k, dtype):
     torch.backends.cuda.matmul.allow_tf32 = False
     w = on(make_weight(n, k))
     x = rand(m, k, dtype=dtype).cuda()
-    r, s = 16, 0.5
-    a = rand(k, r, seed=2, scale=0.1).cuda()
-    b = rand(n, r, seed=3, scale=0.1).cuda()
-    wd = w.qs.float().reshape(n, k // 32, 32).mul(w.d.float()[:, :, None]).reshape(n, k).to(dtype)
-    y_base = (x.double() @ wd.double().T).to(dtype).double()
-    mag = x.double().abs() @ wd.double().abs().T
-    got = qmm.q8_0_matmul(x, w.qs, w.d)
-    assert_within(got, y_base, bound(dtype, k, mag, y_base, spec_w=False), f"gpu fwd {m}x{n}x{k} {dtype}")
-    ref = SPEC.lora_linear(x, w, [(a, b, s)])
-    lmag = s * ((x.double().abs() @ a.to(dtype).double().abs()) @ b.to(dtype).double().abs().T)
-    got = qmm.q8_0_matmul(x, w.qs, w.d, a, b, s)
-    tol = bound(dtype, k + r, mag + lmag, ref.double(), lmag, y_base)
-    assert_within(got, ref, tol, f"gpu lora {m}x{n}x{k} {dtype}")
+    assert_gpu_matmul(x, w, 0, None, f"gpu fwd {m}x{n}x{k} {dtype}")
+    assert_gpu_matmul(x, w, 16, None, f"gpu lora {m}x{n}x{k} {dtype}")
+    wd = kernel_w(w, dtype)
     dy = rand(m, n, dtype=dtype, seed=5).cuda()
     dref = (dy.double() @ wd.double()).to(dtype).double()
     gmag = dy.double().abs() @ wd.double().abs()
