@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
-#   bash bench/gpu_session.sh OUTDIR [gputests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [tclab] [tccheck] [wgmmatests] [wgmmalab] [wgmmalab-quick] [hostlab] [predict] [predict-nohf] [launchtest] [prefill-fixed]
+#   bash bench/gpu_session.sh OUTDIR [gputests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [tclab] [tccheck] [wgmmatests] [wgmmalab] [wgmmalab-notriton] [wgmmalab-quick] [hostlab] [predict] [predict-nohf] [launchtest] [prefill-fixed]
 #                             [finetune-quick] [finetune-quick-nogluon] [adamw-repeat] [finetune] [finetune-main] [finetune-big] [finetune-seed] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-large] [kernels-small] [kernels-decode]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
@@ -57,6 +57,7 @@ for s in "$@"; do
     wgmmatests) step pytest_wgmma 300 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_wgmma.py; \
         LORAKIT_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py" ;;
     wgmmalab) step wgmma_lab 420 python3 bench/wgmma_lab.py --out "$out/wgmma_lab_h200.json" ;;
+    wgmmalab-notriton) step wgmma_lab 300 python3 bench/wgmma_lab.py --no-triton --out "$out/wgmma_lab_h200.json" ;;
     wgmmalab-quick) step wgmma_quick 200 python3 bench/wgmma_lab.py --quick --no-triton --out "$out/wgmma_quick.json" ;;
     tclab) step gemv_tc_lab 300 python3 bench/gemv_lab.py --tc --out "$out/gemv_tc_lab_h200.json" ;;
     tccheck) step gemv_tc_check 200 python3 bench/gemv_tc_check.py ;;
@@ -78,9 +79,10 @@ for s in "$@"; do
         --peers lorakit7,peftc,lorakit12 --steps 5 --out "$out/finetune_main.json" ;;
     finetune-big) step finetune_big 420 python3 bench/finetune_gpu.py --settings 8x512,8x512c \
         --peers lorakit7,peftc,lorakit12 --steps 5 --out "$out/finetune_big.json" ;;
-    adamw-repeat)  # test_gpu_adamw_large failed once in session 12 (call 10), passed in call 4: repeat it
-        step adamw_repeat 200 bash -c 'for i in $(seq 10); do LORAKIT_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider \
-            tests/test_kernels.py -k adamw_large 2>&1 | tail -n 3; done' ;;
+    adamw-repeat)  # test_gpu_adamw_large failed once in session 12 (call 10), passed in call 4: repeat the step
+        # in one process (bench/adamw_repeat.py: every run against the first and the spec), then the whole gpu set
+        step adamw_repeat 200 bash -c 'python3 bench/adamw_repeat.py --runs 300; for i in 1 2; do \
+            LORAKIT_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py 2>&1 | tail -n 4; done' ;;
     trainstep-tests) step pytest_train 120 env LORAKIT_AUTOTUNE=0 python3 -m pytest -q -x -p no:cacheprovider \
         tests/test_train_ops.py tests/test_train_step_backends.py ;;
     finetune-seed) step finetune_seed 240 python3 bench/finetune_gpu.py --settings 4x64c \

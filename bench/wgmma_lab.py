@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lorakit.kernels.q8_0_matmul import q8_0_matmul  # noqa: E402
-from lorakit.kernels.q8_0_wgmma import WGMMA_CONFIGS, wgmma_matmul  # noqa: E402
+from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS, wgmma_matmul  # noqa: E402
 
 from lorakit.quant import dequantize_q8_0, quantize_q8_0  # noqa: E402
 
@@ -37,7 +37,8 @@ def _tflops(flops: float, ms: float) -> float:
 def check() -> int:
     bad = 0
     for m, n, k, r in [(300, 200, 224, 0), (37, 130, 96, 4), (2048, 3200, 3200, 0), (1000, 1000, 1056, 16),
-                       (513, 8640, 3200, 4), (4096, 4096, 4096, 0)]:  # fmt: skip
+                       (513, 8640, 3200, 4), (4096, 4096, 4096, 0), (300, 200, 192, 0), (37, 130, 64, 32),
+                       (1000, 1000, 8640, 16), (2048, 3200, 8640, 0)]:  # fmt: skip
         g = torch.Generator(device="cuda").manual_seed(m + n + k + r)
         w = quantize_q8_0(torch.randn(n, k, device="cuda", generator=g))
         qs0, d0 = w.qs.clone(), w.d.clone()
@@ -51,7 +52,7 @@ def check() -> int:
             t = x @ a
             lora = (t, b, 0.5)
             ref = ref + 0.5 * (t.double() @ b.double().T)
-        for cfg in WGMMA_CONFIGS:
+        for cfg in WGMMA_CONFIGS + (RS_CONFIGS if k % 64 == 0 else []):
             y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
             wgmma_matmul(x, w.qs, w.d, y, lora, cfg)
             torch.cuda.synchronize()
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
                 q8_0_matmul(x, w.qs, w.d, config={"path": "gemm"})  # autotune outside the timing
                 t_tri = do_bench_cudagraph(partial(q8_0_matmul, x, w.qs, w.d, config={"path": "gemm"}), rep=40)
             per = {}
-            for cfg in WGMMA_CONFIGS:
+            for cfg in WGMMA_CONFIGS + RS_CONFIGS:
                 wgmma_matmul(x, w.qs, w.d, y, None, cfg)
                 per[str(cfg)] = do_bench_cudagraph(partial(wgmma_matmul, x, w.qs, w.d, y, None, cfg), rep=40)
             best = min(per, key=per.get)
@@ -97,6 +98,7 @@ def main(argv=None) -> int:
             tri_pct = f"({100 * t_cub / t_tri:.0f}%)" if t_tri else ""
             print(f"{m:5d} {n:6d} {k:6d} {tf(t_cub):8.0f} {tri} {tf(per[best]):10.0f}  {best} "
                   f"{100 * t_cub / per[best]:.0f}% {tri_pct}", flush=True)  # fmt: skip
+            print("      " + "  ".join(f"{i}:{100 * t_cub / t:.0f}%" for i, t in enumerate(per.values())), flush=True)
             rows.append(dict(m=m, n=n, k=k, cublas_ms=t_cub, triton_ms=t_tri, gluon_ms=per, best=best))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), check_bad=bad, rows=rows), indent=1))

@@ -29,8 +29,9 @@ per shape on the device, q8_0_tuning.choose_path):
     fill the SMs, K is split (power of two) and the fp32 partials are summed in a fixed order
     (deterministic: no atomics).
   * "wgmma" (M > 64, bf16/fp16 activations, sm_90; q8_0_wgmma.py, Gluon): the tiled product with each W tile's
-    dequantization overlapping the previous tile's wgmma (x and W's int8 tiles by TMA into a ring, two W
-    buffers). Its config is measured per (M bucket, N, K) among WGMMA_CONFIGS. The same numbers as "large"
+    dequantization overlapping the previous tile's wgmma (x and W's int8 tiles by TMA into a ring; where
+    K % 64 == 0 the dequantized tile is the wgmma's register operand, else it goes through two shared-memory
+    buffers). Its config is measured per (M bucket, N, K) among configs_for(K). The same numbers as "large"
     (W rounded once, fp32 accumulation, the LoRA term in the accumulator), up to the summation order.
   * "dequant" (M >= DEQUANT_MIN_M, compute-bound): W is dequantized into a transient buffer in the
     activation dtype (freed after the product, or kept among a DequantCache's last few for the backward
@@ -326,15 +327,16 @@ def wgmma_ok(x2: torch.Tensor, qs: torch.Tensor, r: int) -> bool:
 
 def _wgmma(x2, qs, d, y, lora, cfg: dict) -> None:
     """The Gluon path; lora = (t, a, b, r, scale) with t formed."""
-    from .q8_0_wgmma import wgmma_matmul
+    from .q8_0_wgmma import configs_for, wgmma_matmul
 
     m, k = x2.shape
     lo = None if lora is None else (lora[0], lora[2], lora[4])
     if "BLOCK_N" in cfg:
         wgmma_matmul(x2, qs, d, y, lo, cfg)
         return
-    key = (_m_bucket(m), qs.shape[0], k, x2.dtype, y.dtype, lora is not None)
-    best = _WGMMA_BEST.get(key) or pick_wgmma_config(key, lambda c: wgmma_matmul(x2, qs, d, y, lo, c))
+    configs = configs_for(k, d)
+    key = (_m_bucket(m), qs.shape[0], k, x2.dtype, y.dtype, lora is not None, len(configs))
+    best = _WGMMA_BEST.get(key) or pick_wgmma_config(key, lambda c: wgmma_matmul(x2, qs, d, y, lo, c), configs)
     wgmma_matmul(x2, qs, d, y, lo, best)
 
 

@@ -238,15 +238,13 @@ def _tiles(defaults: dict, cfg: dict) -> dict:
 _WGMMA_BEST: dict[tuple, dict] = {}
 
 
-def pick_wgmma_config(key: tuple, run: Callable[[dict], object]) -> dict:
-    """The fastest of q8_0_wgmma.WGMMA_CONFIGS for this key (run(cfg) computes the product with it), timed once
-    (eager launches, as the products are launched); the first config without a search (LORAKIT_AUTOTUNE=0,
-    inside CUDA-graph capture)."""
-    from .q8_0_wgmma import WGMMA_CONFIGS
-
+def pick_wgmma_config(key: tuple, run: Callable[[dict], object], configs: list[dict]) -> dict:
+    """The fastest of configs (q8_0_wgmma.configs_for the product) for this key (run(cfg) computes the product with
+    it), timed once (eager launches, as the products are launched); the first config without a search
+    (LORAKIT_AUTOTUNE=0, inside CUDA-graph capture)."""
     if not autotuning() or torch.cuda.is_current_stream_capturing():
-        return WGMMA_CONFIGS[0]
-    best = _WGMMA_BEST[key] = _fastest(WGMMA_CONFIGS, run)
+        return configs[0]
+    best = _WGMMA_BEST[key] = _fastest(configs, run)
     return best
 
 

@@ -20,6 +20,13 @@ One program computes a [BLOCK_M, BLOCK_N] tile of y, all warps (2 warpgroups) sh
     barrier;
   * the LoRA term (optional) is the accumulator's start: scale * (t @ b.T) by one more wgmma over the rank
     padded to BLOCK_R (as q8_0_gemm's kernel does: y is rounded once).
+The register-operand kernel (_q8_wgmma_rs_kernel, K % 64 == 0; the shape CUTLASS's Hopper mixed-input GEMMs take)
+computes y.T = W @ x.T instead: W's dequantized tile is the wgmma's operand A in registers, so it is never written
+to shared memory, and each step needs one CTA barrier instead of two (69-78% of cuBLAS where the kernel above
+reaches 62-71%, bench/results/h200_session13). An async wgmma's register operand must stay untouched until a wait
+covers it, so the loop takes tiles in pairs with two register sets: tile k + 1 is dequantized into one set while
+tile k's MMA reads the other, and each wait names the set it releases (which keeps that set live until then; the
+sm_90a SASS writes neither set between its HGMMAs and the covering WARPGROUP.DEPBAR).
 Products are accumulated in fp32 (the MMA's), bf16/fp16 activations only. The interpreter cannot run Gluon:
 tests compare this kernel with cpu-torch on the GPU (marker gpu) and compile it for sm_90a without one.
 """
@@ -238,6 +245,163 @@ def _q8_wgmma_kernel(
     gl.store(ptrs, out, mask=mask)
 
 
+@gluon.jit
+def _q8_wgmma_rs_kernel(
+    x_desc,
+    q_desc,
+    d_ptr,
+    y_ptr,
+    t_ptr,
+    b_ptr,
+    M,
+    N,
+    K,
+    stride_dn,
+    stride_ym,
+    stride_tm,
+    stride_bn,
+    R,
+    scale,
+    STAGES: gl.constexpr,
+    GROUP_M: gl.constexpr,
+    HAS_LORA: gl.constexpr,
+    BLOCK_R: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """y.T tile [BLOCK_N, BLOCK_M] = W tile @ x tile.T with W's dequantized tile as the wgmma's register operand A
+    (it never goes through shared memory) and x's tile as operand B; K % 64 == 0 (scales as int32 words)."""
+    BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = q_desc.block_type.shape[0]
+    D_AHEAD: gl.constexpr = 8
+    dtype: gl.constexpr = x_desc.dtype
+
+    pid_m, pid_n = _grouped_tile(gl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+
+    # the MMA: W's rows along the instruction's M (16 per warp, a warpgroup's 64 together), x's rows along its N
+    mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16]
+    )
+    AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    RL: gl.constexpr = gl.SliceLayout(1, AL)
+    KL: gl.constexpr = gl.SliceLayout(0, AL)
+
+    x_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+    q_s = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K], q_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    DC: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    d_s = gl.allocate_shared_memory(gl.int32, [D_AHEAD + 1, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    rn_c = (off_n + gl.arange(0, BLOCK_N, layout=DC)) % N
+    first = gl.expand_dims(gl.arange(0, BLOCK_K, layout=KL) < 32, 0)  # the tile's first q8_0 block
+
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    for i in gl.static_range(STAGES - 1):
+        _load_tile(x_desc, q_desc, bars.index(i), x_s.index(i), q_s.index(i), off_m, off_n, i, i < k_tiles)
+    for i in gl.static_range(D_AHEAD):
+        _copy_scales(d_s.index(i), d_ptr, rn_c, i, K, stride_dn, BLOCK_K)
+    async_copy.wait_group(D_AHEAD - 1)
+    gl.thread_barrier()
+
+    if HAS_LORA:
+        # acc.T = scale * (b @ t.T) over the rank (zero-padded to BLOCK_R): b's rows as operand A from registers
+        BL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        LR: gl.constexpr = _rows_layout(BLOCK_R, num_warps)
+        offs_r = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, LR))
+        rm_t = (off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LR))) % M
+        tt = gl.load(t_ptr + gl.expand_dims(rm_t, 1) * stride_tm + gl.expand_dims(offs_r, 0),
+                     mask=gl.expand_dims(offs_r < R, 0), other=0.0)  # fmt: skip
+        t_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_R], dtype)
+        t_s = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_R], t_layout, tt)
+        offs_rb = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, BL))
+        rn_b = (off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, BL))) % N
+        bb = gl.load(b_ptr + gl.expand_dims(rn_b, 1) * stride_bn + gl.expand_dims(offs_rb, 0),
+                     mask=gl.expand_dims(offs_rb < R, 0), other=0.0)  # fmt: skip
+        fence_async_shared()
+        gl.thread_barrier()
+        acc = warpgroup_mma(bb, t_s.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma), use_acc=False)
+        acc = acc * scale
+    else:
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
+
+    # two register sets for W's tiles, alternating (the loop takes tiles in pairs): an async wgmma's operand A must
+    # stay untouched until a wait covers it, so tile k + 1 is dequantized into the other set while tile k's MMA runs
+    # (the waits name the set they release, which keeps it live until then)
+    w_a = _tile_a(q_s, d_s, bars, 0, first, STAGES, D_AHEAD, dtype, AL, RL)
+    w_b = w_a
+    for j in range(k_tiles // 2):
+        kt = 2 * j
+        acc = warpgroup_mma(w_a, x_s.index(kt % STAGES).permute((1, 0)), acc, is_async=True)
+        acc, w_b = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_b))
+        _refill(x_desc, q_desc, bars, x_s, q_s, d_s, d_ptr, rn_c, off_m, off_n, kt, k_tiles, K, stride_dn, STAGES,
+                D_AHEAD)  # fmt: skip
+        w_b = _tile_a(q_s, d_s, bars, kt + 1, first, STAGES, D_AHEAD, dtype, AL, RL)
+        acc = warpgroup_mma(w_b, x_s.index((kt + 1) % STAGES).permute((1, 0)), acc, is_async=True)
+        acc, w_a = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_a))
+        _refill(x_desc, q_desc, bars, x_s, q_s, d_s, d_ptr, rn_c, off_m, off_n, kt + 1, k_tiles, K, stride_dn, STAGES,
+                D_AHEAD)  # fmt: skip
+        if kt + 2 < k_tiles:
+            w_a = _tile_a(q_s, d_s, bars, kt + 2, first, STAGES, D_AHEAD, dtype, AL, RL)
+    if k_tiles % 2:
+        acc = warpgroup_mma(w_a, x_s.index((k_tiles - 1) % STAGES).permute((1, 0)), acc, is_async=True)
+        acc, w_a, w_b = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w_a, w_b))
+    acc, w_a, w_b = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w_a, w_b))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+    # y[m, n] = acc[n, m]: each thread's values run along n for a fixed m
+    LY: gl.constexpr = gl.BlockedLayout([8, 1], [4, 8], [1, num_warps], [0, 1])
+    out = gl.convert_layout(acc.to(y_ptr.dtype.element_ty), LY)
+    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LY))
+    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, LY))
+    mask = gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0)
+    ptrs = y_ptr + gl.expand_dims(offs_m.to(gl.int64), 0) * stride_ym + gl.expand_dims(offs_n, 1)
+    gl.store(ptrs, out, mask=mask)
+
+
+@gluon.jit
+def _refill(x_desc, q_desc, bars, x_s, q_s, d_s, d_ptr, rn_c, off_m, off_n, kt, k_tiles, K, stride_dn,
+            STAGES: gl.constexpr, D_AHEAD: gl.constexpr):  # fmt: skip
+    """After step kt's wait (step kt - 1's MMA done in this warpgroup): a CTA barrier (... in every warpgroup, and
+    every thread's copies of tile kt + 1's scales have landed), then stage kt - 1 gets tile kt - 1 + STAGES and the
+    scale slot read at step kt - 1 tile kt + D_AHEAD's words."""
+    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+    async_copy.wait_group(D_AHEAD - 2)
+    gl.thread_barrier()
+    nxt = kt + STAGES - 1
+    sn = nxt % STAGES
+    _load_tile(x_desc, q_desc, bars.index(sn), x_s.index(sn), q_s.index(sn), off_m, off_n, nxt, nxt < k_tiles)
+    dn = kt + D_AHEAD
+    _copy_scales(d_s.index(dn % (D_AHEAD + 1)), d_ptr, rn_c, dn, K, stride_dn, BLOCK_K)
+
+
+@gluon.jit
+def _tile_a(q_s, d_s, bars, kt, first, STAGES: gl.constexpr, D_AHEAD: gl.constexpr, dtype: gl.constexpr,
+            AL: gl.constexpr, RL: gl.constexpr):  # fmt: skip
+    """W's tile kt dequantized into the operand-A layout, once its stage has landed."""
+    st = kt % STAGES
+    mbarrier.wait(bars.index(st), (kt // STAGES) & 1)
+    return _dequant_a(q_s.index(st), d_s.index(kt % (D_AHEAD + 1)), first, dtype, AL, RL)
+
+
+@gluon.jit
+def _dequant_a(q_tile, d_slot, first, dtype: gl.constexpr, AL: gl.constexpr, RL: gl.constexpr):
+    """W tile [BLOCK_N, 64] = rnd_dtype(q * d) in the wgmma's operand-A layout, from the int8 tile and its rows' scale
+    words (a row's two fp16 scales: the low half the first block's) in shared memory."""
+    q = q_tile.load(AL)
+    words = d_slot.load(RL)
+    lo = (words & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+    hi = ((words >> 16) & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+    dq = gl.where(first, gl.expand_dims(lo * 0.00390625, 1), gl.expand_dims(hi * 0.00390625, 1))  # d / 256
+    dc = gl.where(first, gl.expand_dims(lo * -32896.0, 1), gl.expand_dims(hi * -32896.0, 1))  # -(2^15 + 2^7) d
+    dq, _ = gl.broadcast(dq, q)
+    dc, _ = gl.broadcast(dc, q)
+    return _prmt_dequant(q, dq, dc, dtype)
+
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, STAGES >= 3: the W tile dequantized at step k is TMA-loaded at step k - STAGES + 2);
 # 8 warps (two warpgroups along M)
 # first: the best at every measured 3B / 8B shape, M = 2048 and 8192 (bench/results/h200_session12)
@@ -248,6 +412,28 @@ WGMMA_CONFIGS = [
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=6),
     dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, STAGES=4),
 ]
+
+# the register-operand kernel (_q8_wgmma_rs_kernel), where K % 64 == 0: 8 warps, 16 W rows each (BLOCK_N = 128) or
+# 32 (BLOCK_N = 256: each warpgroup issues two m64 instructions per k16 step)
+RS_CONFIGS = [
+    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=4, RS=True),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, STAGES=4, RS=True),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, STAGES=6, RS=True),
+    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=3, RS=True),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=6, RS=True),
+]
+
+
+def _d_words(k: int, d, block_k: int = 64) -> bool:
+    """W's scales can come as int32 words (a row's two fp16 scales of a 64-wide K tile): K % 64 == 0 and the rows
+    4-byte aligned."""
+    return block_k == 64 and k % 64 == 0 and d.stride(0) % 2 == 0 and d.data_ptr() % 4 == 0
+
+
+def configs_for(k: int, d) -> list[dict]:
+    """The configs that can compute a product with this K and these scales: the register-operand kernel's first
+    (faster at every measured shape, bench/results/h200_session13) where it can run, then the shared-memory one's."""
+    return RS_CONFIGS + WGMMA_CONFIGS if _d_words(k, d) else list(WGMMA_CONFIGS)
 
 
 def wgmma_matmul(x2, qs, d, y, lora, cfg: dict, group_m: int = 8) -> None:
@@ -270,8 +456,16 @@ def wgmma_matmul(x2, qs, d, y, lora, cfg: dict, group_m: int = 8) -> None:
         t, b, s = lora
         r = b.shape[1]
     block_r = max(16, 1 << (max(r, 1) - 1).bit_length())
-    d_words = bk == 64 and k % 64 == 0 and d.stride(0) % 2 == 0 and d.data_ptr() % 4 == 0
+    d_words = _d_words(k, d, bk)
     grid = (-(-m // bm) * -(-n // bn),)
+    if cfg.get("RS"):
+        if not d_words:
+            raise ValueError("the register-operand kernel needs K % 64 == 0 and 4-byte aligned scale rows")
+        _q8_wgmma_rs_kernel[grid](
+            x_desc, q_desc, d, y, t, b, m, n, k, d.stride(0), y.stride(0), t.stride(0), b.stride(0), r, float(s),
+            STAGES=cfg["STAGES"], GROUP_M=group_m, HAS_LORA=lora is not None, BLOCK_R=block_r, num_warps=8,
+        )  # fmt: skip
+        return
     _q8_wgmma_kernel[grid](
         x_desc, q_desc, d, y, t, b, m, n, k, d.stride(0), y.stride(0), t.stride(0), b.stride(0), r, float(s),
         STAGES=cfg["STAGES"], GROUP_M=group_m, HAS_LORA=lora is not None, BLOCK_R=block_r, D_WORDS=d_words,

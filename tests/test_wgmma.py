@@ -1,7 +1,8 @@
 """The Gluon q8_0 matmul (kernels/q8_0_wgmma.py) and its place among the product's paths.
 
-Gluon kernels cannot run under triton's interpreter: on the CPU (CI) the kernel is compiled for sm_90a for every
-config (it must build and fit the H200's shared memory); on a GPU (marker gpu) its products are checked against
+Gluon kernels cannot run under triton's interpreter: on the CPU (CI) the kernels are compiled for sm_90a for every
+config (each must build and fit the H200's shared memory, and the register-operand kernel's SASS must leave an
+in-flight wgmma's operand A alone); on a GPU (marker gpu) its products are checked against
 cpu-torch with the derived bounds of test_kernels.py, forced configs and the measured one, odd shapes, LoRA ranks
 up to 32, bf16 and fp16, and in a CUDA graph.
 """
@@ -17,9 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 from lorakit.kernels import q8_0_matmul as qmm
-from lorakit.kernels.q8_0_wgmma import WGMMA_CONFIGS
+from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS, configs_for
 
 from tests.test_kernels import assert_gpu_matmul, make_weight, needs_gpu, on, rand
+from tests.wgmma_build import CONFIGS, hgmma_a_hazards
 
 gpu = pytest.mark.gpu
 SMEM_SM90 = 232448  # bytes of shared memory a block may use on sm_90 (227 KB)
@@ -38,15 +40,40 @@ def builds() -> list[dict]:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("i", range(len(WGMMA_CONFIGS)), ids=lambda i: "x".join(map(str, WGMMA_CONFIGS[i].values())))
+def _ids(cfg: dict) -> str:
+    return "x".join(str(v) for key, v in cfg.items() if key != "RS") + ("-rs" if cfg.get("RS") else "")
+
+
+@pytest.mark.parametrize("i", range(len(CONFIGS)), ids=lambda i: _ids(CONFIGS[i]))
 def test_compiles_for_sm90_and_fits_shared_memory(builds, i):
-    """Every config builds for sm_90a (PTX and cubin, without a GPU), issues the expected wgmma and fits the shared
-    memory (see tests/wgmma_build.py)."""
-    for b in builds:
-        if b["cfg"] == i:
-            assert b["cubin"] and b["wgmma"], b
-            assert b["shared"] <= SMEM_SM90, b
-    assert any(b["dtype"] == "fp16" for b in builds)
+    """Every config builds for sm_90a (PTX and cubin, without a GPU), issues the expected wgmma (the register-operand
+    kernel: operand A in registers) and fits the shared memory, and the register-operand kernel's SASS writes no
+    register of an in-flight wgmma's operand A (see tests/wgmma_build.py)."""
+    mine = [b for b in builds if b["cfg"] == i]
+    assert mine
+    for b in mine:
+        assert b["cubin"] and b["wgmma"], b
+        assert b["shared"] <= SMEM_SM90, b
+        assert b["hazards"] == [], b
+    assert any(b["dtype"] == "fp16" and b["rs"] for b in builds)
+    assert any(b["dtype"] == "fp16" and not b["rs"] for b in builds)
+
+
+_LOOP = """
+        .L_x_5:
+        /*0010*/                   WARPGROUP.ARRIVE ;
+        /*0020*/                   HGMMA.64x256x16.F32.BF16 R24, R160, gdesc[UR20], R24, gsb0 ;
+        /*0030*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0040*/                   LDS.U16 R{reg}, [R4+UR7+0x20000] ;
+        /*0050*/               @P0 BRA `(.L_x_5) ;
+"""
+
+
+def test_hazard_check_finds_a_write_to_an_in_flight_operand():
+    """The SASS check itself: the loop's LDS into R161 meets the previous iteration's HGMMA (R160-R163 as operand A)
+    still in flight (DEPBAR.LE 1 leaves it); into R164 it does not."""
+    assert len(hgmma_a_hazards(_LOOP.format(reg=161))) == 1
+    assert hgmma_a_hazards(_LOOP.format(reg=164)) == []
 
 
 def test_candidates_add_the_gluon_path_above_64_rows():
@@ -67,8 +94,16 @@ def test_config_choice_without_a_search(monkeypatch):
     monkeypatch.setenv("LORAKIT_AUTOTUNE", "0")
     ran = []
     key = ("test-key",)
-    assert q8_0_tuning.pick_wgmma_config(key, ran.append) is WGMMA_CONFIGS[0]
+    assert q8_0_tuning.pick_wgmma_config(key, ran.append, CONFIGS) is CONFIGS[0]
     assert ran == [] and key not in q8_0_tuning._WGMMA_BEST
+
+
+def test_configs_for_take_the_register_operand_kernel_first_where_it_can_run():
+    d = torch.zeros(64, 100, dtype=torch.float16)  # K = 3200: 100 scales a row
+    assert configs_for(3200, d) == RS_CONFIGS + WGMMA_CONFIGS
+    assert configs_for(3200, d)[0]["RS"]
+    assert configs_for(96, d[:, :3]) == WGMMA_CONFIGS  # K % 64 != 0
+    assert configs_for(3200, torch.zeros(64, 101, dtype=torch.float16)[:, :100]) == WGMMA_CONFIGS  # rows not 4-aligned
 
 
 def test_fastest_runs_each_option_once_before_timing_it(monkeypatch):
@@ -118,10 +153,16 @@ def _check(m, n, k, dtype, r, config):
 @gpu
 @needs_gpu
 @needs_sm90
-@pytest.mark.parametrize("cfg", WGMMA_CONFIGS, ids=lambda c: "x".join(map(str, c.values())))
-@pytest.mark.parametrize("m,n,k,r", [(37, 130, 96, 0), (300, 200, 224, 4), (513, 1000, 1056, 32), (256, 384, 512, 0)])
-def test_gpu_forced_configs(cfg, m, n, k, r):
-    """Odd shapes: M and N not multiples of the tiles, K = 32 * odd (a half K tile), one K tile (K = 96)."""
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_ids)
+@pytest.mark.parametrize("case", range(4))
+def test_gpu_forced_configs(cfg, case):
+    """Odd shapes: M and N not multiples of the tiles, an odd number of K tiles, one K tile, LoRA ranks up to 32; for
+    the shared-memory kernel K = 32 * odd (a half K tile), for the register-operand kernel (K % 64 == 0) an odd tile
+    count (its loop takes tiles in pairs)."""
+    if cfg.get("RS"):
+        m, n, k, r = [(37, 130, 64, 0), (300, 200, 192, 4), (513, 1000, 1088, 32), (256, 384, 512, 0)][case]
+    else:
+        m, n, k, r = [(37, 130, 96, 0), (300, 200, 224, 4), (513, 1000, 1056, 32), (256, 384, 512, 0)][case]
     _check(m, n, k, torch.bfloat16, r, {"path": "wgmma", **cfg})
 
 
@@ -137,13 +178,14 @@ def test_gpu_measured_config_and_real_shapes(dtype, m, n, k, r):
 @gpu
 @needs_gpu
 @needs_sm90
-def test_gpu_replays_in_a_cuda_graph():
+@pytest.mark.parametrize("first", [WGMMA_CONFIGS[0], RS_CONFIGS[0]], ids=_ids)
+def test_gpu_replays_in_a_cuda_graph(first):
     """The descriptors are built at capture: replays of the captured product give the eager bits."""
     w = on(make_weight(640, 512))
     x = rand(300, 512, dtype=torch.bfloat16).cuda()
     a = rand(512, 8, seed=2, scale=0.3).to(torch.bfloat16).cuda()
     b = rand(640, 8, seed=3, scale=0.3).to(torch.bfloat16).cuda()
-    cfg = {"path": "wgmma", **WGMMA_CONFIGS[0]}
+    cfg = {"path": "wgmma", **first}
     eager = qmm.q8_0_matmul(x, w.qs, w.d, a, b, 0.5, config=cfg)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

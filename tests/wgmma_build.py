@@ -1,15 +1,22 @@
-"""Builds of the Gluon q8_0 matmul for sm_90a without a GPU (tests/test_wgmma.py runs builds() in a fresh process
-without TRITON_INTERPRET)."""
+"""Builds of the Gluon q8_0 matmuls for sm_90a without a GPU (tests/test_wgmma.py runs builds() in a fresh process
+without TRITON_INTERPRET), and a check of the register-operand kernel's SASS (hgmma_a_hazards)."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import tempfile
+
 import torch
-from lorakit.kernels.q8_0_wgmma import WGMMA_CONFIGS
+from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS
+
+CONFIGS = WGMMA_CONFIGS + RS_CONFIGS
 
 
 def _compile(cfg: dict, dtype: str, lora: bool, d_words: bool = True):
     import triton
-    from lorakit.kernels.q8_0_wgmma import _q8_wgmma_kernel
+    from lorakit.kernels.q8_0_wgmma import _q8_wgmma_kernel, _q8_wgmma_rs_kernel
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -35,19 +42,97 @@ def _compile(cfg: dict, dtype: str, lora: bool, d_words: bool = True):
         "D_WORDS": d_words,
         "num_warps": 8,
     }
-    src = GluonASTSource(_q8_wgmma_kernel, sig, constexprs=consts)
+    kernel = _q8_wgmma_kernel
+    if cfg.get("RS"):  # K % 64 == 0 only: the scales always come as words
+        kernel = _q8_wgmma_rs_kernel
+        del sig["D_WORDS"], consts["D_WORDS"]
+    src = GluonASTSource(kernel, sig, constexprs=consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
 
 
+def _sass(cubin: bytes) -> str:
+    from triton.backends.nvidia import compiler
+
+    nvdisasm = os.path.join(os.path.dirname(compiler.__file__), "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+_INSTR = re.compile(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)\s*(.*?)\s*;")
+_NO_REG_DEST = ("HGMMA", "ST", "BAR", "BRA", "SYNCS", "UTMA", "LDGSTS", "WARPGROUP", "DEPBAR", "RED", "EXIT", "NOP")
+
+
+def _written(op: str, args: str) -> set[int]:
+    """The general registers an instruction writes (its first operand), as far as the A-operand check needs."""
+    if op.startswith(_NO_REG_DEST):
+        return set()
+    m = re.match(r"R(\d+)\b", args)
+    if not m:
+        return set()
+    width = 4 if ".128" in op else 2 if (".64" in op or ".WIDE" in op or op[0] == "D") else 1
+    return set(range(int(m.group(1)), int(m.group(1)) + width))
+
+
+def hgmma_a_hazards(sass: str) -> list[str]:
+    """Instructions that write a register an in-flight HGMMA reads as its operand A, in every loop that issues
+    HGMMAs (the loop body scanned twice, so that groups issued late in an iteration meet the next one's writes).
+    A group is the HGMMAs up to one marked gsb0; WARPGROUP.DEPBAR.LE gsb0, n retires the oldest until n remain."""
+    lines = [ln.strip() for ln in sass.splitlines()]
+    labels = {ln[:-1]: i for i, ln in enumerate(lines) if re.match(r"\.L_x_\d+:$", ln)}
+    found = []
+    for i, ln in enumerate(lines):
+        m = re.search(r"BRA `?\((\.L_x_\d+)\)", ln)
+        if not m or labels.get(m.group(1), i) >= i:
+            continue  # a forward branch
+        body = lines[labels[m.group(1)] : i + 1]
+        if not any("HGMMA" in b for b in body):
+            continue
+        in_flight: list[set[int]] = []
+        open_group: set[int] = set()
+        for n, b in enumerate(body + body):
+            im = _INSTR.search(b)
+            if not im:
+                continue
+            op, args = im.groups()
+            if op.startswith("HGMMA"):
+                a = re.match(r"R\d+, R(\d+),", args)
+                if a:
+                    open_group |= set(range(int(a.group(1)), int(a.group(1)) + 4))
+                if "gsb0" in args:
+                    in_flight.append(open_group)
+                    open_group = set()
+                continue
+            d = re.match(r"WARPGROUP\.DEPBAR\.LE", op + " ")
+            if d:
+                keep = int(re.search(r"0x([0-9a-f]+)", args).group(1), 16)
+                in_flight = in_flight[len(in_flight) - keep :] if keep else []
+                continue
+            hit = _written(op, args) & set().union(open_group, *in_flight)
+            if hit and n >= len(body):
+                found.append(f"{b}  (writes R{min(hit)} of an in-flight HGMMA's operand A)")
+    return found
+
+
 def builds() -> list[dict]:
-    """Every config for bf16 with the largest LoRA tiles (rank 32) and the scales' cp.async ring, and the first
-    config for fp16 (scales loaded into registers, K % 64 != 0): what each build produced."""
-    cases = [(i, "bf16", True, True) for i in range(len(WGMMA_CONFIGS))] + [(0, "fp16", False, False)]
+    """Every config for bf16 with the largest LoRA tiles (rank 32) and the scales' cp.async ring, the first of each
+    kernel for fp16 (the shared-memory kernel with the scales loaded into registers, K % 64 != 0): what each build
+    produced, with the register-operand kernel's SASS hazards."""
+    cases = [(i, "bf16", True, True) for i in range(len(CONFIGS))]
+    cases += [(0, "fp16", False, False), (len(WGMMA_CONFIGS), "fp16", False, True)]
     out = []
     for i, dtype, lora, d_words in cases:
-        k = _compile(WGMMA_CONFIGS[i], dtype, lora, d_words)
-        ptx_type = {"bf16": "bf16", "fp16": "f16"}[dtype]
-        mma = f"wgmma.mma_async.sync.aligned.m64n{WGMMA_CONFIGS[i]['BLOCK_N']}k16.f32.{ptx_type}.{ptx_type}"
-        out.append(dict(cfg=i, dtype=dtype, cubin=bool(k.asm.get("cubin")), shared=k.metadata.shared,
-                        wgmma=mma in k.asm["ptx"]))  # fmt: skip
+        cfg = CONFIGS[i]
+        k = _compile(cfg, dtype, lora, d_words)
+        t = {"bf16": "bf16", "fp16": "f16"}[dtype]
+        if cfg.get("RS"):  # y.T = W @ x.T: instruction N = BLOCK_M, operand A four registers
+            mma = rf"\.m64n{cfg['BLOCK_M']}k16\.f32\.{t}\.{t} \{{[^}}]*\}}, \{{%r\d+(,%r\d+){{3}}\}}, %rd"
+        else:
+            mma = rf"\.m64n{cfg['BLOCK_N']}k16\.f32\.{t}\.{t} "
+        cubin = k.asm.get("cubin")
+        hazards = hgmma_a_hazards(_sass(cubin)) if cfg.get("RS") and cubin else []
+        wgmma = bool(re.search("wgmma.mma_async.sync.aligned" + mma, k.asm["ptx"]))
+        out.append(dict(cfg=i, rs=bool(cfg.get("RS")), dtype=dtype, cubin=bool(cubin), shared=k.metadata.shared,
+                        wgmma=wgmma, hazards=hazards))  # fmt: skip
     return out
