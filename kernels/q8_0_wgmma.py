@@ -20,13 +20,21 @@ One program computes a [BLOCK_M, BLOCK_N] tile of y, all warps (2 warpgroups) sh
     barrier;
   * the LoRA term (optional) is the accumulator's start: scale * (t @ b.T) by one more wgmma over the rank
     padded to BLOCK_R (as q8_0_gemm's kernel does: y is rounded once).
-The register-operand kernel (_q8_wgmma_rs_kernel, K % 64 == 0; the shape CUTLASS's Hopper mixed-input GEMMs take)
-computes y.T = W @ x.T instead: W's dequantized tile is the wgmma's operand A in registers, so it is never written
-to shared memory, and each step needs one CTA barrier instead of two (69-78% of cuBLAS where the kernel above
-reaches 62-71%, bench/results/h200_session13). An async wgmma's register operand must stay untouched until a wait
-covers it, so the loop takes tiles in pairs with two register sets: tile k + 1 is dequantized into one set while
-tile k's MMA reads the other, and each wait names the set it releases (which keeps that set live until then; the
-sm_90a SASS writes neither set between its HGMMAs and the covering WARPGROUP.DEPBAR).
+Where K % 64 == 0, two more kernels compute y.T = W @ x.T instead (the shape CUTLASS's Hopper mixed-input GEMMs
+take): W's dequantized tile is the wgmma's operand A in registers, so it never goes through shared memory.
+  * _q8_wgmma_rs_kernel: the loop above without the W buffers, one CTA barrier per step instead of two, x's and W's
+    tiles completing barriers of their own. An async wgmma's register operand must stay untouched until a wait covers
+    it, so the loop takes tiles in pairs with two register sets: tile k + 1 is dequantized into one set while tile
+    k's MMA reads the other, and each wait names the set it releases (which keeps that set live until then; CI
+    checks the sm_90a SASS writes neither set between its HGMMAs and the covering WARPGROUP.DEPBAR).
+  * _q8_wgmma_ws_kernel: warp-specialized (gl.warp_specialize): a producer warp keeps the ring full (TMA, the scale
+    words by cp.async arriving on the stage's barrier) and two consumer warpgroups, 64 W rows each, free a stage by
+    an mbarrier arrive, with no CTA barrier and no TMA issue in their loop. ptxas serializes its wgmmas (C7512,
+    "insufficient register resources": the launch allows 168 registers a thread, the consumers get 240 only by
+    setmaxnreg), so each consumer waits for its own MMA; the two consumers' MMAs still overlap each other's
+    dequantization.
+H200, M = 2048 and 8192 at 3B / 8B layer shapes (bench/results/h200_session13): the shared-memory kernel 62-71% of
+cuBLAS, the register-operand kernel 68-78%, the warp-specialized one 71-78%; the product's config is measured.
 Products are accumulated in fp32 (the MMA's), bf16/fp16 activations only. The interpreter cannot run Gluon:
 tests compare this kernel with cpu-torch on the GPU (marker gpu) and compile it for sm_90a without one.
 """
@@ -269,7 +277,8 @@ def _q8_wgmma_rs_kernel(
     num_warps: gl.constexpr,
 ):
     """y.T tile [BLOCK_N, BLOCK_M] = W tile @ x tile.T with W's dequantized tile as the wgmma's register operand A
-    (it never goes through shared memory) and x's tile as operand B; K % 64 == 0 (scales as int32 words)."""
+    (it never goes through shared memory) and x's tile as operand B; K % 64 == 0 (scales as int32 words). The
+    pipeline is the kernel above's (TMA ring, scales by cp.async, one wgmma group in flight) without the W buffers."""
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = q_desc.block_type.shape[0]
@@ -293,6 +302,11 @@ def _q8_wgmma_rs_kernel(
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
+    # W's tiles complete barriers of their own (their own allocation: the compiler's shared-memory hazard analysis
+    # puts no CTA barrier between the two TMA issues; 1-2 points of cuBLAS, bench/results/h200_session13/call4)
+    bars_q = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars_q.index(i), count=1)
     DC: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
     d_s = gl.allocate_shared_memory(gl.int32, [D_AHEAD + 1, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     rn_c = (off_n + gl.arange(0, BLOCK_N, layout=DC)) % N
@@ -300,7 +314,7 @@ def _q8_wgmma_rs_kernel(
 
     k_tiles = gl.cdiv(K, BLOCK_K)
     for i in gl.static_range(STAGES - 1):
-        _load_tile(x_desc, q_desc, bars.index(i), x_s.index(i), q_s.index(i), off_m, off_n, i, i < k_tiles)
+        _load_pair(x_desc, q_desc, bars, bars_q, x_s, q_s, off_m, off_n, i, i < k_tiles, True)
     for i in gl.static_range(D_AHEAD):
         _copy_scales(d_s.index(i), d_ptr, rn_c, i, K, stride_dn, BLOCK_K)
     async_copy.wait_group(D_AHEAD - 1)
@@ -330,21 +344,21 @@ def _q8_wgmma_rs_kernel(
     # two register sets for W's tiles, alternating (the loop takes tiles in pairs): an async wgmma's operand A must
     # stay untouched until a wait covers it, so tile k + 1 is dequantized into the other set while tile k's MMA runs
     # (the waits name the set they release, which keeps it live until then)
-    w_a = _tile_a(q_s, d_s, bars, 0, first, STAGES, D_AHEAD, dtype, AL, RL)
+    w_a = _tile_a(q_s, d_s, bars, bars_q, 0, first, STAGES, D_AHEAD, dtype, AL, RL)
     w_b = w_a
     for j in range(k_tiles // 2):
         kt = 2 * j
         acc = warpgroup_mma(w_a, x_s.index(kt % STAGES).permute((1, 0)), acc, is_async=True)
         acc, w_b = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_b))
-        _refill(x_desc, q_desc, bars, x_s, q_s, d_s, d_ptr, rn_c, off_m, off_n, kt, k_tiles, K, stride_dn, STAGES,
-                D_AHEAD)  # fmt: skip
-        w_b = _tile_a(q_s, d_s, bars, kt + 1, first, STAGES, D_AHEAD, dtype, AL, RL)
+        _refill(x_desc, q_desc, bars, bars_q, x_s, q_s, d_s, d_ptr, rn_c, off_m, off_n, kt, k_tiles, K, stride_dn,
+                STAGES, D_AHEAD)  # fmt: skip
+        w_b = _tile_a(q_s, d_s, bars, bars_q, kt + 1, first, STAGES, D_AHEAD, dtype, AL, RL)
         acc = warpgroup_mma(w_b, x_s.index((kt + 1) % STAGES).permute((1, 0)), acc, is_async=True)
         acc, w_a = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_a))
-        _refill(x_desc, q_desc, bars, x_s, q_s, d_s, d_ptr, rn_c, off_m, off_n, kt + 1, k_tiles, K, stride_dn, STAGES,
-                D_AHEAD)  # fmt: skip
+        _refill(x_desc, q_desc, bars, bars_q, x_s, q_s, d_s, d_ptr, rn_c, off_m, off_n, kt + 1, k_tiles, K,
+                stride_dn, STAGES, D_AHEAD)  # fmt: skip
         if kt + 2 < k_tiles:
-            w_a = _tile_a(q_s, d_s, bars, kt + 2, first, STAGES, D_AHEAD, dtype, AL, RL)
+            w_a = _tile_a(q_s, d_s, bars, bars_q, kt + 2, first, STAGES, D_AHEAD, dtype, AL, RL)
     if k_tiles % 2:
         acc = warpgroup_mma(w_a, x_s.index((k_tiles - 1) % STAGES).permute((1, 0)), acc, is_async=True)
         acc, w_a, w_b = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w_a, w_b))
@@ -363,27 +377,255 @@ def _q8_wgmma_rs_kernel(
 
 
 @gluon.jit
-def _refill(x_desc, q_desc, bars, x_s, q_s, d_s, d_ptr, rn_c, off_m, off_n, kt, k_tiles, K, stride_dn,
+def _ws_producer(x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, off_m, off_n, N, K, stride_dn):
+    """One warp: for every K tile, once its stage is free, the scale words by cp.async (arriving on the stage's full
+    barrier when they land) and the x and int8 W tiles by TMA (counted in bytes on the same barrier)."""
+    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = q_desc.block_type.shape[0]
+    STAGES: gl.constexpr = x_s.shape[0]
+    DL: gl.constexpr = gl.BlockedLayout([BLOCK_N // 32], [32], [1], [0])
+    rn = (off_n + gl.arange(0, BLOCK_N, layout=DL)) % N  # rows past N: W's are TMA zeros, the store is masked
+    for kt in range(gl.cdiv(K, BLOCK_K)):
+        st = kt % STAGES
+        mbarrier.wait(empty.index(st), ((kt // STAGES) & 1) ^ 1)
+        words = (d_ptr + rn * stride_dn + kt * (BLOCK_K // 32)).to(gl.pointer_type(gl.int32), bitcast=True)
+        async_copy.async_copy_global_to_shared(d_s.index(st), words)
+        async_copy.mbarrier_arrive(full.index(st))
+        mbarrier.expect(full.index(st), x_desc.block_type.nbytes + q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(x_desc, [off_m, kt * BLOCK_K], full.index(st), x_s.index(st))
+        tma.async_copy_global_to_shared(q_desc, [off_n, kt * BLOCK_K], full.index(st), q_s.index(st))
+
+
+@gluon.jit
+def _ws_tile(q_s, d_s, full, kt, first, WG: gl.constexpr, dtype: gl.constexpr, AL: gl.constexpr,
+             RL: gl.constexpr):  # fmt: skip
+    """This warpgroup's 64 rows of W's tile kt, dequantized into the operand-A layout once the stage has landed."""
+    STAGES: gl.constexpr = q_s.shape[0]
+    st = kt % STAGES
+    mbarrier.wait(full.index(st), (kt // STAGES) & 1)
+    return _dequant_a(q_s.index(st).slice(WG * 64, 64), d_s.index(st).slice(WG * 64, 64), first, dtype, AL, RL)
+
+
+@gluon.jit
+def _ws_release(empty, kt, STAGES: gl.constexpr):
+    """Stage kt is free as far as this warpgroup is concerned (its MMA over the stage is done, its W reads were
+    consumed by it): order those reads before the producer's TMA writes, then arrive (one of two arrivals)."""
+    fence_async_shared()
+    mbarrier.arrive(empty.index(kt % STAGES), count=1)
+
+
+@gluon.jit
+def _ws_consumer(x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, off_n, M, N, K, stride_ym, stride_tm,
+                 stride_bn, R, scale, WG: gl.constexpr, HAS_LORA: gl.constexpr, BLOCK_R: gl.constexpr):  # fmt: skip
+    """One warpgroup: y.T rows [off_n + 64 WG, + 64) x columns [off_m, + BLOCK_M), as _q8_wgmma_rs_kernel's loop
+    (tiles in pairs over two register sets), releasing each stage to the producer once its MMA is done."""
+    STAGES: gl.constexpr = x_s.shape[0]
+    BLOCK_M: gl.constexpr = x_s.shape[1]
+    BLOCK_K: gl.constexpr = x_s.shape[2]
+    dtype: gl.constexpr = x_s.dtype
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
+    AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    RL: gl.constexpr = gl.SliceLayout(1, AL)
+    first = gl.expand_dims(gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, AL)) < 32, 0)
+    row0 = off_n + WG * 64
+
+    if HAS_LORA:
+        LR: gl.constexpr = _rows_layout(BLOCK_R, 4)
+        offs_r = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, LR))
+        rm_t = (off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LR))) % M
+        tt = gl.load(t_ptr + gl.expand_dims(rm_t, 1) * stride_tm + gl.expand_dims(offs_r, 0),
+                     mask=gl.expand_dims(offs_r < R, 0), other=0.0)  # fmt: skip
+        t_s.index(WG).store(tt)
+        offs_rb = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, AL))
+        rn_b = (row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, AL))) % N
+        bb = gl.load(b_ptr + gl.expand_dims(rn_b, 1) * stride_bn + gl.expand_dims(offs_rb, 0),
+                     mask=gl.expand_dims(offs_rb < R, 0), other=0.0)  # fmt: skip
+        fence_async_shared()
+        gl.thread_barrier()
+        acc = warpgroup_mma(bb, t_s.index(WG).permute((1, 0)), gl.zeros([64, BLOCK_M], gl.float32, mma), use_acc=False)
+        acc = acc * scale
+    else:
+        acc = gl.zeros([64, BLOCK_M], gl.float32, mma)
+
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    w_a = _ws_tile(q_s, d_s, full, 0, first, WG, dtype, AL, RL)
+    w_b = w_a
+    for j in range(k_tiles // 2):
+        kt = 2 * j
+        acc = warpgroup_mma(w_a, x_s.index(kt % STAGES).permute((1, 0)), acc, is_async=True)
+        acc, w_b = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_b))
+        if kt > 0:
+            _ws_release(empty, kt - 1, STAGES)
+        w_b = _ws_tile(q_s, d_s, full, kt + 1, first, WG, dtype, AL, RL)
+        acc = warpgroup_mma(w_b, x_s.index((kt + 1) % STAGES).permute((1, 0)), acc, is_async=True)
+        acc, w_a = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_a))
+        _ws_release(empty, kt, STAGES)
+        if kt + 2 < k_tiles:
+            w_a = _ws_tile(q_s, d_s, full, kt + 2, first, WG, dtype, AL, RL)
+    if k_tiles % 2:
+        acc = warpgroup_mma(w_a, x_s.index((k_tiles - 1) % STAGES).permute((1, 0)), acc, is_async=True)
+        acc, w_a, w_b = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w_a, w_b))
+    acc, w_a, w_b = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w_a, w_b))
+
+    LY: gl.constexpr = gl.BlockedLayout([8, 1], [4, 8], [1, 4], [0, 1])  # 8 consecutive y columns per thread
+    out = gl.convert_layout(acc.to(y_ptr.dtype.element_ty), LY)
+    offs_n = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, LY))
+    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, LY))
+    mask = gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0)
+    gl.store(y_ptr + gl.expand_dims(offs_m.to(gl.int64), 0) * stride_ym + gl.expand_dims(offs_n, 1), out, mask=mask)
+
+
+@gluon.jit
+def _q8_wgmma_ws_kernel(
+    x_desc,
+    q_desc,
+    d_ptr,
+    y_ptr,
+    t_ptr,
+    b_ptr,
+    M,
+    N,
+    K,
+    stride_dn,
+    stride_ym,
+    stride_tm,
+    stride_bn,
+    R,
+    scale,
+    STAGES: gl.constexpr,
+    GROUP_M: gl.constexpr,
+    HAS_LORA: gl.constexpr,
+    BLOCK_R: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """The register-operand product, warp-specialized: a producer warp keeps the ring of stages full (TMA, scales by
+    cp.async) and each of two consumer warpgroups owns 64 W rows of the tile and frees a stage by an mbarrier arrive
+    (no CTA barrier, no TMA issue in the consumers' loop)."""
+    BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = q_desc.block_type.shape[0]
+    dtype: gl.constexpr = x_desc.dtype
+    gl.static_assert(BLOCK_N == 128, "two consumer warpgroups of 64 W rows")
+    gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
+
+    pid_m, pid_n = _grouped_tile(gl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    x_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+    q_s = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K], q_desc.layout)
+    d_s = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    t_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_R], dtype)
+    t_s = gl.allocate_shared_memory(dtype, [2 if HAS_LORA else 1, BLOCK_M, BLOCK_R], t_layout)
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(full.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    WG0: gl.constexpr = 0
+    WG1: gl.constexpr = 1
+    gl.warp_specialize(
+        [
+            (
+                _ws_consumer,
+                (
+                    x_s,
+                    q_s,
+                    d_s,
+                    full,
+                    empty,
+                    t_s,
+                    y_ptr,
+                    t_ptr,
+                    b_ptr,
+                    off_m,
+                    off_n,
+                    M,
+                    N,
+                    K,
+                    stride_ym,
+                    stride_tm,
+                    stride_bn,
+                    R,
+                    scale,
+                    WG0,
+                    HAS_LORA,
+                    BLOCK_R,
+                ),
+            ),
+            (
+                _ws_consumer,
+                (
+                    x_s,
+                    q_s,
+                    d_s,
+                    full,
+                    empty,
+                    t_s,
+                    y_ptr,
+                    t_ptr,
+                    b_ptr,
+                    off_m,
+                    off_n,
+                    M,
+                    N,
+                    K,
+                    stride_ym,
+                    stride_tm,
+                    stride_bn,
+                    R,
+                    scale,
+                    WG1,
+                    HAS_LORA,
+                    BLOCK_R,
+                ),
+            ),
+            (_ws_producer, (x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, off_m, off_n, N, K, stride_dn)),
+        ],  # fmt: skip
+        [4, 1],
+        [240, 24],
+    )
+
+
+@gluon.jit
+def _load_pair(x_desc, q_desc, bars, bars_q, x_s, q_s, off_m, off_n, kt, pred, EXPECT: gl.constexpr):
+    """TMA of tile kt into its stage, x's and W's tiles each completing a barrier of its own; their byte counts
+    announced here (EXPECT) or before."""
+    STAGES: gl.constexpr = x_s.shape[0]
+    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+    st = kt % STAGES
+    if EXPECT:
+        mbarrier.expect(bars.index(st), x_desc.block_type.nbytes, pred=pred)
+        mbarrier.expect(bars_q.index(st), q_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(x_desc, [off_m, kt * BLOCK_K], bars.index(st), x_s.index(st), pred=pred)
+    tma.async_copy_global_to_shared(q_desc, [off_n, kt * BLOCK_K], bars_q.index(st), q_s.index(st), pred=pred)
+
+
+@gluon.jit
+def _refill(x_desc, q_desc, bars, bars_q, x_s, q_s, d_s, d_ptr, rn_c, off_m, off_n, kt, k_tiles, K, stride_dn,
             STAGES: gl.constexpr, D_AHEAD: gl.constexpr):  # fmt: skip
-    """After step kt's wait (step kt - 1's MMA done in this warpgroup): a CTA barrier (... in every warpgroup, and
-    every thread's copies of tile kt + 1's scales have landed), then stage kt - 1 gets tile kt - 1 + STAGES and the
-    scale slot read at step kt - 1 tile kt + D_AHEAD's words."""
+    """After step kt's wait (step kt - 1's MMA done in this warpgroup): stage kt - 1's byte counts announced for tile
+    kt - 1 + STAGES (every warp waited for the stage's previous phase before the last CTA barrier), a CTA barrier
+    (step kt - 1's MMA done in every warpgroup, and every thread's copies of tile kt + 1's scales have landed), then
+    the stage's TMA, and tile kt + D_AHEAD's scale words into the slot read at step kt - 1."""
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
     async_copy.wait_group(D_AHEAD - 2)
-    gl.thread_barrier()
     nxt = kt + STAGES - 1
     sn = nxt % STAGES
-    _load_tile(x_desc, q_desc, bars.index(sn), x_s.index(sn), q_s.index(sn), off_m, off_n, nxt, nxt < k_tiles)
+    mbarrier.expect(bars.index(sn), x_desc.block_type.nbytes, pred=nxt < k_tiles)
+    mbarrier.expect(bars_q.index(sn), q_desc.block_type.nbytes, pred=nxt < k_tiles)
+    gl.thread_barrier()
+    _load_pair(x_desc, q_desc, bars, bars_q, x_s, q_s, off_m, off_n, nxt, nxt < k_tiles, False)
     dn = kt + D_AHEAD
     _copy_scales(d_s.index(dn % (D_AHEAD + 1)), d_ptr, rn_c, dn, K, stride_dn, BLOCK_K)
 
 
 @gluon.jit
-def _tile_a(q_s, d_s, bars, kt, first, STAGES: gl.constexpr, D_AHEAD: gl.constexpr, dtype: gl.constexpr,
+def _tile_a(q_s, d_s, bars, bars_q, kt, first, STAGES: gl.constexpr, D_AHEAD: gl.constexpr, dtype: gl.constexpr,
             AL: gl.constexpr, RL: gl.constexpr):  # fmt: skip
-    """W's tile kt dequantized into the operand-A layout, once its stage has landed."""
+    """W's tile kt dequantized into the operand-A layout, once its stage has landed (x's and W's tiles)."""
     st = kt % STAGES
     mbarrier.wait(bars.index(st), (kt // STAGES) & 1)
+    mbarrier.wait(bars_q.index(st), (kt // STAGES) & 1)
     return _dequant_a(q_s.index(st), d_s.index(kt % (D_AHEAD + 1)), first, dtype, AL, RL)
 
 
@@ -413,14 +655,19 @@ WGMMA_CONFIGS = [
     dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, STAGES=4),
 ]
 
-# the register-operand kernel (_q8_wgmma_rs_kernel), where K % 64 == 0: 8 warps, 16 W rows each (BLOCK_N = 128) or
-# 32 (BLOCK_N = 256: each warpgroup issues two m64 instructions per k16 step)
+# the register-operand kernel (_q8_wgmma_rs_kernel), where K % 64 == 0: 8 warps, 16 W rows each (BLOCK_N = 128);
+# first: the best at every measured 3B / 8B shape, M = 2048 and 8192 (69-78% of cuBLAS; BLOCK_N = 256 with two
+# m64 instructions per warpgroup measured 51-59%, bench/results/h200_session13/call2)
 RS_CONFIGS = [
     dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=4, RS=True),
-    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, STAGES=4, RS=True),
-    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, STAGES=6, RS=True),
     dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=3, RS=True),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=6, RS=True),
+]
+
+# the warp-specialized kernel (_q8_wgmma_ws_kernel), where K % 64 == 0: a producer warp and two consumer warpgroups of
+# 64 W rows (BLOCK_N = 128); 71-78% of cuBLAS at the measured shapes (BLOCK_M = 128: 49-57%, call4)
+WS_CONFIGS = [
+    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=4, WS=True),
 ]
 
 
@@ -431,9 +678,10 @@ def _d_words(k: int, d, block_k: int = 64) -> bool:
 
 
 def configs_for(k: int, d) -> list[dict]:
-    """The configs that can compute a product with this K and these scales: the register-operand kernel's first
-    (faster at every measured shape, bench/results/h200_session13) where it can run, then the shared-memory one's."""
-    return RS_CONFIGS + WGMMA_CONFIGS if _d_words(k, d) else list(WGMMA_CONFIGS)
+    """The configs that can compute a product with this K and these scales: where K % 64 == 0 the warp-specialized
+    and register-operand kernels' first (faster at every measured shape, bench/results/h200_session13), then the
+    shared-memory one's."""
+    return WS_CONFIGS + RS_CONFIGS + WGMMA_CONFIGS if _d_words(k, d) else list(WGMMA_CONFIGS)
 
 
 def wgmma_matmul(x2, qs, d, y, lora, cfg: dict, group_m: int = 8) -> None:
@@ -458,6 +706,14 @@ def wgmma_matmul(x2, qs, d, y, lora, cfg: dict, group_m: int = 8) -> None:
     block_r = max(16, 1 << (max(r, 1) - 1).bit_length())
     d_words = _d_words(k, d, bk)
     grid = (-(-m // bm) * -(-n // bn),)
+    if cfg.get("WS"):
+        if not d_words:
+            raise ValueError("the register-operand kernel needs K % 64 == 0 and 4-byte aligned scale rows")
+        _q8_wgmma_ws_kernel[grid](
+            x_desc, q_desc, d, y, t, b, m, n, k, d.stride(0), y.stride(0), t.stride(0), b.stride(0), r, float(s),
+            STAGES=cfg["STAGES"], GROUP_M=group_m, HAS_LORA=lora is not None, BLOCK_R=block_r, num_warps=4,
+        )  # fmt: skip
+        return
     if cfg.get("RS"):
         if not d_words:
             raise ValueError("the register-operand kernel needs K % 64 == 0 and 4-byte aligned scale rows")

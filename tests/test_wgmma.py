@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from lorakit.kernels import q8_0_matmul as qmm
-from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS, configs_for
+from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS, WS_CONFIGS, configs_for
 
 from tests.test_kernels import assert_gpu_matmul, make_weight, needs_gpu, on, rand
 from tests.wgmma_build import CONFIGS, hgmma_a_hazards
@@ -41,7 +41,8 @@ def builds() -> list[dict]:
 
 
 def _ids(cfg: dict) -> str:
-    return "x".join(str(v) for key, v in cfg.items() if key != "RS") + ("-rs" if cfg.get("RS") else "")
+    kind = "-ws" if cfg.get("WS") else "-rs" if cfg.get("RS") else ""
+    return "x".join(str(v) for key, v in cfg.items() if key not in ("RS", "WS")) + kind
 
 
 @pytest.mark.parametrize("i", range(len(CONFIGS)), ids=lambda i: _ids(CONFIGS[i]))
@@ -100,8 +101,8 @@ def test_config_choice_without_a_search(monkeypatch):
 
 def test_configs_for_take_the_register_operand_kernel_first_where_it_can_run():
     d = torch.zeros(64, 100, dtype=torch.float16)  # K = 3200: 100 scales a row
-    assert configs_for(3200, d) == RS_CONFIGS + WGMMA_CONFIGS
-    assert configs_for(3200, d)[0]["RS"]
+    assert configs_for(3200, d) == WS_CONFIGS + RS_CONFIGS + WGMMA_CONFIGS
+    assert configs_for(3200, d)[0]["WS"]
     assert configs_for(96, d[:, :3]) == WGMMA_CONFIGS  # K % 64 != 0
     assert configs_for(3200, torch.zeros(64, 101, dtype=torch.float16)[:, :100]) == WGMMA_CONFIGS  # rows not 4-aligned
 
@@ -157,9 +158,9 @@ def _check(m, n, k, dtype, r, config):
 @pytest.mark.parametrize("case", range(4))
 def test_gpu_forced_configs(cfg, case):
     """Odd shapes: M and N not multiples of the tiles, an odd number of K tiles, one K tile, LoRA ranks up to 32; for
-    the shared-memory kernel K = 32 * odd (a half K tile), for the register-operand kernel (K % 64 == 0) an odd tile
+    the shared-memory kernel K = 32 * odd (a half K tile), for the register-operand kernels (K % 64 == 0) an odd tile
     count (its loop takes tiles in pairs)."""
-    if cfg.get("RS"):
+    if cfg.get("RS") or cfg.get("WS"):
         m, n, k, r = [(37, 130, 64, 0), (300, 200, 192, 4), (513, 1000, 1088, 32), (256, 384, 512, 0)][case]
     else:
         m, n, k, r = [(37, 130, 96, 0), (300, 200, 224, 4), (513, 1000, 1056, 32), (256, 384, 512, 0)][case]
@@ -178,7 +179,7 @@ def test_gpu_measured_config_and_real_shapes(dtype, m, n, k, r):
 @gpu
 @needs_gpu
 @needs_sm90
-@pytest.mark.parametrize("first", [WGMMA_CONFIGS[0], RS_CONFIGS[0]], ids=_ids)
+@pytest.mark.parametrize("first", [WGMMA_CONFIGS[0], RS_CONFIGS[0], WS_CONFIGS[0]], ids=_ids)
 def test_gpu_replays_in_a_cuda_graph(first):
     """The descriptors are built at capture: replays of the captured product give the eager bits."""
     w = on(make_weight(640, 512))

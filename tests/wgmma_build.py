@@ -9,14 +9,14 @@ import subprocess
 import tempfile
 
 import torch
-from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS
+from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS, WS_CONFIGS
 
-CONFIGS = WGMMA_CONFIGS + RS_CONFIGS
+CONFIGS = WGMMA_CONFIGS + RS_CONFIGS + WS_CONFIGS
 
 
 def _compile(cfg: dict, dtype: str, lora: bool, d_words: bool = True):
     import triton
-    from lorakit.kernels.q8_0_wgmma import _q8_wgmma_kernel, _q8_wgmma_rs_kernel
+    from lorakit.kernels.q8_0_wgmma import _q8_wgmma_kernel, _q8_wgmma_rs_kernel, _q8_wgmma_ws_kernel
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -43,11 +43,12 @@ def _compile(cfg: dict, dtype: str, lora: bool, d_words: bool = True):
         "num_warps": 8,
     }
     kernel = _q8_wgmma_kernel
-    if cfg.get("RS"):  # K % 64 == 0 only: the scales always come as words
-        kernel = _q8_wgmma_rs_kernel
+    if cfg.get("RS") or cfg.get("WS"):  # K % 64 == 0 only: the scales always come as words
+        kernel = _q8_wgmma_ws_kernel if cfg.get("WS") else _q8_wgmma_rs_kernel
         del sig["D_WORDS"], consts["D_WORDS"]
+    consts["num_warps"] = 4 if cfg.get("WS") else 8  # the WS kernel's default partition: one warpgroup
     src = GluonASTSource(kernel, sig, constexprs=consts)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": consts["num_warps"]})
 
 
 def _sass(cubin: bytes) -> str:
@@ -116,9 +117,9 @@ def hgmma_a_hazards(sass: str) -> list[str]:
 
 
 def builds() -> list[dict]:
-    """Every config for bf16 with the largest LoRA tiles (rank 32) and the scales' cp.async ring, the first of each
-    kernel for fp16 (the shared-memory kernel with the scales loaded into registers, K % 64 != 0): what each build
-    produced, with the register-operand kernel's SASS hazards."""
+    """Every config for bf16 with the largest LoRA tiles (rank 32) and the scales' cp.async ring, the first of the
+    shared-memory and register-operand kernels for fp16 (the former with the scales loaded into registers,
+    K % 64 != 0): what each build produced, with the register-operand kernels' SASS hazards."""
     cases = [(i, "bf16", True, True) for i in range(len(CONFIGS))]
     cases += [(0, "fp16", False, False), (len(WGMMA_CONFIGS), "fp16", False, True)]
     out = []
@@ -126,13 +127,14 @@ def builds() -> list[dict]:
         cfg = CONFIGS[i]
         k = _compile(cfg, dtype, lora, d_words)
         t = {"bf16": "bf16", "fp16": "f16"}[dtype]
-        if cfg.get("RS"):  # y.T = W @ x.T: instruction N = BLOCK_M, operand A four registers
+        regs = bool(cfg.get("RS") or cfg.get("WS"))
+        if regs:  # y.T = W @ x.T: instruction N = BLOCK_M, operand A four registers
             mma = rf"\.m64n{cfg['BLOCK_M']}k16\.f32\.{t}\.{t} \{{[^}}]*\}}, \{{%r\d+(,%r\d+){{3}}\}}, %rd"
         else:
             mma = rf"\.m64n{cfg['BLOCK_N']}k16\.f32\.{t}\.{t} "
         cubin = k.asm.get("cubin")
-        hazards = hgmma_a_hazards(_sass(cubin)) if cfg.get("RS") and cubin else []
+        hazards = hgmma_a_hazards(_sass(cubin)) if regs and cubin else []
         wgmma = bool(re.search("wgmma.mma_async.sync.aligned" + mma, k.asm["ptx"]))
-        out.append(dict(cfg=i, rs=bool(cfg.get("RS")), dtype=dtype, cubin=bool(cubin), shared=k.metadata.shared,
+        out.append(dict(cfg=i, rs=regs, dtype=dtype, cubin=bool(cubin), shared=k.metadata.shared,
                         wgmma=wgmma, hazards=hazards))  # fmt: skip
     return out
