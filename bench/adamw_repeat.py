@@ -8,11 +8,15 @@ cpu-torch spec beyond the test's tolerance, with the clip factor and norm that r
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
-from lorakit.backends import AdamHyper
 from lorakit.backends.cpu_torch import CpuTorchBackend
 from lorakit.kernels import lora_update
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.adam_case import large_case  # noqa: E402
 
 ADAM_RTOL = 16 * 2.0**-24  # tests/test_kernels.py
 
@@ -21,12 +25,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--runs", type=int, default=300)
     args = p.parse_args()
-    hp = AdamHyper(alpha=1e-3, decay=0.1, beta1=0.9, beta2=0.999, eps=1e-8, gclip=1.0, sched=0.7, t=3)
-    sizes = [(3200, 8), (8, 8640), (8,)] * 20
-    g = torch.Generator().manual_seed(3)
-    state = [[torch.randn(*s, generator=g) for s in sizes] for _ in range(4)]
-    state[3] = [t.abs() * 0.01 for t in state[3]]
-    decayed = [len(s) == 2 for s in sizes]
+    hp, state, decayed = large_case()
     ref = [[t.clone() for t in ts] for ts in state]
     norm_ref = CpuTorchBackend().adamw_step(*ref, decayed, hp)
     ref_flat = [torch.cat([t.reshape(-1) for t in ts]) for ts in ref]

@@ -321,23 +321,10 @@ def _q8_wgmma_rs_kernel(
     gl.thread_barrier()
 
     if HAS_LORA:
-        # acc.T = scale * (b @ t.T) over the rank (zero-padded to BLOCK_R): b's rows as operand A from registers
-        BL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        LR: gl.constexpr = _rows_layout(BLOCK_R, num_warps)
-        offs_r = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, LR))
-        rm_t = (off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LR))) % M
-        tt = gl.load(t_ptr + gl.expand_dims(rm_t, 1) * stride_tm + gl.expand_dims(offs_r, 0),
-                     mask=gl.expand_dims(offs_r < R, 0), other=0.0)  # fmt: skip
         t_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_R], dtype)
-        t_s = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_R], t_layout, tt)
-        offs_rb = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, BL))
-        rn_b = (off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, BL))) % N
-        bb = gl.load(b_ptr + gl.expand_dims(rn_b, 1) * stride_bn + gl.expand_dims(offs_rb, 0),
-                     mask=gl.expand_dims(offs_rb < R, 0), other=0.0)  # fmt: skip
-        fence_async_shared()
-        gl.thread_barrier()
-        acc = warpgroup_mma(bb, t_s.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma), use_acc=False)
-        acc = acc * scale
+        t_s = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_R], t_layout)
+        acc = _lora_start_t(t_s, t_ptr, b_ptr, off_m, off_n, M, N, stride_tm, stride_bn, R, scale, BLOCK_N, BLOCK_R,
+                            mma)  # fmt: skip
     else:
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
 
@@ -348,13 +335,11 @@ def _q8_wgmma_rs_kernel(
     w_b = w_a
     for j in range(k_tiles // 2):
         kt = 2 * j
-        acc = warpgroup_mma(w_a, x_s.index(kt % STAGES).permute((1, 0)), acc, is_async=True)
-        acc, w_b = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_b))
+        acc, w_b = _mma_step(w_a, w_b, x_s.index(kt % STAGES), acc)
         _refill(x_desc, q_desc, bars, bars_q, x_s, q_s, d_s, d_ptr, rn_c, off_m, off_n, kt, k_tiles, K, stride_dn,
                 STAGES, D_AHEAD)  # fmt: skip
         w_b = _tile_a(q_s, d_s, bars, bars_q, kt + 1, first, STAGES, D_AHEAD, dtype, AL, RL)
-        acc = warpgroup_mma(w_b, x_s.index((kt + 1) % STAGES).permute((1, 0)), acc, is_async=True)
-        acc, w_a = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_a))
+        acc, w_a = _mma_step(w_b, w_a, x_s.index((kt + 1) % STAGES), acc)
         _refill(x_desc, q_desc, bars, bars_q, x_s, q_s, d_s, d_ptr, rn_c, off_m, off_n, kt + 1, k_tiles, K,
                 stride_dn, STAGES, D_AHEAD)  # fmt: skip
         if kt + 2 < k_tiles:
@@ -366,14 +351,53 @@ def _q8_wgmma_rs_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
-    # y[m, n] = acc[n, m]: each thread's values run along n for a fixed m
-    LY: gl.constexpr = gl.BlockedLayout([8, 1], [4, 8], [1, num_warps], [0, 1])
+    _store_t(acc, y_ptr, off_m, off_n, M, N, stride_ym, num_warps)
+
+
+@gluon.jit
+def _lora_start_t(t_s, t_ptr, b_ptr, off_m, row0, M, N, stride_tm, stride_bn, R, scale, ROWS: gl.constexpr,
+                  BLOCK_R: gl.constexpr, mma: gl.constexpr):  # fmt: skip
+    """The transposed product's accumulator start: scale * (b @ t.T) over the rank (zero-padded to BLOCK_R) for W rows
+    [row0, + ROWS) and x rows [off_m, + BLOCK_M), b's rows as the wgmma's operand A from registers, t's tile staged
+    in t_s [BLOCK_M, BLOCK_R] (the calling warps' own)."""
+    BLOCK_M: gl.constexpr = t_s.shape[0]
+    AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    LR: gl.constexpr = _rows_layout(BLOCK_R, gl.num_warps())
+    offs_r = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, LR))
+    rm_t = (off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LR))) % M
+    tt = gl.load(t_ptr + gl.expand_dims(rm_t, 1) * stride_tm + gl.expand_dims(offs_r, 0),
+                 mask=gl.expand_dims(offs_r < R, 0), other=0.0)  # fmt: skip
+    t_s.store(tt)
+    offs_rb = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, AL))
+    rn_b = (row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, AL))) % N
+    bb = gl.load(b_ptr + gl.expand_dims(rn_b, 1) * stride_bn + gl.expand_dims(offs_rb, 0),
+                 mask=gl.expand_dims(offs_rb < R, 0), other=0.0)  # fmt: skip
+    fence_async_shared()
+    gl.thread_barrier()
+    acc = warpgroup_mma(bb, t_s.permute((1, 0)), gl.zeros([ROWS, BLOCK_M], gl.float32, mma), use_acc=False)
+    return acc * scale
+
+
+@gluon.jit
+def _store_t(acc, y_ptr, off_m, row0, M, N, stride_ym, NW: gl.constexpr):
+    """y[off_m + m, row0 + n] = acc[n, m] rounded to y's dtype (rows past N or M masked): each thread's values run
+    along y's row (8 consecutive columns)."""
+    ROWS: gl.constexpr = acc.shape[0]
+    BLOCK_M: gl.constexpr = acc.shape[1]
+    LY: gl.constexpr = gl.BlockedLayout([8, 1], [4, 8], [1, NW], [0, 1])
     out = gl.convert_layout(acc.to(y_ptr.dtype.element_ty), LY)
-    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LY))
+    offs_n = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, LY))
     offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, LY))
     mask = gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0)
-    ptrs = y_ptr + gl.expand_dims(offs_m.to(gl.int64), 0) * stride_ym + gl.expand_dims(offs_n, 1)
-    gl.store(ptrs, out, mask=mask)
+    gl.store(y_ptr + gl.expand_dims(offs_m.to(gl.int64), 0) * stride_ym + gl.expand_dims(offs_n, 1), out, mask=mask)
+
+
+@gluon.jit
+def _mma_step(w, w_prev, x_tile, acc):
+    """acc += w @ x_tile.T issued asynchronously, then wait until it alone is in flight: the previous step's MMA is
+    done and w_prev (its operand A, kept live until here) may be overwritten."""
+    acc = warpgroup_mma(w, x_tile.permute((1, 0)), acc, is_async=True)
+    return warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_prev))
 
 
 @gluon.jit
@@ -430,20 +454,8 @@ def _ws_consumer(x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, of
     row0 = off_n + WG * 64
 
     if HAS_LORA:
-        LR: gl.constexpr = _rows_layout(BLOCK_R, 4)
-        offs_r = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, LR))
-        rm_t = (off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LR))) % M
-        tt = gl.load(t_ptr + gl.expand_dims(rm_t, 1) * stride_tm + gl.expand_dims(offs_r, 0),
-                     mask=gl.expand_dims(offs_r < R, 0), other=0.0)  # fmt: skip
-        t_s.index(WG).store(tt)
-        offs_rb = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, AL))
-        rn_b = (row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, AL))) % N
-        bb = gl.load(b_ptr + gl.expand_dims(rn_b, 1) * stride_bn + gl.expand_dims(offs_rb, 0),
-                     mask=gl.expand_dims(offs_rb < R, 0), other=0.0)  # fmt: skip
-        fence_async_shared()
-        gl.thread_barrier()
-        acc = warpgroup_mma(bb, t_s.index(WG).permute((1, 0)), gl.zeros([64, BLOCK_M], gl.float32, mma), use_acc=False)
-        acc = acc * scale
+        acc = _lora_start_t(t_s.index(WG), t_ptr, b_ptr, off_m, row0, M, N, stride_tm, stride_bn, R, scale, 64, BLOCK_R,
+                            mma)  # fmt: skip
     else:
         acc = gl.zeros([64, BLOCK_M], gl.float32, mma)
 
@@ -452,13 +464,11 @@ def _ws_consumer(x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, of
     w_b = w_a
     for j in range(k_tiles // 2):
         kt = 2 * j
-        acc = warpgroup_mma(w_a, x_s.index(kt % STAGES).permute((1, 0)), acc, is_async=True)
-        acc, w_b = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_b))
+        acc, w_b = _mma_step(w_a, w_b, x_s.index(kt % STAGES), acc)
         if kt > 0:
             _ws_release(empty, kt - 1, STAGES)
         w_b = _ws_tile(q_s, d_s, full, kt + 1, first, WG, dtype, AL, RL)
-        acc = warpgroup_mma(w_b, x_s.index((kt + 1) % STAGES).permute((1, 0)), acc, is_async=True)
-        acc, w_a = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_a))
+        acc, w_a = _mma_step(w_b, w_a, x_s.index((kt + 1) % STAGES), acc)
         _ws_release(empty, kt, STAGES)
         if kt + 2 < k_tiles:
             w_a = _ws_tile(q_s, d_s, full, kt + 2, first, WG, dtype, AL, RL)
@@ -467,12 +477,7 @@ def _ws_consumer(x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, of
         acc, w_a, w_b = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w_a, w_b))
     acc, w_a, w_b = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w_a, w_b))
 
-    LY: gl.constexpr = gl.BlockedLayout([8, 1], [4, 8], [1, 4], [0, 1])  # 8 consecutive y columns per thread
-    out = gl.convert_layout(acc.to(y_ptr.dtype.element_ty), LY)
-    offs_n = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, LY))
-    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, LY))
-    mask = gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0)
-    gl.store(y_ptr + gl.expand_dims(offs_m.to(gl.int64), 0) * stride_ym + gl.expand_dims(offs_n, 1), out, mask=mask)
+    _store_t(acc, y_ptr, off_m, row0, M, N, stride_ym, 4)
 
 
 @gluon.jit
@@ -523,67 +528,20 @@ def _q8_wgmma_ws_kernel(
         mbarrier.init(empty.index(i), count=2)
     WG0: gl.constexpr = 0
     WG1: gl.constexpr = 1
+    # the two consumers' arguments differ in WG only (a tuple built once and extended loses the constexprs)
+    # fmt: off
     gl.warp_specialize(
         [
-            (
-                _ws_consumer,
-                (
-                    x_s,
-                    q_s,
-                    d_s,
-                    full,
-                    empty,
-                    t_s,
-                    y_ptr,
-                    t_ptr,
-                    b_ptr,
-                    off_m,
-                    off_n,
-                    M,
-                    N,
-                    K,
-                    stride_ym,
-                    stride_tm,
-                    stride_bn,
-                    R,
-                    scale,
-                    WG0,
-                    HAS_LORA,
-                    BLOCK_R,
-                ),
-            ),
-            (
-                _ws_consumer,
-                (
-                    x_s,
-                    q_s,
-                    d_s,
-                    full,
-                    empty,
-                    t_s,
-                    y_ptr,
-                    t_ptr,
-                    b_ptr,
-                    off_m,
-                    off_n,
-                    M,
-                    N,
-                    K,
-                    stride_ym,
-                    stride_tm,
-                    stride_bn,
-                    R,
-                    scale,
-                    WG1,
-                    HAS_LORA,
-                    BLOCK_R,
-                ),
-            ),
+            (_ws_consumer, (x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, off_n, M, N, K, stride_ym,
+                            stride_tm, stride_bn, R, scale, WG0, HAS_LORA, BLOCK_R)),
+            (_ws_consumer, (x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, off_n, M, N, K, stride_ym,
+                            stride_tm, stride_bn, R, scale, WG1, HAS_LORA, BLOCK_R)),
             (_ws_producer, (x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, off_m, off_n, N, K, stride_dn)),
-        ],  # fmt: skip
+        ],
         [4, 1],
         [240, 24],
     )
+    # fmt: on
 
 
 @gluon.jit

@@ -576,12 +576,9 @@ def test_gpu_gemv_tc_replays_in_a_cuda_graph():
 @gpu
 @needs_gpu
 def test_gpu_adamw_large():
-    hp = _hyper(1.0)
-    sizes = [(3200, 8), (8, 8640), (8,)] * 20
-    g = torch.Generator().manual_seed(3)
-    state = [[torch.randn(*s, generator=g) for s in sizes] for _ in range(4)]
-    state[3] = [t.abs() * 0.01 for t in state[3]]
-    decayed = [len(s) == 2 for s in sizes]
+    from tests.adam_case import large_case
+
+    hp, state, decayed = large_case()
     ref = [[t.clone() for t in ts] for ts in state]
     norm_ref = SPEC.adamw_step(*ref, decayed, hp)
     lists = [[t.cuda() for t in ts] for ts in state]
