@@ -30,11 +30,13 @@ take): W's dequantized tile is the wgmma's operand A in registers, so it never g
   * _q8_wgmma_ws_kernel: warp-specialized (gl.warp_specialize): a producer warp keeps the ring full (TMA, the scale
     words by cp.async arriving on the stage's barrier) and two consumer warpgroups, 64 W rows each, free a stage by
     an mbarrier arrive, with no CTA barrier and no TMA issue in their loop. ptxas serializes its wgmmas (C7512,
-    "insufficient register resources": the launch allows 168 registers a thread, the consumers get 240 only by
-    setmaxnreg), so each consumer waits for its own MMA; the two consumers' MMAs still overlap each other's
-    dequantization.
-H200, M = 2048 and 8192 at 3B / 8B layer shapes (bench/results/h200_session13): the shared-memory kernel 62-71% of
-cuBLAS, the register-operand kernel 68-78%, the warp-specialized one 71-78%; the product's config is measured.
+    "insufficient register resources"), so each consumer waits for its own MMA; the two consumers' MMAs still
+    overlap each other's dequantization. Not a matter of the count, as far as offline builds show: with 64-row x
+    tiles (32 accumulator registers a thread) ptxas still serializes them, and the same partition with operand A
+    in shared memory it does not.
+H200, M = 2048 and 8192 at 3B / 8B layer shapes (bench/results/h200_session13/call5): the shared-memory kernel
+61-72% of cuBLAS, the register-operand kernel 70-79%, the warp-specialized one 71-81%; the product's config is
+measured.
 Products are accumulated in fp32 (the MMA's), bf16/fp16 activations only. The interpreter cannot run Gluon:
 tests compare this kernel with cpu-torch on the GPU (marker gpu) and compile it for sm_90a without one.
 """
