@@ -346,10 +346,7 @@ def _q8_wgmma_rs_kernel(
                 stride_dn, STAGES, D_AHEAD)  # fmt: skip
         if kt + 2 < k_tiles:
             w_a = _tile_a(q_s, d_s, bars, bars_q, kt + 2, first, STAGES, D_AHEAD, dtype, AL, RL)
-    if k_tiles % 2:
-        acc = warpgroup_mma(w_a, x_s.index((k_tiles - 1) % STAGES).permute((1, 0)), acc, is_async=True)
-        acc, w_a, w_b = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w_a, w_b))
-    acc, w_a, w_b = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w_a, w_b))
+    acc = _mma_drain(acc, w_a, w_b, x_s, k_tiles)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
@@ -400,6 +397,18 @@ def _mma_step(w, w_prev, x_tile, acc):
     done and w_prev (its operand A, kept live until here) may be overwritten."""
     acc = warpgroup_mma(w, x_tile.permute((1, 0)), acc, is_async=True)
     return warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_prev))
+
+
+@gluon.jit
+def _mma_drain(acc, w_a, w_b, x_s, k_tiles):
+    """The end of a paired loop: the last tile's MMA where k_tiles is odd (its operand in w_a), then wait for every
+    MMA in flight (both register sets kept live until then)."""
+    STAGES: gl.constexpr = x_s.shape[0]
+    if k_tiles % 2:
+        acc = warpgroup_mma(w_a, x_s.index((k_tiles - 1) % STAGES).permute((1, 0)), acc, is_async=True)
+        acc, w_a, w_b = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w_a, w_b))
+    acc, w_a, w_b = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w_a, w_b))
+    return acc
 
 
 @gluon.jit
@@ -474,10 +483,7 @@ def _ws_consumer(x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, of
         _ws_release(empty, kt, STAGES)
         if kt + 2 < k_tiles:
             w_a = _ws_tile(q_s, d_s, full, kt + 2, first, WG, dtype, AL, RL)
-    if k_tiles % 2:
-        acc = warpgroup_mma(w_a, x_s.index((k_tiles - 1) % STAGES).permute((1, 0)), acc, is_async=True)
-        acc, w_a, w_b = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w_a, w_b))
-    acc, w_a, w_b = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w_a, w_b))
+    acc = _mma_drain(acc, w_a, w_b, x_s, k_tiles)
 
     _store_t(acc, y_ptr, off_m, row0, M, N, stride_ym, 4)
 
@@ -666,20 +672,13 @@ def wgmma_matmul(x2, qs, d, y, lora, cfg: dict, group_m: int = 8) -> None:
     block_r = max(16, 1 << (max(r, 1) - 1).bit_length())
     d_words = _d_words(k, d, bk)
     grid = (-(-m // bm) * -(-n // bn),)
-    if cfg.get("WS"):
+    if cfg.get("WS") or cfg.get("RS"):  # the register-operand kernels: same arguments, the scales as words
         if not d_words:
             raise ValueError("the register-operand kernel needs K % 64 == 0 and 4-byte aligned scale rows")
-        _q8_wgmma_ws_kernel[grid](
+        kernel, warps = (_q8_wgmma_ws_kernel, 4) if cfg.get("WS") else (_q8_wgmma_rs_kernel, 8)
+        kernel[grid](
             x_desc, q_desc, d, y, t, b, m, n, k, d.stride(0), y.stride(0), t.stride(0), b.stride(0), r, float(s),
-            STAGES=cfg["STAGES"], GROUP_M=group_m, HAS_LORA=lora is not None, BLOCK_R=block_r, num_warps=4,
-        )  # fmt: skip
-        return
-    if cfg.get("RS"):
-        if not d_words:
-            raise ValueError("the register-operand kernel needs K % 64 == 0 and 4-byte aligned scale rows")
-        _q8_wgmma_rs_kernel[grid](
-            x_desc, q_desc, d, y, t, b, m, n, k, d.stride(0), y.stride(0), t.stride(0), b.stride(0), r, float(s),
-            STAGES=cfg["STAGES"], GROUP_M=group_m, HAS_LORA=lora is not None, BLOCK_R=block_r, num_warps=8,
+            STAGES=cfg["STAGES"], GROUP_M=group_m, HAS_LORA=lora is not None, BLOCK_R=block_r, num_warps=warps,
         )  # fmt: skip
         return
     _q8_wgmma_kernel[grid](
