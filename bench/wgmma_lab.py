@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lorakit.kernels.q8_0_matmul import q8_0_matmul  # noqa: E402
-from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS, WS_CONFIGS, WSS_CONFIGS, wgmma_matmul  # noqa: E402
+from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS, WS_CONFIGS, wgmma_matmul  # noqa: E402
 
 from lorakit.quant import dequantize_q8_0, quantize_q8_0  # noqa: E402
 
@@ -52,7 +52,7 @@ def check() -> int:
             t = x @ a
             lora = (t, b, 0.5)
             ref = ref + 0.5 * (t.double() @ b.double().T)
-        for cfg in WGMMA_CONFIGS + (RS_CONFIGS + WS_CONFIGS + WSS_CONFIGS if k % 64 == 0 else []):
+        for cfg in WGMMA_CONFIGS + (RS_CONFIGS + WS_CONFIGS if k % 64 == 0 else []):
             y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
             wgmma_matmul(x, w.qs, w.d, y, lora, cfg)
             torch.cuda.synchronize()
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
                 q8_0_matmul(x, w.qs, w.d, config={"path": "gemm"})  # autotune outside the timing
                 t_tri = do_bench_cudagraph(partial(q8_0_matmul, x, w.qs, w.d, config={"path": "gemm"}), rep=40)
             per = {}
-            for cfg in WGMMA_CONFIGS + RS_CONFIGS + WS_CONFIGS + WSS_CONFIGS:
+            for cfg in WGMMA_CONFIGS + RS_CONFIGS + WS_CONFIGS:
                 wgmma_matmul(x, w.qs, w.d, y, None, cfg)
                 per[str(cfg)] = do_bench_cudagraph(partial(wgmma_matmul, x, w.qs, w.d, y, None, cfg), rep=40)
             best = min(per, key=per.get)

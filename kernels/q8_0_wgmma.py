@@ -450,13 +450,10 @@ def _ws_release(empty, kt, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _ws_consumer(x_s, q_s, d_s, w_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, off_n, M, N, K, stride_ym,
-                 stride_tm, stride_bn, R, scale, WG: gl.constexpr, HAS_LORA: gl.constexpr,
-                 BLOCK_R: gl.constexpr):  # fmt: skip
-    """One warpgroup: y.T rows [off_n + 64 WG, + 64) x columns [off_m, + BLOCK_M), releasing each stage to the
-    producer once its MMA is done. W's dequantized tiles go to the MMA from registers, as _q8_wgmma_rs_kernel's loop
-    (tiles in pairs over two register sets), or, where w_s has buffers (SMEM_W), through this warpgroup's own two
-    shared buffers (_ws_smem_loop)."""
+def _ws_consumer(x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, off_n, M, N, K, stride_ym, stride_tm,
+                 stride_bn, R, scale, WG: gl.constexpr, HAS_LORA: gl.constexpr, BLOCK_R: gl.constexpr):  # fmt: skip
+    """One warpgroup: y.T rows [off_n + 64 WG, + 64) x columns [off_m, + BLOCK_M), as _q8_wgmma_rs_kernel's loop
+    (tiles in pairs over two register sets), releasing each stage to the producer once its MMA is done."""
     STAGES: gl.constexpr = x_s.shape[0]
     BLOCK_M: gl.constexpr = x_s.shape[1]
     BLOCK_K: gl.constexpr = x_s.shape[2]
@@ -468,26 +465,12 @@ def _ws_consumer(x_s, q_s, d_s, w_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_
     row0 = off_n + WG * 64
 
     if HAS_LORA:
-        t_tile = t_s.index(WG).slice(0, BLOCK_M)  # (SMEM_W: the first BLOCK_M rows of the consumer's W buffers)
-        acc = _lora_start_t(t_tile, t_ptr, b_ptr, off_m, row0, M, N, stride_tm, stride_bn, R, scale, 64, BLOCK_R, mma)
+        acc = _lora_start_t(t_s.index(WG), t_ptr, b_ptr, off_m, row0, M, N, stride_tm, stride_bn, R, scale, 64, BLOCK_R,
+                            mma)  # fmt: skip
     else:
         acc = gl.zeros([64, BLOCK_M], gl.float32, mma)
 
     k_tiles = gl.cdiv(K, BLOCK_K)
-    if w_s.shape[0] > 1:
-        acc = _ws_smem_loop(x_s, q_s, d_s, w_s, full, empty, acc, k_tiles, first, WG, AL, RL)
-    else:
-        acc = _ws_regs_loop(x_s, q_s, d_s, full, empty, acc, k_tiles, first, WG, AL, RL)
-    _store_t(acc, y_ptr, off_m, row0, M, N, stride_ym, 4)
-
-
-@gluon.jit
-def _ws_regs_loop(x_s, q_s, d_s, full, empty, acc, k_tiles, first, WG: gl.constexpr, AL: gl.constexpr,
-                  RL: gl.constexpr):  # fmt: skip
-    """The consumer's loop with W's tiles as the MMA's register operand: tiles in pairs over two register sets, as
-    _q8_wgmma_rs_kernel's loop."""
-    STAGES: gl.constexpr = x_s.shape[0]
-    dtype: gl.constexpr = x_s.dtype
     w_a = _ws_tile(q_s, d_s, full, 0, first, WG, dtype, AL, RL)
     w_b = w_a
     for j in range(k_tiles // 2):
@@ -500,33 +483,9 @@ def _ws_regs_loop(x_s, q_s, d_s, full, empty, acc, k_tiles, first, WG: gl.conste
         _ws_release(empty, kt, STAGES)
         if kt + 2 < k_tiles:
             w_a = _ws_tile(q_s, d_s, full, kt + 2, first, WG, dtype, AL, RL)
-    return _mma_drain(acc, w_a, w_b, x_s, k_tiles)
+    acc = _mma_drain(acc, w_a, w_b, x_s, k_tiles)
 
-
-@gluon.jit
-def _ws_smem_loop(x_s, q_s, d_s, w_s, full, empty, acc, k_tiles, first, WG: gl.constexpr, AL: gl.constexpr,
-                  RL: gl.constexpr):  # fmt: skip
-    """The consumer's loop with W's tiles through shared memory: tile k + 1 is dequantized into this warpgroup's other
-    buffer while tile k's MMA (both operands in shared memory) runs; the wait that leaves only tile k's MMA in flight
-    frees tile k - 1's stage and buffer. ptxas keeps these wgmmas asynchronous, where it serializes the register-operand
-    ones in this partition (C7512)."""
-    STAGES: gl.constexpr = x_s.shape[0]
-    dtype: gl.constexpr = x_s.dtype
-    w = _ws_tile(q_s, d_s, full, 0, first, WG, dtype, AL, RL)
-    gl.thread_barrier()  # the LoRA start's MMA has read its t tile in these bytes in every warp
-    w_s.index(2 * WG).store(w)
-    fence_async_shared()
-    gl.thread_barrier()  # the warpgroup's own barrier (a partition's threads)
-    for kt in range(k_tiles):
-        acc = warpgroup_mma(w_s.index(2 * WG + kt % 2), x_s.index(kt % STAGES).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-        if kt > 0:
-            _ws_release(empty, kt - 1, STAGES)
-        if kt + 1 < k_tiles:
-            w_s.index(2 * WG + (kt + 1) % 2).store(_ws_tile(q_s, d_s, full, kt + 1, first, WG, dtype, AL, RL))
-            fence_async_shared()
-            gl.thread_barrier()
-    return warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    _store_t(acc, y_ptr, off_m, row0, M, N, stride_ym, 4)
 
 
 @gluon.jit
@@ -551,7 +510,6 @@ def _q8_wgmma_ws_kernel(
     HAS_LORA: gl.constexpr,
     BLOCK_R: gl.constexpr,
     num_warps: gl.constexpr,
-    SMEM_W: gl.constexpr = False,
 ):
     """The register-operand product, warp-specialized: a producer warp keeps the ring of stages full (TMA, scales by
     cp.async) and each of two consumer warpgroups owns 64 W rows of the tile and frees a stage by an mbarrier arrive
@@ -570,16 +528,7 @@ def _q8_wgmma_ws_kernel(
     q_s = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K], q_desc.layout)
     d_s = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     t_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_R], dtype)
-    w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_K], dtype)
-    if SMEM_W:
-        # each consumer's two buffers for W's dequantized tiles; the LoRA start's t tiles (read before the loop)
-        # in the same bytes (BLOCK_M * BLOCK_R <= 2 * 64 * BLOCK_K: rank <= 32), within the 227 KB
-        gl.static_assert(BLOCK_M * BLOCK_R <= 2 * 64 * BLOCK_K, "the t tile fits a consumer's W buffers")
-        w_s = gl.allocate_shared_memory(dtype, [4, 64, BLOCK_K], w_layout)
-        t_s = w_s._reinterpret(dtype, [2, 2 * 64 * BLOCK_K // BLOCK_R, BLOCK_R], t_layout)
-    else:
-        t_s = gl.allocate_shared_memory(dtype, [2 if HAS_LORA else 1, BLOCK_M, BLOCK_R], t_layout)
-        w_s = gl.allocate_shared_memory(dtype, [1, 8, BLOCK_K], w_layout)  # unused
+    t_s = gl.allocate_shared_memory(dtype, [2 if HAS_LORA else 1, BLOCK_M, BLOCK_R], t_layout)
     full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
@@ -591,10 +540,10 @@ def _q8_wgmma_ws_kernel(
     # fmt: off
     gl.warp_specialize(
         [
-            (_ws_consumer, (x_s, q_s, d_s, w_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, off_n, M, N, K,
-                            stride_ym, stride_tm, stride_bn, R, scale, WG0, HAS_LORA, BLOCK_R)),
-            (_ws_consumer, (x_s, q_s, d_s, w_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, off_n, M, N, K,
-                            stride_ym, stride_tm, stride_bn, R, scale, WG1, HAS_LORA, BLOCK_R)),
+            (_ws_consumer, (x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, off_n, M, N, K, stride_ym,
+                            stride_tm, stride_bn, R, scale, WG0, HAS_LORA, BLOCK_R)),
+            (_ws_consumer, (x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, off_n, M, N, K, stride_ym,
+                            stride_tm, stride_bn, R, scale, WG1, HAS_LORA, BLOCK_R)),
             (_ws_producer, (x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, off_m, off_n, N, K, stride_dn)),
         ],
         [4, 1],
@@ -687,12 +636,6 @@ WS_CONFIGS = [
     dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=4, WS=True),
 ]
 
-# the warp-specialized kernel with W's tiles through each consumer's own shared buffers (SMEM_W; asynchronous wgmmas)
-WSS_CONFIGS = [
-    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=4, WS=True, SMEM_W=True),
-    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=3, WS=True, SMEM_W=True),
-]
-
 
 def _d_words(k: int, d, block_k: int = 64) -> bool:
     """W's scales can come as int32 words (a row's two fp16 scales of a 64-wide K tile): K % 64 == 0 and the rows
@@ -736,7 +679,6 @@ def wgmma_matmul(x2, qs, d, y, lora, cfg: dict, group_m: int = 8) -> None:
         kernel[grid](
             x_desc, q_desc, d, y, t, b, m, n, k, d.stride(0), y.stride(0), t.stride(0), b.stride(0), r, float(s),
             STAGES=cfg["STAGES"], GROUP_M=group_m, HAS_LORA=lora is not None, BLOCK_R=block_r, num_warps=warps,
-            **({"SMEM_W": True} if cfg.get("SMEM_W") else {}),
         )  # fmt: skip
         return
     _q8_wgmma_kernel[grid](

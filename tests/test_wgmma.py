@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from lorakit.kernels import q8_0_matmul as qmm
-from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS, WS_CONFIGS, WSS_CONFIGS, configs_for
+from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS, WS_CONFIGS, configs_for
 
 from tests.test_kernels import assert_gpu_matmul, make_weight, needs_gpu, on, rand
 from tests.wgmma_build import CONFIGS, hgmma_a_hazards
@@ -41,8 +41,8 @@ def builds() -> list[dict]:
 
 
 def _ids(cfg: dict) -> str:
-    kind = "-wss" if cfg.get("SMEM_W") else "-ws" if cfg.get("WS") else "-rs" if cfg.get("RS") else ""
-    return "x".join(str(v) for key, v in cfg.items() if key not in ("RS", "WS", "SMEM_W")) + kind
+    kind = "-ws" if cfg.get("WS") else "-rs" if cfg.get("RS") else ""
+    return "x".join(str(v) for key, v in cfg.items() if key not in ("RS", "WS")) + kind
 
 
 @pytest.mark.parametrize("i", range(len(CONFIGS)), ids=lambda i: _ids(CONFIGS[i]))
@@ -179,7 +179,7 @@ def test_gpu_measured_config_and_real_shapes(dtype, m, n, k, r):
 @gpu
 @needs_gpu
 @needs_sm90
-@pytest.mark.parametrize("first", [WGMMA_CONFIGS[0], RS_CONFIGS[0], WS_CONFIGS[0], WSS_CONFIGS[0]], ids=_ids)
+@pytest.mark.parametrize("first", [WGMMA_CONFIGS[0], RS_CONFIGS[0], WS_CONFIGS[0]], ids=_ids)
 def test_gpu_replays_in_a_cuda_graph(first):
     """The descriptors are built at capture: replays of the captured product give the eager bits."""
     w = on(make_weight(640, 512))

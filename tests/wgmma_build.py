@@ -9,12 +9,12 @@ import subprocess
 import tempfile
 
 import torch
-from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS, WS_CONFIGS, WSS_CONFIGS
+from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS, WS_CONFIGS
 
-CONFIGS = WGMMA_CONFIGS + RS_CONFIGS + WS_CONFIGS + WSS_CONFIGS
+CONFIGS = WGMMA_CONFIGS + RS_CONFIGS + WS_CONFIGS
 
 
-def _compile(cfg: dict, dtype: str, lora: bool, d_words: bool = True, block_r: int = 32):
+def _compile(cfg: dict, dtype: str, lora: bool, d_words: bool = True):
     import triton
     from lorakit.kernels.q8_0_wgmma import _q8_wgmma_kernel, _q8_wgmma_rs_kernel, _q8_wgmma_ws_kernel
     from triton.backends.compiler import GPUTarget
@@ -38,7 +38,7 @@ def _compile(cfg: dict, dtype: str, lora: bool, d_words: bool = True, block_r: i
         "STAGES": cfg["STAGES"],
         "GROUP_M": 8,
         "HAS_LORA": lora,
-        "BLOCK_R": block_r,
+        "BLOCK_R": 32,
         "D_WORDS": d_words,
         "num_warps": 8,
     }
@@ -47,8 +47,6 @@ def _compile(cfg: dict, dtype: str, lora: bool, d_words: bool = True, block_r: i
         kernel = _q8_wgmma_ws_kernel if cfg.get("WS") else _q8_wgmma_rs_kernel
         del sig["D_WORDS"], consts["D_WORDS"]
     consts["num_warps"] = 4 if cfg.get("WS") else 8  # the WS kernel's default partition: one warpgroup
-    if cfg.get("SMEM_W"):
-        sig["SMEM_W"], consts["SMEM_W"] = "constexpr", True
     src = GluonASTSource(kernel, sig, constexprs=consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": consts["num_warps"]})
 
@@ -121,20 +119,16 @@ def hgmma_a_hazards(sass: str) -> list[str]:
 def builds() -> list[dict]:
     """Every config for bf16 with the largest LoRA tiles (rank 32) and the scales' cp.async ring, the first of the
     shared-memory and register-operand kernels for fp16 (the former with the scales loaded into registers,
-    K % 64 != 0), the warp-specialized kernel's with W through shared memory also with rank-16 LoRA tiles (its t tiles
-    are a view of its W buffers): what each build produced, with the register-operand kernels' SASS hazards."""
-    cases = [(i, "bf16", True, True, 32) for i in range(len(CONFIGS))]
-    cases += [(0, "fp16", False, False, 32), (len(WGMMA_CONFIGS), "fp16", False, True, 32)]
-    cases += [(i, "bf16", True, True, 16) for i, c in enumerate(CONFIGS) if c.get("SMEM_W")]
+    K % 64 != 0): what each build produced, with the register-operand kernels' SASS hazards."""
+    cases = [(i, "bf16", True, True) for i in range(len(CONFIGS))]
+    cases += [(0, "fp16", False, False), (len(WGMMA_CONFIGS), "fp16", False, True)]
     out = []
-    for i, dtype, lora, d_words, block_r in cases:
+    for i, dtype, lora, d_words in cases:
         cfg = CONFIGS[i]
-        k = _compile(cfg, dtype, lora, d_words, block_r)
+        k = _compile(cfg, dtype, lora, d_words)
         t = {"bf16": "bf16", "fp16": "f16"}[dtype]
         regs = bool(cfg.get("RS") or cfg.get("WS"))
-        if cfg.get("SMEM_W"):  # y.T = W @ x.T with both operands in shared memory (two descriptors)
-            mma = rf"\.m64n{cfg['BLOCK_M']}k16\.f32\.{t}\.{t} \{{[^}}]*\}}, %rd\d+, %rd"
-        elif regs:  # y.T = W @ x.T: instruction N = BLOCK_M, operand A four registers
+        if regs:  # y.T = W @ x.T: instruction N = BLOCK_M, operand A four registers
             mma = rf"\.m64n{cfg['BLOCK_M']}k16\.f32\.{t}\.{t} \{{[^}}]*\}}, \{{%r\d+(,%r\d+){{3}}\}}, %rd"
         else:
             mma = rf"\.m64n{cfg['BLOCK_N']}k16\.f32\.{t}\.{t} "
