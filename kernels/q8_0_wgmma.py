@@ -510,13 +510,10 @@ def _q8_wgmma_ws_kernel(
     HAS_LORA: gl.constexpr,
     BLOCK_R: gl.constexpr,
     num_warps: gl.constexpr,
-    SAME_REGS: gl.constexpr = False,
 ):
     """The register-operand product, warp-specialized: a producer warp keeps the ring of stages full (TMA, scales by
     cp.async) and each of two consumer warpgroups owns 64 W rows of the tile and frees a stage by an mbarrier arrive
-    (no CTA barrier, no TMA issue in the consumers' loop). Registers: the consumers 240 and the producer 24, or with
-    SAME_REGS every partition the launch's 168 (ptxas then keeps the wgmmas asynchronous where they fit, BLOCK_M =
-    128; with any other split it serializes them, C7512)."""
+    (no CTA barrier, no TMA issue in the consumers' loop)."""
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = q_desc.block_type.shape[0]
@@ -550,7 +547,7 @@ def _q8_wgmma_ws_kernel(
             (_ws_producer, (x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, off_m, off_n, N, K, stride_dn)),
         ],
         [4, 1],
-        [168, 168] if SAME_REGS else [240, 24],
+        [240, 24],
     )
     # fmt: on
 
@@ -637,9 +634,6 @@ RS_CONFIGS = [
 # 64 W rows (BLOCK_N = 128); 71-78% of cuBLAS at the measured shapes (BLOCK_M = 128: 49-57%, call4)
 WS_CONFIGS = [
     dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=4, WS=True),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=4, WS=True, SAME_REGS=True),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=6, WS=True, SAME_REGS=True),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=8, WS=True, SAME_REGS=True),
 ]
 
 
@@ -685,7 +679,6 @@ def wgmma_matmul(x2, qs, d, y, lora, cfg: dict, group_m: int = 8) -> None:
         kernel[grid](
             x_desc, q_desc, d, y, t, b, m, n, k, d.stride(0), y.stride(0), t.stride(0), b.stride(0), r, float(s),
             STAGES=cfg["STAGES"], GROUP_M=group_m, HAS_LORA=lora is not None, BLOCK_R=block_r, num_warps=warps,
-            **({"SAME_REGS": True} if cfg.get("SAME_REGS") else {}),
         )  # fmt: skip
         return
     _q8_wgmma_kernel[grid](
