@@ -27,9 +27,6 @@ from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS, WS_CONFIGS, wg
 
 from lorakit.quant import dequantize_q8_0, quantize_q8_0  # noqa: E402
 
-# timed beside the shipped configs without LoRA only (too much shared memory with rank-32 LoRA tiles)
-LAB_EXTRA = [dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=5, WS=True, PRODUCER=False, LAG=1)]
-
 SHAPES = [(9600, 3200), (8640, 3200), (3200, 8640), (3200, 3200), (14336, 4096), (4096, 14336), (4096, 4096)]
 
 
@@ -55,7 +52,7 @@ def check() -> int:
             t = x @ a
             lora = (t, b, 0.5)
             ref = ref + 0.5 * (t.double() @ b.double().T)
-        for cfg in WGMMA_CONFIGS + (RS_CONFIGS + WS_CONFIGS + (LAB_EXTRA if not r else []) if k % 64 == 0 else []):
+        for cfg in WGMMA_CONFIGS + (RS_CONFIGS + WS_CONFIGS if k % 64 == 0 else []):
             y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
             wgmma_matmul(x, w.qs, w.d, y, lora, cfg)
             torch.cuda.synchronize()
@@ -92,7 +89,7 @@ def main(argv=None) -> int:
                 q8_0_matmul(x, w.qs, w.d, config={"path": "gemm"})  # autotune outside the timing
                 t_tri = do_bench_cudagraph(partial(q8_0_matmul, x, w.qs, w.d, config={"path": "gemm"}), rep=40)
             per = {}
-            for cfg in WGMMA_CONFIGS + RS_CONFIGS + WS_CONFIGS + LAB_EXTRA:
+            for cfg in WGMMA_CONFIGS + RS_CONFIGS + WS_CONFIGS:
                 wgmma_matmul(x, w.qs, w.d, y, None, cfg)
                 per[str(cfg)] = do_bench_cudagraph(partial(wgmma_matmul, x, w.qs, w.d, y, None, cfg), rep=40)
             best = min(per, key=per.get)

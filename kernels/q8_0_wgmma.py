@@ -413,30 +413,22 @@ def _mma_drain(acc, w_a, w_b, x_s, k_tiles):
 
 @gluon.jit
 def _ws_producer(x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, off_m, off_n, N, K, stride_dn):
-    """One warp: every K tile into its stage once the stage is free (_ws_issue)."""
-    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
-    for kt in range(gl.cdiv(K, BLOCK_K)):
-        _ws_issue(x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, off_m, off_n, N, stride_dn, kt)
-
-
-@gluon.jit
-def _ws_issue(x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, off_m, off_n, N, stride_dn, kt):
-    """Once tile kt's stage is free: the scale words by cp.async (arriving on the stage's full barrier when they land)
-    and the x and int8 W tiles by TMA (counted in bytes on the same barrier), issued by the calling warps."""
+    """One warp: for every K tile, once its stage is free, the scale words by cp.async (arriving on the stage's full
+    barrier when they land) and the x and int8 W tiles by TMA (counted in bytes on the same barrier)."""
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = q_desc.block_type.shape[0]
     STAGES: gl.constexpr = x_s.shape[0]
-    NW: gl.constexpr = gl.num_warps()
-    DL: gl.constexpr = gl.BlockedLayout([BLOCK_N // (32 * NW)], [32], [NW], [0])
+    DL: gl.constexpr = gl.BlockedLayout([BLOCK_N // 32], [32], [1], [0])
     rn = (off_n + gl.arange(0, BLOCK_N, layout=DL)) % N  # rows past N: W's are TMA zeros, the store is masked
-    st = kt % STAGES
-    mbarrier.wait(empty.index(st), ((kt // STAGES) & 1) ^ 1)
-    words = (d_ptr + rn * stride_dn + kt * (BLOCK_K // 32)).to(gl.pointer_type(gl.int32), bitcast=True)
-    async_copy.async_copy_global_to_shared(d_s.index(st), words)
-    async_copy.mbarrier_arrive(full.index(st))
-    mbarrier.expect(full.index(st), x_desc.block_type.nbytes + q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(x_desc, [off_m, kt * BLOCK_K], full.index(st), x_s.index(st))
-    tma.async_copy_global_to_shared(q_desc, [off_n, kt * BLOCK_K], full.index(st), q_s.index(st))
+    for kt in range(gl.cdiv(K, BLOCK_K)):
+        st = kt % STAGES
+        mbarrier.wait(empty.index(st), ((kt // STAGES) & 1) ^ 1)
+        words = (d_ptr + rn * stride_dn + kt * (BLOCK_K // 32)).to(gl.pointer_type(gl.int32), bitcast=True)
+        async_copy.async_copy_global_to_shared(d_s.index(st), words)
+        async_copy.mbarrier_arrive(full.index(st))
+        mbarrier.expect(full.index(st), x_desc.block_type.nbytes + q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(x_desc, [off_m, kt * BLOCK_K], full.index(st), x_s.index(st))
+        tma.async_copy_global_to_shared(q_desc, [off_n, kt * BLOCK_K], full.index(st), q_s.index(st))
 
 
 @gluon.jit
@@ -458,13 +450,10 @@ def _ws_release(empty, kt, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _ws_consumer(x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, off_n, M, N, K,
-                 stride_dn, stride_ym, stride_tm, stride_bn, R, scale, WG: gl.constexpr, HAS_LORA: gl.constexpr,
-                 BLOCK_R: gl.constexpr, ISSUE: gl.constexpr, LAG: gl.constexpr):  # fmt: skip
+def _ws_consumer(x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, off_n, M, N, K, stride_ym, stride_tm,
+                 stride_bn, R, scale, WG: gl.constexpr, HAS_LORA: gl.constexpr, BLOCK_R: gl.constexpr):  # fmt: skip
     """One warpgroup: y.T rows [off_n + 64 WG, + 64) x columns [off_m, + BLOCK_M), as _q8_wgmma_rs_kernel's loop
-    (tiles in pairs over two register sets), releasing each stage once its MMA is done. ISSUE: this warpgroup also
-    keeps the ring full (no producer warp): after releasing tile k - 1 it issues tile k + STAGES - 1 - LAG, whose stage
-    both warpgroups have released (tile k - 1 - LAG's)."""
+    (tiles in pairs over two register sets), releasing each stage to the producer once its MMA is done."""
     STAGES: gl.constexpr = x_s.shape[0]
     BLOCK_M: gl.constexpr = x_s.shape[1]
     BLOCK_K: gl.constexpr = x_s.shape[2]
@@ -482,9 +471,6 @@ def _ws_consumer(x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, t_s, y_ptr, 
         acc = gl.zeros([64, BLOCK_M], gl.float32, mma)
 
     k_tiles = gl.cdiv(K, BLOCK_K)
-    if ISSUE:
-        for i in range(gl.minimum(STAGES - 1 - LAG, k_tiles)):
-            _ws_issue(x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, off_m, off_n, N, stride_dn, i)
     w_a = _ws_tile(q_s, d_s, full, 0, first, WG, dtype, AL, RL)
     w_b = w_a
     for j in range(k_tiles // 2):
@@ -492,17 +478,9 @@ def _ws_consumer(x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, t_s, y_ptr, 
         acc, w_b = _mma_step(w_a, w_b, x_s.index(kt % STAGES), acc)
         if kt > 0:
             _ws_release(empty, kt - 1, STAGES)
-        if ISSUE:
-            if kt + STAGES - 1 - LAG < k_tiles:
-                _ws_issue(x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, off_m, off_n, N, stride_dn,
-                          kt + STAGES - 1 - LAG)  # fmt: skip
         w_b = _ws_tile(q_s, d_s, full, kt + 1, first, WG, dtype, AL, RL)
         acc, w_a = _mma_step(w_b, w_a, x_s.index((kt + 1) % STAGES), acc)
         _ws_release(empty, kt, STAGES)
-        if ISSUE:
-            if kt + STAGES - LAG < k_tiles:
-                _ws_issue(x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, off_m, off_n, N, stride_dn,
-                          kt + STAGES - LAG)  # fmt: skip
         if kt + 2 < k_tiles:
             w_a = _ws_tile(q_s, d_s, full, kt + 2, first, WG, dtype, AL, RL)
     acc = _mma_drain(acc, w_a, w_b, x_s, k_tiles)
@@ -532,8 +510,6 @@ def _q8_wgmma_ws_kernel(
     HAS_LORA: gl.constexpr,
     BLOCK_R: gl.constexpr,
     num_warps: gl.constexpr,
-    PRODUCER: gl.constexpr = True,
-    LAG: gl.constexpr = 0,
 ):
     """The register-operand product, warp-specialized: a producer warp keeps the ring of stages full (TMA, scales by
     cp.async) and each of two consumer warpgroups owns 64 W rows of the tile and frees a stage by an mbarrier arrive
@@ -560,35 +536,19 @@ def _q8_wgmma_ws_kernel(
         mbarrier.init(empty.index(i), count=2)
     WG0: gl.constexpr = 0
     WG1: gl.constexpr = 1
-    # the two consumers' arguments differ in WG and ISSUE only (a tuple built once and extended loses the constexprs)
+    # the two consumers' arguments differ in WG only (a tuple built once and extended loses the constexprs)
     # fmt: off
-    if PRODUCER:  # a producer warp; registers 240 for the consumers, 24 for it (ptxas serializes the wgmmas, C7512)
-        gl.warp_specialize(
-            [
-                (_ws_consumer, (x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m,
-                                off_n, M, N, K, stride_dn, stride_ym, stride_tm, stride_bn, R, scale, WG0, HAS_LORA,
-                                BLOCK_R, False, LAG)),
-                (_ws_consumer, (x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m,
-                                off_n, M, N, K, stride_dn, stride_ym, stride_tm, stride_bn, R, scale, WG1, HAS_LORA,
-                                BLOCK_R, False, LAG)),
-                (_ws_producer, (x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, off_m, off_n, N, K, stride_dn)),
-            ],
-            [4, 1],
-            [240, 24],
-        )
-    else:  # the first consumer issues the loads: 8 warps, every one with the launch's 255 registers (async wgmmas)
-        gl.warp_specialize(
-            [
-                (_ws_consumer, (x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m,
-                                off_n, M, N, K, stride_dn, stride_ym, stride_tm, stride_bn, R, scale, WG0, HAS_LORA,
-                                BLOCK_R, True, LAG)),
-                (_ws_consumer, (x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m,
-                                off_n, M, N, K, stride_dn, stride_ym, stride_tm, stride_bn, R, scale, WG1, HAS_LORA,
-                                BLOCK_R, False, LAG)),
-            ],
-            [4],
-            [256],
-        )
+    gl.warp_specialize(
+        [
+            (_ws_consumer, (x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, off_n, M, N, K, stride_ym,
+                            stride_tm, stride_bn, R, scale, WG0, HAS_LORA, BLOCK_R)),
+            (_ws_consumer, (x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, off_n, M, N, K, stride_ym,
+                            stride_tm, stride_bn, R, scale, WG1, HAS_LORA, BLOCK_R)),
+            (_ws_producer, (x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, off_m, off_n, N, K, stride_dn)),
+        ],
+        [4, 1],
+        [240, 24],
+    )
     # fmt: on
 
 
@@ -674,8 +634,6 @@ RS_CONFIGS = [
 # 64 W rows (BLOCK_N = 128); 71-78% of cuBLAS at the measured shapes (BLOCK_M = 128: 49-57%, call4)
 WS_CONFIGS = [
     dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=4, WS=True),
-    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=4, WS=True, PRODUCER=False, LAG=0),
-    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=4, WS=True, PRODUCER=False, LAG=1),
 ]
 
 
@@ -721,7 +679,6 @@ def wgmma_matmul(x2, qs, d, y, lora, cfg: dict, group_m: int = 8) -> None:
         kernel[grid](
             x_desc, q_desc, d, y, t, b, m, n, k, d.stride(0), y.stride(0), t.stride(0), b.stride(0), r, float(s),
             STAGES=cfg["STAGES"], GROUP_M=group_m, HAS_LORA=lora is not None, BLOCK_R=block_r, num_warps=warps,
-            **{key: cfg[key] for key in ("PRODUCER", "LAG") if key in cfg},
         )  # fmt: skip
         return
     _q8_wgmma_kernel[grid](
