@@ -31,9 +31,11 @@ take): W's dequantized tile is the wgmma's operand A in registers, so it never g
     words by cp.async arriving on the stage's barrier) and two consumer warpgroups, 64 W rows each, free a stage by
     an mbarrier arrive, with no CTA barrier and no TMA issue in their loop. ptxas serializes its wgmmas (C7512,
     "insufficient register resources"), so each consumer waits for its own MMA; the two consumers' MMAs still
-    overlap each other's dequantization. Not a matter of the count, as far as offline builds show: with 64-row x
-    tiles (32 accumulator registers a thread) ptxas still serializes them, and the same partition with operand A
-    in shared memory it does not.
+    overlap each other's dequantization. The cause is the partitions' register split (setmaxnreg: 240 / 24 of a
+    launch at 168 for 384 threads): the same PTX without it compiles asynchronous in 208 registers. Serialization
+    is not what holds it back, though: made asynchronous (the first consumer issuing the loads instead of a producer
+    warp, 8 warps at 255 registers) it measured the same, 71-78% of cuBLAS against 72-79%, and W's tiles through
+    each consumer's own shared buffers 67-74% (bench/results/h200_session14/NOTES.md).
 H200, M = 2048 and 8192 at 3B / 8B layer shapes (bench/results/h200_session13/call5): the shared-memory kernel
 61-72% of cuBLAS, the register-operand kernel 70-79%, the warp-specialized one 71-81%; the product's config is
 measured.
