@@ -27,15 +27,6 @@ from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS, WS_CONFIGS, wg
 
 from lorakit.quant import dequantize_q8_0, quantize_q8_0  # noqa: E402
 
-# timing probes of the warp-specialized kernel (wrong numbers: not checked): 1 the int8 values only converted, 2 no W read
-LAB_EXTRA = [
-    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=4, WS=True, PROBE=1),
-    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=4, WS=True, PROBE=2),
-    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=4, WS=True, PROBE=3),
-    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=4, WS=True, PROBE=4),
-    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=4, WS=True, PROBE=5),
-]
-
 SHAPES = [(9600, 3200), (8640, 3200), (3200, 8640), (3200, 3200), (14336, 4096), (4096, 14336), (4096, 4096)]
 
 
@@ -98,7 +89,7 @@ def main(argv=None) -> int:
                 q8_0_matmul(x, w.qs, w.d, config={"path": "gemm"})  # autotune outside the timing
                 t_tri = do_bench_cudagraph(partial(q8_0_matmul, x, w.qs, w.d, config={"path": "gemm"}), rep=40)
             per = {}
-            for cfg in WGMMA_CONFIGS + RS_CONFIGS + WS_CONFIGS + LAB_EXTRA:
+            for cfg in WGMMA_CONFIGS + RS_CONFIGS + WS_CONFIGS:
                 wgmma_matmul(x, w.qs, w.d, y, None, cfg)
                 per[str(cfg)] = do_bench_cudagraph(partial(wgmma_matmul, x, w.qs, w.d, y, None, cfg), rep=40)
             best = min(per, key=per.get)

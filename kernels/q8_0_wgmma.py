@@ -435,25 +435,11 @@ def _ws_producer(x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, off_m, off_n
 
 @gluon.jit
 def _ws_tile(q_s, d_s, full, kt, first, WG: gl.constexpr, dtype: gl.constexpr, AL: gl.constexpr,
-             RL: gl.constexpr, PROBE: gl.constexpr = 0):  # fmt: skip
+             RL: gl.constexpr):  # fmt: skip
     """This warpgroup's 64 rows of W's tile kt, dequantized into the operand-A layout once the stage has landed."""
     STAGES: gl.constexpr = q_s.shape[0]
     st = kt % STAGES
     mbarrier.wait(full.index(st), (kt // STAGES) & 1)
-    if PROBE == 1:  # timing probe: the int8 values converted, no scales
-        return q_s.index(st).slice(WG * 64, 64).load(AL).to(dtype)
-    if PROBE == 2:  # timing probe: no W read at all
-        return gl.full([64, 64], 1.0, dtype, AL)
-    if PROBE == 3:  # timing probe: the int8 tile read, the PRMT dequantization with constant scales
-        return _probe_dequant(q_s.index(st).slice(WG * 64, 64).load(AL), dtype)
-    if PROBE == 4:  # timing probe: no int8 tile read (values from the scale words), the full dequantization
-        words = d_s.index(st).slice(WG * 64, 64).load(RL)
-        kk = gl.arange(0, 64, layout=gl.SliceLayout(0, AL))
-        q = (gl.expand_dims(words, 1) + gl.expand_dims(kk, 0)).to(gl.int8)
-        return _dequant_words_a(q, words, first, dtype, AL)
-    if PROBE == 5:  # timing probe: the int8 tile read, converted by a shift (bits, no conversion instruction)
-        q = q_s.index(st).slice(WG * 64, 64).load(AL)
-        return (q.to(gl.int16) << 8).to(dtype, bitcast=True)
     return _dequant_a(q_s.index(st).slice(WG * 64, 64), d_s.index(st).slice(WG * 64, 64), first, dtype, AL, RL)
 
 
@@ -467,8 +453,7 @@ def _ws_release(empty, kt, STAGES: gl.constexpr):
 
 @gluon.jit
 def _ws_consumer(x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, off_n, M, N, K, stride_ym, stride_tm,
-                 stride_bn, R, scale, WG: gl.constexpr, HAS_LORA: gl.constexpr, BLOCK_R: gl.constexpr,
-                 PROBE: gl.constexpr):  # fmt: skip
+                 stride_bn, R, scale, WG: gl.constexpr, HAS_LORA: gl.constexpr, BLOCK_R: gl.constexpr):  # fmt: skip
     """One warpgroup: y.T rows [off_n + 64 WG, + 64) x columns [off_m, + BLOCK_M), as _q8_wgmma_rs_kernel's loop
     (tiles in pairs over two register sets), releasing each stage to the producer once its MMA is done."""
     STAGES: gl.constexpr = x_s.shape[0]
@@ -488,18 +473,18 @@ def _ws_consumer(x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, of
         acc = gl.zeros([64, BLOCK_M], gl.float32, mma)
 
     k_tiles = gl.cdiv(K, BLOCK_K)
-    w_a = _ws_tile(q_s, d_s, full, 0, first, WG, dtype, AL, RL, PROBE)
+    w_a = _ws_tile(q_s, d_s, full, 0, first, WG, dtype, AL, RL)
     w_b = w_a
     for j in range(k_tiles // 2):
         kt = 2 * j
         acc, w_b = _mma_step(w_a, w_b, x_s.index(kt % STAGES), acc)
         if kt > 0:
             _ws_release(empty, kt - 1, STAGES)
-        w_b = _ws_tile(q_s, d_s, full, kt + 1, first, WG, dtype, AL, RL, PROBE)
+        w_b = _ws_tile(q_s, d_s, full, kt + 1, first, WG, dtype, AL, RL)
         acc, w_a = _mma_step(w_b, w_a, x_s.index((kt + 1) % STAGES), acc)
         _ws_release(empty, kt, STAGES)
         if kt + 2 < k_tiles:
-            w_a = _ws_tile(q_s, d_s, full, kt + 2, first, WG, dtype, AL, RL, PROBE)
+            w_a = _ws_tile(q_s, d_s, full, kt + 2, first, WG, dtype, AL, RL)
     acc = _mma_drain(acc, w_a, w_b, x_s, k_tiles)
 
     _store_t(acc, y_ptr, off_m, row0, M, N, stride_ym, 4)
@@ -527,7 +512,6 @@ def _q8_wgmma_ws_kernel(
     HAS_LORA: gl.constexpr,
     BLOCK_R: gl.constexpr,
     num_warps: gl.constexpr,
-    PROBE: gl.constexpr = 0,
 ):
     """The register-operand product, warp-specialized: a producer warp keeps the ring of stages full (TMA, scales by
     cp.async) and each of two consumer warpgroups owns 64 W rows of the tile and frees a stage by an mbarrier arrive
@@ -559,9 +543,9 @@ def _q8_wgmma_ws_kernel(
     gl.warp_specialize(
         [
             (_ws_consumer, (x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, off_n, M, N, K, stride_ym,
-                            stride_tm, stride_bn, R, scale, WG0, HAS_LORA, BLOCK_R, PROBE)),
+                            stride_tm, stride_bn, R, scale, WG0, HAS_LORA, BLOCK_R)),
             (_ws_consumer, (x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, off_n, M, N, K, stride_ym,
-                            stride_tm, stride_bn, R, scale, WG1, HAS_LORA, BLOCK_R, PROBE)),
+                            stride_tm, stride_bn, R, scale, WG1, HAS_LORA, BLOCK_R)),
             (_ws_producer, (x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, off_m, off_n, N, K, stride_dn)),
         ],
         [4, 1],
@@ -611,24 +595,6 @@ def _tile_a(q_s, d_s, bars, bars_q, kt, first, STAGES: gl.constexpr, D_AHEAD: gl
     mbarrier.wait(bars.index(st), (kt // STAGES) & 1)
     mbarrier.wait(bars_q.index(st), (kt // STAGES) & 1)
     return _dequant_a(q_s.index(st), d_s.index(kt % (D_AHEAD + 1)), first, dtype, AL, RL)
-
-
-@gluon.jit
-def _probe_dequant(q, dtype: gl.constexpr):
-    dq = gl.full(q.shape, 0.00390625, gl.float32, q.type.layout)
-    dc = gl.full(q.shape, -32896.0, gl.float32, q.type.layout)
-    return _prmt_dequant(q, dq, dc, dtype)
-
-
-@gluon.jit
-def _dequant_words_a(q, words, first, dtype: gl.constexpr, AL: gl.constexpr):
-    lo = (words & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
-    hi = ((words >> 16) & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
-    dq = gl.where(first, gl.expand_dims(lo * 0.00390625, 1), gl.expand_dims(hi * 0.00390625, 1))
-    dc = gl.where(first, gl.expand_dims(lo * -32896.0, 1), gl.expand_dims(hi * -32896.0, 1))
-    dq, _ = gl.broadcast(dq, q)
-    dc, _ = gl.broadcast(dc, q)
-    return _prmt_dequant(q, dq, dc, dtype)
 
 
 @gluon.jit
@@ -715,7 +681,6 @@ def wgmma_matmul(x2, qs, d, y, lora, cfg: dict, group_m: int = 8) -> None:
         kernel[grid](
             x_desc, q_desc, d, y, t, b, m, n, k, d.stride(0), y.stride(0), t.stride(0), b.stride(0), r, float(s),
             STAGES=cfg["STAGES"], GROUP_M=group_m, HAS_LORA=lora is not None, BLOCK_R=block_r, num_warps=warps,
-            **({"PROBE": cfg["PROBE"]} if "PROBE" in cfg else {}),
         )  # fmt: skip
         return
     _q8_wgmma_kernel[grid](
