@@ -517,6 +517,53 @@ def test_functions_without_autograd_are_the_backend_forwards(tri):
 # ---- the packed-product Functions (fused attention, SwiGLU) ----------------------------------------
 
 
+def padded_sdpa(qkv, cos, sin, H, Hkv):
+    """What SDPA computes on CUDA for heads of D columns that are not a multiple of 8 (the fused path's flash call):
+    RoPE as the spec, q, k, v zero-padded to flash.padded_head(D) columns, SDPA with scale 1/sqrt(D) (GQA: repeated
+    key/value heads), narrowed back to D -> [B, T, H*D]. On CPU SDPA runs unpadded heads, whose dot products the
+    CPU kernel may sum in another order (1 ulp apart in fp32 on an AVX-512 machine), so the fused path's flash call
+    on padded heads is compared with this, and with the spec within attn_out_mags' bound."""
+    q, k, v = model._rope_heads(qkv, cos, sin, H, Hkv, model.SPEC_OPS)
+    B, _, T, D = q.shape
+    pad = [torch.nn.functional.pad(t, (0, flash.padded_head(D) - D)) for t in (q, k, v)]
+    q, k, v = pad[0], *(t.repeat_interleave(H // Hkv, dim=1) for t in pad[1:])
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=1.0 / D**0.5)
+    return out[..., :D].transpose(1, 2).reshape(B, T, H * D)
+
+
+def attn_out_mags(qkv, cos, sin, H, Hkv):
+    """fp64 magnitudes bounding the fp32 rounding error of causal attention's output (before gamma = N u), as
+    attn_grad_mags: (P (1 + S_abs)) |V|, P's relative error carried through exp as (1 + |S|)."""
+    B, T, W = qkv.shape
+    D = W // (H + 2 * Hkv)
+    x = qkv.double().view(B, T, H + 2 * Hkv, D)
+    r = H // Hkv
+    q = model.apply_rope(x[:, :, :H], cos, sin).transpose(1, 2).double()
+    k = model.apply_rope(x[:, :, H : H + Hkv], cos, sin).transpose(1, 2).double().repeat_interleave(r, dim=1)
+    v = x[:, :, H + Hkv :].transpose(1, 2).repeat_interleave(r, dim=1)
+    s = 1.0 / D**0.5
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    p = (s * q @ k.transpose(-1, -2)).masked_fill(~causal, float("-inf")).softmax(-1)
+    s_abs = (s * q.abs() @ k.abs().transpose(-1, -2)).masked_fill(~causal, 0.0)
+    return ((p * (1 + s_abs)) @ v.abs()).transpose(1, 2).reshape(B, T, H * D)
+
+
+def assert_attention_forward(got, ref_spec, qkv, cos, sin, H, Hkv, dtype, what):
+    """The fused path's attention output: where flash runs, bit for bit SDPA on padded heads (padded_sdpa) and
+    within the summation-order bound of the spec (both sides' sums over Dp + T + 8 terms, 2 gamma_N mag, rounded to
+    the dtype); elsewhere (the spec's own SDPA call) bit for bit the spec."""
+    D = qkv.shape[-1] // (H + 2 * Hkv)
+    if not flash.supported(dtype, DEVICE, D, gqa=Hkv != H):
+        assert_equal(got, ref_spec.cpu(), what)
+        return
+    parts = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    with torch.no_grad():
+        assert_equal(got, padded_sdpa(parts, cos, sin, H, Hkv).cpu(), what)
+    n = flash.padded_head(D) + qkv.shape[1] + 8
+    mag = attn_out_mags(qkv.cpu(), cos.cpu(), sin.cpu(), H, Hkv)
+    assert_within(got, ref_spec, rounded(2 * (n + 3) * U * mag, ref_spec, dtype), f"{what.split()[0]}_spec {dtype}")
+
+
 def attn_grad_mags(qkv, cos, sin, H, Hkv, dy):
     """fp64 magnitudes bounding one side's fp32 rounding error in d(qkv) of causal attention (before the
     factor gamma = N u): the computation on absolute values, with P's relative error carried as (1 + |S|)
@@ -554,8 +601,9 @@ def test_fused_attention_vs_torch_ops(tri, dtype, Hkv):
     """fused_ops' causal_attention on the packed product (CausalAttentionFn: heads padded 12 -> 16, flash, the
     gradient straight into [q | k | v]) against model.causal_attention under autograd on the same device (the
     attention kernels are torch's own on each device, so the reference is torch's SDPA there; GQA: SDPA on
-    repeated key/value heads, flash natively). The forward is the same flash kernel SDPA runs on its own padded
-    copies (bit-identical; fp32 on CUDA, where flash does not run, the same SDPA call); the backward's sums may
+    repeated key/value heads, flash natively). The forward: assert_attention_forward (bit for bit SDPA on padded
+    heads, as SDPA runs them on CUDA, and within a summation-order bound of the spec; fp32 on CUDA, where flash does
+    not run, the same SDPA call as the spec); the backward's sums may
     run in another order where the kernel sees padded heads: per side <= gamma_N mag (attn_grad_mags),
     N = Dp + T + 8 + H/Hkv sums and steps along any path, + 3u for the RoPE roundings; with GQA the reference
     also rounds each repeated head's dk, dv to the dtype before summing them (+ u_o mag); bf16 rounds the
@@ -576,7 +624,7 @@ def test_fused_attention_vs_torch_ops(tri, dtype, Hkv):
     y_ag, (dx_ag,) = autograd(packed(TORCH_OPS.causal_attention), dev(qkv, cos, sin), dy.to(DEVICE), wrt=(0,))
     y, (dx,) = autograd(packed(ops.causal_attention), dev(qkv, cos, sin), dy.to(DEVICE), wrt=(0,))
     y_ag, dx_ag = y_ag.cpu(), dx_ag.cpu()
-    assert_equal(y, y_ag, f"attn_fwd {dtype}")
+    assert_attention_forward(y, y_ag, qkv.to(DEVICE), *dev(cos, sin), H, Hkv, dtype, f"attn_fwd {dtype}")
     n = 16 + T + 8 + H // Hkv
     mag = attn_grad_mags(qkv, cos, sin, H, Hkv, dy)
     d = 2 * (n + 3) * U * mag
@@ -591,7 +639,8 @@ def test_fused_attention_vs_torch_ops(tri, dtype, Hkv):
 @pytest.mark.parametrize("Hkv", [3, 1], ids=["mha", "gqa"])
 def test_fused_attention_prompt_writes_the_cache(tri, dtype, Hkv, layout, B, monkeypatch):
     """A prompt from position 0 (no autograd) with kv_out = a KV cache's (k, v): fused_ops' path (flash_prompt)
-    gives model.causal_attention's output on the same device and the same cache rows, bit for bit; rows past
+    gives model.causal_attention's output on the same device (assert_attention_forward) and the same cache rows,
+    bit for bit; rows past
     the prompt are left alone. Layouts: model.KVCache's (v heads right after k heads: one copy for both) and
     two separate tensors (one copy each)."""
     from lorakit import fused_ops as fo
@@ -622,7 +671,7 @@ def test_fused_attention_prompt_writes_the_cache(tri, dtype, Hkv, layout, B, mon
     with torch.no_grad():
         got = ops.causal_attention(packed, cos, sin, H, Hkv, tuple(got_kv))
         ref = TORCH_OPS.causal_attention(packed, cos, sin, H, Hkv, tuple(ref_kv))
-    assert_equal(got, ref.cpu(), f"attn_prompt {dtype}")
+    assert_attention_forward(got, ref.cpu(), qkv, cos, sin, H, Hkv, dtype, f"attn_prompt {dtype}")
     for g, r in zip(got_kv, ref_kv, strict=True):
         assert_equal(g, r.cpu(), f"attn_prompt_cache {dtype}")
         assert (g[:, :, T:] == 7.0).all()
