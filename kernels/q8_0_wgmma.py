@@ -444,18 +444,16 @@ def _ws_tile(q_s, d_s, full, kt, first, WG: gl.constexpr, dtype: gl.constexpr, A
 
 
 @gluon.jit
-def _ws_release(empty, kt, STAGES: gl.constexpr, FENCE: gl.constexpr = True):
+def _ws_release(empty, kt, STAGES: gl.constexpr):
     """Stage kt is free as far as this warpgroup is concerned (its MMA over the stage is done, its W reads were
     consumed by it): order those reads before the producer's TMA writes, then arrive (one of two arrivals)."""
-    if FENCE:
-        fence_async_shared()
+    fence_async_shared()
     mbarrier.arrive(empty.index(kt % STAGES), count=1)
 
 
 @gluon.jit
 def _ws_consumer(x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, off_n, M, N, K, stride_ym, stride_tm,
-                 stride_bn, R, scale, WG: gl.constexpr, HAS_LORA: gl.constexpr, BLOCK_R: gl.constexpr,
-                 RELEASE: gl.constexpr):  # fmt: skip
+                 stride_bn, R, scale, WG: gl.constexpr, HAS_LORA: gl.constexpr, BLOCK_R: gl.constexpr):  # fmt: skip
     """One warpgroup: y.T rows [off_n + 64 WG, + 64) x columns [off_m, + BLOCK_M), as _q8_wgmma_rs_kernel's loop
     (tiles in pairs over two register sets), releasing each stage to the producer once its MMA is done."""
     STAGES: gl.constexpr = x_s.shape[0]
@@ -480,17 +478,11 @@ def _ws_consumer(x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, of
     for j in range(k_tiles // 2):
         kt = 2 * j
         acc, w_b = _mma_step(w_a, w_b, x_s.index(kt % STAGES), acc)
-        if RELEASE < 2:
-            if kt > 0:
-                _ws_release(empty, kt - 1, STAGES, RELEASE == 0)
+        if kt > 0:
+            _ws_release(empty, kt - 1, STAGES)
         w_b = _ws_tile(q_s, d_s, full, kt + 1, first, WG, dtype, AL, RL)
         acc, w_a = _mma_step(w_b, w_a, x_s.index((kt + 1) % STAGES), acc)
-        if RELEASE == 2:  # both stages of the pair at once (one barrier pair)
-            if kt > 0:
-                _ws_release(empty, kt - 1 + STAGES, STAGES, False)  # tile kt - 1's stage
-            _ws_release(empty, kt, STAGES, False)
-        else:
-            _ws_release(empty, kt, STAGES, RELEASE == 0)
+        _ws_release(empty, kt, STAGES)
         if kt + 2 < k_tiles:
             w_a = _ws_tile(q_s, d_s, full, kt + 2, first, WG, dtype, AL, RL)
     acc = _mma_drain(acc, w_a, w_b, x_s, k_tiles)
@@ -520,7 +512,6 @@ def _q8_wgmma_ws_kernel(
     HAS_LORA: gl.constexpr,
     BLOCK_R: gl.constexpr,
     num_warps: gl.constexpr,
-    RELEASE: gl.constexpr = 0,
 ):
     """The register-operand product, warp-specialized: a producer warp keeps the ring of stages full (TMA, scales by
     cp.async) and each of two consumer warpgroups owns 64 W rows of the tile and frees a stage by an mbarrier arrive
@@ -552,9 +543,9 @@ def _q8_wgmma_ws_kernel(
     gl.warp_specialize(
         [
             (_ws_consumer, (x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, off_n, M, N, K, stride_ym,
-                            stride_tm, stride_bn, R, scale, WG0, HAS_LORA, BLOCK_R, RELEASE)),
+                            stride_tm, stride_bn, R, scale, WG0, HAS_LORA, BLOCK_R)),
             (_ws_consumer, (x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, off_n, M, N, K, stride_ym,
-                            stride_tm, stride_bn, R, scale, WG1, HAS_LORA, BLOCK_R, RELEASE)),
+                            stride_tm, stride_bn, R, scale, WG1, HAS_LORA, BLOCK_R)),
             (_ws_producer, (x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, off_m, off_n, N, K, stride_dn)),
         ],
         [4, 1],
@@ -645,8 +636,6 @@ RS_CONFIGS = [
 # 64 W rows (BLOCK_N = 128); 71-78% of cuBLAS at the measured shapes (BLOCK_M = 128: 49-57%, call4)
 WS_CONFIGS = [
     dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=4, WS=True),
-    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=4, WS=True, RELEASE=1),
-    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=4, WS=True, RELEASE=2),
 ]
 
 
@@ -692,7 +681,6 @@ def wgmma_matmul(x2, qs, d, y, lora, cfg: dict, group_m: int = 8) -> None:
         kernel[grid](
             x_desc, q_desc, d, y, t, b, m, n, k, d.stride(0), y.stride(0), t.stride(0), b.stride(0), r, float(s),
             STAGES=cfg["STAGES"], GROUP_M=group_m, HAS_LORA=lora is not None, BLOCK_R=block_r, num_warps=warps,
-            **({"RELEASE": cfg["RELEASE"]} if "RELEASE" in cfg else {}),
         )  # fmt: skip
         return
     _q8_wgmma_kernel[grid](

@@ -47,8 +47,6 @@ def _compile(cfg: dict, dtype: str, lora: bool, d_words: bool = True):
         kernel = _q8_wgmma_ws_kernel if cfg.get("WS") else _q8_wgmma_rs_kernel
         del sig["D_WORDS"], consts["D_WORDS"]
     consts["num_warps"] = 4 if cfg.get("WS") else 8  # the WS kernel's default partition: one warpgroup
-    if cfg.get("WS"):
-        sig["RELEASE"], consts["RELEASE"] = "constexpr", cfg.get("RELEASE", 0)
     src = GluonASTSource(kernel, sig, constexprs=consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": consts["num_warps"]})
 
