@@ -531,9 +531,9 @@ def padded_sdpa(qkv, cos, sin, H, Hkv):
     return out[..., :D].transpose(1, 2).reshape(B, T, H * D)
 
 
-def attn_out_mags(qkv, cos, sin, H, Hkv):
-    """fp64 magnitudes bounding the fp32 rounding error of causal attention's output (before gamma = N u), as
-    attn_grad_mags: (P (1 + S_abs)) |V|, P's relative error carried through exp as (1 + |S|)."""
+def attn_fp64(qkv, cos, sin, H, Hkv):
+    """Causal attention's pieces in fp64 for the error bounds: q, k, v [B, H, T, D] (RoPE on q and k; key/value heads
+    repeated for GQA), P = softmax(s q k^T) (causal), S_abs = s |q| |k|^T (causal), s = 1/sqrt(D)."""
     B, T, W = qkv.shape
     D = W // (H + 2 * Hkv)
     x = qkv.double().view(B, T, H + 2 * Hkv, D)
@@ -545,7 +545,15 @@ def attn_out_mags(qkv, cos, sin, H, Hkv):
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     p = (s * q @ k.transpose(-1, -2)).masked_fill(~causal, float("-inf")).softmax(-1)
     s_abs = (s * q.abs() @ k.abs().transpose(-1, -2)).masked_fill(~causal, 0.0)
-    return ((p * (1 + s_abs)) @ v.abs()).transpose(1, 2).reshape(B, T, H * D)
+    return q, k, v, p, s_abs
+
+
+def attn_out_mags(qkv, cos, sin, H, Hkv):
+    """fp64 magnitudes bounding the fp32 rounding error of causal attention's output (before gamma = N u), as
+    attn_grad_mags: (P (1 + S_abs)) |V|, P's relative error carried through exp as (1 + |S|)."""
+    B, T, _ = qkv.shape
+    _, _, v, p, s_abs = attn_fp64(qkv, cos, sin, H, Hkv)
+    return ((p * (1 + s_abs)) @ v.abs()).transpose(1, 2).reshape(B, T, -1)
 
 
 def assert_attention_forward(got, ref_spec, qkv, cos, sin, H, Hkv, dtype, what):
@@ -572,16 +580,10 @@ def attn_grad_mags(qkv, cos, sin, H, Hkv, dy):
     gradients' magnitudes summed over each group; the inverse RoPE adds each pair's magnitudes."""
     B, T, W = qkv.shape
     D = W // (H + 2 * Hkv)
-    x = qkv.double().view(B, T, H + 2 * Hkv, D)
     r = H // Hkv
-    q = model.apply_rope(x[:, :, :H], cos, sin).transpose(1, 2).double()
-    k = model.apply_rope(x[:, :, H : H + Hkv], cos, sin).transpose(1, 2).double().repeat_interleave(r, dim=1)
-    v = x[:, :, H + Hkv :].transpose(1, 2).repeat_interleave(r, dim=1)
+    q, k, v, p, s_abs = attn_fp64(qkv, cos, sin, H, Hkv)
     do = dy.double().view(B, T, H, D).transpose(1, 2)
     s = 1.0 / D**0.5
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    p = (s * q @ k.transpose(-1, -2)).masked_fill(~causal, float("-inf")).softmax(-1)
-    s_abs = (s * q.abs() @ k.abs().transpose(-1, -2)).masked_fill(~causal, 0.0)
     pe = p * (1 + s_abs)
     ds_abs = pe * (do.abs() @ v.abs().transpose(-1, -2) + (do.abs() * (p @ v).abs()).sum(-1, keepdim=True))
     mags = [s * ds_abs @ k.abs(), s * ds_abs.transpose(-1, -2) @ q.abs(), pe.transpose(-1, -2) @ do.abs()]
