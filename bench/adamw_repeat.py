@@ -16,9 +16,7 @@ from lorakit.backends.cpu_torch import CpuTorchBackend
 from lorakit.kernels import lora_update
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.adam_case import large_case  # noqa: E402
-
-ADAM_RTOL = 16 * 2.0**-24  # tests/test_kernels.py
+from tests.adam_case import ADAM_RTOL, large_case  # noqa: E402
 
 
 def main() -> None:

@@ -46,13 +46,13 @@ if not CUDA:
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
-from lorakit.backends import AdamHyper  # noqa: E402
 from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
 from lorakit.kernels import lora_update, q8_0_matmul, triton_util  # noqa: E402
 from lorakit.kernels.triton_util import _dequant_words  # noqa: E402
 
 from lorakit.lora import LoraLinear  # noqa: E402
 from lorakit.quant import Q8Weight, dequantize_q8_0, quantize_q8_0  # noqa: E402
+from tests.adam_case import ADAM_RTOL, hyper, large_case  # noqa: E402
 
 qmm = q8_0_matmul
 if not CUDA and not qmm.interpreting():
@@ -68,7 +68,6 @@ needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 U_ACC = 2.0**-24  # fp32 accumulator unit roundoff
 U_OUT = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}  # unit roundoff
 U_W_SPEC = {torch.float32: 0.0, torch.bfloat16: 3 * 2.0**-8, torch.float16: 0.0}  # spec's W rounding
-ADAM_RTOL = 16 * 2.0**-24
 NORM_RTOL = 64 * 2.0**-24  # fp32 block sums (tree, log2(4096) = 12 levels) vs the spec's double sum
 
 
@@ -435,14 +434,10 @@ def close(got, want):
     torch.testing.assert_close(got, want, rtol=ADAM_RTOL, atol=ADAM_RTOL * float(want.abs().max()))
 
 
-def _hyper(gclip, t=3, sched=0.7):
-    return AdamHyper(alpha=1e-3, decay=0.1, beta1=0.9, beta2=0.999, eps=1e-8, gclip=gclip, sched=sched, t=t)
-
-
 @pytest.mark.parametrize("as_views", [False, True])
 @pytest.mark.parametrize("gclip,grad_scale", [(1.0, 1.0), (1e6, 1.0), (0.0, 1.0), (1.0, 1e-3)])
 def test_adamw_step(tri, gclip, grad_scale, as_views):
-    hp = _hyper(gclip)
+    hp = hyper(gclip)
     params, grads, m, v = _adam_state(11, grad_scale)
     ref = [[t.clone() for t in ts] for ts in (params, grads, m, v)]
     norm_ref = SPEC.adamw_step(*ref[0:4], DECAYED, hp)
@@ -472,7 +467,7 @@ def test_adamw_step(tri, gclip, grad_scale, as_views):
 
 def test_adamw_sched_zero_moves_nothing(tri):
     """§4.3: with sched = 0 the first update only fills m and v."""
-    hp = _hyper(1.0, t=1, sched=0.0)
+    hp = hyper(1.0, t=1, sched=0.0)
     params, grads, m, v = _adam_state(12, 1.0)
     lists = [[t.clone().to(DEVICE) for t in ts] for ts in (params, grads, m, v)]
     tri.adamw_step(*lists, DECAYED, hp)
@@ -482,7 +477,7 @@ def test_adamw_sched_zero_moves_nothing(tri):
 
 
 def test_adamw_flat_matches_list_form():
-    hp = _hyper(0.5)
+    hp = hyper(0.5)
     params, grads, m, v = _adam_state(13, 1.0)
     flat = [torch.cat([t.reshape(-1) for t in ts]).to(DEVICE) for ts in (params, grads, m, v)]
     mask = torch.cat(
@@ -576,8 +571,6 @@ def test_gpu_gemv_tc_replays_in_a_cuda_graph():
 @gpu
 @needs_gpu
 def test_gpu_adamw_large():
-    from tests.adam_case import large_case
-
     hp, state, decayed = large_case()
     ref = [[t.clone() for t in ts] for ts in state]
     norm_ref = SPEC.adamw_step(*ref, decayed, hp)
