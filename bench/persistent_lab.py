@@ -1,0 +1,307 @@
+#!/usr/bin/env python3
+"""Lab (#5): do the decode step's q8_0 products reach more of HBM in one persistent launch than in ~105 launches?
+
+The decode step pays ~6.8 us of fixed cost per product (bench/results/h200_session10/NOTES.md): ramp-up, tail,
+split-K reduction, launch. This lab times the step's chain of products alone, the 3B shapes (per layer: q|k|v
+9600 x 3200, o 3200 x 3200, gate|up 17280 x 3200, down 3200 x 8640; each product's input is the first K values of
+the previous one's output), two ways on the same weights:
+
+  launched    - q8_0_matmul per product (the tuned tensor-core GEMV, PDL), captured in one CUDA graph; with and
+                without the decode step's 4 MiB L2 hint for the next product;
+  persistent  - one launch of P = SMs x PER_SM programs that walks every layer's four products in order: each
+                product's (row block, K split) tasks go round robin over the programs, split-K partials are
+                summed by the last program of a row block (as q8_0_gemv_tc does), and a grid barrier (an arrival
+                counter, acquire/release) separates consecutive products. Before waiting at a barrier a program
+                may ask L2 for the first weight lines of its next task (PF lines per row), so HBM keeps
+                streaming across the barrier.
+
+The persistent kernel's outputs are checked against the launched chain's for one layer (same fp32 sums up to
+order). Timing: CUDA-graph replays of the whole chain, best of rounds, us per 26-layer chain and TB/s on the
+q8_0 bytes.
+
+    python bench/persistent_lab.py [--layers 26] [--out bench/results/persistent_lab.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from lorakit.kernels.q8_0_gemv_tc import _tc_step  # noqa: E402
+from lorakit.kernels.triton_util import _PF_LAST, Prefetch  # noqa: E402
+
+SHAPES = [(9600, 3200), (3200, 3200), (17280, 3200), (3200, 8640)]  # (N, K) per layer, in order
+HBM = 4.23e12
+
+
+@triton.jit
+def _grid_barrier(bar_ptr, target, MAX_SPIN: tl.constexpr):
+    """Every program arrives (release), then waits until `target` arrivals in all (acquire)."""
+    tl.debug_barrier()  # every thread's stores precede the arrival
+    tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+    n = tl.load(bar_ptr, volatile=True)
+    spins = 0
+    while (n < target) & (spins < MAX_SPIN):
+        n = tl.load(bar_ptr, volatile=True)
+        spins += 1
+    tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _pf_task(qs_ptr, d_ptr, task, N: tl.constexpr, K: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr, PF: tl.constexpr):  # fmt: skip
+    """Ask L2 (evict_last) for the first PF 128-byte lines of each of the task's rows, and their scales."""
+    if task < (N // BLOCK_N) * SPLIT:
+        pid_n = task // SPLIT
+        pid_k = task % SPLIT
+        per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
+        rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        lines = tl.arange(0, PF)
+        q = qs_ptr + rows[:, None] * K + pid_k * per_split + lines[None, :] * 128
+        tl.inline_asm_elementwise(_PF_LAST, "=r,l", [q], dtype=tl.int32, is_pure=False, pack=1)
+        d = d_ptr + rows * (K // 32) + pid_k * per_split // 32
+        tl.inline_asm_elementwise(_PF_LAST, "=r,l", [d.to(tl.pointer_type(tl.int8))], dtype=tl.int32, is_pure=False,
+                                  pack=1)  # fmt: skip
+
+
+@triton.jit
+def _product(x_ptr, y_ptr, qs_ptr, d_ptr, part_ptr, cnt_ptr, pid, P, N: tl.constexpr, K: tl.constexpr,
+             SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """y[0, :N] = x[0, :K] @ W.T (bf16 out), this program's tasks of the product (round robin over P)."""
+    NB: tl.constexpr = N // BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < 1
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kb = tl.arange(0, BLOCK_K // 32)
+    offs_tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + offs_m[None, :]
+    for task in range(pid, NB * SPLIT, P):
+        pid_n = task // SPLIT
+        pid_k = task % SPLIT
+        k_lo = pid_k * per_split
+        k_hi = tl.minimum(K, k_lo + per_split)
+        k_full = k_lo + tl.maximum(k_hi - k_lo, 0) // BLOCK_K * BLOCK_K
+        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        x_ptrs = x_ptr + offs_m[None, :] * K + (k_lo + offs_k)[:, None]  # rows past 0 masked
+        q_ptrs = qs_ptr + rn[:, None] * K + (k_lo + offs_k)[None, :]
+        d_ptrs = d_ptr + rn[:, None] * (K // 32) + (k_lo // 32 + offs_kb)[None, :]
+        d_ptrs = tl.max_contiguous(tl.multiple_of(d_ptrs, [4, 4]), [1, BLOCK_K // 32])
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for _ in range(k_lo, k_full, BLOCK_K):
+            acc = _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, K, offs_k, offs_kb, BLOCK_N, BLOCK_K, False, False)
+            x_ptrs += BLOCK_K
+            q_ptrs += BLOCK_K
+            d_ptrs += BLOCK_K // 32
+        if k_full < k_hi:
+            acc = _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, k_hi - k_full, offs_k, offs_kb, BLOCK_N, BLOCK_K, True,
+                           False)  # fmt: skip
+        y_ptrs = y_ptr + offs_m[None, :] * 0 + rn[:, None]
+        if SPLIT > 1:
+            tile = (pid_n * SPLIT).to(tl.int64) * (BLOCK_N * BLOCK_M)
+            tl.store(part_ptr + tile + pid_k * (BLOCK_N * BLOCK_M) + offs_tile, acc)
+            tl.debug_barrier()
+            if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+                acc = tl.load(part_ptr + tile + offs_tile, cache_modifier=".cg")
+                for s in tl.static_range(1, SPLIT):
+                    acc += tl.load(part_ptr + tile + s * (BLOCK_N * BLOCK_M) + offs_tile, cache_modifier=".cg")
+                tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
+                tl.store(y_ptrs, acc.to(tl.bfloat16), mask=mask_m[None, :])
+        else:
+            tl.store(y_ptrs, acc.to(tl.bfloat16), mask=mask_m[None, :])
+
+
+@triton.jit
+def _chain_kernel(act_ptr, qs0, d0, qs1, d1, qs2, d2, qs3, d3, part_ptr, cnt_ptr, bar_ptr, L,
+                  A0: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, A3: tl.constexpr,
+                  S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, PF: tl.constexpr,
+                  MAX_SPIN: tl.constexpr):  # fmt: skip
+    """The chain of L layers x 4 products in one launch; act_ptr holds the four outputs (offsets A0..A3, bf16), the
+    first layer's input in the last one's."""
+    pid = tl.program_id(0)
+    P = tl.num_programs(0)
+    for layer in range(L):
+        lo = layer.to(tl.int64)
+        _product(act_ptr + A3, act_ptr + A0, qs0 + lo * 9600 * 3200, d0 + lo * 9600 * 100, part_ptr, cnt_ptr, pid, P,
+                 9600, 3200, S0, BLOCK_N, BLOCK_K, BLOCK_M)  # fmt: skip
+        if PF > 0:
+            _pf_task(qs1 + lo * 3200 * 3200, d1 + lo * 3200 * 100, pid, 3200, 3200, S1, BLOCK_N, BLOCK_K, PF)
+        _grid_barrier(bar_ptr, (layer * 4 + 1) * P, MAX_SPIN)
+        _product(act_ptr + A0, act_ptr + A1, qs1 + lo * 3200 * 3200, d1 + lo * 3200 * 100, part_ptr, cnt_ptr, pid, P,
+                 3200, 3200, S1, BLOCK_N, BLOCK_K, BLOCK_M)  # fmt: skip
+        if PF > 0:
+            _pf_task(qs2 + lo * 17280 * 3200, d2 + lo * 17280 * 100, pid, 17280, 3200, S2, BLOCK_N, BLOCK_K, PF)
+        _grid_barrier(bar_ptr, (layer * 4 + 2) * P, MAX_SPIN)
+        _product(act_ptr + A1, act_ptr + A2, qs2 + lo * 17280 * 3200, d2 + lo * 17280 * 100, part_ptr, cnt_ptr, pid,
+                 P, 17280, 3200, S2, BLOCK_N, BLOCK_K, BLOCK_M)  # fmt: skip
+        if PF > 0:
+            _pf_task(qs3 + lo * 3200 * 8640, d3 + lo * 3200 * 270, pid, 3200, 8640, S3, BLOCK_N, BLOCK_K, PF)
+        _grid_barrier(bar_ptr, (layer * 4 + 3) * P, MAX_SPIN)
+        _product(act_ptr + A2, act_ptr + A3, qs3 + lo * 3200 * 8640, d3 + lo * 3200 * 270, part_ptr, cnt_ptr, pid, P,
+                 3200, 8640, S3, BLOCK_N, BLOCK_K, BLOCK_M)  # fmt: skip
+        if PF > 0:
+            lo1 = tl.minimum(lo + 1, L - 1)
+            _pf_task(qs0 + lo1 * 9600 * 3200, d0 + lo1 * 9600 * 100, pid, 9600, 3200, S0, BLOCK_N, BLOCK_K, PF)
+        _grid_barrier(bar_ptr, (layer * 4 + 4) * P, MAX_SPIN)
+    # the last program out resets the barrier for the next launch (every program has passed every wait)
+    if tl.atomic_add(bar_ptr + 1, 1, sem="acq_rel", scope="gpu") == P - 1:
+        tl.atomic_xchg(bar_ptr, 0, sem="relaxed")
+        tl.atomic_xchg(bar_ptr + 1, 0, sem="relaxed")
+
+
+OFFS = (0, 9600, 9600 + 3200, 9600 + 3200 + 17280)  # A0..A3 in the activation buffer
+
+
+def make_weights(layers: int, device):
+    """Per kind: qs int8 [L * N, K], d fp16 [L * N, K / 32]; y ~ N(0, 1) for x ~ N(0, 1) (d = 1 / (73 sqrt K))."""
+    ws = []
+    for n, k in SHAPES:
+        qs = torch.randint(-127, 128, (layers * n, k), dtype=torch.int8, device=device)
+        d = torch.full((layers * n, k // 32), 1.0 / (73.0 * k**0.5), dtype=torch.float16, device=device)
+        d *= torch.rand_like(d) + 0.5
+        ws.append((qs, d))
+    return ws
+
+
+def launched_chain(ws, x0, layers: int, prefetch_mib: int):
+    """The products one launch each (q8_0_matmul), the outputs of the last layer."""
+    from lorakit.kernels.q8_0_matmul import q8_0_matmul
+
+    x = x0
+    outs = []
+    flat = [(layer, j) for layer in range(layers) for j in range(4)]
+    for i, (layer, j) in enumerate(flat):
+        n, k = SHAPES[j]
+        qs, d = ws[j]
+        pf = None
+        if prefetch_mib and i + 1 < len(flat):
+            nl, nj = flat[i + 1]
+            nn = SHAPES[nj][0]
+            pf = Prefetch(ws[nj][0][nl * nn : (nl + 1) * nn], ws[nj][1][nl * nn : (nl + 1) * nn], 0, prefetch_mib << 20)
+        y = q8_0_matmul(x[:, :k], qs[layer * n : (layer + 1) * n], d[layer * n : (layer + 1) * n], prefetch=pf)
+        outs.append(y)
+        x = y
+    return outs[-4:]
+
+
+def persistent_setup(ws, device, cfg: dict):
+    bn, bm = cfg["BLOCK_N"], 8
+    nblk = max(n // bn for n, _ in SHAPES)
+    split = max(cfg["S"])
+    part = torch.empty(nblk * split * bn * bm, dtype=torch.float32, device=device)
+    cnt = torch.zeros(nblk, dtype=torch.int32, device=device)
+    bar = torch.zeros(2, dtype=torch.int32, device=device)
+    act = torch.zeros(sum(n for n, _ in SHAPES), dtype=torch.bfloat16, device=device)
+    return act, part, cnt, bar
+
+
+def persistent_chain(ws, act, part, cnt, bar, layers: int, cfg: dict, n_sm: int):
+    args = [act]
+    for qs, d in ws:
+        args += [qs, d]
+    s0, s1, s2, s3 = cfg["S"]
+    _chain_kernel[(n_sm * cfg["PER_SM"],)](
+        *args, part, cnt, bar, layers, A0=OFFS[0], A1=OFFS[1], A2=OFFS[2], A3=OFFS[3], S0=s0, S1=s1, S2=s2, S3=s3,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_M=8, PF=cfg["PF"], MAX_SPIN=1 << 18,
+        num_warps=cfg["BLOCK_N"] // 16, num_stages=cfg["stages"])  # fmt: skip
+
+
+CONFIGS = [  # BLOCK_N, BLOCK_K, stages, PER_SM, splits (qkv, o, gate|up, down), PF lines per row
+    dict(BLOCK_N=32, BLOCK_K=128, stages=4, PER_SM=4, S=(4, 8, 2, 8), PF=0),
+    dict(BLOCK_N=32, BLOCK_K=128, stages=4, PER_SM=4, S=(4, 8, 2, 8), PF=2),
+    dict(BLOCK_N=32, BLOCK_K=128, stages=4, PER_SM=4, S=(4, 8, 2, 8), PF=8),
+    dict(BLOCK_N=16, BLOCK_K=256, stages=4, PER_SM=8, S=(2, 4, 1, 4), PF=2),
+    dict(BLOCK_N=16, BLOCK_K=128, stages=4, PER_SM=8, S=(4, 5, 2, 9), PF=4),
+    dict(BLOCK_N=32, BLOCK_K=256, stages=3, PER_SM=4, S=(2, 4, 1, 4), PF=4),
+    dict(BLOCK_N=64, BLOCK_K=128, stages=4, PER_SM=2, S=(8, 16, 4, 16), PF=4),
+    dict(BLOCK_N=32, BLOCK_K=128, stages=4, PER_SM=2, S=(4, 8, 2, 8), PF=4),
+]
+
+
+def graph_us(fn, rounds: int = 5, reps: int = 10) -> float:
+    """Best over rounds of the mean of `reps` CUDA-graph replays of fn, in microseconds."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    best = float("inf")
+    for _ in range(rounds):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        g.replay()
+        e0.record()
+        for _ in range(reps):
+            g.replay()
+        e1.record()
+        torch.cuda.synchronize()
+        best = min(best, e0.elapsed_time(e1) / reps * 1e3)
+    return best
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=26)
+    p.add_argument("--out", default=str(ROOT / "bench/results/persistent_lab.json"))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("persistent_lab.py: needs a CUDA GPU", file=sys.stderr)
+        return 1
+    dev = torch.device("cuda")
+    n_sm = torch.cuda.get_device_properties(dev).multi_processor_count
+    torch.manual_seed(0)
+    ws = make_weights(args.layers, dev)
+    nbytes = args.layers * sum(n * k + n * k // 16 for n, k in SHAPES)
+    x0 = torch.randn(1, 3200, device=dev).bfloat16()
+    rows = []
+
+    def report(name, us, extra=None):
+        r = {"name": name, "us": us, "TB/s": nbytes / us / 1e6, "pct_hbm": 100 * nbytes / us / 1e6 / (HBM / 1e12)}
+        r.update(extra or {})
+        rows.append(r)
+        print(f"{name:<44s} {us:9.1f} us  {r['TB/s']:5.2f} TB/s  {r['pct_hbm']:5.1f}% of HBM", flush=True)
+
+    # one-layer check of every persistent config against the launched chain
+    ref = launched_chain(ws, x0, 1, 0)
+    for pf in (0, 4):
+        report(
+            f"launched (q8_0_matmul, hint {pf} MiB)", graph_us(lambda pf=pf: launched_chain(ws, x0, args.layers, pf))
+        )
+    for cfg in CONFIGS:
+        name = f"persistent {cfg}"
+        try:
+            act, part, cnt, bar = persistent_setup(ws, dev, cfg)
+            act[OFFS[3] : OFFS[3] + 3200] = x0[0]
+            persistent_chain(ws, act, part, cnt, bar, 1, cfg, n_sm)
+            torch.cuda.synchronize()
+            err = 0.0
+            for j, y in enumerate(ref):
+                got = act[OFFS[j] : OFFS[j] + SHAPES[j][0]].float()
+                err = max(err, ((got - y[0].float()).abs() / (y[0].float().abs() + 1e-2)).max().item())
+            if bar.tolist() != [0, 0] or cnt.abs().sum().item() != 0:
+                raise RuntimeError(f"sync words not reset: {bar.tolist()}")
+            bufs = (act, part, cnt, bar)
+            us = graph_us(lambda b=bufs, c=cfg: persistent_chain(ws, *b, args.layers, c, n_sm))
+            report(name, us, {"max_rel_err_1layer": err, "cfg": cfg})
+            print(f"    one layer vs launched: max rel err {err:.3g}", flush=True)
+        except Exception as e:  # a config that does not build or fit is reported and skipped
+            print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"layers": args.layers, "bytes": nbytes, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
