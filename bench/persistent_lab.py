@@ -258,6 +258,7 @@ def graph_us(fn, rounds: int = 5, reps: int = 10) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=26)
+    p.add_argument("--which", choices=["all", "triton", "ws"], default="all", help="which persistent kernels to run")
     p.add_argument("--out", default=str(ROOT / "bench/results/persistent_lab.json"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -283,7 +284,7 @@ def main(argv=None) -> int:
         report(
             f"launched (q8_0_matmul, hint {pf} MiB)", graph_us(lambda pf=pf: launched_chain(ws, x0, args.layers, pf))
         )
-    for cfg in CONFIGS:
+    for cfg in CONFIGS if args.which != "ws" else []:
         name = f"persistent {cfg}"
         try:
             act, part, cnt, bar = persistent_setup(ws, dev, cfg)
@@ -304,7 +305,7 @@ def main(argv=None) -> int:
             print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
     from persistent_ws import chain_ws
 
-    for cfg in WS_CONFIGS:
+    for cfg in WS_CONFIGS if args.which != "triton" else []:
         name = f"persistent-ws {cfg}"
         try:
             bn = 16 * cfg["warps"]
