@@ -263,6 +263,7 @@ def graph_us(fn, rounds: int = 5, reps: int = 10) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=26)
+    p.add_argument("--ws-cfg", type=int, default=None, help="only this WS_CONFIGS entry (for Nsight Compute)")
     p.add_argument("--which", choices=["all", "triton", "ws"], default="all", help="which persistent kernels to run")
     p.add_argument("--out", default=str(ROOT / "bench/results/persistent_lab.json"))
     args = p.parse_args(argv)
@@ -310,7 +311,8 @@ def main(argv=None) -> int:
             print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
     from persistent_ws import chain_ws
 
-    for cfg in WS_CONFIGS if args.which != "triton" else []:
+    ws_cfgs = WS_CONFIGS if args.ws_cfg is None else [WS_CONFIGS[args.ws_cfg]]
+    for cfg in ws_cfgs if args.which != "triton" else []:
         name = f"persistent-ws {cfg}"
         try:
             bn = 16 * cfg["warps"]
