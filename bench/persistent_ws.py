@@ -20,6 +20,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
 BK: gl.constexpr = gl.constexpr(64)  # K per TMA box (one int32 scale word per row)
+KW: gl.constexpr = gl.constexpr(4)  # consecutive K values per thread in the mma operands (4: one int8 word)
 
 
 @gluon.jit
@@ -92,8 +93,8 @@ def _consume(act_ptr, x_off, y_off, x_s, q_s, d_s, full, empty, part_ptr, cnt_pt
     STEPS: gl.constexpr = (KT + KSUB - 1) // KSUB
     PER: gl.constexpr = (STEPS + S - 1) // S
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
-    AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    BL: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=KW)
+    BL: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=KW)
     RL: gl.constexpr = gl.SliceLayout(1, AL)
     XL: gl.constexpr = gl.BlockedLayout([8], [32], [num_warps], [0])
     first = gl.expand_dims(gl.arange(0, BK, layout=gl.SliceLayout(0, AL)) < 32, 0)
@@ -129,8 +130,8 @@ def _consume(act_ptr, x_off, y_off, x_s, q_s, d_s, full, empty, part_ptr, cnt_pt
                     xb, _ = gl.broadcast(gl.expand_dims(xv, 1), col0)
                     xb = gl.where(col0, xb, gl.zeros_like(xb))
                     acc = mma_v2(w, xb, acc)
-            fence_async_shared()
-            mbarrier.arrive(empty.index(st), count=1)
+            fence_async_shared()  # this thread's reads of the stage before the producer's TMA writes
+            async_copy.mbarrier_arrive(empty.index(st), increment_count=False)  # one arrival per consumer thread
             it += 1
         y = gl.sum(gl.where(out0, acc, gl.zeros_like(acc)), axis=1)  # column 0: the product
         rn = rb * BLOCK_N + rows
@@ -188,7 +189,7 @@ def _chain_ws_kernel(act_ptr, q0, q1, q2, q3, d0, d1, d2, d3, part_ptr, cnt_ptr,
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(full.index(i), count=1)
-        mbarrier.init(empty.index(i), count=1)
+        mbarrier.init(empty.index(i), count=32 * num_warps)
     # fmt: off
     gl.warp_specialize(
         [
@@ -210,7 +211,7 @@ def chain_ws(ws, act, part, cnt, sync, layers: int, offs, cfg: dict, n_sm: int) 
     lay = gl.NVMMASharedLayout.get_default_for([bn, 64], gl.int8)
     qd = [TensorDescriptor.from_tensor(qs, [bn, 64], lay) for qs, _ in ws]
     s0, s1, s2, s3 = cfg["S"]
-    _chain_ws_kernel[(n_sm,)](
+    _chain_ws_kernel[(n_sm * cfg.get("PER_SM", 1),)](
         act, *qd, *(d for _, d in ws), part, cnt, sync, layers, A0=offs[0], A1=offs[1], A2=offs[2], A3=offs[3],
         S0=s0, S1=s1, S2=s2, S3=s3, STAGES=cfg["STAGES"], KSUB=cfg["KSUB"], XMAX=16384,
         PRODUCER_REGS=cfg.get("regs", 48), num_warps=cfg["warps"],
