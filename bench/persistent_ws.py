@@ -211,7 +211,7 @@ def chain_ws(ws, act, part, cnt, sync, layers: int, offs, cfg: dict, n_sm: int) 
     lay = gl.NVMMASharedLayout.get_default_for([bn, 64], gl.int8)
     qd = [TensorDescriptor.from_tensor(qs, [bn, 64], lay) for qs, _ in ws]
     s0, s1, s2, s3 = cfg["S"]
-    _chain_ws_kernel[(n_sm * cfg.get("PER_SM", 1),)](
+    _chain_ws_kernel[(n_sm,)](
         act, *qd, *(d for _, d in ws), part, cnt, sync, layers, A0=offs[0], A1=offs[1], A2=offs[2], A3=offs[3],
         S0=s0, S1=s1, S2=s2, S3=s3, STAGES=cfg["STAGES"], KSUB=cfg["KSUB"], XMAX=16384,
         PRODUCER_REGS=cfg.get("regs", 48), num_warps=cfg["warps"],
