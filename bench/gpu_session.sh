@@ -45,7 +45,7 @@ for s in "$@"; do
         step "$s" 240 "$(command -v ncu || ls /usr/local/cuda*/bin/ncu | head -1)" --kernel-name regex:q8_ --launch-skip 2 --launch-count 1 --section SpeedOfLight \
             --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats \
             --section SchedulerStats --section InstructionStats python3 bench/ncu_kernel.py $what ;;
-    persistentlab-ws) step persistent_lab_ws 150 python3 bench/persistent_lab.py --which ws \
+    persistentlab-ws) step persistent_lab_ws 110 python3 bench/persistent_lab.py --which ws \
         --out "$out/persistent_lab_ws.json" ;;
     persistentlab-triton) step persistent_lab_triton 200 python3 bench/persistent_lab.py --which triton \
         --out "$out/persistent_lab_triton.json" ;;

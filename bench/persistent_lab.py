@@ -227,12 +227,11 @@ CONFIGS = [  # BLOCK_N, BLOCK_K, stages, PER_SM, splits (qkv, o, gate|up, down),
     dict(BLOCK_N=16, BLOCK_K=256, stages=4, PER_SM=16, S=(4, 8, 2, 8), PF=2, nobar=True),
 ]
 WS_CONFIGS = [  # bench/persistent_ws.py: consumer warps (16 W rows each), ring stages x TMA boxes per stage, splits,
-    # one program per SM (the launch takes every register: two would not be co-resident and the barriers would stall)
-    dict(warps=8, STAGES=8, KSUB=2, S=(5, 5, 2, 5)),
-    dict(warps=8, STAGES=8, KSUB=2, S=(10, 10, 4, 9)),
+    # consumer partitions H (each takes KSUB / H boxes of a stage); one program per SM
     dict(warps=8, STAGES=16, KSUB=1, S=(5, 5, 2, 5)),
-    dict(warps=4, STAGES=16, KSUB=2, S=(5, 5, 2, 9)),
-    dict(warps=8, STAGES=4, KSUB=4, S=(5, 5, 2, 5)),
+    dict(warps=8, STAGES=8, KSUB=2, S=(5, 5, 2, 5), H=2),
+    dict(warps=8, STAGES=4, KSUB=4, S=(5, 5, 2, 5), H=2),
+    dict(warps=8, STAGES=8, KSUB=2, S=(3, 3, 1, 3), H=2),
 ]
 
 

@@ -72,7 +72,8 @@ def _producer(q0, q1, q2, q3, d0, d1, d2, d3, q_s, d_s, full, empty, L, S0: gl.c
 
 @gluon.jit
 def _wait_product(sync_ptr, j, P):
-    """Until every program has finished product j - 1 (nothing to wait for at j = 0); acquire its writes."""
+    """Until every program's consumers have finished product j - 1 (P arrivals; nothing to wait for at j = 0); acquire
+    its writes."""
     if j > 0:
         n = gl.load(sync_ptr + j - 1, volatile=True)
         spins = 0
@@ -84,9 +85,10 @@ def _wait_product(sync_ptr, j, P):
 
 @gluon.jit
 def _consume(act_ptr, x_off, y_off, x_s, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, j, it, pid, P,
-             N: gl.constexpr, K: gl.constexpr, S: gl.constexpr, BLOCK_N: gl.constexpr,
-             num_warps: gl.constexpr):  # fmt: skip
-    """The consumers' share of product j: y = act[x_off : + K] @ W.T into act[y_off : + N]."""
+             N: gl.constexpr, K: gl.constexpr, S: gl.constexpr, BLOCK_N: gl.constexpr, H: gl.constexpr,
+             h: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """Consumer partition h of H's share of product j: y = act[x_off : + K] @ W.T into act[y_off : + N]; the
+    partition takes the TMA boxes c % H == h of each stage, its sums are split-K partials of their own."""
     STAGES: gl.constexpr = full.shape[0]
     KSUB: gl.constexpr = q_s.shape[0] // STAGES
     KT: gl.constexpr = K // BK
@@ -122,7 +124,7 @@ def _consume(act_ptr, x_off, y_off, x_s, q_s, d_s, full, empty, part_ptr, cnt_pt
         for step in range(s0, s1):
             st = it % STAGES
             mbarrier.wait(full.index(st), (it // STAGES) & 1)
-            for c in gl.static_range(KSUB):
+            for c in gl.static_range(h, KSUB, H):
                 kt = step * KSUB + c
                 if kt < KT:
                     w = _dequant_a(q_s.index(st * KSUB + c), d_s.index(st * KSUB + c), first, gl.bfloat16, AL, RL)
@@ -135,13 +137,13 @@ def _consume(act_ptr, x_off, y_off, x_s, q_s, d_s, full, empty, part_ptr, cnt_pt
             it += 1
         y = gl.sum(gl.where(out0, acc, gl.zeros_like(acc)), axis=1)  # column 0: the product
         rn = rb * BLOCK_N + rows
-        if S > 1:
-            base = (rb * S).to(gl.int64) * BLOCK_N
-            gl.store(part_ptr + base + sk * BLOCK_N + rows, y)
+        if S * H > 1:
+            base = (rb * S * H).to(gl.int64) * BLOCK_N
+            gl.store(part_ptr + base + (sk * H + h) * BLOCK_N + rows, y)
             gl.thread_barrier()
-            if gl.atomic_add(cnt_ptr + rb, 1, sem="acq_rel", scope="gpu") == S - 1:
+            if gl.atomic_add(cnt_ptr + rb, 1, sem="acq_rel", scope="gpu") == S * H - 1:
                 tot = gl.load(part_ptr + base + rows, cache_modifier=".cg")
-                for s in gl.static_range(1, S):
+                for s in gl.static_range(1, S * H):
                     tot += gl.load(part_ptr + base + s * BLOCK_N + rows, cache_modifier=".cg")
                 gl.atomic_xchg(cnt_ptr + rb, 0, sem="relaxed", scope="gpu")
                 gl.store(act_ptr + y_off + rn, tot.to(gl.bfloat16))
@@ -153,24 +155,30 @@ def _consume(act_ptr, x_off, y_off, x_s, q_s, d_s, full, empty, part_ptr, cnt_pt
 
 
 @gluon.jit
-def _consumer(act_ptr, x_s, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, L, A0: gl.constexpr,
+def _consumer(act_ptr, x_all, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, L, A0: gl.constexpr,
               A1: gl.constexpr, A2: gl.constexpr, A3: gl.constexpr, S0: gl.constexpr, S1: gl.constexpr,
-              S2: gl.constexpr, S3: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+              S2: gl.constexpr, S3: gl.constexpr, BLOCK_N: gl.constexpr, H: gl.constexpr, h: gl.constexpr,
+              num_warps: gl.constexpr):  # fmt: skip
     pid = gl.program_id(0)
-    P = gl.num_programs(0)
+    P = gl.num_programs(0) * H  # arrivals per product: every consumer partition of every program
+    x_s = x_all.index(h)
     it = 0
     for layer in range(L):
         j = layer * 4
         it = _consume(act_ptr, A3, A0, x_s, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, j, it, pid, P, 9600,
-                      3200, S0, BLOCK_N, num_warps)  # fmt: skip
+                      3200, S0, BLOCK_N, H, h,
+                      num_warps)  # fmt: skip
         it = _consume(act_ptr, A0, A1, x_s, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, j + 1, it, pid, P,
-                      3200, 3200, S1, BLOCK_N, num_warps)  # fmt: skip
+                      3200, 3200, S1, BLOCK_N, H, h,
+                      num_warps)  # fmt: skip
         it = _consume(act_ptr, A1, A2, x_s, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, j + 2, it, pid, P,
-                      17280, 3200, S2, BLOCK_N, num_warps)  # fmt: skip
+                      17280, 3200, S2, BLOCK_N, H, h,
+                      num_warps)  # fmt: skip
         it = _consume(act_ptr, A2, A3, x_s, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, j + 3, it, pid, P,
-                      3200, 8640, S3, BLOCK_N, num_warps)  # fmt: skip
+                      3200, 8640, S3, BLOCK_N, H, h,
+                      num_warps)  # fmt: skip
     # the last program out zeroes the product counters for the next launch (every program has passed every wait)
-    if gl.atomic_add(sync_ptr + 4 * L, 1, sem="acq_rel", scope="gpu") == P - 1:
+    if gl.atomic_add(sync_ptr + 4 * L, 1, sem="acq_rel", scope="gpu") == P - 1:  # P counts the partitions
         offs = gl.arange(0, 128, layout=gl.BlockedLayout([4], [32], [num_warps], [0]))
         gl.store(sync_ptr + offs, gl.zeros_like(offs), mask=offs <= 4 * L)
 
@@ -179,27 +187,44 @@ def _consumer(act_ptr, x_s, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, 
 def _chain_ws_kernel(act_ptr, q0, q1, q2, q3, d0, d1, d2, d3, part_ptr, cnt_ptr, sync_ptr, L, A0: gl.constexpr,
                      A1: gl.constexpr, A2: gl.constexpr, A3: gl.constexpr, S0: gl.constexpr, S1: gl.constexpr,
                      S2: gl.constexpr, S3: gl.constexpr, STAGES: gl.constexpr, KSUB: gl.constexpr,
-                     XMAX: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                     XMAX: gl.constexpr, PRODUCER_REGS: gl.constexpr, H: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                     num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = q0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
     q_s = gl.allocate_shared_memory(gl.int8, [STAGES * KSUB, BLOCK_N, BK], q0.layout)
     d_s = gl.allocate_shared_memory(gl.int32, [STAGES * KSUB, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    x_s = gl.allocate_shared_memory(gl.bfloat16, [XMAX], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    x_all = gl.allocate_shared_memory(gl.bfloat16, [H, XMAX], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(full.index(i), count=1)
-        mbarrier.init(empty.index(i), count=32 * num_warps)
+        mbarrier.init(empty.index(i), count=32 * num_warps * H)
+    gl.static_assert(KSUB % H == 0, "each consumer partition takes KSUB / H boxes of a stage")
+    H0: gl.constexpr = 0
+    H1: gl.constexpr = 1
     # fmt: off
-    gl.warp_specialize(
-        [
-            (_consumer, (act_ptr, x_s, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, L, A0, A1, A2, A3, S0, S1,
-                         S2, S3, BLOCK_N, num_warps)),
-            (_producer, (q0, q1, q2, q3, d0, d1, d2, d3, q_s, d_s, full, empty, L, S0, S1, S2, S3)),
-        ],
-        [1],
-        [PRODUCER_REGS],
-    )
+    if H == 1:
+        gl.warp_specialize(
+            [
+                (_consumer, (act_ptr, x_all, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, L, A0, A1, A2, A3, S0,
+                             S1, S2, S3, BLOCK_N, H, H0, num_warps)),
+                (_producer, (q0, q1, q2, q3, d0, d1, d2, d3, q_s, d_s, full, empty, L, S0, S1, S2, S3)),
+            ],
+            [1],
+            [PRODUCER_REGS],
+        )
+    else:
+        gl.warp_specialize(
+            [
+                (_consumer, (act_ptr, x_all, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, L, A0, A1, A2, A3, S0,
+                             S1, S2, S3, BLOCK_N, H, H0, num_warps)),
+                (_consumer, (act_ptr, x_all, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, L, A0, A1, A2, A3, S0,
+                             S1, S2, S3, BLOCK_N, H, H1, num_warps)),
+                (_producer, (q0, q1, q2, q3, d0, d1, d2, d3, q_s, d_s, full, empty, L, S0, S1, S2, S3)),
+            ],
+            [num_warps, 1],
+            [CONSUMER_REGS, PRODUCER_REGS],
+        )
     # fmt: on
 
 
@@ -214,5 +239,5 @@ def chain_ws(ws, act, part, cnt, sync, layers: int, offs, cfg: dict, n_sm: int) 
     _chain_ws_kernel[(n_sm,)](
         act, *qd, *(d for _, d in ws), part, cnt, sync, layers, A0=offs[0], A1=offs[1], A2=offs[2], A3=offs[3],
         S0=s0, S1=s1, S2=s2, S3=s3, STAGES=cfg["STAGES"], KSUB=cfg["KSUB"], XMAX=16384,
-        PRODUCER_REGS=cfg.get("regs", 48), num_warps=cfg["warps"],
+        PRODUCER_REGS=cfg.get("regs", 48), H=cfg.get("H", 1), CONSUMER_REGS=cfg.get("cregs", 96), num_warps=cfg["warps"],
     )  # fmt: skip
