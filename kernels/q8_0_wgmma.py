@@ -448,7 +448,7 @@ def _ws_release(empty, kt, STAGES: gl.constexpr):
     """Stage kt is free as far as this warpgroup is concerned (its MMA over the stage is done, its W reads were
     consumed by it): order those reads before the producer's TMA writes, then arrive (one of two arrivals)."""
     fence_async_shared()
-    async_copy.mbarrier_arrive(empty.index(kt % STAGES), increment_count=False)  # one arrival per thread
+    mbarrier.arrive(empty.index(kt % STAGES), count=1)
 
 
 @gluon.jit
@@ -535,7 +535,7 @@ def _q8_wgmma_ws_kernel(
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(full.index(i), count=1)
-        mbarrier.init(empty.index(i), count=256)  # every thread of the two consumer warpgroups
+        mbarrier.init(empty.index(i), count=2)
     WG0: gl.constexpr = 0
     WG1: gl.constexpr = 1
     # the two consumers' arguments differ in WG only (a tuple built once and extended loses the constexprs)
