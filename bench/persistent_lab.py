@@ -226,12 +226,12 @@ CONFIGS = [  # BLOCK_N, BLOCK_K, stages, PER_SM, splits (qkv, o, gate|up, down),
     dict(BLOCK_N=16, BLOCK_K=256, stages=4, PER_SM=8, S=(2, 4, 1, 4), PF=2, nobar=True),
     dict(BLOCK_N=16, BLOCK_K=256, stages=4, PER_SM=16, S=(4, 8, 2, 8), PF=2, nobar=True),
 ]
-WS_CONFIGS = [  # bench/persistent_ws.py: consumer warps (16 W rows each), ring stages x TMA boxes per stage, splits,
-    # consumer partitions H (each takes KSUB / H boxes of a stage); one program per SM
+WS_CONFIGS = [  # bench/persistent_ws.py: consumer warps (16 W rows each), ring stages x TMA boxes per stage, splits;
+    # one program per SM (H = 2, two consumer partitions, hung in session 15's call 5)
     dict(warps=8, STAGES=16, KSUB=1, S=(5, 5, 2, 5)),
-    dict(warps=8, STAGES=8, KSUB=2, S=(5, 5, 2, 5), H=2),
-    dict(warps=8, STAGES=4, KSUB=4, S=(5, 5, 2, 5), H=2),
-    dict(warps=8, STAGES=8, KSUB=2, S=(3, 3, 1, 3), H=2),
+    dict(warps=16, STAGES=8, KSUB=1, S=(5, 5, 2, 5)),
+    dict(warps=16, STAGES=4, KSUB=2, S=(5, 5, 2, 5)),
+    dict(warps=16, STAGES=8, KSUB=1, S=(10, 10, 4, 9)),
 ]
 
 
@@ -315,8 +315,8 @@ def main(argv=None) -> int:
         name = f"persistent-ws {cfg}"
         try:
             bn = 16 * cfg["warps"]
-            nblk = max(n // bn for n, _ in SHAPES)
-            part = torch.empty(nblk * max(cfg["S"]) * bn, dtype=torch.float32, device=dev)
+            nblk = max(-(-n // bn) for n, _ in SHAPES)
+            part = torch.empty(nblk * max(cfg["S"]) * cfg.get("H", 1) * bn, dtype=torch.float32, device=dev)
             cnt = torch.zeros(nblk, dtype=torch.int32, device=dev)
             sync = torch.zeros(128, dtype=torch.int32, device=dev)
             act = torch.zeros(sum(n for n, _ in SHAPES), dtype=torch.bfloat16, device=dev)

@@ -35,11 +35,11 @@ def _produce(q_desc, d_ptr, q_s, d_s, full, empty, row0, it, pid, P, N: gl.const
     STEPS: gl.constexpr = (KT + KSUB - 1) // KSUB
     PER: gl.constexpr = (STEPS + S - 1) // S  # K steps per split
     rows = gl.arange(0, BLOCK_N, layout=DL)
-    for task in range(pid, (N // BLOCK_N) * S, P):
+    for task in range(pid, ((N + BLOCK_N - 1) // BLOCK_N) * S, P):
         rb = task // S
         s0 = (task % S) * PER
         s1 = gl.minimum(s0 + PER, STEPS)
-        rn = (row0 + rb * BLOCK_N + rows).to(gl.int64)
+        rn = (row0 + gl.minimum(rb * BLOCK_N + rows, N - 1)).to(gl.int64)  # rows past N: its last row's scales
         for step in range(s0, s1):
             st = it % STAGES
             mbarrier.wait(empty.index(st), ((it // STAGES) & 1) ^ 1)
@@ -115,8 +115,8 @@ def _consume(act_ptr, x_off, y_off, x_s, q_s, d_s, full, empty, part_ptr, cnt_pt
         x_s.slice(c * CH, CH).store(xc)
     gl.thread_barrier()
 
-    for task in range(pid, (N // BLOCK_N) * S, P):
-        rb = task // S
+    for task in range(pid, ((N + BLOCK_N - 1) // BLOCK_N) * S, P):  # a last row block past N: TMA zeros or the
+        rb = task // S  # next layer's rows, never stored
         sk = task % S
         s0 = sk * PER
         s1 = gl.minimum(s0 + PER, STEPS)
@@ -146,9 +146,9 @@ def _consume(act_ptr, x_off, y_off, x_s, q_s, d_s, full, empty, part_ptr, cnt_pt
                 for s in gl.static_range(1, S * H):
                     tot += gl.load(part_ptr + base + s * BLOCK_N + rows, cache_modifier=".cg")
                 gl.atomic_xchg(cnt_ptr + rb, 0, sem="relaxed", scope="gpu")
-                gl.store(act_ptr + y_off + rn, tot.to(gl.bfloat16))
+                gl.store(act_ptr + y_off + rn, tot.to(gl.bfloat16), mask=rn < N)
         else:
-            gl.store(act_ptr + y_off + rn, y.to(gl.bfloat16))
+            gl.store(act_ptr + y_off + rn, y.to(gl.bfloat16), mask=rn < N)
     gl.thread_barrier()  # every consumer warp's stores precede the arrival
     gl.atomic_add(sync_ptr + j, 1, sem="release", scope="gpu")
     return it
@@ -239,5 +239,6 @@ def chain_ws(ws, act, part, cnt, sync, layers: int, offs, cfg: dict, n_sm: int) 
     _chain_ws_kernel[(n_sm,)](
         act, *qd, *(d for _, d in ws), part, cnt, sync, layers, A0=offs[0], A1=offs[1], A2=offs[2], A3=offs[3],
         S0=s0, S1=s1, S2=s2, S3=s3, STAGES=cfg["STAGES"], KSUB=cfg["KSUB"], XMAX=16384,
-        PRODUCER_REGS=cfg.get("regs", 48), H=cfg.get("H", 1), CONSUMER_REGS=cfg.get("cregs", 96), num_warps=cfg["warps"],
+        PRODUCER_REGS=cfg.get("regs", 48), H=cfg.get("H", 1), CONSUMER_REGS=cfg.get("cregs", 96),
+        num_warps=cfg["warps"],
     )  # fmt: skip
