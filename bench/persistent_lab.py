@@ -197,7 +197,6 @@ def raw_chain(ws, x0, layers: int, partials: bool, scratch: dict):
     """The launched chain through the tuned tensor-core GEMV's raw kernel (its tuned tiles, PDL, the 4 MiB hint):
     partials=True stores the split-K partials and skips their reduction (the outputs are not formed: timing only)."""
     from lorakit.kernels.q8_0_gemv_tc import _q8_gemv_tc_kernel
-    from lorakit.kernels.q8_0_matmul import _d_align
     from lorakit.kernels.q8_0_tuning import _BEST
     from lorakit.kernels.triton_util import launch, pdl, prefetch_launch
 
@@ -220,7 +219,7 @@ def raw_chain(ws, x0, layers: int, partials: bool, scratch: dict):
         xk = x[:, :k]
         args = (xk, qs, d, y, y, y, parts, counts, 1, n, k, xk.stride(0), qs.stride(0), d.stride(0), y.stride(0), 1,
                 0, 0, 0, 0, 0, 0.0, *pf_args)  # fmt: skip
-        const = dict(BLOCK_M=8, HAS_LORA=False, BLOCK_R=16, EMU_BF16=False, D_ALIGN=_d_align(d),
+        const = dict(BLOCK_M=8, HAS_LORA=False, BLOCK_R=16, EMU_BF16=False, D_ALIGN=8 if k % 64 == 0 else 4,
                      PREFETCH=kind, PARTIALS=partials, **pdl(x0.device), **tiles, num_warps=cfg.num_warps,
                      num_stages=cfg.num_stages)  # fmt: skip
         grid = (-(-n // tiles["BLOCK_N"]) * tiles["SPLIT_K"] + extra,)
