@@ -193,43 +193,6 @@ def launched_chain(ws, x0, layers: int, prefetch_mib: int):
     return outs[-4:]
 
 
-def raw_chain(ws, x0, layers: int, partials: bool, scratch: dict):
-    """The launched chain through the tuned tensor-core GEMV's raw kernel (its tuned tiles, PDL, the 4 MiB hint):
-    partials=True stores the split-K partials and skips their reduction (the outputs are not formed: timing only)."""
-    from lorakit.kernels.q8_0_gemv_tc import _q8_gemv_tc_kernel
-    from lorakit.kernels.q8_0_matmul import _d_align
-    from lorakit.kernels.q8_0_tuning import _BEST
-    from lorakit.kernels.triton_util import launch, pdl, prefetch_launch
-
-    flat = [(layer, j) for layer in range(layers) for j in range(4)]
-    x = x0
-    for i, (layer, j) in enumerate(flat):
-        n, k = SHAPES[j]
-        qs, d = ws[j][0][layer * n : (layer + 1) * n], ws[j][1][layer * n : (layer + 1) * n]
-        cfg = _BEST[("gemv_tc", 1, n, k, torch.bfloat16, torch.bfloat16, False)]
-        tiles = cfg.kwargs
-        if ("y", j) not in scratch:  # allocated once, before any capture (a zeros() in the capture is a kernel)
-            scratch["y", j] = torch.empty(1, n, dtype=torch.bfloat16, device=x0.device)
-            scratch["p", j] = torch.empty(n * 16 * 8 * 2, dtype=torch.float32, device=x0.device)
-            scratch["c", j] = torch.zeros(n, dtype=torch.int32, device=x0.device)
-        y, parts, counts = scratch["y", j], scratch["p", j], scratch["c", j]
-        pf = None
-        if i + 1 < len(flat):
-            nl, nj = flat[i + 1]
-            nn = SHAPES[nj][0]
-            pf = Prefetch(ws[nj][0][nl * nn : (nl + 1) * nn], ws[nj][1][nl * nn : (nl + 1) * nn], 0, 4 << 20)
-        pf_args, extra, kind = prefetch_launch(pf, qs)
-        xk = x[:, :k]
-        args = (xk, qs, d, y, y, y, parts, counts, 1, n, k, xk.stride(0), qs.stride(0), d.stride(0), y.stride(0), 1,
-                0, 0, 0, 0, 0, 0.0, *pf_args)  # fmt: skip
-        const = dict(BLOCK_M=8, HAS_LORA=False, BLOCK_R=16, EMU_BF16=False, D_ALIGN=_d_align(d),
-                     PREFETCH=kind, PARTIALS=partials, **pdl(x0.device), **tiles, num_warps=cfg.num_warps,
-                     num_stages=cfg.num_stages)  # fmt: skip
-        grid = (-(-n // tiles["BLOCK_N"]) * tiles["SPLIT_K"] + extra,)
-        launch(_q8_gemv_tc_kernel, grid, args, const)
-        x = y
-
-
 def persistent_setup(ws, device, cfg: dict):
     bn, bm = cfg["BLOCK_N"], 8
     nblk = max(n // bn for n, _ in SHAPES)
@@ -300,12 +263,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=26)
     p.add_argument("--ws-cfg", type=int, default=None, help="only this WS_CONFIGS entry (for Nsight Compute)")
-    p.add_argument(
-        "--which",
-        choices=["all", "triton", "ws", "raw"],
-        default="all",
-        help="which persistent kernels to run (raw: none, the launched chains only)",
-    )
+    p.add_argument("--which", choices=["all", "triton", "ws"], default="all", help="which persistent kernels to run")
     p.add_argument("--out", default=str(ROOT / "bench/results/persistent_lab.json"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -331,15 +289,6 @@ def main(argv=None) -> int:
         report(
             f"launched (q8_0_matmul, hint {pf} MiB)", graph_us(lambda pf=pf: launched_chain(ws, x0, args.layers, pf))
         )
-    scratch = {}
-    raw_chain(ws, x0, 1, False, scratch)  # one layer through the raw kernel: q8_0_matmul's bits
-    same = all(torch.equal(scratch[("y", j)], ref[j]) for j in range(4))
-    print(f"raw kernel chain, one layer == q8_0_matmul's: {same}", flush=True)
-    for partials in (False, True):
-        us = graph_us(lambda p=partials: raw_chain(ws, x0, args.layers, p, scratch))
-        report(f"launched, raw kernel, {'partials only' if partials else 'with split-K reduction'}", us)
-    if args.which == "raw":
-        return write(args.out, args.layers, nbytes, rows)
     for cfg in CONFIGS if args.which != "ws" else []:
         name = f"persistent {cfg}"
         try:
@@ -386,12 +335,8 @@ def main(argv=None) -> int:
             print(f"    one layer vs launched: max rel err {err:.3g}", flush=True)
         except Exception as e:  # a config that does not build or fit is reported and skipped
             print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-    return write(args.out, args.layers, nbytes, rows)
-
-
-def write(out: str, layers: int, nbytes: int, rows: list) -> int:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps({"layers": layers, "bytes": nbytes, "rows": rows}, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"layers": args.layers, "bytes": nbytes, "rows": rows}, indent=1))
     return 0
 
 

@@ -92,7 +92,6 @@ def _q8_gemv_tc_kernel(
     D_ALIGN: tl.constexpr = 2,  # bytes every row of d (and d_ptr) is aligned to: 2, 4, 8 or 16
     PDL: tl.constexpr = False,
     PREFETCH: tl.constexpr = 0,
-    PARTIALS: tl.constexpr = False,  # lab (bench/persistent_lab.py): store the split-K partials only, no reduction
 ):
     """y[:, n-block] = x @ W[n-block].T (+ scale * t @ b[n-block].T) for all M rows of x: program pid covers K range
     pid % SPLIT_K of N block pid // SPLIT_K. With SPLIT_K > 1 each stores its fp32 partial and the last of a block to
@@ -138,8 +137,6 @@ def _q8_gemv_tc_kernel(
         tile = (pid_n * SPLIT_K).to(tl.int64) * (BLOCK_N * BLOCK_M)
         offs_tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + offs_m[None, :]
         tl.store(part_ptr + tile + pid_k * (BLOCK_N * BLOCK_M) + offs_tile, acc)
-        if PARTIALS:
-            return
         tl.debug_barrier()  # every thread's partial store precedes the one thread's gpu-scope release
         if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel") == SPLIT_K - 1:
             acc = tl.load(part_ptr + tile + offs_tile, cache_modifier=".cg")
