@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 def main(argv=None) -> int:
     from decode_tiles_lab import best_step_us, prompted
     from finetune_gpu import random_q8_model, shapes
-    from lorakit.backends import get_backend
 
+    from lorakit.backends import get_backend
     from lorakit.decode import GraphDecoder
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
