@@ -74,15 +74,11 @@ class GraphDecoder:
         sampler: SamplingParams | None = None,
         device_draw: bool = False,
         prefetch: PrefetchPlan | None = None,
-        split_sums: bool = True,
     ):
-        """split_sums: the q|k|v, output and down products leave their split-K reduction to the kernels that consume
-        them (Backend.lora_linear(split_sums=)); False reduces them first. The same numbers either way."""
         if device_draw and (sampler is None or greedy):
             raise ValueError("device_draw needs a sampler (and greedy=False)")
         self.model, self.backend, self.cache, self.dtype = model, backend, cache, dtype
         self.greedy, self.sampler, self.device_draw = greedy, sampler, device_draw
-        self.split_sums = split_sums
         self.picks = None  # with a sampler: generate.survivors of the last step's logits
         self.cos_table, self.sin_table = rope
         self.linear, norm, self.embed = model_fns(model, backend, adapters, dtype)
@@ -153,16 +149,16 @@ class GraphDecoder:
             p = 4 * i  # the layer's products: p (q/k/v), p + 1 (output), p + 2 (gate/up), p + 3 (down)
             h, a = be.add_rms_norm(h, delta, self.norms[f"blk.{i}.attn_norm.weight"], eps)
             # the products that only add+RMSNorm or RoPE + attention consume leave their split-K reduction to them
-            qkv = self._packed(a, i, "attn_qkv", prefetch=hints[p + 1], split_sums=self.split_sums)
+            qkv = self._packed(a, i, "attn_qkv", prefetch=hints[p + 1], split_sums=True)
             o = be.rope_attention_decode(qkv, self.cos_table, self.sin_table, self.pos, cache.k[i], cache.v[i],
                                          args.n_head, args.n_head_kv, self.counters)  # fmt: skip
             delta = be.lora_linear(o, *self.products[f"blk.{i}.attn_output.weight"], prefetch=hints[p + 2],
-                                   split_sums=self.split_sums)  # fmt: skip
+                                   split_sums=True)  # fmt: skip
             h, f = be.add_rms_norm(h, delta, self.norms[f"blk.{i}.ffn_norm.weight"], eps)
             gu = self._packed(f, i, "ffn_gate_up", prefetch=hints[p + 3])
             act = be.silu_mul_fwd(*gu.chunk(2, dim=-1))  # SwiGLU on the two views of the packed output
             delta = be.lora_linear(act, *self.products[f"blk.{i}.ffn_down.weight"], prefetch=hints[p + 4],
-                                   split_sums=self.split_sums)  # fmt: skip
+                                   split_sums=True)  # fmt: skip
         _, h = be.add_rms_norm(h, delta, self.norms["output_norm.weight"], eps)
         logits = be.lora_linear(h, *self.products["output.weight"])[0, -1].float()
         if self.sampler is not None:  # the sampler's device stages: only their survivors go to the host
