@@ -71,14 +71,10 @@ class Backend(Protocol):
         loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
         t: torch.Tensor | None = None,
         prefetch: object | None = None,
-        split_sums: bool = False,
-    ) -> torch.Tensor | object:
+    ) -> torch.Tensor:
         """x @ W.T + sum_i s_i * (x @ a_i) @ b_i.T (no autograd: inference, and LoraLinear's forward).
         t: x @ a_1 in x's dtype, [rows, r], already formed for a single term (LoraLinear keeps it for db).
-        prefetch: a prefetch_hint for the product after this one (decode: its launch's last programs request it).
-        split_sums: for a product that only add_rms_norm (as delta) or rope_attention_decode (as qkv) consumes, the
-        backend may return what those take in its place (cuda-triton: the split-K sums before their reduction,
-        kernels.triton_util.SplitSums); the same results. Otherwise (and on the CPU) the product."""
+        prefetch: a prefetch_hint for the product after this one (decode: its launch's last programs request it)."""
 
     def prefetch_hint(self, w: Weight, start: int, nbytes: int, kind: int = 2) -> object | None:
         """A hint a product can carry (lora_linear's prefetch=): ask the memory system for bytes [start, start +
@@ -92,10 +88,9 @@ class Backend(Protocol):
         not change (a generation): lora_linear(x, w, fuse_loras(loras, x.dtype)) == lora_linear(x, w, loras)."""
 
     def add_rms_norm(
-        self, h: torch.Tensor, delta: torch.Tensor | object | None, w: torch.Tensor, eps: float
+        self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(s, y): s = h + delta (h when delta is None), y = rms_norm(s, eps) * w, in h's dtype (model.block).
-        delta: a product, or what lora_linear(split_sums=True) returned for it."""
+        """(s, y): s = h + delta (h when delta is None), y = rms_norm(s, eps) * w, in h's dtype (model.block)."""
 
     def rope_kv_write(
         self,
@@ -135,8 +130,7 @@ class Backend(Protocol):
         counters: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """attention_decode(rope_kv_write(qkv, cos, sin, pos, cache_k, cache_v, n_head, n_head_kv), cache_k, cache_v,
-        pos, counters): the decode step's RoPE, cache write and attention (one launch on cuda-triton). qkv: the
-        product, or what lora_linear(split_sums=True) returned for it."""
+        pos, counters): the decode step's RoPE, cache write and attention (one launch on cuda-triton)."""
 
     def rms_norm_fwd(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(y, rstd): y = rms_norm(x, eps) * w.to(x.dtype) as model.block; rstd fp32 [rows] = 1/rms for the backward."""

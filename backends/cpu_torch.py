@@ -87,7 +87,6 @@ class CpuTorchBackend:
         loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
         t: torch.Tensor | None = None,
         prefetch: object | None = None,
-        split_sums: bool = False,
     ) -> torch.Tensor:
         return add_lora_terms(self.matmul(x, w), x, loras, t)
 

@@ -24,7 +24,7 @@ from lorakit.quant import Q8Weight, Weight
 from . import AdamHyper, add_lora_terms
 
 if TYPE_CHECKING:
-    from lorakit.kernels.triton_util import Prefetch, SplitSums
+    from lorakit.kernels.triton_util import Prefetch
 
 
 class CudaTritonBackend:
@@ -80,15 +80,14 @@ class CudaTritonBackend:
         loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
         t: torch.Tensor | None = None,
         prefetch: Prefetch | None = None,
-        split_sums: bool = False,
-    ) -> torch.Tensor | SplitSums:
+    ) -> torch.Tensor:
         loras = [(a, b, float(s)) for a, b, s in loras if float(s) != 0.0]
         t = t if len(loras) == 1 else None  # t belongs to a single term (and none when its scale is 0)
         if not isinstance(w, Q8Weight):
             return add_lora_terms(x @ w.to(x.dtype).T, x, loras, t)
         kw = dict(host_bound=self.host_bound, dequant_cache=self._wcache, prefetch=prefetch)
-        if not loras:  # (split sums: only the tensor-core GEMV forms them, and only without a LoRA term)
-            return self._mm.q8_0_matmul(x, w.qs, w.d, split_sums=split_sums, **kw)
+        if not loras:
+            return self._mm.q8_0_matmul(x, w.qs, w.d, **kw)
         (a, b, s), *rest = loras if len(loras) == 1 else self.fuse_loras(loras, x.dtype)
         return add_lora_terms(self._mm.q8_0_matmul(x, w.qs, w.d, a, b, s, lora_t=t, **kw), x, rest)
 
@@ -160,7 +159,7 @@ class CudaTritonBackend:
     # -- decode ops -----------------------------------------------------------------------------------
 
     def add_rms_norm(
-        self, h: torch.Tensor, delta: torch.Tensor | SplitSums | None, w: torch.Tensor, eps: float
+        self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self._dec.add_rms_norm(h, delta, w, eps)
 
@@ -189,7 +188,7 @@ class CudaTritonBackend:
 
     def rope_attention_decode(
         self,
-        qkv: torch.Tensor | SplitSums,
+        qkv: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         pos: torch.Tensor,

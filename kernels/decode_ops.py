@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_util import SplitSums, _load_y, _pdl_start, _to, cdiv, check_tensor, interpreting, next_pow2, pdl
+from .triton_util import _pdl_start, _to, cdiv, check_tensor, interpreting, next_pow2, pdl
 
 _INTERPRET = interpreting()
 MAX_ROW = 16384  # add_rms_norm keeps a whole row in registers
@@ -67,9 +67,8 @@ ATTN_WARPS = 4
 
 @triton.jit
 def _add_rms_norm_kernel(
-    h_ptr, d_ptr, w_ptr, s_ptr, y_ptr, E, E_f, eps, stride_h, stride_d, stride_s, stride_y, stride_dp,
+    h_ptr, d_ptr, w_ptr, s_ptr, y_ptr, E, E_f, eps, stride_h, stride_d, stride_s, stride_y,
     HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, EMU_BF16: tl.constexpr, PDL: tl.constexpr = False,
-    D_PARTS: tl.constexpr = 0,
 ):  # fmt: skip
     _pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -78,7 +77,7 @@ def _add_rms_norm_kernel(
     mask = offs < E
     h = tl.load(h_ptr + row * stride_h + offs, mask=mask, other=0.0)
     if HAS_DELTA:
-        d = _load_y(d_ptr + row * stride_d, offs, mask, D_PARTS, stride_dp, dtype, EMU_BF16)
+        d = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0)
         s = _to(h.to(tl.float32) + d.to(tl.float32), dtype, EMU_BF16)
         tl.store(s_ptr + row * stride_s + offs, s, mask=mask)
     else:
@@ -126,12 +125,11 @@ def _rope_kv_kernel(
 
 
 @triton.jit
-def _rope_pairs(src, i, mi, c, sn, dtype: tl.constexpr, EMU_BF16: tl.constexpr, PARTS: tl.constexpr = 0,
-                stride_p=0):  # fmt: skip
-    """One head of D values at src (or their PARTS split-sum rows: _load_y), its pairs (x[2i], x[2i+1]) turned by
-    (c, sn)[i] as _rope_kv_kernel turns them, rounded to dtype: [2 * len(i)] (the pairs interleaved again)."""
-    x0 = _load_y(src, 2 * i, mi, PARTS, stride_p, dtype, EMU_BF16).to(tl.float32)
-    x1 = _load_y(src, 2 * i + 1, mi, PARTS, stride_p, dtype, EMU_BF16).to(tl.float32)
+def _rope_pairs(src, i, mi, c, sn, dtype: tl.constexpr, EMU_BF16: tl.constexpr):
+    """One head of D values at src, its pairs (x[2i], x[2i+1]) turned by (c, sn)[i] as _rope_kv_kernel turns them,
+    rounded to dtype: [2 * len(i)] (the pairs interleaved again)."""
+    x0 = tl.load(src + 2 * i, mask=mi, other=0.0).to(tl.float32)
+    x1 = tl.load(src + 2 * i + 1, mask=mi, other=0.0).to(tl.float32)
     o0 = _to(x0 * c - x1 * sn, dtype, EMU_BF16)
     o1 = _to(x0 * sn + x1 * c, dtype, EMU_BF16)
     return tl.reshape(tl.join(o0, o1), (2 * i.shape[0],))
@@ -143,8 +141,7 @@ def _attn_decode_kernel(
     kh_units, vh_units, cos_ptr, sin_ptr, n_pos, stride_c0, stride_c1, stride_s0, stride_s1, H, Hkv,
     D: tl.constexpr, stride_kt: tl.constexpr, stride_vt: tl.constexpr, KV_ALIGN: tl.constexpr,
     SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    EMU_BF16: tl.constexpr, ROPE: tl.constexpr = False, PDL: tl.constexpr = False, Q_PARTS: tl.constexpr = 0,
-    stride_qp=0,
+    EMU_BF16: tl.constexpr, ROPE: tl.constexpr = False, PDL: tl.constexpr = False,
 ):  # fmt: skip
     _pdl_start(PDL)
     h = tl.program_id(0)
@@ -165,9 +162,9 @@ def _attn_decode_kernel(
         c = tl.load(cos_ptr + row * stride_c0 + i * stride_c1, mask=mi & ok, other=0.0)
         sn = tl.load(sin_ptr + row * stride_s0 + i * stride_s1, mask=mi & ok, other=0.0)
         dtype = o_ptr.dtype.element_ty
-        q = _rope_pairs(q_ptr + h * D, i, mi, c, sn, dtype, EMU_BF16, Q_PARTS, stride_qp).to(tl.float32)
-        k_new = _rope_pairs(q_ptr + (H + kvh) * D, i, mi, c, sn, dtype, EMU_BF16, Q_PARTS, stride_qp)
-        v_new = _load_y(q_ptr + (H + Hkv + kvh) * D, offs_d, md, Q_PARTS, stride_qp, dtype, EMU_BF16)
+        q = _rope_pairs(q_ptr + h * D, i, mi, c, sn, dtype, EMU_BF16).to(tl.float32)
+        k_new = _rope_pairs(q_ptr + (H + kvh) * D, i, mi, c, sn, dtype, EMU_BF16)
+        v_new = tl.load(q_ptr + (H + Hkv + kvh) * D + offs_d, mask=md, other=0.0)
         if (h % group == 0) & (s == 0):  # one program per kv head writes its cache row; the others (this launch
             # reads row pos from none of them: the loop below takes k_new / v_new for it) need not wait
             tl.store(k_base + row * stride_kt + offs_d, k_new, mask=md & ok)
@@ -245,27 +242,13 @@ def _check_cache(cache_k: torch.Tensor, cache_v: torch.Tensor, dtype, device) ->
     return cache_k.shape[1], cache_k.shape[2], cache_k.shape[3]
 
 
-def _split_rows(y: SplitSums, what: str, dtype: torch.dtype, device, shape: tuple) -> torch.Tensor:
-    """A SplitSums' parts [S, rows, N] after checking them against the value they stand for (dtype, [rows, N])."""
-    check_tensor(y.parts, f"{what}.parts", torch.float32, device)
-    p = y.parts
-    if y.dtype != dtype or p.dim() != 3 or p.shape[1:] != shape or p.stride(2) != 1:
-        raise ValueError(f"{what}: split sums {tuple(p.shape)} of {y.dtype} do not stand for {dtype} {shape}")
-    return p
-
-
 def add_rms_norm(
-    h: torch.Tensor, delta: torch.Tensor | SplitSums | None, w: torch.Tensor, eps: float
+    h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, y): s = h + delta (h itself when delta is None), y = rms_norm(s, eps) * w, both in h's dtype. delta may
-    be a product's SplitSums (the same s and y as its reduced value)."""
+    """(s, y): s = h + delta (h itself when delta is None), y = rms_norm(s, eps) * w, both in h's dtype."""
     check_tensor(h, "h")
     E = h.shape[-1]
-    parts = None
-    if isinstance(delta, SplitSums):
-        parts = _split_rows(delta, "delta", h.dtype, h.device, (h.numel() // max(E, 1), E))
-        delta = parts[0].view(h.shape)  # row r of the first split; the others parts.stride(0) apart
-    elif delta is not None:
+    if delta is not None:
         check_tensor(delta, "delta", h.dtype, h.device)
         if delta.shape != h.shape:
             raise ValueError(f"delta has shape {tuple(delta.shape)}, h {tuple(h.shape)}")
@@ -284,34 +267,28 @@ def add_rms_norm(
     block = next_pow2(E)
     _add_rms_norm_kernel[(h2.shape[0],)](
         h2, d2, w, s2, y2, E, float(E), float(eps), h2.stride(0), d2.stride(0), s2.stride(0), y2.stride(0),
-        0 if parts is None else parts.stride(0), HAS_DELTA=delta is not None, BLOCK=block, EMU_BF16=_INTERPRET,
-        num_warps=min(16, max(1, block // 512)), D_PARTS=0 if parts is None else parts.shape[0], **pdl(h.device),
+        HAS_DELTA=delta is not None, BLOCK=block, EMU_BF16=_INTERPRET, num_warps=min(16, max(1, block // 512)),
+        **pdl(h.device),
     )  # fmt: skip
     return s, y
 
 
 def _check_rope(qkv, cos, sin, pos, cache_k, cache_v, n_head: int, n_head_kv: int) -> tuple[int, int, int, int]:
-    """(H, Hkv, n_ctx, D) of one token's [q | k | v] (a tensor or SplitSums), its RoPE tables and the caches, or a
-    ValueError."""
-    if isinstance(qkv, SplitSums):
-        parts = _split_rows(qkv, "qkv", qkv.dtype, cache_k.device, (1, qkv.parts.shape[-1]))
-        shape, dtype, device = parts.shape[1:], qkv.dtype, parts.device
-    else:
-        check_tensor(qkv, "qkv")
-        shape, dtype, device = qkv.shape, qkv.dtype, qkv.device
-    Hkv, n_ctx, D = _check_cache(cache_k, cache_v, dtype, device)
+    """(H, Hkv, n_ctx, D) of one token's [q | k | v], its RoPE tables and the caches, or a ValueError."""
+    check_tensor(qkv, "qkv")
+    Hkv, n_ctx, D = _check_cache(cache_k, cache_v, qkv.dtype, qkv.device)
     H = n_head
-    if n_head_kv != Hkv or D % 2 or shape.numel() != (H + 2 * Hkv) * D or shape[-1] != shape.numel():
+    if n_head_kv != Hkv or D % 2 or qkv.numel() != (H + 2 * Hkv) * D or qkv.shape[-1] != qkv.numel():
         raise ValueError(
-            f"qkv {tuple(shape)} must be [1, 1, (H + 2*Hkv) * D] with H={H}, Hkv={n_head_kv}, D={D} (even) "
+            f"qkv {tuple(qkv.shape)} must be [1, 1, (H + 2*Hkv) * D] with H={H}, Hkv={n_head_kv}, D={D} (even) "
             f"and caches [1, {Hkv}, n_ctx, D]"
         )
     if H % Hkv:
         raise ValueError(f"n_head {H} must be a multiple of n_head_kv {Hkv}")
     for t, name in ((cos, "cos"), (sin, "sin")):
-        if t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != D // 2 or t.device != device:
-            raise ValueError(f"{name} must be a float32 [n_pos, {D // 2}] table on {device}")
-    _check_pos(pos, device)
+        if t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != D // 2 or t.device != qkv.device:
+            raise ValueError(f"{name} must be a float32 [n_pos, {D // 2}] table on {qkv.device}")
+    _check_pos(pos, qkv.device)
     return H, Hkv, n_ctx, D
 
 
@@ -326,8 +303,6 @@ def rope_kv_write(
     n_head_kv: int,
 ) -> torch.Tensor:
     """Rotate q and k of one token at position pos; k and v into the caches' row pos; returns q [1, H, 1, D]."""
-    if isinstance(qkv, SplitSums):
-        raise TypeError("rope_kv_write takes qkv as a tensor (rope_attention_decode takes split sums)")
     H, Hkv, n_ctx, D = _check_rope(qkv, cos, sin, pos, cache_k, cache_v, n_head, n_head_kv)
     q = torch.empty(1, H, 1, D, dtype=qkv.dtype, device=qkv.device)
     _rope_kv_kernel[(H + Hkv,)](
@@ -379,23 +354,19 @@ def rope_attention_decode(
     """attention_decode(rope_kv_write(qkv, ...), ...) in one launch: every program rotates its q head, the first
     program of each kv head writes the rotated k and v to cache row pos, and the programs whose keys include pos
     take that row from registers. The same q and cache rows as rope_kv_write (the launch keeps the rotation
-    from being contracted into FMAs). qkv may be the q|k|v product's SplitSums (the same results as its reduced
-    value)."""
+    from being contracted into FMAs)."""
     H, _, _, D = _check_rope(qkv, cos, sin, pos, cache_k, cache_v, n_head, n_head_kv)
-    if isinstance(qkv, SplitSums):
-        p = qkv.parts
-        return _attend(p[0], H, (D, 1), cache_k, cache_v, pos, counters, splits, (cos, sin), p, qkv.dtype)
     return _attend(qkv, H, (D, 1), cache_k, cache_v, pos, counters, splits, (cos, sin))
 
 
-def _attend(q, H, q_strides, cache_k, cache_v, pos, counters, splits, rope, parts=None, dtype=None) -> torch.Tensor:
+def _attend(q, H, q_strides, cache_k, cache_v, pos, counters, splits, rope) -> torch.Tensor:
     """The attention launch of attention_decode (q [1, H, 1, D]) or, with rope = (cos, sin), of
-    rope_attention_decode (q the token's [q | k | v], or with parts its split sums' first row, of dtype)."""
+    rope_attention_decode (q the token's [q | k | v])."""
     Hkv, n_ctx, D = cache_k.shape[1], cache_k.shape[2], cache_k.shape[3]
     S = attention_splits(n_ctx) if splits is None else int(splits)
     if S < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
-    out = torch.empty(1, 1, H * D, dtype=dtype or q.dtype, device=q.device)
+    out = torch.empty(1, 1, H * D, dtype=q.dtype, device=q.device)
     if S == 1:
         ws = cnt = out  # never touched
     else:
@@ -418,8 +389,7 @@ def _attend(q, H, q_strides, cache_k, cache_v, pos, counters, splits, rope, part
         cache_k.stride(1) // a, cache_v.stride(1) // a, *rope_args, D=D, stride_kt=cache_k.stride(2),
         stride_vt=cache_v.stride(2), KV_ALIGN=a, SPLITS=S, BLOCK_S=next_pow2(S), BLOCK_T=BLOCK_T,
         BLOCK_D=next_pow2(D), EMU_BF16=_INTERPRET, ROPE=rope is not None, enable_fp_fusion=rope is None,
-        num_warps=ATTN_WARPS, Q_PARTS=0 if parts is None else parts.shape[0],
-        stride_qp=0 if parts is None else parts.stride(0), **pdl(q.device),
+        num_warps=ATTN_WARPS, **pdl(q.device),
     )  # fmt: skip
     return out
 

@@ -92,15 +92,11 @@ def _q8_gemv_tc_kernel(
     D_ALIGN: tl.constexpr = 2,  # bytes every row of d (and d_ptr) is aligned to: 2, 4, 8 or 16
     PDL: tl.constexpr = False,
     PREFETCH: tl.constexpr = 0,
-    SPLIT_SUMS: tl.constexpr = False,  # y is fp32 [SPLIT_K, M, N]: each program stores its own K range's sums there
 ):
     """y[:, n-block] = x @ W[n-block].T (+ scale * t @ b[n-block].T) for all M rows of x: program pid covers K range
     pid % SPLIT_K of N block pid // SPLIT_K. With SPLIT_K > 1 each stores its fp32 partial and the last of a block to
     finish (an acq_rel counter) sums the block's partials in split order (deterministic) and finishes the block.
-    SPLIT_SUMS: no reduction, no rounding: y is fp32 [SPLIT_K, M, N] and each program stores its K range's sums in
-    row pid_k, for a consumer that adds the rows in split order and rounds (the same numbers, without the last
-    program's dependent round trips at the launch's tail). Programs past the product's (PREFETCH) ask L2 for the
-    next product's first weights and end."""
+    Programs past the product's (PREFETCH) ask L2 for the next product's first weights and end."""
     pid = tl.program_id(0)
     if PREFETCH:
         n_work = tl.cdiv(N, BLOCK_N) * SPLIT_K
@@ -137,10 +133,7 @@ def _q8_gemv_tc_kernel(
         acc = _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, k_hi - k_full, offs_k, offs_kb, BLOCK_N, BLOCK_K, True,
                        EMU_BF16)  # fmt: skip
 
-    if SPLIT_SUMS:  # no reduction here: the consumer adds the SPLIT_K rows in split order and rounds (SplitSums)
-        y_ptrs = y_ptr + pid_k.to(tl.int64) * M * stride_ym + offs_m[None, :] * stride_ym
-        tl.store(y_ptrs + offs_n[:, None].to(tl.int64) * stride_yn, acc, mask=(offs_n[:, None] < N) & mask_m[None, :])
-    elif SPLIT_K > 1:
+    if SPLIT_K > 1:
         tile = (pid_n * SPLIT_K).to(tl.int64) * (BLOCK_N * BLOCK_M)
         offs_tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + offs_m[None, :]
         tl.store(part_ptr + tile + pid_k * (BLOCK_N * BLOCK_M) + offs_tile, acc)

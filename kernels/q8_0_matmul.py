@@ -80,14 +80,12 @@ from .triton_util import (
     ACT_DTYPES,
     QK,
     Prefetch,
-    SplitSums,
     cdiv,
     interpreting,
     launch,
     next_pow2,
     pdl,
     prefetch_launch,
-    split_sums_value,
 )
 
 __all__ = [
@@ -98,8 +96,6 @@ __all__ = [
     "q8_0_matmul_grad_input",
     "q8_0_dequantize",
     "DequantCache",
-    "SplitSums",
-    "split_sums_value",
     "_BEST",
 ]
 
@@ -284,10 +280,9 @@ def _d_align(d: torch.Tensor) -> int:
     return a
 
 
-def _gemv_tc(x2, qs, d, y, lora, cfg: dict, prefetch: Prefetch | None = None, sums: list | None = None) -> None:
+def _gemv_tc(x2, qs, d, y, lora, cfg: dict, prefetch: Prefetch | None = None) -> None:
     """The tensor-core gemv path (q8_0_gemv_tc): all rows of x in each program; t = x @ a formed (by _fwd);
-    split-K partials combined by the last program of each N block. sums (a list; no LoRA, tuned or forced tiles):
-    no reduction; the fp32 [SPLIT_K, M, N] sums are appended to it and y is not written."""
+    split-K partials combined by the last program of each N block."""
     m, k = x2.shape
     n = qs.shape[0]
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
@@ -303,14 +298,10 @@ def _gemv_tc(x2, qs, d, y, lora, cfg: dict, prefetch: Prefetch | None = None, su
     numel = max(cdiv(n, bn) * bn * sk * block_m if sk > 1 else 1 for bn, sk in shapes)
     parts = torch.empty(numel, dtype=torch.float32, device=x2.device)
     pf_args, extra, kind = prefetch_launch(prefetch if tiles else None, qs)  # not while tuning
-    split_sums = sums is not None and tiles is not None and lora is None
-    if split_sums:
-        y = torch.empty(tiles["SPLIT_K"], m, n, dtype=torch.float32, device=x2.device)
-        sums.append(y)
-    args = (x2, qs, d, y, t, bb, parts, counts, m, n, k, x2.stride(0), qs.stride(0), d.stride(0), y.stride(-2),
-            y.stride(-1), t.stride(0), t.stride(1), bb.stride(0), bb.stride(1), r, float(s), *pf_args)  # fmt: skip
+    args = (x2, qs, d, y, t, bb, parts, counts, m, n, k, x2.stride(0), qs.stride(0), d.stride(0), y.stride(0),
+            y.stride(1), t.stride(0), t.stride(1), bb.stride(0), bb.stride(1), r, float(s), *pf_args)  # fmt: skip
     const = dict(BLOCK_M=block_m, HAS_LORA=lora is not None, BLOCK_R=max(16, next_pow2(r)), EMU_BF16=_INTERPRET,
-                 D_ALIGN=_d_align(d), PREFETCH=kind, SPLIT_SUMS=split_sums, **pdl(x2.device))  # fmt: skip
+                 D_ALIGN=_d_align(d), PREFETCH=kind, **pdl(x2.device))  # fmt: skip
     if forced:
         launch(_q8_gemv_tc_kernel, (cdiv(n, tiles["BLOCK_N"]) * tiles["SPLIT_K"] + extra,), args, {**const, **tiles})
     else:
@@ -350,19 +341,10 @@ def _wgmma(x2, qs, d, y, lora, cfg: dict) -> None:
 
 
 def _fwd(
-    path: str,
-    x2,
-    qs,
-    d,
-    y,
-    lora,
-    cfg: dict,
-    cache: DequantCache | None = None,
-    prefetch: Prefetch | None = None,
-    sums: list | None = None,
+    path: str, x2, qs, d, y, lora, cfg: dict, cache: DequantCache | None = None, prefetch: Prefetch | None = None
 ) -> None:
     """y[M, N] = x2 @ W.T (+ LoRA) along `path`; lora = (t [M, r] or None, a [K, r], b [N, r], r, scale) or
-    None, a and b in x2's dtype; t = x2 @ a is formed here when not given. sums: see _gemv_tc (that path only)."""
+    None, a and b in x2's dtype; t = x2 @ a is formed here when not given."""
     m, k = x2.shape
     n = qs.shape[0]
     if path == "gemv":
@@ -371,7 +353,7 @@ def _fwd(
     if lora is not None and lora[0] is None:
         lora = (x2 @ lora[1], *lora[1:])
     if path == "gemv_tc":
-        _gemv_tc(x2, qs, d, y, lora, cfg, prefetch, sums)
+        _gemv_tc(x2, qs, d, y, lora, cfg, prefetch)
         return
     if path == "wgmma":
         _wgmma(x2, qs, d, y, lora, cfg)
@@ -426,8 +408,7 @@ def q8_0_matmul(
     dequant_cache: DequantCache | None = None,
     lora_t: torch.Tensor | None = None,
     prefetch: Prefetch | None = None,
-    split_sums: bool = False,
-) -> torch.Tensor | SplitSums:
+) -> torch.Tensor:
     """y[..., N] = x[..., K] @ W.T (+ scale * (x @ a) @ b.T), W = q8_0(qs, d) of shape [N, K].
 
     a: (K, r), b: (N, r) (llama.cpp's lora_a / lora_b layout). fp32 accumulation; y in out_dtype
@@ -437,9 +418,7 @@ def q8_0_matmul(
     keeps its dequantized weights for reuse (DequantCache; None: a transient copy per product). lora_t: x @ a
     in x's dtype ([rows, r]) where the caller already formed it (LoraLinear keeps it for its backward).
     prefetch: an L2 hint for the next product's weight (triton_util.Prefetch), carried by the GEMV paths' launch
-    (a decode step's); no effect on the result. split_sums: where the product takes the tensor-core GEMV with its
-    tuned (or forced) tiles and no LoRA term, return its SplitSums (parts [S, rows of x, N]) instead of y: the
-    split-K reduction is left to the consumer (a decode step's add+RMSNorm, RoPE + attention); else y as always.
+    (a decode step's); no effect on the result.
     """
     n, k = _check_weight(qs, d)
     _check_act(x, k, qs, "x")
@@ -482,10 +461,7 @@ def q8_0_matmul(
         key = ("fwd", m if m <= GEMV_TC_MAX_M else _m_bucket(m), n, k, x.dtype, out_dtype, has_lora, t_in, host_bound,
                gl_ok)  # fmt: skip
         path = choose_path(key, paths, lambda p: _fwd(p, x2, qs, d, y, lora, cfg), default)
-    sums = [] if split_sums and extra is None else None
-    _fwd(path, x2, qs, d, y, lora, cfg, dequant_cache, prefetch, sums)
-    if sums:
-        return SplitSums(sums[0], out_dtype)
+    _fwd(path, x2, qs, d, y, lora, cfg, dequant_cache, prefetch)
     if extra is not None:
         y += extra.to(out_dtype)
     return y.reshape(*lead, n)

@@ -121,38 +121,6 @@ class Prefetch(NamedTuple):
     kind: int = 2
 
 
-class SplitSums(NamedTuple):
-    """A decode product's result before its split-K reduction (q8_0_matmul(split_sums=True)): y = rnd_dtype(parts[0] +
-    parts[1] + ... + parts[S - 1]), added in that order in fp32 and rounded once, which is what the product's own
-    reduction computes. parts: fp32 [S, M, N]. The decode step's consumers (decode_ops.add_rms_norm,
-    rope_attention_decode) take it in place of y and form y while loading it (_load_y)."""
-
-    parts: torch.Tensor
-    dtype: torch.dtype
-
-
-def split_sums_value(y: torch.Tensor | SplitSums) -> torch.Tensor:
-    """y itself, or a SplitSums' y [M, N] formed as its consumers form it."""
-    if isinstance(y, torch.Tensor):
-        return y
-    acc = y.parts[0].clone()
-    for part in y.parts[1:]:
-        acc += part
-    return acc.to(y.dtype)
-
-
-@triton.jit
-def _load_y(ptr, offs, mask, PARTS: tl.constexpr, stride_p, dtype: tl.constexpr, EMU_BF16: tl.constexpr):
-    """A product's y at ptr + offs: as stored (PARTS 0), or rnd_dtype of its PARTS fp32 split-sum rows (stride_p
-    apart) added in split order (SplitSums): the bits its own reduction would have stored."""
-    if PARTS == 0:
-        return tl.load(ptr + offs, mask=mask, other=0.0)
-    acc = tl.load(ptr + offs, mask=mask, other=0.0)
-    for s in tl.static_range(1, PARTS):
-        acc += tl.load(ptr + s * stride_p + offs, mask=mask, other=0.0)
-    return _to(acc, dtype, EMU_BF16)
-
-
 def prefetch_ranges(pf: Prefetch) -> tuple[int, int, int, int]:
     """(q0, q_lines, d0, d_lines): the hinted bytes of qs from q0 and of d (as bytes) from d0, in 128-byte lines,
     d's covering the scales of the hinted q8_0 blocks (qs and d are both row-major); q_lines = 0 for an empty

@@ -131,12 +131,11 @@ class GraphDecoder:
             return self.fused[name][0]
         return self.model.weight(fused_members(name)[0])
 
-    def _packed(self, x: torch.Tensor, i: int, kind: str, prefetch=None, split_sums: bool = False):
-        """x @ [W_1; ..; W_k].T for the layer's FUSED_KINDS members (one product when packed; split_sums: see
-        Backend.lora_linear)."""
+    def _packed(self, x: torch.Tensor, i: int, kind: str, prefetch=None) -> torch.Tensor:
+        """x @ [W_1; ..; W_k].T for the layer's FUSED_KINDS members (one product when packed)."""
         packed = self.fused.get(f"blk.{i}.{kind}")
         if packed is not None:
-            return self.backend.lora_linear(x, *packed, prefetch=prefetch, split_sums=split_sums)
+            return self.backend.lora_linear(x, *packed, prefetch=prefetch)
         return torch.cat(self.linear(x, f"blk.{i}.{kind}"), dim=-1)  # the members one by one
 
     def _step(self) -> torch.Tensor:
@@ -148,17 +147,14 @@ class GraphDecoder:
         for i in range(args.n_layer):
             p = 4 * i  # the layer's products: p (q/k/v), p + 1 (output), p + 2 (gate/up), p + 3 (down)
             h, a = be.add_rms_norm(h, delta, self.norms[f"blk.{i}.attn_norm.weight"], eps)
-            # the products that only add+RMSNorm or RoPE + attention consume leave their split-K reduction to them
-            qkv = self._packed(a, i, "attn_qkv", prefetch=hints[p + 1], split_sums=True)
+            qkv = self._packed(a, i, "attn_qkv", prefetch=hints[p + 1])
             o = be.rope_attention_decode(qkv, self.cos_table, self.sin_table, self.pos, cache.k[i], cache.v[i],
                                          args.n_head, args.n_head_kv, self.counters)  # fmt: skip
-            delta = be.lora_linear(o, *self.products[f"blk.{i}.attn_output.weight"], prefetch=hints[p + 2],
-                                   split_sums=True)  # fmt: skip
+            delta = be.lora_linear(o, *self.products[f"blk.{i}.attn_output.weight"], prefetch=hints[p + 2])
             h, f = be.add_rms_norm(h, delta, self.norms[f"blk.{i}.ffn_norm.weight"], eps)
             gu = self._packed(f, i, "ffn_gate_up", prefetch=hints[p + 3])
             act = be.silu_mul_fwd(*gu.chunk(2, dim=-1))  # SwiGLU on the two views of the packed output
-            delta = be.lora_linear(act, *self.products[f"blk.{i}.ffn_down.weight"], prefetch=hints[p + 4],
-                                   split_sums=True)  # fmt: skip
+            delta = be.lora_linear(act, *self.products[f"blk.{i}.ffn_down.weight"], prefetch=hints[p + 4])
         _, h = be.add_rms_norm(h, delta, self.norms["output_norm.weight"], eps)
         logits = be.lora_linear(h, *self.products["output.weight"])[0, -1].float()
         if self.sampler is not None:  # the sampler's device stages: only their survivors go to the host

@@ -55,7 +55,6 @@ triton = pytest.importorskip("triton")
 import torch.nn.functional as F  # noqa: E402
 from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
 from lorakit.kernels import decode_ops, q8_0_matmul  # noqa: E402
-from lorakit.kernels.triton_util import SplitSums, split_sums_value  # noqa: E402
 
 from lorakit import model  # noqa: E402
 
@@ -127,56 +126,6 @@ def test_add_rms_norm(tri, dtype, E, M, with_delta):
     u_out = U_OUT[dtype]
     tol = ((E + 10) * U + 4 * u_out) * y_ref.double().abs() * (1 + 4 * u_out)
     assert_within(y, y_ref, tol, f"add_rms_norm E={E} M={M} {dtype}")
-
-
-def split_sums(shape, dtype, n_parts: int, seed: int):
-    """A product's split sums (SplitSums) of fp32 rows with cancellation between them, and the value they stand for:
-    its reduction, the parts added in order in fp32 and rounded once."""
-    parts = rand(n_parts, *shape, seed=seed, scale=3.0)
-    parts[1:] -= 0.5 * parts[:1]
-    ss = SplitSums(parts.to(DEVICE), dtype)
-    ref = parts[0].clone()
-    for part in parts[1:]:
-        ref += part
-    return ss, ref.to(dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n_parts", [1, 3])
-@pytest.mark.parametrize("M", [1, 3])
-def test_add_rms_norm_takes_split_sums(tri, dtype, n_parts, M):
-    """delta as a product's split sums gives the bits of delta as its reduced value."""
-    E = 200
-    h = rand(M, E, dtype=dtype, seed=5).to(DEVICE)
-    w = (rand(E, seed=3, scale=0.5) + 1.0).to(dtype).to(DEVICE)
-    ss, value = split_sums((M, E), dtype, n_parts, seed=6)
-    assert torch.equal(split_sums_value(ss).cpu(), value)
-    s_ref, y_ref = decode_ops.add_rms_norm(h, value.to(DEVICE), w, EPS)
-    s, y = tri.add_rms_norm(h, ss, w, EPS)
-    assert torch.equal(s, s_ref) and torch.equal(y, y_ref)
-    with pytest.raises(ValueError, match="split sums"):
-        decode_ops.add_rms_norm(h, SplitSums(ss.parts[:, :, :-1], dtype), w, EPS)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n_parts", [1, 4])
-@pytest.mark.parametrize("D,Hkv,pos", [(12, 2, 0), (8, 1, 30)])
-def test_rope_attention_decode_takes_split_sums(tri, dtype, n_parts, D, Hkv, pos):
-    """qkv as the q|k|v product's split sums: the output and the cache rows of qkv as its reduced value, bit for bit."""
-    cos, sin = (t.to(DEVICE) for t in model.rope_tables(rope_args(D, Hkv), N_CTX))
-    ss, value = split_sums((1, (H + 2 * Hkv) * D), dtype, n_parts, seed=pos + 9)
-    k, v = (
-        rand(1, Hkv, N_CTX, D, dtype=dtype, seed=2).to(DEVICE),
-        rand(1, Hkv, N_CTX, D, dtype=dtype, seed=3).to(DEVICE),
-    )
-    p = torch.tensor([pos], device=DEVICE)
-    k1, v1, k2, v2 = k.clone(), v.clone(), k.clone(), v.clone()
-    ref = decode_ops.rope_attention_decode(value.view(1, 1, -1).to(DEVICE), cos, sin, p, k1, v1, H, Hkv)
-    got = tri.rope_attention_decode(ss, cos, sin, p, k2, v2, H, Hkv)
-    assert got.dtype == dtype and torch.equal(got, ref)
-    assert torch.equal(k2, k1) and torch.equal(v2, v1)
-    with pytest.raises(TypeError, match="split sums"):
-        decode_ops.rope_kv_write(ss, cos, sin, p, k2, v2, H, Hkv)
 
 
 # ---- swiglu ----------------------------------------------------------------------------------------

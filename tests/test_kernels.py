@@ -235,34 +235,6 @@ def test_matmul_paths(m, config, with_lora):
     assert_within(got, ref, tol, f"path {config}")
 
 
-@pytest.mark.parametrize(
-    "m,config",
-    [
-        (1, {"path": "gemv_tc"}),  # one split: its fp32 sums unrounded
-        (3, {"path": "gemv_tc", "SPLIT_K": 2}),
-        (5, {"path": "gemv_tc", "SPLIT_K": 4, "BLOCK_K": 32}),  # 5 K tiles over 4 splits (2, 2, 1, 0 tiles)
-    ],
-)
-def test_matmul_split_sums(m, config):
-    """split_sums=True: the tensor-core GEMV's split sums (fp32 [SPLIT_K, M, N], no reduction), whose value (the parts
-    added in split order, rounded once) is the product's own reduction bit for bit; other paths, a LoRA term, and
-    the CPU backend return y."""
-    n, k, dtype = 97, 160, torch.bfloat16
-    w, x = make_weight(n, k, seed=8), rand(m, k, dtype=dtype, seed=9)
-    wd, xd = on(w), x.to(DEVICE)
-    got = qmm.q8_0_matmul(xd, wd.qs, wd.d, config=config, split_sums=True)
-    assert isinstance(got, qmm.SplitSums) and got.dtype == dtype
-    assert got.parts.dtype == torch.float32 and got.parts.shape == (config.get("SPLIT_K", 1), m, n)
-    assert torch.equal(qmm.split_sums_value(got), qmm.q8_0_matmul(xd, wd.qs, wd.d, config=config))
-    a, b = rand(k, 4, seed=2, scale=0.3).to(DEVICE), rand(n, 4, seed=3, scale=0.3).to(DEVICE)
-    with_lora = qmm.q8_0_matmul(xd, wd.qs, wd.d, a, b, 0.5, config=config, split_sums=True)
-    assert torch.equal(with_lora, qmm.q8_0_matmul(xd, wd.qs, wd.d, a, b, 0.5, config=config))
-    gemv = {"path": "gemv"}
-    assert torch.equal(qmm.q8_0_matmul(xd, wd.qs, wd.d, config=gemv, split_sums=True),
-                       qmm.q8_0_matmul(xd, wd.qs, wd.d, config=gemv))  # fmt: skip
-    assert isinstance(SPEC.lora_linear(x, w, [], split_sums=True), torch.Tensor)
-
-
 @pytest.mark.parametrize("m,r,block_kt", [(1, 5, 32), (2, 24, 16), (3, 8, 4096)])
 def test_gemv_t_programs(m, r, block_kt):
     """The gemv path forms t = x @ a in its own launch (t-programs summing K chunks, the last combining): the
