@@ -35,7 +35,7 @@ import triton.language as tl
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from lorakit.kernels.q8_0_gemv_tc import _tc_step  # noqa: E402
+from lorakit.kernels.q8_0_gemv_tc import _tc_range  # noqa: E402
 from lorakit.kernels.triton_util import _PF_LAST, Prefetch  # noqa: E402
 
 SHAPES = [(9600, 3200), (3200, 3200), (17280, 3200), (3200, 8640)]  # (N, K) per layer, in order
@@ -95,15 +95,8 @@ def _product(x_ptr, y_ptr, qs_ptr, d_ptr, part_ptr, cnt_ptr, pid, P, N: tl.const
         q_ptrs = qs_ptr + rn[:, None] * K + (k_lo + offs_k)[None, :]
         d_ptrs = d_ptr + rn[:, None] * (K // 32) + (k_lo // 32 + offs_kb)[None, :]
         d_ptrs = tl.max_contiguous(tl.multiple_of(d_ptrs, [4, 4]), [1, BLOCK_K // 32])
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for _ in range(k_lo, k_full, BLOCK_K):
-            acc = _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, K, offs_k, offs_kb, BLOCK_N, BLOCK_K, False, False)
-            x_ptrs += BLOCK_K
-            q_ptrs += BLOCK_K
-            d_ptrs += BLOCK_K // 32
-        if k_full < k_hi:
-            acc = _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, k_hi - k_full, offs_k, offs_kb, BLOCK_N, BLOCK_K, True,
-                           False)  # fmt: skip
+        acc = _tc_range(x_ptrs, q_ptrs, d_ptrs, mask_m, k_lo, k_full, k_hi, offs_k, offs_kb, BLOCK_N, BLOCK_K,
+                        BLOCK_M, False)  # fmt: skip
         y_ptrs = y_ptr + offs_m[None, :] * 0 + rn[:, None]
         if SPLIT > 1:
             tile = (pid_n * SPLIT).to(tl.int64) * (BLOCK_N * BLOCK_M)
@@ -120,6 +113,20 @@ def _product(x_ptr, y_ptr, qs_ptr, d_ptr, part_ptr, cnt_ptr, pid, P, N: tl.const
 
 
 @triton.jit
+def _stage(x_ptr, y_ptr, qs, d, lo, qs_next, d_next, lo_next, part_ptr, cnt_ptr, bar_ptr, target, pid, P,
+           N: tl.constexpr, K: tl.constexpr, S: tl.constexpr, NN: tl.constexpr, NK: tl.constexpr, NS: tl.constexpr,
+           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, PF: tl.constexpr,
+           MAX_SPIN: tl.constexpr):  # fmt: skip
+    """One product of layer lo ([N, K], S splits; its weights are layer lo's rows of qs / d), the L2 hint for the next
+    one's ([NN, NK], NS splits, layer lo_next) first lines, and the grid barrier after it."""
+    _product(x_ptr, y_ptr, qs + lo * N * K, d + lo * N * (K // 32), part_ptr, cnt_ptr, pid, P, N, K, S, BLOCK_N,
+             BLOCK_K, BLOCK_M)  # fmt: skip
+    if PF > 0:
+        _pf_task(qs_next + lo_next * NN * NK, d_next + lo_next * NN * (NK // 32), pid, NN, NK, NS, BLOCK_N, BLOCK_K, PF)
+    _grid_barrier(bar_ptr, target, MAX_SPIN)
+
+
+@triton.jit
 def _chain_kernel(act_ptr, qs0, d0, qs1, d1, qs2, d2, qs3, d3, part_ptr, cnt_ptr, bar_ptr, L,
                   A0: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, A3: tl.constexpr,
                   S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
@@ -131,27 +138,15 @@ def _chain_kernel(act_ptr, qs0, d0, qs1, d1, qs2, d2, qs3, d3, part_ptr, cnt_ptr
     P = tl.num_programs(0)
     for layer in range(L):
         lo = layer.to(tl.int64)
-        _product(act_ptr + A3, act_ptr + A0, qs0 + lo * 9600 * 3200, d0 + lo * 9600 * 100, part_ptr, cnt_ptr, pid, P,
-                 9600, 3200, S0, BLOCK_N, BLOCK_K, BLOCK_M)  # fmt: skip
-        if PF > 0:
-            _pf_task(qs1 + lo * 3200 * 3200, d1 + lo * 3200 * 100, pid, 3200, 3200, S1, BLOCK_N, BLOCK_K, PF)
-        _grid_barrier(bar_ptr, (layer * 4 + 1) * P, MAX_SPIN)
-        _product(act_ptr + A0, act_ptr + A1, qs1 + lo * 3200 * 3200, d1 + lo * 3200 * 100, part_ptr, cnt_ptr, pid, P,
-                 3200, 3200, S1, BLOCK_N, BLOCK_K, BLOCK_M)  # fmt: skip
-        if PF > 0:
-            _pf_task(qs2 + lo * 17280 * 3200, d2 + lo * 17280 * 100, pid, 17280, 3200, S2, BLOCK_N, BLOCK_K, PF)
-        _grid_barrier(bar_ptr, (layer * 4 + 2) * P, MAX_SPIN)
-        _product(act_ptr + A1, act_ptr + A2, qs2 + lo * 17280 * 3200, d2 + lo * 17280 * 100, part_ptr, cnt_ptr, pid,
-                 P, 17280, 3200, S2, BLOCK_N, BLOCK_K, BLOCK_M)  # fmt: skip
-        if PF > 0:
-            _pf_task(qs3 + lo * 3200 * 8640, d3 + lo * 3200 * 270, pid, 3200, 8640, S3, BLOCK_N, BLOCK_K, PF)
-        _grid_barrier(bar_ptr, (layer * 4 + 3) * P, MAX_SPIN)
-        _product(act_ptr + A2, act_ptr + A3, qs3 + lo * 3200 * 8640, d3 + lo * 3200 * 270, part_ptr, cnt_ptr, pid, P,
-                 3200, 8640, S3, BLOCK_N, BLOCK_K, BLOCK_M)  # fmt: skip
-        if PF > 0:
-            lo1 = tl.minimum(lo + 1, L - 1)
-            _pf_task(qs0 + lo1 * 9600 * 3200, d0 + lo1 * 9600 * 100, pid, 9600, 3200, S0, BLOCK_N, BLOCK_K, PF)
-        _grid_barrier(bar_ptr, (layer * 4 + 4) * P, MAX_SPIN)
+        nxt = tl.minimum(lo + 1, L - 1)  # the next layer's (the last layer hints its own first product again)
+        _stage(act_ptr + A3, act_ptr + A0, qs0, d0, lo, qs1, d1, lo, part_ptr, cnt_ptr, bar_ptr, (layer * 4 + 1) * P,
+               pid, P, 9600, 3200, S0, 3200, 3200, S1, BLOCK_N, BLOCK_K, BLOCK_M, PF, MAX_SPIN)  # fmt: skip
+        _stage(act_ptr + A0, act_ptr + A1, qs1, d1, lo, qs2, d2, lo, part_ptr, cnt_ptr, bar_ptr, (layer * 4 + 2) * P,
+               pid, P, 3200, 3200, S1, 17280, 3200, S2, BLOCK_N, BLOCK_K, BLOCK_M, PF, MAX_SPIN)  # fmt: skip
+        _stage(act_ptr + A1, act_ptr + A2, qs2, d2, lo, qs3, d3, lo, part_ptr, cnt_ptr, bar_ptr, (layer * 4 + 3) * P,
+               pid, P, 17280, 3200, S2, 3200, 8640, S3, BLOCK_N, BLOCK_K, BLOCK_M, PF, MAX_SPIN)  # fmt: skip
+        _stage(act_ptr + A2, act_ptr + A3, qs3, d3, lo, qs0, d0, nxt, part_ptr, cnt_ptr, bar_ptr, (layer * 4 + 4) * P,
+               pid, P, 3200, 8640, S3, 9600, 3200, S0, BLOCK_N, BLOCK_K, BLOCK_M, PF, MAX_SPIN)  # fmt: skip
     # the last program out resets the barrier for the next launch (every program has passed every wait)
     if tl.atomic_add(bar_ptr + 1, 1, sem="acq_rel", scope="gpu") == P - 1:
         tl.atomic_xchg(bar_ptr, 0, sem="relaxed")

@@ -55,6 +55,23 @@ def _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, k_rem, offs_k, offs_kb, BLOCK_
 
 
 @triton.jit
+def _tc_range(x_ptrs, q_ptrs, d_ptrs, mask_m, k_lo, k_full, k_hi, offs_k, offs_kb, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, EMU_BF16: tl.constexpr):  # fmt: skip
+    """acc [BLOCK_N, BLOCK_M] fp32 = W[rows, k_lo:k_hi] @ x[:, k_lo:k_hi].T, the pointers at k_lo: the full K tiles up
+    to k_full, then the ragged end (a multiple of 32, not of BLOCK_K: the last split's) masked."""
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for _ in range(k_lo, k_full, BLOCK_K):
+        acc = _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, k_hi, offs_k, offs_kb, BLOCK_N, BLOCK_K, False, EMU_BF16)
+        x_ptrs += BLOCK_K
+        q_ptrs += BLOCK_K
+        d_ptrs += BLOCK_K // 32
+    if k_full < k_hi:
+        acc = _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, k_hi - k_full, offs_k, offs_kb, BLOCK_N, BLOCK_K, True,
+                       EMU_BF16)  # fmt: skip
+    return acc
+
+
+@triton.jit
 def _q8_gemv_tc_kernel(
     x_ptr,
     qs_ptr,
@@ -123,15 +140,8 @@ def _q8_gemv_tc_kernel(
     if D_ALIGN > 2:  # the rows of d are D_ALIGN-byte aligned (K / 32 even): the scales can be copied async too
         d_ptrs = tl.max_contiguous(tl.multiple_of(d_ptrs, [D_ALIGN, D_ALIGN]), [1, BLOCK_K // 32])
 
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for _ in range(k_lo, k_full, BLOCK_K):
-        acc = _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, K, offs_k, offs_kb, BLOCK_N, BLOCK_K, False, EMU_BF16)
-        x_ptrs += BLOCK_K
-        q_ptrs += BLOCK_K
-        d_ptrs += BLOCK_K // 32
-    if k_full < k_hi:  # the ragged end of K (a multiple of 32, not of BLOCK_K): the last split's
-        acc = _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, k_hi - k_full, offs_k, offs_kb, BLOCK_N, BLOCK_K, True,
-                       EMU_BF16)  # fmt: skip
+    acc = _tc_range(x_ptrs, q_ptrs, d_ptrs, mask_m, k_lo, k_full, k_hi, offs_k, offs_kb, BLOCK_N, BLOCK_K, BLOCK_M,
+                    EMU_BF16)  # fmt: skip
 
     if SPLIT_K > 1:
         tile = (pid_n * SPLIT_K).to(tl.int64) * (BLOCK_N * BLOCK_M)
