@@ -35,7 +35,8 @@ take): W's dequantized tile is the wgmma's operand A in registers, so it never g
     launch at 168 for 384 threads): the same PTX without it compiles asynchronous in 208 registers. Serialization
     is not what holds it back, though: made asynchronous (the first consumer issuing the loads instead of a producer
     warp, 8 warps at 255 registers) it measured the same, 71-78% of cuBLAS against 72-79%, and W's tiles through
-    each consumer's own shared buffers 67-74% (bench/results/h200_session14/NOTES.md).
+    each consumer's own shared buffers 67-74% (bench/results/h200_session14/NOTES.md); stage releases by one arrival
+    per consumer thread (no partition barrier around them) 74-78% (bench/results/h200_session15/NOTES.md).
 H200, M = 2048 and 8192 at 3B / 8B layer shapes (bench/results/h200_session13/call5): the shared-memory kernel
 61-72% of cuBLAS, the register-operand kernel 70-79%, the warp-specialized one 71-81%; the product's config is
 measured.
