@@ -52,7 +52,7 @@ for s in "$@"; do
     ncu-chain) step ncu_chain 200 "$(command -v ncu || ls /usr/local/cuda*/bin/ncu | head -1)" --kernel-name \
         regex:_chain_ws --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
         --section WarpStateStats --section SchedulerStats --section InstructionStats --section SourceCounters \
-        python3 bench/persistent_lab.py --which ws --ws-cfg 5 --layers 2 --out "$out/ncu_chain.json" ;;
+        python3 bench/persistent_lab.py --which ws --ws-cfg 0 --layers 2 --out "$out/ncu_chain.json" ;;
     persistentlab) step persistent_lab 300 python3 bench/persistent_lab.py --out "$out/persistent_lab.json" ;;
     profile) step profile 240 python3 bench/profile_gpu.py --out "$out/profile_h200.json" ;;
     profile-decode) step profile_decode 200 python3 bench/profile_gpu.py --what decode,decode2 \

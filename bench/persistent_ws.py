@@ -232,6 +232,9 @@ def chain_ws(ws, act, part, cnt, sync, layers: int, offs, cfg: dict, n_sm: int) 
     """Launch the chain: ws = [(qs, d)] per product kind ([L * N, K] int8, [L * N, K / 32] fp16)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    if cfg.get("H", 1) != 1 and not cfg.get("try_partitions"):
+        raise ValueError("two consumer partitions (H = 2) hung with triton 3.6 (h200_session15 call 5); "
+                         "pass try_partitions=True to run them on another triton")  # fmt: skip
     bn = 16 * cfg["warps"]
     lay = gl.NVMMASharedLayout.get_default_for([bn, 64], gl.int8)
     qd = [TensorDescriptor.from_tensor(qs, [bn, 64], lay) for qs, _ in ws]
