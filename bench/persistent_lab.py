@@ -188,15 +188,58 @@ def launched_chain(ws, x0, layers: int, prefetch_mib: int):
     return outs[-4:]
 
 
-def persistent_setup(ws, device, cfg: dict):
+def fresh_act(x0):
+    """The four outputs' buffer (bf16, offsets OFFS), the first layer's input x0 in the last one's place."""
+    act = torch.zeros(sum(n for n, _ in SHAPES), dtype=torch.bfloat16, device=x0.device)
+    act[OFFS[3] : OFFS[3] + 3200] = x0[0]
+    return act
+
+
+def persistent_setup(x0, cfg: dict):
+    """(act, split-K partials, counters, barrier words) for the Triton persistent kernel."""
     bn, bm = cfg["BLOCK_N"], 8
     nblk = max(n // bn for n, _ in SHAPES)
-    split = max(cfg["S"])
-    part = torch.empty(nblk * split * bn * bm, dtype=torch.float32, device=device)
-    cnt = torch.zeros(nblk, dtype=torch.int32, device=device)
-    bar = torch.zeros(2, dtype=torch.int32, device=device)
-    act = torch.zeros(sum(n for n, _ in SHAPES), dtype=torch.bfloat16, device=device)
-    return act, part, cnt, bar
+    part = torch.empty(nblk * max(cfg["S"]) * bn * bm, dtype=torch.float32, device=x0.device)
+    cnt = torch.zeros(nblk, dtype=torch.int32, device=x0.device)
+    bar = torch.zeros(2, dtype=torch.int32, device=x0.device)
+    return fresh_act(x0), part, cnt, bar
+
+
+def ws_setup(x0, cfg: dict):
+    """(act, split-K partials, counters, product counters) for the Gluon kernel (bench/persistent_ws.py)."""
+    bn = 16 * cfg["warps"]
+    nblk = max(-(-n // bn) for n, _ in SHAPES)
+    part = torch.empty(nblk * max(cfg["S"]) * cfg.get("H", 1) * bn, dtype=torch.float32, device=x0.device)
+    cnt = torch.zeros(nblk, dtype=torch.int32, device=x0.device)
+    sync = torch.zeros(128, dtype=torch.int32, device=x0.device)
+    return fresh_act(x0), part, cnt, sync
+
+
+def max_rel_err(act, ref) -> float:
+    """The largest |difference| / (|reference| + 0.01) of the four outputs against the launched chain's ref."""
+    err = 0.0
+    for j, y in enumerate(ref):
+        got = act[OFFS[j] : OFFS[j] + SHAPES[j][0]].float()
+        err = max(err, ((got - y[0].float()).abs() / (y[0].float().abs() + 1e-2)).max().item())
+    return err
+
+
+def check_and_time(name: str, cfg: dict, setup, run, ref, layers: int, report) -> None:
+    """One persistent form, its buffers from setup(): one layer by run(bufs, 1) checked against ref (outputs; the
+    counters and sync words back at zero unless its barriers' waits were left out), then timed over `layers`; a form
+    that does not build or fit is reported and skipped."""
+    try:
+        bufs = setup()
+        run(bufs, 1)
+        torch.cuda.synchronize()
+        err = max_rel_err(bufs[0], ref)
+        if not cfg.get("nobar") and any(int(t.count_nonzero()) for t in bufs[2:]):
+            raise RuntimeError("sync words not reset")
+        us = graph_us(lambda: run(bufs, layers))
+        report(name, us, {"max_rel_err_1layer": err, "cfg": cfg})
+        print(f"    one layer vs launched: max rel err {err:.3g}", flush=True)
+    except Exception as e:
+        print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
 
 def persistent_chain(ws, act, part, cnt, bar, layers: int, cfg: dict, n_sm: int):
@@ -285,51 +328,16 @@ def main(argv=None) -> int:
             f"launched (q8_0_matmul, hint {pf} MiB)", graph_us(lambda pf=pf: launched_chain(ws, x0, args.layers, pf))
         )
     for cfg in CONFIGS if args.which != "ws" else []:
-        name = f"persistent {cfg}"
-        try:
-            act, part, cnt, bar = persistent_setup(ws, dev, cfg)
-            act[OFFS[3] : OFFS[3] + 3200] = x0[0]
-            persistent_chain(ws, act, part, cnt, bar, 1, cfg, n_sm)
-            torch.cuda.synchronize()
-            err = 0.0
-            for j, y in enumerate(ref):
-                got = act[OFFS[j] : OFFS[j] + SHAPES[j][0]].float()
-                err = max(err, ((got - y[0].float()).abs() / (y[0].float().abs() + 1e-2)).max().item())
-            if not cfg.get("nobar") and (bar.tolist() != [0, 0] or cnt.abs().sum().item() != 0):
-                raise RuntimeError(f"sync words not reset: {bar.tolist()}")
-            bufs = (act, part, cnt, bar)
-            us = graph_us(lambda b=bufs, c=cfg: persistent_chain(ws, *b, args.layers, c, n_sm))
-            report(name, us, {"max_rel_err_1layer": err, "cfg": cfg})
-            print(f"    one layer vs launched: max rel err {err:.3g}", flush=True)
-        except Exception as e:  # a config that does not build or fit is reported and skipped
-            print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        run = lambda b, n, c=cfg: persistent_chain(ws, *b, n, c, n_sm)  # noqa: E731
+        setup = lambda c=cfg: persistent_setup(x0, c)  # noqa: E731
+        check_and_time(f"persistent {cfg}", cfg, setup, run, ref, args.layers, report)
     from persistent_ws import chain_ws
 
     ws_cfgs = WS_CONFIGS if args.ws_cfg is None else [WS_CONFIGS[args.ws_cfg]]
     for cfg in ws_cfgs if args.which != "triton" else []:
-        name = f"persistent-ws {cfg}"
-        try:
-            bn = 16 * cfg["warps"]
-            nblk = max(-(-n // bn) for n, _ in SHAPES)
-            part = torch.empty(nblk * max(cfg["S"]) * cfg.get("H", 1) * bn, dtype=torch.float32, device=dev)
-            cnt = torch.zeros(nblk, dtype=torch.int32, device=dev)
-            sync = torch.zeros(128, dtype=torch.int32, device=dev)
-            act = torch.zeros(sum(n for n, _ in SHAPES), dtype=torch.bfloat16, device=dev)
-            act[OFFS[3] : OFFS[3] + 3200] = x0[0]
-            chain_ws(ws, act, part, cnt, sync, 1, OFFS, cfg, n_sm)
-            torch.cuda.synchronize()
-            err = 0.0
-            for j, y in enumerate(ref):
-                got = act[OFFS[j] : OFFS[j] + SHAPES[j][0]].float()
-                err = max(err, ((got - y[0].float()).abs() / (y[0].float().abs() + 1e-2)).max().item())
-            if sync.abs().sum().item() != 0 or cnt.abs().sum().item() != 0:
-                raise RuntimeError("sync words not reset")
-            bufs = (act, part, cnt, sync)
-            us = graph_us(lambda b=bufs, c=cfg: chain_ws(ws, *b, args.layers, OFFS, c, n_sm))
-            report(name, us, {"max_rel_err_1layer": err, "cfg": cfg})
-            print(f"    one layer vs launched: max rel err {err:.3g}", flush=True)
-        except Exception as e:  # a config that does not build or fit is reported and skipped
-            print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        run = lambda b, n, c=cfg: chain_ws(ws, *b, n, OFFS, c, n_sm)  # noqa: E731
+        setup = lambda c=cfg: ws_setup(x0, c)  # noqa: E731
+        check_and_time(f"persistent-ws {cfg}", cfg, setup, run, ref, args.layers, report)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"layers": args.layers, "bytes": nbytes, "rows": rows}, indent=1))
     return 0
