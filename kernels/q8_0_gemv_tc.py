@@ -37,38 +37,25 @@ from .triton_util import _dequant_to, _pdl_start, _prefetch, _silu_mul, _to
 
 
 @triton.jit
-def _glu_tile(g_ptrs, k_mask, u_off, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EMU_BF16: tl.constexpr):
-    """x's tile [BLOCK_K, BLOCK_M] for one row of x given as [gate | up] (GLU, M == 1; g_ptrs [BLOCK_K] into gate, up
-    u_off elements later): column 0 = silu(gate) * up (the SwiGLU kernel's numbers, _silu_mul), formed on the row's
-    BLOCK_K values only, the other columns 0."""
-    if MASKED:
-        g = tl.load(g_ptrs, mask=k_mask, other=0.0)
-        u = tl.load(g_ptrs + u_off, mask=k_mask, other=0.0)
-    else:
-        g = tl.load(g_ptrs)
-        u = tl.load(g_ptrs + u_off)
-    a = _silu_mul(g, u, g.dtype, EMU_BF16)
-    if not EMU_BF16:  # an opaque copy: the layout change to the MMA's stays after the arithmetic (one value per thread)
-        a = tl.inline_asm_elementwise("mov.b16 $0, $1;", "=h,h", [a], dtype=a.dtype, is_pure=False, pack=1)
-    a = a[:, None]
-    return tl.where(tl.arange(0, BLOCK_M)[None, :] == 0, a, tl.zeros_like(a))
+def _x_tile(x_ptrs, mask, u_off, GLU: tl.constexpr, EMU_BF16: tl.constexpr):
+    """x's tile [BLOCK_K, BLOCK_M] (zero where masked); GLU: x = silu(gate) * up formed from the row [gate | up], up
+    u_off elements after gate (the SwiGLU kernel's numbers: _silu_mul)."""
+    if GLU:
+        g = tl.load(x_ptrs, mask=mask, other=0.0)
+        return _silu_mul(g, tl.load(x_ptrs + u_off, mask=mask, other=0.0), g.dtype, EMU_BF16)
+    return tl.load(x_ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
 def _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, k_rem, offs_k, offs_kb, u_off, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, GLU: tl.constexpr,
-             EMU_BF16: tl.constexpr):  # fmt: skip
-    """acc += W[rows, k-tile] @ x[:, k-tile].T for one K tile (MASKED: the tile may run past K; GLU: _glu_tile)."""
-    if GLU:
-        xt = _glu_tile(x_ptrs, offs_k < k_rem, u_off, BLOCK_M, MASKED, EMU_BF16)
-    elif MASKED:
-        xt = tl.load(x_ptrs, mask=mask_m[None, :] & (offs_k[:, None] < k_rem), other=0.0)
-    else:
-        xt = tl.load(x_ptrs, mask=mask_m[None, :], other=0.0)
+             BLOCK_K: tl.constexpr, MASKED: tl.constexpr, GLU: tl.constexpr, EMU_BF16: tl.constexpr):  # fmt: skip
+    """acc += W[rows, k-tile] @ x[:, k-tile].T for one K tile (MASKED: the tile may run past K)."""
     if MASKED:
+        xt = _x_tile(x_ptrs, mask_m[None, :] & (offs_k[:, None] < k_rem), u_off, GLU, EMU_BF16)
         q = tl.load(q_ptrs, mask=offs_k[None, :] < k_rem, other=0)
         d = tl.load(d_ptrs, mask=offs_kb[None, :] * 32 < k_rem, other=0.0)
     else:
+        xt = _x_tile(x_ptrs, mask_m[None, :], u_off, GLU, EMU_BF16)
         q = tl.load(q_ptrs)
         d = tl.load(d_ptrs)
     w = _dequant_to(q, d, xt.dtype, BLOCK_N, BLOCK_K, EMU_BF16)
@@ -82,17 +69,17 @@ def _tc_range(x_ptrs, q_ptrs, d_ptrs, mask_m, k_lo, k_full, k_hi, offs_k, offs_k
               BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GLU: tl.constexpr, EMU_BF16: tl.constexpr):  # fmt: skip
     """acc [BLOCK_N, BLOCK_M] fp32 = W[rows, k_lo:k_hi] @ x[:, k_lo:k_hi].T, the pointers at k_lo: the full K tiles up
     to k_full, then the ragged end (a multiple of 32, not of BLOCK_K: the last split's) masked (GLU, u_off:
-    _glu_tile, x_ptrs then [BLOCK_K])."""
+    _x_tile)."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for _ in range(k_lo, k_full, BLOCK_K):
-        acc = _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, k_hi, offs_k, offs_kb, u_off, BLOCK_N, BLOCK_K, BLOCK_M,
-                       False, GLU, EMU_BF16)  # fmt: skip
+        acc = _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, k_hi, offs_k, offs_kb, u_off, BLOCK_N, BLOCK_K, False, GLU,
+                       EMU_BF16)  # fmt: skip
         x_ptrs += BLOCK_K
         q_ptrs += BLOCK_K
         d_ptrs += BLOCK_K // 32
     if k_full < k_hi:
         acc = _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, k_hi - k_full, offs_k, offs_kb, u_off, BLOCK_N, BLOCK_K,
-                       BLOCK_M, True, GLU, EMU_BF16)  # fmt: skip
+                       True, GLU, EMU_BF16)  # fmt: skip
     return acc
 
 
@@ -134,7 +121,7 @@ def _q8_gemv_tc_kernel(
     D_ALIGN: tl.constexpr = 2,  # bytes every row of d (and d_ptr) is aligned to: 2, 4, 8 or 16
     PDL: tl.constexpr = False,
     PREFETCH: tl.constexpr = 0,
-    GLU: tl.constexpr = False,  # x's one row (M == 1) is [gate | up] (2K wide): the input is silu(gate) * up
+    GLU: tl.constexpr = False,  # x's rows are [gate | up] (2K wide): the product's input is silu(gate) * up
 ):
     """y[:, n-block] = x @ W[n-block].T (+ scale * t @ b[n-block].T) for all M rows of x: program pid covers K range
     pid % SPLIT_K of N block pid // SPLIT_K. With SPLIT_K > 1 each stores its fp32 partial and the last of a block to
@@ -160,10 +147,7 @@ def _q8_gemv_tc_kernel(
     mask_m = offs_m < M
     offs_k = tl.arange(0, BLOCK_K)
     offs_kb = tl.arange(0, BLOCK_K // 32)
-    if GLU:  # x's one row [gate | up]: its gate's K range (_glu_tile)
-        x_ptrs = x_ptr + k_lo + offs_k
-    else:
-        x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (k_lo + offs_k)[:, None]
+    x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (k_lo + offs_k)[:, None]
     q_ptrs = qs_ptr + rn[:, None] * stride_qn + (k_lo + offs_k)[None, :]
     d_ptrs = d_ptr + rn[:, None] * stride_dn + (k_lo // 32 + offs_kb)[None, :]
     if D_ALIGN > 2:  # the rows of d are D_ALIGN-byte aligned (K / 32 even): the scales can be copied async too

@@ -285,8 +285,8 @@ def _d_align(d: torch.Tensor) -> int:
 
 def _gemv_tc(x2, qs, d, y, lora, cfg: dict, prefetch: Prefetch | None = None, glu: bool = False) -> None:
     """The tensor-core gemv path (q8_0_gemv_tc): all rows of x in each program; t = x @ a formed (by _fwd);
-    split-K partials combined by the last program of each N block. glu: x2's one row is [gate | up] and the
-    product's input is silu(gate) * up, formed as the tiles are loaded."""
+    split-K partials combined by the last program of each N block. glu: x2's rows are [gate | up] and the product's
+    input is silu(gate) * up, formed as the tiles are loaded."""
     m = x2.shape[0]
     n, k = qs.shape
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
@@ -482,15 +482,15 @@ def q8_0_swiglu_matmul(
     prefetch: Prefetch | None = None,
 ) -> torch.Tensor:
     """y[..., N] = (silu(gate) * up) @ W.T for gu[..., 2K] = [gate | up] (the packed gate/up product's output):
-    model.feed_forward's down product. For one row of bf16/fp16 activations (decoding a token) the tensor-core gemv
-    forms silu(gate) * up as it loads each x tile, train_ops.silu_mul_fwd's bits, with no launch or buffer of its
-    own; elsewhere silu_mul_fwd runs first, then q8_0_matmul. The same numbers either way.
+    model.feed_forward's down product. Where the tensor-core gemv computes the product (up to GEMV_TC_MAX_M rows,
+    bf16/fp16: decoding) it forms silu(gate) * up as it loads each x tile, train_ops.silu_mul_fwd's bits, with no
+    launch or buffer of its own; elsewhere silu_mul_fwd runs first, then q8_0_matmul. The same numbers either way.
     The keywords: as q8_0_matmul's (a forced path other than "gemv_tc" takes the two launches)."""
     n, k = _check_weight(qs, d)
     _check_act(gu, 2 * k, qs, "gate|up")
     cfg = dict(config or {})
     m = gu.numel() // (2 * k)
-    if m != 1 or gu.dtype == torch.float32 or cfg.get("path", "gemv_tc") != "gemv_tc":
+    if m > GEMV_TC_MAX_M or gu.dtype == torch.float32 or cfg.get("path", "gemv_tc") != "gemv_tc":
         x = silu_mul_fwd(*gu.chunk(2, dim=-1))
         kw = dict(config=config, host_bound=host_bound, dequant_cache=dequant_cache, prefetch=prefetch)
         return q8_0_matmul(x, qs, d, **kw)

@@ -191,7 +191,7 @@ def _tuned():
         "gemm_t_large": tune(t_large, key=key, prune_configs_by=small)(gemm_t),
         "gemm_t_skinny": tune(t_skinny, key=key, prune_configs_by=skinny)(gemm_t),
         "gemv": tune(gemv, key=["N", "K"], prune_configs_by=small)(_q8_gemv_kernel),
-        "gemv_tc": tune(gemv_tc, key=["M", "N", "K", "GLU"], prune_configs_by=small, do_bench=_bench_graph)(
+        "gemv_tc": tune(gemv_tc, key=["M", "N", "K"], prune_configs_by=small, do_bench=_bench_graph)(
             _q8_gemv_tc_kernel
         ),
     }
