@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
-#   bash bench/gpu_session.sh OUTDIR [gputests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [swigluab] [tclab] [tccheck] [wgmmatests] [wgmmalab] [wgmmalab-notriton] [wgmmalab-quick] [hostlab] [predict] [predict-nohf] [launchtest] [prefill-fixed] [ncu-ws] [ncu-gemv] [persistentlab] [persistentlab-ws] [persistentlab-triton] [ncu-chain]
+#   bash bench/gpu_session.sh OUTDIR [gputests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [tclab] [tccheck] [wgmmatests] [wgmmalab] [wgmmalab-notriton] [wgmmalab-quick] [hostlab] [predict] [predict-nohf] [launchtest] [prefill-fixed] [ncu-ws] [ncu-gemv] [persistentlab] [persistentlab-ws] [persistentlab-triton] [ncu-chain]
 #                             [finetune-quick] [finetune-quick-nogluon] [adamw-repeat] [finetune] [finetune-main] [finetune-big] [finetune-seed] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-large] [kernels-small] [kernels-decode]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
@@ -37,7 +37,7 @@ for s in "$@"; do
     decodetests) step pytest_decode 150 env LORAKIT_AUTOTUNE=0 python3 -m pytest -q -x -p no:cacheprovider \
         tests/test_decode.py tests/test_decode_ops.py ;;
     gemvtests) step pytest_gemv 200 env LORAKIT_AUTOTUNE=0 bash -c "python3 -m pytest -q -x -p no:cacheprovider \
-        tests/test_kernels.py -k 'gemv or paths or lora or exhaustive or swiglu'; python3 -m pytest -q -x -p no:cacheprovider \
+        tests/test_kernels.py -k 'gemv or paths or lora or exhaustive'; python3 -m pytest -q -x -p no:cacheprovider \
         tests/test_decode.py tests/test_decode_ops.py" ;;
     ncu-ws | ncu-gemv)  # Nsight Compute on one launch: the warp-specialized Gluon kernel / the decode GEMV
         what="--path wgmma --cfg ws --m 2048 --n 9600 --k 3200"
@@ -66,8 +66,6 @@ for s in "$@"; do
     prefetchtests) step pytest_prefetch 120 env LORAKIT_AUTOTUNE=0 python3 -m pytest -q -x -p no:cacheprovider \
         tests/test_decode.py tests/test_decode_ops.py -k "prefetch or greedy or matches_batched or attention" ;;
     prefetchlab) step prefetch_lab 420 python3 bench/prefetch_lab.py --out "$out/prefetch_lab.json" ;;
-    swigluab) step swiglu_ab 300 python3 bench/prefetch_lab.py --rounds 5 --plans tail4,tail4+swiglu-apart \
-        --out "$out/swiglu_ab.json" ;;
     decodetiles) step decode_tiles 200 python3 bench/decode_tiles_lab.py --out "$out/decode_tiles_lab.json" ;;
     decodetiles-ad) step decode_tiles_ad 200 python3 bench/decode_tiles_lab.py --adapters \
         --out "$out/decode_tiles_lab_ad.json" ;;

@@ -27,8 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 MB = 1 << 20
 MAX_SPLITS = 16  # decode_ops.MAX_SPLITS as shipped
-PLANS = {  # name -> (tail, kind[, {"wo_tail": bytes for the output projections, "splits": attention splits,
-    #                                  "swiglu_apart": SwiGLU launched before the down product}])
+PLANS = {  # name -> (tail, kind[, {"wo_tail": bytes for the output projections, "splits": attention splits}])
     "none": (0, 2),
     "tail2": (2 * MB, 2),
     "tail4": (4 * MB, 2),
@@ -42,7 +41,6 @@ PLANS = {  # name -> (tail, kind[, {"wo_tail": bytes for the output projections,
     "tail4+wo11": (4 * MB, 2, {"wo_tail": 11 * MB}),
     "tail4+splits4": (4 * MB, 2, {"splits": 4}),
     "tail4+splits2": (4 * MB, 2, {"splits": 2}),
-    "tail4+swiglu-apart": (4 * MB, 2, {"swiglu_apart": True}),  # SwiGLU's own launch before the down product
 }
 
 
@@ -55,8 +53,7 @@ def run_plan(model, be, ads, gen, cache, plan, n: int) -> tuple[float, list[int]
 
     extra = plan[2] if len(plan) > 2 else {}
     decode_ops.MAX_SPLITS = extra.get("splits", MAX_SPLITS)  # read when the step is captured
-    dec = GraphDecoder(model, be, ads, gen.rope, cache, torch.bfloat16, greedy=True, prefetch=PrefetchPlan(*plan[:2]),
-                       swiglu_in_product=not extra.get("swiglu_apart", False))  # fmt: skip
+    dec = GraphDecoder(model, be, ads, gen.rope, cache, torch.bfloat16, greedy=True, prefetch=PrefetchPlan(*plan[:2]))
     if "wo_tail" in extra:  # the hints of the output projections (product 4 i + 1) take their own amount
         for i, hint in enumerate(dec.hints[:-1]):
             if i % 4 == 1 and hint is not None:
