@@ -76,17 +76,6 @@ class Backend(Protocol):
         t: x @ a_1 in x's dtype, [rows, r], already formed for a single term (LoraLinear keeps it for db).
         prefetch: a prefetch_hint for the product after this one (decode: its launch's last programs request it)."""
 
-    def swiglu_linear(
-        self,
-        gu: torch.Tensor,
-        w: Weight,
-        loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
-        prefetch: object | None = None,
-    ) -> torch.Tensor:
-        """lora_linear(silu_mul_fwd(*gu.chunk(2, dim=-1)), w, loras, prefetch=prefetch): the down product on the
-        packed [gate | up] output (the decode step's), with the same numbers; a backend may form the SwiGLU inside
-        the product."""
-
     def prefetch_hint(self, w: Weight, start: int, nbytes: int, kind: int = 2) -> object | None:
         """A hint a product can carry (lora_linear's prefetch=): ask the memory system for bytes [start, start +
         nbytes) of w's storage as the product ends, so that the product after it finds them cached; no effect on

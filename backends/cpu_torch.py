@@ -90,15 +90,6 @@ class CpuTorchBackend:
     ) -> torch.Tensor:
         return add_lora_terms(self.matmul(x, w), x, loras, t)
 
-    def swiglu_linear(
-        self,
-        gu: torch.Tensor,
-        w: Weight,
-        loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
-        prefetch: object | None = None,
-    ) -> torch.Tensor:
-        return self.lora_linear(self.silu_mul_fwd(*gu.chunk(2, dim=-1)), w, loras)
-
     def prefetch_hint(self, w: Weight, start: int, nbytes: int, kind: int = 2) -> None:
         """None: the CPU ops take no prefetch hints."""
         return None

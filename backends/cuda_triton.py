@@ -91,20 +91,6 @@ class CudaTritonBackend:
         (a, b, s), *rest = loras if len(loras) == 1 else self.fuse_loras(loras, x.dtype)
         return add_lora_terms(self._mm.q8_0_matmul(x, w.qs, w.d, a, b, s, lora_t=t, **kw), x, rest)
 
-    def swiglu_linear(
-        self,
-        gu: torch.Tensor,
-        w: Weight,
-        loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
-        prefetch: Prefetch | None = None,
-    ) -> torch.Tensor:
-        """Without LoRA terms on a q8_0 weight: one product that forms silu(gate) * up as it loads its input
-        (q8_0_swiglu_matmul); otherwise SwiGLU, then lora_linear."""
-        if isinstance(w, Q8Weight) and not any(float(s) != 0.0 for _, _, s in loras):
-            kw = dict(host_bound=self.host_bound, dequant_cache=self._wcache, prefetch=prefetch)
-            return self._mm.q8_0_swiglu_matmul(gu, w.qs, w.d, **kw)
-        return self.lora_linear(self.silu_mul_fwd(*gu.chunk(2, dim=-1)), w, loras, prefetch=prefetch)
-
     def prefetch_hint(self, w: Weight, start: int, nbytes: int, kind: int = 2) -> Prefetch | None:
         """kernels.triton_util.Prefetch for a q8_0 weight (bytes of its qs, and those blocks' scales); None for a
         float weight or no bytes."""

@@ -95,8 +95,8 @@ def _product(x_ptr, y_ptr, qs_ptr, d_ptr, part_ptr, cnt_ptr, pid, P, N: tl.const
         q_ptrs = qs_ptr + rn[:, None] * K + (k_lo + offs_k)[None, :]
         d_ptrs = d_ptr + rn[:, None] * (K // 32) + (k_lo // 32 + offs_kb)[None, :]
         d_ptrs = tl.max_contiguous(tl.multiple_of(d_ptrs, [4, 4]), [1, BLOCK_K // 32])
-        acc = _tc_range(x_ptrs, q_ptrs, d_ptrs, mask_m, k_lo, k_full, k_hi, offs_k, offs_kb, 0, BLOCK_N, BLOCK_K,
-                        BLOCK_M, False, False)  # fmt: skip
+        acc = _tc_range(x_ptrs, q_ptrs, d_ptrs, mask_m, k_lo, k_full, k_hi, offs_k, offs_kb, BLOCK_N, BLOCK_K,
+                        BLOCK_M, False)  # fmt: skip
         y_ptrs = y_ptr + offs_m[None, :] * 0 + rn[:, None]
         if SPLIT > 1:
             tile = (pid_n * SPLIT).to(tl.int64) * (BLOCK_N * BLOCK_M)

@@ -33,29 +33,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_util import _dequant_to, _pdl_start, _prefetch, _silu_mul, _to
+from .triton_util import _dequant_to, _pdl_start, _prefetch, _to
 
 
 @triton.jit
-def _x_tile(x_ptrs, mask, u_off, GLU: tl.constexpr, EMU_BF16: tl.constexpr):
-    """x's tile [BLOCK_K, BLOCK_M] (zero where masked); GLU: x = silu(gate) * up formed from the row [gate | up], up
-    u_off elements after gate (the SwiGLU kernel's numbers: _silu_mul)."""
-    if GLU:
-        g = tl.load(x_ptrs, mask=mask, other=0.0)
-        return _silu_mul(g, tl.load(x_ptrs + u_off, mask=mask, other=0.0), g.dtype, EMU_BF16)
-    return tl.load(x_ptrs, mask=mask, other=0.0)
-
-
-@triton.jit
-def _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, k_rem, offs_k, offs_kb, u_off, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr, MASKED: tl.constexpr, GLU: tl.constexpr, EMU_BF16: tl.constexpr):  # fmt: skip
+def _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, k_rem, offs_k, offs_kb, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr, MASKED: tl.constexpr, EMU_BF16: tl.constexpr):  # fmt: skip
     """acc += W[rows, k-tile] @ x[:, k-tile].T for one K tile (MASKED: the tile may run past K)."""
     if MASKED:
-        xt = _x_tile(x_ptrs, mask_m[None, :] & (offs_k[:, None] < k_rem), u_off, GLU, EMU_BF16)
+        xt = tl.load(x_ptrs, mask=mask_m[None, :] & (offs_k[:, None] < k_rem), other=0.0)
         q = tl.load(q_ptrs, mask=offs_k[None, :] < k_rem, other=0)
         d = tl.load(d_ptrs, mask=offs_kb[None, :] * 32 < k_rem, other=0.0)
     else:
-        xt = _x_tile(x_ptrs, mask_m[None, :], u_off, GLU, EMU_BF16)
+        xt = tl.load(x_ptrs, mask=mask_m[None, :], other=0.0)
         q = tl.load(q_ptrs)
         d = tl.load(d_ptrs)
     w = _dequant_to(q, d, xt.dtype, BLOCK_N, BLOCK_K, EMU_BF16)
@@ -65,21 +55,19 @@ def _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, k_rem, offs_k, offs_kb, u_off,
 
 
 @triton.jit
-def _tc_range(x_ptrs, q_ptrs, d_ptrs, mask_m, k_lo, k_full, k_hi, offs_k, offs_kb, u_off, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GLU: tl.constexpr, EMU_BF16: tl.constexpr):  # fmt: skip
+def _tc_range(x_ptrs, q_ptrs, d_ptrs, mask_m, k_lo, k_full, k_hi, offs_k, offs_kb, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, EMU_BF16: tl.constexpr):  # fmt: skip
     """acc [BLOCK_N, BLOCK_M] fp32 = W[rows, k_lo:k_hi] @ x[:, k_lo:k_hi].T, the pointers at k_lo: the full K tiles up
-    to k_full, then the ragged end (a multiple of 32, not of BLOCK_K: the last split's) masked (GLU, u_off:
-    _x_tile)."""
+    to k_full, then the ragged end (a multiple of 32, not of BLOCK_K: the last split's) masked."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for _ in range(k_lo, k_full, BLOCK_K):
-        acc = _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, k_hi, offs_k, offs_kb, u_off, BLOCK_N, BLOCK_K, False, GLU,
-                       EMU_BF16)  # fmt: skip
+        acc = _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, k_hi, offs_k, offs_kb, BLOCK_N, BLOCK_K, False, EMU_BF16)
         x_ptrs += BLOCK_K
         q_ptrs += BLOCK_K
         d_ptrs += BLOCK_K // 32
     if k_full < k_hi:
-        acc = _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, k_hi - k_full, offs_k, offs_kb, u_off, BLOCK_N, BLOCK_K,
-                       True, GLU, EMU_BF16)  # fmt: skip
+        acc = _tc_step(acc, x_ptrs, q_ptrs, d_ptrs, mask_m, k_hi - k_full, offs_k, offs_kb, BLOCK_N, BLOCK_K, True,
+                       EMU_BF16)  # fmt: skip
     return acc
 
 
@@ -121,7 +109,6 @@ def _q8_gemv_tc_kernel(
     D_ALIGN: tl.constexpr = 2,  # bytes every row of d (and d_ptr) is aligned to: 2, 4, 8 or 16
     PDL: tl.constexpr = False,
     PREFETCH: tl.constexpr = 0,
-    GLU: tl.constexpr = False,  # x's rows are [gate | up] (2K wide): the product's input is silu(gate) * up
 ):
     """y[:, n-block] = x @ W[n-block].T (+ scale * t @ b[n-block].T) for all M rows of x: program pid covers K range
     pid % SPLIT_K of N block pid // SPLIT_K. With SPLIT_K > 1 each stores its fp32 partial and the last of a block to
@@ -153,8 +140,8 @@ def _q8_gemv_tc_kernel(
     if D_ALIGN > 2:  # the rows of d are D_ALIGN-byte aligned (K / 32 even): the scales can be copied async too
         d_ptrs = tl.max_contiguous(tl.multiple_of(d_ptrs, [D_ALIGN, D_ALIGN]), [1, BLOCK_K // 32])
 
-    acc = _tc_range(x_ptrs, q_ptrs, d_ptrs, mask_m, k_lo, k_full, k_hi, offs_k, offs_kb, K, BLOCK_N, BLOCK_K, BLOCK_M,
-                    GLU, EMU_BF16)  # fmt: skip
+    acc = _tc_range(x_ptrs, q_ptrs, d_ptrs, mask_m, k_lo, k_full, k_hi, offs_k, offs_kb, BLOCK_N, BLOCK_K, BLOCK_M,
+                    EMU_BF16)  # fmt: skip
 
     if SPLIT_K > 1:
         tile = (pid_n * SPLIT_K).to(tl.int64) * (BLOCK_N * BLOCK_M)

@@ -5,7 +5,6 @@ scale per block of 32 along K; W[n, k] = qs[n, k] * d[n, k // 32].
 
 Ops (each launcher: check -> allocate -> pick a path -> launch):
   q8_0_matmul(x, qs, d, a, b, scale)   y[M, N]  = x[M, K] @ W.T  (+ scale * (x @ a) @ b.T)
-  q8_0_swiglu_matmul(gu, qs, d)         y[M, N]  = (silu(gate) * up) @ W.T, gu[M, 2K] = [gate | up]
   q8_0_matmul_grad_input(dy, qs, d)     dx[M, K] = dy[M, N] @ W
   q8_0_dequantize(qs, d, dtype, index)  rows of W (all, or W[index] for an embedding lookup)
 
@@ -76,7 +75,6 @@ from .q8_0_tuning import (
     choose_path,
     pick_wgmma_config,
 )
-from .train_ops import silu_mul_fwd
 from .triton_util import (
     _INTERPRET,
     ACT_DTYPES,
@@ -95,7 +93,6 @@ __all__ = [
     "MAX_FUSED_RANK",
     "interpreting",
     "q8_0_matmul",
-    "q8_0_swiglu_matmul",
     "q8_0_matmul_grad_input",
     "q8_0_dequantize",
     "DequantCache",
@@ -283,16 +280,15 @@ def _d_align(d: torch.Tensor) -> int:
     return a
 
 
-def _gemv_tc(x2, qs, d, y, lora, cfg: dict, prefetch: Prefetch | None = None, glu: bool = False) -> None:
+def _gemv_tc(x2, qs, d, y, lora, cfg: dict, prefetch: Prefetch | None = None) -> None:
     """The tensor-core gemv path (q8_0_gemv_tc): all rows of x in each program; t = x @ a formed (by _fwd);
-    split-K partials combined by the last program of each N block. glu: x2's rows are [gate | up] and the product's
-    input is silu(gate) * up, formed as the tiles are loaded."""
-    m = x2.shape[0]
-    n, k = qs.shape
+    split-K partials combined by the last program of each N block."""
+    m, k = x2.shape
+    n = qs.shape[0]
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
     t, _, bb, r, s = lora if lora is not None else (y, y, y, 0, 0.0)  # dummies, never read without HAS_LORA
     forced = _INTERPRET or any(key in cfg for key in _INTERP_GEMV_TC)
-    key = ("gemv_tc", m, n, k, x2.dtype, y.dtype, lora is not None, glu)
+    key = ("gemv_tc", m, n, k, x2.dtype, y.dtype, lora is not None)
     tiles = _tiles(_INTERP_GEMV_TC, cfg) if forced else (_BEST[key].kwargs if key in _BEST else None)
     # split-K scratch (for every config before the autotuning): partial tiles [N blocks, SPLIT_K, BLOCK_N, BLOCK_M],
     # a counter per N block
@@ -305,7 +301,7 @@ def _gemv_tc(x2, qs, d, y, lora, cfg: dict, prefetch: Prefetch | None = None, gl
     args = (x2, qs, d, y, t, bb, parts, counts, m, n, k, x2.stride(0), qs.stride(0), d.stride(0), y.stride(0),
             y.stride(1), t.stride(0), t.stride(1), bb.stride(0), bb.stride(1), r, float(s), *pf_args)  # fmt: skip
     const = dict(BLOCK_M=block_m, HAS_LORA=lora is not None, BLOCK_R=max(16, next_pow2(r)), EMU_BF16=_INTERPRET,
-                 D_ALIGN=_d_align(d), PREFETCH=kind, GLU=glu, **pdl(x2.device))  # fmt: skip
+                 D_ALIGN=_d_align(d), PREFETCH=kind, **pdl(x2.device))  # fmt: skip
     if forced:
         launch(_q8_gemv_tc_kernel, (cdiv(n, tiles["BLOCK_N"]) * tiles["SPLIT_K"] + extra,), args, {**const, **tiles})
     else:
@@ -469,35 +465,6 @@ def q8_0_matmul(
     if extra is not None:
         y += extra.to(out_dtype)
     return y.reshape(*lead, n)
-
-
-def q8_0_swiglu_matmul(
-    gu: torch.Tensor,
-    qs: torch.Tensor,
-    d: torch.Tensor,
-    *,
-    config: dict | None = None,
-    host_bound: bool = False,
-    dequant_cache: DequantCache | None = None,
-    prefetch: Prefetch | None = None,
-) -> torch.Tensor:
-    """y[..., N] = (silu(gate) * up) @ W.T for gu[..., 2K] = [gate | up] (the packed gate/up product's output):
-    model.feed_forward's down product. Where the tensor-core gemv computes the product (up to GEMV_TC_MAX_M rows,
-    bf16/fp16: decoding) it forms silu(gate) * up as it loads each x tile, train_ops.silu_mul_fwd's bits, with no
-    launch or buffer of its own; elsewhere silu_mul_fwd runs first, then q8_0_matmul. The same numbers either way.
-    The keywords: as q8_0_matmul's (a forced path other than "gemv_tc" takes the two launches)."""
-    n, k = _check_weight(qs, d)
-    _check_act(gu, 2 * k, qs, "gate|up")
-    cfg = dict(config or {})
-    m = gu.numel() // (2 * k)
-    if m > GEMV_TC_MAX_M or gu.dtype == torch.float32 or cfg.get("path", "gemv_tc") != "gemv_tc":
-        x = silu_mul_fwd(*gu.chunk(2, dim=-1))
-        kw = dict(config=config, host_bound=host_bound, dequant_cache=dequant_cache, prefetch=prefetch)
-        return q8_0_matmul(x, qs, d, **kw)
-    y = torch.empty(m, n, dtype=gu.dtype, device=gu.device)
-    if m:
-        _gemv_tc(gu.reshape(m, 2 * k), qs, d, y, None, cfg, prefetch, glu=True)
-    return y.reshape(*gu.shape[:-1], n)
 
 
 # --------------------------------------------------------------------------------------------------

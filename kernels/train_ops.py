@@ -56,18 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_util import (
-    ACT_DTYPES,
-    _pdl_start,
-    _silu_mul,
-    _to,
-    cdiv,
-    check_tensor,
-    interpreting,
-    launch,
-    next_pow2,
-    pdl,
-)
+from .triton_util import ACT_DTYPES, _pdl_start, _to, cdiv, check_tensor, interpreting, launch, next_pow2, pdl
 
 _INTERPRET = interpreting()
 MAX_ROW = 16384  # rms_norm keeps a whole row in registers
@@ -195,9 +184,10 @@ def _silu_mul_fwd_kernel(
     cols = (pid % n_blk) * BLOCK + tl.arange(0, BLOCK)
     m = cols < Fd
     dtype = y_ptr.dtype.element_ty
-    g = tl.load(g_ptr + row * stride_g + cols, mask=m, other=0.0)
-    u = tl.load(u_ptr + row * stride_u + cols, mask=m, other=0.0)
-    tl.store(y_ptr + row * Fd + cols, _silu_mul(g, u, dtype, EMU_BF16), mask=m)
+    g = tl.load(g_ptr + row * stride_g + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_u + cols, mask=m, other=0.0).to(tl.float32)
+    a = _to(tl.math.div_rn(g, 1.0 + tl.exp(-g)), dtype, EMU_BF16).to(tl.float32)
+    tl.store(y_ptr + row * Fd + cols, _to(a * u, dtype, EMU_BF16), mask=m)
 
 
 @triton.jit

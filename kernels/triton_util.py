@@ -225,15 +225,6 @@ def _to(x, dtype: tl.constexpr, EMU_BF16: tl.constexpr):
 
 
 @triton.jit
-def _silu_mul(g, u, dtype: tl.constexpr, EMU_BF16: tl.constexpr):
-    """rnd(rnd(silu(g)) * u) in dtype, fp32 math (model.feed_forward's F.silu(g) * u): silu(g) = g / (1 + exp(-g)).
-    Shared by the SwiGLU kernel and the tensor-core GEMV that forms its input from [gate | up] (the same bits)."""
-    g = g.to(tl.float32)
-    a = _to(tl.math.div_rn(g, 1.0 + tl.exp(-g)), dtype, EMU_BF16).to(tl.float32)
-    return _to(a * u.to(tl.float32), dtype, EMU_BF16)
-
-
-@triton.jit
 def _q8_magic(q):
     """1.5 * 2^23 + q as fp32, exactly: the integer q added to the bits of 1.5 * 2^23 (a float whose last
     mantissa bits then hold q)."""

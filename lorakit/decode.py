@@ -74,13 +74,11 @@ class GraphDecoder:
         sampler: SamplingParams | None = None,
         device_draw: bool = False,
         prefetch: PrefetchPlan | None = None,
-        swiglu_in_product: bool = True,
     ):
         if device_draw and (sampler is None or greedy):
             raise ValueError("device_draw needs a sampler (and greedy=False)")
         self.model, self.backend, self.cache, self.dtype = model, backend, cache, dtype
         self.greedy, self.sampler, self.device_draw = greedy, sampler, device_draw
-        self.swiglu_in_product = swiglu_in_product  # backend.swiglu_linear (False: SwiGLU, then the product)
         self.picks = None  # with a sampler: generate.survivors of the last step's logits
         self.cos_table, self.sin_table = rope
         self.linear, norm, self.embed = model_fns(model, backend, adapters, dtype)
@@ -155,11 +153,8 @@ class GraphDecoder:
             delta = be.lora_linear(o, *self.products[f"blk.{i}.attn_output.weight"], prefetch=hints[p + 2])
             h, f = be.add_rms_norm(h, delta, self.norms[f"blk.{i}.ffn_norm.weight"], eps)
             gu = self._packed(f, i, "ffn_gate_up", prefetch=hints[p + 3])
-            down = self.products[f"blk.{i}.ffn_down.weight"]
-            if self.swiglu_in_product:  # SwiGLU on the two halves of the packed output, inside the product
-                delta = be.swiglu_linear(gu, *down, prefetch=hints[p + 4])
-            else:
-                delta = be.lora_linear(be.silu_mul_fwd(*gu.chunk(2, dim=-1)), *down, prefetch=hints[p + 4])
+            act = be.silu_mul_fwd(*gu.chunk(2, dim=-1))  # SwiGLU on the two views of the packed output
+            delta = be.lora_linear(act, *self.products[f"blk.{i}.ffn_down.weight"], prefetch=hints[p + 4])
         _, h = be.add_rms_norm(h, delta, self.norms["output_norm.weight"], eps)
         logits = be.lora_linear(h, *self.products["output.weight"])[0, -1].float()
         if self.sampler is not None:  # the sampler's device stages: only their survivors go to the host

@@ -220,27 +220,6 @@ def test_prefetch_hints_change_no_result(make_backend, dtype, with_adapter):
 
 
 @pytest.mark.parametrize("make_backend", _backends())
-@pytest.mark.parametrize("with_adapter", [True, False])
-def test_swiglu_inside_the_down_product_same_bits(make_backend, with_adapter):
-    """GraphDecoder(swiglu_in_product=True) (the default: backend.swiglu_linear, on cuda-triton one tensor-core GEMV
-    forming silu(gate) * up as it loads its input, bf16 without adapters) decodes the same logits, tokens and cache
-    as SwiGLU's own launch before the product."""
-    dtype = torch.bfloat16
-    be, model, ads, gen, prompt, caches, logits = _two_prompted_caches(make_backend, dtype, with_adapter)
-    first = int(torch.argmax(logits))
-    runs = []
-    for cache, inside in zip(caches, (True, False), strict=True):
-        dec = GraphDecoder(model, be, ads, gen.rope, cache, dtype, swiglu_in_product=inside)
-        runs.append([dec(first, len(prompt)).clone()])
-        dec = GraphDecoder(model, be, ads, gen.rope, cache, dtype, greedy=True, swiglu_in_product=inside)
-        runs[-1].append(list(dec.tokens(first, len(prompt), 11 - len(prompt))))
-    assert torch.equal(runs[0][0], runs[1][0])
-    assert runs[0][1] == runs[1][1]
-    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v, strict=True):
-        assert torch.equal(a[:, :, :11], b[:, :, :11])
-
-
-@pytest.mark.parametrize("make_backend", _backends())
 def test_sampled_steps_draw_their_token_on_the_device(make_backend):
     """GraphDecoder(sampler=..., device_draw=True): each step draws its token with the next of the uniforms handed
     to tokens() (generate.pick on the step's survivors): the tokens and cache of a host loop that draws each token

@@ -261,58 +261,6 @@ def test_gemv_t_programs(m, r, block_kt):
     assert_within(got, given, tol, "t formed in the launch vs given")
 
 
-@pytest.mark.parametrize(
-    "shape,config",
-    [
-        ((1, 1), {"path": "gemv_tc"}),  # the decode step's: ragged last K tile (64 + 64 + 32) and N tile
-        ((3,), {"path": "gemv_tc", "SPLIT_K": 2}),  # split-K, rows of x past M masked
-        ((2, 8), {"path": "gemv_tc", "BLOCK_N": 32, "num_warps": 2, "SPLIT_K": 4, "BLOCK_K": 32}),  # 16 rows
-        ((1,), {}),  # the path q8_0_matmul picks (the tensor-core gemv)
-        ((37,), {}),  # past GEMV_TC_MAX_M: SwiGLU, then the product
-        ((2,), {"path": "gemm"}),  # a forced path other than gemv_tc: the same two launches
-    ],
-)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_swiglu_matmul(shape, config, dtype):
-    """q8_0_swiglu_matmul forms silu(gate) * up inside the tensor-core gemv: the same bits as silu_mul_fwd and then
-    q8_0_matmul with the same config (both run train_ops' SwiGLU arithmetic, triton_util._silu_mul), on gates over
-    silu's tails and bend."""
-    from lorakit.kernels.train_ops import silu_mul_fwd
-
-    n, k = 97, 160
-    w = on(make_weight(n, k, seed=8))
-    gu = rand(*shape, 2 * k, dtype=dtype, seed=9, scale=4.0).to(DEVICE)
-    got = qmm.q8_0_swiglu_matmul(gu, w.qs, w.d, config=config)
-    two = qmm.q8_0_matmul(silu_mul_fwd(*gu.chunk(2, dim=-1)), w.qs, w.d, config=config)
-    assert got.shape == (*shape, n) and got.dtype == dtype
-    assert torch.equal(got, two), f"swiglu in the product vs apart, {shape} {config}"
-
-
-def test_swiglu_matmul_rejects_bad_input():
-    w = on(make_weight(50, 96))
-    with pytest.raises(ValueError, match="last axis must be 192"):
-        qmm.q8_0_swiglu_matmul(torch.zeros(1, 96, dtype=torch.bfloat16, device=DEVICE), w.qs, w.d)
-    assert qmm.q8_0_swiglu_matmul(torch.zeros(0, 192, dtype=torch.bfloat16, device=DEVICE), w.qs, w.d).shape == (0, 50)
-
-
-@pytest.mark.parametrize("with_lora", [False, True])
-def test_swiglu_linear_backends(tri, with_lora):
-    """Backend.swiglu_linear on the packed [gate | up] of one decode row is each backend's own composition, bit for
-    bit: SwiGLU (silu_mul_fwd), then lora_linear (cuda-triton: SwiGLU inside the product without LoRA terms, apart
-    with them). The ops themselves are checked against cpu-torch in test_decode_ops / the matmul tests above."""
-    n, k, dtype = 97, 160, torch.bfloat16
-    w = make_weight(n, k, seed=10)
-    gu = rand(1, 1, 2 * k, dtype=dtype, seed=11, scale=4.0)
-    loras = [(rand(k, 8, seed=12, scale=0.3), rand(n, 8, seed=13, scale=0.3), 0.5)] if with_lora else []
-    dev_loras = [(a.to(DEVICE), b.to(DEVICE), s) for a, b, s in loras]
-    got = tri.swiglu_linear(gu.to(DEVICE), on(w), dev_loras)
-    two = tri.lora_linear(tri.silu_mul_fwd(*gu.to(DEVICE).chunk(2, dim=-1)), on(w), dev_loras)
-    assert torch.equal(got, two)
-    spec = SPEC.swiglu_linear(gu, w, loras)
-    assert torch.equal(spec, SPEC.lora_linear(SPEC.silu_mul_fwd(*gu.chunk(2, dim=-1)), w, loras))
-    assert spec.shape == got.shape == (1, 1, n)
-
-
 def test_matmul_fp16_and_out_dtype_and_batch_dims():
     n, k = 50, 96
     w = make_weight(n, k)
