@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
-#   bash bench/gpu_session.sh OUTDIR [gputests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [tclab] [tccheck] [wgmmatests] [wgmmalab] [wgmmalab-notriton] [wgmmalab-quick] [hostlab] [predict] [predict-nohf] [launchtest] [prefill-fixed] [ncu-ws] [ncu-gemv] [persistentlab] [persistentlab-ws] [persistentlab-triton] [ncu-chain]
+#   bash bench/gpu_session.sh OUTDIR [gputests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [tclab] [tccheck] [wgmmatests] [wgmmalab] [wgmmalab-notriton] [wgmmalab-quick] [hostlab] [prefillpaths] [predict] [predict-nohf] [launchtest] [prefill-fixed] [ncu-ws] [ncu-gemv] [persistentlab] [persistentlab-ws] [persistentlab-triton] [ncu-chain]
 #                             [finetune-quick] [finetune-quick-nogluon] [adamw-repeat] [finetune] [finetune-main] [finetune-big] [finetune-seed] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-large] [kernels-small] [kernels-decode]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
@@ -76,6 +76,7 @@ for s in "$@"; do
     wgmmalab-quick) step wgmma_quick 200 python3 bench/wgmma_lab.py --quick --no-triton --out "$out/wgmma_quick.json" ;;
     tclab) step gemv_tc_lab 300 python3 bench/gemv_lab.py --tc --out "$out/gemv_tc_lab_h200.json" ;;
     tccheck) step gemv_tc_check 200 python3 bench/gemv_tc_check.py ;;
+    prefillpaths) step prefill_paths 300 python3 bench/prefill_paths_lab.py --out "$out/prefill_paths_lab.json" ;;
     hostlab) step host_lab 150 python3 bench/host_lab.py --out "$out/host_lab_h200.json" ;;
     prefill-fixed) step prefill_fixed 100 env LORAKIT_AUTOTUNE=0 python3 bench/predict_gpu.py --only-prefill ;;
     predict) step predict 150 python3 bench/predict_gpu.py --out "$out/predict_h200.json" ;;
