@@ -46,6 +46,8 @@ tests compare this kernel with cpu-torch on the GPU (marker gpu) and compile it 
 
 from __future__ import annotations
 
+import functools
+
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
@@ -653,20 +655,34 @@ def configs_for(k: int, d) -> list[dict]:
     return WS_CONFIGS + RS_CONFIGS + WGMMA_CONFIGS if _d_words(k, d) else list(WGMMA_CONFIGS)
 
 
+@functools.cache
+def _smem_layout(block: tuple[int, int], dtype) -> gl.NVMMASharedLayout:
+    """The shared-memory layout of a TMA tile [block] (made once: 27 us of host time each, two per launch,
+    bench/results/h200_session16/call3, where an eager prefill is host-bound)."""
+    return gl.NVMMASharedLayout.get_default_for(list(block), dtype)
+
+
+def _desc(t, block: tuple[int, int], dtype):
+    """A TMA descriptor of the 2-D tensor t read in [block] tiles (dtype: its Gluon dtype). Made per launch: it holds
+    the tensor, so a cache of them would keep activations alive."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(t, list(block), _smem_layout(block, dtype))
+
+
 def wgmma_matmul(x2, qs, d, y, lora, cfg: dict, group_m: int = 8) -> None:
     """y[M, N] = x2[M, K] @ W.T (+ scale * t @ b.T), lora = (t [M, r], b [N, r], scale) in x2's dtype or None.
-    x2 bf16/fp16 on an sm_90 GPU; y [M, N] with unit column stride."""
+    x2 bf16/fp16 on an sm_90 GPU; y [M, N] with unit column stride. Launched through triton_util.launch (its
+    compiled kernel kept per specialization: triton's dispatch cost ~150 us of host time per launch)."""
     import torch
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     m, k = x2.shape
     n = qs.shape[0]
     if x2.stride(1) != 1 or (x2.stride(0) * x2.element_size()) % 16 or x2.data_ptr() % 16:
         x2 = x2.contiguous()
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    gdt = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
-    x_desc = TensorDescriptor.from_tensor(x2, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gdt))
-    q_desc = TensorDescriptor.from_tensor(qs, [bn, bk], gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))
+    x_desc = _desc(x2, (bm, bk), gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16)
+    q_desc = _desc(qs, (bn, bk), gl.int8)
     if lora is None:
         t, b, r, s = y, y, 0, 0.0  # dummies, never read without HAS_LORA
     else:
@@ -679,13 +695,9 @@ def wgmma_matmul(x2, qs, d, y, lora, cfg: dict, group_m: int = 8) -> None:
         if not d_words:
             raise ValueError("the register-operand kernel needs K % 64 == 0 and 4-byte aligned scale rows")
         kernel, warps = (_q8_wgmma_ws_kernel, 4) if cfg.get("WS") else (_q8_wgmma_rs_kernel, 8)
-        kernel[grid](
-            x_desc, q_desc, d, y, t, b, m, n, k, d.stride(0), y.stride(0), t.stride(0), b.stride(0), r, float(s),
-            STAGES=cfg["STAGES"], GROUP_M=group_m, HAS_LORA=lora is not None, BLOCK_R=block_r, num_warps=warps,
-        )  # fmt: skip
-        return
-    _q8_wgmma_kernel[grid](
-        x_desc, q_desc, d, y, t, b, m, n, k, d.stride(0), y.stride(0), t.stride(0), b.stride(0), r, float(s),
-        STAGES=cfg["STAGES"], GROUP_M=group_m, HAS_LORA=lora is not None, BLOCK_R=block_r, D_WORDS=d_words,
-        num_warps=8,
-    )  # fmt: skip
+        const = dict(num_warps=warps)
+    else:
+        kernel, const = _q8_wgmma_kernel, dict(D_WORDS=d_words, num_warps=8)
+    args = (x_desc, q_desc, d, y, t, b, m, n, k, d.stride(0), y.stride(0), t.stride(0), b.stride(0), r, float(s))
+    const.update(STAGES=cfg["STAGES"], GROUP_M=group_m, HAS_LORA=lora is not None, BLOCK_R=block_r)
+    triton_util.launch(kernel, grid, args, const)
