@@ -150,14 +150,12 @@ def _candidates(
     m: int,
     same_dtype: bool,
     gemv: bool,
-    host_bound: bool = False,
     half: bool = False,
     t_in_launch: bool = False,
     wgmma: bool = False,
 ) -> tuple[list[str], str]:
-    """(paths that can compute an [m, *] product, the default without a measurement). host_bound: the caller
-    launches eagerly and the host, not the GPU, is the limit (a prefill): below DEQUANT_DEFAULT_M rows the
-    two-launch dequantize + cuBLAS path is left out (its GPU-time advantage is smaller than a launch there).
+    """(paths that can compute an [m, *] product, the default without a measurement: below DEQUANT_DEFAULT_M rows
+    the tiled kernel, one launch with little host work).
     half: the activations are bf16/fp16 (the tensor-core gemv's products are exact only for those).
     wgmma: the Gluon kernel can compute this product (wgmma_ok): a candidate above 64 rows, taken only where measured
     faster, never the default (as the default the fixed-tile prefill fell to 10.5k tok/s from 12.2k-16.4k: its
@@ -175,7 +173,7 @@ def _candidates(
     if _m_bucket(m) <= 64:
         return ["skinny"], "skinny"
     tiled = ["large", "wgmma"] if wgmma else ["large"]  # "wgmma" only where measured faster: never the default
-    if m >= DEQUANT_MIN_M and same_dtype and not (host_bound and m < DEQUANT_DEFAULT_M):
+    if m >= DEQUANT_MIN_M and same_dtype:
         return [*tiled, "dequant"], "dequant" if m >= DEQUANT_DEFAULT_M else "large"
     return tiled, "large"
 
@@ -413,8 +411,9 @@ def q8_0_matmul(
 
     a: (K, r), b: (N, r) (llama.cpp's lora_a / lora_b layout). fp32 accumulation; y in out_dtype
     (default x.dtype). `config` forces a path/tiles (tests): {"path": "gemv"|"gemm"|"dequant",
-    "SPLIT_K": s, plus BLOCK_* entries}. host_bound: eager launches where the host is the limit
-    (_candidates); every path computes the same numbers. dequant_cache: where the dequantize + cuBLAS path
+    "SPLIT_K": s, plus BLOCK_* entries}. host_bound: eager launches where the host is the limit (a prefill): the
+    path is chosen by the wall time of back-to-back eager calls, host and GPU together (choose_path(wall=True)),
+    not by GPU time; every path computes the same numbers. dequant_cache: where the dequantize + cuBLAS path
     keeps its dequantized weights for reuse (DequantCache; None: a transient copy per product). lora_t: x @ a
     in x's dtype ([rows, r]) where the caller already formed it (LoraLinear keeps it for its backward).
     prefetch: an L2 hint for the next product's weight (triton_util.Prefetch), carried by the GEMV paths' launch
@@ -455,12 +454,12 @@ def q8_0_matmul(
         half = x.dtype in (torch.bfloat16, torch.float16)
         t_in = has_lora and lora_t is None
         gl_ok = m > 64 and wgmma_ok(x2, qs, a.shape[1] if has_lora else 0)
-        paths, default = _candidates(m, out_dtype == x.dtype, True, host_bound, half, t_in, gl_ok)
+        paths, default = _candidates(m, out_dtype == x.dtype, True, half, t_in, gl_ok)
         # gl_ok in the key: a product the Gluon kernel cannot compute (a LoRA rank above 32, say) never reuses the
         # "wgmma" measured for another of the same shape
         key = ("fwd", m if m <= GEMV_TC_MAX_M else _m_bucket(m), n, k, x.dtype, out_dtype, has_lora, t_in, host_bound,
                gl_ok)  # fmt: skip
-        path = choose_path(key, paths, lambda p: _fwd(p, x2, qs, d, y, lora, cfg), default)
+        path = choose_path(key, paths, lambda p: _fwd(p, x2, qs, d, y, lora, cfg), default, wall=host_bound)
     _fwd(path, x2, qs, d, y, lora, cfg, dequant_cache, prefetch)
     if extra is not None:
         y += extra.to(out_dtype)

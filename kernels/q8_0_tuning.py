@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Callable
 
 import torch
@@ -248,30 +249,49 @@ def pick_wgmma_config(key: tuple, run: Callable[[dict], object], configs: list[d
     return best
 
 
-def _fastest(options: list, run: Callable[[object], object]):
+WALL_CALLS = 8  # calls per timed round of _fastest(wall=True)
+
+
+def _fastest(options: list, run: Callable[[object], object], wall: bool = False, sync: Callable | None = None):
     """The option whose run(option) takes least GPU time (eager launches, as the products are launched), each run
-    once first outside the timing (its kernels compile and autotune; that synchronizes)."""
-    times = []
+    once first outside the timing (its kernels compile and autotune; that synchronizes). wall: least wall time per
+    call of back-to-back eager calls instead (host and GPU together: what a caller whose host is the limit pays;
+    best of three rounds of WALL_CALLS; sync: waits for the device, torch.cuda.synchronize by default)."""
+    if not wall:
+        times = []
+        for opt in options:
+            run(opt)
+            times.append(triton.testing.do_bench(lambda opt=opt: run(opt), warmup=3, rep=15))
+        return options[times.index(min(times))]
+    sync = sync or torch.cuda.synchronize
     for opt in options:
         run(opt)
-        times.append(triton.testing.do_bench(lambda opt=opt: run(opt), warmup=3, rep=15))
-    return options[times.index(min(times))]
+    best = {}
+    for _ in range(3):
+        for opt in options:
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(WALL_CALLS):
+                run(opt)
+            sync()
+            best[opt] = min(best.get(opt, float("inf")), time.perf_counter() - t0)
+    return min(options, key=best.__getitem__)
 
 
 # the fastest path per product key, measured once (see choose_path)
 _PATH: dict[tuple, str] = {}
 
 
-def choose_path(key: tuple, paths: list[str], run: Callable[[str], object], default: str) -> str:
+def choose_path(key: tuple, paths: list[str], run: Callable[[str], object], default: str, wall: bool = False) -> str:
     """The fastest of `paths` for this product (run(path) computes it along one), timed once per key on
-    the GPU. Each path's first run autotunes its own kernel. Without a search (interpreter,
-    LORAKIT_AUTOTUNE=0, a single candidate, or inside CUDA-graph capture, where nothing may synchronize)
-    `default` is used."""
+    the GPU (wall: by the wall time of back-to-back eager calls, _fastest). Each path's first run autotunes its own
+    kernel. Without a search (interpreter, LORAKIT_AUTOTUNE=0, a single candidate, or inside CUDA-graph capture, where
+    nothing may synchronize) `default` is used."""
     best = _PATH.get(key)
     if best is not None:
         return best
     small = key[2] * key[3] < SMALL_WEIGHT  # key = (op, m, n, k, ...)
     if len(paths) == 1 or small or _INTERPRET or not autotuning() or torch.cuda.is_current_stream_capturing():
         return default if default in paths else paths[0]
-    best = _PATH[key] = _fastest(paths, run)
+    best = _PATH[key] = _fastest(paths, run, wall)
     return best

@@ -751,17 +751,16 @@ def test_launch_cache_starts_over_when_full(monkeypatch):
             assert len(triton_util._COMPILED) <= 3
 
 
-def test_host_bound_candidates_leave_out_the_two_launch_path():
-    """A prefill (host_bound) never takes dequantize + cuBLAS below DEQUANT_DEFAULT_M rows; above, and for
-    graph-replayed work, the measured choice keeps every path."""
+def test_candidates_and_their_defaults():
+    """dequantize + cuBLAS is a candidate from DEQUANT_MIN_M rows and the default (without a measurement) from
+    DEQUANT_DEFAULT_M; one or two rows of fp32 take the FMA gemv."""
     from lorakit.kernels.q8_0_matmul import DEQUANT_DEFAULT_M, DEQUANT_MIN_M, _candidates
 
     for m in (DEQUANT_MIN_M, 512, DEQUANT_DEFAULT_M - 1):
-        assert "dequant" in _candidates(m, True, True)[0]
-        paths, default = _candidates(m, True, True, host_bound=True)
-        assert paths == ["large"] and default == "large"
-    assert "dequant" in _candidates(DEQUANT_DEFAULT_M, True, True, host_bound=True)[0]
-    assert _candidates(1, True, True, host_bound=True) == _candidates(1, True, True) == (["gemv"], "gemv")
+        assert _candidates(m, True, True) == (["large", "dequant"], "large")
+    assert _candidates(DEQUANT_DEFAULT_M, True, True) == (["large", "dequant"], "dequant")
+    assert _candidates(DEQUANT_MIN_M, False, True) == (["large"], "large")  # fp32 out of bf16: no cuBLAS path
+    assert _candidates(1, True, True) == (["gemv"], "gemv")
     # bf16/fp16 activations up to 16 rows: the tensor-core gemv; fp32 keeps the FMA gemv / tiled kernels
     for m in (1, 2, 16):
         assert _candidates(m, True, True, half=True) == (["gemv_tc"], "gemv_tc")
@@ -770,6 +769,24 @@ def test_host_bound_candidates_leave_out_the_two_launch_path():
     assert _candidates(1, True, True, half=True, t_in_launch=True) == (["gemv"], "gemv")
     assert _candidates(3, True, True, half=True, t_in_launch=True) == (["gemv_tc"], "gemv_tc")
     assert _candidates(16, True, False, half=True) == (["skinny"], "skinny")  # not for grad-input
+
+
+def test_wall_choice_counts_the_host():
+    """choose_path(wall=True), a host-bound caller's choice (a prefill): by the wall time of back-to-back calls, so
+    an option whose calls cost the host more loses even where its device work would be less."""
+    import time
+
+    from lorakit.kernels.q8_0_tuning import _fastest
+
+    runs = []
+
+    def run(opt):
+        runs.append(opt)
+        time.sleep({"slow-host": 2e-3, "fast-host": 2e-4}[opt])
+
+    assert _fastest(["slow-host", "fast-host"], run, wall=True, sync=lambda: None) == "fast-host"
+    assert _fastest(["fast-host", "slow-host"], run, wall=True, sync=lambda: None) == "fast-host"
+    assert runs.count("slow-host") == runs.count("fast-host") == 2 * (1 + 3 * 8)  # one untimed, 3 rounds of 8
 
 
 def test_eager_inference_backend_same_numbers(tri):

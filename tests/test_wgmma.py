@@ -82,7 +82,6 @@ def test_candidates_add_the_gluon_path_above_64_rows():
     c = qmm._candidates
     assert c(100, True, True, half=True, wgmma=True) == (["large", "wgmma"], "large")
     assert c(300, True, True, half=True, wgmma=True) == (["large", "wgmma", "dequant"], "large")
-    assert c(300, True, True, host_bound=True, half=True, wgmma=True) == (["large", "wgmma"], "large")
     assert c(qmm.DEQUANT_DEFAULT_M, True, True, half=True, wgmma=True)[1] == "dequant"
     assert c(64, True, True, half=True, wgmma=True) == (["skinny"], "skinny")
     assert c(300, True, True, half=True) == (["large", "dequant"], "large")
