@@ -58,7 +58,8 @@ class CudaTritonBackend:
         self._wcache = q8_0_matmul.DequantCache(size=4)
 
     def eager_inference(self) -> CudaTritonBackend:
-        """This backend for eager, host-bound work (a prefill): products prefer one launch over two."""
+        """This backend for eager, host-bound work (a prefill): products choose their path by the wall time of
+        back-to-back eager calls (host and GPU together) instead of GPU time."""
         return self if self.host_bound else CudaTritonBackend(self.device, host_bound=True)
 
     # -- products -----------------------------------------------------------------------------------
