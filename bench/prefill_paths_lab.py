@@ -14,34 +14,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 SHAPES = [(9600, 3200), (3200, 3200), (17280, 3200), (3200, 8640), (32000, 3200)]  # q|k|v, o, gate|up, down, output
 PATHS = ("gemm", "wgmma", "dequant")
 
 
-def host_us(fn, calls: int = 40) -> float:
-    """Host microseconds per eager call (until the Python call returns), after two warm-up calls."""
-    fn()
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / calls * 1e6
-
-
 def shape_row(n: int, k: int, m: int) -> dict:
     """Every path's GPU time, host time per eager call and max relative error at one shape."""
     import triton
+    from host_lab import host_wall
     from lorakit.kernels import q8_0_matmul as qmm
 
     from lorakit.quant import quantize_q8_0
@@ -58,7 +46,7 @@ def shape_row(n: int, k: int, m: int) -> dict:
     for name, fn in calls.items():
         err = (fn().float() - ref).abs().max().item() / ref.abs().max().item()
         gpu = triton.testing.do_bench_cudagraph(fn, rep=30)
-        row[name] = {"gpu_us": gpu * 1e3, "host_us": host_us(fn), "max_rel_err": err}
+        row[name] = {"gpu_us": gpu * 1e3, "host_us": host_wall(fn, 40)[0], "max_rel_err": err}
     row["choice"] = {key: val for key, val in qmm.tuned_choices().items() if f", {n}, {k}," in key}
     return row
 
