@@ -168,7 +168,16 @@ def launch(kernel, grid: tuple, args: tuple, const: dict) -> None:
         kernel[grid](*args, **const)
         return
     device = triton.runtime.driver.active.get_current_device()
-    spec = tuple(_spec(a) for a in args)
+    spec = tuple(  # inline (a call per argument costs host time): tensors, floats, TMA descriptors, other values
+        (a.dtype, a.data_ptr() % 16 == 0)
+        if isinstance(a, torch.Tensor)
+        else float
+        if type(a) is float
+        else _desc_spec(a)
+        if hasattr(a, "block_shape")
+        else a
+        for a in args
+    )
     key = (kernel, device, tuple(const.items()), spec)
     hit = _COMPILED.get(key)
     if hit is None:
@@ -190,16 +199,10 @@ def launch(kernel, grid: tuple, args: tuple, const: dict) -> None:
                  rt.launch_enter_hook, rt.launch_exit_hook, *full)  # fmt: skip
 
 
-def _spec(a) -> object:
-    """What launch() keys an argument on: a tensor's dtype and 16-byte alignment, a TMA descriptor's (Gluon's
-    TensorDescriptor) everything but its base address, a float's type, any other value itself."""
-    if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
-    if type(a) is float:
-        return float
-    if hasattr(a, "block_shape"):  # a TMA descriptor (unhashable)
-        return (a.base.dtype, a.base.data_ptr() % 16 == 0, *a.shape, *a.strides, *a.block_shape, a.layout, a.padding)
-    return a
+def _desc_spec(a) -> tuple:
+    """What launch() keys a TMA descriptor (Gluon's TensorDescriptor, unhashable) on: everything but its base
+    address."""
+    return a.base.dtype, a.base.data_ptr() % 16 == 0, *a.shape, *a.strides, *a.block_shape, a.layout, a.padding
 
 
 def _constexpr_tail(kernel, n_args: int, const: dict) -> tuple | None:
