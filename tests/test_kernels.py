@@ -751,6 +751,30 @@ def test_launch_cache_starts_over_when_full(monkeypatch):
             assert len(triton_util._COMPILED) <= 3
 
 
+def test_launch_keys_tma_descriptors_on_all_but_their_address():
+    """launch() keeps one compiled Gluon kernel per specialization: a TMA descriptor's key is everything triton
+    could specialize on (dtype, 16-byte alignment, shape, strides, block, layout, padding) but its base address, and
+    hashable (triton's TensorDescriptor is not)."""
+    from types import SimpleNamespace
+
+    def desc(base, shape=(64, 64), block=(64, 32), layout="swizzle128"):
+        return SimpleNamespace(base=base, shape=list(shape), strides=[shape[1], 1], block_shape=list(block),
+                               layout=layout, padding="zero")  # fmt: skip
+
+    a, b = (torch.zeros(64 * 65, dtype=torch.bfloat16) for _ in range(2))
+    key = triton_util._desc_spec(desc(a))
+    assert hash(key) is not None and a.data_ptr() != b.data_ptr()
+    assert triton_util._desc_spec(desc(b)) == key  # another tensor at another address: the same kernel
+    others = [
+        desc(a, shape=(32, 64)),
+        desc(a, block=(128, 32)),
+        desc(a, layout="swizzle64"),
+        desc(a.to(torch.float16)),
+        desc(a[1:]),  # 2 bytes in: not 16-byte aligned
+    ]
+    assert all(triton_util._desc_spec(o) != key for o in others)
+
+
 def test_candidates_and_their_defaults():
     """dequantize + cuBLAS is a candidate from DEQUANT_MIN_M rows and the default (without a measurement) from
     DEQUANT_DEFAULT_M; one or two rows of fp32 take the FMA gemv."""
