@@ -58,6 +58,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.runtime.jit import constexpr_function
 
 from . import triton_util
@@ -665,8 +666,6 @@ def _smem_layout(block: tuple[int, int], dtype) -> gl.NVMMASharedLayout:
 def _desc(t, block: tuple[int, int], dtype):
     """A TMA descriptor of the 2-D tensor t read in [block] tiles (dtype: its Gluon dtype). Made per launch: it holds
     the tensor, so a cache of them would keep activations alive."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     return TensorDescriptor.from_tensor(t, list(block), _smem_layout(block, dtype))
 
 
