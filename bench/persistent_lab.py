@@ -224,10 +224,11 @@ def max_rel_err(act, ref) -> float:
     return err
 
 
-def check_and_time(name: str, cfg: dict, setup, run, ref, layers: int, report) -> None:
+def check_and_time(name: str, cfg: dict, setup, run, ref, layers: int, report, own=None) -> None:
     """One persistent form, its buffers from setup(): one layer by run(bufs, 1) checked against ref (outputs; the
-    counters and sync words back at zero unless its barriers' waits were left out), then timed over `layers`; a form
-    that does not build or fit is reported and skipped."""
+    counters and sync words back at zero unless its barriers' waits were left out) and, for a form with arithmetic of
+    its own, against own(outputs); then timed over `layers`; a form that does not build or fit is reported and
+    skipped."""
     try:
         bufs = setup()
         run(bufs, 1)
@@ -235,11 +236,32 @@ def check_and_time(name: str, cfg: dict, setup, run, ref, layers: int, report) -
         err = max_rel_err(bufs[0], ref)
         if not cfg.get("nobar") and any(int(t.count_nonzero()) for t in bufs[2:]):
             raise RuntimeError("sync words not reset")
+        extra = {"max_rel_err_1layer": err, "cfg": cfg}
+        if own is not None:
+            extra["max_rel_err_own_arithmetic"] = own(bufs[0])
+            print(
+                f"    one layer vs its own arithmetic (float64): max rel err {extra['max_rel_err_own_arithmetic']:.3g}"
+            )
         us = graph_us(lambda: run(bufs, layers))
-        report(name, us, {"max_rel_err_1layer": err, "cfg": cfg})
+        report(name, us, extra)
         print(f"    one layer vs launched: max rel err {err:.3g}", flush=True)
     except Exception as e:
         print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+
+def i8_rel_err(act, x0, ws) -> float:
+    """The q8_0-activation chain's one layer against its own arithmetic in float64 (persistent_ws_i8.reference_i8),
+    each product fed the input the kernel had (x0, then the previous product's bf16 output)."""
+    from persistent_ws_i8 import reference_i8
+
+    err, x = 0.0, x0[0]
+    for j, (n, k) in enumerate(SHAPES):
+        qs, d = ws[j]
+        want = reference_i8(x[:k], qs[:n], d[:n])
+        got = act[OFFS[j] : OFFS[j] + n].double()
+        err = max(err, ((got - want).abs() / (want.abs() + 1e-2)).max().item())
+        x = act[OFFS[j] : OFFS[j] + n]
+    return err
 
 
 def persistent_chain(ws, act, part, cnt, bar, layers: int, cfg: dict, n_sm: int):
@@ -263,6 +285,13 @@ CONFIGS = [  # BLOCK_N, BLOCK_K, stages, PER_SM, splits (qkv, o, gate|up, down),
     # nobar: the barriers' waits left out (wrong numbers): what the waits cost
     dict(BLOCK_N=16, BLOCK_K=256, stages=4, PER_SM=8, S=(2, 4, 1, 4), PF=2, nobar=True),
     dict(BLOCK_N=16, BLOCK_K=256, stages=4, PER_SM=16, S=(4, 8, 2, 8), PF=2, nobar=True),
+]
+I8_CONFIGS = [  # bench/persistent_ws_i8.py: consumer warps (16 W rows each), ring stages of 256 K, splits
+    dict(warps=8, STAGES=4, S=(13, 13, 13, 34)),
+    dict(warps=8, STAGES=4, S=(13, 13, 13, 17)),
+    dict(warps=8, STAGES=4, S=(7, 13, 4, 17)),
+    dict(warps=4, STAGES=8, S=(13, 13, 13, 34)),
+    dict(warps=4, STAGES=8, S=(7, 13, 4, 17)),
 ]
 WS_CONFIGS = [  # bench/persistent_ws.py: consumer warps (16 W rows each), ring stages x TMA boxes per stage, splits;
     # one program per SM (H = 2, two consumer partitions, hung in session 15's call 5)
@@ -301,7 +330,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=26)
     p.add_argument("--ws-cfg", type=int, default=None, help="only this WS_CONFIGS entry (for Nsight Compute)")
-    p.add_argument("--which", choices=["all", "triton", "ws"], default="all", help="which persistent kernels to run")
+    p.add_argument(
+        "--which", choices=["all", "triton", "ws", "i8"], default="all", help="which persistent kernels to run"
+    )
     p.add_argument("--out", default=str(ROOT / "bench/results/persistent_lab.json"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -334,10 +365,18 @@ def main(argv=None) -> int:
     from persistent_ws import chain_ws
 
     ws_cfgs = WS_CONFIGS if args.ws_cfg is None else [WS_CONFIGS[args.ws_cfg]]
-    for cfg in ws_cfgs if args.which != "triton" else []:
+    for cfg in ws_cfgs if args.which in ("all", "ws") else []:
         run = lambda b, n, c=cfg: chain_ws(ws, *b, n, OFFS, c, n_sm)  # noqa: E731
         setup = lambda c=cfg: ws_setup(x0, c)  # noqa: E731
         check_and_time(f"persistent-ws {cfg}", cfg, setup, run, ref, args.layers, report)
+    from persistent_ws_i8 import chain_i8, pad_scales
+
+    ws_pad = [(qs, pad_scales(d)) for qs, d in ws]
+    for cfg in I8_CONFIGS if args.which in ("all", "i8") else []:
+        run = lambda b, n, c=cfg: chain_i8(ws_pad, *b, n, OFFS, c, n_sm)  # noqa: E731
+        setup = lambda c=cfg: ws_setup(x0, c)  # noqa: E731
+        check_and_time(f"persistent-i8 {cfg}", cfg, setup, run, ref, args.layers, report,
+                       own=lambda act: i8_rel_err(act, x0, ws))  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"layers": args.layers, "bytes": nbytes, "rows": rows}, indent=1))
     return 0

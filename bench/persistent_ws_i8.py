@@ -1,0 +1,253 @@
+"""The warp-specialized persistent chain of decode q8_0 products (bench/persistent_ws.py) with llama.cpp's arithmetic:
+activations quantized to q8_0 and integer tensor-core products, for bench/persistent_lab.py (`--which i8`).
+
+Why: session 15's chain kept HBM streaming across product boundaries (a producer warp fills a ring of weight tiles
+without waiting for any activation) but its consumers could not keep up: dequantizing a weight costs them ~4.6
+instructions per element, and eight consumer warps per SM do not issue that at HBM speed. llama.cpp does not
+dequantize weights for a q8_0 product at all: it quantizes the activation row to q8_0 (blocks of 32, scale amax / 127
+stored as fp16, q = round(x / scale)) and sums integer products per block (CPU: vec_dot_q8_0_q8_0; CUDA: mmvq on
+q8_1). Here the consumers do the same on the tensor cores, per stage of 256 K (four TMA boxes of [BLOCK_N, 64] int8):
+one int8 mma (m16n8k32, K = 64 per box) per box, with x's two 32-blocks of box c in columns 2c and 2c + 1 of the
+B operand (zeros elsewhere), so that after the four boxes column j holds block j's integer sum for every row
+(exact in int32); then y += sum_j float(isum_j) * dw[row, j] * dx[j], the row scales coming as one [BLOCK_N, 8]
+fp16 TMA box per stage (the scales stored padded to whole stages of 8 blocks, zeros past K).
+
+Per element of W this is ~1/4 instruction per consumer thread instead of ~4.6. The numbers are llama.cpp's (up to
+the order of the fp32 sums), not lorakit's float path: activation quantization adds ~0.6% relative noise per
+product (tests/test_llamacpp_reference.py measures what it does to logits).
+"""
+
+from __future__ import annotations
+
+import torch
+from persistent_ws import _wait_product
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+
+BK: gl.constexpr = gl.constexpr(64)  # K per TMA box
+KSUB: gl.constexpr = gl.constexpr(4)  # boxes per stage: 256 K, 8 q8_0 blocks = the 8 columns of the mma
+GK: gl.constexpr = gl.constexpr(256)  # K per stage
+XMAX: gl.constexpr = gl.constexpr(16384)  # the longest activation row the shared buffers hold
+
+
+@gluon.jit
+def _produce(q_desc, d_desc, q_s, d_s, full, empty, row0, it, pid, P, N: gl.constexpr, K: gl.constexpr,
+             S: gl.constexpr):  # fmt: skip
+    """The producer's share of one product: every stage (256 K) of every task of this program, into the ring; boxes
+    past K come as zeros (TMA's out-of-bounds fill), as do the padded scales."""
+    BLOCK_N: gl.constexpr = q_desc.block_type.shape[0]
+    STAGES: gl.constexpr = full.shape[0]
+    STEPS: gl.constexpr = (K + GK - 1) // GK
+    PER: gl.constexpr = (STEPS + S - 1) // S
+    for task in range(pid, ((N + BLOCK_N - 1) // BLOCK_N) * S, P):
+        rb = task // S
+        s0 = (task % S) * PER
+        s1 = gl.minimum(s0 + PER, STEPS)
+        r = row0 + rb * BLOCK_N
+        for step in range(s0, s1):
+            st = it % STAGES
+            mbarrier.wait(empty.index(st), ((it // STAGES) & 1) ^ 1)
+            mbarrier.expect(full.index(st), KSUB * q_desc.block_type.nbytes + d_desc.block_type.nbytes)
+            for c in gl.static_range(KSUB):
+                tma.async_copy_global_to_shared(q_desc, [r, step * GK + c * BK], full.index(st),
+                                                q_s.index(st * KSUB + c))  # fmt: skip
+            tma.async_copy_global_to_shared(d_desc, [r, step * 8], full.index(st), d_s.index(st))
+            it += 1
+    return it
+
+
+@gluon.jit
+def _producer(q0, q1, q2, q3, d0, d1, d2, d3, q_s, d_s, full, empty, L, S0: gl.constexpr, S1: gl.constexpr,
+              S2: gl.constexpr, S3: gl.constexpr):  # fmt: skip
+    pid = gl.program_id(0)
+    P = gl.num_programs(0)
+    it = 0
+    for layer in range(L):
+        it = _produce(q0, d0, q_s, d_s, full, empty, layer * 9600, it, pid, P, 9600, 3200, S0)
+        it = _produce(q1, d1, q_s, d_s, full, empty, layer * 3200, it, pid, P, 3200, 3200, S1)
+        it = _produce(q2, d2, q_s, d_s, full, empty, layer * 17280, it, pid, P, 17280, 3200, S2)
+        it = _produce(q3, d3, q_s, d_s, full, empty, layer * 3200, it, pid, P, 3200, 8640, S3)
+
+
+@gluon.jit
+def _quantize_x(act_ptr, x_off, xq_s, dx_s, K: gl.constexpr, num_warps: gl.constexpr):
+    """x = act[x_off : + K] (bf16) as q8_0 blocks, llama.cpp's quantize_row_q8_0: scale d = amax / 127, q =
+    round(x / d) half away from zero (x * (1 / d)), the scale kept as fp16; into xq_s (int8 [XMAX / 32, 32]) and
+    dx_s (fp32 [XMAX / 32]); blocks past K are zeros."""
+    XB: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
+    ROWS: gl.constexpr = 8 * num_warps * 4  # blocks per chunk
+    for c in gl.static_range((K + ROWS * 32 - 1) // (ROWS * 32)):
+        blk = c * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, XB))
+        offs = gl.expand_dims(blk * 32, 1) + gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, XB)), 0)
+        x = gl.load(act_ptr + x_off + offs, mask=offs < K, other=0.0, cache_modifier=".cg").to(gl.float32)
+        d = gl.max(gl.abs(x), axis=1) / 127.0
+        inv = gl.where(d > 0.0, 1.0 / d, gl.zeros_like(d))
+        v = x * gl.expand_dims(inv, 1)
+        r = gl.floor(gl.abs(v) + 0.5)
+        q = gl.where(v < 0.0, -r, r).to(gl.int8)
+        xq_s.slice(c * ROWS, ROWS).store(q)
+        dx_s.slice(c * ROWS, ROWS).store(d.to(gl.float16).to(gl.float32))
+
+
+@gluon.jit
+def _consume(act_ptr, x_off, y_off, xq_s, dx_s, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, j, it, pid, P,
+             N: gl.constexpr, K: gl.constexpr, S: gl.constexpr, BLOCK_N: gl.constexpr,
+             num_warps: gl.constexpr):  # fmt: skip
+    """The consumers' share of product j: y = act[x_off : + K] @ W.T into act[y_off : + N] with q8_0 activations."""
+    STAGES: gl.constexpr = full.shape[0]
+    STEPS: gl.constexpr = (K + GK - 1) // GK
+    PER: gl.constexpr = (STEPS + S - 1) // S
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
+    AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+    BL: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
+    cols = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, BL)), 0)
+    half = gl.expand_dims((gl.arange(0, BK, layout=gl.SliceLayout(1, BL)) >= 32).to(gl.int32), 1)
+    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    xq_boxes = xq_s._reinterpret(gl.int8, [XMAX // BK, BK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    dx_steps = dx_s._reinterpret(gl.float32, [XMAX // GK, 8], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+
+    _wait_product(sync_ptr, j, P)
+    gl.thread_barrier()  # every consumer warp is done with the previous product's x
+    _quantize_x(act_ptr, x_off, xq_s, dx_s, K, num_warps)
+    gl.thread_barrier()
+
+    for task in range(pid, ((N + BLOCK_N - 1) // BLOCK_N) * S, P):  # rows past N: never stored
+        rb = task // S
+        sk = task % S
+        s0 = sk * PER
+        s1 = gl.minimum(s0 + PER, STEPS)
+        acc = gl.zeros([BLOCK_N, 8], gl.float32, mma)
+        for step in range(s0, s1):
+            st = it % STAGES
+            mbarrier.wait(full.index(st), (it // STAGES) & 1)
+            isum = gl.zeros([BLOCK_N, 8], gl.int32, mma)
+            for c in gl.static_range(KSUB):
+                a = q_s.index(st * KSUB + c).load(AL)
+                xv = xq_boxes.index(step * KSUB + c).load(gl.SliceLayout(1, BL))
+                xb, sel = gl.broadcast(gl.expand_dims(xv, 1), cols == 2 * c + half)
+                b = gl.inline_asm_elementwise(
+                    "and.b32 $0, $1, $2;",
+                    "=r,r,r",
+                    [xb, gl.where(sel, -1, 0).to(gl.int8)],
+                    dtype=gl.int8,
+                    is_pure=True,
+                    pack=4,
+                )  # one AND per register
+                isum = mma_v2(a, b, isum)
+            dw = d_s.index(st).load(mma).to(gl.float32)
+            fence_async_shared()  # this thread's reads of the stage before the producer's TMA writes
+            async_copy.mbarrier_arrive(empty.index(st), increment_count=False)  # one arrival per consumer thread
+            dx = dx_steps.index(step).load(gl.SliceLayout(0, mma))
+            acc += isum.to(gl.float32) * dw * gl.expand_dims(dx, 0)
+            it += 1
+        y = gl.sum(acc, axis=1)
+        rn = rb * BLOCK_N + rows
+        if S > 1:
+            base = (rb * S).to(gl.int64) * BLOCK_N
+            gl.store(part_ptr + base + sk * BLOCK_N + rows, y)
+            gl.thread_barrier()
+            if gl.atomic_add(cnt_ptr + rb, 1, sem="acq_rel", scope="gpu") == S - 1:
+                tot = gl.load(part_ptr + base + rows, cache_modifier=".cg")
+                for s in gl.static_range(1, S):
+                    tot += gl.load(part_ptr + base + s * BLOCK_N + rows, cache_modifier=".cg")
+                gl.atomic_xchg(cnt_ptr + rb, 0, sem="relaxed", scope="gpu")
+                gl.store(act_ptr + y_off + rn, tot.to(gl.bfloat16), mask=rn < N)
+        else:
+            gl.store(act_ptr + y_off + rn, y.to(gl.bfloat16), mask=rn < N)
+    gl.thread_barrier()  # every consumer warp's stores precede the arrival
+    gl.atomic_add(sync_ptr + j, 1, sem="release", scope="gpu")
+    return it
+
+
+@gluon.jit
+def _consumer(act_ptr, xq_s, dx_s, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, L, A0: gl.constexpr,
+              A1: gl.constexpr, A2: gl.constexpr, A3: gl.constexpr, S0: gl.constexpr, S1: gl.constexpr,
+              S2: gl.constexpr, S3: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    pid = gl.program_id(0)
+    P = gl.num_programs(0)
+    it = 0
+    for layer in range(L):
+        j = layer * 4
+        it = _consume(act_ptr, A3, A0, xq_s, dx_s, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, j, it, pid, P,
+                      9600, 3200, S0, BLOCK_N, num_warps)  # fmt: skip
+        it = _consume(act_ptr, A0, A1, xq_s, dx_s, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, j + 1, it, pid,
+                      P, 3200, 3200, S1, BLOCK_N, num_warps)  # fmt: skip
+        it = _consume(act_ptr, A1, A2, xq_s, dx_s, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, j + 2, it, pid,
+                      P, 17280, 3200, S2, BLOCK_N, num_warps)  # fmt: skip
+        it = _consume(act_ptr, A2, A3, xq_s, dx_s, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, j + 3, it, pid,
+                      P, 3200, 8640, S3, BLOCK_N, num_warps)  # fmt: skip
+    # the last program out zeroes the product counters for the next launch (every program has passed every wait)
+    if gl.atomic_add(sync_ptr + 4 * L, 1, sem="acq_rel", scope="gpu") == P - 1:
+        offs = gl.arange(0, 128, layout=gl.BlockedLayout([4], [32], [num_warps], [0]))
+        gl.store(sync_ptr + offs, gl.zeros_like(offs), mask=offs <= 4 * L)
+
+
+@gluon.jit
+def _chain_i8_kernel(act_ptr, q0, q1, q2, q3, d0, d1, d2, d3, part_ptr, cnt_ptr, sync_ptr, L, A0: gl.constexpr,
+                     A1: gl.constexpr, A2: gl.constexpr, A3: gl.constexpr, S0: gl.constexpr, S1: gl.constexpr,
+                     S2: gl.constexpr, S3: gl.constexpr, STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                     num_warps: gl.constexpr):  # fmt: skip
+    BLOCK_N: gl.constexpr = q0.block_type.shape[0]
+    gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
+    q_s = gl.allocate_shared_memory(gl.int8, [STAGES * KSUB, BLOCK_N, BK], q0.layout)
+    d_s = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_N, 8], d0.layout)
+    flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    xq_s = gl.allocate_shared_memory(gl.int8, [XMAX // 32, 32], flat)
+    dx_s = gl.allocate_shared_memory(gl.float32, [XMAX // 32], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(full.index(i), count=1)
+        mbarrier.init(empty.index(i), count=32 * num_warps)
+    # fmt: off
+    gl.warp_specialize(
+        [
+            (_consumer, (act_ptr, xq_s, dx_s, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, L, A0, A1, A2, A3,
+                         S0, S1, S2, S3, BLOCK_N, num_warps)),
+            (_producer, (q0, q1, q2, q3, d0, d1, d2, d3, q_s, d_s, full, empty, L, S0, S1, S2, S3)),
+        ],
+        [1],
+        [PRODUCER_REGS],
+    )
+    # fmt: on
+
+
+def pad_scales(d: torch.Tensor) -> torch.Tensor:
+    """d fp16 [rows, K / 32] -> [rows, 8 * ceil(K / 256)] with zeros past K: whole stages of 8 scales per row, so
+    that a stage's scales are one 16-byte TMA box row."""
+    rows, nb = d.shape
+    out = torch.zeros(rows, -(-nb // 8) * 8, dtype=d.dtype, device=d.device)
+    out[:, :nb] = d
+    return out
+
+
+def chain_i8(ws_pad, act, part, cnt, sync, layers: int, offs, cfg: dict, n_sm: int) -> None:
+    """Launch the chain: ws_pad = [(qs, pad_scales(d))] per product kind ([L * N, K] int8)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    bn = 16 * cfg["warps"]
+    qlay = gl.NVMMASharedLayout.get_default_for([bn, 64], gl.int8)
+    dlay = gl.NVMMASharedLayout.get_default_for([bn, 8], gl.float16)
+    qd = [TensorDescriptor.from_tensor(qs, [bn, 64], qlay) for qs, _ in ws_pad]
+    dd = [TensorDescriptor.from_tensor(dp, [bn, 8], dlay) for _, dp in ws_pad]
+    s0, s1, s2, s3 = cfg["S"]
+    _chain_i8_kernel[(n_sm,)](
+        act, *qd, *dd, part, cnt, sync, layers, A0=offs[0], A1=offs[1], A2=offs[2], A3=offs[3],
+        S0=s0, S1=s1, S2=s2, S3=s3, STAGES=cfg["STAGES"], PRODUCER_REGS=cfg.get("regs", 48), num_warps=cfg["warps"],
+    )  # fmt: skip
+
+
+def reference_i8(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """The kernel's arithmetic in float64 on the host's terms: x (bf16 [K]) quantized as _quantize_x does (fp32),
+    y[n] = sum_b d[n, b] * dx[b] * sum_k qs[n, b, k] * xq[b, k]."""
+    k = x.numel()
+    xb = x.float().view(k // 32, 32)
+    dx = xb.abs().amax(1) / 127.0
+    inv = torch.where(dx > 0, 1.0 / dx, torch.zeros_like(dx))
+    v = xb * inv[:, None]
+    xq = torch.where(v < 0, -torch.floor(v.abs() + 0.5), torch.floor(v.abs() + 0.5))
+    dx = dx.half().double()
+    isum = (qs.view(qs.shape[0], k // 32, 32).double() * xq.double()[None]).sum(-1)
+    return (isum * d.double() * dx[None]).sum(-1)
