@@ -358,7 +358,7 @@ def main(argv=None) -> int:
         report(
             f"launched (q8_0_matmul, hint {pf} MiB)", graph_us(lambda pf=pf: launched_chain(ws, x0, args.layers, pf))
         )
-    for cfg in CONFIGS if args.which != "ws" else []:
+    for cfg in CONFIGS if args.which in ("all", "triton") else []:
         run = lambda b, n, c=cfg: persistent_chain(ws, *b, n, c, n_sm)  # noqa: E731
         setup = lambda c=cfg: persistent_setup(x0, c)  # noqa: E731
         check_and_time(f"persistent {cfg}", cfg, setup, run, ref, args.layers, report)
