@@ -30,6 +30,7 @@ BK: gl.constexpr = gl.constexpr(64)  # K per TMA box
 KSUB: gl.constexpr = gl.constexpr(4)  # boxes per stage: 256 K, 8 q8_0 blocks = the 8 columns of the mma
 GK: gl.constexpr = gl.constexpr(256)  # K per stage
 XMAX: gl.constexpr = gl.constexpr(16384)  # the longest activation row the shared buffers hold
+RS: gl.constexpr = gl.constexpr(17280)  # y32's region stride: region 0 the chain's input, region j + 1 product j's
 
 
 @gluon.jit
@@ -72,18 +73,18 @@ def _producer(q0, q1, q2, q3, d0, d1, d2, d3, q_s, d_s, full, empty, L, S0: gl.c
 
 
 @gluon.jit
-def _quantize_x(act_ptr, x_off, xq_s, dx_s, K: gl.constexpr, num_warps: gl.constexpr):
-    """x = act[x_off : + K] (bf16) as q8_0 blocks, llama.cpp's quantize_row_q8_0: scale d = amax / 127, q =
-    round(x / d) half away from zero (x * (1 / d)), the scale kept as fp16; into xq_s (int8 [XMAX / 32, 32]) and
+def _quantize_x(x_ptr, xq_s, dx_s, K: gl.constexpr, num_warps: gl.constexpr):
+    """x = x_ptr[:K] (fp32) as q8_0 blocks, llama.cpp's quantize_row_q8_0: scale d = amax / 127, q = round(x / d)
+    half away from zero (x * (1 / d), IEEE divisions), the scale kept as fp16; into xq_s (int8 [XMAX / 32, 32]) and
     dx_s (fp32 [XMAX / 32]); blocks past K are zeros."""
     XB: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
     ROWS: gl.constexpr = 8 * num_warps * 4  # blocks per chunk
     for c in gl.static_range((K + ROWS * 32 - 1) // (ROWS * 32)):
         blk = c * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, XB))
         offs = gl.expand_dims(blk * 32, 1) + gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, XB)), 0)
-        x = gl.load(act_ptr + x_off + offs, mask=offs < K, other=0.0, cache_modifier=".cg").to(gl.float32)
-        d = gl.max(gl.abs(x), axis=1) / 127.0
-        inv = gl.where(d > 0.0, 1.0 / d, gl.zeros_like(d))
+        x = gl.load(x_ptr + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
+        d = gl.div_rn(gl.max(gl.abs(x), axis=1), gl.full_like(x, 127.0, shape=[ROWS], layout=gl.SliceLayout(1, XB)))
+        inv = gl.where(d > 0.0, gl.div_rn(gl.full_like(d, 1.0), d), gl.zeros_like(d))
         v = x * gl.expand_dims(inv, 1)
         r = gl.floor(gl.abs(v) + 0.5)
         q = gl.where(v < 0.0, -r, r).to(gl.int8)
@@ -92,10 +93,11 @@ def _quantize_x(act_ptr, x_off, xq_s, dx_s, K: gl.constexpr, num_warps: gl.const
 
 
 @gluon.jit
-def _consume(act_ptr, x_off, y_off, xq_s, dx_s, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, j, it, pid, P,
-             N: gl.constexpr, K: gl.constexpr, S: gl.constexpr, BLOCK_N: gl.constexpr,
-             num_warps: gl.constexpr):  # fmt: skip
-    """The consumers' share of product j: y = act[x_off : + K] @ W.T into act[y_off : + N] with q8_0 activations."""
+def _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j, it, pid, P, N: gl.constexpr, K: gl.constexpr,
+             S: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """The consumers' share of product j: region j + 1 of y32 (fp32, zeros before) += region j[:K] @ W.T, with q8_0
+    activations. A task adds its split's sums atomically (fire and forget: no round trip per task; the order of a
+    row's S additions varies, so the fp32 sums may differ in the last bit between runs)."""
     STAGES: gl.constexpr = full.shape[0]
     STEPS: gl.constexpr = (K + GK - 1) // GK
     PER: gl.constexpr = (STEPS + S - 1) // S
@@ -110,13 +112,13 @@ def _consume(act_ptr, x_off, y_off, xq_s, dx_s, q_s, d_s, full, empty, part_ptr,
 
     _wait_product(sync_ptr, j, P)
     gl.thread_barrier()  # every consumer warp is done with the previous product's x
-    _quantize_x(act_ptr, x_off, xq_s, dx_s, K, num_warps)
+    _quantize_x(y32_ptr + j.to(gl.int64) * RS, xq_s, dx_s, K, num_warps)
     gl.thread_barrier()
 
+    y_ptr = y32_ptr + (j + 1).to(gl.int64) * RS
     for task in range(pid, ((N + BLOCK_N - 1) // BLOCK_N) * S, P):  # rows past N: never stored
         rb = task // S
-        sk = task % S
-        s0 = sk * PER
+        s0 = (task % S) * PER
         s1 = gl.minimum(s0 + PER, STEPS)
         acc = gl.zeros([BLOCK_N, 8], gl.float32, mma)
         for step in range(s0, s1):
@@ -142,42 +144,32 @@ def _consume(act_ptr, x_off, y_off, xq_s, dx_s, q_s, d_s, full, empty, part_ptr,
             dx = dx_steps.index(step).load(gl.SliceLayout(0, mma))
             acc += isum.to(gl.float32) * dw * gl.expand_dims(dx, 0)
             it += 1
-        y = gl.sum(acc, axis=1)
         rn = rb * BLOCK_N + rows
         if S > 1:
-            base = (rb * S).to(gl.int64) * BLOCK_N
-            gl.store(part_ptr + base + sk * BLOCK_N + rows, y)
-            gl.thread_barrier()
-            if gl.atomic_add(cnt_ptr + rb, 1, sem="acq_rel", scope="gpu") == S - 1:
-                tot = gl.load(part_ptr + base + rows, cache_modifier=".cg")
-                for s in gl.static_range(1, S):
-                    tot += gl.load(part_ptr + base + s * BLOCK_N + rows, cache_modifier=".cg")
-                gl.atomic_xchg(cnt_ptr + rb, 0, sem="relaxed", scope="gpu")
-                gl.store(act_ptr + y_off + rn, tot.to(gl.bfloat16), mask=rn < N)
+            gl.atomic_add(y_ptr + rn, gl.sum(acc, axis=1), mask=rn < N, sem="relaxed", scope="gpu")
         else:
-            gl.store(act_ptr + y_off + rn, y.to(gl.bfloat16), mask=rn < N)
-    gl.thread_barrier()  # every consumer warp's stores precede the arrival
+            gl.store(y_ptr + rn, gl.sum(acc, axis=1), mask=rn < N)
+    gl.thread_barrier()  # every consumer warp's additions precede the arrival
     gl.atomic_add(sync_ptr + j, 1, sem="release", scope="gpu")
     return it
 
 
 @gluon.jit
-def _consumer(act_ptr, xq_s, dx_s, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, L, A0: gl.constexpr,
-              A1: gl.constexpr, A2: gl.constexpr, A3: gl.constexpr, S0: gl.constexpr, S1: gl.constexpr,
+def _consumer(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, S0: gl.constexpr, S1: gl.constexpr,
               S2: gl.constexpr, S3: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     pid = gl.program_id(0)
     P = gl.num_programs(0)
     it = 0
     for layer in range(L):
         j = layer * 4
-        it = _consume(act_ptr, A3, A0, xq_s, dx_s, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, j, it, pid, P,
-                      9600, 3200, S0, BLOCK_N, num_warps)  # fmt: skip
-        it = _consume(act_ptr, A0, A1, xq_s, dx_s, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, j + 1, it, pid,
-                      P, 3200, 3200, S1, BLOCK_N, num_warps)  # fmt: skip
-        it = _consume(act_ptr, A1, A2, xq_s, dx_s, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, j + 2, it, pid,
-                      P, 17280, 3200, S2, BLOCK_N, num_warps)  # fmt: skip
-        it = _consume(act_ptr, A2, A3, xq_s, dx_s, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, j + 3, it, pid,
-                      P, 3200, 8640, S3, BLOCK_N, num_warps)  # fmt: skip
+        it = _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j, it, pid, P, 9600, 3200, S0, BLOCK_N,
+                      num_warps)  # fmt: skip
+        it = _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j + 1, it, pid, P, 3200, 3200, S1,
+                      BLOCK_N, num_warps)  # fmt: skip
+        it = _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j + 2, it, pid, P, 17280, 3200, S2,
+                      BLOCK_N, num_warps)  # fmt: skip
+        it = _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j + 3, it, pid, P, 3200, 8640, S3,
+                      BLOCK_N, num_warps)  # fmt: skip
     # the last program out zeroes the product counters for the next launch (every program has passed every wait)
     if gl.atomic_add(sync_ptr + 4 * L, 1, sem="acq_rel", scope="gpu") == P - 1:
         offs = gl.arange(0, 128, layout=gl.BlockedLayout([4], [32], [num_warps], [0]))
@@ -185,8 +177,7 @@ def _consumer(act_ptr, xq_s, dx_s, q_s, d_s, full, empty, part_ptr, cnt_ptr, syn
 
 
 @gluon.jit
-def _chain_i8_kernel(act_ptr, q0, q1, q2, q3, d0, d1, d2, d3, part_ptr, cnt_ptr, sync_ptr, L, A0: gl.constexpr,
-                     A1: gl.constexpr, A2: gl.constexpr, A3: gl.constexpr, S0: gl.constexpr, S1: gl.constexpr,
+def _chain_i8_kernel(y32_ptr, q0, q1, q2, q3, d0, d1, d2, d3, sync_ptr, L, S0: gl.constexpr, S1: gl.constexpr,
                      S2: gl.constexpr, S3: gl.constexpr, STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                      num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = q0.block_type.shape[0]
@@ -204,8 +195,7 @@ def _chain_i8_kernel(act_ptr, q0, q1, q2, q3, d0, d1, d2, d3, part_ptr, cnt_ptr,
     # fmt: off
     gl.warp_specialize(
         [
-            (_consumer, (act_ptr, xq_s, dx_s, q_s, d_s, full, empty, part_ptr, cnt_ptr, sync_ptr, L, A0, A1, A2, A3,
-                         S0, S1, S2, S3, BLOCK_N, num_warps)),
+            (_consumer, (y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, S0, S1, S2, S3, BLOCK_N, num_warps)),
             (_producer, (q0, q1, q2, q3, d0, d1, d2, d3, q_s, d_s, full, empty, L, S0, S1, S2, S3)),
         ],
         [1],
@@ -223,8 +213,9 @@ def pad_scales(d: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def chain_i8(ws_pad, act, part, cnt, sync, layers: int, offs, cfg: dict, n_sm: int) -> None:
-    """Launch the chain: ws_pad = [(qs, pad_scales(d))] per product kind ([L * N, K] int8)."""
+def chain_i8(ws_pad, y32, sync, layers: int, cfg: dict, n_sm: int) -> None:
+    """Launch the chain: ws_pad = [(qs, pad_scales(d))] per product kind ([L * N, K] int8); y32 fp32
+    [4 * layers + 1, RS], region 0 the input, the others zeros (the products add their splits' sums into them)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     bn = 16 * cfg["warps"]
@@ -234,13 +225,13 @@ def chain_i8(ws_pad, act, part, cnt, sync, layers: int, offs, cfg: dict, n_sm: i
     dd = [TensorDescriptor.from_tensor(dp, [bn, 8], dlay) for _, dp in ws_pad]
     s0, s1, s2, s3 = cfg["S"]
     _chain_i8_kernel[(n_sm,)](
-        act, *qd, *dd, part, cnt, sync, layers, A0=offs[0], A1=offs[1], A2=offs[2], A3=offs[3],
-        S0=s0, S1=s1, S2=s2, S3=s3, STAGES=cfg["STAGES"], PRODUCER_REGS=cfg.get("regs", 48), num_warps=cfg["warps"],
+        y32, *qd, *dd, sync, layers, S0=s0, S1=s1, S2=s2, S3=s3, STAGES=cfg["STAGES"],
+        PRODUCER_REGS=cfg.get("regs", 48), num_warps=cfg["warps"],
     )  # fmt: skip
 
 
 def reference_i8(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """The kernel's arithmetic in float64 on the host's terms: x (bf16 [K]) quantized as _quantize_x does (fp32),
+    """The kernel's arithmetic in float64 on the host's terms: x (fp32 [K]) quantized as _quantize_x does,
     y[n] = sum_b d[n, b] * dx[b] * sum_k qs[n, b, k] * xq[b, k]."""
     k = x.numel()
     xb = x.float().view(k // 32, 32)
