@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
-#   bash bench/gpu_session.sh OUTDIR [gputests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [tclab] [tccheck] [wgmmatests] [wgmmalab] [wgmmalab-notriton] [wgmmalab-quick] [hostlab] [prefillpaths] [predict] [predict-nohf] [launchtest] [prefill-fixed] [ncu-ws] [ncu-gemv] [persistentlab] [persistentlab-ws] [persistentlab-triton] [persistentlab-i8] [ncu-chain]
+#   bash bench/gpu_session.sh OUTDIR [gputests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [tclab] [tccheck] [wgmmatests] [wgmmalab] [wgmmalab-notriton] [wgmmalab-quick] [hostlab] [prefillpaths] [predict] [predict-nohf] [launchtest] [prefill-fixed] [ncu-ws] [ncu-gemv] [persistentlab] [persistentlab-ws] [persistentlab-triton] [persistentlab-i8] [ncu-chain] [ncu-chain-i8]
 #                             [finetune-quick] [finetune-quick-nogluon] [adamw-repeat] [finetune] [finetune-main] [finetune-big] [finetune-seed] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-large] [kernels-small] [kernels-decode]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
@@ -55,6 +55,10 @@ for s in "$@"; do
         regex:_chain_ws --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
         --section WarpStateStats --section SchedulerStats --section InstructionStats --section SourceCounters \
         python3 bench/persistent_lab.py --which ws --ws-cfg 0 --layers 2 --out "$out/ncu_chain.json" ;;
+    ncu-chain-i8) step ncu_chain_i8 200 "$(command -v ncu || ls /usr/local/cuda*/bin/ncu | head -1)" --kernel-name \
+        regex:_chain_i8 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section WarpStateStats --section SchedulerStats --section InstructionStats --section SourceCounters \
+        python3 bench/persistent_lab.py --which i8 --i8-cfg 0 --layers 4 --out "$out/ncu_chain_i8.json" ;;
     persistentlab) step persistent_lab 300 python3 bench/persistent_lab.py --out "$out/persistent_lab.json" ;;
     profile) step profile 240 python3 bench/profile_gpu.py --out "$out/profile_h200.json" ;;
     profile-decode) step profile_decode 200 python3 bench/profile_gpu.py --what decode,decode2 \

@@ -304,11 +304,11 @@ CONFIGS = [  # BLOCK_N, BLOCK_K, stages, PER_SM, splits (qkv, o, gate|up, down),
     dict(BLOCK_N=16, BLOCK_K=256, stages=4, PER_SM=16, S=(4, 8, 2, 8), PF=2, nobar=True),
 ]
 I8_CONFIGS = [  # bench/persistent_ws_i8.py: consumer warps (16 W rows each), ring stages of 256 K, splits
-    dict(warps=8, STAGES=4, S=(13, 13, 13, 34)),
-    dict(warps=8, STAGES=4, S=(7, 13, 4, 17)),
-    dict(warps=8, STAGES=5, S=(13, 13, 13, 34)),
     dict(warps=4, STAGES=8, S=(13, 13, 13, 34)),
-    dict(warps=4, STAGES=10, S=(7, 13, 4, 17)),
+    dict(warps=4, STAGES=12, S=(13, 13, 13, 34)),
+    dict(warps=4, STAGES=12, S=(5, 13, 2, 17)),
+    dict(warps=4, STAGES=12, S=(13, 7, 13, 17)),
+    dict(warps=8, STAGES=6, S=(13, 13, 13, 34)),
 ]
 WS_CONFIGS = [  # bench/persistent_ws.py: consumer warps (16 W rows each), ring stages x TMA boxes per stage, splits;
     # one program per SM (H = 2, two consumer partitions, hung in session 15's call 5)
@@ -386,7 +386,8 @@ def main(argv=None) -> int:
         run = lambda b, n, c=cfg: chain_ws(ws, *b, n, OFFS, c, n_sm)  # noqa: E731
         setup = lambda c=cfg: ws_setup(x0, c)  # noqa: E731
         check_and_time(f"persistent-ws {cfg}", cfg, setup, run, ref, args.layers, report)
-    for cfg in I8_CONFIGS if args.which in ("all", "i8") else []:
+    i8_cfgs = I8_CONFIGS if args.i8_cfg is None else [I8_CONFIGS[args.i8_cfg]]
+    for cfg in i8_cfgs if args.which in ("all", "i8") else []:
         i8_form(f"persistent-i8 {cfg}", cfg, ws, x0, ref, args.layers, n_sm, report)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"layers": args.layers, "bytes": nbytes, "rows": rows}, indent=1))
