@@ -347,6 +347,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=26)
     p.add_argument("--ws-cfg", type=int, default=None, help="only this WS_CONFIGS entry (for Nsight Compute)")
+    p.add_argument("--i8-cfg", type=int, default=None, help="only this I8_CONFIGS entry (for Nsight Compute)")
     p.add_argument(
         "--which", choices=["all", "triton", "ws", "i8"], default="all", help="which persistent kernels to run"
     )
