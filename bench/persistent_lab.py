@@ -247,17 +247,17 @@ def i8_form(name: str, cfg: dict, ws, x0, ref, layers: int, n_sm: int, report) -
     (persistent_ws_i8.reference_i8, each product fed the fp32 input the kernel had) and compared with the launched
     float chain (max |difference| / max |output| per product), then timed over `layers`, its outputs' zeroing
     included (and timed alone)."""
-    from persistent_ws_i8 import RS, chain_i8, pad_scales, reference_i8
+    from persistent_ws_i8 import RS, chain_i8, prepare, reference_i8
 
     try:
-        ws_pad = [(qs, pad_scales(d)) for qs, d in ws]
+        ws_prep = prepare(ws, SHAPES, cfg)
         y32 = torch.zeros(4 * layers + 1, RS.value, dtype=torch.float32, device=x0.device)
         y32[0, :3200] = x0[0].float()
         sync = torch.zeros(128, dtype=torch.int32, device=x0.device)
 
         def run(n):
             y32[1:].zero_()
-            chain_i8(ws_pad, y32, sync, n, cfg, n_sm)
+            chain_i8(ws_prep, y32, sync, n, cfg, n_sm)
 
         run(1)
         torch.cuda.synchronize()
@@ -303,12 +303,16 @@ CONFIGS = [  # BLOCK_N, BLOCK_K, stages, PER_SM, splits (qkv, o, gate|up, down),
     dict(BLOCK_N=16, BLOCK_K=256, stages=4, PER_SM=8, S=(2, 4, 1, 4), PF=2, nobar=True),
     dict(BLOCK_N=16, BLOCK_K=256, stages=4, PER_SM=16, S=(4, 8, 2, 8), PF=2, nobar=True),
 ]
-I8_CONFIGS = [  # bench/persistent_ws_i8.py: consumer warps (16 W rows each), ring stages of 256 K, splits
-    dict(warps=4, STAGES=8, S=(13, 13, 13, 34)),
-    dict(warps=4, STAGES=12, S=(13, 13, 13, 34)),
-    dict(warps=4, STAGES=12, S=(5, 13, 2, 17)),
+I8_CONFIGS = [  # bench/persistent_ws_i8.py: consumer warps (16 W rows each), ring stages of 256 K, splits; BKB: K per
+    # TMA box, TILED: W tile-major, DPACK: a stage's scales contiguous; probe 1: the consumers skip the products (the
+    # weight stream alone), probe 2: no wait for the previous product (both give wrong numbers)
     dict(warps=4, STAGES=12, S=(13, 7, 13, 17)),
-    dict(warps=8, STAGES=6, S=(13, 13, 13, 34)),
+    dict(warps=4, STAGES=12, S=(13, 7, 13, 17), BKB=128),
+    dict(warps=4, STAGES=12, S=(13, 7, 13, 17), BKB=128, DPACK=True),
+    dict(warps=4, STAGES=12, S=(13, 7, 13, 17), BKB=128, DPACK=True, TILED=True),
+    dict(warps=4, STAGES=12, S=(13, 7, 13, 17), BKB=128, DPACK=True, TILED=True, probe=1),
+    dict(warps=4, STAGES=12, S=(13, 7, 13, 17), BKB=128, DPACK=True, TILED=True, probe=2),
+    dict(warps=8, STAGES=6, S=(13, 7, 13, 17), BKB=128, DPACK=True, TILED=True),
 ]
 WS_CONFIGS = [  # bench/persistent_ws.py: consumer warps (16 W rows each), ring stages x TMA boxes per stage, splits;
     # one program per SM (H = 2, two consumer partitions, hung in session 15's call 5)

@@ -26,50 +26,72 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
-BK: gl.constexpr = gl.constexpr(64)  # K per TMA box
-KSUB: gl.constexpr = gl.constexpr(4)  # boxes per stage: 256 K, 8 q8_0 blocks = the 8 columns of the mma
 GK: gl.constexpr = gl.constexpr(256)  # K per stage
 XMAX: gl.constexpr = gl.constexpr(16384)  # the longest activation row the shared buffers hold
 RS: gl.constexpr = gl.constexpr(17280)  # y32's region stride: region 0 the chain's input, region j + 1 product j's
 
 
 @gluon.jit
-def _produce(q_desc, d_desc, q_s, d_s, full, empty, row0, it, pid, P, N: gl.constexpr, K: gl.constexpr,
-             S: gl.constexpr):  # fmt: skip
-    """The producer's share of one product: every stage (256 K) of every task of this program, into the ring; boxes
-    past K come as zeros (TMA's out-of-bounds fill), as do the padded scales."""
+def _produce(q_desc, d_desc, q_s, d_s, full, empty, layer, it, pid, P, N: gl.constexpr, K: gl.constexpr,
+             S: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr):  # fmt: skip
+    """The producer's share of one product: every stage (256 K) of every task of this program, into the ring.
+    Row-major W ([L * N, K]): boxes past K come as zeros (TMA's out-of-bounds fill). TILED W (tile_q: each
+    [BLOCK_N, BKB] tile contiguous, a row block's tiles in K order): a last stage's boxes past K are not copied (the
+    consumers skip them). Scales: padded row-major ([L * N, 8 G]) or DPACK (pack_d: a stage's [BLOCK_N, 8]
+    contiguous)."""
     BLOCK_N: gl.constexpr = q_desc.block_type.shape[0]
+    BKB: gl.constexpr = q_desc.block_type.shape[1]
+    KSUB: gl.constexpr = GK // BKB
     STAGES: gl.constexpr = full.shape[0]
     STEPS: gl.constexpr = (K + GK - 1) // GK
     PER: gl.constexpr = (STEPS + S - 1) // S
-    for task in range(pid, ((N + BLOCK_N - 1) // BLOCK_N) * S, P):
+    KC: gl.constexpr = (K + BKB - 1) // BKB  # boxes along K
+    LAST: gl.constexpr = KC - (STEPS - 1) * KSUB  # boxes in the last stage
+    NB: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    DROWS: gl.constexpr = d_desc.block_type.shape[0]
+    FULL_BYTES: gl.constexpr = KSUB * q_desc.block_type.nbytes + d_desc.block_type.nbytes
+    LAST_BYTES: gl.constexpr = LAST * q_desc.block_type.nbytes + d_desc.block_type.nbytes
+    for task in range(pid, NB * S, P):
         rb = task // S
         s0 = (task % S) * PER
         s1 = gl.minimum(s0 + PER, STEPS)
-        r = row0 + rb * BLOCK_N
         for step in range(s0, s1):
             st = it % STAGES
             mbarrier.wait(empty.index(st), ((it // STAGES) & 1) ^ 1)
-            mbarrier.expect(full.index(st), KSUB * q_desc.block_type.nbytes + d_desc.block_type.nbytes)
-            for c in gl.static_range(KSUB):
-                tma.async_copy_global_to_shared(q_desc, [r, step * GK + c * BK], full.index(st),
-                                                q_s.index(st * KSUB + c))  # fmt: skip
-            tma.async_copy_global_to_shared(d_desc, [r, step * 8], full.index(st), d_s.index(st))
+            if TILED:
+                last = step == STEPS - 1
+                mbarrier.expect(full.index(st), FULL_BYTES, pred=not last)
+                mbarrier.expect(full.index(st), LAST_BYTES, pred=last)
+                for c in gl.static_range(KSUB):
+                    kc = step * KSUB + c
+                    tma.async_copy_global_to_shared(q_desc, [((layer * NB + rb) * KC + kc) * BLOCK_N, 0],
+                                                    full.index(st), q_s.index(st * KSUB + c), pred=kc < KC)  # fmt: skip
+            else:
+                mbarrier.expect(full.index(st), FULL_BYTES)
+                for c in gl.static_range(KSUB):
+                    tma.async_copy_global_to_shared(q_desc, [layer * N + rb * BLOCK_N, step * GK + c * BKB],
+                                                    full.index(st), q_s.index(st * KSUB + c))  # fmt: skip
+            if DPACK:
+                tma.async_copy_global_to_shared(d_desc, [((layer * NB + rb) * STEPS + step) * DROWS, 0],
+                                                full.index(st), d_s.index(st))  # fmt: skip
+            else:
+                tma.async_copy_global_to_shared(d_desc, [layer * N + rb * BLOCK_N, step * 8], full.index(st),
+                                                d_s.index(st))  # fmt: skip
             it += 1
     return it
 
 
 @gluon.jit
 def _producer(q0, q1, q2, q3, d0, d1, d2, d3, q_s, d_s, full, empty, L, S0: gl.constexpr, S1: gl.constexpr,
-              S2: gl.constexpr, S3: gl.constexpr):  # fmt: skip
+              S2: gl.constexpr, S3: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr):  # fmt: skip
     pid = gl.program_id(0)
     P = gl.num_programs(0)
     it = 0
     for layer in range(L):
-        it = _produce(q0, d0, q_s, d_s, full, empty, layer * 9600, it, pid, P, 9600, 3200, S0)
-        it = _produce(q1, d1, q_s, d_s, full, empty, layer * 3200, it, pid, P, 3200, 3200, S1)
-        it = _produce(q2, d2, q_s, d_s, full, empty, layer * 17280, it, pid, P, 17280, 3200, S2)
-        it = _produce(q3, d3, q_s, d_s, full, empty, layer * 3200, it, pid, P, 3200, 8640, S3)
+        it = _produce(q0, d0, q_s, d_s, full, empty, layer, it, pid, P, 9600, 3200, S0, TILED, DPACK)
+        it = _produce(q1, d1, q_s, d_s, full, empty, layer, it, pid, P, 3200, 3200, S1, TILED, DPACK)
+        it = _produce(q2, d2, q_s, d_s, full, empty, layer, it, pid, P, 17280, 3200, S2, TILED, DPACK)
+        it = _produce(q3, d3, q_s, d_s, full, empty, layer, it, pid, P, 3200, 8640, S3, TILED, DPACK)
 
 
 @gluon.jit
@@ -94,7 +116,7 @@ def _quantize_x(x_ptr, xq_s, dx_s, K: gl.constexpr, num_warps: gl.constexpr):
 
 @gluon.jit
 def _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j, it, pid, P, N: gl.constexpr, K: gl.constexpr,
-             S: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+             S: gl.constexpr, BLOCK_N: gl.constexpr, PROBE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """The consumers' share of product j: region j + 1 of y32 (fp32, zeros before) += region j[:K] @ W.T, with q8_0
     activations. A task adds its split's sums atomically (fire and forget: no round trip per task; the order of a
     row's S additions varies, so the fp32 sums may differ in the last bit between runs)."""
@@ -104,13 +126,18 @@ def _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j, it, pid, P
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
     AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
     BL: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
+    BKB: gl.constexpr = q_s.shape[2]
+    KSUB: gl.constexpr = GK // BKB
+    KC: gl.constexpr = (K + BKB - 1) // BKB
     cols = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, BL)), 0)
-    half = gl.expand_dims((gl.arange(0, BK, layout=gl.SliceLayout(1, BL)) >= 32).to(gl.int32), 1)
+    blk = gl.expand_dims(gl.arange(0, BKB, layout=gl.SliceLayout(1, BL)) // 32, 1)  # a box row's block in the box
     rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-    xq_boxes = xq_s._reinterpret(gl.int8, [XMAX // BK, BK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    xq_boxes = xq_s._reinterpret(gl.int8, [XMAX // BKB, BKB], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     dx_steps = dx_s._reinterpret(gl.float32, [XMAX // GK, 8], gl.SwizzledSharedLayout(1, 1, 1, [0]))
 
-    _wait_product(sync_ptr, j, P)
+    if PROBE != 2:  # probe 2: no waiting for the previous product (wrong numbers: what the waits cost)
+        _wait_product(sync_ptr, j, P)
     gl.thread_barrier()  # every consumer warp is done with the previous product's x
     _quantize_x(y32_ptr + j.to(gl.int64) * RS, xq_s, dx_s, K, num_warps)
     gl.thread_barrier()
@@ -125,20 +152,16 @@ def _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j, it, pid, P
             st = it % STAGES
             mbarrier.wait(full.index(st), (it // STAGES) & 1)
             isum = gl.zeros([BLOCK_N, 8], gl.int32, mma)
-            for c in gl.static_range(KSUB):
-                a = q_s.index(st * KSUB + c).load(AL)
-                xv = xq_boxes.index(step * KSUB + c).load(gl.SliceLayout(1, BL))
-                xb, sel = gl.broadcast(gl.expand_dims(xv, 1), cols == 2 * c + half)
-                b = gl.inline_asm_elementwise(
-                    "and.b32 $0, $1, $2;",
-                    "=r,r,r",
-                    [xb, gl.where(sel, -1, 0).to(gl.int8)],
-                    dtype=gl.int8,
-                    is_pure=True,
-                    pack=4,
-                )  # one AND per register
-                isum = mma_v2(a, b, isum)
-            dw = d_s.index(st).load(mma).to(gl.float32)
+            for c in gl.static_range(KSUB if PROBE != 1 else 0):  # probe 1: the stream alone (wrong numbers)
+                if (KC % KSUB == 0) or (step * KSUB + c < KC):  # a box past K: zeros, or (TILED) not copied
+                    a = q_s.index(st * KSUB + c).load(AL)
+                    xv = xq_boxes.index(step * KSUB + c).load(gl.SliceLayout(1, BL))
+                    xb, sel = gl.broadcast(gl.expand_dims(xv, 1), cols == (BKB // 32) * c + blk)
+                    mask = gl.where(sel, -1, 0).to(gl.int8)
+                    b = gl.inline_asm_elementwise("and.b32 $0, $1, $2;", "=r,r,r", [xb, mask], dtype=gl.int8,
+                                                  is_pure=True, pack=4)  # one AND per register  # fmt: skip
+                    isum = mma_v2(a, b, isum)
+            dw = d_s.index(st)._reinterpret(gl.float16, [BLOCK_N, 8], flat).load(mma).to(gl.float32)
             fence_async_shared()  # this thread's reads of the stage before the producer's TMA writes
             async_copy.mbarrier_arrive(empty.index(st), increment_count=False)  # one arrival per consumer thread
             dx = dx_steps.index(step).load(gl.SliceLayout(0, mma))
@@ -156,20 +179,21 @@ def _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j, it, pid, P
 
 @gluon.jit
 def _consumer(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, S0: gl.constexpr, S1: gl.constexpr,
-              S2: gl.constexpr, S3: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+              S2: gl.constexpr, S3: gl.constexpr, BLOCK_N: gl.constexpr, PROBE: gl.constexpr,
+              num_warps: gl.constexpr):  # fmt: skip
     pid = gl.program_id(0)
     P = gl.num_programs(0)
     it = 0
     for layer in range(L):
         j = layer * 4
         it = _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j, it, pid, P, 9600, 3200, S0, BLOCK_N,
-                      num_warps)  # fmt: skip
+                      PROBE, num_warps)  # fmt: skip
         it = _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j + 1, it, pid, P, 3200, 3200, S1,
-                      BLOCK_N, num_warps)  # fmt: skip
+                      BLOCK_N, PROBE, num_warps)  # fmt: skip
         it = _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j + 2, it, pid, P, 17280, 3200, S2,
-                      BLOCK_N, num_warps)  # fmt: skip
+                      BLOCK_N, PROBE, num_warps)  # fmt: skip
         it = _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j + 3, it, pid, P, 3200, 8640, S3,
-                      BLOCK_N, num_warps)  # fmt: skip
+                      BLOCK_N, PROBE, num_warps)  # fmt: skip
     # the last program out zeroes the product counters for the next launch (every program has passed every wait)
     if gl.atomic_add(sync_ptr + 4 * L, 1, sem="acq_rel", scope="gpu") == P - 1:
         offs = gl.arange(0, 128, layout=gl.BlockedLayout([4], [32], [num_warps], [0]))
@@ -179,11 +203,13 @@ def _consumer(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, S0: gl.co
 @gluon.jit
 def _chain_i8_kernel(y32_ptr, q0, q1, q2, q3, d0, d1, d2, d3, sync_ptr, L, S0: gl.constexpr, S1: gl.constexpr,
                      S2: gl.constexpr, S3: gl.constexpr, STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                     PROBE: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr,
                      num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = q0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
-    q_s = gl.allocate_shared_memory(gl.int8, [STAGES * KSUB, BLOCK_N, BK], q0.layout)
-    d_s = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_N, 8], d0.layout)
+    BKB: gl.constexpr = q0.block_type.shape[1]
+    q_s = gl.allocate_shared_memory(gl.int8, [STAGES * (GK // BKB), BLOCK_N, BKB], q0.layout)
+    d_s = gl.allocate_shared_memory(gl.float16, [STAGES] + d0.block_type.shape, d0.layout)
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     xq_s = gl.allocate_shared_memory(gl.int8, [XMAX // 32, 32], flat)
     dx_s = gl.allocate_shared_memory(gl.float32, [XMAX // 32], gl.SwizzledSharedLayout(1, 1, 1, [0]))
@@ -195,8 +221,9 @@ def _chain_i8_kernel(y32_ptr, q0, q1, q2, q3, d0, d1, d2, d3, sync_ptr, L, S0: g
     # fmt: off
     gl.warp_specialize(
         [
-            (_consumer, (y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, S0, S1, S2, S3, BLOCK_N, num_warps)),
-            (_producer, (q0, q1, q2, q3, d0, d1, d2, d3, q_s, d_s, full, empty, L, S0, S1, S2, S3)),
+            (_consumer, (y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, S0, S1, S2, S3, BLOCK_N, PROBE,
+                         num_warps)),
+            (_producer, (q0, q1, q2, q3, d0, d1, d2, d3, q_s, d_s, full, empty, L, S0, S1, S2, S3, TILED, DPACK)),
         ],
         [1],
         [PRODUCER_REGS],
@@ -213,20 +240,53 @@ def pad_scales(d: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def chain_i8(ws_pad, y32, sync, layers: int, cfg: dict, n_sm: int) -> None:
-    """Launch the chain: ws_pad = [(qs, pad_scales(d))] per product kind ([L * N, K] int8); y32 fp32
-    [4 * layers + 1, RS], region 0 the input, the others zeros (the products add their splits' sums into them)."""
+def tile_q(qs: torch.Tensor, n: int, block_n: int, bkb: int) -> torch.Tensor:
+    """qs int8 [L * n, K] -> [L * (n / block_n) * KC * block_n, bkb]: every [block_n, bkb] tile contiguous, a row
+    block's KC = ceil(K / bkb) tiles in K order (K padded with zeros to KC * bkb)."""
+    rows, k = qs.shape
+    kc = -(-k // bkb)
+    pad = torch.zeros(rows, kc * bkb, dtype=qs.dtype, device=qs.device)
+    pad[:, :k] = qs
+    t = pad.view(rows // n, n // block_n, block_n, kc, bkb).permute(0, 1, 3, 2, 4).contiguous()
+    return t.view(-1, bkb)
+
+
+def pack_d(d: torch.Tensor, n: int, block_n: int) -> torch.Tensor:
+    """d fp16 [L * n, K / 32] -> [L * (n / block_n) * G * block_n * 8 / 256, 256]: a row block's [block_n, 8] scales of
+    each stage of 256 K (G = ceil(K / 256) stages, zeros past K) contiguous, in stage order."""
+    p = pad_scales(d)
+    rows, g8 = p.shape
+    t = p.view(rows // n, n // block_n, block_n, g8 // 8, 8).permute(0, 1, 3, 2, 4).contiguous()
+    return t.view(-1, 256)
+
+
+def prepare(ws, shapes, cfg: dict):
+    """The weights in the layout cfg asks for: [(q, d)] per product kind ((N, K) in shapes; see tile_q, pack_d,
+    pad_scales)."""
+    bn, bkb = 16 * cfg["warps"], cfg.get("BKB", 64)
+    out = []
+    for (qs, d), (n, _) in zip(ws, shapes, strict=True):
+        q = tile_q(qs, n, bn, bkb) if cfg.get("TILED") else qs
+        out.append((q, pack_d(d, n, bn) if cfg.get("DPACK") else pad_scales(d)))
+    return out
+
+
+def chain_i8(ws_prep, y32, sync, layers: int, cfg: dict, n_sm: int) -> None:
+    """Launch the chain: ws_prep = prepare(ws, cfg); y32 fp32 [4 * layers + 1, RS], region 0 the input, the others
+    zeros (the products add their splits' sums into them)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    bn = 16 * cfg["warps"]
-    qlay = gl.NVMMASharedLayout.get_default_for([bn, 64], gl.int8)
-    dlay = gl.NVMMASharedLayout.get_default_for([bn, 8], gl.float16)
-    qd = [TensorDescriptor.from_tensor(qs, [bn, 64], qlay) for qs, _ in ws_pad]
-    dd = [TensorDescriptor.from_tensor(dp, [bn, 8], dlay) for _, dp in ws_pad]
+    bn, bkb = 16 * cfg["warps"], cfg.get("BKB", 64)
+    qlay = gl.NVMMASharedLayout.get_default_for([bn, bkb], gl.int8)
+    flat16 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
+    dbox = [bn * 8 // 256, 256] if cfg.get("DPACK") else [bn, 8]
+    qd = [TensorDescriptor.from_tensor(q, [bn, bkb], qlay) for q, _ in ws_prep]
+    dd = [TensorDescriptor.from_tensor(d, dbox, flat16) for _, d in ws_prep]
     s0, s1, s2, s3 = cfg["S"]
     _chain_i8_kernel[(n_sm,)](
         y32, *qd, *dd, sync, layers, S0=s0, S1=s1, S2=s2, S3=s3, STAGES=cfg["STAGES"],
-        PRODUCER_REGS=cfg.get("regs", 48), num_warps=cfg["warps"],
+        PRODUCER_REGS=cfg.get("regs", 48), PROBE=cfg.get("probe", 0), TILED=bool(cfg.get("TILED")),
+        DPACK=bool(cfg.get("DPACK")), num_warps=cfg["warps"],
     )  # fmt: skip
 
 
