@@ -58,7 +58,8 @@ for s in "$@"; do
     ncu-chain-i8) step ncu_chain_i8 200 "$(command -v ncu || ls /usr/local/cuda*/bin/ncu | head -1)" --kernel-name \
         regex:_chain_i8 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
         --section WarpStateStats --section SchedulerStats --section InstructionStats --section SourceCounters \
-        python3 bench/persistent_lab.py --which i8 --i8-cfg 0 --layers 4 --out "$out/ncu_chain_i8.json" ;;
+        --launch-skip 1 \
+        python3 bench/persistent_lab.py --which i8 --i8-cfg "${NCU_CFG:-0}" --out "$out/ncu_chain_i8.json" ;;
     persistentlab) step persistent_lab 300 python3 bench/persistent_lab.py --out "$out/persistent_lab.json" ;;
     profile) step profile 240 python3 bench/profile_gpu.py --out "$out/profile_h200.json" ;;
     profile-decode) step profile_decode 200 python3 bench/profile_gpu.py --what decode,decode2 \

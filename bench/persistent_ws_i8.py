@@ -83,15 +83,22 @@ def _produce(q_desc, d_desc, q_s, d_s, full, empty, layer, it, pid, P, N: gl.con
 
 @gluon.jit
 def _producer(q0, q1, q2, q3, d0, d1, d2, d3, q_s, d_s, full, empty, L, S0: gl.constexpr, S1: gl.constexpr,
-              S2: gl.constexpr, S3: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr):  # fmt: skip
+              S2: gl.constexpr, S3: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr,
+              ROT: gl.constexpr):  # fmt: skip
+    """pid's tasks of every product; with ROT, product j's tasks go round robin from program (pid + j ROT) % P, so
+    that the programs that take one task more than others differ from product to product."""
     pid = gl.program_id(0)
     P = gl.num_programs(0)
     it = 0
     for layer in range(L):
-        it = _produce(q0, d0, q_s, d_s, full, empty, layer, it, pid, P, 9600, 3200, S0, TILED, DPACK)
-        it = _produce(q1, d1, q_s, d_s, full, empty, layer, it, pid, P, 3200, 3200, S1, TILED, DPACK)
-        it = _produce(q2, d2, q_s, d_s, full, empty, layer, it, pid, P, 17280, 3200, S2, TILED, DPACK)
-        it = _produce(q3, d3, q_s, d_s, full, empty, layer, it, pid, P, 3200, 8640, S3, TILED, DPACK)
+        it = _produce(q0, d0, q_s, d_s, full, empty, layer, it, (pid + (layer * 4 + 0) * ROT) % P, P, 9600, 3200, S0,
+                      TILED, DPACK)  # fmt: skip
+        it = _produce(q1, d1, q_s, d_s, full, empty, layer, it, (pid + (layer * 4 + 1) * ROT) % P, P, 3200, 3200, S1,
+                      TILED, DPACK)  # fmt: skip
+        it = _produce(q2, d2, q_s, d_s, full, empty, layer, it, (pid + (layer * 4 + 2) * ROT) % P, P, 17280, 3200, S2,
+                      TILED, DPACK)  # fmt: skip
+        it = _produce(q3, d3, q_s, d_s, full, empty, layer, it, (pid + (layer * 4 + 3) * ROT) % P, P, 3200, 8640, S3,
+                      TILED, DPACK)  # fmt: skip
 
 
 @gluon.jit
@@ -116,7 +123,8 @@ def _quantize_x(x_ptr, xq_s, dx_s, K: gl.constexpr, num_warps: gl.constexpr):
 
 @gluon.jit
 def _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j, it, pid, P, N: gl.constexpr, K: gl.constexpr,
-             S: gl.constexpr, BLOCK_N: gl.constexpr, PROBE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+             S: gl.constexpr, BLOCK_N: gl.constexpr, PROBE: gl.constexpr, ROT: gl.constexpr,
+             num_warps: gl.constexpr):  # fmt: skip
     """The consumers' share of product j: region j + 1 of y32 (fp32, zeros before) += region j[:K] @ W.T, with q8_0
     activations. A task adds its split's sums atomically (fire and forget: no round trip per task; the order of a
     row's S additions varies, so the fp32 sums may differ in the last bit between runs)."""
@@ -143,7 +151,7 @@ def _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j, it, pid, P
     gl.thread_barrier()
 
     y_ptr = y32_ptr + (j + 1).to(gl.int64) * RS
-    for task in range(pid, ((N + BLOCK_N - 1) // BLOCK_N) * S, P):  # rows past N: never stored
+    for task in range((pid + j * ROT) % P, ((N + BLOCK_N - 1) // BLOCK_N) * S, P):  # rows past N: never stored
         rb = task // S
         s0 = (task % S) * PER
         s1 = gl.minimum(s0 + PER, STEPS)
@@ -179,7 +187,7 @@ def _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j, it, pid, P
 
 @gluon.jit
 def _consumer(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, S0: gl.constexpr, S1: gl.constexpr,
-              S2: gl.constexpr, S3: gl.constexpr, BLOCK_N: gl.constexpr, PROBE: gl.constexpr,
+              S2: gl.constexpr, S3: gl.constexpr, BLOCK_N: gl.constexpr, PROBE: gl.constexpr, ROT: gl.constexpr,
               num_warps: gl.constexpr):  # fmt: skip
     pid = gl.program_id(0)
     P = gl.num_programs(0)
@@ -187,13 +195,13 @@ def _consumer(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, S0: gl.co
     for layer in range(L):
         j = layer * 4
         it = _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j, it, pid, P, 9600, 3200, S0, BLOCK_N,
-                      PROBE, num_warps)  # fmt: skip
+                      PROBE, ROT, num_warps)  # fmt: skip
         it = _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j + 1, it, pid, P, 3200, 3200, S1,
-                      BLOCK_N, PROBE, num_warps)  # fmt: skip
+                      BLOCK_N, PROBE, ROT, num_warps)  # fmt: skip
         it = _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j + 2, it, pid, P, 17280, 3200, S2,
-                      BLOCK_N, PROBE, num_warps)  # fmt: skip
+                      BLOCK_N, PROBE, ROT, num_warps)  # fmt: skip
         it = _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j + 3, it, pid, P, 3200, 8640, S3,
-                      BLOCK_N, PROBE, num_warps)  # fmt: skip
+                      BLOCK_N, PROBE, ROT, num_warps)  # fmt: skip
     # the last program out zeroes the product counters for the next launch (every program has passed every wait)
     if gl.atomic_add(sync_ptr + 4 * L, 1, sem="acq_rel", scope="gpu") == P - 1:
         offs = gl.arange(0, 128, layout=gl.BlockedLayout([4], [32], [num_warps], [0]))
@@ -203,7 +211,7 @@ def _consumer(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, S0: gl.co
 @gluon.jit
 def _chain_i8_kernel(y32_ptr, q0, q1, q2, q3, d0, d1, d2, d3, sync_ptr, L, S0: gl.constexpr, S1: gl.constexpr,
                      S2: gl.constexpr, S3: gl.constexpr, STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                     PROBE: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr,
+                     PROBE: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr, ROT: gl.constexpr,
                      num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = q0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
@@ -222,8 +230,9 @@ def _chain_i8_kernel(y32_ptr, q0, q1, q2, q3, d0, d1, d2, d3, sync_ptr, L, S0: g
     gl.warp_specialize(
         [
             (_consumer, (y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, S0, S1, S2, S3, BLOCK_N, PROBE,
-                         num_warps)),
-            (_producer, (q0, q1, q2, q3, d0, d1, d2, d3, q_s, d_s, full, empty, L, S0, S1, S2, S3, TILED, DPACK)),
+                         ROT, num_warps)),
+            (_producer, (q0, q1, q2, q3, d0, d1, d2, d3, q_s, d_s, full, empty, L, S0, S1, S2, S3, TILED, DPACK,
+                          ROT)),
         ],
         [1],
         [PRODUCER_REGS],
@@ -286,7 +295,7 @@ def chain_i8(ws_prep, y32, sync, layers: int, cfg: dict, n_sm: int) -> None:
     _chain_i8_kernel[(n_sm,)](
         y32, *qd, *dd, sync, layers, S0=s0, S1=s1, S2=s2, S3=s3, STAGES=cfg["STAGES"],
         PRODUCER_REGS=cfg.get("regs", 48), PROBE=cfg.get("probe", 0), TILED=bool(cfg.get("TILED")),
-        DPACK=bool(cfg.get("DPACK")), num_warps=cfg["warps"],
+        DPACK=bool(cfg.get("DPACK")), ROT=cfg.get("ROT", 0), num_warps=cfg["warps"],
     )  # fmt: skip
 
 
