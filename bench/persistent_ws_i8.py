@@ -20,7 +20,6 @@ product (tests/test_llamacpp_reference.py measures what it does to logits).
 from __future__ import annotations
 
 import torch
-from persistent_ws import _wait_product
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
@@ -28,29 +27,32 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 GK: gl.constexpr = gl.constexpr(256)  # K per stage
 XMAX: gl.constexpr = gl.constexpr(16384)  # the longest activation row the shared buffers hold
+SYNC_STRIDE: gl.constexpr = gl.constexpr(32)  # int32 words between two products' arrival counters (128 bytes)
 RS: gl.constexpr = gl.constexpr(17280)  # y32's region stride: region 0 the chain's input, region j + 1 product j's
 
 
 @gluon.jit
-def _produce(q_desc, d_desc, q_s, d_s, full, empty, layer, it, pid, P, N: gl.constexpr, K: gl.constexpr,
+def _produce(q_desc, qt_desc, d_desc, q_s, d_s, full, empty, layer, it, pid, P, N: gl.constexpr, K: gl.constexpr,
              S: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr):  # fmt: skip
     """The producer's share of one product: every stage (256 K) of every task of this program, into the ring.
-    Row-major W ([L * N, K]): boxes past K come as zeros (TMA's out-of-bounds fill). TILED W (tile_q: each
-    [BLOCK_N, BKB] tile contiguous, a row block's tiles in K order): a last stage's boxes past K are not copied (the
-    consumers skip them). Scales: padded row-major ([L * N, 8 G]) or DPACK (pack_d: a stage's [BLOCK_N, 8]
+    Row-major W ([L * N, K]; q_desc boxes [BLOCK_N, BKB]): boxes past K come as zeros (TMA's out-of-bounds fill).
+    TILED W (tile_q: each [BLOCK_N, BKB] tile contiguous, a row block's tiles in K order): a stage's tiles are one
+    contiguous box (q_desc: [KSUB * BLOCK_N, BKB]); a last stage with fewer tiles takes them one by one (qt_desc) and
+    the consumers skip the rest. Scales: padded row-major ([L * N, 8 G]) or DPACK (pack_d: a stage's [BLOCK_N, 8]
     contiguous)."""
-    BLOCK_N: gl.constexpr = q_desc.block_type.shape[0]
     BKB: gl.constexpr = q_desc.block_type.shape[1]
     KSUB: gl.constexpr = GK // BKB
+    BLOCK_N: gl.constexpr = qt_desc.block_type.shape[0]
     STAGES: gl.constexpr = full.shape[0]
     STEPS: gl.constexpr = (K + GK - 1) // GK
     PER: gl.constexpr = (STEPS + S - 1) // S
-    KC: gl.constexpr = (K + BKB - 1) // BKB  # boxes along K
-    LAST: gl.constexpr = KC - (STEPS - 1) * KSUB  # boxes in the last stage
+    KC: gl.constexpr = (K + BKB - 1) // BKB  # tiles along K
+    LAST: gl.constexpr = KC - (STEPS - 1) * KSUB  # tiles in the last stage
     NB: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     DROWS: gl.constexpr = d_desc.block_type.shape[0]
-    FULL_BYTES: gl.constexpr = KSUB * q_desc.block_type.nbytes + d_desc.block_type.nbytes
-    LAST_BYTES: gl.constexpr = LAST * q_desc.block_type.nbytes + d_desc.block_type.nbytes
+    FULL_BYTES: gl.constexpr = KSUB * qt_desc.block_type.nbytes + d_desc.block_type.nbytes
+    LAST_BYTES: gl.constexpr = LAST * qt_desc.block_type.nbytes + d_desc.block_type.nbytes
+    q_stage = q_s._reinterpret(gl.int8, [STAGES, KSUB * BLOCK_N, BKB], q_desc.layout)
     for task in range(pid, NB * S, P):
         rb = task // S
         s0 = (task % S) * PER
@@ -59,17 +61,18 @@ def _produce(q_desc, d_desc, q_s, d_s, full, empty, layer, it, pid, P, N: gl.con
             st = it % STAGES
             mbarrier.wait(empty.index(st), ((it // STAGES) & 1) ^ 1)
             if TILED:
-                last = step == STEPS - 1
-                mbarrier.expect(full.index(st), FULL_BYTES, pred=not last)
-                mbarrier.expect(full.index(st), LAST_BYTES, pred=last)
-                for c in gl.static_range(KSUB):
-                    kc = step * KSUB + c
-                    tma.async_copy_global_to_shared(q_desc, [((layer * NB + rb) * KC + kc) * BLOCK_N, 0],
-                                                    full.index(st), q_s.index(st * KSUB + c), pred=kc < KC)  # fmt: skip
+                row = ((layer * NB + rb) * KC + step * KSUB) * BLOCK_N
+                part = (LAST < KSUB) & (step == STEPS - 1)
+                mbarrier.expect(full.index(st), FULL_BYTES, pred=not part)
+                mbarrier.expect(full.index(st), LAST_BYTES, pred=part)
+                tma.async_copy_global_to_shared(q_desc, [row, 0], full.index(st), q_stage.index(st), pred=not part)
+                for c in gl.static_range(LAST if LAST < KSUB else 0):
+                    tma.async_copy_global_to_shared(qt_desc, [row + c * BLOCK_N, 0], full.index(st),
+                                                    q_s.index(st * KSUB + c), pred=part)  # fmt: skip
             else:
                 mbarrier.expect(full.index(st), FULL_BYTES)
                 for c in gl.static_range(KSUB):
-                    tma.async_copy_global_to_shared(q_desc, [layer * N + rb * BLOCK_N, step * GK + c * BKB],
+                    tma.async_copy_global_to_shared(qt_desc, [layer * N + rb * BLOCK_N, step * GK + c * BKB],
                                                     full.index(st), q_s.index(st * KSUB + c))  # fmt: skip
             if DPACK:
                 tma.async_copy_global_to_shared(d_desc, [((layer * NB + rb) * STEPS + step) * DROWS, 0],
@@ -82,8 +85,8 @@ def _produce(q_desc, d_desc, q_s, d_s, full, empty, layer, it, pid, P, N: gl.con
 
 
 @gluon.jit
-def _producer(q0, q1, q2, q3, d0, d1, d2, d3, q_s, d_s, full, empty, L, S0: gl.constexpr, S1: gl.constexpr,
-              S2: gl.constexpr, S3: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr,
+def _producer(q0, q1, q2, q3, qt0, qt1, qt2, qt3, d0, d1, d2, d3, q_s, d_s, full, empty, L, S0: gl.constexpr,
+              S1: gl.constexpr, S2: gl.constexpr, S3: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr,
               ROT: gl.constexpr):  # fmt: skip
     """pid's tasks of every product; with ROT, product j's tasks go round robin from program (pid + j ROT) % P, so
     that the programs that take one task more than others differ from product to product."""
@@ -91,14 +94,32 @@ def _producer(q0, q1, q2, q3, d0, d1, d2, d3, q_s, d_s, full, empty, L, S0: gl.c
     P = gl.num_programs(0)
     it = 0
     for layer in range(L):
-        it = _produce(q0, d0, q_s, d_s, full, empty, layer, it, (pid + (layer * 4 + 0) * ROT) % P, P, 9600, 3200, S0,
+        j = layer * 4
+        it = _produce(q0, qt0, d0, q_s, d_s, full, empty, layer, it, (pid + j * ROT) % P, P, 9600, 3200, S0, TILED,
+                      DPACK)  # fmt: skip
+        it = _produce(q1, qt1, d1, q_s, d_s, full, empty, layer, it, (pid + (j + 1) * ROT) % P, P, 3200, 3200, S1,
                       TILED, DPACK)  # fmt: skip
-        it = _produce(q1, d1, q_s, d_s, full, empty, layer, it, (pid + (layer * 4 + 1) * ROT) % P, P, 3200, 3200, S1,
+        it = _produce(q2, qt2, d2, q_s, d_s, full, empty, layer, it, (pid + (j + 2) * ROT) % P, P, 17280, 3200, S2,
                       TILED, DPACK)  # fmt: skip
-        it = _produce(q2, d2, q_s, d_s, full, empty, layer, it, (pid + (layer * 4 + 2) * ROT) % P, P, 17280, 3200, S2,
+        it = _produce(q3, qt3, d3, q_s, d_s, full, empty, layer, it, (pid + (j + 3) * ROT) % P, P, 3200, 8640, S3,
                       TILED, DPACK)  # fmt: skip
-        it = _produce(q3, d3, q_s, d_s, full, empty, layer, it, (pid + (layer * 4 + 3) * ROT) % P, P, 3200, 8640, S3,
-                      TILED, DPACK)  # fmt: skip
+
+
+@gluon.jit
+def _wait_product(sync_ptr, j, P, BACKOFF: gl.constexpr):
+    """Until every program's consumers have finished product j - 1 (P arrivals at sync word j - 1, each word on a
+    128-byte line of its own; nothing to wait for at j = 0); acquire its writes. BACKOFF > 0: nanosleep between
+    polls (fewer loads on the word's L2 line while the arrivals come in)."""
+    if j > 0:
+        n = gl.load(sync_ptr + (j - 1) * SYNC_STRIDE, volatile=True)
+        spins = 0
+        while (n < P) & (spins < 1 << 20):  # a lab guard: a broken barrier gives wrong numbers, not a hang
+            if BACKOFF > 0:
+                n = gl.inline_asm_elementwise(f"nanosleep.u32 {BACKOFF}; mov.b32 $0, $1;", "=r,r", [n], dtype=gl.int32,
+                                              is_pure=False, pack=1)  # fmt: skip
+            n = gl.load(sync_ptr + (j - 1) * SYNC_STRIDE, volatile=True)
+            spins += 1
+        gl.atomic_add(sync_ptr + (j - 1) * SYNC_STRIDE, 0, sem="acquire", scope="gpu")
 
 
 @gluon.jit
@@ -123,7 +144,7 @@ def _quantize_x(x_ptr, xq_s, dx_s, K: gl.constexpr, num_warps: gl.constexpr):
 
 @gluon.jit
 def _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j, it, pid, P, N: gl.constexpr, K: gl.constexpr,
-             S: gl.constexpr, BLOCK_N: gl.constexpr, PROBE: gl.constexpr, ROT: gl.constexpr,
+             S: gl.constexpr, BLOCK_N: gl.constexpr, PROBE: gl.constexpr, ROT: gl.constexpr, BACKOFF: gl.constexpr,
              num_warps: gl.constexpr):  # fmt: skip
     """The consumers' share of product j: region j + 1 of y32 (fp32, zeros before) += region j[:K] @ W.T, with q8_0
     activations. A task adds its split's sums atomically (fire and forget: no round trip per task; the order of a
@@ -145,7 +166,7 @@ def _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j, it, pid, P
     dx_steps = dx_s._reinterpret(gl.float32, [XMAX // GK, 8], gl.SwizzledSharedLayout(1, 1, 1, [0]))
 
     if PROBE != 2:  # probe 2: no waiting for the previous product (wrong numbers: what the waits cost)
-        _wait_product(sync_ptr, j, P)
+        _wait_product(sync_ptr, j, P, BACKOFF)
     gl.thread_barrier()  # every consumer warp is done with the previous product's x
     _quantize_x(y32_ptr + j.to(gl.int64) * RS, xq_s, dx_s, K, num_warps)
     gl.thread_barrier()
@@ -181,42 +202,42 @@ def _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j, it, pid, P
         else:
             gl.store(y_ptr + rn, gl.sum(acc, axis=1), mask=rn < N)
     gl.thread_barrier()  # every consumer warp's additions precede the arrival
-    gl.atomic_add(sync_ptr + j, 1, sem="release", scope="gpu")
+    gl.atomic_add(sync_ptr + j * SYNC_STRIDE, 1, sem="release", scope="gpu")
     return it
 
 
 @gluon.jit
 def _consumer(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, S0: gl.constexpr, S1: gl.constexpr,
               S2: gl.constexpr, S3: gl.constexpr, BLOCK_N: gl.constexpr, PROBE: gl.constexpr, ROT: gl.constexpr,
-              num_warps: gl.constexpr):  # fmt: skip
+              BACKOFF: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     pid = gl.program_id(0)
     P = gl.num_programs(0)
     it = 0
     for layer in range(L):
         j = layer * 4
         it = _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j, it, pid, P, 9600, 3200, S0, BLOCK_N,
-                      PROBE, ROT, num_warps)  # fmt: skip
+                      PROBE, ROT, BACKOFF, num_warps)  # fmt: skip
         it = _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j + 1, it, pid, P, 3200, 3200, S1,
-                      BLOCK_N, PROBE, ROT, num_warps)  # fmt: skip
+                      BLOCK_N, PROBE, ROT, BACKOFF, num_warps)  # fmt: skip
         it = _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j + 2, it, pid, P, 17280, 3200, S2,
-                      BLOCK_N, PROBE, ROT, num_warps)  # fmt: skip
+                      BLOCK_N, PROBE, ROT, BACKOFF, num_warps)  # fmt: skip
         it = _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j + 3, it, pid, P, 3200, 8640, S3,
-                      BLOCK_N, PROBE, ROT, num_warps)  # fmt: skip
+                      BLOCK_N, PROBE, ROT, BACKOFF, num_warps)  # fmt: skip
     # the last program out zeroes the product counters for the next launch (every program has passed every wait)
-    if gl.atomic_add(sync_ptr + 4 * L, 1, sem="acq_rel", scope="gpu") == P - 1:
+    if gl.atomic_add(sync_ptr + 4 * L * SYNC_STRIDE, 1, sem="acq_rel", scope="gpu") == P - 1:
         offs = gl.arange(0, 128, layout=gl.BlockedLayout([4], [32], [num_warps], [0]))
-        gl.store(sync_ptr + offs, gl.zeros_like(offs), mask=offs <= 4 * L)
+        gl.store(sync_ptr + offs * SYNC_STRIDE, gl.zeros_like(offs), mask=offs <= 4 * L)
 
 
 @gluon.jit
-def _chain_i8_kernel(y32_ptr, q0, q1, q2, q3, d0, d1, d2, d3, sync_ptr, L, S0: gl.constexpr, S1: gl.constexpr,
-                     S2: gl.constexpr, S3: gl.constexpr, STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+def _chain_i8_kernel(y32_ptr, q0, q1, q2, q3, qt0, qt1, qt2, qt3, d0, d1, d2, d3, sync_ptr, L, S0: gl.constexpr,
+                     S1: gl.constexpr, S2: gl.constexpr, S3: gl.constexpr, STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                      PROBE: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr, ROT: gl.constexpr,
-                     num_warps: gl.constexpr):  # fmt: skip
-    BLOCK_N: gl.constexpr = q0.block_type.shape[0]
+                     BACKOFF: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
     BKB: gl.constexpr = q0.block_type.shape[1]
-    q_s = gl.allocate_shared_memory(gl.int8, [STAGES * (GK // BKB), BLOCK_N, BKB], q0.layout)
+    q_s = gl.allocate_shared_memory(gl.int8, [STAGES * (GK // BKB), BLOCK_N, BKB], qt0.layout)
     d_s = gl.allocate_shared_memory(gl.float16, [STAGES] + d0.block_type.shape, d0.layout)
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     xq_s = gl.allocate_shared_memory(gl.int8, [XMAX // 32, 32], flat)
@@ -230,9 +251,9 @@ def _chain_i8_kernel(y32_ptr, q0, q1, q2, q3, d0, d1, d2, d3, sync_ptr, L, S0: g
     gl.warp_specialize(
         [
             (_consumer, (y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, S0, S1, S2, S3, BLOCK_N, PROBE,
-                         ROT, num_warps)),
-            (_producer, (q0, q1, q2, q3, d0, d1, d2, d3, q_s, d_s, full, empty, L, S0, S1, S2, S3, TILED, DPACK,
-                          ROT)),
+                         ROT, BACKOFF, num_warps)),
+            (_producer, (q0, q1, q2, q3, qt0, qt1, qt2, qt3, d0, d1, d2, d3, q_s, d_s, full, empty, L, S0, S1, S2, S3,
+                          TILED, DPACK, ROT)),
         ],
         [1],
         [PRODUCER_REGS],
@@ -289,13 +310,14 @@ def chain_i8(ws_prep, y32, sync, layers: int, cfg: dict, n_sm: int) -> None:
     qlay = gl.NVMMASharedLayout.get_default_for([bn, bkb], gl.int8)
     flat16 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
     dbox = [bn * 8 // 256, 256] if cfg.get("DPACK") else [bn, 8]
-    qd = [TensorDescriptor.from_tensor(q, [bn, bkb], qlay) for q, _ in ws_prep]
+    qt = [TensorDescriptor.from_tensor(q, [bn, bkb], qlay) for q, _ in ws_prep]
+    qd = [TensorDescriptor.from_tensor(q, [bn * 256 // bkb, bkb], qlay) for q, _ in ws_prep] if cfg.get("TILED") else qt
     dd = [TensorDescriptor.from_tensor(d, dbox, flat16) for _, d in ws_prep]
     s0, s1, s2, s3 = cfg["S"]
     _chain_i8_kernel[(n_sm,)](
-        y32, *qd, *dd, sync, layers, S0=s0, S1=s1, S2=s2, S3=s3, STAGES=cfg["STAGES"],
+        y32, *qd, *qt, *dd, sync, layers, S0=s0, S1=s1, S2=s2, S3=s3, STAGES=cfg["STAGES"],
         PRODUCER_REGS=cfg.get("regs", 48), PROBE=cfg.get("probe", 0), TILED=bool(cfg.get("TILED")),
-        DPACK=bool(cfg.get("DPACK")), ROT=cfg.get("ROT", 0), num_warps=cfg["warps"],
+        DPACK=bool(cfg.get("DPACK")), ROT=cfg.get("ROT", 0), BACKOFF=cfg.get("BACKOFF", 0), num_warps=cfg["warps"],
     )  # fmt: skip
 
 
