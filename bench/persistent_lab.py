@@ -304,8 +304,9 @@ CONFIGS = [  # BLOCK_N, BLOCK_K, stages, PER_SM, splits (qkv, o, gate|up, down),
     dict(BLOCK_N=16, BLOCK_K=256, stages=4, PER_SM=16, S=(4, 8, 2, 8), PF=2, nobar=True),
 ]
 I8_CONFIGS = [  # bench/persistent_ws_i8.py: consumer warps (16 W rows each), ring stages of 256 K, splits; BKB: K per
-    # TMA box, TILED: W tile-major (a stage one TMA box), DPACK: a stage's scales contiguous; probe 1: the consumers skip the products (the
-    # weight stream alone), probe 2: no wait for the previous product (both give wrong numbers)
+    # TMA box; TILED: W tile-major (a stage one TMA box); DPACK: a stage's scales contiguous; ROT: task rotation;
+    # BACKOFF: ns between polls at a product boundary; probe 1: the consumers skip the products (the weight stream
+    # alone), probe 2: no wait for the previous product (both give wrong numbers)
     dict(warps=4, STAGES=12, S=(13, 7, 13, 17), BKB=128, DPACK=True, TILED=True, ROT=37),
     dict(warps=4, STAGES=12, S=(13, 7, 13, 17), BKB=128, DPACK=True, TILED=True, ROT=37, BACKOFF=100),
     dict(warps=4, STAGES=12, S=(13, 7, 13, 17), BKB=128, DPACK=True, TILED=True, ROT=37, BACKOFF=500),

@@ -231,9 +231,9 @@ def _consumer(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, S0: gl.co
 
 @gluon.jit
 def _chain_i8_kernel(y32_ptr, q0, q1, q2, q3, qt0, qt1, qt2, qt3, d0, d1, d2, d3, sync_ptr, L, S0: gl.constexpr,
-                     S1: gl.constexpr, S2: gl.constexpr, S3: gl.constexpr, STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                     PROBE: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr, ROT: gl.constexpr,
-                     BACKOFF: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                     S1: gl.constexpr, S2: gl.constexpr, S3: gl.constexpr, STAGES: gl.constexpr,
+                     PRODUCER_REGS: gl.constexpr, PROBE: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr,
+                     ROT: gl.constexpr, BACKOFF: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
     BKB: gl.constexpr = q0.block_type.shape[1]
