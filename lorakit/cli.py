@@ -89,6 +89,14 @@ def predict(
     compute_dtype: Annotated[
         str, typer.Option("--compute-dtype", help="activations: f32 (default) or bf16 (faster on GPUs)")
     ] = "f32",
+    act_q8: Annotated[
+        bool,
+        typer.Option(
+            "--act-q8",
+            help="llama.cpp's arithmetic for q8_0 weights: activations quantized to q8_0, integer block products "
+            "(its numbers; slower, and on a GPU without the captured decode)",
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="print timings to stderr")] = False,
 ) -> None:
     from .predict import PredictRequest, run_predict
@@ -123,6 +131,7 @@ def predict(
         backend=backend,
         add_bos=not no_bos,
         compute_dtype=compute_dtype,
+        act_q8=act_q8,
     )
     stats = None
     for piece in run_predict(req):

@@ -117,15 +117,22 @@ class Generator:
         adapters: Sequence[tuple[LoraAdapter, float]] = (),
         n_ctx: int = 512,
         dtype: torch.dtype = torch.float32,
+        act_q8: bool = False,
     ):
+        """act_q8: llama.cpp's arithmetic for q8_0 products (backends.act_q8; eager steps only, on any device)."""
         self.model, self.backend, self.n_ctx, self.dtype = model, backend, n_ctx, dtype
         self.adapters = list(adapters)
         # prompt and eager steps launch op by op (the host is the limit on a GPU); decode steps replay a graph
-        self.fns = model_fns(model, backend.eager_inference(), adapters, dtype, frozen=True)
+        products = backend.eager_inference()
+        if act_q8:
+            from .backends.act_q8 import ActQ8Inference
+
+            products = ActQ8Inference(products)
+        self.fns = model_fns(model, products, adapters, dtype, frozen=True)
         self.ops = ops_for(backend)
         self.rope = rope_tables(model.args, n_ctx, backend.device)
         self.stats = GenerationStats()
-        self.use_graph = backend.device.type == "cuda"
+        self.use_graph = backend.device.type == "cuda" and not act_q8
 
     @torch.no_grad()
     def logits(self, tokens: Sequence[int], cache: KVCache, n_past: int) -> torch.Tensor:

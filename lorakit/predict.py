@@ -26,6 +26,7 @@ class PredictRequest:
     backend: str = "auto"
     add_bos: bool = True
     compute_dtype: str = "f32"
+    act_q8: bool = False  # llama.cpp's arithmetic for q8_0 products (Generator's act_q8)
 
 
 def load_adapters(paths: list[tuple[str, float]], model) -> list:
@@ -61,7 +62,7 @@ def run_predict(req: PredictRequest) -> Iterator[str | GenerationStats]:
     if any(i >= model.args.n_vocab for i in ids):
         raise LorakitError("the tokenizer produced ids outside the model's vocabulary", req.model)
     dtype = torch.bfloat16 if req.compute_dtype == "bf16" else torch.float32
-    gen = Generator(model, backend, adapters, n_ctx=n_ctx, dtype=dtype)
+    gen = Generator(model, backend, adapters, n_ctx=n_ctx, dtype=dtype, act_q8=req.act_q8)
     dec = StreamDecoder(tok)
     yield req.prompt
     for t in gen.generate(ids, req.n_predict, req.sampling, stop_ids=(tok.eos_id,)):

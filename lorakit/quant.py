@@ -90,6 +90,48 @@ def quantize_q8_0(x: torch.Tensor) -> Q8Weight:
     return Q8Weight(qs.to(torch.int8).reshape(out, n_in), d.to(torch.float16))
 
 
+def quantize_act_q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An activation row as llama.cpp's CPU build quantizes it before a q8_0 product (quantize_row_q8_0, the
+    AVX / NEON paths): per block of 32, amax = max |x|, stored scale d = fp16(amax / 127), q = round half to even
+    (x * (127 / amax)) in float32 (0 where amax = 0). ggml's scalar reference rounds half away from zero with
+    x * (1 / d) instead; the SIMD paths are what llama.cpp runs. Returns (qs int8 [..., K], d fp16 [..., K / 32])."""
+    shape = x.shape
+    blocks = x.to(torch.float32).reshape(*shape[:-1], shape[-1] // QK8_0, QK8_0)
+    amax = blocks.abs().amax(dim=-1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    qs = torch.round(blocks * inv.unsqueeze(-1))  # torch.round: half to even, as _mm256_round_ps(NEAREST)
+    return qs.to(torch.int8).reshape(shape), (amax / 127.0).to(torch.float16)
+
+
+def _act_rows(n_rows: int, n_blocks: int) -> int:
+    """Rows of W per q8_0_act_matmul step: the [blocks, rows of x, rows of W] fp32 block sums ~64 MB at most."""
+    return max(1, (16 << 20) // max(1, n_blocks * n_rows))
+
+
+def q8_0_act_matmul(x: torch.Tensor, w: Q8Weight) -> torch.Tensor:
+    """x @ W.T with llama.cpp's arithmetic for a q8_0 weight (ggml_vec_dot_q8_0_q8_0 on activations quantized by
+    quantize_act_q8_0): per row m, output n and block b the integer dot isum = sum_k qs_w[n, b, k] * qs_x[m, b, k]
+    (exact: |isum| <= 32 * 127^2 < 2^24, so the float32 batched product forms it exactly in any order), then
+    y[m, n] = sum_b (d_w[n, b] * d_x[m, b]) * isum in float32 (the scales' product rounded once, the sum over
+    blocks in torch's order, not ggml's SIMD lanes). Returned in x's dtype."""
+    out_f, n_in = w.shape
+    nb = n_in // QK8_0
+    lead = x.shape[:-1]
+    qx, dx = quantize_act_q8_0(x.reshape(-1, n_in))
+    m = qx.shape[0]
+    xb = qx.reshape(m, nb, QK8_0).permute(1, 0, 2).to(torch.float32)  # [B, M, 32]
+    dxt = dx.to(torch.float32).T.unsqueeze(-1)  # [B, M, 1]
+    y = torch.empty(m, out_f, dtype=torch.float32, device=x.device)
+    step = _act_rows(m, nb)
+    for r0 in range(0, out_f, step):
+        r1 = min(out_f, r0 + step)
+        wb = w.qs[r0:r1].reshape(r1 - r0, nb, QK8_0).permute(1, 2, 0).to(torch.float32)  # [B, 32, rows]
+        isum = torch.bmm(xb, wb)  # [B, M, rows], exact integers
+        scale = dxt * w.d[r0:r1].to(torch.float32).T.unsqueeze(1)  # [B, M, rows]: d_x * d_w, rounded once
+        y[:, r0:r1] = (isum * scale).sum(dim=0)
+    return y.to(x.dtype).reshape(*lead, out_f)
+
+
 def weight_from_gguf(gf, name: str) -> Weight:
     """Load one model tensor: q8_0 stays quantized, F32/F16/BF16 as torch tensors, others dequantized."""
     info = gf.info(name)

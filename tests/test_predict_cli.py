@@ -32,6 +32,14 @@ def test_greedy_text_matches_llama2c_reference(stories, capsys, dtype):
     assert capsys.readouterr().out.strip() == REF_TEXT
 
 
+def test_act_q8(stories, capsys):
+    """--act-q8 (llama.cpp's arithmetic for q8_0 products) gives the llama2c reference text too."""
+    rc = main(["predict", "-m", str(stories), "-p", "Once upon a time", "-n", "24", "--temp", "0", "--act-q8",
+               "--backend", "cpu-torch"])  # fmt: skip
+    assert rc == 0
+    assert capsys.readouterr().out.strip() == REF_TEXT
+
+
 def test_prompt_from_file_and_adapters(tmp_path, capsys):
     prompt = tmp_path / "p.txt"
     prompt.write_text("From fairest creatures")

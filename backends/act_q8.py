@@ -1,0 +1,55 @@
+"""A backend's inference products with llama.cpp's arithmetic for q8_0 weights (`lorakit predict --act-q8`).
+
+llama.cpp's CPU build quantizes every activation row that meets a q8_0 weight to q8_0 and sums integer products per
+block (quant.q8_0_act_matmul); lorakit's own path multiplies float activations by the exactly dequantized weights.
+This wrapper gives model.forward_hidden (through lora.model_fns) the former for q8_0 weights; products with float
+weights and the LoRA terms stay the wrapped backend's (llama.cpp converts activations only for quantized weights,
+and adapters are float). Inference only: there is no gradient of the rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lorakit.quant import Q8Weight, Weight, q8_0_act_matmul
+
+from . import add_lora_terms
+
+
+class ActQ8Inference:
+    lora_rank_multiple = 1
+
+    def __init__(self, base):
+        self.base = base
+        self.name = base.name
+        self.device = base.device
+
+    def eager_inference(self) -> ActQ8Inference:
+        return self
+
+    def matmul(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
+        return q8_0_act_matmul(x, w) if isinstance(w, Q8Weight) else self.base.matmul(x, w)
+
+    def lora_linear(
+        self,
+        x: torch.Tensor,
+        w: Weight,
+        loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
+        t: torch.Tensor | None = None,
+        prefetch: object | None = None,
+    ) -> torch.Tensor:
+        return add_lora_terms(self.matmul(x, w), x, loras, t)
+
+    def fuse_loras(
+        self, loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype
+    ) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+        """Term by term, as lora_linear adds them (add_lora_terms), the factors already in dtype."""
+        return [(a.to(dtype), b.to(dtype), s) for a, b, s in loras]
+
+    def prefetch_hint(self, w: Weight, start: int, nbytes: int, kind: int = 2) -> None:
+        return None
+
+    def embedding(self, w: Weight, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.base.embedding(w, tokens, dtype)
