@@ -306,11 +306,12 @@ CONFIGS = [  # BLOCK_N, BLOCK_K, stages, PER_SM, splits (qkv, o, gate|up, down),
 I8_CONFIGS = [  # bench/persistent_ws_i8.py: consumer warps (16 W rows each), ring stages of 256 K, splits; BKB: K per
     # TMA box; TILED: W tile-major (a stage one TMA box); DPACK: a stage's scales contiguous; ROT: task rotation;
     # BACKOFF: ns between polls at a product boundary; probe 1: the consumers skip the products (the weight stream
-    # alone), probe 2: no wait for the previous product (both give wrong numbers)
+    # alone), probe 2: no wait for the previous product, probe 3: both (all give wrong numbers)
     dict(warps=4, STAGES=12, S=(13, 7, 13, 17), BKB=128, DPACK=True, TILED=True, ROT=37),
-    dict(warps=4, STAGES=12, S=(13, 7, 13, 17), BKB=128, DPACK=True, TILED=True, ROT=37, BACKOFF=100),
-    dict(warps=4, STAGES=12, S=(13, 7, 13, 17), BKB=128, DPACK=True, TILED=True, ROT=37, BACKOFF=500),
+    dict(warps=4, STAGES=12, S=(13, 7, 13, 17), BKB=128, DPACK=True, TILED=True, ROT=37, probe=1),
     dict(warps=4, STAGES=12, S=(13, 7, 13, 17), BKB=128, DPACK=True, TILED=True, ROT=37, probe=2),
+    dict(warps=4, STAGES=12, S=(13, 7, 13, 17), BKB=128, DPACK=True, TILED=True, ROT=37, probe=3),
+    dict(warps=4, STAGES=4, S=(13, 7, 13, 17), BKB=128, DPACK=True, TILED=True, ROT=37, probe=3),
 ]
 WS_CONFIGS = [  # bench/persistent_ws.py: consumer warps (16 W rows each), ring stages x TMA boxes per stage, splits;
     # one program per SM (H = 2, two consumer partitions, hung in session 15's call 5)
@@ -378,6 +379,11 @@ def main(argv=None) -> int:
     i8_cfgs = I8_CONFIGS if args.i8_cfg is None else [I8_CONFIGS[args.i8_cfg]]
     for cfg in i8_cfgs if args.which in ("all", "i8") else []:
         i8_form(f"persistent-i8 {cfg}", cfg, ws, x0, ref, args.layers, n_sm, report)
+    words = [t.view(torch.int32) for qd in ws for t in qd]  # the chain's bytes as int32 words
+    report(
+        "torch: sum of every weight and scale word (a read of the same bytes)",
+        graph_us(lambda: [w.sum() for w in words]),
+    )
     for pf in (0, 4):
         report(
             f"launched (q8_0_matmul, hint {pf} MiB)", graph_us(lambda pf=pf: launched_chain(ws, x0, args.layers, pf))

@@ -165,7 +165,7 @@ def _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j, it, pid, P
     xq_boxes = xq_s._reinterpret(gl.int8, [XMAX // BKB, BKB], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     dx_steps = dx_s._reinterpret(gl.float32, [XMAX // GK, 8], gl.SwizzledSharedLayout(1, 1, 1, [0]))
 
-    if PROBE != 2:  # probe 2: no waiting for the previous product (wrong numbers: what the waits cost)
+    if PROBE < 2:  # probes 2, 3: no waiting for the previous product (wrong numbers: what the waits cost)
         _wait_product(sync_ptr, j, P, BACKOFF)
     gl.thread_barrier()  # every consumer warp is done with the previous product's x
     _quantize_x(y32_ptr + j.to(gl.int64) * RS, xq_s, dx_s, K, num_warps)
@@ -181,7 +181,7 @@ def _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j, it, pid, P
             st = it % STAGES
             mbarrier.wait(full.index(st), (it // STAGES) & 1)
             isum = gl.zeros([BLOCK_N, 8], gl.int32, mma)
-            for c in gl.static_range(KSUB if PROBE != 1 else 0):  # probe 1: the stream alone (wrong numbers)
+            for c in gl.static_range(KSUB if PROBE % 2 == 0 else 0):  # probes 1, 3: the stream alone (wrong numbers)
                 if (KC % KSUB == 0) or (step * KSUB + c < KC):  # a box past K: zeros, or (TILED) not copied
                     a = q_s.index(st * KSUB + c).load(AL)
                     xv = xq_boxes.index(step * KSUB + c).load(gl.SliceLayout(1, BL))
