@@ -306,13 +306,12 @@ CONFIGS = [  # BLOCK_N, BLOCK_K, stages, PER_SM, splits (qkv, o, gate|up, down),
 I8_CONFIGS = [  # bench/persistent_ws_i8.py: consumer warps (16 W rows each), ring stages of 256 K, splits; BKB: K per
     # TMA box; TILED: W tile-major (a stage one TMA box); DPACK: a stage's scales contiguous; ROT: task rotation;
     # BACKOFF: ns between polls at a product boundary; probe 1: the consumers skip the products (the weight stream
-    # alone), probe 2: no wait for the previous product, probe 3: both (all give wrong numbers); per_sm: programs per
-    # SM
+    # alone), probe 2: no wait for the previous product, probe 3: both (all give wrong numbers)
     dict(warps=4, STAGES=12, S=(13, 7, 13, 17), BKB=128, DPACK=True, TILED=True, ROT=37),
-    dict(warps=4, STAGES=5, S=(13, 7, 13, 17), BKB=128, DPACK=True, TILED=True, ROT=37, per_sm=2),
-    dict(warps=4, STAGES=5, S=(13, 7, 13, 17), BKB=128, DPACK=True, TILED=True, ROT=37, per_sm=2, probe=3),
-    dict(warps=4, STAGES=4, S=(13, 7, 13, 17), BKB=64, ROT=37, per_sm=2),
+    dict(warps=4, STAGES=12, S=(13, 7, 13, 17), BKB=128, DPACK=True, TILED=True, ROT=37, probe=1),
+    dict(warps=4, STAGES=12, S=(13, 7, 13, 17), BKB=128, DPACK=True, TILED=True, ROT=37, probe=2),
     dict(warps=4, STAGES=12, S=(13, 7, 13, 17), BKB=128, DPACK=True, TILED=True, ROT=37, probe=3),
+    dict(warps=4, STAGES=4, S=(13, 7, 13, 17), BKB=128, DPACK=True, TILED=True, ROT=37, probe=3),
 ]
 WS_CONFIGS = [  # bench/persistent_ws.py: consumer warps (16 W rows each), ring stages x TMA boxes per stage, splits;
     # one program per SM (H = 2, two consumer partitions, hung in session 15's call 5)

@@ -26,6 +26,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
 GK: gl.constexpr = gl.constexpr(256)  # K per stage
+XMAX: gl.constexpr = gl.constexpr(16384)  # the longest activation row the shared buffers hold
 SYNC_STRIDE: gl.constexpr = gl.constexpr(32)  # int32 words between two products' arrival counters (128 bytes)
 RS: gl.constexpr = gl.constexpr(17280)  # y32's region stride: region 0 the chain's input, region j + 1 product j's
 
@@ -161,7 +162,6 @@ def _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j, it, pid, P
     blk = gl.expand_dims(gl.arange(0, BKB, layout=gl.SliceLayout(1, BL)) // 32, 1)  # a box row's block in the box
     rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-    XMAX: gl.constexpr = xq_s.shape[0] * 32  # the longest activation row the shared buffers hold
     xq_boxes = xq_s._reinterpret(gl.int8, [XMAX // BKB, BKB], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     dx_steps = dx_s._reinterpret(gl.float32, [XMAX // GK, 8], gl.SwizzledSharedLayout(1, 1, 1, [0]))
 
@@ -233,8 +233,7 @@ def _consumer(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, S0: gl.co
 def _chain_i8_kernel(y32_ptr, q0, q1, q2, q3, qt0, qt1, qt2, qt3, d0, d1, d2, d3, sync_ptr, L, S0: gl.constexpr,
                      S1: gl.constexpr, S2: gl.constexpr, S3: gl.constexpr, STAGES: gl.constexpr,
                      PRODUCER_REGS: gl.constexpr, PROBE: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr,
-                     ROT: gl.constexpr, BACKOFF: gl.constexpr, XMAX: gl.constexpr,
-                     num_warps: gl.constexpr):  # fmt: skip
+                     ROT: gl.constexpr, BACKOFF: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
     BKB: gl.constexpr = q0.block_type.shape[1]
@@ -315,11 +314,10 @@ def chain_i8(ws_prep, y32, sync, layers: int, cfg: dict, n_sm: int) -> None:
     qd = [TensorDescriptor.from_tensor(q, [bn * 256 // bkb, bkb], qlay) for q, _ in ws_prep] if cfg.get("TILED") else qt
     dd = [TensorDescriptor.from_tensor(d, dbox, flat16) for _, d in ws_prep]
     s0, s1, s2, s3 = cfg["S"]
-    _chain_i8_kernel[(n_sm * cfg.get("per_sm", 1),)](
+    _chain_i8_kernel[(n_sm,)](
         y32, *qd, *qt, *dd, sync, layers, S0=s0, S1=s1, S2=s2, S3=s3, STAGES=cfg["STAGES"],
         PRODUCER_REGS=cfg.get("regs", 48), PROBE=cfg.get("probe", 0), TILED=bool(cfg.get("TILED")),
-        DPACK=bool(cfg.get("DPACK")), ROT=cfg.get("ROT", 0), BACKOFF=cfg.get("BACKOFF", 0), XMAX=cfg.get("XMAX", 16384),
-        num_warps=cfg["warps"],
+        DPACK=bool(cfg.get("DPACK")), ROT=cfg.get("ROT", 0), BACKOFF=cfg.get("BACKOFF", 0), num_warps=cfg["warps"],
     )  # fmt: skip
 
 
