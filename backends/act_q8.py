@@ -30,7 +30,19 @@ class ActQ8Inference:
         return self
 
     def matmul(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
-        return q8_0_act_matmul(x, w) if isinstance(w, Q8Weight) else self.base.matmul(x, w)
+        """q8_0 weights: quant.q8_0_act_matmul, or on the CPU its compiled decode loop (cpu_gemv; the same arithmetic
+        up to the order of the sum over blocks) where the wrapped backend takes that loop for its own products."""
+        if not isinstance(w, Q8Weight):
+            return self.base.matmul(x, w)
+        if getattr(self.base, "fused_gemv", False) and not torch.is_grad_enabled():
+            from . import cpu_gemv
+
+            x2 = x.reshape(-1, w.shape[1])
+            if cpu_gemv.applies(x2, w):
+                y = cpu_gemv.q8_gemv_act(x2, w)
+                if y is not None:
+                    return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+        return q8_0_act_matmul(x, w)
 
     def lora_linear(
         self,

@@ -45,12 +45,20 @@ class CpuTorchBackend:
     name = "cpu-torch"
     lora_rank_multiple = 1  # the trainer's padding of LoRA ranks (lora_pack): none, no gain on CPU
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", fused_gemv: bool = False):
+        """fused_gemv: one- and two-row products with large q8_0 weights through cpu_gemv's compiled loop (the
+        inference ops; the same arithmetic up to the order of the float32 sums)."""
         self.device = torch.device(device)
+        self.fused_gemv = fused_gemv
+        self._inference: CpuTorchBackend | None = None
 
     def eager_inference(self) -> CpuTorchBackend:
-        """Every op here is eager already."""
-        return self
+        """The same ops for a generation; decode products through cpu_gemv's fused loop (LORAKIT_CPU_FUSED=0: not)."""
+        if self._inference is None:
+            from .cpu_gemv import enabled_by_env
+
+            self._inference = CpuTorchBackend(self.device, fused_gemv=enabled_by_env())
+        return self._inference
 
     def matmul(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
         if not isinstance(w, Q8Weight):
@@ -58,6 +66,13 @@ class CpuTorchBackend:
         out_f, n_in = w.shape
         lead = x.shape[:-1]
         x2 = x.reshape(-1, n_in)
+        if self.fused_gemv and not torch.is_grad_enabled():
+            from . import cpu_gemv
+
+            if cpu_gemv.applies(x2, w):
+                y = cpu_gemv.q8_gemv(x2, w)
+                if y is not None:
+                    return y.to(x.dtype).reshape(*lead, out_f)
         y = torch.empty(x2.shape[0], out_f, dtype=x.dtype, device=x.device)
         step = _row_chunk(n_in, x.dtype)
         buf = torch.empty(min(step, out_f), n_in, dtype=x.dtype, device=x.device)
