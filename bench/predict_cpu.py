@@ -63,8 +63,8 @@ def main(argv=None) -> int:
                      "ids": out})  # fmt: skip
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "ids"}), flush=True)
 
-    run_lorakit("lorakit predict (cpu-torch, f32)", fused=True)
     run_lorakit("lorakit, sliced products (LORAKIT_CPU_FUSED=0)", fused=False)
+    run_lorakit("lorakit predict (cpu-torch, f32)", fused=True)
     run_lorakit("lorakit predict --act-q8", fused=True, act_q8=True)
     os.environ.pop("LORAKIT_CPU_FUSED")
 
