@@ -50,6 +50,26 @@ def add_lora_terms(
     return y
 
 
+class TermByTermLora:
+    """lora_linear and fuse_loras of a backend that adds the LoRA terms one by one after its own matmul."""
+
+    def lora_linear(
+        self,
+        x: torch.Tensor,
+        w: Weight,
+        loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
+        t: torch.Tensor | None = None,
+        prefetch: object | None = None,
+    ) -> torch.Tensor:
+        return add_lora_terms(self.matmul(x, w), x, loras, t)
+
+    def fuse_loras(
+        self, loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype
+    ) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+        """Term by term, as lora_linear adds them, the factors already in dtype (as add_lora_terms casts them)."""
+        return [(a.to(dtype), b.to(dtype), s) for a, b, s in loras]
+
+
 class Backend(Protocol):
     name: str
     device: torch.device

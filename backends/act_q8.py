@@ -9,16 +9,14 @@ and adapters are float). Inference only: there is no gradient of the rounding.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from lorakit.quant import Q8Weight, Weight, q8_0_act_matmul
 
-from . import add_lora_terms
+from . import TermByTermLora
 
 
-class ActQ8Inference:
+class ActQ8Inference(TermByTermLora):
     lora_rank_multiple = 1
 
     def __init__(self, base):
@@ -43,22 +41,6 @@ class ActQ8Inference:
                 if y is not None:
                     return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
         return q8_0_act_matmul(x, w)
-
-    def lora_linear(
-        self,
-        x: torch.Tensor,
-        w: Weight,
-        loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
-        t: torch.Tensor | None = None,
-        prefetch: object | None = None,
-    ) -> torch.Tensor:
-        return add_lora_terms(self.matmul(x, w), x, loras, t)
-
-    def fuse_loras(
-        self, loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype
-    ) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
-        """Term by term, as lora_linear adds them (add_lora_terms), the factors already in dtype."""
-        return [(a.to(dtype), b.to(dtype), s) for a, b, s in loras]
 
     def prefetch_hint(self, w: Weight, start: int, nbytes: int, kind: int = 2) -> None:
         return None

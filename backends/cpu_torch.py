@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from lorakit.model import apply_rope, rms_norm
 from lorakit.quant import Q8Weight, Weight, dequantize
 
-from . import AdamHyper, add_lora_terms
+from . import AdamHyper, TermByTermLora
 
 # rows of W dequantized at a time: an 8 MB slice (2 Mi float32 or 4 Mi bf16 values) is large enough
 # for an efficient GEMM per slice and small enough that no full float copy of a weight ever exists
@@ -41,7 +41,7 @@ def _dequant_rows(w: Q8Weight, r0: int, r1: int, buf: torch.Tensor) -> torch.Ten
     return out
 
 
-class CpuTorchBackend:
+class CpuTorchBackend(TermByTermLora):
     name = "cpu-torch"
     lora_rank_multiple = 1  # the trainer's padding of LoRA ranks (lora_pack): none, no gain on CPU
 
@@ -95,25 +95,9 @@ class CpuTorchBackend:
             dx.addmm_(dy2[:, r0:r1], _dequant_rows(w, r0, r1, buf))
         return dx.reshape(*lead, n_in)
 
-    def lora_linear(
-        self,
-        x: torch.Tensor,
-        w: Weight,
-        loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
-        t: torch.Tensor | None = None,
-        prefetch: object | None = None,
-    ) -> torch.Tensor:
-        return add_lora_terms(self.matmul(x, w), x, loras, t)
-
     def prefetch_hint(self, w: Weight, start: int, nbytes: int, kind: int = 2) -> None:
         """None: the CPU ops take no prefetch hints."""
         return None
-
-    def fuse_loras(
-        self, loras: Sequence[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype
-    ) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
-        """Term by term, as lora_linear adds them; the factors already in dtype (as it casts them)."""
-        return [(a.to(dtype), b.to(dtype), s) for a, b, s in loras]
 
     def add_rms_norm(
         self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float
