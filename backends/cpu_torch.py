@@ -57,7 +57,9 @@ class CpuTorchBackend(TermByTermLora):
         if self._inference is None:
             from .cpu_gemv import enabled_by_env
 
-            self._inference = CpuTorchBackend(self.device, fused_gemv=enabled_by_env())
+            inference = CpuTorchBackend(self.device, fused_gemv=enabled_by_env())
+            inference._inference = inference  # its own eager_inference()
+            self._inference = inference
         return self._inference
 
     def matmul(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
