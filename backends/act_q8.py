@@ -32,14 +32,12 @@ class ActQ8Inference(TermByTermLora):
         up to the order of the sum over blocks) where the wrapped backend takes that loop for its own products."""
         if not isinstance(w, Q8Weight):
             return self.base.matmul(x, w)
-        if getattr(self.base, "fused_gemv", False) and not torch.is_grad_enabled():
+        if getattr(self.base, "fused_gemv", False):
             from . import cpu_gemv
 
-            x2 = x.reshape(-1, w.shape[1])
-            if cpu_gemv.applies(x2, w):
-                y = cpu_gemv.q8_gemv_act(x2, w)
-                if y is not None:
-                    return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+            y = cpu_gemv.product(x, w, act_q8=True)
+            if y is not None:
+                return y
         return q8_0_act_matmul(x, w)
 
     def prefetch_hint(self, w: Weight, start: int, nbytes: int, kind: int = 2) -> None:

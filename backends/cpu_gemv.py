@@ -80,6 +80,18 @@ def _run(kind: str, fn, *args) -> torch.Tensor | None:
     return y
 
 
+def product(x: torch.Tensor, w, act_q8: bool = False) -> torch.Tensor | None:
+    """x [..., in] @ W.T in x's dtype through the compiled loop (act_q8: quant.q8_0_act_matmul's arithmetic) where it
+    applies (applies()) and can be built, under no autograd; None where the caller's own product is to be used."""
+    if torch.is_grad_enabled() or not isinstance(w, Q8Weight):
+        return None
+    x2 = x.reshape(-1, w.shape[1])
+    if not applies(x2, w):
+        return None
+    y = q8_gemv_act(x2, w) if act_q8 else q8_gemv(x2, w)
+    return None if y is None else y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+
+
 def q8_gemv(x2: torch.Tensor, w: Q8Weight) -> torch.Tensor | None:
     """x2 [m, in] @ W.T -> [m, out] float32 through the compiled loop; None where it cannot be built."""
     return _run("float", _fused, x2, w.qs, w.d)

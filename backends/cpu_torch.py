@@ -68,13 +68,12 @@ class CpuTorchBackend(TermByTermLora):
         out_f, n_in = w.shape
         lead = x.shape[:-1]
         x2 = x.reshape(-1, n_in)
-        if self.fused_gemv and not torch.is_grad_enabled():
+        if self.fused_gemv:
             from . import cpu_gemv
 
-            if cpu_gemv.applies(x2, w):
-                y = cpu_gemv.q8_gemv(x2, w)
-                if y is not None:
-                    return y.to(x.dtype).reshape(*lead, out_f)
+            y = cpu_gemv.product(x, w)
+            if y is not None:
+                return y
         y = torch.empty(x2.shape[0], out_f, dtype=x.dtype, device=x.device)
         step = _row_chunk(n_in, x.dtype)
         buf = torch.empty(min(step, out_f), n_in, dtype=x.dtype, device=x.device)
