@@ -11,9 +11,17 @@ from __future__ import annotations
 
 import torch
 
-from lorakit.quant import Q8Weight, Weight, q8_0_act_matmul
+from lorakit.quant import QK8_0, Q8Weight, Weight, q8_0_act_matmul, quantize_act_q8_0
 
 from . import TermByTermLora
+
+
+def requantize_act(x: torch.Tensor) -> torch.Tensor:
+    """x's rows as quantize_act_q8_0 rounds them, back in float32: q * d exactly (8 + 11 significant bits)."""
+    qs, d = quantize_act_q8_0(x)
+    shape = x.shape
+    blocks = qs.reshape(*shape[:-1], shape[-1] // QK8_0, QK8_0).to(torch.float32)
+    return (blocks * d.to(torch.float32).unsqueeze(-1)).reshape(shape)
 
 
 class ActQ8Inference(TermByTermLora):
@@ -28,16 +36,21 @@ class ActQ8Inference(TermByTermLora):
         return self
 
     def matmul(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
-        """q8_0 weights: quant.q8_0_act_matmul, or on the CPU its compiled decode loop (cpu_gemv; the same arithmetic
-        up to the order of the sum over blocks) where the wrapped backend takes that loop for its own products."""
+        """q8_0 weights: quant.q8_0_act_matmul's arithmetic. On the CPU (float32 x): one or two rows through its
+        compiled decode loop (cpu_gemv; the same up to the order of the sum over blocks), more rows (a prompt) as the
+        specification's sliced float product of the activations quantized and dequantized again (q * d is exact in
+        float32, so this is the same sum with each product rounded before the sum instead of each block's sum: within
+        float32 rounding, tests/test_act_q8.py). Elsewhere quant.q8_0_act_matmul itself."""
         if not isinstance(w, Q8Weight):
             return self.base.matmul(x, w)
-        if getattr(self.base, "fused_gemv", False):
+        if getattr(self.base, "fused_gemv", None) is not None and x.dtype == torch.float32:  # the cpu-torch backend
             from . import cpu_gemv
 
-            y = cpu_gemv.product(x, w, act_q8=True)
+            y = cpu_gemv.product(x, w, act_q8=True) if self.base.fused_gemv else None
             if y is not None:
                 return y
+            if x.reshape(-1, w.shape[1]).shape[0] > cpu_gemv.MAX_ROWS:
+                return self.base.matmul(requantize_act(x), w)
         return q8_0_act_matmul(x, w)
 
     def prefetch_hint(self, w: Weight, start: int, nbytes: int, kind: int = 2) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from lorakit.backends.act_q8 import ActQ8Inference
+from lorakit.backends.act_q8 import ActQ8Inference, requantize_act
 from lorakit.backends.cpu_torch import CpuTorchBackend
 
 from lorakit.generate import SamplingParams
@@ -58,8 +58,9 @@ def test_product_is_its_definition(m):
 
 
 def test_wrapper_products():
-    """ActQ8Inference: q8_0 weights through q8_0_act_matmul, float weights and LoRA terms through the wrapped
-    backend's arithmetic (llama.cpp converts activations only for quantized weights)."""
+    """ActQ8Inference over cpu-torch: q8_0 weights through q8_0_act_matmul (decode rows) or the sliced product of the
+    requantized rows (a prompt's), float weights and LoRA terms through the wrapped backend's arithmetic (llama.cpp
+    converts activations only for quantized weights)."""
     g = torch.Generator().manual_seed(1)
     base = CpuTorchBackend()
     ops = ActQ8Inference(base)
@@ -67,11 +68,14 @@ def test_wrapper_products():
     wq = quantize_q8_0(torch.randn(8, 64, generator=g))
     wf = dequantize_q8_0(wq.qs, wq.d)
     a, b = torch.randn(64, 2, generator=g), torch.randn(8, 2, generator=g)
-    assert torch.equal(ops.matmul(x, wq), q8_0_act_matmul(x, wq))
+    assert torch.equal(ops.matmul(x[:2], wq), q8_0_act_matmul(x[:2], wq))
+    assert torch.equal(ops.matmul(x, wq), base.matmul(requantize_act(x), wq))
     assert torch.equal(ops.matmul(x, wf), base.matmul(x, wf))
-    want = q8_0_act_matmul(x, wq) + 0.5 * ((x @ a) @ b.T)
-    assert torch.equal(ops.lora_linear(x, wq, ops.fuse_loras([(a, b, 0.5)], x.dtype)), want)
+    want = q8_0_act_matmul(x[:2], wq) + 0.5 * ((x[:2] @ a) @ b.T)
+    assert torch.equal(ops.lora_linear(x[:2], wq, ops.fuse_loras([(a, b, 0.5)], x.dtype)), want)
     assert not torch.equal(ops.matmul(x, wq), base.matmul(x, wq))  # the activations' rounding is there
+    qx, dx = quantize_act_q8_0(x)  # requantize_act: q * d exactly
+    assert torch.equal(requantize_act(x).double(), (qx.view(4, 2, 32).double() * dx.double().unsqueeze(-1)).view(4, 64))
 
 
 @pytest.mark.gpu
@@ -110,3 +114,22 @@ def test_act_q8_on_the_gpu_backend():
                                  sampling=SamplingParams(temp=0), backend=backend, act_q8=True)  # fmt: skip
             texts[backend] = "".join(p for p in run_predict(req) if isinstance(p, str))
         assert texts["cpu-torch"] == texts["cuda-triton"]
+
+
+def test_prompt_rows_through_the_sliced_product():
+    """More rows than the decode loop takes (a prompt): the cpu-torch backend's sliced float product of the
+    requantized activations, the same sum with each product rounded before summing: within (K + 2) u sum |terms| of
+    the definition (each product x' w' rounded once, K - 1 additions, the exact block sums and scales otherwise)."""
+    g = torch.Generator().manual_seed(9)
+    k, n, m = 32 * 19, 45, 9
+    x = torch.randn(m, k, generator=g)
+    w = quantize_q8_0(torch.randn(n, k, generator=g))
+    ops = ActQ8Inference(CpuTorchBackend().eager_inference())
+    with torch.no_grad():
+        y = ops.matmul(x, w)
+    qx, dx = quantize_act_q8_0(x)
+    prods = (qx.view(m, 1, -1, 32).double() * w.qs.view(1, n, -1, 32).double()) * (
+        dx.double().view(m, 1, -1, 1) * w.d.double().view(1, n, -1, 1)
+    )
+    want = prods.sum((-1, -2))
+    assert ((y.double() - want).abs() <= (k + 2) * 2.0**-24 * prods.abs().sum((-1, -2))).all()
