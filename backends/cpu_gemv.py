@@ -4,10 +4,10 @@ The specification (cpu_torch.CpuTorchBackend.matmul) dequantizes W slice by slic
 multiplies; for a row of x that buffer traffic is most of the time. Here torch.compile (inductor's C++ backend)
 builds one loop from the obvious expression: int8 -> float32, times x, summed per block of 32, times the block's
 scale, summed over the blocks (llama.cpp's order of operations); no dequantized value is ever stored. Same
-arithmetic as the specification up to the order of the float32 sums (tests/test_kernels.py derives the bound).
+arithmetic as the specification up to the order of the float32 sums (tests/test_cpu_gemv.py derives the bound).
 
 Built once per process for every shape (dynamic shapes; inductor keeps the build in its on-disk cache, so only a
-machine's first run pays the ~10-20 s); where it cannot be built (no C++ compiler), the sliced product is used and
+machine's first run pays the ~10 s); where it cannot be built (no C++ compiler), the sliced product is used and
 one warning says so. Used by the cpu-torch backend's inference ops (CpuTorchBackend.eager_inference) for weights
 of >= MIN_VALUES values; LORAKIT_CPU_FUSED=0 turns it off.
 """
@@ -23,7 +23,7 @@ from lorakit.quant import QK8_0, Q8Weight
 
 log = logging.getLogger("lorakit.cpu_gemv")
 
-MAX_ROWS = 2  # rows of x up to which the fused loop beats the sliced GEMM (bench/predict_cpu.py; 4 rows: even)
+MAX_ROWS = 2  # rows of x up to which the loop beats the sliced GEMM (3B shapes, 2 threads: 1-2 rows 1.5-3.4x, 4 even)
 MIN_VALUES = 1 << 22  # smaller weights: the sliced product is as fast, and small models need no compiler
 
 _compiled: dict[str, object] = {}
