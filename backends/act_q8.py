@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from lorakit.quant import QK8_0, Q8Weight, Weight, q8_0_act_matmul, quantize_act_q8_0
+from lorakit.quant import Q8Weight, Weight, dequantize_q8_0, q8_0_act_matmul, quantize_act_q8_0
 
-from . import TermByTermLora
+from . import TermByTermLora, cpu_gemv
+from .cpu_torch import CpuTorchBackend
 
 
 def requantize_act(x: torch.Tensor) -> torch.Tensor:
     """x's rows as quantize_act_q8_0 rounds them, back in float32: q * d exactly (8 + 11 significant bits)."""
-    qs, d = quantize_act_q8_0(x)
-    shape = x.shape
-    blocks = qs.reshape(*shape[:-1], shape[-1] // QK8_0, QK8_0).to(torch.float32)
-    return (blocks * d.to(torch.float32).unsqueeze(-1)).reshape(shape)
+    return dequantize_q8_0(*quantize_act_q8_0(x))
 
 
 class ActQ8Inference(TermByTermLora):
@@ -43,13 +41,11 @@ class ActQ8Inference(TermByTermLora):
         float32 rounding, tests/test_act_q8.py). Elsewhere quant.q8_0_act_matmul itself."""
         if not isinstance(w, Q8Weight):
             return self.base.matmul(x, w)
-        if getattr(self.base, "fused_gemv", None) is not None and x.dtype == torch.float32:  # the cpu-torch backend
-            from . import cpu_gemv
-
+        if isinstance(self.base, CpuTorchBackend) and x.dtype == torch.float32:
             y = cpu_gemv.product(x, w, act_q8=True) if self.base.fused_gemv else None
             if y is not None:
                 return y
-            if x.reshape(-1, w.shape[1]).shape[0] > cpu_gemv.MAX_ROWS:
+            if x.numel() // x.shape[-1] > cpu_gemv.MAX_ROWS:
                 return self.base.matmul(requantize_act(x), w)
         return q8_0_act_matmul(x, w)
 

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from lorakit.quant import QK8_0, Q8Weight
+from lorakit.quant import QK8_0, Q8Weight, quantize_act_q8_0
 
 log = logging.getLogger("lorakit.cpu_gemv")
 
@@ -34,22 +34,23 @@ def enabled_by_env() -> bool:
     return os.environ.get("LORAKIT_CPU_FUSED", "1") != "0"
 
 
-def _fused(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """The float product: sum_b d[n, b] * sum_k qs[n, b, k] * x[m, b, k]."""
+def _block_sums(x: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
+    """[m, n, K / 32]: sum_k qs[n, b, k] * x[m, b, k] in float32 per block b (exact for integer x)."""
     m, k = x.shape
     n = qs.shape[0]
     xb = x.to(torch.float32).view(m, 1, k // QK8_0, QK8_0)
-    blocks = (qs.view(1, n, k // QK8_0, QK8_0).to(torch.float32) * xb).sum(-1)
-    return (blocks * d.to(torch.float32)).sum(-1)
+    return (qs.view(1, n, k // QK8_0, QK8_0).to(torch.float32) * xb).sum(-1)
+
+
+def _fused(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """The float product: sum_b d[n, b] * sum_k qs[n, b, k] * x[m, b, k]."""
+    return (_block_sums(x, qs) * d.to(torch.float32)).sum(-1)
 
 
 def _fused_act(xq: torch.Tensor, dx: torch.Tensor, qs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """quant.q8_0_act_matmul's arithmetic: sum_b (d[n, b] * dx[m, b]) * isum (the integer sums exact in float32)."""
-    m, k = xq.shape
-    n = qs.shape[0]
-    xb = xq.to(torch.float32).view(m, 1, k // QK8_0, QK8_0)
-    isum = (qs.view(1, n, k // QK8_0, QK8_0).to(torch.float32) * xb).sum(-1)
-    return (isum * (d.to(torch.float32).unsqueeze(0) * dx.to(torch.float32).unsqueeze(1))).sum(-1)
+    scale = d.to(torch.float32).unsqueeze(0) * dx.to(torch.float32).unsqueeze(1)
+    return (_block_sums(xq, qs) * scale).sum(-1)
 
 
 def applies(x2: torch.Tensor, w) -> bool:
@@ -83,9 +84,9 @@ def _run(kind: str, fn, *args) -> torch.Tensor | None:
 def product(x: torch.Tensor, w, act_q8: bool = False) -> torch.Tensor | None:
     """x [..., in] @ W.T in x's dtype through the compiled loop (act_q8: quant.q8_0_act_matmul's arithmetic) where it
     applies (applies()) and can be built, under no autograd; None where the caller's own product is to be used."""
-    if torch.is_grad_enabled() or not isinstance(w, Q8Weight):
+    if torch.is_grad_enabled():
         return None
-    x2 = x.reshape(-1, w.shape[1])
+    x2 = x.reshape(-1, x.shape[-1])
     if not applies(x2, w):
         return None
     y = q8_gemv_act(x2, w) if act_q8 else q8_gemv(x2, w)
@@ -100,7 +101,5 @@ def q8_gemv(x2: torch.Tensor, w: Q8Weight) -> torch.Tensor | None:
 def q8_gemv_act(x2: torch.Tensor, w: Q8Weight) -> torch.Tensor | None:
     """quant.q8_0_act_matmul(x2, w) in float32 through the compiled loop (x2's rows quantized as it does); None
     where it cannot be built."""
-    from lorakit.quant import quantize_act_q8_0
-
     xq, dx = quantize_act_q8_0(x2)
     return _run("act", _fused_act, xq, dx, w.qs, w.d)
