@@ -20,6 +20,7 @@ product (tests/test_llamacpp_reference.py measures what it does to logits).
 from __future__ import annotations
 
 import torch
+from persistent_ws import _wait_product
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
@@ -106,23 +107,6 @@ def _producer(q0, q1, q2, q3, qt0, qt1, qt2, qt3, d0, d1, d2, d3, q_s, d_s, full
 
 
 @gluon.jit
-def _wait_product(sync_ptr, j, P, BACKOFF: gl.constexpr):
-    """Until every program's consumers have finished product j - 1 (P arrivals at sync word j - 1, each word on a
-    128-byte line of its own; nothing to wait for at j = 0); acquire its writes. BACKOFF > 0: nanosleep between
-    polls (fewer loads on the word's L2 line while the arrivals come in)."""
-    if j > 0:
-        n = gl.load(sync_ptr + (j - 1) * SYNC_STRIDE, volatile=True)
-        spins = 0
-        while (n < P) & (spins < 1 << 20):  # a lab guard: a broken barrier gives wrong numbers, not a hang
-            if BACKOFF > 0:
-                n = gl.inline_asm_elementwise(f"nanosleep.u32 {BACKOFF}; mov.b32 $0, $1;", "=r,r", [n], dtype=gl.int32,
-                                              is_pure=False, pack=1)  # fmt: skip
-            n = gl.load(sync_ptr + (j - 1) * SYNC_STRIDE, volatile=True)
-            spins += 1
-        gl.atomic_add(sync_ptr + (j - 1) * SYNC_STRIDE, 0, sem="acquire", scope="gpu")
-
-
-@gluon.jit
 def _quantize_x(x_ptr, xq_s, dx_s, K: gl.constexpr, num_warps: gl.constexpr):
     """x = x_ptr[:K] (fp32) as q8_0 blocks, llama.cpp's quantize_row_q8_0: scale d = amax / 127, q = round(x / d)
     half away from zero (x * (1 / d), IEEE divisions), the scale kept as fp16; into xq_s (int8 [XMAX / 32, 32]) and
@@ -166,7 +150,7 @@ def _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j, it, pid, P
     dx_steps = dx_s._reinterpret(gl.float32, [XMAX // GK, 8], gl.SwizzledSharedLayout(1, 1, 1, [0]))
 
     if PROBE < 2:  # probes 2, 3: no waiting for the previous product (wrong numbers: what the waits cost)
-        _wait_product(sync_ptr, j, P, BACKOFF)
+        _wait_product(sync_ptr, j, P, SYNC_STRIDE, BACKOFF)  # each counter on a 128-byte line of its own
     gl.thread_barrier()  # every consumer warp is done with the previous product's x
     _quantize_x(y32_ptr + j.to(gl.int64) * RS, xq_s, dx_s, K, num_warps)
     gl.thread_barrier()
