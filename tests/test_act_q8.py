@@ -20,6 +20,14 @@ except ImportError:  # pragma: no cover
     import llama_ref
 
 
+def act_terms(x: torch.Tensor, w) -> torch.Tensor:
+    """[m, n, B] float64: q8_0_act_matmul's terms d_w[n, b] * d_x[m, b] * isum[m, n, b], exactly (its definition)."""
+    m, n = x.shape[0], w.shape[0]
+    qx, dx = quantize_act_q8_0(x)
+    isum = (qx.view(m, 1, -1, 32).double() * w.qs.view(1, n, -1, 32).double()).sum(-1)
+    return isum * dx.double().view(m, 1, -1) * w.d.double().view(1, n, -1)
+
+
 def test_quantizer_is_ggml_simd():
     """Bit for bit what ggml's AVX / NEON quantize_row_q8_0 gives (llama_ref.q8_0_roundtrip): scale fp16(amax/127),
     q = round half to even (x * 127 / amax); an all-zero block has q = 0 and d = 0; ties go to even (2.5 -> 2,
@@ -47,9 +55,7 @@ def test_product_is_its_definition(m):
     w = quantize_q8_0(torch.randn(n, k, generator=g))
     y = q8_0_act_matmul(x, w)
     assert y.shape == (m, n) and y.dtype == torch.float32
-    qx, dx = quantize_act_q8_0(x)
-    isum = (qx.view(m, 1, -1, 32).double() * w.qs.view(1, n, -1, 32).double()).sum(-1)  # [m, n, B]
-    terms = isum * dx.double().view(m, 1, -1) * w.d.double().view(1, n, -1)
+    terms = act_terms(x, w)  # [m, n, B]
     bound = (k // 32 + 1) * 2.0**-24 * terms.abs().sum(-1)
     assert ((y.double() - terms.sum(-1)).abs() <= bound).all()
     # leading dimensions and dtype pass through
@@ -92,9 +98,7 @@ def test_act_q8_on_the_gpu_backend():
     k, n = 32 * 19, 45
     x = torch.randn(7, k, generator=g)
     w = quantize_q8_0(torch.randn(n, k, generator=g))
-    qx, dx = quantize_act_q8_0(x)
-    isum = (qx.view(7, 1, -1, 32).double() * w.qs.view(1, n, -1, 32).double()).sum(-1)
-    terms = isum * dx.double().view(7, 1, -1) * w.d.double().view(1, n, -1)
+    terms = act_terms(x, w)
     y = q8_0_act_matmul(x.cuda(), w.to(torch.device("cuda"))).cpu()
     assert ((y.double() - terms.sum(-1)).abs() <= (k // 32 + 1) * 2.0**-24 * terms.abs().sum(-1)).all()
 
