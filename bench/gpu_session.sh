@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
-#   bash bench/gpu_session.sh OUTDIR [gputests] [acttests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [tclab] [tccheck] [wgmmatests] [wgmmalab] [wgmmalab-notriton] [wgmmalab-quick] [hostlab] [prefillpaths] [predict] [predict-nohf] [launchtest] [prefill-fixed] [ncu-ws] [ncu-gemv] [persistentlab] [persistentlab-ws] [persistentlab-triton] [persistentlab-i8] [ncu-chain] [ncu-chain-i8]
+#   bash bench/gpu_session.sh OUTDIR [gputests] [acttests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [tclab] [tccheck] [wgmmatests] [wgmmalab] [wgmmalab-notriton] [wgmmalab-quick] [hostlab] [prefillpaths] [predict] [predict-nohf] [launchtest] [prefill-fixed] [ncu-ws] [ncu-gemv] [persistentlab] [persistentlab-ws] [persistentlab-triton] [persistentlab-i8] [megalab[:CFG]] [ncu-chain] [ncu-chain-i8]
 #                             [finetune-quick] [finetune-quick-nogluon] [adamw-repeat] [finetune] [finetune-main] [finetune-big] [finetune-seed] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-large] [kernels-small] [kernels-decode]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
@@ -51,6 +51,10 @@ for s in "$@"; do
         --out "$out/persistent_lab_ws.json" ;;
     persistentlab-i8) step persistent_lab_i8 200 python3 bench/persistent_lab.py --which i8 \
         --out "$out/persistent_lab_i8.json" ;;
+    megalab | megalab:*)  # megalab:CFG runs only that decode_mega_lab.py CONFIGS entry
+        c=${s#megalab}
+        c=${c#:}
+        step decode_mega_lab 540 python3 bench/decode_mega_lab.py ${c:+--cfg "$c"} --out "$out/decode_mega_lab.json" ;;
     persistentlab-triton) step persistent_lab_triton 200 python3 bench/persistent_lab.py --which triton \
         --out "$out/persistent_lab_triton.json" ;;
     ncu-chain) step ncu_chain 200 "$(command -v ncu || ls /usr/local/cuda*/bin/ncu | head -1)" --kernel-name \

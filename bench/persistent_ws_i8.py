@@ -127,12 +127,13 @@ def _quantize_x(x_ptr, xq_s, dx_s, K: gl.constexpr, num_warps: gl.constexpr):
 
 
 @gluon.jit
-def _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j, it, pid, P, N: gl.constexpr, K: gl.constexpr,
-             S: gl.constexpr, BLOCK_N: gl.constexpr, PROBE: gl.constexpr, ROT: gl.constexpr, BACKOFF: gl.constexpr,
-             num_warps: gl.constexpr):  # fmt: skip
-    """The consumers' share of product j: region j + 1 of y32 (fp32, zeros before) += region j[:K] @ W.T, with q8_0
-    activations. A task adds its split's sums atomically (fire and forget: no round trip per task; the order of a
-    row's S additions varies, so the fp32 sums may differ in the last bit between runs)."""
+def _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N: gl.constexpr, K: gl.constexpr, S: gl.constexpr,
+           BLOCK_N: gl.constexpr, PROBE: gl.constexpr, ADD: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """Tasks first, first + P, ... of the product y[:N] (+)= x[:K] @ W.T, x already quantized in xq_s / dx_s, W's
+    stages from the ring (full / empty, `it` the ring position): task = (row block, split of the K stages). A task adds
+    its split's sums atomically (fire and forget: no round trip per task; the order of a row's S additions varies, so
+    the fp32 sums may differ in the last bit between runs); with S == 1 it stores them, unless ADD (y += the product,
+    e.g. a residual). Returns the ring position."""
     STAGES: gl.constexpr = full.shape[0]
     STEPS: gl.constexpr = (K + GK - 1) // GK
     PER: gl.constexpr = (STEPS + S - 1) // S
@@ -148,15 +149,7 @@ def _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j, it, pid, P
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     xq_boxes = xq_s._reinterpret(gl.int8, [XMAX // BKB, BKB], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     dx_steps = dx_s._reinterpret(gl.float32, [XMAX // GK, 8], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-
-    if PROBE < 2:  # probes 2, 3: no waiting for the previous product (wrong numbers: what the waits cost)
-        _wait_product(sync_ptr, j, P, SYNC_STRIDE, BACKOFF)  # each counter on a 128-byte line of its own
-    gl.thread_barrier()  # every consumer warp is done with the previous product's x
-    _quantize_x(y32_ptr + j.to(gl.int64) * RS, xq_s, dx_s, K, num_warps)
-    gl.thread_barrier()
-
-    y_ptr = y32_ptr + (j + 1).to(gl.int64) * RS
-    for task in range((pid + j * ROT) % P, ((N + BLOCK_N - 1) // BLOCK_N) * S, P):  # rows past N: never stored
+    for task in range(first, ((N + BLOCK_N - 1) // BLOCK_N) * S, P):  # rows past N: never stored
         rb = task // S
         s0 = (task % S) * PER
         s1 = gl.minimum(s0 + PER, STEPS)
@@ -181,10 +174,29 @@ def _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j, it, pid, P
             acc += isum.to(gl.float32) * dw * gl.expand_dims(dx, 0)
             it += 1
         rn = rb * BLOCK_N + rows
-        if S > 1:
+        if ADD or S > 1:
             gl.atomic_add(y_ptr + rn, gl.sum(acc, axis=1), mask=rn < N, sem="relaxed", scope="gpu")
         else:
             gl.store(y_ptr + rn, gl.sum(acc, axis=1), mask=rn < N)
+    return it
+
+
+@gluon.jit
+def _consume(y32_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, j, it, pid, P, N: gl.constexpr, K: gl.constexpr,
+             S: gl.constexpr, BLOCK_N: gl.constexpr, PROBE: gl.constexpr, ROT: gl.constexpr, BACKOFF: gl.constexpr,
+             num_warps: gl.constexpr):  # fmt: skip
+    """The consumers' share of product j: region j + 1 of y32 (fp32, zeros before) += region j[:K] @ W.T, with q8_0
+    activations. A task adds its split's sums atomically (fire and forget: no round trip per task; the order of a
+    row's S additions varies, so the fp32 sums may differ in the last bit between runs)."""
+    if PROBE < 2:  # probes 2, 3: no waiting for the previous product (wrong numbers: what the waits cost)
+        _wait_product(sync_ptr, j, P, SYNC_STRIDE, BACKOFF)  # each counter on a 128-byte line of its own
+    gl.thread_barrier()  # every consumer warp is done with the previous product's x
+    _quantize_x(y32_ptr + j.to(gl.int64) * RS, xq_s, dx_s, K, num_warps)
+    gl.thread_barrier()
+
+    y_ptr = y32_ptr + (j + 1).to(gl.int64) * RS
+    it = _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + j * ROT) % P, P, N, K, S, BLOCK_N, PROBE, False,
+                num_warps)  # fmt: skip
     gl.thread_barrier()  # every consumer warp's additions precede the arrival
     gl.atomic_add(sync_ptr + j * SYNC_STRIDE, 1, sem="release", scope="gpu")
     return it

@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Lab (#5): the whole decode step in one persistent launch (bench/decode_mega.py) against lorakit's shipped decode
+step (GraphDecoder: ~210 launches in one CUDA graph), on the open_llama_3b shape with random q8_0 weights.
+
+    python bench/decode_mega_lab.py [--layers 26] [--pos 255] [--cfg N] [--out FILE]
+
+Checks first (the megakernel against its arithmetic in float64, decode_mega.reference_step): one layer (its q|k|v
+sums, h after it, the logits), then every layer (the logits and their argmax). Then times, in one run: the
+megakernel's step as a CUDA graph (the embedding row's copy, the zeroing of its sums, the launch, the argmax), per
+config; the launched float chain of the layers' products (persistent_lab.launched_chain, 4 MiB hints); lorakit's
+GraphDecoder greedy decode (`lorakit predict --temp 0`'s loop, bench/predict_gpu.bench_decode) on a model of the
+same shape. Prints a table, saves JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+E, F, V, H, D = 3200, 8640, 32000, 32, 100
+SHAPES = [(3 * E, E), (E, E), (2 * F, E), (E, F), (V, E)]  # (N, K): q|k|v, output, gate|up, down; the vocabulary
+HBM = 4.23e12
+CONFIGS = [  # consumer warps (16 W rows each), ring stages of 256 K, splits per product kind, attention key splits
+    # per head (H * SA programs), keys per attention block; TILED / DPACK / BKB / ROT: persistent_ws_i8's layout
+    dict(warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=4, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37),
+    dict(warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=2, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37),
+    dict(warps=4, STAGES=12, S=(13, 7, 13, 17, 13), SA=4, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37),
+]
+
+
+def make_inputs(layers: int, n_ctx: int, pos: int, device):
+    """Random weights (y ~ N(0, 1) for x ~ N(0, 1), persistent_lab.make_weights), norm gains ~ 1, the cache's rows
+    before pos ~ N(0, 1) in bf16, RoPE tables (base 10000), the embedding row."""
+    g = torch.Generator(device=device).manual_seed(0)
+    ws = []
+    for i, (n, k) in enumerate(SHAPES):
+        rows = n * (layers if i < 4 else 1)
+        qs = torch.randint(-127, 128, (rows, k), dtype=torch.int8, device=device, generator=g)
+        d = torch.full((rows, k // 32), 1.0 / (73.0 * k**0.5), dtype=torch.float16, device=device)
+        d *= torch.rand(d.shape, device=device, generator=g).half() + 0.5
+        ws.append((qs, d))
+    gains = 1.0 + 0.1 * torch.randn(2 * layers + 1, E, device=device, generator=g)
+    cache = torch.zeros(layers, 2 * H, n_ctx, D, dtype=torch.bfloat16, device=device)
+    cache[:, :, :pos] = torch.randn(layers, 2 * H, pos, D, device=device, generator=g).bfloat16()
+    inv = 10000.0 ** (-torch.arange(0, D // 2, dtype=torch.float64) * 2.0 / D)
+    ang = torch.arange(n_ctx, dtype=torch.float64)[:, None] * inv[None]
+    cos, sin = ang.cos().float().to(device), ang.sin().float().to(device)
+    x0 = torch.randn(E, device=device, generator=g)
+    return ws, gains, cache, cos, sin, x0
+
+
+def buffers(layers, gains, cache, cos, sin, x0, pos, cfg, device) -> dict:
+    return {
+        "h": x0.clone(),
+        "y32": torch.zeros(layers, 3 * E + 2 * F, device=device),
+        "logits": torch.zeros(V, device=device),
+        "ws": torch.zeros(H, cfg["SA"], D + 2, device=device),
+        "cache": cache,
+        "cos": cos,
+        "sin": sin,
+        "pos": torch.tensor([pos], dtype=torch.int32, device=device),
+        "gains": gains,
+        "sync": torch.zeros((5 * layers + 2) * 32, dtype=torch.int32, device=device),
+    }
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want|."""
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+def main(argv=None) -> int:
+    from decode_mega import descriptors, mega_step, reference_step
+    from persistent_lab import graph_us, launched_chain
+    from persistent_ws_i8 import prepare
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=26)
+    p.add_argument("--pos", type=int, default=255, help="the token's position (keys 0..pos)")
+    p.add_argument("--n-ctx", type=int, default=512)
+    p.add_argument("--cfg", type=int, default=None, help="only this CONFIGS entry")
+    p.add_argument("--skip-shipped", action="store_true", help="leave out lorakit's GraphDecoder")
+    p.add_argument("--out", default=str(ROOT / "bench/results/decode_mega_lab.json"))
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("decode_mega_lab.py: needs a CUDA GPU", file=sys.stderr)
+        return 1
+    dev = torch.device("cuda")
+    n_sm = torch.cuda.get_device_properties(dev).multi_processor_count
+    L = a.layers
+    ws, gains, cache0, cos, sin, x0 = make_inputs(L, a.n_ctx, a.pos, dev)
+    nbytes = sum(q.numel() + 2 * d.numel() for q, d in ws)
+    limit = HBM / nbytes
+    rows = []
+
+    def report(name, us, extra=None):
+        r = {"name": name, "us": us, "tok_s": 1e6 / us, "pct_limit": 100 * 1e6 / us / limit, **(extra or {})}
+        rows.append(r)
+        print(f"{name:<60s} {us:9.1f} us  {r['tok_s']:7.1f} tok/s  {r['pct_limit']:5.1f}% of the limit", flush=True)
+
+    print(f"weights {nbytes / 1e9:.3f} GB, bandwidth limit {limit:.0f} tok/s at {HBM / 1e12:.2f} TB/s", flush=True)
+    cfgs = CONFIGS if a.cfg is None else [CONFIGS[a.cfg]]
+    for cfg in cfgs:
+        name = f"megakernel {cfg}"
+        try:
+            descs = descriptors(prepare(ws, SHAPES, cfg), cfg)
+            checks = {}
+            for n in (1, L):  # one layer, then all of them
+                dims = dict(L=n, E=E, F=F, V=V, H=H, D=D, eps=1e-6)
+                b = buffers(n, gains, cache0.clone(), cos, sin, x0, a.pos, cfg, dev)
+                mega_step(b, descs, cfg, dims, n_sm)
+                torch.cuda.synchronize()
+                if int(b["sync"].count_nonzero()):
+                    raise RuntimeError("phase counters not reset")
+                ref_cache = cache0.clone()
+                want, first = reference_step(ws, gains, ref_cache, cos, sin, x0, a.pos, dims)
+                checks[f"logits_{n}"] = rel(b["logits"], want)
+                checks[f"argmax_equal_{n}"] = int(b["logits"].argmax()) == int(want.argmax())
+                checks[f"cache_row_{n}"] = rel(b["cache"][:n, :, a.pos].float(), ref_cache[:n, :, a.pos].double())
+                if n == 1:
+                    checks["qkv_1"] = rel(b["y32"][0, : 3 * E], first["qkv"])
+                    checks["h_1"] = rel(b["h"], first["h"])
+            print(f"{name}: checks (max |diff| / max |reference|, float64 reference of the same arithmetic): "
+                  f"{json.dumps(checks)}", flush=True)  # fmt: skip
+            dims = dict(L=L, E=E, F=F, V=V, H=H, D=D, eps=1e-6)
+            b = buffers(L, gains, cache0.clone(), cos, sin, x0, a.pos, cfg, dev)
+
+            def step(b=b, descs=descs, cfg=cfg, dims=dims):
+                b["h"].copy_(x0)
+                b["y32"].zero_()
+                b["logits"].zero_()
+                mega_step(b, descs, cfg, dims, n_sm)
+                return torch.argmax(b["logits"])
+
+            report(name, graph_us(step), {"cfg": cfg, "checks": checks})
+            del descs
+        except Exception as e:
+            print(f"{name}: failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
+    chain_ws = [(q, d) for q, d in ws[:4]]
+    x_b = x0.view(1, E).bfloat16()
+    report("launched float chain of the layers' products only (4 MiB hints)",
+           graph_us(lambda: launched_chain(chain_ws, x_b, L, 4)))  # fmt: skip
+    if not a.skip_shipped:
+        from finetune_gpu import random_q8_model, shapes
+        from lorakit.backends import get_backend
+        from predict_gpu import bench_decode
+
+        del ws
+        torch.cuda.empty_cache()
+        be = get_backend("cuda-triton")
+        model = random_q8_model(shapes(L), be.device)
+        r = bench_decode(model, be, (), a.pos, 129, mode="device")
+        report(f"lorakit GraphDecoder greedy (prompt {a.pos}, 128 steps)", r["ms_per_token"] * 1e3)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"layers": L, "pos": a.pos, "weight_bytes": nbytes, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
