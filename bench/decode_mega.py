@@ -344,7 +344,7 @@ def reference_step(ws, gains, cache, cos, sin, h0, pos: int, dims: dict):
 
     def w(kind, layer):
         qs, d = ws[kind]
-        n = qs.shape[0] // (L if kind < 4 else 1)
+        n = (3 * E, E, 2 * F, E, qs.shape[0])[kind]  # rows per layer (ws may hold more layers than L)
         return qs[layer * n : (layer + 1) * n], d[layer * n : (layer + 1) * n]
 
     h = h0.double()
