@@ -54,7 +54,7 @@ for s in "$@"; do
     megalab | megalab:*)  # megalab:CFG runs only that decode_mega_lab.py CONFIGS entry
         c=${s#megalab}
         c=${c#:}
-        step decode_mega_lab 540 python3 bench/decode_mega_lab.py ${c:+--cfg "$c"} --out "$out/decode_mega_lab.json" ;;
+        step decode_mega_lab 540 python3 bench/decode_mega_lab.py ${c:+--cfg "$c"} ${MEGA_ARGS:-} --out "$out/decode_mega_lab.json" ;;
     persistentlab-triton) step persistent_lab_triton 200 python3 bench/persistent_lab.py --which triton \
         --out "$out/persistent_lab_triton.json" ;;
     ncu-chain) step ncu_chain 200 "$(command -v ncu || ls /usr/local/cuda*/bin/ncu | head -1)" --kernel-name \
