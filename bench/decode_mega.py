@@ -63,6 +63,12 @@ def _quantize_norm(h_ptr, g_ptr, eps, xq_s, dx_s, K: gl.constexpr, num_warps: gl
     XB: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
     ROWS: gl.constexpr = 8 * num_warps * 4  # blocks per chunk
     CH: gl.constexpr = (K + ROWS * 32 - 1) // (ROWS * 32)
+    if CH == 1:  # the row in registers: one read of h
+        offs = _chunk_offsets(0, ROWS, XB)
+        x = gl.load(h_ptr + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
+        r = 1.0 / gl.sqrt_rn(gl.sum(gl.sum(x * x, axis=1), axis=0) / K + eps)
+        _put_q8(x * r * gl.load(g_ptr + offs, mask=offs < K, other=0.0), 0, xq_s, dx_s, ROWS)
+        return
     ss = 0.0
     for c in gl.static_range(CH):
         offs = _chunk_offsets(c, ROWS, XB)
@@ -166,15 +172,36 @@ def _attention(qkv_ptr, ws_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos, n_ctx, qk
 
 
 @gluon.jit
+def _prefetch_kv(kc_ptr, vc_ptr, pos, n_ctx, hd, s, D: gl.constexpr, SA: gl.constexpr, BLOCK_T: gl.constexpr,
+                 num_warps: gl.constexpr):  # fmt: skip
+    """Ask L2 for the cache rows 0..pos - 1 of head hd's key split s (k and v): they do not depend on this token,
+    so their HBM latency can pass while the q|k|v product finishes. One prefetch per 96 bytes of a row (every 128-byte
+    line a row of D bf16 touches)."""
+    PL: gl.constexpr = gl.BlockedLayout([1, 1], [8, 4], [num_warps, 1], [1, 0])
+    part = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, PL)) * 48, 0)
+    head = hd.to(gl.int64) * n_ctx * D
+    for t0 in range(s * BLOCK_T, pos, SA * BLOCK_T):
+        t = gl.expand_dims(t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, PL)), 1)
+        ok = (t < pos) & (part < D)
+        off = head + t * D + gl.minimum(part, D - 1)
+        for base in gl.static_range(2):
+            ptr = (kc_ptr if base == 0 else vc_ptr) + off
+            gl.inline_asm_elementwise("@$2 prefetch.global.L2 [$1];\n    mov.u32 $0, 0;", "=r,l,b", [ptr, ok],
+                                      dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+
+
+@gluon.jit
 def _arrive(sync_ptr, phase):
     gl.thread_barrier()  # every consumer warp's stores / additions precede the arrival
     gl.atomic_add(sync_ptr + phase * SYNC_STRIDE, 1, sem="release", scope="gpu")
 
 
 @gluon.jit
-def _wait(sync_ptr, phase, count):
-    """Until `count` arrivals at `phase` (acquire); then every consumer warp may read what they published."""
-    _wait_product(sync_ptr + phase * SYNC_STRIDE, 1, count)
+def _wait(sync_ptr, phase, count, PROBE: gl.constexpr = 0):
+    """Until `count` arrivals at `phase` (acquire); then every consumer warp may read what they published. Probe 4:
+    no waits (wrong numbers: what the waits cost)."""
+    if (PROBE // 4) % 2 == 0:
+        _wait_product(sync_ptr + phase * SYNC_STRIDE, 1, count)
     gl.thread_barrier()
 
 
@@ -182,8 +209,8 @@ def _wait(sync_ptr, phase, count):
 def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr, g_ptr, xq_s, dx_s, q_s,
                    d_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale, S: gl.constexpr, E: gl.constexpr,
                    F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, D: gl.constexpr, SA: gl.constexpr,
-                   BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, ROT: gl.constexpr,
-                   num_warps: gl.constexpr):  # fmt: skip
+                   BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, ROT: gl.constexpr, PFKV: gl.constexpr,
+                   PROBE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     pid = gl.program_id(0)
     P = gl.num_programs(0)
     pos = gl.load(pos_ptr)
@@ -194,37 +221,43 @@ def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cache_ptr, cos_ptr, sin_p
         c = layer * 5
         y_l = y32_ptr + layer.to(gl.int64) * RSL
         if layer > 0:
-            _wait(sync_ptr, c - 1, P)
+            _wait(sync_ptr, c - 1, P, PROBE)
         _quantize_norm(h_ptr, g_ptr + (2 * layer) * E, eps, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
         it = _tasks(y_l, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + c * ROT) % P, P, NQ, E, S[0], BLOCK_N, 0,
                     False, num_warps)  # fmt: skip
         _arrive(sync_ptr, c)
         if pid < H * SA:
-            _wait(sync_ptr, c, P)
             kc = cache_ptr + (layer * 2 * H).to(gl.int64) * n_ctx * D
-            _attention(y_l, ws_ptr, kc, kc + H * n_ctx * D, cos_ptr, sin_ptr, pos, n_ctx, qk_scale, pid // SA,
-                       pid % SA, H, D, SA, BLOCK_T, num_warps)  # fmt: skip
+            if PFKV:
+                _prefetch_kv(kc, kc + H * n_ctx * D, pos, n_ctx, pid // SA, pid % SA, D, SA, BLOCK_T, num_warps)
+            _wait(sync_ptr, c, P, PROBE)
+            if PROBE % 2 == 0:  # probe 1: no attention (wrong numbers)
+                _attention(y_l, ws_ptr, kc, kc + H * n_ctx * D, cos_ptr, sin_ptr, pos, n_ctx, qk_scale, pid // SA,
+                           pid % SA, H, D, SA, BLOCK_T, num_warps)  # fmt: skip
             _arrive(sync_ptr, c + 1)
-        _wait(sync_ptr, c + 1, H * SA)
-        _quantize_heads(ws_ptr, xq_s, dx_s, E, D, SA, num_warps)
+        _wait(sync_ptr, c + 1, H * SA, PROBE)
+        if (PROBE // 2) % 2 == 0:
+            _quantize_heads(ws_ptr, xq_s, dx_s, E, D, SA, num_warps)
+        else:  # probe 2: the o product's input read as one row (the chain's cost; wrong numbers)
+            _quantize_swiglu(y_l, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
         it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 2) * ROT) % P, P, E, E, S[1], BLOCK_N,
                     0, True, num_warps)  # fmt: skip
         _arrive(sync_ptr, c + 2)
-        _wait(sync_ptr, c + 2, P)
+        _wait(sync_ptr, c + 2, P, PROBE)
         _quantize_norm(h_ptr, g_ptr + (2 * layer + 1) * E, eps, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
         it = _tasks(y_l + NQ, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 3) * ROT) % P, P, 2 * F, E, S[2],
                     BLOCK_N, 0, False, num_warps)  # fmt: skip
         _arrive(sync_ptr, c + 3)
-        _wait(sync_ptr, c + 3, P)
+        _wait(sync_ptr, c + 3, P, PROBE)
         _quantize_swiglu(y_l + NQ, xq_s, dx_s, F, num_warps)
         gl.thread_barrier()
         it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 4) * ROT) % P, P, E, F, S[3], BLOCK_N,
                     0, True, num_warps)  # fmt: skip
         _arrive(sync_ptr, c + 4)
-    _wait(sync_ptr, 5 * L - 1, P)
+    _wait(sync_ptr, 5 * L - 1, P, PROBE)
     _quantize_norm(h_ptr, g_ptr + (2 * L) * E, eps, xq_s, dx_s, E, num_warps)
     gl.thread_barrier()
     _tasks(logits_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + 5 * L * ROT) % P, P, V, E, S[4], BLOCK_N, 0,
@@ -262,7 +295,8 @@ def _mega_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cache_ptr, cos_ptr, sin_ptr
                  qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, sync_ptr, L, n_ctx, eps, qk_scale, S: gl.constexpr,
                  E: gl.constexpr, F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, D: gl.constexpr,
                  SA: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                 TILED: gl.constexpr, DPACK: gl.constexpr, ROT: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                 TILED: gl.constexpr, DPACK: gl.constexpr, ROT: gl.constexpr, PFKV: gl.constexpr,
+                 PROBE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
     BKB: gl.constexpr = q0.block_type.shape[1]
@@ -280,7 +314,7 @@ def _mega_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cache_ptr, cos_ptr, sin_ptr
         [
             (_mega_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr, g_ptr, xq_s,
                               dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale, S, E, F, V, H, D, SA,
-                              BLOCK_T, BLOCK_N, ROT, num_warps)),
+                              BLOCK_T, BLOCK_N, ROT, PFKV, PROBE, num_warps)),
             (_mega_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
                               L, S, E, F, V, ROT, TILED, DPACK)),
         ],
@@ -315,7 +349,8 @@ def mega_step(bufs: dict, descs, cfg: dict, dims: dict, n_sm: int) -> None:
         bufs["gains"], *qd, *qt, *dd, bufs["sync"], L, bufs["cache"].shape[2], dims["eps"],
         1.4426950408889634 / D**0.5, S=tuple(cfg["S"]), E=dims["E"], F=dims["F"], V=dims["V"], H=H, D=D,
         SA=cfg["SA"], BLOCK_T=cfg["BLOCK_T"], STAGES=cfg["STAGES"], PRODUCER_REGS=cfg.get("regs", 48),
-        TILED=bool(cfg.get("TILED")), DPACK=bool(cfg.get("DPACK")), ROT=cfg.get("ROT", 0), num_warps=cfg["warps"],
+        TILED=bool(cfg.get("TILED")), DPACK=bool(cfg.get("DPACK")), ROT=cfg.get("ROT", 0), PFKV=bool(cfg.get("PFKV")),
+        PROBE=cfg.get("probe", 0), num_warps=cfg["warps"],
     )  # fmt: skip
 
 

@@ -29,10 +29,17 @@ E, F, V, H, D = 3200, 8640, 32000, 32, 100
 SHAPES = [(3 * E, E), (E, E), (2 * F, E), (E, F), (V, E)]  # (N, K): q|k|v, output, gate|up, down; the vocabulary
 HBM = 4.23e12
 CONFIGS = [  # consumer warps (16 W rows each), ring stages of 256 K, splits per product kind, attention key splits
-    # per head (H * SA programs), keys per attention block; TILED / DPACK / BKB / ROT: persistent_ws_i8's layout
+    # per head (H * SA programs), keys per attention block; TILED / DPACK / BKB / ROT: persistent_ws_i8's layout;
+    # PFKV: the cache rows asked of L2 before the q|k|v wait; probes (wrong numbers, timed only): 1 no attention,
+    # 2 no combine of the heads' splits, 4 no waits, sums of them both / all
     dict(warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=4, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37),
-    dict(warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=2, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37),
-    dict(warps=4, STAGES=12, S=(13, 7, 13, 17, 13), SA=4, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37),
+    dict(
+        warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=4, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37, PFKV=True
+    ),
+    dict(warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=4, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37, probe=1),
+    dict(warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=4, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37, probe=2),
+    dict(warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=4, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37, probe=3),
+    dict(warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=4, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37, probe=7),
 ]
 
 
@@ -113,7 +120,7 @@ def main(argv=None) -> int:
         try:
             descs = descriptors(prepare(ws, SHAPES, cfg), cfg)
             checks = {}
-            for n in (1, L):  # one layer, then all of them
+            for n in (1, L) if not cfg.get("probe") else ():  # one layer, then all of them
                 dims = dict(L=n, E=E, F=F, V=V, H=H, D=D, eps=1e-6)
                 b = buffers(n, gains, cache0.clone(), cos, sin, x0, a.pos, cfg, dev)
                 mega_step(b, descs, cfg, dims, n_sm)
