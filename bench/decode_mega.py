@@ -95,26 +95,13 @@ def _quantize_swiglu(gu_ptr, xq_s, dx_s, K: gl.constexpr, num_warps: gl.constexp
 
 
 @gluon.jit
-def _quantize_heads(ws_ptr, xq_s, dx_s, K: gl.constexpr, D: gl.constexpr, SA: gl.constexpr, num_warps: gl.constexpr):
-    """The heads' outputs combined from their SA key splits' partials (acc[D], m, l per split; m in log2 units):
-    o = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s, m = max_s m_s; quantized."""
+def _quantize_row(x_ptr, xq_s, dx_s, K: gl.constexpr, num_warps: gl.constexpr):
+    """x_ptr[:K] (fp32, read past L1), quantized."""
     XB: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
     ROWS: gl.constexpr = 8 * num_warps * 4
-    W: gl.constexpr = D + 2
     for c in gl.static_range((K + ROWS * 32 - 1) // (ROWS * 32)):
         offs = _chunk_offsets(c, ROWS, XB)
-        ok = offs < K
-        base = ws_ptr + (offs // D) * (SA * W)
-        m = gl.full_like(offs, float("-inf"), dtype=gl.float32)
-        for s in gl.static_range(SA):
-            m = gl.maximum(m, gl.load(base + s * W + D, mask=ok, other=0.0, cache_modifier=".cg"))
-        num = gl.zeros_like(m)
-        den = gl.zeros_like(m)
-        for s in gl.static_range(SA):
-            w = gl.exp2(gl.load(base + s * W + D, mask=ok, other=0.0, cache_modifier=".cg") - m)
-            num += w * gl.load(base + s * W + offs % D, mask=ok, other=0.0, cache_modifier=".cg")
-            den += w * gl.load(base + s * W + D + 1, mask=ok, other=1.0, cache_modifier=".cg")
-        _put_q8(gl.where(ok, gl.div_rn(num, den), gl.zeros_like(num)), c, xq_s, dx_s, ROWS)
+        _put_q8(gl.load(x_ptr + offs, mask=offs < K, other=0.0, cache_modifier=".cg"), c, xq_s, dx_s, ROWS)
 
 
 @gluon.jit
@@ -127,11 +114,15 @@ def _rope(src, d, md, c, sn):
 
 
 @gluon.jit
-def _attention(qkv_ptr, ws_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos, n_ctx, qk_scale, hd, s, H: gl.constexpr,
-               D: gl.constexpr, SA: gl.constexpr, BLOCK_T: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+def _attention(qkv_ptr, ws_ptr, cnt_ptr, attn_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos, n_ctx, qk_scale, hd, s,
+               H: gl.constexpr, D: gl.constexpr, SA: gl.constexpr, BLOCK_T: gl.constexpr,
+               num_warps: gl.constexpr):  # fmt: skip
     """Head hd, key split s (key blocks s, s + SA, ... of BLOCK_T keys among 0..pos): q and the new k rotated, the
     new k and v rounded to the cache's bf16 (split 0 writes them to row pos; the row's key comes from registers),
-    scores q.k * qk_scale (log2 units), online softmax; the partial (acc[D], m, l) into ws[hd, s]."""
+    scores q.k * qk_scale (log2 units), online softmax; the partial (acc[D], m, l) into ws[hd, s], then a ticket from
+    the head's counter (acq_rel): the head's last split combines the partials (o = sum_s 2^(m_s - m) acc_s /
+    sum_s 2^(m_s - m) l_s) into attn[hd * D:][:D] and resets the counter. Returns whether this program wrote the
+    head's output."""
     AL: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [num_warps, 1], [1, 0])
     d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, AL))
     md = d < D
@@ -166,9 +157,25 @@ def _attention(qkv_ptr, ws_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos, n_ctx, qk
         l_i = l_i * alpha + gl.sum(p, axis=0)
         acc = acc * alpha + gl.sum(gl.expand_dims(p, 1) * vt, axis=0)
         m_i = m_new
+    if SA == 1:
+        gl.store(attn_ptr + hd * D + d, gl.div_rn(acc, l_i + gl.zeros_like(acc)), mask=md)
+        return True
     row = ws_ptr + (hd * SA + s) * (D + 2)
     gl.store(row + d, acc, mask=md)
     gl.store(row + D + d, gl.where(d == 0, m_i, l_i) + gl.zeros_like(acc), mask=d < 2)
+    gl.thread_barrier()  # every thread's partial stores precede the ticket (the atomic's release)
+    last = gl.atomic_add(cnt_ptr + hd, 1, sem="acq_rel", scope="gpu") == SA - 1
+    if last:  # the head's last split combines the SA partials (a fixed order, whichever split comes last)
+        sp = gl.arange(0, SA, layout=gl.SliceLayout(1, AL))
+        rows = ws_ptr + (hd * SA + gl.expand_dims(sp, 1)) * (D + 2)
+        m_s = gl.load(ws_ptr + (hd * SA + sp) * (D + 2) + D, cache_modifier=".cg")
+        l_s = gl.load(ws_ptr + (hd * SA + sp) * (D + 2) + D + 1, cache_modifier=".cg")
+        a_s = gl.load(rows + gl.expand_dims(d, 0), mask=gl.expand_dims(md, 0), other=0.0, cache_modifier=".cg")
+        w = gl.exp2(m_s - gl.max(m_s, axis=0))  # 0 for an empty split (m = -inf)
+        o = gl.sum(a_s * gl.expand_dims(w, 1), axis=0)
+        gl.store(attn_ptr + hd * D + d, gl.div_rn(o, gl.sum(l_s * w, axis=0) + gl.zeros_like(o)), mask=md)
+        gl.atomic_xchg(cnt_ptr + hd, 0, sem="relaxed", scope="gpu")  # ready for the next layer
+    return last
 
 
 @gluon.jit
@@ -206,11 +213,11 @@ def _wait(sync_ptr, phase, count, PROBE: gl.constexpr = 0):
 
 
 @gluon.jit
-def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr, g_ptr, xq_s, dx_s, q_s,
-                   d_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale, S: gl.constexpr, E: gl.constexpr,
-                   F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, D: gl.constexpr, SA: gl.constexpr,
-                   BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, ROT: gl.constexpr, PFKV: gl.constexpr,
-                   PROBE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr, g_ptr,
+                   xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale, S: gl.constexpr,
+                   E: gl.constexpr, F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, D: gl.constexpr,
+                   SA: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, ROT: gl.constexpr,
+                   PFKV: gl.constexpr, PROBE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     pid = gl.program_id(0)
     P = gl.num_programs(0)
     pos = gl.load(pos_ptr)
@@ -233,14 +240,13 @@ def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cache_ptr, cos_ptr, sin_p
                 _prefetch_kv(kc, kc + H * n_ctx * D, pos, n_ctx, pid // SA, pid % SA, D, SA, BLOCK_T, num_warps)
             _wait(sync_ptr, c, P, PROBE)
             if PROBE % 2 == 0:  # probe 1: no attention (wrong numbers)
-                _attention(y_l, ws_ptr, kc, kc + H * n_ctx * D, cos_ptr, sin_ptr, pos, n_ctx, qk_scale, pid // SA,
-                           pid % SA, H, D, SA, BLOCK_T, num_warps)  # fmt: skip
-            _arrive(sync_ptr, c + 1)
-        _wait(sync_ptr, c + 1, H * SA, PROBE)
-        if (PROBE // 2) % 2 == 0:
-            _quantize_heads(ws_ptr, xq_s, dx_s, E, D, SA, num_warps)
-        else:  # probe 2: the o product's input read as one row (the chain's cost; wrong numbers)
-            _quantize_swiglu(y_l, xq_s, dx_s, E, num_warps)
+                if _attention(y_l, ws_ptr, cnt_ptr, attn_ptr, kc, kc + H * n_ctx * D, cos_ptr, sin_ptr, pos, n_ctx,
+                              qk_scale, pid // SA, pid % SA, H, D, SA, BLOCK_T, num_warps):  # fmt: skip
+                    _arrive(sync_ptr, c + 1)
+            elif pid % SA == 0:
+                _arrive(sync_ptr, c + 1)
+        _wait(sync_ptr, c + 1, H, PROBE)  # every head's output written
+        _quantize_row(attn_ptr, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
         it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 2) * ROT) % P, P, E, E, S[1], BLOCK_N,
                     0, True, num_warps)  # fmt: skip
@@ -291,12 +297,12 @@ def _mega_producer(q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, 
 
 
 @gluon.jit
-def _mega_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr, g_ptr, q0, q1, q2, q3, q4,
-                 qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, sync_ptr, L, n_ctx, eps, qk_scale, S: gl.constexpr,
-                 E: gl.constexpr, F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, D: gl.constexpr,
-                 SA: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                 TILED: gl.constexpr, DPACK: gl.constexpr, ROT: gl.constexpr, PFKV: gl.constexpr,
-                 PROBE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+def _mega_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr, g_ptr,
+                 q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, sync_ptr, L, n_ctx, eps, qk_scale,
+                 S: gl.constexpr, E: gl.constexpr, F: gl.constexpr, V: gl.constexpr, H: gl.constexpr,
+                 D: gl.constexpr, SA: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr,
+                 PRODUCER_REGS: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr, ROT: gl.constexpr,
+                 PFKV: gl.constexpr, PROBE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
     BKB: gl.constexpr = q0.block_type.shape[1]
@@ -312,9 +318,9 @@ def _mega_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cache_ptr, cos_ptr, sin_ptr
     # fmt: off
     gl.warp_specialize(
         [
-            (_mega_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr, g_ptr, xq_s,
-                              dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale, S, E, F, V, H, D, SA,
-                              BLOCK_T, BLOCK_N, ROT, PFKV, PROBE, num_warps)),
+            (_mega_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr,
+                              pos_ptr, g_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale, S,
+                              E, F, V, H, D, SA, BLOCK_T, BLOCK_N, ROT, PFKV, PROBE, num_warps)),
             (_mega_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
                               L, S, E, F, V, ROT, TILED, DPACK)),
         ],
@@ -340,17 +346,18 @@ def descriptors(ws_prep, cfg: dict):
 
 def mega_step(bufs: dict, descs, cfg: dict, dims: dict, n_sm: int) -> None:
     """One launch: bufs h (the embedding row, fp32 [E]), y32 ([L, 3E + 2F] zeros), logits ([V] zeros), ws
-    ([H, SA, D + 2]), cache (bf16 [L, 2H, n_ctx, D]), cos / sin ([n_ctx, D / 2]), pos (int32 [1]), gains
-    ([2L + 1, E]: attn_norm, ffn_norm per layer, output_norm), sync (int32 zeros, >= (5L + 1) * 32)."""
+    ([H, SA, D + 2]), cnt (int32 [H] zeros; left zero), attn (fp32 [E]), cache (bf16 [L, 2H, n_ctx, D]), cos / sin
+    ([n_ctx, D / 2]), pos (int32 [1]), gains ([2L + 1, E]: attn_norm, ffn_norm per layer, output_norm), sync (int32
+    zeros, >= (5L + 1) * 32)."""
     qd, qt, dd = descs
     L, H, D = dims["L"], dims["H"], dims["D"]
     _mega_kernel[(n_sm,)](
-        bufs["h"], bufs["y32"], bufs["logits"], bufs["ws"], bufs["cache"], bufs["cos"], bufs["sin"], bufs["pos"],
-        bufs["gains"], *qd, *qt, *dd, bufs["sync"], L, bufs["cache"].shape[2], dims["eps"],
-        1.4426950408889634 / D**0.5, S=tuple(cfg["S"]), E=dims["E"], F=dims["F"], V=dims["V"], H=H, D=D,
-        SA=cfg["SA"], BLOCK_T=cfg["BLOCK_T"], STAGES=cfg["STAGES"], PRODUCER_REGS=cfg.get("regs", 48),
-        TILED=bool(cfg.get("TILED")), DPACK=bool(cfg.get("DPACK")), ROT=cfg.get("ROT", 0), PFKV=bool(cfg.get("PFKV")),
-        PROBE=cfg.get("probe", 0), num_warps=cfg["warps"],
+        bufs["h"], bufs["y32"], bufs["logits"], bufs["ws"], bufs["cnt"], bufs["attn"], bufs["cache"], bufs["cos"],
+        bufs["sin"], bufs["pos"], bufs["gains"], *qd, *qt, *dd, bufs["sync"], L, bufs["cache"].shape[2], dims["eps"],
+        1.4426950408889634 / D**0.5, S=tuple(cfg["S"]), E=dims["E"], F=dims["F"], V=dims["V"], H=H, D=D, SA=cfg["SA"],
+        BLOCK_T=cfg["BLOCK_T"], STAGES=cfg["STAGES"], PRODUCER_REGS=cfg.get("regs", 48), TILED=bool(cfg.get("TILED")),
+        DPACK=bool(cfg.get("DPACK")), ROT=cfg.get("ROT", 0), PFKV=bool(cfg.get("PFKV")), PROBE=cfg.get("probe", 0),
+        num_warps=cfg["warps"],
     )  # fmt: skip
 
 

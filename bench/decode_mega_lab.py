@@ -31,15 +31,15 @@ HBM = 4.23e12
 CONFIGS = [  # consumer warps (16 W rows each), ring stages of 256 K, splits per product kind, attention key splits
     # per head (H * SA programs), keys per attention block; TILED / DPACK / BKB / ROT: persistent_ws_i8's layout;
     # PFKV: the cache rows asked of L2 before the q|k|v wait; probes (wrong numbers, timed only): 1 no attention,
-    # 2 no combine of the heads' splits, 4 no waits, sums of them both / all
-    dict(warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=4, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37),
+    # 4 no waits, 5 both
     dict(
         warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=4, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37, PFKV=True
     ),
+    dict(
+        warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=2, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37, PFKV=True
+    ),
     dict(warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=4, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37, probe=1),
-    dict(warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=4, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37, probe=2),
-    dict(warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=4, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37, probe=3),
-    dict(warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=4, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37, probe=7),
+    dict(warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=4, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37, probe=5),
 ]
 
 
@@ -70,6 +70,8 @@ def buffers(layers, gains, cache, cos, sin, x0, pos, cfg, device) -> dict:
         "y32": torch.zeros(layers, 3 * E + 2 * F, device=device),
         "logits": torch.zeros(V, device=device),
         "ws": torch.zeros(H, cfg["SA"], D + 2, device=device),
+        "cnt": torch.zeros(H, dtype=torch.int32, device=device),
+        "attn": torch.zeros(E, device=device),
         "cache": cache,
         "cos": cos,
         "sin": sin,
