@@ -28,18 +28,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 E, F, V, H, D = 3200, 8640, 32000, 32, 100
 SHAPES = [(3 * E, E), (E, E), (2 * F, E), (E, F), (V, E)]  # (N, K): q|k|v, output, gate|up, down; the vocabulary
 HBM = 4.23e12
-CONFIGS = [  # consumer warps (16 W rows each), ring stages of 256 K, splits per product kind, attention key splits
-    # per head (H * SA programs), keys per attention block; TILED / DPACK / BKB / ROT: persistent_ws_i8's layout;
-    # PFKV: the cache rows asked of L2 before the q|k|v wait; probes (wrong numbers, timed only): 1 no attention,
-    # 4 no waits, 5 both
-    dict(
-        warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=4, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37, PFKV=True
-    ),
-    dict(
-        warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=2, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37, PFKV=True
-    ),
-    dict(warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=4, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37, probe=1),
-    dict(warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=4, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37, probe=5),
+BASE = dict(warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=4, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37)
+CONFIGS = [  # BASE: consumer warps (16 W rows each), ring stages of 256 K, splits per product kind, attention key
+    # splits per head (H * SA programs), keys per attention block; TILED / DPACK / BKB / ROT: persistent_ws_i8's
+    # layout. PFKV: the cache rows asked of L2 before the q|k|v wait; probes (wrong numbers, timed only): 1 no
+    # attention, 4 no waits, 5 both
+    {**BASE, "PFKV": True},
+    {**BASE, "PFKV": True, "STAGES": 12},
+    {**BASE, "probe": 5},
 ]
 
 
@@ -79,6 +75,43 @@ def buffers(layers, gains, cache, cos, sin, x0, pos, cfg, device) -> dict:
         "gains": gains,
         "sync": torch.zeros((5 * layers + 2) * 32, dtype=torch.int32, device=device),
     }
+
+
+EVENTS = [
+    "layer start (q|k|v input)",
+    "q|k|v tasks done",
+    "attention start",
+    "attention done (head written)",
+    "output input",
+    "output tasks done",
+    "gate|up input",
+    "gate|up tasks done",
+    "down input",
+    "down tasks done",
+]
+
+
+def timeline(trace: torch.Tensor, layers: int) -> list[dict]:
+    """The consumers' event times (decode_mega._stamp) of a typical layer: per event, over the programs that record
+    it, the earliest, median and latest time after the layer's earliest start (us), averaged over the middle
+    layers; then the layer's period and the vocabulary product."""
+    t = trace.double()
+    rows = []
+    mids = range(1, layers - 1)
+    for k, name in enumerate(EVENTS):
+        stats = []
+        for layer in mids:
+            ref = t[:, 10 * layer].min()
+            v = t[:, 10 * layer + k]
+            v = v[v > 0] - ref
+            stats.append([v.min().item(), v.median().item(), v.max().item()])
+        m = torch.tensor(stats).mean(0) / 1e3
+        rows.append({"event": name, "first_us": m[0].item(), "median_us": m[1].item(), "last_us": m[2].item()})
+    period = [(t[:, 10 * (layer + 1)].min() - t[:, 10 * layer].min()).item() / 1e3 for layer in mids]
+    rows.append({"event": "layer period", "median_us": sum(period) / len(period)})
+    fin = (t[:, 10 * layers + 1].max() - t[:, 10 * layers].min()).item() / 1e3
+    rows.append({"event": "vocabulary product (first input to last task)", "median_us": fin})
+    return rows
 
 
 def rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -149,7 +182,17 @@ def main(argv=None) -> int:
                 mega_step(b, descs, cfg, dims, n_sm)
                 return torch.argmax(b["logits"])
 
-            report(name, graph_us(step), {"cfg": cfg, "checks": checks})
+            us = graph_us(step)
+            b["trace"] = torch.zeros(n_sm, 10 * L + 2, dtype=torch.int64, device=dev)
+            step()
+            torch.cuda.synchronize()
+            tl = timeline(b["trace"].cpu(), L)
+            del b["trace"]
+            print("    a layer's timeline (us after its first program starts; first / median / last program):")
+            for r in tl:
+                print(f"      {r['event']:<48s} {r.get('first_us', float('nan')):7.2f} {r['median_us']:7.2f} "
+                      f"{r.get('last_us', float('nan')):7.2f}")  # fmt: skip
+            report(name, us, {"cfg": cfg, "checks": checks, "timeline": tl})
             del descs
         except Exception as e:
             print(f"{name}: failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
