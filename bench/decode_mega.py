@@ -213,11 +213,26 @@ def _arrive(sync_ptr, phase):
 
 
 @gluon.jit
-def _wait(sync_ptr, phase, count, PROBE: gl.constexpr = 0):
-    """Until `count` arrivals at `phase` (acquire); then every consumer warp may read what they published. Probe 4:
-    no waits (wrong numbers: what the waits cost)."""
+def _ld_acquire(ptr):
+    return gl.inline_asm_elementwise("ld.acquire.gpu.global.u32 $0, [$1];", "=r,l", [ptr], dtype=gl.int32,
+                                     is_pure=False, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _wait(sync_ptr, phase, count, PROBE: gl.constexpr = 0, ACQ: gl.constexpr = False):
+    """Until `count` arrivals at `phase` (acquire); then every consumer warp may read what they published. ACQ: poll
+    with acquire loads (no acquire atomic after the polls: one round trip less). Probe 4: no waits (wrong numbers:
+    what the waits cost)."""
     if (PROBE // 4) % 2 == 0:
-        _wait_product(sync_ptr + phase * SYNC_STRIDE, 1, count)
+        if ACQ:
+            ptr = sync_ptr + phase * SYNC_STRIDE
+            n = _ld_acquire(ptr)
+            spins = 0
+            while (n < count) & (spins < 1 << 20):  # a lab guard: a broken barrier gives wrong numbers, not a hang
+                n = _ld_acquire(ptr)
+                spins += 1
+        else:
+            _wait_product(sync_ptr + phase * SYNC_STRIDE, 1, count)
     gl.thread_barrier()
 
 
@@ -226,7 +241,7 @@ def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_
                    xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale, S: gl.constexpr,
                    E: gl.constexpr, F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, D: gl.constexpr,
                    SA: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, ROT: gl.constexpr,
-                   PFKV: gl.constexpr, PROBE: gl.constexpr, trace_ptr, TRACE: gl.constexpr,
+                   PFKV: gl.constexpr, PROBE: gl.constexpr, trace_ptr, TRACE: gl.constexpr, ACQ: gl.constexpr,
                    num_warps: gl.constexpr):  # fmt: skip
     pid = gl.program_id(0)
     P = gl.num_programs(0)
@@ -239,7 +254,7 @@ def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_
         c = layer * 5
         y_l = y32_ptr + layer.to(gl.int64) * RSL
         if layer > 0:
-            _wait(sync_ptr, c - 1, P, PROBE)
+            _wait(sync_ptr, c - 1, P, PROBE, ACQ)
         _stamp(tr, pid, 10 * layer, TRACE)
         _quantize_norm(h_ptr, g_ptr + (2 * layer) * E, eps, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
@@ -251,7 +266,7 @@ def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_
             kc = cache_ptr + (layer * 2 * H).to(gl.int64) * n_ctx * D
             if PFKV:
                 _prefetch_kv(kc, kc + H * n_ctx * D, pos, n_ctx, pid // SA, pid % SA, D, SA, BLOCK_T, num_warps)
-            _wait(sync_ptr, c, P, PROBE)
+            _wait(sync_ptr, c, P, PROBE, ACQ)
             _stamp(tr, pid, 10 * layer + 2, TRACE)
             if PROBE % 2 == 0:  # probe 1: no attention (wrong numbers)
                 if _attention(y_l, ws_ptr, cnt_ptr, attn_ptr, kc, kc + H * n_ctx * D, cos_ptr, sin_ptr, pos, n_ctx,
@@ -260,7 +275,7 @@ def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_
                     _arrive(sync_ptr, c + 1)
             elif pid % SA == 0:
                 _arrive(sync_ptr, c + 1)
-        _wait(sync_ptr, c + 1, H, PROBE)  # every head's output written
+        _wait(sync_ptr, c + 1, H, PROBE, ACQ)  # every head's output written
         _stamp(tr, pid, 10 * layer + 4, TRACE)
         _quantize_row(attn_ptr, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
@@ -268,7 +283,7 @@ def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_
                     0, True, num_warps)  # fmt: skip
         _stamp(tr, pid, 10 * layer + 5, TRACE)
         _arrive(sync_ptr, c + 2)
-        _wait(sync_ptr, c + 2, P, PROBE)
+        _wait(sync_ptr, c + 2, P, PROBE, ACQ)
         _stamp(tr, pid, 10 * layer + 6, TRACE)
         _quantize_norm(h_ptr, g_ptr + (2 * layer + 1) * E, eps, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
@@ -276,7 +291,7 @@ def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_
                     BLOCK_N, 0, False, num_warps)  # fmt: skip
         _stamp(tr, pid, 10 * layer + 7, TRACE)
         _arrive(sync_ptr, c + 3)
-        _wait(sync_ptr, c + 3, P, PROBE)
+        _wait(sync_ptr, c + 3, P, PROBE, ACQ)
         _stamp(tr, pid, 10 * layer + 8, TRACE)
         _quantize_swiglu(y_l + NQ, xq_s, dx_s, F, num_warps)
         gl.thread_barrier()
@@ -284,7 +299,7 @@ def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_
                     0, True, num_warps)  # fmt: skip
         _stamp(tr, pid, 10 * layer + 9, TRACE)
         _arrive(sync_ptr, c + 4)
-    _wait(sync_ptr, 5 * L - 1, P, PROBE)
+    _wait(sync_ptr, 5 * L - 1, P, PROBE, ACQ)
     _stamp(tr, pid, 10 * L, TRACE)
     _quantize_norm(h_ptr, g_ptr + (2 * L) * E, eps, xq_s, dx_s, E, num_warps)
     gl.thread_barrier()
@@ -325,7 +340,7 @@ def _mega_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_pt
                  S: gl.constexpr, E: gl.constexpr, F: gl.constexpr, V: gl.constexpr, H: gl.constexpr,
                  D: gl.constexpr, SA: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr,
                  PRODUCER_REGS: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr, ROT: gl.constexpr,
-                 PFKV: gl.constexpr, PROBE: gl.constexpr, trace_ptr, TRACE: gl.constexpr,
+                 PFKV: gl.constexpr, PROBE: gl.constexpr, trace_ptr, TRACE: gl.constexpr, ACQ: gl.constexpr,
                  num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
@@ -345,7 +360,7 @@ def _mega_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_pt
             (_mega_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr,
                               pos_ptr, g_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale, S,
                               E, F, V, H, D, SA, BLOCK_T, BLOCK_N, ROT, PFKV, PROBE, trace_ptr, TRACE,
-                              num_warps)),
+                              ACQ, num_warps)),
             (_mega_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
                               L, S, E, F, V, ROT, TILED, DPACK)),
         ],
@@ -382,7 +397,8 @@ def mega_step(bufs: dict, descs, cfg: dict, dims: dict, n_sm: int) -> None:
         1.4426950408889634 / D**0.5, S=tuple(cfg["S"]), E=dims["E"], F=dims["F"], V=dims["V"], H=H, D=D, SA=cfg["SA"],
         BLOCK_T=cfg["BLOCK_T"], STAGES=cfg["STAGES"], PRODUCER_REGS=cfg.get("regs", 48), TILED=bool(cfg.get("TILED")),
         DPACK=bool(cfg.get("DPACK")), ROT=cfg.get("ROT", 0), PFKV=bool(cfg.get("PFKV")), PROBE=cfg.get("probe", 0),
-        trace_ptr=bufs.get("trace", bufs["sync"]), TRACE="trace" in bufs, num_warps=cfg["warps"],
+        trace_ptr=bufs.get("trace", bufs["sync"]), TRACE="trace" in bufs, ACQ=bool(cfg.get("ACQ")),
+        num_warps=cfg["warps"],
     )  # fmt: skip
 
 

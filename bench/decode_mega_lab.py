@@ -31,11 +31,12 @@ HBM = 4.23e12
 BASE = dict(warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=4, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37)
 CONFIGS = [  # BASE: consumer warps (16 W rows each), ring stages of 256 K, splits per product kind, attention key
     # splits per head (H * SA programs), keys per attention block; TILED / DPACK / BKB / ROT: persistent_ws_i8's
-    # layout. PFKV: the cache rows asked of L2 before the q|k|v wait; probes (wrong numbers, timed only): 1 no
-    # attention, 4 no waits, 5 both
+    # layout. PFKV: the cache rows asked of L2 before the q|k|v wait; ACQ: waits poll with acquire loads; probes
+    # (wrong numbers, timed only): 1 no attention, 4 no waits, 5 both
     {**BASE, "PFKV": True},
-    {**BASE, "PFKV": True, "STAGES": 12},
-    {**BASE, "probe": 5},
+    {**BASE, "PFKV": True, "ACQ": True},
+    {**BASE, "PFKV": True, "ACQ": True, "BLOCK_T": 64},
+    {**BASE, "PFKV": True, "ACQ": True, "STAGES": 12},
 ]
 
 
