@@ -199,7 +199,7 @@ def _prefetch_kv(kc_ptr, vc_ptr, pos, n_ctx, hd, s, D: gl.constexpr, SA: gl.cons
 
 @gluon.jit
 def _stamp(trace_ptr, pid, k, TRACE: gl.constexpr):
-    """TRACE: the global timer (ns) at event k of program pid into trace_ptr[pid, k] (int64 [P, 10 L + 2])."""
+    """TRACE: the global timer (ns) at event k of program pid into trace_ptr[pid, k] (int64 [P, 12 L + 2])."""
     if TRACE:
         t = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [pid], dtype=gl.int64, is_pure=False,
                                       pack=1)  # fmt: skip
@@ -246,7 +246,7 @@ def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_
     pid = gl.program_id(0)
     P = gl.num_programs(0)
     pos = gl.load(pos_ptr)
-    tr = trace_ptr + pid * (10 * L + 2)
+    tr = trace_ptr + pid * (12 * L + 2)
     NQ: gl.constexpr = 3 * E
     RSL: gl.constexpr = 3 * E + 2 * F  # a layer's fp32 region: q|k|v sums, then gate|up sums
     it = 0
@@ -255,57 +255,59 @@ def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_
         y_l = y32_ptr + layer.to(gl.int64) * RSL
         if layer > 0:
             _wait(sync_ptr, c - 1, P, PROBE, ACQ)
-        _stamp(tr, pid, 10 * layer, TRACE)
+        _stamp(tr, pid, 12 * layer, TRACE)
         _quantize_norm(h_ptr, g_ptr + (2 * layer) * E, eps, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
         it = _tasks(y_l, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + c * ROT) % P, P, NQ, E, S[0], BLOCK_N, 0,
                     False, num_warps)  # fmt: skip
-        _stamp(tr, pid, 10 * layer + 1, TRACE)
+        _stamp(tr, pid, 12 * layer + 1, TRACE)
         _arrive(sync_ptr, c)
+        _stamp(tr, pid, 12 * layer + 10, TRACE)
         if pid < H * SA:
             kc = cache_ptr + (layer * 2 * H).to(gl.int64) * n_ctx * D
             if PFKV:
                 _prefetch_kv(kc, kc + H * n_ctx * D, pos, n_ctx, pid // SA, pid % SA, D, SA, BLOCK_T, num_warps)
+                _stamp(tr, pid, 12 * layer + 11, TRACE)
             _wait(sync_ptr, c, P, PROBE, ACQ)
-            _stamp(tr, pid, 10 * layer + 2, TRACE)
+            _stamp(tr, pid, 12 * layer + 2, TRACE)
             if PROBE % 2 == 0:  # probe 1: no attention (wrong numbers)
                 if _attention(y_l, ws_ptr, cnt_ptr, attn_ptr, kc, kc + H * n_ctx * D, cos_ptr, sin_ptr, pos, n_ctx,
                               qk_scale, pid // SA, pid % SA, H, D, SA, BLOCK_T, num_warps):  # fmt: skip
-                    _stamp(tr, pid, 10 * layer + 3, TRACE)
+                    _stamp(tr, pid, 12 * layer + 3, TRACE)
                     _arrive(sync_ptr, c + 1)
             elif pid % SA == 0:
                 _arrive(sync_ptr, c + 1)
         _wait(sync_ptr, c + 1, H, PROBE, ACQ)  # every head's output written
-        _stamp(tr, pid, 10 * layer + 4, TRACE)
+        _stamp(tr, pid, 12 * layer + 4, TRACE)
         _quantize_row(attn_ptr, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
         it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 2) * ROT) % P, P, E, E, S[1], BLOCK_N,
                     0, True, num_warps)  # fmt: skip
-        _stamp(tr, pid, 10 * layer + 5, TRACE)
+        _stamp(tr, pid, 12 * layer + 5, TRACE)
         _arrive(sync_ptr, c + 2)
         _wait(sync_ptr, c + 2, P, PROBE, ACQ)
-        _stamp(tr, pid, 10 * layer + 6, TRACE)
+        _stamp(tr, pid, 12 * layer + 6, TRACE)
         _quantize_norm(h_ptr, g_ptr + (2 * layer + 1) * E, eps, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
         it = _tasks(y_l + NQ, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 3) * ROT) % P, P, 2 * F, E, S[2],
                     BLOCK_N, 0, False, num_warps)  # fmt: skip
-        _stamp(tr, pid, 10 * layer + 7, TRACE)
+        _stamp(tr, pid, 12 * layer + 7, TRACE)
         _arrive(sync_ptr, c + 3)
         _wait(sync_ptr, c + 3, P, PROBE, ACQ)
-        _stamp(tr, pid, 10 * layer + 8, TRACE)
+        _stamp(tr, pid, 12 * layer + 8, TRACE)
         _quantize_swiglu(y_l + NQ, xq_s, dx_s, F, num_warps)
         gl.thread_barrier()
         it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 4) * ROT) % P, P, E, F, S[3], BLOCK_N,
                     0, True, num_warps)  # fmt: skip
-        _stamp(tr, pid, 10 * layer + 9, TRACE)
+        _stamp(tr, pid, 12 * layer + 9, TRACE)
         _arrive(sync_ptr, c + 4)
     _wait(sync_ptr, 5 * L - 1, P, PROBE, ACQ)
-    _stamp(tr, pid, 10 * L, TRACE)
+    _stamp(tr, pid, 12 * L, TRACE)
     _quantize_norm(h_ptr, g_ptr + (2 * L) * E, eps, xq_s, dx_s, E, num_warps)
     gl.thread_barrier()
     _tasks(logits_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + 5 * L * ROT) % P, P, V, E, S[4], BLOCK_N, 0,
            False, num_warps)  # fmt: skip
-    _stamp(tr, pid, 10 * L + 1, TRACE)
+    _stamp(tr, pid, 12 * L + 1, TRACE)
     # the last program out zeroes the phase counters for the next launch (every program has passed every wait)
     gl.thread_barrier()
     if gl.atomic_add(sync_ptr + 5 * L * SYNC_STRIDE, 1, sem="acq_rel", scope="gpu") == P - 1:
@@ -388,7 +390,7 @@ def mega_step(bufs: dict, descs, cfg: dict, dims: dict, n_sm: int) -> None:
     """One launch: bufs h (the embedding row, fp32 [E]), y32 ([L, 3E + 2F] zeros), logits ([V] zeros), ws
     ([H, SA, D + 2]), cnt (int32 [H] zeros; left zero), attn (fp32 [E]), cache (bf16 [L, 2H, n_ctx, D]), cos / sin
     ([n_ctx, D / 2]), pos (int32 [1]), gains ([2L + 1, E]: attn_norm, ffn_norm per layer, output_norm), sync (int32
-    zeros, >= (5L + 1) * 32); with trace (int64 [P, 10 L + 2]) the consumers' event times (_stamp)."""
+    zeros, >= (5L + 1) * 32); with trace (int64 [P, 12 L + 2]) the consumers' event times (_stamp)."""
     qd, qt, dd = descs
     L, H, D = dims["L"], dims["H"], dims["D"]
     _mega_kernel[(n_sm,)](
