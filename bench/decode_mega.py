@@ -247,6 +247,7 @@ def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_
     P = gl.num_programs(0)
     pos = gl.load(pos_ptr)
     tr = trace_ptr + pid * (12 * L + 2)
+    TP: gl.constexpr = 1 if (PROBE // 8) % 2 == 1 else 0  # probe 8: the tasks without their arithmetic
     NQ: gl.constexpr = 3 * E
     RSL: gl.constexpr = 3 * E + 2 * F  # a layer's fp32 region: q|k|v sums, then gate|up sums
     it = 0
@@ -258,7 +259,7 @@ def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_
         _stamp(tr, pid, 12 * layer, TRACE)
         _quantize_norm(h_ptr, g_ptr + (2 * layer) * E, eps, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
-        it = _tasks(y_l, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + c * ROT) % P, P, NQ, E, S[0], BLOCK_N, 0,
+        it = _tasks(y_l, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + c * ROT) % P, P, NQ, E, S[0], BLOCK_N, TP,
                     False, num_warps)  # fmt: skip
         _stamp(tr, pid, 12 * layer + 1, TRACE)
         _arrive(sync_ptr, c)
@@ -282,7 +283,7 @@ def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_
         _quantize_row(attn_ptr, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
         it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 2) * ROT) % P, P, E, E, S[1], BLOCK_N,
-                    0, True, num_warps)  # fmt: skip
+                    TP, True, num_warps)  # fmt: skip
         _stamp(tr, pid, 12 * layer + 5, TRACE)
         _arrive(sync_ptr, c + 2)
         _wait(sync_ptr, c + 2, P, PROBE, ACQ)
@@ -290,7 +291,7 @@ def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_
         _quantize_norm(h_ptr, g_ptr + (2 * layer + 1) * E, eps, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
         it = _tasks(y_l + NQ, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 3) * ROT) % P, P, 2 * F, E, S[2],
-                    BLOCK_N, 0, False, num_warps)  # fmt: skip
+                    BLOCK_N, TP, False, num_warps)  # fmt: skip
         _stamp(tr, pid, 12 * layer + 7, TRACE)
         _arrive(sync_ptr, c + 3)
         _wait(sync_ptr, c + 3, P, PROBE, ACQ)
@@ -298,14 +299,14 @@ def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_
         _quantize_swiglu(y_l + NQ, xq_s, dx_s, F, num_warps)
         gl.thread_barrier()
         it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 4) * ROT) % P, P, E, F, S[3], BLOCK_N,
-                    0, True, num_warps)  # fmt: skip
+                    TP, True, num_warps)  # fmt: skip
         _stamp(tr, pid, 12 * layer + 9, TRACE)
         _arrive(sync_ptr, c + 4)
     _wait(sync_ptr, 5 * L - 1, P, PROBE, ACQ)
     _stamp(tr, pid, 12 * L, TRACE)
     _quantize_norm(h_ptr, g_ptr + (2 * L) * E, eps, xq_s, dx_s, E, num_warps)
     gl.thread_barrier()
-    _tasks(logits_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + 5 * L * ROT) % P, P, V, E, S[4], BLOCK_N, 0,
+    _tasks(logits_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + 5 * L * ROT) % P, P, V, E, S[4], BLOCK_N, TP,
            False, num_warps)  # fmt: skip
     _stamp(tr, pid, 12 * L + 1, TRACE)
     # the last program out zeroes the phase counters for the next launch (every program has passed every wait)

@@ -32,11 +32,11 @@ BASE = dict(warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=4, BLOCK_T=32, BKB=128,
 CONFIGS = [  # BASE: consumer warps (16 W rows each), ring stages of 256 K, splits per product kind, attention key
     # splits per head (H * SA programs), keys per attention block; TILED / DPACK / BKB / ROT: persistent_ws_i8's
     # layout. PFKV: the cache rows asked of L2 before the q|k|v wait; ACQ: waits poll with acquire loads; probes
-    # (wrong numbers, timed only): 1 no attention, 4 no waits, 5 both
+    # (wrong numbers, timed only; bits): 1 no attention, 4 no waits, 8 no products' arithmetic (the stream alone)
     {**BASE, "PFKV": True, "BLOCK_T": 64},
-    {**BASE, "BLOCK_T": 64},
-    {**BASE, "PFKV": True, "BLOCK_T": 64, "SA": 2},
-    {**BASE, "PFKV": True, "BLOCK_T": 64, "S": (13, 13, 13, 17, 13)},
+    {**BASE, "PFKV": True, "BLOCK_T": 64, "STAGES": 12},
+    {**BASE, "PFKV": True, "BLOCK_T": 64, "probe": 8},
+    {**BASE, "PFKV": True, "BLOCK_T": 64, "probe": 13},
 ]
 
 
@@ -89,6 +89,8 @@ EVENTS = [
     "gate|up tasks done",
     "down input",
     "down tasks done",
+    "q|k|v arrival done",
+    "cache rows asked of L2 (PFKV)",
 ]
 
 
