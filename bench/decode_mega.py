@@ -242,7 +242,7 @@ def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_
                    E: gl.constexpr, F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, D: gl.constexpr,
                    SA: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, ROT: gl.constexpr,
                    PFKV: gl.constexpr, PROBE: gl.constexpr, trace_ptr, TRACE: gl.constexpr, ACQ: gl.constexpr,
-                   num_warps: gl.constexpr):  # fmt: skip
+                   SMJ: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     pid = gl.program_id(0)
     P = gl.num_programs(0)
     pos = gl.load(pos_ptr)
@@ -260,7 +260,7 @@ def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_
         _quantize_norm(h_ptr, g_ptr + (2 * layer) * E, eps, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
         it = _tasks(y_l, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + c * ROT) % P, P, NQ, E, S[0], BLOCK_N, TP,
-                    False, num_warps)  # fmt: skip
+                    False, num_warps, SMJ)  # fmt: skip
         _stamp(tr, pid, 12 * layer + 1, TRACE)
         _arrive(sync_ptr, c)
         _stamp(tr, pid, 12 * layer + 10, TRACE)
@@ -283,7 +283,7 @@ def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_
         _quantize_row(attn_ptr, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
         it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 2) * ROT) % P, P, E, E, S[1], BLOCK_N,
-                    TP, True, num_warps)  # fmt: skip
+                    TP, True, num_warps, SMJ)  # fmt: skip
         _stamp(tr, pid, 12 * layer + 5, TRACE)
         _arrive(sync_ptr, c + 2)
         _wait(sync_ptr, c + 2, P, PROBE, ACQ)
@@ -291,7 +291,7 @@ def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_
         _quantize_norm(h_ptr, g_ptr + (2 * layer + 1) * E, eps, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
         it = _tasks(y_l + NQ, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 3) * ROT) % P, P, 2 * F, E, S[2],
-                    BLOCK_N, TP, False, num_warps)  # fmt: skip
+                    BLOCK_N, TP, False, num_warps, SMJ)  # fmt: skip
         _stamp(tr, pid, 12 * layer + 7, TRACE)
         _arrive(sync_ptr, c + 3)
         _wait(sync_ptr, c + 3, P, PROBE, ACQ)
@@ -299,7 +299,7 @@ def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_
         _quantize_swiglu(y_l + NQ, xq_s, dx_s, F, num_warps)
         gl.thread_barrier()
         it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 4) * ROT) % P, P, E, F, S[3], BLOCK_N,
-                    TP, True, num_warps)  # fmt: skip
+                    TP, True, num_warps, SMJ)  # fmt: skip
         _stamp(tr, pid, 12 * layer + 9, TRACE)
         _arrive(sync_ptr, c + 4)
     _wait(sync_ptr, 5 * L - 1, P, PROBE, ACQ)
@@ -307,7 +307,7 @@ def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_
     _quantize_norm(h_ptr, g_ptr + (2 * L) * E, eps, xq_s, dx_s, E, num_warps)
     gl.thread_barrier()
     _tasks(logits_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + 5 * L * ROT) % P, P, V, E, S[4], BLOCK_N, TP,
-           False, num_warps)  # fmt: skip
+           False, num_warps, SMJ)  # fmt: skip
     _stamp(tr, pid, 12 * L + 1, TRACE)
     # the last program out zeroes the phase counters for the next launch (every program has passed every wait)
     gl.thread_barrier()
@@ -319,7 +319,7 @@ def _mega_consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_
 @gluon.jit
 def _mega_producer(q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty, L,
                    S: gl.constexpr, E: gl.constexpr, F: gl.constexpr, V: gl.constexpr, ROT: gl.constexpr,
-                   TILED: gl.constexpr, DPACK: gl.constexpr):  # fmt: skip
+                   TILED: gl.constexpr, DPACK: gl.constexpr, SMJ: gl.constexpr):  # fmt: skip
     """pid's tasks of every product in the consumers' order (the attention phases take no weights)."""
     pid = gl.program_id(0)
     P = gl.num_programs(0)
@@ -327,14 +327,14 @@ def _mega_producer(q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, 
     for layer in range(L):
         c = layer * 5
         it = _produce(q0, qt0, d0, q_s, d_s, full, empty, layer, it, (pid + c * ROT) % P, P, 3 * E, E, S[0], TILED,
-                      DPACK)  # fmt: skip
+                      DPACK, SMJ)  # fmt: skip
         it = _produce(q1, qt1, d1, q_s, d_s, full, empty, layer, it, (pid + (c + 2) * ROT) % P, P, E, E, S[1], TILED,
-                      DPACK)  # fmt: skip
+                      DPACK, SMJ)  # fmt: skip
         it = _produce(q2, qt2, d2, q_s, d_s, full, empty, layer, it, (pid + (c + 3) * ROT) % P, P, 2 * F, E, S[2],
-                      TILED, DPACK)  # fmt: skip
+                      TILED, DPACK, SMJ)  # fmt: skip
         it = _produce(q3, qt3, d3, q_s, d_s, full, empty, layer, it, (pid + (c + 4) * ROT) % P, P, E, F, S[3], TILED,
-                      DPACK)  # fmt: skip
-    _produce(q4, qt4, d4, q_s, d_s, full, empty, 0, it, (pid + 5 * L * ROT) % P, P, V, E, S[4], TILED, DPACK)
+                      DPACK, SMJ)  # fmt: skip
+    _produce(q4, qt4, d4, q_s, d_s, full, empty, 0, it, (pid + 5 * L * ROT) % P, P, V, E, S[4], TILED, DPACK, SMJ)
 
 
 @gluon.jit
@@ -344,7 +344,7 @@ def _mega_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_pt
                  D: gl.constexpr, SA: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr,
                  PRODUCER_REGS: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr, ROT: gl.constexpr,
                  PFKV: gl.constexpr, PROBE: gl.constexpr, trace_ptr, TRACE: gl.constexpr, ACQ: gl.constexpr,
-                 num_warps: gl.constexpr):  # fmt: skip
+                 SMJ: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
     BKB: gl.constexpr = q0.block_type.shape[1]
@@ -363,9 +363,9 @@ def _mega_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_pt
             (_mega_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr,
                               pos_ptr, g_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale, S,
                               E, F, V, H, D, SA, BLOCK_T, BLOCK_N, ROT, PFKV, PROBE, trace_ptr, TRACE,
-                              ACQ, num_warps)),
+                              ACQ, SMJ, num_warps)),
             (_mega_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
-                              L, S, E, F, V, ROT, TILED, DPACK)),
+                              L, S, E, F, V, ROT, TILED, DPACK, SMJ)),
         ],
         [1],
         [PRODUCER_REGS],
@@ -401,7 +401,7 @@ def mega_step(bufs: dict, descs, cfg: dict, dims: dict, n_sm: int) -> None:
         BLOCK_T=cfg["BLOCK_T"], STAGES=cfg["STAGES"], PRODUCER_REGS=cfg.get("regs", 48), TILED=bool(cfg.get("TILED")),
         DPACK=bool(cfg.get("DPACK")), ROT=cfg.get("ROT", 0), PFKV=bool(cfg.get("PFKV")), PROBE=cfg.get("probe", 0),
         trace_ptr=bufs.get("trace", bufs["sync"]), TRACE="trace" in bufs, ACQ=bool(cfg.get("ACQ")),
-        num_warps=cfg["warps"],
+        SMJ=bool(cfg.get("SPLIT_MAJOR")), num_warps=cfg["warps"],
     )  # fmt: skip
 
 

@@ -31,12 +31,12 @@ HBM = 4.23e12
 BASE = dict(warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=4, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37)
 CONFIGS = [  # BASE: consumer warps (16 W rows each), ring stages of 256 K, splits per product kind, attention key
     # splits per head (H * SA programs), keys per attention block; TILED / DPACK / BKB / ROT: persistent_ws_i8's
-    # layout. PFKV: the cache rows asked of L2 before the q|k|v wait; ACQ: waits poll with acquire loads; probes
-    # (wrong numbers, timed only; bits): 1 no attention, 4 no waits, 8 no products' arithmetic (the stream alone)
+    # layout; SPLIT_MAJOR: a product's consecutive tasks in different row blocks. PFKV: the cache rows asked of L2
+    # before the q|k|v wait; ACQ: waits poll with acquire loads; probes (wrong numbers, timed only; bits): 1 no
+    # attention, 4 no waits, 8 no products' arithmetic (the stream alone)
     {**BASE, "PFKV": True, "BLOCK_T": 64},
-    {**BASE, "PFKV": True, "BLOCK_T": 64, "STAGES": 12},
-    {**BASE, "PFKV": True, "BLOCK_T": 64, "probe": 8},
-    {**BASE, "PFKV": True, "BLOCK_T": 64, "probe": 13},
+    {**BASE, "PFKV": True, "BLOCK_T": 64, "SPLIT_MAJOR": True},
+    {**BASE, "PFKV": True, "BLOCK_T": 64, "SPLIT_MAJOR": True, "ROT": 0},
 ]
 
 

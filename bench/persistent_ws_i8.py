@@ -33,8 +33,18 @@ RS: gl.constexpr = gl.constexpr(17280)  # y32's region stride: region 0 the chai
 
 
 @gluon.jit
+def _task(task, N: gl.constexpr, S: gl.constexpr, PER: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT_MAJOR: gl.constexpr):
+    """Task -> (row block, first stage). Row-major (a row block's S splits are consecutive tasks, so programs side by
+    side add into the same rows at the same time) or SPLIT_MAJOR (consecutive tasks are different row blocks)."""
+    if SPLIT_MAJOR:
+        NB: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+        return task % NB, (task // NB) * PER
+    return task // S, (task % S) * PER
+
+
+@gluon.jit
 def _produce(q_desc, qt_desc, d_desc, q_s, d_s, full, empty, layer, it, pid, P, N: gl.constexpr, K: gl.constexpr,
-             S: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr):  # fmt: skip
+             S: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr, SPLIT_MAJOR: gl.constexpr = False):  # fmt: skip
     """The producer's share of one product: every stage (256 K) of every task of this program, into the ring.
     Row-major W ([L * N, K]; q_desc boxes [BLOCK_N, BKB]): boxes past K come as zeros (TMA's out-of-bounds fill).
     TILED W (tile_q: each [BLOCK_N, BKB] tile contiguous, a row block's tiles in K order): a stage's tiles are one
@@ -55,8 +65,7 @@ def _produce(q_desc, qt_desc, d_desc, q_s, d_s, full, empty, layer, it, pid, P, 
     LAST_BYTES: gl.constexpr = LAST * qt_desc.block_type.nbytes + d_desc.block_type.nbytes
     q_stage = q_s._reinterpret(gl.int8, [STAGES, KSUB * BLOCK_N, BKB], q_desc.layout)
     for task in range(pid, NB * S, P):
-        rb = task // S
-        s0 = (task % S) * PER
+        rb, s0 = _task(task, N, S, PER, BLOCK_N, SPLIT_MAJOR)
         s1 = gl.minimum(s0 + PER, STEPS)
         for step in range(s0, s1):
             st = it % STAGES
@@ -128,7 +137,8 @@ def _quantize_x(x_ptr, xq_s, dx_s, K: gl.constexpr, num_warps: gl.constexpr):
 
 @gluon.jit
 def _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N: gl.constexpr, K: gl.constexpr, S: gl.constexpr,
-           BLOCK_N: gl.constexpr, PROBE: gl.constexpr, ADD: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+           BLOCK_N: gl.constexpr, PROBE: gl.constexpr, ADD: gl.constexpr, num_warps: gl.constexpr,
+           SPLIT_MAJOR: gl.constexpr = False):  # fmt: skip
     """Tasks first, first + P, ... of the product y[:N] (+)= x[:K] @ W.T, x already quantized in xq_s / dx_s, W's
     stages from the ring (full / empty, `it` the ring position): task = (row block, split of the K stages). A task adds
     its split's sums atomically (fire and forget: no round trip per task; the order of a row's S additions varies, so
@@ -150,8 +160,7 @@ def _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N: gl.constex
     xq_boxes = xq_s._reinterpret(gl.int8, [XMAX // BKB, BKB], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     dx_steps = dx_s._reinterpret(gl.float32, [XMAX // GK, 8], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     for task in range(first, ((N + BLOCK_N - 1) // BLOCK_N) * S, P):  # rows past N: never stored
-        rb = task // S
-        s0 = (task % S) * PER
+        rb, s0 = _task(task, N, S, PER, BLOCK_N, SPLIT_MAJOR)
         s1 = gl.minimum(s0 + PER, STEPS)
         acc = gl.zeros([BLOCK_N, 8], gl.float32, mma)
         for step in range(s0, s1):
