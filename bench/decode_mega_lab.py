@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Lab (#5): the whole decode step in one persistent launch (bench/decode_mega.py) against lorakit's shipped decode
+"""Lab (#5): the whole decode step in one persistent launch (kernels/decode_mega.py) against lorakit's shipped decode
 step (GraphDecoder: ~210 launches in one CUDA graph), on the open_llama_3b shape with random q8_0 weights.
 
     python bench/decode_mega_lab.py [--layers 26] [--pos 255] [--cfg N] [--out FILE]
 
-Checks first (the megakernel against its arithmetic in float64, decode_mega.reference_step): one layer (its q|k|v
+Checks first (the megakernel against its arithmetic in float64, reference_step below): one layer (its q|k|v
 sums, h after it, the logits), then every layer (the logits and their argmax). Then times, in one run: the
 megakernel's step as a CUDA graph (the embedding row's copy, the zeroing of its sums, the launch, the argmax), per
 config; the launched float chain of the layers' products (persistent_lab.launched_chain, 4 MiB hints); lorakit's
@@ -28,15 +28,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 E, F, V, H, D = 3200, 8640, 32000, 32, 100
 SHAPES = [(3 * E, E), (E, E), (2 * F, E), (E, F), (V, E)]  # (N, K): q|k|v, output, gate|up, down; the vocabulary
 HBM = 4.23e12
-BASE = dict(warps=4, STAGES=8, S=(13, 7, 13, 17, 13), SA=4, BLOCK_T=32, BKB=128, DPACK=True, TILED=True, ROT=37)
-CONFIGS = [  # BASE: consumer warps (16 W rows each), ring stages of 256 K, splits per product kind, attention key
-    # splits per head (H * SA programs), keys per attention block; TILED / DPACK / BKB / ROT: persistent_ws_i8's
-    # layout; SPLIT_MAJOR: a product's consecutive tasks in different row blocks. PFKV: the cache rows asked of L2
-    # before the q|k|v wait; ACQ: waits poll with acquire loads; probes (wrong numbers, timed only; bits): 1 no
-    # attention, 4 no waits, 8 no products' arithmetic (the stream alone)
-    {**BASE, "PFKV": True, "BLOCK_T": 64},
-    {**BASE, "PFKV": True, "BLOCK_T": 64, "SPLIT_MAJOR": True},
-    {**BASE, "PFKV": True, "BLOCK_T": 64, "SPLIT_MAJOR": True, "ROT": 0},
+BASE = dict(S=(13, 7, 13, 17, 13), SA=4)  # kernels/decode_mega.splits and the key splits the decoder takes
+CONFIGS = [  # BASE: splits of the K stages per product kind, attention key splits per head (H * SA programs); the
+    # kernel's BLOCK_T (keys per attention block), STAGES (ring), ROT (task rotation) may be set too; probes (wrong
+    # numbers, timed only; bits): 1 no attention, 4 no waits, 8 no products' arithmetic (the stream alone)
+    BASE,
+    {**BASE, "STAGES": 10},
+    {**BASE, "probe": 13},
 ]
 
 
@@ -59,6 +57,10 @@ def make_inputs(layers: int, n_ctx: int, pos: int, device):
     cos, sin = ang.cos().float().to(device), ang.sin().float().to(device)
     x0 = torch.randn(E, device=device, generator=g)
     return ws, gains, cache, cos, sin, x0
+
+
+def mega_dims(layers: int, cfg: dict) -> dict:
+    return dict(L=layers, E=E, F=F, V=V, H=H, HKV=H, D=D, eps=1e-6, **{k: v for k, v in cfg.items() if k != "probe"})
 
 
 def buffers(layers, gains, cache, cos, sin, x0, pos, cfg, device) -> dict:
@@ -127,9 +129,8 @@ def rel(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def main(argv=None) -> int:
-    from decode_mega import descriptors, mega_step, reference_step
+    from lorakit.kernels.decode_mega import decode_step, descriptors, pack_d, tile_q
     from persistent_lab import graph_us, launched_chain
-    from persistent_ws_i8 import prepare
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=26)
@@ -160,12 +161,14 @@ def main(argv=None) -> int:
     for cfg in cfgs:
         name = f"megakernel {cfg}"
         try:
-            descs = descriptors(prepare(ws, SHAPES, cfg), cfg)
+            descs = descriptors(
+                [(tile_q(q, n, 64, 128), pack_d(d, n, 64)) for (q, d), (n, _) in zip(ws, SHAPES, strict=True)]
+            )
             checks = {}
             for n in (1, L) if not cfg.get("probe") else ():  # one layer, then all of them
-                dims = dict(L=n, E=E, F=F, V=V, H=H, D=D, eps=1e-6)
+                dims = mega_dims(n, cfg)
                 b = buffers(n, gains, cache0.clone(), cos, sin, x0, a.pos, cfg, dev)
-                mega_step(b, descs, cfg, dims, n_sm)
+                decode_step(b, descs, dims, n_sm)
                 torch.cuda.synchronize()
                 if int(b["sync"].count_nonzero()):
                     raise RuntimeError("phase counters not reset")
@@ -179,14 +182,14 @@ def main(argv=None) -> int:
                     checks["h_1"] = rel(b["h"], first["h"])
             print(f"{name}: checks (max |diff| / max |reference|, float64 reference of the same arithmetic): "
                   f"{json.dumps(checks)}", flush=True)  # fmt: skip
-            dims = dict(L=L, E=E, F=F, V=V, H=H, D=D, eps=1e-6)
+            dims = mega_dims(L, cfg)
             b = buffers(L, gains, cache0.clone(), cos, sin, x0, a.pos, cfg, dev)
 
             def step(b=b, descs=descs, cfg=cfg, dims=dims):
                 b["h"].copy_(x0)
                 b["y32"].zero_()
                 b["logits"].zero_()
-                mega_step(b, descs, cfg, dims, n_sm)
+                decode_step(b, descs, dims, n_sm)
                 return torch.argmax(b["logits"])
 
             us = graph_us(step)
@@ -221,6 +224,54 @@ def main(argv=None) -> int:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"layers": L, "pos": a.pos, "weight_bytes": nbytes, "rows": rows}, indent=1))
     return 0
+
+
+def q8_act_product(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """y = W x with x quantized as quant.quantize_act_q8_0 (from x rounded to fp32), integer block sums, float64."""
+    from lorakit.quant import quantize_act_q8_0
+
+    k = x.numel()
+    xq, dx = quantize_act_q8_0(x.float().view(1, k))
+    isum = (qs.view(qs.shape[0], k // 32, 32).double() * xq.view(k // 32, 32).double()[None]).sum(-1)
+    return (isum * d.double() * dx.double().view(1, -1)).sum(-1)
+
+
+def reference_step(ws, gains, cache, cos, sin, h0, pos: int, dims: dict):
+    """The megakernel's step in float64 (weights ws: [(qs, d)] per kind, layers stacked): returns (logits, the first
+    layer's q|k|v sums, h after the first layer); writes the new k, v rows (bf16) into `cache` as the kernel does."""
+    L, E, F, H, D, eps = dims["L"], dims["E"], dims["F"], dims["H"], dims["D"], dims["eps"]
+
+    def norm(h, g):
+        return h / torch.sqrt((h * h).mean() + eps) * g.double()
+
+    def w(kind, layer):
+        qs, d = ws[kind]
+        n = (3 * E, E, 2 * F, E, qs.shape[0])[kind]  # rows per layer (ws may hold more layers than L)
+        return qs[layer * n : (layer + 1) * n], d[layer * n : (layer + 1) * n]
+
+    h = h0.double()
+    c, s = cos[pos].double().repeat_interleave(2), sin[pos].double().repeat_interleave(2)
+    first = {}
+    for layer in range(L):
+        qkv = q8_act_product(norm(h, gains[2 * layer]), *w(0, layer))
+        x = qkv.view(3 * H, D)
+        even = x[:, 0::2].repeat_interleave(2, dim=1)
+        odd = x[:, 1::2].repeat_interleave(2, dim=1)
+        sign = torch.tensor([-1.0, 1.0], dtype=torch.float64, device=x.device).repeat(D // 2)
+        rot = torch.where(sign < 0, even * c - odd * s, even * s + odd * c)
+        q, k_new, v_new = rot[:H], rot[H : 2 * H], x[2 * H :]
+        kc, vc = cache[layer, :H], cache[layer, H:]
+        kc[:, pos] = k_new.to(torch.bfloat16)
+        vc[:, pos] = v_new.to(torch.bfloat16)
+        sc = torch.einsum("hd,htd->ht", q, kc[:, : pos + 1].double()) / D**0.5
+        att = torch.einsum("ht,htd->hd", torch.softmax(sc, dim=-1), vc[:, : pos + 1].double()).reshape(E)
+        h = h + q8_act_product(att, *w(1, layer))
+        gu = q8_act_product(norm(h, gains[2 * layer + 1]), *w(2, layer))
+        g, u = gu[:F], gu[F:]
+        h = h + q8_act_product(g * torch.sigmoid(g) * u, *w(3, layer))
+        if layer == 0:
+            first = {"qkv": qkv, "h": h.clone()}
+    return q8_act_product(norm(h, gains[2 * L]), *w(4, 0)), first
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ So HBM keeps streaming while the consumers wait at a product boundary, as long a
 
 from __future__ import annotations
 
+from lorakit.kernels.decode_mega import _wait_product
 from lorakit.kernels.q8_0_wgmma import _dequant_a
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -68,23 +69,6 @@ def _producer(q0, q1, q2, q3, d0, d1, d2, d3, q_s, d_s, full, empty, L, S0: gl.c
         it = _produce(q1, d1, q_s, d_s, full, empty, layer * 3200, it, pid, P, 3200, 3200, S1)
         it = _produce(q2, d2, q_s, d_s, full, empty, layer * 17280, it, pid, P, 17280, 3200, S2)
         it = _produce(q3, d3, q_s, d_s, full, empty, layer * 3200, it, pid, P, 3200, 8640, S3)
-
-
-@gluon.jit
-def _wait_product(sync_ptr, j, P, STRIDE: gl.constexpr = 1, BACKOFF: gl.constexpr = 0):
-    """Until every program's consumers have finished product j - 1 (P arrivals at sync word (j - 1) * STRIDE;
-    nothing to wait for at j = 0); acquire its writes. BACKOFF > 0: nanosleep between polls (fewer loads on the
-    word's L2 line while the arrivals come in)."""
-    if j > 0:
-        n = gl.load(sync_ptr + (j - 1) * STRIDE, volatile=True)
-        spins = 0
-        while (n < P) & (spins < 1 << 20):  # a lab guard: a broken barrier gives wrong numbers, not a hang
-            if BACKOFF > 0:
-                n = gl.inline_asm_elementwise(f"nanosleep.u32 {BACKOFF}; mov.b32 $0, $1;", "=r,r", [n], dtype=gl.int32,
-                                              is_pure=False, pack=1)  # fmt: skip
-            n = gl.load(sync_ptr + (j - 1) * STRIDE, volatile=True)
-            spins += 1
-        gl.atomic_add(sync_ptr + (j - 1) * STRIDE, 0, sem="acquire", scope="gpu")
 
 
 @gluon.jit

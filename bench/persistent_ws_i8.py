@@ -20,78 +20,22 @@ product (tests/test_llamacpp_reference.py measures what it does to logits).
 from __future__ import annotations
 
 import torch
-from persistent_ws import _wait_product
+from lorakit.kernels.decode_mega import (
+    GK,
+    SYNC_STRIDE,
+    XMAX,
+    _produce,
+    _tasks,
+    _wait_product,
+    pack_d,
+    pad_scales,
+    tile_q,
+)
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-GK: gl.constexpr = gl.constexpr(256)  # K per stage
-XMAX: gl.constexpr = gl.constexpr(16384)  # the longest activation row the shared buffers hold
-SYNC_STRIDE: gl.constexpr = gl.constexpr(32)  # int32 words between two products' arrival counters (128 bytes)
 RS: gl.constexpr = gl.constexpr(17280)  # y32's region stride: region 0 the chain's input, region j + 1 product j's
-
-
-@gluon.jit
-def _task(task, N: gl.constexpr, S: gl.constexpr, PER: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT_MAJOR: gl.constexpr):
-    """Task -> (row block, first stage). Row-major (a row block's S splits are consecutive tasks, so programs side by
-    side add into the same rows at the same time) or SPLIT_MAJOR (consecutive tasks are different row blocks)."""
-    if SPLIT_MAJOR:
-        NB: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-        return task % NB, (task // NB) * PER
-    return task // S, (task % S) * PER
-
-
-@gluon.jit
-def _produce(q_desc, qt_desc, d_desc, q_s, d_s, full, empty, layer, it, pid, P, N: gl.constexpr, K: gl.constexpr,
-             S: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr, SPLIT_MAJOR: gl.constexpr = False):  # fmt: skip
-    """The producer's share of one product: every stage (256 K) of every task of this program, into the ring.
-    Row-major W ([L * N, K]; q_desc boxes [BLOCK_N, BKB]): boxes past K come as zeros (TMA's out-of-bounds fill).
-    TILED W (tile_q: each [BLOCK_N, BKB] tile contiguous, a row block's tiles in K order): a stage's tiles are one
-    contiguous box (q_desc: [KSUB * BLOCK_N, BKB]); a last stage with fewer tiles takes them one by one (qt_desc) and
-    the consumers skip the rest. Scales: padded row-major ([L * N, 8 G]) or DPACK (pack_d: a stage's [BLOCK_N, 8]
-    contiguous)."""
-    BKB: gl.constexpr = q_desc.block_type.shape[1]
-    KSUB: gl.constexpr = GK // BKB
-    BLOCK_N: gl.constexpr = qt_desc.block_type.shape[0]
-    STAGES: gl.constexpr = full.shape[0]
-    STEPS: gl.constexpr = (K + GK - 1) // GK
-    PER: gl.constexpr = (STEPS + S - 1) // S
-    KC: gl.constexpr = (K + BKB - 1) // BKB  # tiles along K
-    LAST: gl.constexpr = KC - (STEPS - 1) * KSUB  # tiles in the last stage
-    NB: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-    DROWS: gl.constexpr = d_desc.block_type.shape[0]
-    FULL_BYTES: gl.constexpr = KSUB * qt_desc.block_type.nbytes + d_desc.block_type.nbytes
-    LAST_BYTES: gl.constexpr = LAST * qt_desc.block_type.nbytes + d_desc.block_type.nbytes
-    q_stage = q_s._reinterpret(gl.int8, [STAGES, KSUB * BLOCK_N, BKB], q_desc.layout)
-    for task in range(pid, NB * S, P):
-        rb, s0 = _task(task, N, S, PER, BLOCK_N, SPLIT_MAJOR)
-        s1 = gl.minimum(s0 + PER, STEPS)
-        for step in range(s0, s1):
-            st = it % STAGES
-            mbarrier.wait(empty.index(st), ((it // STAGES) & 1) ^ 1)
-            if TILED:
-                row = ((layer * NB + rb) * KC + step * KSUB) * BLOCK_N
-                part = (LAST < KSUB) & (step == STEPS - 1)
-                mbarrier.expect(full.index(st), FULL_BYTES, pred=not part)
-                mbarrier.expect(full.index(st), LAST_BYTES, pred=part)
-                tma.async_copy_global_to_shared(q_desc, [row, 0], full.index(st), q_stage.index(st), pred=not part)
-                for c in gl.static_range(LAST if LAST < KSUB else 0):
-                    tma.async_copy_global_to_shared(qt_desc, [row + c * BLOCK_N, 0], full.index(st),
-                                                    q_s.index(st * KSUB + c), pred=part)  # fmt: skip
-            else:
-                mbarrier.expect(full.index(st), FULL_BYTES)
-                for c in gl.static_range(KSUB):
-                    tma.async_copy_global_to_shared(qt_desc, [layer * N + rb * BLOCK_N, step * GK + c * BKB],
-                                                    full.index(st), q_s.index(st * KSUB + c))  # fmt: skip
-            if DPACK:
-                tma.async_copy_global_to_shared(d_desc, [((layer * NB + rb) * STEPS + step) * DROWS, 0],
-                                                full.index(st), d_s.index(st))  # fmt: skip
-            else:
-                tma.async_copy_global_to_shared(d_desc, [layer * N + rb * BLOCK_N, step * 8], full.index(st),
-                                                d_s.index(st))  # fmt: skip
-            it += 1
-    return it
 
 
 @gluon.jit
@@ -133,61 +77,6 @@ def _quantize_x(x_ptr, xq_s, dx_s, K: gl.constexpr, num_warps: gl.constexpr):
         q = gl.where(v < 0.0, -r, r).to(gl.int8)
         xq_s.slice(c * ROWS, ROWS).store(q)
         dx_s.slice(c * ROWS, ROWS).store(d.to(gl.float16).to(gl.float32))
-
-
-@gluon.jit
-def _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N: gl.constexpr, K: gl.constexpr, S: gl.constexpr,
-           BLOCK_N: gl.constexpr, PROBE: gl.constexpr, ADD: gl.constexpr, num_warps: gl.constexpr,
-           SPLIT_MAJOR: gl.constexpr = False):  # fmt: skip
-    """Tasks first, first + P, ... of the product y[:N] (+)= x[:K] @ W.T, x already quantized in xq_s / dx_s, W's
-    stages from the ring (full / empty, `it` the ring position): task = (row block, split of the K stages). A task adds
-    its split's sums atomically (fire and forget: no round trip per task; the order of a row's S additions varies, so
-    the fp32 sums may differ in the last bit between runs); with S == 1 it stores them, unless ADD (y += the product,
-    e.g. a residual). Returns the ring position."""
-    STAGES: gl.constexpr = full.shape[0]
-    STEPS: gl.constexpr = (K + GK - 1) // GK
-    PER: gl.constexpr = (STEPS + S - 1) // S
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
-    AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
-    BL: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
-    BKB: gl.constexpr = q_s.shape[2]
-    KSUB: gl.constexpr = GK // BKB
-    KC: gl.constexpr = (K + BKB - 1) // BKB
-    cols = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, BL)), 0)
-    blk = gl.expand_dims(gl.arange(0, BKB, layout=gl.SliceLayout(1, BL)) // 32, 1)  # a box row's block in the box
-    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-    flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-    xq_boxes = xq_s._reinterpret(gl.int8, [XMAX // BKB, BKB], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    dx_steps = dx_s._reinterpret(gl.float32, [XMAX // GK, 8], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    for task in range(first, ((N + BLOCK_N - 1) // BLOCK_N) * S, P):  # rows past N: never stored
-        rb, s0 = _task(task, N, S, PER, BLOCK_N, SPLIT_MAJOR)
-        s1 = gl.minimum(s0 + PER, STEPS)
-        acc = gl.zeros([BLOCK_N, 8], gl.float32, mma)
-        for step in range(s0, s1):
-            st = it % STAGES
-            mbarrier.wait(full.index(st), (it // STAGES) & 1)
-            isum = gl.zeros([BLOCK_N, 8], gl.int32, mma)
-            for c in gl.static_range(KSUB if PROBE % 2 == 0 else 0):  # probes 1, 3: the stream alone (wrong numbers)
-                if (KC % KSUB == 0) or (step * KSUB + c < KC):  # a box past K: zeros, or (TILED) not copied
-                    a = q_s.index(st * KSUB + c).load(AL)
-                    xv = xq_boxes.index(step * KSUB + c).load(gl.SliceLayout(1, BL))
-                    xb, sel = gl.broadcast(gl.expand_dims(xv, 1), cols == (BKB // 32) * c + blk)
-                    mask = gl.where(sel, -1, 0).to(gl.int8)
-                    b = gl.inline_asm_elementwise("and.b32 $0, $1, $2;", "=r,r,r", [xb, mask], dtype=gl.int8,
-                                                  is_pure=True, pack=4)  # one AND per register  # fmt: skip
-                    isum = mma_v2(a, b, isum)
-            dw = d_s.index(st)._reinterpret(gl.float16, [BLOCK_N, 8], flat).load(mma).to(gl.float32)
-            fence_async_shared()  # this thread's reads of the stage before the producer's TMA writes
-            async_copy.mbarrier_arrive(empty.index(st), increment_count=False)  # one arrival per consumer thread
-            dx = dx_steps.index(step).load(gl.SliceLayout(0, mma))
-            acc += isum.to(gl.float32) * dw * gl.expand_dims(dx, 0)
-            it += 1
-        rn = rb * BLOCK_N + rows
-        if ADD or S > 1:
-            gl.atomic_add(y_ptr + rn, gl.sum(acc, axis=1), mask=rn < N, sem="relaxed", scope="gpu")
-        else:
-            gl.store(y_ptr + rn, gl.sum(acc, axis=1), mask=rn < N)
-    return it
 
 
 @gluon.jit
@@ -264,35 +153,6 @@ def _chain_i8_kernel(y32_ptr, q0, q1, q2, q3, qt0, qt1, qt2, qt3, d0, d1, d2, d3
         [PRODUCER_REGS],
     )
     # fmt: on
-
-
-def pad_scales(d: torch.Tensor) -> torch.Tensor:
-    """d fp16 [rows, K / 32] -> [rows, 8 * ceil(K / 256)] with zeros past K: whole stages of 8 scales per row, so
-    that a stage's scales are one 16-byte TMA box row."""
-    rows, nb = d.shape
-    out = torch.zeros(rows, -(-nb // 8) * 8, dtype=d.dtype, device=d.device)
-    out[:, :nb] = d
-    return out
-
-
-def tile_q(qs: torch.Tensor, n: int, block_n: int, bkb: int) -> torch.Tensor:
-    """qs int8 [L * n, K] -> [L * (n / block_n) * KC * block_n, bkb]: every [block_n, bkb] tile contiguous, a row
-    block's KC = ceil(K / bkb) tiles in K order (K padded with zeros to KC * bkb)."""
-    rows, k = qs.shape
-    kc = -(-k // bkb)
-    pad = torch.zeros(rows, kc * bkb, dtype=qs.dtype, device=qs.device)
-    pad[:, :k] = qs
-    t = pad.view(rows // n, n // block_n, block_n, kc, bkb).permute(0, 1, 3, 2, 4).contiguous()
-    return t.view(-1, bkb)
-
-
-def pack_d(d: torch.Tensor, n: int, block_n: int) -> torch.Tensor:
-    """d fp16 [L * n, K / 32] -> [L * (n / block_n) * G * block_n * 8 / 256, 256]: a row block's [block_n, 8] scales of
-    each stage of 256 K (G = ceil(K / 256) stages, zeros past K) contiguous, in stage order."""
-    p = pad_scales(d)
-    rows, g8 = p.shape
-    t = p.view(rows // n, n // block_n, block_n, g8 // 8, 8).permute(0, 1, 3, 2, 4).contiguous()
-    return t.view(-1, 256)
 
 
 def prepare(ws, shapes, cfg: dict):

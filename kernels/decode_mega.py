@@ -1,0 +1,612 @@
+"""The decode megakernel: a whole q8_0 decode step of a llama model in one persistent launch (sm_90, Gluon), with
+llama.cpp's arithmetic for every q8_0 product (`lorakit predict --act-q8`'s spec, quant.q8_0_act_matmul: the input
+row quantized to q8_0 per 32-block by quant.quantize_act_q8_0, integer block sums, fp32 scaling).
+
+Why one launch: a decode step on the 3B shape is ~105 products and ~100 small ops; launched one by one (CUDA graph,
+programmatic dependent launches) each product pays ~7 us of fixed cost and the step stays near 40% of HBM
+(lorakit/decode.py). Here one program per SM runs the whole step:
+
+  * a producer warp streams every product's weight stages (256 K x 64 rows of int8, tile-major, one TMA box per
+    stage, and the stage's [64, 8] fp16 scales) into a shared-memory ring without waiting for any activation (a
+    weight does not depend on the previous product), so HBM keeps streaming across the step's phases;
+  * the consumer warps (4) take the SM's tasks of each product (row block x split of the K stages): the product's
+    input is quantized once per program into shared memory, each stage is one int8 tensor-core mma per 128-K box with
+    x's 32-blocks in the 8 columns of the B operand (column j holds block j's integer sum), y += isum * d_w * d_x;
+    a task adds its split's sums into fp32 outputs by fire-and-forget atomics;
+  * between products, phases wait on arrival counters (one release arrival per program, polled):
+
+    per layer l (phase c = 5 l):
+      c     q|k|v (packed) product: input RMSNorm(h) * attn_norm, formed by every program as it quantizes it
+      c + 1 attention, by H x SA programs (head, key split): RoPE (ggml mode 0) of q and the new k from the fp32
+            q|k|v sums, the new k and v rows into the KV cache (one program per kv head), online softmax over the
+            split's key blocks (the cache rows asked of L2 before the q|k|v wait), then a ticket from the head's
+            counter: the head's last split combines the SA partials into one fp32 row
+      c + 2 output product: input the heads' row; added into h (the residual)
+      c + 3 gate|up (packed) product: input RMSNorm(h) * ffn_norm
+      c + 4 down product: input silu(gate) * up; added into h
+    5 L   output product: input RMSNorm(h) * output_norm, into the logits
+
+h (fp32, the residual stream) starts as the token's embedding row; the q|k|v and gate|up sums (one region per
+layer) and the logits are sums of atomics and must be zero before the launch. Everything between the products is
+fp32 (llama.cpp's CPU build keeps activations in fp32 too); the cache keeps its dtype. The phase counters are
+zeroed by the last program out, so a launch leaves them as it found them; a wait that never completes (programs not
+co-resident) gives up after ~2^22 polls and sets the error word (sync[(5 L + 1) * SYNC_STRIDE]).
+
+Numerics: the same arithmetic as quant.q8_0_act_matmul up to the order of the fp32 sums (split-K atomics add in any
+order), and RMSNorm / SwiGLU / RoPE / softmax in fp32 in another order than torch; an activation that lands within
+an ulp of a quantization boundary can round the other way (one q step of one block), which the tests' bounds allow.
+
+Lab forms (bench/persistent_ws_i8.py, bench/decode_mega_lab.py) use _produce / _tasks with other layouts, PROBE
+(skip parts: wrong numbers, what they cost) and TRACE (global-timer stamps per phase).
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+
+GK: gl.constexpr = gl.constexpr(256)  # K per ring stage
+XMAX: gl.constexpr = gl.constexpr(16384)  # the longest input row the shared buffers hold
+SYNC_STRIDE: gl.constexpr = gl.constexpr(32)  # int32 words between two counters (128 bytes)
+BLOCK_D: gl.constexpr = gl.constexpr(128)  # a head's values in registers (D <= 128)
+MAX_SPINS: gl.constexpr = gl.constexpr(1 << 22)
+
+
+@gluon.jit
+def _wait_product(sync_ptr, j, P, STRIDE: gl.constexpr = 1, BACKOFF: gl.constexpr = 0):
+    """Until P arrivals at sync word (j - 1) * STRIDE (nothing to wait for at j = 0); acquire what they published.
+    BACKOFF > 0: nanosleep between polls. Gives up after MAX_SPINS polls (programs that are not all resident would
+    otherwise spin forever); returns the count last read (>= P unless it gave up)."""
+    n = P
+    if j > 0:
+        n = gl.load(sync_ptr + (j - 1) * STRIDE, volatile=True)
+        spins = 0
+        while (n < P) & (spins < MAX_SPINS):
+            if BACKOFF > 0:
+                n = gl.inline_asm_elementwise(f"nanosleep.u32 {BACKOFF}; mov.b32 $0, $1;", "=r,r", [n], dtype=gl.int32,
+                                              is_pure=False, pack=1)  # fmt: skip
+            n = gl.load(sync_ptr + (j - 1) * STRIDE, volatile=True)
+            spins += 1
+        gl.atomic_add(sync_ptr + (j - 1) * STRIDE, 0, sem="acquire", scope="gpu")
+    return n
+
+
+@gluon.jit
+def _produce(q_desc, qt_desc, d_desc, q_s, d_s, full, empty, layer, it, pid, P, N: gl.constexpr, K: gl.constexpr,
+             S: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr):  # fmt: skip
+    """The producer's share of one product: every stage (256 K) of every task of this program, into the ring.
+    Row-major W ([L * N, K]; q_desc boxes [BLOCK_N, BKB]): boxes past K come as zeros (TMA's out-of-bounds fill).
+    TILED W (tile_q: each [BLOCK_N, BKB] tile contiguous, a row block's tiles in K order): a stage's tiles are one
+    contiguous box (q_desc: [KSUB * BLOCK_N, BKB]); a last stage with fewer tiles takes them one by one (qt_desc) and
+    the consumers skip the rest. Scales: padded row-major ([L * N, 8 G]) or DPACK (pack_d: a stage's [BLOCK_N, 8]
+    contiguous)."""
+    BKB: gl.constexpr = q_desc.block_type.shape[1]
+    KSUB: gl.constexpr = GK // BKB
+    BLOCK_N: gl.constexpr = qt_desc.block_type.shape[0]
+    STAGES: gl.constexpr = full.shape[0]
+    STEPS: gl.constexpr = (K + GK - 1) // GK
+    PER: gl.constexpr = (STEPS + S - 1) // S
+    KC: gl.constexpr = (K + BKB - 1) // BKB  # tiles along K
+    LAST: gl.constexpr = KC - (STEPS - 1) * KSUB  # tiles in the last stage
+    NB: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    DROWS: gl.constexpr = d_desc.block_type.shape[0]
+    FULL_BYTES: gl.constexpr = KSUB * qt_desc.block_type.nbytes + d_desc.block_type.nbytes
+    LAST_BYTES: gl.constexpr = LAST * qt_desc.block_type.nbytes + d_desc.block_type.nbytes
+    q_stage = q_s._reinterpret(gl.int8, [STAGES, KSUB * BLOCK_N, BKB], q_desc.layout)
+    for task in range(pid, NB * S, P):
+        rb = task // S
+        s0 = (task % S) * PER
+        s1 = gl.minimum(s0 + PER, STEPS)
+        for step in range(s0, s1):
+            st = it % STAGES
+            mbarrier.wait(empty.index(st), ((it // STAGES) & 1) ^ 1)
+            if TILED:
+                row = ((layer * NB + rb) * KC + step * KSUB) * BLOCK_N
+                part = (LAST < KSUB) & (step == STEPS - 1)
+                mbarrier.expect(full.index(st), FULL_BYTES, pred=not part)
+                mbarrier.expect(full.index(st), LAST_BYTES, pred=part)
+                tma.async_copy_global_to_shared(q_desc, [row, 0], full.index(st), q_stage.index(st), pred=not part)
+                for c in gl.static_range(LAST if LAST < KSUB else 0):
+                    tma.async_copy_global_to_shared(qt_desc, [row + c * BLOCK_N, 0], full.index(st),
+                                                    q_s.index(st * KSUB + c), pred=part)  # fmt: skip
+            else:
+                mbarrier.expect(full.index(st), FULL_BYTES)
+                for c in gl.static_range(KSUB):
+                    tma.async_copy_global_to_shared(qt_desc, [layer * N + rb * BLOCK_N, step * GK + c * BKB],
+                                                    full.index(st), q_s.index(st * KSUB + c))  # fmt: skip
+            if DPACK:
+                tma.async_copy_global_to_shared(d_desc, [((layer * NB + rb) * STEPS + step) * DROWS, 0],
+                                                full.index(st), d_s.index(st))  # fmt: skip
+            else:
+                tma.async_copy_global_to_shared(d_desc, [layer * N + rb * BLOCK_N, step * 8], full.index(st),
+                                                d_s.index(st))  # fmt: skip
+            it += 1
+    return it
+
+
+@gluon.jit
+def _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N: gl.constexpr, K: gl.constexpr, S: gl.constexpr,
+           BLOCK_N: gl.constexpr, PROBE: gl.constexpr, ADD: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """Tasks first, first + P, ... of the product y[:N] (+)= x[:K] @ W.T, x already quantized in xq_s / dx_s, W's
+    stages from the ring (full / empty, `it` the ring position): task = (row block, split of the K stages). A task adds
+    its split's sums atomically (fire and forget: no round trip per task; the order of a row's S additions varies, so
+    the fp32 sums may differ in the last bit between runs); with S == 1 it stores them, unless ADD (y += the product,
+    e.g. a residual). PROBE 1: the stages consumed without their arithmetic (wrong numbers). Returns the ring
+    position."""
+    STAGES: gl.constexpr = full.shape[0]
+    STEPS: gl.constexpr = (K + GK - 1) // GK
+    PER: gl.constexpr = (STEPS + S - 1) // S
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
+    AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+    BL: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
+    BKB: gl.constexpr = q_s.shape[2]
+    KSUB: gl.constexpr = GK // BKB
+    KC: gl.constexpr = (K + BKB - 1) // BKB
+    cols = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, BL)), 0)
+    blk = gl.expand_dims(gl.arange(0, BKB, layout=gl.SliceLayout(1, BL)) // 32, 1)  # a box row's block in the box
+    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    xq_boxes = xq_s._reinterpret(gl.int8, [XMAX // BKB, BKB], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    dx_steps = dx_s._reinterpret(gl.float32, [XMAX // GK, 8], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    for task in range(first, ((N + BLOCK_N - 1) // BLOCK_N) * S, P):  # rows past N: never stored
+        rb = task // S
+        s0 = (task % S) * PER
+        s1 = gl.minimum(s0 + PER, STEPS)
+        acc = gl.zeros([BLOCK_N, 8], gl.float32, mma)
+        for step in range(s0, s1):
+            st = it % STAGES
+            mbarrier.wait(full.index(st), (it // STAGES) & 1)
+            isum = gl.zeros([BLOCK_N, 8], gl.int32, mma)
+            for c in gl.static_range(KSUB if PROBE % 2 == 0 else 0):
+                if (KC % KSUB == 0) or (step * KSUB + c < KC):  # a box past K: zeros, or (TILED) not copied
+                    a = q_s.index(st * KSUB + c).load(AL)
+                    xv = xq_boxes.index(step * KSUB + c).load(gl.SliceLayout(1, BL))
+                    xb, sel = gl.broadcast(gl.expand_dims(xv, 1), cols == (BKB // 32) * c + blk)
+                    mask = gl.where(sel, -1, 0).to(gl.int8)
+                    b = gl.inline_asm_elementwise("and.b32 $0, $1, $2;", "=r,r,r", [xb, mask], dtype=gl.int8,
+                                                  is_pure=True, pack=4)  # one AND per register  # fmt: skip
+                    isum = mma_v2(a, b, isum)
+            dw = d_s.index(st)._reinterpret(gl.float16, [BLOCK_N, 8], flat).load(mma).to(gl.float32)
+            fence_async_shared()  # this thread's reads of the stage before the producer's TMA writes
+            async_copy.mbarrier_arrive(empty.index(st), increment_count=False)  # one arrival per consumer thread
+            dx = dx_steps.index(step).load(gl.SliceLayout(0, mma))
+            acc += isum.to(gl.float32) * dw * gl.expand_dims(dx, 0)
+            it += 1
+        rn = rb * BLOCK_N + rows
+        if ADD or S > 1:
+            gl.atomic_add(y_ptr + rn, gl.sum(acc, axis=1), mask=rn < N, sem="relaxed", scope="gpu")
+        else:
+            gl.store(y_ptr + rn, gl.sum(acc, axis=1), mask=rn < N)
+    return it
+
+
+# -- the inputs of the products: formed and quantized once per program ---------------------------------------------
+
+
+@gluon.jit
+def _rint(v):
+    return gl.inline_asm_elementwise("cvt.rni.f32.f32 $0, $1;", "=f,f", [v], dtype=gl.float32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _put_q8(x, c, xq_s, dx_s, ROWS: gl.constexpr):
+    """Chunk c of the input ([ROWS, 32] fp32, zeros past K) quantized as quant.quantize_act_q8_0 (q = round half to
+    even of x * (127 / amax), scale fp16(amax / 127)) into xq_s / dx_s."""
+    amax = gl.max(gl.abs(x), axis=1)
+    inv = gl.where(amax > 0.0, gl.div_rn(gl.full_like(amax, 127.0), amax), gl.zeros_like(amax))
+    q = _rint(x * gl.expand_dims(inv, 1)).to(gl.int8)
+    xq_s.slice(c * ROWS, ROWS).store(q)
+    dx_s.slice(c * ROWS, ROWS).store(gl.div_rn(amax, gl.full_like(amax, 127.0)).to(gl.float16).to(gl.float32))
+
+
+@gluon.jit
+def _chunk_offsets(c, ROWS: gl.constexpr, XB: gl.constexpr):
+    blk = c * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, XB))
+    return gl.expand_dims(blk * 32, 1) + gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, XB)), 0)
+
+
+@gluon.jit
+def _quantize_norm(h_ptr, g_ptr, eps, xq_s, dx_s, K: gl.constexpr, num_warps: gl.constexpr):
+    """RMSNorm(h[:K]) * g, quantized: h * (1 / sqrt(mean(h^2) + eps)) * g in fp32 (h read past L1: other SMs add
+    into it)."""
+    XB: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
+    ROWS: gl.constexpr = 8 * num_warps * 4  # blocks per chunk
+    CH: gl.constexpr = (K + ROWS * 32 - 1) // (ROWS * 32)
+    if CH == 1:  # the row in registers: one read of h
+        offs = _chunk_offsets(0, ROWS, XB)
+        x = gl.load(h_ptr + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
+        r = 1.0 / gl.sqrt_rn(gl.sum(gl.sum(x * x, axis=1), axis=0) / K + eps)
+        _put_q8(x * r * gl.load(g_ptr + offs, mask=offs < K, other=0.0), 0, xq_s, dx_s, ROWS)
+    else:
+        ss = 0.0
+        for c in gl.static_range(CH):
+            offs = _chunk_offsets(c, ROWS, XB)
+            x = gl.load(h_ptr + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
+            ss += gl.sum(gl.sum(x * x, axis=1), axis=0)
+        r = 1.0 / gl.sqrt_rn(ss / K + eps)
+        for c in gl.static_range(CH):
+            offs = _chunk_offsets(c, ROWS, XB)
+            x = gl.load(h_ptr + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
+            _put_q8(x * r * gl.load(g_ptr + offs, mask=offs < K, other=0.0), c, xq_s, dx_s, ROWS)
+
+
+@gluon.jit
+def _quantize_swiglu(gu_ptr, xq_s, dx_s, K: gl.constexpr, num_warps: gl.constexpr):
+    """silu(gate) * up of the packed [gate | up] sums (K each), quantized."""
+    XB: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
+    ROWS: gl.constexpr = 8 * num_warps * 4
+    for c in gl.static_range((K + ROWS * 32 - 1) // (ROWS * 32)):
+        offs = _chunk_offsets(c, ROWS, XB)
+        g = gl.load(gu_ptr + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
+        u = gl.load(gu_ptr + K + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
+        _put_q8(g / (1.0 + gl.exp(-g)) * u, c, xq_s, dx_s, ROWS)
+
+
+@gluon.jit
+def _quantize_row(x_ptr, xq_s, dx_s, K: gl.constexpr, num_warps: gl.constexpr):
+    """x_ptr[:K] (fp32, read past L1), quantized."""
+    XB: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
+    ROWS: gl.constexpr = 8 * num_warps * 4
+    for c in gl.static_range((K + ROWS * 32 - 1) // (ROWS * 32)):
+        offs = _chunk_offsets(c, ROWS, XB)
+        _put_q8(gl.load(x_ptr + offs, mask=offs < K, other=0.0, cache_modifier=".cg"), c, xq_s, dx_s, ROWS)
+
+
+# -- attention ----------------------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _rope(src, d, md, c, sn):
+    """One head at src (fp32, read past L1), its pairs (x[2i], x[2i + 1]) turned by (c, sn)[i] (ggml RoPE mode 0),
+    element by element: even d: x c - x' s, odd d: x' s + x c, x' the pair's other value."""
+    x = gl.load(src + d, mask=md, other=0.0, cache_modifier=".cg")
+    xp = gl.load(src + (d ^ 1), mask=md, other=0.0, cache_modifier=".cg")
+    return gl.where(d % 2 == 0, x * c - xp * sn, xp * sn + x * c)
+
+
+@gluon.jit
+def _prefetch_kv(kc_ptr, vc_ptr, pos, n_ctx, s, D: gl.constexpr, SA: gl.constexpr, BLOCK_T: gl.constexpr,
+                 num_warps: gl.constexpr):  # fmt: skip
+    """Ask L2 for the cache rows 0..pos - 1 of a kv head's key split s (kc_ptr / vc_ptr: the head's rows): they do
+    not depend on this token, so their latency can pass while the q|k|v product finishes. One prefetch per 96 bytes
+    of a row (every 128-byte line the row touches)."""
+    PL: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [num_warps, 1], [1, 0])
+    STEP: gl.constexpr = 768 // kc_ptr.dtype.element_ty.primitive_bitwidth  # 96 bytes
+    part = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, PL)) * STEP, 0)
+    for t0 in range(s * BLOCK_T, pos, SA * BLOCK_T):
+        t = gl.expand_dims(t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, PL)), 1)
+        ok = (t < pos) & (part < D)
+        off = t * D + gl.minimum(part, D - 1)
+        for base in gl.static_range(2):
+            ptr = (kc_ptr if base == 0 else vc_ptr) + off
+            gl.inline_asm_elementwise("@$2 prefetch.global.L2 [$1];\n    mov.u32 $0, 0;", "=r,l,b", [ptr, ok],
+                                      dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _attention(qkv_ptr, ws_ptr, cnt_ptr, attn_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos, n_ctx, qk_scale, hd, kv, s,
+               H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr, SA: gl.constexpr, BLOCK_T: gl.constexpr,
+               num_warps: gl.constexpr):  # fmt: skip
+    """Head hd (kv head kv; kc_ptr / vc_ptr its cache rows), key split s (key blocks s, s + SA, ... of BLOCK_T keys
+    among 0..pos): q and the new k rotated, the new k and v rounded to the cache's dtype (the first program of the kv
+    head's first split writes them to row pos; the row's key comes from registers), scores q.k * qk_scale (log2
+    units), online softmax; with SA > 1 the partial (acc[D], m, l) into ws[hd, s], then a ticket from the head's
+    counter (acq_rel): the head's last split combines the partials (o = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m)
+    l_s) into attn[hd * D:][:D] and resets the counter. Returns whether this program wrote the head's output."""
+    AL: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [num_warps, 1], [1, 0])
+    cdt: gl.constexpr = kc_ptr.dtype.element_ty
+    d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, AL))
+    md = d < D
+    c = gl.load(cos_ptr + pos * (D // 2) + d // 2, mask=md, other=0.0)
+    sn = gl.load(sin_ptr + pos * (D // 2) + d // 2, mask=md, other=0.0)
+    q = _rope(qkv_ptr + hd * D, d, md, c, sn)
+    k_new = _rope(qkv_ptr + (H + kv) * D, d, md, c, sn).to(cdt)
+    v_new = gl.load(qkv_ptr + (H + HKV + kv) * D + d, mask=md, other=0.0, cache_modifier=".cg").to(cdt)
+    if (s == 0) & (hd % (H // HKV) == 0):
+        gl.store(kc_ptr + pos * D + d, k_new, mask=md)
+        gl.store(vc_ptr + pos * D + d, v_new, mask=md)
+    kn = gl.expand_dims(k_new.to(gl.float32), 0)
+    vn = gl.expand_dims(v_new.to(gl.float32), 0)
+    qe = gl.expand_dims(q, 0)
+    n = pos + 1
+    m_i = gl.max(gl.full_like(q, float("-inf")), axis=0)
+    l_i = gl.sum(gl.zeros_like(q), axis=0)
+    acc = gl.zeros_like(q)
+    for t0 in range(s * BLOCK_T, n, SA * BLOCK_T):
+        t = t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, AL))
+        tile = gl.expand_dims(t < n, 1) & gl.expand_dims(md, 0)
+        rows = gl.expand_dims(t * D, 1) + gl.expand_dims(d, 0)
+        new = gl.expand_dims(t == pos, 1)
+        kt = gl.where(new, kn, gl.load(kc_ptr + rows, mask=tile, other=0.0).to(gl.float32))
+        vt = gl.where(new, vn, gl.load(vc_ptr + rows, mask=tile, other=0.0).to(gl.float32))
+        sc = gl.where(t < n, gl.sum(kt * qe, axis=1) * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(sc, axis=0))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(sc - m_new)
+        l_i = l_i * alpha + gl.sum(p, axis=0)
+        acc = acc * alpha + gl.sum(gl.expand_dims(p, 1) * vt, axis=0)
+        m_i = m_new
+    last = True
+    if SA == 1:
+        gl.store(attn_ptr + hd * D + d, gl.div_rn(acc, l_i + gl.zeros_like(acc)), mask=md)
+    else:
+        row = ws_ptr + (hd * SA + s) * (D + 2)
+        gl.store(row + d, acc, mask=md)
+        gl.store(row + D + d, gl.where(d == 0, m_i, l_i) + gl.zeros_like(acc), mask=d < 2)
+        gl.thread_barrier()  # every thread's partial stores precede the ticket (the atomic's release)
+        last = gl.atomic_add(cnt_ptr + hd, 1, sem="acq_rel", scope="gpu") == SA - 1
+        if last:  # the head's last split combines the SA partials (a fixed order, whichever split comes last)
+            sp = gl.arange(0, SA, layout=gl.SliceLayout(1, AL))
+            rows = ws_ptr + (hd * SA + gl.expand_dims(sp, 1)) * (D + 2)
+            m_s = gl.load(ws_ptr + (hd * SA + sp) * (D + 2) + D, cache_modifier=".cg")
+            l_s = gl.load(ws_ptr + (hd * SA + sp) * (D + 2) + D + 1, cache_modifier=".cg")
+            a_s = gl.load(rows + gl.expand_dims(d, 0), mask=gl.expand_dims(md, 0), other=0.0, cache_modifier=".cg")
+            w = gl.exp2(m_s - gl.max(m_s, axis=0))  # 0 for an empty split (m = -inf)
+            o = gl.sum(a_s * gl.expand_dims(w, 1), axis=0)
+            gl.store(attn_ptr + hd * D + d, gl.div_rn(o, gl.sum(l_s * w, axis=0) + gl.zeros_like(o)), mask=md)
+            gl.atomic_xchg(cnt_ptr + hd, 0, sem="relaxed", scope="gpu")  # ready for the next layer
+    return last
+
+
+# -- phases ---------------------------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _stamp(trace_ptr, pid, k, TRACE: gl.constexpr):
+    """TRACE: the global timer (ns) at event k of this program into trace_ptr[k] (the program's row)."""
+    if TRACE:
+        t = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [pid], dtype=gl.int64, is_pure=False,
+                                      pack=1)  # fmt: skip
+        gl.store(trace_ptr + k, t)
+
+
+@gluon.jit
+def _arrive(sync_ptr, phase):
+    gl.thread_barrier()  # every consumer warp's stores / additions precede the arrival
+    gl.atomic_add(sync_ptr + phase * SYNC_STRIDE, 1, sem="release", scope="gpu")
+
+
+@gluon.jit
+def _wait(sync_ptr, err_ptr, phase, count, PROBE: gl.constexpr):
+    """Until `count` arrivals at `phase`; then every consumer warp may read what they published. A wait that gives up
+    sets the error word. PROBE 4: no waits (wrong numbers: what the waits cost)."""
+    if (PROBE // 4) % 2 == 0:
+        if _wait_product(sync_ptr + phase * SYNC_STRIDE, 1, count) < count:
+            gl.atomic_xchg(err_ptr, 1, sem="relaxed", scope="gpu")
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr, g_ptr,
+              xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale, S: gl.constexpr, E: gl.constexpr,
+              F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr,
+              SA: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, ROT: gl.constexpr, PROBE: gl.constexpr,
+              trace_ptr, TRACE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    pid = gl.program_id(0)
+    P = gl.num_programs(0)
+    pos = gl.load(pos_ptr)
+    tr = trace_ptr + pid * (12 * L + 2)
+    err = sync_ptr + (5 * L + 1) * SYNC_STRIDE
+    TP: gl.constexpr = 1 if (PROBE // 8) % 2 == 1 else 0  # probe 8: the tasks without their arithmetic
+    NQ: gl.constexpr = (H + 2 * HKV) * D
+    RSL: gl.constexpr = NQ + 2 * F  # a layer's fp32 region: q|k|v sums, then gate|up sums
+    G: gl.constexpr = H // HKV
+    it = 0
+    for layer in range(L):
+        c = layer * 5
+        y_l = y32_ptr + layer.to(gl.int64) * RSL
+        if layer > 0:
+            _wait(sync_ptr, err, c - 1, P, PROBE)
+        _stamp(tr, pid, 12 * layer, TRACE)
+        _quantize_norm(h_ptr, g_ptr + (2 * layer) * E, eps, xq_s, dx_s, E, num_warps)
+        gl.thread_barrier()
+        it = _tasks(y_l, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + c * ROT) % P, P, NQ, E, S[0], BLOCK_N, TP,
+                    False, num_warps)  # fmt: skip
+        _stamp(tr, pid, 12 * layer + 1, TRACE)
+        _arrive(sync_ptr, c)
+        _stamp(tr, pid, 12 * layer + 10, TRACE)
+        if pid < H * SA:
+            hd = pid // SA
+            kc = cache_ptr + ((layer * 2 * HKV + hd // G).to(gl.int64) * n_ctx) * D  # the kv head's k rows
+            vc = kc + (HKV * n_ctx) * D
+            _prefetch_kv(kc, vc, pos, n_ctx, pid % SA, D, SA, BLOCK_T, num_warps)
+            _stamp(tr, pid, 12 * layer + 11, TRACE)
+            _wait(sync_ptr, err, c, P, PROBE)
+            _stamp(tr, pid, 12 * layer + 2, TRACE)
+            if PROBE % 2 == 0:  # probe 1: no attention (wrong numbers)
+                if _attention(y_l, ws_ptr, cnt_ptr, attn_ptr, kc, vc, cos_ptr, sin_ptr, pos, n_ctx, qk_scale, hd,
+                              hd // G, pid % SA, H, HKV, D, SA, BLOCK_T, num_warps):  # fmt: skip
+                    _stamp(tr, pid, 12 * layer + 3, TRACE)
+                    _arrive(sync_ptr, c + 1)
+            elif pid % SA == 0:
+                _arrive(sync_ptr, c + 1)
+        _wait(sync_ptr, err, c + 1, H, PROBE)  # every head's output written
+        _stamp(tr, pid, 12 * layer + 4, TRACE)
+        _quantize_row(attn_ptr, xq_s, dx_s, H * D, num_warps)
+        gl.thread_barrier()
+        it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 2) * ROT) % P, P, E, H * D, S[1],
+                    BLOCK_N, TP, True, num_warps)  # fmt: skip
+        _stamp(tr, pid, 12 * layer + 5, TRACE)
+        _arrive(sync_ptr, c + 2)
+        _wait(sync_ptr, err, c + 2, P, PROBE)
+        _stamp(tr, pid, 12 * layer + 6, TRACE)
+        _quantize_norm(h_ptr, g_ptr + (2 * layer + 1) * E, eps, xq_s, dx_s, E, num_warps)
+        gl.thread_barrier()
+        it = _tasks(y_l + NQ, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 3) * ROT) % P, P, 2 * F, E, S[2],
+                    BLOCK_N, TP, False, num_warps)  # fmt: skip
+        _stamp(tr, pid, 12 * layer + 7, TRACE)
+        _arrive(sync_ptr, c + 3)
+        _wait(sync_ptr, err, c + 3, P, PROBE)
+        _stamp(tr, pid, 12 * layer + 8, TRACE)
+        _quantize_swiglu(y_l + NQ, xq_s, dx_s, F, num_warps)
+        gl.thread_barrier()
+        it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 4) * ROT) % P, P, E, F, S[3], BLOCK_N,
+                    TP, True, num_warps)  # fmt: skip
+        _stamp(tr, pid, 12 * layer + 9, TRACE)
+        _arrive(sync_ptr, c + 4)
+    _wait(sync_ptr, err, 5 * L - 1, P, PROBE)
+    _stamp(tr, pid, 12 * L, TRACE)
+    _quantize_norm(h_ptr, g_ptr + (2 * L) * E, eps, xq_s, dx_s, E, num_warps)
+    gl.thread_barrier()
+    _tasks(logits_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + 5 * L * ROT) % P, P, V, E, S[4], BLOCK_N, TP,
+           False, num_warps)  # fmt: skip
+    _stamp(tr, pid, 12 * L + 1, TRACE)
+    # the last program out zeroes the phase counters for the next launch (every program has passed every wait)
+    gl.thread_barrier()
+    if gl.atomic_add(sync_ptr + 5 * L * SYNC_STRIDE, 1, sem="acq_rel", scope="gpu") == P - 1:
+        offs = gl.arange(0, 1024, layout=gl.BlockedLayout([8], [32], [num_warps], [0]))
+        gl.store(sync_ptr + offs * SYNC_STRIDE, gl.zeros_like(offs), mask=offs <= 5 * L)
+
+
+@gluon.jit
+def _producer(q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty, L,
+              S: gl.constexpr, E: gl.constexpr, F: gl.constexpr, V: gl.constexpr, H: gl.constexpr,
+              HKV: gl.constexpr, D: gl.constexpr, ROT: gl.constexpr):  # fmt: skip
+    """pid's tasks of every product, in the consumers' order (the attention phases take no weights)."""
+    pid = gl.program_id(0)
+    P = gl.num_programs(0)
+    NQ: gl.constexpr = (H + 2 * HKV) * D
+    it = 0
+    for layer in range(L):
+        c = layer * 5
+        it = _produce(q0, qt0, d0, q_s, d_s, full, empty, layer, it, (pid + c * ROT) % P, P, NQ, E, S[0], True,
+                      True)  # fmt: skip
+        it = _produce(q1, qt1, d1, q_s, d_s, full, empty, layer, it, (pid + (c + 2) * ROT) % P, P, E, H * D, S[1],
+                      True, True)  # fmt: skip
+        it = _produce(q2, qt2, d2, q_s, d_s, full, empty, layer, it, (pid + (c + 3) * ROT) % P, P, 2 * F, E, S[2],
+                      True, True)  # fmt: skip
+        it = _produce(q3, qt3, d3, q_s, d_s, full, empty, layer, it, (pid + (c + 4) * ROT) % P, P, E, F, S[3], True,
+                      True)  # fmt: skip
+    _produce(q4, qt4, d4, q_s, d_s, full, empty, 0, it, (pid + 5 * L * ROT) % P, P, V, E, S[4], True, True)
+
+
+@gluon.jit
+def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr,
+                        g_ptr, q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, sync_ptr, L, n_ctx,
+                        eps, qk_scale, S: gl.constexpr, E: gl.constexpr, F: gl.constexpr, V: gl.constexpr,
+                        H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr, SA: gl.constexpr,
+                        BLOCK_T: gl.constexpr, STAGES: gl.constexpr, ROT: gl.constexpr, PROBE: gl.constexpr,
+                        trace_ptr, TRACE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
+    gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
+    BKB: gl.constexpr = q0.block_type.shape[1]
+    q_s = gl.allocate_shared_memory(gl.int8, [STAGES * (GK // BKB), BLOCK_N, BKB], qt0.layout)
+    d_s = gl.allocate_shared_memory(gl.float16, [STAGES] + d0.block_type.shape, d0.layout)
+    xq_s = gl.allocate_shared_memory(gl.int8, [XMAX // 32, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    dx_s = gl.allocate_shared_memory(gl.float32, [XMAX // 32], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(full.index(i), count=1)
+        mbarrier.init(empty.index(i), count=32 * num_warps)
+    # fmt: off
+    gl.warp_specialize(
+        [
+            (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr,
+                         g_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale, S, E, F, V, H,
+                         HKV, D, SA, BLOCK_T, BLOCK_N, ROT, PROBE, trace_ptr, TRACE, num_warps)),
+            (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty, L, S,
+                         E, F, V, H, HKV, D, ROT)),
+        ],
+        [1],
+        [48],
+    )
+    # fmt: on
+
+
+# -- host side ------------------------------------------------------------------------------------------------------
+
+WARPS = 4  # consumer warps: BLOCK_N = 64 rows of W per task
+BLOCK_N_ROWS = 16 * WARPS
+BKB = 128  # K per TMA tile (a stage: two tiles)
+STAGES = 8
+BLOCK_T = 64  # keys per attention block
+ROT = 37  # product j's tasks start at program (pid + j ROT) % P: the programs with one task more change per product
+
+
+def pad_scales(d: torch.Tensor) -> torch.Tensor:
+    """d fp16 [rows, K / 32] -> [rows, 8 * ceil(K / 256)] with zeros past K: whole stages of 8 scales per row, so
+    that a stage's scales are one 16-byte TMA box row."""
+    rows, nb = d.shape
+    out = torch.zeros(rows, -(-nb // 8) * 8, dtype=d.dtype, device=d.device)
+    out[:, :nb] = d
+    return out
+
+
+def _pad_rows(t: torch.Tensor, n: int, block_n: int) -> torch.Tensor:
+    """[L * n, C] -> [L, ceil(n / block_n) * block_n, C], zero rows after each layer's n."""
+    rows, cols = t.shape
+    layers = rows // n
+    nb = -(-n // block_n) * block_n
+    if nb == n:
+        return t.view(layers, n, cols)
+    out = torch.zeros(layers, nb, cols, dtype=t.dtype, device=t.device)
+    out[:, :n] = t.view(layers, n, cols)
+    return out
+
+
+def tile_q(qs: torch.Tensor, n: int, block_n: int, bkb: int) -> torch.Tensor:
+    """qs int8 [L * n, K] -> [L * NB * KC * block_n, bkb]: every [block_n, bkb] tile contiguous, a row block's
+    KC = ceil(K / bkb) tiles in K order (K padded with zeros to KC * bkb, rows to NB = ceil(n / block_n) blocks)."""
+    k = qs.shape[1]
+    kc = -(-k // bkb)
+    t = _pad_rows(qs, n, block_n)
+    pad = torch.zeros(*t.shape[:2], kc * bkb, dtype=qs.dtype, device=qs.device)
+    pad[..., :k] = t
+    layers, nbn = t.shape[:2]
+    t = pad.view(layers, nbn // block_n, block_n, kc, bkb).permute(0, 1, 3, 2, 4).contiguous()
+    return t.view(-1, bkb)
+
+
+def pack_d(d: torch.Tensor, n: int, block_n: int) -> torch.Tensor:
+    """d fp16 [L * n, K / 32] -> [L * NB * G * block_n * 8 / 256, 256]: a row block's [block_n, 8] scales of each
+    stage of 256 K (G = ceil(K / 256) stages, zeros past K and past n) contiguous, in stage order."""
+    p = _pad_rows(pad_scales(d), n, block_n)
+    layers, nbn, g8 = p.shape
+    t = p.view(layers, nbn // block_n, block_n, g8 // 8, 8).permute(0, 1, 3, 2, 4).contiguous()
+    return t.view(-1, 256)
+
+
+def splits(n: int, k: int, programs: int) -> int:
+    """A product's splits of its K stages: one stage per task, two where the product has fewer row blocks than half
+    the programs (bench/results/h200_session17: 13 / 7 / 13 / 17 / 13 for the 3B step's q|k|v, output, gate|up, down,
+    vocabulary products)."""
+    steps = -(-k // 256)
+    per = 2 if -(-n // BLOCK_N_ROWS) < programs / 2 else 1
+    return -(-steps // per)
+
+
+def descriptors(weights):
+    """TMA descriptors of weights [(q tile_q'd, d pack_d'd)] per product kind: (stage boxes, tile boxes, scale
+    boxes)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    qlay = gl.NVMMASharedLayout.get_default_for([BLOCK_N_ROWS, BKB], gl.int8)
+    flat16 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
+    qd = [TensorDescriptor.from_tensor(q, [BLOCK_N_ROWS * 256 // BKB, BKB], qlay) for q, _ in weights]
+    qt = [TensorDescriptor.from_tensor(q, [BLOCK_N_ROWS, BKB], qlay) for q, _ in weights]
+    dd = [TensorDescriptor.from_tensor(d, [BLOCK_N_ROWS * 8 // 256, 256], flat16) for _, d in weights]
+    return qd, qt, dd
+
+
+def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) -> None:
+    """One launch. dims: L, E, F, V, H, HKV, D, eps, S (splits per product kind), SA (key splits per head); labs may
+    set BLOCK_T, STAGES, ROT too. bufs: h
+    (fp32 [E], the embedding row), y32 (fp32 [L, (H + 2 HKV) D + 2 F], zeros), logits (fp32 [V], zeros), ws (fp32
+    [H, SA, D + 2]), cnt (int32 [H] zeros; left zero), attn (fp32 [H D]), cache (the KV cache buffer [L, 2 HKV, n_ctx,
+    D], each layer's v heads after its k heads), cos / sin (fp32 [n_ctx, D / 2]), pos (int32 [1]), gains (fp32
+    [2 L + 1, E]: attn_norm, ffn_norm per layer, output_norm), sync (int32 zeros [(5 L + 2) * SYNC_STRIDE]; its
+    error word set if a wait gave up); optional trace (int64 [programs, 12 L + 2], TRACE stamps)."""
+    qd, qt, dd = descs
+    trace = bufs.get("trace")
+    _decode_step_kernel[(programs,)](
+        bufs["h"], bufs["y32"], bufs["logits"], bufs["ws"], bufs["cnt"], bufs["attn"], bufs["cache"], bufs["cos"],
+        bufs["sin"], bufs["pos"], bufs["gains"], *qd, *qt, *dd, bufs["sync"], dims["L"], bufs["cache"].shape[-2],
+        dims["eps"], 1.4426950408889634 / dims["D"] ** 0.5, S=tuple(dims["S"]), E=dims["E"], F=dims["F"],
+        V=dims["V"], H=dims["H"], HKV=dims["HKV"], D=dims["D"], SA=dims["SA"], BLOCK_T=dims.get("BLOCK_T", BLOCK_T),
+        STAGES=dims.get("STAGES", STAGES), ROT=dims.get("ROT", ROT), PROBE=probe,
+        trace_ptr=bufs["sync"] if trace is None else trace, TRACE=trace is not None, num_warps=WARPS,
+    )  # fmt: skip
