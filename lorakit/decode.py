@@ -75,11 +75,8 @@ class GraphDecoder:
         device_draw: bool = False,
         prefetch: PrefetchPlan | None = None,
     ):
-        if device_draw and (sampler is None or greedy):
-            raise ValueError("device_draw needs a sampler (and greedy=False)")
-        self.model, self.backend, self.cache, self.dtype = model, backend, cache, dtype
-        self.greedy, self.sampler, self.device_draw = greedy, sampler, device_draw
-        self.picks = None  # with a sampler: generate.survivors of the last step's logits
+        self._init_loop(model, cache, use_graph, greedy, sampler, device_draw)
+        self.backend, self.dtype = backend, dtype
         self.cos_table, self.sin_table = rope
         self.linear, norm, self.embed = model_fns(model, backend, adapters, dtype)
         dev = cache.k[0].device
@@ -110,15 +107,25 @@ class GraphDecoder:
         order.append(self._weight("output.weight"))
         p = default_prefetch(dev) if prefetch is None else prefetch
         self.hints = [None] + [backend.prefetch_hint(w, 0, p.tail, p.kind) for w in order[1:]]
+        # attention's split counters, zero between launches (each launch leaves them zero): one buffer for
+        # all layers instead of a memset per layer and token
+        self.counters = torch.zeros(args.n_head, dtype=torch.int32, device=dev)
+
+    def _init_loop(self, model: LlamaModel, cache: KVCache, use_graph: bool, greedy: bool,
+                   sampler: SamplingParams | None, device_draw: bool) -> None:  # fmt: skip
+        """The state of the step loop (token, position, sampler, graph) that every decoder shares."""
+        if device_draw and (sampler is None or greedy):
+            raise ValueError("device_draw needs a sampler (and greedy=False)")
+        self.model, self.cache = model, cache
+        self.greedy, self.sampler, self.device_draw = greedy, sampler, device_draw
+        self.picks = None  # with a sampler: generate.survivors of the last step's logits
+        dev = cache.k[0].device
         self.tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         # device_draw: one uniform per step (tokens() fills them from the generation's seeded generator), and the
         # index of the next one
         self.uniforms = torch.zeros(cache.k[0].shape[2] if device_draw else 1, device=dev)
         self.nth = torch.zeros(1, dtype=torch.long, device=dev)
-        # attention's split counters, zero between launches (each launch leaves them zero): one buffer for
-        # all layers instead of a memset per layer and token
-        self.counters = torch.zeros(args.n_head, dtype=torch.int32, device=dev)
         self.graph = None
         self.use_graph = use_graph and dev.type == "cuda"
         self.out = None
@@ -139,6 +146,24 @@ class GraphDecoder:
         return torch.cat(self.linear(x, f"blk.{i}.{kind}"), dim=-1)  # the members one by one
 
     def _step(self) -> torch.Tensor:
+        """The step's logits (_forward), then what the loop takes from them on the device: the sampler's survivors,
+        and the next token and position (greedy, or drawn with the step's uniform)."""
+        logits = self._forward()
+        if self.sampler is not None:  # the sampler's device stages: only their survivors go to the host
+            self.picks = survivors(logits, self.sampler)
+        nxt = None
+        if self.greedy:
+            nxt = torch.argmax(logits)
+        elif self.device_draw:  # ... or the draw too, with the step's uniform
+            nxt = pick(self.picks, self.sampler.temp, self.uniforms.index_select(0, self.nth)[0])
+            self.nth.add_(1)
+        if nxt is not None:  # the next step's token and position, formed on the device
+            self.tok.copy_(nxt.view(1, 1))
+            self.pos.add_(1)
+        return logits
+
+    def _forward(self) -> torch.Tensor:
+        """Logits [V] (float32) of self.tok at self.pos; writes the cache row."""
         args, be, cache = self.model.args, self.backend, self.cache
         eps = args.norm_eps
         hints = self.hints  # [product]: the prefetch hint for it, carried by the product before it
@@ -156,19 +181,7 @@ class GraphDecoder:
             act = be.silu_mul_fwd(*gu.chunk(2, dim=-1))  # SwiGLU on the two views of the packed output
             delta = be.lora_linear(act, *self.products[f"blk.{i}.ffn_down.weight"], prefetch=hints[p + 4])
         _, h = be.add_rms_norm(h, delta, self.norms["output_norm.weight"], eps)
-        logits = be.lora_linear(h, *self.products["output.weight"])[0, -1].float()
-        if self.sampler is not None:  # the sampler's device stages: only their survivors go to the host
-            self.picks = survivors(logits, self.sampler)
-        nxt = None
-        if self.greedy:
-            nxt = torch.argmax(logits)
-        elif self.device_draw:  # ... or the draw too, with the step's uniform
-            nxt = pick(self.picks, self.sampler.temp, self.uniforms.index_select(0, self.nth)[0])
-            self.nth.add_(1)
-        if nxt is not None:  # the next step's token and position, formed on the device
-            self.tok.copy_(nxt.view(1, 1))
-            self.pos.add_(1)
-        return logits
+        return be.lora_linear(h, *self.products["output.weight"])[0, -1].float()
 
     def _run(self) -> torch.Tensor:
         """One step with the token and position already in self.tok / self.pos."""

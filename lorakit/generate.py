@@ -119,7 +119,9 @@ class Generator:
         dtype: torch.dtype = torch.float32,
         act_q8: bool = False,
     ):
-        """act_q8: llama.cpp's arithmetic for q8_0 products (backends.act_q8; eager steps only, on any device)."""
+        """act_q8: llama.cpp's arithmetic for q8_0 products (backends.act_q8): the prompt and the CPU's steps through
+        ActQ8Inference, a GPU's decode steps through the decode megakernel where it applies (decode_mega.applies),
+        else eager."""
         self.model, self.backend, self.n_ctx, self.dtype = model, backend, n_ctx, dtype
         self.adapters = list(adapters)
         # prompt and eager steps launch op by op (the host is the limit on a GPU); decode steps replay a graph
@@ -132,7 +134,8 @@ class Generator:
         self.ops = ops_for(backend)
         self.rope = rope_tables(model.args, n_ctx, backend.device)
         self.stats = GenerationStats()
-        self.use_graph = backend.device.type == "cuda" and not act_q8
+        self.act_q8 = act_q8
+        self.use_graph = backend.device.type == "cuda"
 
     @torch.no_grad()
     def logits(self, tokens: Sequence[int], cache: KVCache, n_past: int) -> torch.Tensor:
@@ -161,18 +164,11 @@ class Generator:
         self.stats = GenerationStats(prompt_tokens=len(prompt), prefill_s=time.perf_counter() - t0)
         history = list(prompt)
         n_past = len(prompt)
-        step = None
-        if self.use_graph:
-            from .decode import GraphDecoder
-
-            greedy, fixed = greedy_only(params), no_penalty(params)  # fixed: the chain does not depend on history
-            sampler = params if fixed and not greedy else None
-            step = GraphDecoder(self.model, self.backend, self.adapters, self.rope, cache, self.dtype, greedy=greedy,
-                                sampler=sampler, device_draw=sampler is not None)  # fmt: skip
-            if greedy or sampler is not None:
-                first = sample_token(logits, params, history, rng)
-                yield from self._on_device(step, first, n_past, n_predict, stop_ids, None if greedy else rng)
-                return
+        step = self._decoder(cache, params) if self.use_graph else None
+        if step is not None and (step.greedy or step.sampler is not None):
+            first = sample_token(logits, params, history, rng)
+            yield from self._on_device(step, first, n_past, n_predict, stop_ids, None if step.greedy else rng)
+            return
         t1 = time.perf_counter()  # the host loop: CPU, or a chain with a repetition penalty (it needs the history)
         while n_predict < 0 or self.stats.generated < n_predict:
             tok = sample_token(logits, params, history, rng)
@@ -187,6 +183,23 @@ class Generator:
             n_past += 1
             self.stats.decode_s = time.perf_counter() - t1
         self.stats.decode_s = time.perf_counter() - t1
+
+    def _decoder(self, cache: KVCache, params: SamplingParams):
+        """The GPU's captured decode step for this generation: GraphDecoder, or with act_q8 MegaDecoder (None where
+        it does not apply: eager steps)."""
+        greedy, fixed = greedy_only(params), no_penalty(params)  # fixed: the chain does not depend on history
+        sampler = params if fixed and not greedy else None
+        if self.act_q8:
+            from .decode_mega import MegaDecoder, applies
+
+            if applies(self.model, self.adapters, cache) is not None:
+                return None
+            return MegaDecoder(self.model, self.backend, self.rope, cache, greedy=greedy, sampler=sampler,
+                               device_draw=sampler is not None)  # fmt: skip
+        from .decode import GraphDecoder
+
+        return GraphDecoder(self.model, self.backend, self.adapters, self.rope, cache, self.dtype, greedy=greedy,
+                            sampler=sampler, device_draw=sampler is not None)  # fmt: skip
 
     def _on_device(
         self, step, first: int, n_past: int, n_predict: int, stop_ids: Sequence[int], rng: torch.Generator | None

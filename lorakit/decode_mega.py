@@ -1,0 +1,180 @@
+"""`lorakit predict --act-q8` on a GPU: every decode step as one launch of the decode megakernel
+(kernels/decode_mega.py), with llama.cpp's arithmetic for the q8_0 products.
+
+MegaDecoder is a GraphDecoder (the same step loop: greedy argmax or the sampler's stages inside the captured step,
+tokens() one step ahead of the host) whose forward pass is the megakernel instead of ~210 launches: the step's graph
+copies the token's embedding row into h, zeroes the products' sums, launches the kernel and returns its logits. It
+applies (`applies`) on sm_90+ GPUs when every product of the step (the packed q|k|v and gate|up, the output and down
+projections, the vocabulary product) is q8_0, there are no adapters (their low-rank terms are not in the kernel yet:
+the eager --act-q8 path runs them) and the shapes fit the kernel (head size <= 128, rows <= 16384). It keeps its own
+copy of the q8_0 weights in the kernel's tile-major layout (the model's copy stays for the prompt's batched
+products): about the weights' size again in GPU memory. LORAKIT_MEGAKERNEL=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .decode import GraphDecoder
+from .errors import LorakitError
+from .generate import SamplingParams
+from .model import KVCache, LlamaModel, fused_members
+from .quant import Q8Weight
+
+XMAX = 16384  # kernels.decode_mega.XMAX: the longest input row
+MAX_LAYERS = 204  # the kernel resets 5 L + 1 phase counters with one 1024-wide store
+
+
+def _product(model: LlamaModel, i: int, kind: str):
+    """Layer i's weight of the step's product `kind` (a packed FUSED_KINDS weight as one Q8Weight, else None when a
+    member is not q8_0)."""
+    name = f"blk.{i}.{kind}"
+    if name in model.fused:
+        return model.fused[name]
+    members = [model.weight(m) for m in fused_members(name)] if kind in ("attn_qkv", "ffn_gate_up") else None
+    if members is None:
+        return model.weight(f"{name}.weight")
+    if not all(isinstance(m, Q8Weight) for m in members):
+        return None
+    return Q8Weight(torch.cat([m.qs for m in members]), torch.cat([m.d for m in members]))
+
+
+KINDS = ("attn_qkv", "attn_output", "ffn_gate_up", "ffn_down")
+
+
+def applies(model: LlamaModel, adapters, cache: KVCache) -> str | None:
+    """None when MegaDecoder can run this model's decode steps, else why not (one line)."""
+    if os.environ.get("LORAKIT_MEGAKERNEL", "1") == "0":
+        return "LORAKIT_MEGAKERNEL=0"
+    if adapters:
+        return "adapters' low-rank terms are not in the decode megakernel"
+    a = model.args
+    if a.head_dim > 128 or a.head_dim % 2 or a.n_head % a.n_head_kv:
+        return f"head size {a.head_dim} / {a.n_head} heads over {a.n_head_kv}: not for the decode megakernel"
+    if max(a.n_embd, a.n_ff, a.n_head * a.head_dim) > XMAX or a.n_layer > MAX_LAYERS:
+        return "the model is larger than the decode megakernel's buffers"
+    for i in range(a.n_layer):
+        for kind in KINDS:
+            if not isinstance(_product(model, i, kind), Q8Weight):
+                return f"blk.{i}.{kind} is not q8_0"
+    if not isinstance(model.weight("output.weight"), Q8Weight):
+        return "output.weight is not q8_0"
+    k0 = cache.k[0]
+    per_layer = 2 * a.n_head_kv * k0.shape[2] * a.head_dim
+    offsets = [cache.k[i].data_ptr() - k0.data_ptr() for i in range(a.n_layer)]
+    if (
+        k0.shape[0] != 1
+        or not k0.is_contiguous()
+        or offsets != [i * per_layer * k0.element_size() for i in range(a.n_layer)]
+    ):
+        return "the KV cache is not one [layers, 2 kv heads, n_ctx, D] buffer of batch 1"
+    dev = k0.device
+    if dev.type != "cuda" or torch.cuda.get_device_capability(dev) < (9, 0):
+        return "the decode megakernel needs an sm_90+ GPU"
+    if a.n_head > torch.cuda.get_device_properties(dev).multi_processor_count:
+        return "more heads than SMs"
+    return None
+
+
+def _tiled(weights: list[Q8Weight], block_n: int, bkb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layers' weights of one product kind, stacked, in the kernel's tile-major layout (tile_q, pack_d), layer
+    by layer into one buffer (no stacked row-major copy)."""
+    from .kernels.decode_mega import pack_d, tile_q
+
+    n = weights[0].shape[0]
+    qs = d = None
+    for i, w in enumerate(weights):
+        tq, td = tile_q(w.qs, n, block_n, bkb), pack_d(w.d, n, block_n)
+        if qs is None:
+            qs = torch.empty(len(weights) * tq.shape[0], bkb, dtype=torch.int8, device=tq.device)
+            d = torch.empty(len(weights) * td.shape[0], 256, dtype=torch.float16, device=td.device)
+        qs[i * tq.shape[0] : (i + 1) * tq.shape[0]] = tq
+        d[i * td.shape[0] : (i + 1) * td.shape[0]] = td
+    return qs, d
+
+
+class MegaDecoder(GraphDecoder):
+    """GraphDecoder's step loop with the decode megakernel as its forward pass (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        backend,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache,
+        use_graph: bool = True,
+        greedy: bool = False,
+        sampler: SamplingParams | None = None,
+        device_draw: bool = False,
+    ):
+        from .kernels import decode_mega as km
+
+        why = applies(model, (), cache)
+        if why is not None:
+            raise ValueError(why)
+        self._init_loop(model, cache, use_graph, greedy, sampler, device_draw)
+        self.backend = backend
+        a = model.args
+        dev = cache.k[0].device
+        L, E, F, H, HKV, D = a.n_layer, a.n_embd, a.n_ff, a.n_head, a.n_head_kv, a.head_dim
+        programs = torch.cuda.get_device_properties(dev).multi_processor_count
+        with torch.no_grad():
+            kinds = [[_product(model, i, kind) for i in range(L)] for kind in KINDS]
+            self.weights = [_tiled(ws, km.BLOCK_N_ROWS, km.BKB) for ws in kinds]
+            self.weights.append(_tiled([model.weight("output.weight")], km.BLOCK_N_ROWS, km.BKB))
+            shapes = [w[0].shape for w in kinds] + [model.weight("output.weight").shape]
+            norms = [model.weight(f"blk.{i}.{k}.weight") for i in range(L) for k in ("attn_norm", "ffn_norm")]
+            gains = torch.stack([*norms, model.weight("output_norm.weight")]).float().contiguous()
+        self.descs = km.descriptors(self.weights)
+        sa = max(1, min(4, programs // H))
+        self.dims = dict(L=L, E=E, F=F, V=a.n_vocab, H=H, HKV=HKV, D=D, eps=a.norm_eps, SA=sa,
+                         S=[km.splits(n, k, programs) for n, k in shapes])  # fmt: skip
+        self.programs = programs
+        f32 = dict(dtype=torch.float32, device=dev)
+        cos, sin = rope
+        self.bufs = {
+            "h": torch.zeros(E, **f32),
+            "y32": torch.zeros(L, (H + 2 * HKV) * D + 2 * F, **f32),
+            "logits": torch.zeros(a.n_vocab, **f32),
+            "ws": torch.zeros(H, sa, D + 2, **f32),
+            "cnt": torch.zeros(H, dtype=torch.int32, device=dev),
+            "attn": torch.zeros(H * D, **f32),
+            "cache": cache.k[0],  # the start of the one [L, 2 HKV, n_ctx, D] buffer (applies() checked it)
+            "cos": cos.float().contiguous(),
+            "sin": sin.float().contiguous(),
+            "pos": torch.zeros(1, dtype=torch.int32, device=dev),
+            "gains": gains,
+            "sync": torch.zeros((5 * L + 2) * km.SYNC_STRIDE.value, dtype=torch.int32, device=dev),
+        }
+        self.err = self.bufs["sync"][(5 * L + 1) * km.SYNC_STRIDE.value]
+
+    def _forward(self) -> torch.Tensor:
+        from .kernels.decode_mega import decode_step
+
+        b = self.bufs
+        emb = self.backend.embedding(self.model.weight("token_embd.weight"), self.tok, torch.float32)
+        b["h"].copy_(emb.view(-1))
+        b["y32"].zero_()
+        b["logits"].zero_()
+        b["pos"].copy_(self.pos)
+        decode_step(b, self.descs, self.dims, self.programs)
+        return b["logits"]
+
+    def check(self) -> None:
+        """Raise if a launch's wait gave up (the kernel's programs were not all resident on the GPU at once)."""
+        if int(self.err):
+            raise LorakitError("the decode megakernel's programs could not all run at once on this GPU (another "
+                               "process using it?); run with LORAKIT_MEGAKERNEL=0")  # fmt: skip
+
+    @torch.no_grad()
+    def __call__(self, token: int, pos: int) -> torch.Tensor:
+        out = super().__call__(token, pos)
+        self.check()
+        return out
+
+    @torch.no_grad()
+    def tokens(self, token: int, pos: int, steps: int, uniforms: torch.Tensor | None = None):
+        yield from super().tokens(token, pos, steps, uniforms)
+        self.check()

@@ -1,0 +1,59 @@
+"""Builds of the decode megakernel (kernels/decode_mega.py) for sm_90a without a GPU: tests/test_decode_mega.py runs
+builds() in a fresh process without TRITON_INTERPRET."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+CASES = [  # (dims, cache dtype): the open_llama_3b step (bench/predict_gpu.py's shape), tests' small GQA model
+    (dict(S=(13, 7, 13, 17, 13), E=3200, F=8640, V=32000, H=32, HKV=32, D=100, SA=4), "bf16"),
+    (dict(S=(1, 1, 1, 1, 1), E=64, F=96, V=120, H=4, HKV=2, D=16, SA=4), "fp32"),
+]
+
+
+def _compile(dims: dict, cache: str):
+    import triton
+    from lorakit.kernels import decode_mega as km
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    qlay = gl.NVMMASharedLayout.get_default_for([km.BLOCK_N_ROWS, km.BKB], gl.int8)
+    flat16 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
+    q = torch.zeros(1024, km.BKB, dtype=torch.int8)
+    d = torch.zeros(64, 256, dtype=torch.float16)
+    boxes = {
+        "q": TensorDescriptor.from_tensor(q, [km.BLOCK_N_ROWS * 256 // km.BKB, km.BKB], qlay),
+        "qt": TensorDescriptor.from_tensor(q, [km.BLOCK_N_ROWS, km.BKB], qlay),
+        "d": TensorDescriptor.from_tensor(d, [km.BLOCK_N_ROWS * 8 // 256, 256], flat16),
+    }
+    sig = {"h_ptr": "*fp32", "y32_ptr": "*fp32", "logits_ptr": "*fp32", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+           "attn_ptr": "*fp32", "cache_ptr": f"*{cache}", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i32",
+           "g_ptr": "*fp32"}  # fmt: skip
+    for kind in ("q", "qt", "d"):
+        sig.update({f"{kind}{i}": mangle_type(boxes[kind]) for i in range(5)})
+    sig.update({"sync_ptr": "*i32", "L": "i32", "n_ctx": "i32", "eps": "fp32", "qk_scale": "fp32"})
+    consts = dict(**dims, BLOCK_T=km.BLOCK_T, STAGES=km.STAGES, ROT=km.ROT, PROBE=0)
+    sig.update({k: "constexpr" for k in consts})
+    sig.update({"trace_ptr": "*i64", "TRACE": "constexpr", "num_warps": "constexpr"})
+    consts.update(TRACE=False, num_warps=km.WARPS)
+    src = GluonASTSource(km._decode_step_kernel, sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": km.WARPS})
+
+
+def builds() -> list[dict]:
+    """Per case: whether a cubin came out, its shared memory, and the int8 tensor-core products and TMA copies in
+    the PTX."""
+    out = []
+    for dims, cache in CASES:
+        k = _compile(dims, cache)
+        ptx = k.asm["ptx"]
+        imma = r"mma\.sync\.aligned\.m16n8k32\.row\.col(\.satfinite)?\.s32\.s8\.s8\.s32"
+        tma = r"cp\.async\.bulk\.tensor"
+        out.append(dict(E=dims["E"], cache=cache, cubin=bool(k.asm.get("cubin")), shared=k.metadata.shared,
+                        imma=len(re.findall(imma, ptx)), tma=len(re.findall(tma, ptx))))  # fmt: skip
+    return out
