@@ -56,27 +56,34 @@ def weight_bytes(model) -> int:
     return total
 
 
-def bench_decode(model, backend, adapters, prompt: int, new: int, dtype=torch.bfloat16, mode="host") -> dict:
+def bench_decode(model, backend, adapters, prompt: int, new: int, dtype=torch.bfloat16, mode="host",
+                 act_q8: bool = False) -> dict:  # fmt: skip
     """Decoding of `new` tokens after a random prompt: new - 1 timed steps after the graph's capture. mode "host":
     greedy, the host reads each step's argmax before launching the next; "device": greedy with the argmax and next
     position inside the step, the host one step behind (what `lorakit predict --temp 0` does); "sampled":
     `lorakit predict`'s default sampler chain (temp 0.8, top-k 40, top-p 0.95, min-p 0.05) as it runs it: every
     stage and the seeded draw inside the captured step (uniforms from the seeded generator handed over in
     advance), the host one step behind; "sampled-host": the same chain with the temperature and the draw on the
-    host after each step (the way before session 10)."""
+    host after each step (the way before session 10). act_q8: `lorakit predict --act-q8`'s steps (the decode
+    megakernel, lorakit/decode_mega.py)."""
     from lorakit.decode import GraphDecoder
     from lorakit.generate import Generator, SamplingParams, draw
 
     on_device = mode in ("device", "sampled")
     params = SamplingParams(seed=1)
 
-    gen = Generator(model, backend, adapters, n_ctx=prompt + new + 1, dtype=dtype)
+    gen = Generator(model, backend, adapters, n_ctx=prompt + new + 1, dtype=dtype, act_q8=act_q8)
     cache = gen.new_cache()
     ids = torch.randint(3, model.args.n_vocab, (prompt,)).tolist()
     logits = gen.logits(ids, cache, 0)
     sampler = params if mode.startswith("sampled") else None
-    step = GraphDecoder(model, backend, adapters, gen.rope, cache, dtype, greedy=mode == "device", sampler=sampler,
-                        device_draw=mode == "sampled")  # fmt: skip
+    loop = dict(greedy=mode == "device", sampler=sampler, device_draw=mode == "sampled")
+    if act_q8:
+        from lorakit.decode_mega import MegaDecoder
+
+        step = MegaDecoder(model, backend, gen.rope, cache, **loop)
+    else:
+        step = GraphDecoder(model, backend, adapters, gen.rope, cache, dtype, **loop)
     tok = int(torch.argmax(logits))
     rng = torch.Generator().manual_seed(1)
     if on_device:
@@ -168,6 +175,12 @@ def main(argv=None) -> int:
     r = bench_prefill(model, be)
     rows.append({"case": "prefill 512", **r, "vs_llamacpp": r["prefill_tok_s"] / LLAMACPP_PREFILL})
     print(json.dumps(rows[-1]), flush=True)
+    for mode, how in (("device", "argmax on GPU"), ("sampled", "default sampling")):
+        r = bench_decode(model, be, (), a.prompt, a.new, mode=mode, act_q8=True)
+        rows.append({"case": f"decode, --act-q8 (megakernel), {how}", **r,
+                     "vs_llamacpp": r["decode_tok_s"] / LLAMACPP_DECODE})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    torch.cuda.empty_cache()
     ads = two_adapters(model, be.device)
     for name, adapters in (("no adapter", ()), ("2 scaled adapters", ads)):
         for mode, how in (("host", "host argmax"), ("device", "argmax on GPU"), ("sampled", "default sampling"),
