@@ -30,11 +30,12 @@ SHAPES = [(3 * E, E), (E, E), (2 * F, E), (E, F), (V, E)]  # (N, K): q|k|v, outp
 HBM = 4.23e12
 BASE = dict(S=(13, 7, 13, 17, 13), SA=4)  # kernels/decode_mega.splits and the key splits the decoder takes
 CONFIGS = [  # BASE: splits of the K stages per product kind, attention key splits per head (H * SA programs); the
-    # kernel's BLOCK_T (keys per attention block), STAGES (ring), ROT (task rotation) may be set too; probes (wrong
-    # numbers, timed only; bits): 1 no attention, 4 no waits, 8 no products' arithmetic (the stream alone)
+    # kernel's BLOCK_T (keys per attention block), STAGES (ring), ROT (task rotation), DYN (tasks from a counter per
+    # product) may be set too; probes (wrong numbers, timed only; bits): 1 no attention, 4 no waits, 8 no products'
+    # arithmetic (the stream alone)
     BASE,
-    {**BASE, "STAGES": 10},
-    {**BASE, "probe": 13},
+    {**BASE, "DYN": True},
+    {**BASE, "DYN": True, "S": (7, 4, 7, 9, 7)},
 ]
 
 
@@ -64,6 +65,8 @@ def mega_dims(layers: int, cfg: dict) -> dict:
 
 
 def buffers(layers, gains, cache, cos, sin, x0, pos, cfg, device) -> dict:
+    from lorakit.kernels.decode_mega import sync_words
+
     return {
         "h": x0.clone(),
         "y32": torch.zeros(layers, 3 * E + 2 * F, device=device),
@@ -76,7 +79,7 @@ def buffers(layers, gains, cache, cos, sin, x0, pos, cfg, device) -> dict:
         "sin": sin,
         "pos": torch.tensor([pos], dtype=torch.int32, device=device),
         "gains": gains,
-        "sync": torch.zeros((5 * layers + 2) * 32, dtype=torch.int32, device=device),
+        "sync": torch.zeros(sync_words(layers) * 32, dtype=torch.int32, device=device),
     }
 
 

@@ -24,7 +24,7 @@ from .model import KVCache, LlamaModel, fused_members
 from .quant import Q8Weight
 
 XMAX = 16384  # kernels.decode_mega.XMAX: the longest input row
-MAX_LAYERS = 204  # the kernel resets 5 L + 1 phase counters with one 1024-wide store
+MAX_LAYERS = 113  # the kernel resets its sync words (kernels.decode_mega.sync_words) with one 1024-wide store
 
 
 def _product(model: LlamaModel, i: int, kind: str):
@@ -146,7 +146,7 @@ class MegaDecoder(GraphDecoder):
             "sin": sin.float().contiguous(),
             "pos": torch.zeros(1, dtype=torch.int32, device=dev),
             "gains": gains,
-            "sync": torch.zeros((5 * L + 2) * km.SYNC_STRIDE.value, dtype=torch.int32, device=dev),
+            "sync": torch.zeros(km.sync_words(L) * km.SYNC_STRIDE.value, dtype=torch.int32, device=dev),
         }
         self.err = self.bufs["sync"][(5 * L + 1) * km.SYNC_STRIDE.value]
 
