@@ -34,8 +34,6 @@ CONFIGS = [  # BASE: splits of the K stages per product kind, attention key spli
     # product) may be set too; probes (wrong numbers, timed only; bits): 1 no attention, 4 no waits, 8 no products'
     # arithmetic (the stream alone)
     BASE,
-    {**BASE, "DYN": True},
-    {**BASE, "DYN": True, "S": (7, 4, 7, 9, 7)},
 ]
 
 

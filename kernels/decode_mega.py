@@ -367,14 +367,23 @@ def _quantize_norm(h_ptr, g_ptr, eps, xq_s, dx_s, K: gl.constexpr, num_warps: gl
 
 @gluon.jit
 def _quantize_swiglu(gu_ptr, xq_s, dx_s, K: gl.constexpr, num_warps: gl.constexpr):
-    """silu(gate) * up of the packed [gate | up] sums (K each), quantized."""
+    """silu(gate) * up of the packed [gate | up] sums (K each), quantized; the next chunk's loads issued before a
+    chunk is quantized (one L2 round trip per chunk otherwise: ~3 us per down product at K = 8640)."""
     XB: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
     ROWS: gl.constexpr = 8 * num_warps * 4
-    for c in gl.static_range((K + ROWS * 32 - 1) // (ROWS * 32)):
-        offs = _chunk_offsets(c, ROWS, XB)
-        g = gl.load(gu_ptr + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
-        u = gl.load(gu_ptr + K + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
+    CH: gl.constexpr = (K + ROWS * 32 - 1) // (ROWS * 32)
+    offs = _chunk_offsets(0, ROWS, XB)
+    g = gl.load(gu_ptr + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
+    u = gl.load(gu_ptr + K + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
+    for c in gl.static_range(CH):
+        if c + 1 < CH:
+            offs = _chunk_offsets(c + 1, ROWS, XB)
+            g_next = gl.load(gu_ptr + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
+            u_next = gl.load(gu_ptr + K + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
         _put_q8(g / (1.0 + gl.exp(-g)) * u, c, xq_s, dx_s, ROWS)
+        if c + 1 < CH:
+            g = g_next
+            u = u_next
 
 
 @gluon.jit
