@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import torch
 from lorakit.kernels.decode_mega import (
-    GK,
     SYNC_STRIDE,
-    XMAX,
     _produce,
+    _ring,
     _tasks,
     _wait_product,
     pack_d,
@@ -33,7 +32,6 @@ from lorakit.kernels.decode_mega import (
 )
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 RS: gl.constexpr = gl.constexpr(17280)  # y32's region stride: region 0 the chain's input, region j + 1 product j's
 
@@ -130,17 +128,7 @@ def _chain_i8_kernel(y32_ptr, q0, q1, q2, q3, qt0, qt1, qt2, qt3, d0, d1, d2, d3
                      ROT: gl.constexpr, BACKOFF: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
-    BKB: gl.constexpr = q0.block_type.shape[1]
-    q_s = gl.allocate_shared_memory(gl.int8, [STAGES * (GK // BKB), BLOCK_N, BKB], qt0.layout)
-    d_s = gl.allocate_shared_memory(gl.float16, [STAGES] + d0.block_type.shape, d0.layout)
-    flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-    xq_s = gl.allocate_shared_memory(gl.int8, [XMAX // 32, 32], flat)
-    dx_s = gl.allocate_shared_memory(gl.float32, [XMAX // 32], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(full.index(i), count=1)
-        mbarrier.init(empty.index(i), count=32 * num_warps)
+    q_s, d_s, xq_s, dx_s, full, empty = _ring(q0, qt0, d0, STAGES, num_warps)
     # fmt: off
     gl.warp_specialize(
         [

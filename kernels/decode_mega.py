@@ -75,20 +75,19 @@ def _wait_product(sync_ptr, j, P, STRIDE: gl.constexpr = 1, BACKOFF: gl.constexp
 
 
 @gluon.jit
-def _produce(q_desc, qt_desc, d_desc, q_s, d_s, full, empty, layer, it, pid, P, N: gl.constexpr, K: gl.constexpr,
-             S: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr):  # fmt: skip
-    """The producer's share of one product: every stage (256 K) of every task of this program, into the ring.
-    Row-major W ([L * N, K]; q_desc boxes [BLOCK_N, BKB]): boxes past K come as zeros (TMA's out-of-bounds fill).
-    TILED W (tile_q: each [BLOCK_N, BKB] tile contiguous, a row block's tiles in K order): a stage's tiles are one
-    contiguous box (q_desc: [KSUB * BLOCK_N, BKB]); a last stage with fewer tiles takes them one by one (qt_desc) and
-    the consumers skip the rest. Scales: padded row-major ([L * N, 8 G]) or DPACK (pack_d: a stage's [BLOCK_N, 8]
-    contiguous)."""
+def _load_stage(q_desc, qt_desc, d_desc, q_s, d_s, full, st, layer, rb, step, N: gl.constexpr, K: gl.constexpr,
+                TILED: gl.constexpr, DPACK: gl.constexpr):  # fmt: skip
+    """The TMA copies of one ring stage (row block rb, K stage `step` of layer `layer`'s weight) into slot st, with the
+    full barrier's byte count. Row-major W ([L * N, K]; q_desc boxes [BLOCK_N, BKB]): boxes past K come as zeros
+    (TMA's out-of-bounds fill). TILED W (tile_q: each [BLOCK_N, BKB] tile contiguous, a row block's tiles in K order):
+    a stage's tiles are one contiguous box (q_desc: [KSUB * BLOCK_N, BKB]); a last stage with fewer tiles takes them
+    one by one (qt_desc) and the consumers skip the rest. Scales: padded row-major ([L * N, 8 G]) or DPACK (pack_d: a
+    stage's [BLOCK_N, 8] contiguous)."""
     BKB: gl.constexpr = q_desc.block_type.shape[1]
     KSUB: gl.constexpr = GK // BKB
     BLOCK_N: gl.constexpr = qt_desc.block_type.shape[0]
     STAGES: gl.constexpr = full.shape[0]
     STEPS: gl.constexpr = (K + GK - 1) // GK
-    PER: gl.constexpr = (STEPS + S - 1) // S
     KC: gl.constexpr = (K + BKB - 1) // BKB  # tiles along K
     LAST: gl.constexpr = KC - (STEPS - 1) * KSUB  # tiles in the last stage
     NB: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
@@ -96,6 +95,38 @@ def _produce(q_desc, qt_desc, d_desc, q_s, d_s, full, empty, layer, it, pid, P, 
     FULL_BYTES: gl.constexpr = KSUB * qt_desc.block_type.nbytes + d_desc.block_type.nbytes
     LAST_BYTES: gl.constexpr = LAST * qt_desc.block_type.nbytes + d_desc.block_type.nbytes
     q_stage = q_s._reinterpret(gl.int8, [STAGES, KSUB * BLOCK_N, BKB], q_desc.layout)
+    if TILED:
+        row = ((layer * NB + rb) * KC + step * KSUB) * BLOCK_N
+        part = (LAST < KSUB) & (step == STEPS - 1)
+        mbarrier.expect(full.index(st), FULL_BYTES, pred=not part)
+        mbarrier.expect(full.index(st), LAST_BYTES, pred=part)
+        tma.async_copy_global_to_shared(q_desc, [row, 0], full.index(st), q_stage.index(st), pred=not part)
+        for c in gl.static_range(LAST if LAST < KSUB else 0):
+            tma.async_copy_global_to_shared(qt_desc, [row + c * BLOCK_N, 0], full.index(st),
+                                            q_s.index(st * KSUB + c), pred=part)  # fmt: skip
+    else:
+        mbarrier.expect(full.index(st), FULL_BYTES)
+        for c in gl.static_range(KSUB):
+            tma.async_copy_global_to_shared(qt_desc, [layer * N + rb * BLOCK_N, step * GK + c * BKB],
+                                            full.index(st), q_s.index(st * KSUB + c))  # fmt: skip
+    if DPACK:
+        tma.async_copy_global_to_shared(d_desc, [((layer * NB + rb) * STEPS + step) * DROWS, 0], full.index(st),
+                                        d_s.index(st))  # fmt: skip
+    else:
+        tma.async_copy_global_to_shared(d_desc, [layer * N + rb * BLOCK_N, step * 8], full.index(st),
+                                        d_s.index(st))  # fmt: skip
+
+
+@gluon.jit
+def _produce(q_desc, qt_desc, d_desc, q_s, d_s, full, empty, layer, it, pid, P, N: gl.constexpr, K: gl.constexpr,
+             S: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr):  # fmt: skip
+    """The producer's share of one product: every stage (256 K) of tasks pid, pid + P, ... into the ring
+    (_load_stage)."""
+    BLOCK_N: gl.constexpr = qt_desc.block_type.shape[0]
+    STAGES: gl.constexpr = full.shape[0]
+    STEPS: gl.constexpr = (K + GK - 1) // GK
+    PER: gl.constexpr = (STEPS + S - 1) // S
+    NB: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     for task in range(pid, NB * S, P):
         rb = task // S
         s0 = (task % S) * PER
@@ -103,26 +134,7 @@ def _produce(q_desc, qt_desc, d_desc, q_s, d_s, full, empty, layer, it, pid, P, 
         for step in range(s0, s1):
             st = it % STAGES
             mbarrier.wait(empty.index(st), ((it // STAGES) & 1) ^ 1)
-            if TILED:
-                row = ((layer * NB + rb) * KC + step * KSUB) * BLOCK_N
-                part = (LAST < KSUB) & (step == STEPS - 1)
-                mbarrier.expect(full.index(st), FULL_BYTES, pred=not part)
-                mbarrier.expect(full.index(st), LAST_BYTES, pred=part)
-                tma.async_copy_global_to_shared(q_desc, [row, 0], full.index(st), q_stage.index(st), pred=not part)
-                for c in gl.static_range(LAST if LAST < KSUB else 0):
-                    tma.async_copy_global_to_shared(qt_desc, [row + c * BLOCK_N, 0], full.index(st),
-                                                    q_s.index(st * KSUB + c), pred=part)  # fmt: skip
-            else:
-                mbarrier.expect(full.index(st), FULL_BYTES)
-                for c in gl.static_range(KSUB):
-                    tma.async_copy_global_to_shared(qt_desc, [layer * N + rb * BLOCK_N, step * GK + c * BKB],
-                                                    full.index(st), q_s.index(st * KSUB + c))  # fmt: skip
-            if DPACK:
-                tma.async_copy_global_to_shared(d_desc, [((layer * NB + rb) * STEPS + step) * DROWS, 0],
-                                                full.index(st), d_s.index(st))  # fmt: skip
-            else:
-                tma.async_copy_global_to_shared(d_desc, [layer * N + rb * BLOCK_N, step * 8], full.index(st),
-                                                d_s.index(st))  # fmt: skip
+            _load_stage(q_desc, qt_desc, d_desc, q_s, d_s, full, st, layer, rb, step, N, K, TILED, DPACK)
             it += 1
     return it
 
@@ -187,24 +199,16 @@ def _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N: gl.constex
 def _produce_dyn(q_desc, qt_desc, d_desc, q_s, d_s, info_s, full, empty, layer, it, ctr_ptr, N: gl.constexpr,
                  K: gl.constexpr, S: gl.constexpr):  # fmt: skip
     """_produce (TILED, DPACK) with tasks taken from the product's counter (ctr_ptr) as the program's stream gets
-    to them, instead of every P-th: SMs that stream faster take more tasks (the static split left the programs 2-3
-    us apart at the end of a product). Two tickets are taken ahead, so a ticket's round trip passes while the
-    previous task streams. Each stage's task goes to the consumers in info_s ((row block << 16) | (step << 1) |
-    last step of the task); a stage with info -1 and no bytes ends the product."""
-    BKB: gl.constexpr = q_desc.block_type.shape[1]
-    KSUB: gl.constexpr = GK // BKB
+    to them, instead of every P-th: SMs that stream faster take more tasks. Two tickets are taken ahead, so a
+    ticket's round trip passes while the previous task streams. Each stage's task goes to the consumers in info_s
+    ((row block << 16) | (step << 1) | last step of the task); a stage with info -1 and no bytes ends the product.
+    Measured slower than the static order (bench/results/h200_session18, call 11): off by default (DYN)."""
     BLOCK_N: gl.constexpr = qt_desc.block_type.shape[0]
     STAGES: gl.constexpr = full.shape[0]
     STEPS: gl.constexpr = (K + GK - 1) // GK
     PER: gl.constexpr = (STEPS + S - 1) // S
-    KC: gl.constexpr = (K + BKB - 1) // BKB
-    LAST: gl.constexpr = KC - (STEPS - 1) * KSUB
     NB: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-    DROWS: gl.constexpr = d_desc.block_type.shape[0]
-    FULL_BYTES: gl.constexpr = KSUB * qt_desc.block_type.nbytes + d_desc.block_type.nbytes
-    LAST_BYTES: gl.constexpr = LAST * qt_desc.block_type.nbytes + d_desc.block_type.nbytes
     IL: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-    q_stage = q_s._reinterpret(gl.int8, [STAGES, KSUB * BLOCK_N, BKB], q_desc.layout)
     t0 = gl.atomic_add(ctr_ptr, 1, sem="relaxed", scope="gpu")
     t1 = gl.atomic_add(ctr_ptr, 1, sem="relaxed", scope="gpu")
     while t0 < NB * S:
@@ -217,16 +221,7 @@ def _produce_dyn(q_desc, qt_desc, d_desc, q_s, d_s, info_s, full, empty, layer, 
             mbarrier.wait(empty.index(st), ((it // STAGES) & 1) ^ 1)
             info = rb * 65536 + step * 2 + (step == s1 - 1).to(gl.int32)
             info_s.index(st).store(gl.zeros([1], gl.int32, IL) + info)
-            row = ((layer * NB + rb) * KC + step * KSUB) * BLOCK_N
-            part = (LAST < KSUB) & (step == STEPS - 1)
-            mbarrier.expect(full.index(st), FULL_BYTES, pred=not part)
-            mbarrier.expect(full.index(st), LAST_BYTES, pred=part)
-            tma.async_copy_global_to_shared(q_desc, [row, 0], full.index(st), q_stage.index(st), pred=not part)
-            for c in gl.static_range(LAST if LAST < KSUB else 0):
-                tma.async_copy_global_to_shared(qt_desc, [row + c * BLOCK_N, 0], full.index(st),
-                                                q_s.index(st * KSUB + c), pred=part)  # fmt: skip
-            tma.async_copy_global_to_shared(d_desc, [((layer * NB + rb) * STEPS + step) * DROWS, 0], full.index(st),
-                                            d_s.index(st))  # fmt: skip
+            _load_stage(q_desc, qt_desc, d_desc, q_s, d_s, full, st, layer, rb, step, N, K, True, True)
             it += 1
         t0 = t1
         t1 = t2
@@ -630,6 +625,25 @@ def _producer(q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q
 
 
 @gluon.jit
+def _ring(q0, qt0, d0, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """The shared memory of a persistent chain: the weight ring (STAGES stages of 256 K x BLOCK_N int8 in TMA tiles
+    and their scale boxes, full / empty barriers: one TMA arrival, one arrival per consumer thread) and the quantized
+    input row (xq_s int8 [XMAX / 32, 32], dx_s fp32 scales)."""
+    BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
+    BKB: gl.constexpr = q0.block_type.shape[1]
+    q_s = gl.allocate_shared_memory(gl.int8, [STAGES * (GK // BKB), BLOCK_N, BKB], qt0.layout)
+    d_s = gl.allocate_shared_memory(gl.float16, [STAGES] + d0.block_type.shape, d0.layout)
+    xq_s = gl.allocate_shared_memory(gl.int8, [XMAX // 32, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    dx_s = gl.allocate_shared_memory(gl.float32, [XMAX // 32], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(full.index(i), count=1)
+        mbarrier.init(empty.index(i), count=32 * num_warps)
+    return q_s, d_s, xq_s, dx_s, full, empty
+
+
+@gluon.jit
 def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr,
                         g_ptr, q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, sync_ptr, L, n_ctx,
                         eps, qk_scale, S: gl.constexpr, E: gl.constexpr, F: gl.constexpr, V: gl.constexpr,
@@ -638,17 +652,8 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                         trace_ptr, TRACE: gl.constexpr, DYN: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
-    BKB: gl.constexpr = q0.block_type.shape[1]
-    q_s = gl.allocate_shared_memory(gl.int8, [STAGES * (GK // BKB), BLOCK_N, BKB], qt0.layout)
-    d_s = gl.allocate_shared_memory(gl.float16, [STAGES] + d0.block_type.shape, d0.layout)
-    xq_s = gl.allocate_shared_memory(gl.int8, [XMAX // 32, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    dx_s = gl.allocate_shared_memory(gl.float32, [XMAX // 32], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    q_s, d_s, xq_s, dx_s, full, empty = _ring(q0, qt0, d0, STAGES, num_warps)
     info_s = gl.allocate_shared_memory(gl.int32, [STAGES, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(full.index(i), count=1)
-        mbarrier.init(empty.index(i), count=32 * num_warps)
     # fmt: off
     gl.warp_specialize(
         [
