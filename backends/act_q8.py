@@ -38,15 +38,20 @@ class ActQ8Inference(TermByTermLora):
         compiled decode loop (cpu_gemv; the same up to the order of the sum over blocks), more rows (a prompt) as the
         specification's sliced float product of the activations quantized and dequantized again (q * d is exact in
         float32, so this is the same sum with each product rounded before the sum instead of each block's sum: within
-        float32 rounding, tests/test_act_q8.py). Elsewhere quant.q8_0_act_matmul itself."""
+        float32 rounding, tests/test_act_q8.py). Other backends (cuda-triton) take a prompt's rows the same way, as
+        their batched q8_0 matmul of the requantized float32 rows (IEEE float32 products there), returned in x's
+        dtype; their decode rows, and the CPU's other cases, quant.q8_0_act_matmul itself."""
         if not isinstance(w, Q8Weight):
             return self.base.matmul(x, w)
+        prompt = x.numel() // x.shape[-1] > cpu_gemv.MAX_ROWS
         if isinstance(self.base, CpuTorchBackend) and x.dtype == torch.float32:
             y = cpu_gemv.product(x, w, act_q8=True) if self.base.fused_gemv else None
             if y is not None:
                 return y
-            if x.numel() // x.shape[-1] > cpu_gemv.MAX_ROWS:
+            if prompt:
                 return self.base.matmul(requantize_act(x), w)
+        elif not isinstance(self.base, CpuTorchBackend) and prompt:
+            return self.base.matmul(requantize_act(x), w).to(x.dtype)
         return q8_0_act_matmul(x, w)
 
     def prefetch_hint(self, w: Weight, start: int, nbytes: int, kind: int = 2) -> None:

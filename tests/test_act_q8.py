@@ -137,3 +137,34 @@ def test_prompt_rows_through_the_sliced_product():
     )
     want = prods.sum((-1, -2))
     assert ((y.double() - want).abs() <= (k + 2) * 2.0**-24 * prods.abs().sum((-1, -2))).all()
+
+
+def test_prompt_rows_through_the_batched_matmul_of_other_backends():
+    """On cuda-triton (the Triton interpreter in CI) a prompt's rows go through its batched q8_0 matmul of the
+    requantized rows (float32 activations, IEEE products): within test_prompt_rows_through_the_sliced_product's bound
+    of the definition, and in x's dtype; decode rows stay quant.q8_0_act_matmul."""
+    from lorakit.kernels import q8_0_matmul as qmm
+
+    if not (torch.cuda.is_available() or qmm.interpreting()):
+        pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1")
+    from lorakit.backends.cuda_triton import CudaTritonBackend
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(11)
+    k, n, m = 32 * 5, 24, 5
+    x = torch.randn(m, k, generator=g)
+    w = quantize_q8_0(torch.randn(n, k, generator=g))
+    ops = ActQ8Inference(CudaTritonBackend(dev).eager_inference())
+    wd = w.to(dev)
+    with torch.no_grad():
+        y = ops.matmul(x.to(dev), wd).cpu()
+        y16 = ops.matmul(x.to(dev).bfloat16(), wd)
+        y2 = ops.matmul(x[:2].to(dev), wd).cpu()
+    qx, dx = quantize_act_q8_0(x)
+    prods = (qx.view(m, 1, -1, 32).double() * w.qs.view(1, n, -1, 32).double()) * (
+        dx.double().view(m, 1, -1, 1) * w.d.double().view(1, n, -1, 1)
+    )
+    want = prods.sum((-1, -2))
+    assert ((y.double() - want).abs() <= (k + 2) * 2.0**-24 * prods.abs().sum((-1, -2))).all()
+    assert y16.dtype == torch.bfloat16 and y16.shape == (m, n)
+    assert torch.equal(y2, q8_0_act_matmul(x[:2].to(dev), wd).cpu())
