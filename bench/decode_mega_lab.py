@@ -30,9 +30,8 @@ SHAPES = [(3 * E, E), (E, E), (2 * F, E), (E, F), (V, E)]  # (N, K): q|k|v, outp
 HBM = 4.23e12
 BASE = dict(S=(13, 7, 13, 17, 13), SA=4)  # kernels/decode_mega.splits and the key splits the decoder takes
 CONFIGS = [  # BASE: splits of the K stages per product kind, attention key splits per head (H * SA programs); the
-    # kernel's BLOCK_T (keys per attention block), STAGES (ring), ROT (task rotation), DYN (tasks from a counter per
-    # product) may be set too; probes (wrong numbers, timed only; bits): 1 no attention, 4 no waits, 8 no products'
-    # arithmetic (the stream alone)
+    # kernel's BLOCK_T (keys per attention block), STAGES (ring), ROT (task rotation) may be set too; probes (wrong
+    # numbers, timed only; bits): 1 no attention, 4 no waits, 8 no products' arithmetic (the stream alone)
     BASE,
 ]
 

@@ -195,121 +195,6 @@ def _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N: gl.constex
     return it
 
 
-@gluon.jit
-def _produce_dyn(q_desc, qt_desc, d_desc, q_s, d_s, info_s, full, empty, layer, it, ctr_ptr, N: gl.constexpr,
-                 K: gl.constexpr, S: gl.constexpr):  # fmt: skip
-    """_produce (TILED, DPACK) with tasks taken from the product's counter (ctr_ptr) as the program's stream gets
-    to them, instead of every P-th: SMs that stream faster take more tasks. Two tickets are taken ahead, so a
-    ticket's round trip passes while the previous task streams. Each stage's task goes to the consumers in info_s
-    ((row block << 16) | (step << 1) | last step of the task); a stage with info -1 and no bytes ends the product.
-    Measured slower than the static order (bench/results/h200_session18, call 11): off by default (DYN)."""
-    BLOCK_N: gl.constexpr = qt_desc.block_type.shape[0]
-    STAGES: gl.constexpr = full.shape[0]
-    STEPS: gl.constexpr = (K + GK - 1) // GK
-    PER: gl.constexpr = (STEPS + S - 1) // S
-    NB: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-    IL: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-    t0 = gl.atomic_add(ctr_ptr, 1, sem="relaxed", scope="gpu")
-    t1 = gl.atomic_add(ctr_ptr, 1, sem="relaxed", scope="gpu")
-    while t0 < NB * S:
-        t2 = gl.atomic_add(ctr_ptr, 1, sem="relaxed", scope="gpu")
-        rb = t0 // S
-        s0 = (t0 % S) * PER
-        s1 = gl.minimum(s0 + PER, STEPS)
-        for step in range(s0, s1):
-            st = it % STAGES
-            mbarrier.wait(empty.index(st), ((it // STAGES) & 1) ^ 1)
-            info = rb * 65536 + step * 2 + (step == s1 - 1).to(gl.int32)
-            info_s.index(st).store(gl.zeros([1], gl.int32, IL) + info)
-            _load_stage(q_desc, qt_desc, d_desc, q_s, d_s, full, st, layer, rb, step, N, K, True, True)
-            it += 1
-        t0 = t1
-        t1 = t2
-    st = it % STAGES
-    mbarrier.wait(empty.index(st), ((it // STAGES) & 1) ^ 1)
-    info_s.index(st).store(gl.full([1], -1, gl.int32, IL))
-    mbarrier.arrive(full.index(st), count=1)
-    return it + 1
-
-
-@gluon.jit
-def _tasks_dyn(y_ptr, xq_s, dx_s, q_s, d_s, info_s, full, empty, it, N: gl.constexpr, K: gl.constexpr,
-               S: gl.constexpr, BLOCK_N: gl.constexpr, PROBE: gl.constexpr, ADD: gl.constexpr,
-               num_warps: gl.constexpr):  # fmt: skip
-    """_tasks for _produce_dyn's stages: each stage's task from info_s, a task's sums added (or stored) after its
-    last step, until the product's end stage."""
-    STAGES: gl.constexpr = full.shape[0]
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
-    AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
-    BL: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
-    IL: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-    BKB: gl.constexpr = q_s.shape[2]
-    KSUB: gl.constexpr = GK // BKB
-    KC: gl.constexpr = (K + BKB - 1) // BKB
-    cols = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, BL)), 0)
-    blk = gl.expand_dims(gl.arange(0, BKB, layout=gl.SliceLayout(1, BL)) // 32, 1)
-    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-    flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-    xq_boxes = xq_s._reinterpret(gl.int8, [XMAX // BKB, BKB], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    dx_steps = dx_s._reinterpret(gl.float32, [XMAX // GK, 8], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    acc = gl.zeros([BLOCK_N, 8], gl.float32, mma)
-    go = it >= 0
-    while go:
-        st = it % STAGES
-        mbarrier.wait(full.index(st), (it // STAGES) & 1)
-        info = gl.max(info_s.index(st).load(IL), axis=0)
-        go = info >= 0
-        rb = info >> 16
-        step = (info >> 1) & 32767
-        isum = gl.zeros([BLOCK_N, 8], gl.int32, mma)
-        if go:
-            for c in gl.static_range(KSUB if PROBE % 2 == 0 else 0):
-                if (KC % KSUB == 0) or (step * KSUB + c < KC):
-                    a = q_s.index(st * KSUB + c).load(AL)
-                    xv = xq_boxes.index(step * KSUB + c).load(gl.SliceLayout(1, BL))
-                    xb, sel = gl.broadcast(gl.expand_dims(xv, 1), cols == (BKB // 32) * c + blk)
-                    mask = gl.where(sel, -1, 0).to(gl.int8)
-                    b = gl.inline_asm_elementwise("and.b32 $0, $1, $2;", "=r,r,r", [xb, mask], dtype=gl.int8,
-                                                  is_pure=True, pack=4)  # fmt: skip
-                    isum = mma_v2(a, b, isum)
-        dw = d_s.index(st)._reinterpret(gl.float16, [BLOCK_N, 8], flat).load(mma).to(gl.float32)
-        fence_async_shared()
-        async_copy.mbarrier_arrive(empty.index(st), increment_count=False)
-        if go:
-            dx = dx_steps.index(step).load(gl.SliceLayout(0, mma))
-            acc += isum.to(gl.float32) * dw * gl.expand_dims(dx, 0)
-            if (info & 1) == 1:  # the task's last step: its sums out
-                rn = rb * BLOCK_N + rows
-                if ADD or S > 1:
-                    gl.atomic_add(y_ptr + rn, gl.sum(acc, axis=1), mask=rn < N, sem="relaxed", scope="gpu")
-                else:
-                    gl.store(y_ptr + rn, gl.sum(acc, axis=1), mask=rn < N)
-                acc = gl.zeros([BLOCK_N, 8], gl.float32, mma)
-        it += 1
-    return it
-
-
-@gluon.jit
-def _consume_product(y_ptr, xq_s, dx_s, q_s, d_s, info_s, full, empty, it, first, P, N: gl.constexpr,
-                     K: gl.constexpr, S: gl.constexpr, BLOCK_N: gl.constexpr, PROBE: gl.constexpr, ADD: gl.constexpr,
-                     DYN: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
-    if DYN:
-        it = _tasks_dyn(y_ptr, xq_s, dx_s, q_s, d_s, info_s, full, empty, it, N, K, S, BLOCK_N, PROBE, ADD, num_warps)
-    else:
-        it = _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N, K, S, BLOCK_N, PROBE, ADD, num_warps)
-    return it
-
-
-@gluon.jit
-def _produce_product(q_desc, qt_desc, d_desc, q_s, d_s, info_s, full, empty, layer, it, first, P, ctr_ptr,
-                     N: gl.constexpr, K: gl.constexpr, S: gl.constexpr, DYN: gl.constexpr):  # fmt: skip
-    if DYN:
-        it = _produce_dyn(q_desc, qt_desc, d_desc, q_s, d_s, info_s, full, empty, layer, it, ctr_ptr, N, K, S)
-    else:
-        it = _produce(q_desc, qt_desc, d_desc, q_s, d_s, full, empty, layer, it, first, P, N, K, S, True, True)
-    return it
-
-
 # -- the inputs of the products: formed and quantized once per program ---------------------------------------------
 
 
@@ -517,11 +402,11 @@ def _wait(sync_ptr, err_ptr, phase, count, PROBE: gl.constexpr):
 
 @gluon.jit
 def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr, g_ptr,
-              xq_s, dx_s, q_s, d_s, info_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale, S: gl.constexpr,
+              xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale, S: gl.constexpr,
               E: gl.constexpr,
               F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr,
               SA: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, ROT: gl.constexpr, PROBE: gl.constexpr,
-              trace_ptr, TRACE: gl.constexpr, DYN: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+              trace_ptr, TRACE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     pid = gl.program_id(0)
     P = gl.num_programs(0)
     pos = gl.load(pos_ptr)
@@ -540,8 +425,8 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
         _stamp(tr, pid, 12 * layer, TRACE)
         _quantize_norm(h_ptr, g_ptr + (2 * layer) * E, eps, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
-        it = _consume_product(y_l, xq_s, dx_s, q_s, d_s, info_s, full, empty, it, (pid + c * ROT) % P, P, NQ, E, S[0],
-                              BLOCK_N, TP, False, DYN, num_warps)  # fmt: skip
+        it = _tasks(y_l, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + c * ROT) % P, P, NQ, E, S[0],
+                              BLOCK_N, TP, False, num_warps)  # fmt: skip
         _stamp(tr, pid, 12 * layer + 1, TRACE)
         _arrive(sync_ptr, c)
         _stamp(tr, pid, 12 * layer + 10, TRACE)
@@ -564,64 +449,60 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
         _stamp(tr, pid, 12 * layer + 4, TRACE)
         _quantize_row(attn_ptr, xq_s, dx_s, H * D, num_warps)
         gl.thread_barrier()
-        it = _consume_product(h_ptr, xq_s, dx_s, q_s, d_s, info_s, full, empty, it, (pid + (c + 2) * ROT) % P, P, E,
-                              H * D, S[1], BLOCK_N, TP, True, DYN, num_warps)  # fmt: skip
+        it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 2) * ROT) % P, P, E,
+                              H * D, S[1], BLOCK_N, TP, True, num_warps)  # fmt: skip
         _stamp(tr, pid, 12 * layer + 5, TRACE)
         _arrive(sync_ptr, c + 2)
         _wait(sync_ptr, err, c + 2, P, PROBE)
         _stamp(tr, pid, 12 * layer + 6, TRACE)
         _quantize_norm(h_ptr, g_ptr + (2 * layer + 1) * E, eps, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
-        it = _consume_product(y_l + NQ, xq_s, dx_s, q_s, d_s, info_s, full, empty, it, (pid + (c + 3) * ROT) % P, P,
-                              2 * F, E, S[2], BLOCK_N, TP, False, DYN, num_warps)  # fmt: skip
+        it = _tasks(y_l + NQ, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 3) * ROT) % P, P,
+                              2 * F, E, S[2], BLOCK_N, TP, False, num_warps)  # fmt: skip
         _stamp(tr, pid, 12 * layer + 7, TRACE)
         _arrive(sync_ptr, c + 3)
         _wait(sync_ptr, err, c + 3, P, PROBE)
         _stamp(tr, pid, 12 * layer + 8, TRACE)
         _quantize_swiglu(y_l + NQ, xq_s, dx_s, F, num_warps)
         gl.thread_barrier()
-        it = _consume_product(h_ptr, xq_s, dx_s, q_s, d_s, info_s, full, empty, it, (pid + (c + 4) * ROT) % P, P, E,
-                              F, S[3], BLOCK_N, TP, True, DYN, num_warps)  # fmt: skip
+        it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 4) * ROT) % P, P, E,
+                              F, S[3], BLOCK_N, TP, True, num_warps)  # fmt: skip
         _stamp(tr, pid, 12 * layer + 9, TRACE)
         _arrive(sync_ptr, c + 4)
     _wait(sync_ptr, err, 5 * L - 1, P, PROBE)
     _stamp(tr, pid, 12 * L, TRACE)
     _quantize_norm(h_ptr, g_ptr + (2 * L) * E, eps, xq_s, dx_s, E, num_warps)
     gl.thread_barrier()
-    _consume_product(logits_ptr, xq_s, dx_s, q_s, d_s, info_s, full, empty, it, (pid + 5 * L * ROT) % P, P, V, E,
-                     S[4], BLOCK_N, TP, False, DYN, num_warps)  # fmt: skip
+    _tasks(logits_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + 5 * L * ROT) % P, P, V, E,
+                     S[4], BLOCK_N, TP, False, num_warps)  # fmt: skip
     _stamp(tr, pid, 12 * L + 1, TRACE)
     # the last program out zeroes the phase counters for the next launch (every program has passed every wait)
     gl.thread_barrier()
     if gl.atomic_add(sync_ptr + 5 * L * SYNC_STRIDE, 1, sem="acq_rel", scope="gpu") == P - 1:
         offs = gl.arange(0, 1024, layout=gl.BlockedLayout([8], [32], [num_warps], [0]))
-        keep = (offs <= 5 * L) | ((offs >= 5 * L + 2) & (offs <= 9 * L + 2))  # phases, done, task counters
-        gl.store(sync_ptr + offs * SYNC_STRIDE, gl.zeros_like(offs), mask=keep)
+        gl.store(sync_ptr + offs * SYNC_STRIDE, gl.zeros_like(offs), mask=offs <= 5 * L)
 
 
 @gluon.jit
-def _producer(q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, info_s, full, empty,
-              sync_ptr, L, S: gl.constexpr, E: gl.constexpr, F: gl.constexpr, V: gl.constexpr, H: gl.constexpr,
-              HKV: gl.constexpr, D: gl.constexpr, ROT: gl.constexpr, DYN: gl.constexpr):  # fmt: skip
+def _producer(q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty, L,
+              S: gl.constexpr, E: gl.constexpr, F: gl.constexpr, V: gl.constexpr, H: gl.constexpr,
+              HKV: gl.constexpr, D: gl.constexpr, ROT: gl.constexpr):  # fmt: skip
     """pid's tasks of every product, in the consumers' order (the attention phases take no weights)."""
     pid = gl.program_id(0)
     P = gl.num_programs(0)
     NQ: gl.constexpr = (H + 2 * HKV) * D
-    ctr = sync_ptr + (5 * L + 2) * SYNC_STRIDE  # the task counters (DYN), one per product
     it = 0
     for layer in range(L):
         c = layer * 5
-        j = layer * 4
-        it = _produce_product(q0, qt0, d0, q_s, d_s, info_s, full, empty, layer, it, (pid + c * ROT) % P, P,
-                              ctr + j * SYNC_STRIDE, NQ, E, S[0], DYN)  # fmt: skip
-        it = _produce_product(q1, qt1, d1, q_s, d_s, info_s, full, empty, layer, it, (pid + (c + 2) * ROT) % P, P,
-                              ctr + (j + 1) * SYNC_STRIDE, E, H * D, S[1], DYN)  # fmt: skip
-        it = _produce_product(q2, qt2, d2, q_s, d_s, info_s, full, empty, layer, it, (pid + (c + 3) * ROT) % P, P,
-                              ctr + (j + 2) * SYNC_STRIDE, 2 * F, E, S[2], DYN)  # fmt: skip
-        it = _produce_product(q3, qt3, d3, q_s, d_s, info_s, full, empty, layer, it, (pid + (c + 4) * ROT) % P, P,
-                              ctr + (j + 3) * SYNC_STRIDE, E, F, S[3], DYN)  # fmt: skip
-    _produce_product(q4, qt4, d4, q_s, d_s, info_s, full, empty, 0, it, (pid + 5 * L * ROT) % P, P,
-                     ctr + 4 * L * SYNC_STRIDE, V, E, S[4], DYN)  # fmt: skip
+        it = _produce(q0, qt0, d0, q_s, d_s, full, empty, layer, it, (pid + c * ROT) % P, P, NQ, E, S[0], True,
+                      True)  # fmt: skip
+        it = _produce(q1, qt1, d1, q_s, d_s, full, empty, layer, it, (pid + (c + 2) * ROT) % P, P, E, H * D, S[1],
+                      True, True)  # fmt: skip
+        it = _produce(q2, qt2, d2, q_s, d_s, full, empty, layer, it, (pid + (c + 3) * ROT) % P, P, 2 * F, E, S[2],
+                      True, True)  # fmt: skip
+        it = _produce(q3, qt3, d3, q_s, d_s, full, empty, layer, it, (pid + (c + 4) * ROT) % P, P, E, F, S[3], True,
+                      True)  # fmt: skip
+    _produce(q4, qt4, d4, q_s, d_s, full, empty, 0, it, (pid + 5 * L * ROT) % P, P, V, E, S[4], True, True)
 
 
 @gluon.jit
@@ -649,19 +530,18 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                         eps, qk_scale, S: gl.constexpr, E: gl.constexpr, F: gl.constexpr, V: gl.constexpr,
                         H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr, SA: gl.constexpr,
                         BLOCK_T: gl.constexpr, STAGES: gl.constexpr, ROT: gl.constexpr, PROBE: gl.constexpr,
-                        trace_ptr, TRACE: gl.constexpr, DYN: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                        trace_ptr, TRACE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
     q_s, d_s, xq_s, dx_s, full, empty = _ring(q0, qt0, d0, STAGES, num_warps)
-    info_s = gl.allocate_shared_memory(gl.int32, [STAGES, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     # fmt: off
     gl.warp_specialize(
         [
             (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr,
-                         g_ptr, xq_s, dx_s, q_s, d_s, info_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale, S, E,
-                         F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, ROT, PROBE, trace_ptr, TRACE, DYN, num_warps)),
-            (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, info_s, full,
-                         empty, sync_ptr, L, S, E, F, V, H, HKV, D, ROT, DYN)),
+                         g_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale, S, E, F, V, H,
+                         HKV, D, SA, BLOCK_T, BLOCK_N, ROT, PROBE, trace_ptr, TRACE, num_warps)),
+            (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty, L, S,
+                         E, F, V, H, HKV, D, ROT)),
         ],
         [1],
         [48],
@@ -677,13 +557,12 @@ BKB = 128  # K per TMA tile (a stage: two tiles)
 STAGES = 8
 BLOCK_T = 64  # keys per attention block
 ROT = 37  # product j's tasks start at program (pid + j ROT) % P: the programs with one task more change per product
-DYN = False  # tasks taken from a counter per product as each program's stream gets to them (_produce_dyn)
 
 
 def sync_words(layers: int) -> int:
     """int32 words (each SYNC_STRIDE apart) of the kernel's sync buffer: 5 L phase counters, the done counter, the
-    error word, 4 L + 1 task counters."""
-    return 9 * layers + 3
+    error word."""
+    return 5 * layers + 2
 
 
 def pad_scales(d: torch.Tensor) -> torch.Tensor:
@@ -767,6 +646,5 @@ def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) ->
         dims["eps"], 1.4426950408889634 / dims["D"] ** 0.5, S=tuple(dims["S"]), E=dims["E"], F=dims["F"],
         V=dims["V"], H=dims["H"], HKV=dims["HKV"], D=dims["D"], SA=dims["SA"], BLOCK_T=dims.get("BLOCK_T", BLOCK_T),
         STAGES=dims.get("STAGES", STAGES), ROT=dims.get("ROT", ROT), PROBE=probe,
-        trace_ptr=bufs["sync"] if trace is None else trace, TRACE=trace is not None, DYN=dims.get("DYN", DYN),
-        num_warps=WARPS,
+        trace_ptr=bufs["sync"] if trace is None else trace, TRACE=trace is not None, num_warps=WARPS,
     )  # fmt: skip

@@ -24,7 +24,7 @@ from .model import KVCache, LlamaModel, fused_members
 from .quant import Q8Weight
 
 XMAX = 16384  # kernels.decode_mega.XMAX: the longest input row
-MAX_LAYERS = 113  # the kernel resets its sync words (kernels.decode_mega.sync_words) with one 1024-wide store
+MAX_LAYERS = 204  # the kernel resets its sync words (kernels.decode_mega.sync_words) with one 1024-wide store
 
 
 def _product(model: LlamaModel, i: int, kind: str):

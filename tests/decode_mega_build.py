@@ -8,9 +8,8 @@ import re
 import torch
 
 CASES = [  # (dims, cache dtype): the open_llama_3b step (bench/predict_gpu.py's shape), tests' small GQA model
-    (dict(S=(13, 7, 13, 17, 13), E=3200, F=8640, V=32000, H=32, HKV=32, D=100, SA=4, DYN=False), "bf16"),
-    (dict(S=(13, 7, 13, 17, 13), E=3200, F=8640, V=32000, H=32, HKV=32, D=100, SA=4, DYN=True), "bf16"),
-    (dict(S=(1, 1, 1, 1, 1), E=64, F=96, V=120, H=4, HKV=2, D=16, SA=4, DYN=False), "fp32"),
+    (dict(S=(13, 7, 13, 17, 13), E=3200, F=8640, V=32000, H=32, HKV=32, D=100, SA=4), "bf16"),
+    (dict(S=(1, 1, 1, 1, 1), E=64, F=96, V=120, H=4, HKV=2, D=16, SA=4), "fp32"),
 ]
 
 
@@ -38,12 +37,10 @@ def _compile(dims: dict, cache: str):
     for kind in ("q", "qt", "d"):
         sig.update({f"{kind}{i}": mangle_type(boxes[kind]) for i in range(5)})
     sig.update({"sync_ptr": "*i32", "L": "i32", "n_ctx": "i32", "eps": "fp32", "qk_scale": "fp32"})
-    dims = dict(dims)
-    dyn = dims.pop("DYN")
     consts = dict(**dims, BLOCK_T=km.BLOCK_T, STAGES=km.STAGES, ROT=km.ROT, PROBE=0)
     sig.update({k: "constexpr" for k in consts})
-    sig.update({"trace_ptr": "*i64", "TRACE": "constexpr", "DYN": "constexpr", "num_warps": "constexpr"})
-    consts.update(TRACE=False, DYN=dyn, num_warps=km.WARPS)
+    sig.update({"trace_ptr": "*i64", "TRACE": "constexpr", "num_warps": "constexpr"})
+    consts.update(TRACE=False, num_warps=km.WARPS)
     src = GluonASTSource(km._decode_step_kernel, sig, constexprs=consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": km.WARPS})
 
@@ -58,6 +55,6 @@ def builds() -> list[dict]:
         imma = r"mma\.sync\.aligned\.m16n8k32\.row\.col(\.satfinite)?\.s32\.s8\.s8\.s32"
         tma = r"cp\.async\.bulk\.tensor"
         counts = dict(imma=len(re.findall(imma, ptx)), tma=len(re.findall(tma, ptx)))
-        out.append(dict(E=dims["E"], dyn=dims["DYN"], cache=cache, cubin=bool(k.asm.get("cubin")),
+        out.append(dict(E=dims["E"], cache=cache, cubin=bool(k.asm.get("cubin")),
                         shared=k.metadata.shared, **counts))  # fmt: skip
     return out
