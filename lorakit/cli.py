@@ -94,7 +94,7 @@ def predict(
         typer.Option(
             "--act-q8",
             help="llama.cpp's arithmetic for q8_0 weights: activations quantized to q8_0, integer block products "
-            "(its numbers; on a GPU without the captured decode)",
+            "(its numbers; on sm_90 GPUs each decode step is one megakernel launch)",
         ),
     ] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="print timings to stderr")] = False,

@@ -27,18 +27,21 @@ XMAX = 16384  # kernels.decode_mega.XMAX: the longest input row
 MAX_LAYERS = 204  # the kernel resets its sync words (kernels.decode_mega.sync_words) with one 1024-wide store
 
 
-def _product(model: LlamaModel, i: int, kind: str):
-    """Layer i's weight of the step's product `kind` (a packed FUSED_KINDS weight as one Q8Weight, else None when a
-    member is not q8_0)."""
+def _members(model: LlamaModel, i: int, kind: str) -> list:
+    """Layer i's weights of the step's product `kind`: the packed FUSED_KINDS weight where the model has one, else its
+    members in packing order (one weight for the output and down projections)."""
     name = f"blk.{i}.{kind}"
     if name in model.fused:
-        return model.fused[name]
-    members = [model.weight(m) for m in fused_members(name)] if kind in ("attn_qkv", "ffn_gate_up") else None
-    if members is None:
-        return model.weight(f"{name}.weight")
-    if not all(isinstance(m, Q8Weight) for m in members):
-        return None
-    return Q8Weight(torch.cat([m.qs for m in members]), torch.cat([m.d for m in members]))
+        return [model.fused[name]]
+    if kind in ("attn_qkv", "ffn_gate_up"):
+        return [model.weight(m) for m in fused_members(name)]
+    return [model.weight(f"{name}.weight")]
+
+
+def _product(model: LlamaModel, i: int, kind: str) -> Q8Weight:
+    """The product's q8_0 weight as one Q8Weight (members concatenated where the model keeps them apart)."""
+    ws = _members(model, i, kind)
+    return ws[0] if len(ws) == 1 else Q8Weight(torch.cat([w.qs for w in ws]), torch.cat([w.d for w in ws]))
 
 
 KINDS = ("attn_qkv", "attn_output", "ffn_gate_up", "ffn_down")
@@ -57,7 +60,7 @@ def applies(model: LlamaModel, adapters, cache: KVCache) -> str | None:
         return "the model is larger than the decode megakernel's buffers"
     for i in range(a.n_layer):
         for kind in KINDS:
-            if not isinstance(_product(model, i, kind), Q8Weight):
+            if not all(isinstance(w, Q8Weight) for w in _members(model, i, kind)):
                 return f"blk.{i}.{kind} is not q8_0"
     if not isinstance(model.weight("output.weight"), Q8Weight):
         return "output.weight is not q8_0"
