@@ -31,9 +31,29 @@ HBM = 4.23e12
 BASE = dict(S=(13, 7, 13, 17, 13), SA=4)  # kernels/decode_mega.splits and the key splits the decoder takes
 CONFIGS = [  # BASE: splits of the K stages per product kind, attention key splits per head (H * SA programs); the
     # kernel's BLOCK_T (keys per attention block), STAGES (ring), ROT (task rotation) may be set too; probes (wrong
-    # numbers, timed only; bits): 1 no attention, 4 no waits, 8 no products' arithmetic (the stream alone)
+    # numbers, timed only; bits): 1 no attention, 4 no waits, 8 no products' arithmetic (the stream alone). LORA r:
+    # random adapter terms of rank r on the 7 matrices (two rank-4 adapters: 8; the packed products' terms
+    # block-diagonal as lora.fused_lora_term forms them: ranks 3 r, r, 2 r, r), LMID: B t after that many tasks
     BASE,
+    dict(BASE, LORA=8),
+    dict(BASE, LORA=8, LMID=-1),
+    dict(BASE, LORA=8, LMID=6),
 ]
+
+
+def make_lora(layers: int, r: int, device) -> list:
+    """Random adapter factors per product kind (kernels.decode_mega.pack_lora's input): A ~ N(0, 1 / K), B ~ N(0,
+    0.01 / R), block-diagonal over the packed products' members (q, k, v; gate, up), none on the vocabulary."""
+    g = torch.Generator(device=device).manual_seed(1)
+    out = []
+    for (n, k), m in zip(SHAPES[:4], (3, 1, 2, 1), strict=True):
+        a = torch.randn(layers, m * r, k, device=device, generator=g) / k**0.5
+        b = torch.zeros(layers, n, m * r, device=device)
+        for j in range(m):
+            rows = slice(j * n // m, (j + 1) * n // m)
+            b[:, rows, j * r : (j + 1) * r] = 0.1 * torch.randn(layers, n // m, r, device=device, generator=g) / r**0.5
+        out.append((a, b))
+    return out + [None]
 
 
 def make_inputs(layers: int, n_ctx: int, pos: int, device):
@@ -57,14 +77,17 @@ def make_inputs(layers: int, n_ctx: int, pos: int, device):
     return ws, gains, cache, cos, sin, x0
 
 
-def mega_dims(layers: int, cfg: dict) -> dict:
-    return dict(L=layers, E=E, F=F, V=V, H=H, HKV=H, D=D, eps=1e-6, **{k: v for k, v in cfg.items() if k != "probe"})
+def mega_dims(layers: int, cfg: dict, lora_dims: dict) -> dict:
+    return dict(L=layers, E=E, F=F, V=V, H=H, HKV=H, D=D, eps=1e-6, **lora_dims,
+                **{k: v for k, v in cfg.items() if k not in ("probe", "LORA")})  # fmt: skip
 
 
-def buffers(layers, gains, cache, cos, sin, x0, pos, cfg, device) -> dict:
+def buffers(layers, gains, cache, cos, sin, x0, pos, cfg, device, lora=None, rt=1) -> dict:
     from lorakit.kernels.decode_mega import sync_words
 
     return {
+        "lora": lora,
+        "t": torch.zeros((5 * layers + 1) * rt, device=device),
         "h": x0.clone(),
         "y32": torch.zeros(layers, 3 * E + 2 * F, device=device),
         "logits": torch.zeros(V, device=device),
@@ -129,7 +152,7 @@ def rel(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def main(argv=None) -> int:
-    from lorakit.kernels.decode_mega import decode_step, descriptors, pack_d, tile_q
+    from lorakit.kernels.decode_mega import decode_step, descriptors, pack_d, pack_lora, tile_q
     from persistent_lab import graph_us, launched_chain
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -165,15 +188,18 @@ def main(argv=None) -> int:
                 [(tile_q(q, n, 64, 128), pack_d(d, n, 64)) for (q, d), (n, _) in zip(ws, SHAPES, strict=True)]
             )
             checks = {}
+            factors = make_lora(L, cfg["LORA"], dev) if cfg.get("LORA") else [None] * 5
             for n in (1, L) if not cfg.get("probe") else ():  # one layer, then all of them
-                dims = mega_dims(n, cfg)
-                b = buffers(n, gains, cache0.clone(), cos, sin, x0, a.pos, cfg, dev)
+                few = [None if f is None else (f[0][:n], f[1][:n]) for f in factors]
+                lora, lora_dims = pack_lora(few, n_sm)
+                dims = mega_dims(n, cfg, lora_dims)
+                b = buffers(n, gains, cache0.clone(), cos, sin, x0, a.pos, cfg, dev, lora, lora_dims["RT"])
                 decode_step(b, descs, dims, n_sm)
                 torch.cuda.synchronize()
                 if int(b["sync"].count_nonzero()):
                     raise RuntimeError("phase counters not reset")
                 ref_cache = cache0.clone()
-                want, first = reference_step(ws, gains, ref_cache, cos, sin, x0, a.pos, dims)
+                want, first = reference_step(ws, gains, ref_cache, cos, sin, x0, a.pos, dims, few)
                 checks[f"logits_{n}"] = rel(b["logits"], want)
                 checks[f"argmax_equal_{n}"] = int(b["logits"].argmax()) == int(want.argmax())
                 checks[f"cache_row_{n}"] = rel(b["cache"][:n, :, a.pos].float(), ref_cache[:n, :, a.pos].double())
@@ -182,12 +208,14 @@ def main(argv=None) -> int:
                     checks["h_1"] = rel(b["h"], first["h"])
             print(f"{name}: checks (max |diff| / max |reference|, float64 reference of the same arithmetic): "
                   f"{json.dumps(checks)}", flush=True)  # fmt: skip
-            dims = mega_dims(L, cfg)
-            b = buffers(L, gains, cache0.clone(), cos, sin, x0, a.pos, cfg, dev)
+            lora, lora_dims = pack_lora(factors, n_sm)
+            dims = mega_dims(L, cfg, lora_dims)
+            b = buffers(L, gains, cache0.clone(), cos, sin, x0, a.pos, cfg, dev, lora, lora_dims["RT"])
 
             def step(b=b, descs=descs, cfg=cfg, dims=dims):
                 b["h"].copy_(x0)
                 b["y32"].zero_()
+                b["t"].zero_()
                 b["logits"].zero_()
                 decode_step(b, descs, dims, n_sm)
                 return torch.argmax(b["logits"])
@@ -236,10 +264,19 @@ def q8_act_product(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor) -> torch.
     return (isum * d.double() * dx.double().view(1, -1)).sum(-1)
 
 
-def reference_step(ws, gains, cache, cos, sin, h0, pos: int, dims: dict):
-    """The megakernel's step in float64 (weights ws: [(qs, d)] per kind, layers stacked): returns (logits, the first
-    layer's q|k|v sums, h after the first layer); writes the new k, v rows (bf16) into `cache` as the kernel does."""
+def reference_step(ws, gains, cache, cos, sin, h0, pos: int, dims: dict, factors=None):
+    """The megakernel's step in float64 (weights ws: [(qs, d)] per kind, layers stacked; adapter factors per kind as
+    make_lora gives them, each product + B (A x) of its float input): returns (logits, the first layer's q|k|v sums,
+    h after the first layer); writes the new k, v rows (bf16) into `cache` as the kernel does."""
     L, E, F, H, D, eps = dims["L"], dims["E"], dims["F"], dims["H"], dims["D"], dims["eps"]
+    factors = factors or [None] * 5
+
+    def product(x, kind, layer):
+        y = q8_act_product(x, *w(kind, layer))
+        if factors[kind] is not None:
+            a, b = (f[layer].double() for f in factors[kind])
+            y = y + b @ (a @ x.double())
+        return y
 
     def norm(h, g):
         return h / torch.sqrt((h * h).mean() + eps) * g.double()
@@ -253,7 +290,7 @@ def reference_step(ws, gains, cache, cos, sin, h0, pos: int, dims: dict):
     c, s = cos[pos].double().repeat_interleave(2), sin[pos].double().repeat_interleave(2)
     first = {}
     for layer in range(L):
-        qkv = q8_act_product(norm(h, gains[2 * layer]), *w(0, layer))
+        qkv = product(norm(h, gains[2 * layer]), 0, layer)
         x = qkv.view(3 * H, D)
         even = x[:, 0::2].repeat_interleave(2, dim=1)
         odd = x[:, 1::2].repeat_interleave(2, dim=1)
@@ -265,13 +302,13 @@ def reference_step(ws, gains, cache, cos, sin, h0, pos: int, dims: dict):
         vc[:, pos] = v_new.to(torch.bfloat16)
         sc = torch.einsum("hd,htd->ht", q, kc[:, : pos + 1].double()) / D**0.5
         att = torch.einsum("ht,htd->hd", torch.softmax(sc, dim=-1), vc[:, : pos + 1].double()).reshape(E)
-        h = h + q8_act_product(att, *w(1, layer))
-        gu = q8_act_product(norm(h, gains[2 * layer + 1]), *w(2, layer))
+        h = h + product(att, 1, layer)
+        gu = product(norm(h, gains[2 * layer + 1]), 2, layer)
         g, u = gu[:F], gu[F:]
-        h = h + q8_act_product(g * torch.sigmoid(g) * u, *w(3, layer))
+        h = h + product(g * torch.sigmoid(g) * u, 3, layer)
         if layer == 0:
             first = {"qkv": qkv, "h": h.clone()}
-    return q8_act_product(norm(h, gains[2 * L]), *w(4, 0)), first
+    return product(norm(h, gains[2 * L]), 4, 0), first
 
 
 if __name__ == "__main__":

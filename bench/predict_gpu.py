@@ -81,7 +81,7 @@ def bench_decode(model, backend, adapters, prompt: int, new: int, dtype=torch.bf
     if act_q8:
         from lorakit.decode_mega import MegaDecoder
 
-        step = MegaDecoder(model, backend, gen.rope, cache, **loop)
+        step = MegaDecoder(model, backend, gen.rope, cache, adapters, **loop)
     else:
         step = GraphDecoder(model, backend, adapters, gen.rope, cache, dtype, **loop)
     tok = int(torch.argmax(logits))
@@ -175,13 +175,14 @@ def main(argv=None) -> int:
     r = bench_prefill(model, be)
     rows.append({"case": "prefill 512", **r, "vs_llamacpp": r["prefill_tok_s"] / LLAMACPP_PREFILL})
     print(json.dumps(rows[-1]), flush=True)
-    for mode, how in (("device", "argmax on GPU"), ("sampled", "default sampling")):
-        r = bench_decode(model, be, (), a.prompt, a.new, mode=mode, act_q8=True)
-        rows.append({"case": f"decode, --act-q8 (megakernel), {how}", **r,
-                     "vs_llamacpp": r["decode_tok_s"] / LLAMACPP_DECODE})  # fmt: skip
-        print(json.dumps(rows[-1]), flush=True)
-    torch.cuda.empty_cache()
     ads = two_adapters(model, be.device)
+    for name, adapters in (("", ()), (", 2 scaled adapters", ads)):
+        for mode, how in (("device", "argmax on GPU"), ("sampled", "default sampling")):
+            r = bench_decode(model, be, adapters, a.prompt, a.new, mode=mode, act_q8=True)
+            rows.append({"case": f"decode, --act-q8 (megakernel){name}, {how}", **r,
+                         "vs_llamacpp": r["decode_tok_s"] / LLAMACPP_DECODE})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+            torch.cuda.empty_cache()
     for name, adapters in (("no adapter", ()), ("2 scaled adapters", ads)):
         for mode, how in (("host", "host argmax"), ("device", "argmax on GPU"), ("sampled", "default sampling"),
                           ("sampled-host", "default sampling, draw on host")):  # fmt: skip

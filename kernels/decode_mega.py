@@ -26,6 +26,12 @@ programmatic dependent launches) each product pays ~7 us of fixed cost and the s
       c + 4 down product: input silu(gate) * up; added into h
     5 L   output product: input RMSNorm(h) * output_norm, into the logits
 
+Adapters (unmerged, float32): a product with adapter terms (all of them as one term, A [R, K] and B [N, R] with the
+scales in B, lora.fused_lora_term) adds B (A x) of its float input x. Each program forms x while quantizing it
+anyway, sums its slice of K of t = A x into t by atomics and arrives at the phase's t word; after its first LMID
+tasks it waits for every program's part of t (long done by then) and adds B t to its share of the product's rows.
+No extra phase boundary: the product's consumers see the rows with their terms at its arrival.
+
 h (fp32, the residual stream) starts as the token's embedding row; the q|k|v and gate|up sums (one region per
 layer) and the logits are sums of atomics and must be zero before the launch. Everything between the products is
 fp32 (llama.cpp's CPU build keeps activations in fp32 too); the cache keeps its dtype. The phase counters are
@@ -141,13 +147,14 @@ def _produce(q_desc, qt_desc, d_desc, q_s, d_s, full, empty, layer, it, pid, P, 
 
 @gluon.jit
 def _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N: gl.constexpr, K: gl.constexpr, S: gl.constexpr,
-           BLOCK_N: gl.constexpr, PROBE: gl.constexpr, ADD: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
-    """Tasks first, first + P, ... of the product y[:N] (+)= x[:K] @ W.T, x already quantized in xq_s / dx_s, W's
-    stages from the ring (full / empty, `it` the ring position): task = (row block, split of the K stages). A task adds
-    its split's sums atomically (fire and forget: no round trip per task; the order of a row's S additions varies, so
-    the fp32 sums may differ in the last bit between runs); with S == 1 it stores them, unless ADD (y += the product,
-    e.g. a residual). PROBE 1: the stages consumed without their arithmetic (wrong numbers). Returns the ring
-    position."""
+           BLOCK_N: gl.constexpr, PROBE: gl.constexpr, ADD: gl.constexpr, num_warps: gl.constexpr,
+           stop=1 << 30):  # fmt: skip
+    """Tasks first, first + P, ... (those before `stop`) of the product y[:N] (+)= x[:K] @ W.T, x already quantized in
+    xq_s / dx_s, W's stages from the ring (full / empty, `it` the ring position): task = (row block, split of the K
+    stages). A task adds its split's sums atomically (fire and forget: no round trip per task; the order of a row's S
+    additions varies, so the fp32 sums may differ in the last bit between runs); with S == 1 it stores them, unless ADD
+    (y += the product: a residual, or a LoRA term added too). PROBE 1: the stages consumed without their arithmetic
+    (wrong numbers). Returns the ring position."""
     STAGES: gl.constexpr = full.shape[0]
     STEPS: gl.constexpr = (K + GK - 1) // GK
     PER: gl.constexpr = (STEPS + S - 1) // S
@@ -163,7 +170,7 @@ def _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N: gl.constex
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     xq_boxes = xq_s._reinterpret(gl.int8, [XMAX // BKB, BKB], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     dx_steps = dx_s._reinterpret(gl.float32, [XMAX // GK, 8], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    for task in range(first, ((N + BLOCK_N - 1) // BLOCK_N) * S, P):  # rows past N: never stored
+    for task in range(first, gl.minimum(stop, ((N + BLOCK_N - 1) // BLOCK_N) * S), P):  # rows past N: never stored
         rb = task // S
         s0 = (task % S) * PER
         s1 = gl.minimum(s0 + PER, STEPS)
@@ -223,7 +230,7 @@ def _chunk_offsets(c, ROWS: gl.constexpr, XB: gl.constexpr):
 @gluon.jit
 def _quantize_norm(h_ptr, g_ptr, eps, xq_s, dx_s, K: gl.constexpr, num_warps: gl.constexpr):
     """RMSNorm(h[:K]) * g, quantized: h * (1 / sqrt(mean(h^2) + eps)) * g in fp32 (h read past L1: other SMs add
-    into it)."""
+    into it). Returns 1 / sqrt(mean(h^2) + eps)."""
     XB: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
     ROWS: gl.constexpr = 8 * num_warps * 4  # blocks per chunk
     CH: gl.constexpr = (K + ROWS * 32 - 1) // (ROWS * 32)
@@ -232,6 +239,7 @@ def _quantize_norm(h_ptr, g_ptr, eps, xq_s, dx_s, K: gl.constexpr, num_warps: gl
         x = gl.load(h_ptr + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
         r = 1.0 / gl.sqrt_rn(gl.sum(gl.sum(x * x, axis=1), axis=0) / K + eps)
         _put_q8(x * r * gl.load(g_ptr + offs, mask=offs < K, other=0.0), 0, xq_s, dx_s, ROWS)
+        return r
     else:
         ss = 0.0
         for c in gl.static_range(CH):
@@ -243,6 +251,7 @@ def _quantize_norm(h_ptr, g_ptr, eps, xq_s, dx_s, K: gl.constexpr, num_warps: gl
             offs = _chunk_offsets(c, ROWS, XB)
             x = gl.load(h_ptr + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
             _put_q8(x * r * gl.load(g_ptr + offs, mask=offs < K, other=0.0), c, xq_s, dx_s, ROWS)
+        return r
 
 
 @gluon.jit
@@ -274,6 +283,50 @@ def _quantize_row(x_ptr, xq_s, dx_s, K: gl.constexpr, num_warps: gl.constexpr):
     for c in gl.static_range((K + ROWS * 32 - 1) // (ROWS * 32)):
         offs = _chunk_offsets(c, ROWS, XB)
         _put_q8(gl.load(x_ptr + offs, mask=offs < K, other=0.0, cache_modifier=".cg"), c, xq_s, dx_s, ROWS)
+
+
+# -- the adapters' low-rank terms: y += B (A x) -------------------------------------------------------------------
+
+
+@gluon.jit
+def _lora_t(a_ptr, t_ptr, x_ptr, g_ptr, rstd, K: gl.constexpr, R: gl.constexpr, RP: gl.constexpr,
+            MODE: gl.constexpr, TSL: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """This program's share of t = A x (A [R, K] fp32 row-major, R <= RP; x the product's fp32 input before its
+    quantization, formed as the quantize phase forms it: MODE 0 the row x_ptr[:K], 1 x_ptr[:K] * rstd * g (RMSNorm),
+    2 silu(x_ptr[:K]) * x_ptr[K:2 K]): the sums over its slice of K (program p: [p sl, (p + 1) sl), sl = ceil(K / P)
+    <= TSL) added into t[:R] by atomics."""
+    LT: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
+    pid = gl.program_id(0)
+    sl = (K + gl.num_programs(0) - 1) // gl.num_programs(0)
+    k = pid * sl + gl.arange(0, TSL, layout=gl.SliceLayout(0, LT))
+    mk = (k < (pid + 1) * sl) & (k < K)
+    x = gl.load(x_ptr + k, mask=mk, other=0.0, cache_modifier=".cg")
+    if MODE == 1:
+        x = x * rstd * gl.load(g_ptr + k, mask=mk, other=0.0)
+    if MODE == 2:
+        x = x / (1.0 + gl.exp(-x)) * gl.load(x_ptr + K + k, mask=mk, other=0.0, cache_modifier=".cg")
+    r = gl.arange(0, RP, layout=gl.SliceLayout(1, LT))
+    a = gl.load(a_ptr + gl.expand_dims(r * K, 1) + gl.expand_dims(k, 0),
+                mask=gl.expand_dims(r < R, 1) & gl.expand_dims(mk, 0), other=0.0)  # fmt: skip
+    gl.atomic_add(t_ptr + r, gl.sum(a * gl.expand_dims(x, 0), axis=1), mask=r < R, sem="relaxed", scope="gpu")
+
+
+@gluon.jit
+def _lora_rows(y_ptr, b_ptr, t_ptr, N: gl.constexpr, R: gl.constexpr, RP: gl.constexpr, num_warps: gl.constexpr):
+    """y[n] += B[n] . t for this program's share of the rows n ([p rn, (p + 1) rn), rn = ceil(N / P)), by atomics (B
+    [N, R] fp32 row-major with the adapters' scales in it; t complete)."""
+    LB: gl.constexpr = gl.BlockedLayout([1, RP], [32, 1], [num_warps, 1], [1, 0])
+    ROWS: gl.constexpr = 32 * num_warps
+    pid = gl.program_id(0)
+    rn = (N + gl.num_programs(0) - 1) // gl.num_programs(0)
+    r = gl.arange(0, RP, layout=gl.SliceLayout(0, LB))
+    t = gl.expand_dims(gl.load(t_ptr + r, mask=r < R, other=0.0, cache_modifier=".cg"), 0)
+    for n0 in range(pid * rn, gl.minimum((pid + 1) * rn, N), ROWS):
+        n = n0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, LB))
+        mn = (n < (pid + 1) * rn) & (n < N)
+        b = gl.load(b_ptr + gl.expand_dims(n * R, 1) + gl.expand_dims(r, 0),
+                    mask=gl.expand_dims(mn, 1) & gl.expand_dims(r < R, 0), other=0.0)  # fmt: skip
+        gl.atomic_add(y_ptr + n, gl.sum(b * t, axis=1), mask=mn, sem="relaxed", scope="gpu")
 
 
 # -- attention ----------------------------------------------------------------------------------------------------
@@ -401,17 +454,54 @@ def _wait(sync_ptr, err_ptr, phase, count, PROBE: gl.constexpr):
 
 
 @gluon.jit
+def _lora_in(a_ptr, t_ptr, x_ptr, g_ptr, rstd, sync_ptr, tw, K: gl.constexpr, R: gl.constexpr, RP: gl.constexpr,
+             MODE: gl.constexpr, TSL: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """With an adapter term on the product (R > 0): this program's part of t = A x (_lora_t), then its arrival at
+    sync word tw."""
+    if R > 0:
+        _lora_t(a_ptr, t_ptr, x_ptr, g_ptr, rstd, K, R, RP, MODE, TSL, num_warps)
+        _arrive(sync_ptr, tw)
+
+
+@gluon.jit
+def _product(y_ptr, b_ptr, t_ptr, sync_ptr, err_ptr, tw, xq_s, dx_s, q_s, d_s, full, empty, it, first, P,
+             N: gl.constexpr, K: gl.constexpr, S: gl.constexpr, BLOCK_N: gl.constexpr, TP: gl.constexpr,
+             ADD: gl.constexpr, R: gl.constexpr, RP: gl.constexpr, LMID: gl.constexpr, PROBE: gl.constexpr,
+             num_warps: gl.constexpr):  # fmt: skip
+    """The program's tasks of one product (_tasks); with an adapter term (R > 0) also its share of the rows' B t
+    (_lora_rows, every task adding), after its first LMID tasks (after all of them for LMID < 0), once every program
+    has added its part of t (sync word tw): by then the others have long done so, and the ring keeps streaming."""
+    if R == 0:
+        it = _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N, K, S, BLOCK_N, TP, ADD, num_warps)
+    else:
+        stop = first + LMID * P if LMID >= 0 else 1 << 30
+        it = _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N, K, S, BLOCK_N, TP, True, num_warps,
+                    stop)  # fmt: skip
+        _wait(sync_ptr, err_ptr, tw, P, PROBE)
+        _lora_rows(y_ptr, b_ptr, t_ptr, N, R, RP, num_warps)
+        if LMID >= 0:
+            it = _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, stop, P, N, K, S, BLOCK_N, TP, True, num_warps)
+    return it
+
+
+@gluon.jit
 def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr, g_ptr,
-              xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale, S: gl.constexpr,
+              lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale, S: gl.constexpr,
               E: gl.constexpr,
               F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr,
               SA: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, ROT: gl.constexpr, PROBE: gl.constexpr,
-              trace_ptr, TRACE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+              R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr,
+              LMID: gl.constexpr, trace_ptr, TRACE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """Per phase: wait, form and quantize the product's input (with adapters: this program's part of t = A x and its
+    arrival), the program's tasks (with adapters: its rows' B t), arrive. The adapters' factors of product kind j
+    (R[j] > 0): A at lora_ptr + LOFF[j] ([L, R, K]), B at lora_ptr + LOFF[5 + j] ([L, N, R]); t of phase c at
+    t_ptr + c RT, its arrivals at sync word 5 L + 2 + c."""
     pid = gl.program_id(0)
     P = gl.num_programs(0)
     pos = gl.load(pos_ptr)
     tr = trace_ptr + pid * (12 * L + 2)
     err = sync_ptr + (5 * L + 1) * SYNC_STRIDE
+    tw = 5 * L + 2  # the adapters' t arrivals: word tw + phase
     TP: gl.constexpr = 1 if (PROBE // 8) % 2 == 1 else 0  # probe 8: the tasks without their arithmetic
     NQ: gl.constexpr = (H + 2 * HKV) * D
     RSL: gl.constexpr = NQ + 2 * F  # a layer's fp32 region: q|k|v sums, then gate|up sums
@@ -423,10 +513,13 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
         if layer > 0:
             _wait(sync_ptr, err, c - 1, P, PROBE)
         _stamp(tr, pid, 12 * layer, TRACE)
-        _quantize_norm(h_ptr, g_ptr + (2 * layer) * E, eps, xq_s, dx_s, E, num_warps)
+        rstd = _quantize_norm(h_ptr, g_ptr + (2 * layer) * E, eps, xq_s, dx_s, E, num_warps)
+        _lora_in(lora_ptr + LOFF[0] + layer * (R[0] * E), t_ptr + c * RT, h_ptr, g_ptr + (2 * layer) * E, rstd,
+                 sync_ptr, tw + c, E, R[0], RP[0], 1, TSL, num_warps)  # fmt: skip
         gl.thread_barrier()
-        it = _tasks(y_l, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + c * ROT) % P, P, NQ, E, S[0],
-                              BLOCK_N, TP, False, num_warps)  # fmt: skip
+        it = _product(y_l, lora_ptr + LOFF[5] + layer * (NQ * R[0]), t_ptr + c * RT, sync_ptr, err, tw + c, xq_s,
+                      dx_s, q_s, d_s, full, empty, it, (pid + c * ROT) % P, P, NQ, E, S[0], BLOCK_N, TP, False, R[0],
+                      RP[0], LMID, PROBE, num_warps)  # fmt: skip
         _stamp(tr, pid, 12 * layer + 1, TRACE)
         _arrive(sync_ptr, c)
         _stamp(tr, pid, 12 * layer + 10, TRACE)
@@ -448,39 +541,52 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
         _wait(sync_ptr, err, c + 1, H, PROBE)  # every head's output written
         _stamp(tr, pid, 12 * layer + 4, TRACE)
         _quantize_row(attn_ptr, xq_s, dx_s, H * D, num_warps)
+        _lora_in(lora_ptr + LOFF[1] + layer * (R[1] * H * D), t_ptr + (c + 2) * RT, attn_ptr, g_ptr, 0.0, sync_ptr,
+                 tw + c + 2, H * D, R[1], RP[1], 0, TSL, num_warps)  # fmt: skip
         gl.thread_barrier()
-        it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 2) * ROT) % P, P, E,
-                              H * D, S[1], BLOCK_N, TP, True, num_warps)  # fmt: skip
+        it = _product(h_ptr, lora_ptr + LOFF[6] + layer * (E * R[1]), t_ptr + (c + 2) * RT, sync_ptr, err,
+                      tw + c + 2, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 2) * ROT) % P, P, E, H * D, S[1],
+                      BLOCK_N, TP, True, R[1], RP[1], LMID, PROBE, num_warps)  # fmt: skip
         _stamp(tr, pid, 12 * layer + 5, TRACE)
         _arrive(sync_ptr, c + 2)
         _wait(sync_ptr, err, c + 2, P, PROBE)
         _stamp(tr, pid, 12 * layer + 6, TRACE)
-        _quantize_norm(h_ptr, g_ptr + (2 * layer + 1) * E, eps, xq_s, dx_s, E, num_warps)
+        rstd = _quantize_norm(h_ptr, g_ptr + (2 * layer + 1) * E, eps, xq_s, dx_s, E, num_warps)
+        _lora_in(lora_ptr + LOFF[2] + layer * (R[2] * E), t_ptr + (c + 3) * RT, h_ptr, g_ptr + (2 * layer + 1) * E,
+                 rstd, sync_ptr, tw + c + 3, E, R[2], RP[2], 1, TSL, num_warps)  # fmt: skip
         gl.thread_barrier()
-        it = _tasks(y_l + NQ, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 3) * ROT) % P, P,
-                              2 * F, E, S[2], BLOCK_N, TP, False, num_warps)  # fmt: skip
+        it = _product(y_l + NQ, lora_ptr + LOFF[7] + layer * (2 * F * R[2]), t_ptr + (c + 3) * RT, sync_ptr, err,
+                      tw + c + 3, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 3) * ROT) % P, P, 2 * F, E, S[2],
+                      BLOCK_N, TP, False, R[2], RP[2], LMID, PROBE, num_warps)  # fmt: skip
         _stamp(tr, pid, 12 * layer + 7, TRACE)
         _arrive(sync_ptr, c + 3)
         _wait(sync_ptr, err, c + 3, P, PROBE)
         _stamp(tr, pid, 12 * layer + 8, TRACE)
         _quantize_swiglu(y_l + NQ, xq_s, dx_s, F, num_warps)
+        _lora_in(lora_ptr + LOFF[3] + layer * (R[3] * F), t_ptr + (c + 4) * RT, y_l + NQ, g_ptr, 0.0, sync_ptr,
+                 tw + c + 4, F, R[3], RP[3], 2, TSL, num_warps)  # fmt: skip
         gl.thread_barrier()
-        it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 4) * ROT) % P, P, E,
-                              F, S[3], BLOCK_N, TP, True, num_warps)  # fmt: skip
+        it = _product(h_ptr, lora_ptr + LOFF[8] + layer * (E * R[3]), t_ptr + (c + 4) * RT, sync_ptr, err,
+                      tw + c + 4, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 4) * ROT) % P, P, E, F, S[3],
+                      BLOCK_N, TP, True, R[3], RP[3], LMID, PROBE, num_warps)  # fmt: skip
         _stamp(tr, pid, 12 * layer + 9, TRACE)
         _arrive(sync_ptr, c + 4)
     _wait(sync_ptr, err, 5 * L - 1, P, PROBE)
     _stamp(tr, pid, 12 * L, TRACE)
-    _quantize_norm(h_ptr, g_ptr + (2 * L) * E, eps, xq_s, dx_s, E, num_warps)
+    rstd = _quantize_norm(h_ptr, g_ptr + (2 * L) * E, eps, xq_s, dx_s, E, num_warps)
+    _lora_in(lora_ptr + LOFF[4], t_ptr + 5 * L * RT, h_ptr, g_ptr + (2 * L) * E, rstd, sync_ptr, tw + 5 * L, E, R[4],
+             RP[4], 1, TSL, num_warps)  # fmt: skip
     gl.thread_barrier()
-    _tasks(logits_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + 5 * L * ROT) % P, P, V, E,
-                     S[4], BLOCK_N, TP, False, num_warps)  # fmt: skip
+    _product(logits_ptr, lora_ptr + LOFF[9], t_ptr + 5 * L * RT, sync_ptr, err, tw + 5 * L, xq_s, dx_s, q_s, d_s,
+             full, empty, it, (pid + 5 * L * ROT) % P, P, V, E, S[4], BLOCK_N, TP, False, R[4], RP[4], LMID, PROBE,
+             num_warps)  # fmt: skip
     _stamp(tr, pid, 12 * L + 1, TRACE)
-    # the last program out zeroes the phase counters for the next launch (every program has passed every wait)
+    # the last program out zeroes the phase counters, the done counter and the t arrivals for the next launch (every
+    # program has passed every wait); the error word stays
     gl.thread_barrier()
     if gl.atomic_add(sync_ptr + 5 * L * SYNC_STRIDE, 1, sem="acq_rel", scope="gpu") == P - 1:
-        offs = gl.arange(0, 1024, layout=gl.BlockedLayout([8], [32], [num_warps], [0]))
-        gl.store(sync_ptr + offs * SYNC_STRIDE, gl.zeros_like(offs), mask=offs <= 5 * L)
+        offs = gl.arange(0, 2048, layout=gl.BlockedLayout([16], [32], [num_warps], [0]))
+        gl.store(sync_ptr + offs * SYNC_STRIDE, gl.zeros_like(offs), mask=(offs <= 10 * L + 2) & (offs != 5 * L + 1))
 
 
 @gluon.jit
@@ -526,11 +632,12 @@ def _ring(q0, qt0, d0, STAGES: gl.constexpr, num_warps: gl.constexpr):
 
 @gluon.jit
 def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr,
-                        g_ptr, q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, sync_ptr, L, n_ctx,
-                        eps, qk_scale, S: gl.constexpr, E: gl.constexpr, F: gl.constexpr, V: gl.constexpr,
-                        H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr, SA: gl.constexpr,
+                        g_ptr, lora_ptr, t_ptr, q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4,
+                        sync_ptr, L, n_ctx, eps, qk_scale, S: gl.constexpr, E: gl.constexpr, F: gl.constexpr,
+                        V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr, SA: gl.constexpr,
                         BLOCK_T: gl.constexpr, STAGES: gl.constexpr, ROT: gl.constexpr, PROBE: gl.constexpr,
-                        trace_ptr, TRACE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                        R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr,
+                        LMID: gl.constexpr, trace_ptr, TRACE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
     q_s, d_s, xq_s, dx_s, full, empty = _ring(q0, qt0, d0, STAGES, num_warps)
@@ -538,8 +645,9 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
     gl.warp_specialize(
         [
             (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr,
-                         g_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale, S, E, F, V, H,
-                         HKV, D, SA, BLOCK_T, BLOCK_N, ROT, PROBE, trace_ptr, TRACE, num_warps)),
+                         g_ptr, lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale,
+                         S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, ROT, PROBE, R, RP, LOFF, RT, TSL, LMID,
+                         trace_ptr, TRACE, num_warps)),
             (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty, L, S,
                          E, F, V, H, HKV, D, ROT)),
         ],
@@ -559,10 +667,36 @@ BLOCK_T = 64  # keys per attention block
 ROT = 37  # product j's tasks start at program (pid + j ROT) % P: the programs with one task more change per product
 
 
+LMID = 2  # a product's B t rows after the program's first LMID tasks (_product)
+
+
 def sync_words(layers: int) -> int:
     """int32 words (each SYNC_STRIDE apart) of the kernel's sync buffer: 5 L phase counters, the done counter, the
-    error word."""
-    return 5 * layers + 2
+    error word, then the adapters' t arrivals per phase (5 L + 1)."""
+    return 10 * layers + 3
+
+
+def pack_lora(factors, programs: int) -> tuple[torch.Tensor | None, dict]:
+    """The adapters' factors per product kind (q|k|v, output, gate|up, down, vocabulary): None, or (A [L, R, K], B
+    [L, N, R]) fp32 (B with the adapters' scales), as one flat buffer, and the kernel's dims for them (R, RP: R's
+    power of two, LOFF: the factors' offsets in the buffer, RT: t's stride per phase, TSL: a program's slice of K
+    for t, rounded up to a power of two)."""
+    parts, loff, ranks, ks = [], [0] * 10, [0] * 5, [1]
+    n = 0
+    for j, f in enumerate(factors):
+        if f is None:
+            continue
+        a, b = f
+        ranks[j] = a.shape[1]
+        ks.append(a.shape[2])
+        for i, t in ((j, a), (5 + j, b)):
+            loff[i] = n
+            parts.append(t.reshape(-1).float())
+            n += t.numel()
+    rp = [1 << max(0, r - 1).bit_length() for r in ranks]
+    dims = dict(R=tuple(ranks), RP=tuple(rp), LOFF=tuple(loff), RT=max(rp),
+                TSL=max(1, 1 << (-(-max(ks) // programs) - 1).bit_length()))  # fmt: skip
+    return (torch.cat(parts) if parts else None), dims
 
 
 def pad_scales(d: torch.Tensor) -> torch.Tensor:
@@ -631,20 +765,25 @@ def descriptors(weights):
 
 
 def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) -> None:
-    """One launch. dims: L, E, F, V, H, HKV, D, eps, S (splits per product kind), SA (key splits per head); labs may
-    set BLOCK_T, STAGES, ROT too. bufs: h
-    (fp32 [E], the embedding row), y32 (fp32 [L, (H + 2 HKV) D + 2 F], zeros), logits (fp32 [V], zeros), ws (fp32
-    [H, SA, D + 2]), cnt (int32 [H] zeros; left zero), attn (fp32 [H D]), cache (the KV cache buffer [L, 2 HKV, n_ctx,
-    D], each layer's v heads after its k heads), cos / sin (fp32 [n_ctx, D / 2]), pos (int32 [1]), gains (fp32
-    [2 L + 1, E]: attn_norm, ffn_norm per layer, output_norm), sync (int32 zeros [sync_words(L) * SYNC_STRIDE]; its
-    error word set if a wait gave up); optional trace (int64 [programs, 12 L + 2], TRACE stamps)."""
+    """One launch. dims: L, E, F, V, H, HKV, D, eps, S (splits per product kind), SA (key splits per head), with
+    adapters pack_lora's R, RP, LOFF, RT, TSL; labs may set BLOCK_T, STAGES, ROT, LMID too. bufs: h (fp32 [E], the
+    embedding row), y32 (fp32 [L, (H + 2 HKV) D + 2 F], zeros), logits (fp32 [V], zeros), ws (fp32 [H, SA, D + 2]),
+    cnt (int32 [H] zeros; left zero), attn (fp32 [H D]), cache (the KV cache buffer [L, 2 HKV, n_ctx, D], each
+    layer's v heads after its k heads), cos / sin (fp32 [n_ctx, D / 2]), pos (int32 [1]), gains (fp32 [2 L + 1, E]:
+    attn_norm, ffn_norm per layer, output_norm), sync (int32 zeros [sync_words(L) * SYNC_STRIDE]; its
+    error word set if a wait gave up); with adapters lora (pack_lora's buffer) and t (fp32 [(5 L + 1) RT], zeros);
+    optional trace (int64 [programs, 12 L + 2], TRACE stamps)."""
     qd, qt, dd = descs
     trace = bufs.get("trace")
+    ranks = dims.get("R", (0,) * 5)
+    lora = dict(R=tuple(ranks), RP=tuple(dims.get("RP", (1,) * 5)), LOFF=tuple(dims.get("LOFF", (0,) * 10)),
+                RT=dims.get("RT", 1), TSL=dims.get("TSL", 1), LMID=dims.get("LMID", LMID))  # fmt: skip
     _decode_step_kernel[(programs,)](
         bufs["h"], bufs["y32"], bufs["logits"], bufs["ws"], bufs["cnt"], bufs["attn"], bufs["cache"], bufs["cos"],
-        bufs["sin"], bufs["pos"], bufs["gains"], *qd, *qt, *dd, bufs["sync"], dims["L"], bufs["cache"].shape[-2],
+        bufs["sin"], bufs["pos"], bufs["gains"], bufs["lora"] if any(ranks) else bufs["h"],
+        bufs["t"] if any(ranks) else bufs["h"], *qd, *qt, *dd, bufs["sync"], dims["L"], bufs["cache"].shape[-2],
         dims["eps"], 1.4426950408889634 / dims["D"] ** 0.5, S=tuple(dims["S"]), E=dims["E"], F=dims["F"],
         V=dims["V"], H=dims["H"], HKV=dims["HKV"], D=dims["D"], SA=dims["SA"], BLOCK_T=dims.get("BLOCK_T", BLOCK_T),
-        STAGES=dims.get("STAGES", STAGES), ROT=dims.get("ROT", ROT), PROBE=probe,
+        STAGES=dims.get("STAGES", STAGES), ROT=dims.get("ROT", ROT), PROBE=probe, **lora,
         trace_ptr=bufs["sync"] if trace is None else trace, TRACE=trace is not None, num_warps=WARPS,
     )  # fmt: skip

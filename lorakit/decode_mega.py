@@ -5,10 +5,14 @@ MegaDecoder is a GraphDecoder (the same step loop: greedy argmax or the sampler'
 tokens() one step ahead of the host) whose forward pass is the megakernel instead of ~210 launches: the step's graph
 copies the token's embedding row into h, zeroes the products' sums, launches the kernel and returns its logits. It
 applies (`applies`) on sm_90+ GPUs when every product of the step (the packed q|k|v and gate|up, the output and down
-projections, the vocabulary product) is q8_0, there are no adapters (their low-rank terms are not in the kernel yet:
-the eager --act-q8 path runs them) and the shapes fit the kernel (head size <= 128, rows <= 16384). It keeps its own
-copy of the q8_0 weights in the kernel's tile-major layout (the model's copy stays for the prompt's batched
-products): about the weights' size again in GPU memory. LORAKIT_MEGAKERNEL=0 turns it off.
+projections, the vocabulary product) is q8_0 and the shapes fit the kernel (head size <= 128, rows <= 16384,
+adapters' ranks <= MAX_RANK per product). Adapters stay unmerged, in float32 as the eager --act-q8 step adds them
+(llama.cpp converts activations only for quantized weights): per product, the adapters' terms as one term (A of all
+of them stacked, B block-diagonal with the scales in it, lora.fused_lora_term), t = A x of the product's float
+input summed by the programs over slices of K, B t added to the product's rows; the norm gains' and the token
+embedding's terms are formed as the eager step forms them (lora.model_fns). It keeps its own copy of the q8_0
+weights in the kernel's tile-major layout (the model's copy stays for the prompt's batched products): about the
+weights' size again in GPU memory, formed once per Generator (`tiled`). LORAKIT_MEGAKERNEL=0 turns it off.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ import torch
 from .decode import GraphDecoder
 from .errors import LorakitError
 from .generate import SamplingParams
+from .lora import fused_lora_term, lora_terms, model_fns
 from .model import KVCache, LlamaModel, fused_members
 from .quant import Q8Weight
 
 XMAX = 16384  # kernels.decode_mega.XMAX: the longest input row
-MAX_LAYERS = 204  # the kernel resets its sync words (kernels.decode_mega.sync_words) with one 1024-wide store
+MAX_LAYERS = 204  # the kernel resets its sync words (kernels.decode_mega.sync_words) with one 2048-wide store
+MAX_RANK = 64  # the adapters' ranks summed over a product's terms (the kernel holds a row of B in registers)
 
 
 def _members(model: LlamaModel, i: int, kind: str) -> list:
@@ -47,12 +53,49 @@ def _product(model: LlamaModel, i: int, kind: str) -> Q8Weight:
 KINDS = ("attn_qkv", "attn_output", "ffn_gate_up", "ffn_down")
 
 
+def _weight_names(model: LlamaModel, i: int, kind: str) -> list[str]:
+    """The weight names of layer i's product `kind` in packing order (the adapters' terms are per weight name)."""
+    name = f"blk.{i}.{kind}"
+    return fused_members(name) if kind in ("attn_qkv", "ffn_gate_up") else [f"{name}.weight"]
+
+
+def lora_factors(model: LlamaModel, adapters) -> list:
+    """Per product kind (KINDS, then the vocabulary product): None without adapter terms, else (A [L, R, K], B [L, N,
+    R]) fp32: each layer's terms of the product's weights as one term (lora.fused_lora_term: A's of all terms, B
+    block-diagonal in the members' rows with the scales in it), zero-padded to the kind's largest rank."""
+    terms = lora_terms(adapters)
+    L = model.args.n_layer
+    layers = [[f"blk.{i}" for i in range(L)] for _ in KINDS] + [["output"]]
+    out = []
+    for j, names in enumerate(layers):
+        formed = []
+        for i in range(len(names)):
+            members = _weight_names(model, i, KINDS[j]) if j < 4 else ["output.weight"]
+            rows = [model.tensors[m].shape[0] for m in members]
+            formed.append(fused_lora_term([terms.get(m, []) for m in members], rows))
+        r = max((f[0][0].shape[1] for f in formed if f), default=0)
+        if r == 0:
+            out.append(None)
+            continue
+        members = _weight_names(model, 0, KINDS[j]) if j < 4 else ["output.weight"]
+        n = sum(model.tensors[m].shape[0] for m in members)
+        k = model.tensors[members[0]].shape[1]
+        dev = next(f[0][0].device for f in formed if f)
+        a = torch.zeros(len(names), r, k, device=dev)
+        b = torch.zeros(len(names), n, r, device=dev)
+        for i, f in enumerate(formed):
+            if f:
+                a_cat, b_cat, _ = f[0]
+                a[i, : a_cat.shape[1]] = a_cat.T
+                b[i, :, : b_cat.shape[1]] = b_cat
+        out.append((a, b))
+    return out
+
+
 def applies(model: LlamaModel, adapters, cache: KVCache) -> str | None:
     """None when MegaDecoder can run this model's decode steps, else why not (one line)."""
     if os.environ.get("LORAKIT_MEGAKERNEL", "1") == "0":
         return "LORAKIT_MEGAKERNEL=0"
-    if adapters:
-        return "adapters' low-rank terms are not in the decode megakernel"
     a = model.args
     if a.head_dim > 128 or a.head_dim % 2 or a.n_head % a.n_head_kv:
         return f"head size {a.head_dim} / {a.n_head} heads over {a.n_head_kv}: not for the decode megakernel"
@@ -64,6 +107,9 @@ def applies(model: LlamaModel, adapters, cache: KVCache) -> str | None:
                 return f"blk.{i}.{kind} is not q8_0"
     if not isinstance(model.weight("output.weight"), Q8Weight):
         return "output.weight is not q8_0"
+    ranks = [0 if f is None else f[0].shape[1] for f in lora_factors(model, adapters)]
+    if max(ranks) > MAX_RANK:
+        return f"the adapters' ranks on one product add up to {max(ranks)} (the decode megakernel takes {MAX_RANK})"
     k0 = cache.k[0]
     per_layer = 2 * a.n_head_kv * k0.shape[2] * a.head_dim
     offsets = [cache.k[i].data_ptr() - k0.data_ptr() for i in range(a.n_layer)]
@@ -107,14 +153,19 @@ class MegaDecoder(GraphDecoder):
         backend,
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: KVCache,
+        adapters=(),
         use_graph: bool = True,
         greedy: bool = False,
         sampler: SamplingParams | None = None,
         device_draw: bool = False,
+        tiled: dict | None = None,
     ):
+        """adapters: [(LoraAdapter, scale)] as Generator takes them. tiled: a dict the caller keeps for later decoders
+        of the same model and adapters (Generator: one per generate() call): the tile-major weights and the adapters'
+        factors are formed once into it."""
         from .kernels import decode_mega as km
 
-        why = applies(model, (), cache)
+        why = applies(model, adapters, cache)
         if why is not None:
             raise ValueError(why)
         self._init_loop(model, cache, use_graph, greedy, sampler, device_draw)
@@ -123,23 +174,36 @@ class MegaDecoder(GraphDecoder):
         dev = cache.k[0].device
         L, E, F, H, HKV, D = a.n_layer, a.n_embd, a.n_ff, a.n_head, a.n_head_kv, a.head_dim
         programs = torch.cuda.get_device_properties(dev).multi_processor_count
+        tiled = {} if tiled is None else tiled
         with torch.no_grad():
-            kinds = [[_product(model, i, kind) for i in range(L)] for kind in KINDS]
-            self.weights = [_tiled(ws, km.BLOCK_N_ROWS, km.BKB) for ws in kinds]
-            self.weights.append(_tiled([model.weight("output.weight")], km.BLOCK_N_ROWS, km.BKB))
-            shapes = [w[0].shape for w in kinds] + [model.weight("output.weight").shape]
-            norms = [model.weight(f"blk.{i}.{k}.weight") for i in range(L) for k in ("attn_norm", "ffn_norm")]
-            gains = torch.stack([*norms, model.weight("output_norm.weight")]).float().contiguous()
+            if "weights" not in tiled:
+                kinds = [[_product(model, i, kind) for i in range(L)] for kind in KINDS]
+                tiled["weights"] = [_tiled(ws, km.BLOCK_N_ROWS, km.BKB) for ws in kinds]
+                tiled["weights"].append(_tiled([model.weight("output.weight")], km.BLOCK_N_ROWS, km.BKB))
+                tiled["lora"] = km.pack_lora(lora_factors(model, adapters), programs)
+            self.weights = tiled["weights"]
+            lora, lora_dims = tiled["lora"]
+            firsts = [_members(model, 0, kind) for kind in KINDS]
+            shapes = [(sum(w.shape[0] for w in ws), ws[0].shape[1]) for ws in firsts]
+            shapes.append(model.weight("output.weight").shape)
+            # the norm gains and the token's embedding row with their adapter terms, as the eager step forms them
+            _, norm, self.embed = model_fns(model, backend, adapters, torch.float32)
+            names = [f"blk.{i}.{k}.weight" for i in range(L) for k in ("attn_norm", "ffn_norm")]
+            gains = torch.stack([norm(n) for n in [*names, "output_norm.weight"]]).float().contiguous()
         self.descs = km.descriptors(self.weights)
         sa = max(1, min(4, programs // H))
         self.dims = dict(L=L, E=E, F=F, V=a.n_vocab, H=H, HKV=HKV, D=D, eps=a.norm_eps, SA=sa,
-                         S=[km.splits(n, k, programs) for n, k in shapes])  # fmt: skip
+                         S=[km.splits(n, k, programs) for n, k in shapes], **lora_dims)  # fmt: skip
         self.programs = programs
         f32 = dict(dtype=torch.float32, device=dev)
         cos, sin = rope
+        # the products' sums and the adapters' t, zeroed together before each launch
+        rsl = (H + 2 * HKV) * D + 2 * F
+        self.sums = torch.zeros(L * rsl + (5 * L + 1) * lora_dims["RT"], **f32)
         self.bufs = {
             "h": torch.zeros(E, **f32),
-            "y32": torch.zeros(L, (H + 2 * HKV) * D + 2 * F, **f32),
+            "y32": self.sums[: L * rsl].view(L, rsl),
+            "t": self.sums[L * rsl :],
             "logits": torch.zeros(a.n_vocab, **f32),
             "ws": torch.zeros(H, sa, D + 2, **f32),
             "cnt": torch.zeros(H, dtype=torch.int32, device=dev),
@@ -150,6 +214,7 @@ class MegaDecoder(GraphDecoder):
             "pos": torch.zeros(1, dtype=torch.int32, device=dev),
             "gains": gains,
             "sync": torch.zeros(km.sync_words(L) * km.SYNC_STRIDE.value, dtype=torch.int32, device=dev),
+            "lora": lora,
         }
         self.err = self.bufs["sync"][(5 * L + 1) * km.SYNC_STRIDE.value]
 
@@ -157,9 +222,8 @@ class MegaDecoder(GraphDecoder):
         from .kernels.decode_mega import decode_step
 
         b = self.bufs
-        emb = self.backend.embedding(self.model.weight("token_embd.weight"), self.tok, torch.float32)
-        b["h"].copy_(emb.view(-1))
-        b["y32"].zero_()
+        b["h"].copy_(self.embed(self.tok).view(-1))
+        self.sums.zero_()
         b["logits"].zero_()
         b["pos"].copy_(self.pos)
         decode_step(b, self.descs, self.dims, self.programs)

@@ -135,6 +135,7 @@ class Generator:
         self.rope = rope_tables(model.args, n_ctx, backend.device)
         self.stats = GenerationStats()
         self.act_q8 = act_q8
+        self._tiled: dict = {}  # MegaDecoder's weights in its layout, formed on the first generation's decoder
         self.use_graph = backend.device.type == "cuda"
 
     @torch.no_grad()
@@ -194,8 +195,8 @@ class Generator:
 
             if applies(self.model, self.adapters, cache) is not None:
                 return None
-            return MegaDecoder(self.model, self.backend, self.rope, cache, greedy=greedy, sampler=sampler,
-                               device_draw=sampler is not None)  # fmt: skip
+            return MegaDecoder(self.model, self.backend, self.rope, cache, self.adapters, greedy=greedy,
+                               sampler=sampler, device_draw=sampler is not None, tiled=self._tiled)  # fmt: skip
         from .decode import GraphDecoder
 
         return GraphDecoder(self.model, self.backend, self.adapters, self.rope, cache, self.dtype, greedy=greedy,

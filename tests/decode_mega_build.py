@@ -7,9 +7,16 @@ import re
 
 import torch
 
-CASES = [  # (dims, cache dtype): the open_llama_3b step (bench/predict_gpu.py's shape), tests' small GQA model
-    (dict(S=(13, 7, 13, 17, 13), E=3200, F=8640, V=32000, H=32, HKV=32, D=100, SA=4), "bf16"),
-    (dict(S=(1, 1, 1, 1, 1), E=64, F=96, V=120, H=4, HKV=2, D=16, SA=4), "fp32"),
+NO_LORA = dict(R=(0,) * 5, RP=(1,) * 5, LOFF=(0,) * 10, RT=1, TSL=1)
+STEP_3B = dict(S=(13, 7, 13, 17, 13), E=3200, F=8640, V=32000, H=32, HKV=32, D=100, SA=4)
+LORA_3B = dict(R=(24, 8, 16, 8, 0), RP=(32, 8, 16, 8, 1), LOFF=(0, 1, 2, 3, 0, 4, 5, 6, 7, 0), RT=32, TSL=128)
+SMALL = dict(S=(1, 1, 1, 1, 1), E=64, F=96, V=120, H=4, HKV=2, D=16, SA=4)
+LORA_SMALL = dict(R=(8, 3, 6, 3, 3), RP=(8, 4, 8, 4, 4), LOFF=tuple(range(10)), RT=8, TSL=1)
+CASES = [  # (dims, cache dtype): the open_llama_3b step (bench/predict_gpu.py's shape) without adapters and with two
+    # rank-4 adapters on the 7 matrices (bench/predict_gpu.two_adapters), tests' small GQA model with adapters on all
+    (dict(STEP_3B, **NO_LORA), "bf16"),
+    (dict(STEP_3B, **LORA_3B), "bf16"),
+    (dict(SMALL, **LORA_SMALL), "fp32"),
 ]
 
 
@@ -33,11 +40,11 @@ def _compile(dims: dict, cache: str):
     }
     sig = {"h_ptr": "*fp32", "y32_ptr": "*fp32", "logits_ptr": "*fp32", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
            "attn_ptr": "*fp32", "cache_ptr": f"*{cache}", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i32",
-           "g_ptr": "*fp32"}  # fmt: skip
+           "g_ptr": "*fp32", "lora_ptr": "*fp32", "t_ptr": "*fp32"}  # fmt: skip
     for kind in ("q", "qt", "d"):
         sig.update({f"{kind}{i}": mangle_type(boxes[kind]) for i in range(5)})
     sig.update({"sync_ptr": "*i32", "L": "i32", "n_ctx": "i32", "eps": "fp32", "qk_scale": "fp32"})
-    consts = dict(**dims, BLOCK_T=km.BLOCK_T, STAGES=km.STAGES, ROT=km.ROT, PROBE=0)
+    consts = dict(**dims, BLOCK_T=km.BLOCK_T, STAGES=km.STAGES, ROT=km.ROT, PROBE=0, LMID=km.LMID)
     sig.update({k: "constexpr" for k in consts})
     sig.update({"trace_ptr": "*i64", "TRACE": "constexpr", "num_warps": "constexpr"})
     consts.update(TRACE=False, num_warps=km.WARPS)
@@ -55,6 +62,6 @@ def builds() -> list[dict]:
         imma = r"mma\.sync\.aligned\.m16n8k32\.row\.col(\.satfinite)?\.s32\.s8\.s8\.s32"
         tma = r"cp\.async\.bulk\.tensor"
         counts = dict(imma=len(re.findall(imma, ptx)), tma=len(re.findall(tma, ptx)))
-        out.append(dict(E=dims["E"], cache=cache, cubin=bool(k.asm.get("cubin")),
+        out.append(dict(E=dims["E"], lora=any(dims["R"]), cache=cache, cubin=bool(k.asm.get("cubin")),
                         shared=k.metadata.shared, **counts))  # fmt: skip
     return out

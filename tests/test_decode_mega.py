@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from lorakit.kernels.decode_mega import pack_d, pad_scales, splits, tile_q
+from lorakit.backends import add_lora_terms
+from lorakit.kernels.decode_mega import pack_d, pack_lora, pad_scales, splits, tile_q
 
-from lorakit.decode_mega import applies
-from lorakit.model import KVCache
+from lorakit import decode_mega
+from lorakit.decode_mega import applies, lora_factors
+from lorakit.lora import lora_terms
+from lorakit.model import KVCache, fused_members
 from lorakit.quant import Q8Weight
 from tests.test_decode import ARGS, _adapter, _model
 
@@ -71,10 +74,56 @@ def _cache(model, device="cpu", dtype=torch.float32):
     return KVCache.empty(model.args, 1, 32, dtype, torch.device(device))
 
 
+TWO = [(_adapter(1), 0.7), (_adapter(2), -0.4)]  # two scaled adapters (rank 3, on every tensor but attn_v)
+
+
+def test_lora_factors_give_each_weights_adapter_terms():
+    """B (A x) of lora_factors' kind j, layer i, equals the adapters' terms of the product's weights (add_lora_terms,
+    term by term, member by member), for two scaled adapters, a member without a term (attn_v) and the vocabulary."""
+    model = _model()
+    factors = lora_factors(model, TWO)
+    terms = lora_terms(TWO)
+    g = torch.Generator().manual_seed(5)
+    a = model.args
+    for j, kind in enumerate([*decode_mega.KINDS, "output"]):
+        for i in range(a.n_layer if j < 4 else 1):
+            name = f"blk.{i}.{kind}"
+            members = fused_members(name) if kind in ("attn_qkv", "ffn_gate_up") else [f"{name}.weight"]
+            if j == 4:
+                members = ["output.weight"]
+            k = model.tensors[members[0]].shape[1]
+            x = torch.randn(1, k, generator=g)
+            want = torch.cat([add_lora_terms(torch.zeros(1, model.tensors[m].shape[0]), x, terms.get(m, []))
+                              for m in members], dim=-1)  # fmt: skip
+            fa, fb = factors[j]
+            got = fb[i] @ (fa[i] @ x[0])
+            assert torch.allclose(got, want[0], atol=1e-5, rtol=1e-5), (kind, i)
+    # rank 3 x 2 adapters per weight: q and k (v has none), gate and up, the others alone
+    assert [f[0].shape[1] for f in factors] == [12, 6, 12, 6, 6]
+    assert lora_factors(model, ()) == [None] * 5
+
+
+def test_pack_lora_lays_out_the_factors_for_the_kernel():
+    """Kind j's A at LOFF[j], B at LOFF[5 + j] of one flat buffer; R the ranks, RP their powers of two, RT the
+    largest, TSL a program's slice of the longest K rounded up to a power of two."""
+    a0, b0 = torch.randn(2, 24, 3200), torch.randn(2, 9600, 24)
+    a3, b3 = torch.randn(2, 5, 8640), torch.randn(2, 3200, 5)
+    buf, dims = pack_lora([(a0, b0), None, None, (a3, b3), None], 132)
+    assert dims["R"] == (24, 0, 0, 5, 0) and dims["RP"] == (32, 1, 1, 8, 1) and dims["RT"] == 32
+    assert dims["TSL"] == 128  # ceil(8640 / 132) = 66
+    off = dims["LOFF"]
+    for j, t in ((0, a0), (5, b0), (3, a3), (8, b3)):
+        assert torch.equal(buf[off[j] : off[j] + t.numel()].view(t.shape), t)
+    assert pack_lora([None] * 5, 132) == (None, dict(R=(0,) * 5, RP=(1,) * 5, LOFF=(0,) * 10, RT=1, TSL=1))
+
+
 def test_applies_says_why_not(monkeypatch):
     model = _model()
     assert applies(model, (), _cache(model)) == "the decode megakernel needs an sm_90+ GPU"
-    assert "adapters" in applies(model, [(_adapter(1), 1.0)], _cache(model))
+    assert applies(model, TWO, _cache(model)) == "the decode megakernel needs an sm_90+ GPU"
+    monkeypatch.setattr(decode_mega, "MAX_RANK", 5)
+    assert "add up to 12" in applies(model, TWO, _cache(model))
+    monkeypatch.setattr(decode_mega, "MAX_RANK", 64)
     tensors = dict(model.tensors)
     w = tensors["blk.1.ffn_down.weight"]
     tensors["blk.1.ffn_down.weight"] = torch.zeros(w.shape)
@@ -100,10 +149,10 @@ def builds() -> list[dict]:
 
 
 def test_compiles_for_sm90_and_fits_shared_memory(builds):
-    """The 3B step (bf16 cache) and the tests' small GQA model (fp32 cache) build for sm_90a: a cubin, <= 227 KiB of
-    shared memory (the H100 / H200 per-block limit), the int8 tensor-core products and the TMA weight stream in the
-    PTX."""
-    assert len(builds) == 2
+    """The 3B step (bf16 cache) without and with adapter terms and the tests' small GQA model with them (fp32 cache)
+    build for sm_90a: a cubin, <= 227 KiB of shared memory (the H100 / H200 per-block limit), the int8 tensor-core
+    products and the TMA weight stream in the PTX."""
+    assert [b["lora"] for b in builds] == [False, True, True]
     for b in builds:
         assert b["cubin"] and b["shared"] <= 227 * 1024 and b["imma"] > 0 and b["tma"] > 0, b
 
@@ -111,7 +160,7 @@ def test_compiles_for_sm90_and_fits_shared_memory(builds):
 # ---- on the GPU ----------------------------------------------------------------------------------------------------
 
 
-def _gpu_setup(dtype=torch.float32):
+def _gpu_setup(adapters=(), dtype=torch.float32):
     from lorakit.backends.cuda_triton import CudaTritonBackend
 
     from lorakit.generate import Generator
@@ -119,30 +168,33 @@ def _gpu_setup(dtype=torch.float32):
     dev = torch.device("cuda")
     be = CudaTritonBackend(dev)
     model = _model().to(dev)
+    adapters = [(ad.to(dev), s) for ad, s in adapters]
     return (
         be,
         model,
-        Generator(model, be, n_ctx=48, dtype=dtype, act_q8=True),
-        Generator(model, be, n_ctx=48, dtype=dtype),
+        Generator(model, be, adapters, n_ctx=48, dtype=dtype, act_q8=True),
+        Generator(model, be, adapters, n_ctx=48, dtype=dtype),
     )
 
 
 @needs_sm90
 @pytest.mark.gpu
-def test_megakernel_step_is_the_act_q8_step():
+@pytest.mark.parametrize("with_adapters", [False, True], ids=["base", "2-adapters"])
+def test_megakernel_step_is_the_act_q8_step(with_adapters):
     """Each decode step's logits (and the cache rows it writes) against the eager --act-q8 step (quant.q8_0_act_matmul
     for every product, the same arithmetic) on the same cache, for positions 11..34 (one to three key blocks per
     split). Both quantize the same fp32 activations; they differ by the order of fp32 sums and, where an activation
     lands within an ulp of a rounding boundary, by one q step of one block. Bound: a quarter of what the activation
     rounding itself does to the logits (the float path against --act-q8 on the same cache), which a wrong index, head
-    or RoPE pair exceeds by far."""
+    or RoPE pair exceeds by far. With two scaled adapters (terms on every tensor: the norms' and the embedding's
+    formed as the eager step forms them, the products' in float32 in the kernel)."""
     from lorakit.decode_mega import MegaDecoder
 
-    be, model, gen, flt = _gpu_setup()
+    be, model, gen, flt = _gpu_setup(TWO if with_adapters else ())
     prompt = torch.randint(3, ARGS.n_vocab, (11,), generator=torch.Generator().manual_seed(0)).tolist()
     cache = gen.new_cache()
     gen.logits(prompt, cache, 0)
-    step = MegaDecoder(model, be, gen.rope, cache)
+    step = MegaDecoder(model, be, gen.rope, cache, gen.adapters)
     tok = 5
     for pos in range(len(prompt), len(prompt) + 24):
         before = KVCache([k.clone() for k in cache.k], [v.clone() for v in cache.v])
@@ -162,15 +214,19 @@ def test_megakernel_step_is_the_act_q8_step():
 @needs_sm90
 @pytest.mark.gpu
 @pytest.mark.parametrize("temp", [0.0, 0.8])
-def test_generate_with_the_megakernel_same_tokens(monkeypatch, temp):
+@pytest.mark.parametrize("with_adapters", [False, True], ids=["base", "2-adapters"])
+def test_generate_with_the_megakernel_same_tokens(monkeypatch, temp, with_adapters):
     """Generator(act_q8=True).generate on the GPU: the megakernel's captured steps (greedy, or the seeded sampler's
-    draw inside the step) give the eager --act-q8 steps' tokens."""
+    draw inside the step) give the eager --act-q8 steps' tokens, with and without two scaled adapters; a second
+    generation reuses the first one's tile-major weights."""
     from lorakit.generate import SamplingParams
 
-    _, _, gen, _ = _gpu_setup()
+    _, _, gen, _ = _gpu_setup(TWO if with_adapters else ())
     params = SamplingParams(temp=temp, seed=3)
     prompt = [1, 7, 9, 11, 4]
     mega = list(gen.generate(prompt, 24, params))
+    weights = gen._tiled["weights"]
+    assert list(gen.generate(prompt, 24, params)) == mega and gen._tiled["weights"] is weights
     monkeypatch.setenv("LORAKIT_MEGAKERNEL", "0")
     eager = list(gen.generate(prompt, 24, params))
     assert mega == eager and len(mega) == 24
@@ -182,4 +238,5 @@ def test_applies_on_the_gpu():
     _, model, gen, _ = _gpu_setup()
     cache = gen.new_cache()
     assert applies(model, (), cache) is None
+    assert applies(model, [(ad.to(cache.k[0].device), s) for ad, s in TWO], cache) is None
     assert isinstance(model.fused["blk.0.attn_qkv"], Q8Weight)
