@@ -289,26 +289,72 @@ def _quantize_row(x_ptr, xq_s, dx_s, K: gl.constexpr, num_warps: gl.constexpr):
 
 
 @gluon.jit
-def _lora_t(a_ptr, t_ptr, x_ptr, g_ptr, rstd, K: gl.constexpr, R: gl.constexpr, RP: gl.constexpr,
-            MODE: gl.constexpr, TSL: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
-    """This program's share of t = A x (A [R, K] fp32 row-major, R <= RP; x the product's fp32 input before its
-    quantization, formed as the quantize phase forms it: MODE 0 the row x_ptr[:K], 1 x_ptr[:K] * rstd * g (RMSNorm),
-    2 silu(x_ptr[:K]) * x_ptr[K:2 K]): the sums over its slice of K (program p: [p sl, (p + 1) sl), sl = ceil(K / P)
-    <= TSL) added into t[:R] by atomics."""
+def _lora_slice(K: gl.constexpr, TSL: gl.constexpr, num_warps: gl.constexpr):
+    """This program's slice of K for t = A x (program p: [p sl, (p + 1) sl), sl = ceil(K / P) <= TSL): its offsets
+    and mask, in the [RP, TSL] layout of A's slice."""
     LT: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
     pid = gl.program_id(0)
     sl = (K + gl.num_programs(0) - 1) // gl.num_programs(0)
     k = pid * sl + gl.arange(0, TSL, layout=gl.SliceLayout(0, LT))
-    mk = (k < (pid + 1) * sl) & (k < K)
-    x = gl.load(x_ptr + k, mask=mk, other=0.0, cache_modifier=".cg")
-    if MODE == 1:
-        x = x * rstd * gl.load(g_ptr + k, mask=mk, other=0.0)
-    if MODE == 2:
-        x = x / (1.0 + gl.exp(-x)) * gl.load(x_ptr + K + k, mask=mk, other=0.0, cache_modifier=".cg")
-    r = gl.arange(0, RP, layout=gl.SliceLayout(1, LT))
-    a = gl.load(a_ptr + gl.expand_dims(r * K, 1) + gl.expand_dims(k, 0),
-                mask=gl.expand_dims(r < R, 1) & gl.expand_dims(mk, 0), other=0.0)  # fmt: skip
-    gl.atomic_add(t_ptr + r, gl.sum(a * gl.expand_dims(x, 0), axis=1), mask=r < R, sem="relaxed", scope="gpu")
+    return k, (k < (pid + 1) * sl) & (k < K)
+
+
+@gluon.jit
+def _lora_early(a_ptr, b_ptr, K: gl.constexpr, N: gl.constexpr, R: gl.constexpr, RP: gl.constexpr,
+                TSL: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """Before the wait for a product's input (their latency passes while the program waits; the weight stream
+    saturates HBM, so each load from it takes microseconds): this program's slice of A ([R, K] fp32 row-major) in
+    registers ([RP, TSL]; 0.0 without a term, R == 0), and its rows of B (_lora_rows) asked of L2."""
+    a = 0.0
+    if R > 0:
+        LT: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
+        k, mk = _lora_slice(K, TSL, num_warps)
+        r = gl.arange(0, RP, layout=gl.SliceLayout(1, LT))
+        a = gl.load(a_ptr + gl.expand_dims(r * K, 1) + gl.expand_dims(k, 0),
+                    mask=gl.expand_dims(r < R, 1) & gl.expand_dims(mk, 0), other=0.0)  # fmt: skip
+        PL: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        pid = gl.program_id(0)
+        rn = (N + gl.num_programs(0) - 1) // gl.num_programs(0)
+        hi = gl.minimum((pid + 1) * rn, N) * R
+        for e0 in range(pid * rn * R, hi, 32 * 32 * num_warps):  # one 128-byte line (32 floats) per thread
+            e = e0 + gl.arange(0, 32 * num_warps, layout=PL) * 32
+            gl.inline_asm_elementwise("@$2 prefetch.global.L2 [$1];\n    mov.u32 $0, 0;", "=r,l,b", [b_ptr + e, e < hi],
+                                      dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+    return a
+
+
+@gluon.jit
+def _lora_x(x_ptr, K: gl.constexpr, R: gl.constexpr, MODE: gl.constexpr, TSL: gl.constexpr, num_warps: gl.constexpr):
+    """Right after the wait, beside the quantize phase's loads: this program's slice of the product's input as
+    loaded (MODE 2: gate and up; else the row twice; 0.0 without a term)."""
+    x0 = 0.0
+    x1 = 0.0
+    if R > 0:
+        k, mk = _lora_slice(K, TSL, num_warps)
+        x0 = gl.load(x_ptr + k, mask=mk, other=0.0, cache_modifier=".cg")
+        x1 = x0
+        if MODE == 2:
+            x1 = gl.load(x_ptr + K + k, mask=mk, other=0.0, cache_modifier=".cg")
+    return x0, x1
+
+
+@gluon.jit
+def _lora_t(a, x0, x1, t_ptr, g_ptr, rstd, sync_ptr, tw, K: gl.constexpr, R: gl.constexpr, RP: gl.constexpr,
+            MODE: gl.constexpr, TSL: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """With a term (R > 0): this program's part of t = A x (a, x0 / x1 from _lora_early / _lora_x; x the product's
+    fp32 input before its quantization, formed as the quantize phase forms it: MODE 0 the row, 1 x0 * rstd * g
+    (RMSNorm), 2 silu(gate) * up) added into t[:R] by atomics, then its arrival at sync word tw."""
+    if R > 0:
+        LT: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
+        k, mk = _lora_slice(K, TSL, num_warps)
+        x = x0
+        if MODE == 1:
+            x = x0 * rstd * gl.load(g_ptr + k, mask=mk, other=0.0)
+        if MODE == 2:
+            x = x0 / (1.0 + gl.exp(-x0)) * x1
+        r = gl.arange(0, RP, layout=gl.SliceLayout(1, LT))
+        gl.atomic_add(t_ptr + r, gl.sum(a * gl.expand_dims(x, 0), axis=1), mask=r < R, sem="relaxed", scope="gpu")
+        _arrive(sync_ptr, tw)
 
 
 @gluon.jit
@@ -454,32 +500,28 @@ def _wait(sync_ptr, err_ptr, phase, count, PROBE: gl.constexpr):
 
 
 @gluon.jit
-def _lora_in(a_ptr, t_ptr, x_ptr, g_ptr, rstd, sync_ptr, tw, K: gl.constexpr, R: gl.constexpr, RP: gl.constexpr,
-             MODE: gl.constexpr, TSL: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
-    """With an adapter term on the product (R > 0): this program's part of t = A x (_lora_t), then its arrival at
-    sync word tw."""
-    if R > 0:
-        _lora_t(a_ptr, t_ptr, x_ptr, g_ptr, rstd, K, R, RP, MODE, TSL, num_warps)
-        _arrive(sync_ptr, tw)
-
-
-@gluon.jit
 def _product(y_ptr, b_ptr, t_ptr, sync_ptr, err_ptr, tw, xq_s, dx_s, q_s, d_s, full, empty, it, first, P,
              N: gl.constexpr, K: gl.constexpr, S: gl.constexpr, BLOCK_N: gl.constexpr, TP: gl.constexpr,
              ADD: gl.constexpr, R: gl.constexpr, RP: gl.constexpr, LMID: gl.constexpr, PROBE: gl.constexpr,
              num_warps: gl.constexpr):  # fmt: skip
     """The program's tasks of one product (_tasks); with an adapter term (R > 0) also its share of the rows' B t
-    (_lora_rows, every task adding), after its first LMID tasks (after all of them for LMID < 0), once every program
-    has added its part of t (sync word tw): by then the others have long done so, and the ring keeps streaming."""
+    (_lora_rows, every task adding), once every program has added its part of t (sync word tw): after its first
+    LMID tasks, after half of them (LMID -2) or after all of them (LMID -1). Mid-product, the ring keeps streaming
+    while the program waits and adds (a short stall costs nothing: the consumers outpace the stream)."""
     if R == 0:
         it = _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N, K, S, BLOCK_N, TP, ADD, num_warps)
     else:
-        stop = first + LMID * P if LMID >= 0 else 1 << 30
+        stop = 1 << 30
+        if LMID >= 0:
+            stop = first + LMID * P
+        if LMID == -2:
+            mine = (((N + BLOCK_N - 1) // BLOCK_N) * S - first + P - 1) // P  # this program's tasks
+            stop = first + ((mine + 1) // 2) * P
         it = _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N, K, S, BLOCK_N, TP, True, num_warps,
                     stop)  # fmt: skip
         _wait(sync_ptr, err_ptr, tw, P, PROBE)
         _lora_rows(y_ptr, b_ptr, t_ptr, N, R, RP, num_warps)
-        if LMID >= 0:
+        if LMID != -1:
             it = _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, stop, P, N, K, S, BLOCK_N, TP, True, num_warps)
     return it
 
@@ -510,12 +552,15 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
     for layer in range(L):
         c = layer * 5
         y_l = y32_ptr + layer.to(gl.int64) * RSL
+        la = _lora_early(lora_ptr + LOFF[0] + layer * (R[0] * E), lora_ptr + LOFF[5] + layer * (NQ * R[0]), E, NQ,
+                         R[0], RP[0], TSL[0], num_warps)  # fmt: skip
         if layer > 0:
             _wait(sync_ptr, err, c - 1, P, PROBE)
         _stamp(tr, pid, 12 * layer, TRACE)
+        x0, x1 = _lora_x(h_ptr, E, R[0], 1, TSL[0], num_warps)
         rstd = _quantize_norm(h_ptr, g_ptr + (2 * layer) * E, eps, xq_s, dx_s, E, num_warps)
-        _lora_in(lora_ptr + LOFF[0] + layer * (R[0] * E), t_ptr + c * RT, h_ptr, g_ptr + (2 * layer) * E, rstd,
-                 sync_ptr, tw + c, E, R[0], RP[0], 1, TSL, num_warps)  # fmt: skip
+        _lora_t(la, x0, x1, t_ptr + c * RT, g_ptr + (2 * layer) * E, rstd, sync_ptr, tw + c, E, R[0], RP[0], 1,
+                TSL[0], num_warps)  # fmt: skip
         gl.thread_barrier()
         it = _product(y_l, lora_ptr + LOFF[5] + layer * (NQ * R[0]), t_ptr + c * RT, sync_ptr, err, tw + c, xq_s,
                       dx_s, q_s, d_s, full, empty, it, (pid + c * ROT) % P, P, NQ, E, S[0], BLOCK_N, TP, False, R[0],
@@ -538,44 +583,55 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
                     _arrive(sync_ptr, c + 1)
             elif pid % SA == 0:
                 _arrive(sync_ptr, c + 1)
+        la = _lora_early(lora_ptr + LOFF[1] + layer * (R[1] * H * D), lora_ptr + LOFF[6] + layer * (E * R[1]), H * D,
+                         E, R[1], RP[1], TSL[1], num_warps)  # fmt: skip
         _wait(sync_ptr, err, c + 1, H, PROBE)  # every head's output written
         _stamp(tr, pid, 12 * layer + 4, TRACE)
+        x0, x1 = _lora_x(attn_ptr, H * D, R[1], 0, TSL[1], num_warps)
         _quantize_row(attn_ptr, xq_s, dx_s, H * D, num_warps)
-        _lora_in(lora_ptr + LOFF[1] + layer * (R[1] * H * D), t_ptr + (c + 2) * RT, attn_ptr, g_ptr, 0.0, sync_ptr,
-                 tw + c + 2, H * D, R[1], RP[1], 0, TSL, num_warps)  # fmt: skip
+        _lora_t(la, x0, x1, t_ptr + (c + 2) * RT, g_ptr, 0.0, sync_ptr, tw + c + 2, H * D, R[1], RP[1], 0, TSL[1],
+                num_warps)  # fmt: skip
         gl.thread_barrier()
         it = _product(h_ptr, lora_ptr + LOFF[6] + layer * (E * R[1]), t_ptr + (c + 2) * RT, sync_ptr, err,
                       tw + c + 2, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 2) * ROT) % P, P, E, H * D, S[1],
                       BLOCK_N, TP, True, R[1], RP[1], LMID, PROBE, num_warps)  # fmt: skip
         _stamp(tr, pid, 12 * layer + 5, TRACE)
         _arrive(sync_ptr, c + 2)
+        la = _lora_early(lora_ptr + LOFF[2] + layer * (R[2] * E), lora_ptr + LOFF[7] + layer * (2 * F * R[2]), E,
+                         2 * F, R[2], RP[2], TSL[2], num_warps)  # fmt: skip
         _wait(sync_ptr, err, c + 2, P, PROBE)
         _stamp(tr, pid, 12 * layer + 6, TRACE)
+        x0, x1 = _lora_x(h_ptr, E, R[2], 1, TSL[2], num_warps)
         rstd = _quantize_norm(h_ptr, g_ptr + (2 * layer + 1) * E, eps, xq_s, dx_s, E, num_warps)
-        _lora_in(lora_ptr + LOFF[2] + layer * (R[2] * E), t_ptr + (c + 3) * RT, h_ptr, g_ptr + (2 * layer + 1) * E,
-                 rstd, sync_ptr, tw + c + 3, E, R[2], RP[2], 1, TSL, num_warps)  # fmt: skip
+        _lora_t(la, x0, x1, t_ptr + (c + 3) * RT, g_ptr + (2 * layer + 1) * E, rstd, sync_ptr, tw + c + 3, E, R[2],
+                RP[2], 1, TSL[2], num_warps)  # fmt: skip
         gl.thread_barrier()
         it = _product(y_l + NQ, lora_ptr + LOFF[7] + layer * (2 * F * R[2]), t_ptr + (c + 3) * RT, sync_ptr, err,
                       tw + c + 3, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 3) * ROT) % P, P, 2 * F, E, S[2],
                       BLOCK_N, TP, False, R[2], RP[2], LMID, PROBE, num_warps)  # fmt: skip
         _stamp(tr, pid, 12 * layer + 7, TRACE)
         _arrive(sync_ptr, c + 3)
+        la = _lora_early(lora_ptr + LOFF[3] + layer * (R[3] * F), lora_ptr + LOFF[8] + layer * (E * R[3]), F, E,
+                         R[3], RP[3], TSL[3], num_warps)  # fmt: skip
         _wait(sync_ptr, err, c + 3, P, PROBE)
         _stamp(tr, pid, 12 * layer + 8, TRACE)
+        x0, x1 = _lora_x(y_l + NQ, F, R[3], 2, TSL[3], num_warps)
         _quantize_swiglu(y_l + NQ, xq_s, dx_s, F, num_warps)
-        _lora_in(lora_ptr + LOFF[3] + layer * (R[3] * F), t_ptr + (c + 4) * RT, y_l + NQ, g_ptr, 0.0, sync_ptr,
-                 tw + c + 4, F, R[3], RP[3], 2, TSL, num_warps)  # fmt: skip
+        _lora_t(la, x0, x1, t_ptr + (c + 4) * RT, g_ptr, 0.0, sync_ptr, tw + c + 4, F, R[3], RP[3], 2, TSL[3],
+                num_warps)  # fmt: skip
         gl.thread_barrier()
         it = _product(h_ptr, lora_ptr + LOFF[8] + layer * (E * R[3]), t_ptr + (c + 4) * RT, sync_ptr, err,
                       tw + c + 4, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 4) * ROT) % P, P, E, F, S[3],
                       BLOCK_N, TP, True, R[3], RP[3], LMID, PROBE, num_warps)  # fmt: skip
         _stamp(tr, pid, 12 * layer + 9, TRACE)
         _arrive(sync_ptr, c + 4)
+    la = _lora_early(lora_ptr + LOFF[4], lora_ptr + LOFF[9], E, V, R[4], RP[4], TSL[4], num_warps)
     _wait(sync_ptr, err, 5 * L - 1, P, PROBE)
     _stamp(tr, pid, 12 * L, TRACE)
+    x0, x1 = _lora_x(h_ptr, E, R[4], 1, TSL[4], num_warps)
     rstd = _quantize_norm(h_ptr, g_ptr + (2 * L) * E, eps, xq_s, dx_s, E, num_warps)
-    _lora_in(lora_ptr + LOFF[4], t_ptr + 5 * L * RT, h_ptr, g_ptr + (2 * L) * E, rstd, sync_ptr, tw + 5 * L, E, R[4],
-             RP[4], 1, TSL, num_warps)  # fmt: skip
+    _lora_t(la, x0, x1, t_ptr + 5 * L * RT, g_ptr + (2 * L) * E, rstd, sync_ptr, tw + 5 * L, E, R[4], RP[4], 1, TSL[4],
+            num_warps)  # fmt: skip
     gl.thread_barrier()
     _product(logits_ptr, lora_ptr + LOFF[9], t_ptr + 5 * L * RT, sync_ptr, err, tw + 5 * L, xq_s, dx_s, q_s, d_s,
              full, empty, it, (pid + 5 * L * ROT) % P, P, V, E, S[4], BLOCK_N, TP, False, R[4], RP[4], LMID, PROBE,
@@ -667,7 +723,7 @@ BLOCK_T = 64  # keys per attention block
 ROT = 37  # product j's tasks start at program (pid + j ROT) % P: the programs with one task more change per product
 
 
-LMID = 2  # a product's B t rows after the program's first LMID tasks (_product)
+LMID = -2  # a product's B t rows after half of the program's tasks (_product)
 
 
 def sync_words(layers: int) -> int:
@@ -679,23 +735,22 @@ def sync_words(layers: int) -> int:
 def pack_lora(factors, programs: int) -> tuple[torch.Tensor | None, dict]:
     """The adapters' factors per product kind (q|k|v, output, gate|up, down, vocabulary): None, or (A [L, R, K], B
     [L, N, R]) fp32 (B with the adapters' scales), as one flat buffer, and the kernel's dims for them (R, RP: R's
-    power of two, LOFF: the factors' offsets in the buffer, RT: t's stride per phase, TSL: a program's slice of K
-    for t, rounded up to a power of two)."""
-    parts, loff, ranks, ks = [], [0] * 10, [0] * 5, [1]
+    power of two, LOFF: the factors' offsets in the buffer, RT: t's stride per phase, TSL: per kind a program's slice
+    of K for t, rounded up to a power of two)."""
+    parts, loff, ranks, ks = [], [0] * 10, [0] * 5, [1] * 5
     n = 0
     for j, f in enumerate(factors):
         if f is None:
             continue
         a, b = f
-        ranks[j] = a.shape[1]
-        ks.append(a.shape[2])
+        ranks[j], ks[j] = a.shape[1], a.shape[2]
         for i, t in ((j, a), (5 + j, b)):
             loff[i] = n
             parts.append(t.reshape(-1).float())
             n += t.numel()
     rp = [1 << max(0, r - 1).bit_length() for r in ranks]
-    dims = dict(R=tuple(ranks), RP=tuple(rp), LOFF=tuple(loff), RT=max(rp),
-                TSL=max(1, 1 << (-(-max(ks) // programs) - 1).bit_length()))  # fmt: skip
+    tsl = [1 << (-(-k // programs) - 1).bit_length() if r else 1 for r, k in zip(ranks, ks, strict=True)]
+    dims = dict(R=tuple(ranks), RP=tuple(rp), LOFF=tuple(loff), RT=max(rp), TSL=tuple(tsl))
     return (torch.cat(parts) if parts else None), dims
 
 
@@ -777,7 +832,7 @@ def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) ->
     trace = bufs.get("trace")
     ranks = dims.get("R", (0,) * 5)
     lora = dict(R=tuple(ranks), RP=tuple(dims.get("RP", (1,) * 5)), LOFF=tuple(dims.get("LOFF", (0,) * 10)),
-                RT=dims.get("RT", 1), TSL=dims.get("TSL", 1), LMID=dims.get("LMID", LMID))  # fmt: skip
+                RT=dims.get("RT", 1), TSL=tuple(dims.get("TSL", (1,) * 5)), LMID=dims.get("LMID", LMID))  # fmt: skip
     _decode_step_kernel[(programs,)](
         bufs["h"], bufs["y32"], bufs["logits"], bufs["ws"], bufs["cnt"], bufs["attn"], bufs["cache"], bufs["cos"],
         bufs["sin"], bufs["pos"], bufs["gains"], bufs["lora"] if any(ranks) else bufs["h"],
