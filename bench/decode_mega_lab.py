@@ -33,13 +33,10 @@ CONFIGS = [  # BASE: splits of the K stages per product kind, attention key spli
     # kernel's BLOCK_T (keys per attention block), STAGES (ring), ROT (task rotation) may be set too; probes (wrong
     # numbers, timed only; bits): 1 no attention, 4 no waits, 8 no products' arithmetic (the stream alone). LORA r:
     # random adapter terms of rank r on the 7 matrices (two rank-4 adapters: 8; the packed products' terms
-    # block-diagonal as lora.fused_lora_term forms them: ranks 3 r, r, 2 r, r), LMID: B t after that many tasks (-1:
-    # after all, -2: after half)
+    # block-diagonal as lora.fused_lora_term forms them: ranks 3 r, r, 2 r, r)
     BASE,
     dict(BASE, LORA=8),
-    dict(BASE, LORA=8, LMID=-1),
-    dict(BASE, LORA=8, LMID=2),
-    dict(BASE, LORA=8, LMID=4),
+    dict(BASE, LORA=1),
 ]
 
 

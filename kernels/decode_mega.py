@@ -27,10 +27,13 @@ programmatic dependent launches) each product pays ~7 us of fixed cost and the s
     5 L   output product: input RMSNorm(h) * output_norm, into the logits
 
 Adapters (unmerged, float32): a product with adapter terms (all of them as one term, A [R, K] and B [N, R] with the
-scales in B, lora.fused_lora_term) adds B (A x) of its float input x. Each program forms x while quantizing it
-anyway, sums its slice of K of t = A x into t by atomics and arrives at the phase's t word; after its first LMID
-tasks it waits for every program's part of t (long done by then) and adds B t to its share of the product's rows.
-No extra phase boundary: the product's consumers see the rows with their terms at its arrival.
+scales in B, lora.fused_lora_term) adds B (A x) of its float input x. A third partition, one warp per program
+(_lora_worker), does it beside the consumers: once the product's input is ready it sums its slice of K of t = A x
+into t by atomics, arrives at the phase's t word, waits for every program's part, adds B t to its share of the
+product's rows and arrives at the product's counter, whose readers then wait for 2 P arrivals. That chain is a few
+L2 round trips and a wait for every program, which would stall the weight stream in the consumers; beside them it
+overlaps the product's tasks. The output product's t is added by the heads' last attention splits instead (its
+tasks last ~3 us, shorter than the chain).
 
 h (fp32, the residual stream) starts as the token's embedding row; the q|k|v and gate|up sums (one region per
 layer) and the logits are sums of atomics and must be zero before the launch. Everything between the products is
@@ -147,9 +150,8 @@ def _produce(q_desc, qt_desc, d_desc, q_s, d_s, full, empty, layer, it, pid, P, 
 
 @gluon.jit
 def _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N: gl.constexpr, K: gl.constexpr, S: gl.constexpr,
-           BLOCK_N: gl.constexpr, PROBE: gl.constexpr, ADD: gl.constexpr, num_warps: gl.constexpr,
-           stop=1 << 30):  # fmt: skip
-    """Tasks first, first + P, ... (those before `stop`) of the product y[:N] (+)= x[:K] @ W.T, x already quantized in
+           BLOCK_N: gl.constexpr, PROBE: gl.constexpr, ADD: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """Tasks first, first + P, ... of the product y[:N] (+)= x[:K] @ W.T, x already quantized in
     xq_s / dx_s, W's stages from the ring (full / empty, `it` the ring position): task = (row block, split of the K
     stages). A task adds its split's sums atomically (fire and forget: no round trip per task; the order of a row's S
     additions varies, so the fp32 sums may differ in the last bit between runs); with S == 1 it stores them, unless ADD
@@ -170,7 +172,7 @@ def _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N: gl.constex
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     xq_boxes = xq_s._reinterpret(gl.int8, [XMAX // BKB, BKB], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     dx_steps = dx_s._reinterpret(gl.float32, [XMAX // GK, 8], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    for task in range(first, gl.minimum(stop, ((N + BLOCK_N - 1) // BLOCK_N) * S), P):  # rows past N: never stored
+    for task in range(first, ((N + BLOCK_N - 1) // BLOCK_N) * S, P):  # rows past N: never stored
         rb = task // S
         s0 = (task % S) * PER
         s1 = gl.minimum(s0 + PER, STEPS)
@@ -312,49 +314,21 @@ def _lora_early(a_ptr, b_ptr, K: gl.constexpr, N: gl.constexpr, R: gl.constexpr,
         r = gl.arange(0, RP, layout=gl.SliceLayout(1, LT))
         a = gl.load(a_ptr + gl.expand_dims(r * K, 1) + gl.expand_dims(k, 0),
                     mask=gl.expand_dims(r < R, 1) & gl.expand_dims(mk, 0), other=0.0)  # fmt: skip
-        PL: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-        pid = gl.program_id(0)
-        rn = (N + gl.num_programs(0) - 1) // gl.num_programs(0)
-        hi = gl.minimum((pid + 1) * rn, N) * R
-        for e0 in range(pid * rn * R, hi, 32 * 32 * num_warps):  # one 128-byte line (32 floats) per thread
-            e = e0 + gl.arange(0, 32 * num_warps, layout=PL) * 32
-            gl.inline_asm_elementwise("@$2 prefetch.global.L2 [$1];\n    mov.u32 $0, 0;", "=r,l,b", [b_ptr + e, e < hi],
-                                      dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+        _prefetch_rows(b_ptr, N, R, num_warps)
     return a
 
 
 @gluon.jit
-def _lora_x(x_ptr, K: gl.constexpr, R: gl.constexpr, MODE: gl.constexpr, TSL: gl.constexpr, num_warps: gl.constexpr):
-    """Right after the wait, beside the quantize phase's loads: this program's slice of the product's input as
-    loaded (MODE 2: gate and up; else the row twice; 0.0 without a term)."""
-    x0 = 0.0
-    x1 = 0.0
-    if R > 0:
-        k, mk = _lora_slice(K, TSL, num_warps)
-        x0 = gl.load(x_ptr + k, mask=mk, other=0.0, cache_modifier=".cg")
-        x1 = x0
-        if MODE == 2:
-            x1 = gl.load(x_ptr + K + k, mask=mk, other=0.0, cache_modifier=".cg")
-    return x0, x1
-
-
-@gluon.jit
-def _lora_t(a, x0, x1, t_ptr, g_ptr, rstd, sync_ptr, tw, K: gl.constexpr, R: gl.constexpr, RP: gl.constexpr,
-            MODE: gl.constexpr, TSL: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
-    """With a term (R > 0): this program's part of t = A x (a, x0 / x1 from _lora_early / _lora_x; x the product's
-    fp32 input before its quantization, formed as the quantize phase forms it: MODE 0 the row, 1 x0 * rstd * g
-    (RMSNorm), 2 silu(gate) * up) added into t[:R] by atomics, then its arrival at sync word tw."""
-    if R > 0:
-        LT: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
-        k, mk = _lora_slice(K, TSL, num_warps)
-        x = x0
-        if MODE == 1:
-            x = x0 * rstd * gl.load(g_ptr + k, mask=mk, other=0.0)
-        if MODE == 2:
-            x = x0 / (1.0 + gl.exp(-x0)) * x1
-        r = gl.arange(0, RP, layout=gl.SliceLayout(1, LT))
-        gl.atomic_add(t_ptr + r, gl.sum(a * gl.expand_dims(x, 0), axis=1), mask=r < R, sem="relaxed", scope="gpu")
-        _arrive(sync_ptr, tw)
+def _prefetch_rows(b_ptr, N: gl.constexpr, R: gl.constexpr, num_warps: gl.constexpr):
+    """Ask L2 for this program's rows of B ([N, R] fp32; _lora_rows' share)."""
+    PL: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    pid = gl.program_id(0)
+    rn = (N + gl.num_programs(0) - 1) // gl.num_programs(0)
+    hi = gl.minimum((pid + 1) * rn, N) * R
+    for e0 in range(pid * rn * R, hi, 32 * 32 * num_warps):  # one 128-byte line (32 floats) per thread
+        e = e0 + gl.arange(0, 32 * num_warps, layout=PL) * 32
+        gl.inline_asm_elementwise("@$2 prefetch.global.L2 [$1];\n    mov.u32 $0, 0;", "=r,l,b", [b_ptr + e, e < hi],
+                                  dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
 
 
 @gluon.jit
@@ -373,6 +347,107 @@ def _lora_rows(y_ptr, b_ptr, t_ptr, N: gl.constexpr, R: gl.constexpr, RP: gl.con
         b = gl.load(b_ptr + gl.expand_dims(n * R, 1) + gl.expand_dims(r, 0),
                     mask=gl.expand_dims(mn, 1) & gl.expand_dims(r < R, 0), other=0.0)  # fmt: skip
         gl.atomic_add(y_ptr + n, gl.sum(b * t, axis=1), mask=mn, sem="relaxed", scope="gpu")
+
+
+@gluon.jit
+def _rstd(x_ptr, K: gl.constexpr, eps, num_warps: gl.constexpr):
+    """1 / sqrt(mean(x[:K]^2) + eps) (x read past L1)."""
+    XL: gl.constexpr = gl.BlockedLayout([8], [32], [num_warps], [0])
+    CH: gl.constexpr = 256 * num_warps
+    ss = 0.0
+    for c in gl.static_range((K + CH - 1) // CH):
+        offs = c * CH + gl.arange(0, CH, layout=XL)
+        x = gl.load(x_ptr + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
+        ss += gl.sum(x * x, axis=0)
+    return 1.0 / gl.sqrt_rn(ss / K + eps)
+
+
+@gluon.jit
+def _lora_chain(y_ptr, a, b_ptr, t_ptr, x_ptr, g_ptr, eps, sync_ptr, err_ptr, tw, K: gl.constexpr, N: gl.constexpr,
+                R: gl.constexpr, RP: gl.constexpr, MODE: gl.constexpr, TSL: gl.constexpr, PROBE: gl.constexpr,
+                num_warps: gl.constexpr):  # fmt: skip
+    """y[:N] += B (A x) once the product's input is ready: this program's part of t = A x over its slice of K (a from
+    _lora_early; x the product's fp32 input: MODE 0 the row x_ptr[:K], 1 RMSNorm(x_ptr[:K]) * g, 2 silu(x_ptr[:K])
+    * x_ptr[K:2 K]) added into t[:R] by atomics, its arrival at sync word tw, the wait for every program's part,
+    then B t for its share of the rows (_lora_rows)."""
+    LT: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
+    k, mk = _lora_slice(K, TSL, num_warps)
+    x = gl.load(x_ptr + k, mask=mk, other=0.0, cache_modifier=".cg")
+    if MODE == 1:
+        x = x * _rstd(x_ptr, K, eps, num_warps) * gl.load(g_ptr + k, mask=mk, other=0.0)
+    if MODE == 2:
+        x = x / (1.0 + gl.exp(-x)) * gl.load(x_ptr + K + k, mask=mk, other=0.0, cache_modifier=".cg")
+    r = gl.arange(0, RP, layout=gl.SliceLayout(1, LT))
+    gl.atomic_add(t_ptr + r, gl.sum(a * gl.expand_dims(x, 0), axis=1), mask=r < R, sem="relaxed", scope="gpu")
+    _arrive(sync_ptr, tw)
+    _wait(sync_ptr, err_ptr, tw, gl.num_programs(0), PROBE)
+    _lora_rows(y_ptr, b_ptr, t_ptr, N, R, RP, num_warps)
+
+
+@gluon.jit
+def _lora_worker(h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps, E: gl.constexpr,
+                 F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr,
+                 R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr,
+                 PROBE: gl.constexpr):  # fmt: skip
+    """The adapters' terms, on a warp of their own beside the consumers (a chain of L2 round trips and a wait for
+    every program would stall the weight stream there): per product with a term, once its input is ready,
+    _lora_chain into the product's sums and one more arrival at the product's counter (the product's readers wait
+    for 2 P). The output product's t comes from attention (each head's last split adds its part): only B t here."""
+    NW: gl.constexpr = 1
+    P = gl.num_programs(0)
+    err = sync_ptr + (5 * L + 1) * SYNC_STRIDE
+    tw = 5 * L + 2
+    NQ: gl.constexpr = (H + 2 * HKV) * D
+    RSL: gl.constexpr = NQ + 2 * F
+    for layer in range(L):
+        c = layer * 5
+        y_l = y32_ptr + layer.to(gl.int64) * RSL
+        if R[0] > 0:
+            a = _lora_early(lora_ptr + LOFF[0] + layer * (R[0] * E), lora_ptr + LOFF[5] + layer * (NQ * R[0]), E, NQ,
+                            R[0], RP[0], TSL[0], NW)  # fmt: skip
+            if layer > 0:
+                _wait(sync_ptr, err, c - 1, P * (1 + (R[3] > 0)), PROBE)
+            _lora_chain(y_l, a, lora_ptr + LOFF[5] + layer * (NQ * R[0]), t_ptr + c * RT, h_ptr,
+                        g_ptr + (2 * layer) * E, eps, sync_ptr, err, tw + c, E, NQ, R[0], RP[0], 1, TSL[0], PROBE,
+                        NW)  # fmt: skip
+            _arrive(sync_ptr, c)
+        if R[1] > 0:
+            _prefetch_rows(lora_ptr + LOFF[6] + layer * (E * R[1]), E, R[1], NW)
+            _wait(sync_ptr, err, c + 1, H, PROBE)  # the heads' parts of t are in
+            _lora_rows(h_ptr, lora_ptr + LOFF[6] + layer * (E * R[1]), t_ptr + (c + 2) * RT, E, R[1], RP[1], NW)
+            _arrive(sync_ptr, c + 2)
+        if R[2] > 0:
+            a = _lora_early(lora_ptr + LOFF[2] + layer * (R[2] * E), lora_ptr + LOFF[7] + layer * (2 * F * R[2]), E,
+                            2 * F, R[2], RP[2], TSL[2], NW)  # fmt: skip
+            _wait(sync_ptr, err, c + 2, P * (1 + (R[1] > 0)), PROBE)
+            _lora_chain(y_l + NQ, a, lora_ptr + LOFF[7] + layer * (2 * F * R[2]), t_ptr + (c + 3) * RT, h_ptr,
+                        g_ptr + (2 * layer + 1) * E, eps, sync_ptr, err, tw + c + 3, E, 2 * F, R[2], RP[2], 1, TSL[2],
+                        PROBE, NW)  # fmt: skip
+            _arrive(sync_ptr, c + 3)
+        if R[3] > 0:
+            a = _lora_early(lora_ptr + LOFF[3] + layer * (R[3] * F), lora_ptr + LOFF[8] + layer * (E * R[3]), F, E,
+                            R[3], RP[3], TSL[3], NW)  # fmt: skip
+            _wait(sync_ptr, err, c + 3, P * (1 + (R[2] > 0)), PROBE)
+            _lora_chain(h_ptr, a, lora_ptr + LOFF[8] + layer * (E * R[3]), t_ptr + (c + 4) * RT, y_l + NQ, g_ptr,
+                        eps, sync_ptr, err, tw + c + 4, F, E, R[3], RP[3], 2, TSL[3], PROBE, NW)  # fmt: skip
+            _arrive(sync_ptr, c + 4)
+    if R[4] > 0:
+        a = _lora_early(lora_ptr + LOFF[4], lora_ptr + LOFF[9], E, V, R[4], RP[4], TSL[4], NW)
+        _wait(sync_ptr, err, 5 * L - 1, P * (1 + (R[3] > 0)), PROBE)
+        _lora_chain(logits_ptr, a, lora_ptr + LOFF[9], t_ptr + 5 * L * RT, h_ptr, g_ptr + (2 * L) * E, eps, sync_ptr,
+                    err, tw + 5 * L, E, V, R[4], RP[4], 1, TSL[4], PROBE, NW)  # fmt: skip
+    _done(sync_ptr, L, 2 * P, NW)  # the worker runs only with terms: every program's consumers and this warp
+
+
+@gluon.jit
+def _done(sync_ptr, L, count, num_warps: gl.constexpr):
+    """The last of `count` arrivals (every program's consumers, and its adapters' warp) zeroes the phase counters,
+    the done counter and the t arrivals for the next launch (everyone has passed every wait); the error word
+    stays."""
+    gl.thread_barrier()
+    if gl.atomic_add(sync_ptr + 5 * L * SYNC_STRIDE, 1, sem="acq_rel", scope="gpu") == count - 1:
+        offs = gl.arange(0, 2048, layout=gl.BlockedLayout([64 // num_warps], [32], [num_warps], [0]))
+        gl.store(sync_ptr + offs * SYNC_STRIDE, gl.zeros_like(offs), mask=(offs <= 10 * L + 2) & (offs != 5 * L + 1))
 
 
 # -- attention ----------------------------------------------------------------------------------------------------
@@ -408,14 +483,16 @@ def _prefetch_kv(kc_ptr, vc_ptr, pos, n_ctx, s, D: gl.constexpr, SA: gl.constexp
 
 @gluon.jit
 def _attention(qkv_ptr, ws_ptr, cnt_ptr, attn_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos, n_ctx, qk_scale, hd, kv, s,
-               H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr, SA: gl.constexpr, BLOCK_T: gl.constexpr,
-               num_warps: gl.constexpr):  # fmt: skip
+               ao_ptr, to_ptr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr, SA: gl.constexpr,
+               BLOCK_T: gl.constexpr, RO: gl.constexpr, RPO: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """Head hd (kv head kv; kc_ptr / vc_ptr its cache rows), key split s (key blocks s, s + SA, ... of BLOCK_T keys
     among 0..pos): q and the new k rotated, the new k and v rounded to the cache's dtype (the first program of the kv
     head's first split writes them to row pos; the row's key comes from registers), scores q.k * qk_scale (log2
     units), online softmax; with SA > 1 the partial (acc[D], m, l) into ws[hd, s], then a ticket from the head's
     counter (acq_rel): the head's last split combines the partials (o = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m)
-    l_s) into attn[hd * D:][:D] and resets the counter. Returns whether this program wrote the head's output."""
+    l_s) into attn[hd * D:][:D] and resets the counter. With an adapter term on the output product (RO > 0; A at
+    ao_ptr, [RO, H D]): the program that writes the head's output adds A[:, hd D:][:, :D] o into t (to_ptr) by
+    atomics. Returns whether this program wrote the head's output."""
     AL: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [num_warps, 1], [1, 0])
     cdt: gl.constexpr = kc_ptr.dtype.element_ty
     d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, AL))
@@ -423,6 +500,11 @@ def _attention(qkv_ptr, ws_ptr, cnt_ptr, attn_ptr, kc_ptr, vc_ptr, cos_ptr, sin_
     c = gl.load(cos_ptr + pos * (D // 2) + d // 2, mask=md, other=0.0)
     sn = gl.load(sin_ptr + pos * (D // 2) + d // 2, mask=md, other=0.0)
     q = _rope(qkv_ptr + hd * D, d, md, c, sn)
+    a_o = 0.0
+    if RO > 0:  # the head's columns of the output product's A, loaded with the head's rows
+        ro = gl.arange(0, RPO, layout=gl.SliceLayout(1, AL))
+        a_o = gl.load(ao_ptr + gl.expand_dims(ro * (H * D), 1) + hd * D + gl.expand_dims(d, 0),
+                      mask=gl.expand_dims(ro < RO, 1) & gl.expand_dims(md, 0), other=0.0)  # fmt: skip
     k_new = _rope(qkv_ptr + (H + kv) * D, d, md, c, sn).to(cdt)
     v_new = gl.load(qkv_ptr + (H + HKV + kv) * D + d, mask=md, other=0.0, cache_modifier=".cg").to(cdt)
     if (s == 0) & (hd % (H // HKV) == 0):
@@ -451,7 +533,9 @@ def _attention(qkv_ptr, ws_ptr, cnt_ptr, attn_ptr, kc_ptr, vc_ptr, cos_ptr, sin_
         m_i = m_new
     last = True
     if SA == 1:
-        gl.store(attn_ptr + hd * D + d, gl.div_rn(acc, l_i + gl.zeros_like(acc)), mask=md)
+        out = gl.div_rn(acc, l_i + gl.zeros_like(acc))
+        gl.store(attn_ptr + hd * D + d, out, mask=md)
+        _head_t(a_o, out, to_ptr, RO, RPO, num_warps)
     else:
         row = ws_ptr + (hd * SA + s) * (D + 2)
         gl.store(row + d, acc, mask=md)
@@ -466,9 +550,21 @@ def _attention(qkv_ptr, ws_ptr, cnt_ptr, attn_ptr, kc_ptr, vc_ptr, cos_ptr, sin_
             a_s = gl.load(rows + gl.expand_dims(d, 0), mask=gl.expand_dims(md, 0), other=0.0, cache_modifier=".cg")
             w = gl.exp2(m_s - gl.max(m_s, axis=0))  # 0 for an empty split (m = -inf)
             o = gl.sum(a_s * gl.expand_dims(w, 1), axis=0)
-            gl.store(attn_ptr + hd * D + d, gl.div_rn(o, gl.sum(l_s * w, axis=0) + gl.zeros_like(o)), mask=md)
+            out = gl.div_rn(o, gl.sum(l_s * w, axis=0) + gl.zeros_like(o))
+            gl.store(attn_ptr + hd * D + d, out, mask=md)
+            _head_t(a_o, out, to_ptr, RO, RPO, num_warps)
             gl.atomic_xchg(cnt_ptr + hd, 0, sem="relaxed", scope="gpu")  # ready for the next layer
     return last
+
+
+@gluon.jit
+def _head_t(a_o, out, to_ptr, RO: gl.constexpr, RPO: gl.constexpr, num_warps: gl.constexpr):
+    """t[:RO] += a_o out (a head's part of the output product's t; nothing without a term)."""
+    if RO > 0:
+        AL: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [num_warps, 1], [1, 0])
+        ro = gl.arange(0, RPO, layout=gl.SliceLayout(1, AL))
+        part = gl.sum(a_o * gl.expand_dims(out, 0), axis=1)
+        gl.atomic_add(to_ptr + ro, part, mask=ro < RO, sem="relaxed", scope="gpu")
 
 
 # -- phases ---------------------------------------------------------------------------------------------------------
@@ -500,71 +596,41 @@ def _wait(sync_ptr, err_ptr, phase, count, PROBE: gl.constexpr):
 
 
 @gluon.jit
-def _product(y_ptr, b_ptr, t_ptr, sync_ptr, err_ptr, tw, xq_s, dx_s, q_s, d_s, full, empty, it, first, P,
-             N: gl.constexpr, K: gl.constexpr, S: gl.constexpr, BLOCK_N: gl.constexpr, TP: gl.constexpr,
-             ADD: gl.constexpr, R: gl.constexpr, RP: gl.constexpr, LMID: gl.constexpr, PROBE: gl.constexpr,
-             num_warps: gl.constexpr):  # fmt: skip
-    """The program's tasks of one product (_tasks); with an adapter term (R > 0) also its share of the rows' B t
-    (_lora_rows, every task adding), once every program has added its part of t (sync word tw): after its first
-    LMID tasks, after half of them (LMID -2) or after all of them (LMID -1). Mid-product, the ring keeps streaming
-    while the program waits and adds (a short stall costs nothing: the consumers outpace the stream)."""
-    if R == 0:
-        it = _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N, K, S, BLOCK_N, TP, ADD, num_warps)
-    else:
-        stop = 1 << 30
-        if LMID >= 0:
-            stop = first + LMID * P
-        if LMID == -2:
-            mine = (((N + BLOCK_N - 1) // BLOCK_N) * S - first + P - 1) // P  # this program's tasks
-            stop = first + ((mine + 1) // 2) * P
-        it = _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N, K, S, BLOCK_N, TP, True, num_warps,
-                    stop)  # fmt: skip
-        _wait(sync_ptr, err_ptr, tw, P, PROBE)
-        _lora_rows(y_ptr, b_ptr, t_ptr, N, R, RP, num_warps)
-        if LMID != -1:
-            it = _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, stop, P, N, K, S, BLOCK_N, TP, True, num_warps)
-    return it
-
-
-@gluon.jit
 def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr, g_ptr,
               lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale, S: gl.constexpr,
               E: gl.constexpr,
               F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr,
               SA: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, ROT: gl.constexpr, PROBE: gl.constexpr,
-              R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr,
-              LMID: gl.constexpr, trace_ptr, TRACE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
-    """Per phase: wait, form and quantize the product's input (with adapters: this program's part of t = A x and its
-    arrival), the program's tasks (with adapters: its rows' B t), arrive. The adapters' factors of product kind j
-    (R[j] > 0): A at lora_ptr + LOFF[j] ([L, R, K]), B at lora_ptr + LOFF[5 + j] ([L, N, R]); t of phase c at
-    t_ptr + c RT, its arrivals at sync word 5 L + 2 + c."""
+              R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, trace_ptr,
+              TRACE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """Per phase: wait, form and quantize the product's input, the program's tasks, arrive. With adapter terms
+    (_lora_worker adds them): a product's sums by atomics, its readers wait for 2 P arrivals, and each head's last
+    attention split adds its part of the output product's t. The adapters' factors of product kind j (R[j] > 0): A
+    at lora_ptr + LOFF[j] ([L, R, K]), B at lora_ptr + LOFF[5 + j] ([L, N, R]); t of phase c at t_ptr + c RT."""
     pid = gl.program_id(0)
     P = gl.num_programs(0)
     pos = gl.load(pos_ptr)
     tr = trace_ptr + pid * (12 * L + 2)
     err = sync_ptr + (5 * L + 1) * SYNC_STRIDE
-    tw = 5 * L + 2  # the adapters' t arrivals: word tw + phase
     TP: gl.constexpr = 1 if (PROBE // 8) % 2 == 1 else 0  # probe 8: the tasks without their arithmetic
     NQ: gl.constexpr = (H + 2 * HKV) * D
     RSL: gl.constexpr = NQ + 2 * F  # a layer's fp32 region: q|k|v sums, then gate|up sums
     G: gl.constexpr = H // HKV
+    M0: gl.constexpr = 1 + (R[0] > 0)  # arrivals per program at a product's counter: 2 with an adapter term
+    M1: gl.constexpr = 1 + (R[1] > 0)
+    M2: gl.constexpr = 1 + (R[2] > 0)
+    M3: gl.constexpr = 1 + (R[3] > 0)
     it = 0
     for layer in range(L):
         c = layer * 5
         y_l = y32_ptr + layer.to(gl.int64) * RSL
-        la = _lora_early(lora_ptr + LOFF[0] + layer * (R[0] * E), lora_ptr + LOFF[5] + layer * (NQ * R[0]), E, NQ,
-                         R[0], RP[0], TSL[0], num_warps)  # fmt: skip
         if layer > 0:
-            _wait(sync_ptr, err, c - 1, P, PROBE)
+            _wait(sync_ptr, err, c - 1, P * M3, PROBE)
         _stamp(tr, pid, 12 * layer, TRACE)
-        x0, x1 = _lora_x(h_ptr, E, R[0], 1, TSL[0], num_warps)
-        rstd = _quantize_norm(h_ptr, g_ptr + (2 * layer) * E, eps, xq_s, dx_s, E, num_warps)
-        _lora_t(la, x0, x1, t_ptr + c * RT, g_ptr + (2 * layer) * E, rstd, sync_ptr, tw + c, E, R[0], RP[0], 1,
-                TSL[0], num_warps)  # fmt: skip
+        _quantize_norm(h_ptr, g_ptr + (2 * layer) * E, eps, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
-        it = _product(y_l, lora_ptr + LOFF[5] + layer * (NQ * R[0]), t_ptr + c * RT, sync_ptr, err, tw + c, xq_s,
-                      dx_s, q_s, d_s, full, empty, it, (pid + c * ROT) % P, P, NQ, E, S[0], BLOCK_N, TP, False, R[0],
-                      RP[0], LMID, PROBE, num_warps)  # fmt: skip
+        it = _tasks(y_l, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + c * ROT) % P, P, NQ, E, S[0], BLOCK_N, TP,
+                    R[0] > 0, num_warps)  # fmt: skip
         _stamp(tr, pid, 12 * layer + 1, TRACE)
         _arrive(sync_ptr, c)
         _stamp(tr, pid, 12 * layer + 10, TRACE)
@@ -574,75 +640,48 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
             vc = kc + (HKV * n_ctx) * D
             _prefetch_kv(kc, vc, pos, n_ctx, pid % SA, D, SA, BLOCK_T, num_warps)
             _stamp(tr, pid, 12 * layer + 11, TRACE)
-            _wait(sync_ptr, err, c, P, PROBE)
+            _wait(sync_ptr, err, c, P * M0, PROBE)
             _stamp(tr, pid, 12 * layer + 2, TRACE)
             if PROBE % 2 == 0:  # probe 1: no attention (wrong numbers)
                 if _attention(y_l, ws_ptr, cnt_ptr, attn_ptr, kc, vc, cos_ptr, sin_ptr, pos, n_ctx, qk_scale, hd,
-                              hd // G, pid % SA, H, HKV, D, SA, BLOCK_T, num_warps):  # fmt: skip
+                              hd // G, pid % SA, lora_ptr + LOFF[1] + layer * (R[1] * H * D), t_ptr + (c + 2) * RT, H,
+                              HKV, D, SA, BLOCK_T, R[1], RP[1], num_warps):  # fmt: skip
                     _stamp(tr, pid, 12 * layer + 3, TRACE)
                     _arrive(sync_ptr, c + 1)
             elif pid % SA == 0:
                 _arrive(sync_ptr, c + 1)
-        la = _lora_early(lora_ptr + LOFF[1] + layer * (R[1] * H * D), lora_ptr + LOFF[6] + layer * (E * R[1]), H * D,
-                         E, R[1], RP[1], TSL[1], num_warps)  # fmt: skip
         _wait(sync_ptr, err, c + 1, H, PROBE)  # every head's output written
         _stamp(tr, pid, 12 * layer + 4, TRACE)
-        x0, x1 = _lora_x(attn_ptr, H * D, R[1], 0, TSL[1], num_warps)
         _quantize_row(attn_ptr, xq_s, dx_s, H * D, num_warps)
-        _lora_t(la, x0, x1, t_ptr + (c + 2) * RT, g_ptr, 0.0, sync_ptr, tw + c + 2, H * D, R[1], RP[1], 0, TSL[1],
-                num_warps)  # fmt: skip
         gl.thread_barrier()
-        it = _product(h_ptr, lora_ptr + LOFF[6] + layer * (E * R[1]), t_ptr + (c + 2) * RT, sync_ptr, err,
-                      tw + c + 2, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 2) * ROT) % P, P, E, H * D, S[1],
-                      BLOCK_N, TP, True, R[1], RP[1], LMID, PROBE, num_warps)  # fmt: skip
+        it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 2) * ROT) % P, P, E, H * D, S[1],
+                    BLOCK_N, TP, True, num_warps)  # fmt: skip
         _stamp(tr, pid, 12 * layer + 5, TRACE)
         _arrive(sync_ptr, c + 2)
-        la = _lora_early(lora_ptr + LOFF[2] + layer * (R[2] * E), lora_ptr + LOFF[7] + layer * (2 * F * R[2]), E,
-                         2 * F, R[2], RP[2], TSL[2], num_warps)  # fmt: skip
-        _wait(sync_ptr, err, c + 2, P, PROBE)
+        _wait(sync_ptr, err, c + 2, P * M1, PROBE)
         _stamp(tr, pid, 12 * layer + 6, TRACE)
-        x0, x1 = _lora_x(h_ptr, E, R[2], 1, TSL[2], num_warps)
-        rstd = _quantize_norm(h_ptr, g_ptr + (2 * layer + 1) * E, eps, xq_s, dx_s, E, num_warps)
-        _lora_t(la, x0, x1, t_ptr + (c + 3) * RT, g_ptr + (2 * layer + 1) * E, rstd, sync_ptr, tw + c + 3, E, R[2],
-                RP[2], 1, TSL[2], num_warps)  # fmt: skip
+        _quantize_norm(h_ptr, g_ptr + (2 * layer + 1) * E, eps, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
-        it = _product(y_l + NQ, lora_ptr + LOFF[7] + layer * (2 * F * R[2]), t_ptr + (c + 3) * RT, sync_ptr, err,
-                      tw + c + 3, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 3) * ROT) % P, P, 2 * F, E, S[2],
-                      BLOCK_N, TP, False, R[2], RP[2], LMID, PROBE, num_warps)  # fmt: skip
+        it = _tasks(y_l + NQ, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 3) * ROT) % P, P, 2 * F, E, S[2],
+                    BLOCK_N, TP, R[2] > 0, num_warps)  # fmt: skip
         _stamp(tr, pid, 12 * layer + 7, TRACE)
         _arrive(sync_ptr, c + 3)
-        la = _lora_early(lora_ptr + LOFF[3] + layer * (R[3] * F), lora_ptr + LOFF[8] + layer * (E * R[3]), F, E,
-                         R[3], RP[3], TSL[3], num_warps)  # fmt: skip
-        _wait(sync_ptr, err, c + 3, P, PROBE)
+        _wait(sync_ptr, err, c + 3, P * M2, PROBE)
         _stamp(tr, pid, 12 * layer + 8, TRACE)
-        x0, x1 = _lora_x(y_l + NQ, F, R[3], 2, TSL[3], num_warps)
         _quantize_swiglu(y_l + NQ, xq_s, dx_s, F, num_warps)
-        _lora_t(la, x0, x1, t_ptr + (c + 4) * RT, g_ptr, 0.0, sync_ptr, tw + c + 4, F, R[3], RP[3], 2, TSL[3],
-                num_warps)  # fmt: skip
         gl.thread_barrier()
-        it = _product(h_ptr, lora_ptr + LOFF[8] + layer * (E * R[3]), t_ptr + (c + 4) * RT, sync_ptr, err,
-                      tw + c + 4, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 4) * ROT) % P, P, E, F, S[3],
-                      BLOCK_N, TP, True, R[3], RP[3], LMID, PROBE, num_warps)  # fmt: skip
+        it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 4) * ROT) % P, P, E, F, S[3], BLOCK_N,
+                    TP, True, num_warps)  # fmt: skip
         _stamp(tr, pid, 12 * layer + 9, TRACE)
         _arrive(sync_ptr, c + 4)
-    la = _lora_early(lora_ptr + LOFF[4], lora_ptr + LOFF[9], E, V, R[4], RP[4], TSL[4], num_warps)
-    _wait(sync_ptr, err, 5 * L - 1, P, PROBE)
+    _wait(sync_ptr, err, 5 * L - 1, P * M3, PROBE)
     _stamp(tr, pid, 12 * L, TRACE)
-    x0, x1 = _lora_x(h_ptr, E, R[4], 1, TSL[4], num_warps)
-    rstd = _quantize_norm(h_ptr, g_ptr + (2 * L) * E, eps, xq_s, dx_s, E, num_warps)
-    _lora_t(la, x0, x1, t_ptr + 5 * L * RT, g_ptr + (2 * L) * E, rstd, sync_ptr, tw + 5 * L, E, R[4], RP[4], 1, TSL[4],
-            num_warps)  # fmt: skip
+    _quantize_norm(h_ptr, g_ptr + (2 * L) * E, eps, xq_s, dx_s, E, num_warps)
     gl.thread_barrier()
-    _product(logits_ptr, lora_ptr + LOFF[9], t_ptr + 5 * L * RT, sync_ptr, err, tw + 5 * L, xq_s, dx_s, q_s, d_s,
-             full, empty, it, (pid + 5 * L * ROT) % P, P, V, E, S[4], BLOCK_N, TP, False, R[4], RP[4], LMID, PROBE,
-             num_warps)  # fmt: skip
+    _tasks(logits_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + 5 * L * ROT) % P, P, V, E, S[4], BLOCK_N, TP,
+           R[4] > 0, num_warps)  # fmt: skip
     _stamp(tr, pid, 12 * L + 1, TRACE)
-    # the last program out zeroes the phase counters, the done counter and the t arrivals for the next launch (every
-    # program has passed every wait); the error word stays
-    gl.thread_barrier()
-    if gl.atomic_add(sync_ptr + 5 * L * SYNC_STRIDE, 1, sem="acq_rel", scope="gpu") == P - 1:
-        offs = gl.arange(0, 2048, layout=gl.BlockedLayout([16], [32], [num_warps], [0]))
-        gl.store(sync_ptr + offs * SYNC_STRIDE, gl.zeros_like(offs), mask=(offs <= 10 * L + 2) & (offs != 5 * L + 1))
+    _done(sync_ptr, L, P * (1 + (R[0] + R[1] + R[2] + R[3] + R[4] > 0)), num_warps)
 
 
 @gluon.jit
@@ -693,23 +732,39 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                         V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr, SA: gl.constexpr,
                         BLOCK_T: gl.constexpr, STAGES: gl.constexpr, ROT: gl.constexpr, PROBE: gl.constexpr,
                         R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr,
-                        LMID: gl.constexpr, trace_ptr, TRACE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                        trace_ptr, TRACE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
     q_s, d_s, xq_s, dx_s, full, empty = _ring(q0, qt0, d0, STAGES, num_warps)
     # fmt: off
-    gl.warp_specialize(
-        [
-            (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr,
-                         g_ptr, lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale,
-                         S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, ROT, PROBE, R, RP, LOFF, RT, TSL, LMID,
-                         trace_ptr, TRACE, num_warps)),
-            (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty, L, S,
-                         E, F, V, H, HKV, D, ROT)),
-        ],
-        [1],
-        [48],
-    )
+    if R[0] + R[1] + R[2] + R[3] + R[4] > 0:  # with the adapters' warp
+        gl.warp_specialize(
+            [
+                (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr,
+                             pos_ptr, g_ptr, lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx,
+                             eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, ROT, PROBE, R, RP, LOFF, RT,
+                             trace_ptr, TRACE, num_warps)),
+                (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
+                             L, S, E, F, V, H, HKV, D, ROT)),
+                (_lora_worker, (h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps, E, F,
+                                V, H, HKV, D, R, RP, LOFF, RT, TSL, PROBE)),
+            ],
+            [1, 1],
+            [48, 96],
+        )
+    else:
+        gl.warp_specialize(
+            [
+                (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr,
+                             pos_ptr, g_ptr, lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx,
+                             eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, ROT, PROBE, R, RP, LOFF, RT,
+                             trace_ptr, TRACE, num_warps)),
+                (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
+                             L, S, E, F, V, H, HKV, D, ROT)),
+            ],
+            [1],
+            [48],
+        )
     # fmt: on
 
 
@@ -721,9 +776,6 @@ BKB = 128  # K per TMA tile (a stage: two tiles)
 STAGES = 8
 BLOCK_T = 64  # keys per attention block
 ROT = 37  # product j's tasks start at program (pid + j ROT) % P: the programs with one task more change per product
-
-
-LMID = -2  # a product's B t rows after half of the program's tasks (_product)
 
 
 def sync_words(layers: int) -> int:
@@ -821,7 +873,7 @@ def descriptors(weights):
 
 def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) -> None:
     """One launch. dims: L, E, F, V, H, HKV, D, eps, S (splits per product kind), SA (key splits per head), with
-    adapters pack_lora's R, RP, LOFF, RT, TSL; labs may set BLOCK_T, STAGES, ROT, LMID too. bufs: h (fp32 [E], the
+    adapters pack_lora's R, RP, LOFF, RT, TSL; labs may set BLOCK_T, STAGES, ROT too. bufs: h (fp32 [E], the
     embedding row), y32 (fp32 [L, (H + 2 HKV) D + 2 F], zeros), logits (fp32 [V], zeros), ws (fp32 [H, SA, D + 2]),
     cnt (int32 [H] zeros; left zero), attn (fp32 [H D]), cache (the KV cache buffer [L, 2 HKV, n_ctx, D], each
     layer's v heads after its k heads), cos / sin (fp32 [n_ctx, D / 2]), pos (int32 [1]), gains (fp32 [2 L + 1, E]:
@@ -832,7 +884,7 @@ def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) ->
     trace = bufs.get("trace")
     ranks = dims.get("R", (0,) * 5)
     lora = dict(R=tuple(ranks), RP=tuple(dims.get("RP", (1,) * 5)), LOFF=tuple(dims.get("LOFF", (0,) * 10)),
-                RT=dims.get("RT", 1), TSL=tuple(dims.get("TSL", (1,) * 5)), LMID=dims.get("LMID", LMID))  # fmt: skip
+                RT=dims.get("RT", 1), TSL=tuple(dims.get("TSL", (1,) * 5)))  # fmt: skip
     _decode_step_kernel[(programs,)](
         bufs["h"], bufs["y32"], bufs["logits"], bufs["ws"], bufs["cnt"], bufs["attn"], bufs["cache"], bufs["cos"],
         bufs["sin"], bufs["pos"], bufs["gains"], bufs["lora"] if any(ranks) else bufs["h"],
