@@ -82,11 +82,11 @@ def mega_dims(layers: int, cfg: dict, lora_dims: dict) -> dict:
 
 
 def buffers(layers, gains, cache, cos, sin, x0, pos, cfg, device, lora=None, rt=1) -> dict:
-    from lorakit.kernels.decode_mega import sync_words
+    from lorakit.kernels.decode_mega import sync_words, t_words
 
     return {
         "lora": lora,
-        "t": torch.zeros((5 * layers + 1) * rt, device=device),
+        "t": torch.zeros(t_words(layers, rt), device=device),
         "h": x0.clone(),
         "y32": torch.zeros(layers, 3 * E + 2 * F, device=device),
         "logits": torch.zeros(V, device=device),

@@ -62,6 +62,7 @@ XMAX: gl.constexpr = gl.constexpr(16384)  # the longest input row the shared buf
 SYNC_STRIDE: gl.constexpr = gl.constexpr(32)  # int32 words between two counters (128 bytes)
 BLOCK_D: gl.constexpr = gl.constexpr(128)  # a head's values in registers (D <= 128)
 MAX_SPINS: gl.constexpr = gl.constexpr(1 << 22)
+TG: gl.constexpr = gl.constexpr(8)  # copies of each t (program p adds into copy p % TG: 8x fewer atomics per address)
 
 
 @gluon.jit
@@ -332,17 +333,21 @@ def _prefetch_rows(b_ptr, N: gl.constexpr, R: gl.constexpr, num_warps: gl.conste
 
 
 @gluon.jit
-def _lora_rows(y_ptr, b_ptr, t_ptr, N: gl.constexpr, R: gl.constexpr, RP: gl.constexpr, num_warps: gl.constexpr):
-    """y[n] += B[n] . t for this program's share of the rows n ([p rn, (p + 1) rn), rn = ceil(N / P)), by atomics (B
-    [N, R] fp32 row-major with the adapters' scales in it; t complete)."""
+def _lora_rows(y_ptr, b_ptr, t_ptr, N: gl.constexpr, R: gl.constexpr, RP: gl.constexpr, RT: gl.constexpr,
+               TR: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """y[n] += B[n] . t for this program's share of the rows n ([p rn, (p + 1) rn), rn = ceil(N / P); TR rows at a
+    time: one round of loads where TR >= rn), by atomics (B [N, R] fp32 row-major with the adapters' scales in it;
+    t complete: the sum of its TG copies, RT apart)."""
     LB: gl.constexpr = gl.BlockedLayout([1, RP], [32, 1], [num_warps, 1], [1, 0])
-    ROWS: gl.constexpr = 32 * num_warps
     pid = gl.program_id(0)
     rn = (N + gl.num_programs(0) - 1) // gl.num_programs(0)
     r = gl.arange(0, RP, layout=gl.SliceLayout(0, LB))
-    t = gl.expand_dims(gl.load(t_ptr + r, mask=r < R, other=0.0, cache_modifier=".cg"), 0)
-    for n0 in range(pid * rn, gl.minimum((pid + 1) * rn, N), ROWS):
-        n = n0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, LB))
+    g = gl.arange(0, TG, layout=gl.SliceLayout(1, LB))
+    tg = gl.load(t_ptr + gl.expand_dims(g * RT, 1) + gl.expand_dims(r, 0), mask=gl.expand_dims(r < R, 0), other=0.0,
+                 cache_modifier=".cg")  # fmt: skip
+    t = gl.expand_dims(gl.sum(tg, axis=0), 0)
+    for n0 in range(pid * rn, gl.minimum((pid + 1) * rn, N), TR):
+        n = n0 + gl.arange(0, TR, layout=gl.SliceLayout(1, LB))
         mn = (n < (pid + 1) * rn) & (n < N)
         b = gl.load(b_ptr + gl.expand_dims(n * R, 1) + gl.expand_dims(r, 0),
                     mask=gl.expand_dims(mn, 1) & gl.expand_dims(r < R, 0), other=0.0)  # fmt: skip
@@ -364,12 +369,12 @@ def _rstd(x_ptr, K: gl.constexpr, eps, num_warps: gl.constexpr):
 
 @gluon.jit
 def _lora_chain(y_ptr, a, b_ptr, t_ptr, x_ptr, g_ptr, eps, sync_ptr, err_ptr, tw, K: gl.constexpr, N: gl.constexpr,
-                R: gl.constexpr, RP: gl.constexpr, MODE: gl.constexpr, TSL: gl.constexpr, PROBE: gl.constexpr,
-                num_warps: gl.constexpr):  # fmt: skip
+                R: gl.constexpr, RP: gl.constexpr, RT: gl.constexpr, TR: gl.constexpr, MODE: gl.constexpr,
+                TSL: gl.constexpr, PROBE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """y[:N] += B (A x) once the product's input is ready: this program's part of t = A x over its slice of K (a from
     _lora_early; x the product's fp32 input: MODE 0 the row x_ptr[:K], 1 RMSNorm(x_ptr[:K]) * g, 2 silu(x_ptr[:K])
-    * x_ptr[K:2 K]) added into t[:R] by atomics, its arrival at sync word tw, the wait for every program's part,
-    then B t for its share of the rows (_lora_rows)."""
+    * x_ptr[K:2 K]) added into t's copy p % TG by atomics, its arrival at sync word tw, the wait for every program's
+    part, then B t for its share of the rows (_lora_rows)."""
     LT: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
     k, mk = _lora_slice(K, TSL, num_warps)
     x = gl.load(x_ptr + k, mask=mk, other=0.0, cache_modifier=".cg")
@@ -378,22 +383,24 @@ def _lora_chain(y_ptr, a, b_ptr, t_ptr, x_ptr, g_ptr, eps, sync_ptr, err_ptr, tw
     if MODE == 2:
         x = x / (1.0 + gl.exp(-x)) * gl.load(x_ptr + K + k, mask=mk, other=0.0, cache_modifier=".cg")
     r = gl.arange(0, RP, layout=gl.SliceLayout(1, LT))
-    gl.atomic_add(t_ptr + r, gl.sum(a * gl.expand_dims(x, 0), axis=1), mask=r < R, sem="relaxed", scope="gpu")
+    t_mine = t_ptr + (gl.program_id(0) % TG) * RT
+    gl.atomic_add(t_mine + r, gl.sum(a * gl.expand_dims(x, 0), axis=1), mask=r < R, sem="relaxed", scope="gpu")
     _arrive(sync_ptr, tw)
     _wait(sync_ptr, err_ptr, tw, gl.num_programs(0), PROBE)
-    _lora_rows(y_ptr, b_ptr, t_ptr, N, R, RP, num_warps)
+    _lora_rows(y_ptr, b_ptr, t_ptr, N, R, RP, RT, TR, num_warps)
 
 
 @gluon.jit
 def _lora_worker(h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps, E: gl.constexpr,
                  F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr,
                  R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr,
-                 PROBE: gl.constexpr):  # fmt: skip
+                 TR: gl.constexpr, PROBE: gl.constexpr):  # fmt: skip
     """The adapters' terms, on a warp of their own beside the consumers (a chain of L2 round trips and a wait for
     every program would stall the weight stream there): per product with a term, once its input is ready,
     _lora_chain into the product's sums and one more arrival at the product's counter (the product's readers wait
     for 2 P). The output product's t comes from attention (each head's last split adds its part): only B t here."""
-    NW: gl.constexpr = 1
+    NW: gl.constexpr = 2
+    TS: gl.constexpr = TG * RT  # t of phase c at t_ptr + c TS
     P = gl.num_programs(0)
     err = sync_ptr + (5 * L + 1) * SYNC_STRIDE
     tw = 5 * L + 2
@@ -407,35 +414,37 @@ def _lora_worker(h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, s
                             R[0], RP[0], TSL[0], NW)  # fmt: skip
             if layer > 0:
                 _wait(sync_ptr, err, c - 1, P * (1 + (R[3] > 0)), PROBE)
-            _lora_chain(y_l, a, lora_ptr + LOFF[5] + layer * (NQ * R[0]), t_ptr + c * RT, h_ptr,
-                        g_ptr + (2 * layer) * E, eps, sync_ptr, err, tw + c, E, NQ, R[0], RP[0], 1, TSL[0], PROBE,
-                        NW)  # fmt: skip
+            _lora_chain(y_l, a, lora_ptr + LOFF[5] + layer * (NQ * R[0]), t_ptr + c * TS, h_ptr,
+                        g_ptr + (2 * layer) * E, eps, sync_ptr, err, tw + c, E, NQ, R[0], RP[0], RT, TR[0], 1, TSL[0],
+                        PROBE, NW)  # fmt: skip
             _arrive(sync_ptr, c)
         if R[1] > 0:
             _prefetch_rows(lora_ptr + LOFF[6] + layer * (E * R[1]), E, R[1], NW)
             _wait(sync_ptr, err, c + 1, H, PROBE)  # the heads' parts of t are in
-            _lora_rows(h_ptr, lora_ptr + LOFF[6] + layer * (E * R[1]), t_ptr + (c + 2) * RT, E, R[1], RP[1], NW)
+            _lora_rows(
+                h_ptr, lora_ptr + LOFF[6] + layer * (E * R[1]), t_ptr + (c + 2) * TS, E, R[1], RP[1], RT, TR[1], NW
+            )
             _arrive(sync_ptr, c + 2)
         if R[2] > 0:
             a = _lora_early(lora_ptr + LOFF[2] + layer * (R[2] * E), lora_ptr + LOFF[7] + layer * (2 * F * R[2]), E,
                             2 * F, R[2], RP[2], TSL[2], NW)  # fmt: skip
             _wait(sync_ptr, err, c + 2, P * (1 + (R[1] > 0)), PROBE)
-            _lora_chain(y_l + NQ, a, lora_ptr + LOFF[7] + layer * (2 * F * R[2]), t_ptr + (c + 3) * RT, h_ptr,
-                        g_ptr + (2 * layer + 1) * E, eps, sync_ptr, err, tw + c + 3, E, 2 * F, R[2], RP[2], 1, TSL[2],
-                        PROBE, NW)  # fmt: skip
+            _lora_chain(y_l + NQ, a, lora_ptr + LOFF[7] + layer * (2 * F * R[2]), t_ptr + (c + 3) * TS, h_ptr,
+                        g_ptr + (2 * layer + 1) * E, eps, sync_ptr, err, tw + c + 3, E, 2 * F, R[2], RP[2], RT,
+                        TR[2], 1, TSL[2], PROBE, NW)  # fmt: skip
             _arrive(sync_ptr, c + 3)
         if R[3] > 0:
             a = _lora_early(lora_ptr + LOFF[3] + layer * (R[3] * F), lora_ptr + LOFF[8] + layer * (E * R[3]), F, E,
                             R[3], RP[3], TSL[3], NW)  # fmt: skip
             _wait(sync_ptr, err, c + 3, P * (1 + (R[2] > 0)), PROBE)
-            _lora_chain(h_ptr, a, lora_ptr + LOFF[8] + layer * (E * R[3]), t_ptr + (c + 4) * RT, y_l + NQ, g_ptr,
-                        eps, sync_ptr, err, tw + c + 4, F, E, R[3], RP[3], 2, TSL[3], PROBE, NW)  # fmt: skip
+            _lora_chain(h_ptr, a, lora_ptr + LOFF[8] + layer * (E * R[3]), t_ptr + (c + 4) * TS, y_l + NQ, g_ptr,
+                        eps, sync_ptr, err, tw + c + 4, F, E, R[3], RP[3], RT, TR[3], 2, TSL[3], PROBE, NW)  # fmt: skip
             _arrive(sync_ptr, c + 4)
     if R[4] > 0:
         a = _lora_early(lora_ptr + LOFF[4], lora_ptr + LOFF[9], E, V, R[4], RP[4], TSL[4], NW)
         _wait(sync_ptr, err, 5 * L - 1, P * (1 + (R[3] > 0)), PROBE)
-        _lora_chain(logits_ptr, a, lora_ptr + LOFF[9], t_ptr + 5 * L * RT, h_ptr, g_ptr + (2 * L) * E, eps, sync_ptr,
-                    err, tw + 5 * L, E, V, R[4], RP[4], 1, TSL[4], PROBE, NW)  # fmt: skip
+        _lora_chain(logits_ptr, a, lora_ptr + LOFF[9], t_ptr + 5 * L * TS, h_ptr, g_ptr + (2 * L) * E, eps, sync_ptr,
+                    err, tw + 5 * L, E, V, R[4], RP[4], RT, TR[4], 1, TSL[4], PROBE, NW)  # fmt: skip
     _done(sync_ptr, L, 2 * P, NW)  # the worker runs only with terms: every program's consumers and this warp
 
 
@@ -483,15 +492,15 @@ def _prefetch_kv(kc_ptr, vc_ptr, pos, n_ctx, s, D: gl.constexpr, SA: gl.constexp
 
 @gluon.jit
 def _attention(qkv_ptr, ws_ptr, cnt_ptr, attn_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos, n_ctx, qk_scale, hd, kv, s,
-               ao_ptr, to_ptr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr, SA: gl.constexpr,
+               a_o, to_ptr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr, SA: gl.constexpr,
                BLOCK_T: gl.constexpr, RO: gl.constexpr, RPO: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """Head hd (kv head kv; kc_ptr / vc_ptr its cache rows), key split s (key blocks s, s + SA, ... of BLOCK_T keys
     among 0..pos): q and the new k rotated, the new k and v rounded to the cache's dtype (the first program of the kv
     head's first split writes them to row pos; the row's key comes from registers), scores q.k * qk_scale (log2
     units), online softmax; with SA > 1 the partial (acc[D], m, l) into ws[hd, s], then a ticket from the head's
     counter (acq_rel): the head's last split combines the partials (o = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m)
-    l_s) into attn[hd * D:][:D] and resets the counter. With an adapter term on the output product (RO > 0; A at
-    ao_ptr, [RO, H D]): the program that writes the head's output adds A[:, hd D:][:, :D] o into t (to_ptr) by
+    l_s) into attn[hd * D:][:D] and resets the counter. With an adapter term on the output product (RO > 0; a_o the
+    head's columns of its A, _head_a): the program that writes the head's output adds a_o o into t (to_ptr) by
     atomics. Returns whether this program wrote the head's output."""
     AL: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [num_warps, 1], [1, 0])
     cdt: gl.constexpr = kc_ptr.dtype.element_ty
@@ -500,11 +509,6 @@ def _attention(qkv_ptr, ws_ptr, cnt_ptr, attn_ptr, kc_ptr, vc_ptr, cos_ptr, sin_
     c = gl.load(cos_ptr + pos * (D // 2) + d // 2, mask=md, other=0.0)
     sn = gl.load(sin_ptr + pos * (D // 2) + d // 2, mask=md, other=0.0)
     q = _rope(qkv_ptr + hd * D, d, md, c, sn)
-    a_o = 0.0
-    if RO > 0:  # the head's columns of the output product's A, loaded with the head's rows
-        ro = gl.arange(0, RPO, layout=gl.SliceLayout(1, AL))
-        a_o = gl.load(ao_ptr + gl.expand_dims(ro * (H * D), 1) + hd * D + gl.expand_dims(d, 0),
-                      mask=gl.expand_dims(ro < RO, 1) & gl.expand_dims(md, 0), other=0.0)  # fmt: skip
     k_new = _rope(qkv_ptr + (H + kv) * D, d, md, c, sn).to(cdt)
     v_new = gl.load(qkv_ptr + (H + HKV + kv) * D + d, mask=md, other=0.0, cache_modifier=".cg").to(cdt)
     if (s == 0) & (hd % (H // HKV) == 0):
@@ -558,8 +562,24 @@ def _attention(qkv_ptr, ws_ptr, cnt_ptr, attn_ptr, kc_ptr, vc_ptr, cos_ptr, sin_
 
 
 @gluon.jit
+def _head_a(ao_ptr, hd, H: gl.constexpr, D: gl.constexpr, RO: gl.constexpr, RPO: gl.constexpr,
+            num_warps: gl.constexpr):  # fmt: skip
+    """Head hd's columns of the output product's A ([RO, H D] at ao_ptr) in _attention's layout; 0.0 without a
+    term. Loaded before the wait for the q|k|v product (HBM is saturated: a load takes microseconds)."""
+    a_o = 0.0
+    if RO > 0:
+        AL: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [num_warps, 1], [1, 0])
+        d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, AL))
+        ro = gl.arange(0, RPO, layout=gl.SliceLayout(1, AL))
+        a_o = gl.load(ao_ptr + gl.expand_dims(ro * (H * D), 1) + hd * D + gl.expand_dims(d, 0),
+                      mask=gl.expand_dims(ro < RO, 1) & gl.expand_dims(d < D, 0), other=0.0)  # fmt: skip
+    return a_o
+
+
+@gluon.jit
 def _head_t(a_o, out, to_ptr, RO: gl.constexpr, RPO: gl.constexpr, num_warps: gl.constexpr):
-    """t[:RO] += a_o out (a head's part of the output product's t; nothing without a term)."""
+    """t[:RO] += a_o out (a head's part of the output product's t, into the copy at to_ptr; nothing without a
+    term)."""
     if RO > 0:
         AL: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [num_warps, 1], [1, 0])
         ro = gl.arange(0, RPO, layout=gl.SliceLayout(1, AL))
@@ -606,7 +626,8 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
     """Per phase: wait, form and quantize the product's input, the program's tasks, arrive. With adapter terms
     (_lora_worker adds them): a product's sums by atomics, its readers wait for 2 P arrivals, and each head's last
     attention split adds its part of the output product's t. The adapters' factors of product kind j (R[j] > 0): A
-    at lora_ptr + LOFF[j] ([L, R, K]), B at lora_ptr + LOFF[5 + j] ([L, N, R]); t of phase c at t_ptr + c RT."""
+    at lora_ptr + LOFF[j] ([L, R, K]), B at lora_ptr + LOFF[5 + j] ([L, N, R]); t of phase c at t_ptr + c TG RT (TG
+    copies, RT apart)."""
     pid = gl.program_id(0)
     P = gl.num_programs(0)
     pos = gl.load(pos_ptr)
@@ -639,13 +660,14 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
             kc = cache_ptr + ((layer * 2 * HKV + hd // G).to(gl.int64) * n_ctx) * D  # the kv head's k rows
             vc = kc + (HKV * n_ctx) * D
             _prefetch_kv(kc, vc, pos, n_ctx, pid % SA, D, SA, BLOCK_T, num_warps)
+            a_o = _head_a(lora_ptr + LOFF[1] + layer * (R[1] * H * D), hd, H, D, R[1], RP[1], num_warps)
             _stamp(tr, pid, 12 * layer + 11, TRACE)
             _wait(sync_ptr, err, c, P * M0, PROBE)
             _stamp(tr, pid, 12 * layer + 2, TRACE)
             if PROBE % 2 == 0:  # probe 1: no attention (wrong numbers)
                 if _attention(y_l, ws_ptr, cnt_ptr, attn_ptr, kc, vc, cos_ptr, sin_ptr, pos, n_ctx, qk_scale, hd,
-                              hd // G, pid % SA, lora_ptr + LOFF[1] + layer * (R[1] * H * D), t_ptr + (c + 2) * RT, H,
-                              HKV, D, SA, BLOCK_T, R[1], RP[1], num_warps):  # fmt: skip
+                              hd // G, pid % SA, a_o, t_ptr + ((c + 2) * TG + hd % TG) * RT, H, HKV, D, SA, BLOCK_T,
+                              R[1], RP[1], num_warps):  # fmt: skip
                     _stamp(tr, pid, 12 * layer + 3, TRACE)
                     _arrive(sync_ptr, c + 1)
             elif pid % SA == 0:
@@ -732,7 +754,7 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                         V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr, SA: gl.constexpr,
                         BLOCK_T: gl.constexpr, STAGES: gl.constexpr, ROT: gl.constexpr, PROBE: gl.constexpr,
                         R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr,
-                        trace_ptr, TRACE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                        TR: gl.constexpr, trace_ptr, TRACE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
     q_s, d_s, xq_s, dx_s, full, empty = _ring(q0, qt0, d0, STAGES, num_warps)
@@ -747,10 +769,10 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
                              L, S, E, F, V, H, HKV, D, ROT)),
                 (_lora_worker, (h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps, E, F,
-                                V, H, HKV, D, R, RP, LOFF, RT, TSL, PROBE)),
+                                V, H, HKV, D, R, RP, LOFF, RT, TSL, TR, PROBE)),
             ],
-            [1, 1],
-            [48, 96],
+            [1, 2],
+            [48, 128],
         )
     else:
         gl.warp_specialize(
@@ -784,25 +806,33 @@ def sync_words(layers: int) -> int:
     return 10 * layers + 3
 
 
+def t_words(layers: int, rt: int) -> int:
+    """fp32 words of the adapters' t buffer: TG copies (rt apart) per phase."""
+    return (5 * layers + 1) * TG.value * rt
+
+
 def pack_lora(factors, programs: int) -> tuple[torch.Tensor | None, dict]:
     """The adapters' factors per product kind (q|k|v, output, gate|up, down, vocabulary): None, or (A [L, R, K], B
     [L, N, R]) fp32 (B with the adapters' scales), as one flat buffer, and the kernel's dims for them (R, RP: R's
-    power of two, LOFF: the factors' offsets in the buffer, RT: t's stride per phase, TSL: per kind a program's slice
-    of K for t, rounded up to a power of two)."""
-    parts, loff, ranks, ks = [], [0] * 10, [0] * 5, [1] * 5
+    power of two, LOFF: the factors' offsets in the buffer, RT: the stride of t's TG copies (a phase's t takes TG RT
+    words), TSL: per kind a program's slice of K for t, rounded up to a power of two, TR: per kind the rows of B an
+    adapters' warp takes at a time)."""
+    parts, loff, ranks, ks, ns = [], [0] * 10, [0] * 5, [1] * 5, [1] * 5
     n = 0
     for j, f in enumerate(factors):
         if f is None:
             continue
         a, b = f
-        ranks[j], ks[j] = a.shape[1], a.shape[2]
+        ranks[j], ks[j], ns[j] = a.shape[1], a.shape[2], b.shape[1]
         for i, t in ((j, a), (5 + j, b)):
             loff[i] = n
             parts.append(t.reshape(-1).float())
             n += t.numel()
     rp = [1 << max(0, r - 1).bit_length() for r in ranks]
     tsl = [1 << (-(-k // programs) - 1).bit_length() if r else 1 for r, k in zip(ranks, ks, strict=True)]
-    dims = dict(R=tuple(ranks), RP=tuple(rp), LOFF=tuple(loff), RT=max(rp), TSL=tuple(tsl))
+    # the adapters' warps' rows of B at a time: all of a program's share (one round of loads) up to 64 per thread
+    tr = [max(64, min(1 << (-(-n // programs) - 1).bit_length(), 8192 // p)) for n, p in zip(ns, rp, strict=True)]
+    dims = dict(R=tuple(ranks), RP=tuple(rp), LOFF=tuple(loff), RT=max(32, *rp), TSL=tuple(tsl), TR=tuple(tr))
     return (torch.cat(parts) if parts else None), dims
 
 
@@ -878,13 +908,14 @@ def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) ->
     cnt (int32 [H] zeros; left zero), attn (fp32 [H D]), cache (the KV cache buffer [L, 2 HKV, n_ctx, D], each
     layer's v heads after its k heads), cos / sin (fp32 [n_ctx, D / 2]), pos (int32 [1]), gains (fp32 [2 L + 1, E]:
     attn_norm, ffn_norm per layer, output_norm), sync (int32 zeros [sync_words(L) * SYNC_STRIDE]; its
-    error word set if a wait gave up); with adapters lora (pack_lora's buffer) and t (fp32 [(5 L + 1) RT], zeros);
+    error word set if a wait gave up); with adapters lora (pack_lora's buffer) and t (fp32 [t_words(L, RT)], zeros);
     optional trace (int64 [programs, 12 L + 2], TRACE stamps)."""
     qd, qt, dd = descs
     trace = bufs.get("trace")
     ranks = dims.get("R", (0,) * 5)
     lora = dict(R=tuple(ranks), RP=tuple(dims.get("RP", (1,) * 5)), LOFF=tuple(dims.get("LOFF", (0,) * 10)),
-                RT=dims.get("RT", 1), TSL=tuple(dims.get("TSL", (1,) * 5)))  # fmt: skip
+                RT=dims.get("RT", 1), TSL=tuple(dims.get("TSL", (1,) * 5)),
+                TR=tuple(dims.get("TR", (64,) * 5)))  # fmt: skip
     _decode_step_kernel[(programs,)](
         bufs["h"], bufs["y32"], bufs["logits"], bufs["ws"], bufs["cnt"], bufs["attn"], bufs["cache"], bufs["cos"],
         bufs["sin"], bufs["pos"], bufs["gains"], bufs["lora"] if any(ranks) else bufs["h"],

@@ -199,7 +199,7 @@ class MegaDecoder(GraphDecoder):
         cos, sin = rope
         # the products' sums and the adapters' t, zeroed together before each launch
         rsl = (H + 2 * HKV) * D + 2 * F
-        self.sums = torch.zeros(L * rsl + (5 * L + 1) * lora_dims["RT"], **f32)
+        self.sums = torch.zeros(L * rsl + km.t_words(L, lora_dims["RT"]), **f32)
         self.bufs = {
             "h": torch.zeros(E, **f32),
             "y32": self.sums[: L * rsl].view(L, rsl),
