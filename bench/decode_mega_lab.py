@@ -31,11 +31,16 @@ HBM = 4.23e12
 BASE = dict(S=(13, 7, 13, 17, 13), SA=4)  # kernels/decode_mega.splits and the key splits the decoder takes
 CONFIGS = [  # BASE: splits of the K stages per product kind, attention key splits per head (H * SA programs); the
     # kernel's BLOCK_T (keys per attention block), STAGES (ring), ROT (task rotation) may be set too; probes (wrong
-    # numbers, timed only; bits): 1 no attention, 4 no waits, 8 no products' arithmetic (the stream alone). LORA r:
+    # numbers, timed only; bits): 1 no attention, 4 no waits, 8 no products' arithmetic (the stream alone), 16 the
+    # adapters' warps only wait and arrive. LORA r:
     # random adapter terms of rank r on the 7 matrices (two rank-4 adapters: 8; the packed products' terms
-    # block-diagonal as lora.fused_lora_term forms them: ranks 3 r, r, 2 r, r)
+    # block-diagonal as lora.fused_lora_term forms them: ranks 3 r, r, 2 r, r); LBO: ns
+    # the adapters' warps sleep between polls
     BASE,
     dict(BASE, LORA=8),
+    dict(BASE, LORA=8, LBO=200),
+    dict(BASE, LORA=8, LBO=1000),
+    dict(BASE, LORA=8, probe=16),
     dict(BASE, LORA=1),
 ]
 
@@ -216,7 +221,7 @@ def main(argv=None) -> int:
                 b["y32"].zero_()
                 b["t"].zero_()
                 b["logits"].zero_()
-                decode_step(b, descs, dims, n_sm)
+                decode_step(b, descs, dims, n_sm, cfg.get("probe", 0))
                 return torch.argmax(b["logits"])
 
             us = graph_us(step)
