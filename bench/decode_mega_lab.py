@@ -35,13 +35,13 @@ CONFIGS = [  # BASE: splits of the K stages per product kind, attention key spli
     # adapters' warps only wait and arrive. LORA r:
     # random adapter terms of rank r on the 7 matrices (two rank-4 adapters: 8; the packed products' terms
     # block-diagonal as lora.fused_lora_term forms them: ranks 3 r, r, 2 r, r); LBO: ns
-    # the adapters' warps sleep between polls
+    # the adapters' warps sleep between polls, TG: copies of t, LNW: the adapters' warps
     BASE,
     dict(BASE, LORA=8),
-    dict(BASE, LORA=8, LBO=200),
-    dict(BASE, LORA=8, LBO=1000),
+    dict(BASE, LORA=8, TG=1),
+    dict(BASE, LORA=8, LNW=1),
+    dict(BASE, LORA=8, LNW=1, TG=1),
     dict(BASE, LORA=8, probe=16),
-    dict(BASE, LORA=1),
 ]
 
 

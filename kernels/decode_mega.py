@@ -62,7 +62,6 @@ XMAX: gl.constexpr = gl.constexpr(16384)  # the longest input row the shared buf
 SYNC_STRIDE: gl.constexpr = gl.constexpr(32)  # int32 words between two counters (128 bytes)
 BLOCK_D: gl.constexpr = gl.constexpr(128)  # a head's values in registers (D <= 128)
 MAX_SPINS: gl.constexpr = gl.constexpr(1 << 22)
-TG: gl.constexpr = gl.constexpr(8)  # copies of each t (program p adds into copy p % TG: 8x fewer atomics per address)
 
 
 @gluon.jit
@@ -334,7 +333,7 @@ def _prefetch_rows(b_ptr, N: gl.constexpr, R: gl.constexpr, num_warps: gl.conste
 
 @gluon.jit
 def _lora_rows(y_ptr, b_ptr, t_ptr, N: gl.constexpr, R: gl.constexpr, RP: gl.constexpr, RT: gl.constexpr,
-               TR: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+               TR: gl.constexpr, TG: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """y[n] += B[n] . t for this program's share of the rows n ([p rn, (p + 1) rn), rn = ceil(N / P); TR rows at a
     time: one round of loads where TR >= rn), by atomics (B [N, R] fp32 row-major with the adapters' scales in it;
     t complete: the sum of its TG copies, RT apart)."""
@@ -370,7 +369,8 @@ def _rstd(x_ptr, K: gl.constexpr, eps, num_warps: gl.constexpr):
 @gluon.jit
 def _lora_chain(y_ptr, a, b_ptr, t_ptr, x_ptr, g_ptr, eps, sync_ptr, err_ptr, tw, K: gl.constexpr, N: gl.constexpr,
                 R: gl.constexpr, RP: gl.constexpr, RT: gl.constexpr, TR: gl.constexpr, MODE: gl.constexpr,
-                TSL: gl.constexpr, PROBE: gl.constexpr, num_warps: gl.constexpr, LBO: gl.constexpr):  # fmt: skip
+                TSL: gl.constexpr, PROBE: gl.constexpr, num_warps: gl.constexpr, LBO: gl.constexpr,
+                TG: gl.constexpr):  # fmt: skip
     """y[:N] += B (A x) once the product's input is ready: this program's part of t = A x over its slice of K (a from
     _lora_early; x the product's fp32 input: MODE 0 the row x_ptr[:K], 1 RMSNorm(x_ptr[:K]) * g, 2 silu(x_ptr[:K])
     * x_ptr[K:2 K]) added into t's copy p % TG by atomics, its arrival at sync word tw, the wait for every program's
@@ -389,19 +389,19 @@ def _lora_chain(y_ptr, a, b_ptr, t_ptr, x_ptr, g_ptr, eps, sync_ptr, err_ptr, tw
     gl.atomic_add(t_mine + r, gl.sum(a * gl.expand_dims(x, 0), axis=1), mask=r < R, sem="relaxed", scope="gpu")
     _arrive(sync_ptr, tw)
     _wait(sync_ptr, err_ptr, tw, gl.num_programs(0), PROBE, LBO)
-    _lora_rows(y_ptr, b_ptr, t_ptr, N, R, RP, RT, TR, num_warps)
+    _lora_rows(y_ptr, b_ptr, t_ptr, N, R, RP, RT, TR, TG, num_warps)
 
 
 @gluon.jit
 def _lora_worker(h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps, E: gl.constexpr,
                  F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr,
                  R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr,
-                 TR: gl.constexpr, PROBE: gl.constexpr, LBO: gl.constexpr):  # fmt: skip
+                 TR: gl.constexpr, PROBE: gl.constexpr, LBO: gl.constexpr, TG: gl.constexpr,
+                 NW: gl.constexpr):  # fmt: skip
     """The adapters' terms, on a warp of their own beside the consumers (a chain of L2 round trips and a wait for
     every program would stall the weight stream there): per product with a term, once its input is ready,
     _lora_chain into the product's sums and one more arrival at the product's counter (the product's readers wait
     for 2 P). The output product's t comes from attention (each head's last split adds its part): only B t here."""
-    NW: gl.constexpr = 2
     TS: gl.constexpr = TG * RT  # t of phase c at t_ptr + c TS
     P = gl.num_programs(0)
     err = sync_ptr + (5 * L + 1) * SYNC_STRIDE
@@ -418,14 +418,13 @@ def _lora_worker(h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, s
                 _wait(sync_ptr, err, c - 1, P * (1 + (R[3] > 0)), PROBE, LBO)
             _lora_chain(y_l, a, lora_ptr + LOFF[5] + layer * (NQ * R[0]), t_ptr + c * TS, h_ptr,
                         g_ptr + (2 * layer) * E, eps, sync_ptr, err, tw + c, E, NQ, R[0], RP[0], RT, TR[0], 1, TSL[0],
-                        PROBE, NW, LBO)  # fmt: skip
+                        PROBE, NW, LBO, TG)  # fmt: skip
             _arrive(sync_ptr, c)
         if R[1] > 0:
             _prefetch_rows(lora_ptr + LOFF[6] + layer * (E * R[1]), E, R[1], NW)
             _wait(sync_ptr, err, c + 1, H, PROBE, LBO)  # the heads' parts of t are in
-            _lora_rows(
-                h_ptr, lora_ptr + LOFF[6] + layer * (E * R[1]), t_ptr + (c + 2) * TS, E, R[1], RP[1], RT, TR[1], NW
-            )
+            _lora_rows(h_ptr, lora_ptr + LOFF[6] + layer * (E * R[1]), t_ptr + (c + 2) * TS, E, R[1], RP[1], RT, TR[1],
+                       TG, NW)  # fmt: skip
             _arrive(sync_ptr, c + 2)
         if R[2] > 0:
             a = _lora_early(lora_ptr + LOFF[2] + layer * (R[2] * E), lora_ptr + LOFF[7] + layer * (2 * F * R[2]), E,
@@ -433,7 +432,7 @@ def _lora_worker(h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, s
             _wait(sync_ptr, err, c + 2, P * (1 + (R[1] > 0)), PROBE, LBO)
             _lora_chain(y_l + NQ, a, lora_ptr + LOFF[7] + layer * (2 * F * R[2]), t_ptr + (c + 3) * TS, h_ptr,
                         g_ptr + (2 * layer + 1) * E, eps, sync_ptr, err, tw + c + 3, E, 2 * F, R[2], RP[2], RT,
-                        TR[2], 1, TSL[2], PROBE, NW, LBO)  # fmt: skip
+                        TR[2], 1, TSL[2], PROBE, NW, LBO, TG)  # fmt: skip
             _arrive(sync_ptr, c + 3)
         if R[3] > 0:
             a = _lora_early(lora_ptr + LOFF[3] + layer * (R[3] * F), lora_ptr + LOFF[8] + layer * (E * R[3]), F, E,
@@ -441,13 +440,13 @@ def _lora_worker(h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, s
             _wait(sync_ptr, err, c + 3, P * (1 + (R[2] > 0)), PROBE, LBO)
             _lora_chain(h_ptr, a, lora_ptr + LOFF[8] + layer * (E * R[3]), t_ptr + (c + 4) * TS, y_l + NQ, g_ptr,
                         eps, sync_ptr, err, tw + c + 4, F, E, R[3], RP[3], RT, TR[3], 2, TSL[3], PROBE, NW,
-                        LBO)  # fmt: skip
+                        LBO, TG)  # fmt: skip
             _arrive(sync_ptr, c + 4)
     if R[4] > 0:
         a = _lora_early(lora_ptr + LOFF[4], lora_ptr + LOFF[9], E, V, R[4], RP[4], TSL[4], NW)
         _wait(sync_ptr, err, 5 * L - 1, P * (1 + (R[3] > 0)), PROBE, LBO)
         _lora_chain(logits_ptr, a, lora_ptr + LOFF[9], t_ptr + 5 * L * TS, h_ptr, g_ptr + (2 * L) * E, eps, sync_ptr,
-                    err, tw + 5 * L, E, V, R[4], RP[4], RT, TR[4], 1, TSL[4], PROBE, NW, LBO)  # fmt: skip
+                    err, tw + 5 * L, E, V, R[4], RP[4], RT, TR[4], 1, TSL[4], PROBE, NW, LBO, TG)  # fmt: skip
     _done(sync_ptr, L, 2 * P, NW)  # the worker runs only with terms: every program's consumers and this warp
 
 
@@ -625,7 +624,7 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
               E: gl.constexpr,
               F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr,
               SA: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, ROT: gl.constexpr, PROBE: gl.constexpr,
-              R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, trace_ptr,
+              R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TG: gl.constexpr, trace_ptr,
               TRACE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """Per phase: wait, form and quantize the product's input, the program's tasks, arrive. With adapter terms
     (_lora_worker adds them): a product's sums by atomics, its readers wait for 2 P arrivals, and each head's last
@@ -758,8 +757,8 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                         V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr, SA: gl.constexpr,
                         BLOCK_T: gl.constexpr, STAGES: gl.constexpr, ROT: gl.constexpr, PROBE: gl.constexpr,
                         R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr,
-                        TR: gl.constexpr, LBO: gl.constexpr, trace_ptr, TRACE: gl.constexpr,
-                        num_warps: gl.constexpr):  # fmt: skip
+                        TR: gl.constexpr, LBO: gl.constexpr, TG: gl.constexpr, LNW: gl.constexpr,
+                        LREG: gl.constexpr, trace_ptr, TRACE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
     q_s, d_s, xq_s, dx_s, full, empty = _ring(q0, qt0, d0, STAGES, num_warps)
@@ -770,14 +769,14 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                 (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr,
                              pos_ptr, g_ptr, lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx,
                              eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, ROT, PROBE, R, RP, LOFF, RT,
-                             trace_ptr, TRACE, num_warps)),
+                             TG, trace_ptr, TRACE, num_warps)),
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
                              L, S, E, F, V, H, HKV, D, ROT)),
                 (_lora_worker, (h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps, E, F,
-                                V, H, HKV, D, R, RP, LOFF, RT, TSL, TR, PROBE, LBO)),
+                                V, H, HKV, D, R, RP, LOFF, RT, TSL, TR, PROBE, LBO, TG, LNW)),
             ],
-            [1, 2],
-            [48, 128],
+            [1, LNW],
+            [48, LREG],
         )
     else:
         gl.warp_specialize(
@@ -785,7 +784,7 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                 (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr,
                              pos_ptr, g_ptr, lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx,
                              eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, ROT, PROBE, R, RP, LOFF, RT,
-                             trace_ptr, TRACE, num_warps)),
+                             TG, trace_ptr, TRACE, num_warps)),
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
                              L, S, E, F, V, H, HKV, D, ROT)),
             ],
@@ -812,11 +811,14 @@ def sync_words(layers: int) -> int:
 
 
 LBO = 0  # ns the adapters' warps sleep between polls
+TG = 8  # copies of each t (program p adds into copy p % TG: TG x fewer atomics per address)
+LNW = 2  # warps of the adapters' partition (registers: LREG[LNW])
+LREG = {1: 96, 2: 128}
 
 
 def t_words(layers: int, rt: int) -> int:
     """fp32 words of the adapters' t buffer: TG copies (rt apart) per phase."""
-    return (5 * layers + 1) * TG.value * rt
+    return (5 * layers + 1) * TG * rt
 
 
 def pack_lora(factors, programs: int) -> tuple[torch.Tensor | None, dict]:
@@ -838,8 +840,9 @@ def pack_lora(factors, programs: int) -> tuple[torch.Tensor | None, dict]:
             n += t.numel()
     rp = [1 << max(0, r - 1).bit_length() for r in ranks]
     tsl = [1 << (-(-k // programs) - 1).bit_length() if r else 1 for r, k in zip(ranks, ks, strict=True)]
-    # the adapters' warps' rows of B at a time: all of a program's share (one round of loads) up to 64 per thread
-    tr = [max(64, min(1 << (-(-n // programs) - 1).bit_length(), 8192 // p)) for n, p in zip(ns, rp, strict=True)]
+    # a program's rows of B, rounded up to a power of two (the launcher takes them in rounds of at most 64 registers
+    # per thread)
+    tr = [1 << (-(-n // programs) - 1).bit_length() for n in ns]
     dims = dict(R=tuple(ranks), RP=tuple(rp), LOFF=tuple(loff), RT=max(32, *rp), TSL=tuple(tsl), TR=tuple(tr))
     return (torch.cat(parts) if parts else None), dims
 
@@ -923,7 +926,10 @@ def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) ->
     ranks = dims.get("R", (0,) * 5)
     lora = dict(R=tuple(ranks), RP=tuple(dims.get("RP", (1,) * 5)), LOFF=tuple(dims.get("LOFF", (0,) * 10)),
                 RT=dims.get("RT", 1), TSL=tuple(dims.get("TSL", (1,) * 5)),
-                TR=tuple(dims.get("TR", (64,) * 5)), LBO=dims.get("LBO", LBO))  # fmt: skip
+                LBO=dims.get("LBO", LBO), TG=dims.get("TG", TG), LNW=dims.get("LNW", LNW))  # fmt: skip
+    lora["LREG"] = LREG[lora["LNW"]]
+    lora["TR"] = tuple(max(32 * lora["LNW"], min(t, 2048 * lora["LNW"] // p))
+                       for t, p in zip(dims.get("TR", (1,) * 5), lora["RP"], strict=True))  # fmt: skip
     _decode_step_kernel[(programs,)](
         bufs["h"], bufs["y32"], bufs["logits"], bufs["ws"], bufs["cnt"], bufs["attn"], bufs["cache"], bufs["cos"],
         bufs["sin"], bufs["pos"], bufs["gains"], bufs["lora"] if any(ranks) else bufs["h"],

@@ -10,7 +10,7 @@ import torch
 NO_LORA = dict(R=(0,) * 5, RP=(1,) * 5, LOFF=(0,) * 10, RT=1, TSL=(1,) * 5, TR=(64,) * 5)
 STEP_3B = dict(S=(13, 7, 13, 17, 13), E=3200, F=8640, V=32000, H=32, HKV=32, D=100, SA=4)
 LORA_3B = dict(R=(24, 8, 16, 8, 0), RP=(32, 8, 16, 8, 1), LOFF=(0, 1, 2, 3, 0, 4, 5, 6, 7, 0), RT=32)
-LORA_3B.update(TSL=(32, 32, 32, 128, 1), TR=(128, 64, 256, 64, 64))
+LORA_3B.update(TSL=(32, 32, 32, 128, 1), TR=(128, 64, 128, 64, 64))
 SMALL = dict(S=(1, 1, 1, 1, 1), E=64, F=96, V=120, H=4, HKV=2, D=16, SA=4)
 LORA_SMALL = dict(R=(8, 3, 6, 3, 3), RP=(8, 4, 8, 4, 4), LOFF=tuple(range(10)), RT=32, TSL=(1,) * 5, TR=(64,) * 5)
 CASES = [  # (dims, cache dtype): the open_llama_3b step (bench/predict_gpu.py's shape) without adapters and with two
@@ -45,7 +45,17 @@ def _compile(dims: dict, cache: str):
     for kind in ("q", "qt", "d"):
         sig.update({f"{kind}{i}": mangle_type(boxes[kind]) for i in range(5)})
     sig.update({"sync_ptr": "*i32", "L": "i32", "n_ctx": "i32", "eps": "fp32", "qk_scale": "fp32"})
-    consts = dict(**dims, BLOCK_T=km.BLOCK_T, STAGES=km.STAGES, ROT=km.ROT, PROBE=0, LBO=km.LBO)
+    consts = dict(
+        **dims,
+        BLOCK_T=km.BLOCK_T,
+        STAGES=km.STAGES,
+        ROT=km.ROT,
+        PROBE=0,
+        LBO=km.LBO,
+        TG=km.TG,
+        LNW=km.LNW,
+        LREG=km.LREG[km.LNW],
+    )
     sig.update({k: "constexpr" for k in consts})
     sig.update({"trace_ptr": "*i64", "TRACE": "constexpr", "num_warps": "constexpr"})
     consts.update(TRACE=False, num_warps=km.WARPS)

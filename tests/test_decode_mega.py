@@ -112,7 +112,7 @@ def test_pack_lora_lays_out_the_factors_for_the_kernel():
     buf, dims = pack_lora([(a0, b0), None, None, (a3, b3), None], 132)
     assert dims["R"] == (24, 0, 0, 5, 0) and dims["RP"] == (32, 1, 1, 8, 1) and dims["RT"] == 32
     assert dims["TSL"] == (32, 1, 1, 128, 1)  # ceil(3200 / 132) = 25, ceil(8640 / 132) = 66
-    assert dims["TR"] == (128, 64, 64, 64, 64)  # ceil(9600 / 132) = 73 rows of B in one round, at least 64
+    assert dims["TR"] == (128, 1, 1, 32, 1)  # a program's rows of B: ceil(9600 / 132) = 73, ceil(3200 / 132) = 25
     off = dims["LOFF"]
     for j, t in ((0, a0), (5, b0), (3, a3), (8, b3)):
         assert torch.equal(buf[off[j] : off[j] + t.numel()].view(t.shape), t)
