@@ -333,7 +333,7 @@ def _prefetch_rows(b_ptr, N: gl.constexpr, R: gl.constexpr, num_warps: gl.conste
 
 @gluon.jit
 def _lora_rows(y_ptr, b_ptr, t_ptr, N: gl.constexpr, R: gl.constexpr, RP: gl.constexpr, RT: gl.constexpr,
-               TR: gl.constexpr, TG: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+               TR: gl.constexpr, TG: gl.constexpr, num_warps: gl.constexpr, PROBE: gl.constexpr = 0):  # fmt: skip
     """y[n] += B[n] . t for this program's share of the rows n ([p rn, (p + 1) rn), rn = ceil(N / P); TR rows at a
     time: one round of loads where TR >= rn), by atomics (B [N, R] fp32 row-major with the adapters' scales in it;
     t complete: the sum of its TG copies, RT apart)."""
@@ -350,7 +350,10 @@ def _lora_rows(y_ptr, b_ptr, t_ptr, N: gl.constexpr, R: gl.constexpr, RP: gl.con
         mn = (n < (pid + 1) * rn) & (n < N)
         b = gl.load(b_ptr + gl.expand_dims(n * R, 1) + gl.expand_dims(r, 0),
                     mask=gl.expand_dims(mn, 1) & gl.expand_dims(r < R, 0), other=0.0)  # fmt: skip
-        gl.atomic_add(y_ptr + n, gl.sum(b * t, axis=1), mask=mn, sem="relaxed", scope="gpu")
+        if (PROBE // 32) % 2 == 0:  # probe 32: B t formed, not added
+            gl.atomic_add(y_ptr + n, gl.sum(b * t, axis=1), mask=mn, sem="relaxed", scope="gpu")
+        else:
+            gl.store(y_ptr + n, gl.sum(b * t, axis=1), mask=mn & (n < 0))
 
 
 @gluon.jit
@@ -374,7 +377,8 @@ def _lora_chain(y_ptr, a, b_ptr, t_ptr, x_ptr, g_ptr, eps, sync_ptr, err_ptr, tw
     """y[:N] += B (A x) once the product's input is ready: this program's part of t = A x over its slice of K (a from
     _lora_early; x the product's fp32 input: MODE 0 the row x_ptr[:K], 1 RMSNorm(x_ptr[:K]) * g, 2 silu(x_ptr[:K])
     * x_ptr[K:2 K]) added into t's copy p % TG by atomics, its arrival at sync word tw, the wait for every program's
-    part, then B t for its share of the rows (_lora_rows). PROBE 16: nothing (wrong numbers: what the rest costs)."""
+    part, then B t for its share of the rows (_lora_rows). Probes (wrong numbers): 16 nothing, 32 B t not added, 64
+    no wait for t."""
     if (PROBE // 16) % 2 == 1:
         return
     LT: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
@@ -388,8 +392,9 @@ def _lora_chain(y_ptr, a, b_ptr, t_ptr, x_ptr, g_ptr, eps, sync_ptr, err_ptr, tw
     t_mine = t_ptr + (gl.program_id(0) % TG) * RT
     gl.atomic_add(t_mine + r, gl.sum(a * gl.expand_dims(x, 0), axis=1), mask=r < R, sem="relaxed", scope="gpu")
     _arrive(sync_ptr, tw)
-    _wait(sync_ptr, err_ptr, tw, gl.num_programs(0), PROBE, LBO)
-    _lora_rows(y_ptr, b_ptr, t_ptr, N, R, RP, RT, TR, TG, num_warps)
+    if (PROBE // 64) % 2 == 0:  # probe 64: no wait for the others' parts of t
+        _wait(sync_ptr, err_ptr, tw, gl.num_programs(0), PROBE, LBO)
+    _lora_rows(y_ptr, b_ptr, t_ptr, N, R, RP, RT, TR, TG, num_warps, PROBE)
 
 
 @gluon.jit
@@ -811,8 +816,8 @@ def sync_words(layers: int) -> int:
 
 
 LBO = 0  # ns the adapters' warps sleep between polls
-TG = 8  # copies of each t (program p adds into copy p % TG: TG x fewer atomics per address)
-LNW = 2  # warps of the adapters' partition (registers: LREG[LNW])
+TG = 1  # copies of each t (program p adds into copy p % TG: TG x fewer atomics per address)
+LNW = 1  # warps of the adapters' partition (registers: LREG[LNW])
 LREG = {1: 96, 2: 128}
 
 
