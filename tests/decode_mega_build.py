@@ -10,9 +10,9 @@ import torch
 NO_LORA = dict(R=(0,) * 5, RP=(1,) * 5, LOFF=(0,) * 10, RT=1, TSL=(1,) * 5, TR=(64,) * 5)
 STEP_3B = dict(S=(13, 7, 13, 17, 13), E=3200, F=8640, V=32000, H=32, HKV=32, D=100, SA=4)
 LORA_3B = dict(R=(24, 8, 16, 8, 0), RP=(32, 8, 16, 8, 1), LOFF=(0, 1, 2, 3, 0, 4, 5, 6, 7, 0), RT=32)
-LORA_3B.update(TSL=(32, 32, 32, 128, 1), TR=(128, 64, 128, 64, 64))
+LORA_3B.update(TSL=(32, 32, 32, 128, 1), TR=(64, 32, 128, 32, 32))  # the launcher's rows of B per round
 SMALL = dict(S=(1, 1, 1, 1, 1), E=64, F=96, V=120, H=4, HKV=2, D=16, SA=4)
-LORA_SMALL = dict(R=(8, 3, 6, 3, 3), RP=(8, 4, 8, 4, 4), LOFF=tuple(range(10)), RT=32, TSL=(1,) * 5, TR=(64,) * 5)
+LORA_SMALL = dict(R=(8, 3, 6, 3, 3), RP=(8, 4, 8, 4, 4), LOFF=tuple(range(10)), RT=32, TSL=(1,) * 5, TR=(32,) * 5)
 CASES = [  # (dims, cache dtype): the open_llama_3b step (bench/predict_gpu.py's shape) without adapters and with two
     # rank-4 adapters on the 7 matrices (bench/predict_gpu.two_adapters), tests' small GQA model with adapters on all
     (dict(STEP_3B, **NO_LORA), "bf16"),
