@@ -31,17 +31,15 @@ HBM = 4.23e12
 BASE = dict(S=(13, 7, 13, 17, 13), SA=4)  # kernels/decode_mega.splits and the key splits the decoder takes
 CONFIGS = [  # BASE: splits of the K stages per product kind, attention key splits per head (H * SA programs); the
     # kernel's BLOCK_T (keys per attention block), STAGES (ring), ROT (task rotation) may be set too; probes (wrong
-    # numbers, timed only; bits): 1 no attention, 4 no waits, 8 no products' arithmetic (the stream alone), 16 the
-    # adapters' warps only wait and arrive, 32 they add no B t, 64 they do not wait for t. LORA r:
-    # random adapter terms of rank r on the 7 matrices (two rank-4 adapters: 8; the packed products' terms
-    # block-diagonal as lora.fused_lora_term forms them: ranks 3 r, r, 2 r, r); LBO: ns
-    # the adapters' warps sleep between polls, TG: copies of t, LNW: the adapters' warps
+    # numbers, timed only; bits): 1 no attention, 4 no waits, 8 no products' arithmetic (the stream alone); the
+    # adapters' warps: 16 only wait and arrive, 32 add no B t, 64 do not wait for t, 128 have their code but never run
+    # it. LORA r: random adapter terms of rank r on the 7 matrices (two rank-4 adapters: 8; the packed products' terms
+    # block-diagonal as lora.fused_lora_term forms them: ranks 3 r, r, 2 r, r); LBO: ns the adapters' warps sleep
+    # between polls, TG: copies of t, LNW: the adapters' warps
     BASE,
     dict(BASE, LORA=8),
     dict(BASE, LORA=8, probe=16),
-    dict(BASE, LORA=8, probe=32),
-    dict(BASE, LORA=8, probe=64),
-    dict(BASE, LORA=8, probe=96),
+    dict(BASE, LORA=8, probe=128),
 ]
 
 
