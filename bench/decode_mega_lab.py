@@ -34,8 +34,8 @@ CONFIGS = [  # BASE: splits of the K stages per product kind, attention key spli
     # numbers, timed only; bits): 1 no attention, 4 no waits, 8 no products' arithmetic (the stream alone); the
     # adapters' warps: 16 only wait and arrive, 32 add no B t, 64 do not wait for t, 128 have their code but never run
     # it. LORA r: random adapter terms of rank r on the 7 matrices (two rank-4 adapters: 8; the packed products' terms
-    # block-diagonal as lora.fused_lora_term forms them: ranks 3 r, r, 2 r, r); LBO: ns the adapters' warps sleep
-    # between polls, TG: copies of t, LNW: the adapters' warps
+    # block-diagonal as lora.fused_lora_term forms them: ranks 3 r, r, 2 r, r); TG: copies of t, LNW: the adapters'
+    # warps
     BASE,
     dict(BASE, LORA=8),
     dict(BASE, LORA=8, probe=16),

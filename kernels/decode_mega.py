@@ -372,8 +372,7 @@ def _rstd(x_ptr, K: gl.constexpr, eps, num_warps: gl.constexpr):
 @gluon.jit
 def _lora_chain(y_ptr, a, b_ptr, t_ptr, x_ptr, g_ptr, eps, sync_ptr, err_ptr, tw, K: gl.constexpr, N: gl.constexpr,
                 R: gl.constexpr, RP: gl.constexpr, RT: gl.constexpr, TR: gl.constexpr, MODE: gl.constexpr,
-                TSL: gl.constexpr, PROBE: gl.constexpr, num_warps: gl.constexpr, LBO: gl.constexpr,
-                TG: gl.constexpr):  # fmt: skip
+                TSL: gl.constexpr, PROBE: gl.constexpr, num_warps: gl.constexpr, TG: gl.constexpr):  # fmt: skip
     """y[:N] += B (A x) once the product's input is ready: this program's part of t = A x over its slice of K (a from
     _lora_early; x the product's fp32 input: MODE 0 the row x_ptr[:K], 1 RMSNorm(x_ptr[:K]) * g, 2 silu(x_ptr[:K])
     * x_ptr[K:2 K]) added into t's copy p % TG by atomics, its arrival at sync word tw, the wait for every program's
@@ -397,7 +396,7 @@ def _lora_chain(y_ptr, a, b_ptr, t_ptr, x_ptr, g_ptr, eps, sync_ptr, err_ptr, tw
         gl.atomic_add(t_mine + r, gl.sum(a * gl.expand_dims(x, 0), axis=1), mask=r < R, sem="relaxed", scope="gpu")
         _arrive(sync_ptr, tw)
         if (PROBE // 64) % 2 == 0:  # probe 64: no wait for the others' parts of t
-            _wait(sync_ptr, err_ptr, tw, gl.num_programs(0), PROBE, LBO)
+            _wait(sync_ptr, err_ptr, tw, gl.num_programs(0), PROBE)
         _lora_rows(y_ptr, b_ptr, t_ptr, N, R, RP, RT, TR, TG, num_warps, PROBE)
 
 
@@ -405,7 +404,7 @@ def _lora_chain(y_ptr, a, b_ptr, t_ptr, x_ptr, g_ptr, eps, sync_ptr, err_ptr, tw
 def _lora_worker(h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps, E: gl.constexpr,
                  F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr,
                  R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr,
-                 TR: gl.constexpr, PROBE: gl.constexpr, LBO: gl.constexpr, TG: gl.constexpr,
+                 TR: gl.constexpr, PROBE: gl.constexpr, TG: gl.constexpr,
                  NW: gl.constexpr):  # fmt: skip
     """The adapters' terms, on a warp of their own beside the consumers (a chain of L2 round trips and a wait for
     every program would stall the weight stream there): per product with a term, once its input is ready,
@@ -424,38 +423,38 @@ def _lora_worker(h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, s
             a = _lora_early(lora_ptr + LOFF[0] + layer * (R[0] * E), lora_ptr + LOFF[5] + layer * (NQ * R[0]), E, NQ,
                             R[0], RP[0], TSL[0], NW)  # fmt: skip
             if layer > 0:
-                _wait(sync_ptr, err, c - 1, P * (1 + (R[3] > 0)), PROBE, LBO)
+                _wait(sync_ptr, err, c - 1, P * (1 + (R[3] > 0)), PROBE)
             _lora_chain(y_l, a, lora_ptr + LOFF[5] + layer * (NQ * R[0]), t_ptr + c * TS, h_ptr,
                         g_ptr + (2 * layer) * E, eps, sync_ptr, err, tw + c, E, NQ, R[0], RP[0], RT, TR[0], 1, TSL[0],
-                        PROBE, NW, LBO, TG)  # fmt: skip
+                        PROBE, NW, TG)  # fmt: skip
             _arrive(sync_ptr, c)
         if R[1] > 0:
             _prefetch_rows(lora_ptr + LOFF[6] + layer * (E * R[1]), E, R[1], NW)
-            _wait(sync_ptr, err, c + 1, H, PROBE, LBO)  # the heads' parts of t are in
+            _wait(sync_ptr, err, c + 1, H, PROBE)  # the heads' parts of t are in
             _lora_rows(h_ptr, lora_ptr + LOFF[6] + layer * (E * R[1]), t_ptr + (c + 2) * TS, E, R[1], RP[1], RT, TR[1],
                        TG, NW)  # fmt: skip
             _arrive(sync_ptr, c + 2)
         if R[2] > 0:
             a = _lora_early(lora_ptr + LOFF[2] + layer * (R[2] * E), lora_ptr + LOFF[7] + layer * (2 * F * R[2]), E,
                             2 * F, R[2], RP[2], TSL[2], NW)  # fmt: skip
-            _wait(sync_ptr, err, c + 2, P * (1 + (R[1] > 0)), PROBE, LBO)
+            _wait(sync_ptr, err, c + 2, P * (1 + (R[1] > 0)), PROBE)
             _lora_chain(y_l + NQ, a, lora_ptr + LOFF[7] + layer * (2 * F * R[2]), t_ptr + (c + 3) * TS, h_ptr,
                         g_ptr + (2 * layer + 1) * E, eps, sync_ptr, err, tw + c + 3, E, 2 * F, R[2], RP[2], RT,
-                        TR[2], 1, TSL[2], PROBE, NW, LBO, TG)  # fmt: skip
+                        TR[2], 1, TSL[2], PROBE, NW, TG)  # fmt: skip
             _arrive(sync_ptr, c + 3)
         if R[3] > 0:
             a = _lora_early(lora_ptr + LOFF[3] + layer * (R[3] * F), lora_ptr + LOFF[8] + layer * (E * R[3]), F, E,
                             R[3], RP[3], TSL[3], NW)  # fmt: skip
-            _wait(sync_ptr, err, c + 3, P * (1 + (R[2] > 0)), PROBE, LBO)
+            _wait(sync_ptr, err, c + 3, P * (1 + (R[2] > 0)), PROBE)
             _lora_chain(h_ptr, a, lora_ptr + LOFF[8] + layer * (E * R[3]), t_ptr + (c + 4) * TS, y_l + NQ, g_ptr,
                         eps, sync_ptr, err, tw + c + 4, F, E, R[3], RP[3], RT, TR[3], 2, TSL[3], PROBE, NW,
-                        LBO, TG)  # fmt: skip
+                        TG)  # fmt: skip
             _arrive(sync_ptr, c + 4)
     if R[4] > 0:
         a = _lora_early(lora_ptr + LOFF[4], lora_ptr + LOFF[9], E, V, R[4], RP[4], TSL[4], NW)
-        _wait(sync_ptr, err, 5 * L - 1, P * (1 + (R[3] > 0)), PROBE, LBO)
+        _wait(sync_ptr, err, 5 * L - 1, P * (1 + (R[3] > 0)), PROBE)
         _lora_chain(logits_ptr, a, lora_ptr + LOFF[9], t_ptr + 5 * L * TS, h_ptr, g_ptr + (2 * L) * E, eps, sync_ptr,
-                    err, tw + 5 * L, E, V, R[4], RP[4], RT, TR[4], 1, TSL[4], PROBE, NW, LBO, TG)  # fmt: skip
+                    err, tw + 5 * L, E, V, R[4], RP[4], RT, TR[4], 1, TSL[4], PROBE, NW, TG)  # fmt: skip
     _done(sync_ptr, L, 2 * P, NW)  # the worker runs only with terms: every program's consumers and this warp
 
 
@@ -617,12 +616,11 @@ def _arrive(sync_ptr, phase):
 
 
 @gluon.jit
-def _wait(sync_ptr, err_ptr, phase, count, PROBE: gl.constexpr, BACKOFF: gl.constexpr = 0):
-    """Until `count` arrivals at `phase` (BACKOFF: ns asleep between polls); then every warp of the partition may read
-    what they published. A wait that gives up sets the error word. PROBE 4: no waits (wrong numbers: what the waits
-    cost)."""
+def _wait(sync_ptr, err_ptr, phase, count, PROBE: gl.constexpr):
+    """Until `count` arrivals at `phase`; then every warp of the partition may read what they published. A wait that
+    gives up sets the error word. PROBE 4: no waits (wrong numbers: what the waits cost)."""
     if (PROBE // 4) % 2 == 0:
-        if _wait_product(sync_ptr + phase * SYNC_STRIDE, 1, count, 1, BACKOFF) < count:
+        if _wait_product(sync_ptr + phase * SYNC_STRIDE, 1, count) < count:
             gl.atomic_xchg(err_ptr, 1, sem="relaxed", scope="gpu")
     gl.thread_barrier()
 
@@ -766,7 +764,7 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                         V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr, SA: gl.constexpr,
                         BLOCK_T: gl.constexpr, STAGES: gl.constexpr, ROT: gl.constexpr, PROBE: gl.constexpr,
                         R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr,
-                        TR: gl.constexpr, LBO: gl.constexpr, TG: gl.constexpr, LNW: gl.constexpr,
+                        TR: gl.constexpr, TG: gl.constexpr, LNW: gl.constexpr,
                         LREG: gl.constexpr, trace_ptr, TRACE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
@@ -782,7 +780,7 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
                              L, S, E, F, V, H, HKV, D, ROT)),
                 (_lora_worker, (h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps, E, F,
-                                V, H, HKV, D, R, RP, LOFF, RT, TSL, TR, PROBE, LBO, TG, LNW)),
+                                V, H, HKV, D, R, RP, LOFF, RT, TSL, TR, PROBE, TG, LNW)),
             ],
             [1, LNW],
             [48, LREG],
@@ -819,9 +817,8 @@ def sync_words(layers: int) -> int:
     return 10 * layers + 3
 
 
-LBO = 0  # ns the adapters' warps sleep between polls
-TG = 1  # copies of each t (program p adds into copy p % TG: TG x fewer atomics per address)
-LNW = 1  # warps of the adapters' partition (registers: LREG[LNW])
+TG = 1  # copies of each t (program p adds into copy p % TG; 8: no faster, session 19)
+LNW = 1  # warps of the adapters' partition (registers: LREG[LNW]; 2: no faster, session 19)
 LREG = {1: 96, 2: 128}
 
 
@@ -923,8 +920,8 @@ def descriptors(weights):
 
 def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) -> None:
     """One launch. dims: L, E, F, V, H, HKV, D, eps, S (splits per product kind), SA (key splits per head), with
-    adapters pack_lora's R, RP, LOFF, RT, TSL, TR; labs may set BLOCK_T, STAGES, ROT, LBO too. bufs: h (fp32 [E], the
-    embedding row), y32 (fp32 [L, (H + 2 HKV) D + 2 F], zeros), logits (fp32 [V], zeros), ws (fp32 [H, SA, D + 2]),
+    adapters pack_lora's R, RP, LOFF, RT, TSL, TR; labs may set BLOCK_T, STAGES, ROT, TG, LNW too. bufs: h (fp32 [E],
+    the embedding row), y32 (fp32 [L, (H + 2 HKV) D + 2 F], zeros), logits (fp32 [V], zeros), ws (fp32 [H, SA, D + 2]),
     cnt (int32 [H] zeros; left zero), attn (fp32 [H D]), cache (the KV cache buffer [L, 2 HKV, n_ctx, D], each
     layer's v heads after its k heads), cos / sin (fp32 [n_ctx, D / 2]), pos (int32 [1]), gains (fp32 [2 L + 1, E]:
     attn_norm, ffn_norm per layer, output_norm), sync (int32 zeros [sync_words(L) * SYNC_STRIDE]; its
@@ -935,7 +932,7 @@ def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) ->
     ranks = dims.get("R", (0,) * 5)
     lora = dict(R=tuple(ranks), RP=tuple(dims.get("RP", (1,) * 5)), LOFF=tuple(dims.get("LOFF", (0,) * 10)),
                 RT=dims.get("RT", 1), TSL=tuple(dims.get("TSL", (1,) * 5)),
-                LBO=dims.get("LBO", LBO), TG=dims.get("TG", TG), LNW=dims.get("LNW", LNW))  # fmt: skip
+                TG=dims.get("TG", TG), LNW=dims.get("LNW", LNW))  # fmt: skip
     lora["LREG"] = LREG[lora["LNW"]]
     lora["TR"] = tuple(max(32 * lora["LNW"], min(t, 2048 * lora["LNW"] // p))
                        for t, p in zip(dims.get("TR", (1,) * 5), lora["RP"], strict=True))  # fmt: skip
