@@ -8,8 +8,8 @@ applies (`applies`) on sm_90+ GPUs when every product of the step (the packed q|
 projections, the vocabulary product) is q8_0 and the shapes fit the kernel (head size <= 128, rows <= 16384,
 adapters' ranks <= MAX_RANK per product). Adapters stay unmerged, in float32 as the eager --act-q8 step adds them
 (llama.cpp converts activations only for quantized weights): per product, the adapters' terms as one term (A of all
-of them stacked, B block-diagonal with the scales in it, lora.fused_lora_term), t = A x of the product's float
-input summed by the programs over slices of K, B t added to the product's rows; the norm gains' and the token
+of them stacked, B block-diagonal with the scales in it, lora.fused_lora_term, lora_factors), which a warp of its own
+per program adds beside the weight stream (kernels.decode_mega._lora_worker); the norm gains' and the token
 embedding's terms are formed as the eager step forms them (lora.model_fns). It keeps its own copy of the q8_0
 weights in the kernel's tile-major layout (the model's copy stays for the prompt's batched products): about the
 weights' size again in GPU memory, formed once per Generator (`tiled`). LORAKIT_MEGAKERNEL=0 turns it off.
@@ -53,10 +53,18 @@ def _product(model: LlamaModel, i: int, kind: str) -> Q8Weight:
 KINDS = ("attn_qkv", "attn_output", "ffn_gate_up", "ffn_down")
 
 
-def _weight_names(model: LlamaModel, i: int, kind: str) -> list[str]:
-    """The weight names of layer i's product `kind` in packing order (the adapters' terms are per weight name)."""
+def _weight_names(model: LlamaModel, i: int, kind: str | None) -> list[str]:
+    """The weight names of layer i's product `kind` in packing order (the adapters' terms are per weight name); kind
+    None: the vocabulary product."""
+    if kind is None:
+        return ["output.weight"]
     name = f"blk.{i}.{kind}"
     return fused_members(name) if kind in ("attn_qkv", "ffn_gate_up") else [f"{name}.weight"]
+
+
+def _products(model: LlamaModel):
+    """(kind index, layers, kind) of the step's product kinds: KINDS per layer, then the vocabulary product."""
+    return [(j, model.args.n_layer, kind) for j, kind in enumerate(KINDS)] + [(4, 1, None)]
 
 
 def lora_factors(model: LlamaModel, adapters) -> list:
@@ -64,25 +72,21 @@ def lora_factors(model: LlamaModel, adapters) -> list:
     R]) fp32: each layer's terms of the product's weights as one term (lora.fused_lora_term: A's of all terms, B
     block-diagonal in the members' rows with the scales in it), zero-padded to the kind's largest rank."""
     terms = lora_terms(adapters)
-    L = model.args.n_layer
-    layers = [[f"blk.{i}" for i in range(L)] for _ in KINDS] + [["output"]]
     out = []
-    for j, names in enumerate(layers):
+    for _, layers, kind in _products(model):
         formed = []
-        for i in range(len(names)):
-            members = _weight_names(model, i, KINDS[j]) if j < 4 else ["output.weight"]
+        for i in range(layers):
+            members = _weight_names(model, i, kind)
             rows = [model.tensors[m].shape[0] for m in members]
             formed.append(fused_lora_term([terms.get(m, []) for m in members], rows))
-        r = max((f[0][0].shape[1] for f in formed if f), default=0)
-        if r == 0:
+        if not any(formed):
             out.append(None)
             continue
-        members = _weight_names(model, 0, KINDS[j]) if j < 4 else ["output.weight"]
-        n = sum(model.tensors[m].shape[0] for m in members)
-        k = model.tensors[members[0]].shape[1]
+        r = max(f[0][0].shape[1] for f in formed if f)
+        members = _weight_names(model, 0, kind)
+        n, k = sum(model.tensors[m].shape[0] for m in members), model.tensors[members[0]].shape[1]
         dev = next(f[0][0].device for f in formed if f)
-        a = torch.zeros(len(names), r, k, device=dev)
-        b = torch.zeros(len(names), n, r, device=dev)
+        a, b = torch.zeros(layers, r, k, device=dev), torch.zeros(layers, n, r, device=dev)
         for i, f in enumerate(formed):
             if f:
                 a_cat, b_cat, _ = f[0]
@@ -90,6 +94,17 @@ def lora_factors(model: LlamaModel, adapters) -> list:
                 b[i, :, : b_cat.shape[1]] = b_cat
         out.append((a, b))
     return out
+
+
+def _largest_rank(model: LlamaModel, adapters) -> int:
+    """The adapters' ranks summed over one product's terms, the largest over the step's products (lora_factors' R,
+    without forming them)."""
+    terms = lora_terms(adapters)
+    return max(
+        sum(a.shape[1] for m in _weight_names(model, i, kind) for a, _, _ in terms.get(m, []))
+        for _, layers, kind in _products(model)
+        for i in range(layers)
+    )
 
 
 def applies(model: LlamaModel, adapters, cache: KVCache) -> str | None:
@@ -107,9 +122,9 @@ def applies(model: LlamaModel, adapters, cache: KVCache) -> str | None:
                 return f"blk.{i}.{kind} is not q8_0"
     if not isinstance(model.weight("output.weight"), Q8Weight):
         return "output.weight is not q8_0"
-    ranks = [0 if f is None else f[0].shape[1] for f in lora_factors(model, adapters)]
-    if max(ranks) > MAX_RANK:
-        return f"the adapters' ranks on one product add up to {max(ranks)} (the decode megakernel takes {MAX_RANK})"
+    rank = _largest_rank(model, adapters)
+    if rank > MAX_RANK:
+        return f"the adapters' ranks on one product add up to {rank} (the decode megakernel takes {MAX_RANK})"
     k0 = cache.k[0]
     per_layer = 2 * a.n_head_kv * k0.shape[2] * a.head_dim
     offsets = [cache.k[i].data_ptr() - k0.data_ptr() for i in range(a.n_layer)]
