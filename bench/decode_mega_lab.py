@@ -39,7 +39,6 @@ CONFIGS = [  # BASE: splits of the K stages per product kind, attention key spli
     BASE,
     dict(BASE, LORA=8),
     dict(BASE, LORA=8, probe=16),
-    dict(BASE, LORA=8, probe=128),
 ]
 
 
@@ -119,20 +118,33 @@ EVENTS = [
     "q|k|v arrival done",
     "cache rows asked of L2 (PFKV)",
 ]
+# the adapters' warp's stamps (decode_mega._lora_worker), 8 per layer after the consumers' 12 L + 2
+WORKER_EVENTS = [
+    "adapters: q|k|v input ready",
+    "adapters: q|k|v t part added",
+    "adapters: q|k|v t complete",
+    "adapters: q|k|v rows added",
+    "adapters: down input ready",
+    "adapters: down t part added",
+    "adapters: down t complete",
+    "adapters: down rows added",
+]
 
 
 def timeline(trace: torch.Tensor, layers: int) -> list[dict]:
-    """The consumers' event times (decode_mega._stamp) of a typical layer: per event, over the programs that record
-    it, the earliest, median and latest time after the layer's earliest start (us), averaged over the middle
-    layers; then the layer's period and the vocabulary product."""
+    """The consumers' and the adapters' warps' event times (decode_mega._stamp) of a typical layer: per event, over the
+    programs that record it, the earliest, median and latest time after the layer's earliest start (us), averaged
+    over the middle layers; then the layer's period and the vocabulary product."""
     t = trace.double()
     rows = []
     mids = range(1, layers - 1)
-    for k, name in enumerate(EVENTS):
+    events = list(enumerate(EVENTS))
+    events += [(12 * layers + 2 + k, name) for k, name in enumerate(WORKER_EVENTS)]  # + 8 layer, not 12 layer
+    for k, name in events:
         stats = []
         for layer in mids:
             ref = t[:, 12 * layer].min()
-            v = t[:, 12 * layer + k]
+            v = t[:, k + (12 if k < 12 else 8) * layer]
             v = v[v > 0] - ref
             if v.numel() == 0:
                 continue
@@ -223,7 +235,7 @@ def main(argv=None) -> int:
                 return torch.argmax(b["logits"])
 
             us = graph_us(step)
-            b["trace"] = torch.zeros(n_sm, 12 * L + 2, dtype=torch.int64, device=dev)
+            b["trace"] = torch.zeros(n_sm, 20 * L + 2, dtype=torch.int64, device=dev)
             step()
             torch.cuda.synchronize()
             tl = timeline(b["trace"].cpu(), L)

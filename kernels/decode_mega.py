@@ -372,12 +372,14 @@ def _rstd(x_ptr, K: gl.constexpr, eps, num_warps: gl.constexpr):
 @gluon.jit
 def _lora_chain(y_ptr, a, b_ptr, t_ptr, x_ptr, g_ptr, eps, sync_ptr, err_ptr, tw, K: gl.constexpr, N: gl.constexpr,
                 R: gl.constexpr, RP: gl.constexpr, RT: gl.constexpr, TR: gl.constexpr, MODE: gl.constexpr,
-                TSL: gl.constexpr, PROBE: gl.constexpr, num_warps: gl.constexpr, TG: gl.constexpr):  # fmt: skip
+                TSL: gl.constexpr, PROBE: gl.constexpr, num_warps: gl.constexpr, TG: gl.constexpr, tr_ptr=None,
+                TRACE: gl.constexpr = False):  # fmt: skip
     """y[:N] += B (A x) once the product's input is ready: this program's part of t = A x over its slice of K (a from
     _lora_early; x the product's fp32 input: MODE 0 the row x_ptr[:K], 1 RMSNorm(x_ptr[:K]) * g, 2 silu(x_ptr[:K])
     * x_ptr[K:2 K]) added into t's copy p % TG by atomics, its arrival at sync word tw, the wait for every program's
     part, then B t for its share of the rows (_lora_rows). Probes (wrong numbers): 16 nothing, 32 B t not added, 64
-    no wait for t, 128 the code there but never run."""
+    no wait for t, 128 the code there but never run. TRACE: stamps 1-3 at tr_ptr (t's part added, t complete, rows
+    added)."""
     if (PROBE // 16) % 2 == 1:
         return
     run = True
@@ -395,23 +397,29 @@ def _lora_chain(y_ptr, a, b_ptr, t_ptr, x_ptr, g_ptr, eps, sync_ptr, err_ptr, tw
         t_mine = t_ptr + (gl.program_id(0) % TG) * RT
         gl.atomic_add(t_mine + r, gl.sum(a * gl.expand_dims(x, 0), axis=1), mask=r < R, sem="relaxed", scope="gpu")
         _arrive(sync_ptr, tw)
+        _stamp(tr_ptr, tw, 1, TRACE)
         if (PROBE // 64) % 2 == 0:  # probe 64: no wait for the others' parts of t
             _wait(sync_ptr, err_ptr, tw, gl.num_programs(0), PROBE)
+        _stamp(tr_ptr, tw, 2, TRACE)
         _lora_rows(y_ptr, b_ptr, t_ptr, N, R, RP, RT, TR, TG, num_warps, PROBE)
+        _stamp(tr_ptr, tw, 3, TRACE)
 
 
 @gluon.jit
 def _lora_worker(h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps, E: gl.constexpr,
                  F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr,
                  R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr,
-                 TR: gl.constexpr, PROBE: gl.constexpr, TG: gl.constexpr,
-                 NW: gl.constexpr):  # fmt: skip
+                 TR: gl.constexpr, PROBE: gl.constexpr, TG: gl.constexpr, NW: gl.constexpr, trace_ptr,
+                 TRACE: gl.constexpr):  # fmt: skip
     """The adapters' terms, on a warp of their own beside the consumers (a chain of L2 round trips and a wait for
     every program would stall the weight stream there): per product with a term, once its input is ready,
     _lora_chain into the product's sums and one more arrival at the product's counter (the product's readers wait
-    for 2 P). The output product's t comes from attention (each head's last split adds its part): only B t here."""
+    for 2 P). The output product's t comes from attention (each head's last split adds its part): only B t here.
+    TRACE: per layer 8 stamps after the consumers' (at 12 L + 2 + 8 layer): the q|k|v chain's input ready, t's part
+    added, t complete, rows added; the same for the down product's chain."""
     TS: gl.constexpr = TG * RT  # t of phase c at t_ptr + c TS
     P = gl.num_programs(0)
+    pid = gl.program_id(0)
     err = sync_ptr + (5 * L + 1) * SYNC_STRIDE
     tw = 5 * L + 2
     NQ: gl.constexpr = (H + 2 * HKV) * D
@@ -419,14 +427,16 @@ def _lora_worker(h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, s
     for layer in range(L):
         c = layer * 5
         y_l = y32_ptr + layer.to(gl.int64) * RSL
+        trw = trace_ptr + pid * (20 * L + 2) + 12 * L + 2 + 8 * layer
         if R[0] > 0:
             a = _lora_early(lora_ptr + LOFF[0] + layer * (R[0] * E), lora_ptr + LOFF[5] + layer * (NQ * R[0]), E, NQ,
                             R[0], RP[0], TSL[0], NW)  # fmt: skip
             if layer > 0:
                 _wait(sync_ptr, err, c - 1, P * (1 + (R[3] > 0)), PROBE)
+            _stamp(trw, pid, 0, TRACE)
             _lora_chain(y_l, a, lora_ptr + LOFF[5] + layer * (NQ * R[0]), t_ptr + c * TS, h_ptr,
                         g_ptr + (2 * layer) * E, eps, sync_ptr, err, tw + c, E, NQ, R[0], RP[0], RT, TR[0], 1, TSL[0],
-                        PROBE, NW, TG)  # fmt: skip
+                        PROBE, NW, TG, trw, TRACE)  # fmt: skip
             _arrive(sync_ptr, c)
         if R[1] > 0:
             _prefetch_rows(lora_ptr + LOFF[6] + layer * (E * R[1]), E, R[1], NW)
@@ -446,9 +456,10 @@ def _lora_worker(h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, s
             a = _lora_early(lora_ptr + LOFF[3] + layer * (R[3] * F), lora_ptr + LOFF[8] + layer * (E * R[3]), F, E,
                             R[3], RP[3], TSL[3], NW)  # fmt: skip
             _wait(sync_ptr, err, c + 3, P * (1 + (R[2] > 0)), PROBE)
+            _stamp(trw, pid, 4, TRACE)
             _lora_chain(h_ptr, a, lora_ptr + LOFF[8] + layer * (E * R[3]), t_ptr + (c + 4) * TS, y_l + NQ, g_ptr,
-                        eps, sync_ptr, err, tw + c + 4, F, E, R[3], RP[3], RT, TR[3], 2, TSL[3], PROBE, NW,
-                        TG)  # fmt: skip
+                        eps, sync_ptr, err, tw + c + 4, F, E, R[3], RP[3], RT, TR[3], 2, TSL[3], PROBE, NW, TG,
+                        trw + 4, TRACE)  # fmt: skip
             _arrive(sync_ptr, c + 4)
     if R[4] > 0:
         a = _lora_early(lora_ptr + LOFF[4], lora_ptr + LOFF[9], E, V, R[4], RP[4], TSL[4], NW)
@@ -641,7 +652,7 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
     pid = gl.program_id(0)
     P = gl.num_programs(0)
     pos = gl.load(pos_ptr)
-    tr = trace_ptr + pid * (12 * L + 2)
+    tr = trace_ptr + pid * (20 * L + 2)  # 12 L + 2 stamps, then the adapters' warp's 8 L
     err = sync_ptr + (5 * L + 1) * SYNC_STRIDE
     TP: gl.constexpr = 1 if (PROBE // 8) % 2 == 1 else 0  # probe 8: the tasks without their arithmetic
     NQ: gl.constexpr = (H + 2 * HKV) * D
@@ -782,7 +793,7 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
                              L, S, E, F, V, H, HKV, D, ROT)),
                 (_lora_worker, (h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps, E, F,
-                                V, H, HKV, D, R, RP, LOFF, RT, TSL, TR, PROBE, TG, LNW)),
+                                V, H, HKV, D, R, RP, LOFF, RT, TSL, TR, PROBE, TG, LNW, trace_ptr, TRACE)),
             ],
             [1, LNW],
             [48, LREG],
@@ -928,7 +939,7 @@ def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) ->
     layer's v heads after its k heads), cos / sin (fp32 [n_ctx, D / 2]), pos (int32 [1]), gains (fp32 [2 L + 1, E]:
     attn_norm, ffn_norm per layer, output_norm), sync (int32 zeros [sync_words(L) * SYNC_STRIDE]; its
     error word set if a wait gave up); with adapters lora (pack_lora's buffer) and t (fp32 [t_words(L, RT)], zeros);
-    optional trace (int64 [programs, 12 L + 2], TRACE stamps)."""
+    optional trace (int64 [programs, 20 L + 2], TRACE stamps)."""
     qd, qt, dd = descs
     trace = bufs.get("trace")
     ranks = dims.get("R", (0,) * 5)
