@@ -33,15 +33,20 @@ MAX_LAYERS = 204  # the kernel resets its sync words (kernels.decode_mega.sync_w
 MAX_RANK = 64  # the adapters' ranks summed over a product's terms (the kernel holds a row of B in registers)
 
 
+def _weight_names(model: LlamaModel, i: int, kind: str | None) -> list[str]:
+    """The weight names of layer i's product `kind` in packing order (the adapters' terms are per weight name); kind
+    None: the vocabulary product."""
+    if kind is None:
+        return ["output.weight"]
+    name = f"blk.{i}.{kind}"
+    return fused_members(name) if kind in ("attn_qkv", "ffn_gate_up") else [f"{name}.weight"]
+
+
 def _members(model: LlamaModel, i: int, kind: str) -> list:
     """Layer i's weights of the step's product `kind`: the packed FUSED_KINDS weight where the model has one, else its
-    members in packing order (one weight for the output and down projections)."""
-    name = f"blk.{i}.{kind}"
-    if name in model.fused:
-        return [model.fused[name]]
-    if kind in ("attn_qkv", "ffn_gate_up"):
-        return [model.weight(m) for m in fused_members(name)]
-    return [model.weight(f"{name}.weight")]
+    members in packing order (_weight_names; one weight for the output and down projections)."""
+    packed = model.fused.get(f"blk.{i}.{kind}")
+    return [packed] if packed is not None else [model.weight(m) for m in _weight_names(model, i, kind)]
 
 
 def _product(model: LlamaModel, i: int, kind: str) -> Q8Weight:
@@ -53,18 +58,9 @@ def _product(model: LlamaModel, i: int, kind: str) -> Q8Weight:
 KINDS = ("attn_qkv", "attn_output", "ffn_gate_up", "ffn_down")
 
 
-def _weight_names(model: LlamaModel, i: int, kind: str | None) -> list[str]:
-    """The weight names of layer i's product `kind` in packing order (the adapters' terms are per weight name); kind
-    None: the vocabulary product."""
-    if kind is None:
-        return ["output.weight"]
-    name = f"blk.{i}.{kind}"
-    return fused_members(name) if kind in ("attn_qkv", "ffn_gate_up") else [f"{name}.weight"]
-
-
-def _products(model: LlamaModel):
-    """(kind index, layers, kind) of the step's product kinds: KINDS per layer, then the vocabulary product."""
-    return [(j, model.args.n_layer, kind) for j, kind in enumerate(KINDS)] + [(4, 1, None)]
+def _products(model: LlamaModel) -> list[tuple[int, str | None]]:
+    """(layers, kind) of the step's product kinds: KINDS per layer, then the vocabulary product (kind None)."""
+    return [(model.args.n_layer, kind) for kind in KINDS] + [(1, None)]
 
 
 def lora_factors(model: LlamaModel, adapters) -> list:
@@ -73,7 +69,7 @@ def lora_factors(model: LlamaModel, adapters) -> list:
     block-diagonal in the members' rows with the scales in it), zero-padded to the kind's largest rank."""
     terms = lora_terms(adapters)
     out = []
-    for _, layers, kind in _products(model):
+    for layers, kind in _products(model):
         formed = []
         for i in range(layers):
             members = _weight_names(model, i, kind)
@@ -102,7 +98,7 @@ def _largest_rank(model: LlamaModel, adapters) -> int:
     terms = lora_terms(adapters)
     return max(
         sum(a.shape[1] for m in _weight_names(model, i, kind) for a, _, _ in terms.get(m, []))
-        for _, layers, kind in _products(model)
+        for layers, kind in _products(model)
         for i in range(layers)
     )
 
