@@ -37,11 +37,13 @@ CONFIGS = [  # BASE: splits of the K stages per product kind, attention key spli
     # block-diagonal as lora.fused_lora_term forms them: ranks 3 r, r, 2 r, r); TG: copies of t, LNW: the adapters'
     # warps; LA: a lookahead warp asks L2 for the weight stages up to LA ahead of the producer (no adapters)
     BASE,
-    dict(BASE, LA=8),
-    dict(BASE, LA=16),
-    dict(BASE, LA=24),
+    dict(BASE, STAGES=6),
+    dict(BASE, STAGES=5),
+    dict(BASE, STAGES=4),
+    dict(BASE, STAGES=3),
     dict(BASE, probe=13),
-    dict(BASE, LA=16, probe=13),
+    dict(BASE, STAGES=4, probe=13),
+    dict(BASE, STAGES=3, probe=13),
 ]
 
 
