@@ -127,71 +127,23 @@ def _load_stage(q_desc, qt_desc, d_desc, q_s, d_s, full, st, layer, rb, step, N:
 
 
 @gluon.jit
-def _prefetch_stage(wq, wd, layer, rb, step, N: gl.constexpr, K: gl.constexpr, BLOCK_N: gl.constexpr,
-                    BKB: gl.constexpr):  # fmt: skip
-    """Ask L2 for one ring stage of a tile_q'd weight (its int8 tiles at address wq) and its pack_d'd scales (at wd):
-    one 512-byte bulk prefetch per lane (the lookahead warp is one warp)."""
-    KSUB: gl.constexpr = GK // BKB
-    STEPS: gl.constexpr = (K + GK - 1) // GK
-    KC: gl.constexpr = (K + BKB - 1) // BKB
-    LAST: gl.constexpr = KC - (STEPS - 1) * KSUB
-    NB: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-    CH: gl.constexpr = KSUB * BLOCK_N * BKB // 32
-    gl.static_assert(CH % 16 == 0, "bulk prefetches of 16-byte multiples")
-    lane = gl.arange(0, 32, layout=gl.BlockedLayout([1], [32], [1], [0])).to(gl.int64)
-    blk = rb.to(gl.int64) + layer * NB
-    nbytes = gl.where(step == STEPS - 1, LAST, KSUB) * (BLOCK_N * BKB)
-    qa = wq + (blk * KC + step * KSUB) * (BLOCK_N * BKB) + lane * CH
-    da = wd + (blk * STEPS + step) * (BLOCK_N * 16) + lane * 512  # a stage's [BLOCK_N, 8] fp16 scales
-    gl.inline_asm_elementwise(
-        "{ .reg .pred p, q; setp.ne.b32 p, $3, 0; setp.ne.b32 q, $4, 0;\n"
-        f"@p cp.async.bulk.prefetch.L2.global [$1], {CH};\n"
-        "@q cp.async.bulk.prefetch.L2.global [$2], 512;\n mov.u32 $0, 0; }",
-        "=r,l,l,r,r",
-        [qa, da, (lane * CH < nbytes).to(gl.int32), (lane * 512 < BLOCK_N * 16).to(gl.int32)],
-        dtype=gl.int32,
-        is_pure=False,
-        pack=1,
-    )
-
-
-@gluon.jit
 def _produce(q_desc, qt_desc, d_desc, q_s, d_s, full, empty, layer, it, pid, P, N: gl.constexpr, K: gl.constexpr,
-             S: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr, pf_full=None, pf_empty=None, wp_ptr=None,
-             J: gl.constexpr = 0, LA: gl.constexpr = 0, PF: gl.constexpr = False):  # fmt: skip
+             S: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr):  # fmt: skip
     """The producer's share of one product: every stage (256 K) of tasks pid, pid + P, ... into the ring
-    (_load_stage). LA > 0: a lookahead warp (PF: this call is it) walks the same stages up to LA ahead of the
-    producer and asks L2 for them (_prefetch_stage; the weight's addresses at wp_ptr[J], its scales' at
-    wp_ptr[5 + J]), a ring of LA barrier pairs between the two (pf_full: prefetched, pf_empty: loaded by the
-    producer)."""
+    (_load_stage)."""
     BLOCK_N: gl.constexpr = qt_desc.block_type.shape[0]
-    BKB: gl.constexpr = q_desc.block_type.shape[1]
     STAGES: gl.constexpr = full.shape[0]
     STEPS: gl.constexpr = (K + GK - 1) // GK
     PER: gl.constexpr = (STEPS + S - 1) // S
     NB: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-    wq = 0
-    wd = 0
-    if PF:
-        wq = gl.load(wp_ptr + J)
-        wd = gl.load(wp_ptr + 5 + J)
     for task in range(pid, NB * S, P):
         rb = task // S
         s0 = (task % S) * PER
         s1 = gl.minimum(s0 + PER, STEPS)
         for step in range(s0, s1):
-            if PF:
-                mbarrier.wait(pf_empty.index(it % LA), ((it // LA) & 1) ^ 1)
-                _prefetch_stage(wq, wd, layer, rb, step, N, K, BLOCK_N, BKB)
-                mbarrier.arrive(pf_full.index(it % LA))
-            else:
-                if LA > 0:
-                    mbarrier.wait(pf_full.index(it % LA), (it // LA) & 1)
-                st = it % STAGES
-                mbarrier.wait(empty.index(st), ((it // STAGES) & 1) ^ 1)
-                _load_stage(q_desc, qt_desc, d_desc, q_s, d_s, full, st, layer, rb, step, N, K, TILED, DPACK)
-                if LA > 0:
-                    mbarrier.arrive(pf_empty.index(it % LA))
+            st = it % STAGES
+            mbarrier.wait(empty.index(st), ((it // STAGES) & 1) ^ 1)
+            _load_stage(q_desc, qt_desc, d_desc, q_s, d_s, full, st, layer, rb, step, N, K, TILED, DPACK)
             it += 1
     return it
 
@@ -778,11 +730,8 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
 @gluon.jit
 def _producer(q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty, L,
               S: gl.constexpr, E: gl.constexpr, F: gl.constexpr, V: gl.constexpr, H: gl.constexpr,
-              HKV: gl.constexpr, D: gl.constexpr, ROT: gl.constexpr, pf_full, pf_empty, wp_ptr, LA: gl.constexpr,
-              PF: gl.constexpr):  # fmt: skip
-    """pid's tasks of every product, in the consumers' order (the attention phases take no weights). PF: the
-    lookahead warp (LA > 0) walking the same stages, asking L2 for them (wp_ptr: the tile_q'd weights' and pack_d'd
-    scales' addresses per product kind, int64 [10])."""
+              HKV: gl.constexpr, D: gl.constexpr, ROT: gl.constexpr):  # fmt: skip
+    """pid's tasks of every product, in the consumers' order (the attention phases take no weights)."""
     pid = gl.program_id(0)
     P = gl.num_programs(0)
     NQ: gl.constexpr = (H + 2 * HKV) * D
@@ -790,15 +739,14 @@ def _producer(q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q
     for layer in range(L):
         c = layer * 5
         it = _produce(q0, qt0, d0, q_s, d_s, full, empty, layer, it, (pid + c * ROT) % P, P, NQ, E, S[0], True,
-                      True, pf_full, pf_empty, wp_ptr, 0, LA, PF)  # fmt: skip
+                      True)  # fmt: skip
         it = _produce(q1, qt1, d1, q_s, d_s, full, empty, layer, it, (pid + (c + 2) * ROT) % P, P, E, H * D, S[1],
-                      True, True, pf_full, pf_empty, wp_ptr, 1, LA, PF)  # fmt: skip
+                      True, True)  # fmt: skip
         it = _produce(q2, qt2, d2, q_s, d_s, full, empty, layer, it, (pid + (c + 3) * ROT) % P, P, 2 * F, E, S[2],
-                      True, True, pf_full, pf_empty, wp_ptr, 2, LA, PF)  # fmt: skip
+                      True, True)  # fmt: skip
         it = _produce(q3, qt3, d3, q_s, d_s, full, empty, layer, it, (pid + (c + 4) * ROT) % P, P, E, F, S[3], True,
-                      True, pf_full, pf_empty, wp_ptr, 3, LA, PF)  # fmt: skip
-    _produce(q4, qt4, d4, q_s, d_s, full, empty, 0, it, (pid + 5 * L * ROT) % P, P, V, E, S[4], True, True, pf_full,
-             pf_empty, wp_ptr, 4, LA, PF)  # fmt: skip
+                      True)  # fmt: skip
+    _produce(q4, qt4, d4, q_s, d_s, full, empty, 0, it, (pid + 5 * L * ROT) % P, P, V, E, S[4], True, True)
 
 
 @gluon.jit
@@ -821,31 +769,17 @@ def _ring(q0, qt0, d0, STAGES: gl.constexpr, num_warps: gl.constexpr):
 
 
 @gluon.jit
-def _lookahead_ring(LA: gl.constexpr):
-    """The barrier pairs between the producer and the lookahead warp (LA > 0; one unused pair otherwise)."""
-    pf_full = gl.allocate_shared_memory(gl.int64, [max(LA, 1), 1], mbarrier.MBarrierLayout())
-    pf_empty = gl.allocate_shared_memory(gl.int64, [max(LA, 1), 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(LA):
-        mbarrier.init(pf_full.index(i), count=1)
-        mbarrier.init(pf_empty.index(i), count=1)
-    return pf_full, pf_empty
-
-
-@gluon.jit
 def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr,
                         g_ptr, lora_ptr, t_ptr, q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4,
-                        sync_ptr, wp_ptr, L, n_ctx, eps, qk_scale, S: gl.constexpr, E: gl.constexpr,
-                        F: gl.constexpr,
+                        sync_ptr, L, n_ctx, eps, qk_scale, S: gl.constexpr, E: gl.constexpr, F: gl.constexpr,
                         V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr, SA: gl.constexpr,
                         BLOCK_T: gl.constexpr, STAGES: gl.constexpr, ROT: gl.constexpr, PROBE: gl.constexpr,
                         R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr,
                         TR: gl.constexpr, TG: gl.constexpr, LNW: gl.constexpr,
-                        LREG: gl.constexpr, LA: gl.constexpr, trace_ptr, TRACE: gl.constexpr,
-                        num_warps: gl.constexpr):  # fmt: skip
+                        LREG: gl.constexpr, trace_ptr, TRACE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
     q_s, d_s, xq_s, dx_s, full, empty = _ring(q0, qt0, d0, STAGES, num_warps)
-    pf_full, pf_empty = _lookahead_ring(LA)
     # fmt: off
     # two calls with the same first partitions: a partition list cannot be a value in Gluon code; without adapters
     # the kernel is the one measured before them (no third partition)
@@ -857,27 +791,12 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                              eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, ROT, PROBE, R, RP, LOFF, RT,
                              TG, trace_ptr, TRACE, num_warps)),
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
-                             L, S, E, F, V, H, HKV, D, ROT, pf_full, pf_empty, wp_ptr, LA, False)),
+                             L, S, E, F, V, H, HKV, D, ROT)),
                 (_lora_worker, (h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps, E, F,
                                 V, H, HKV, D, R, RP, LOFF, RT, TSL, TR, PROBE, TG, LNW, trace_ptr, TRACE)),
             ],
             [1, LNW],
             [48, LREG],
-        )
-    elif LA > 0:  # lab: the lookahead warp beside the producer (no adapters)
-        gl.warp_specialize(
-            [
-                (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr,
-                             pos_ptr, g_ptr, lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx,
-                             eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, ROT, PROBE, R, RP, LOFF, RT,
-                             TG, trace_ptr, TRACE, num_warps)),
-                (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
-                             L, S, E, F, V, H, HKV, D, ROT, pf_full, pf_empty, wp_ptr, LA, False)),
-                (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
-                             L, S, E, F, V, H, HKV, D, ROT, pf_full, pf_empty, wp_ptr, LA, True)),
-            ],
-            [1, 1],
-            [48, 48],
         )
     else:
         gl.warp_specialize(
@@ -887,7 +806,7 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                              eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, ROT, PROBE, R, RP, LOFF, RT,
                              TG, trace_ptr, TRACE, num_warps)),
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
-                             L, S, E, F, V, H, HKV, D, ROT, pf_full, pf_empty, wp_ptr, LA, False)),
+                             L, S, E, F, V, H, HKV, D, ROT)),
             ],
             [1],
             [48],
@@ -1012,12 +931,6 @@ def descriptors(weights):
     return qd, qt, dd
 
 
-def weight_addresses(descs) -> torch.Tensor:
-    """int64 [10]: the tile_q'd weights' and pack_d'd scales' addresses per product kind (the lookahead warp's)."""
-    qd, _, dd = descs
-    return torch.tensor([x.base.data_ptr() for x in (*qd, *dd)], dtype=torch.int64, device=qd[0].base.device)
-
-
 def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) -> None:
     """One launch. dims: L, E, F, V, H, HKV, D, eps, S (splits per product kind), SA (key splits per head), with
     adapters pack_lora's R, RP, LOFF, RT, TSL, TR; labs may set BLOCK_T, STAGES, ROT, TG, LNW too. bufs: h (fp32 [E],
@@ -1026,8 +939,7 @@ def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) ->
     layer's v heads after its k heads), cos / sin (fp32 [n_ctx, D / 2]), pos (int32 [1]), gains (fp32 [2 L + 1, E]:
     attn_norm, ffn_norm per layer, output_norm), sync (int32 zeros [sync_words(L) * SYNC_STRIDE]; its
     error word set if a wait gave up); with adapters lora (pack_lora's buffer) and t (fp32 [t_words(L, RT)], zeros);
-    optional trace (int64 [programs, 20 L + 2], TRACE stamps); with dims LA > 0 (lab: the lookahead warp) wp
-    (weight_addresses(descs))."""
+    optional trace (int64 [programs, 20 L + 2], TRACE stamps)."""
     qd, qt, dd = descs
     trace = bufs.get("trace")
     ranks = dims.get("R", (0,) * 5)
@@ -1035,16 +947,14 @@ def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) ->
                 RT=dims.get("RT", 1), TSL=tuple(dims.get("TSL", (1,) * 5)),
                 TG=dims.get("TG", TG), LNW=dims.get("LNW", LNW))  # fmt: skip
     lora["LREG"] = LREG[lora["LNW"]]
-    la = dims.get("LA", 0)
-    wp = bufs["wp"] if la else bufs["sync"]
     lora["TR"] = tuple(max(32 * lora["LNW"], min(t, 2048 * lora["LNW"] // p))
                        for t, p in zip(dims.get("TR", (1,) * 5), lora["RP"], strict=True))  # fmt: skip
     _decode_step_kernel[(programs,)](
         bufs["h"], bufs["y32"], bufs["logits"], bufs["ws"], bufs["cnt"], bufs["attn"], bufs["cache"], bufs["cos"],
         bufs["sin"], bufs["pos"], bufs["gains"], bufs["lora"] if any(ranks) else bufs["h"],
-        bufs["t"] if any(ranks) else bufs["h"], *qd, *qt, *dd, bufs["sync"], wp, dims["L"], bufs["cache"].shape[-2],
+        bufs["t"] if any(ranks) else bufs["h"], *qd, *qt, *dd, bufs["sync"], dims["L"], bufs["cache"].shape[-2],
         dims["eps"], 1.4426950408889634 / dims["D"] ** 0.5, S=tuple(dims["S"]), E=dims["E"], F=dims["F"],
         V=dims["V"], H=dims["H"], HKV=dims["HKV"], D=dims["D"], SA=dims["SA"], BLOCK_T=dims.get("BLOCK_T", BLOCK_T),
-        STAGES=dims.get("STAGES", STAGES), ROT=dims.get("ROT", ROT), PROBE=probe, **lora, LA=la,
+        STAGES=dims.get("STAGES", STAGES), ROT=dims.get("ROT", ROT), PROBE=probe, **lora,
         trace_ptr=bufs["sync"] if trace is None else trace, TRACE=trace is not None, num_warps=WARPS,
     )  # fmt: skip

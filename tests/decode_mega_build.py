@@ -44,10 +44,9 @@ def _compile(dims: dict, cache: str):
            "g_ptr": "*fp32", "lora_ptr": "*fp32", "t_ptr": "*fp32"}  # fmt: skip
     for kind in ("q", "qt", "d"):
         sig.update({f"{kind}{i}": mangle_type(boxes[kind]) for i in range(5)})
-    sig.update({"sync_ptr": "*i32", "wp_ptr": "*i64", "L": "i32", "n_ctx": "i32", "eps": "fp32", "qk_scale": "fp32"})
+    sig.update({"sync_ptr": "*i32", "L": "i32", "n_ctx": "i32", "eps": "fp32", "qk_scale": "fp32"})
     lora = dict(TG=km.TG, LNW=km.LNW, LREG=km.LREG[km.LNW])  # the launcher's defaults
     consts = dict(**dims, BLOCK_T=km.BLOCK_T, STAGES=km.STAGES, ROT=km.ROT, PROBE=0, **lora)
-    consts.setdefault("LA", 0)
     sig.update({k: "constexpr" for k in consts})
     sig.update({"trace_ptr": "*i64", "TRACE": "constexpr", "num_warps": "constexpr"})
     consts.update(TRACE=False, num_warps=km.WARPS)
