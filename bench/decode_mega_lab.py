@@ -40,6 +40,7 @@ CONFIGS = [  # BASE: splits of the K stages per product kind, attention key spli
     BASE,
     dict(BASE, probe=256),
     dict(BASE, probe=257),
+    dict(BASE, probe=260),
     dict(BASE, probe=13),
 ]
 

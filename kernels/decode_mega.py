@@ -128,9 +128,9 @@ def _load_stage(q_desc, qt_desc, d_desc, q_s, d_s, full, st, layer, rb, step, N:
 
 @gluon.jit
 def _produce(q_desc, qt_desc, d_desc, q_s, d_s, full, empty, layer, it, pid, P, N: gl.constexpr, K: gl.constexpr,
-             S: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr):  # fmt: skip
+             S: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr, NOLOAD: gl.constexpr = False):  # fmt: skip
     """The producer's share of one product: every stage (256 K) of tasks pid, pid + P, ... into the ring
-    (_load_stage)."""
+    (_load_stage). NOLOAD (lab probe): each stage marked full without a copy (no weight stream)."""
     BLOCK_N: gl.constexpr = qt_desc.block_type.shape[0]
     STAGES: gl.constexpr = full.shape[0]
     STEPS: gl.constexpr = (K + GK - 1) // GK
@@ -143,7 +143,10 @@ def _produce(q_desc, qt_desc, d_desc, q_s, d_s, full, empty, layer, it, pid, P, 
         for step in range(s0, s1):
             st = it % STAGES
             mbarrier.wait(empty.index(st), ((it // STAGES) & 1) ^ 1)
-            _load_stage(q_desc, qt_desc, d_desc, q_s, d_s, full, st, layer, rb, step, N, K, TILED, DPACK)
+            if NOLOAD:
+                mbarrier.arrive(full.index(st))
+            else:
+                _load_stage(q_desc, qt_desc, d_desc, q_s, d_s, full, st, layer, rb, step, N, K, TILED, DPACK)
             it += 1
     return it
 
@@ -730,8 +733,10 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
 @gluon.jit
 def _producer(q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty, L,
               S: gl.constexpr, E: gl.constexpr, F: gl.constexpr, V: gl.constexpr, H: gl.constexpr,
-              HKV: gl.constexpr, D: gl.constexpr, ROT: gl.constexpr):  # fmt: skip
-    """pid's tasks of every product, in the consumers' order (the attention phases take no weights)."""
+              HKV: gl.constexpr, D: gl.constexpr, ROT: gl.constexpr, PROBE: gl.constexpr):  # fmt: skip
+    """pid's tasks of every product, in the consumers' order (the attention phases take no weights). PROBE 256: no
+    copies (_produce's NOLOAD)."""
+    NL: gl.constexpr = (PROBE // 256) % 2 == 1
     pid = gl.program_id(0)
     P = gl.num_programs(0)
     NQ: gl.constexpr = (H + 2 * HKV) * D
@@ -739,14 +744,14 @@ def _producer(q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q
     for layer in range(L):
         c = layer * 5
         it = _produce(q0, qt0, d0, q_s, d_s, full, empty, layer, it, (pid + c * ROT) % P, P, NQ, E, S[0], True,
-                      True)  # fmt: skip
+                      True, NL)  # fmt: skip
         it = _produce(q1, qt1, d1, q_s, d_s, full, empty, layer, it, (pid + (c + 2) * ROT) % P, P, E, H * D, S[1],
-                      True, True)  # fmt: skip
+                      True, True, NL)  # fmt: skip
         it = _produce(q2, qt2, d2, q_s, d_s, full, empty, layer, it, (pid + (c + 3) * ROT) % P, P, 2 * F, E, S[2],
-                      True, True)  # fmt: skip
+                      True, True, NL)  # fmt: skip
         it = _produce(q3, qt3, d3, q_s, d_s, full, empty, layer, it, (pid + (c + 4) * ROT) % P, P, E, F, S[3], True,
-                      True)  # fmt: skip
-    _produce(q4, qt4, d4, q_s, d_s, full, empty, 0, it, (pid + 5 * L * ROT) % P, P, V, E, S[4], True, True)
+                      True, NL)  # fmt: skip
+    _produce(q4, qt4, d4, q_s, d_s, full, empty, 0, it, (pid + 5 * L * ROT) % P, P, V, E, S[4], True, True, NL)
 
 
 @gluon.jit
@@ -791,7 +796,7 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                              eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, ROT, PROBE, R, RP, LOFF, RT,
                              TG, trace_ptr, TRACE, num_warps)),
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
-                             L, S, E, F, V, H, HKV, D, ROT)),
+                             L, S, E, F, V, H, HKV, D, ROT, PROBE)),
                 (_lora_worker, (h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps, E, F,
                                 V, H, HKV, D, R, RP, LOFF, RT, TSL, TR, PROBE, TG, LNW, trace_ptr, TRACE)),
             ],
@@ -806,7 +811,7 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                              eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, ROT, PROBE, R, RP, LOFF, RT,
                              TG, trace_ptr, TRACE, num_warps)),
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
-                             L, S, E, F, V, H, HKV, D, ROT)),
+                             L, S, E, F, V, H, HKV, D, ROT, PROBE)),
             ],
             [1],
             [48],
