@@ -159,7 +159,11 @@ def _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N: gl.constex
     stages). A task adds its split's sums atomically (fire and forget: no round trip per task; the order of a row's S
     additions varies, so the fp32 sums may differ in the last bit between runs); with S == 1 it stores them, unless ADD
     (y += the product: a residual, or a LoRA term added too). PROBE 1: the stages consumed without their arithmetic
-    (wrong numbers). Returns the ring position."""
+    (wrong numbers); lab knobs (same numbers): 2 a stage's two boxes summed in two accumulators (two chains of
+    dependent mmas instead of one), 4 no proxy fence, the stage released after its scales' last use. Returns the ring
+    position."""
+    SPLIT: gl.constexpr = (PROBE // 2) % 2 == 1
+    NOFENCE: gl.constexpr = (PROBE // 4) % 2 == 1
     STAGES: gl.constexpr = full.shape[0]
     STEPS: gl.constexpr = (K + GK - 1) // GK
     PER: gl.constexpr = (STEPS + S - 1) // S
@@ -184,6 +188,7 @@ def _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N: gl.constex
             st = it % STAGES
             mbarrier.wait(full.index(st), (it // STAGES) & 1)
             isum = gl.zeros([BLOCK_N, 8], gl.int32, mma)
+            isum1 = gl.zeros([BLOCK_N, 8], gl.int32, mma)
             for c in gl.static_range(KSUB if PROBE % 2 == 0 else 0):
                 if (KC % KSUB == 0) or (step * KSUB + c < KC):  # a box past K: zeros, or (TILED) not copied
                     a = q_s.index(st * KSUB + c).load(AL)
@@ -192,12 +197,20 @@ def _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N: gl.constex
                     mask = gl.where(sel, -1, 0).to(gl.int8)
                     b = gl.inline_asm_elementwise("and.b32 $0, $1, $2;", "=r,r,r", [xb, mask], dtype=gl.int8,
                                                   is_pure=True, pack=4)  # one AND per register  # fmt: skip
-                    isum = mma_v2(a, b, isum)
+                    if SPLIT and c % 2 == 1:
+                        isum1 = mma_v2(a, b, isum1)
+                    else:
+                        isum = mma_v2(a, b, isum)
+            if SPLIT:
+                isum = isum + isum1
             dw = d_s.index(st)._reinterpret(gl.float16, [BLOCK_N, 8], flat).load(mma).to(gl.float32)
-            fence_async_shared()  # this thread's reads of the stage before the producer's TMA writes
-            async_copy.mbarrier_arrive(empty.index(st), increment_count=False)  # one arrival per consumer thread
+            if not NOFENCE:
+                fence_async_shared()  # this thread's reads of the stage before the producer's TMA writes
+                async_copy.mbarrier_arrive(empty.index(st), increment_count=False)  # one arrival per consumer thread
             dx = dx_steps.index(step).load(gl.SliceLayout(0, mma))
             acc += isum.to(gl.float32) * dw * gl.expand_dims(dx, 0)
+            if NOFENCE:  # the stage's last read (dw) has been used: release it
+                async_copy.mbarrier_arrive(empty.index(st), increment_count=False)
             it += 1
         rn = rb * BLOCK_N + rows
         if ADD or S > 1:
@@ -657,7 +670,8 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
     pos = gl.load(pos_ptr)
     tr = trace_ptr + pid * (20 * L + 2)  # 12 L + 2 stamps, then the adapters' warp's 8 L
     err = sync_ptr + (5 * L + 1) * SYNC_STRIDE
-    TP: gl.constexpr = 1 if (PROBE // 8) % 2 == 1 else 0  # probe 8: the tasks without their arithmetic
+    # probe 8: the tasks without their arithmetic; lab knobs 512 / 1024: _tasks' 2 / 4
+    TP: gl.constexpr = (1 if (PROBE // 8) % 2 == 1 else 0) + 2 * ((PROBE // 512) % 4)
     NQ: gl.constexpr = (H + 2 * HKV) * D
     RSL: gl.constexpr = NQ + 2 * F  # a layer's fp32 region: q|k|v sums, then gate|up sums
     G: gl.constexpr = H // HKV
