@@ -39,13 +39,10 @@ CONFIGS = [  # BASE: splits of the K stages per product kind, attention key spli
     # stale shared memory and the phases' synchronisation alone); knobs (right numbers, checked): 512 a stage's boxes in
     # two accumulators, 1024 no proxy fence before a stage's release, 1536 both
     BASE,
-    dict(BASE, probe=512),
-    dict(BASE, probe=1024),
-    dict(BASE, probe=1536),
+    dict(BASE, probe=256),
     dict(BASE, probe=260),
-    dict(BASE, probe=260 + 512),
-    dict(BASE, probe=260 + 1536),
-    dict(BASE, probe=13),
+    dict(BASE, probe=264),
+    dict(BASE, probe=268),
 ]
 
 
@@ -124,8 +121,12 @@ EVENTS = [
     "down tasks done",
     "q|k|v arrival done",
     "cache rows asked of L2 (PFKV)",
+    "q|k|v input quantized",
+    "output input quantized",
+    "gate|up input quantized",
+    "down input quantized",
 ]
-# the adapters' warp's stamps (decode_mega._lora_worker), 8 per layer after the consumers' 12 L + 2
+# the adapters' warp's stamps (decode_mega._lora_worker), 8 per layer after the consumers' 16 L + 2
 WORKER_EVENTS = [
     "adapters: q|k|v input ready",
     "adapters: q|k|v t part added",
@@ -146,12 +147,12 @@ def timeline(trace: torch.Tensor, layers: int) -> list[dict]:
     rows = []
     mids = range(1, layers - 1)
     events = list(enumerate(EVENTS))
-    events += [(12 * layers + 2 + k, name) for k, name in enumerate(WORKER_EVENTS)]  # + 8 layer, not 12 layer
+    events += [(16 * layers + 2 + k, name) for k, name in enumerate(WORKER_EVENTS)]  # + 8 layer, not 16 layer
     for k, name in events:
         stats = []
         for layer in mids:
-            ref = t[:, 12 * layer].min()
-            v = t[:, k + (12 if k < 12 else 8) * layer]
+            ref = t[:, 16 * layer].min()
+            v = t[:, k + (16 if k < 16 else 8) * layer]
             v = v[v > 0] - ref
             if v.numel() == 0:
                 continue
@@ -160,9 +161,9 @@ def timeline(trace: torch.Tensor, layers: int) -> list[dict]:
             continue
         m = torch.tensor(stats).mean(0) / 1e3
         rows.append({"event": name, "first_us": m[0].item(), "median_us": m[1].item(), "last_us": m[2].item()})
-    period = [(t[:, 12 * (layer + 1)].min() - t[:, 12 * layer].min()).item() / 1e3 for layer in mids]
+    period = [(t[:, 16 * (layer + 1)].min() - t[:, 16 * layer].min()).item() / 1e3 for layer in mids]
     rows.append({"event": "layer period", "median_us": sum(period) / len(period)})
-    fin = (t[:, 12 * layers + 1].max() - t[:, 12 * layers].min()).item() / 1e3
+    fin = (t[:, 16 * layers + 1].max() - t[:, 16 * layers].min()).item() / 1e3
     rows.append({"event": "vocabulary product (first input to last task)", "median_us": fin})
     return rows
 
@@ -242,7 +243,7 @@ def main(argv=None) -> int:
                 return torch.argmax(b["logits"])
 
             us = graph_us(step)
-            b["trace"] = torch.zeros(n_sm, 20 * L + 2, dtype=torch.int64, device=dev)
+            b["trace"] = torch.zeros(n_sm, 24 * L + 2, dtype=torch.int64, device=dev)
             step()
             torch.cuda.synchronize()
             tl = timeline(b["trace"].cpu(), L)

@@ -431,7 +431,7 @@ def _lora_worker(h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, s
     every program would stall the weight stream there): per product with a term, once its input is ready,
     _lora_chain into the product's sums and one more arrival at the product's counter (the product's readers wait
     for 2 P). The output product's t comes from attention (each head's last split adds its part): only B t here.
-    TRACE: per layer 8 stamps after the consumers' (at 12 L + 2 + 8 layer): the q|k|v chain's input ready, t's part
+    TRACE: per layer 8 stamps after the consumers' (at 16 L + 2 + 8 layer): the q|k|v chain's input ready, t's part
     added, t complete, rows added; the same for the down product's chain."""
     TS: gl.constexpr = TG * RT  # t of phase c at t_ptr + c TS
     P = gl.num_programs(0)
@@ -443,7 +443,7 @@ def _lora_worker(h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, s
     for layer in range(L):
         c = layer * 5
         y_l = y32_ptr + layer.to(gl.int64) * RSL
-        trw = trace_ptr + pid * (20 * L + 2) + 12 * L + 2 + 8 * layer
+        trw = trace_ptr + pid * (24 * L + 2) + 16 * L + 2 + 8 * layer
         if R[0] > 0:
             a = _lora_early(lora_ptr + LOFF[0] + layer * (R[0] * E), lora_ptr + LOFF[5] + layer * (NQ * R[0]), E, NQ,
                             R[0], RP[0], TSL[0], NW)  # fmt: skip
@@ -668,7 +668,7 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
     pid = gl.program_id(0)
     P = gl.num_programs(0)
     pos = gl.load(pos_ptr)
-    tr = trace_ptr + pid * (20 * L + 2)  # 12 L + 2 stamps, then the adapters' warp's 8 L
+    tr = trace_ptr + pid * (24 * L + 2)  # 16 L + 2 stamps, then the adapters' warp's 8 L
     err = sync_ptr + (5 * L + 1) * SYNC_STRIDE
     # probe 8: the tasks without their arithmetic; lab knobs 512 / 1024: _tasks' 2 / 4
     TP: gl.constexpr = (1 if (PROBE // 8) % 2 == 1 else 0) + 2 * ((PROBE // 512) % 4)
@@ -685,62 +685,66 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
         y_l = y32_ptr + layer.to(gl.int64) * RSL
         if layer > 0:
             _wait(sync_ptr, err, c - 1, P * M3, PROBE)
-        _stamp(tr, pid, 12 * layer, TRACE)
+        _stamp(tr, pid, 16 * layer, TRACE)
         _quantize_norm(h_ptr, g_ptr + (2 * layer) * E, eps, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
+        _stamp(tr, pid, 16 * layer + 12, TRACE)
         it = _tasks(y_l, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + c * ROT) % P, P, NQ, E, S[0], BLOCK_N, TP,
                     R[0] > 0, num_warps)  # fmt: skip
-        _stamp(tr, pid, 12 * layer + 1, TRACE)
+        _stamp(tr, pid, 16 * layer + 1, TRACE)
         _arrive(sync_ptr, c)
-        _stamp(tr, pid, 12 * layer + 10, TRACE)
+        _stamp(tr, pid, 16 * layer + 10, TRACE)
         if pid < H * SA:
             hd = pid // SA
             kc = cache_ptr + ((layer * 2 * HKV + hd // G).to(gl.int64) * n_ctx) * D  # the kv head's k rows
             vc = kc + (HKV * n_ctx) * D
             _prefetch_kv(kc, vc, pos, n_ctx, pid % SA, D, SA, BLOCK_T, num_warps)
             a_o = _head_a(lora_ptr + LOFF[1] + layer * (R[1] * H * D), hd, H, D, R[1], RP[1], num_warps)
-            _stamp(tr, pid, 12 * layer + 11, TRACE)
+            _stamp(tr, pid, 16 * layer + 11, TRACE)
             _wait(sync_ptr, err, c, P * M0, PROBE)
-            _stamp(tr, pid, 12 * layer + 2, TRACE)
+            _stamp(tr, pid, 16 * layer + 2, TRACE)
             if PROBE % 2 == 0:  # probe 1: no attention (wrong numbers)
                 if _attention(y_l, ws_ptr, cnt_ptr, attn_ptr, kc, vc, cos_ptr, sin_ptr, pos, n_ctx, qk_scale, hd,
                               hd // G, pid % SA, a_o, t_ptr + ((c + 2) * TG + hd % TG) * RT, H, HKV, D, SA, BLOCK_T,
                               R[1], RP[1], num_warps):  # fmt: skip
-                    _stamp(tr, pid, 12 * layer + 3, TRACE)
+                    _stamp(tr, pid, 16 * layer + 3, TRACE)
                     _arrive(sync_ptr, c + 1)
             elif pid % SA == 0:
                 _arrive(sync_ptr, c + 1)
         _wait(sync_ptr, err, c + 1, H, PROBE)  # every head's output written
-        _stamp(tr, pid, 12 * layer + 4, TRACE)
+        _stamp(tr, pid, 16 * layer + 4, TRACE)
         _quantize_row(attn_ptr, xq_s, dx_s, H * D, num_warps)
         gl.thread_barrier()
+        _stamp(tr, pid, 16 * layer + 13, TRACE)
         it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 2) * ROT) % P, P, E, H * D, S[1],
                     BLOCK_N, TP, True, num_warps)  # fmt: skip
-        _stamp(tr, pid, 12 * layer + 5, TRACE)
+        _stamp(tr, pid, 16 * layer + 5, TRACE)
         _arrive(sync_ptr, c + 2)
         _wait(sync_ptr, err, c + 2, P * M1, PROBE)
-        _stamp(tr, pid, 12 * layer + 6, TRACE)
+        _stamp(tr, pid, 16 * layer + 6, TRACE)
         _quantize_norm(h_ptr, g_ptr + (2 * layer + 1) * E, eps, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
+        _stamp(tr, pid, 16 * layer + 14, TRACE)
         it = _tasks(y_l + NQ, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 3) * ROT) % P, P, 2 * F, E, S[2],
                     BLOCK_N, TP, R[2] > 0, num_warps)  # fmt: skip
-        _stamp(tr, pid, 12 * layer + 7, TRACE)
+        _stamp(tr, pid, 16 * layer + 7, TRACE)
         _arrive(sync_ptr, c + 3)
         _wait(sync_ptr, err, c + 3, P * M2, PROBE)
-        _stamp(tr, pid, 12 * layer + 8, TRACE)
+        _stamp(tr, pid, 16 * layer + 8, TRACE)
         _quantize_swiglu(y_l + NQ, xq_s, dx_s, F, num_warps)
         gl.thread_barrier()
+        _stamp(tr, pid, 16 * layer + 15, TRACE)
         it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 4) * ROT) % P, P, E, F, S[3], BLOCK_N,
                     TP, True, num_warps)  # fmt: skip
-        _stamp(tr, pid, 12 * layer + 9, TRACE)
+        _stamp(tr, pid, 16 * layer + 9, TRACE)
         _arrive(sync_ptr, c + 4)
     _wait(sync_ptr, err, 5 * L - 1, P * M3, PROBE)
-    _stamp(tr, pid, 12 * L, TRACE)
+    _stamp(tr, pid, 16 * L, TRACE)
     _quantize_norm(h_ptr, g_ptr + (2 * L) * E, eps, xq_s, dx_s, E, num_warps)
     gl.thread_barrier()
     _tasks(logits_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + 5 * L * ROT) % P, P, V, E, S[4], BLOCK_N, TP,
            R[4] > 0, num_warps)  # fmt: skip
-    _stamp(tr, pid, 12 * L + 1, TRACE)
+    _stamp(tr, pid, 16 * L + 1, TRACE)
     _done(sync_ptr, L, P * (1 + (R[0] + R[1] + R[2] + R[3] + R[4] > 0)), num_warps)
 
 
@@ -958,7 +962,7 @@ def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) ->
     layer's v heads after its k heads), cos / sin (fp32 [n_ctx, D / 2]), pos (int32 [1]), gains (fp32 [2 L + 1, E]:
     attn_norm, ffn_norm per layer, output_norm), sync (int32 zeros [sync_words(L) * SYNC_STRIDE]; its
     error word set if a wait gave up); with adapters lora (pack_lora's buffer) and t (fp32 [t_words(L, RT)], zeros);
-    optional trace (int64 [programs, 20 L + 2], TRACE stamps)."""
+    optional trace (int64 [programs, 24 L + 2], TRACE stamps)."""
     qd, qt, dd = descs
     trace = bufs.get("trace")
     ranks = dims.get("R", (0,) * 5)
