@@ -37,12 +37,13 @@ CONFIGS = [  # BASE: splits of the K stages per product kind, attention key spli
     # block-diagonal as lora.fused_lora_term forms them: ranks 3 r, r, 2 r, r); TG: copies of t, LNW: the adapters'
     # warps; 256: no weight stream (the producer marks each stage full without copying it: the consumers' work on
     # stale shared memory and the phases' synchronisation alone); knobs (right numbers, checked): 512 a stage's boxes in
-    # two accumulators, 1024 no proxy fence before a stage's release, 1536 both
+    # two accumulators, 1024 no proxy fence before a stage's release, 1536 both (session 20: no gain, removed); SPAN 1:
+    # each program's tasks a contiguous split-major range, the output and down inputs quantized only over its K range
     BASE,
-    dict(BASE, probe=256),
-    dict(BASE, probe=260),
-    dict(BASE, probe=264),
-    dict(BASE, probe=268),
+    dict(BASE, SPAN=1),
+    dict(BASE, LORA=8),
+    dict(BASE, SPAN=1, LORA=8),
+    dict(BASE, SPAN=1, probe=256),
 ]
 
 

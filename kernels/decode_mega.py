@@ -127,18 +127,51 @@ def _load_stage(q_desc, qt_desc, d_desc, q_s, d_s, full, st, layer, rb, step, N:
 
 
 @gluon.jit
+def _span(N: gl.constexpr, K: gl.constexpr, S: gl.constexpr, BLOCK_N: gl.constexpr):
+    """This program's tasks of a product in the split-major order (task = split NB + row block, NB row blocks): the
+    contiguous range [lo, hi) = [pid T / P, (pid + 1) T / P) of the T = NB S tasks (one or two splits, so the program
+    quantizes only their K range of the input), and that range's 32-blocks [b0, b1) (b0 == b1 without tasks)."""
+    NB: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    STEPS: gl.constexpr = (K + GK - 1) // GK
+    PER: gl.constexpr = (STEPS + S - 1) // S
+    pid = gl.program_id(0)
+    P = gl.num_programs(0)
+    lo = pid * (NB * S) // P
+    hi = (pid + 1) * (NB * S) // P
+    b0 = (lo // NB) * (PER * GK // 32)
+    b1 = gl.minimum((gl.maximum(hi - 1, lo) // NB + 1) * (PER * GK // 32), (K + 31) // 32)
+    if hi == lo:
+        b1 = b0
+    return lo, hi, b0, b1
+
+
+@gluon.jit
+def _task_at(task, NB: gl.constexpr, S: gl.constexpr, SPAN: gl.constexpr):
+    """(row block, split) of a task: split-major (SPAN) or row-block-major."""
+    if SPAN:
+        return task % NB, task // NB
+    else:
+        return task // S, task % S
+
+
+@gluon.jit
 def _produce(q_desc, qt_desc, d_desc, q_s, d_s, full, empty, layer, it, pid, P, N: gl.constexpr, K: gl.constexpr,
-             S: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr, NOLOAD: gl.constexpr = False):  # fmt: skip
-    """The producer's share of one product: every stage (256 K) of tasks pid, pid + P, ... into the ring
-    (_load_stage). NOLOAD (lab probe): each stage marked full without a copy (no weight stream)."""
+             S: gl.constexpr, TILED: gl.constexpr, DPACK: gl.constexpr, NOLOAD: gl.constexpr = False,
+             SPAN: gl.constexpr = False):  # fmt: skip
+    """The producer's share of one product: every stage (256 K) of tasks pid, pid + P, ... (SPAN: _span's range)
+    into the ring (_load_stage). NOLOAD (lab probe): each stage marked full without a copy (no weight stream)."""
     BLOCK_N: gl.constexpr = qt_desc.block_type.shape[0]
     STAGES: gl.constexpr = full.shape[0]
     STEPS: gl.constexpr = (K + GK - 1) // GK
     PER: gl.constexpr = (STEPS + S - 1) // S
     NB: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-    for task in range(pid, NB * S, P):
-        rb = task // S
-        s0 = (task % S) * PER
+    lo, hi, stride = pid, NB * S, P
+    if SPAN:
+        lo, hi, _, _ = _span(N, K, S, BLOCK_N)
+        stride = 1
+    for task in range(lo, hi, stride):
+        rb, sp = _task_at(task, NB, S, SPAN)
+        s0 = sp * PER
         s1 = gl.minimum(s0 + PER, STEPS)
         for step in range(s0, s1):
             st = it % STAGES
@@ -153,17 +186,15 @@ def _produce(q_desc, qt_desc, d_desc, q_s, d_s, full, empty, layer, it, pid, P, 
 
 @gluon.jit
 def _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N: gl.constexpr, K: gl.constexpr, S: gl.constexpr,
-           BLOCK_N: gl.constexpr, PROBE: gl.constexpr, ADD: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+           BLOCK_N: gl.constexpr, PROBE: gl.constexpr, ADD: gl.constexpr, num_warps: gl.constexpr,
+           SPAN: gl.constexpr = False):  # fmt: skip
     """Tasks first, first + P, ... of the product y[:N] (+)= x[:K] @ W.T, x already quantized in
     xq_s / dx_s, W's stages from the ring (full / empty, `it` the ring position): task = (row block, split of the K
     stages). A task adds its split's sums atomically (fire and forget: no round trip per task; the order of a row's S
     additions varies, so the fp32 sums may differ in the last bit between runs); with S == 1 it stores them, unless ADD
     (y += the product: a residual, or a LoRA term added too). PROBE 1: the stages consumed without their arithmetic
-    (wrong numbers); lab knobs (same numbers): 2 a stage's two boxes summed in two accumulators (two chains of
-    dependent mmas instead of one), 4 no proxy fence, the stage released after its scales' last use. Returns the ring
-    position."""
-    SPLIT: gl.constexpr = (PROBE // 2) % 2 == 1
-    NOFENCE: gl.constexpr = (PROBE // 4) % 2 == 1
+    (wrong numbers). SPAN: this program's tasks are the contiguous range _span of the split-major order (task = split
+    NB + row block), not first, first + P, ... Returns the ring position."""
     STAGES: gl.constexpr = full.shape[0]
     STEPS: gl.constexpr = (K + GK - 1) // GK
     PER: gl.constexpr = (STEPS + S - 1) // S
@@ -179,16 +210,20 @@ def _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N: gl.constex
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     xq_boxes = xq_s._reinterpret(gl.int8, [XMAX // BKB, BKB], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     dx_steps = dx_s._reinterpret(gl.float32, [XMAX // GK, 8], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    for task in range(first, ((N + BLOCK_N - 1) // BLOCK_N) * S, P):  # rows past N: never stored
-        rb = task // S
-        s0 = (task % S) * PER
+    NB: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    lo, hi, stride = first, NB * S, P
+    if SPAN:
+        lo, hi, _, _ = _span(N, K, S, BLOCK_N)
+        stride = 1
+    for task in range(lo, hi, stride):  # rows past N: never stored
+        rb, sp = _task_at(task, NB, S, SPAN)
+        s0 = sp * PER
         s1 = gl.minimum(s0 + PER, STEPS)
         acc = gl.zeros([BLOCK_N, 8], gl.float32, mma)
         for step in range(s0, s1):
             st = it % STAGES
             mbarrier.wait(full.index(st), (it // STAGES) & 1)
             isum = gl.zeros([BLOCK_N, 8], gl.int32, mma)
-            isum1 = gl.zeros([BLOCK_N, 8], gl.int32, mma)
             for c in gl.static_range(KSUB if PROBE % 2 == 0 else 0):
                 if (KC % KSUB == 0) or (step * KSUB + c < KC):  # a box past K: zeros, or (TILED) not copied
                     a = q_s.index(st * KSUB + c).load(AL)
@@ -197,20 +232,12 @@ def _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N: gl.constex
                     mask = gl.where(sel, -1, 0).to(gl.int8)
                     b = gl.inline_asm_elementwise("and.b32 $0, $1, $2;", "=r,r,r", [xb, mask], dtype=gl.int8,
                                                   is_pure=True, pack=4)  # one AND per register  # fmt: skip
-                    if SPLIT and c % 2 == 1:
-                        isum1 = mma_v2(a, b, isum1)
-                    else:
-                        isum = mma_v2(a, b, isum)
-            if SPLIT:
-                isum = isum + isum1
+                    isum = mma_v2(a, b, isum)
             dw = d_s.index(st)._reinterpret(gl.float16, [BLOCK_N, 8], flat).load(mma).to(gl.float32)
-            if not NOFENCE:
-                fence_async_shared()  # this thread's reads of the stage before the producer's TMA writes
-                async_copy.mbarrier_arrive(empty.index(st), increment_count=False)  # one arrival per consumer thread
+            fence_async_shared()  # this thread's reads of the stage before the producer's TMA writes
+            async_copy.mbarrier_arrive(empty.index(st), increment_count=False)  # one arrival per consumer thread
             dx = dx_steps.index(step).load(gl.SliceLayout(0, mma))
             acc += isum.to(gl.float32) * dw * gl.expand_dims(dx, 0)
-            if NOFENCE:  # the stage's last read (dw) has been used: release it
-                async_copy.mbarrier_arrive(empty.index(st), increment_count=False)
             it += 1
         rn = rb * BLOCK_N + rows
         if ADD or S > 1:
@@ -230,13 +257,38 @@ def _rint(v):
 
 @gluon.jit
 def _put_q8(x, c, xq_s, dx_s, ROWS: gl.constexpr):
-    """Chunk c of the input ([ROWS, 32] fp32, zeros past K) quantized as quant.quantize_act_q8_0 (q = round half to
-    even of x * (127 / amax), scale fp16(amax / 127)) into xq_s / dx_s."""
+    """Chunk c of the input ([ROWS, 32] fp32, zeros past K) quantized (_q8) into xq_s / dx_s."""
+    _q8(x, xq_s.slice(c * ROWS, ROWS), dx_s.slice(c * ROWS, ROWS))
+
+
+@gluon.jit
+def _q8(x, xq_dst, dx_dst):
+    """[ROWS, 32] fp32 32-blocks quantized as quant.quantize_act_q8_0 (q = round half to even of x * (127 / amax),
+    scale fp16(amax / 127)) into xq_dst ([ROWS, 32] int8) / dx_dst ([ROWS] fp32)."""
     amax = gl.max(gl.abs(x), axis=1)
     inv = gl.where(amax > 0.0, gl.div_rn(gl.full_like(amax, 127.0), amax), gl.zeros_like(amax))
-    q = _rint(x * gl.expand_dims(inv, 1)).to(gl.int8)
-    xq_s.slice(c * ROWS, ROWS).store(q)
-    dx_s.slice(c * ROWS, ROWS).store(gl.div_rn(amax, gl.full_like(amax, 127.0)).to(gl.float16).to(gl.float32))
+    xq_dst.store(_rint(x * gl.expand_dims(inv, 1)).to(gl.int8))
+    dx_dst.store(gl.div_rn(amax, gl.full_like(amax, 127.0)).to(gl.float16).to(gl.float32))
+
+
+@gluon.jit
+def _quantize_span(x_ptr, xq_s, dx_s, b0, b1, K: gl.constexpr, SWIGLU: gl.constexpr, num_warps: gl.constexpr):
+    """Blocks [b0, b1) of the input quantized (_span's range: the only ones this program's tasks read): x_ptr[:K], or
+    (SWIGLU) silu(gate) * up of the packed [gate | up] sums at x_ptr (K each); fp32 read past L1. In chunks of
+    16 num_warps blocks on the chunk grid (a chunk's blocks outside the range are written as zeros)."""
+    XB: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
+    RB: gl.constexpr = 16 * num_warps
+    xq_c = xq_s._reinterpret(gl.int8, [XMAX // (32 * RB), RB, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    dx_c = dx_s._reinterpret(gl.float32, [XMAX // (32 * RB), RB], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    for c in range(b0 // RB, (b1 + RB - 1) // RB):
+        blk = c * RB + gl.arange(0, RB, layout=gl.SliceLayout(1, XB))
+        offs = gl.expand_dims(blk * 32, 1) + gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, XB)), 0)
+        m = gl.expand_dims((blk >= b0) & (blk < b1), 1) & (offs < K)
+        x = gl.load(x_ptr + offs, mask=m, other=0.0, cache_modifier=".cg")
+        if SWIGLU:
+            u = gl.load(x_ptr + K + offs, mask=m, other=0.0, cache_modifier=".cg")
+            x = x / (1.0 + gl.exp(-x)) * u
+        _q8(x, xq_c.index(c), dx_c.index(c))
 
 
 @gluon.jit
@@ -659,7 +711,7 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
               F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr,
               SA: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, ROT: gl.constexpr, PROBE: gl.constexpr,
               R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TG: gl.constexpr, trace_ptr,
-              TRACE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+              TRACE: gl.constexpr, num_warps: gl.constexpr, SPAN: gl.constexpr):  # fmt: skip
     """Per phase: wait, form and quantize the product's input, the program's tasks, arrive. With adapter terms
     (_lora_worker adds them): a product's sums by atomics, its readers wait for 2 P arrivals, and each head's last
     attention split adds its part of the output product's t. The adapters' factors of product kind j (R[j] > 0): A
@@ -670,8 +722,7 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
     pos = gl.load(pos_ptr)
     tr = trace_ptr + pid * (24 * L + 2)  # 16 L + 2 stamps, then the adapters' warp's 8 L
     err = sync_ptr + (5 * L + 1) * SYNC_STRIDE
-    # probe 8: the tasks without their arithmetic; lab knobs 512 / 1024: _tasks' 2 / 4
-    TP: gl.constexpr = (1 if (PROBE // 8) % 2 == 1 else 0) + 2 * ((PROBE // 512) % 4)
+    TP: gl.constexpr = 1 if (PROBE // 8) % 2 == 1 else 0  # probe 8: the tasks without their arithmetic
     NQ: gl.constexpr = (H + 2 * HKV) * D
     RSL: gl.constexpr = NQ + 2 * F  # a layer's fp32 region: q|k|v sums, then gate|up sums
     G: gl.constexpr = H // HKV
@@ -690,7 +741,7 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
         gl.thread_barrier()
         _stamp(tr, pid, 16 * layer + 12, TRACE)
         it = _tasks(y_l, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + c * ROT) % P, P, NQ, E, S[0], BLOCK_N, TP,
-                    R[0] > 0, num_warps)  # fmt: skip
+                    R[0] > 0, num_warps, SPAN)  # fmt: skip
         _stamp(tr, pid, 16 * layer + 1, TRACE)
         _arrive(sync_ptr, c)
         _stamp(tr, pid, 16 * layer + 10, TRACE)
@@ -713,11 +764,15 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
                 _arrive(sync_ptr, c + 1)
         _wait(sync_ptr, err, c + 1, H, PROBE)  # every head's output written
         _stamp(tr, pid, 16 * layer + 4, TRACE)
-        _quantize_row(attn_ptr, xq_s, dx_s, H * D, num_warps)
+        if SPAN:
+            _, _, b0, b1 = _span(E, H * D, S[1], BLOCK_N)
+            _quantize_span(attn_ptr, xq_s, dx_s, b0, b1, H * D, False, num_warps)
+        else:
+            _quantize_row(attn_ptr, xq_s, dx_s, H * D, num_warps)
         gl.thread_barrier()
         _stamp(tr, pid, 16 * layer + 13, TRACE)
         it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 2) * ROT) % P, P, E, H * D, S[1],
-                    BLOCK_N, TP, True, num_warps)  # fmt: skip
+                    BLOCK_N, TP, True, num_warps, SPAN)  # fmt: skip
         _stamp(tr, pid, 16 * layer + 5, TRACE)
         _arrive(sync_ptr, c + 2)
         _wait(sync_ptr, err, c + 2, P * M1, PROBE)
@@ -726,16 +781,20 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
         gl.thread_barrier()
         _stamp(tr, pid, 16 * layer + 14, TRACE)
         it = _tasks(y_l + NQ, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 3) * ROT) % P, P, 2 * F, E, S[2],
-                    BLOCK_N, TP, R[2] > 0, num_warps)  # fmt: skip
+                    BLOCK_N, TP, R[2] > 0, num_warps, SPAN)  # fmt: skip
         _stamp(tr, pid, 16 * layer + 7, TRACE)
         _arrive(sync_ptr, c + 3)
         _wait(sync_ptr, err, c + 3, P * M2, PROBE)
         _stamp(tr, pid, 16 * layer + 8, TRACE)
-        _quantize_swiglu(y_l + NQ, xq_s, dx_s, F, num_warps)
+        if SPAN:
+            _, _, b0, b1 = _span(E, F, S[3], BLOCK_N)
+            _quantize_span(y_l + NQ, xq_s, dx_s, b0, b1, F, True, num_warps)
+        else:
+            _quantize_swiglu(y_l + NQ, xq_s, dx_s, F, num_warps)
         gl.thread_barrier()
         _stamp(tr, pid, 16 * layer + 15, TRACE)
         it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 4) * ROT) % P, P, E, F, S[3], BLOCK_N,
-                    TP, True, num_warps)  # fmt: skip
+                    TP, True, num_warps, SPAN)  # fmt: skip
         _stamp(tr, pid, 16 * layer + 9, TRACE)
         _arrive(sync_ptr, c + 4)
     _wait(sync_ptr, err, 5 * L - 1, P * M3, PROBE)
@@ -743,7 +802,7 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
     _quantize_norm(h_ptr, g_ptr + (2 * L) * E, eps, xq_s, dx_s, E, num_warps)
     gl.thread_barrier()
     _tasks(logits_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + 5 * L * ROT) % P, P, V, E, S[4], BLOCK_N, TP,
-           R[4] > 0, num_warps)  # fmt: skip
+           R[4] > 0, num_warps, SPAN)  # fmt: skip
     _stamp(tr, pid, 16 * L + 1, TRACE)
     _done(sync_ptr, L, P * (1 + (R[0] + R[1] + R[2] + R[3] + R[4] > 0)), num_warps)
 
@@ -751,9 +810,10 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
 @gluon.jit
 def _producer(q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty, L,
               S: gl.constexpr, E: gl.constexpr, F: gl.constexpr, V: gl.constexpr, H: gl.constexpr,
-              HKV: gl.constexpr, D: gl.constexpr, ROT: gl.constexpr, PROBE: gl.constexpr):  # fmt: skip
+              HKV: gl.constexpr, D: gl.constexpr, ROT: gl.constexpr, PROBE: gl.constexpr,
+              SPAN: gl.constexpr):  # fmt: skip
     """pid's tasks of every product, in the consumers' order (the attention phases take no weights). PROBE 256: no
-    copies (_produce's NOLOAD)."""
+    copies (_produce's NOLOAD); SPAN: _span's task ranges."""
     NL: gl.constexpr = (PROBE // 256) % 2 == 1
     pid = gl.program_id(0)
     P = gl.num_programs(0)
@@ -762,14 +822,14 @@ def _producer(q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q
     for layer in range(L):
         c = layer * 5
         it = _produce(q0, qt0, d0, q_s, d_s, full, empty, layer, it, (pid + c * ROT) % P, P, NQ, E, S[0], True,
-                      True, NL)  # fmt: skip
+                      True, NL, SPAN)  # fmt: skip
         it = _produce(q1, qt1, d1, q_s, d_s, full, empty, layer, it, (pid + (c + 2) * ROT) % P, P, E, H * D, S[1],
-                      True, True, NL)  # fmt: skip
+                      True, True, NL, SPAN)  # fmt: skip
         it = _produce(q2, qt2, d2, q_s, d_s, full, empty, layer, it, (pid + (c + 3) * ROT) % P, P, 2 * F, E, S[2],
-                      True, True, NL)  # fmt: skip
+                      True, True, NL, SPAN)  # fmt: skip
         it = _produce(q3, qt3, d3, q_s, d_s, full, empty, layer, it, (pid + (c + 4) * ROT) % P, P, E, F, S[3], True,
-                      True, NL)  # fmt: skip
-    _produce(q4, qt4, d4, q_s, d_s, full, empty, 0, it, (pid + 5 * L * ROT) % P, P, V, E, S[4], True, True, NL)
+                      True, NL, SPAN)  # fmt: skip
+    _produce(q4, qt4, d4, q_s, d_s, full, empty, 0, it, (pid + 5 * L * ROT) % P, P, V, E, S[4], True, True, NL, SPAN)
 
 
 @gluon.jit
@@ -799,7 +859,8 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                         BLOCK_T: gl.constexpr, STAGES: gl.constexpr, ROT: gl.constexpr, PROBE: gl.constexpr,
                         R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr,
                         TR: gl.constexpr, TG: gl.constexpr, LNW: gl.constexpr,
-                        LREG: gl.constexpr, trace_ptr, TRACE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                        LREG: gl.constexpr, SPAN: gl.constexpr, trace_ptr, TRACE: gl.constexpr,
+                        num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
     q_s, d_s, xq_s, dx_s, full, empty = _ring(q0, qt0, d0, STAGES, num_warps)
@@ -812,9 +873,9 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                 (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr,
                              pos_ptr, g_ptr, lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx,
                              eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, ROT, PROBE, R, RP, LOFF, RT,
-                             TG, trace_ptr, TRACE, num_warps)),
+                             TG, trace_ptr, TRACE, num_warps, SPAN)),
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
-                             L, S, E, F, V, H, HKV, D, ROT, PROBE)),
+                             L, S, E, F, V, H, HKV, D, ROT, PROBE, SPAN)),
                 (_lora_worker, (h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps, E, F,
                                 V, H, HKV, D, R, RP, LOFF, RT, TSL, TR, PROBE, TG, LNW, trace_ptr, TRACE)),
             ],
@@ -827,9 +888,9 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                 (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr,
                              pos_ptr, g_ptr, lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx,
                              eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, ROT, PROBE, R, RP, LOFF, RT,
-                             TG, trace_ptr, TRACE, num_warps)),
+                             TG, trace_ptr, TRACE, num_warps, SPAN)),
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
-                             L, S, E, F, V, H, HKV, D, ROT, PROBE)),
+                             L, S, E, F, V, H, HKV, D, ROT, PROBE, SPAN)),
             ],
             [1],
             [48],
@@ -845,6 +906,7 @@ BKB = 128  # K per TMA tile (a stage: two tiles)
 STAGES = 8
 BLOCK_T = 64  # keys per attention block
 ROT = 37  # product j's tasks start at program (pid + j ROT) % P: the programs with one task more change per product
+SPAN = 0  # lab: 1 = each program's tasks a contiguous range of the split-major order, quantizing only its K range
 
 
 def sync_words(layers: int) -> int:
@@ -978,6 +1040,6 @@ def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) ->
         bufs["t"] if any(ranks) else bufs["h"], *qd, *qt, *dd, bufs["sync"], dims["L"], bufs["cache"].shape[-2],
         dims["eps"], 1.4426950408889634 / dims["D"] ** 0.5, S=tuple(dims["S"]), E=dims["E"], F=dims["F"],
         V=dims["V"], H=dims["H"], HKV=dims["HKV"], D=dims["D"], SA=dims["SA"], BLOCK_T=dims.get("BLOCK_T", BLOCK_T),
-        STAGES=dims.get("STAGES", STAGES), ROT=dims.get("ROT", ROT), PROBE=probe, **lora,
+        STAGES=dims.get("STAGES", STAGES), ROT=dims.get("ROT", ROT), PROBE=probe, **lora, SPAN=dims.get("SPAN", SPAN),
         trace_ptr=bufs["sync"] if trace is None else trace, TRACE=trace is not None, num_warps=WARPS,
     )  # fmt: skip

@@ -47,10 +47,14 @@ def _compile(dims: dict, cache: str):
     sig.update({"sync_ptr": "*i32", "L": "i32", "n_ctx": "i32", "eps": "fp32", "qk_scale": "fp32"})
     lora = dict(TG=km.TG, LNW=km.LNW, LREG=km.LREG[km.LNW])  # the launcher's defaults
     consts = dict(**dims, BLOCK_T=km.BLOCK_T, STAGES=km.STAGES, ROT=km.ROT, PROBE=0, **lora)
+    consts.setdefault("SPAN", km.SPAN)
     sig.update({k: "constexpr" for k in consts})
     sig.update({"trace_ptr": "*i64", "TRACE": "constexpr", "num_warps": "constexpr"})
     consts.update(TRACE=False, num_warps=km.WARPS)
-    src = GluonASTSource(km._decode_step_kernel, sig, constexprs=consts)
+    # the launch's specialization: every pointer argument 16-byte aligned (torch's allocations are)
+    names = km._decode_step_kernel.arg_names
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
+    src = GluonASTSource(km._decode_step_kernel, sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": km.WARPS})
 
 
