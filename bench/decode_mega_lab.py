@@ -30,20 +30,17 @@ SHAPES = [(3 * E, E), (E, E), (2 * F, E), (E, F), (V, E)]  # (N, K): q|k|v, outp
 HBM = 4.23e12
 BASE = dict(S=(13, 7, 13, 17, 13), SA=4)  # kernels/decode_mega.splits and the key splits the decoder takes
 CONFIGS = [  # BASE: splits of the K stages per product kind, attention key splits per head (H * SA programs); the
-    # kernel's BLOCK_T (keys per attention block), STAGES (ring), ROT (task rotation) may be set too; probes (wrong
+    # kernel's BLOCK_T (keys per attention block), STAGES (ring) may be set too; probes (wrong
     # numbers, timed only; bits): 1 no attention, 4 no waits, 8 no products' arithmetic (the stream alone); the
     # adapters' warps: 16 only wait and arrive, 32 add no B t, 64 do not wait for t, 128 have their code but never run
     # it. LORA r: random adapter terms of rank r on the 7 matrices (two rank-4 adapters: 8; the packed products' terms
     # block-diagonal as lora.fused_lora_term forms them: ranks 3 r, r, 2 r, r); TG: copies of t, LNW: the adapters'
     # warps; 256: no weight stream (the producer marks each stage full without copying it: the consumers' work on
     # stale shared memory and the phases' synchronisation alone); knobs (right numbers, checked): 512 a stage's boxes in
-    # two accumulators, 1024 no proxy fence before a stage's release, 1536 both (session 20: no gain, removed); SPAN 1:
-    # each program's tasks a contiguous split-major range, the output and down inputs quantized only over its K range
+    # two accumulators, 1024 no proxy fence before a stage's release, 1536 both (session 20: no gain, removed)
     BASE,
-    dict(BASE, SPAN=1),
     dict(BASE, LORA=8),
-    dict(BASE, SPAN=1, LORA=8),
-    dict(BASE, SPAN=1, probe=256),
+    dict(BASE, probe=256),
 ]
 
 

@@ -9,10 +9,13 @@ programmatic dependent launches) each product pays ~7 us of fixed cost and the s
   * a producer warp streams every product's weight stages (256 K x 64 rows of int8, tile-major, one TMA box per
     stage, and the stage's [64, 8] fp16 scales) into a shared-memory ring without waiting for any activation (a
     weight does not depend on the previous product), so HBM keeps streaming across the step's phases;
-  * the consumer warps (4) take the SM's tasks of each product (row block x split of the K stages): the product's
-    input is quantized once per program into shared memory, each stage is one int8 tensor-core mma per 128-K box with
-    x's 32-blocks in the 8 columns of the B operand (column j holds block j's integer sum), y += isum * d_w * d_x;
-    a task adds its split's sums into fp32 outputs by fire-and-forget atomics;
+  * the consumer warps (4) take the SM's tasks of each product (row block x split of the K stages; a program's tasks
+    are a contiguous range of the split-major order, so they span one or two splits): the product's input is
+    quantized by each program into shared memory (the RMSNorm-fed inputs whole, as the sum of squares needs all of
+    h; the output and down products' inputs only over the program's K range: every program quantizing the whole
+    SwiGLU row took 6-7 us per layer, session 20), each stage is one int8 tensor-core mma per 128-K box with x's
+    32-blocks in the 8 columns of the B operand (column j holds block j's integer sum), y += isum * d_w * d_x; a
+    task adds its split's sums into fp32 outputs by fire-and-forget atomics;
   * between products, phases wait on arrival counters (one release arrival per program, polled):
 
     per layer l (phase c = 5 l):
@@ -247,7 +250,7 @@ def _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N: gl.constex
     return it
 
 
-# -- the inputs of the products: formed and quantized once per program ---------------------------------------------
+# -- the inputs of the products: formed and quantized by each program -----------------------------------------------
 
 
 @gluon.jit
@@ -322,37 +325,6 @@ def _quantize_norm(h_ptr, g_ptr, eps, xq_s, dx_s, K: gl.constexpr, num_warps: gl
             x = gl.load(h_ptr + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
             _put_q8(x * r * gl.load(g_ptr + offs, mask=offs < K, other=0.0), c, xq_s, dx_s, ROWS)
         return r
-
-
-@gluon.jit
-def _quantize_swiglu(gu_ptr, xq_s, dx_s, K: gl.constexpr, num_warps: gl.constexpr):
-    """silu(gate) * up of the packed [gate | up] sums (K each), quantized; the next chunk's loads issued before a
-    chunk is quantized (one L2 round trip per chunk otherwise: ~3 us per down product at K = 8640)."""
-    XB: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
-    ROWS: gl.constexpr = 8 * num_warps * 4
-    CH: gl.constexpr = (K + ROWS * 32 - 1) // (ROWS * 32)
-    offs = _chunk_offsets(0, ROWS, XB)
-    g = gl.load(gu_ptr + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
-    u = gl.load(gu_ptr + K + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
-    for c in gl.static_range(CH):
-        if c + 1 < CH:
-            offs = _chunk_offsets(c + 1, ROWS, XB)
-            g_next = gl.load(gu_ptr + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
-            u_next = gl.load(gu_ptr + K + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
-        _put_q8(g / (1.0 + gl.exp(-g)) * u, c, xq_s, dx_s, ROWS)
-        if c + 1 < CH:
-            g = g_next
-            u = u_next
-
-
-@gluon.jit
-def _quantize_row(x_ptr, xq_s, dx_s, K: gl.constexpr, num_warps: gl.constexpr):
-    """x_ptr[:K] (fp32, read past L1), quantized."""
-    XB: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
-    ROWS: gl.constexpr = 8 * num_warps * 4
-    for c in gl.static_range((K + ROWS * 32 - 1) // (ROWS * 32)):
-        offs = _chunk_offsets(c, ROWS, XB)
-        _put_q8(gl.load(x_ptr + offs, mask=offs < K, other=0.0, cache_modifier=".cg"), c, xq_s, dx_s, ROWS)
 
 
 # -- the adapters' low-rank terms: y += B (A x) -------------------------------------------------------------------
@@ -709,9 +681,9 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
               lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale, S: gl.constexpr,
               E: gl.constexpr,
               F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr,
-              SA: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, ROT: gl.constexpr, PROBE: gl.constexpr,
+              SA: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, PROBE: gl.constexpr,
               R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TG: gl.constexpr, trace_ptr,
-              TRACE: gl.constexpr, num_warps: gl.constexpr, SPAN: gl.constexpr):  # fmt: skip
+              TRACE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """Per phase: wait, form and quantize the product's input, the program's tasks, arrive. With adapter terms
     (_lora_worker adds them): a product's sums by atomics, its readers wait for 2 P arrivals, and each head's last
     attention split adds its part of the output product's t. The adapters' factors of product kind j (R[j] > 0): A
@@ -740,8 +712,8 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
         _quantize_norm(h_ptr, g_ptr + (2 * layer) * E, eps, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
         _stamp(tr, pid, 16 * layer + 12, TRACE)
-        it = _tasks(y_l, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + c * ROT) % P, P, NQ, E, S[0], BLOCK_N, TP,
-                    R[0] > 0, num_warps, SPAN)  # fmt: skip
+        it = _tasks(y_l, xq_s, dx_s, q_s, d_s, full, empty, it, 0, P, NQ, E, S[0], BLOCK_N, TP, R[0] > 0, num_warps,
+                    True)  # fmt: skip
         _stamp(tr, pid, 16 * layer + 1, TRACE)
         _arrive(sync_ptr, c)
         _stamp(tr, pid, 16 * layer + 10, TRACE)
@@ -764,15 +736,12 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
                 _arrive(sync_ptr, c + 1)
         _wait(sync_ptr, err, c + 1, H, PROBE)  # every head's output written
         _stamp(tr, pid, 16 * layer + 4, TRACE)
-        if SPAN:
-            _, _, b0, b1 = _span(E, H * D, S[1], BLOCK_N)
-            _quantize_span(attn_ptr, xq_s, dx_s, b0, b1, H * D, False, num_warps)
-        else:
-            _quantize_row(attn_ptr, xq_s, dx_s, H * D, num_warps)
+        _, _, b0, b1 = _span(E, H * D, S[1], BLOCK_N)
+        _quantize_span(attn_ptr, xq_s, dx_s, b0, b1, H * D, False, num_warps)
         gl.thread_barrier()
         _stamp(tr, pid, 16 * layer + 13, TRACE)
-        it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 2) * ROT) % P, P, E, H * D, S[1],
-                    BLOCK_N, TP, True, num_warps, SPAN)  # fmt: skip
+        it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, 0, P, E, H * D, S[1], BLOCK_N, TP, True, num_warps,
+                    True)  # fmt: skip
         _stamp(tr, pid, 16 * layer + 5, TRACE)
         _arrive(sync_ptr, c + 2)
         _wait(sync_ptr, err, c + 2, P * M1, PROBE)
@@ -780,29 +749,25 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
         _quantize_norm(h_ptr, g_ptr + (2 * layer + 1) * E, eps, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
         _stamp(tr, pid, 16 * layer + 14, TRACE)
-        it = _tasks(y_l + NQ, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 3) * ROT) % P, P, 2 * F, E, S[2],
-                    BLOCK_N, TP, R[2] > 0, num_warps, SPAN)  # fmt: skip
+        it = _tasks(y_l + NQ, xq_s, dx_s, q_s, d_s, full, empty, it, 0, P, 2 * F, E, S[2], BLOCK_N, TP, R[2] > 0,
+                    num_warps, True)  # fmt: skip
         _stamp(tr, pid, 16 * layer + 7, TRACE)
         _arrive(sync_ptr, c + 3)
         _wait(sync_ptr, err, c + 3, P * M2, PROBE)
         _stamp(tr, pid, 16 * layer + 8, TRACE)
-        if SPAN:
-            _, _, b0, b1 = _span(E, F, S[3], BLOCK_N)
-            _quantize_span(y_l + NQ, xq_s, dx_s, b0, b1, F, True, num_warps)
-        else:
-            _quantize_swiglu(y_l + NQ, xq_s, dx_s, F, num_warps)
+        _, _, b0, b1 = _span(E, F, S[3], BLOCK_N)
+        _quantize_span(y_l + NQ, xq_s, dx_s, b0, b1, F, True, num_warps)
         gl.thread_barrier()
         _stamp(tr, pid, 16 * layer + 15, TRACE)
-        it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + (c + 4) * ROT) % P, P, E, F, S[3], BLOCK_N,
-                    TP, True, num_warps, SPAN)  # fmt: skip
+        it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, 0, P, E, F, S[3], BLOCK_N, TP, True, num_warps, True)
         _stamp(tr, pid, 16 * layer + 9, TRACE)
         _arrive(sync_ptr, c + 4)
     _wait(sync_ptr, err, 5 * L - 1, P * M3, PROBE)
     _stamp(tr, pid, 16 * L, TRACE)
     _quantize_norm(h_ptr, g_ptr + (2 * L) * E, eps, xq_s, dx_s, E, num_warps)
     gl.thread_barrier()
-    _tasks(logits_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, (pid + 5 * L * ROT) % P, P, V, E, S[4], BLOCK_N, TP,
-           R[4] > 0, num_warps, SPAN)  # fmt: skip
+    _tasks(logits_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, 0, P, V, E, S[4], BLOCK_N, TP,
+           R[4] > 0, num_warps, True)  # fmt: skip
     _stamp(tr, pid, 16 * L + 1, TRACE)
     _done(sync_ptr, L, P * (1 + (R[0] + R[1] + R[2] + R[3] + R[4] > 0)), num_warps)
 
@@ -810,26 +775,19 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
 @gluon.jit
 def _producer(q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty, L,
               S: gl.constexpr, E: gl.constexpr, F: gl.constexpr, V: gl.constexpr, H: gl.constexpr,
-              HKV: gl.constexpr, D: gl.constexpr, ROT: gl.constexpr, PROBE: gl.constexpr,
-              SPAN: gl.constexpr):  # fmt: skip
-    """pid's tasks of every product, in the consumers' order (the attention phases take no weights). PROBE 256: no
-    copies (_produce's NOLOAD); SPAN: _span's task ranges."""
+              HKV: gl.constexpr, D: gl.constexpr, PROBE: gl.constexpr):  # fmt: skip
+    """This program's tasks of every product (_span's ranges), in the consumers' order (the attention phases take
+    no weights). PROBE 256: no copies (_produce's NOLOAD)."""
     NL: gl.constexpr = (PROBE // 256) % 2 == 1
-    pid = gl.program_id(0)
     P = gl.num_programs(0)
     NQ: gl.constexpr = (H + 2 * HKV) * D
     it = 0
     for layer in range(L):
-        c = layer * 5
-        it = _produce(q0, qt0, d0, q_s, d_s, full, empty, layer, it, (pid + c * ROT) % P, P, NQ, E, S[0], True,
-                      True, NL, SPAN)  # fmt: skip
-        it = _produce(q1, qt1, d1, q_s, d_s, full, empty, layer, it, (pid + (c + 2) * ROT) % P, P, E, H * D, S[1],
-                      True, True, NL, SPAN)  # fmt: skip
-        it = _produce(q2, qt2, d2, q_s, d_s, full, empty, layer, it, (pid + (c + 3) * ROT) % P, P, 2 * F, E, S[2],
-                      True, True, NL, SPAN)  # fmt: skip
-        it = _produce(q3, qt3, d3, q_s, d_s, full, empty, layer, it, (pid + (c + 4) * ROT) % P, P, E, F, S[3], True,
-                      True, NL, SPAN)  # fmt: skip
-    _produce(q4, qt4, d4, q_s, d_s, full, empty, 0, it, (pid + 5 * L * ROT) % P, P, V, E, S[4], True, True, NL, SPAN)
+        it = _produce(q0, qt0, d0, q_s, d_s, full, empty, layer, it, 0, P, NQ, E, S[0], True, True, NL, True)
+        it = _produce(q1, qt1, d1, q_s, d_s, full, empty, layer, it, 0, P, E, H * D, S[1], True, True, NL, True)
+        it = _produce(q2, qt2, d2, q_s, d_s, full, empty, layer, it, 0, P, 2 * F, E, S[2], True, True, NL, True)
+        it = _produce(q3, qt3, d3, q_s, d_s, full, empty, layer, it, 0, P, E, F, S[3], True, True, NL, True)
+    _produce(q4, qt4, d4, q_s, d_s, full, empty, 0, it, 0, P, V, E, S[4], True, True, NL, True)
 
 
 @gluon.jit
@@ -856,10 +814,10 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                         g_ptr, lora_ptr, t_ptr, q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4,
                         sync_ptr, L, n_ctx, eps, qk_scale, S: gl.constexpr, E: gl.constexpr, F: gl.constexpr,
                         V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr, SA: gl.constexpr,
-                        BLOCK_T: gl.constexpr, STAGES: gl.constexpr, ROT: gl.constexpr, PROBE: gl.constexpr,
+                        BLOCK_T: gl.constexpr, STAGES: gl.constexpr, PROBE: gl.constexpr,
                         R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr,
                         TR: gl.constexpr, TG: gl.constexpr, LNW: gl.constexpr,
-                        LREG: gl.constexpr, SPAN: gl.constexpr, trace_ptr, TRACE: gl.constexpr,
+                        LREG: gl.constexpr, trace_ptr, TRACE: gl.constexpr,
                         num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
@@ -872,10 +830,10 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
             [
                 (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr,
                              pos_ptr, g_ptr, lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx,
-                             eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, ROT, PROBE, R, RP, LOFF, RT,
-                             TG, trace_ptr, TRACE, num_warps, SPAN)),
+                             eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, PROBE, R, RP, LOFF, RT,
+                             TG, trace_ptr, TRACE, num_warps)),
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
-                             L, S, E, F, V, H, HKV, D, ROT, PROBE, SPAN)),
+                             L, S, E, F, V, H, HKV, D, PROBE)),
                 (_lora_worker, (h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps, E, F,
                                 V, H, HKV, D, R, RP, LOFF, RT, TSL, TR, PROBE, TG, LNW, trace_ptr, TRACE)),
             ],
@@ -887,10 +845,10 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
             [
                 (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr,
                              pos_ptr, g_ptr, lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx,
-                             eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, ROT, PROBE, R, RP, LOFF, RT,
-                             TG, trace_ptr, TRACE, num_warps, SPAN)),
+                             eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, PROBE, R, RP, LOFF, RT,
+                             TG, trace_ptr, TRACE, num_warps)),
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
-                             L, S, E, F, V, H, HKV, D, ROT, PROBE, SPAN)),
+                             L, S, E, F, V, H, HKV, D, PROBE)),
             ],
             [1],
             [48],
@@ -905,8 +863,6 @@ BLOCK_N_ROWS = 16 * WARPS
 BKB = 128  # K per TMA tile (a stage: two tiles)
 STAGES = 8
 BLOCK_T = 64  # keys per attention block
-ROT = 37  # product j's tasks start at program (pid + j ROT) % P: the programs with one task more change per product
-SPAN = 0  # lab: 1 = each program's tasks a contiguous range of the split-major order, quantizing only its K range
 
 
 def sync_words(layers: int) -> int:
@@ -1018,7 +974,7 @@ def descriptors(weights):
 
 def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) -> None:
     """One launch. dims: L, E, F, V, H, HKV, D, eps, S (splits per product kind), SA (key splits per head), with
-    adapters pack_lora's R, RP, LOFF, RT, TSL, TR; labs may set BLOCK_T, STAGES, ROT, TG, LNW too. bufs: h (fp32 [E],
+    adapters pack_lora's R, RP, LOFF, RT, TSL, TR; labs may set BLOCK_T, STAGES, TG, LNW too. bufs: h (fp32 [E],
     the embedding row), y32 (fp32 [L, (H + 2 HKV) D + 2 F], zeros), logits (fp32 [V], zeros), ws (fp32 [H, SA, D + 2]),
     cnt (int32 [H] zeros; left zero), attn (fp32 [H D]), cache (the KV cache buffer [L, 2 HKV, n_ctx, D], each
     layer's v heads after its k heads), cos / sin (fp32 [n_ctx, D / 2]), pos (int32 [1]), gains (fp32 [2 L + 1, E]:
@@ -1040,6 +996,6 @@ def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) ->
         bufs["t"] if any(ranks) else bufs["h"], *qd, *qt, *dd, bufs["sync"], dims["L"], bufs["cache"].shape[-2],
         dims["eps"], 1.4426950408889634 / dims["D"] ** 0.5, S=tuple(dims["S"]), E=dims["E"], F=dims["F"],
         V=dims["V"], H=dims["H"], HKV=dims["HKV"], D=dims["D"], SA=dims["SA"], BLOCK_T=dims.get("BLOCK_T", BLOCK_T),
-        STAGES=dims.get("STAGES", STAGES), ROT=dims.get("ROT", ROT), PROBE=probe, **lora, SPAN=dims.get("SPAN", SPAN),
+        STAGES=dims.get("STAGES", STAGES), PROBE=probe, **lora,
         trace_ptr=bufs["sync"] if trace is None else trace, TRACE=trace is not None, num_warps=WARPS,
     )  # fmt: skip
