@@ -295,6 +295,49 @@ def _quantize_span(x_ptr, xq_s, dx_s, b0, b1, K: gl.constexpr, SWIGLU: gl.conste
 
 
 @gluon.jit
+def _quantize_norm_span(h_ptr, g_ptr, eps, xq_s, dx_s, b0, b1, K: gl.constexpr, num_warps: gl.constexpr):
+    """_quantize_norm's RMSNorm(h[:K]) * g (the same sum of squares, the same products), quantized only over blocks
+    [b0, b1) (_span's range): the range's first two chunks of 8 num_warps blocks are loaded with the row, the rest
+    (none where a program's tasks span at most two splits of at most two stages) after it."""
+    XB: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
+    RB: gl.constexpr = 8 * num_warps
+    xq_c = xq_s._reinterpret(gl.int8, [XMAX // (32 * RB), RB, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    dx_c = dx_s._reinterpret(gl.float32, [XMAX // (32 * RB), RB], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    c0 = b0 // RB
+    blk = c0 * RB + gl.arange(0, RB, layout=gl.SliceLayout(1, XB))
+    offs0 = gl.expand_dims(blk * 32, 1) + gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, XB)), 0)
+    m0 = gl.expand_dims((blk >= b0) & (blk < b1), 1) & (offs0 < K)
+    m1 = gl.expand_dims(blk + RB < b1, 1) & (offs0 + RB * 32 < K)
+    x0 = gl.load(h_ptr + offs0, mask=m0, other=0.0, cache_modifier=".cg")
+    g0 = gl.load(g_ptr + offs0, mask=m0, other=0.0)
+    x1 = gl.load(h_ptr + RB * 32 + offs0, mask=m1, other=0.0, cache_modifier=".cg")
+    g1 = gl.load(g_ptr + RB * 32 + offs0, mask=m1, other=0.0)
+    r = _rstd_rows(h_ptr, K, eps, num_warps)
+    _q8(x0 * r * g0, xq_c.index(c0), dx_c.index(c0))
+    if (c0 + 1) * RB < b1:
+        _q8(x1 * r * g1, xq_c.index(c0 + 1), dx_c.index(c0 + 1))
+    for c in range(c0 + 2, (b1 + RB - 1) // RB):
+        offs = offs0 + (c - c0) * (RB * 32)
+        m = gl.expand_dims(blk + (c - c0) * RB < b1, 1) & (offs < K)
+        x = gl.load(h_ptr + offs, mask=m, other=0.0, cache_modifier=".cg")
+        _q8(x * r * gl.load(g_ptr + offs, mask=m, other=0.0), xq_c.index(c), dx_c.index(c))
+    return r
+
+
+@gluon.jit
+def _rstd_rows(h_ptr, K: gl.constexpr, eps, num_warps: gl.constexpr):
+    """1 / sqrt(mean(h[:K]^2) + eps) summed as _quantize_norm sums it (h read past L1)."""
+    XB: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
+    ROWS: gl.constexpr = 8 * num_warps * 4
+    ss = 0.0
+    for c in gl.static_range((K + ROWS * 32 - 1) // (ROWS * 32)):
+        offs = _chunk_offsets(c, ROWS, XB)
+        x = gl.load(h_ptr + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
+        ss += gl.sum(gl.sum(x * x, axis=1), axis=0)
+    return 1.0 / gl.sqrt_rn(ss / K + eps)
+
+
+@gluon.jit
 def _chunk_offsets(c, ROWS: gl.constexpr, XB: gl.constexpr):
     blk = c * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, XB))
     return gl.expand_dims(blk * 32, 1) + gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, XB)), 0)
@@ -683,7 +726,7 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
               F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr,
               SA: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, PROBE: gl.constexpr,
               R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TG: gl.constexpr, trace_ptr,
-              TRACE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+              TRACE: gl.constexpr, num_warps: gl.constexpr, NSPAN: gl.constexpr = False):  # fmt: skip
     """Per phase: wait, form and quantize the product's input, the program's tasks, arrive. With adapter terms
     (_lora_worker adds them): a product's sums by atomics, its readers wait for 2 P arrivals, and each head's last
     attention split adds its part of the output product's t. The adapters' factors of product kind j (R[j] > 0): A
@@ -709,7 +752,11 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
         if layer > 0:
             _wait(sync_ptr, err, c - 1, P * M3, PROBE)
         _stamp(tr, pid, 16 * layer, TRACE)
-        _quantize_norm(h_ptr, g_ptr + (2 * layer) * E, eps, xq_s, dx_s, E, num_warps)
+        if NSPAN:
+            _, _, b0, b1 = _span(NQ, E, S[0], BLOCK_N)
+            _quantize_norm_span(h_ptr, g_ptr + (2 * layer) * E, eps, xq_s, dx_s, b0, b1, E, num_warps)
+        else:
+            _quantize_norm(h_ptr, g_ptr + (2 * layer) * E, eps, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
         _stamp(tr, pid, 16 * layer + 12, TRACE)
         it = _tasks(y_l, xq_s, dx_s, q_s, d_s, full, empty, it, 0, P, NQ, E, S[0], BLOCK_N, TP, R[0] > 0, num_warps,
@@ -746,7 +793,11 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
         _arrive(sync_ptr, c + 2)
         _wait(sync_ptr, err, c + 2, P * M1, PROBE)
         _stamp(tr, pid, 16 * layer + 6, TRACE)
-        _quantize_norm(h_ptr, g_ptr + (2 * layer + 1) * E, eps, xq_s, dx_s, E, num_warps)
+        if NSPAN:
+            _, _, b0, b1 = _span(2 * F, E, S[2], BLOCK_N)
+            _quantize_norm_span(h_ptr, g_ptr + (2 * layer + 1) * E, eps, xq_s, dx_s, b0, b1, E, num_warps)
+        else:
+            _quantize_norm(h_ptr, g_ptr + (2 * layer + 1) * E, eps, xq_s, dx_s, E, num_warps)
         gl.thread_barrier()
         _stamp(tr, pid, 16 * layer + 14, TRACE)
         it = _tasks(y_l + NQ, xq_s, dx_s, q_s, d_s, full, empty, it, 0, P, 2 * F, E, S[2], BLOCK_N, TP, R[2] > 0,
@@ -764,7 +815,11 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
         _arrive(sync_ptr, c + 4)
     _wait(sync_ptr, err, 5 * L - 1, P * M3, PROBE)
     _stamp(tr, pid, 16 * L, TRACE)
-    _quantize_norm(h_ptr, g_ptr + (2 * L) * E, eps, xq_s, dx_s, E, num_warps)
+    if NSPAN:
+        _, _, b0, b1 = _span(V, E, S[4], BLOCK_N)
+        _quantize_norm_span(h_ptr, g_ptr + (2 * L) * E, eps, xq_s, dx_s, b0, b1, E, num_warps)
+    else:
+        _quantize_norm(h_ptr, g_ptr + (2 * L) * E, eps, xq_s, dx_s, E, num_warps)
     gl.thread_barrier()
     _tasks(logits_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, 0, P, V, E, S[4], BLOCK_N, TP,
            R[4] > 0, num_warps, True)  # fmt: skip
@@ -817,7 +872,7 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                         BLOCK_T: gl.constexpr, STAGES: gl.constexpr, PROBE: gl.constexpr,
                         R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr,
                         TR: gl.constexpr, TG: gl.constexpr, LNW: gl.constexpr,
-                        LREG: gl.constexpr, trace_ptr, TRACE: gl.constexpr,
+                        LREG: gl.constexpr, NSPAN: gl.constexpr, trace_ptr, TRACE: gl.constexpr,
                         num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
@@ -831,7 +886,7 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                 (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr,
                              pos_ptr, g_ptr, lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx,
                              eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, PROBE, R, RP, LOFF, RT,
-                             TG, trace_ptr, TRACE, num_warps)),
+                             TG, trace_ptr, TRACE, num_warps, NSPAN)),
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
                              L, S, E, F, V, H, HKV, D, PROBE)),
                 (_lora_worker, (h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps, E, F,
@@ -846,7 +901,7 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                 (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr,
                              pos_ptr, g_ptr, lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx,
                              eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, PROBE, R, RP, LOFF, RT,
-                             TG, trace_ptr, TRACE, num_warps)),
+                             TG, trace_ptr, TRACE, num_warps, NSPAN)),
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
                              L, S, E, F, V, H, HKV, D, PROBE)),
             ],
@@ -996,6 +1051,6 @@ def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) ->
         bufs["t"] if any(ranks) else bufs["h"], *qd, *qt, *dd, bufs["sync"], dims["L"], bufs["cache"].shape[-2],
         dims["eps"], 1.4426950408889634 / dims["D"] ** 0.5, S=tuple(dims["S"]), E=dims["E"], F=dims["F"],
         V=dims["V"], H=dims["H"], HKV=dims["HKV"], D=dims["D"], SA=dims["SA"], BLOCK_T=dims.get("BLOCK_T", BLOCK_T),
-        STAGES=dims.get("STAGES", STAGES), PROBE=probe, **lora,
+        STAGES=dims.get("STAGES", STAGES), PROBE=probe, **lora, NSPAN=dims.get("NSPAN", 0),
         trace_ptr=bufs["sync"] if trace is None else trace, TRACE=trace is not None, num_warps=WARPS,
     )  # fmt: skip
