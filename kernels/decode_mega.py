@@ -11,11 +11,11 @@ programmatic dependent launches) each product pays ~7 us of fixed cost and the s
     weight does not depend on the previous product), so HBM keeps streaming across the step's phases;
   * the consumer warps (4) take the SM's tasks of each product (row block x split of the K stages; a program's tasks
     are a contiguous range of the split-major order, so they span one or two splits): the product's input is
-    quantized by each program into shared memory (the RMSNorm-fed inputs whole, as the sum of squares needs all of
-    h; the output and down products' inputs only over the program's K range: every program quantizing the whole
-    SwiGLU row took 6-7 us per layer, session 20), each stage is one int8 tensor-core mma per 128-K box with x's
-    32-blocks in the 8 columns of the B operand (column j holds block j's integer sum), y += isum * d_w * d_x; a
-    task adds its split's sums into fp32 outputs by fire-and-forget atomics;
+    quantized by each program into shared memory only over its K range (the RMSNorm-fed ones after a sum of squares
+    over all of h; every program quantizing the whole SwiGLU row took 6-7 us per layer, session 20), each stage is
+    one int8 tensor-core mma per 128-K box with x's 32-blocks in the 8 columns of the B operand (column j holds block
+    j's integer sum), y += isum * d_w * d_x; a task adds its split's sums into fp32 outputs by fire-and-forget
+    atomics;
   * between products, phases wait on arrival counters (one release arrival per program, polled):
 
     per layer l (phase c = 5 l):
@@ -259,12 +259,6 @@ def _rint(v):
 
 
 @gluon.jit
-def _put_q8(x, c, xq_s, dx_s, ROWS: gl.constexpr):
-    """Chunk c of the input ([ROWS, 32] fp32, zeros past K) quantized (_q8) into xq_s / dx_s."""
-    _q8(x, xq_s.slice(c * ROWS, ROWS), dx_s.slice(c * ROWS, ROWS))
-
-
-@gluon.jit
 def _q8(x, xq_dst, dx_dst):
     """[ROWS, 32] fp32 32-blocks quantized as quant.quantize_act_q8_0 (q = round half to even of x * (127 / amax),
     scale fp16(amax / 127)) into xq_dst ([ROWS, 32] int8) / dx_dst ([ROWS] fp32)."""
@@ -296,9 +290,10 @@ def _quantize_span(x_ptr, xq_s, dx_s, b0, b1, K: gl.constexpr, SWIGLU: gl.conste
 
 @gluon.jit
 def _quantize_norm_span(h_ptr, g_ptr, eps, xq_s, dx_s, b0, b1, K: gl.constexpr, num_warps: gl.constexpr):
-    """_quantize_norm's RMSNorm(h[:K]) * g (the same sum of squares, the same products), quantized only over blocks
-    [b0, b1) (_span's range): the range's first two chunks of 8 num_warps blocks are loaded with the row, the rest
-    (none where a program's tasks span at most two splits of at most two stages) after it."""
+    """RMSNorm(h[:K]) * g, h * (1 / sqrt(mean(h^2) + eps)) * g in fp32 (h read past L1: other SMs add into it),
+    quantized only over blocks [b0, b1) (_span's range; the whole row took ~0.5 us more per product, session 20):
+    the range's first two chunks of 8 num_warps blocks are loaded with the row, the rest (none where a program's
+    tasks span at most two splits of at most two stages) after it. Returns 1 / sqrt(mean(h^2) + eps)."""
     XB: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
     RB: gl.constexpr = 8 * num_warps
     xq_c = xq_s._reinterpret(gl.int8, [XMAX // (32 * RB), RB, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
@@ -326,7 +321,7 @@ def _quantize_norm_span(h_ptr, g_ptr, eps, xq_s, dx_s, b0, b1, K: gl.constexpr, 
 
 @gluon.jit
 def _rstd_rows(h_ptr, K: gl.constexpr, eps, num_warps: gl.constexpr):
-    """1 / sqrt(mean(h[:K]^2) + eps) summed as _quantize_norm sums it (h read past L1)."""
+    """1 / sqrt(mean(h[:K]^2) + eps) (h read past L1; the sum over a [32 num_warps, 32] register tile per chunk)."""
     XB: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
     ROWS: gl.constexpr = 8 * num_warps * 4
     ss = 0.0
@@ -341,36 +336,6 @@ def _rstd_rows(h_ptr, K: gl.constexpr, eps, num_warps: gl.constexpr):
 def _chunk_offsets(c, ROWS: gl.constexpr, XB: gl.constexpr):
     blk = c * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, XB))
     return gl.expand_dims(blk * 32, 1) + gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, XB)), 0)
-
-
-@gluon.jit
-def _quantize_norm(h_ptr, g_ptr, eps, xq_s, dx_s, K: gl.constexpr, num_warps: gl.constexpr):
-    """RMSNorm(h[:K]) * g, quantized: h * (1 / sqrt(mean(h^2) + eps)) * g in fp32 (h read past L1: other SMs add
-    into it). Returns 1 / sqrt(mean(h^2) + eps)."""
-    XB: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
-    ROWS: gl.constexpr = 8 * num_warps * 4  # blocks per chunk
-    CH: gl.constexpr = (K + ROWS * 32 - 1) // (ROWS * 32)
-    if CH == 1:  # the row in registers: one read of h
-        offs = _chunk_offsets(0, ROWS, XB)
-        x = gl.load(h_ptr + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
-        r = 1.0 / gl.sqrt_rn(gl.sum(gl.sum(x * x, axis=1), axis=0) / K + eps)
-        _put_q8(x * r * gl.load(g_ptr + offs, mask=offs < K, other=0.0), 0, xq_s, dx_s, ROWS)
-        return r
-    else:
-        ss = 0.0
-        for c in gl.static_range(CH):
-            offs = _chunk_offsets(c, ROWS, XB)
-            x = gl.load(h_ptr + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
-            ss += gl.sum(gl.sum(x * x, axis=1), axis=0)
-        r = 1.0 / gl.sqrt_rn(ss / K + eps)
-        for c in gl.static_range(CH):
-            offs = _chunk_offsets(c, ROWS, XB)
-            x = gl.load(h_ptr + offs, mask=offs < K, other=0.0, cache_modifier=".cg")
-            _put_q8(x * r * gl.load(g_ptr + offs, mask=offs < K, other=0.0), c, xq_s, dx_s, ROWS)
-        return r
-
-
-# -- the adapters' low-rank terms: y += B (A x) -------------------------------------------------------------------
 
 
 @gluon.jit
@@ -726,7 +691,7 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
               F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr,
               SA: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, PROBE: gl.constexpr,
               R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TG: gl.constexpr, trace_ptr,
-              TRACE: gl.constexpr, num_warps: gl.constexpr, NSPAN: gl.constexpr = False):  # fmt: skip
+              TRACE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """Per phase: wait, form and quantize the product's input, the program's tasks, arrive. With adapter terms
     (_lora_worker adds them): a product's sums by atomics, its readers wait for 2 P arrivals, and each head's last
     attention split adds its part of the output product's t. The adapters' factors of product kind j (R[j] > 0): A
@@ -752,11 +717,8 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
         if layer > 0:
             _wait(sync_ptr, err, c - 1, P * M3, PROBE)
         _stamp(tr, pid, 16 * layer, TRACE)
-        if NSPAN:
-            _, _, b0, b1 = _span(NQ, E, S[0], BLOCK_N)
-            _quantize_norm_span(h_ptr, g_ptr + (2 * layer) * E, eps, xq_s, dx_s, b0, b1, E, num_warps)
-        else:
-            _quantize_norm(h_ptr, g_ptr + (2 * layer) * E, eps, xq_s, dx_s, E, num_warps)
+        _, _, b0, b1 = _span(NQ, E, S[0], BLOCK_N)
+        _quantize_norm_span(h_ptr, g_ptr + (2 * layer) * E, eps, xq_s, dx_s, b0, b1, E, num_warps)
         gl.thread_barrier()
         _stamp(tr, pid, 16 * layer + 12, TRACE)
         it = _tasks(y_l, xq_s, dx_s, q_s, d_s, full, empty, it, 0, P, NQ, E, S[0], BLOCK_N, TP, R[0] > 0, num_warps,
@@ -793,11 +755,8 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
         _arrive(sync_ptr, c + 2)
         _wait(sync_ptr, err, c + 2, P * M1, PROBE)
         _stamp(tr, pid, 16 * layer + 6, TRACE)
-        if NSPAN:
-            _, _, b0, b1 = _span(2 * F, E, S[2], BLOCK_N)
-            _quantize_norm_span(h_ptr, g_ptr + (2 * layer + 1) * E, eps, xq_s, dx_s, b0, b1, E, num_warps)
-        else:
-            _quantize_norm(h_ptr, g_ptr + (2 * layer + 1) * E, eps, xq_s, dx_s, E, num_warps)
+        _, _, b0, b1 = _span(2 * F, E, S[2], BLOCK_N)
+        _quantize_norm_span(h_ptr, g_ptr + (2 * layer + 1) * E, eps, xq_s, dx_s, b0, b1, E, num_warps)
         gl.thread_barrier()
         _stamp(tr, pid, 16 * layer + 14, TRACE)
         it = _tasks(y_l + NQ, xq_s, dx_s, q_s, d_s, full, empty, it, 0, P, 2 * F, E, S[2], BLOCK_N, TP, R[2] > 0,
@@ -815,11 +774,8 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
         _arrive(sync_ptr, c + 4)
     _wait(sync_ptr, err, 5 * L - 1, P * M3, PROBE)
     _stamp(tr, pid, 16 * L, TRACE)
-    if NSPAN:
-        _, _, b0, b1 = _span(V, E, S[4], BLOCK_N)
-        _quantize_norm_span(h_ptr, g_ptr + (2 * L) * E, eps, xq_s, dx_s, b0, b1, E, num_warps)
-    else:
-        _quantize_norm(h_ptr, g_ptr + (2 * L) * E, eps, xq_s, dx_s, E, num_warps)
+    _, _, b0, b1 = _span(V, E, S[4], BLOCK_N)
+    _quantize_norm_span(h_ptr, g_ptr + (2 * L) * E, eps, xq_s, dx_s, b0, b1, E, num_warps)
     gl.thread_barrier()
     _tasks(logits_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, 0, P, V, E, S[4], BLOCK_N, TP,
            R[4] > 0, num_warps, True)  # fmt: skip
@@ -872,7 +828,7 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                         BLOCK_T: gl.constexpr, STAGES: gl.constexpr, PROBE: gl.constexpr,
                         R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr,
                         TR: gl.constexpr, TG: gl.constexpr, LNW: gl.constexpr,
-                        LREG: gl.constexpr, NSPAN: gl.constexpr, trace_ptr, TRACE: gl.constexpr,
+                        LREG: gl.constexpr, trace_ptr, TRACE: gl.constexpr,
                         num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
@@ -886,7 +842,7 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                 (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr,
                              pos_ptr, g_ptr, lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx,
                              eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, PROBE, R, RP, LOFF, RT,
-                             TG, trace_ptr, TRACE, num_warps, NSPAN)),
+                             TG, trace_ptr, TRACE, num_warps)),
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
                              L, S, E, F, V, H, HKV, D, PROBE)),
                 (_lora_worker, (h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps, E, F,
@@ -901,7 +857,7 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                 (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr,
                              pos_ptr, g_ptr, lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx,
                              eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, PROBE, R, RP, LOFF, RT,
-                             TG, trace_ptr, TRACE, num_warps, NSPAN)),
+                             TG, trace_ptr, TRACE, num_warps)),
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
                              L, S, E, F, V, H, HKV, D, PROBE)),
             ],
@@ -916,7 +872,7 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
 WARPS = 4  # consumer warps: BLOCK_N = 64 rows of W per task
 BLOCK_N_ROWS = 16 * WARPS
 BKB = 128  # K per TMA tile (a stage: two tiles)
-STAGES = 8
+STAGES = 12  # 229.6 KB of shared memory with the input row's buffers (8: ~1% slower, session 20)
 BLOCK_T = 64  # keys per attention block
 
 
@@ -1051,6 +1007,6 @@ def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) ->
         bufs["t"] if any(ranks) else bufs["h"], *qd, *qt, *dd, bufs["sync"], dims["L"], bufs["cache"].shape[-2],
         dims["eps"], 1.4426950408889634 / dims["D"] ** 0.5, S=tuple(dims["S"]), E=dims["E"], F=dims["F"],
         V=dims["V"], H=dims["H"], HKV=dims["HKV"], D=dims["D"], SA=dims["SA"], BLOCK_T=dims.get("BLOCK_T", BLOCK_T),
-        STAGES=dims.get("STAGES", STAGES), PROBE=probe, **lora, NSPAN=dims.get("NSPAN", 0),
+        STAGES=dims.get("STAGES", STAGES), PROBE=probe, **lora,
         trace_ptr=bufs["sync"] if trace is None else trace, TRACE=trace is not None, num_warps=WARPS,
     )  # fmt: skip
