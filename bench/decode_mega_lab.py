@@ -36,8 +36,7 @@ CONFIGS = [  # BASE: splits of the K stages per product kind, attention key spli
     # it. LORA r: random adapter terms of rank r on the 7 matrices (two rank-4 adapters: 8; the packed products' terms
     # block-diagonal as lora.fused_lora_term forms them: ranks 3 r, r, 2 r, r); TG: copies of t, LNW: the adapters'
     # warps; 256: no weight stream (the producer marks each stage full without copying it: the consumers' work on
-    # stale shared memory and the phases' synchronisation alone); knobs (right numbers, checked): 512 a stage's boxes in
-    # two accumulators, 1024 no proxy fence before a stage's release, 1536 both (session 20: no gain, removed)
+    # stale shared memory and the phases' synchronisation alone)
     BASE,
     dict(BASE, LORA=8),
     dict(BASE, probe=256),
@@ -209,7 +208,7 @@ def main(argv=None) -> int:
             )
             checks = {}
             factors = make_lora(L, cfg["LORA"], dev) if cfg.get("LORA") else [None] * 5
-            for n in (1, L) if not cfg.get("probe", 0) % 512 else ():  # one layer, then all of them (knobs too)
+            for n in (1, L) if not cfg.get("probe") else ():  # one layer, then all of them
                 few = [None if f is None else (f[0][:n], f[1][:n]) for f in factors]
                 lora, lora_dims = pack_lora(few, n_sm)
                 dims = mega_dims(n, cfg, lora_dims)

@@ -269,14 +269,22 @@ def _q8(x, xq_dst, dx_dst):
 
 
 @gluon.jit
+def _chunks(xq_s, dx_s, RB: gl.constexpr):
+    """The quantized input row's buffers as chunks of RB 32-blocks: int8 [XMAX / (32 RB), RB, 32] and their scales
+    fp32 [XMAX / (32 RB), RB] (chunk c = blocks [c RB, (c + 1) RB))."""
+    xq_c = xq_s._reinterpret(gl.int8, [XMAX // (32 * RB), RB, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    dx_c = dx_s._reinterpret(gl.float32, [XMAX // (32 * RB), RB], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    return xq_c, dx_c
+
+
+@gluon.jit
 def _quantize_span(x_ptr, xq_s, dx_s, b0, b1, K: gl.constexpr, SWIGLU: gl.constexpr, num_warps: gl.constexpr):
     """Blocks [b0, b1) of the input quantized (_span's range: the only ones this program's tasks read): x_ptr[:K], or
     (SWIGLU) silu(gate) * up of the packed [gate | up] sums at x_ptr (K each); fp32 read past L1. In chunks of
     16 num_warps blocks on the chunk grid (a chunk's blocks outside the range are written as zeros)."""
     XB: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
     RB: gl.constexpr = 16 * num_warps
-    xq_c = xq_s._reinterpret(gl.int8, [XMAX // (32 * RB), RB, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    dx_c = dx_s._reinterpret(gl.float32, [XMAX // (32 * RB), RB], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    xq_c, dx_c = _chunks(xq_s, dx_s, RB)
     for c in range(b0 // RB, (b1 + RB - 1) // RB):
         blk = c * RB + gl.arange(0, RB, layout=gl.SliceLayout(1, XB))
         offs = gl.expand_dims(blk * 32, 1) + gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, XB)), 0)
@@ -296,8 +304,7 @@ def _quantize_norm_span(h_ptr, g_ptr, eps, xq_s, dx_s, b0, b1, K: gl.constexpr, 
     tasks span at most two splits of at most two stages) after it. Returns 1 / sqrt(mean(h^2) + eps)."""
     XB: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
     RB: gl.constexpr = 8 * num_warps
-    xq_c = xq_s._reinterpret(gl.int8, [XMAX // (32 * RB), RB, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    dx_c = dx_s._reinterpret(gl.float32, [XMAX // (32 * RB), RB], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    xq_c, dx_c = _chunks(xq_s, dx_s, RB)
     c0 = b0 // RB
     blk = c0 * RB + gl.arange(0, RB, layout=gl.SliceLayout(1, XB))
     offs0 = gl.expand_dims(blk * 32, 1) + gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, XB)), 0)
@@ -336,6 +343,9 @@ def _rstd_rows(h_ptr, K: gl.constexpr, eps, num_warps: gl.constexpr):
 def _chunk_offsets(c, ROWS: gl.constexpr, XB: gl.constexpr):
     blk = c * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, XB))
     return gl.expand_dims(blk * 32, 1) + gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, XB)), 0)
+
+
+# -- the adapters' low-rank terms: y += B (A x) -------------------------------------------------------------------
 
 
 @gluon.jit
