@@ -149,6 +149,18 @@ def _span(N: gl.constexpr, K: gl.constexpr, S: gl.constexpr, BLOCK_N: gl.constex
 
 
 @gluon.jit
+def _task_range(first, P, N: gl.constexpr, K: gl.constexpr, S: gl.constexpr, BLOCK_N: gl.constexpr,
+                SPAN: gl.constexpr):  # fmt: skip
+    """(start, stop, step) of this program's tasks of a product: _span's contiguous range of the split-major order
+    (SPAN), or first, first + P, ... of the row-block-major order."""
+    if SPAN:
+        lo, hi, _, _ = _span(N, K, S, BLOCK_N)
+        return lo, hi, 1
+    else:
+        return first, ((N + BLOCK_N - 1) // BLOCK_N) * S, P
+
+
+@gluon.jit
 def _task_at(task, NB: gl.constexpr, S: gl.constexpr, SPAN: gl.constexpr):
     """(row block, split) of a task: split-major (SPAN) or row-block-major."""
     if SPAN:
@@ -168,10 +180,7 @@ def _produce(q_desc, qt_desc, d_desc, q_s, d_s, full, empty, layer, it, pid, P, 
     STEPS: gl.constexpr = (K + GK - 1) // GK
     PER: gl.constexpr = (STEPS + S - 1) // S
     NB: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-    lo, hi, stride = pid, NB * S, P
-    if SPAN:
-        lo, hi, _, _ = _span(N, K, S, BLOCK_N)
-        stride = 1
+    lo, hi, stride = _task_range(pid, P, N, K, S, BLOCK_N, SPAN)
     for task in range(lo, hi, stride):
         rb, sp = _task_at(task, NB, S, SPAN)
         s0 = sp * PER
@@ -214,10 +223,7 @@ def _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N: gl.constex
     xq_boxes = xq_s._reinterpret(gl.int8, [XMAX // BKB, BKB], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     dx_steps = dx_s._reinterpret(gl.float32, [XMAX // GK, 8], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     NB: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-    lo, hi, stride = first, NB * S, P
-    if SPAN:
-        lo, hi, _, _ = _span(N, K, S, BLOCK_N)
-        stride = 1
+    lo, hi, stride = _task_range(first, P, N, K, S, BLOCK_N, SPAN)
     for task in range(lo, hi, stride):  # rows past N: never stored
         rb, sp = _task_at(task, NB, S, SPAN)
         s0 = sp * PER
@@ -301,7 +307,7 @@ def _quantize_norm_span(h_ptr, g_ptr, eps, xq_s, dx_s, b0, b1, K: gl.constexpr, 
     """RMSNorm(h[:K]) * g, h * (1 / sqrt(mean(h^2) + eps)) * g in fp32 (h read past L1: other SMs add into it),
     quantized only over blocks [b0, b1) (_span's range; the whole row took ~0.5 us more per product, session 20):
     the range's first two chunks of 8 num_warps blocks are loaded with the row, the rest (none where a program's
-    tasks span at most two splits of at most two stages) after it. Returns 1 / sqrt(mean(h^2) + eps)."""
+    tasks span at most two splits of at most two stages) after it."""
     XB: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
     RB: gl.constexpr = 8 * num_warps
     xq_c, dx_c = _chunks(xq_s, dx_s, RB)
@@ -323,7 +329,6 @@ def _quantize_norm_span(h_ptr, g_ptr, eps, xq_s, dx_s, b0, b1, K: gl.constexpr, 
         m = gl.expand_dims(blk + (c - c0) * RB < b1, 1) & (offs < K)
         x = gl.load(h_ptr + offs, mask=m, other=0.0, cache_modifier=".cg")
         _q8(x * r * gl.load(g_ptr + offs, mask=m, other=0.0), xq_c.index(c), dx_c.index(c))
-    return r
 
 
 @gluon.jit
