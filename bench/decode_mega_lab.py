@@ -36,10 +36,17 @@ CONFIGS = [  # BASE: splits of the K stages per product kind, attention key spli
     # it. LORA r: random adapter terms of rank r on the 7 matrices (two rank-4 adapters: 8; the packed products' terms
     # block-diagonal as lora.fused_lora_term forms them: ranks 3 r, r, 2 r, r); TG: copies of t, LNW: the adapters'
     # warps; 256: no weight stream (the producer marks each stage full without copying it: the consumers' work on
-    # stale shared memory and the phases' synchronisation alone)
+    # stale shared memory and the phases' synchronisation alone). KPS: keys per attention split (the kernel's
+    # default 256; 64: a split per 64-key block as before session 21); ZERO False: the sums zeroed by memsets before
+    # each launch instead of by the launch itself
     BASE,
     dict(BASE, LORA=8),
     dict(BASE, probe=256),
+    dict(BASE, KPS=64),
+    dict(BASE, KPS=64, ZERO=False),
+    dict(BASE, BLOCK_T=32),
+    dict(BASE, KPS=128),
+    dict(BASE, KPS=512),
 ]
 
 
@@ -99,7 +106,7 @@ def buffers(layers, gains, cache, cos, sin, x0, pos, cfg, device, lora=None, rt=
         "cache": cache,
         "cos": cos,
         "sin": sin,
-        "pos": torch.tensor([pos], dtype=torch.int32, device=device),
+        "pos": torch.tensor([pos], dtype=torch.int64, device=device),  # MegaDecoder's position tensor
         "gains": gains,
         "sync": torch.zeros(sync_words(layers) * 32, dtype=torch.int32, device=device),
     }
@@ -178,8 +185,9 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=26)
     p.add_argument("--pos", type=int, default=255, help="the token's position (keys 0..pos)")
     p.add_argument("--n-ctx", type=int, default=512)
-    p.add_argument("--cfg", type=int, default=None, help="only this CONFIGS entry")
+    p.add_argument("--cfg", default=None, help="only these CONFIGS entries (comma-separated indices)")
     p.add_argument("--skip-shipped", action="store_true", help="leave out lorakit's GraphDecoder")
+    p.add_argument("--launch-only", action="store_true", help="also time each config's launch alone")
     p.add_argument("--out", default=str(ROOT / "bench/results/decode_mega_lab.json"))
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -199,7 +207,7 @@ def main(argv=None) -> int:
         print(f"{name:<60s} {us:9.1f} us  {r['tok_s']:7.1f} tok/s  {r['pct_limit']:5.1f}% of the limit", flush=True)
 
     print(f"weights {nbytes / 1e9:.3f} GB, bandwidth limit {limit:.0f} tok/s at {HBM / 1e12:.2f} TB/s", flush=True)
-    cfgs = CONFIGS if a.cfg is None else [CONFIGS[a.cfg]]
+    cfgs = CONFIGS if a.cfg is None else [CONFIGS[int(i)] for i in a.cfg.split(",")]
     for cfg in cfgs:
         name = f"megakernel {cfg}"
         try:
@@ -212,11 +220,20 @@ def main(argv=None) -> int:
                 few = [None if f is None else (f[0][:n], f[1][:n]) for f in factors]
                 lora, lora_dims = pack_lora(few, n_sm)
                 dims = mega_dims(n, cfg, lora_dims)
+                if n == 1:  # the layer's sums kept for the q|k|v check
+                    dims["ZERO"] = False
                 b = buffers(n, gains, cache0.clone(), cos, sin, x0, a.pos, cfg, dev, lora, lora_dims["RT"])
                 decode_step(b, descs, dims, n_sm)
                 torch.cuda.synchronize()
                 if int(b["sync"].count_nonzero()):
                     raise RuntimeError("phase counters not reset")
+                if dims.get("ZERO", True):  # the launch leaves its sums zero; a second launch gives the same logits
+                    if int(b["y32"].count_nonzero()) or int(b["t"].count_nonzero()):
+                        raise RuntimeError("the sums or t not left zero")
+                    first_logits = b["logits"].clone()
+                    b["h"].copy_(x0)
+                    decode_step(b, descs, dims, n_sm)
+                    checks[f"second_launch_{n}"] = rel(b["logits"], first_logits.double())
                 ref_cache = cache0.clone()
                 want, first = reference_step(ws, gains, ref_cache, cos, sin, x0, a.pos, dims, few)
                 checks[f"logits_{n}"] = rel(b["logits"], want)
@@ -233,13 +250,17 @@ def main(argv=None) -> int:
 
             def step(b=b, descs=descs, cfg=cfg, dims=dims):
                 b["h"].copy_(x0)
-                b["y32"].zero_()
-                b["t"].zero_()
-                b["logits"].zero_()
+                if not dims.get("ZERO", True):
+                    b["y32"].zero_()
+                    b["t"].zero_()
+                    b["logits"].zero_()
                 decode_step(b, descs, dims, n_sm, cfg.get("probe", 0))
                 return torch.argmax(b["logits"])
 
             us = graph_us(step)
+            if a.launch_only:  # the launch alone (its sums left as they are: wrong numbers, timed only)
+                alone = graph_us(lambda b=b, descs=descs, dims=dims: decode_step(b, descs, dims, n_sm))
+                report(f"{name} (the launch alone)", alone)
             b["trace"] = torch.zeros(n_sm, 24 * L + 2, dtype=torch.int64, device=dev)
             step()
             torch.cuda.synchronize()

@@ -20,10 +20,12 @@ programmatic dependent launches) each product pays ~7 us of fixed cost and the s
 
     per layer l (phase c = 5 l):
       c     q|k|v (packed) product: input RMSNorm(h) * attn_norm, formed by every program as it quantizes it
-      c + 1 attention, by H x SA programs (head, key split): RoPE (ggml mode 0) of q and the new k from the fp32
-            q|k|v sums, the new k and v rows into the KV cache (one program per kv head), online softmax over the
-            split's key blocks (the cache rows asked of L2 before the q|k|v wait), then a ticket from the head's
-            counter: the head's last split combines the SA partials into one fp32 row
+      c + 1 attention, by H x ns programs (head, key split; ns = ceil((pos + 1) / KPS), at most SA): RoPE (ggml
+            mode 0) of q and the new k from the fp32 q|k|v sums, the new k and v rows into the KV cache (one
+            program per kv head), online softmax over the split's key blocks (the cache rows asked of L2, and the
+            first block's loaded, before the q|k|v wait; each next block's asked for before the current one is
+            used); with one split the head's row written directly, else a ticket from the head's counter: the
+            head's last split combines the ns partials into one fp32 row
       c + 2 output product: input the heads' row; added into h (the residual)
       c + 3 gate|up (packed) product: input RMSNorm(h) * ffn_norm
       c + 4 down product: input silu(gate) * up; added into h
@@ -39,10 +41,13 @@ overlaps the product's tasks. The output product's t is added by the heads' last
 tasks last ~3 us, shorter than the chain).
 
 h (fp32, the residual stream) starts as the token's embedding row; the q|k|v and gate|up sums (one region per
-layer) and the logits are sums of atomics and must be zero before the launch. Everything between the products is
-fp32 (llama.cpp's CPU build keeps activations in fp32 too); the cache keeps its dtype. The phase counters are
-zeroed by the last program out, so a launch leaves them as it found them; a wait that never completes (programs not
-co-resident) gives up after ~2^22 polls and sets the error word (sync[(5 L + 1) * SYNC_STRIDE]).
+layer), the adapters' t and the logits are sums of atomics: each program zeroes its share of the logits (and of the
+vocabulary product's t) as it starts, and of a layer's sums and t once every reader has passed them (after the next
+layer's first wait), so a launch leaves them zero for the next one (no memsets between launches). Everything
+between the products is fp32 (llama.cpp's CPU build keeps activations in fp32 too); the cache keeps its dtype. The
+phase counters are zeroed by the last program out, so a launch leaves them as it found them; a wait that never
+completes (programs not co-resident) gives up after ~2^22 polls and sets the error word (sync[(5 L + 1) *
+SYNC_STRIDE]).
 
 Numerics: the same arithmetic as quant.q8_0_act_matmul up to the order of the fp32 sums (split-K atomics add in any
 order), and RMSNorm / SwiGLU / RoPE / softmax in fp32 in another order than torch; an activation that lands within
@@ -556,15 +561,34 @@ def _rope(src, d, md, c, sn):
 
 
 @gluon.jit
-def _prefetch_kv(kc_ptr, vc_ptr, pos, n_ctx, s, D: gl.constexpr, SA: gl.constexpr, BLOCK_T: gl.constexpr,
+def _key_splits(pos, SA: gl.constexpr, KPS: gl.constexpr):
+    """The key splits of a head at position pos: ceil((pos + 1) / KPS), at most SA (one split below KPS keys: no
+    partials, no ticket, no combine, each of them an L2 round trip while the weight stream saturates HBM)."""
+    return gl.minimum((pos + KPS) // KPS, SA)
+
+
+@gluon.jit
+def _kv_block(kc_ptr, vc_ptr, t0, pos, D: gl.constexpr, BLOCK_T: gl.constexpr, num_warps: gl.constexpr):
+    """The cached k and v rows t0..t0 + BLOCK_T - 1 below pos ([BLOCK_T, BLOCK_D] in the cache's dtype, zeros
+    elsewhere: row pos is this token's, not in the cache yet), in _attention's layout."""
+    AL: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [num_warps, 1], [1, 0])
+    d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, AL))
+    t = t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, AL))
+    rows = gl.expand_dims(t * D, 1) + gl.expand_dims(d, 0)
+    m = gl.expand_dims(t < pos, 1) & gl.expand_dims(d < D, 0)
+    return gl.load(kc_ptr + rows, mask=m, other=0.0), gl.load(vc_ptr + rows, mask=m, other=0.0)
+
+
+@gluon.jit
+def _prefetch_kv(kc_ptr, vc_ptr, pos, t_first, t_step, D: gl.constexpr, BLOCK_T: gl.constexpr,
                  num_warps: gl.constexpr):  # fmt: skip
-    """Ask L2 for the cache rows 0..pos - 1 of a kv head's key split s (kc_ptr / vc_ptr: the head's rows): they do
-    not depend on this token, so their latency can pass while the q|k|v product finishes. One prefetch per 96 bytes
-    of a row (every 128-byte line the row touches)."""
+    """Ask L2 for the cache rows below pos of the key blocks at t_first, t_first + t_step, ... of a kv head
+    (kc_ptr / vc_ptr: the head's rows): they do not depend on this token, so their latency can pass while the
+    q|k|v product finishes. One prefetch per 96 bytes of a row (every 128-byte line the row touches)."""
     PL: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [num_warps, 1], [1, 0])
     STEP: gl.constexpr = 768 // kc_ptr.dtype.element_ty.primitive_bitwidth  # 96 bytes
     part = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, PL)) * STEP, 0)
-    for t0 in range(s * BLOCK_T, pos, SA * BLOCK_T):
+    for t0 in range(t_first, pos, t_step):
         t = gl.expand_dims(t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, PL)), 1)
         ok = (t < pos) & (part < D)
         off = t * D + gl.minimum(part, D - 1)
@@ -575,17 +599,19 @@ def _prefetch_kv(kc_ptr, vc_ptr, pos, n_ctx, s, D: gl.constexpr, SA: gl.constexp
 
 
 @gluon.jit
-def _attention(qkv_ptr, ws_ptr, cnt_ptr, attn_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos, n_ctx, qk_scale, hd, kv, s,
-               a_o, to_ptr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr, SA: gl.constexpr,
+def _attention(qkv_ptr, ws_ptr, cnt_ptr, attn_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos, qk_scale, hd, kv, s, ns,
+               kt, vt, a_o, to_ptr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr, SA: gl.constexpr,
                BLOCK_T: gl.constexpr, RO: gl.constexpr, RPO: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
-    """Head hd (kv head kv; kc_ptr / vc_ptr its cache rows), key split s (key blocks s, s + SA, ... of BLOCK_T keys
-    among 0..pos): q and the new k rotated, the new k and v rounded to the cache's dtype (the first program of the kv
-    head's first split writes them to row pos; the row's key comes from registers), scores q.k * qk_scale (log2
-    units), online softmax; with SA > 1 the partial (acc[D], m, l) into ws[hd, s], then a ticket from the head's
-    counter (acq_rel): the head's last split combines the partials (o = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m)
-    l_s) into attn[hd * D:][:D] and resets the counter. With an adapter term on the output product (RO > 0; a_o the
-    head's columns of its A, _head_a): the program that writes the head's output adds a_o o into t (to_ptr) by
-    atomics. Returns whether this program wrote the head's output."""
+    """Head hd (kv head kv; kc_ptr / vc_ptr its cache rows), key split s of ns (key blocks s, s + ns, ... of BLOCK_T
+    keys among 0..pos; kt / vt: the first block's cached rows, _kv_block, loaded before the q|k|v wait; each next
+    block's rows are asked for before the current one is used): q and the new k rotated, the new k and v rounded to
+    the cache's dtype (the first program of the kv head's first split writes them to row pos; the row's key comes
+    from registers), scores q.k * qk_scale (log2 units), online softmax; with ns == 1 the head's output o = acc / l
+    into attn[hd * D:][:D]; else the partial (acc[D], m, l) into ws[hd, s], then a ticket from the head's counter
+    (acq_rel): the head's last split combines the ns partials (o = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s)
+    into attn and resets the counter. With an adapter term on the output product (RO > 0; a_o the head's columns of
+    its A, _head_a): the program that writes the head's output adds a_o o into t (to_ptr) by atomics. Returns whether
+    this program wrote the head's output."""
     AL: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [num_warps, 1], [1, 0])
     cdt: gl.constexpr = kc_ptr.dtype.element_ty
     d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, AL))
@@ -605,22 +631,22 @@ def _attention(qkv_ptr, ws_ptr, cnt_ptr, attn_ptr, kc_ptr, vc_ptr, cos_ptr, sin_
     m_i = gl.max(gl.full_like(q, float("-inf")), axis=0)
     l_i = gl.sum(gl.zeros_like(q), axis=0)
     acc = gl.zeros_like(q)
-    for t0 in range(s * BLOCK_T, n, SA * BLOCK_T):
+    for t0 in range(s * BLOCK_T, n, ns * BLOCK_T):
+        kt_next, vt_next = _kv_block(kc_ptr, vc_ptr, t0 + ns * BLOCK_T, pos, D, BLOCK_T, num_warps)
         t = t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, AL))
-        tile = gl.expand_dims(t < n, 1) & gl.expand_dims(md, 0)
-        rows = gl.expand_dims(t * D, 1) + gl.expand_dims(d, 0)
         new = gl.expand_dims(t == pos, 1)
-        kt = gl.where(new, kn, gl.load(kc_ptr + rows, mask=tile, other=0.0).to(gl.float32))
-        vt = gl.where(new, vn, gl.load(vc_ptr + rows, mask=tile, other=0.0).to(gl.float32))
-        sc = gl.where(t < n, gl.sum(kt * qe, axis=1) * qk_scale, float("-inf"))
+        sc = gl.sum(gl.where(new, kn, kt.to(gl.float32)) * qe, axis=1)
+        sc = gl.where(t < n, sc * qk_scale, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(sc, axis=0))
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(sc - m_new)
         l_i = l_i * alpha + gl.sum(p, axis=0)
-        acc = acc * alpha + gl.sum(gl.expand_dims(p, 1) * vt, axis=0)
+        acc = acc * alpha + gl.sum(gl.expand_dims(p, 1) * gl.where(new, vn, vt.to(gl.float32)), axis=0)
         m_i = m_new
+        kt = kt_next
+        vt = vt_next
     last = True
-    if SA == 1:
+    if ns == 1:
         out = gl.div_rn(acc, l_i + gl.zeros_like(acc))
         gl.store(attn_ptr + hd * D + d, out, mask=md)
         _head_t(a_o, out, to_ptr, RO, RPO, num_warps)
@@ -629,14 +655,16 @@ def _attention(qkv_ptr, ws_ptr, cnt_ptr, attn_ptr, kc_ptr, vc_ptr, cos_ptr, sin_
         gl.store(row + d, acc, mask=md)
         gl.store(row + D + d, gl.where(d == 0, m_i, l_i) + gl.zeros_like(acc), mask=d < 2)
         gl.thread_barrier()  # every thread's partial stores precede the ticket (the atomic's release)
-        last = gl.atomic_add(cnt_ptr + hd, 1, sem="acq_rel", scope="gpu") == SA - 1
-        if last:  # the head's last split combines the SA partials (a fixed order, whichever split comes last)
+        last = gl.atomic_add(cnt_ptr + hd, 1, sem="acq_rel", scope="gpu") == ns - 1
+        if last:  # the head's last split combines the ns partials (a fixed order, whichever split comes last)
             sp = gl.arange(0, SA, layout=gl.SliceLayout(1, AL))
+            live = sp < ns
             rows = ws_ptr + (hd * SA + gl.expand_dims(sp, 1)) * (D + 2)
-            m_s = gl.load(ws_ptr + (hd * SA + sp) * (D + 2) + D, cache_modifier=".cg")
-            l_s = gl.load(ws_ptr + (hd * SA + sp) * (D + 2) + D + 1, cache_modifier=".cg")
-            a_s = gl.load(rows + gl.expand_dims(d, 0), mask=gl.expand_dims(md, 0), other=0.0, cache_modifier=".cg")
-            w = gl.exp2(m_s - gl.max(m_s, axis=0))  # 0 for an empty split (m = -inf)
+            m_s = gl.load(ws_ptr + (hd * SA + sp) * (D + 2) + D, mask=live, other=float("-inf"), cache_modifier=".cg")
+            l_s = gl.load(ws_ptr + (hd * SA + sp) * (D + 2) + D + 1, mask=live, other=0.0, cache_modifier=".cg")
+            a_s = gl.load(rows + gl.expand_dims(d, 0), mask=gl.expand_dims(live, 1) & gl.expand_dims(md, 0), other=0.0,
+                          cache_modifier=".cg")  # fmt: skip
+            w = gl.exp2(m_s - gl.max(m_s, axis=0))  # 0 for a split past ns, or an empty one (m = -inf)
             o = gl.sum(a_s * gl.expand_dims(w, 1), axis=0)
             out = gl.div_rn(o, gl.sum(l_s * w, axis=0) + gl.zeros_like(o))
             gl.store(attn_ptr + hd * D + d, out, mask=md)
@@ -675,6 +703,19 @@ def _head_t(a_o, out, to_ptr, RO: gl.constexpr, RPO: gl.constexpr, num_warps: gl
 
 
 @gluon.jit
+def _zero_share(ptr, N, num_warps: gl.constexpr):
+    """ptr[:N] (fp32) = 0 over this program's share, [p per, (p + 1) per) with per = ceil(N / P)."""
+    ZL: gl.constexpr = gl.BlockedLayout([4], [32], [num_warps], [0])
+    BLK: gl.constexpr = 128 * num_warps
+    per = (N + gl.num_programs(0) - 1) // gl.num_programs(0)
+    lo = gl.program_id(0) * per
+    hi = gl.minimum(lo + per, N)
+    for o in range(lo, hi, BLK):
+        offs = o + gl.arange(0, BLK, layout=ZL)
+        gl.store(ptr + offs, gl.zeros([BLK], gl.float32, ZL), mask=offs < hi)
+
+
+@gluon.jit
 def _stamp(trace_ptr, pid, k, TRACE: gl.constexpr):
     """TRACE: the global timer (ns) at event k of this program into trace_ptr[k] (the program's row)."""
     if TRACE:
@@ -706,7 +747,7 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
               F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr,
               SA: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, PROBE: gl.constexpr,
               R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TG: gl.constexpr, trace_ptr,
-              TRACE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+              TRACE: gl.constexpr, KPS: gl.constexpr, ZERO: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """Per phase: wait, form and quantize the product's input, the program's tasks, arrive. With adapter terms
     (_lora_worker adds them): a product's sums by atomics, its readers wait for 2 P arrivals, and each head's last
     attention split adds its part of the output product's t. The adapters' factors of product kind j (R[j] > 0): A
@@ -714,7 +755,7 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
     copies, RT apart)."""
     pid = gl.program_id(0)
     P = gl.num_programs(0)
-    pos = gl.load(pos_ptr)
+    pos = gl.load(pos_ptr).to(gl.int32)
     tr = trace_ptr + pid * (24 * L + 2)  # 16 L + 2 stamps, then the adapters' warp's 8 L
     err = sync_ptr + (5 * L + 1) * SYNC_STRIDE
     TP: gl.constexpr = 1 if (PROBE // 8) % 2 == 1 else 0  # probe 8: the tasks without their arithmetic
@@ -725,12 +766,22 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
     M1: gl.constexpr = 1 + (R[1] > 0)
     M2: gl.constexpr = 1 + (R[2] > 0)
     M3: gl.constexpr = 1 + (R[3] > 0)
+    LORA: gl.constexpr = R[0] + R[1] + R[2] + R[3] + R[4] > 0
+    TS: gl.constexpr = TG * RT  # t of phase c at t_ptr + c TS
+    if ZERO:  # first written after a wait that follows every program's start
+        _zero_share(logits_ptr, V, num_warps)
+        if LORA:
+            _zero_share(t_ptr + 5 * L * TS, TS, num_warps)
     it = 0
     for layer in range(L):
         c = layer * 5
         y_l = y32_ptr + layer.to(gl.int64) * RSL
         if layer > 0:
             _wait(sync_ptr, err, c - 1, P * M3, PROBE)
+            if ZERO:  # every reader of the previous layer's sums and t has passed: zero for the next launch
+                _zero_share(y_l - RSL, RSL, num_warps)
+                if LORA:
+                    _zero_share(t_ptr + (c - 5) * TS, 5 * TS, num_warps)
         _stamp(tr, pid, 16 * layer, TRACE)
         _, _, b0, b1 = _span(NQ, E, S[0], BLOCK_N)
         _quantize_norm_span(h_ptr, g_ptr + (2 * layer) * E, eps, xq_s, dx_s, b0, b1, E, num_warps)
@@ -743,21 +794,25 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
         _stamp(tr, pid, 16 * layer + 10, TRACE)
         if pid < H * SA:
             hd = pid // SA
-            kc = cache_ptr + ((layer * 2 * HKV + hd // G).to(gl.int64) * n_ctx) * D  # the kv head's k rows
-            vc = kc + (HKV * n_ctx) * D
-            _prefetch_kv(kc, vc, pos, n_ctx, pid % SA, D, SA, BLOCK_T, num_warps)
-            a_o = _head_a(lora_ptr + LOFF[1] + layer * (R[1] * H * D), hd, H, D, R[1], RP[1], num_warps)
-            _stamp(tr, pid, 16 * layer + 11, TRACE)
-            _wait(sync_ptr, err, c, P * M0, PROBE)
-            _stamp(tr, pid, 16 * layer + 2, TRACE)
-            if PROBE % 2 == 0:  # probe 1: no attention (wrong numbers)
-                if _attention(y_l, ws_ptr, cnt_ptr, attn_ptr, kc, vc, cos_ptr, sin_ptr, pos, n_ctx, qk_scale, hd,
-                              hd // G, pid % SA, a_o, t_ptr + ((c + 2) * TG + hd % TG) * RT, H, HKV, D, SA, BLOCK_T,
-                              R[1], RP[1], num_warps):  # fmt: skip
-                    _stamp(tr, pid, 16 * layer + 3, TRACE)
+            s = pid % SA
+            ns = _key_splits(pos, SA, KPS)
+            if s < ns:
+                kc = cache_ptr + ((layer * 2 * HKV + hd // G).to(gl.int64) * n_ctx) * D  # the kv head's k rows
+                vc = kc + (HKV * n_ctx) * D
+                _prefetch_kv(kc, vc, pos, (s + ns) * BLOCK_T, ns * BLOCK_T, D, BLOCK_T, num_warps)
+                a_o = _head_a(lora_ptr + LOFF[1] + layer * (R[1] * H * D), hd, H, D, R[1], RP[1], num_warps)
+                kt, vt = _kv_block(kc, vc, s * BLOCK_T, pos, D, BLOCK_T, num_warps)
+                _stamp(tr, pid, 16 * layer + 11, TRACE)
+                _wait(sync_ptr, err, c, P * M0, PROBE)
+                _stamp(tr, pid, 16 * layer + 2, TRACE)
+                if PROBE % 2 == 0:  # probe 1: no attention (wrong numbers)
+                    if _attention(y_l, ws_ptr, cnt_ptr, attn_ptr, kc, vc, cos_ptr, sin_ptr, pos, qk_scale, hd, hd // G,
+                                  s, ns, kt, vt, a_o, t_ptr + ((c + 2) * TG + hd % TG) * RT, H, HKV, D, SA, BLOCK_T,
+                                  R[1], RP[1], num_warps):  # fmt: skip
+                        _stamp(tr, pid, 16 * layer + 3, TRACE)
+                        _arrive(sync_ptr, c + 1)
+                elif s == 0:
                     _arrive(sync_ptr, c + 1)
-            elif pid % SA == 0:
-                _arrive(sync_ptr, c + 1)
         _wait(sync_ptr, err, c + 1, H, PROBE)  # every head's output written
         _stamp(tr, pid, 16 * layer + 4, TRACE)
         _, _, b0, b1 = _span(E, H * D, S[1], BLOCK_N)
@@ -788,6 +843,10 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
         _stamp(tr, pid, 16 * layer + 9, TRACE)
         _arrive(sync_ptr, c + 4)
     _wait(sync_ptr, err, 5 * L - 1, P * M3, PROBE)
+    if ZERO:
+        _zero_share(y32_ptr + (L - 1).to(gl.int64) * RSL, RSL, num_warps)
+        if LORA:
+            _zero_share(t_ptr + (5 * L - 5) * TS, 5 * TS, num_warps)
     _stamp(tr, pid, 16 * L, TRACE)
     _, _, b0, b1 = _span(V, E, S[4], BLOCK_N)
     _quantize_norm_span(h_ptr, g_ptr + (2 * L) * E, eps, xq_s, dx_s, b0, b1, E, num_warps)
@@ -843,7 +902,7 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                         BLOCK_T: gl.constexpr, STAGES: gl.constexpr, PROBE: gl.constexpr,
                         R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr,
                         TR: gl.constexpr, TG: gl.constexpr, LNW: gl.constexpr,
-                        LREG: gl.constexpr, trace_ptr, TRACE: gl.constexpr,
+                        LREG: gl.constexpr, trace_ptr, TRACE: gl.constexpr, KPS: gl.constexpr, ZERO: gl.constexpr,
                         num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
@@ -857,7 +916,7 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                 (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr,
                              pos_ptr, g_ptr, lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx,
                              eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, PROBE, R, RP, LOFF, RT,
-                             TG, trace_ptr, TRACE, num_warps)),
+                             TG, trace_ptr, TRACE, KPS, ZERO, num_warps)),
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
                              L, S, E, F, V, H, HKV, D, PROBE)),
                 (_lora_worker, (h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps, E, F,
@@ -872,7 +931,7 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                 (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr,
                              pos_ptr, g_ptr, lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx,
                              eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, PROBE, R, RP, LOFF, RT,
-                             TG, trace_ptr, TRACE, num_warps)),
+                             TG, trace_ptr, TRACE, KPS, ZERO, num_warps)),
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
                              L, S, E, F, V, H, HKV, D, PROBE)),
             ],
@@ -889,6 +948,7 @@ BLOCK_N_ROWS = 16 * WARPS
 BKB = 128  # K per TMA tile (a stage: two tiles)
 STAGES = 12  # 229.6 KB of shared memory with the input row's buffers (8: ~1% slower, session 20)
 BLOCK_T = 64  # keys per attention block
+KPS = 256  # keys per split of a head's attention (fewer: one split; more: up to SA)
 
 
 def sync_words(layers: int) -> int:
@@ -999,14 +1059,16 @@ def descriptors(weights):
 
 
 def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) -> None:
-    """One launch. dims: L, E, F, V, H, HKV, D, eps, S (splits per product kind), SA (key splits per head), with
-    adapters pack_lora's R, RP, LOFF, RT, TSL, TR; labs may set BLOCK_T, STAGES, TG, LNW too. bufs: h (fp32 [E],
-    the embedding row), y32 (fp32 [L, (H + 2 HKV) D + 2 F], zeros), logits (fp32 [V], zeros), ws (fp32 [H, SA, D + 2]),
-    cnt (int32 [H] zeros; left zero), attn (fp32 [H D]), cache (the KV cache buffer [L, 2 HKV, n_ctx, D], each
-    layer's v heads after its k heads), cos / sin (fp32 [n_ctx, D / 2]), pos (int32 [1]), gains (fp32 [2 L + 1, E]:
-    attn_norm, ffn_norm per layer, output_norm), sync (int32 zeros [sync_words(L) * SYNC_STRIDE]; its
-    error word set if a wait gave up); with adapters lora (pack_lora's buffer) and t (fp32 [t_words(L, RT)], zeros);
-    optional trace (int64 [programs, 24 L + 2], TRACE stamps)."""
+    """One launch. dims: L, E, F, V, H, HKV, D, eps, S (splits per product kind), SA (the most key splits per head),
+    with adapters pack_lora's R, RP, LOFF, RT, TSL, TR; labs may set BLOCK_T, STAGES, TG, LNW, KPS (keys per key
+    split) and ZERO (default True: the launch zeroes the logits before it adds into them, and leaves y32 and t zero
+    for the next launch; False: the caller zeroes all three before each launch) too. bufs: h (fp32 [E], the
+    embedding row), y32 (fp32 [L, (H + 2 HKV) D + 2 F], zeros), logits (fp32 [V]), ws (fp32 [H, SA, D + 2]), cnt
+    (int32 [H] zeros; left zero), attn (fp32 [H D]), cache (the KV cache buffer [L, 2 HKV, n_ctx, D], each layer's v
+    heads after its k heads), cos / sin (fp32 [n_ctx, D / 2]), pos (int32 or int64 [1]), gains (fp32 [2 L + 1, E]:
+    attn_norm, ffn_norm per layer, output_norm), sync (int32 zeros [sync_words(L) * SYNC_STRIDE]; its error word set
+    if a wait gave up); with adapters lora (pack_lora's buffer) and t (fp32 [t_words(L, RT)], zeros); optional trace
+    (int64 [programs, 24 L + 2], TRACE stamps)."""
     qd, qt, dd = descs
     trace = bufs.get("trace")
     ranks = dims.get("R", (0,) * 5)
@@ -1023,5 +1085,6 @@ def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) ->
         dims["eps"], 1.4426950408889634 / dims["D"] ** 0.5, S=tuple(dims["S"]), E=dims["E"], F=dims["F"],
         V=dims["V"], H=dims["H"], HKV=dims["HKV"], D=dims["D"], SA=dims["SA"], BLOCK_T=dims.get("BLOCK_T", BLOCK_T),
         STAGES=dims.get("STAGES", STAGES), PROBE=probe, **lora,
-        trace_ptr=bufs["sync"] if trace is None else trace, TRACE=trace is not None, num_warps=WARPS,
+        trace_ptr=bufs["sync"] if trace is None else trace, TRACE=trace is not None, KPS=dims.get("KPS", KPS),
+        ZERO=dims.get("ZERO", True), num_warps=WARPS,
     )  # fmt: skip

@@ -179,17 +179,27 @@ def _gpu_setup(adapters=(), dtype=torch.float32):
     )
 
 
+ATTENTION = {  # the kernel's attention knobs per case: keys per split (KPS) and per block (BLOCK_T)
+    "one-split": {},  # the defaults: one split of one block at these positions
+    "splits": dict(KPS=8, BLOCK_T=8),  # 2-4 splits of 1-2 blocks: partials, tickets, the last split's combine
+    "one-split-blocks": dict(KPS=64, BLOCK_T=8),  # one split of 2-5 blocks, each next block loaded ahead
+}
+
+
 @needs_sm90
 @pytest.mark.gpu
-@pytest.mark.parametrize("with_adapters", [False, True], ids=["base", "2-adapters"])
-def test_megakernel_step_is_the_act_q8_step(with_adapters):
+@pytest.mark.parametrize(
+    "with_adapters, attention",
+    [(False, "one-split"), (False, "splits"), (False, "one-split-blocks"), (True, "one-split"), (True, "splits")],
+)
+def test_megakernel_step_is_the_act_q8_step(with_adapters, attention):
     """Each decode step's logits (and the cache rows it writes) against the eager --act-q8 step (quant.q8_0_act_matmul
-    for every product, the same arithmetic) on the same cache, for positions 11..34 (one to three key blocks per
-    split). Both quantize the same fp32 activations; they differ by the order of fp32 sums and, where an activation
-    lands within an ulp of a rounding boundary, by one q step of one block. Bound: a quarter of what the activation
-    rounding itself does to the logits (the float path against --act-q8 on the same cache), which a wrong index, head
-    or RoPE pair exceeds by far. With two scaled adapters (terms on every tensor: the norms' and the embedding's
-    formed as the eager step forms them, the products' in float32 in the kernel)."""
+    for every product, the same arithmetic) on the same cache, for positions 11..34, with each of the ATTENTION
+    cases' key splits and blocks. Both quantize the same fp32 activations; they differ by the order of fp32 sums
+    and, where an activation lands within an ulp of a rounding boundary, by one q step of one block. Bound: a quarter
+    of what the activation rounding itself does to the logits (the float path against --act-q8 on the same cache),
+    which a wrong index, head or RoPE pair exceeds by far. With two scaled adapters (terms on every tensor: the
+    norms' and the embedding's formed as the eager step forms them, the products' in float32 in the kernel)."""
     from lorakit.decode_mega import MegaDecoder
 
     be, model, gen, flt = _gpu_setup(TWO if with_adapters else ())
@@ -197,6 +207,7 @@ def test_megakernel_step_is_the_act_q8_step(with_adapters):
     cache = gen.new_cache()
     gen.logits(prompt, cache, 0)
     step = MegaDecoder(model, be, gen.rope, cache, gen.adapters)
+    step.dims.update(ATTENTION[attention])
     tok = 5
     for pos in range(len(prompt), len(prompt) + 24):
         before = KVCache([k.clone() for k in cache.k], [v.clone() for v in cache.v])
