@@ -41,13 +41,11 @@ overlaps the product's tasks. The output product's t is added by the heads' last
 tasks last ~3 us, shorter than the chain).
 
 h (fp32, the residual stream) starts as the token's embedding row; the q|k|v and gate|up sums (one region per
-layer), the adapters' t and the logits are sums of atomics: each program zeroes its share of the logits (and of the
-vocabulary product's t) as it starts, and of a layer's sums and t once every reader has passed them (after the next
-layer's first wait), so a launch leaves them zero for the next one (no memsets between launches). Everything
-between the products is fp32 (llama.cpp's CPU build keeps activations in fp32 too); the cache keeps its dtype. The
-phase counters are zeroed by the last program out, so a launch leaves them as it found them; a wait that never
-completes (programs not co-resident) gives up after ~2^22 polls and sets the error word (sync[(5 L + 1) *
-SYNC_STRIDE]).
+layer), the adapters' t and the logits are sums of atomics and must be zero before the launch (zeroing them in the
+kernel instead measured no faster, session 21). Everything between the products is fp32 (llama.cpp's CPU build keeps
+activations in fp32 too); the cache keeps its dtype. The phase counters are zeroed by the last program out, so a
+launch leaves them as it found them; a wait that never completes (programs not co-resident) gives up after ~2^22
+polls and sets the error word (sync[(5 L + 1) * SYNC_STRIDE]).
 
 Numerics: the same arithmetic as quant.q8_0_act_matmul up to the order of the fp32 sums (split-K atomics add in any
 order), and RMSNorm / SwiGLU / RoPE / softmax in fp32 in another order than torch; an activation that lands within
@@ -305,6 +303,39 @@ def _quantize_span(x_ptr, xq_s, dx_s, b0, b1, K: gl.constexpr, SWIGLU: gl.conste
             u = gl.load(x_ptr + K + offs, mask=m, other=0.0, cache_modifier=".cg")
             x = x / (1.0 + gl.exp(-x)) * u
         _q8(x, xq_c.index(c), dx_c.index(c))
+
+
+@gluon.jit
+def _combine_span(ws_ptr, ns, xq_s, dx_s, b0, b1, H: gl.constexpr, D: gl.constexpr, SA: gl.constexpr,
+                  num_warps: gl.constexpr):  # fmt: skip
+    """The output product's input, the heads' row, over blocks [b0, b1) (_span's range) combined from the heads' ns
+    attention partials (acc[D], m, l at ws[head, s]; _attention with RC) as o = sum_s 2^(m_s - m) acc_s /
+    sum_s 2^(m_s - m) l_s (m: the running largest m_s) and quantized; in chunks of 4 num_warps blocks (a chunk's
+    partials asked for at once; blocks outside the range written as zeros)."""
+    XB: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])
+    RB: gl.constexpr = 4 * num_warps
+    xq_c, dx_c = _chunks(xq_s, dx_s, RB)
+    for c in range(b0 // RB, (b1 + RB - 1) // RB):
+        blk = c * RB + gl.arange(0, RB, layout=gl.SliceLayout(1, XB))
+        e = gl.expand_dims(blk * 32, 1) + gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, XB)), 0)
+        ok = gl.expand_dims((blk >= b0) & (blk < b1), 1) & (e < H * D)
+        row = ws_ptr + (e // D) * (SA * (D + 2))
+        d = e % D
+        m = gl.full([RB, 32], float("-inf"), gl.float32, XB)
+        num = gl.zeros([RB, 32], gl.float32, XB)
+        den = gl.zeros([RB, 32], gl.float32, XB)
+        for s in gl.static_range(SA):
+            live = ok & (s < ns)
+            m_s = gl.load(row + s * (D + 2) + D, mask=live, other=float("-inf"), cache_modifier=".cg")
+            l_s = gl.load(row + s * (D + 2) + D + 1, mask=live, other=0.0, cache_modifier=".cg")
+            a_s = gl.load(row + s * (D + 2) + d, mask=live, other=0.0, cache_modifier=".cg")
+            m_new = gl.where(live, gl.maximum(m, m_s), m)
+            up = gl.where(live, gl.exp2(m - m_new), 1.0)  # the sums so far, to the new largest m
+            w = gl.where(live, gl.exp2(m_s - m_new), 0.0)
+            num = num * up + w * a_s
+            den = den * up + w * l_s
+            m = m_new
+        _q8(gl.where(ok, gl.div_rn(num, gl.where(ok, den, 1.0)), 0.0), xq_c.index(c), dx_c.index(c))
 
 
 @gluon.jit
@@ -580,6 +611,24 @@ def _kv_block(kc_ptr, vc_ptr, t0, pos, D: gl.constexpr, BLOCK_T: gl.constexpr, n
 
 
 @gluon.jit
+def _attend_block(kt, vt, t0, pos, kn, vn, qe, qk_scale, m_i, l_i, acc, BLOCK_T: gl.constexpr,
+                  num_warps: gl.constexpr):  # fmt: skip
+    """The online softmax over keys t0..t0 + BLOCK_T - 1 (kt / vt: _kv_block's cached rows; row pos: the new kn /
+    vn; rows past pos: none): the running max m_i, sum l_i and acc = sum_t 2^(s_t - m_i) v_t, updated."""
+    AL: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [num_warps, 1], [1, 0])
+    t = t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, AL))
+    new = gl.expand_dims(t == pos, 1)
+    sc = gl.sum(gl.where(new, kn, kt.to(gl.float32)) * qe, axis=1)
+    sc = gl.where(t <= pos, sc * qk_scale, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(sc, axis=0))
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(sc - m_new)
+    l_i = l_i * alpha + gl.sum(p, axis=0)
+    acc = acc * alpha + gl.sum(gl.expand_dims(p, 1) * gl.where(new, vn, vt.to(gl.float32)), axis=0)
+    return m_new, l_i, acc
+
+
+@gluon.jit
 def _prefetch_kv(kc_ptr, vc_ptr, pos, t_first, t_step, D: gl.constexpr, BLOCK_T: gl.constexpr,
                  num_warps: gl.constexpr):  # fmt: skip
     """Ask L2 for the cache rows below pos of the key blocks at t_first, t_first + t_step, ... of a kv head
@@ -600,18 +649,19 @@ def _prefetch_kv(kc_ptr, vc_ptr, pos, t_first, t_step, D: gl.constexpr, BLOCK_T:
 
 @gluon.jit
 def _attention(qkv_ptr, ws_ptr, cnt_ptr, attn_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos, qk_scale, hd, kv, s, ns,
-               kt, vt, a_o, to_ptr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr, SA: gl.constexpr,
-               BLOCK_T: gl.constexpr, RO: gl.constexpr, RPO: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+               a_o, to_ptr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr, SA: gl.constexpr,
+               BLOCK_T: gl.constexpr, RO: gl.constexpr, RPO: gl.constexpr, RC: gl.constexpr,
+               num_warps: gl.constexpr):  # fmt: skip
     """Head hd (kv head kv; kc_ptr / vc_ptr its cache rows), key split s of ns (key blocks s, s + ns, ... of BLOCK_T
-    keys among 0..pos; kt / vt: the first block's cached rows, _kv_block, loaded before the q|k|v wait; each next
-    block's rows are asked for before the current one is used): q and the new k rotated, the new k and v rounded to
-    the cache's dtype (the first program of the kv head's first split writes them to row pos; the row's key comes
-    from registers), scores q.k * qk_scale (log2 units), online softmax; with ns == 1 the head's output o = acc / l
-    into attn[hd * D:][:D]; else the partial (acc[D], m, l) into ws[hd, s], then a ticket from the head's counter
-    (acq_rel): the head's last split combines the ns partials (o = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s)
-    into attn and resets the counter. With an adapter term on the output product (RO > 0; a_o the head's columns of
-    its A, _head_a): the program that writes the head's output adds a_o o into t (to_ptr) by atomics. Returns whether
-    this program wrote the head's output."""
+    keys among 0..pos): q and the new k rotated, the new k and v rounded to the cache's dtype (the first program of
+    the kv head's first split writes them to row pos; the row's key comes from registers), scores q.k * qk_scale
+    (log2 units), online softmax. RC (the readers combine): the partial (acc[D], m, l) into ws[hd, s], for the output
+    product's programs to combine (_combine_span). Else with ns == 1 the head's output o = acc / l into
+    attn[hd * D:][:D]; with more splits the partial into ws[hd, s], then a ticket from the head's counter (acq_rel):
+    the head's last split combines the ns partials (o = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s) into attn
+    and resets the counter; with an adapter term on the output product (RO > 0; a_o the head's columns of its A,
+    _head_a) the program that writes the head's output adds a_o o into t (to_ptr) by atomics. Returns whether this
+    program arrives at the phase's counter (RC: every split; else the head's writer)."""
     AL: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [num_warps, 1], [1, 0])
     cdt: gl.constexpr = kc_ptr.dtype.element_ty
     d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, AL))
@@ -632,21 +682,14 @@ def _attention(qkv_ptr, ws_ptr, cnt_ptr, attn_ptr, kc_ptr, vc_ptr, cos_ptr, sin_
     l_i = gl.sum(gl.zeros_like(q), axis=0)
     acc = gl.zeros_like(q)
     for t0 in range(s * BLOCK_T, n, ns * BLOCK_T):
-        kt_next, vt_next = _kv_block(kc_ptr, vc_ptr, t0 + ns * BLOCK_T, pos, D, BLOCK_T, num_warps)
-        t = t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, AL))
-        new = gl.expand_dims(t == pos, 1)
-        sc = gl.sum(gl.where(new, kn, kt.to(gl.float32)) * qe, axis=1)
-        sc = gl.where(t < n, sc * qk_scale, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(sc, axis=0))
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(sc - m_new)
-        l_i = l_i * alpha + gl.sum(p, axis=0)
-        acc = acc * alpha + gl.sum(gl.expand_dims(p, 1) * gl.where(new, vn, vt.to(gl.float32)), axis=0)
-        m_i = m_new
-        kt = kt_next
-        vt = vt_next
+        kt, vt = _kv_block(kc_ptr, vc_ptr, t0, pos, D, BLOCK_T, num_warps)
+        m_i, l_i, acc = _attend_block(kt, vt, t0, pos, kn, vn, qe, qk_scale, m_i, l_i, acc, BLOCK_T, num_warps)
     last = True
-    if ns == 1:
+    if RC:
+        row = ws_ptr + (hd * SA + s) * (D + 2)
+        gl.store(row + d, acc, mask=md)
+        gl.store(row + D + d, gl.where(d == 0, m_i, l_i) + gl.zeros_like(acc), mask=d < 2)
+    elif ns == 1:
         out = gl.div_rn(acc, l_i + gl.zeros_like(acc))
         gl.store(attn_ptr + hd * D + d, out, mask=md)
         _head_t(a_o, out, to_ptr, RO, RPO, num_warps)
@@ -703,19 +746,6 @@ def _head_t(a_o, out, to_ptr, RO: gl.constexpr, RPO: gl.constexpr, num_warps: gl
 
 
 @gluon.jit
-def _zero_share(ptr, N, num_warps: gl.constexpr):
-    """ptr[:N] (fp32) = 0 over this program's share, [p per, (p + 1) per) with per = ceil(N / P)."""
-    ZL: gl.constexpr = gl.BlockedLayout([4], [32], [num_warps], [0])
-    BLK: gl.constexpr = 128 * num_warps
-    per = (N + gl.num_programs(0) - 1) // gl.num_programs(0)
-    lo = gl.program_id(0) * per
-    hi = gl.minimum(lo + per, N)
-    for o in range(lo, hi, BLK):
-        offs = o + gl.arange(0, BLK, layout=ZL)
-        gl.store(ptr + offs, gl.zeros([BLK], gl.float32, ZL), mask=offs < hi)
-
-
-@gluon.jit
 def _stamp(trace_ptr, pid, k, TRACE: gl.constexpr):
     """TRACE: the global timer (ns) at event k of this program into trace_ptr[k] (the program's row)."""
     if TRACE:
@@ -747,7 +777,8 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
               F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr,
               SA: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, PROBE: gl.constexpr,
               R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TG: gl.constexpr, trace_ptr,
-              TRACE: gl.constexpr, KPS: gl.constexpr, ZERO: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+              TRACE: gl.constexpr, KPS: gl.constexpr, RC: gl.constexpr,
+              num_warps: gl.constexpr):  # fmt: skip
     """Per phase: wait, form and quantize the product's input, the program's tasks, arrive. With adapter terms
     (_lora_worker adds them): a product's sums by atomics, its readers wait for 2 P arrivals, and each head's last
     attention split adds its part of the output product's t. The adapters' factors of product kind j (R[j] > 0): A
@@ -766,22 +797,13 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
     M1: gl.constexpr = 1 + (R[1] > 0)
     M2: gl.constexpr = 1 + (R[2] > 0)
     M3: gl.constexpr = 1 + (R[3] > 0)
-    LORA: gl.constexpr = R[0] + R[1] + R[2] + R[3] + R[4] > 0
-    TS: gl.constexpr = TG * RT  # t of phase c at t_ptr + c TS
-    if ZERO:  # first written after a wait that follows every program's start
-        _zero_share(logits_ptr, V, num_warps)
-        if LORA:
-            _zero_share(t_ptr + 5 * L * TS, TS, num_warps)
+    RCOMB: gl.constexpr = RC and R[1] == 0  # the output product's readers combine the heads' partials
     it = 0
     for layer in range(L):
         c = layer * 5
         y_l = y32_ptr + layer.to(gl.int64) * RSL
         if layer > 0:
             _wait(sync_ptr, err, c - 1, P * M3, PROBE)
-            if ZERO:  # every reader of the previous layer's sums and t has passed: zero for the next launch
-                _zero_share(y_l - RSL, RSL, num_warps)
-                if LORA:
-                    _zero_share(t_ptr + (c - 5) * TS, 5 * TS, num_warps)
         _stamp(tr, pid, 16 * layer, TRACE)
         _, _, b0, b1 = _span(NQ, E, S[0], BLOCK_N)
         _quantize_norm_span(h_ptr, g_ptr + (2 * layer) * E, eps, xq_s, dx_s, b0, b1, E, num_warps)
@@ -792,31 +814,36 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
         _stamp(tr, pid, 16 * layer + 1, TRACE)
         _arrive(sync_ptr, c)
         _stamp(tr, pid, 16 * layer + 10, TRACE)
+        ns = _key_splits(pos, SA, KPS)
         if pid < H * SA:
             hd = pid // SA
             s = pid % SA
-            ns = _key_splits(pos, SA, KPS)
             if s < ns:
                 kc = cache_ptr + ((layer * 2 * HKV + hd // G).to(gl.int64) * n_ctx) * D  # the kv head's k rows
                 vc = kc + (HKV * n_ctx) * D
                 _prefetch_kv(kc, vc, pos, (s + ns) * BLOCK_T, ns * BLOCK_T, D, BLOCK_T, num_warps)
                 a_o = _head_a(lora_ptr + LOFF[1] + layer * (R[1] * H * D), hd, H, D, R[1], RP[1], num_warps)
-                kt, vt = _kv_block(kc, vc, s * BLOCK_T, pos, D, BLOCK_T, num_warps)
                 _stamp(tr, pid, 16 * layer + 11, TRACE)
                 _wait(sync_ptr, err, c, P * M0, PROBE)
                 _stamp(tr, pid, 16 * layer + 2, TRACE)
                 if PROBE % 2 == 0:  # probe 1: no attention (wrong numbers)
                     if _attention(y_l, ws_ptr, cnt_ptr, attn_ptr, kc, vc, cos_ptr, sin_ptr, pos, qk_scale, hd, hd // G,
-                                  s, ns, kt, vt, a_o, t_ptr + ((c + 2) * TG + hd % TG) * RT, H, HKV, D, SA, BLOCK_T,
-                                  R[1], RP[1], num_warps):  # fmt: skip
+                                  s, ns, a_o, t_ptr + ((c + 2) * TG + hd % TG) * RT, H, HKV, D, SA, BLOCK_T,
+                                  R[1], RP[1], RCOMB, num_warps):  # fmt: skip
                         _stamp(tr, pid, 16 * layer + 3, TRACE)
                         _arrive(sync_ptr, c + 1)
-                elif s == 0:
+                elif RCOMB or s == 0:
                     _arrive(sync_ptr, c + 1)
-        _wait(sync_ptr, err, c + 1, H, PROBE)  # every head's output written
+        if RCOMB:
+            _wait(sync_ptr, err, c + 1, H * ns, PROBE)  # every split's partial written
+        else:
+            _wait(sync_ptr, err, c + 1, H, PROBE)  # every head's output written
         _stamp(tr, pid, 16 * layer + 4, TRACE)
         _, _, b0, b1 = _span(E, H * D, S[1], BLOCK_N)
-        _quantize_span(attn_ptr, xq_s, dx_s, b0, b1, H * D, False, num_warps)
+        if RCOMB:
+            _combine_span(ws_ptr, ns, xq_s, dx_s, b0, b1, H, D, SA, num_warps)
+        else:
+            _quantize_span(attn_ptr, xq_s, dx_s, b0, b1, H * D, False, num_warps)
         gl.thread_barrier()
         _stamp(tr, pid, 16 * layer + 13, TRACE)
         it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, 0, P, E, H * D, S[1], BLOCK_N, TP, True, num_warps,
@@ -843,10 +870,6 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
         _stamp(tr, pid, 16 * layer + 9, TRACE)
         _arrive(sync_ptr, c + 4)
     _wait(sync_ptr, err, 5 * L - 1, P * M3, PROBE)
-    if ZERO:
-        _zero_share(y32_ptr + (L - 1).to(gl.int64) * RSL, RSL, num_warps)
-        if LORA:
-            _zero_share(t_ptr + (5 * L - 5) * TS, 5 * TS, num_warps)
     _stamp(tr, pid, 16 * L, TRACE)
     _, _, b0, b1 = _span(V, E, S[4], BLOCK_N)
     _quantize_norm_span(h_ptr, g_ptr + (2 * L) * E, eps, xq_s, dx_s, b0, b1, E, num_warps)
@@ -902,7 +925,7 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                         BLOCK_T: gl.constexpr, STAGES: gl.constexpr, PROBE: gl.constexpr,
                         R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr,
                         TR: gl.constexpr, TG: gl.constexpr, LNW: gl.constexpr,
-                        LREG: gl.constexpr, trace_ptr, TRACE: gl.constexpr, KPS: gl.constexpr, ZERO: gl.constexpr,
+                        LREG: gl.constexpr, trace_ptr, TRACE: gl.constexpr, KPS: gl.constexpr, RC: gl.constexpr,
                         num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
@@ -916,7 +939,7 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                 (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr,
                              pos_ptr, g_ptr, lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx,
                              eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, PROBE, R, RP, LOFF, RT,
-                             TG, trace_ptr, TRACE, KPS, ZERO, num_warps)),
+                             TG, trace_ptr, TRACE, KPS, RC, num_warps)),
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
                              L, S, E, F, V, H, HKV, D, PROBE)),
                 (_lora_worker, (h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps, E, F,
@@ -931,7 +954,7 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                 (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr,
                              pos_ptr, g_ptr, lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx,
                              eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, PROBE, R, RP, LOFF, RT,
-                             TG, trace_ptr, TRACE, KPS, ZERO, num_warps)),
+                             TG, trace_ptr, TRACE, KPS, RC, num_warps)),
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
                              L, S, E, F, V, H, HKV, D, PROBE)),
             ],
@@ -948,7 +971,7 @@ BLOCK_N_ROWS = 16 * WARPS
 BKB = 128  # K per TMA tile (a stage: two tiles)
 STAGES = 12  # 229.6 KB of shared memory with the input row's buffers (8: ~1% slower, session 20)
 BLOCK_T = 64  # keys per attention block
-KPS = 256  # keys per split of a head's attention (fewer: one split; more: up to SA)
+KPS = 64  # keys per split of a head's attention: ceil((pos + 1) / KPS) splits, at most SA
 
 
 def sync_words(layers: int) -> int:
@@ -1061,9 +1084,9 @@ def descriptors(weights):
 def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) -> None:
     """One launch. dims: L, E, F, V, H, HKV, D, eps, S (splits per product kind), SA (the most key splits per head),
     with adapters pack_lora's R, RP, LOFF, RT, TSL, TR; labs may set BLOCK_T, STAGES, TG, LNW, KPS (keys per key
-    split) and ZERO (default True: the launch zeroes the logits before it adds into them, and leaves y32 and t zero
-    for the next launch; False: the caller zeroes all three before each launch) too. bufs: h (fp32 [E], the
-    embedding row), y32 (fp32 [L, (H + 2 HKV) D + 2 F], zeros), logits (fp32 [V]), ws (fp32 [H, SA, D + 2]), cnt
+    split) and RC (default True: the output product's programs combine the heads' attention partials; False, and
+    with an adapter term on the output product: each head's last split does) too. bufs: h (fp32 [E], the embedding
+    row), y32 (fp32 [L, (H + 2 HKV) D + 2 F], zeros), logits (fp32 [V], zeros), ws (fp32 [H, SA, D + 2]), cnt
     (int32 [H] zeros; left zero), attn (fp32 [H D]), cache (the KV cache buffer [L, 2 HKV, n_ctx, D], each layer's v
     heads after its k heads), cos / sin (fp32 [n_ctx, D / 2]), pos (int32 or int64 [1]), gains (fp32 [2 L + 1, E]:
     attn_norm, ffn_norm per layer, output_norm), sync (int32 zeros [sync_words(L) * SYNC_STRIDE]; its error word set
@@ -1086,5 +1109,5 @@ def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) ->
         V=dims["V"], H=dims["H"], HKV=dims["HKV"], D=dims["D"], SA=dims["SA"], BLOCK_T=dims.get("BLOCK_T", BLOCK_T),
         STAGES=dims.get("STAGES", STAGES), PROBE=probe, **lora,
         trace_ptr=bufs["sync"] if trace is None else trace, TRACE=trace is not None, KPS=dims.get("KPS", KPS),
-        ZERO=dims.get("ZERO", True), num_warps=WARPS,
+        RC=dims.get("RC", True), num_warps=WARPS,
     )  # fmt: skip

@@ -3,8 +3,8 @@
 
 MegaDecoder is a GraphDecoder (the same step loop: greedy argmax or the sampler's stages inside the captured step,
 tokens() one step ahead of the host) whose forward pass is the megakernel instead of ~210 launches: the step's graph
-copies the token's embedding row into h, launches the kernel (which reads the loop's position tensor, zeroes the
-logits before adding into them and leaves its other sums zero for the next launch) and returns its logits. It
+copies the token's embedding row into h, zeroes the kernel's sums and logits (one buffer), launches the kernel (which
+reads the loop's position tensor) and returns its logits. It
 applies (`applies`) on sm_90+ GPUs when every product of the step (the packed q|k|v and gate|up, the output and down
 projections, the vocabulary product) is q8_0 and the shapes fit the kernel (head size <= 128, rows <= 16384,
 adapters' ranks <= MAX_RANK per product). Adapters stay unmerged, in float32 as the eager --act-q8 step adds them
@@ -209,13 +209,15 @@ class MegaDecoder(GraphDecoder):
         self.programs = programs
         f32 = dict(dtype=torch.float32, device=dev)
         cos, sin = rope
-        # the products' sums and the adapters' t: zero now, and each launch leaves them zero for the next one
+        # the products' sums, the adapters' t and the logits: one buffer, zeroed by one memset before each launch
         rsl = (H + 2 * HKV) * D + 2 * F
+        tw = km.t_words(L, lora_dims["RT"])
+        self.sums = torch.zeros(L * rsl + tw + a.n_vocab, **f32)
         self.bufs = {
             "h": torch.zeros(E, **f32),
-            "y32": torch.zeros(L, rsl, **f32),
-            "t": torch.zeros(km.t_words(L, lora_dims["RT"]), **f32),
-            "logits": torch.zeros(a.n_vocab, **f32),
+            "y32": self.sums[: L * rsl].view(L, rsl),
+            "t": self.sums[L * rsl : L * rsl + tw],
+            "logits": self.sums[L * rsl + tw :],
             "ws": torch.zeros(H, sa, D + 2, **f32),
             "cnt": torch.zeros(H, dtype=torch.int32, device=dev),
             "attn": torch.zeros(H * D, **f32),
@@ -234,6 +236,7 @@ class MegaDecoder(GraphDecoder):
 
         b = self.bufs
         b["h"].copy_(self.embed(self.tok).view(-1))
+        self.sums.zero_()
         decode_step(b, self.descs, self.dims, self.programs)
         return b["logits"]
 
