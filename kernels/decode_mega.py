@@ -306,36 +306,53 @@ def _quantize_span(x_ptr, xq_s, dx_s, b0, b1, K: gl.constexpr, SWIGLU: gl.conste
 
 
 @gluon.jit
+def _partials(ws_ptr, ns, c, b0, b1, H: gl.constexpr, D: gl.constexpr, SA: gl.constexpr, RB: gl.constexpr,
+              num_warps: gl.constexpr):  # fmt: skip
+    """The heads' attention partials (_attention with RC: acc[D], m, l at ws[head, s]) for the elements of chunk c
+    (RB 32-blocks of the heads' row) inside blocks [b0, b1): m, l and acc [SA, RB, 32] (splits past ns, and
+    elements outside the range: m = -inf, l = acc = 0), all asked for at once; and the range mask [RB, 32]."""
+    L3: gl.constexpr = gl.BlockedLayout([SA, 1, 4], [1, 4, 8], [1, num_warps, 1], [2, 1, 0])
+    X2: gl.constexpr = gl.SliceLayout(0, L3)
+    blk = c * RB + gl.arange(0, RB, layout=gl.SliceLayout(1, X2))
+    e = gl.expand_dims(blk * 32, 1) + gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, X2)), 0)
+    ok = gl.expand_dims((blk >= b0) & (blk < b1), 1) & (e < H * D)
+    sp = gl.expand_dims(gl.expand_dims(gl.arange(0, SA, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3))), 1), 2)
+    row = ws_ptr + gl.expand_dims((e // D) * (SA * (D + 2)), 0) + sp * (D + 2)
+    live = gl.expand_dims(ok, 0) & (sp < ns)
+    m = gl.load(row + D, mask=live, other=float("-inf"), cache_modifier=".cg")
+    lsum = gl.load(row + D + 1, mask=live, other=0.0, cache_modifier=".cg")
+    acc = gl.load(row + gl.expand_dims(e % D, 0), mask=live, other=0.0, cache_modifier=".cg")
+    return m, lsum, acc, ok
+
+
+@gluon.jit
+def _combined(m, lsum, acc, ok):
+    """o = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s (m the largest m_s) of _partials' [SA, RB, 32]; 0
+    outside the range."""
+    w = gl.exp2(m - gl.expand_dims(gl.max(m, axis=0), 0))  # 0 for a split past ns
+    num = gl.sum(w * acc, axis=0)
+    den = gl.sum(w * lsum, axis=0)
+    return gl.where(ok, gl.div_rn(num, gl.where(ok, den, 1.0)), 0.0)
+
+
+@gluon.jit
 def _combine_span(ws_ptr, ns, xq_s, dx_s, b0, b1, H: gl.constexpr, D: gl.constexpr, SA: gl.constexpr,
                   num_warps: gl.constexpr):  # fmt: skip
     """The output product's input, the heads' row, over blocks [b0, b1) (_span's range) combined from the heads' ns
-    attention partials (acc[D], m, l at ws[head, s]; _attention with RC) as o = sum_s 2^(m_s - m) acc_s /
-    sum_s 2^(m_s - m) l_s (m: the running largest m_s) and quantized; in chunks of 4 num_warps blocks (a chunk's
-    partials asked for at once; blocks outside the range written as zeros)."""
-    XB: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])
+    attention partials (_partials, _combined) and quantized, in chunks of 4 num_warps blocks (a chunk's blocks
+    outside the range written as zeros): the range's first two chunks' partials asked for together (a program whose
+    tasks span two splits of the 3B step's output product), the rest (none there) after them."""
     RB: gl.constexpr = 4 * num_warps
     xq_c, dx_c = _chunks(xq_s, dx_s, RB)
-    for c in range(b0 // RB, (b1 + RB - 1) // RB):
-        blk = c * RB + gl.arange(0, RB, layout=gl.SliceLayout(1, XB))
-        e = gl.expand_dims(blk * 32, 1) + gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, XB)), 0)
-        ok = gl.expand_dims((blk >= b0) & (blk < b1), 1) & (e < H * D)
-        row = ws_ptr + (e // D) * (SA * (D + 2))
-        d = e % D
-        m = gl.full([RB, 32], float("-inf"), gl.float32, XB)
-        num = gl.zeros([RB, 32], gl.float32, XB)
-        den = gl.zeros([RB, 32], gl.float32, XB)
-        for s in gl.static_range(SA):
-            live = ok & (s < ns)
-            m_s = gl.load(row + s * (D + 2) + D, mask=live, other=float("-inf"), cache_modifier=".cg")
-            l_s = gl.load(row + s * (D + 2) + D + 1, mask=live, other=0.0, cache_modifier=".cg")
-            a_s = gl.load(row + s * (D + 2) + d, mask=live, other=0.0, cache_modifier=".cg")
-            m_new = gl.where(live, gl.maximum(m, m_s), m)
-            up = gl.where(live, gl.exp2(m - m_new), 1.0)  # the sums so far, to the new largest m
-            w = gl.where(live, gl.exp2(m_s - m_new), 0.0)
-            num = num * up + w * a_s
-            den = den * up + w * l_s
-            m = m_new
-        _q8(gl.where(ok, gl.div_rn(num, gl.where(ok, den, 1.0)), 0.0), xq_c.index(c), dx_c.index(c))
+    c0 = b0 // RB
+    m0, l0, a0, ok0 = _partials(ws_ptr, ns, c0, b0, b1, H, D, SA, RB, num_warps)
+    m1, l1, a1, ok1 = _partials(ws_ptr, ns, c0 + 1, b0, b1, H, D, SA, RB, num_warps)
+    _q8(_combined(m0, l0, a0, ok0), xq_c.index(c0), dx_c.index(c0))
+    if (c0 + 1) * RB < b1:
+        _q8(_combined(m1, l1, a1, ok1), xq_c.index(c0 + 1), dx_c.index(c0 + 1))
+    for c in range(c0 + 2, (b1 + RB - 1) // RB):
+        m, lsum, acc, ok = _partials(ws_ptr, ns, c, b0, b1, H, D, SA, RB, num_warps)
+        _q8(_combined(m, lsum, acc, ok), xq_c.index(c), dx_c.index(c))
 
 
 @gluon.jit
