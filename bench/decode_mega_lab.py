@@ -47,7 +47,7 @@ CONFIGS = [  # BASE: splits of the K stages per product kind, attention key spli
     dict(BASE, KPS=128),
     dict(BASE, KPS=256),
     dict(BASE, KPS=512),
-    dict(BASE, KPS=64, LORA=8),
+    dict(BASE, LORA=8, RC=False),
 ]
 
 

@@ -336,6 +336,22 @@ def _combined(m, lsum, acc, ok):
 
 
 @gluon.jit
+def _combined_at(ws_ptr, ns, e, ok, D: gl.constexpr, SA: gl.constexpr, num_warps: gl.constexpr):
+    """The heads' row at elements e (a 1-D slice, ok its mask) combined from the ns attention partials at ws_ptr with
+    _combined's arithmetic (the output product's programs' values, bit for bit)."""
+    L2: gl.constexpr = gl.BlockedLayout([SA, 1], [1, 32], [1, num_warps], [0, 1])
+    e2 = gl.expand_dims(gl.convert_layout(e, gl.SliceLayout(0, L2)), 0)
+    ok2 = gl.expand_dims(gl.convert_layout(ok, gl.SliceLayout(0, L2)), 0)
+    sp = gl.expand_dims(gl.arange(0, SA, layout=gl.SliceLayout(1, L2)), 1)
+    row = ws_ptr + (e2 // D) * (SA * (D + 2)) + sp * (D + 2)
+    live = ok2 & (sp < ns)
+    m = gl.load(row + D, mask=live, other=float("-inf"), cache_modifier=".cg")
+    lsum = gl.load(row + D + 1, mask=live, other=0.0, cache_modifier=".cg")
+    acc = gl.load(row + e2 % D, mask=live, other=0.0, cache_modifier=".cg")
+    return _combined(m, lsum, acc, gl.convert_layout(ok, gl.SliceLayout(0, L2)))
+
+
+@gluon.jit
 def _combine_span(ws_ptr, ns, xq_s, dx_s, b0, b1, H: gl.constexpr, D: gl.constexpr, SA: gl.constexpr,
                   num_warps: gl.constexpr):  # fmt: skip
     """The output product's input, the heads' row, over blocks [b0, b1) (_span's range) combined from the heads' ns
@@ -489,13 +505,14 @@ def _rstd(x_ptr, K: gl.constexpr, eps, num_warps: gl.constexpr):
 def _lora_chain(y_ptr, a, b_ptr, t_ptr, x_ptr, g_ptr, eps, sync_ptr, err_ptr, tw, K: gl.constexpr, N: gl.constexpr,
                 R: gl.constexpr, RP: gl.constexpr, RT: gl.constexpr, TR: gl.constexpr, MODE: gl.constexpr,
                 TSL: gl.constexpr, PROBE: gl.constexpr, num_warps: gl.constexpr, TG: gl.constexpr, tr_ptr=None,
-                TRACE: gl.constexpr = False):  # fmt: skip
-    """y[:N] += B (A x) once the product's input is ready: this program's part of t = A x over its slice of K (a from
-    _lora_early; x the product's fp32 input: MODE 0 the row x_ptr[:K], 1 RMSNorm(x_ptr[:K]) * g, 2 silu(x_ptr[:K])
-    * x_ptr[K:2 K]) added into t's copy p % TG by atomics, its arrival at sync word tw, the wait for every program's
-    part, then B t for its share of the rows (_lora_rows). Probes (wrong numbers): 16 nothing, 32 B t not added, 64
-    no wait for t, 128 the code there but never run. TRACE: stamps 1-3 at tr_ptr (t's part added, t complete, rows
-    added)."""
+                TRACE: gl.constexpr = False, ns=1, D: gl.constexpr = 1, SA: gl.constexpr = 1):  # fmt: skip
+    """y[:N] += B (A x) once the product's input is ready: this program's part of t = A x over its slice of K (a
+    from _lora_early; x the product's fp32 input: MODE 0 the row x_ptr[:K], 1 RMSNorm(x_ptr[:K]) * g, 2
+    silu(x_ptr[:K]) * x_ptr[K:2 K], 3 the heads' row combined from their ns attention partials at x_ptr, as the
+    output product's programs combine it: _combined_at) added into t's copy p % TG by atomics, its arrival at sync
+    word tw, the wait for every program's part, then B t for its share of the rows (_lora_rows). Probes (wrong
+    numbers): 16 nothing, 32 B t not added, 64 no wait for t, 128 the code there but never run. TRACE: stamps 1-3 at
+    tr_ptr (t's part added, t complete, rows added)."""
     if (PROBE // 16) % 2 == 1:
         return
     run = True
@@ -504,7 +521,10 @@ def _lora_chain(y_ptr, a, b_ptr, t_ptr, x_ptr, g_ptr, eps, sync_ptr, err_ptr, tw
     if run:
         LT: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
         k, mk = _lora_slice(K, TSL, num_warps)
-        x = gl.load(x_ptr + k, mask=mk, other=0.0, cache_modifier=".cg")
+        if MODE == 3:
+            x = gl.convert_layout(_combined_at(x_ptr, ns, k, mk, D, SA, num_warps), gl.SliceLayout(0, LT))
+        else:
+            x = gl.load(x_ptr + k, mask=mk, other=0.0, cache_modifier=".cg")
         if MODE == 1:
             x = x * _rstd(x_ptr, K, eps, num_warps) * gl.load(g_ptr + k, mask=mk, other=0.0)
         if MODE == 2:
@@ -522,15 +542,17 @@ def _lora_chain(y_ptr, a, b_ptr, t_ptr, x_ptr, g_ptr, eps, sync_ptr, err_ptr, tw
 
 
 @gluon.jit
-def _lora_worker(h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps, E: gl.constexpr,
-                 F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr,
-                 R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr,
-                 TR: gl.constexpr, PROBE: gl.constexpr, TG: gl.constexpr, NW: gl.constexpr, trace_ptr,
-                 TRACE: gl.constexpr):  # fmt: skip
+def _lora_worker(h_ptr, y32_ptr, logits_ptr, ws_ptr, pos_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps,
+                 E: gl.constexpr, F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr,
+                 D: gl.constexpr, SA: gl.constexpr, KPS: gl.constexpr, RC: gl.constexpr, R: gl.constexpr,
+                 RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr, TR: gl.constexpr,
+                 PROBE: gl.constexpr, TG: gl.constexpr, NW: gl.constexpr, trace_ptr, TRACE: gl.constexpr):  # fmt: skip
     """The adapters' terms, on a warp of their own beside the consumers (a chain of L2 round trips and a wait for
     every program would stall the weight stream there): per product with a term, once its input is ready,
     _lora_chain into the product's sums and one more arrival at the product's counter (the product's readers wait
-    for 2 P). The output product's t comes from attention (each head's last split adds its part): only B t here.
+    for 2 P). The output product's input (RC): the heads' row, combined from their attention partials over the
+    program's slice as the output product's programs combine it (_lora_chain MODE 3); else each head's last split
+    adds its part of t in attention and only B t is left here.
     TRACE: per layer 8 stamps after the consumers' (at 16 L + 2 + 8 layer): the q|k|v chain's input ready, t's part
     added, t complete, rows added; the same for the down product's chain."""
     TS: gl.constexpr = TG * RT  # t of phase c at t_ptr + c TS
@@ -540,6 +562,7 @@ def _lora_worker(h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, s
     tw = 5 * L + 2
     NQ: gl.constexpr = (H + 2 * HKV) * D
     RSL: gl.constexpr = NQ + 2 * F
+    ns = _key_splits(gl.load(pos_ptr).to(gl.int32), SA, KPS)
     for layer in range(L):
         c = layer * 5
         y_l = y32_ptr + layer.to(gl.int64) * RSL
@@ -555,10 +578,16 @@ def _lora_worker(h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, s
                         PROBE, NW, TG, trw, TRACE)  # fmt: skip
             _arrive(sync_ptr, c)
         if R[1] > 0:
-            _prefetch_rows(lora_ptr + LOFF[6] + layer * (E * R[1]), E, R[1], NW)
-            _wait(sync_ptr, err, c + 1, H, PROBE)  # the heads' parts of t are in
-            _lora_rows(h_ptr, lora_ptr + LOFF[6] + layer * (E * R[1]), t_ptr + (c + 2) * TS, E, R[1], RP[1], RT, TR[1],
-                       TG, NW)  # fmt: skip
+            b_o = lora_ptr + LOFF[6] + layer * (E * R[1])
+            if RC:
+                a = _lora_early(lora_ptr + LOFF[1] + layer * (R[1] * H * D), b_o, H * D, E, R[1], RP[1], TSL[1], NW)
+                _wait(sync_ptr, err, c + 1, H * ns, PROBE)  # every split's partial written
+                _lora_chain(h_ptr, a, b_o, t_ptr + (c + 2) * TS, ws_ptr, g_ptr, eps, sync_ptr, err, tw + c + 2,
+                            H * D, E, R[1], RP[1], RT, TR[1], 3, TSL[1], PROBE, NW, TG, ns=ns, D=D, SA=SA)  # fmt: skip
+            else:
+                _prefetch_rows(b_o, E, R[1], NW)
+                _wait(sync_ptr, err, c + 1, H, PROBE)  # the heads' parts of t are in
+                _lora_rows(h_ptr, b_o, t_ptr + (c + 2) * TS, E, R[1], RP[1], RT, TR[1], TG, NW)
             _arrive(sync_ptr, c + 2)
         if R[2] > 0:
             a = _lora_early(lora_ptr + LOFF[2] + layer * (R[2] * E), lora_ptr + LOFF[7] + layer * (2 * F * R[2]), E,
@@ -814,7 +843,7 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
     M1: gl.constexpr = 1 + (R[1] > 0)
     M2: gl.constexpr = 1 + (R[2] > 0)
     M3: gl.constexpr = 1 + (R[3] > 0)
-    RCOMB: gl.constexpr = RC and R[1] == 0  # the output product's readers combine the heads' partials
+    RO: gl.constexpr = 0 if RC else R[1]  # the output product's adapter term added in attention (ticket path)
     it = 0
     for layer in range(L):
         c = layer * 5
@@ -839,25 +868,25 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
                 kc = cache_ptr + ((layer * 2 * HKV + hd // G).to(gl.int64) * n_ctx) * D  # the kv head's k rows
                 vc = kc + (HKV * n_ctx) * D
                 _prefetch_kv(kc, vc, pos, (s + ns) * BLOCK_T, ns * BLOCK_T, D, BLOCK_T, num_warps)
-                a_o = _head_a(lora_ptr + LOFF[1] + layer * (R[1] * H * D), hd, H, D, R[1], RP[1], num_warps)
+                a_o = _head_a(lora_ptr + LOFF[1] + layer * (R[1] * H * D), hd, H, D, RO, RP[1], num_warps)
                 _stamp(tr, pid, 16 * layer + 11, TRACE)
                 _wait(sync_ptr, err, c, P * M0, PROBE)
                 _stamp(tr, pid, 16 * layer + 2, TRACE)
                 if PROBE % 2 == 0:  # probe 1: no attention (wrong numbers)
                     if _attention(y_l, ws_ptr, cnt_ptr, attn_ptr, kc, vc, cos_ptr, sin_ptr, pos, qk_scale, hd, hd // G,
                                   s, ns, a_o, t_ptr + ((c + 2) * TG + hd % TG) * RT, H, HKV, D, SA, BLOCK_T,
-                                  R[1], RP[1], RCOMB, num_warps):  # fmt: skip
+                                  RO, RP[1], RC, num_warps):  # fmt: skip
                         _stamp(tr, pid, 16 * layer + 3, TRACE)
                         _arrive(sync_ptr, c + 1)
-                elif RCOMB or s == 0:
+                elif RC or s == 0:
                     _arrive(sync_ptr, c + 1)
-        if RCOMB:
+        if RC:
             _wait(sync_ptr, err, c + 1, H * ns, PROBE)  # every split's partial written
         else:
             _wait(sync_ptr, err, c + 1, H, PROBE)  # every head's output written
         _stamp(tr, pid, 16 * layer + 4, TRACE)
         _, _, b0, b1 = _span(E, H * D, S[1], BLOCK_N)
-        if RCOMB:
+        if RC:
             _combine_span(ws_ptr, ns, xq_s, dx_s, b0, b1, H, D, SA, num_warps)
         else:
             _quantize_span(attn_ptr, xq_s, dx_s, b0, b1, H * D, False, num_warps)
@@ -959,8 +988,9 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                              TG, trace_ptr, TRACE, KPS, RC, num_warps)),
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
                              L, S, E, F, V, H, HKV, D, PROBE)),
-                (_lora_worker, (h_ptr, y32_ptr, logits_ptr, attn_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps, E, F,
-                                V, H, HKV, D, R, RP, LOFF, RT, TSL, TR, PROBE, TG, LNW, trace_ptr, TRACE)),
+                (_lora_worker, (h_ptr, y32_ptr, logits_ptr, ws_ptr, pos_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps,
+                                E, F, V, H, HKV, D, SA, KPS, RC, R, RP, LOFF, RT, TSL, TR, PROBE, TG, LNW, trace_ptr,
+                                TRACE)),
             ],
             [1, LNW],
             [48, LREG],
