@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Where the GPU time goes: torch.profiler kernel tables for the decode step, a 512-token prefill and a
 training step, on the open_llama_3b-shaped q8_0 model (random weights). decode2: the decode step with
-predict_gpu.py's two scaled adapters (where their cost goes).
+predict_gpu.py's two scaled adapters (where their cost goes); mega / mega2: the decode megakernel's greedy steps
+(`predict --act-q8`) without / with them, per step.
 
-    python bench/profile_gpu.py [--layers 26] [--what decode,decode2,prefill,train]
+    python bench/profile_gpu.py [--layers 26] [--what decode,decode2,mega,mega2,prefill,train]
                                 [--out bench/results/profile_h200.json]
 
 For each workload: wall time per call (graph replay where lorakit uses one, and eager), the sum of GPU
@@ -80,7 +81,7 @@ def show(name: str, r: dict) -> None:
           + (f" (eager {r['eager_wall_us']:.0f})" if "eager_wall_us" in r else "")
           + f", kernels {r['kernel_us_per_call']:.0f} us/call")  # fmt: skip
     for k in r["top"]:
-        print(f"{k['us']:9.1f} us {k['share']:6.1%} x{k['count']:<4d} {k['kernel'][:120]}")
+        print(f"{k['us']:9.1f} us {k['share']:6.1%} x{k['count']:<4g} {k['kernel'][:120]}")
     if "ops" in r:
         print("   torch ops by own GPU time, with input shapes (eager step):")
         for o in r["ops"]:
@@ -107,6 +108,31 @@ def profile_decode(model, be, prompt=128, adapters=()) -> dict:
     r["ops"] = op_table(lambda: eager(5, prompt), 5)
     r["wall_us"] = wall(lambda: graph(5, prompt), 50)
     r["eager_wall_us"] = wall(lambda: eager(5, prompt), 5)
+    return r
+
+
+def profile_mega(model, be, prompt=128, adapters=(), steps=64) -> dict:
+    """`lorakit predict --act-q8 --temp 0`'s decode loop (MegaDecoder.tokens: the megakernel's captured greedy steps,
+    the host one step behind): per step the wall time, the GPU kernels' time and each kernel's share (the gap
+    between the two: the graph's launches and the host's token copies)."""
+    from lorakit.decode_mega import MegaDecoder
+    from lorakit.generate import Generator
+
+    gen = Generator(model, be, adapters, n_ctx=prompt + 3 * steps + 8, dtype=torch.bfloat16, act_q8=True)
+    cache = gen.new_cache()
+    gen.logits(list(range(3, 3 + prompt)), cache, 0)
+    step = MegaDecoder(model, be, gen.rope, cache, gen.adapters, greedy=True)
+    list(step.tokens(5, prompt, 1))  # capture
+
+    def run():
+        list(step.tokens(5, prompt + 1, steps))
+
+    r = kernel_table(run, 1)
+    r["kernel_us_per_call"] /= steps
+    for k in r["top"]:
+        k["us"] /= steps
+        k["count"] /= steps
+    r["wall_us"] = wall(run, 2) / steps
     return r
 
 
@@ -204,6 +230,11 @@ def main(argv=None) -> int:
             from predict_gpu import two_adapters
 
             out["decode2 (2 adapters)"] = profile_decode(model, be, adapters=two_adapters(model, be.device))
+        elif what in ("mega", "mega2"):  # the megakernel's greedy steps, without / with the two scaled adapters
+            from predict_gpu import two_adapters
+
+            ads = two_adapters(model, be.device) if what == "mega2" else ()
+            out[what] = profile_mega(model, be, adapters=ads)
         elif what == "prefill":
             out["prefill 512"] = profile_prefill(model, be)
         elif what == "train":
