@@ -137,6 +137,10 @@ class Backend(Protocol):
         counters: int32 zeros (>= H) a GPU launch may use and leaves zero (kept by a caller that replays the
         step, instead of a memset per launch); ignored where not needed."""
 
+    def argmax_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out (one int64 element, written in place: a captured decode step's token) = torch.argmax(x) of the 1-D x
+        (the first index of the largest value); returns out."""
+
     def rope_attention_decode(
         self,
         qkv: torch.Tensor,

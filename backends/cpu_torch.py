@@ -147,6 +147,9 @@ class CpuTorchBackend(TermByTermLora):
         out = F.scaled_dot_product_attention(q, kk.to(q.dtype), vv.to(q.dtype), attn_mask=mask, scale=1 / math.sqrt(D))
         return out.transpose(1, 2).reshape(1, 1, H * D)
 
+    def argmax_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out.view(()).copy_(torch.argmax(x)).view(out.shape)
+
     def rope_attention_decode(
         self,
         qkv: torch.Tensor,

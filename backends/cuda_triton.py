@@ -187,6 +187,9 @@ class CudaTritonBackend:
     ) -> torch.Tensor:
         return self._dec.attention_decode(q, cache_k, cache_v, pos, counters)
 
+    def argmax_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self._dec.argmax_into(x, out)
+
     def rope_attention_decode(
         self,
         qkv: torch.Tensor,

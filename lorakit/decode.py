@@ -152,7 +152,7 @@ class GraphDecoder:
         if self.sampler is not None:  # the sampler's device stages: only their survivors go to the host
             self.picks = survivors(logits, self.sampler)
         if self.greedy:  # the next step's token (the argmax, written in place) and position, formed on the device
-            torch.argmax(logits.view(1, -1), dim=1, keepdim=True, out=self.tok)
+            self.backend.argmax_into(logits.view(-1), self.tok)
             self.pos.add_(1)
         elif self.device_draw:  # ... or the draw too, with the step's uniform
             nxt = pick(self.picks, self.sampler.temp, self.uniforms.index_select(0, self.nth)[0])

@@ -26,6 +26,7 @@ may straddle a rounding boundary: one unit of the dtype, <= 2*u_out relative). P
     |dy| <= (2(|g| + 6)u + 4 u_out) * |silu(g) * up| * (1 + 4 u_out).
   * rope_kv_write: the same fp32 ops (mul, mul, sub/add; FMA contraction disabled on the GPU) and one
     rounding on both sides -> q and the cache rows are bit-identical; every other cache row is untouched.
+  * argmax_into: exact (an index): the first index of the largest value, as torch.argmax.
   * attention_decode: with S = max_j scale*sum_d |q_d k_jd| over the n = pos+1 keys and pmag = sum_j p_j |v_j|
     (fp64 softmax weights p), each side computes o = sum_j p'_j v_j / sum_j p'_j with p'_j = p_j (1 + e_j):
     the score is within (D+3)u*S (D-term fp32 dot, the scale and log2(e) factors), the argument s_j - max
@@ -448,3 +449,30 @@ def test_prefetch_ranges_cover_the_hinted_rows(start, nbytes):
     b_lo, b_hi = lo // 32, (hi - 1) // 32  # the blocks touched; block b's scale is d's bytes 2b, 2b + 1
     assert d0 <= 2 * b_lo and d0 + d_lines * 128 >= 2 * b_hi + 2
     assert d0 + (d_lines - 1) * 128 < 2 * N * K // 32
+
+
+@pytest.mark.parametrize("n", [1, 37, 64, 65, 200])
+def test_argmax_into_is_torch_argmax(n):
+    """The first index of the largest value, over one chunk and several (ARGMAX_BLOCK is 64 under the
+    interpreter): random values, ties (the first one wins, inside a chunk and across chunks), -inf everywhere
+    but one value, a NaN (the largest, as torch.argmax); the backends' argmax_into agrees too."""
+    dev = torch.device("cuda" if CUDA else "cpu")
+    g = torch.Generator().manual_seed(n)
+    cases = [torch.randn(n, generator=g)]
+    ties = torch.randint(-3, 3, (n,), generator=g).float()
+    ties[n // 3], ties[n - 1] = 7.0, 7.0  # two maxima, the first of them maybe in an earlier chunk
+    cases.append(ties)
+    lone = torch.full((n,), float("-inf"))
+    lone[n // 2] = -1e30
+    cases += [lone, torch.full((n,), float("-inf"))]
+    if n > 2:
+        nan = torch.randn(n, generator=g)
+        nan[n - 2] = float("nan")
+        cases.append(nan)
+    out = torch.full((1, 1), -1, dtype=torch.int64, device=dev)
+    for x in cases:
+        want = int(torch.argmax(x))
+        assert int(decode_ops.argmax_into(x.to(dev), out)) == want
+        assert int(CpuTorchBackend().argmax_into(x, torch.zeros(1, 1, dtype=torch.int64))) == want
+    with pytest.raises(ValueError):
+        decode_ops.argmax_into(torch.zeros(2, 3, device=dev), out)
