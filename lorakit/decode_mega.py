@@ -3,8 +3,8 @@
 
 MegaDecoder is a GraphDecoder (the same step loop: greedy argmax or the sampler's stages inside the captured step,
 tokens() one step ahead of the host) whose forward pass is the megakernel instead of ~210 launches: the step's graph
-copies the token's embedding row into h, zeroes the kernel's sums and logits (one buffer), launches the kernel (which
-reads the loop's position tensor) and returns its logits. It
+forms the token's embedding row (the kernel's h, its residual stream), zeroes the kernel's sums and logits (one
+buffer), launches the kernel (which reads the loop's position tensor) and returns its logits. It
 applies (`applies`) on sm_90+ GPUs when every product of the step (the packed q|k|v and gate|up, the output and down
 projections, the vocabulary product) is q8_0 and the shapes fit the kernel (head size <= 128, rows <= 16384,
 adapters' ranks <= MAX_RANK per product). Adapters stay unmerged, in float32 as the eager --act-q8 step adds them
@@ -213,8 +213,7 @@ class MegaDecoder(GraphDecoder):
         rsl = (H + 2 * HKV) * D + 2 * F
         tw = km.t_words(L, lora_dims["RT"])
         self.sums = torch.zeros(L * rsl + tw + a.n_vocab, **f32)
-        self.bufs = {
-            "h": torch.zeros(E, **f32),
+        self.bufs = {  # h: the step's embedding row (_forward)
             "y32": self.sums[: L * rsl].view(L, rsl),
             "t": self.sums[L * rsl : L * rsl + tw],
             "logits": self.sums[L * rsl + tw :],
@@ -234,8 +233,9 @@ class MegaDecoder(GraphDecoder):
     def _forward(self) -> torch.Tensor:
         from .kernels.decode_mega import decode_step
 
-        b = self.bufs
-        b["h"].copy_(self.embed(self.tok).view(-1))
+        # the token's embedding row is h itself: the kernel adds the residuals into it (in a captured step, the
+        # graph's own buffer, at the same address every replay; no copy)
+        b = dict(self.bufs, h=self.embed(self.tok).view(-1))
         self.sums.zero_()
         decode_step(b, self.descs, self.dims, self.programs)
         return b["logits"]
