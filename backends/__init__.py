@@ -137,9 +137,12 @@ class Backend(Protocol):
         counters: int32 zeros (>= H) a GPU launch may use and leaves zero (kept by a caller that replays the
         step, instead of a memset per launch); ignored where not needed."""
 
-    def argmax_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out (one int64 element, written in place: a captured decode step's token) = torch.argmax(x) of the 1-D x
-        (the first index of the largest value); returns out."""
+    def greedy_next(
+        self, logits: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor | None = None, zero: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """A greedy decode step's end, written in place (a captured step's state): tok (one int64 element) =
+        torch.argmax(logits) of the 1-D logits (the first index of the largest value), pos (one int64 element) += 1,
+        zero (a float32 buffer) = 0; returns tok."""
 
     def rope_attention_decode(
         self,

@@ -147,8 +147,15 @@ class CpuTorchBackend(TermByTermLora):
         out = F.scaled_dot_product_attention(q, kk.to(q.dtype), vv.to(q.dtype), attn_mask=mask, scale=1 / math.sqrt(D))
         return out.transpose(1, 2).reshape(1, 1, H * D)
 
-    def argmax_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return out.view(()).copy_(torch.argmax(x)).view(out.shape)
+    def greedy_next(
+        self, logits: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor | None = None, zero: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        tok.view(()).copy_(torch.argmax(logits))
+        if pos is not None:
+            pos.add_(1)
+        if zero is not None:
+            zero.zero_()
+        return tok
 
     def rope_attention_decode(
         self,

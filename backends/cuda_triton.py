@@ -187,8 +187,10 @@ class CudaTritonBackend:
     ) -> torch.Tensor:
         return self._dec.attention_decode(q, cache_k, cache_v, pos, counters)
 
-    def argmax_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return self._dec.argmax_into(x, out)
+    def greedy_next(
+        self, logits: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor | None = None, zero: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self._dec.greedy_next(logits, tok, pos, zero)
 
     def rope_attention_decode(
         self,

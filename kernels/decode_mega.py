@@ -22,11 +22,11 @@ programmatic dependent launches) each product pays ~7 us of fixed cost and the s
       c     q|k|v (packed) product: input RMSNorm(h) * attn_norm, formed by every program as it quantizes it
       c + 1 attention, by H x ns programs (head, key split; ns = ceil((pos + 1) / KPS), at most SA): RoPE (ggml
             mode 0) of q and the new k from the fp32 q|k|v sums, the new k and v rows into the KV cache (one
-            program per kv head), online softmax over the split's key blocks (the cache rows asked of L2, and the
-            first block's loaded, before the q|k|v wait; each next block's asked for before the current one is
-            used); with one split the head's row written directly, else a ticket from the head's counter: the
-            head's last split combines the ns partials into one fp32 row
-      c + 2 output product: input the heads' row; added into h (the residual)
+            program per kv head), online softmax over the split's key blocks (the cache rows asked of L2 before the
+            q|k|v wait), the split's partial (acc, m, l) stored, an arrival (H ns per phase)
+      c + 2 output product: input the heads' row, combined from the partials by each program over its K range
+            as it quantizes it (RC: one L2 round trip; each head's last split combining them after a ticket took
+            two more, session 21); added into h (the residual)
       c + 3 gate|up (packed) product: input RMSNorm(h) * ffn_norm
       c + 4 down product: input silu(gate) * up; added into h
     5 L   output product: input RMSNorm(h) * output_norm, into the logits
@@ -37,15 +37,16 @@ scales in B, lora.fused_lora_term) adds B (A x) of its float input x. A third pa
 into t by atomics, arrives at the phase's t word, waits for every program's part, adds B t to its share of the
 product's rows and arrives at the product's counter, whose readers then wait for 2 P arrivals. That chain is a few
 L2 round trips and a wait for every program, which would stall the weight stream in the consumers; beside them it
-overlaps the product's tasks. The output product's t is added by the heads' last attention splits instead (its
-tasks last ~3 us, shorter than the chain).
+overlaps the product's tasks. The output product's input, the heads' row, the warp combines over its slice of K from
+the heads' attention partials as the output product's programs do (RC; with RC off, the heads' last attention splits
+add its t instead).
 
-h (fp32, the residual stream) starts as the token's embedding row; the q|k|v and gate|up sums (one region per
-layer), the adapters' t and the logits are sums of atomics and must be zero before the launch (zeroing them in the
-kernel instead measured no faster, session 21). Everything between the products is fp32 (llama.cpp's CPU build keeps
-activations in fp32 too); the cache keeps its dtype. The phase counters are zeroed by the last program out, so a
-launch leaves them as it found them; a wait that never completes (programs not co-resident) gives up after ~2^22
-polls and sets the error word (sync[(5 L + 1) * SYNC_STRIDE]).
+h (fp32, the residual stream) starts as the token's embedding row; the q|k|v and gate|up sums (one region per layer),
+the adapters' t and the logits are sums of atomics: the first two must be zero before the launch (zeroing them in the
+kernel measured no faster, session 21), the logits each program zeroes its share of as it starts. Everything between the
+products is fp32 (llama.cpp's CPU build keeps activations in fp32 too); the cache keeps its dtype. The phase counters
+are zeroed by the last program out, so a launch leaves them as it found them; a wait that never completes (programs not
+co-resident) gives up after ~2^22 polls and sets the error word (sync[(5 L + 1) * SYNC_STRIDE]).
 
 Numerics: the same arithmetic as quant.q8_0_act_matmul up to the order of the fp32 sums (split-K atomics add in any
 order), and RMSNorm / SwiGLU / RoPE / softmax in fp32 in another order than torch; an activation that lands within
@@ -792,6 +793,19 @@ def _head_t(a_o, out, to_ptr, RO: gl.constexpr, RPO: gl.constexpr, num_warps: gl
 
 
 @gluon.jit
+def _zero_share(ptr, N, num_warps: gl.constexpr):
+    """ptr[:N] (fp32) = 0 over this program's share, [p per, (p + 1) per) with per = ceil(N / P)."""
+    ZL: gl.constexpr = gl.BlockedLayout([4], [32], [num_warps], [0])
+    BLK: gl.constexpr = 128 * num_warps
+    per = (N + gl.num_programs(0) - 1) // gl.num_programs(0)
+    lo = gl.program_id(0) * per
+    hi = gl.minimum(lo + per, N)
+    for o in range(lo, hi, BLK):
+        offs = o + gl.arange(0, BLK, layout=ZL)
+        gl.store(ptr + offs, gl.zeros([BLK], gl.float32, ZL), mask=offs < hi)
+
+
+@gluon.jit
 def _stamp(trace_ptr, pid, k, TRACE: gl.constexpr):
     """TRACE: the global timer (ns) at event k of this program into trace_ptr[k] (the program's row)."""
     if TRACE:
@@ -844,6 +858,8 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
     M2: gl.constexpr = 1 + (R[2] > 0)
     M3: gl.constexpr = 1 + (R[3] > 0)
     RO: gl.constexpr = 0 if RC else R[1]  # the output product's adapter term added in attention (ticket path)
+    # the logits: first added into after a wait that follows every program's start (no memset before the launch)
+    _zero_share(logits_ptr, V, num_warps)
     it = 0
     for layer in range(L):
         c = layer * 5
@@ -1131,14 +1147,14 @@ def descriptors(weights):
 def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) -> None:
     """One launch. dims: L, E, F, V, H, HKV, D, eps, S (splits per product kind), SA (the most key splits per head),
     with adapters pack_lora's R, RP, LOFF, RT, TSL, TR; labs may set BLOCK_T, STAGES, TG, LNW, KPS (keys per key
-    split) and RC (default True: the output product's programs combine the heads' attention partials; False, and
-    with an adapter term on the output product: each head's last split does) too. bufs: h (fp32 [E], the embedding
-    row), y32 (fp32 [L, (H + 2 HKV) D + 2 F], zeros), logits (fp32 [V], zeros), ws (fp32 [H, SA, D + 2]), cnt
-    (int32 [H] zeros; left zero), attn (fp32 [H D]), cache (the KV cache buffer [L, 2 HKV, n_ctx, D], each layer's v
-    heads after its k heads), cos / sin (fp32 [n_ctx, D / 2]), pos (int32 or int64 [1]), gains (fp32 [2 L + 1, E]:
-    attn_norm, ffn_norm per layer, output_norm), sync (int32 zeros [sync_words(L) * SYNC_STRIDE]; its error word set
-    if a wait gave up); with adapters lora (pack_lora's buffer) and t (fp32 [t_words(L, RT)], zeros); optional trace
-    (int64 [programs, 24 L + 2], TRACE stamps)."""
+    split) and RC (default True: the output product's programs combine the heads' attention partials; False: each
+    head's last split does) too. bufs: h (fp32 [E], the embedding row), y32 (fp32 [L, (H + 2 HKV) D + 2 F], zeros),
+    logits (fp32 [V]; zeroed by the launch), ws (fp32 [H, SA, D + 2]), cnt (int32 [H] zeros; left zero), attn (fp32
+    [H D]), cache (the KV cache buffer [L, 2 HKV, n_ctx, D], each layer's v heads after its k heads), cos / sin
+    (fp32 [n_ctx, D / 2]), pos (int32 or int64 [1]), gains (fp32 [2 L + 1, E]: attn_norm, ffn_norm per layer,
+    output_norm), sync (int32 zeros [sync_words(L) * SYNC_STRIDE]; its error word set if a wait gave up); with
+    adapters lora (pack_lora's buffer) and t (fp32 [t_words(L, RT)], zeros); optional trace (int64 [programs, 24 L +
+    2], TRACE stamps)."""
     qd, qt, dd = descs
     trace = bufs.get("trace")
     ranks = dims.get("R", (0,) * 5)

@@ -25,9 +25,11 @@ shape that depends on it: the launches can be captured in a CUDA graph).
       counters (torch.zeros) unless the caller passes its own (every launch leaves them zero again). D and
       the row strides are compile-time constants and the head strides carry their power-of-two factor
       (KV_ALIGN), so the rows load as vectors.
-  argmax_into(x, out)   one program: out[0] = the first index of the largest x[i] (NaN counts as +inf), in
-      chunks of at most ARGMAX_BLOCK values; torch.argmax's answer without its generic reduction (~10 us for
-      32,000 logits on the H200, session 21).
+  greedy_next(x, tok, pos, zero)   a greedy decode step's last launch: program 0 writes tok[0] = the first index
+      of the largest x[i] (NaN counts as +inf; chunks of at most ARGMAX_BLOCK values: torch.argmax's answer
+      without its generic reduction, which took ~10 us for 32,000 logits on the H200, session 21) and pos[0] + 1;
+      every program (up to GREEDY_PROGRAMS) zeroes its share of `zero` (the decode megakernel's sums for the next
+      step: one launch instead of three).
 (SwiGLU over the packed [gate | up] is train_ops.silu_mul_fwd on its two column views.)
 
 Numerics against cpu-torch:
@@ -66,7 +68,8 @@ _LOG2E = 1.0 / math.log(2.0)
 BLOCK_T = 8 if _INTERPRET else 32
 MAX_SPLITS = 16
 ATTN_WARPS = 4
-ARGMAX_BLOCK = 64 if _INTERPRET else 32768  # argmax_into: values per chunk
+ARGMAX_BLOCK = 64 if _INTERPRET else 32768  # greedy_next: values per chunk (and zeroed per chunk)
+GREEDY_PROGRAMS = 64  # greedy_next: the most programs zeroing
 
 
 @triton.jit
@@ -234,29 +237,49 @@ def _attn_decode_kernel(
 
 
 @triton.jit
-def _argmax_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    best = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
-    best_i = tl.sum(tl.zeros([BLOCK], tl.int64), axis=0)
-    for start in range(0, n, BLOCK):
-        x = tl.load(x_ptr + start + offs, mask=start + offs < n, other=float("-inf")).to(tl.float32)
-        x = tl.where(x != x, float("inf"), x)  # NaN: the largest, as torch.argmax
-        v, i = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
-        best_i = tl.where(v > best, start + i.to(tl.int64), best_i)  # an equal later chunk: the first index stays
-        best = tl.maximum(best, v)
-    tl.store(out_ptr, best_i)
+def _greedy_next_kernel(x_ptr, tok_ptr, pos_ptr, z_ptr, n, nz, per, BLOCK: tl.constexpr, ZBLOCK: tl.constexpr,
+                        HAS_POS: tl.constexpr):  # fmt: skip
+    pid = tl.program_id(0)
+    if pid == 0:
+        offs = tl.arange(0, BLOCK)
+        best = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
+        best_i = tl.sum(tl.zeros([BLOCK], tl.int64), axis=0)
+        for start in range(0, n, BLOCK):
+            x = tl.load(x_ptr + start + offs, mask=start + offs < n, other=float("-inf")).to(tl.float32)
+            x = tl.where(x != x, float("inf"), x)  # NaN: the largest, as torch.argmax
+            v, i = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
+            best_i = tl.where(v > best, start + i.to(tl.int64), best_i)  # an equal later chunk: the first stays
+            best = tl.maximum(best, v)
+        tl.store(tok_ptr, best_i)
+        if HAS_POS:
+            tl.store(pos_ptr, tl.load(pos_ptr) + 1)
+    zo = tl.arange(0, ZBLOCK)
+    for start in range(pid * per, tl.minimum(pid * per + per, nz), ZBLOCK):
+        tl.store(z_ptr + start + zo, tl.zeros([ZBLOCK], tl.float32), mask=start + zo < tl.minimum(pid * per + per, nz))
 
 
-def argmax_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out (one int64 element) = the first index of the largest value of the 1-D x (see the module docstring);
-    returns out."""
+def greedy_next(x: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor | None = None,
+                zero: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """tok (one int64 element) = the first index of the largest value of the 1-D x (see the module docstring); pos
+    (one int64 element, optional) += 1; zero (an fp32 buffer, optional, not x) = 0: a greedy decode step's last
+    launch. Returns tok."""
     if x.dim() != 1 or not x.is_contiguous() or x.numel() == 0:
-        raise ValueError("argmax_into: x must be a non-empty contiguous 1-D tensor")
-    if out.dtype != torch.int64 or out.numel() != 1 or not out.is_contiguous() or out.device != x.device:
-        raise ValueError(f"argmax_into: out must be one contiguous int64 element on {x.device}")
-    block = min(next_pow2(x.numel()), ARGMAX_BLOCK)
-    _argmax_kernel[(1,)](x, out, x.numel(), BLOCK=block, num_warps=1 if _INTERPRET else 16)
-    return out
+        raise ValueError("greedy_next: x must be a non-empty contiguous 1-D tensor")
+    for name, t in (("tok", tok), ("pos", pos)):
+        bad = t is not None and (t.dtype != torch.int64 or t.numel() != 1 or not t.is_contiguous())
+        if bad or (t is not None and t.device != x.device):
+            raise ValueError(f"greedy_next: {name} must be one contiguous int64 element on {x.device}")
+    if zero is not None and (zero.dtype != torch.float32 or not zero.is_contiguous() or zero.device != x.device):
+        raise ValueError(f"greedy_next: zero must be a contiguous float32 tensor on {x.device}")
+    nz = 0 if zero is None else zero.numel()
+    grid = 1 if nz == 0 else max(1, min(GREEDY_PROGRAMS, cdiv(nz, 8192)))
+    per = cdiv(nz, grid)
+    _greedy_next_kernel[(grid,)](
+        x, tok, tok if pos is None else pos, x if zero is None else zero, x.numel(), nz, per,
+        BLOCK=min(next_pow2(x.numel()), ARGMAX_BLOCK), ZBLOCK=ARGMAX_BLOCK, HAS_POS=pos is not None,
+        num_warps=1 if _INTERPRET else 16,
+    )  # fmt: skip
+    return tok
 
 
 def _check_pos(pos: torch.Tensor, device) -> None:

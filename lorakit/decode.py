@@ -126,6 +126,7 @@ class GraphDecoder:
         # index of the next one
         self.uniforms = torch.zeros(cache.k[0].shape[2] if device_draw else 1, device=dev)
         self.nth = torch.zeros(1, dtype=torch.long, device=dev)
+        self._zero_next = None  # a greedy step's buffer zeroed with its argmax for the next step (MegaDecoder's sums)
         self.graph = None
         self.use_graph = use_graph and dev.type == "cuda"
         self.out = None
@@ -152,8 +153,7 @@ class GraphDecoder:
         if self.sampler is not None:  # the sampler's device stages: only their survivors go to the host
             self.picks = survivors(logits, self.sampler)
         if self.greedy:  # the next step's token (the argmax, written in place) and position, formed on the device
-            self.backend.argmax_into(logits.view(-1), self.tok)
-            self.pos.add_(1)
+            self.backend.greedy_next(logits.view(-1), self.tok, self.pos, self._zero_next)
         elif self.device_draw:  # ... or the draw too, with the step's uniform
             nxt = pick(self.picks, self.sampler.temp, self.uniforms.index_select(0, self.nth)[0])
             self.nth.add_(1)

@@ -3,8 +3,10 @@
 
 MegaDecoder is a GraphDecoder (the same step loop: greedy argmax or the sampler's stages inside the captured step,
 tokens() one step ahead of the host) whose forward pass is the megakernel instead of ~210 launches: the step's graph
-forms the token's embedding row (the kernel's h, its residual stream), zeroes the kernel's sums and logits (one
-buffer), launches the kernel (which reads the loop's position tensor) and returns its logits. It
+forms the token's embedding row (the kernel's h, its residual stream), launches the kernel (which reads the loop's
+position tensor and zeroes the logits before it adds into them) and returns its logits; the products' sums are zeroed
+with a greedy step's argmax for the next step (backend.greedy_next: one launch for the argmax, the next position and
+the zeroing), else by a memset before the launch. It
 applies (`applies`) on sm_90+ GPUs when every product of the step (the packed q|k|v and gate|up, the output and down
 projections, the vocabulary product) is q8_0 and the shapes fit the kernel (head size <= 128, rows <= 16384,
 adapters' ranks <= MAX_RANK per product). Adapters stay unmerged, in float32 as the eager --act-q8 step adds them
@@ -209,14 +211,16 @@ class MegaDecoder(GraphDecoder):
         self.programs = programs
         f32 = dict(dtype=torch.float32, device=dev)
         cos, sin = rope
-        # the products' sums, the adapters' t and the logits: one buffer, zeroed by one memset before each launch
+        # the products' sums and the adapters' t: one buffer, zero before each launch (a greedy step zeroes it with
+        # its argmax for the next one, backend.greedy_next; else a memset before the launch); the kernel zeroes the
+        # logits itself
         rsl = (H + 2 * HKV) * D + 2 * F
-        tw = km.t_words(L, lora_dims["RT"])
-        self.sums = torch.zeros(L * rsl + tw + a.n_vocab, **f32)
+        self.sums = torch.zeros(L * rsl + km.t_words(L, lora_dims["RT"]), **f32)
+        self._zero_next = self.sums
         self.bufs = {  # h: the step's embedding row (_forward)
             "y32": self.sums[: L * rsl].view(L, rsl),
-            "t": self.sums[L * rsl : L * rsl + tw],
-            "logits": self.sums[L * rsl + tw :],
+            "t": self.sums[L * rsl :],
+            "logits": torch.zeros(a.n_vocab, **f32),
             "ws": torch.zeros(H, sa, D + 2, **f32),
             "cnt": torch.zeros(H, dtype=torch.int32, device=dev),
             "attn": torch.zeros(H * D, **f32),
@@ -236,7 +240,8 @@ class MegaDecoder(GraphDecoder):
         # the token's embedding row is h itself: the kernel adds the residuals into it (in a captured step, the
         # graph's own buffer, at the same address every replay; no copy)
         b = dict(self.bufs, h=self.embed(self.tok).view(-1))
-        self.sums.zero_()
+        if not self.greedy:  # a greedy step leaves them zero (_step's greedy_next)
+            self.sums.zero_()
         decode_step(b, self.descs, self.dims, self.programs)
         return b["logits"]
 

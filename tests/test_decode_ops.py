@@ -452,11 +452,11 @@ def test_prefetch_ranges_cover_the_hinted_rows(start, nbytes):
 
 
 @pytest.mark.parametrize("n", [1, 37, 64, 65, 200])
-def test_argmax_into_is_torch_argmax(n):
+def test_greedy_next_is_torch_argmax(n):
     """The first index of the largest value, over one chunk and several (ARGMAX_BLOCK is 64 under the
     interpreter): random values, ties (the first one wins, inside a chunk and across chunks), -inf everywhere
-    but one value, a NaN (the largest, as torch.argmax); the backends' argmax_into agrees too."""
-    dev = torch.device("cuda" if CUDA else "cpu")
+    but one value, a NaN (the largest, as torch.argmax); the position moves on by one and the buffer to zero is
+    zero (several programs' shares); cpu-torch's greedy_next agrees."""
     g = torch.Generator().manual_seed(n)
     cases = [torch.randn(n, generator=g)]
     ties = torch.randint(-3, 3, (n,), generator=g).float()
@@ -469,10 +469,16 @@ def test_argmax_into_is_torch_argmax(n):
         nan = torch.randn(n, generator=g)
         nan[n - 2] = float("nan")
         cases.append(nan)
-    out = torch.full((1, 1), -1, dtype=torch.int64, device=dev)
-    for x in cases:
+    tok = torch.full((1, 1), -1, dtype=torch.int64, device=DEVICE)
+    pos = torch.tensor([5], device=DEVICE)
+    for i, x in enumerate(cases):
         want = int(torch.argmax(x))
-        assert int(decode_ops.argmax_into(x.to(dev), out)) == want
-        assert int(CpuTorchBackend().argmax_into(x, torch.zeros(1, 1, dtype=torch.int64))) == want
+        zero = torch.randn(3 * 8192 + n, device=DEVICE)
+        assert int(decode_ops.greedy_next(x.to(DEVICE), tok, pos, zero)) == want
+        assert int(pos) == 6 + i and not zero.any()
+        ref_tok, ref_pos, ref_zero = torch.zeros(1, 1, dtype=torch.int64), torch.tensor([1]), torch.ones(3)
+        assert int(CpuTorchBackend().greedy_next(x, ref_tok, ref_pos, ref_zero)) == want
+        assert int(ref_pos) == 2 and not ref_zero.any()
+    assert int(decode_ops.greedy_next(cases[0].to(DEVICE), tok)) == int(torch.argmax(cases[0]))  # tok alone
     with pytest.raises(ValueError):
-        decode_ops.argmax_into(torch.zeros(2, 3, device=dev), out)
+        decode_ops.greedy_next(torch.zeros(2, 3, device=DEVICE), tok)
