@@ -181,7 +181,7 @@ def _gpu_setup(adapters=(), dtype=torch.float32):
 
 ATTENTION = {  # the kernel's attention knobs per case: keys per split (KPS) and per block (BLOCK_T)
     "one-split": {},  # the defaults: one split of one block at these positions
-    "splits": dict(KPS=8, BLOCK_T=8),  # 2-4 splits of 1-2 blocks: partials, tickets, the last split's combine
+    "splits": dict(KPS=8, BLOCK_T=8),  # 2-4 splits of 1-2 blocks: the output product's programs combine the partials
     "one-split-blocks": dict(KPS=64, BLOCK_T=8),  # one split of 2-5 blocks, each next block loaded ahead
 }
 
