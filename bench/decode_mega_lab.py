@@ -38,8 +38,7 @@ CONFIGS = [  # BASE: splits of the K stages per product kind, attention key spli
     # warps; 256: no weight stream (the producer marks each stage full without copying it: the consumers' work on
     # stale shared memory and the phases' synchronisation alone). KPS: keys per attention split (ceil((pos + 1) /
     # KPS) splits, at most SA; 64: a split per 64-key block, as before session 21); RC False: each head's last split
-    # combines the partials (a ticket), not the output product's programs (as before session 21; always so with an
-    # adapter term on the output product)
+    # combines the partials (a ticket), not the output product's programs (as before session 21)
     BASE,
     dict(BASE, LORA=8),
     dict(BASE, probe=256),

@@ -640,8 +640,8 @@ def _rope(src, d, md, c, sn):
 
 @gluon.jit
 def _key_splits(pos, SA: gl.constexpr, KPS: gl.constexpr):
-    """The key splits of a head at position pos: ceil((pos + 1) / KPS), at most SA (one split below KPS keys: no
-    partials, no ticket, no combine, each of them an L2 round trip while the weight stream saturates HBM)."""
+    """The key splits of a head at position pos: ceil((pos + 1) / KPS), at most SA (a split's key blocks are L2
+    round trips one after another: one block per split is fastest at these positions, session 21)."""
     return gl.minimum((pos + KPS) // KPS, SA)
 
 
@@ -840,8 +840,8 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
               TRACE: gl.constexpr, KPS: gl.constexpr, RC: gl.constexpr,
               num_warps: gl.constexpr):  # fmt: skip
     """Per phase: wait, form and quantize the product's input, the program's tasks, arrive. With adapter terms
-    (_lora_worker adds them): a product's sums by atomics, its readers wait for 2 P arrivals, and each head's last
-    attention split adds its part of the output product's t. The adapters' factors of product kind j (R[j] > 0): A
+    (_lora_worker adds them): a product's sums by atomics, its readers wait for 2 P arrivals (with RC off, each head's
+    last attention split adds its part of the output product's t). The adapters' factors of product kind j (R[j] > 0): A
     at lora_ptr + LOFF[j] ([L, R, K]), B at lora_ptr + LOFF[5 + j] ([L, N, R]); t of phase c at t_ptr + c TG RT (TG
     copies, RT apart)."""
     pid = gl.program_id(0)
