@@ -182,7 +182,8 @@ def _gpu_setup(adapters=(), dtype=torch.float32):
 ATTENTION = {  # the kernel's attention knobs per case: keys per split (KPS) and per block (BLOCK_T)
     "one-split": {},  # the defaults: one split of one block at these positions
     "splits": dict(KPS=8, BLOCK_T=8),  # 2-4 splits of 1-2 blocks: the output product's programs combine the partials
-    "one-split-blocks": dict(KPS=64, BLOCK_T=8),  # one split of 2-5 blocks, each next block loaded ahead
+    "one-split-blocks": dict(KPS=64, BLOCK_T=8),  # one split of 2-5 blocks
+    "ticket": dict(KPS=8, BLOCK_T=8, RC=False),  # the lab's RC off: each head's last split combines after a ticket
 }
 
 
@@ -190,7 +191,15 @@ ATTENTION = {  # the kernel's attention knobs per case: keys per split (KPS) and
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "with_adapters, attention",
-    [(False, "one-split"), (False, "splits"), (False, "one-split-blocks"), (True, "one-split"), (True, "splits")],
+    [
+        (False, "one-split"),
+        (False, "splits"),
+        (False, "one-split-blocks"),
+        (False, "ticket"),
+        (True, "one-split"),
+        (True, "splits"),
+        (True, "ticket"),
+    ],
 )
 def test_megakernel_step_is_the_act_q8_step(with_adapters, attention):
     """Each decode step's logits (and the cache rows it writes) against the eager --act-q8 step (quant.q8_0_act_matmul
