@@ -993,8 +993,9 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
     q_s, d_s, xq_s, dx_s, full, empty = _ring(q0, qt0, d0, STAGES, num_warps)
     # fmt: off
-    # two calls with the same first partitions: a partition list cannot be a value in Gluon code; without adapters
-    # the kernel is the one measured before them (no third partition)
+    # two calls with the same first partitions: a partition list cannot be a value in Gluon code, nor can an
+    # argument tuple that holds constexpr tuples (S, R, ...: "cannot convert to tensor", session 21); without
+    # adapters the kernel is the one measured before them (no third partition)
     if R[0] + R[1] + R[2] + R[3] + R[4] > 0:  # with the adapters' warp
         gl.warp_specialize(
             [
