@@ -38,7 +38,8 @@ CONFIGS = [  # BASE: splits of the K stages per product kind, attention key spli
     # warps; 256: no weight stream (the producer marks each stage full without copying it: the consumers' work on
     # stale shared memory and the phases' synchronisation alone). KPS: keys per attention split (ceil((pos + 1) /
     # KPS) splits, at most SA; 64: a split per 64-key block, as before session 21); RC False: each head's last split
-    # combines the partials (a ticket), not the output product's programs (as before session 21)
+    # combines the partials (a ticket), not the output product's programs (as before session 21); probe 512: the tasks
+    # add nothing into the products' sums (no atomics); 1024: the arrivals without their release fence
     BASE,
     dict(BASE, LORA=8),
     dict(BASE, probe=256),
@@ -47,6 +48,13 @@ CONFIGS = [  # BASE: splits of the K stages per product kind, attention key spli
     dict(BASE, KPS=256),
     dict(BASE, KPS=512),
     dict(BASE, LORA=8, RC=False),
+    dict(BASE, probe=512),
+    dict(BASE, probe=8),
+    dict(BASE, probe=520),
+    dict(BASE, probe=4),
+    dict(BASE, STAGES=8),
+    dict(BASE, probe=1024),
+    dict(BASE, probe=1536),
 ]
 
 
@@ -172,6 +180,23 @@ def timeline(trace: torch.Tensor, layers: int) -> list[dict]:
     return rows
 
 
+def imbalance(trace: torch.Tensor, layers: int) -> list[dict]:
+    """Per product of a layer: each program's time from its input quantized to its tasks done (stamps 12 -> 1,
+    13 -> 5, 14 -> 7, 15 -> 9) over the middle layers; are the slow programs the same ones in every layer?"""
+    t = trace.double()
+    sm = trace[:, 24 * layers + 2].tolist()
+    out = []
+    for name, a, b in (("q|k|v", 12, 1), ("output", 13, 5), ("gate|up", 14, 7), ("down", 15, 9)):
+        d = torch.stack([(t[:, 16 * i + b] - t[:, 16 * i + a]) / 1e3 for i in range(1, layers - 1)], 1)  # [P, layers]
+        even, odd = d[:, 0::2].mean(1), d[:, 1::2].mean(1)
+        corr = torch.corrcoef(torch.stack([even, odd]))[0, 1].item()
+        means = d.mean(1)
+        slow = means.argsort(descending=True)[:8].tolist()
+        out.append({"product": name, "mean_us": means.mean().item(), "slowest_us": means.max().item(), "corr": corr,
+                    "slow_sms": [sm[i] for i in slow]})  # fmt: skip
+    return out
+
+
 def rel(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max |want|."""
     return ((got.double() - want).abs().max() / want.abs().max()).item()
@@ -251,16 +276,25 @@ def main(argv=None) -> int:
             if a.launch_only:  # the launch alone (its sums not zeroed: wrong numbers, timed only)
                 alone = graph_us(lambda b=b, descs=descs, dims=dims: decode_step(b, descs, dims, n_sm))
                 report(f"{name} (the launch alone)", alone)
-            b["trace"] = torch.zeros(n_sm, 24 * L + 2, dtype=torch.int64, device=dev)
+            b["trace"] = torch.zeros(n_sm, 24 * L + 3, dtype=torch.int64, device=dev)
             step()
             torch.cuda.synchronize()
             tl = timeline(b["trace"].cpu(), L)
+            spread = imbalance(b["trace"].cpu(), L)
             del b["trace"]
             print("    a layer's timeline (us after its first program starts; first / median / last program):")
             for r in tl:
                 print(f"      {r['event']:<48s} {r.get('first_us', float('nan')):7.2f} {r['median_us']:7.2f} "
                       f"{r.get('last_us', float('nan')):7.2f}")  # fmt: skip
-            report(name, us, {"cfg": cfg, "checks": checks, "timeline": tl})
+            print(
+                "    the tasks' time per program (input quantized -> tasks done), middle layers: mean over programs,"
+                " the slowest program's mean, and the split-half correlation of the programs' means (odd vs even"
+                " layers; near 1: the same programs are slow in every layer); the slowest programs' SMs"
+            )
+            for r in spread:
+                print(f"      {r['product']:<10s} mean {r['mean_us']:6.2f}  slowest {r['slowest_us']:6.2f}  "
+                      f"corr {r['corr']:5.2f}  SMs {r['slow_sms']}")  # fmt: skip
+            report(name, us, {"cfg": cfg, "checks": checks, "timeline": tl, "imbalance": spread})
             del descs
         except Exception as e:
             print(f"{name}: failed: {type(e).__name__}: {str(e)[:400]}", flush=True)

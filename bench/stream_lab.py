@@ -14,8 +14,12 @@ it (no arithmetic: the stream alone):
   cpasync  four producer warps, cp.async of 16 bytes per thread (eight per thread per stage), each thread arriving at
            the stage's barrier when its copies land (cp.async.mbarrier.arrive.noinc)
   ldg      reference: a plain Triton kernel, no ring, many programs each summing 64 KB of the buffer
+  tma1-split, tma1-scales, tma1-split-scales: tma1 with the megakernel's addresses (a program's stages are the
+           tasks of a contiguous range of the split-major order of gate|up-shaped products in tile-major weights:
+           16 KB pieces 200 KB apart) and / or a stage's 1 KB box of scales beside it (session 22)
 Each is timed as the best of five rounds of ten CUDA-graph replays; prints the rate and the ratio to tma1, saves
-JSON. Not run on the GPU yet (built for sm_90a offline, session 21).
+JSON. Session 22 on the H200: every form 4.59-4.70 TB/s (tma1 587 us for 2.76 GB; the megakernel's addresses and
+scale boxes 4.67); the step's weight stream is not what holds the megakernel at ~2.9 TB/s.
 """
 
 from __future__ import annotations
@@ -50,16 +54,36 @@ def _share(n):
 
 
 @gluon.jit
-def _tma_producer(desc, q_s, full, empty, n, W: gl.constexpr, NP: gl.constexpr):
-    """Producer W of NP: the program's stages lo + W, lo + W + NP, ... by TMA (one [ROWS, COLS] box each)."""
+def _tma_producer(desc, d_desc, q_s, d_s, full, empty, n, W: gl.constexpr, NP: gl.constexpr,
+                  SPLIT: gl.constexpr = False, SCALES: gl.constexpr = False):  # fmt: skip
+    """Producer W of NP: the program's stages lo + W, lo + W + NP, ... by TMA (one [ROWS, COLS] box each). SPLIT:
+    stage g is read where the megakernel's task g of a gate|up-shaped product lies (split-major tasks, tile-major
+    weights: 16 KB pieces 200 KB apart, _stage_at); SCALES: with a 1 KB box of scales per stage, as it loads them."""
     STAGES: gl.constexpr = full.shape[0]
+    NBYTES: gl.constexpr = desc.block_type.nbytes + (d_desc.block_type.nbytes if SCALES else 0)
     lo, hi = _share(n)
     for g in range(lo + W, hi, NP):
         it = g - lo
         st = it % STAGES
+        a = _stage_at(g) if SPLIT else g
         mbarrier.wait(empty.index(st), ((it // STAGES) & 1) ^ 1)
-        mbarrier.expect(full.index(st), desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc, [g * ROWS, 0], full.index(st), q_s.index(st))
+        mbarrier.expect(full.index(st), NBYTES)
+        tma.async_copy_global_to_shared(desc, [a * ROWS, 0], full.index(st), q_s.index(st))
+        if SCALES:
+            tma.async_copy_global_to_shared(d_desc, [a * 2, 0], full.index(st), d_s.index(st))
+
+
+NB_GU: gl.constexpr = gl.constexpr(270)  # the 3B step's gate|up product: 270 row blocks x 13 stages of 16 KB
+ST_GU: gl.constexpr = gl.constexpr(13)
+
+
+@gluon.jit
+def _stage_at(g):
+    """Where task g of the split-major order (task = split NB + row block) of gate|up-shaped products lies in their
+    tile-major weights (row block rb's 13 stages contiguous): product g // (NB ST), row block, stage."""
+    per: gl.constexpr = NB_GU * ST_GU
+    t = g % per
+    return (g // per) * per + (t % NB_GU) * ST_GU + t // NB_GU
 
 
 @gluon.jit
@@ -92,10 +116,12 @@ def _consumer(q_s, full, empty, n, num_warps: gl.constexpr):
 
 
 @gluon.jit
-def _stream_kernel(desc, x_ptr, n, STAGES: gl.constexpr, FORM: gl.constexpr, num_warps: gl.constexpr):
-    """FORM 0: tma1, 1: tma2, 2: cpasync (see the module docstring)."""
+def _stream_kernel(desc, d_desc, x_ptr, n, STAGES: gl.constexpr, FORM: gl.constexpr, num_warps: gl.constexpr):
+    """FORM 0: tma1, 1: tma2, 2: cpasync, 3: tma1-split, 4: tma1-scales, 5: tma1-split-scales (see the module
+    docstring)."""
     lay: gl.constexpr = desc.layout
     q_s = gl.allocate_shared_memory(gl.int8, [STAGES, ROWS, COLS], lay)
+    d_s = gl.allocate_shared_memory(gl.float16, [STAGES] + d_desc.block_type.shape, d_desc.layout)
     full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
@@ -104,11 +130,15 @@ def _stream_kernel(desc, x_ptr, n, STAGES: gl.constexpr, FORM: gl.constexpr, num
     # fmt: off
     if FORM == 0:
         gl.warp_specialize([(_consumer, (q_s, full, empty, n, num_warps)),
-                            (_tma_producer, (desc, q_s, full, empty, n, 0, 1))], [1], [48])
+                            (_tma_producer, (desc, d_desc, q_s, d_s, full, empty, n, 0, 1))], [1], [48])
     elif FORM == 1:
         gl.warp_specialize([(_consumer, (q_s, full, empty, n, num_warps)),
-                            (_tma_producer, (desc, q_s, full, empty, n, 0, 2)),
-                            (_tma_producer, (desc, q_s, full, empty, n, 1, 2))], [1, 1], [48, 48])
+                            (_tma_producer, (desc, d_desc, q_s, d_s, full, empty, n, 0, 2)),
+                            (_tma_producer, (desc, d_desc, q_s, d_s, full, empty, n, 1, 2))], [1, 1], [48, 48])
+    elif FORM >= 3:
+        gl.warp_specialize([(_consumer, (q_s, full, empty, n, num_warps)),
+                            (_tma_producer, (desc, d_desc, q_s, d_s, full, empty, n, 0, 1, FORM != 4, FORM != 3))],
+                           [1], [48])
     else:
         gl.warp_specialize([(_consumer, (q_s, full, empty, n, num_warps)),
                             (_cp_producer, (x_ptr, q_s, full, empty, n, 4))], [4], [64])
@@ -123,11 +153,12 @@ def _ldg_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
     tl.store(out_ptr + pid, tl.sum(w, axis=0))
 
 
-FORMS = {"tma1": 0, "tma2": 1, "cpasync": 2}
+FORMS = {"tma1": 0, "tma2": 1, "cpasync": 2, "tma1-split": 3, "tma1-scales": 4, "tma1-split-scales": 5}
 
 
 def stream(x: torch.Tensor, form: str, stages: int, programs: int, desc=None) -> None:
-    """One launch of a variant over x (int8 [n * ROWS, COLS]); desc: its TMA descriptor (tma forms)."""
+    """One launch of a variant over x (int8 [n * ROWS, COLS]); desc: its TMA descriptors (tma forms: x's, the
+    scales')."""
     n = x.shape[0] // ROWS.value
     if form == "ldg":
         words = x.view(torch.int32).view(-1)
@@ -135,14 +166,19 @@ def stream(x: torch.Tensor, form: str, stages: int, programs: int, desc=None) ->
         out = torch.empty(words.numel() * 4 // block, dtype=torch.int32, device=x.device)
         _ldg_kernel[(out.numel(),)](words, out, BLOCK=block, num_warps=8)
         return
-    _stream_kernel[(programs,)](desc, x, n, STAGES=stages, FORM=FORMS[form], num_warps=4)
+    _stream_kernel[(programs,)](desc[0], desc[1], x, n, STAGES=stages, FORM=FORMS[form], num_warps=4)
 
 
-def descriptor(x: torch.Tensor):
+def descriptor(x: torch.Tensor, d: torch.Tensor):
+    """TMA descriptors of x (boxes [ROWS, COLS]: a stage) and of the scales d (fp16 [2 n, 256], boxes [2, 256]: a
+    stage's 1 KB, as the megakernel's pack_d layout)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     lay = gl.NVMMASharedLayout.get_default_for([ROWS.value, COLS.value], gl.int8)
-    return TensorDescriptor.from_tensor(x, [ROWS.value, COLS.value], lay)
+    flat16 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
+    return TensorDescriptor.from_tensor(x, [ROWS.value, COLS.value], lay), TensorDescriptor.from_tensor(
+        d, [2, 256], flat16
+    )
 
 
 def main(argv=None) -> int:
@@ -159,14 +195,16 @@ def main(argv=None) -> int:
     dev = torch.device("cuda")
     programs = torch.cuda.get_device_properties(dev).multi_processor_count
     n = int(a.gb * 1e9) // (ROWS.value * COLS.value)
-    n -= n % 16  # whole 64 KB blocks for ldg
+    n -= n % (16 * 270 * 13)  # whole 64 KB blocks for ldg, whole gate|up-shaped products for the split forms
     x = torch.randint(-127, 128, (n * ROWS.value, COLS.value), dtype=torch.int8, device=dev)
-    desc = descriptor(x)
+    d = torch.randn(2 * n, 256, device=dev).half()
+    desc = descriptor(x, d)
     rows = []
-    for form in ("tma1", "tma2", "cpasync", "ldg"):
+    for form in ("tma1", "tma2", "cpasync", "ldg", *[f for f in FORMS if f.startswith("tma1-")]):
         try:
             us = graph_us(lambda form=form: stream(x, form, a.stages, programs, desc))
-            rows.append({"form": form, "us": us, "tb_s": x.numel() / us / 1e6})
+            nbytes = x.numel() + (d.numel() * 2 if "scales" in form else 0)
+            rows.append({"form": form, "us": us, "tb_s": nbytes / us / 1e6})
         except Exception as e:  # a form that fails to build or run: reported, the others still measured
             rows.append({"form": form, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         r = rows[-1]

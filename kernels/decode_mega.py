@@ -208,9 +208,9 @@ def _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N: gl.constex
     xq_s / dx_s, W's stages from the ring (full / empty, `it` the ring position): task = (row block, split of the K
     stages). A task adds its split's sums atomically (fire and forget: no round trip per task; the order of a row's S
     additions varies, so the fp32 sums may differ in the last bit between runs); with S == 1 it stores them, unless ADD
-    (y += the product: a residual, or a LoRA term added too). PROBE 1: the stages consumed without their arithmetic
-    (wrong numbers). SPAN: this program's tasks are the contiguous range _span of the split-major order (task = split
-    NB + row block), not first, first + P, ... Returns the ring position."""
+    (y += the product: a residual, or a LoRA term added too). PROBE 1: the stages consumed without their arithmetic,
+    2: no additions into y (wrong numbers). SPAN: this program's tasks are the contiguous range _span of the
+    split-major order (task = split NB + row block), not first, first + P, ... Returns the ring position."""
     STAGES: gl.constexpr = full.shape[0]
     STEPS: gl.constexpr = (K + GK - 1) // GK
     PER: gl.constexpr = (STEPS + S - 1) // S
@@ -253,7 +253,9 @@ def _tasks(y_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, first, P, N: gl.constex
             acc += isum.to(gl.float32) * dw * gl.expand_dims(dx, 0)
             it += 1
         rn = rb * BLOCK_N + rows
-        if ADD or S > 1:
+        if (PROBE // 2) % 2 == 1:
+            pass
+        elif ADD or S > 1:
             gl.atomic_add(y_ptr + rn, gl.sum(acc, axis=1), mask=rn < N, sem="relaxed", scope="gpu")
         else:
             gl.store(y_ptr + rn, gl.sum(acc, axis=1), mask=rn < N)
@@ -291,19 +293,33 @@ def _chunks(xq_s, dx_s, RB: gl.constexpr):
 def _quantize_span(x_ptr, xq_s, dx_s, b0, b1, K: gl.constexpr, SWIGLU: gl.constexpr, num_warps: gl.constexpr):
     """Blocks [b0, b1) of the input quantized (_span's range: the only ones this program's tasks read): x_ptr[:K], or
     (SWIGLU) silu(gate) * up of the packed [gate | up] sums at x_ptr (K each); fp32 read past L1. In chunks of
-    16 num_warps blocks on the chunk grid (a chunk's blocks outside the range are written as zeros)."""
+    8 num_warps blocks on the chunk grid (a chunk's blocks outside the range are written as zeros): the range's
+    first two chunks asked for together (a range that crossed a chunk's edge took one more L2 round trip, 1.6 us
+    for the last programs of the 3B step's down product, session 22), the rest after them."""
     XB: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
-    RB: gl.constexpr = 16 * num_warps
+    RB: gl.constexpr = 8 * num_warps
     xq_c, dx_c = _chunks(xq_s, dx_s, RB)
-    for c in range(b0 // RB, (b1 + RB - 1) // RB):
-        blk = c * RB + gl.arange(0, RB, layout=gl.SliceLayout(1, XB))
-        offs = gl.expand_dims(blk * 32, 1) + gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, XB)), 0)
-        m = gl.expand_dims((blk >= b0) & (blk < b1), 1) & (offs < K)
-        x = gl.load(x_ptr + offs, mask=m, other=0.0, cache_modifier=".cg")
-        if SWIGLU:
-            u = gl.load(x_ptr + K + offs, mask=m, other=0.0, cache_modifier=".cg")
-            x = x / (1.0 + gl.exp(-x)) * u
-        _q8(x, xq_c.index(c), dx_c.index(c))
+    c0 = b0 // RB
+    x0 = _span_values(x_ptr, c0, b0, b1, K, SWIGLU, RB, XB)
+    x1 = _span_values(x_ptr, c0 + 1, b0, b1, K, SWIGLU, RB, XB)
+    _q8(x0, xq_c.index(c0), dx_c.index(c0))
+    if (c0 + 1) * RB < b1:
+        _q8(x1, xq_c.index(c0 + 1), dx_c.index(c0 + 1))
+    for c in range(c0 + 2, (b1 + RB - 1) // RB):
+        _q8(_span_values(x_ptr, c, b0, b1, K, SWIGLU, RB, XB), xq_c.index(c), dx_c.index(c))
+
+
+@gluon.jit
+def _span_values(x_ptr, c, b0, b1, K: gl.constexpr, SWIGLU: gl.constexpr, RB: gl.constexpr, XB: gl.constexpr):
+    """_quantize_span's input values of chunk c ([RB, 32], zeros outside blocks [b0, b1))."""
+    blk = c * RB + gl.arange(0, RB, layout=gl.SliceLayout(1, XB))
+    offs = gl.expand_dims(blk * 32, 1) + gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, XB)), 0)
+    m = gl.expand_dims((blk >= b0) & (blk < b1), 1) & (offs < K)
+    x = gl.load(x_ptr + offs, mask=m, other=0.0, cache_modifier=".cg")
+    if SWIGLU:
+        u = gl.load(x_ptr + K + offs, mask=m, other=0.0, cache_modifier=".cg")
+        x = x / (1.0 + gl.exp(-x)) * u
+    return x
 
 
 @gluon.jit
@@ -567,7 +583,7 @@ def _lora_worker(h_ptr, y32_ptr, logits_ptr, ws_ptr, pos_ptr, g_ptr, lora_ptr, t
     for layer in range(L):
         c = layer * 5
         y_l = y32_ptr + layer.to(gl.int64) * RSL
-        trw = trace_ptr + pid * (24 * L + 2) + 16 * L + 2 + 8 * layer
+        trw = trace_ptr + pid * (24 * L + 3) + 16 * L + 2 + 8 * layer
         if R[0] > 0:
             a = _lora_early(lora_ptr + LOFF[0] + layer * (R[0] * E), lora_ptr + LOFF[5] + layer * (NQ * R[0]), E, NQ,
                             R[0], RP[0], TSL[0], NW)  # fmt: skip
@@ -815,9 +831,14 @@ def _stamp(trace_ptr, pid, k, TRACE: gl.constexpr):
 
 
 @gluon.jit
-def _arrive(sync_ptr, phase):
+def _arrive(sync_ptr, phase, RELAXED: gl.constexpr = False):
+    """One arrival at the phase's counter, releasing every consumer warp's stores and additions before it. RELAXED
+    (lab probe 1024, wrong ordering): no release fence, what the fence costs."""
     gl.thread_barrier()  # every consumer warp's stores / additions precede the arrival
-    gl.atomic_add(sync_ptr + phase * SYNC_STRIDE, 1, sem="release", scope="gpu")
+    if RELAXED:
+        gl.atomic_add(sync_ptr + phase * SYNC_STRIDE, 1, sem="relaxed", scope="gpu")
+    else:
+        gl.atomic_add(sync_ptr + phase * SYNC_STRIDE, 1, sem="release", scope="gpu")
 
 
 @gluon.jit
@@ -847,9 +868,13 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
     pid = gl.program_id(0)
     P = gl.num_programs(0)
     pos = gl.load(pos_ptr).to(gl.int32)
-    tr = trace_ptr + pid * (24 * L + 2)  # 16 L + 2 stamps, then the adapters' warp's 8 L
+    tr = trace_ptr + pid * (24 * L + 3)  # 16 L + 2 stamps, then the adapters' warp's 8 L, then the SM's id
+    if TRACE:
+        smid = gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [pid], dtype=gl.int32, is_pure=False, pack=1)
+        gl.store(tr + 24 * L + 2, smid.to(gl.int64))
     err = sync_ptr + (5 * L + 1) * SYNC_STRIDE
-    TP: gl.constexpr = 1 if (PROBE // 8) % 2 == 1 else 0  # probe 8: the tasks without their arithmetic
+    TP: gl.constexpr = (PROBE // 8) % 2 + 2 * ((PROBE // 512) % 2)  # probe 8: no arithmetic, 512: no additions
+    RLX: gl.constexpr = (PROBE // 1024) % 2 == 1  # probe 1024: arrivals without their release fence
     NQ: gl.constexpr = (H + 2 * HKV) * D
     RSL: gl.constexpr = NQ + 2 * F  # a layer's fp32 region: q|k|v sums, then gate|up sums
     G: gl.constexpr = H // HKV
@@ -874,7 +899,7 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
         it = _tasks(y_l, xq_s, dx_s, q_s, d_s, full, empty, it, 0, P, NQ, E, S[0], BLOCK_N, TP, R[0] > 0, num_warps,
                     True)  # fmt: skip
         _stamp(tr, pid, 16 * layer + 1, TRACE)
-        _arrive(sync_ptr, c)
+        _arrive(sync_ptr, c, RLX)
         _stamp(tr, pid, 16 * layer + 10, TRACE)
         ns = _key_splits(pos, SA, KPS)
         if pid < H * SA:
@@ -893,9 +918,9 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
                                   s, ns, a_o, t_ptr + ((c + 2) * TG + hd % TG) * RT, H, HKV, D, SA, BLOCK_T,
                                   RO, RP[1], RC, num_warps):  # fmt: skip
                         _stamp(tr, pid, 16 * layer + 3, TRACE)
-                        _arrive(sync_ptr, c + 1)
+                        _arrive(sync_ptr, c + 1, RLX)
                 elif RC or s == 0:
-                    _arrive(sync_ptr, c + 1)
+                    _arrive(sync_ptr, c + 1, RLX)
         if RC:
             _wait(sync_ptr, err, c + 1, H * ns, PROBE)  # every split's partial written
         else:
@@ -911,7 +936,7 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
         it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, 0, P, E, H * D, S[1], BLOCK_N, TP, True, num_warps,
                     True)  # fmt: skip
         _stamp(tr, pid, 16 * layer + 5, TRACE)
-        _arrive(sync_ptr, c + 2)
+        _arrive(sync_ptr, c + 2, RLX)
         _wait(sync_ptr, err, c + 2, P * M1, PROBE)
         _stamp(tr, pid, 16 * layer + 6, TRACE)
         _, _, b0, b1 = _span(2 * F, E, S[2], BLOCK_N)
@@ -921,7 +946,7 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
         it = _tasks(y_l + NQ, xq_s, dx_s, q_s, d_s, full, empty, it, 0, P, 2 * F, E, S[2], BLOCK_N, TP, R[2] > 0,
                     num_warps, True)  # fmt: skip
         _stamp(tr, pid, 16 * layer + 7, TRACE)
-        _arrive(sync_ptr, c + 3)
+        _arrive(sync_ptr, c + 3, RLX)
         _wait(sync_ptr, err, c + 3, P * M2, PROBE)
         _stamp(tr, pid, 16 * layer + 8, TRACE)
         _, _, b0, b1 = _span(E, F, S[3], BLOCK_N)
@@ -930,7 +955,7 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
         _stamp(tr, pid, 16 * layer + 15, TRACE)
         it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, 0, P, E, F, S[3], BLOCK_N, TP, True, num_warps, True)
         _stamp(tr, pid, 16 * layer + 9, TRACE)
-        _arrive(sync_ptr, c + 4)
+        _arrive(sync_ptr, c + 4, RLX)
     _wait(sync_ptr, err, 5 * L - 1, P * M3, PROBE)
     _stamp(tr, pid, 16 * L, TRACE)
     _, _, b0, b1 = _span(V, E, S[4], BLOCK_N)
@@ -1155,7 +1180,7 @@ def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) ->
     (fp32 [n_ctx, D / 2]), pos (int32 or int64 [1]), gains (fp32 [2 L + 1, E]: attn_norm, ffn_norm per layer,
     output_norm), sync (int32 zeros [sync_words(L) * SYNC_STRIDE]; its error word set if a wait gave up); with
     adapters lora (pack_lora's buffer) and t (fp32 [t_words(L, RT)], zeros); optional trace (int64 [programs, 24 L +
-    2], TRACE stamps)."""
+    3], TRACE stamps, then the program's SM)."""
     qd, qt, dd = descs
     trace = bufs.get("trace")
     ranks = dims.get("R", (0,) * 5)
