@@ -163,6 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "predict_h200.json")
     ap.add_argument("--skip-hf", action="store_true", help="skip HF transformers generate (same run, same shape)")
     ap.add_argument("--only-prefill", action="store_true", help="just the 512-token prefill")
+    ap.add_argument("--only-mega", action="store_true", help="just the megakernel's greedy decode, without and with "
+                    "the two adapters (printed, not saved)")  # fmt: skip
     a = ap.parse_args(argv)
     be = get_backend("cuda-triton")
     model = random_q8_model(shapes(a.layers), be.device)
@@ -170,6 +172,11 @@ def main(argv=None) -> int:
     if a.only_prefill:
         r = bench_prefill(model, be)
         print(json.dumps({"case": "prefill 512", **r}), flush=True)
+        return 0
+    if a.only_mega:
+        for name, adapters in (("", ()), (", 2 scaled adapters", two_adapters(model, be.device))):
+            r = bench_decode(model, be, adapters, a.prompt, a.new, mode="device", act_q8=True)
+            print(json.dumps({"case": f"decode, --act-q8 (megakernel){name}, argmax on GPU", **r}), flush=True)
         return 0
     # prefill first, as in `lorakit predict` (a fresh process: the prompt, then the decode steps)
     r = bench_prefill(model, be)
