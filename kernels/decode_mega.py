@@ -662,24 +662,18 @@ def _key_splits(pos, SA: gl.constexpr, KPS: gl.constexpr):
 
 
 @gluon.jit
-def _kv_block(kc_ptr, vc_ptr, t0, pos, D: gl.constexpr, BLOCK_T: gl.constexpr, num_warps: gl.constexpr):
-    """The cached k and v rows t0..t0 + BLOCK_T - 1 below pos ([BLOCK_T, BLOCK_D] in the cache's dtype, zeros
-    elsewhere: row pos is this token's, not in the cache yet), in _attention's layout."""
+def _attend_block(kc_ptr, vc_ptr, t0, pos, kn, vn, qe, qk_scale, m_i, l_i, acc, D: gl.constexpr,
+                  BLOCK_T: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """The online softmax over keys t0..t0 + BLOCK_T - 1: the cached k and v rows below pos (kc_ptr / vc_ptr), row
+    pos the new kn / vn (not in the cache yet), rows past pos none; the running max m_i, sum l_i and acc = sum_t
+    2^(s_t - m_i) v_t, updated."""
     AL: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [num_warps, 1], [1, 0])
     d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, AL))
     t = t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, AL))
     rows = gl.expand_dims(t * D, 1) + gl.expand_dims(d, 0)
     m = gl.expand_dims(t < pos, 1) & gl.expand_dims(d < D, 0)
-    return gl.load(kc_ptr + rows, mask=m, other=0.0), gl.load(vc_ptr + rows, mask=m, other=0.0)
-
-
-@gluon.jit
-def _attend_block(kt, vt, t0, pos, kn, vn, qe, qk_scale, m_i, l_i, acc, BLOCK_T: gl.constexpr,
-                  num_warps: gl.constexpr):  # fmt: skip
-    """The online softmax over keys t0..t0 + BLOCK_T - 1 (kt / vt: _kv_block's cached rows; row pos: the new kn /
-    vn; rows past pos: none): the running max m_i, sum l_i and acc = sum_t 2^(s_t - m_i) v_t, updated."""
-    AL: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [num_warps, 1], [1, 0])
-    t = t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, AL))
+    kt = gl.load(kc_ptr + rows, mask=m, other=0.0)
+    vt = gl.load(vc_ptr + rows, mask=m, other=0.0)
     new = gl.expand_dims(t == pos, 1)
     sc = gl.sum(gl.where(new, kn, kt.to(gl.float32)) * qe, axis=1)
     sc = gl.where(t <= pos, sc * qk_scale, float("-inf"))
@@ -745,8 +739,8 @@ def _attention(qkv_ptr, ws_ptr, cnt_ptr, attn_ptr, kc_ptr, vc_ptr, cos_ptr, sin_
     l_i = gl.sum(gl.zeros_like(q), axis=0)
     acc = gl.zeros_like(q)
     for t0 in range(s * BLOCK_T, n, ns * BLOCK_T):
-        kt, vt = _kv_block(kc_ptr, vc_ptr, t0, pos, D, BLOCK_T, num_warps)
-        m_i, l_i, acc = _attend_block(kt, vt, t0, pos, kn, vn, qe, qk_scale, m_i, l_i, acc, BLOCK_T, num_warps)
+        m_i, l_i, acc = _attend_block(kc_ptr, vc_ptr, t0, pos, kn, vn, qe, qk_scale, m_i, l_i, acc, D, BLOCK_T,
+                                      num_warps)  # fmt: skip
     last = True
     if RC:
         row = ws_ptr + (hd * SA + s) * (D + 2)
