@@ -334,12 +334,20 @@ def _partials(ws_ptr, ns, c, b0, b1, H: gl.constexpr, D: gl.constexpr, SA: gl.co
     e = gl.expand_dims(blk * 32, 1) + gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, X2)), 0)
     ok = gl.expand_dims((blk >= b0) & (blk < b1), 1) & (e < H * D)
     sp = gl.expand_dims(gl.expand_dims(gl.arange(0, SA, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3))), 1), 2)
-    row = ws_ptr + gl.expand_dims((e // D) * (SA * (D + 2)), 0) + sp * (D + 2)
-    live = gl.expand_dims(ok, 0) & (sp < ns)
+    m, lsum, acc = _load_partials(ws_ptr, ns, gl.expand_dims(e, 0), gl.expand_dims(ok, 0), sp, D, SA)
+    return m, lsum, acc, ok
+
+
+@gluon.jit
+def _load_partials(ws_ptr, ns, e, ok, sp, D: gl.constexpr, SA: gl.constexpr):
+    """m, l and acc of the heads' attention partials at ws[head, s] for elements e of the heads' row (ok their mask)
+    and splits sp (broadcast together; splits past ns and elements outside ok: m = -inf, l = acc = 0)."""
+    row = ws_ptr + (e // D) * (SA * (D + 2)) + sp * (D + 2)
+    live = ok & (sp < ns)
     m = gl.load(row + D, mask=live, other=float("-inf"), cache_modifier=".cg")
     lsum = gl.load(row + D + 1, mask=live, other=0.0, cache_modifier=".cg")
-    acc = gl.load(row + gl.expand_dims(e % D, 0), mask=live, other=0.0, cache_modifier=".cg")
-    return m, lsum, acc, ok
+    acc = gl.load(row + e % D, mask=live, other=0.0, cache_modifier=".cg")
+    return m, lsum, acc
 
 
 @gluon.jit
@@ -360,11 +368,7 @@ def _combined_at(ws_ptr, ns, e, ok, D: gl.constexpr, SA: gl.constexpr, num_warps
     e2 = gl.expand_dims(gl.convert_layout(e, gl.SliceLayout(0, L2)), 0)
     ok2 = gl.expand_dims(gl.convert_layout(ok, gl.SliceLayout(0, L2)), 0)
     sp = gl.expand_dims(gl.arange(0, SA, layout=gl.SliceLayout(1, L2)), 1)
-    row = ws_ptr + (e2 // D) * (SA * (D + 2)) + sp * (D + 2)
-    live = ok2 & (sp < ns)
-    m = gl.load(row + D, mask=live, other=float("-inf"), cache_modifier=".cg")
-    lsum = gl.load(row + D + 1, mask=live, other=0.0, cache_modifier=".cg")
-    acc = gl.load(row + e2 % D, mask=live, other=0.0, cache_modifier=".cg")
+    m, lsum, acc = _load_partials(ws_ptr, ns, e2, ok2, sp, D, SA)
     return _combined(m, lsum, acc, gl.convert_layout(ok, gl.SliceLayout(0, L2)))
 
 
