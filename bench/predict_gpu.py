@@ -173,23 +173,21 @@ def main(argv=None) -> int:
         r = bench_prefill(model, be)
         print(json.dumps({"case": "prefill 512", **r}), flush=True)
         return 0
-    if a.only_mega:
-        for name, adapters in (("", ()), (", 2 scaled adapters", two_adapters(model, be.device))):
-            r = bench_decode(model, be, adapters, a.prompt, a.new, mode="device", act_q8=True)
-            print(json.dumps({"case": f"decode, --act-q8 (megakernel){name}, argmax on GPU", **r}), flush=True)
-        return 0
-    # prefill first, as in `lorakit predict` (a fresh process: the prompt, then the decode steps)
-    r = bench_prefill(model, be)
-    rows.append({"case": "prefill 512", **r, "vs_llamacpp": r["prefill_tok_s"] / LLAMACPP_PREFILL})
-    print(json.dumps(rows[-1]), flush=True)
+    if not a.only_mega:  # prefill first, as in `lorakit predict` (a fresh process: the prompt, then the decode steps)
+        r = bench_prefill(model, be)
+        rows.append({"case": "prefill 512", **r, "vs_llamacpp": r["prefill_tok_s"] / LLAMACPP_PREFILL})
+        print(json.dumps(rows[-1]), flush=True)
     ads = two_adapters(model, be.device)
+    mega_modes = (("device", "argmax on GPU"), ("sampled", "default sampling"))[: 1 if a.only_mega else 2]
     for name, adapters in (("", ()), (", 2 scaled adapters", ads)):
-        for mode, how in (("device", "argmax on GPU"), ("sampled", "default sampling")):
+        for mode, how in mega_modes:
             r = bench_decode(model, be, adapters, a.prompt, a.new, mode=mode, act_q8=True)
             rows.append({"case": f"decode, --act-q8 (megakernel){name}, {how}", **r,
                          "vs_llamacpp": r["decode_tok_s"] / LLAMACPP_DECODE})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
             torch.cuda.empty_cache()
+    if a.only_mega:
+        return 0
     for name, adapters in (("no adapter", ()), ("2 scaled adapters", ads)):
         for mode, how in (("host", "host argmax"), ("device", "argmax on GPU"), ("sampled", "default sampling"),
                           ("sampled-host", "default sampling, draw on host")):  # fmt: skip

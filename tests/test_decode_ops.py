@@ -26,7 +26,7 @@ may straddle a rounding boundary: one unit of the dtype, <= 2*u_out relative). P
     |dy| <= (2(|g| + 6)u + 4 u_out) * |silu(g) * up| * (1 + 4 u_out).
   * rope_kv_write: the same fp32 ops (mul, mul, sub/add; FMA contraction disabled on the GPU) and one
     rounding on both sides -> q and the cache rows are bit-identical; every other cache row is untouched.
-  * argmax_into: exact (an index): the first index of the largest value, as torch.argmax.
+  * greedy_next: exact (an index): the first index of the largest value, as torch.argmax.
   * attention_decode: with S = max_j scale*sum_d |q_d k_jd| over the n = pos+1 keys and pmag = sum_j p_j |v_j|
     (fp64 softmax weights p), each side computes o = sum_j p'_j v_j / sum_j p'_j with p'_j = p_j (1 + e_j):
     the score is within (D+3)u*S (D-term fp32 dot, the scale and log2(e) factors), the argument s_j - max
