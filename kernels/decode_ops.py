@@ -238,7 +238,9 @@ def _attn_decode_kernel(
 
 @triton.jit
 def _greedy_next_kernel(x_ptr, tok_ptr, pos_ptr, z_ptr, hist_ptr, n, nz, nh, per, BLOCK: tl.constexpr,
-                        ZBLOCK: tl.constexpr, HAS_POS: tl.constexpr, HAS_HIST: tl.constexpr):  # fmt: skip
+                        ZBLOCK: tl.constexpr, HAS_POS: tl.constexpr, HAS_HIST: tl.constexpr,
+                        PDL: tl.constexpr = False):  # fmt: skip
+    _pdl_start(PDL)
     pid = tl.program_id(0)
     if pid == 0:
         offs = tl.arange(0, BLOCK)
@@ -285,6 +287,7 @@ def greedy_next(x: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor | None = N
         x, tok, tok if pos is None else pos, x if zero is None else zero, tok if hist is None else hist, x.numel(),
         nz, 0 if hist is None else hist.numel(), per, BLOCK=min(next_pow2(x.numel()), ARGMAX_BLOCK),
         ZBLOCK=ARGMAX_BLOCK, HAS_POS=pos is not None, HAS_HIST=hist is not None, num_warps=1 if _INTERPRET else 16,
+        **pdl(x.device),
     )  # fmt: skip
     return tok
 
