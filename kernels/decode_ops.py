@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_util import _pdl_start, _to, cdiv, check_tensor, interpreting, next_pow2, pdl
+from .triton_util import _pdl_start, _to, cdiv, check_tensor, interpreting, launch_overlap, next_pow2, pdl
 
 _INTERPRET = interpreting()
 MAX_ROW = 16384  # add_rms_norm keeps a whole row in registers
@@ -287,7 +287,7 @@ def greedy_next(x: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor | None = N
         x, tok, tok if pos is None else pos, x if zero is None else zero, tok if hist is None else hist, x.numel(),
         nz, 0 if hist is None else hist.numel(), per, BLOCK=min(next_pow2(x.numel()), ARGMAX_BLOCK),
         ZBLOCK=ARGMAX_BLOCK, HAS_POS=pos is not None, HAS_HIST=hist is not None, num_warps=1 if _INTERPRET else 16,
-        **pdl(x.device),
+        **(pdl(x.device) if launch_overlap() else {}),
     )  # fmt: skip
     return tok
 

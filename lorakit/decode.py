@@ -243,7 +243,9 @@ class GraphDecoder:
         host = torch.empty(2, dtype=torch.long, pin_memory=True)
         done = [torch.cuda.Event(), torch.cuda.Event()]
         ran = [torch.cuda.Event(), torch.cuda.Event()]
-        side = self.greedy and pos + steps <= self.hist.numel()
+        from .kernels.triton_util import launch_overlap
+
+        side = self.greedy and pos + steps <= self.hist.numel() and launch_overlap()
         if side and self._side is None:
             self._side = torch.cuda.Stream()
         for i in range(steps + 1):
