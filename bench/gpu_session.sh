@@ -98,10 +98,10 @@ for s in "$@"; do
     prefill-fixed) step prefill_fixed 100 env LORAKIT_AUTOTUNE=0 python3 bench/predict_gpu.py --only-prefill ;;
     predict) step predict 360 python3 bench/predict_gpu.py --out "$out/predict_h200.json" ;;
     predict-nohf) step predict 360 python3 bench/predict_gpu.py --skip-hf --out "$out/predict_h200.json" ;;
-    predict-mega) step predict_mega 300 python3 bench/predict_gpu.py --only-mega ;;
+    predict-mega) step predict_mega 300 env LORAKIT_AUTOTUNE=0 python3 bench/predict_gpu.py --only-mega ;;
     predict-mega-ab)  # the decode launches' overlap off, then on (LORAKIT_LAUNCH_OVERLAP), in one call
-        step predict_mega_off 300 env LORAKIT_LAUNCH_OVERLAP=0 python3 bench/predict_gpu.py --only-mega
-        step predict_mega_on 200 python3 bench/predict_gpu.py --only-mega ;;
+        step predict_mega_off 300 env LORAKIT_AUTOTUNE=0 LORAKIT_LAUNCH_OVERLAP=0 python3 bench/predict_gpu.py --only-mega
+        step predict_mega_on 200 env LORAKIT_AUTOTUNE=0 python3 bench/predict_gpu.py --only-mega ;;
     launchtest) step pytest_launch 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
         -k "launch or grid_arith" ;;
     finetune-quick)
