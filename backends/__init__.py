@@ -138,11 +138,17 @@ class Backend(Protocol):
         step, instead of a memset per launch); ignored where not needed."""
 
     def greedy_next(
-        self, logits: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor | None = None, zero: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor,
+        tok: torch.Tensor,
+        pos: torch.Tensor | None = None,
+        zero: torch.Tensor | None = None,
+        hist: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """A greedy decode step's end, written in place (a captured step's state): tok (one int64 element) =
         torch.argmax(logits) of the 1-D logits (the first index of the largest value), pos (one int64 element) += 1,
-        zero (a float32 buffer) = 0; returns tok."""
+        zero (a float32 buffer) = 0, hist (int64 [n], with pos) [pos before the increment] = tok when that position
+        is in [0, n); returns tok."""
 
     def rope_attention_decode(
         self,

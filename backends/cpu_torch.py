@@ -148,9 +148,16 @@ class CpuTorchBackend(TermByTermLora):
         return out.transpose(1, 2).reshape(1, 1, H * D)
 
     def greedy_next(
-        self, logits: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor | None = None, zero: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor,
+        tok: torch.Tensor,
+        pos: torch.Tensor | None = None,
+        zero: torch.Tensor | None = None,
+        hist: torch.Tensor | None = None,
     ) -> torch.Tensor:
         tok.view(()).copy_(torch.argmax(logits))
+        if hist is not None and 0 <= int(pos) < hist.numel():
+            hist[int(pos)] = tok.view(())
         if pos is not None:
             pos.add_(1)
         if zero is not None:

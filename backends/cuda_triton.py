@@ -188,9 +188,14 @@ class CudaTritonBackend:
         return self._dec.attention_decode(q, cache_k, cache_v, pos, counters)
 
     def greedy_next(
-        self, logits: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor | None = None, zero: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor,
+        tok: torch.Tensor,
+        pos: torch.Tensor | None = None,
+        zero: torch.Tensor | None = None,
+        hist: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self._dec.greedy_next(logits, tok, pos, zero)
+        return self._dec.greedy_next(logits, tok, pos, zero, hist)
 
     def rope_attention_decode(
         self,

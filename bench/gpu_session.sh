@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
-#   bash bench/gpu_session.sh OUTDIR [gputests] [acttests] [megatests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-mega] [streamlab] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [tclab] [tccheck] [wgmmatests] [wgmmalab] [wgmmalab-notriton] [wgmmalab-quick] [hostlab] [prefillpaths] [predict] [predict-nohf] [predict-mega] [launchtest] [prefill-fixed] [ncu-ws] [ncu-gemv] [persistentlab] [persistentlab-ws] [persistentlab-triton] [persistentlab-i8] [megalab[:CFG]] [ncu-chain] [ncu-chain-i8]
+#   bash bench/gpu_session.sh OUTDIR [gputests] [acttests] [megatests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-mega] [streamlab] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [tclab] [tccheck] [wgmmatests] [wgmmalab] [wgmmalab-notriton] [wgmmalab-quick] [hostlab] [prefillpaths] [predict] [predict-nohf] [predict-mega] [predict-mega-ab] [launchtest] [prefill-fixed] [ncu-ws] [ncu-gemv] [persistentlab] [persistentlab-ws] [persistentlab-triton] [persistentlab-i8] [megalab[:CFG]] [ncu-chain] [ncu-chain-i8]
 #                             [finetune-quick] [finetune-quick-nogluon] [adamw-repeat] [finetune] [finetune-main] [finetune-big] [finetune-seed] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-large] [kernels-small] [kernels-decode]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
@@ -99,6 +99,9 @@ for s in "$@"; do
     predict) step predict 360 python3 bench/predict_gpu.py --out "$out/predict_h200.json" ;;
     predict-nohf) step predict 360 python3 bench/predict_gpu.py --skip-hf --out "$out/predict_h200.json" ;;
     predict-mega) step predict_mega 300 env LORAKIT_AUTOTUNE=0 python3 bench/predict_gpu.py --only-mega ;;
+    predict-mega-ab)  # the decode launches' overlap off, then on (LORAKIT_LAUNCH_OVERLAP), in one call
+        step predict_mega_off 300 env LORAKIT_AUTOTUNE=0 LORAKIT_LAUNCH_OVERLAP=0 python3 bench/predict_gpu.py --only-mega
+        step predict_mega_on 200 env LORAKIT_AUTOTUNE=0 python3 bench/predict_gpu.py --only-mega ;;
     launchtest) step pytest_launch 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
         -k "launch or grid_arith" ;;
     finetune-quick)

@@ -567,7 +567,8 @@ def _lora_worker(h_ptr, y32_ptr, logits_ptr, ws_ptr, pos_ptr, g_ptr, lora_ptr, t
                  E: gl.constexpr, F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr,
                  D: gl.constexpr, SA: gl.constexpr, KPS: gl.constexpr, RC: gl.constexpr, R: gl.constexpr,
                  RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr, TR: gl.constexpr,
-                 PROBE: gl.constexpr, TG: gl.constexpr, NW: gl.constexpr, trace_ptr, TRACE: gl.constexpr):  # fmt: skip
+                 PROBE: gl.constexpr, TG: gl.constexpr, NW: gl.constexpr, trace_ptr, TRACE: gl.constexpr,
+                 PDL: gl.constexpr):  # fmt: skip
     """The adapters' terms, on a warp of their own beside the consumers (a chain of L2 round trips and a wait for
     every program would stall the weight stream there): per product with a term, once its input is ready,
     _lora_chain into the product's sums and one more arrival at the product's counter (the product's readers wait
@@ -579,6 +580,8 @@ def _lora_worker(h_ptr, y32_ptr, logits_ptr, ws_ptr, pos_ptr, g_ptr, lora_ptr, t
     TS: gl.constexpr = TG * RT  # t of phase c at t_ptr + c TS
     P = gl.num_programs(0)
     pid = gl.program_id(0)
+    if PDL:
+        _grid_dep(pid, True)  # the previous kernel's writes (the token's embedding row) before any read
     err = sync_ptr + (5 * L + 1) * SYNC_STRIDE
     tw = 5 * L + 2
     NQ: gl.constexpr = (H + 2 * HKV) * D
@@ -829,6 +832,18 @@ def _stamp(trace_ptr, pid, k, TRACE: gl.constexpr):
 
 
 @gluon.jit
+def _grid_dep(x, WAIT: gl.constexpr):
+    """Programmatic dependent launch (the kernel launched with launch_pdl): WAIT, until the previous kernel in the
+    stream has finished and its writes are visible; else, let the next kernel launch (it waits for this one)."""
+    if WAIT:
+        gl.inline_asm_elementwise("griddepcontrol.wait; mov.b32 $0, $1;", "=r,r", [x], dtype=gl.int32, is_pure=False,
+                                  pack=1)  # fmt: skip
+    else:
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; mov.b32 $0, $1;", "=r,r", [x], dtype=gl.int32,
+                                  is_pure=False, pack=1)  # fmt: skip
+
+
+@gluon.jit
 def _arrive(sync_ptr, phase, RELAXED: gl.constexpr = False):
     """One arrival at the phase's counter, releasing every consumer warp's stores and additions before it. RELAXED
     (lab probe 1024, wrong ordering): no release fence, what the fence costs."""
@@ -856,7 +871,7 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
               F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr,
               SA: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, PROBE: gl.constexpr,
               R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TG: gl.constexpr, trace_ptr,
-              TRACE: gl.constexpr, KPS: gl.constexpr, RC: gl.constexpr,
+              TRACE: gl.constexpr, KPS: gl.constexpr, RC: gl.constexpr, PDL: gl.constexpr,
               num_warps: gl.constexpr):  # fmt: skip
     """Per phase: wait, form and quantize the product's input, the program's tasks, arrive. With adapter terms
     (_lora_worker adds them): a product's sums by atomics, its readers wait for 2 P arrivals (with RC off, each head's
@@ -865,6 +880,8 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
     copies, RT apart)."""
     pid = gl.program_id(0)
     P = gl.num_programs(0)
+    if PDL:
+        _grid_dep(pid, True)  # the previous kernel's writes (the token's embedding row) before any read
     pos = gl.load(pos_ptr).to(gl.int32)
     tr = trace_ptr + pid * (24 * L + 3)  # 16 L + 2 stamps, then the adapters' warp's 8 L, then the SM's id
     if TRACE:
@@ -955,6 +972,8 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
         _stamp(tr, pid, 16 * layer + 9, TRACE)
         _arrive(sync_ptr, c + 4, RLX)
     _wait(sync_ptr, err, 5 * L - 1, P * M3, PROBE)
+    if PDL:  # every program is resident by now (all arrived): the next kernel may launch and wait for this one
+        _grid_dep(pid, False)
     _stamp(tr, pid, 16 * L, TRACE)
     _, _, b0, b1 = _span(V, E, S[4], BLOCK_N)
     _quantize_norm_span(h_ptr, g_ptr + (2 * L) * E, eps, xq_s, dx_s, b0, b1, E, num_warps)
@@ -1011,7 +1030,7 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                         R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr,
                         TR: gl.constexpr, TG: gl.constexpr, LNW: gl.constexpr,
                         LREG: gl.constexpr, trace_ptr, TRACE: gl.constexpr, KPS: gl.constexpr, RC: gl.constexpr,
-                        num_warps: gl.constexpr):  # fmt: skip
+                        PDL: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
     q_s, d_s, xq_s, dx_s, full, empty = _ring(q0, qt0, d0, STAGES, num_warps)
@@ -1025,12 +1044,12 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                 (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr,
                              pos_ptr, g_ptr, lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx,
                              eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, PROBE, R, RP, LOFF, RT,
-                             TG, trace_ptr, TRACE, KPS, RC, num_warps)),
+                             TG, trace_ptr, TRACE, KPS, RC, PDL, num_warps)),
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
                              L, S, E, F, V, H, HKV, D, PROBE)),
                 (_lora_worker, (h_ptr, y32_ptr, logits_ptr, ws_ptr, pos_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps,
                                 E, F, V, H, HKV, D, SA, KPS, RC, R, RP, LOFF, RT, TSL, TR, PROBE, TG, LNW, trace_ptr,
-                                TRACE)),
+                                TRACE, PDL)),
             ],
             [1, LNW],
             [48, LREG],
@@ -1041,7 +1060,7 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
                 (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr,
                              pos_ptr, g_ptr, lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx,
                              eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, PROBE, R, RP, LOFF, RT,
-                             TG, trace_ptr, TRACE, KPS, RC, num_warps)),
+                             TG, trace_ptr, TRACE, KPS, RC, PDL, num_warps)),
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
                              L, S, E, F, V, H, HKV, D, PROBE)),
             ],
@@ -1168,6 +1187,15 @@ def descriptors(weights):
     return qd, qt, dd
 
 
+def _launch_pdl(device) -> dict:
+    """A programmatic dependent launch (sm_90): the producer streams the first weights while the previous kernel (the
+    token's embedding row) finishes; the consumers and the adapters' warp wait for it (_grid_dep) before any read."""
+    from .triton_util import launch_overlap, pdl
+
+    on = bool(pdl(device)) and launch_overlap()
+    return {"PDL": on, **({"launch_pdl": True} if on else {})}
+
+
 def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) -> None:
     """One launch. dims: L, E, F, V, H, HKV, D, eps, S (splits per product kind), SA (the most key splits per head),
     with adapters pack_lora's R, RP, LOFF, RT, TSL, TR; labs may set BLOCK_T, STAGES, TG, LNW, KPS (keys per key
@@ -1196,5 +1224,5 @@ def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) ->
         V=dims["V"], H=dims["H"], HKV=dims["HKV"], D=dims["D"], SA=dims["SA"], BLOCK_T=dims.get("BLOCK_T", BLOCK_T),
         STAGES=dims.get("STAGES", STAGES), PROBE=probe, **lora,
         trace_ptr=bufs["sync"] if trace is None else trace, TRACE=trace is not None, KPS=dims.get("KPS", KPS),
-        RC=dims.get("RC", True), num_warps=WARPS,
+        RC=dims.get("RC", True), num_warps=WARPS, **_launch_pdl(bufs["h"].device),
     )  # fmt: skip

@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_util import _pdl_start, _to, cdiv, check_tensor, interpreting, next_pow2, pdl
+from .triton_util import _pdl_start, _to, cdiv, check_tensor, interpreting, launch_overlap, next_pow2, pdl
 
 _INTERPRET = interpreting()
 MAX_ROW = 16384  # add_rms_norm keeps a whole row in registers
@@ -237,8 +237,10 @@ def _attn_decode_kernel(
 
 
 @triton.jit
-def _greedy_next_kernel(x_ptr, tok_ptr, pos_ptr, z_ptr, n, nz, per, BLOCK: tl.constexpr, ZBLOCK: tl.constexpr,
-                        HAS_POS: tl.constexpr):  # fmt: skip
+def _greedy_next_kernel(x_ptr, tok_ptr, pos_ptr, z_ptr, hist_ptr, n, nz, nh, per, BLOCK: tl.constexpr,
+                        ZBLOCK: tl.constexpr, HAS_POS: tl.constexpr, HAS_HIST: tl.constexpr,
+                        PDL: tl.constexpr = False):  # fmt: skip
+    _pdl_start(PDL)
     pid = tl.program_id(0)
     if pid == 0:
         offs = tl.arange(0, BLOCK)
@@ -252,17 +254,21 @@ def _greedy_next_kernel(x_ptr, tok_ptr, pos_ptr, z_ptr, n, nz, per, BLOCK: tl.co
             best = tl.maximum(best, v)
         tl.store(tok_ptr, best_i)
         if HAS_POS:
-            tl.store(pos_ptr, tl.load(pos_ptr) + 1)
+            p = tl.load(pos_ptr)
+            if HAS_HIST:
+                tl.store(hist_ptr + p, best_i, mask=(p >= 0) & (p < nh))
+            tl.store(pos_ptr, p + 1)
     zo = tl.arange(0, ZBLOCK)
     for start in range(pid * per, tl.minimum(pid * per + per, nz), ZBLOCK):
         tl.store(z_ptr + start + zo, tl.zeros([ZBLOCK], tl.float32), mask=start + zo < tl.minimum(pid * per + per, nz))
 
 
 def greedy_next(x: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor | None = None,
-                zero: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                zero: torch.Tensor | None = None, hist: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """tok (one int64 element) = the first index of the largest value of the 1-D x (see the module docstring); pos
-    (one int64 element, optional) += 1; zero (an fp32 buffer, optional, not x) = 0: a greedy decode step's last
-    launch. Returns tok."""
+    (one int64 element, optional) += 1; zero (an fp32 buffer, optional, not x) = 0; hist (int64 [n], with pos):
+    hist[pos] = tok at the position before the increment (a position outside [0, n) writes nothing): a greedy decode
+    step's last launch. Returns tok."""
     if x.dim() != 1 or not x.is_contiguous() or x.numel() == 0:
         raise ValueError("greedy_next: x must be a non-empty contiguous 1-D tensor")
     for name, t in (("tok", tok), ("pos", pos)):
@@ -271,13 +277,17 @@ def greedy_next(x: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor | None = N
             raise ValueError(f"greedy_next: {name} must be one contiguous int64 element on {x.device}")
     if zero is not None and (zero.dtype != torch.float32 or not zero.is_contiguous() or zero.device != x.device):
         raise ValueError(f"greedy_next: zero must be a contiguous float32 tensor on {x.device}")
+    if hist is not None and (pos is None or hist.dtype != torch.int64 or hist.dim() != 1 or not hist.is_contiguous()
+                             or hist.device != x.device):  # fmt: skip
+        raise ValueError(f"greedy_next: hist must be a contiguous 1-D int64 tensor on {x.device}, with pos")
     nz = 0 if zero is None else zero.numel()
     grid = 1 if nz == 0 else max(1, min(GREEDY_PROGRAMS, cdiv(nz, 8192)))
     per = cdiv(nz, grid)
     _greedy_next_kernel[(grid,)](
-        x, tok, tok if pos is None else pos, x if zero is None else zero, x.numel(), nz, per,
-        BLOCK=min(next_pow2(x.numel()), ARGMAX_BLOCK), ZBLOCK=ARGMAX_BLOCK, HAS_POS=pos is not None,
-        num_warps=1 if _INTERPRET else 16,
+        x, tok, tok if pos is None else pos, x if zero is None else zero, tok if hist is None else hist, x.numel(),
+        nz, 0 if hist is None else hist.numel(), per, BLOCK=min(next_pow2(x.numel()), ARGMAX_BLOCK),
+        ZBLOCK=ARGMAX_BLOCK, HAS_POS=pos is not None, HAS_HIST=hist is not None, num_warps=1 if _INTERPRET else 16,
+        **(pdl(x.device) if launch_overlap() else {}),
     )  # fmt: skip
     return tok
 

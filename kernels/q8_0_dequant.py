@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_util import _INTERPRET, QK, _q8_f32, _to, cdiv, launch, next_pow2
+from .triton_util import _INTERPRET, QK, _pdl_start, _q8_f32, _to, cdiv, launch, launch_overlap, next_pow2, pdl
 
 
 @triton.jit
@@ -23,8 +23,11 @@ def _q8_rows_kernel(
     HAS_IDX: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EMU_BF16: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
-    """out[i] = W[idx[i]] (or W[i]) dequantized: fp32 product qs * d, rounded once to out's dtype."""
+    """out[i] = W[idx[i]] (or W[i]) dequantized: fp32 product qs * d, rounded once to out's dtype. PDL: launched
+    as a programmatic dependent launch (triton_util.pdl; a decode step's embedding row lets the megakernel start)."""
+    _pdl_start(PDL)
     row = tl.program_id(0)
     pid_k = tl.program_id(1)
     if HAS_IDX:
@@ -79,7 +82,9 @@ def q8_0_dequantize(
     block_k = min(1024, next_pow2(k))
     grid = (rows, cdiv(k, block_k))
     args = (qs, d, idx, out, k, qs.stride(0), d.stride(0), out.stride(0))
-    launch(_q8_rows_kernel, grid, args, dict(HAS_IDX=index is not None, BLOCK_K=block_k, EMU_BF16=_INTERPRET))
+    launch(_q8_rows_kernel, grid, args,
+           dict(HAS_IDX=index is not None, BLOCK_K=block_k, EMU_BF16=_INTERPRET,
+                **(pdl(qs.device) if launch_overlap() else {})))  # fmt: skip
     return out.reshape(*lead, k)
 
 

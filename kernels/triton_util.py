@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import torch
@@ -55,6 +56,13 @@ def check_tensor(x: torch.Tensor, what: str, dtype: torch.dtype | None = None, d
 @functools.cache
 def _pdl_device(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def launch_overlap() -> bool:
+    """Whether a decode step's launches overlap (the megakernel, the embedding row and greedy_next as programmatic
+    dependent launches; greedy tokens copied to the host on a side stream): LORAKIT_LAUNCH_OVERLAP=0 turns it off,
+    for benchmarks that compare both in one run."""
+    return os.environ.get("LORAKIT_LAUNCH_OVERLAP", "1") != "0"
 
 
 def pdl(device: torch.device) -> dict:

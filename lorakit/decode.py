@@ -126,6 +126,10 @@ class GraphDecoder:
         # index of the next one
         self.uniforms = torch.zeros(cache.k[0].shape[2] if device_draw else 1, device=dev)
         self.nth = torch.zeros(1, dtype=torch.long, device=dev)
+        # greedy: each step's token also at hist[its position], which tokens() copies to the host on a stream of its
+        # own (no copy between two steps' launches)
+        self.hist = torch.zeros(cache.k[0].shape[2] if greedy else 1, dtype=torch.long, device=dev)
+        self._side = None
         self._zero_next = None  # a greedy step's buffer zeroed with its argmax for the next step (MegaDecoder's sums)
         self.graph = None
         self.use_graph = use_graph and dev.type == "cuda"
@@ -153,7 +157,7 @@ class GraphDecoder:
         if self.sampler is not None:  # the sampler's device stages: only their survivors go to the host
             self.picks = survivors(logits, self.sampler)
         if self.greedy:  # the next step's token (the argmax, written in place) and position, formed on the device
-            self.backend.greedy_next(logits.view(-1), self.tok, self.pos, self._zero_next)
+            self.backend.greedy_next(logits.view(-1), self.tok, self.pos, self._zero_next, self.hist)
         elif self.device_draw:  # ... or the draw too, with the step's uniform
             nxt = pick(self.picks, self.sampler.temp, self.uniforms.index_select(0, self.nth)[0])
             self.nth.add_(1)
@@ -220,7 +224,8 @@ class GraphDecoder:
         draw: uniforms, one per step, as generate.draw takes them from the generator). Each step takes its token and
         position from the previous one on the device, and the host reads token i while step i + 1 runs (one step
         ahead; a caller that stops early leaves one step computed past its last token, whose cache row is never
-        read)."""
+        read). Greedy steps leave their token at hist[position] too; it reaches the host by a copy on a stream of its
+        own, so nothing runs between two steps' launches."""
         if not (self.greedy or self.device_draw):
             raise ValueError("tokens() needs a GraphDecoder made with greedy=True or device_draw=True")
         if self.device_draw:
@@ -237,11 +242,24 @@ class GraphDecoder:
             return
         host = torch.empty(2, dtype=torch.long, pin_memory=True)
         done = [torch.cuda.Event(), torch.cuda.Event()]
+        ran = [torch.cuda.Event(), torch.cuda.Event()]
+        from .kernels.triton_util import launch_overlap
+
+        side = self.greedy and pos + steps <= self.hist.numel() and launch_overlap()
+        if side and self._side is None:
+            self._side = torch.cuda.Stream()
         for i in range(steps + 1):
             if i < steps:
                 self._run()
-                host[i % 2].copy_(self.tok.view(()), non_blocking=True)
-                done[i % 2].record()
+                if side:  # step i's token from its history slot, copied on the side stream: step i + 1 follows at once
+                    ran[i % 2].record()
+                    self._side.wait_event(ran[i % 2])
+                    with torch.cuda.stream(self._side):
+                        host[i % 2].copy_(self.hist[pos + i], non_blocking=True)
+                        done[i % 2].record()
+                else:
+                    host[i % 2].copy_(self.tok.view(()), non_blocking=True)
+                    done[i % 2].record()
             if i > 0:
                 done[(i - 1) % 2].synchronize()
                 yield int(host[(i - 1) % 2])

@@ -47,7 +47,7 @@ def _compile(dims: dict, cache: str):
     sig.update({"sync_ptr": "*i32", "L": "i32", "n_ctx": "i32", "eps": "fp32", "qk_scale": "fp32"})
     lora = dict(TG=km.TG, LNW=km.LNW, LREG=km.LREG[km.LNW])  # the launcher's defaults
     consts = dict(**dims, BLOCK_T=km.BLOCK_T, STAGES=km.STAGES, PROBE=0, **lora)
-    consts.update(KPS=km.KPS, RC=True)
+    consts.update(KPS=km.KPS, RC=True, PDL=True)
     sig.update({k: "constexpr" for k in consts})
     sig.update({"trace_ptr": "*i64", "TRACE": "constexpr", "num_warps": "constexpr"})
     consts.update(TRACE=False, num_warps=km.WARPS)
@@ -55,7 +55,7 @@ def _compile(dims: dict, cache: str):
     names = km._decode_step_kernel.arg_names
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
     src = GluonASTSource(km._decode_step_kernel, sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": km.WARPS})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": km.WARPS, "launch_pdl": True})
 
 
 def builds() -> list[dict]:

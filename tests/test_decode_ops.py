@@ -482,3 +482,20 @@ def test_greedy_next_is_torch_argmax(n):
     assert int(decode_ops.greedy_next(cases[0].to(DEVICE), tok)) == int(torch.argmax(cases[0]))  # tok alone
     with pytest.raises(ValueError):
         decode_ops.greedy_next(torch.zeros(2, 3, device=DEVICE), tok)
+
+
+def test_greedy_next_history():
+    """With hist, the token lands at hist[pos] (the position before the step's increment), one slot per step, in
+    both backends; a position outside hist writes nothing; hist without pos is an error."""
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(50, generator=g) for _ in range(4)]
+    for be_next, dev in ((decode_ops.greedy_next, DEVICE), (CpuTorchBackend().greedy_next, "cpu")):
+        hist = torch.full((4,), -1, dtype=torch.int64, device=dev)
+        tok = torch.zeros(1, 1, dtype=torch.int64, device=dev)
+        pos = torch.tensor([1], device=dev)
+        for x in xs:  # positions 1, 2, 3, then 4: past the end, nothing written
+            be_next(x.to(dev), tok, pos, None, hist)
+        assert hist.tolist() == [-1] + [int(torch.argmax(x)) for x in xs[:3]]
+        assert int(pos) == 5 and int(tok) == int(torch.argmax(xs[3]))
+    with pytest.raises(ValueError):
+        decode_ops.greedy_next(xs[0].to(DEVICE), tok.to(DEVICE), None, None, hist.to(DEVICE))
