@@ -96,8 +96,8 @@ for s in "$@"; do
     prefillpaths) step prefill_paths 300 python3 bench/prefill_paths_lab.py --out "$out/prefill_paths_lab.json" ;;
     hostlab) step host_lab 150 python3 bench/host_lab.py --out "$out/host_lab_h200.json" ;;
     prefill-fixed) step prefill_fixed 100 env LORAKIT_AUTOTUNE=0 python3 bench/predict_gpu.py --only-prefill ;;
-    predict) step predict 360 python3 bench/predict_gpu.py --out "$out/predict_h200.json" ;;
-    predict-nohf) step predict 360 python3 bench/predict_gpu.py --skip-hf --out "$out/predict_h200.json" ;;
+    predict) step predict 540 python3 bench/predict_gpu.py --out "$out/predict_h200.json" ;;
+    predict-nohf) step predict 540 python3 bench/predict_gpu.py --skip-hf --out "$out/predict_h200.json" ;;
     predict-mega) step predict_mega 300 env LORAKIT_AUTOTUNE=0 python3 bench/predict_gpu.py --only-mega ;;
     predict-mega-ab)  # the decode launches' overlap off, then on (LORAKIT_LAUNCH_OVERLAP), in one call
         step predict_mega_off 300 env LORAKIT_AUTOTUNE=0 LORAKIT_LAUNCH_OVERLAP=0 python3 bench/predict_gpu.py --only-mega
