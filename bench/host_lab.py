@@ -6,7 +6,9 @@
 The prefill launches op by op, so the host (Python + launch) can be the limit rather than the GPU. For each
 op the prefill calls, it times `calls` back-to-back calls without synchronizing: host us/call (until the
 Python call returns) next to wall us/call (until the GPU is done). Where host >= wall the op is host-bound.
-Then the same for one whole layer (model.block) and the whole prefill (Generator.logits).
+Then the same for one whole layer (model.block) and the whole prefill (Generator.logits). First the whole
+prefill with Python's cyclic collector paused (as Generator.logits runs it) and running, before and after
+gc.freeze() (as `lorakit predict` does once the model is loaded): host time and the collections' time.
 """
 
 from __future__ import annotations
@@ -127,7 +129,8 @@ def main(argv=None) -> int:
     }  # fmt: skip
     rows = []
     with torch.no_grad():
-        prefill = lambda: gen.logits(ids, gen.new_cache(), 0)  # noqa: E731
+        prefill = lambda: gen.logits(ids, gen.new_cache(), 0)  # noqa: E731 - the collector paused (generate.gc_paused)
+        running = lambda: Generator.logits.__wrapped__(gen, ids, gen.new_cache(), 0)  # noqa: E731 - ... or not
         gc_s = [0.0, 0]
 
         def gc_clock(phase, info, t0=[0.0]):  # noqa: B006 - the start time between the two calls
@@ -138,11 +141,18 @@ def main(argv=None) -> int:
                 gc_s[1] += info["generation"] == 2
 
         gc.callbacks.append(gc_clock)
-        for what in ("first", "second", "after gc.freeze()"):
-            if what == "after gc.freeze()":
+        gc_cases = (
+            ("first, GC running", running),
+            ("GC paused", prefill),
+            ("GC running", running),
+            ("GC paused, after gc.freeze()", prefill),
+            ("GC running, after gc.freeze()", running),
+        )
+        for what, fn in gc_cases:
+            if what == "GC paused, after gc.freeze()":
                 gc.freeze()  # what lorakit predict does once the model is loaded
             gc_s[:] = [0.0, 0]
-            host, wall = host_wall(prefill, 5)
+            host, wall = host_wall(fn, 5)
             rows.append({"case": f"prefill {T} {what}", "host_us": host, "wall_us": wall, "tok_s": T / wall * 1e6,
                          "gc_ms_per_call": gc_s[0] / 7 * 1e3, "full_gcs": gc_s[1]})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)

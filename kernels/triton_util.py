@@ -176,16 +176,9 @@ def launch(kernel, grid: tuple, args: tuple, const: dict) -> None:
         kernel[grid](*args, **const)
         return
     device = triton.runtime.driver.active.get_current_device()
-    spec = tuple(  # inline (a call per argument costs host time): tensors, floats, TMA descriptors, other values
-        (a.dtype, a.data_ptr() % 16 == 0)
-        if isinstance(a, torch.Tensor)
-        else float
-        if type(a) is float
-        else _desc_spec(a)
-        if hasattr(a, "block_shape")
-        else a
-        for a in args
-    )
+    # inline, exact types first (a call or an isinstance per argument costs host time): ints, plain tensors, the rest
+    spec = tuple([a if type(a) is int else (a.dtype, a.data_ptr() & 15 == 0) if type(a) is _TENSOR else _spec(a)
+                  for a in args])  # fmt: skip
     key = (kernel, device, tuple(const.items()), spec)
     hit = _COMPILED.get(key)
     if hit is None:
@@ -202,9 +195,28 @@ def launch(kernel, grid: tuple, args: tuple, const: dict) -> None:
     stream = triton.runtime.driver.active.get_current_stream(device)
     g = (*grid, 1, 1)
     rt = triton.knobs.runtime
-    meta = compiled.launch_metadata(grid, stream, *full)  # None unless a launch hook is set
-    compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, meta,
-                 rt.launch_enter_hook, rt.launch_exit_hook, *full)  # fmt: skip
+    enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
+    if getattr(enter, "calls", True) or getattr(leave, "calls", True):  # a hook is set: its metadata
+        meta = compiled.launch_metadata(grid, stream, *full)
+    else:  # triton's empty chains: the launcher calls no hook for None (and the metadata is not formed)
+        meta = enter = leave = None
+    compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, meta, enter, leave,
+                 *full)  # fmt: skip
+
+
+_TENSOR = torch.Tensor
+
+
+def _spec(a):
+    """launch()'s key for an argument other than an int or a plain tensor: a tensor subclass like a tensor, the type
+    of a float, a TMA descriptor by _desc_spec, any other value (None, a bool, a string) as it is."""
+    if type(a) is float:
+        return float
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() & 15 == 0
+    if hasattr(a, "block_shape"):
+        return _desc_spec(a)
+    return a
 
 
 def _desc_spec(a) -> tuple:

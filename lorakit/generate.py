@@ -8,6 +8,8 @@ uniform per token from a torch generator seeded with --seed: lorakit's stream, n
 
 from __future__ import annotations
 
+import functools
+import gc
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -99,6 +101,27 @@ def greedy_only(p: SamplingParams) -> bool:
     return p.temp <= 0 and no_penalty(p)
 
 
+def gc_paused(fn):
+    """fn run with Python's cyclic garbage collector paused (as it was before, after; nested calls leave it alone). A
+    prompt on a GPU is bound by the host's launches, and a full collection in the middle of one scans every object of
+    torch and triton: 140-170 ms on the H200's host during a process's first 512-token prompts, against ~25 ms for
+    the prompt itself (bench/host_lab.py). The objects a prompt makes are freed by their reference counts; the
+    collection its allocations would have started runs at the next one after it (`lorakit predict` freezes the
+    imports' objects first, so that even a full one is short)."""
+
+    @functools.wraps(fn)
+    def paused(*args, **kwargs):
+        if not gc.isenabled():
+            return fn(*args, **kwargs)
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            gc.enable()
+
+    return paused
+
+
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
@@ -138,6 +161,7 @@ class Generator:
         self._tiled: dict = {}  # MegaDecoder's weights in its layout, formed on the first generation's decoder
         self.use_graph = backend.device.type == "cuda"
 
+    @gc_paused
     @torch.no_grad()
     def logits(self, tokens: Sequence[int], cache: KVCache, n_past: int) -> torch.Tensor:
         """Run tokens at positions n_past.. and return the last position's logits [V] (float32)."""
@@ -178,7 +202,7 @@ class Generator:
                 break
             yield tok
             history.append(tok)
-            if n_past >= self.n_ctx:
+            if n_past >= self.n_ctx or self.stats.generated == n_predict:  # no step for a token not asked for
                 break
             logits = step(tok, n_past) if step is not None else self.logits([tok], cache, n_past)
             n_past += 1

@@ -41,6 +41,8 @@ def load_adapters(paths: list[tuple[str, float]], model) -> list:
 
 
 def run_predict(req: PredictRequest) -> Iterator[str | GenerationStats]:
+    """The generation's pieces: first the prompt's text, once the model, adapters and generator are ready (before
+    the prompt runs), then the generated text as it decodes, last the GenerationStats."""
     from .backends import get_backend
     from .tokenizer import StreamDecoder, Tokenizer
 

@@ -751,6 +751,47 @@ def test_launch_cache_starts_over_when_full(monkeypatch):
             assert len(triton_util._COMPILED) <= 3
 
 
+@gpu
+@needs_gpu
+def test_launch_calls_triton_launch_hooks_on_the_cached_path():
+    """A launch hook set in triton's knobs sees every launch, the cached ones too, with the kernel's metadata
+    (launch() skips forming it only while no hook is set)."""
+    seen = []
+
+    def hook(meta):
+        seen.append(meta["name"])
+
+    x = torch.arange(20, dtype=torch.float32, device=DEVICE)
+    y = torch.zeros(20, device=DEVICE)
+    const = dict(BLOCK=16, SCALE=2, num_warps=1, enable_fp_fusion=False)
+    hooks = triton.knobs.runtime.launch_enter_hook
+    triton_util.launch(_affine_kernel, (2,), (x, y, 20, 0.5), const)  # compiled and cached, no hook
+    hooks.add(hook)
+    try:
+        for _ in range(2):
+            triton_util.launch(_affine_kernel, (2,), (x, y, 20, 0.5), const)
+    finally:
+        hooks.remove(hook)
+    triton_util.launch(_affine_kernel, (2,), (x, y, 20, 0.5), const)
+    assert seen == ["_affine_kernel"] * 2
+    assert torch.equal(y, x * 2 + 0.5)
+
+
+def test_launch_key_of_other_arguments():
+    """launch()'s key for arguments other than ints and plain tensors (the inline fast paths): a float by its type,
+    a tensor subclass as a tensor (dtype, 16-byte alignment), a TMA descriptor by _desc_spec, others as they are."""
+    from types import SimpleNamespace
+
+    t = torch.zeros(64, dtype=torch.bfloat16)
+    assert triton_util._spec(1.5) is float and triton_util._spec(-0.0) is float
+    param = torch.nn.Parameter(t.clone(), requires_grad=False)
+    assert triton_util._spec(param) == (torch.bfloat16, True)
+    assert triton_util._spec(torch.nn.Parameter(t[1:], requires_grad=False)) == (torch.bfloat16, False)
+    assert triton_util._spec(None) is None and triton_util._spec(True) is True and triton_util._spec("x") == "x"
+    d = SimpleNamespace(base=t, shape=[8, 8], strides=[8, 1], block_shape=[8, 8], layout="l", padding="zero")
+    assert triton_util._spec(d) == triton_util._desc_spec(d)
+
+
 def test_launch_keys_tma_descriptors_on_all_but_their_address():
     """launch() keeps one compiled Gluon kernel per specialization: a TMA descriptor's key is everything triton
     could specialize on (dtype, 16-byte alignment, shape, strides, block, layout, padding) but its base address, and

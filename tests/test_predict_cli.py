@@ -61,3 +61,47 @@ def test_sampling_is_seeded(stories, capsys):
     a = capsys.readouterr().out
     assert main(argv) == 0
     assert capsys.readouterr().out == a
+
+
+def test_prompt_runs_with_the_collector_paused_and_the_loaded_objects_frozen(monkeypatch, capsys):
+    """Every forward of the generation (the prompt's, and the CPU's steps through Generator.logits) runs with the
+    cyclic collector paused and, under the CLI, the loaded objects frozen; afterwards both are as they were."""
+    import gc
+
+    import lorakit.generate as generate
+
+    seen = []
+    forward = generate.forward_hidden
+
+    def spy(*args, **kwargs):
+        seen.append((gc.isenabled(), gc.get_freeze_count() > 0))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "forward_hidden", spy)
+    tiny = str(FIX / "models/tiny-q8_0.gguf")
+    assert main(["predict", "-m", tiny, "-p", "From", "-n", "3", "--temp", "0", "--backend", "cpu-torch"]) == 0
+    assert capsys.readouterr().out.startswith("From")
+    assert len(seen) == 3 and set(seen) == {(False, True)}  # the prompt, then two steps (none after the third token)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_gc_paused_restores_the_collector():
+    import gc
+
+    from lorakit.generate import gc_paused
+
+    @gc_paused
+    def state(fail: bool) -> bool:
+        if fail:
+            raise ValueError("x")
+        return gc.isenabled()
+
+    assert state(False) is False and gc.isenabled()
+    with pytest.raises(ValueError):
+        state(True)
+    assert gc.isenabled()
+    gc.disable()
+    try:  # a caller that paused it itself keeps it paused
+        assert state(False) is False and not gc.isenabled()
+    finally:
+        gc.enable()
