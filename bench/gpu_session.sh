@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
-#   bash bench/gpu_session.sh OUTDIR [gputests] [acttests] [megatests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-mega] [streamlab] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [tclab] [tccheck] [wgmmatests] [wgmmalab] [wgmmalab-notriton] [wgmmalab-quick] [hostlab] [prefillpaths] [predict] [predict-nohf] [predict-mega] [predict-mega-ab] [launchtest] [prefill-fixed] [ncu-ws] [ncu-gemv] [persistentlab] [persistentlab-ws] [persistentlab-triton] [persistentlab-i8] [megalab[:CFG]] [ncu-chain] [ncu-chain-i8]
+#   bash bench/gpu_session.sh OUTDIR [gputests] [acttests] [megatests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-mega] [streamlab] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [tclab] [tccheck] [wgmmatests] [wgmmalab] [wgmmalab-notriton] [wgmmalab-quick] [hostlab] [hostseries] [prefillpaths] [predict] [predict-nohf] [predict-mega] [predict-mega-ab] [launchtest] [prefill-fixed] [ncu-ws] [ncu-gemv] [persistentlab] [persistentlab-ws] [persistentlab-triton] [persistentlab-i8] [megalab[:CFG]] [ncu-chain] [ncu-chain-i8]
 #                             [finetune-quick] [finetune-quick-nogluon] [adamw-repeat] [finetune] [finetune-main] [finetune-big] [finetune-seed] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-large] [kernels-small] [kernels-decode]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
@@ -95,6 +95,7 @@ for s in "$@"; do
     tccheck) step gemv_tc_check 200 python3 bench/gemv_tc_check.py ;;
     prefillpaths) step prefill_paths 300 python3 bench/prefill_paths_lab.py --out "$out/prefill_paths_lab.json" ;;
     hostlab) step host_lab 150 python3 bench/host_lab.py --out "$out/host_lab_h200.json" ;;
+    hostseries) step host_series 120 python3 bench/host_lab.py --series 80 --out "$out/host_series.json" ;;
     prefill-fixed) step prefill_fixed 100 env LORAKIT_AUTOTUNE=0 python3 bench/predict_gpu.py --only-prefill ;;
     predict) step predict 540 python3 bench/predict_gpu.py --out "$out/predict_h200.json" ;;
     predict-nohf) step predict 540 python3 bench/predict_gpu.py --skip-hf --out "$out/predict_h200.json" ;;

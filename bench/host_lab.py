@@ -61,6 +61,37 @@ def print_profile(fn, calls: int, top: int) -> None:
         print(f"{tt / calls * 1e6:9.0f}{ct / calls * 1e6:9.0f}{ncalls // calls:7d}  {name} ({where})")
 
 
+def cpu_mhz() -> float:
+    """The mean clock of the host's cores now (/proc/cpuinfo; 0 where it does not say)."""
+    try:
+        mhz = [float(line.split(":")[1]) for line in open("/proc/cpuinfo") if line.startswith("cpu MHz")]
+    except OSError:
+        return 0.0
+    return sum(mhz) / len(mhz) if mhz else 0.0
+
+
+def series(fn, calls: int) -> list[dict]:
+    """`calls` prefills one after another, each synchronized: its wall ms, the process's CPU ms, involuntary context
+    switches (preemption) and the CUDA allocator's cudaMalloc count so far (a prefill that only gets faster after
+    many calls: the host warming up, or the code?)."""
+    import resource
+
+    rows = []
+    for i in range(calls):
+        r0, c0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        r1, c1 = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
+        rows.append({"call": i, "wall_ms": (t1 - t0) * 1e3, "cpu_ms": (c1 - c0) * 1e3,
+                     "preempted": r1.ru_nivcsw - r0.ru_nivcsw, "waits": r1.ru_nvcsw - r0.ru_nvcsw,
+                     "cuda_mallocs": torch.cuda.memory_stats().get("num_device_alloc", 0),
+                     "mhz": cpu_mhz() if i % 10 == 9 else None})  # fmt: skip
+    return rows
+
+
 def main(argv=None) -> int:
     import triton
     import triton.language as tl
@@ -79,6 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=50)
     ap.add_argument("--profile", type=int, default=40, help="cProfile's top N functions (own time) of a prefill")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "host_lab_h200.json")
+    ap.add_argument("--series", type=int, default=0, help="only this many prefills in a row, each timed (wall, CPU, "
+                    "preemptions, cudaMallocs, clock)")  # fmt: skip
     a = ap.parse_args(argv)
 
     @triton.jit
@@ -131,6 +164,14 @@ def main(argv=None) -> int:
     with torch.no_grad():
         prefill = lambda: gen.logits(ids, gen.new_cache(), 0)  # noqa: E731 - the collector paused (generate.gc_paused)
         running = lambda: Generator.logits.__wrapped__(gen, ids, gen.new_cache(), 0)  # noqa: E731 - ... or not
+        if a.series:
+            print(f"host clock at the start: {cpu_mhz():.0f} MHz", flush=True)
+            rows = series(prefill, a.series)
+            for r in rows:
+                print(json.dumps(r), flush=True)
+            a.out.write_text(json.dumps({"meta": {"gpu": torch.cuda.get_device_name(), "tokens": T}, "series": rows},
+                                        indent=2))  # fmt: skip
+            return 0
         gc_s = [0.0, 0]
 
         def gc_clock(phase, info, t0=[0.0]):  # noqa: B006 - the start time between the two calls

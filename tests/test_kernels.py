@@ -759,7 +759,7 @@ def test_launch_calls_triton_launch_hooks_on_the_cached_path():
     seen = []
 
     def hook(meta):
-        seen.append(meta["name"])
+        seen.append(meta.get()["name"])  # triton passes a LazyDict
 
     x = torch.arange(20, dtype=torch.float32, device=DEVICE)
     y = torch.zeros(20, device=DEVICE)
