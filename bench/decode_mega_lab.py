@@ -37,17 +37,14 @@ CONFIGS = [  # BASE: splits of the K stages per product kind, attention key spli
     # block-diagonal as lora.fused_lora_term forms them: ranks 3 r, r, 2 r, r); TG: copies of t, LNW: the adapters'
     # warps; 256: no weight stream (the producer marks each stage full without copying it: the consumers' work on
     # stale shared memory and the phases' synchronisation alone). KPS: keys per attention split (ceil((pos + 1) /
-    # KPS) splits, at most SA; 64: a split per 64-key block, as before session 21); RC False: each head's last split
-    # combines the partials (a ticket), not the output product's programs (as before session 21); probe 512: the tasks
+    # KPS) splits, at most SA; 64: a split per 64-key block, as before session 21); probe 512: the tasks
     # add nothing into the products' sums (no atomics); 1024: the arrivals without their release fence
     BASE,
     dict(BASE, LORA=8),
     dict(BASE, probe=256),
-    dict(BASE, KPS=64, RC=False),
     dict(BASE, KPS=128),
     dict(BASE, KPS=256),
     dict(BASE, KPS=512),
-    dict(BASE, LORA=8, RC=False),
     dict(BASE, probe=512),
     dict(BASE, probe=8),
     dict(BASE, probe=520),
@@ -109,8 +106,6 @@ def buffers(layers, gains, cache, cos, sin, x0, pos, cfg, device, lora=None, rt=
         "y32": torch.zeros(layers, 3 * E + 2 * F, device=device),
         "logits": torch.zeros(V, device=device),
         "ws": torch.zeros(H, cfg["SA"], D + 2, device=device),
-        "cnt": torch.zeros(H, dtype=torch.int32, device=device),
-        "attn": torch.zeros(E, device=device),
         "cache": cache,
         "cos": cos,
         "sin": sin,

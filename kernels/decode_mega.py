@@ -25,8 +25,8 @@ programmatic dependent launches) each product pays ~7 us of fixed cost and the s
             program per kv head), online softmax over the split's key blocks (the cache rows asked of L2 before the
             q|k|v wait), the split's partial (acc, m, l) stored, an arrival (H ns per phase)
       c + 2 output product: input the heads' row, combined from the partials by each program over its K range
-            as it quantizes it (RC: one L2 round trip; each head's last split combining them after a ticket took
-            two more, session 21); added into h (the residual)
+            as it quantizes it (one L2 round trip; each head's last split combining them after a ticket took two
+            more, session 21); added into h (the residual)
       c + 3 gate|up (packed) product: input RMSNorm(h) * ffn_norm
       c + 4 down product: input silu(gate) * up; added into h
     5 L   output product: input RMSNorm(h) * output_norm, into the logits
@@ -38,8 +38,7 @@ into t by atomics, arrives at the phase's t word, waits for every program's part
 product's rows and arrives at the product's counter, whose readers then wait for 2 P arrivals. That chain is a few
 L2 round trips and a wait for every program, which would stall the weight stream in the consumers; beside them it
 overlaps the product's tasks. The output product's input, the heads' row, the warp combines over its slice of K from
-the heads' attention partials as the output product's programs do (RC; with RC off, the heads' last attention splits
-add its t instead).
+the heads' attention partials as the output product's programs do.
 
 h (fp32, the residual stream) starts as the token's embedding row; the q|k|v and gate|up sums (one region per layer),
 the adapters' t and the logits are sums of atomics: the first two must be zero before the launch (zeroing them in the
@@ -325,7 +324,7 @@ def _span_values(x_ptr, c, b0, b1, K: gl.constexpr, SWIGLU: gl.constexpr, RB: gl
 @gluon.jit
 def _partials(ws_ptr, ns, c, b0, b1, H: gl.constexpr, D: gl.constexpr, SA: gl.constexpr, RB: gl.constexpr,
               num_warps: gl.constexpr):  # fmt: skip
-    """The heads' attention partials (_attention with RC: acc[D], m, l at ws[head, s]) for the elements of chunk c
+    """The heads' attention partials (_attention's acc[D], m, l at ws[head, s]) for the elements of chunk c
     (RB 32-blocks of the heads' row) inside blocks [b0, b1): m, l and acc [SA, RB, 32] (splits past ns, and
     elements outside the range: m = -inf, l = acc = 0), all asked for at once; and the range mask [RB, 32]."""
     L3: gl.constexpr = gl.BlockedLayout([SA, 1, 4], [1, 4, 8], [1, num_warps, 1], [2, 1, 0])
@@ -565,16 +564,15 @@ def _lora_chain(y_ptr, a, b_ptr, t_ptr, x_ptr, g_ptr, eps, sync_ptr, err_ptr, tw
 @gluon.jit
 def _lora_worker(h_ptr, y32_ptr, logits_ptr, ws_ptr, pos_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps,
                  E: gl.constexpr, F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr,
-                 D: gl.constexpr, SA: gl.constexpr, KPS: gl.constexpr, RC: gl.constexpr, R: gl.constexpr,
+                 D: gl.constexpr, SA: gl.constexpr, KPS: gl.constexpr, R: gl.constexpr,
                  RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr, TR: gl.constexpr,
                  PROBE: gl.constexpr, TG: gl.constexpr, NW: gl.constexpr, trace_ptr, TRACE: gl.constexpr,
                  PDL: gl.constexpr):  # fmt: skip
     """The adapters' terms, on a warp of their own beside the consumers (a chain of L2 round trips and a wait for
     every program would stall the weight stream there): per product with a term, once its input is ready,
     _lora_chain into the product's sums and one more arrival at the product's counter (the product's readers wait
-    for 2 P). The output product's input (RC): the heads' row, combined from their attention partials over the
-    program's slice as the output product's programs combine it (_lora_chain MODE 3); else each head's last split
-    adds its part of t in attention and only B t is left here.
+    for 2 P). The output product's input: the heads' row, combined from their attention partials over the program's
+    slice as the output product's programs combine it (_lora_chain MODE 3).
     TRACE: per layer 8 stamps after the consumers' (at 16 L + 2 + 8 layer): the q|k|v chain's input ready, t's part
     added, t complete, rows added; the same for the down product's chain."""
     TS: gl.constexpr = TG * RT  # t of phase c at t_ptr + c TS
@@ -603,15 +601,10 @@ def _lora_worker(h_ptr, y32_ptr, logits_ptr, ws_ptr, pos_ptr, g_ptr, lora_ptr, t
             _arrive(sync_ptr, c)
         if R[1] > 0:
             b_o = lora_ptr + LOFF[6] + layer * (E * R[1])
-            if RC:
-                a = _lora_early(lora_ptr + LOFF[1] + layer * (R[1] * H * D), b_o, H * D, E, R[1], RP[1], TSL[1], NW)
-                _wait(sync_ptr, err, c + 1, H * ns, PROBE)  # every split's partial written
-                _lora_chain(h_ptr, a, b_o, t_ptr + (c + 2) * TS, ws_ptr, g_ptr, eps, sync_ptr, err, tw + c + 2,
-                            H * D, E, R[1], RP[1], RT, TR[1], 3, TSL[1], PROBE, NW, TG, ns=ns, D=D, SA=SA)  # fmt: skip
-            else:
-                _prefetch_rows(b_o, E, R[1], NW)
-                _wait(sync_ptr, err, c + 1, H, PROBE)  # the heads' parts of t are in
-                _lora_rows(h_ptr, b_o, t_ptr + (c + 2) * TS, E, R[1], RP[1], RT, TR[1], TG, NW)
+            a = _lora_early(lora_ptr + LOFF[1] + layer * (R[1] * H * D), b_o, H * D, E, R[1], RP[1], TSL[1], NW)
+            _wait(sync_ptr, err, c + 1, H * ns, PROBE)  # every split's partial written
+            _lora_chain(h_ptr, a, b_o, t_ptr + (c + 2) * TS, ws_ptr, g_ptr, eps, sync_ptr, err, tw + c + 2, H * D, E,
+                        R[1], RP[1], RT, TR[1], 3, TSL[1], PROBE, NW, TG, ns=ns, D=D, SA=SA)  # fmt: skip
             _arrive(sync_ptr, c + 2)
         if R[2] > 0:
             a = _lora_early(lora_ptr + LOFF[2] + layer * (R[2] * E), lora_ptr + LOFF[7] + layer * (2 * F * R[2]), E,
@@ -712,20 +705,14 @@ def _prefetch_kv(kc_ptr, vc_ptr, pos, t_first, t_step, D: gl.constexpr, BLOCK_T:
 
 
 @gluon.jit
-def _attention(qkv_ptr, ws_ptr, cnt_ptr, attn_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos, qk_scale, hd, kv, s, ns,
-               a_o, to_ptr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr, SA: gl.constexpr,
-               BLOCK_T: gl.constexpr, RO: gl.constexpr, RPO: gl.constexpr, RC: gl.constexpr,
+def _attention(qkv_ptr, ws_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos, qk_scale, hd, kv, s, ns, H: gl.constexpr,
+               HKV: gl.constexpr, D: gl.constexpr, SA: gl.constexpr, BLOCK_T: gl.constexpr,
                num_warps: gl.constexpr):  # fmt: skip
     """Head hd (kv head kv; kc_ptr / vc_ptr its cache rows), key split s of ns (key blocks s, s + ns, ... of BLOCK_T
     keys among 0..pos): q and the new k rotated, the new k and v rounded to the cache's dtype (the first program of
     the kv head's first split writes them to row pos; the row's key comes from registers), scores q.k * qk_scale
-    (log2 units), online softmax. RC (the readers combine): the partial (acc[D], m, l) into ws[hd, s], for the output
-    product's programs to combine (_combine_span). Else with ns == 1 the head's output o = acc / l into
-    attn[hd * D:][:D]; with more splits the partial into ws[hd, s], then a ticket from the head's counter (acq_rel):
-    the head's last split combines the ns partials (o = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s) into attn
-    and resets the counter; with an adapter term on the output product (RO > 0; a_o the head's columns of its A,
-    _head_a) the program that writes the head's output adds a_o o into t (to_ptr) by atomics. Returns whether this
-    program arrives at the phase's counter (RC: every split; else the head's writer)."""
+    (log2 units), online softmax. The partial (acc[D], m, l) into ws[hd, s], for the output product's programs (and
+    the adapters' warp) to combine (_combine_span: o = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s)."""
     AL: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [num_warps, 1], [1, 0])
     cdt: gl.constexpr = kc_ptr.dtype.element_ty
     d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, AL))
@@ -748,62 +735,9 @@ def _attention(qkv_ptr, ws_ptr, cnt_ptr, attn_ptr, kc_ptr, vc_ptr, cos_ptr, sin_
     for t0 in range(s * BLOCK_T, n, ns * BLOCK_T):
         m_i, l_i, acc = _attend_block(kc_ptr, vc_ptr, t0, pos, kn, vn, qe, qk_scale, m_i, l_i, acc, D, BLOCK_T,
                                       num_warps)  # fmt: skip
-    last = True
-    if RC:
-        row = ws_ptr + (hd * SA + s) * (D + 2)
-        gl.store(row + d, acc, mask=md)
-        gl.store(row + D + d, gl.where(d == 0, m_i, l_i) + gl.zeros_like(acc), mask=d < 2)
-    elif ns == 1:
-        out = gl.div_rn(acc, l_i + gl.zeros_like(acc))
-        gl.store(attn_ptr + hd * D + d, out, mask=md)
-        _head_t(a_o, out, to_ptr, RO, RPO, num_warps)
-    else:
-        row = ws_ptr + (hd * SA + s) * (D + 2)
-        gl.store(row + d, acc, mask=md)
-        gl.store(row + D + d, gl.where(d == 0, m_i, l_i) + gl.zeros_like(acc), mask=d < 2)
-        gl.thread_barrier()  # every thread's partial stores precede the ticket (the atomic's release)
-        last = gl.atomic_add(cnt_ptr + hd, 1, sem="acq_rel", scope="gpu") == ns - 1
-        if last:  # the head's last split combines the ns partials (a fixed order, whichever split comes last)
-            sp = gl.arange(0, SA, layout=gl.SliceLayout(1, AL))
-            live = sp < ns
-            rows = ws_ptr + (hd * SA + gl.expand_dims(sp, 1)) * (D + 2)
-            m_s = gl.load(ws_ptr + (hd * SA + sp) * (D + 2) + D, mask=live, other=float("-inf"), cache_modifier=".cg")
-            l_s = gl.load(ws_ptr + (hd * SA + sp) * (D + 2) + D + 1, mask=live, other=0.0, cache_modifier=".cg")
-            a_s = gl.load(rows + gl.expand_dims(d, 0), mask=gl.expand_dims(live, 1) & gl.expand_dims(md, 0), other=0.0,
-                          cache_modifier=".cg")  # fmt: skip
-            w = gl.exp2(m_s - gl.max(m_s, axis=0))  # 0 for a split past ns, or an empty one (m = -inf)
-            o = gl.sum(a_s * gl.expand_dims(w, 1), axis=0)
-            out = gl.div_rn(o, gl.sum(l_s * w, axis=0) + gl.zeros_like(o))
-            gl.store(attn_ptr + hd * D + d, out, mask=md)
-            _head_t(a_o, out, to_ptr, RO, RPO, num_warps)
-            gl.atomic_xchg(cnt_ptr + hd, 0, sem="relaxed", scope="gpu")  # ready for the next layer
-    return last
-
-
-@gluon.jit
-def _head_a(ao_ptr, hd, H: gl.constexpr, D: gl.constexpr, RO: gl.constexpr, RPO: gl.constexpr,
-            num_warps: gl.constexpr):  # fmt: skip
-    """Head hd's columns of the output product's A ([RO, H D] at ao_ptr) in _attention's layout; 0.0 without a
-    term. Loaded before the wait for the q|k|v product (HBM is saturated: a load takes microseconds)."""
-    a_o = 0.0
-    if RO > 0:
-        AL: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [num_warps, 1], [1, 0])
-        d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, AL))
-        ro = gl.arange(0, RPO, layout=gl.SliceLayout(1, AL))
-        a_o = gl.load(ao_ptr + gl.expand_dims(ro * (H * D), 1) + hd * D + gl.expand_dims(d, 0),
-                      mask=gl.expand_dims(ro < RO, 1) & gl.expand_dims(d < D, 0), other=0.0)  # fmt: skip
-    return a_o
-
-
-@gluon.jit
-def _head_t(a_o, out, to_ptr, RO: gl.constexpr, RPO: gl.constexpr, num_warps: gl.constexpr):
-    """t[:RO] += a_o out (a head's part of the output product's t, into the copy at to_ptr; nothing without a
-    term)."""
-    if RO > 0:
-        AL: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [num_warps, 1], [1, 0])
-        ro = gl.arange(0, RPO, layout=gl.SliceLayout(1, AL))
-        part = gl.sum(a_o * gl.expand_dims(out, 0), axis=1)
-        gl.atomic_add(to_ptr + ro, part, mask=ro < RO, sem="relaxed", scope="gpu")
+    row = ws_ptr + (hd * SA + s) * (D + 2)
+    gl.store(row + d, acc, mask=md)
+    gl.store(row + D + d, gl.where(d == 0, m_i, l_i) + gl.zeros_like(acc), mask=d < 2)
 
 
 # -- phases ---------------------------------------------------------------------------------------------------------
@@ -865,19 +799,16 @@ def _wait(sync_ptr, err_ptr, phase, count, PROBE: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr, g_ptr,
-              lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale, S: gl.constexpr,
-              E: gl.constexpr,
+def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr, g_ptr, lora_ptr, t_ptr, xq_s,
+              dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale, S: gl.constexpr, E: gl.constexpr,
               F: gl.constexpr, V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr,
               SA: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, PROBE: gl.constexpr,
               R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TG: gl.constexpr, trace_ptr,
-              TRACE: gl.constexpr, KPS: gl.constexpr, RC: gl.constexpr, PDL: gl.constexpr,
-              num_warps: gl.constexpr):  # fmt: skip
+              TRACE: gl.constexpr, KPS: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """Per phase: wait, form and quantize the product's input, the program's tasks, arrive. With adapter terms
-    (_lora_worker adds them): a product's sums by atomics, its readers wait for 2 P arrivals (with RC off, each head's
-    last attention split adds its part of the output product's t). The adapters' factors of product kind j (R[j] > 0): A
-    at lora_ptr + LOFF[j] ([L, R, K]), B at lora_ptr + LOFF[5 + j] ([L, N, R]); t of phase c at t_ptr + c TG RT (TG
-    copies, RT apart)."""
+    (_lora_worker adds them): a product's sums by atomics, its readers wait for 2 P arrivals. The adapters' factors of
+    product kind j (R[j] > 0): A at lora_ptr + LOFF[j] ([L, R, K]), B at lora_ptr + LOFF[5 + j] ([L, N, R]); t of
+    phase c at t_ptr + c TG RT (TG copies, RT apart)."""
     pid = gl.program_id(0)
     P = gl.num_programs(0)
     if PDL:
@@ -897,7 +828,6 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
     M1: gl.constexpr = 1 + (R[1] > 0)
     M2: gl.constexpr = 1 + (R[2] > 0)
     M3: gl.constexpr = 1 + (R[3] > 0)
-    RO: gl.constexpr = 0 if RC else R[1]  # the output product's adapter term added in attention (ticket path)
     # the logits: first added into after a wait that follows every program's start (no memset before the launch)
     _zero_share(logits_ptr, V, num_warps)
     it = 0
@@ -924,28 +854,18 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, 
                 kc = cache_ptr + ((layer * 2 * HKV + hd // G).to(gl.int64) * n_ctx) * D  # the kv head's k rows
                 vc = kc + (HKV * n_ctx) * D
                 _prefetch_kv(kc, vc, pos, (s + ns) * BLOCK_T, ns * BLOCK_T, D, BLOCK_T, num_warps)
-                a_o = _head_a(lora_ptr + LOFF[1] + layer * (R[1] * H * D), hd, H, D, RO, RP[1], num_warps)
                 _stamp(tr, pid, 16 * layer + 11, TRACE)
                 _wait(sync_ptr, err, c, P * M0, PROBE)
                 _stamp(tr, pid, 16 * layer + 2, TRACE)
                 if PROBE % 2 == 0:  # probe 1: no attention (wrong numbers)
-                    if _attention(y_l, ws_ptr, cnt_ptr, attn_ptr, kc, vc, cos_ptr, sin_ptr, pos, qk_scale, hd, hd // G,
-                                  s, ns, a_o, t_ptr + ((c + 2) * TG + hd % TG) * RT, H, HKV, D, SA, BLOCK_T,
-                                  RO, RP[1], RC, num_warps):  # fmt: skip
-                        _stamp(tr, pid, 16 * layer + 3, TRACE)
-                        _arrive(sync_ptr, c + 1, RLX)
-                elif RC or s == 0:
-                    _arrive(sync_ptr, c + 1, RLX)
-        if RC:
-            _wait(sync_ptr, err, c + 1, H * ns, PROBE)  # every split's partial written
-        else:
-            _wait(sync_ptr, err, c + 1, H, PROBE)  # every head's output written
+                    _attention(y_l, ws_ptr, kc, vc, cos_ptr, sin_ptr, pos, qk_scale, hd, hd // G, s, ns, H, HKV, D, SA,
+                               BLOCK_T, num_warps)  # fmt: skip
+                    _stamp(tr, pid, 16 * layer + 3, TRACE)
+                _arrive(sync_ptr, c + 1, RLX)
+        _wait(sync_ptr, err, c + 1, H * ns, PROBE)  # every split's partial written
         _stamp(tr, pid, 16 * layer + 4, TRACE)
         _, _, b0, b1 = _span(E, H * D, S[1], BLOCK_N)
-        if RC:
-            _combine_span(ws_ptr, ns, xq_s, dx_s, b0, b1, H, D, SA, num_warps)
-        else:
-            _quantize_span(attn_ptr, xq_s, dx_s, b0, b1, H * D, False, num_warps)
+        _combine_span(ws_ptr, ns, xq_s, dx_s, b0, b1, H, D, SA, num_warps)
         gl.thread_barrier()
         _stamp(tr, pid, 16 * layer + 13, TRACE)
         it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, 0, P, E, H * D, S[1], BLOCK_N, TP, True, num_warps,
@@ -1022,15 +942,15 @@ def _ring(q0, qt0, d0, STAGES: gl.constexpr, num_warps: gl.constexpr):
 
 
 @gluon.jit
-def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr,
-                        g_ptr, lora_ptr, t_ptr, q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4,
+def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr, g_ptr, lora_ptr,
+                        t_ptr, q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4,
                         sync_ptr, L, n_ctx, eps, qk_scale, S: gl.constexpr, E: gl.constexpr, F: gl.constexpr,
                         V: gl.constexpr, H: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr, SA: gl.constexpr,
                         BLOCK_T: gl.constexpr, STAGES: gl.constexpr, PROBE: gl.constexpr,
                         R: gl.constexpr, RP: gl.constexpr, LOFF: gl.constexpr, RT: gl.constexpr, TSL: gl.constexpr,
                         TR: gl.constexpr, TG: gl.constexpr, LNW: gl.constexpr,
-                        LREG: gl.constexpr, trace_ptr, TRACE: gl.constexpr, KPS: gl.constexpr, RC: gl.constexpr,
-                        PDL: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                        LREG: gl.constexpr, trace_ptr, TRACE: gl.constexpr, KPS: gl.constexpr, PDL: gl.constexpr,
+                        num_warps: gl.constexpr):  # fmt: skip
     BLOCK_N: gl.constexpr = qt0.block_type.shape[0]
     gl.static_assert(BLOCK_N == 16 * num_warps, "16 rows of W per consumer warp")
     q_s, d_s, xq_s, dx_s, full, empty = _ring(q0, qt0, d0, STAGES, num_warps)
@@ -1041,14 +961,14 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
     if R[0] + R[1] + R[2] + R[3] + R[4] > 0:  # with the adapters' warp
         gl.warp_specialize(
             [
-                (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr,
-                             pos_ptr, g_ptr, lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx,
-                             eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, PROBE, R, RP, LOFF, RT,
-                             TG, trace_ptr, TRACE, KPS, RC, PDL, num_warps)),
+                (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr, g_ptr,
+                             lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale,
+                             S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, PROBE, R, RP, LOFF, RT, TG, trace_ptr,
+                             TRACE, KPS, PDL, num_warps)),
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
                              L, S, E, F, V, H, HKV, D, PROBE)),
                 (_lora_worker, (h_ptr, y32_ptr, logits_ptr, ws_ptr, pos_ptr, g_ptr, lora_ptr, t_ptr, sync_ptr, L, eps,
-                                E, F, V, H, HKV, D, SA, KPS, RC, R, RP, LOFF, RT, TSL, TR, PROBE, TG, LNW, trace_ptr,
+                                E, F, V, H, HKV, D, SA, KPS, R, RP, LOFF, RT, TSL, TR, PROBE, TG, LNW, trace_ptr,
                                 TRACE, PDL)),
             ],
             [1, LNW],
@@ -1057,10 +977,10 @@ def _decode_step_kernel(h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, c
     else:
         gl.warp_specialize(
             [
-                (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cnt_ptr, attn_ptr, cache_ptr, cos_ptr, sin_ptr,
-                             pos_ptr, g_ptr, lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx,
-                             eps, qk_scale, S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, PROBE, R, RP, LOFF, RT,
-                             TG, trace_ptr, TRACE, KPS, RC, PDL, num_warps)),
+                (_consumer, (h_ptr, y32_ptr, logits_ptr, ws_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr, g_ptr,
+                             lora_ptr, t_ptr, xq_s, dx_s, q_s, d_s, full, empty, sync_ptr, L, n_ctx, eps, qk_scale,
+                             S, E, F, V, H, HKV, D, SA, BLOCK_T, BLOCK_N, PROBE, R, RP, LOFF, RT, TG, trace_ptr,
+                             TRACE, KPS, PDL, num_warps)),
                 (_producer, (q0, q1, q2, q3, q4, qt0, qt1, qt2, qt3, qt4, d0, d1, d2, d3, d4, q_s, d_s, full, empty,
                              L, S, E, F, V, H, HKV, D, PROBE)),
             ],
@@ -1198,15 +1118,13 @@ def _launch_pdl(device) -> dict:
 
 def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) -> None:
     """One launch. dims: L, E, F, V, H, HKV, D, eps, S (splits per product kind), SA (the most key splits per head),
-    with adapters pack_lora's R, RP, LOFF, RT, TSL, TR; labs may set BLOCK_T, STAGES, TG, LNW, KPS (keys per key
-    split) and RC (default True: the output product's programs combine the heads' attention partials; False: each
-    head's last split does) too. bufs: h (fp32 [E], the embedding row), y32 (fp32 [L, (H + 2 HKV) D + 2 F], zeros),
-    logits (fp32 [V]; zeroed by the launch), ws (fp32 [H, SA, D + 2]), cnt (int32 [H] zeros; left zero), attn (fp32
-    [H D]), cache (the KV cache buffer [L, 2 HKV, n_ctx, D], each layer's v heads after its k heads), cos / sin
-    (fp32 [n_ctx, D / 2]), pos (int32 or int64 [1]), gains (fp32 [2 L + 1, E]: attn_norm, ffn_norm per layer,
-    output_norm), sync (int32 zeros [sync_words(L) * SYNC_STRIDE]; its error word set if a wait gave up); with
-    adapters lora (pack_lora's buffer) and t (fp32 [t_words(L, RT)], zeros); optional trace (int64 [programs, 24 L +
-    3], TRACE stamps, then the program's SM)."""
+    with adapters pack_lora's R, RP, LOFF, RT, TSL, TR; labs may set BLOCK_T, STAGES, TG, LNW and KPS (keys per key
+    split) too. bufs: h (fp32 [E], the embedding row), y32 (fp32 [L, (H + 2 HKV) D + 2 F], zeros), logits (fp32 [V];
+    zeroed by the launch), ws (fp32 [H, SA, D + 2]), cache (the KV cache buffer [L, 2 HKV, n_ctx, D], each layer's v
+    heads after its k heads), cos / sin (fp32 [n_ctx, D / 2]), pos (int32 or int64 [1]), gains (fp32 [2 L + 1, E]:
+    attn_norm, ffn_norm per layer, output_norm), sync (int32 zeros [sync_words(L) * SYNC_STRIDE]; its error word set
+    if a wait gave up); with adapters lora (pack_lora's buffer) and t (fp32 [t_words(L, RT)], zeros); optional trace
+    (int64 [programs, 24 L + 3], TRACE stamps, then the program's SM)."""
     qd, qt, dd = descs
     trace = bufs.get("trace")
     ranks = dims.get("R", (0,) * 5)
@@ -1217,12 +1135,11 @@ def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) ->
     lora["TR"] = tuple(max(32 * lora["LNW"], min(t, 2048 * lora["LNW"] // p))
                        for t, p in zip(dims.get("TR", (1,) * 5), lora["RP"], strict=True))  # fmt: skip
     _decode_step_kernel[(programs,)](
-        bufs["h"], bufs["y32"], bufs["logits"], bufs["ws"], bufs["cnt"], bufs["attn"], bufs["cache"], bufs["cos"],
-        bufs["sin"], bufs["pos"], bufs["gains"], bufs["lora"] if any(ranks) else bufs["h"],
-        bufs["t"] if any(ranks) else bufs["h"], *qd, *qt, *dd, bufs["sync"], dims["L"], bufs["cache"].shape[-2],
-        dims["eps"], 1.4426950408889634 / dims["D"] ** 0.5, S=tuple(dims["S"]), E=dims["E"], F=dims["F"],
-        V=dims["V"], H=dims["H"], HKV=dims["HKV"], D=dims["D"], SA=dims["SA"], BLOCK_T=dims.get("BLOCK_T", BLOCK_T),
-        STAGES=dims.get("STAGES", STAGES), PROBE=probe, **lora,
+        bufs["h"], bufs["y32"], bufs["logits"], bufs["ws"], bufs["cache"], bufs["cos"], bufs["sin"], bufs["pos"],
+        bufs["gains"], bufs["lora"] if any(ranks) else bufs["h"], bufs["t"] if any(ranks) else bufs["h"], *qd, *qt, *dd,
+        bufs["sync"], dims["L"], bufs["cache"].shape[-2], dims["eps"], 1.4426950408889634 / dims["D"] ** 0.5,
+        S=tuple(dims["S"]), E=dims["E"], F=dims["F"], V=dims["V"], H=dims["H"], HKV=dims["HKV"], D=dims["D"],
+        SA=dims["SA"], BLOCK_T=dims.get("BLOCK_T", BLOCK_T), STAGES=dims.get("STAGES", STAGES), PROBE=probe, **lora,
         trace_ptr=bufs["sync"] if trace is None else trace, TRACE=trace is not None, KPS=dims.get("KPS", KPS),
-        RC=dims.get("RC", True), num_warps=WARPS, **_launch_pdl(bufs["h"].device),
+        num_warps=WARPS, **_launch_pdl(bufs["h"].device),
     )  # fmt: skip

@@ -222,8 +222,6 @@ class MegaDecoder(GraphDecoder):
             "t": self.sums[L * rsl :],
             "logits": torch.zeros(a.n_vocab, **f32),
             "ws": torch.zeros(H, sa, D + 2, **f32),
-            "cnt": torch.zeros(H, dtype=torch.int32, device=dev),
-            "attn": torch.zeros(H * D, **f32),
             "cache": cache.k[0],  # the start of the one [L, 2 HKV, n_ctx, D] buffer (applies() checked it)
             "cos": cos.float().contiguous(),
             "sin": sin.float().contiguous(),

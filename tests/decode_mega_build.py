@@ -39,15 +39,15 @@ def _compile(dims: dict, cache: str):
         "qt": TensorDescriptor.from_tensor(q, [km.BLOCK_N_ROWS, km.BKB], qlay),
         "d": TensorDescriptor.from_tensor(d, [km.BLOCK_N_ROWS * 8 // 256, 256], flat16),
     }
-    sig = {"h_ptr": "*fp32", "y32_ptr": "*fp32", "logits_ptr": "*fp32", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
-           "attn_ptr": "*fp32", "cache_ptr": f"*{cache}", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64",
-           "g_ptr": "*fp32", "lora_ptr": "*fp32", "t_ptr": "*fp32"}  # fmt: skip
+    sig = {"h_ptr": "*fp32", "y32_ptr": "*fp32", "logits_ptr": "*fp32", "ws_ptr": "*fp32", "cache_ptr": f"*{cache}",
+           "cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "g_ptr": "*fp32", "lora_ptr": "*fp32",
+           "t_ptr": "*fp32"}  # fmt: skip
     for kind in ("q", "qt", "d"):
         sig.update({f"{kind}{i}": mangle_type(boxes[kind]) for i in range(5)})
     sig.update({"sync_ptr": "*i32", "L": "i32", "n_ctx": "i32", "eps": "fp32", "qk_scale": "fp32"})
     lora = dict(TG=km.TG, LNW=km.LNW, LREG=km.LREG[km.LNW])  # the launcher's defaults
     consts = dict(**dims, BLOCK_T=km.BLOCK_T, STAGES=km.STAGES, PROBE=0, **lora)
-    consts.update(KPS=km.KPS, RC=True, PDL=True)
+    consts.update(KPS=km.KPS, PDL=True)
     sig.update({k: "constexpr" for k in consts})
     sig.update({"trace_ptr": "*i64", "TRACE": "constexpr", "num_warps": "constexpr"})
     consts.update(TRACE=False, num_warps=km.WARPS)

@@ -183,7 +183,6 @@ ATTENTION = {  # the kernel's attention knobs per case: keys per split (KPS) and
     "one-split": {},  # the defaults: one split of one block at these positions
     "splits": dict(KPS=8, BLOCK_T=8),  # 2-4 splits of 1-2 blocks: the output product's programs combine the partials
     "one-split-blocks": dict(KPS=64, BLOCK_T=8),  # one split of 2-5 blocks
-    "ticket": dict(KPS=8, BLOCK_T=8, RC=False),  # the lab's RC off: each head's last split combines after a ticket
 }
 
 
@@ -195,10 +194,8 @@ ATTENTION = {  # the kernel's attention knobs per case: keys per split (KPS) and
         (False, "one-split"),
         (False, "splits"),
         (False, "one-split-blocks"),
-        (False, "ticket"),
         (True, "one-split"),
         (True, "splits"),
-        (True, "ticket"),
     ],
 )
 def test_megakernel_step_is_the_act_q8_step(with_adapters, attention):
