@@ -7,6 +7,7 @@ Long options accept '_' for '-' as llama.cpp does (`--adam_iter` == `--adam-iter
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -133,8 +134,6 @@ def predict(
         compute_dtype=compute_dtype,
         act_q8=act_q8,
     )
-    import gc
-
     stats = None
     try:
         for i, piece in enumerate(run_predict(req)):
