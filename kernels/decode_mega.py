@@ -289,9 +289,9 @@ def _chunks(xq_s, dx_s, RB: gl.constexpr):
 
 
 @gluon.jit
-def _quantize_span(x_ptr, xq_s, dx_s, b0, b1, K: gl.constexpr, SWIGLU: gl.constexpr, num_warps: gl.constexpr):
-    """Blocks [b0, b1) of the input quantized (_span's range: the only ones this program's tasks read): x_ptr[:K], or
-    (SWIGLU) silu(gate) * up of the packed [gate | up] sums at x_ptr (K each); fp32 read past L1. In chunks of
+def _quantize_swiglu_span(x_ptr, xq_s, dx_s, b0, b1, K: gl.constexpr, num_warps: gl.constexpr):
+    """Blocks [b0, b1) of the down product's input quantized (_span's range: the only ones this program's tasks
+    read): silu(gate) * up of the packed [gate | up] sums at x_ptr (K each); fp32 read past L1. In chunks of
     8 num_warps blocks on the chunk grid (a chunk's blocks outside the range are written as zeros): the range's
     first two chunks asked for together (a range that crossed a chunk's edge took one more L2 round trip, 1.6 us
     for the last programs of the 3B step's down product, session 22), the rest after them."""
@@ -299,26 +299,24 @@ def _quantize_span(x_ptr, xq_s, dx_s, b0, b1, K: gl.constexpr, SWIGLU: gl.conste
     RB: gl.constexpr = 8 * num_warps
     xq_c, dx_c = _chunks(xq_s, dx_s, RB)
     c0 = b0 // RB
-    x0 = _span_values(x_ptr, c0, b0, b1, K, SWIGLU, RB, XB)
-    x1 = _span_values(x_ptr, c0 + 1, b0, b1, K, SWIGLU, RB, XB)
+    x0 = _swiglu_values(x_ptr, c0, b0, b1, K, RB, XB)
+    x1 = _swiglu_values(x_ptr, c0 + 1, b0, b1, K, RB, XB)
     _q8(x0, xq_c.index(c0), dx_c.index(c0))
     if (c0 + 1) * RB < b1:
         _q8(x1, xq_c.index(c0 + 1), dx_c.index(c0 + 1))
     for c in range(c0 + 2, (b1 + RB - 1) // RB):
-        _q8(_span_values(x_ptr, c, b0, b1, K, SWIGLU, RB, XB), xq_c.index(c), dx_c.index(c))
+        _q8(_swiglu_values(x_ptr, c, b0, b1, K, RB, XB), xq_c.index(c), dx_c.index(c))
 
 
 @gluon.jit
-def _span_values(x_ptr, c, b0, b1, K: gl.constexpr, SWIGLU: gl.constexpr, RB: gl.constexpr, XB: gl.constexpr):
-    """_quantize_span's input values of chunk c ([RB, 32], zeros outside blocks [b0, b1))."""
+def _swiglu_values(x_ptr, c, b0, b1, K: gl.constexpr, RB: gl.constexpr, XB: gl.constexpr):
+    """_quantize_swiglu_span's input values of chunk c ([RB, 32], zeros outside blocks [b0, b1))."""
     blk = c * RB + gl.arange(0, RB, layout=gl.SliceLayout(1, XB))
     offs = gl.expand_dims(blk * 32, 1) + gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, XB)), 0)
     m = gl.expand_dims((blk >= b0) & (blk < b1), 1) & (offs < K)
     x = gl.load(x_ptr + offs, mask=m, other=0.0, cache_modifier=".cg")
-    if SWIGLU:
-        u = gl.load(x_ptr + K + offs, mask=m, other=0.0, cache_modifier=".cg")
-        x = x / (1.0 + gl.exp(-x)) * u
-    return x
+    u = gl.load(x_ptr + K + offs, mask=m, other=0.0, cache_modifier=".cg")
+    return x / (1.0 + gl.exp(-x)) * u
 
 
 @gluon.jit
@@ -885,7 +883,7 @@ def _consumer(h_ptr, y32_ptr, logits_ptr, ws_ptr, cache_ptr, cos_ptr, sin_ptr, p
         _wait(sync_ptr, err, c + 3, P * M2, PROBE)
         _stamp(tr, pid, 16 * layer + 8, TRACE)
         _, _, b0, b1 = _span(E, F, S[3], BLOCK_N)
-        _quantize_span(y_l + NQ, xq_s, dx_s, b0, b1, F, True, num_warps)
+        _quantize_swiglu_span(y_l + NQ, xq_s, dx_s, b0, b1, F, num_warps)
         gl.thread_barrier()
         _stamp(tr, pid, 16 * layer + 15, TRACE)
         it = _tasks(h_ptr, xq_s, dx_s, q_s, d_s, full, empty, it, 0, P, E, F, S[3], BLOCK_N, TP, True, num_warps, True)
