@@ -1108,10 +1108,9 @@ def descriptors(weights):
 def _launch_pdl(device) -> dict:
     """A programmatic dependent launch (sm_90): the producer streams the first weights while the previous kernel (the
     token's embedding row) finishes; the consumers and the adapters' warp wait for it (_grid_dep) before any read."""
-    from .triton_util import launch_overlap, pdl
+    from .triton_util import overlap_pdl
 
-    on = bool(pdl(device)) and launch_overlap()
-    return {"PDL": on, **({"launch_pdl": True} if on else {})}
+    return {"PDL": False, **overlap_pdl(device)}
 
 
 def decode_step(bufs: dict, descs, dims: dict, programs: int, probe: int = 0) -> None:

@@ -25,11 +25,12 @@ shape that depends on it: the launches can be captured in a CUDA graph).
       counters (torch.zeros) unless the caller passes its own (every launch leaves them zero again). D and
       the row strides are compile-time constants and the head strides carry their power-of-two factor
       (KV_ALIGN), so the rows load as vectors.
-  greedy_next(x, tok, pos, zero)   a greedy decode step's last launch: program 0 writes tok[0] = the first index
-      of the largest x[i] (NaN counts as +inf; chunks of at most ARGMAX_BLOCK values: torch.argmax's answer
-      without its generic reduction, which took ~10 us for 32,000 logits on the H200, session 21) and pos[0] + 1;
-      every program (up to GREEDY_PROGRAMS) zeroes its share of `zero` (the decode megakernel's sums for the next
-      step: one launch instead of three).
+  greedy_next(x, tok, pos, zero, hist)   a greedy decode step's last launch: program 0 writes tok[0] = the first
+      index of the largest x[i] (NaN counts as +inf; chunks of at most ARGMAX_BLOCK values: torch.argmax's answer
+      without its generic reduction, which took ~10 us for 32,000 logits on the H200, session 21), the token into
+      hist[pos] too (GraphDecoder.tokens copies it from there on a side stream) and pos[0] + 1; every program (up
+      to GREEDY_PROGRAMS) zeroes its share of `zero` (the decode megakernel's sums for the next step: one launch
+      instead of three).
 (SwiGLU over the packed [gate | up] is train_ops.silu_mul_fwd on its two column views.)
 
 Numerics against cpu-torch:
@@ -59,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_util import _pdl_start, _to, cdiv, check_tensor, interpreting, launch_overlap, next_pow2, pdl
+from .triton_util import _pdl_start, _to, cdiv, check_tensor, interpreting, next_pow2, overlap_pdl, pdl
 
 _INTERPRET = interpreting()
 MAX_ROW = 16384  # add_rms_norm keeps a whole row in registers
@@ -287,7 +288,7 @@ def greedy_next(x: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor | None = N
         x, tok, tok if pos is None else pos, x if zero is None else zero, tok if hist is None else hist, x.numel(),
         nz, 0 if hist is None else hist.numel(), per, BLOCK=min(next_pow2(x.numel()), ARGMAX_BLOCK),
         ZBLOCK=ARGMAX_BLOCK, HAS_POS=pos is not None, HAS_HIST=hist is not None, num_warps=1 if _INTERPRET else 16,
-        **(pdl(x.device) if launch_overlap() else {}),
+        **overlap_pdl(x.device),
     )  # fmt: skip
     return tok
 

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_util import _INTERPRET, QK, _pdl_start, _q8_f32, _to, cdiv, launch, launch_overlap, next_pow2, pdl
+from .triton_util import _INTERPRET, QK, _pdl_start, _q8_f32, _to, cdiv, launch, next_pow2, overlap_pdl
 
 
 @triton.jit
@@ -83,8 +83,7 @@ def q8_0_dequantize(
     grid = (rows, cdiv(k, block_k))
     args = (qs, d, idx, out, k, qs.stride(0), d.stride(0), out.stride(0))
     launch(_q8_rows_kernel, grid, args,
-           dict(HAS_IDX=index is not None, BLOCK_K=block_k, EMU_BF16=_INTERPRET,
-                **(pdl(qs.device) if launch_overlap() else {})))  # fmt: skip
+           dict(HAS_IDX=index is not None, BLOCK_K=block_k, EMU_BF16=_INTERPRET, **overlap_pdl(qs.device)))  # fmt: skip
     return out.reshape(*lead, k)
 
 

@@ -65,6 +65,12 @@ def launch_overlap() -> bool:
     return os.environ.get("LORAKIT_LAUNCH_OVERLAP", "1") != "0"
 
 
+def overlap_pdl(device: torch.device) -> dict:
+    """pdl(device) for a decode step's overlapping launches (the embedding row, greedy_next, the megakernel); empty
+    (a plain launch) where launch_overlap() is off."""
+    return pdl(device) if launch_overlap() else {}
+
+
 def pdl(device: torch.device) -> dict:
     """The launch options and constexpr of a programmatic dependent launch where the device has them (sm_90+):
     the kernel may be launched while the previous one in the stream is still running, and waits for it
