@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from lorakit.errors import UsageError
 from lorakit.quant import Weight
+
+if TYPE_CHECKING:
+    from lorakit.model import LlamaModel
 
 BACKEND_NAMES = ("auto", "cpu-torch", "cuda-triton")
 
@@ -77,6 +80,13 @@ class Backend(Protocol):
 
     def eager_inference(self) -> Backend:
         """The same ops and numbers, for eager host-bound work (a prefill): may prefer fewer launches."""
+
+    def prompt_runner(
+        self, model: LlamaModel, dtype: torch.dtype, fns, adapters=(), products_by_fns: bool = False
+    ) -> object | None:
+        """A lean runner of a prompt's forward with the generic forward's numbers (fns: the generation's lora.model_fns
+        over these adapters; products_by_fns: every product through them), or None where the backend has none:
+        cuda-triton's CudaPrompt (its build says where it applies)."""
 
     def matmul(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
         """x [..., in] @ W.T -> [..., out], float32 accumulation, result in x's dtype."""

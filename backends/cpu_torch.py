@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from lorakit.model import apply_rope, rms_norm
+from lorakit.model import LlamaModel, apply_rope, rms_norm
 from lorakit.quant import Q8Weight, Weight, dequantize
 
 from . import AdamHyper, TermByTermLora
@@ -51,6 +51,11 @@ class CpuTorchBackend(TermByTermLora):
         self.device = torch.device(device)
         self.fused_gemv = fused_gemv
         self._inference: CpuTorchBackend | None = None
+
+    def prompt_runner(
+        self, model: LlamaModel, dtype: torch.dtype, fns, adapters=(), products_by_fns: bool = False
+    ) -> None:
+        return None  # the CPU's prompt goes through the generic forward (torch's ops are its kernels)
 
     def eager_inference(self) -> CpuTorchBackend:
         """The same ops for a generation; decode products through cpu_gemv's fused loop (LORAKIT_CPU_FUSED=0: not)."""

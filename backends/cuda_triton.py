@@ -26,6 +26,10 @@ from . import AdamHyper, add_lora_terms
 if TYPE_CHECKING:
     from lorakit.kernels.triton_util import Prefetch
 
+    from lorakit.model import LlamaModel
+
+    from .cuda_prompt import CudaPrompt
+
 
 class CudaTritonBackend:
     name = "cuda-triton"
@@ -61,6 +65,13 @@ class CudaTritonBackend:
         """This backend for eager, host-bound work (a prefill): products choose their path by the wall time of
         back-to-back eager calls (host and GPU together) instead of GPU time."""
         return self if self.host_bound else CudaTritonBackend(self.device, host_bound=True)
+
+    def prompt_runner(
+        self, model: LlamaModel, dtype: torch.dtype, fns, adapters=(), products_by_fns: bool = False
+    ) -> CudaPrompt | None:
+        from .cuda_prompt import CudaPrompt
+
+        return CudaPrompt.build(self.eager_inference(), model, dtype, fns, adapters, products_by_fns)
 
     # -- products -----------------------------------------------------------------------------------
 

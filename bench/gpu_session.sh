@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
-#   bash bench/gpu_session.sh OUTDIR [gputests] [acttests] [megatests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-mega] [streamlab] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [tclab] [tccheck] [wgmmatests] [wgmmalab] [wgmmalab-notriton] [wgmmalab-quick] [hostlab] [hostseries] [prefillpaths] [predict] [predict-nohf] [predict-mega] [predict-mega-ab] [launchtest] [prefill-fixed] [ncu-ws] [ncu-gemv] [persistentlab] [persistentlab-ws] [persistentlab-triton] [persistentlab-i8] [megalab[:CFG]] [ncu-chain] [ncu-chain-i8]
+#   bash bench/gpu_session.sh OUTDIR [gputests] [acttests] [megatests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-mega] [streamlab] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [tclab] [tccheck] [wgmmatests] [wgmmalab] [wgmmalab-notriton] [wgmmalab-quick] [hostlab] [hostseries] [leanlab] [prefillpaths] [predict] [predict-nohf] [predict-mega] [predict-mega-ab] [launchtest] [prefill-fixed] [ncu-ws] [ncu-gemv] [persistentlab] [persistentlab-ws] [persistentlab-triton] [persistentlab-i8] [megalab[:CFG]] [ncu-chain] [ncu-chain-i8]
 #                             [finetune-quick] [finetune-quick-nogluon] [adamw-repeat] [finetune] [finetune-main] [finetune-big] [finetune-seed] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-large] [kernels-small] [kernels-decode]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
@@ -34,7 +34,7 @@ for s in "$@"; do
     gputests) step pytest_gpu 300 env LORAKIT_AUTOTUNE=0 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_kernels.py; python3 -m pytest -q -x -p no:cacheprovider tests/test_decode.py tests/test_decode_ops.py \
         tests/test_train_ops.py tests/test_train_step_backends.py" ;;
-    megatests) step pytest_mega 240 python3 -m pytest -q -p no:cacheprovider tests/test_decode_mega.py \
+    megatests) step pytest_mega 240 python3 -m pytest -q -p no:cacheprovider tests/test_decode_mega.py tests/test_cuda_prompt.py \
         tests/test_act_q8.py tests/test_predict_cli.py ;;
     acttests) step pytest_act 150 python3 -m pytest -q -p no:cacheprovider tests/test_act_q8.py \
         tests/test_predict_cli.py ;;
@@ -94,6 +94,7 @@ for s in "$@"; do
     tclab) step gemv_tc_lab 300 python3 bench/gemv_lab.py --tc --out "$out/gemv_tc_lab_h200.json" ;;
     tccheck) step gemv_tc_check 200 python3 bench/gemv_tc_check.py ;;
     prefillpaths) step prefill_paths 300 python3 bench/prefill_paths_lab.py --out "$out/prefill_paths_lab.json" ;;
+    leanlab) step prefill_lean_lab 300 python3 bench/prefill_lean_lab.py --out "$out/prefill_lean_lab.json" ;;
     hostlab) step host_lab 150 python3 bench/host_lab.py --out "$out/host_lab_h200.json" ;;
     hostseries) step host_series 120 python3 bench/host_lab.py --series 80 --out "$out/host_series.json" ;;
     prefill-fixed) step prefill_fixed 100 env LORAKIT_AUTOTUNE=0 python3 bench/predict_gpu.py --only-prefill ;;

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     from lorakit.backends import get_backend
 
     from lorakit import flash
-    from lorakit.fused_ops import _heads
+    from lorakit.fused_ops import qkv_heads
     from lorakit.generate import Generator
     from lorakit.lora import model_fns
     from lorakit.model import block
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
         "ops.rms_norm (autograd Function)": lambda: ops.rms_norm(x, w_n, 1e-6),
         "ops.add_rms_norm": lambda: ops.add_rms_norm(x, x, w_n, 1e-6),
         "rope_heads (q, k, v -> padded)": lambda: be.rope_heads(whole.view(1, T, 3 * H, D), cos, sin, 2 * H, padded),
-        "flash.forward": lambda: flash.forward(*_heads(padded, H, H), D**-0.5),
+        "flash.forward": lambda: flash.forward(*qkv_heads(padded, H, H), D**-0.5),
         "ops.causal_attention (+ cache write)": lambda: ops.causal_attention(qkv, cos, sin, H, H, (cache.k[0],
                                                                                                    cache.v[0])),
         "q8_0_matmul qkv (backend.matmul)": lambda: be.matmul(x, q8),

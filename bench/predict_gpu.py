@@ -5,7 +5,8 @@
 
 Batch 1, prompt 128, 256 new tokens (greedy), bf16 activations, CUDA-graph decode step, without
 adapters and with two scaled adapters (r 4 on the 7 matrices, scales 0.7 and 0.4, unmerged);
-prefill of 512 tokens through the batched q8_0 matmul; then HF transformers `generate` (bf16, same
+prefill of 512 tokens through the batched q8_0 matmul (the lean prompt forward `lorakit predict` runs, and the
+generic forward with the same numbers, side by side); then HF transformers `generate` (bf16, same
 shape, random weights) in the same run (--skip-hf to leave it out). Reports tokens/s and % of the
 bandwidth limit (q8_0 weight bytes per token at 4.23 TB/s). Saves bench/results/predict_h200.json.
 """
@@ -107,10 +108,12 @@ def bench_decode(model, backend, adapters, prompt: int, new: int, dtype=torch.bf
             "pct_of_bandwidth_limit": tps * wb / HBM, "weight_bytes": wb}  # fmt: skip
 
 
-def bench_prefill(model, backend, n: int = 512, dtype=torch.bfloat16) -> dict:
+def bench_prefill(model, backend, n: int = 512, dtype=torch.bfloat16, lean: bool = True) -> dict:
+    """A 512-token prompt's tok/s: lean, as `lorakit predict` runs it (backends/cuda_prompt.py); else through the
+    generic forward (model.forward_hidden over model_fns and fused_ops; the same numbers)."""
     from lorakit.generate import Generator
 
-    gen = Generator(model, backend, (), n_ctx=n, dtype=dtype)
+    gen = Generator(model, backend, (), n_ctx=n, dtype=dtype, lean_prompt=lean)
     ids = torch.randint(3, model.args.n_vocab, (n,)).tolist()
     for _ in range(2):  # warm-up (llama-bench: one warm-up run, then the mean of 5)
         gen.logits(ids, gen.new_cache(), 0)
@@ -174,9 +177,10 @@ def main(argv=None) -> int:
         print(json.dumps({"case": "prefill 512", **r}), flush=True)
         return 0
     if not a.only_mega:  # prefill first, as in `lorakit predict` (a fresh process: the prompt, then the decode steps)
-        r = bench_prefill(model, be)
-        rows.append({"case": "prefill 512", **r, "vs_llamacpp": r["prefill_tok_s"] / LLAMACPP_PREFILL})
-        print(json.dumps(rows[-1]), flush=True)
+        for lean, how in ((True, ""), (False, ", generic forward"), (True, ", again")):
+            r = bench_prefill(model, be, lean=lean)
+            rows.append({"case": f"prefill 512{how}", **r, "vs_llamacpp": r["prefill_tok_s"] / LLAMACPP_PREFILL})
+            print(json.dumps(rows[-1]), flush=True)
     ads = two_adapters(model, be.device)
     mega_modes = (("device", "argmax on GPU"), ("sampled", "default sampling"))[: 1 if a.only_mega else 2]
     for name, adapters in (("", ()), (", 2 scaled adapters", ads)):
@@ -194,10 +198,11 @@ def main(argv=None) -> int:
             r = bench_decode(model, be, adapters, a.prompt, a.new, mode=mode)
             rows.append({"case": f"decode, {name}, {how}", **r, "vs_llamacpp": r["decode_tok_s"] / LLAMACPP_DECODE})
             print(json.dumps(rows[-1]), flush=True)
-    r = bench_prefill(model, be)
-    rows.append({"case": "prefill 512, after the decode runs", **r,
-                 "vs_llamacpp": r["prefill_tok_s"] / LLAMACPP_PREFILL})  # fmt: skip
-    print(json.dumps(rows[-1]), flush=True)
+    for lean, how in ((True, ""), (False, ", generic forward")):
+        r = bench_prefill(model, be, lean=lean)
+        rows.append({"case": f"prefill 512{how}, after the decode runs", **r,
+                     "vs_llamacpp": r["prefill_tok_s"] / LLAMACPP_PREFILL})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
     if not a.skip_hf:
         del model
         torch.cuda.empty_cache()

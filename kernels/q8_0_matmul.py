@@ -392,6 +392,32 @@ def _fwd(
         _reduce_splits(out, y)
 
 
+def fwd_path(x2: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, y: torch.Tensor, lora, host_bound: bool,
+             cfg: dict | None = None) -> str:  # fmt: skip
+    """The path of y[M, N] = x2 @ W.T (+ LoRA) that q8_0_matmul takes (choose_path: measured once per key, which
+    may run the candidates into y). lora = (t or None, a, b, r, scale) as _fwd takes it, or None; cfg: _fwd's."""
+    m, k = x2.shape
+    n = qs.shape[0]
+    has_lora = lora is not None
+    half = x2.dtype in (torch.bfloat16, torch.float16)
+    t_in = has_lora and lora[0] is None
+    gl_ok = m > 64 and wgmma_ok(x2, qs, lora[3] if has_lora else 0)
+    paths, default = _candidates(m, y.dtype == x2.dtype, True, half, t_in, gl_ok)
+    # gl_ok in the key: a product the Gluon kernel cannot compute (a LoRA rank above 32, say) never reuses the
+    # "wgmma" measured for another of the same shape
+    key = ("fwd", m if m <= GEMV_TC_MAX_M else _m_bucket(m), n, k, x2.dtype, y.dtype, has_lora, t_in, host_bound,
+           gl_ok)  # fmt: skip
+    return choose_path(key, paths, lambda p: _fwd(p, x2, qs, d, y, lora, cfg or {}), default, wall=host_bound)
+
+
+def q8_0_matmul_into(
+    path: str, x2: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, y: torch.Tensor, dequant_cache=None
+) -> None:
+    """y[M, N] = x2[M, K] @ W.T along `path` (fwd_path's), unchecked, no LoRA: x2 with unit column stride, y
+    contiguous [M, N] in x2's dtype. For callers that checked the operands once (a prompt's lean forward)."""
+    _fwd(path, x2, qs, d, y, None, {}, dequant_cache)
+
+
 def q8_0_matmul(
     x: torch.Tensor,
     qs: torch.Tensor,
@@ -448,18 +474,7 @@ def q8_0_matmul(
         lora = (t, a.to(x.dtype), b.to(x.dtype), a.shape[1], float(scale))
 
     cfg = dict(config or {})
-    if "path" in cfg:
-        path = _forced_path(cfg, m)
-    else:
-        half = x.dtype in (torch.bfloat16, torch.float16)
-        t_in = has_lora and lora_t is None
-        gl_ok = m > 64 and wgmma_ok(x2, qs, a.shape[1] if has_lora else 0)
-        paths, default = _candidates(m, out_dtype == x.dtype, True, half, t_in, gl_ok)
-        # gl_ok in the key: a product the Gluon kernel cannot compute (a LoRA rank above 32, say) never reuses the
-        # "wgmma" measured for another of the same shape
-        key = ("fwd", m if m <= GEMV_TC_MAX_M else _m_bucket(m), n, k, x.dtype, out_dtype, has_lora, t_in, host_bound,
-               gl_ok)  # fmt: skip
-        path = choose_path(key, paths, lambda p: _fwd(p, x2, qs, d, y, lora, cfg), default, wall=host_bound)
+    path = _forced_path(cfg, m) if "path" in cfg else fwd_path(x2, qs, d, y, lora, host_bound, cfg)
     _fwd(path, x2, qs, d, y, lora, cfg, dequant_cache, prefetch)
     if extra is not None:
         y += extra.to(out_dtype)

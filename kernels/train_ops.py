@@ -264,12 +264,30 @@ def _rms_fwd(x, res, w, eps):
     rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
     if x2.shape[0] == 0:
         return s, y, rstd
+    rms_norm_rows(x2, r2 if res is not None else None, s, _w_arg(w, x.dtype), y, rstd, eps)
+    return s, y, rstd
+
+
+def rms_norm_rows(
+    x2: torch.Tensor,
+    r2: torch.Tensor | None,
+    s: torch.Tensor,
+    w: torch.Tensor,
+    y: torch.Tensor,
+    rstd: torch.Tensor,
+    eps: float,
+) -> None:
+    """The launch of rms_norm_fwd (r2 None) or add_rms_norm_fwd, unchecked, into given buffers: x2, r2 [rows, E]
+    with a row stride each, s and y contiguous like x2 (s = rnd(x2 + r2) written where r2 is given; s may be x2's
+    buffer then, each program reading its row before it writes it), w [E] as _w_arg gives it, rstd fp32 [rows]. For
+    callers that checked the operands once (a prompt's lean forward, backends/cuda_prompt.py)."""
+    E = x2.shape[1]
     block = next_pow2(E)
     launch(_rms_norm_fwd_kernel, (x2.shape[0],),
-           (x2, r2, s, _w_arg(w, x.dtype), y, rstd, E, float(E), float(eps), x2.stride(0), r2.stride(0)),
-           dict(HAS_RES=res is not None, BLOCK=block, EMU_BF16=_INTERPRET, enable_fp_fusion=False,
+           (x2, x2 if r2 is None else r2, s, w, y, rstd, E, float(E), float(eps), x2.stride(0),
+            (x2 if r2 is None else r2).stride(0)),
+           dict(HAS_RES=r2 is not None, BLOCK=block, EMU_BF16=_INTERPRET, enable_fp_fusion=False,
                 num_warps=_row_warps(block)))  # fmt: skip
-    return s, y, rstd
 
 
 def rms_norm_bwd(
@@ -343,6 +361,22 @@ def rope_heads(
             raise ValueError(f"last must be [{B}, {T}, <= {H}, {D}], got {tuple(last.shape)}")
     if out.numel() == 0:
         return out
+    rope_heads_launch(x, cos, sin, n_rot, out, inverse, last)
+    return out
+
+
+def rope_heads_launch(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    n_rot: int,
+    out: torch.Tensor,
+    inverse: bool = False,
+    last: torch.Tensor | None = None,
+) -> None:
+    """rope_heads' launch, unchecked (operands as rope_heads takes them, out non-empty): for callers that checked
+    them once (a prompt's lean forward)."""
+    B, T, H, D = x.shape
     W = out.shape[3]
     block_w = next_pow2(W)
     block_h = min(next_pow2(H), max(1, ROPE_TILE // block_w))
@@ -354,7 +388,6 @@ def rope_heads(
            dict(HAS_ROT=n_rot > 0, INVERSE=bool(inverse), BLOCK_H=block_h, BLOCK_W=block_w, EMU_BF16=_INTERPRET,
                 HAS_Z=last is not None, enable_fp_fusion=False,
                 num_warps=8 if block_h * block_w >= 4096 else (4 if block_h * block_w >= 512 else 1)))  # fmt: skip
-    return out
 
 
 def _check_same(ts: list[tuple[torch.Tensor, str]]) -> int:
@@ -375,13 +408,19 @@ def silu_mul_fwd(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     Fd = _check_same([(g, "g"), (u, "u")])
     g2, u2 = _rows(g, Fd), _rows(u, Fd)
     y = torch.empty(g.shape, dtype=g.dtype, device=g.device)
-    rows = g2.shape[0]
-    if rows == 0:
-        return y
+    if g2.shape[0]:
+        silu_mul_rows(g2, u2, y)
+    return y
+
+
+def silu_mul_rows(g2: torch.Tensor, u2: torch.Tensor, y: torch.Tensor) -> None:
+    """silu_mul_fwd's launch, unchecked: g2, u2 [rows > 0, F] with a row stride each, y contiguous [rows, F] (any
+    leading shape). For callers that checked them once (a prompt's lean forward)."""
+    rows, Fd = g2.shape
     n_blk = cdiv(Fd, EW_BLOCK)
     launch(_silu_mul_fwd_kernel, (rows * n_blk,), (g2, u2, y, Fd, n_blk, g2.stride(0), u2.stride(0)),
-           dict(BLOCK=EW_BLOCK, EMU_BF16=_INTERPRET, enable_fp_fusion=False, num_warps=4, **pdl(g.device)))  # fmt: skip
-    return y
+           dict(BLOCK=EW_BLOCK, EMU_BF16=_INTERPRET, enable_fp_fusion=False, num_warps=4,
+                **pdl(g2.device)))  # fmt: skip
 
 
 def silu_mul_bwd(

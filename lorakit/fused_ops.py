@@ -138,7 +138,7 @@ class SwigluPackedFn(torch.autograd.Function):
         return dgu, None
 
 
-def _heads(padded: torch.Tensor, H: int, Hkv: int) -> tuple[torch.Tensor, ...]:
+def qkv_heads(padded: torch.Tensor, H: int, Hkv: int) -> tuple[torch.Tensor, ...]:
     """q, k, v [B, heads, T, Dp] as views of the padded [B, T, H + 2 Hkv, Dp] buffer."""
     return tuple(t.transpose(1, 2) for t in padded.split([H, Hkv, Hkv], dim=2))
 
@@ -155,13 +155,13 @@ def _flash_causal(qkv: torch.Tensor, cos, sin, n_head: int, n_head_kv: int, back
     padded = qkv.new_empty(B, T, H + 2 * Hkv, flash.padded_head(D))
     backend.rope_heads(qkv.view(B, T, H + 2 * Hkv, D), cos, sin, H + Hkv, padded, last=kv_last)
     scale = 1.0 / math.sqrt(D)
-    out_p, lse, state = flash.forward(*_heads(padded, H, Hkv), scale)
+    out_p, lse, state = flash.forward(*qkv_heads(padded, H, Hkv), scale)
     out = qkv.new_empty(B, T, H * D)
     backend.rope_heads(out_p.transpose(1, 2)[..., :D], cos, sin, 0, out.view(B, T, H, D))
     return out, padded, out_p, lse, state, scale
 
 
-def _joint_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+def joint_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
     """k and v [B, Hkv, n, D] as one [B, 2 Hkv, n, D] view where v's heads follow k's in memory with the same
     strides (model.KVCache's layout), else None."""
     if k.dtype != v.dtype or k.device != v.device or k.shape != v.shape or k.stride() != v.stride():
@@ -177,7 +177,7 @@ def flash_prompt(qkv: torch.Tensor, cos, sin, n_head: int, n_head_kv: int, backe
     0..T-1 (kv_out = (k, v) [B, Hkv, n_ctx, D]): by the launch that forms them where the cache keeps each layer's
     v heads right after its k heads (model.KVCache), else by one copy launch each from the padded buffer."""
     T = qkv.shape[1]
-    joint = _joint_kv(*kv_out)
+    joint = joint_kv(*kv_out)
     if joint is not None:
         return _flash_causal(qkv, cos, sin, n_head, n_head_kv, backend, joint[:, :, :T].transpose(1, 2))[0]
     out, padded, *_ = _flash_causal(qkv, cos, sin, n_head, n_head_kv, backend)
@@ -213,7 +213,7 @@ class CausalAttentionFn(torch.autograd.Function):
         D = dout.shape[-1] // H
         dout_p = dout.new_empty(B, T, H, Dp)
         be.rope_heads(dout.contiguous().view(B, T, H, D), cos, sin, 0, dout_p)
-        grads = flash.backward(dout_p.transpose(1, 2), *_heads(padded, H, Hkv), out_p, lse, state, ctx.scale)
+        grads = flash.backward(dout_p.transpose(1, 2), *qkv_heads(padded, H, Hkv), out_p, lse, state, ctx.scale)
         dqkv = dout.new_empty(B, T, N, D)
         for g, j0, n_rot in zip(grads, (0, H, H + Hkv), (H, Hkv, 0), strict=True):  # dq, dk by -theta; dv as is
             dst = dqkv[:, :, j0 : j0 + g.shape[1]]

@@ -141,10 +141,13 @@ class Generator:
         n_ctx: int = 512,
         dtype: torch.dtype = torch.float32,
         act_q8: bool = False,
+        lean_prompt: bool = True,
     ):
         """act_q8: llama.cpp's arithmetic for q8_0 products (backends.act_q8): the prompt and the CPU's steps through
         ActQ8Inference, a GPU's decode steps through the decode megakernel where it applies (decode_mega.applies),
-        else eager."""
+        else eager. lean_prompt: a prompt through the backend's prompt_runner where it has one
+        (cuda-triton: backends/cuda_prompt.py; the same numbers, less host time); False: the generic forward
+        (benchmarks compare both)."""
         self.model, self.backend, self.n_ctx, self.dtype = model, backend, n_ctx, dtype
         self.adapters = list(adapters)
         # prompt and eager steps launch op by op (the host is the limit on a GPU); decode steps replay a graph
@@ -158,6 +161,8 @@ class Generator:
         self.rope = rope_tables(model.args, n_ctx, backend.device)
         self.stats = GenerationStats()
         self.act_q8 = act_q8
+        # (act_q8: every product through self.fns, ActQ8Inference's)
+        self.prompt = backend.prompt_runner(model, dtype, self.fns, self.adapters, act_q8) if lean_prompt else None
         self._tiled: dict = {}  # MegaDecoder's weights in its layout, formed on the first generation's decoder
         self.use_graph = backend.device.type == "cuda"
 
@@ -167,8 +172,11 @@ class Generator:
         """Run tokens at positions n_past.. and return the last position's logits [V] (float32)."""
         linear, norm, embed = self.fns
         t = torch.tensor([list(tokens)], dtype=torch.long, device=self.backend.device)
-        h = forward_hidden(self.model.args, t, linear, norm, embed, self.rope, cache, n_past, ops=self.ops)
-        return linear(h[:, -1:], "output.weight")[0, -1].float()
+        if self.prompt is not None and self.prompt.fits(t, cache, n_past):  # the backend's lean prompt forward
+            h = self.prompt.last_hidden(t, cache, self.rope)
+        else:
+            h = forward_hidden(self.model.args, t, linear, norm, embed, self.rope, cache, n_past, ops=self.ops)[:, -1:]
+        return linear(h, "output.weight")[0, -1].float()
 
     def new_cache(self) -> KVCache:
         return KVCache.empty(self.model.args, 1, self.n_ctx, self.dtype, self.backend.device)

@@ -665,10 +665,10 @@ def test_fused_attention_prompt_writes_the_cache(tri, dtype, Hkv, layout, B, mon
         got_kv = [cache.k[0], cache.v[0]]
         for t in got_kv:
             t.fill_(7.0)
-        assert fo._joint_kv(*got_kv) is not None
+        assert fo.joint_kv(*got_kv) is not None
     else:
         got_kv = [torch.full((B, Hkv, n_ctx, D), 7.0, dtype=dtype, device=DEVICE) for _ in range(2)]
-        assert fo._joint_kv(*got_kv) is None
+        assert fo.joint_kv(*got_kv) is None
     ref_kv = [t.clone() for t in got_kv]
     with torch.no_grad():
         got = ops.causal_attention(packed, cos, sin, H, Hkv, tuple(got_kv))
