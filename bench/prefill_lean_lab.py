@@ -83,106 +83,47 @@ def main(argv=None) -> int:
     mm = be._mm.q8_0_matmul
     wc = be._wcache
 
-    def lean(ids, cache, config=None):
+    clock: dict[str, list] = {}  # op -> [seconds, calls] of the timed lean forward
+
+    def lean(ids, cache, config=None, timed=False):
+        """The lean variant; timed: each op's host time into clock (a perf_counter pair per op)."""
+
+        def op(name, fn, *a, **k):
+            if not timed:
+                return fn(*a, **k)
+            t0 = time.perf_counter()
+            r = fn(*a, **k)
+            c = clock.setdefault(name, [0.0, 0])
+            c[0] += time.perf_counter() - t0
+            c[1] += 1
+            return r
+
+        def product(name, x, w):
+            return op(f"product {name}", mm, x, w.qs, w.d, host_bound=True, dequant_cache=wc, config=config)
+
         t = ids if isinstance(ids, torch.Tensor) else torch.tensor([ids], dtype=torch.long, device=be.device)
         cos, sin = gen.rope[0][:T], gen.rope[1][:T]
-        h = be.embedding(w_emb, t, dt)
+        h = op("embedding", be.embedding, w_emb, t, dt)
         f_out = None
         for i, (g, w) in enumerate(layers):
             if f_out is None:
-                a_ = be.rms_norm_fwd(h, g["attn_norm"], eps)[0]
+                a_ = op("rms_norm", be.rms_norm_fwd, h, g["attn_norm"], eps)[0]
             else:
-                h, a_, _ = be.add_rms_norm_fwd(h, f_out, g["attn_norm"], eps)
-            q = w["attn_qkv"]
-            qkv = mm(a_, q.qs, q.d, host_bound=True, dequant_cache=wc, config=config)
-            padded = qkv.new_empty(1, T, H + 2 * Hkv, Dp)
-            joint = joint_kv(cache.k[i], cache.v[i])
-            be.rope_heads(qkv.view(1, T, H + 2 * Hkv, D), cos, sin, H + Hkv, padded,
-                          last=joint[:, :, :T].transpose(1, 2))  # fmt: skip
-            out_p, _, _ = flash.forward(*qkv_heads(padded, H, Hkv), scale)
-            out = qkv.new_empty(1, T, H * D)
-            be.rope_heads(out_p.transpose(1, 2)[..., :D], cos, sin, 0, out.view(1, T, H, D))
-            o = w["attn_output"]
-            o = mm(out, o.qs, o.d, host_bound=True, dequant_cache=wc, config=config)
-            h, f, _ = be.add_rms_norm_fwd(h, o, g["ffn_norm"], eps)
-            gu = w["ffn_gate_up"]
-            gu = mm(f, gu.qs, gu.d, host_bound=True, dequant_cache=wc, config=config)
-            s = be.silu_mul_fwd(*gu.chunk(2, dim=-1))
-            dn = w["ffn_down"]
-            f_out = mm(s, dn.qs, dn.d, host_bound=True, dequant_cache=wc, config=config)
-        _, hn, _ = be.add_rms_norm_fwd(h, f_out, out_norm, eps)
-        return mm(hn[:, -1:], w_out.qs, w_out.d, host_bound=True, dequant_cache=wc)[0, -1].float()
-
-    clock: dict[str, list] = {}
-
-    def tick(name, t0):
-        """Accumulate the host time since t0 under name (the instrumented lean forward); returns now."""
-        t1 = time.perf_counter()
-        c = clock.setdefault(name, [0.0, 0])
-        c[0] += t1 - t0
-        c[1] += 1
-        return t1
-
-    def lean_timed(ids, cache, config=None):
-        t = ids if isinstance(ids, torch.Tensor) else torch.tensor([ids], dtype=torch.long, device=be.device)
-        cos, sin = gen.rope[0][:T], gen.rope[1][:T]
-        t0 = time.perf_counter()
-        h = be.embedding(w_emb, t, dt)
-        tick("embedding", t0)
-        f_out = None
-        for i, (g, w) in enumerate(layers):
-            if f_out is None:
-                t0 = time.perf_counter()
-                a_ = be.rms_norm_fwd(h, g["attn_norm"], eps)[0]
-                tick("rms_norm", t0)
-            else:
-                t0 = time.perf_counter()
-                h, a_, _ = be.add_rms_norm_fwd(h, f_out, g["attn_norm"], eps)
-                tick("add_rms_norm (attn)", t0)
-            q = w["attn_qkv"]
-            t0 = time.perf_counter()
-            qkv = mm(a_, q.qs, q.d, host_bound=True, dequant_cache=wc, config=config)
-            tick("product qkv", t0)
-            t0 = time.perf_counter()
-            padded = qkv.new_empty(1, T, H + 2 * Hkv, Dp)
-            tick("new_empty padded", t0)
-            t0 = time.perf_counter()
-            joint = joint_kv(cache.k[i], cache.v[i])
-            tick("joint_kv", t0)
-            t0 = time.perf_counter()
-            be.rope_heads(qkv.view(1, T, H + 2 * Hkv, D), cos, sin, H + Hkv, padded,
-                          last=joint[:, :, :T].transpose(1, 2))  # fmt: skip
-            tick("rope_heads (q, k, v)", t0)
-            t0 = time.perf_counter()
-            out_p, _, _ = flash.forward(*qkv_heads(padded, H, Hkv), scale)
-            tick("flash.forward", t0)
-            t0 = time.perf_counter()
-            out = qkv.new_empty(1, T, H * D)
-            tick("new_empty out", t0)
-            t0 = time.perf_counter()
-            be.rope_heads(out_p.transpose(1, 2)[..., :D], cos, sin, 0, out.view(1, T, H, D))
-            tick("rope_heads (out)", t0)
-            o = w["attn_output"]
-            t0 = time.perf_counter()
-            o = mm(out, o.qs, o.d, host_bound=True, dequant_cache=wc, config=config)
-            tick("product attn_output", t0)
-            t0 = time.perf_counter()
-            h, f, _ = be.add_rms_norm_fwd(h, o, g["ffn_norm"], eps)
-            tick("add_rms_norm (ffn)", t0)
-            gu = w["ffn_gate_up"]
-            t0 = time.perf_counter()
-            gu = mm(f, gu.qs, gu.d, host_bound=True, dequant_cache=wc, config=config)
-            tick("product gate_up", t0)
-            t0 = time.perf_counter()
-            s = be.silu_mul_fwd(*gu.chunk(2, dim=-1))
-            tick("silu_mul", t0)
-            dn = w["ffn_down"]
-            t0 = time.perf_counter()
-            f_out = mm(s, dn.qs, dn.d, host_bound=True, dequant_cache=wc, config=config)
-            tick("product down", t0)
-        t0 = time.perf_counter()
-        _, hn, _ = be.add_rms_norm_fwd(h, f_out, out_norm, eps)
-        tick("be.add_rms_norm_fwd:_, hn, _", t0)
+                h, a_, _ = op("add_rms_norm (attn)", be.add_rms_norm_fwd, h, f_out, g["attn_norm"], eps)
+            qkv = product("qkv", a_, w["attn_qkv"])
+            padded = op("new_empty padded", qkv.new_empty, 1, T, H + 2 * Hkv, Dp)
+            joint = op("joint_kv", joint_kv, cache.k[i], cache.v[i])
+            op("rope_heads (q, k, v)", be.rope_heads, qkv.view(1, T, H + 2 * Hkv, D), cos, sin, H + Hkv, padded,
+               last=joint[:, :, :T].transpose(1, 2))  # fmt: skip
+            out_p, _, _ = op("flash.forward", flash.forward, *qkv_heads(padded, H, Hkv), scale)
+            out = op("new_empty out", qkv.new_empty, 1, T, H * D)
+            op("rope_heads (out)", be.rope_heads, out_p.transpose(1, 2)[..., :D], cos, sin, 0, out.view(1, T, H, D))
+            o = product("attn_output", out, w["attn_output"])
+            h, f, _ = op("add_rms_norm (ffn)", be.add_rms_norm_fwd, h, o, g["ffn_norm"], eps)
+            gu = product("gate_up", f, w["ffn_gate_up"])
+            s = op("silu_mul", be.silu_mul_fwd, *gu.chunk(2, dim=-1))
+            f_out = product("down", s, w["ffn_down"])
+        _, hn, _ = op("output norm", be.add_rms_norm_fwd, h, f_out, out_norm, eps)
         return mm(hn[:, -1:], w_out.qs, w_out.d, host_bound=True, dequant_cache=wc)[0, -1].float()
 
     # the production runner (backends/cuda_prompt.py): Generator.logits with lean_prompt (the default)
@@ -246,7 +187,7 @@ def main(argv=None) -> int:
                               "n": len(caught)}), flush=True)  # fmt: skip
         clock.clear()
         for _ in range(5):
-            lean_timed(ids, gen.new_cache())
+            lean(ids, gen.new_cache(), timed=True)
             torch.cuda.synchronize()
         for name, (sec, n) in sorted(clock.items(), key=lambda kv: -kv[1][0]):
             rows.append({"case": f"lean op {name}", "host_ms": sec / 5 * 1e3, "wall_ms": 0.0, "tok_s": 0.0,

@@ -283,9 +283,9 @@ def rms_norm_rows(
     callers that checked the operands once (a prompt's lean forward, backends/cuda_prompt.py)."""
     E = x2.shape[1]
     block = next_pow2(E)
+    res = x2 if r2 is None else r2  # (not read without HAS_RES)
     launch(_rms_norm_fwd_kernel, (x2.shape[0],),
-           (x2, x2 if r2 is None else r2, s, w, y, rstd, E, float(E), float(eps), x2.stride(0),
-            (x2 if r2 is None else r2).stride(0)),
+           (x2, res, s, w, y, rstd, E, float(E), float(eps), x2.stride(0), res.stride(0)),
            dict(HAS_RES=r2 is not None, BLOCK=block, EMU_BF16=_INTERPRET, enable_fp_fusion=False,
                 num_warps=_row_warps(block)))  # fmt: skip
 

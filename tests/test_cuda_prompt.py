@@ -21,9 +21,8 @@ from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
 
 from lorakit.generate import Generator, SamplingParams  # noqa: E402
 from lorakit.lora import model_fns  # noqa: E402
-from lorakit.model import LlamaModel, ModelArgs, pack_fused  # noqa: E402
-from lorakit.quant import quantize_q8_0  # noqa: E402
-from tests.test_decode import _adapter  # noqa: E402
+from lorakit.model import ModelArgs, pack_fused  # noqa: E402
+from tests.test_decode import _adapter, _model  # noqa: E402
 
 cuda_triton = pytest.importorskip("lorakit.backends.cuda_triton")
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -34,17 +33,6 @@ GQA = ModelArgs(n_vocab=120, n_embd=64, n_ff=96, n_head=4, n_head_kv=2, n_layer=
 MHA = ModelArgs(n_vocab=120, n_embd=96, n_ff=96, n_head=8, n_head_kv=8, n_layer=2, norm_eps=1e-5)
 # a prompt of 300 rows: the batched products' measured paths (GPU only)
 WIDE = ModelArgs(n_vocab=256, n_embd=512, n_ff=1024, n_head=8, n_head_kv=4, n_layer=3, norm_eps=1e-5)
-
-
-def _model(args: ModelArgs) -> LlamaModel:
-    g = torch.Generator().manual_seed(0)
-    tensors = {}
-    for name, shape in args.expected_shapes().items():
-        if len(shape) == 1:
-            tensors[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
-        else:
-            tensors[name] = quantize_q8_0(torch.randn(shape, generator=g) * shape[1] ** -0.5)
-    return LlamaModel(args, tensors, "random", tied_output=False)
 
 
 def _dtypes():
