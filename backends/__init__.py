@@ -82,11 +82,11 @@ class Backend(Protocol):
         """The same ops and numbers, for eager host-bound work (a prefill): may prefer fewer launches."""
 
     def prompt_runner(
-        self, model: LlamaModel, dtype: torch.dtype, fns, adapters=(), products_by_fns: bool = False
+        self, model: LlamaModel, dtype: torch.dtype, adapters=(), products_by_fns: bool = False
     ) -> object | None:
-        """A lean runner of a prompt's forward with the generic forward's numbers (fns: the generation's lora.model_fns
-        over these adapters; products_by_fns: every product through them), or None where the backend has none:
-        cuda-triton's CudaPrompt (its build says where it applies)."""
+        """A lean runner of a prompt's forward with the generic forward's numbers (with these adapters; its calls take
+        the generation's lora.model_fns, and with products_by_fns every product through them), or None where the
+        backend has none: cuda-triton's CudaPrompt (its build says where it applies)."""
 
     def matmul(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
         """x [..., in] @ W.T -> [..., out], float32 accumulation, result in x's dtype."""

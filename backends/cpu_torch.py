@@ -52,9 +52,7 @@ class CpuTorchBackend(TermByTermLora):
         self.fused_gemv = fused_gemv
         self._inference: CpuTorchBackend | None = None
 
-    def prompt_runner(
-        self, model: LlamaModel, dtype: torch.dtype, fns, adapters=(), products_by_fns: bool = False
-    ) -> None:
+    def prompt_runner(self, model: LlamaModel, dtype: torch.dtype, adapters=(), products_by_fns: bool = False) -> None:
         return None  # the CPU's prompt goes through the generic forward (torch's ops are its kernels)
 
     def eager_inference(self) -> CpuTorchBackend:

@@ -44,19 +44,18 @@ KINDS = ("attn_qkv", "attn_output.weight", "ffn_gate_up", "ffn_down.weight")  # 
 
 
 class CudaPrompt:
-    """build(backend, model, dtype, fns, adapters) -> a runner, or None where it does not apply (see the module
-    docstring). fns: the generation's (linear, norm, embed) of lora.model_fns over these adapters (frozen);
-    products_by_fns: every product through fns (their arithmetic is not the backend's: llama.cpp's --act-q8)."""
+    """build(backend, model, dtype, adapters) -> a runner, or None where it does not apply (see the module
+    docstring). products_by_fns: every product through the generation's functions (their arithmetic is not the
+    backend's: llama.cpp's --act-q8)."""
 
-    def __init__(self, backend, model: LlamaModel, dtype: torch.dtype, fns, layers: list):
+    def __init__(self, backend, model: LlamaModel, dtype: torch.dtype, layers: list):
         self.backend, self.model, self.dtype = backend, model, dtype
-        self._linear, self._norm, self._embed = fns
         self._layers = layers  # per layer: [(product name, Q8Weight, has a LoRA term)] in KINDS order
         self._train, self._mm = backend._train, backend._mm
 
     @classmethod
     def build(
-        cls, backend, model: LlamaModel, dtype: torch.dtype, fns, adapters=(), products_by_fns: bool = False
+        cls, backend, model: LlamaModel, dtype: torch.dtype, adapters=(), products_by_fns: bool = False
     ) -> CudaPrompt | None:
         args = model.args
         heads = args.n_head + 2 * args.n_head_kv
@@ -76,7 +75,7 @@ class CudaPrompt:
             lora = [products_by_fns or any(m in with_lora for m in (fused_members(n) if n in model.fused else [n]))
                     for n in names]  # fmt: skip
             layers.append(list(zip(names, ws, lora, strict=True)))
-        return cls(backend, model, dtype, fns, layers)
+        return cls(backend, model, dtype, layers)
 
     def fits(self, tokens: torch.Tensor, cache: KVCache, n_past: int) -> bool:
         """Whether last_hidden computes this prompt: position 0, one sequence, a cache of KVCache.empty's layout."""
@@ -86,22 +85,24 @@ class CudaPrompt:
         fits = k.dtype == self.dtype and k.shape[0] == 1 and tokens.shape[1] <= k.shape[2]
         return fits and joint_kv(k, v) is not None
 
-    def last_hidden(self, tokens: torch.Tensor, cache: KVCache, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def last_hidden(self, tokens: torch.Tensor, cache: KVCache, rope: tuple[torch.Tensor, ...], fns) -> torch.Tensor:
         """The final normed hidden state of the prompt's last position [1, 1, E] (model.forward_hidden's last row),
         with the prompt's keys and values written into the cache's rows 0..T-1. tokens [1, T] on the device; rope:
-        model.rope_tables' (cos, sin)."""
-        args, dt, be, norm, eps = self.model.args, self.dtype, self.backend, self._norm, self.model.args.norm_eps
+        model.rope_tables' (cos, sin); fns: the generation's (linear, norm, embed) of lora.model_fns over the
+        adapters build was given."""
+        linear, norm, embed = fns
+        args, dt, be, eps = self.model.args, self.dtype, self.backend, self.model.args.norm_eps
         T, E, F = tokens.shape[1], args.n_embd, args.n_ff
         H, Hkv, D = args.n_head, args.n_head_kv, args.head_dim
         cos, sin = rope[0][:T], rope[1][:T]
         scale = 1.0 / math.sqrt(D)  # as fused_ops._flash_causal forms it
         rms, heads, silu = self._train.rms_norm_rows, self._train.rope_heads_launch, self._train.silu_mul_rows
-        mm, linear = self._mm.q8_0_matmul_into, self._linear
+        mm = self._mm.q8_0_matmul_into
 
         def new(*shape):
             return torch.empty(*shape, dtype=dt, device=be.device)
 
-        h = self._embed(tokens).view(T, E)
+        h = embed(tokens).view(T, E)
         a, o, f, ffn, out, s = new(T, E), new(T, E), new(T, E), new(T, E), new(T, H * D), new(T, F)
         bufs = (new(T, (H + 2 * Hkv) * D), o, new(T, 2 * F), ffn)  # the products' outputs (without a LoRA term)
         padded = new(1, T, H + 2 * Hkv, flash.padded_head(D))

@@ -67,11 +67,11 @@ class CudaTritonBackend:
         return self if self.host_bound else CudaTritonBackend(self.device, host_bound=True)
 
     def prompt_runner(
-        self, model: LlamaModel, dtype: torch.dtype, fns, adapters=(), products_by_fns: bool = False
+        self, model: LlamaModel, dtype: torch.dtype, adapters=(), products_by_fns: bool = False
     ) -> CudaPrompt | None:
         from .cuda_prompt import CudaPrompt
 
-        return CudaPrompt.build(self.eager_inference(), model, dtype, fns, adapters, products_by_fns)
+        return CudaPrompt.build(self.eager_inference(), model, dtype, adapters, products_by_fns)
 
     # -- products -----------------------------------------------------------------------------------
 

@@ -202,7 +202,7 @@ def main(argv=None) -> int:
         ids = torch.tensor([ids], dtype=torch.long, device=be.device)
 
         def body():
-            runner.prompt.last_hidden(ids, cache, runner.rope)
+            runner.prompt.last_hidden(ids, cache, runner.rope, runner.fns)
 
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())

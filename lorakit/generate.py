@@ -162,7 +162,7 @@ class Generator:
         self.stats = GenerationStats()
         self.act_q8 = act_q8
         # (act_q8: every product through self.fns, ActQ8Inference's)
-        self.prompt = backend.prompt_runner(model, dtype, self.fns, self.adapters, act_q8) if lean_prompt else None
+        self.prompt = backend.prompt_runner(model, dtype, self.adapters, act_q8) if lean_prompt else None
         self._tiled: dict = {}  # MegaDecoder's weights in its layout, formed on the first generation's decoder
         self.use_graph = backend.device.type == "cuda"
 
@@ -173,7 +173,7 @@ class Generator:
         linear, norm, embed = self.fns
         t = torch.tensor([list(tokens)], dtype=torch.long, device=self.backend.device)
         if self.prompt is not None and self.prompt.fits(t, cache, n_past):  # the backend's lean prompt forward
-            h = self.prompt.last_hidden(t, cache, self.rope)
+            h = self.prompt.last_hidden(t, cache, self.rope, self.fns)
         else:
             h = forward_hidden(self.model.args, t, linear, norm, embed, self.rope, cache, n_past, ops=self.ops)[:, -1:]
         return linear(h, "output.weight")[0, -1].float()

@@ -20,7 +20,6 @@ if not CUDA:
 from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
 
 from lorakit.generate import Generator, SamplingParams  # noqa: E402
-from lorakit.lora import model_fns  # noqa: E402
 from lorakit.model import ModelArgs, pack_fused  # noqa: E402
 from tests.test_decode import _adapter, _model  # noqa: E402
 
@@ -105,7 +104,7 @@ def test_where_the_lean_prompt_does_not_apply():
     packed = pack_fused(_model(GQA).to(DEVICE))
     # products not packed (LlamaModel.to packs them on a GPU: here without): no runner
     plain = dataclasses.replace(packed, fused={})
-    assert be.prompt_runner(plain, dtype, model_fns(plain, be, (), dtype)) is None
+    assert be.prompt_runner(plain, dtype) is None
     # a later position (a host decode step) or a cache of another layout: the generic forward
     gen = Generator(packed, be, (), n_ctx=12, dtype=dtype)
     cache = gen.new_cache()
@@ -115,5 +114,4 @@ def test_where_the_lean_prompt_does_not_apply():
     split = type(cache)([k.clone() for k in cache.k], [v.clone() for v in cache.v])
     assert not gen.prompt.fits(t, split, 0)
     # the CPU backend has none
-    cpu = packed.to("cpu")
-    assert CpuTorchBackend().prompt_runner(cpu, torch.float32, model_fns(cpu, CpuTorchBackend())) is None
+    assert CpuTorchBackend().prompt_runner(packed.to("cpu"), torch.float32) is None
