@@ -107,9 +107,12 @@ class CudaPrompt:
         bufs = (new(T, (H + 2 * Hkv) * D), o, new(T, 2 * F), ffn)  # the products' outputs (without a LoRA term)
         padded = new(1, T, H + 2 * Hkv, flash.padded_head(D))
         rstd = torch.empty(T, dtype=torch.float32, device=be.device)
-        # each product's path, chosen once for all layers (their weights have the same shapes)
-        pairs = zip((a, out, f, s), self._layers[0], bufs, strict=True)
-        paths = [self._mm.fwd_path(x, w.qs, w.d, y, None, be.host_bound) for x, (_, w, _), y in pairs]
+        # each product's path, chosen once for all layers (their weights have the same shapes); none for a kind that
+        # every layer computes through the generation's functions (--act-q8, say: choosing one measures the paths)
+        paths = []
+        for j, (x, (_, w, _), y) in enumerate(zip((a, out, f, s), self._layers[0], bufs, strict=True)):
+            plain = not all(layer[j][2] for layer in self._layers)
+            paths.append(self._mm.fwd_path(x, w.qs, w.d, y, None, be.host_bound) if plain else None)
 
         def product(j: int, x: torch.Tensor, layer: list) -> torch.Tensor:
             name, w, lora = layer[j]

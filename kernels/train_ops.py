@@ -258,13 +258,13 @@ def add_rms_norm_fwd(
 def _rms_fwd(x, res, w, eps):
     E = _check_row(x, w)
     x2 = _rows(x, E)
-    r2 = _rows(res, E) if res is not None else x2
+    r2 = _rows(res, E) if res is not None else None
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     s = torch.empty(x.shape, dtype=x.dtype, device=x.device) if res is not None else x
     rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
     if x2.shape[0] == 0:
         return s, y, rstd
-    rms_norm_rows(x2, r2 if res is not None else None, s, _w_arg(w, x.dtype), y, rstd, eps)
+    rms_norm_rows(x2, r2, s, _w_arg(w, x.dtype), y, rstd, eps)
     return s, y, rstd
 
 
