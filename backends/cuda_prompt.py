@@ -77,19 +77,26 @@ class CudaPrompt:
             layers.append(list(zip(names, ws, lora, strict=True)))
         return cls(backend, model, dtype, layers)
 
-    def fits(self, tokens: torch.Tensor, cache: KVCache, n_past: int) -> bool:
-        """Whether last_hidden computes this prompt: position 0, one sequence, a cache of KVCache.empty's layout."""
-        if n_past or tokens.dim() != 2 or tokens.shape[0] != 1 or tokens.shape[1] == 0:
-            return False
-        k, v = cache.k[0], cache.v[0]
-        fits = k.dtype == self.dtype and k.shape[0] == 1 and tokens.shape[1] <= k.shape[2]
-        return fits and joint_kv(k, v) is not None
+    def cache_rows(self, tokens: torch.Tensor, cache: KVCache, n_past: int) -> list[torch.Tensor] | None:
+        """Each layer's cache rows 0..T-1 for the prompt's keys and values, as the [1, T, 2 Hkv, D] views its RoPE
+        launch writes (the layer's k heads and then its v heads, KVCache.empty's layout), or None where last_hidden
+        does not compute this prompt: a position other than 0, more than one sequence, another cache layout."""
+        T = tokens.shape[1] if tokens.dim() == 2 else 0
+        if n_past or T == 0 or tokens.shape[0] != 1:
+            return None
+        k = cache.k[0]
+        if k.dtype != self.dtype or k.shape[0] != 1 or T > k.shape[2]:
+            return None
+        joint = [joint_kv(k, v) for k, v in zip(cache.k, cache.v, strict=True)]
+        return None if any(j is None for j in joint) else [j[:, :, :T].transpose(1, 2) for j in joint]
 
-    def last_hidden(self, tokens: torch.Tensor, cache: KVCache, rope: tuple[torch.Tensor, ...], fns) -> torch.Tensor:
+    def last_hidden(
+        self, tokens: torch.Tensor, rows: list[torch.Tensor], rope: tuple[torch.Tensor, ...], fns
+    ) -> torch.Tensor:
         """The final normed hidden state of the prompt's last position [1, 1, E] (model.forward_hidden's last row),
-        with the prompt's keys and values written into the cache's rows 0..T-1. tokens [1, T] on the device; rope:
-        model.rope_tables' (cos, sin); fns: the generation's (linear, norm, embed) of lora.model_fns over the
-        adapters build was given."""
+        with the prompt's keys and values written into the cache's rows 0..T-1 (rows: cache_rows' views). tokens
+        [1, T] on the device; rope: model.rope_tables' (cos, sin); fns: the generation's (linear, norm, embed) of
+        lora.model_fns over the adapters build was given."""
         linear, norm, embed = fns
         args, dt, be, eps = self.model.args, self.dtype, self.backend, self.model.args.norm_eps
         T, E, F = tokens.shape[1], args.n_embd, args.n_ff
@@ -126,8 +133,7 @@ class CudaPrompt:
         for i, layer in enumerate(self._layers):
             rms(h, None if i == 0 else ffn, h, norm(f"blk.{i}.attn_norm.weight"), a, rstd, eps)
             qkv = product(0, a, layer)
-            kv = joint_kv(cache.k[i], cache.v[i])[:, :, :T].transpose(1, 2)
-            heads(qkv.view(1, T, H + 2 * Hkv, D), cos, sin, H + Hkv, padded, False, kv)
+            heads(qkv.view(1, T, H + 2 * Hkv, D), cos, sin, H + Hkv, padded, False, rows[i])
             out_p = flash.forward(q, k, v, scale)[0]
             heads(out_p.transpose(1, 2)[..., :D], cos, sin, 0, out.view(1, T, H, D))
             o = product(1, out, layer)

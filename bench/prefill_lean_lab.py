@@ -200,9 +200,10 @@ def main(argv=None) -> int:
         # GPU time of CudaPrompt's prefill: one capture, replays
         cache = gen.new_cache()
         ids = torch.tensor([ids], dtype=torch.long, device=be.device)
+        rows = runner.prompt.cache_rows(ids, cache, 0)
 
         def body():
-            runner.prompt.last_hidden(ids, cache, runner.rope, runner.fns)
+            runner.prompt.last_hidden(ids, rows, runner.rope, runner.fns)
 
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())

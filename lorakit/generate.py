@@ -172,8 +172,9 @@ class Generator:
         """Run tokens at positions n_past.. and return the last position's logits [V] (float32)."""
         linear, norm, embed = self.fns
         t = torch.tensor([list(tokens)], dtype=torch.long, device=self.backend.device)
-        if self.prompt is not None and self.prompt.fits(t, cache, n_past):  # the backend's lean prompt forward
-            h = self.prompt.last_hidden(t, cache, self.rope, self.fns)
+        rows = None if self.prompt is None else self.prompt.cache_rows(t, cache, n_past)
+        if rows is not None:  # the backend's lean prompt forward
+            h = self.prompt.last_hidden(t, rows, self.rope, self.fns)
         else:
             h = forward_hidden(self.model.args, t, linear, norm, embed, self.rope, cache, n_past, ops=self.ops)[:, -1:]
         return linear(h, "output.weight")[0, -1].float()

@@ -109,9 +109,11 @@ def test_where_the_lean_prompt_does_not_apply():
     gen = Generator(packed, be, (), n_ctx=12, dtype=dtype)
     cache = gen.new_cache()
     t = torch.tensor([[1, 2]], device=DEVICE)
-    assert gen.prompt.fits(t, cache, 0) and not gen.prompt.fits(t, cache, 3)
-    assert not gen.prompt.fits(torch.tensor([[1] * 13], device=DEVICE), cache, 0)  # longer than the cache
+    assert gen.prompt.cache_rows(t, cache, 0) is not None and gen.prompt.cache_rows(t, cache, 3) is None
+    assert gen.prompt.cache_rows(torch.tensor([[1] * 13], device=DEVICE), cache, 0) is None  # longer than the cache
     split = type(cache)([k.clone() for k in cache.k], [v.clone() for v in cache.v])
-    assert not gen.prompt.fits(t, split, 0)
+    assert gen.prompt.cache_rows(t, split, 0) is None
+    last_split = type(cache)(cache.k[:-1] + split.k[-1:], cache.v[:-1] + split.v[-1:])  # one layer's only
+    assert gen.prompt.cache_rows(t, last_split, 0) is None
     # the CPU backend has none
     assert CpuTorchBackend().prompt_runner(packed.to("cpu"), torch.float32) is None
