@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
-#   bash bench/gpu_session.sh OUTDIR [gputests] [acttests] [megatests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-mega] [streamlab] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [tclab] [tccheck] [wgmmatests] [wgmmalab] [wgmmalab-notriton] [wgmmalab-quick] [hostlab] [hostseries] [leanlab] [prefillpaths] [predict] [predict-nohf] [predict-mega] [predict-mega-ab] [launchtest] [prefill-fixed] [ncu-ws] [ncu-gemv] [persistentlab] [persistentlab-ws] [persistentlab-triton] [persistentlab-i8] [megalab[:CFG]] [ncu-chain] [ncu-chain-i8]
-#                             [finetune-quick] [finetune-quick-nogluon] [adamw-repeat] [finetune] [finetune-main] [finetune-big] [finetune-seed] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-large] [kernels-small] [kernels-decode]
+#   bash bench/gpu_session.sh OUTDIR [gputests] [acttests] [megatests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-mega] [streamlab] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [tclab] [tccheck] [wgmmatests] [wgmmalab] [wgmmalab-notriton] [wgmmalab-quick] [gradlab[-quick|-notriton|-quick-triton]] [hostlab] [hostseries] [leanlab] [prefillpaths] [predict] [predict-nohf] [predict-mega] [predict-mega-ab] [launchtest] [prefill-fixed] [ncu-ws] [ncu-gemv] [persistentlab] [persistentlab-ws] [persistentlab-triton] [persistentlab-i8] [megalab[:CFG]] [ncu-chain] [ncu-chain-i8]
+#                             [finetune-quick] [finetune-quick-grad] [finetune-quick-nogluon] [adamw-repeat] [finetune] [finetune-main] [finetune-big] [finetune-seed] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-large] [kernels-small] [kernels-decode]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
 set -u
@@ -90,6 +90,12 @@ for s in "$@"; do
         LORAKIT_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py" ;;
     wgmmalab) step wgmma_lab 420 python3 bench/wgmma_lab.py --out "$out/wgmma_lab_h200.json" ;;
     wgmmalab-notriton) step wgmma_lab 300 python3 bench/wgmma_lab.py --no-triton --out "$out/wgmma_lab_h200.json" ;;
+    gradlab | gradlab-quick | gradlab-notriton | gradlab-quick-triton)  # the input gradient's Gluon kernel beside cuBLAS, dequantize + cuBLAS, the triton kernel
+        q=""
+        [ "$s" = gradlab-quick ] && q="--quick --no-triton"
+        [ "$s" = gradlab-notriton ] && q="--no-triton"
+        [ "$s" = gradlab-quick-triton ] && q="--quick"
+        step wgmma_grad_lab 400 python3 bench/wgmma_grad_lab.py $q --out "$out/wgmma_grad_lab.json" ;;
     wgmmalab-quick) step wgmma_quick 200 python3 bench/wgmma_lab.py --quick --no-triton --out "$out/wgmma_quick.json" ;;
     tclab) step gemv_tc_lab 300 python3 bench/gemv_lab.py --tc --out "$out/gemv_tc_lab_h200.json" ;;
     tccheck) step gemv_tc_check 200 python3 bench/gemv_tc_check.py ;;
@@ -109,6 +115,9 @@ for s in "$@"; do
     finetune-quick)
         step finetune_quick 200 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c --peers lorakit7 \
             --out "$out/finetune_quick.json" ;;
+    finetune-quick-grad)  # with the input gradient's Gluon path as a candidate (LORAKIT_GLUON_GRAD=1)
+        step finetune_quick_grad 200 env LORAKIT_GLUON_GRAD=1 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c \
+            --peers lorakit7 --out "$out/finetune_quick_grad.json" ;;
     finetune-quick-nogluon)  # the same without the Gluon path (LORAKIT_GLUON=0), for an A/B in one call
         step finetune_quick_nogluon 200 env LORAKIT_GLUON=0 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c \
             --peers lorakit7 --out "$out/finetune_quick_nogluon.json" ;;

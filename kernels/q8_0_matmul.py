@@ -33,6 +33,9 @@ per shape on the device, q8_0_tuning.choose_path):
     K % 64 == 0 the dequantized tile is the wgmma's register operand, else it goes through two shared-memory
     buffers). Its config is measured per (M bucket, N, K) among configs_for(K). The same numbers as "large"
     (W rounded once, fp32 accumulation, the LoRA term in the accumulator), up to the summation order.
+    The input gradient has one too (dx.T = W.T @ dy.T, W's transposed tile as the register operand; K % 64 == 0,
+    N % 8 == 0): 65-74% of cuBLAS at M >= 2048 where the triton kernel reaches 38-47%, but a candidate only
+    with LORAKIT_GLUON_GRAD=1 (wgmma_grad_ok: measured slower end to end).
   * "dequant" (M >= DEQUANT_MIN_M, compute-bound): W is dequantized into a transient buffer in the
     activation dtype (freed after the product, or kept among a DequantCache's last few for the backward
     of a recomputed layer; never a float copy of the model) and multiplied by cuBLAS. At large M the
@@ -486,12 +489,42 @@ def q8_0_matmul(
 # --------------------------------------------------------------------------------------------------
 
 
+def wgmma_grad_ok(dy2: torch.Tensor, qs: torch.Tensor, d: torch.Tensor) -> bool:
+    """Whether the Gluon kernel can compute dx = dy2 @ W here: as wgmma_ok (no LoRA term), dy's rows a multiple of
+    16 bytes (TMA reads its tiles; N % 8 == 0), and K % 64 == 0 with W's scale rows readable as int32 words (its
+    tiles span 64 columns of W: two scales per row). A candidate only with LORAKIT_GLUON_GRAD=1: timed alone it beats
+    dequantize + cuBLAS at M = 256 for some products (the down projection's), but the finetune step at 4 x 64 measured
+    5% slower with it (8,659-8,860 against 9,307-9,316 tok/s, bench/results/h200_session25/call4-5; its profile:
+    53 us per product where cuBLAS took 28 us on a weight already dequantized, call6)."""
+    from .q8_0_wgmma import _d_words
+
+    if os.environ.get("LORAKIT_GLUON_GRAD", "0") != "1":
+        return False
+    return wgmma_ok(dy2, qs, 0) and (dy2.shape[1] * dy2.element_size()) % 16 == 0 and _d_words(qs.shape[1], d)
+
+
+def _wgmma_grad(dy2, qs, d, dx, cfg: dict) -> None:
+    """The Gluon path of the input gradient, its config measured once per key (or forced by cfg)."""
+    from .q8_0_wgmma import WS_GRAD_CONFIGS, wgmma_grad_input
+
+    m, n = dy2.shape
+    if "BLOCK_N" in cfg:
+        wgmma_grad_input(dy2, qs, d, dx, cfg)
+        return
+    key = ("grad", _m_bucket(m), n, qs.shape[1], dy2.dtype, dx.dtype, len(WS_GRAD_CONFIGS))
+    run = lambda c: wgmma_grad_input(dy2, qs, d, dx, c)  # noqa: E731
+    wgmma_grad_input(dy2, qs, d, dx, _WGMMA_BEST.get(key) or pick_wgmma_config(key, run, WS_GRAD_CONFIGS))
+
+
 def _grad(path: str, dy2, qs, d, dx, cfg: dict, cache: DequantCache | None = None) -> None:
-    """dx[M, K] = dy2 @ W along `path` ("skinny", "large" or "dequant")."""
+    """dx[M, K] = dy2 @ W along `path` ("skinny", "large", "wgmma" or "dequant")."""
     m, n = dy2.shape
     k = qs.shape[1]
     if path == "dequant":
         torch.matmul(dy2, _dequantized(qs, d, dy2.dtype, cache), out=dx)
+        return
+    if path == "wgmma":
+        _wgmma_grad(dy2, qs, d, dx, cfg)
         return
     split = int(cfg.get("SPLIT_K", _split_for(path, m, k, n, dy2.device)))
     out = dx if split == 1 else torch.empty(split, m, k, dtype=torch.float32, device=dy2.device)
@@ -537,8 +570,9 @@ def q8_0_matmul_grad_input(
     if "path" in cfg:
         path = _forced_path(cfg, m)
     else:
-        paths, default = _candidates(m, out_dtype == dy.dtype, gemv=False)
-        key = ("grad", _m_bucket(m), n, k, dy.dtype, out_dtype)
+        gl_ok = m > 64 and wgmma_grad_ok(dy2, qs, d)
+        paths, default = _candidates(m, out_dtype == dy.dtype, gemv=False, wgmma=gl_ok)
+        key = ("grad", _m_bucket(m), n, k, dy.dtype, out_dtype, gl_ok)
         path = choose_path(key, paths, lambda p: _grad(p, dy2, qs, d, dx, cfg), default)
     _grad(path, dy2, qs, d, dx, cfg, dequant_cache)
     return dx.reshape(*lead, k)

@@ -418,33 +418,52 @@ def _mma_drain(acc, w_a, w_b, x_s, k_tiles):
 
 
 @gluon.jit
-def _ws_producer(x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, off_m, off_n, N, K, stride_dn):
-    """One warp: for every K tile, once its stage is free, the scale words by cp.async (arriving on the stage's full
-    barrier when they land) and the x and int8 W tiles by TMA (counted in bytes on the same barrier)."""
+def _ws_producer(x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, off_m, off_n, N, K, stride_dn,
+                 GRAD: gl.constexpr):  # fmt: skip
+    """One warp: for every tile along the reduction, once its stage is free, the scale words by cp.async (arriving on
+    the stage's full barrier when they land) and the x and int8 W tiles by TMA (counted in bytes on the same
+    barrier). GRAD (dx = dy @ W, off_n the program's first column of dx): the reduction runs along W's rows, a stage
+    holds W's rows [kt * BLOCK_K, + BLOCK_K) x columns [off_n, + 128) and each row's two scale words, one per
+    64 columns (the first 64 words the first's)."""
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = q_desc.block_type.shape[0]
+    WORDS: gl.constexpr = d_s.shape[1]
     STAGES: gl.constexpr = x_s.shape[0]
-    DL: gl.constexpr = gl.BlockedLayout([BLOCK_N // 32], [32], [1], [0])
-    rn = (off_n + gl.arange(0, BLOCK_N, layout=DL)) % N  # rows past N: W's are TMA zeros, the store is masked
-    for kt in range(gl.cdiv(K, BLOCK_K)):
+    DL: gl.constexpr = gl.BlockedLayout([WORDS // 32], [32], [1], [0])
+    i = gl.arange(0, WORDS, layout=DL)
+    # rows past N read wrapped (W's are TMA zeros there, the store is masked), and so do words past K's end
+    rn = (off_n + i) % N
+    rg = i % BLOCK_K
+    cg = ((off_n // 64 + i // BLOCK_K) % (K // 64)) * 2
+    for kt in range(gl.cdiv(N if GRAD else K, BLOCK_K)):
         st = kt % STAGES
         mbarrier.wait(empty.index(st), ((kt // STAGES) & 1) ^ 1)
-        words = (d_ptr + rn * stride_dn + kt * (BLOCK_K // 32)).to(gl.pointer_type(gl.int32), bitcast=True)
-        async_copy.async_copy_global_to_shared(d_s.index(st), words)
+        if GRAD:
+            words = d_ptr + ((kt * BLOCK_K + rg) % N) * stride_dn + cg
+        else:
+            words = d_ptr + rn * stride_dn + kt * (BLOCK_K // 32)
+        async_copy.async_copy_global_to_shared(d_s.index(st), words.to(gl.pointer_type(gl.int32), bitcast=True))
         async_copy.mbarrier_arrive(full.index(st))
         mbarrier.expect(full.index(st), x_desc.block_type.nbytes + q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(x_desc, [off_m, kt * BLOCK_K], full.index(st), x_s.index(st))
-        tma.async_copy_global_to_shared(q_desc, [off_n, kt * BLOCK_K], full.index(st), q_s.index(st))
+        if GRAD:
+            tma.async_copy_global_to_shared(q_desc, [kt * BLOCK_K, off_n], full.index(st), q_s.index(st))
+        else:
+            tma.async_copy_global_to_shared(q_desc, [off_n, kt * BLOCK_K], full.index(st), q_s.index(st))
 
 
 @gluon.jit
 def _ws_tile(q_s, d_s, full, kt, first, WG: gl.constexpr, dtype: gl.constexpr, AL: gl.constexpr,
-             RL: gl.constexpr):  # fmt: skip
-    """This warpgroup's 64 rows of W's tile kt, dequantized into the operand-A layout once the stage has landed."""
+             RL: gl.constexpr, GRAD: gl.constexpr):  # fmt: skip
+    """This warpgroup's 64 rows of W's tile kt (GRAD: of W's transposed tile), dequantized into the operand-A layout
+    once the stage has landed."""
     STAGES: gl.constexpr = q_s.shape[0]
     st = kt % STAGES
     mbarrier.wait(full.index(st), (kt // STAGES) & 1)
-    return _dequant_a(q_s.index(st).slice(WG * 64, 64), d_s.index(st).slice(WG * 64, 64), first, dtype, AL, RL)
+    words = d_s.index(st).slice(WG * 64, 64)
+    if GRAD:
+        return _dequant_a(q_s.index(st).permute((1, 0)).slice(WG * 64, 64), words, first, dtype, AL, RL, 0)
+    else:
+        return _dequant_a(q_s.index(st).slice(WG * 64, 64), words, first, dtype, AL, RL)
 
 
 @gluon.jit
@@ -457,17 +476,22 @@ def _ws_release(empty, kt, STAGES: gl.constexpr):
 
 @gluon.jit
 def _ws_consumer(x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, off_n, M, N, K, stride_ym, stride_tm,
-                 stride_bn, R, scale, WG: gl.constexpr, HAS_LORA: gl.constexpr, BLOCK_R: gl.constexpr):  # fmt: skip
+                 stride_bn, R, scale, WG: gl.constexpr, HAS_LORA: gl.constexpr, BLOCK_R: gl.constexpr,
+                 GRAD: gl.constexpr):  # fmt: skip
     """One warpgroup: y.T rows [off_n + 64 WG, + 64) x columns [off_m, + BLOCK_M), as _q8_wgmma_rs_kernel's loop
-    (tiles in pairs over two register sets), releasing each stage to the producer once its MMA is done."""
+    (tiles in pairs over two register sets), releasing each stage to the producer once its MMA is done. GRAD: dx.T
+    rows (dx's columns) [off_n + 64 WG, + 64), the reduction along W's N rows."""
     STAGES: gl.constexpr = x_s.shape[0]
     BLOCK_M: gl.constexpr = x_s.shape[1]
     BLOCK_K: gl.constexpr = x_s.shape[2]
     dtype: gl.constexpr = x_s.dtype
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
     AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    RL: gl.constexpr = gl.SliceLayout(1, AL)
-    first = gl.expand_dims(gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, AL)) < 32, 0)
+    # a scale word per row of W's tile, its first block's in the first 32 columns; GRAD: per column of the transposed
+    # tile, the first block's in its first 32 rows
+    FA: gl.constexpr = 1 if GRAD else 0
+    RL: gl.constexpr = gl.SliceLayout(1 - FA, AL)
+    first = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(FA, AL)) < 32, FA)
     row0 = off_n + WG * 64
 
     if HAS_LORA:
@@ -476,22 +500,22 @@ def _ws_consumer(x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, of
     else:
         acc = gl.zeros([64, BLOCK_M], gl.float32, mma)
 
-    k_tiles = gl.cdiv(K, BLOCK_K)
-    w_a = _ws_tile(q_s, d_s, full, 0, first, WG, dtype, AL, RL)
+    k_tiles = gl.cdiv(N if GRAD else K, BLOCK_K)
+    w_a = _ws_tile(q_s, d_s, full, 0, first, WG, dtype, AL, RL, GRAD)
     w_b = w_a
     for j in range(k_tiles // 2):
         kt = 2 * j
         acc, w_b = _mma_step(w_a, w_b, x_s.index(kt % STAGES), acc)
         if kt > 0:
             _ws_release(empty, kt - 1, STAGES)
-        w_b = _ws_tile(q_s, d_s, full, kt + 1, first, WG, dtype, AL, RL)
+        w_b = _ws_tile(q_s, d_s, full, kt + 1, first, WG, dtype, AL, RL, GRAD)
         acc, w_a = _mma_step(w_b, w_a, x_s.index((kt + 1) % STAGES), acc)
         _ws_release(empty, kt, STAGES)
         if kt + 2 < k_tiles:
-            w_a = _ws_tile(q_s, d_s, full, kt + 2, first, WG, dtype, AL, RL)
+            w_a = _ws_tile(q_s, d_s, full, kt + 2, first, WG, dtype, AL, RL, GRAD)
     acc = _mma_drain(acc, w_a, w_b, x_s, k_tiles)
 
-    _store_t(acc, y_ptr, off_m, row0, M, N, stride_ym, 4)
+    _store_t(acc, y_ptr, off_m, row0, M, K if GRAD else N, stride_ym, 4)
 
 
 @gluon.jit
@@ -516,22 +540,27 @@ def _q8_wgmma_ws_kernel(
     HAS_LORA: gl.constexpr,
     BLOCK_R: gl.constexpr,
     num_warps: gl.constexpr,
+    GRAD: gl.constexpr = False,
 ):
     """The register-operand product, warp-specialized: a producer warp keeps the ring of stages full (TMA, scales by
     cp.async) and each of two consumer warpgroups owns 64 W rows of the tile and frees a stage by an mbarrier arrive
-    (no CTA barrier, no TMA issue in the consumers' loop)."""
+    (no CTA barrier, no TMA issue in the consumers' loop). GRAD: the input gradient dx = dy @ W instead (x_desc
+    dy's tiles, y_ptr dx [M, K], no LoRA): dx.T = W.T @ dy.T, W's transposed tile [128 of K, BLOCK_K of N] as
+    operand A (q_desc's tiles [BLOCK_K, 128]), so the same loop computes dx's [BLOCK_M, 128] tile."""
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = q_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = q_desc.block_type.shape[1 if GRAD else 0]
     dtype: gl.constexpr = x_desc.dtype
     gl.static_assert(BLOCK_N == 128, "two consumer warpgroups of 64 W rows")
     gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
 
-    pid_m, pid_n = _grouped_tile(gl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _grouped_tile(gl.program_id(0), M, K if GRAD else N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
     x_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
-    q_s = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K], q_desc.layout)
+    QR: gl.constexpr = q_desc.block_type.shape[0]
+    QC: gl.constexpr = q_desc.block_type.shape[1]
+    q_s = gl.allocate_shared_memory(gl.int8, [STAGES, QR, QC], q_desc.layout)
     d_s = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     t_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_R], dtype)
     t_s = gl.allocate_shared_memory(dtype, [2 if HAS_LORA else 1, BLOCK_M, BLOCK_R], t_layout)
@@ -547,10 +576,10 @@ def _q8_wgmma_ws_kernel(
     gl.warp_specialize(
         [
             (_ws_consumer, (x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, off_n, M, N, K, stride_ym,
-                            stride_tm, stride_bn, R, scale, WG0, HAS_LORA, BLOCK_R)),
+                            stride_tm, stride_bn, R, scale, WG0, HAS_LORA, BLOCK_R, GRAD)),
             (_ws_consumer, (x_s, q_s, d_s, full, empty, t_s, y_ptr, t_ptr, b_ptr, off_m, off_n, M, N, K, stride_ym,
-                            stride_tm, stride_bn, R, scale, WG1, HAS_LORA, BLOCK_R)),
-            (_ws_producer, (x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, off_m, off_n, N, K, stride_dn)),
+                            stride_tm, stride_bn, R, scale, WG1, HAS_LORA, BLOCK_R, GRAD)),
+            (_ws_producer, (x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, off_m, off_n, N, K, stride_dn, GRAD)),
         ],
         [4, 1],
         [240, 24],
@@ -602,15 +631,17 @@ def _tile_a(q_s, d_s, bars, bars_q, kt, first, STAGES: gl.constexpr, D_AHEAD: gl
 
 
 @gluon.jit
-def _dequant_a(q_tile, d_slot, first, dtype: gl.constexpr, AL: gl.constexpr, RL: gl.constexpr):
+def _dequant_a(q_tile, d_slot, first, dtype: gl.constexpr, AL: gl.constexpr, RL: gl.constexpr, AX: gl.constexpr = 1):
     """W tile [BLOCK_N, 64] = rnd_dtype(q * d) in the wgmma's operand-A layout, from the int8 tile and its rows' scale
-    words (a row's two fp16 scales: the low half the first block's) in shared memory."""
+    words (a row's two fp16 scales: the low half the first block's) in shared memory. The grad-input kernel's tile is
+    W's transposed ([K rows, N columns], AX = 0): a word per column (in RL = the layout's columns), `first` marking
+    the rows of the word's first block."""
     q = q_tile.load(AL)
     words = d_slot.load(RL)
     lo = (words & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
     hi = ((words >> 16) & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
-    dq = gl.where(first, gl.expand_dims(lo * 0.00390625, 1), gl.expand_dims(hi * 0.00390625, 1))  # d / 256
-    dc = gl.where(first, gl.expand_dims(lo * -32896.0, 1), gl.expand_dims(hi * -32896.0, 1))  # -(2^15 + 2^7) d
+    dq = gl.where(first, gl.expand_dims(lo * 0.00390625, AX), gl.expand_dims(hi * 0.00390625, AX))  # d / 256
+    dc = gl.where(first, gl.expand_dims(lo * -32896.0, AX), gl.expand_dims(hi * -32896.0, AX))  # -(2^15 + 2^7) d
     dq, _ = gl.broadcast(dq, q)
     dc, _ = gl.broadcast(dc, q)
     return _prmt_dequant(q, dq, dc, dtype)
@@ -640,6 +671,14 @@ RS_CONFIGS = [
 # 64 W rows (BLOCK_N = 128); 71-78% of cuBLAS at the measured shapes (BLOCK_M = 128: 49-57%, call4)
 WS_CONFIGS = [
     dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=4, WS=True),
+]
+
+
+# the warp-specialized kernel's input gradient (GRAD): dx tiles [BLOCK_M, 128], the reduction over W's rows in tiles of
+# BLOCK_K = 64
+WS_GRAD_CONFIGS = [
+    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, STAGES=4, WS=True, GRAD=True),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=6, WS=True, GRAD=True),
 ]
 
 
@@ -700,3 +739,24 @@ def wgmma_matmul(x2, qs, d, y, lora, cfg: dict, group_m: int = 8) -> None:
     args = (x_desc, q_desc, d, y, t, b, m, n, k, d.stride(0), y.stride(0), t.stride(0), b.stride(0), r, float(s))
     const.update(STAGES=cfg["STAGES"], GROUP_M=group_m, HAS_LORA=lora is not None, BLOCK_R=block_r)
     triton_util.launch(kernel, grid, args, const)
+
+
+def wgmma_grad_input(dy2, qs, d, dx, cfg: dict, group_m: int = 8) -> None:
+    """dx[M, K] = dy2[M, N] @ W by the warp-specialized kernel (GRAD), dy2 bf16/fp16 on an sm_90 GPU with N % 8 == 0
+    (TMA reads its rows), K % 64 == 0 and W's scale rows as int32 words (_d_words); dx [M, K] with unit column
+    stride, any float dtype."""
+    import torch
+
+    m, n = dy2.shape
+    k = qs.shape[1]
+    if not _d_words(k, d):
+        raise ValueError("the input-gradient kernel needs K % 64 == 0 and 4-byte aligned scale rows")
+    if dy2.stride(1) != 1 or (dy2.stride(0) * dy2.element_size()) % 16 or dy2.data_ptr() % 16:
+        dy2 = dy2.contiguous()
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    dy_desc = _desc(dy2, (bm, bk), gl.bfloat16 if dy2.dtype == torch.bfloat16 else gl.float16)
+    q_desc = _desc(qs, (bk, bn), gl.int8)
+    grid = (-(-m // bm) * -(-k // bn),)
+    args = (dy_desc, q_desc, d, dx, dx, dx, m, n, k, d.stride(0), dx.stride(0), 0, 0, 0, 0.0)
+    const = dict(num_warps=4, STAGES=cfg["STAGES"], GROUP_M=group_m, HAS_LORA=False, BLOCK_R=16, GRAD=True)
+    triton_util.launch(_q8_wgmma_ws_kernel, grid, args, const)

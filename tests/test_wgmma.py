@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 from lorakit.kernels import q8_0_matmul as qmm
-from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS, WS_CONFIGS, configs_for
+from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS, WS_CONFIGS, WS_GRAD_CONFIGS, configs_for
 
-from tests.test_kernels import assert_gpu_matmul, make_weight, needs_gpu, on, rand
+from tests.test_kernels import assert_gpu_matmul, assert_within, bound, kernel_w, make_weight, needs_gpu, on, rand
 from tests.wgmma_build import CONFIGS, hgmma_a_hazards
 
 gpu = pytest.mark.gpu
@@ -41,8 +41,8 @@ def builds() -> list[dict]:
 
 
 def _ids(cfg: dict) -> str:
-    kind = "-ws" if cfg.get("WS") else "-rs" if cfg.get("RS") else ""
-    return "x".join(str(v) for key, v in cfg.items() if key not in ("RS", "WS")) + kind
+    kind = ("-grad" if cfg.get("GRAD") else "") + ("-ws" if cfg.get("WS") else "-rs" if cfg.get("RS") else "")
+    return "x".join(str(v) for key, v in cfg.items() if key not in ("RS", "WS", "GRAD")) + kind
 
 
 @pytest.mark.parametrize("i", range(len(CONFIGS)), ids=lambda i: _ids(CONFIGS[i]))
@@ -58,6 +58,7 @@ def test_compiles_for_sm90_and_fits_shared_memory(builds, i):
         assert b["hazards"] == [], b
     assert any(b["dtype"] == "fp16" and b["rs"] for b in builds)
     assert any(b["dtype"] == "fp16" and not b["rs"] for b in builds)
+    assert any(b["dtype"] == "fp16" and b["grad"] for b in builds)
 
 
 _LOOP = """
@@ -85,6 +86,28 @@ def test_candidates_add_the_gluon_path_above_64_rows():
     assert c(qmm.DEQUANT_DEFAULT_M, True, True, half=True, wgmma=True)[1] == "dequant"
     assert c(64, True, True, half=True, wgmma=True) == (["skinny"], "skinny")
     assert c(300, True, True, half=True) == (["large", "dequant"], "large")
+
+
+def test_grad_candidates_and_gluon_eligibility(monkeypatch):
+    """The input gradient's Gluon path: a candidate only with LORAKIT_GLUON_GRAD=1 (measured slower end to end), for
+    K % 64 == 0 with W's scale rows as int32 words, like the forward's register-operand kernels, and never on the
+    CPU or under the interpreter."""
+    w = make_weight(64, 128)
+    dy = rand(100, 64, dtype=torch.bfloat16)
+    monkeypatch.setenv("LORAKIT_GLUON_GRAD", "1")
+    assert not qmm.wgmma_grad_ok(dy, w.qs, w.d)
+    if torch.cuda.is_available() and not qmm.interpreting():
+        sm90 = torch.cuda.get_device_capability()[0] == 9
+        wc = on(w)
+        assert qmm.wgmma_grad_ok(dy.cuda(), wc.qs, wc.d) == sm90
+        monkeypatch.delenv("LORAKIT_GLUON_GRAD")
+        assert not qmm.wgmma_grad_ok(dy.cuda(), wc.qs, wc.d)
+        monkeypatch.setenv("LORAKIT_GLUON_GRAD", "1")
+        w96 = on(make_weight(64, 96))
+        assert not qmm.wgmma_grad_ok(dy.cuda(), w96.qs, w96.d)
+        assert not qmm.wgmma_grad_ok(dy.cuda().float(), wc.qs, wc.d)
+        w130 = on(make_weight(130, 128))  # dy's rows of 130 values: not 16-byte multiples
+        assert not qmm.wgmma_grad_ok(rand(100, 130, dtype=torch.bfloat16).cuda(), w130.qs, w130.d)
 
 
 def test_config_choice_without_a_search(monkeypatch):
@@ -190,6 +213,59 @@ def test_gpu_replays_in_a_cuda_graph(first):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = qmm.q8_0_matmul(x, w.qs, w.d, a, b, 0.5, config=cfg)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+
+
+def _check_grad(m, n, k, dtype, config):
+    """dx = dy @ W against fp64 over the kernel's W within the derived bound (test_kernels' grad-input checks)."""
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    w = on(make_weight(n, k, seed=m + n))
+    wd = kernel_w(w, dtype)
+    dy = rand(m, n, dtype=dtype, seed=5).cuda()
+    qs0, d0 = w.qs.clone(), w.d.clone()
+    dref = (dy.double() @ wd.double()).to(dtype).double()
+    gmag = dy.double().abs() @ wd.double().abs()
+    dx = qmm.q8_0_matmul_grad_input(dy, w.qs, w.d, config=config)
+    assert_within(dx, dref, bound(dtype, n, gmag, dref, spec_w=False), f"wgmma grad {m}x{n}x{k} {dtype} {config}")
+    assert torch.equal(w.qs, qs0) and torch.equal(w.d, d0)
+
+
+@gpu
+@needs_gpu
+@needs_sm90
+@pytest.mark.parametrize("cfg", WS_GRAD_CONFIGS, ids=_ids)
+@pytest.mark.parametrize("case", range(5))
+def test_gpu_grad_forced_configs(cfg, case):
+    """Odd shapes: M not a multiple of the tile, N (the reduction, W's rows; a multiple of 8, as TMA reads dy's rows)
+    neither a multiple of 64 nor even in tile pairs, K = 64 * odd (dx's last column tile half full: its scale words
+    past K's end are read wrapped and meet TMA zeros), one reduction tile."""
+    m, n, k = [(37, 136, 64), (300, 200, 192), (513, 1000, 1088), (256, 64, 512), (77, 3200, 8640)][case]
+    _check_grad(m, n, k, torch.bfloat16, {"path": "wgmma", **cfg})
+
+
+@gpu
+@needs_gpu
+@needs_sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k", [(300, 3200, 3200), (2048, 8640, 3200), (4096, 3200, 8640)])
+def test_gpu_grad_measured_config_and_real_shapes(dtype, m, n, k):
+    _check_grad(m, n, k, dtype, {"path": "wgmma"})
+
+
+@gpu
+@needs_gpu
+@needs_sm90
+def test_gpu_grad_replays_in_a_cuda_graph():
+    w = on(make_weight(640, 512))
+    dy = rand(300, 640, dtype=torch.bfloat16).cuda()
+    cfg = {"path": "wgmma", **WS_GRAD_CONFIGS[0]}
+    eager = qmm.q8_0_matmul_grad_input(dy, w.qs, w.d, config=cfg)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = qmm.q8_0_matmul_grad_input(dy, w.qs, w.d, config=cfg)
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()

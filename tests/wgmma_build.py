@@ -9,9 +9,9 @@ import subprocess
 import tempfile
 
 import torch
-from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS, WS_CONFIGS
+from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS, WS_CONFIGS, WS_GRAD_CONFIGS
 
-CONFIGS = WGMMA_CONFIGS + RS_CONFIGS + WS_CONFIGS
+CONFIGS = WGMMA_CONFIGS + RS_CONFIGS + WS_CONFIGS + WS_GRAD_CONFIGS
 
 
 def _compile(cfg: dict, dtype: str, lora: bool, d_words: bool = True):
@@ -26,9 +26,10 @@ def _compile(cfg: dict, dtype: str, lora: bool, d_words: bool = True):
     tdt, gdt = (torch.bfloat16, gl.bfloat16) if dtype == "bf16" else (torch.float16, gl.float16)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     x = torch.zeros(64, 64, dtype=tdt)
-    q = torch.zeros(64, 64, dtype=torch.int8)
+    q = torch.zeros(64, 128, dtype=torch.int8)
+    qbox = [bk, bn] if cfg.get("GRAD") else [bn, bk]  # the input gradient reads W's [BLOCK_K rows, 128] tiles
     xd = TensorDescriptor.from_tensor(x, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gdt))
-    qd = TensorDescriptor.from_tensor(q, [bn, bk], gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))
+    qd = TensorDescriptor.from_tensor(q, qbox, gl.NVMMASharedLayout.get_default_for(qbox, gl.int8))
     sig = {"x_desc": mangle_type(xd), "q_desc": mangle_type(qd), "d_ptr": "*fp16", "y_ptr": f"*{dtype}",
            "t_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "M": "i32", "N": "i32", "K": "i32", "stride_dn": "i32",
            "stride_ym": "i32", "stride_tm": "i32", "stride_bn": "i32", "R": "i32", "scale": "fp32",
@@ -46,6 +47,8 @@ def _compile(cfg: dict, dtype: str, lora: bool, d_words: bool = True):
     if cfg.get("RS") or cfg.get("WS"):  # K % 64 == 0 only: the scales always come as words
         kernel = _q8_wgmma_ws_kernel if cfg.get("WS") else _q8_wgmma_rs_kernel
         del sig["D_WORDS"], consts["D_WORDS"]
+    if cfg.get("GRAD"):
+        sig["GRAD"], consts["GRAD"], consts["HAS_LORA"] = "constexpr", True, False
     consts["num_warps"] = 4 if cfg.get("WS") else 8  # the WS kernel's default partition: one warpgroup
     src = GluonASTSource(kernel, sig, constexprs=consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": consts["num_warps"]})
@@ -122,6 +125,7 @@ def builds() -> list[dict]:
     K % 64 != 0): what each build produced, with the register-operand kernels' SASS hazards."""
     cases = [(i, "bf16", True, True) for i in range(len(CONFIGS))]
     cases += [(0, "fp16", False, False), (len(WGMMA_CONFIGS), "fp16", False, True)]
+    cases += [(len(CONFIGS) - len(WS_GRAD_CONFIGS), "fp16", False, True)]
     out = []
     for i, dtype, lora, d_words in cases:
         cfg = CONFIGS[i]
@@ -135,6 +139,6 @@ def builds() -> list[dict]:
         cubin = k.asm.get("cubin")
         hazards = hgmma_a_hazards(_sass(cubin)) if regs and cubin else []
         wgmma = bool(re.search("wgmma.mma_async.sync.aligned" + mma, k.asm["ptx"]))
-        out.append(dict(cfg=i, rs=regs, dtype=dtype, cubin=bool(cubin), shared=k.metadata.shared,
-                        wgmma=wgmma, hazards=hazards))  # fmt: skip
+        out.append(dict(cfg=i, rs=regs, grad=bool(cfg.get("GRAD")), dtype=dtype, cubin=bool(cubin),
+                        shared=k.metadata.shared, wgmma=wgmma, hazards=hazards))  # fmt: skip
     return out
