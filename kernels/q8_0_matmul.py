@@ -34,7 +34,7 @@ per shape on the device, q8_0_tuning.choose_path):
     buffers). Its config is measured per (M bucket, N, K) among configs_for(K). The same numbers as "large"
     (W rounded once, fp32 accumulation, the LoRA term in the accumulator), up to the summation order.
     The input gradient has one too (dx.T = W.T @ dy.T, W's transposed tile as the register operand; K % 64 == 0,
-    N % 8 == 0): 65-74% of cuBLAS at M >= 2048 where the triton kernel reaches 38-47%, but a candidate only
+    N % 8 == 0): 65-74% of cuBLAS at M >= 2048 where the triton kernel reaches 37-47%, but a candidate only
     with LORAKIT_GLUON_GRAD=1 (wgmma_grad_ok: measured slower end to end).
   * "dequant" (M >= DEQUANT_MIN_M, compute-bound): W is dequantized into a transient buffer in the
     activation dtype (freed after the product, or kept among a DequantCache's last few for the backward
