@@ -37,6 +37,10 @@ take): W's dequantized tile is the wgmma's operand A in registers, so it never g
     warp, 8 warps at 255 registers) it measured the same, 71-78% of cuBLAS against 72-79%, and W's tiles through
     each consumer's own shared buffers 67-74% (bench/results/h200_session14/NOTES.md); stage releases by one arrival
     per consumer thread (no partition barrier around them) 74-78% (bench/results/h200_session15/NOTES.md).
+  * the input gradient dx = dy @ W (_q8_wgmma_ws_kernel with GRAD, wgmma_grad_input): dx.T = W.T @ dy.T, the same
+    loop with W's transposed tile (TMA tiles [64 of N, 128 of K], read transposed from shared memory: a byte per
+    load) as operand A and each column's scale word; 65-74% of cuBLAS at M = 2048 / 8192
+    (bench/results/wgmma_grad_lab_h200.json; the triton tiled kernel 37-38% in one run, h200_session25/call7).
 H200, M = 2048 and 8192 at 3B / 8B layer shapes (bench/results/h200_session13/call5): the shared-memory kernel
 61-72% of cuBLAS, the register-operand kernel 70-79%, the warp-specialized one 71-81%; the product's config is
 measured.
@@ -424,7 +428,7 @@ def _ws_producer(x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, off_m, off_n
     the stage's full barrier when they land) and the x and int8 W tiles by TMA (counted in bytes on the same
     barrier). GRAD (dx = dy @ W, off_n the program's first column of dx): the reduction runs along W's rows, a stage
     holds W's rows [kt * BLOCK_K, + BLOCK_K) x columns [off_n, + 128) and each row's two scale words, one per
-    64 columns (the first 64 words the first's)."""
+    64 columns (words [0, BLOCK_K) for columns [off_n, + 64), the first consumer's; the next BLOCK_K the second's)."""
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
     WORDS: gl.constexpr = d_s.shape[1]
     STAGES: gl.constexpr = x_s.shape[0]
@@ -749,8 +753,8 @@ def wgmma_grad_input(dy2, qs, d, dx, cfg: dict, group_m: int = 8) -> None:
 
     m, n = dy2.shape
     k = qs.shape[1]
-    if not _d_words(k, d):
-        raise ValueError("the input-gradient kernel needs K % 64 == 0 and 4-byte aligned scale rows")
+    if not _d_words(k, d) or (n * dy2.element_size()) % 16:
+        raise ValueError("the input-gradient kernel needs K % 64 == 0, 4-byte aligned scale rows and N % 8 == 0")
     if dy2.stride(1) != 1 or (dy2.stride(0) * dy2.element_size()) % 16 or dy2.data_ptr() % 16:
         dy2 = dy2.contiguous()
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]

@@ -110,6 +110,17 @@ def test_grad_candidates_and_gluon_eligibility(monkeypatch):
         assert not qmm.wgmma_grad_ok(rand(100, 130, dtype=torch.bfloat16).cuda(), w130.qs, w130.d)
 
 
+def test_grad_kernel_refuses_shapes_it_cannot_read():
+    """Before any launch: dy's rows must be 16-byte multiples (TMA) and K a multiple of 64 (scale words)."""
+    from lorakit.kernels.q8_0_wgmma import wgmma_grad_input
+
+    for n, k in [(130, 128), (64, 96)]:
+        w = make_weight(n, k)
+        dy = rand(10, n, dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match="N % 8 == 0"):
+            wgmma_grad_input(dy, w.qs, w.d, torch.empty(10, k), WS_GRAD_CONFIGS[0])
+
+
 def test_config_choice_without_a_search(monkeypatch):
     """LORAKIT_AUTOTUNE=0: the first config, nothing run or timed, nothing cached (a later search may still pick)."""
     from lorakit.kernels import q8_0_tuning
