@@ -24,17 +24,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lorakit.kernels.q8_0_matmul import q8_0_matmul_grad_input  # noqa: E402
 from lorakit.kernels.q8_0_wgmma import WS_CONFIGS, WS_GRAD_CONFIGS, wgmma_grad_input, wgmma_matmul  # noqa: E402
+from wgmma_lab import SHAPES, _tflops  # noqa: E402  (N, K) of W [N, K]: dx [M, K] = dy [M, N] @ W
 
 from lorakit.quant import dequantize_q8_0, quantize_q8_0  # noqa: E402
-
-# (N, K) of W [N, K]: dx [M, K] = dy [M, N] @ W
-SHAPES = [(9600, 3200), (8640, 3200), (3200, 8640), (3200, 3200), (14336, 4096), (4096, 14336), (4096, 4096)]
-
-
-def _tflops(flops: float, ms: float) -> float:
-    return flops / ms / 1e9
 
 
 def check() -> int:
