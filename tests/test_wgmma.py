@@ -187,7 +187,7 @@ def _check(m, n, k, dtype, r, config):
 @gpu
 @needs_gpu
 @needs_sm90
-@pytest.mark.parametrize("cfg", CONFIGS, ids=_ids)
+@pytest.mark.parametrize("cfg", WGMMA_CONFIGS + RS_CONFIGS + WS_CONFIGS, ids=_ids)
 @pytest.mark.parametrize("case", range(4))
 def test_gpu_forced_configs(cfg, case):
     """Odd shapes: M and N not multiples of the tiles, an odd number of K tiles, one K tile, LoRA ranks up to 32; for
