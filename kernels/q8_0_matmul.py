@@ -495,7 +495,7 @@ def wgmma_grad_ok(dy2: torch.Tensor, qs: torch.Tensor, d: torch.Tensor) -> bool:
     tiles span 64 columns of W: two scales per row). A candidate only with LORAKIT_GLUON_GRAD=1: timed alone it beats
     dequantize + cuBLAS at M = 256 for some products (the down projection's), but the finetune step at 4 x 64 measured
     5% slower with it (8,659-8,860 against 9,307-9,316 tok/s, bench/results/h200_session25/call4-5; its profile:
-    53 us per product where cuBLAS took 28 us on a weight already dequantized, call6)."""
+    53 us per product where cuBLAS took 28 us, and no fewer dequantizations in the step, call6)."""
     from .q8_0_wgmma import _d_words
 
     if os.environ.get("LORAKIT_GLUON_GRAD", "0") != "1":
