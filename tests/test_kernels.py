@@ -521,6 +521,16 @@ def assert_gpu_matmul(x, w: Q8Weight, r: int, config: dict | None, what: str) ->
     assert_within(got, ref, bound(dtype, k + r, mag + lmag, ref.double(), lmag, y_base), what)
 
 
+def assert_gpu_grad_input(dy, w: Q8Weight, config: dict | None, what: str) -> None:
+    """q8_0_matmul_grad_input(dy, W) on the GPU against fp64 over kernel_w within the tight derived bound."""
+    dtype = dy.dtype
+    wd = kernel_w(w, dtype).double()
+    dref = (dy.double() @ wd).to(dtype).double()
+    gmag = dy.double().abs() @ wd.abs()
+    dx = qmm.q8_0_matmul_grad_input(dy, w.qs, w.d, config=config)
+    assert_within(dx, dref, bound(dtype, w.qs.shape[0], gmag, dref, spec_w=False), what)
+
+
 @gpu
 @needs_gpu
 @pytest.mark.parametrize(
@@ -537,12 +547,8 @@ def test_gpu_autotuned_shapes(m, n, k, dtype):
     x = rand(m, k, dtype=dtype).cuda()
     assert_gpu_matmul(x, w, 0, None, f"gpu fwd {m}x{n}x{k} {dtype}")
     assert_gpu_matmul(x, w, 16, None, f"gpu lora {m}x{n}x{k} {dtype}")
-    wd = kernel_w(w, dtype)
     dy = rand(m, n, dtype=dtype, seed=5).cuda()
-    dref = (dy.double() @ wd.double()).to(dtype).double()
-    gmag = dy.double().abs() @ wd.double().abs()
-    dx = qmm.q8_0_matmul_grad_input(dy, w.qs, w.d)
-    assert_within(dx, dref, bound(dtype, n, gmag, dref, spec_w=False), f"gpu grad {m}x{n}x{k} {dtype}")
+    assert_gpu_grad_input(dy, w, None, f"gpu grad {m}x{n}x{k} {dtype}")
 
 
 @gpu
