@@ -435,16 +435,18 @@ def _ws_producer(x_desc, q_desc, d_ptr, x_s, q_s, d_s, full, empty, off_m, off_n
     DL: gl.constexpr = gl.BlockedLayout([WORDS // 32], [32], [1], [0])
     i = gl.arange(0, WORDS, layout=DL)
     # rows past N read wrapped (W's are TMA zeros there, the store is masked), and so do words past K's end
-    rn = (off_n + i) % N
-    rg = i % BLOCK_K
-    cg = ((off_n // 64 + i // BLOCK_K) % (K // 64)) * 2
+    if GRAD:  # word i: row kt * BLOCK_K + i % BLOCK_K, columns from off_n + 64 * (i // BLOCK_K)
+        rows = i % BLOCK_K
+        cols = ((off_n // 64 + i // BLOCK_K) % (K // 64)) * 2
+    else:  # word i: row off_n + i, columns from kt * BLOCK_K
+        rows = (off_n + i) % N
     for kt in range(gl.cdiv(N if GRAD else K, BLOCK_K)):
         st = kt % STAGES
         mbarrier.wait(empty.index(st), ((kt // STAGES) & 1) ^ 1)
         if GRAD:
-            words = d_ptr + ((kt * BLOCK_K + rg) % N) * stride_dn + cg
+            words = d_ptr + ((kt * BLOCK_K + rows) % N) * stride_dn + cols
         else:
-            words = d_ptr + rn * stride_dn + kt * (BLOCK_K // 32)
+            words = d_ptr + rows * stride_dn + kt * (BLOCK_K // 32)
         async_copy.async_copy_global_to_shared(d_s.index(st), words.to(gl.pointer_type(gl.int32), bitcast=True))
         async_copy.mbarrier_arrive(full.index(st))
         mbarrier.expect(full.index(st), x_desc.block_type.nbytes + q_desc.block_type.nbytes)
@@ -712,18 +714,25 @@ def _desc(t, block: tuple[int, int], dtype):
     return TensorDescriptor.from_tensor(t, list(block), _smem_layout(block, dtype))
 
 
+def _act_desc(x2, block: tuple[int, int]):
+    """The TMA descriptor of the bf16/fp16 activations x2 [M, K] in [block] tiles, over a contiguous copy where x2's
+    rows are not where TMA can read them (unit column stride, 16-byte aligned rows)."""
+    import torch
+
+    if x2.stride(1) != 1 or (x2.stride(0) * x2.element_size()) % 16 or x2.data_ptr() % 16:
+        x2 = x2.contiguous()
+    return _desc(x2, block, gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16)
+
+
 def wgmma_matmul(x2, qs, d, y, lora, cfg: dict, group_m: int = 8) -> None:
     """y[M, N] = x2[M, K] @ W.T (+ scale * t @ b.T), lora = (t [M, r], b [N, r], scale) in x2's dtype or None.
     x2 bf16/fp16 on an sm_90 GPU; y [M, N] with unit column stride. Launched through triton_util.launch (its
     compiled kernel kept per specialization: triton's dispatch cost ~150 us of host time per launch)."""
-    import torch
 
     m, k = x2.shape
     n = qs.shape[0]
-    if x2.stride(1) != 1 or (x2.stride(0) * x2.element_size()) % 16 or x2.data_ptr() % 16:
-        x2 = x2.contiguous()
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    x_desc = _desc(x2, (bm, bk), gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16)
+    x_desc = _act_desc(x2, (bm, bk))
     q_desc = _desc(qs, (bn, bk), gl.int8)
     if lora is None:
         t, b, r, s = y, y, 0, 0.0  # dummies, never read without HAS_LORA
@@ -749,16 +758,12 @@ def wgmma_grad_input(dy2, qs, d, dx, cfg: dict, group_m: int = 8) -> None:
     """dx[M, K] = dy2[M, N] @ W by the warp-specialized kernel (GRAD), dy2 bf16/fp16 on an sm_90 GPU with N % 8 == 0
     (TMA reads its rows), K % 64 == 0 and W's scale rows as int32 words (_d_words); dx [M, K] with unit column
     stride, any float dtype."""
-    import torch
-
     m, n = dy2.shape
     k = qs.shape[1]
     if not _d_words(k, d) or (n * dy2.element_size()) % 16:
         raise ValueError("the input-gradient kernel needs K % 64 == 0, 4-byte aligned scale rows and N % 8 == 0")
-    if dy2.stride(1) != 1 or (dy2.stride(0) * dy2.element_size()) % 16 or dy2.data_ptr() % 16:
-        dy2 = dy2.contiguous()
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    dy_desc = _desc(dy2, (bm, bk), gl.bfloat16 if dy2.dtype == torch.bfloat16 else gl.float16)
+    dy_desc = _act_desc(dy2, (bm, bk))
     q_desc = _desc(qs, (bk, bn), gl.int8)
     grid = (-(-m // bm) * -(-k // bn),)
     args = (dy_desc, q_desc, d, dx, dx, dx, m, n, k, d.stride(0), dx.stride(0), 0, 0, 0, 0.0)
