@@ -112,15 +112,14 @@ for s in "$@"; do
         step predict_mega_on 200 env LORAKIT_AUTOTUNE=0 python3 bench/predict_gpu.py --only-mega ;;
     launchtest) step pytest_launch 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
         -k "launch or grid_arith" ;;
-    finetune-quick)
-        step finetune_quick 200 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c --peers lorakit7 \
-            --out "$out/finetune_quick.json" ;;
-    finetune-quick-grad)  # with the input gradient's Gluon path as a candidate (LORAKIT_GLUON_GRAD=1)
-        step finetune_quick_grad 200 env LORAKIT_GLUON_GRAD=1 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c \
-            --peers lorakit7 --out "$out/finetune_quick_grad.json" ;;
-    finetune-quick-nogluon)  # the same without the Gluon path (LORAKIT_GLUON=0), for an A/B in one call
-        step finetune_quick_nogluon 200 env LORAKIT_GLUON=0 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c \
-            --peers lorakit7 --out "$out/finetune_quick_nogluon.json" ;;
+    finetune-quick | finetune-quick-grad | finetune-quick-nogluon)  # -grad: the input gradient's Gluon path a
+        # candidate (LORAKIT_GLUON_GRAD=1); -nogluon: no Gluon path (LORAKIT_GLUON=0); A/Bs in one call
+        v=LORAKIT_GLUON_GRAD=0
+        [ "$s" = finetune-quick-grad ] && v=LORAKIT_GLUON_GRAD=1
+        [ "$s" = finetune-quick-nogluon ] && v=LORAKIT_GLUON=0
+        n=${s//-/_}
+        step "$n" 200 env "$v" python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c --peers lorakit7 \
+            --out "$out/$n.json" ;;
     finetune) step finetune 560 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c \
         --peers lorakit7,lorakit12,peftc,peft --steps 5 --out "$out/finetune_h200.json" ;;
     finetune-main) step finetune_main 480 python3 bench/finetune_gpu.py --settings 4x64c,8x512,8x512c \
