@@ -36,7 +36,12 @@ take): W's dequantized tile is the wgmma's operand A in registers, so it never g
     is not what holds it back, though: made asynchronous (the first consumer issuing the loads instead of a producer
     warp, 8 warps at 255 registers) it measured the same, 71-78% of cuBLAS against 72-79%, and W's tiles through
     each consumer's own shared buffers 67-74% (bench/results/h200_session14/NOTES.md); stage releases by one arrival
-    per consumer thread (no partition barrier around them) 74-78% (bench/results/h200_session15/NOTES.md).
+    per consumer thread (no partition barrier around them) 74-78% (bench/results/h200_session15/NOTES.md); a
+    dequantizing warpgroup feeding two consumers' asynchronous shared-memory wgmmas 77-81% against 74-78%, W's int8
+    values stored in an mma-ready byte order (two 16-byte loads per thread per tile) 78-82% against 73-77% (branches
+    exp/dq-warpgroup and exp/mma-ready-q8, bench/results/h200_session26/NOTES.md). Under sustained load cuBLAS runs
+    at 1.39-1.57 GHz, these kernels at 1.68-1.98 GHz, both near the board's 700 W (bench/clock_lab.py): per clock
+    this kernel does 67-69% of cuBLAS's work, so what has paid is fewer instructions per dequantized value.
   * the input gradient dx = dy @ W (_q8_wgmma_ws_kernel with GRAD, wgmma_grad_input): dx.T = W.T @ dy.T, the same
     loop with W's transposed tile (TMA tiles [64 of N, 128 of K], read transposed from shared memory: a byte per
     load) as operand A and each column's scale word; 65-74% of cuBLAS at M = 2048 / 8192
