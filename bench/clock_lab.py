@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -66,8 +67,8 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "clock_lab_h200.json"))
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("clock_lab.py: needs a CUDA GPU", file=sys.stderr)
+    if not torch.cuda.is_available() or shutil.which("nvidia-smi") is None:
+        print("clock_lab.py: needs a CUDA GPU and nvidia-smi", file=sys.stderr)
         return 1
     n, k = 9600, 3200
     w = quantize_q8_0(torch.randn(n, k, device="cuda"))
