@@ -33,6 +33,17 @@ _WRAP = (
 )
 
 
+def _cpu_info() -> dict:
+    """The host CPU's model name and whether it has AVX-512 BF16 (bf16 compute's speed depends on it), from
+    /proc/cpuinfo where there is one."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "")
+    return {"cpu_model": model, "avx512_bf16": " avx512_bf16" in text}
+
+
 def run_case(model: Path, data: Path, work: Path, iters: int, threads: int, ckpt: bool, dtype: str) -> dict:
     log = work / f"log-{ckpt}-{dtype}.jsonl"
     log.unlink(missing_ok=True)
@@ -105,6 +116,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "machine": platform.processor() or platform.machine(),
+        **_cpu_info(),
         "cpus": os.cpu_count(),
         "threads": a.threads,
         "layers": a.layers,
