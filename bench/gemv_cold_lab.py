@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Does the decode GEMV's tuner pick the right config? The autotuner times each tensor-core GEMV config
+(q8_0_tuning._GEMV_TC_CONFIGS) by replaying one product, so a weight smaller than L2 (50 MB) is read from L2;
+in a decode step every weight comes from HBM. This times every config both ways at the float decode step's
+products (M = 1, packed q/k/v and gate/up as lorakit runs them), hot (the same copy each call) and cold (copies
+cycled past L2, as bench/read_floor.py), and reports per shape the hot-best config's cold time against the
+cold-best config's. H200:
+
+    python bench/gemv_cold_lab.py [--out bench/results/gemv_cold_lab_h200.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lorakit.kernels.q8_0_matmul import q8_0_matmul  # noqa: E402
+from lorakit.kernels.q8_0_tuning import _GEMV_TC_CONFIGS  # noqa: E402
+
+from lorakit.quant import quantize_q8_0  # noqa: E402
+
+# (N, K): open_llama_3b's packed q/k/v, o, packed gate/up, down, output; Llama-3-8B's packed q/k/v, o, down
+SHAPES = [(9600, 3200), (3200, 3200), (17280, 3200), (3200, 8640), (32000, 3200), (6144, 4096), (4096, 4096),
+          (4096, 14336)]  # fmt: skip
+
+
+def _cycling(fns):
+    """Calls fns in turn (captured repeatedly into a CUDA graph, each replayed call reads another copy)."""
+    i = [0]
+
+    def call():
+        fns[i[0] % len(fns)]()
+        i[0] += 1
+
+    return call
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "gemv_cold_lab_h200.json"))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gemv_cold_lab.py: needs a CUDA GPU", file=sys.stderr)
+        return 1
+    from triton.testing import do_bench_cudagraph
+
+    def bench(fn):
+        return 1e3 * do_bench_cudagraph(fn, rep=30, return_mode="median")
+
+    cfgs = [dict(path="gemv_tc", **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in _GEMV_TC_CONFIGS]
+    names = [f"{c['BLOCK_N']}/{c['BLOCK_K']}/{c['SPLIT_K']}/{c['num_stages']}" for c in cfgs]
+    rows = []
+    print("us per product at M = 1 (config BLOCK_N/BLOCK_K/SPLIT_K/stages); hot: one copy, cold: copies past L2")
+    for n, k in SHAPES:
+        w = quantize_q8_0(torch.randn(n, k, device="cuda"))
+        copies = min(32, -(-200_000_000 // (n * k)))
+        ws = [(w.qs.clone(), w.d.clone()) for _ in range(copies)]
+        x = torch.randn(1, k, device="cuda").bfloat16()
+        ref = q8_0_matmul(x, w.qs, w.d, config=cfgs[0])
+        hot, cold = {}, {}
+        for name, cfg in zip(names, cfgs):
+            y = q8_0_matmul(x, w.qs, w.d, config=cfg)
+            if not torch.equal(y, ref) and (y.float() - ref.float()).abs().max() > 1e-2 * ref.float().abs().max():
+                print(f"  {n}x{k} {name}: result differs", flush=True)
+            hot[name] = bench(lambda cfg=cfg: q8_0_matmul(x, w.qs, w.d, config=cfg))
+            cold[name] = bench(
+                _cycling([lambda qs=qs, d=d, cfg=cfg: q8_0_matmul(x, qs, d, config=cfg) for qs, d in ws])
+            )
+        tuned = q8_0_matmul(x, w.qs, w.d)  # the tuner's own choice (hot), for reference
+        del tuned
+        t_tuned = bench(_cycling([lambda qs=qs, d=d: q8_0_matmul(x, qs, d) for qs, d in ws]))
+        hot_best = min(hot, key=hot.get)
+        cold_best = min(cold, key=cold.get)
+        gain = 100 * (cold[hot_best] / cold[cold_best] - 1)
+        print(f"{n:6d} x {k:6d}: hot-best {hot_best:>14} {hot[hot_best]:6.2f} hot {cold[hot_best]:6.2f} cold | "
+              f"cold-best {cold_best:>14} {cold[cold_best]:6.2f} cold ({gain:+.0f}%) | tuned path cold "
+              f"{t_tuned:6.2f}", flush=True)  # fmt: skip
+        print("    " + "  ".join(f"{nm}: {hot[nm]:.1f}/{cold[nm]:.1f}" for nm in names), flush=True)
+        rows.append(dict(n=n, k=k, copies=copies, hot_us=hot, cold_us=cold, hot_best=hot_best, cold_best=cold_best,
+                         tuned_cold_us=t_tuned))  # fmt: skip
+        del ws
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=rows), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
