@@ -96,6 +96,7 @@ for s in "$@"; do
         [ "$s" = gradlab-notriton ] && q="--no-triton"
         [ "$s" = gradlab-quick-triton ] && q="--quick"
         step wgmma_grad_lab 400 python3 bench/wgmma_grad_lab.py $q --out "$out/wgmma_grad_lab.json" ;;
+    gemvcold) step gemv_cold_lab 400 python3 bench/gemv_cold_lab.py --out "$out/gemv_cold_lab_h200.json" ;;
     readfloor) step read_floor 300 python3 bench/read_floor.py --out "$out/read_floor_h200.json" ;;
     clocklab) step clock_lab 300 python3 bench/clock_lab.py --seconds 3 --out "$out/clock_lab_h200.json" ;;
     wgmmalab-quick) step wgmma_quick 200 python3 bench/wgmma_lab.py --quick --no-triton --out "$out/wgmma_quick.json" ;;
