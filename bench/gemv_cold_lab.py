@@ -20,25 +20,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lorakit.kernels.q8_0_matmul import q8_0_matmul  # noqa: E402
 from lorakit.kernels.q8_0_tuning import _GEMV_TC_CONFIGS  # noqa: E402
+from read_floor import hot_cold_ms  # noqa: E402
 
 from lorakit.quant import quantize_q8_0  # noqa: E402
 
 # (N, K): open_llama_3b's packed q/k/v, o, packed gate/up, down, output; Llama-3-8B's packed q/k/v, o, down
 SHAPES = [(9600, 3200), (3200, 3200), (17280, 3200), (3200, 8640), (32000, 3200), (6144, 4096), (4096, 4096),
           (4096, 14336)]  # fmt: skip
-
-
-def _cycling(fns):
-    """Calls fns in turn (captured repeatedly into a CUDA graph, each replayed call reads another copy)."""
-    i = [0]
-
-    def call():
-        fns[i[0] % len(fns)]()
-        i[0] += 1
-
-    return call
 
 
 def main(argv=None) -> int:
@@ -48,11 +39,6 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("gemv_cold_lab.py: needs a CUDA GPU", file=sys.stderr)
         return 1
-    from triton.testing import do_bench_cudagraph
-
-    def bench(fn):
-        return 1e3 * do_bench_cudagraph(fn, rep=30, return_mode="median")
-
     cfgs = [dict(path="gemv_tc", **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in _GEMV_TC_CONFIGS]
     names = [f"{c['BLOCK_N']}/{c['BLOCK_K']}/{c['SPLIT_K']}/{c['num_stages']}" for c in cfgs]
     rows = []
@@ -68,10 +54,11 @@ def main(argv=None) -> int:
             y = q8_0_matmul(x, w.qs, w.d, config=cfg)
             if (y.float() - ref.float()).abs().max() > 1e-2 * ref.float().abs().max():
                 print(f"  {n}x{k} {name}: result differs", flush=True)
-            hot[name] = bench(partial(q8_0_matmul, x, w.qs, w.d, config=cfg))
-            cold[name] = bench(_cycling([partial(q8_0_matmul, x, qs, d, config=cfg) for qs, d in ws]))
+            hot[name], cold[name] = (
+                1e3 * t for t in hot_cold_ms([partial(q8_0_matmul, x, qs, d, config=cfg) for qs, d in ws])
+            )
         q8_0_matmul(x, w.qs, w.d)  # the tuner's own choice (timed hot), for reference
-        t_tuned = bench(_cycling([partial(q8_0_matmul, x, qs, d) for qs, d in ws]))
+        t_tuned = 1e3 * hot_cold_ms([partial(q8_0_matmul, x, qs, d) for qs, d in ws])[1]
         hot_best = min(hot, key=hot.get)
         cold_best = min(cold, key=cold.get)
         gain = 100 * (cold[hot_best] / cold[cold_best] - 1)

@@ -55,9 +55,18 @@ def _read(src, out, block: int = 1024, iters: int = 4) -> None:
     _read_kernel[(triton.cdiv(n, block * iters),)](src, out, n, BLOCK=block, ITERS=iters, num_warps=4)
 
 
+def hot_cold_ms(fns) -> tuple[float, float]:
+    """(hot, cold) ms per call, median of CUDA-graph replays (triton.testing.do_bench_cudagraph): fns[0] each call
+    (its data stays in L2 when it fits), then fns in turn (copies totalling more than L2's 50 MB: every call reads
+    HBM)."""
+    from triton.testing import do_bench_cudagraph
+
+    return tuple(do_bench_cudagraph(fn, rep=50, return_mode="median") for fn in (fns[0], _cycling(fns)))
+
+
 def _cycling(fns):
     """A callable that calls fns[0], fns[1], ... in turn: captured repeatedly into a CUDA graph it reads a new copy
-    each call, so that copies totalling more than L2 (50 MB) make every replay read from HBM."""
+    each call."""
     i = [0]
 
     def call():
@@ -76,11 +85,8 @@ def main(argv=None) -> int:
         return 1
     from triton.testing import do_bench_cudagraph
 
-    def bench(fn):
-        return do_bench_cudagraph(fn, rep=50, return_mode="median")
-
     out = torch.zeros(1 << 20, dtype=torch.int32, device="cuda")
-    t_empty = bench(lambda: _empty_kernel[(1,)](out))
+    t_empty = do_bench_cudagraph(lambda: _empty_kernel[(1,)](out), rep=50, return_mode="median")
     print(f"empty kernel, one program: {1e3 * t_empty:.2f} us per launch", flush=True)
     rows = []
     print("us per call (% of HBM) with the same copy each call (hot: L2) and with copies cycled past L2 (cold)")
@@ -91,7 +97,7 @@ def main(argv=None) -> int:
         srcs = [torch.randint(-(2**31), 2**31 - 1, (nbytes // 4,), dtype=torch.int32, device="cuda")
                 for _ in range(copies)]  # fmt: skip
         reads = [lambda s=s: _read(s, out) for s in srcs]
-        t_read = (bench(reads[0]), bench(_cycling(reads)))
+        t_read = hot_cold_ms(reads)
         del srcs, reads
         w = quantize_q8_0(torch.randn(n, k, device="cuda"))
         ws = [(w.qs.clone(), w.d.clone()) for _ in range(copies)]
@@ -99,7 +105,7 @@ def main(argv=None) -> int:
             x = torch.randn(m, k, device="cuda").bfloat16()
             q8_0_matmul(x, w.qs, w.d)  # path choice and tuning outside the timing
             prods = [lambda qs=qs, d=d, x=x: q8_0_matmul(x, qs, d) for qs, d in ws]
-            t_q8 = (bench(prods[0]), bench(_cycling(prods)))
+            t_q8 = hot_cold_ms(prods)
             cells = [f"{1e3 * t:6.2f} ({100 * nbytes / (t * 1e-3) / HBM_BYTES_PER_S:3.0f}%)" for t in t_read + t_q8]
             print(f"{n:6d} {k:6d} {nbytes / 1e6:6.1f} {cells[0]:>14} {cells[1]:>14} {m:3d} {cells[2]:>14} "
                   f"{cells[3]:>14}", flush=True)  # fmt: skip
