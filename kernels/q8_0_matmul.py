@@ -70,7 +70,6 @@ from .q8_0_tuning import (
     _INTERP_GEMM_T,
     _INTERP_GEMV,
     _INTERP_GEMV_TC,
-    _WGMMA_BEST,
     TC_TILES,
     _launch_tuned,
     _skinny_block_m,
@@ -337,7 +336,7 @@ def _wgmma(x2, qs, d, y, lora, cfg: dict) -> None:
         return
     configs = configs_for(k, d)
     key = (_m_bucket(m), qs.shape[0], k, x2.dtype, y.dtype, lora is not None, len(configs))
-    best = _WGMMA_BEST.get(key) or pick_wgmma_config(key, lambda c: wgmma_matmul(x2, qs, d, y, lo, c), configs)
+    best = pick_wgmma_config(key, lambda c: wgmma_matmul(x2, qs, d, y, lo, c), configs)
     wgmma_matmul(x2, qs, d, y, lo, best)
 
 
@@ -513,7 +512,7 @@ def _wgmma_grad(dy2, qs, d, dx, cfg: dict) -> None:
         return
     key = ("grad", _m_bucket(m), n, qs.shape[1], dy2.dtype, dx.dtype, len(WS_GRAD_CONFIGS))
     run = lambda c: wgmma_grad_input(dy2, qs, d, dx, c)  # noqa: E731
-    wgmma_grad_input(dy2, qs, d, dx, _WGMMA_BEST.get(key) or pick_wgmma_config(key, run, WS_GRAD_CONFIGS))
+    wgmma_grad_input(dy2, qs, d, dx, pick_wgmma_config(key, run, WS_GRAD_CONFIGS))
 
 
 def _grad(path: str, dy2, qs, d, dx, cfg: dict, cache: DequantCache | None = None) -> None:

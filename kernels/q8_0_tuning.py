@@ -241,8 +241,11 @@ _WGMMA_BEST: dict[tuple, dict] = {}
 
 def pick_wgmma_config(key: tuple, run: Callable[[dict], object], configs: list[dict]) -> dict:
     """The fastest of configs (q8_0_wgmma.configs_for the product) for this key (run(cfg) computes the product with
-    it), timed once (eager launches, as the products are launched); the first config without a search
-    (LORAKIT_AUTOTUNE=0, inside CUDA-graph capture)."""
+    it), timed once (eager launches, as the products are launched) and kept: later calls with the key return it;
+    the first config without a search (LORAKIT_AUTOTUNE=0, inside CUDA-graph capture)."""
+    best = _WGMMA_BEST.get(key)
+    if best is not None:
+        return best
     if not autotuning() or torch.cuda.is_current_stream_capturing():
         return configs[0]
     best = _WGMMA_BEST[key] = _fastest(configs, run)

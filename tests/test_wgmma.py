@@ -132,6 +132,17 @@ def test_config_choice_without_a_search(monkeypatch):
     assert ran == [] and key not in q8_0_tuning._WGMMA_BEST
 
 
+def test_config_choice_is_measured_once_per_key(monkeypatch):
+    """A key's kept choice is returned as it is, nothing run or timed again (even where a search would run)."""
+    from lorakit.kernels import q8_0_tuning
+
+    monkeypatch.setenv("LORAKIT_AUTOTUNE", "1")
+    monkeypatch.setattr(q8_0_tuning, "_WGMMA_BEST", {("test-key",): CONFIGS[1]})
+    ran = []
+    assert q8_0_tuning.pick_wgmma_config(("test-key",), ran.append, CONFIGS) is CONFIGS[1]
+    assert ran == []
+
+
 def test_configs_for_take_the_register_operand_kernel_first_where_it_can_run():
     d = torch.zeros(64, 100, dtype=torch.float16)  # K = 3200: 100 scales a row
     assert configs_for(3200, d) == WS_CONFIGS + RS_CONFIGS + WGMMA_CONFIGS
