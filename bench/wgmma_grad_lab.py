@@ -15,7 +15,6 @@ cuBLAS at the same shape (x [M, K] @ W.T).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from functools import partial
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lorakit.kernels.q8_0_matmul import q8_0_matmul_grad_input  # noqa: E402
 from lorakit.kernels.q8_0_wgmma import WS_CONFIGS, WS_GRAD_CONFIGS, wgmma_grad_input, wgmma_matmul  # noqa: E402
-from wgmma_lab import SHAPES, _tflops  # noqa: E402  (N, K) of W [N, K]: dx [M, K] = dy [M, N] @ W
+from wgmma_lab import SHAPES, _tflops, checked, lab_args  # noqa: E402  (N, K) of W [N, K]: dx [M, K] = dy [M, N] @ W
 
 from lorakit.quant import dequantize_q8_0, quantize_q8_0  # noqa: E402
 
@@ -45,20 +44,12 @@ def check() -> int:
         for cfg in WS_GRAD_CONFIGS:
             dx = torch.empty(m, k, dtype=torch.bfloat16, device="cuda")
             wgmma_grad_input(dy, w.qs, w.d, dx, cfg)
-            torch.cuda.synchronize()
-            rel = float((dx.double() - ref).abs().max() / ref.abs().max())
-            ok = rel < 1e-2 and torch.equal(w.qs, qs0) and torch.equal(w.d, d0)
-            bad += not ok
-            print(f"check {m}x{n}x{k} {cfg}: rel err {rel:.2e} {'ok' if ok else 'BAD'}", flush=True)
+            bad += not checked(f"{m}x{n}x{k} {cfg}", dx, ref, w, qs0, d0)
     return bad
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--no-triton", action="store_true", help="skip the triton tiled kernel (its autotuning)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "wgmma_grad_lab_h200.json"))
-    args = p.parse_args(argv)
+    args = lab_args(__doc__, "wgmma_grad_lab_h200.json", argv)
     from triton.testing import do_bench_cudagraph
 
     bad = check()

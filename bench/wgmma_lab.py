@@ -55,20 +55,32 @@ def check() -> int:
         for cfg in WGMMA_CONFIGS + (RS_CONFIGS + WS_CONFIGS if k % 64 == 0 else []):
             y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
             wgmma_matmul(x, w.qs, w.d, y, lora, cfg)
-            torch.cuda.synchronize()
-            rel = float((y.double() - ref).abs().max() / ref.abs().max())
-            ok = rel < 1e-2 and torch.equal(w.qs, qs0) and torch.equal(w.d, d0)
-            bad += not ok
-            print(f"check {m}x{n}x{k} r={r} {cfg}: rel err {rel:.2e} {'ok' if ok else 'BAD'}", flush=True)
+            bad += not checked(f"{m}x{n}x{k} r={r} {cfg}", y, ref, w, qs0, d0)
     return bad
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def checked(label: str, out, ref, w, qs0, d0) -> bool:
+    """Whether a product out is within 1e-2 of the fp64 ref (max |err| / max |ref|) and left the weight (qs0, d0 its
+    copies) unchanged; prints the check."""
+    torch.cuda.synchronize()
+    rel = float((out.double() - ref).abs().max() / ref.abs().max())
+    ok = rel < 1e-2 and torch.equal(w.qs, qs0) and torch.equal(w.d, d0)
+    print(f"check {label}: rel err {rel:.2e} {'ok' if ok else 'BAD'}", flush=True)
+    return ok
+
+
+def lab_args(doc: str, out_name: str, argv=None) -> argparse.Namespace:
+    """The labs' command line (this one's and wgmma_grad_lab's): --quick, --no-triton, --out (bench/results/out_name
+    by default)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-triton", action="store_true", help="skip the triton tiled kernel (its autotuning)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "wgmma_lab_h200.json"))
-    args = p.parse_args(argv)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / out_name))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = lab_args(__doc__, "wgmma_lab_h200.json", argv)
     from triton.testing import do_bench_cudagraph
 
     bad = check()
