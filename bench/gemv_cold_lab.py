@@ -7,6 +7,10 @@ cycled past L2, as bench/read_floor.py), and reports per shape the hot-best conf
 cold-best config's. H200:
 
     python bench/gemv_cold_lab.py [--out bench/results/gemv_cold_lab_h200.json]
+    python bench/gemv_cold_lab.py --sweep --shapes 3200x3200,4096x4096   # beside the tuner's configs, a wider set
+
+--sweep adds configs outside the tuner's list: split counts that divide K's tiles evenly (3, 5, 6, 10, ...), K tiles of
+64 with deeper pipelines.
 """
 
 from __future__ import annotations
@@ -30,20 +34,30 @@ from lorakit.quant import quantize_q8_0  # noqa: E402
 # (N, K): open_llama_3b's packed q/k/v, o, packed gate/up, down, output; Llama-3-8B's packed q/k/v, o, down
 SHAPES = [(9600, 3200), (3200, 3200), (17280, 3200), (3200, 8640), (32000, 3200), (6144, 4096), (4096, 4096),
           (4096, 14336)]  # fmt: skip
+# --sweep: (BLOCK_N, BLOCK_K, stages) x SPLIT_K
+SWEEP_TILES = [(16, 64, 6), (16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 3)]
+SWEEP_SPLITS = [3, 4, 5, 6, 8, 10, 16]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "gemv_cold_lab_h200.json"))
+    p.add_argument("--sweep", action="store_true", help="also time the wider config set (SWEEP_TILES x SWEEP_SPLITS)")
+    p.add_argument("--shapes", help="N x K pairs, e.g. 3200x3200,4096x4096 (default: the decode step's)")
     args = p.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     if not torch.cuda.is_available():
         print("gemv_cold_lab.py: needs a CUDA GPU", file=sys.stderr)
         return 1
     cfgs = [dict(path="gemv_tc", **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in _GEMV_TC_CONFIGS]
+    if args.sweep:
+        known = {(c["BLOCK_N"], c["BLOCK_K"], c["SPLIT_K"], c["num_stages"]) for c in cfgs}
+        cfgs += [dict(path="gemv_tc", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=bn // 16, num_stages=st)
+                 for bn, bk, st in SWEEP_TILES for sk in SWEEP_SPLITS if (bn, bk, sk, st) not in known]  # fmt: skip
     names = [f"{c['BLOCK_N']}/{c['BLOCK_K']}/{c['SPLIT_K']}/{c['num_stages']}" for c in cfgs]
     rows = []
     print("us per product at M = 1 (config BLOCK_N/BLOCK_K/SPLIT_K/stages); hot: one copy, cold: copies past L2")
-    for n, k in SHAPES:
+    for n, k in shapes:
         w = quantize_q8_0(torch.randn(n, k, device="cuda"))
         copies = min(32, -(-200_000_000 // (n * k)))
         ws = [(w.qs.clone(), w.d.clone()) for _ in range(copies)]

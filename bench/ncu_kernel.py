@@ -5,6 +5,10 @@ the activations bf16; the path and, for the Gluon kernel, its config are forced:
 
     python bench/ncu_kernel.py --path wgmma --cfg ws --m 2048 --n 9600 --k 3200
     python bench/ncu_kernel.py --path gemv_tc --m 1 --n 3200 --k 8640
+    python bench/ncu_kernel.py --path gemv_tc --tiles 16/256/4/4 --m 1 --n 3200 --k 3200
+
+Without --tiles a tuned path's first launches are the autotuner's; --tiles BLOCK_N/BLOCK_K/SPLIT_K/stages forces
+the tensor-core GEMV's config so that every launch is the same.
 
 Session 14 profiled the warp-specialized Gluon kernel this way (bench/results/h200_session14/call7_ncu_ws.txt).
 """
@@ -33,6 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--m", type=int, required=True)
     p.add_argument("--n", type=int, required=True)
     p.add_argument("--k", type=int, required=True)
+    p.add_argument("--tiles", help="--path gemv_tc: BLOCK_N/BLOCK_K/SPLIT_K/stages")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("ncu_kernel.py: needs a CUDA GPU", file=sys.stderr)
@@ -40,6 +45,9 @@ def main(argv=None) -> int:
     w = quantize_q8_0(torch.randn(args.n, args.k, device="cuda"))
     x = torch.randn(args.m, args.k, device="cuda").bfloat16()
     config = {"path": args.path, **(GLUON[args.cfg] if args.path == "wgmma" else {})}
+    if args.tiles:
+        bn, bk, sk, st = (int(v) for v in args.tiles.split("/"))
+        config.update(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=bn // 16, num_stages=st)
     for _ in range(3):
         q8_0_matmul(x, w.qs, w.d, config=config)
     torch.cuda.synchronize()
