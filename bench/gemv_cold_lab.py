@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "gemv_cold_lab_h200.json"))
     p.add_argument("--sweep", action="store_true", help="also time the wider config set (SWEEP_TILES x SWEEP_SPLITS)")
+    p.add_argument("--m", type=int, default=1, help="rows of x (1 to 16)")
     p.add_argument("--shapes", help="N x K pairs, e.g. 3200x3200,4096x4096 (default: the decode step's)")
     args = p.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
@@ -56,12 +57,12 @@ def main(argv=None) -> int:
                  for bn, bk, st in SWEEP_TILES for sk in SWEEP_SPLITS if (bn, bk, sk, st) not in known]  # fmt: skip
     names = [f"{c['BLOCK_N']}/{c['BLOCK_K']}/{c['SPLIT_K']}/{c['num_stages']}" for c in cfgs]
     rows = []
-    print("us per product at M = 1 (config BLOCK_N/BLOCK_K/SPLIT_K/stages); hot: one copy, cold: copies past L2")
+    print(f"us per product at M = {args.m} (config BLOCK_N/BLOCK_K/SPLIT_K/stages); hot: one copy, cold: past L2")
     for n, k in shapes:
         w = quantize_q8_0(torch.randn(n, k, device="cuda"))
         copies = min(32, -(-200_000_000 // (n * k)))
         ws = [(w.qs.clone(), w.d.clone()) for _ in range(copies)]
-        x = torch.randn(1, k, device="cuda").bfloat16()
+        x = torch.randn(args.m, k, device="cuda").bfloat16()
         ref = q8_0_matmul(x, w.qs, w.d, config=cfgs[0])
         hot, cold = {}, {}
         for name, cfg in zip(names, cfgs, strict=True):
