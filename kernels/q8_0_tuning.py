@@ -118,6 +118,14 @@ _GEMV_TC_CONFIGS = [
         (16, 256, 4, 4),
         (64, 128, 4, 4),
         (16, 128, 8, 4),
+        # split counts outside the powers of two: K = 3200 / 8640 in 256-wide tiles (12.5 / 33.75) splits 5 ways
+        # with fewer tiles per program; more, smaller splits for narrow N (1024). Each was the fastest at one of
+        # the 3B / 8B decode shapes at M = 1 or 16, 4-27% below the list above (bench/results/h200_session27)
+        (16, 256, 5, 4),
+        (32, 128, 5, 4),
+        (32, 128, 10, 4),
+        (32, 256, 8, 3),
+        (32, 256, 16, 3),
     )
 ]
 TC_TILES = sorted({(c.kwargs["BLOCK_N"], c.kwargs["SPLIT_K"]) for c in _GEMV_TC_CONFIGS})  # the scratch covers any

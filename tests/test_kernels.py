@@ -209,6 +209,7 @@ def test_fuse_loras_gives_lora_linears_numbers(tri, dtype):
         (16, {"path": "gemv_tc", "BLOCK_N": 32, "num_warps": 2}),  # all 16 rows of x in one MMA tile
         (3, {"path": "gemv_tc", "SPLIT_K": 2}),  # split-K: the last program of an N block sums the partials
         (5, {"path": "gemv_tc", "SPLIT_K": 4, "BLOCK_K": 32}),  # 5 K tiles over 4 splits (2, 2, 1, 0 tiles)
+        (1, {"path": "gemv_tc", "SPLIT_K": 5, "BLOCK_K": 64}),  # 3 K tiles over 5 splits (1, 1, 1/2, 0, 0 tiles)
         (37, {"path": "dequant"}),  # dequantize + torch matmul (cuBLAS on the GPU), LoRA by addmm
         (1, {"path": "gemm"}),  # the tiled kernel with a single row
         (37, {"path": "gemm", "SPLIT_K": 2, "BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}),
