@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "gemv_cold_lab_h200.json"))
     p.add_argument("--sweep", action="store_true", help="also time the wider config set (SWEEP_TILES x SWEEP_SPLITS)")
+    p.add_argument("--sweep-tiles", help="--sweep's BLOCK_N/BLOCK_K/stages triples, e.g. 16/256/3,32/128/3")
+    p.add_argument("--sweep-splits", help="--sweep's SPLIT_K values, e.g. 3,5,8")
     p.add_argument("--m", type=int, default=1, help="rows of x (1 to 16)")
     p.add_argument("--shapes", help="N x K pairs, e.g. 3200x3200,4096x4096 (default: the decode step's)")
     args = p.parse_args(argv)
@@ -52,9 +54,15 @@ def main(argv=None) -> int:
         return 1
     cfgs = [dict(path="gemv_tc", **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in _GEMV_TC_CONFIGS]
     if args.sweep:
+        tiles = (
+            [tuple(int(v) for v in t.split("/")) for t in args.sweep_tiles.split(",")]
+            if args.sweep_tiles
+            else SWEEP_TILES
+        )
+        splits = [int(v) for v in args.sweep_splits.split(",")] if args.sweep_splits else SWEEP_SPLITS
         known = {(c["BLOCK_N"], c["BLOCK_K"], c["SPLIT_K"], c["num_stages"]) for c in cfgs}
         cfgs += [dict(path="gemv_tc", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=bn // 16, num_stages=st)
-                 for bn, bk, st in SWEEP_TILES for sk in SWEEP_SPLITS if (bn, bk, sk, st) not in known]  # fmt: skip
+                 for bn, bk, st in tiles for sk in splits if (bn, bk, sk, st) not in known]  # fmt: skip
     names = [f"{c['BLOCK_N']}/{c['BLOCK_K']}/{c['SPLIT_K']}/{c['num_stages']}" for c in cfgs]
     rows = []
     print(f"us per product at M = {args.m} (config BLOCK_N/BLOCK_K/SPLIT_K/stages); hot: one copy, cold: past L2")
