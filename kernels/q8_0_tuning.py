@@ -118,14 +118,20 @@ _GEMV_TC_CONFIGS = [
         (16, 256, 4, 4),
         (64, 128, 4, 4),
         (16, 128, 8, 4),
-        # split counts outside the powers of two: K = 3200 / 8640 in 256-wide tiles (12.5 / 33.75) splits 5 ways
-        # with fewer tiles per program; more, smaller splits for narrow N (1024). Each was the fastest at one of
-        # the 3B / 8B decode shapes at M = 1 or 16, 4-27% below the list above (bench/results/h200_session27)
+        # split counts outside the powers of two (K = 3200 / 8640 is 12.5 / 33.75 tiles of 256: 5 or 6 splits
+        # leave fewer tiles per program), more, smaller splits for narrow N (1024), and 3 stages (less shared
+        # memory per program). Each was the fastest at one of the 3B / 8B decode shapes at M = 1 or 16, 4-27%
+        # below the list above (bench/results/h200_session27, calls 1, 2 and 4)
         (16, 256, 5, 4),
         (32, 128, 5, 4),
         (32, 128, 10, 4),
         (32, 256, 8, 3),
         (32, 256, 16, 3),
+        (32, 256, 5, 4),
+        (16, 128, 5, 3),
+        (16, 128, 6, 3),
+        (32, 128, 5, 3),
+        (32, 128, 6, 3),
     )
 ]
 TC_TILES = sorted({(c.kwargs["BLOCK_N"], c.kwargs["SPLIT_K"]) for c in _GEMV_TC_CONFIGS})  # the scratch covers any
