@@ -20,12 +20,13 @@ t-programs do, made a decode step with two adapters slower (2.84 vs 2.42 ms, ben
 program that finishes its split early holds its SM slot while it waits for t.
 
 triton_util._dequant_words (also used by the tiled kernels, q8_0_gemm): for four int8 q of one 32-bit word, u = q ^
-0x80 = q + 128 (per byte), and one PRMT places u into bits 8..15 of the float 2^23 (0x4B00uu00 = 2^23 + 256 u);
-then fma(2^23 + 256 u, d / 256, -(2^15 + 2^7) d) = q * d exactly: d / 256 is exact, (2^15 + 2^7) d = 2^7 * 257 * d
-has 9 + 11 significant bits (exact in fp32), and the fma rounds the exact q * d (<= 19 significant bits) once, i.e.
-not at all. cvt.rn.{bf16x2,f16x2}.f32 then rounds pairs to the activation dtype, which is the operand format the
-MMA takes. Under the interpreter (no inline PTX) the tile is dequantized by triton_util._dequant_tile and rounded
-by _to.
+0x80 = q + 128 (per byte), and one PRMT places u into bits 8..15 of the float 2^15 (0x4700uu00 = 2^15 + u, the
+mantissa's unit there being 2^-8); then fma(2^15 + u, d, -(2^15 + 2^7) d) = q * d exactly: (2^15 + 2^7) d = 2^7 *
+257 * d has 9 + 11 significant bits (exact in fp32), and the fma rounds the exact q * d (<= 19 significant bits)
+once, i.e. not at all. The scale enters as d itself (an earlier form placed u at 2^23 + 256 u and took d / 256: one
+more multiply per scale). cvt.rn.{bf16x2,f16x2}.f32 then rounds pairs to the activation dtype, which is the operand
+format the MMA takes. Under the interpreter (no inline PTX) the tile is dequantized by triton_util._dequant_tile and
+rounded by _to.
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ def _dequant(q_s, d, dtype: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.con
     else:
         df = d.to(gl.float32)
     d3 = gl.expand_dims(df, 2)
-    dq, _ = gl.broadcast(d3 * 0.00390625, q)  # d / 256
+    dq, _ = gl.broadcast(d3, q)
     dc, _ = gl.broadcast(d3 * -32896.0, q)  # -(2^15 + 2^7) d
     return gl.reshape(_prmt_dequant(q, dq, dc, dtype), [BLOCK_N, BLOCK_K])
 
@@ -651,7 +651,7 @@ def _dequant_a(q_tile, d_slot, first, dtype: gl.constexpr, AL: gl.constexpr, RL:
     words = d_slot.load(RL)
     lo = (words & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
     hi = ((words >> 16) & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
-    dq = gl.where(first, gl.expand_dims(lo * 0.00390625, AX), gl.expand_dims(hi * 0.00390625, AX))  # d / 256
+    dq = gl.where(first, gl.expand_dims(lo, AX), gl.expand_dims(hi, AX))
     dc = gl.where(first, gl.expand_dims(lo * -32896.0, AX), gl.expand_dims(hi * -32896.0, AX))  # -(2^15 + 2^7) d
     dq, _ = gl.broadcast(dq, q)
     dc, _ = gl.broadcast(dc, q)

@@ -301,10 +301,10 @@ def _dequant_tile(q, dd, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 _DEQ_ASM = """{{
     .reg .b32 u, f0, f1, f2, f3;
     xor.b32 u, $2, 0x80808080;
-    prmt.b32 f0, u, 0x4B000000, 0x7404;
-    prmt.b32 f1, u, 0x4B000000, 0x7414;
-    prmt.b32 f2, u, 0x4B000000, 0x7424;
-    prmt.b32 f3, u, 0x4B000000, 0x7434;
+    prmt.b32 f0, u, 0x47000000, 0x7404;
+    prmt.b32 f1, u, 0x47000000, 0x7414;
+    prmt.b32 f2, u, 0x47000000, 0x7424;
+    prmt.b32 f3, u, 0x47000000, 0x7434;
     fma.rn.f32 f0, f0, $3, $7;
     fma.rn.f32 f1, f1, $4, $8;
     fma.rn.f32 f2, f2, $5, $9;
@@ -334,7 +334,7 @@ _grouped_tile = triton.jit(_grouped_tile_src)
 
 
 def _prmt_dequant_src(q3, dq, dc, dtype: tl.constexpr):
-    """W = rnd_dtype(q * d) for bf16/fp16 from int8 q3 and the per-element d / 256 (dq) and -(2^15 + 2^7) d (dc),
+    """W = rnd_dtype(q * d) for bf16/fp16 from int8 q3 and the per-element d (dq) and -(2^15 + 2^7) d (dc),
     four elements per inline-PTX call (see q8_0_gemv_tc's module docstring). Also compiled by the Gluon kernel
     (gluon.jit(_prmt_dequant_src))."""
     if dtype == tl.bfloat16:
@@ -355,7 +355,7 @@ def _dequant_words(q, d, dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl
     = rnd(q * d), four elements per inline-PTX call (see q8_0_gemv_tc's module docstring)."""
     KB: tl.constexpr = BLOCK_K // 32
     df = d.to(tl.float32)
-    dq = tl.broadcast_to(tl.reshape(df * 0.00390625, (BLOCK_N, KB, 1)), (BLOCK_N, KB, 32))  # d / 256
+    dq = tl.broadcast_to(tl.reshape(df, (BLOCK_N, KB, 1)), (BLOCK_N, KB, 32))
     dc = tl.broadcast_to(tl.reshape(df * -32896.0, (BLOCK_N, KB, 1)), (BLOCK_N, KB, 32))  # -(2^15 + 2^7) d
     w = _prmt_dequant(tl.reshape(q, (BLOCK_N, KB, 32)), dq, dc, dtype)
     return tl.reshape(w, (BLOCK_N, BLOCK_K))

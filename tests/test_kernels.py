@@ -35,6 +35,7 @@ roundings, so m, v, x match to ADAM_RTOL = 16*2^-24 relative to their magnitude.
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -623,18 +624,20 @@ def test_q8_conversion_and_bf16_rounding_exhaustive():
 
 def test_tc_dequant_identity():
     """The tensor-core gemv's dequantization (triton_util._dequant_words) in exact arithmetic: the PRMT float
-    2^23 + 256 (q + 128), times d / 256, plus -(2^15 + 2^7) d, is q * d exactly for every int8 q and finite fp16
-    d: d / 256 and the constant are exact in fp32, and the fma's exact result is the exact q * d (which fp32
-    holds), so its one rounding changes nothing."""
+    2^15 + (q + 128), times d, plus -(2^15 + 2^7) d, is q * d exactly for every int8 q and finite fp16 d: the
+    constant is exact in fp32, and the fma's exact result is the exact q * d (which fp32 holds), so its one
+    rounding changes nothing."""
     q = torch.arange(-128, 128, dtype=torch.float64)
     d = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
     d = d[torch.isfinite(d)].double()
-    bits = 0x4B000000 + 256 * (q.to(torch.int64) + 128)  # the PRMT's word: bytes (0, q ^ 0x80, 0, 0x4B)
+    magic = int(re.search(r"prmt\.b32 f0, u, (0x[0-9A-Fa-f]+),", triton_util._DEQ_ASM).group(1), 16)
+    assert magic == 0x47000000  # the float 2^15, the PRMT's other source
+    bits = magic + 256 * (q.to(torch.int64) + 128)  # the PRMT's word: bytes (0, q ^ 0x80, 0, 0x47)
     v = bits.to(torch.int32).view(torch.float32).double()
-    assert torch.equal(v, 2.0**23 + 256 * (q + 128))
-    dq, c = d / 256, -32896 * d
-    assert torch.equal(dq.float().double(), dq) and torch.equal(c.float().double(), c)  # exact in fp32
-    fma = v[:, None] * dq[None, :] + c[None, :]  # products of <= 24 + 11 bits: exact in fp64, as is the sum
+    assert torch.equal(v, 2.0**15 + (q + 128))
+    c = -32896 * d
+    assert torch.equal(c.float().double(), c)  # exact in fp32
+    fma = v[:, None] * d[None, :] + c[None, :]  # products of <= 16 + 11 bits: exact in fp64, as is the sum
     exact = q[:, None] * d[None, :]
     assert torch.equal(fma, exact) and torch.equal(exact.float().double(), exact)
 
