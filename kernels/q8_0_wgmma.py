@@ -119,9 +119,9 @@ def _dequant(q_s, d, dtype: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.con
     else:
         df = d.to(gl.float32)
     d3 = gl.expand_dims(df, 2)
-    dq, _ = gl.broadcast(d3, q)
+    ds, _ = gl.broadcast(d3, q)
     dc, _ = gl.broadcast(d3 * -32896.0, q)  # -(2^15 + 2^7) d
-    return gl.reshape(_prmt_dequant(q, dq, dc, dtype), [BLOCK_N, BLOCK_K])
+    return gl.reshape(_prmt_dequant(q, ds, dc, dtype), [BLOCK_N, BLOCK_K])
 
 
 @gluon.jit
@@ -651,11 +651,11 @@ def _dequant_a(q_tile, d_slot, first, dtype: gl.constexpr, AL: gl.constexpr, RL:
     words = d_slot.load(RL)
     lo = (words & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
     hi = ((words >> 16) & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
-    dq = gl.where(first, gl.expand_dims(lo, AX), gl.expand_dims(hi, AX))
+    ds = gl.where(first, gl.expand_dims(lo, AX), gl.expand_dims(hi, AX))
     dc = gl.where(first, gl.expand_dims(lo * -32896.0, AX), gl.expand_dims(hi * -32896.0, AX))  # -(2^15 + 2^7) d
-    dq, _ = gl.broadcast(dq, q)
+    ds, _ = gl.broadcast(ds, q)
     dc, _ = gl.broadcast(dc, q)
-    return _prmt_dequant(q, dq, dc, dtype)
+    return _prmt_dequant(q, ds, dc, dtype)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, STAGES >= 3: the W tile dequantized at step k is TMA-loaded at step k - STAGES + 2);

@@ -333,15 +333,15 @@ def _grouped_tile_src(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G
 _grouped_tile = triton.jit(_grouped_tile_src)
 
 
-def _prmt_dequant_src(q3, dq, dc, dtype: tl.constexpr):
-    """W = rnd_dtype(q * d) for bf16/fp16 from int8 q3 and the per-element d (dq) and -(2^15 + 2^7) d (dc),
+def _prmt_dequant_src(q3, ds, dc, dtype: tl.constexpr):
+    """W = rnd_dtype(q * d) for bf16/fp16 from int8 q3 and the per-element scale d (ds) and -(2^15 + 2^7) d (dc),
     four elements per inline-PTX call (see q8_0_gemv_tc's module docstring). Also compiled by the Gluon kernel
     (gluon.jit(_prmt_dequant_src))."""
     if dtype == tl.bfloat16:
-        w = tl.inline_asm_elementwise(_DEQ_BF16, "=r,=r,r,r,r,r,r,r,r,r,r", [q3, dq, dc], dtype=tl.bfloat16,
+        w = tl.inline_asm_elementwise(_DEQ_BF16, "=r,=r,r,r,r,r,r,r,r,r,r", [q3, ds, dc], dtype=tl.bfloat16,
                                       is_pure=True, pack=4)  # fmt: skip
     else:
-        w = tl.inline_asm_elementwise(_DEQ_F16, "=r,=r,r,r,r,r,r,r,r,r,r", [q3, dq, dc], dtype=tl.float16,
+        w = tl.inline_asm_elementwise(_DEQ_F16, "=r,=r,r,r,r,r,r,r,r,r,r", [q3, ds, dc], dtype=tl.float16,
                                       is_pure=True, pack=4)  # fmt: skip
     return w
 
@@ -355,9 +355,9 @@ def _dequant_words(q, d, dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl
     = rnd(q * d), four elements per inline-PTX call (see q8_0_gemv_tc's module docstring)."""
     KB: tl.constexpr = BLOCK_K // 32
     df = d.to(tl.float32)
-    dq = tl.broadcast_to(tl.reshape(df, (BLOCK_N, KB, 1)), (BLOCK_N, KB, 32))
+    ds = tl.broadcast_to(tl.reshape(df, (BLOCK_N, KB, 1)), (BLOCK_N, KB, 32))
     dc = tl.broadcast_to(tl.reshape(df * -32896.0, (BLOCK_N, KB, 1)), (BLOCK_N, KB, 32))  # -(2^15 + 2^7) d
-    w = _prmt_dequant(tl.reshape(q, (BLOCK_N, KB, 32)), dq, dc, dtype)
+    w = _prmt_dequant(tl.reshape(q, (BLOCK_N, KB, 32)), ds, dc, dtype)
     return tl.reshape(w, (BLOCK_N, BLOCK_K))
 
 
