@@ -495,11 +495,11 @@ def wgmma_grad_ok(dy2: torch.Tensor, qs: torch.Tensor, d: torch.Tensor) -> bool:
     dequantize + cuBLAS at M = 256 for some products (the down projection's), but the finetune step at 4 x 64 measured
     5% slower with it (8,659-8,860 against 9,307-9,316 tok/s, bench/results/h200_session25/call4-5; its profile:
     53 us per product where cuBLAS took 28 us, and no fewer dequantizations in the step, call6)."""
-    from .q8_0_wgmma import _d_words
-
-    if os.environ.get("LORAKIT_GLUON_GRAD", "0") != "1":
+    if os.environ.get("LORAKIT_GLUON_GRAD", "0") != "1" or not wgmma_ok(dy2, qs, 0):
         return False
-    return wgmma_ok(dy2, qs, 0) and (dy2.shape[1] * dy2.element_size()) % 16 == 0 and _d_words(qs.shape[1], d)
+    from .q8_0_wgmma import grad_readable
+
+    return grad_readable(dy2, qs, d)
 
 
 def _wgmma_grad(dy2, qs, d, dx, cfg: dict) -> None:

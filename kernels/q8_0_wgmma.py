@@ -699,6 +699,12 @@ def _d_words(k: int, d, block_k: int = 64) -> bool:
     return block_k == 64 and k % 64 == 0 and d.stride(0) % 2 == 0 and d.data_ptr() % 4 == 0
 
 
+def grad_readable(dy2, qs, d) -> bool:
+    """Whether the input-gradient kernel can read these operands: dy2's rows in 16-byte multiples (TMA reads its
+    tiles; N % 8 == 0 for bf16/fp16) and K % 64 == 0 with W's scale rows as int32 words (_d_words)."""
+    return (dy2.shape[1] * dy2.element_size()) % 16 == 0 and _d_words(qs.shape[1], d)
+
+
 def configs_for(k: int, d) -> list[dict]:
     """The configs that can compute a product with this K and these scales: where K % 64 == 0 the warp-specialized
     and register-operand kernels' first (faster at every measured shape, bench/results/h200_session13), then the
@@ -761,11 +767,11 @@ def wgmma_matmul(x2, qs, d, y, lora, cfg: dict, group_m: int = 8) -> None:
 
 def wgmma_grad_input(dy2, qs, d, dx, cfg: dict, group_m: int = 8) -> None:
     """dx[M, K] = dy2[M, N] @ W by the warp-specialized kernel (GRAD), dy2 bf16/fp16 on an sm_90 GPU with N % 8 == 0
-    (TMA reads its rows), K % 64 == 0 and W's scale rows as int32 words (_d_words); dx [M, K] with unit column
+    (TMA reads its rows), K % 64 == 0 and W's scale rows as int32 words (grad_readable); dx [M, K] with unit column
     stride, any float dtype."""
     m, n = dy2.shape
     k = qs.shape[1]
-    if not _d_words(k, d) or (n * dy2.element_size()) % 16:
+    if not grad_readable(dy2, qs, d):
         raise ValueError("the input-gradient kernel needs K % 64 == 0, 4-byte aligned scale rows and N % 8 == 0")
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     dy_desc = _act_desc(dy2, (bm, bk))
