@@ -16,7 +16,6 @@ cold-best config's. H200:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lorakit.kernels.q8_0_matmul import q8_0_matmul  # noqa: E402
 from lorakit.kernels.q8_0_tuning import _GEMV_TC_CONFIGS  # noqa: E402
-from read_floor import hot_cold_ms  # noqa: E402
+from read_floor import hot_cold_ms, save_rows  # noqa: E402
 
 from lorakit.quant import quantize_q8_0  # noqa: E402
 
@@ -92,8 +91,7 @@ def main(argv=None) -> int:
         rows.append(dict(n=n, k=k, copies=copies, hot_us=hot, cold_us=cold, hot_best=hot_best, cold_best=cold_best,
                          tuned_cold_us=t_tuned))  # fmt: skip
         del ws
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=rows), indent=1))
+    save_rows(args.out, rows)
     return 0
 
 

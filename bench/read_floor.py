@@ -64,6 +64,26 @@ def hot_cold_ms(fns) -> tuple[float, float]:
     return tuple(do_bench_cudagraph(fn, rep=50, return_mode="median") for fn in (fns[0], _cycling(fns)))
 
 
+def lab_args(script: str, doc: str, default_json: str, argv=None, add=None):
+    """A GPU lab's command line: --out (default bench/results/<default_json>) and whatever add(parser) adds; None,
+    after a one-line message, without a CUDA GPU."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / default_json))
+    if add is not None:
+        add(p)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(f"{script}: needs a CUDA GPU", file=sys.stderr)
+        return None
+    return args
+
+
+def save_rows(out: str, rows: list, **extra) -> None:
+    """The lab's JSON: the device's name, `extra`, then the rows."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), **extra, rows=rows), indent=1))
+
+
 def _cycling(fns):
     """A callable that calls fns[0], fns[1], ... in turn: captured repeatedly into a CUDA graph it reads a new copy
     each call."""
@@ -77,11 +97,8 @@ def _cycling(fns):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "read_floor_h200.json"))
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("read_floor.py: needs a CUDA GPU", file=sys.stderr)
+    args = lab_args("read_floor.py", __doc__, "read_floor_h200.json", argv)
+    if args is None:
         return 1
     from triton.testing import do_bench_cudagraph
 
@@ -112,9 +129,7 @@ def main(argv=None) -> int:
             rows.append(dict(n=n, k=k, m=m, q8_bytes=nbytes, copies=copies, read_hot_ms=t_read[0],
                              read_cold_ms=t_read[1], q8_hot_ms=t_q8[0], q8_cold_ms=t_q8[1]))  # fmt: skip
         del ws
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), empty_ms=t_empty, rows=rows),
-                                         indent=1))  # fmt: skip
+    save_rows(args.out, rows, empty_ms=t_empty)
     return 0
 
 

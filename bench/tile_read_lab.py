@@ -14,8 +14,6 @@ a q8_0 weight's int8 bytes, three ways, cold (copies cycled past L2, as bench/re
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -25,7 +23,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from read_floor import _read, hot_cold_ms  # noqa: E402
+from read_floor import _read, hot_cold_ms, lab_args, save_rows  # noqa: E402
 
 SHAPES = [(32000, 3200), (14336, 4096), (4096, 14336), (8640, 3200), (3200, 8640), (4096, 4096), (3200, 3200)]
 # BLOCK_N, BLOCK_K (bytes), SPLIT_K, U (tiles in flight per step), warps
@@ -74,11 +72,8 @@ def _tile_read(src, out, n, k, cfg, tiled):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "tile_read_lab_h200.json"))
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("tile_read_lab.py: needs a CUDA GPU", file=sys.stderr)
+    args = lab_args("tile_read_lab.py", __doc__, "tile_read_lab_h200.json", argv)
+    if args is None:
         return 1
     rows = []
     print("cold us (% of HBM at 4.8 TB/s) reading a weight's int8 bytes; config BLOCK_N/BLOCK_K/SPLIT_K/U/warps")
@@ -100,8 +95,7 @@ def main(argv=None) -> int:
         print("\n    ".join(line), flush=True)
         rows.append(row)
         del srcs
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=rows), indent=1))
+    save_rows(args.out, rows)
     return 0
 
 
