@@ -64,13 +64,11 @@ def hot_cold_ms(fns) -> tuple[float, float]:
     return tuple(do_bench_cudagraph(fn, rep=50, return_mode="median") for fn in (fns[0], _cycling(fns)))
 
 
-def lab_args(script: str, doc: str, default_json: str, argv=None, add=None):
-    """A GPU lab's command line: --out (default bench/results/<default_json>) and whatever add(parser) adds; None,
-    after a one-line message, without a CUDA GPU."""
+def lab_args(script: str, doc: str, default_json: str, argv=None):
+    """A GPU lab's command line (--out, default bench/results/<default_json>); None, after a one-line message,
+    without a CUDA GPU."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / default_json))
-    if add is not None:
-        add(p)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print(f"{script}: needs a CUDA GPU", file=sys.stderr)
