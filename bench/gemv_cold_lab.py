@@ -15,7 +15,6 @@ cold-best config's. H200:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from functools import partial
 from pathlib import Path
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lorakit.kernels.q8_0_matmul import q8_0_matmul  # noqa: E402
 from lorakit.kernels.q8_0_tuning import _GEMV_TC_CONFIGS  # noqa: E402
-from read_floor import hot_cold_ms, save_rows  # noqa: E402
+from read_floor import cold_ms, hot_cold_ms, lab_parser, save_rows  # noqa: E402
 
 from lorakit.quant import quantize_q8_0  # noqa: E402
 
@@ -39,8 +38,7 @@ SWEEP_SPLITS = [3, 4, 5, 6, 8, 10, 16]
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "gemv_cold_lab_h200.json"))
+    p = lab_parser(__doc__, "gemv_cold_lab_h200.json")
     p.add_argument("--sweep", action="store_true", help="also time the wider config set (SWEEP_TILES x SWEEP_SPLITS)")
     p.add_argument("--sweep-tiles", help="--sweep's BLOCK_N/BLOCK_K/stages triples, e.g. 16/256/3,32/128/3")
     p.add_argument("--sweep-splits", help="--sweep's SPLIT_K values, e.g. 3,5,8")
@@ -80,7 +78,7 @@ def main(argv=None) -> int:
                 1e3 * t for t in hot_cold_ms([partial(q8_0_matmul, x, qs, d, config=cfg) for qs, d in ws])
             )
         q8_0_matmul(x, w.qs, w.d)  # the tuner's own choice (timed hot), for reference
-        t_tuned = 1e3 * hot_cold_ms([partial(q8_0_matmul, x, qs, d) for qs, d in ws])[1]
+        t_tuned = 1e3 * cold_ms([partial(q8_0_matmul, x, qs, d) for qs, d in ws])
         hot_best = min(hot, key=hot.get)
         cold_best = min(cold, key=cold.get)
         gain = 100 * (cold[hot_best] / cold[cold_best] - 1)

@@ -61,15 +61,26 @@ def hot_cold_ms(fns) -> tuple[float, float]:
     HBM)."""
     from triton.testing import do_bench_cudagraph
 
-    return tuple(do_bench_cudagraph(fn, rep=50, return_mode="median") for fn in (fns[0], _cycling(fns)))
+    return do_bench_cudagraph(fns[0], rep=50, return_mode="median"), cold_ms(fns)
+
+
+def cold_ms(fns) -> float:
+    """hot_cold_ms's cold time alone: ms per call with fns called in turn (every call reads HBM)."""
+    from triton.testing import do_bench_cudagraph
+
+    return do_bench_cudagraph(_cycling(fns), rep=50, return_mode="median")
+
+
+def lab_parser(doc: str, default_json: str) -> argparse.ArgumentParser:
+    """A GPU lab's command line: its docstring's first paragraph and --out (default bench/results/<default_json>)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / default_json))
+    return p
 
 
 def lab_args(script: str, doc: str, default_json: str, argv=None):
-    """A GPU lab's command line (--out, default bench/results/<default_json>); None, after a one-line message,
-    without a CUDA GPU."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / default_json))
-    args = p.parse_args(argv)
+    """lab_parser's arguments; None, after a one-line message, without a CUDA GPU."""
+    args = lab_parser(doc, default_json).parse_args(argv)
     if not torch.cuda.is_available():
         print(f"{script}: needs a CUDA GPU", file=sys.stderr)
         return None

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from read_floor import _read, hot_cold_ms, lab_args, save_rows  # noqa: E402
+from read_floor import _read, cold_ms, lab_args, save_rows  # noqa: E402
 
 SHAPES = [(32000, 3200), (14336, 4096), (4096, 14336), (8640, 3200), (3200, 8640), (4096, 4096), (3200, 3200)]
 # BLOCK_N, BLOCK_K (bytes), SPLIT_K, U (tiles in flight per step), warps
@@ -83,13 +83,13 @@ def main(argv=None) -> int:
         srcs = [torch.randint(-128, 128, (n * kp // 4,), dtype=torch.int32, device="cuda") for _ in range(copies)]
         out = torch.empty(1 << 20, dtype=torch.int32, device="cuda")
         pct = partial(_pct, n * k)
-        flat = 1e3 * hot_cold_ms([partial(_read, s[: n * k // 4], out) for s in srcs])[1]
+        flat = 1e3 * cold_ms([partial(_read, s[: n * k // 4], out) for s in srcs])
         line = [f"{n:6d} x {k:6d}: flat {flat:6.2f} ({pct(flat):3.0f}%)"]
         row = dict(n=n, k=k, flat_us=flat, rows_us={}, tiled_us={})
         for cfg in CFGS:
             name = "/".join(map(str, cfg))
-            t_rows = 1e3 * hot_cold_ms([partial(_tile_read, s, out, n, k, cfg, False) for s in srcs])[1]
-            t_tiled = 1e3 * hot_cold_ms([partial(_tile_read, s, out, n, k, cfg, True) for s in srcs])[1]
+            t_rows = 1e3 * cold_ms([partial(_tile_read, s, out, n, k, cfg, False) for s in srcs])
+            t_tiled = 1e3 * cold_ms([partial(_tile_read, s, out, n, k, cfg, True) for s in srcs])
             row["rows_us"][name], row["tiled_us"][name] = t_rows, t_tiled
             line.append(f"{name}: rows {t_rows:.2f} ({pct(t_rows):.0f}%) tiled {t_tiled:.2f} ({pct(t_tiled):.0f}%)")
         print("\n    ".join(line), flush=True)

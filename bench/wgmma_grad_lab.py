@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lorakit.kernels.q8_0_matmul import q8_0_matmul_grad_input  # noqa: E402
 from lorakit.kernels.q8_0_wgmma import WS_CONFIGS, WS_GRAD_CONFIGS, wgmma_grad_input, wgmma_matmul  # noqa: E402
-from wgmma_lab import SHAPES, _tflops, checked, lab_args  # noqa: E402  (N, K) of W [N, K]: dx [M, K] = dy [M, N] @ W
+from wgmma_lab import SHAPES, _tflops, checked, wgmma_args  # noqa: E402  (N, K) of W [N, K]: dx [M, K] = dy [M, N] @ W
 
 from lorakit.quant import dequantize_q8_0, quantize_q8_0  # noqa: E402
 
@@ -49,7 +49,7 @@ def check() -> int:
 
 
 def main(argv=None) -> int:
-    args = lab_args(__doc__, "wgmma_grad_lab_h200.json", argv)
+    args = wgmma_args(__doc__, "wgmma_grad_lab_h200.json", argv)
     from triton.testing import do_bench_cudagraph
 
     bad = check()

@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lorakit.kernels.q8_0_matmul import q8_0_matmul  # noqa: E402
 from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS, WS_CONFIGS, wgmma_matmul  # noqa: E402
+from read_floor import lab_parser  # noqa: E402
 
 from lorakit.quant import dequantize_q8_0, quantize_q8_0  # noqa: E402
 
@@ -69,18 +70,17 @@ def checked(label: str, out, ref, w, qs0, d0) -> bool:
     return ok
 
 
-def lab_args(doc: str, out_name: str, argv=None) -> argparse.Namespace:
-    """The labs' command line (this one's and wgmma_grad_lab's): --quick, --no-triton, --out (bench/results/out_name
-    by default)."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+def wgmma_args(doc: str, out_name: str, argv=None) -> argparse.Namespace:
+    """The Gluon labs' command line (this one's and wgmma_grad_lab's): read_floor.lab_parser's --out
+    (bench/results/out_name by default), --quick, --no-triton."""
+    p = lab_parser(doc, out_name)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-triton", action="store_true", help="skip the triton tiled kernel (its autotuning)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / out_name))
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = lab_args(__doc__, "wgmma_lab_h200.json", argv)
+    args = wgmma_args(__doc__, "wgmma_lab_h200.json", argv)
     from triton.testing import do_bench_cudagraph
 
     bad = check()
