@@ -12,8 +12,6 @@ kernel (WS_GRAD_CONFIGS[0]), and any experiment configs the kernel module has (D
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -26,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lorakit.kernels import q8_0_wgmma  # noqa: E402
 from lorakit.kernels.q8_0_matmul import q8_0_matmul_grad_input  # noqa: E402
+from read_floor import lab_parser, save_rows  # noqa: E402
 
 from lorakit.quant import dequantize_q8_0, quantize_q8_0  # noqa: E402
 
@@ -63,9 +62,8 @@ def _sampled(fn, seconds: float) -> tuple[float, float, float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = lab_parser(__doc__, "clock_lab_h200.json")
     p.add_argument("--seconds", type=float, default=4.0)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "clock_lab_h200.json"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available() or shutil.which("nvidia-smi") is None:
         print("clock_lab.py: needs a CUDA GPU and nvidia-smi", file=sys.stderr)
@@ -106,8 +104,7 @@ def main(argv=None) -> int:
             print(f"{m:5d} {name:<14} {tf:8.0f} {mhz:6.0f} {watts:5.0f}  {pct:5.1f}% {per_ghz:5.1f}%", flush=True)
             rows.append(dict(m=m, n=n, k=k, product=name, ms=ms, sm_mhz=mhz, watts=watts, tflops=tf,
                              pct_cublas=pct, pct_cublas_per_clock=per_ghz))  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=rows), indent=1))
+    save_rows(args.out, rows)
     return 0
 
 
