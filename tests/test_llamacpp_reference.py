@@ -77,7 +77,7 @@ ASSETS = ROOT / "assets"
 U32 = 2.0**-24
 N_NEW = 32
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the", "One day, a girl"]
-# /work/shared/data/README.md: [1] + encode("Once upon a time") and the next 24 greedy ids
+# assets/README.md (greedy reference for stories260K): [1] + encode("Once upon a time") and the next 24 greedy ids
 README_PROMPT = [1, 403, 407, 261, 378]
 README_GREEDY = [432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337,
                  410, 408, 419, 292, 411, 322, 265, 282]  # fmt: skip
