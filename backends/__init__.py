@@ -232,15 +232,32 @@ class Backend(Protocol):
         """The full weight (for merges, exports and as a test oracle)."""
 
 
+TRITON_MIN = (3, 6)  # the triton release the kernels are written and tested for
+
+
+def triton_version_problem(version: str) -> str | None:
+    """None when this triton release can run the kernels (>= TRITON_MIN), else why not (one line)."""
+    parts = version.split("+")[0].split(".")
+    try:
+        found = (int(parts[0]), int(parts[1]))
+    except (IndexError, ValueError):
+        return f"cannot read the triton version {version!r}"
+    if found < TRITON_MIN:
+        want = ".".join(map(str, TRITON_MIN))
+        return f"the kernels need triton >= {want}, found {version} (pip install 'lorakit[triton]')"
+    return None
+
+
 def cuda_triton_available() -> tuple[bool, str]:
     """Whether cuda-triton can run here, and why not."""
     if not torch.cuda.is_available():
         return False, "no CUDA GPU is visible to torch"
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         return False, "the triton package is not installed (pip install 'lorakit[triton]')"
-    return True, ""
+    why = triton_version_problem(triton.__version__)
+    return (False, why) if why else (True, "")
 
 
 def get_backend(name: str = "auto") -> Backend:

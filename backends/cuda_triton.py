@@ -21,7 +21,7 @@ import torch
 from lorakit.errors import UsageError
 from lorakit.quant import Q8Weight, Weight
 
-from . import AdamHyper, add_lora_terms
+from . import AdamHyper, add_lora_terms, triton_version_problem
 
 if TYPE_CHECKING:
     from lorakit.kernels.triton_util import Prefetch
@@ -43,9 +43,14 @@ class CudaTritonBackend:
         elif os.environ.get("TRITON_INTERPRET") != "1":
             raise UsageError(f"cuda-triton runs on CUDA devices (got {dev}); on CPU only with TRITON_INTERPRET=1")
         try:
-            from lorakit.kernels import decode_ops, lora_update, q8_0_matmul, train_ops, triton_util
+            import triton
         except ImportError as e:  # triton missing
             raise UsageError(f"cuda-triton needs the triton package ({e})") from e
+        why = triton_version_problem(triton.__version__)
+        if why:
+            raise UsageError(f"cuda-triton cannot run here: {why}")
+        from lorakit.kernels import decode_ops, lora_update, q8_0_matmul, train_ops, triton_util
+
         if dev.type != "cuda" and not q8_0_matmul.interpreting():
             raise UsageError(
                 "the triton kernels were imported before TRITON_INTERPRET=1 was set; they cannot run on CPU"

@@ -83,6 +83,7 @@ from .triton_util import (
     QK,
     Prefetch,
     cdiv,
+    gluon_enabled,
     interpreting,
     launch,
     next_pow2,
@@ -317,10 +318,11 @@ def _sm90(device_index: int) -> bool:
 def wgmma_ok(x2: torch.Tensor, qs: torch.Tensor, r: int) -> bool:
     """Whether the Gluon kernel (q8_0_wgmma) can compute y = x2 @ W.T here: an sm_90 GPU (not the interpreter),
     bf16/fp16 activations, W's int8 rows where TMA can read them (16-byte aligned), a LoRA rank <= 32 (its
-    tiles share the shared memory with the pipeline's), and LORAKIT_GLUON not 0."""
+    tiles share the shared memory with the pipeline's), and the Gluon kernels enabled (triton_util.gluon_enabled:
+    LORAKIT_GLUON=0 switches the path off, for benchmarks that compare with and without)."""
     if _INTERPRET or x2.device.type != "cuda" or x2.dtype not in (torch.bfloat16, torch.float16) or r > 32:
         return False
-    if os.environ.get("LORAKIT_GLUON", "1") == "0":  # switch the path off (benchmarks compare with and without)
+    if not gluon_enabled():
         return False
     return _sm90(x2.device.index or 0) and qs.stride(1) == 1 and qs.stride(0) % 16 == 0 and qs.data_ptr() % 16 == 0
 

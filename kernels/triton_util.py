@@ -22,6 +22,21 @@ def interpreting() -> bool:
     return _INTERPRET
 
 
+GLUON_TESTED = (3, 6)  # the triton release the Gluon kernels are written for
+
+
+def gluon_enabled(version: str = triton.__version__, env: str | None = None) -> bool:
+    """Whether the Gluon kernels (q8_0_wgmma's matmuls, the decode megakernel) may be used: LORAKIT_GLUON=0 switches
+    them off, LORAKIT_GLUON=1 on; unset, they are used with the triton release they are written for
+    (GLUON_TESTED). Gluon is triton's experimental layer, and its API changes between releases; elsewhere the
+    triton kernels and dequantize + cuBLAS, which give the same results within the tested bounds, run instead."""
+    env = os.environ.get("LORAKIT_GLUON") if env is None else env
+    if env in ("0", "1"):
+        return env == "1"
+    parts = version.split("+")[0].split(".")
+    return len(parts) >= 2 and parts[:2] == [str(v) for v in GLUON_TESTED]
+
+
 ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

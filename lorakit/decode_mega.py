@@ -136,6 +136,10 @@ def applies(model: LlamaModel, adapters, cache: KVCache) -> str | None:
     dev = k0.device
     if dev.type != "cuda" or torch.cuda.get_device_capability(dev) < (9, 0):
         return "the decode megakernel needs an sm_90+ GPU"
+    from .kernels.triton_util import gluon_enabled
+
+    if not gluon_enabled():
+        return "the Gluon kernels are off (LORAKIT_GLUON=0, or a triton other than the one they are written for)"
     if a.n_head > torch.cuda.get_device_properties(dev).multi_processor_count:
         return "more heads than SMs"
     return None
