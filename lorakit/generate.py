@@ -122,12 +122,18 @@ def gc_paused(fn):
     return paused
 
 
+def prompt_too_long(n_prompt: int, n_ctx: int) -> str:
+    """The usage error of a prompt that leaves no room in the context for a generated token."""
+    return f"the prompt has {n_prompt} tokens, which leaves no room to generate in a context of {n_ctx} (-c)"
+
+
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
     generated: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    context_full: bool = False  # the generation stopped because the context had no room left
 
 
 class Generator:
@@ -189,7 +195,7 @@ class Generator:
         if not prompt:
             raise UsageError("the prompt is empty")
         if len(prompt) >= self.n_ctx:
-            raise UsageError(f"the prompt has {len(prompt)} tokens, the context only {self.n_ctx} (-c)")
+            raise UsageError(prompt_too_long(len(prompt), self.n_ctx))
         seed = params.seed if params.seed >= 0 else random.SystemRandom().randrange(2**31)
         rng = torch.Generator().manual_seed(seed)
         cache = self.new_cache()
@@ -212,6 +218,7 @@ class Generator:
             yield tok
             history.append(tok)
             if n_past >= self.n_ctx or self.stats.generated == n_predict:  # no step for a token not asked for
+                self.stats.context_full = self.stats.generated != n_predict
                 break
             logits = step(tok, n_past) if step is not None else self.logits([tok], cache, n_past)
             n_past += 1
@@ -246,6 +253,7 @@ class Generator:
             return
         t1 = time.perf_counter()
         steps = self.n_ctx - n_past if n_predict < 0 else min(n_predict - 1, self.n_ctx - n_past)
+        limited = n_predict < 0 or n_predict - 1 > self.n_ctx - n_past  # the context, not n_predict, ends it
         uniforms = None if rng is None else torch.rand(steps, generator=rng)
         tokens = step.tokens(first, n_past, steps, uniforms)
         tok = first
@@ -257,6 +265,7 @@ class Generator:
             tok = next(tokens, None)
             self.stats.decode_s = time.perf_counter() - t1
             if tok is None:
+                self.stats.context_full = limited
                 break
         tokens.close()
         self.stats.decode_s = time.perf_counter() - t1

@@ -279,6 +279,17 @@ def _tokenizer_section(gf: GGUFFile) -> tuple[Section | None, list[str]]:
     ), problems
 
 
+def _tokenizer_problem(gf: GGUFFile) -> list[str]:
+    """Why the tokenizer predict would build from this file cannot be built (empty when it can)."""
+    from .tokenizer import Tokenizer
+
+    try:
+        Tokenizer.from_gguf(gf)
+    except LorakitError as e:
+        return [e.problem]
+    return []
+
+
 def _model_args(gf: GGUFFile, problems: list[str]) -> ModelArgs | None:
     try:
         return ModelArgs.from_gguf(gf)
@@ -297,7 +308,7 @@ def _model_report(gf: GGUFFile):
         problems.append("no tokenizer (tokenizer.ggml.model is missing)")
     else:
         sections.append(tok)
-        problems += tok_problems
+        problems += _tokenizer_problem(gf) or tok_problems
     sections.append(_type_table(gf, with_holding=True))
     if args is not None:
         bad = []

@@ -79,14 +79,14 @@ class ModelArgs:
         problems = [f"missing metadata key 'llama.{k}'" for k in _REQUIRED if f"llama.{k}" not in gf.fields]
         if problems:
             raise LorakitError("; ".join(problems), gf.path)
-        n_head = int(gf.get("llama.attention.head_count"))
-        scale_linear = gf.get("llama.rope.scale_linear")
+        n_head = _meta(gf, "llama.attention.head_count", int)
         freq_scale = 1.0
-        if scale_linear is not None and float(scale_linear) != 1.0:
-            freq_scale = 1.0 / float(scale_linear)
+        scale_linear = _meta(gf, "llama.rope.scale_linear", float, None, positive=True)
+        if scale_linear is not None and scale_linear != 1.0:
+            freq_scale = 1.0 / scale_linear
         if gf.get("llama.rope.scaling.type") == "linear" and gf.get("llama.rope.scaling.factor"):
-            freq_scale = 1.0 / float(gf.get("llama.rope.scaling.factor"))
-        n_vocab = gf.get("llama.vocab_size")
+            freq_scale = 1.0 / _meta(gf, "llama.rope.scaling.factor", float, positive=True)
+        n_vocab = _meta(gf, "llama.vocab_size", int, None)
         if n_vocab is None:
             tokens = gf.get("tokenizer.ggml.tokens")
             if tokens is not None:
@@ -97,15 +97,15 @@ class ModelArgs:
                 raise LorakitError("cannot tell the vocabulary size (no tokenizer, no token_embd)", gf.path)
         args = cls(
             n_vocab=int(n_vocab),
-            n_embd=int(gf.get("llama.embedding_length")),
-            n_ff=int(gf.get("llama.feed_forward_length")),
+            n_embd=_meta(gf, "llama.embedding_length", int),
+            n_ff=_meta(gf, "llama.feed_forward_length", int),
             n_head=n_head,
-            n_head_kv=int(gf.get("llama.attention.head_count_kv", n_head)),
-            n_layer=int(gf.get("llama.block_count")),
-            norm_eps=float(gf.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_freq_base=float(gf.get("llama.rope.freq_base", 10000.0)),
+            n_head_kv=_meta(gf, "llama.attention.head_count_kv", int, n_head),
+            n_layer=_meta(gf, "llama.block_count", int),
+            norm_eps=_meta(gf, "llama.attention.layer_norm_rms_epsilon", float, 1e-5),
+            rope_freq_base=_meta(gf, "llama.rope.freq_base", float, 10000.0, positive=True),
             rope_freq_scale=freq_scale,
-            n_ctx_train=int(gf.get("llama.context_length", 2048)),
+            n_ctx_train=_meta(gf, "llama.context_length", int, 2048, positive=True),
         )
         bad = []
         if args.n_head <= 0 or args.n_embd % args.n_head:
@@ -139,6 +139,26 @@ class ModelArgs:
 
 
 _REQUIRED = ("embedding_length", "feed_forward_length", "attention.head_count", "block_count")
+_MISSING = object()
+
+
+def _meta(gf: GGUFFile, key: str, kind: type, default=_MISSING, positive: bool = False):
+    """A numeric metadata value as `kind` (int or float); a value of another type, not finite, or (positive) not
+    above zero is an error naming the file and the key."""
+    value = gf.get(key) if default is _MISSING else gf.get(key, default)
+    if value is None:
+        return None
+    what = "an integer" if kind is int else "a number"
+    try:
+        if isinstance(value, (bool, str, bytes)) or (kind is int and float(value) != int(value)):
+            raise ValueError
+        num = kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise LorakitError(f"metadata key {key!r} is {value!r}, not {what}", gf.path) from None
+    if not math.isfinite(num) or (positive and num <= 0):
+        need = f"{what} above zero" if positive else f"a finite {what.split()[-1]}"
+        raise LorakitError(f"metadata key {key!r} is {value!r}, not {need}", gf.path)
+    return num
 
 
 @dataclass

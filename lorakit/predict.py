@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .errors import LorakitError, UsageError
-from .generate import GenerationStats, Generator, SamplingParams
+from .generate import GenerationStats, Generator, SamplingParams, prompt_too_long
 from .gguf_io import GGUFFile
 from .model import load_model
+
+
+@dataclass(frozen=True)
+class PredictNote:
+    """Something the user should know about the generation (the CLI prints it as a note on stderr)."""
+
+    text: str
 
 
 @dataclass(frozen=True)
@@ -40,9 +47,10 @@ def load_adapters(paths: list[tuple[str, float]], model) -> list:
     return loaded
 
 
-def run_predict(req: PredictRequest) -> Iterator[str | GenerationStats]:
-    """The generation's pieces: first the prompt's text, once the model, adapters and generator are ready (before
-    the prompt runs), then the generated text as it decodes, last the GenerationStats."""
+def run_predict(req: PredictRequest) -> Iterator[str | PredictNote | GenerationStats]:
+    """The generation's pieces: notes, the prompt's text once the model, adapters and generator are ready (before
+    the prompt runs), then the generated text as it decodes, a note if the context filled up, last the
+    GenerationStats."""
     from .backends import get_backend
     from .tokenizer import StreamDecoder, Tokenizer
 
@@ -63,12 +71,24 @@ def run_predict(req: PredictRequest) -> Iterator[str | GenerationStats]:
         raise UsageError("the prompt is empty (give -p, -f, or leave BOS on)")
     if any(i >= model.args.n_vocab for i in ids):
         raise LorakitError("the tokenizer produced ids outside the model's vocabulary", req.model)
+    if len(ids) >= n_ctx:  # before the prompt's echo
+        raise UsageError(prompt_too_long(len(ids), n_ctx))
+    if n_ctx > model.args.n_ctx_train:  # llama.cpp's main warns the same way and goes on
+        yield PredictNote(f"the model was trained on only {model.args.n_ctx_train} tokens of context ({n_ctx} asked)")
+    sampling = req.sampling
+    if sampling.repeat_last_n == -1:  # llama.cpp: -1 = the context size
+        sampling = replace(sampling, repeat_last_n=n_ctx)
     dtype = torch.bfloat16 if req.compute_dtype == "bf16" else torch.float32
     gen = Generator(model, backend, adapters, n_ctx=n_ctx, dtype=dtype, act_q8=req.act_q8)
     dec = StreamDecoder(tok)
     yield req.prompt
-    for t in gen.generate(ids, req.n_predict, req.sampling, stop_ids=(tok.eos_id,)):
+    for t in gen.generate(ids, req.n_predict, sampling, stop_ids=(tok.eos_id,)):
         text = dec.push(t)
         if text:
             yield text
+    if gen.stats.context_full:
+        yield PredictNote(
+            f"the context of {n_ctx} tokens is full; generation stopped (-c sets its size; llama.cpp's main would "
+            "shift the context and go on)"
+        )
     yield gen.stats

@@ -117,6 +117,40 @@ def make_missing_tensor(tmp: Path) -> Path:
     return _write_gguf(tmp / "missing-tensor.gguf", "llama", fill)
 
 
+def _with_metadata(tmp: Path, name: str, key: str, value, vtype: gguf.GGUFValueType) -> Path:
+    """tiny-f32 with one metadata value replaced."""
+    r = gguf.GGUFReader(TINY_F32)
+
+    def fill(w):
+        for k, field in r.fields.items():
+            if k.startswith("GGUF.") or k in ("general.architecture", key):
+                continue
+            vt = gguf.GGUFValueType(field.types[0])
+            sub = gguf.GGUFValueType(field.types[-1]) if vt == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(k, field.contents(), vt, sub_type=sub)
+        w.add_key_value(key, value, vtype)
+        for t in r.tensors:
+            w.add_tensor(t.name, np.array(t.data))
+
+    return _write_gguf(tmp / name, "llama", fill)
+
+
+def make_rope_scale_zero(tmp: Path) -> Path:
+    return _with_metadata(tmp, "scale0.gguf", "llama.rope.scale_linear", 0.0, gguf.GGUFValueType.FLOAT32)
+
+
+def make_embd_string(tmp: Path) -> Path:
+    return _with_metadata(tmp, "embd-str.gguf", "llama.embedding_length", "abc", gguf.GGUFValueType.STRING)
+
+
+def make_freq_base_nan(tmp: Path) -> Path:
+    return _with_metadata(tmp, "base-nan.gguf", "llama.rope.freq_base", float("nan"), gguf.GGUFValueType.FLOAT32)
+
+
+def make_bos_outside(tmp: Path) -> Path:
+    return _with_metadata(tmp, "bos999.gguf", "tokenizer.ggml.bos_token_id", 999, gguf.GGUFValueType.UINT32)
+
+
 def make_truncated_ggla(tmp: Path) -> Path:
     data = LORA_A4.read_bytes()
     (tmp / "truncated-lora.bin").write_bytes(data[: len(data) // 2])
@@ -137,6 +171,9 @@ BAD_MODELS = {
     "checkpoint-as-model": (lambda tmp: CHK_A4, "checkpoint"),
     "adapter-as-model": (lambda tmp: ADAPTER, "LoRA adapter"),
     "vocab-only": (lambda tmp: VOCAB, "no tensors"),
+    "rope-scale-zero": (make_rope_scale_zero, "'llama.rope.scale_linear' is 0.0, not a number above zero"),
+    "embd-string": (make_embd_string, "'llama.embedding_length' is 'abc', not an integer"),
+    "freq-base-nan": (make_freq_base_nan, "'llama.rope.freq_base' is nan, not a number above zero"),
 }
 UNREADABLE = ("missing", "directory", "truncated", "random-bytes", "absurd-counts", "absurd-array")
 
@@ -218,7 +255,7 @@ def test_inspect_unreadable(capsys, tmp_path, case):
     expect_failure(capsys, tmp_path, ["inspect", str(path)], path)
 
 
-@pytest.mark.parametrize("case", ["gpt2", "falcon", "missing-tensor"])
+@pytest.mark.parametrize("case", ["gpt2", "falcon", "missing-tensor", "rope-scale-zero", "embd-string"])
 def test_inspect_describes_unusable_gguf(capsys, tmp_path, case):
     """inspect still describes a readable GGUF that lorakit cannot run, and says why."""
     import json
@@ -320,3 +357,43 @@ def test_bad_lora_scaled_value(capsys, tmp_path):
 @pytest.mark.parametrize("name", ["model[v2].gguf", "model[/v2].gguf"])
 def test_path_with_brackets_is_named(capsys, tmp_path, name):
     expect_failure(capsys, tmp_path, ["inspect", str(tmp_path / name)], tmp_path / name)
+
+
+def test_inspect_names_a_special_token_outside_the_vocabulary(capsys, tmp_path):
+    import json
+
+    path = make_bos_outside(tmp_path)
+    assert main(["inspect", str(path), "--json"]) == 0
+    j = json.loads(capsys.readouterr().out)
+    assert j["usable"] is False and "bos_token_id 999 is outside the vocabulary" in " ".join(j["problems"])
+
+
+# --------------------------------------------------------------------------- bad option values
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--top-k", "abc"], "Invalid value for '--top-k'"),  # click's own usage errors: one line too
+        (["--bogus"], "No such option: --bogus"),
+        (["--temp", "nan"], "--temp must be a finite number"),
+        (["--repeat-penalty", "inf"], "--repeat-penalty must be a finite number"),
+        (["--lora-scaled", str(ADAPTER), "nan"], "'nan' is not a finite number"),
+        (["-s", "99999999999999999999"], "out of range"),
+        (["--repeat-last-n", "-2"], "--repeat-last-n -2"),
+        (["-c", "3"], "leaves no room to generate in a context of 3"),
+    ],
+)
+def test_predict_bad_option_values(capsys, tmp_path, extra, words):
+    assert words in expect_failure(capsys, tmp_path, _predict(TINY_Q8, *extra), None, code=2)
+
+
+def test_prompt_too_long_is_not_echoed(capsys, tmp_path):
+    expect_failure(capsys, tmp_path, _predict(TINY_Q8, "-c", "2"), None, code=2)  # checks stderr; now stdout:
+    main(_predict(TINY_Q8, "-c", "2"))
+    assert capsys.readouterr().out == ""
+
+
+def test_finetune_click_usage_error_is_one_line(capsys, tmp_path):
+    argv = ["finetune", "--model-base", str(TINY_Q8), "--adam-iter", "1.5"]
+    assert "Invalid value for '--adam-iter'" in expect_failure(capsys, tmp_path, argv, None, code=2)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import io
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,109 @@ def test_gc_paused_restores_the_collector():
         assert state(False) is False and not gc.isenabled()
     finally:
         gc.enable()
+
+
+# --------------------------------------------------------------------------- llama.cpp main's conventions
+
+TINY = str(FIX / "models/tiny-q8_0.gguf")
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(["predict", "-m", TINY, "--backend", "cpu-torch", "-c", "64", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_prompt_file_loses_one_trailing_newline(tmp_path, capsys):
+    """llama.cpp's -f drops one trailing newline: a prompt file saved by an editor reads as the -p prompt."""
+    (tmp_path / "p.txt").write_text("From fairest\n")
+    (tmp_path / "pp.txt").write_text("From fairest\n\n")
+    greedy = ("-n", "8", "--temp", "0")
+    from_p = _run(capsys, "-p", "From fairest", *greedy)
+    assert from_p[0] == 0
+    assert _run(capsys, "-f", str(tmp_path / "p.txt"), *greedy) == from_p
+    assert _run(capsys, "-f", str(tmp_path / "pp.txt"), *greedy)[1] != from_p[1]  # only one goes
+
+
+def test_escape_processes_the_prompt(capsys):
+    greedy = ("-n", "6", "--temp", "0")
+    real = _run(capsys, "-p", "a\nb\t'c'", *greedy)
+    assert real[0] == 0 and real[1].startswith("a\nb\t'c'")
+    assert _run(capsys, "-e", "-p", "a\\nb\\t\\'c\\'", *greedy) == real
+    assert _run(capsys, "-p", "a\\nb", *greedy)[1].startswith("a\\nb")  # off by default, as in llama.cpp's main
+
+
+def test_repeat_last_n_minus_one_is_the_context(capsys):
+    pen = ("-p", "hi", "-n", "30", "--temp", "0", "--repeat-penalty", "1.5")
+    whole = _run(capsys, *pen, "--repeat-last-n", "64")  # -c 64
+    assert whole[0] == 0
+    assert _run(capsys, *pen, "--repeat-last-n", "-1") == whole
+    assert _run(capsys, *pen, "--repeat-last-n", "0")[1] != whole[1]
+
+
+def test_main_options_that_do_not_apply_are_accepted(capsys):
+    plain = _run(capsys, "-p", "hi", "-n", "4", "--temp", "0")
+    ignored = ("-ngl", "99", "--n_gpu_layers", "99", "-b", "512", "--color", "--no-mmap", "--mlock")
+    assert _run(capsys, "-p", "hi", "-n", "4", "--temp", "0", *ignored) == plain
+    rc, out, err = _run(capsys, "-p", "hi", "-n", "4", "--temp", "0", "--lora-base", "base-f16.gguf")
+    assert (rc, out) == plain[:2] and "--lora-base is not needed" in err
+
+
+def test_option_values_keep_their_underscores(capsys):
+    """'_' -> '-' applies to option names only; a prompt that looks like an option is the prompt."""
+    rc, out, _ = _run(capsys, "-p", "--snake_case_name = 1", "-n", "0")
+    assert rc == 0 and out == "--snake_case_name = 1\n"
+    rc, out, _ = _run(capsys, "--prompt=--a_b", "-n", "0")
+    assert rc == 0 and out == "--a_b\n"
+    rc, out, _ = _run(capsys, "-p", "--lora-scaled", "-n", "0")
+    assert rc == 0 and out == "--lora-scaled\n"
+
+
+def test_negative_seeds_wrap_as_in_llama_cpp(capsys):
+    """llama.cpp's seed is a uint32: -2 is 4294967294 (fixed), only -1 draws one."""
+    sampled = ("-p", "hi", "-n", "12", "--temp", "1.0")
+    wrapped = _run(capsys, *sampled, "-s", "-2")
+    assert wrapped[0] == 0 and _run(capsys, *sampled, "-s", "4294967294") == wrapped
+
+
+def test_context_full_is_said(capsys):
+    rc, out, err = _run(capsys, "-p", "hi", "-n", "200", "--temp", "0", "-c", "16")
+    assert rc == 0 and "the context of 16 tokens is full" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = _run(capsys, "-p", "hi", "-n", "5", "--temp", "0", "-c", "16")
+    assert rc == 0 and err == ""
+
+
+def test_context_above_the_models_is_a_note(capsys):
+    rc, _, err = _run(capsys, "-p", "hi", "-n", "2", "--temp", "0", "-c", "300")  # tiny: 256
+    assert rc == 0 and "trained on only 256 tokens of context (300 asked)" in err
+
+
+@pytest.mark.parametrize("argv", [["-h"], ["predict", "-h"], ["inspect", "-h"], ["finetune", "-h"]])
+def test_short_help(argv, capsys):
+    assert main(argv) == 0
+    assert capsys.readouterr().out.startswith("Usage: lorakit")
+
+
+class _ClosedPipe(io.StringIO):
+    """stdout whose reader has gone (`| head`)."""
+
+    def write(self, s: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("fileno")
+
+
+CLOSED_PIPE_CASES = [
+    ["inspect", TINY],
+    ["inspect", "--json", TINY],
+    ["predict", "-m", TINY, "-p", "hi", "-n", "3", "-c", "64", "--backend", "cpu-torch"],
+]
+
+
+@pytest.mark.parametrize("argv", CLOSED_PIPE_CASES)
+def test_closed_pipe_is_quiet(argv, monkeypatch, capsys):
+    """`lorakit inspect m.gguf | head -1`: exit 0 and nothing on stderr once the reader has gone."""
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    assert main(argv) == 0
+    assert capsys.readouterr().err == ""
