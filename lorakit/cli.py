@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 
 from .errors import LorakitError, UsageError
+from .options import check_finite, uint32_seed
 
 app = typer.Typer(
     add_completion=False,
@@ -105,22 +106,6 @@ def parse_lora_args(lora: list[str] | None, lora_scaled: list[str] | None) -> li
     return pairs
 
 
-def check_finite(**values: float) -> None:
-    """Float options must be finite numbers (nan and inf parse as floats)."""
-    for name, v in values.items():
-        if not math.isfinite(v):
-            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
-
-
-def uint32_seed(seed: int, option: str = "-s/--seed") -> int:
-    """llama.cpp's seeds are uint32 and 0xFFFFFFFF (-1) means "from the clock": -1 for that, else the seed as
-    llama.cpp stores it (a negative one wraps: -2 is 4294967294). Past 32 bits it is a usage error."""
-    if not -(2**31) <= seed < 2**32:
-        raise UsageError(f"{option} {seed}: out of range (a 32-bit seed; -1: random)")
-    seed &= 0xFFFFFFFF
-    return -1 if seed == 0xFFFFFFFF else seed
-
-
 def _backend_opt():
     return typer.Option("--backend", help="auto | cpu-torch | cuda-triton")
 
@@ -174,7 +159,7 @@ def predict(
 
     if compute_dtype not in ("f32", "bf16"):
         raise UsageError(f"--compute-dtype {compute_dtype!r}: choose f32 or bf16")
-    check_finite(temp=temp, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty)
+    check_finite({"--temp": temp, "--top-p": top_p, "--min-p": min_p, "--repeat-penalty": repeat_penalty})
     if repeat_last_n < -1:
         raise UsageError(f"--repeat-last-n {repeat_last_n}: 0 switches it off, -1 takes the context size")
     if prompt is not None and file is not None:

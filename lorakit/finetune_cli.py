@@ -12,12 +12,14 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .errors import UsageError
+from .errors import LorakitError, UsageError
 from .optim import OptimConfig
+from .options import check_finite, uint32_seed
 
 O = typer.Option
 I = Annotated[int, O()]  # noqa: E741
@@ -106,6 +108,37 @@ def finetune(
     for name, v in (("--ctx", ctx), ("--batch", batch), ("--lora-r", lora_r)):
         if v < 1:
             raise UsageError(f"{name} must be >= 1, got {v}")
+    check_finite(
+        {
+            "--norm-rms-eps": norm_rms_eps,
+            "--rope-freq-base": rope_freq_base,
+            "--rope-freq-scale": rope_freq_scale,
+            "--cos-decay-restart": cos_decay_restart,
+            "--cos-decay-min": cos_decay_min,
+            "--opt-delta": opt_delta,
+            "--adam-alpha": adam_alpha,
+            "--adam-min-alpha": adam_min_alpha,
+            "--adam-decay": adam_decay,
+            "--adam-beta1": adam_beta1,
+            "--adam-beta2": adam_beta2,
+            "--adam-gclip": adam_gclip,
+            "--adam-epsf": adam_epsf,
+        }
+    )
+    for name, v in (("--adam-beta1", adam_beta1), ("--adam-beta2", adam_beta2)):
+        if not 0 <= v < 1:  # llama.cpp's help: "in interval [0,1)"; at 1 the bias correction divides by 0 (NaN)
+            raise UsageError(f"{name} must be in [0, 1), got {v}")
+    _check_schedule(cos_decay_steps, cos_decay_restart, enable_restart)
+    # deviation: llama.cpp trains with a negative --opt-past as with 0 but writes it into the checkpoint as the
+    # u32 4294967295; the spec gives it no meaning
+    if opt_past < 0:
+        raise UsageError(f"--opt-past must be >= 0 (0 switches the delta test off), got {opt_past}")
+    if adam_iter < 1 and not only_write_lora:  # llama.cpp: no iteration, nothing saved, exit 0; lorakit says so
+        print(f"lorakit: note: --adam-iter {adam_iter}: no iterations to run; nothing is written", file=sys.stderr)
+    # deviation: llama.cpp writes a negative --lora-alpha into the ggla header as a u32 (-1: 4294967295)
+    if lora_alpha is not None and not 0 <= lora_alpha < 2**32:
+        raise UsageError(f"--lora-alpha must be >= 0 (an unsigned 32-bit number), got {lora_alpha}")
+    seed = uint32_seed(seed)  # llama.cpp's uint32 seed (spec §1.2): -2 is 4294967294, -1 "from the clock"
     r = lora_r
     ranks = LoraRanks(
         {
@@ -180,16 +213,34 @@ def finetune(
         backend=backend,
         compute_dtype=compute_dtype,
         cuda_graph=cuda_graph,
+        log_jsonl=log_jsonl or None,
     )
-    _run(cfg, log_jsonl)
+    _run(cfg)
 
 
-def _run(cfg, log_jsonl: str | None) -> None:
+def _check_schedule(cos_decay_steps: int, cos_decay_restart: float, enable_restart: bool) -> None:
+    """Schedule settings for which llama.cpp's learning_schedule (spec §4.3) gives NaN or never returns."""
+    # deviation: llama.cpp divides by --cos-decay-steps (0: a NaN schedule, so NaN weights), and with restarts
+    # `while (step > C) step -= C` never ends for C <= 0
+    if cos_decay_steps < 1:
+        raise UsageError(f"--cos-decay-steps must be >= 1, got {cos_decay_steps}")
+    if not enable_restart:
+        return  # --cos-decay-restart is only used by restarts
+    # each restart sets C = trunc(float(restart) * C): with a factor below 1 the period shrinks to 0 and the loop
+    # above never ends once a step passes the sum of the periods; a factor >= 1 never shrinks it
+    factor = float(np.float32(cos_decay_restart))
+    if factor < 1:
+        raise UsageError(f"--cos-decay-restart must be >= 1 with --enable-restart, got {cos_decay_restart}")
+    if factor * cos_decay_steps >= 2.0**63:  # llama.cpp keeps C in an int64
+        raise UsageError(f"--cos-decay-restart {cos_decay_restart} x --cos-decay-steps {cos_decay_steps} is too large")
+
+
+def _run(cfg) -> None:
     from .train import IterationEvent, MessageEvent, SaveEvent, run_finetune
 
     err = Console(stderr=True, highlight=False)
     show_bar = err.is_terminal
-    jsonl = open(log_jsonl, "a", encoding="utf-8") if log_jsonl else None  # noqa: SIM115
+    jsonl = None  # opened at the first iteration: a run refused before training leaves no log file behind
     progress = Progress(
         TextColumn("iter {task.fields[it]}/{task.total:.0f}"),
         BarColumn(),
@@ -213,7 +264,7 @@ def _run(cfg, log_jsonl: str | None) -> None:
             print(text, file=sys.stderr if warning else sys.stdout, flush=True)
 
     def on_event(ev) -> None:
-        nonlocal task
+        nonlocal task, jsonl
         if isinstance(ev, IterationEvent):
             # llama.cpp's log line, so existing scripts that grep losses keep working
             say(
@@ -243,7 +294,12 @@ def _run(cfg, log_jsonl: str | None) -> None:
                 sample=f"{ev.sample}/{ev.sample_count}",
                 epoch=ev.epochs,
             )
-            if jsonl is not None:
+            if cfg.log_jsonl:
+                if jsonl is None:
+                    try:
+                        jsonl = open(cfg.log_jsonl, "a", encoding="utf-8")  # noqa: SIM115
+                    except OSError as e:
+                        raise LorakitError(f"--log-jsonl: cannot open ({e.strerror or e})", cfg.log_jsonl) from None
                 rec = {
                     "iter": ev.iter,
                     "loss": ev.loss,

@@ -8,6 +8,7 @@ A --checkpoint-in that does not exist (or is '') starts fresh, as llama.cpp does
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from .adapters import write_gguf_adapter
 from .checkpoint import RIGHT_TO_LEFT, Checkpoint, flatten_moments, read_checkpoint, write_checkpoint
 from .data import ShuffleState
-from .errors import LorakitError
+from .errors import LorakitError, UsageError
 from .ggla import write_ggla
 from .gguf_io import copy_atomic
 from .lora import KINDS
@@ -109,18 +110,73 @@ def load_or_init(cfg, args: ModelArgs, shapes: dict, seed: int, emit: Callable, 
     )
 
 
-def check_output_dirs(cfg) -> None:
-    """Fail before training (and before any save) when an output directory is missing or read-only."""
-    import os
+# a run stops early (convergence, --epochs, Ctrl-C) and saves under any iteration number up to its last; past this
+# many iterations only the first ones and the last one are checked
+_MAX_CHECKED_ITERATIONS = 100_000
 
+
+def output_names(cfg, iter0: int) -> list[tuple[str, str]]:
+    """(option, path) for every file a run that starts at iteration iter0 can write (spec §4.6): each output under
+    each iteration number it can be saved at and under --fn-latest, and --log-jsonl."""
+    if cfg.only_write_lora:
+        iterations = [iter0]
+    else:
+        last = iter0 + cfg.optim.adam_iter
+        iterations = [*range(iter0 + 1, min(last, iter0 + _MAX_CHECKED_ITERATIONS) + 1), last]
+    names = []
     for opt, template in (("--checkpoint-out", cfg.checkpoint_out), ("--lora-out", cfg.lora_out)):
         if not template or (opt == "--checkpoint-out" and cfg.only_write_lora):
             continue
-        parent = Path(template).parent
-        if not parent.is_dir():
-            raise LorakitError(f"{opt}: directory {str(parent)!r} does not exist", template)
-        if not os.access(parent, os.W_OK):
-            raise LorakitError(f"{opt}: directory {str(parent)!r} is not writable", template)
+        varies = cfg.pattern_fn_it and cfg.pattern_fn_it in template
+        values = [cfg.fn_latest, *map(str, iterations)] if varies else [cfg.fn_latest]
+        names += [(opt, fill_pattern(template, cfg.pattern_fn_it, v)) for v in values]
+    if cfg.log_jsonl:
+        names.append(("--log-jsonl", cfg.log_jsonl))
+    return list(dict.fromkeys(names))
+
+
+def check_outputs(cfg, iter0: int) -> None:
+    """Fail before training (and before any save) when an output cannot be written (missing or read-only
+    directory, a directory in its place) or would replace an input: the base model, the training data, the
+    --checkpoint-in file (which only --checkpoint-out may replace: resuming from LATEST) or the --log-jsonl file."""
+    given = [
+        ("--model-base", cfg.model_base),
+        ("--train-data", cfg.train_data),
+        ("--checkpoint-in", cfg.checkpoint_in),
+    ]
+    inputs = [(opt, p, os.path.realpath(p), _file_id(p)) for opt, p in given if p and os.path.exists(p)]
+    if cfg.log_jsonl:  # appended to, so no output may take its place (it may not exist yet)
+        inputs.append(("--log-jsonl", cfg.log_jsonl, os.path.realpath(cfg.log_jsonl), _file_id(cfg.log_jsonl)))
+    checked_dirs = set()
+    for opt, name in output_names(cfg, iter0):
+        parent = os.path.dirname(name) or "."
+        if parent not in checked_dirs:
+            if not os.path.isdir(parent):
+                raise LorakitError(f"{opt}: directory {parent!r} does not exist", name)
+            if not os.access(parent, os.W_OK):
+                raise LorakitError(f"{opt}: directory {parent!r} is not writable", name)
+            checked_dirs.add(parent)
+        if os.path.isdir(name):
+            raise LorakitError(f"{opt}: is a directory, not a file", name)
+        if opt == "--log-jsonl" and os.path.exists(name) and not os.access(name, os.W_OK):
+            raise LorakitError(f"{opt}: file is not writable", name)
+        real, file_id = os.path.realpath(name), _file_id(name)
+        for in_opt, in_path, in_real, in_id in inputs:
+            if in_opt == opt or (in_opt == "--checkpoint-in" and opt == "--checkpoint-out"):
+                continue  # a new LATEST checkpoint over the one resumed from is the usual resume pattern
+            if real == in_real or (file_id is not None and file_id == in_id):
+                what = f"the {in_opt} file" + ("" if in_path == name else f" {in_path!r}")
+                verb = "append to" if opt == "--log-jsonl" else "overwrite"
+                raise UsageError(f"{opt} would {verb} {what}; choose another name", name)
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """(device, inode) of an existing file, following links: two names of one file (os.path.samefile)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def fill_pattern(template: str, pattern: str, value: str) -> str:

@@ -32,7 +32,7 @@ from .lora_pack import pack_lora
 from .loss import cross_entropy
 from .model import forward_hidden, load_model, rope_tables
 from .optim import OptimConfig, learning_schedule
-from .state import TrainerState, check_output_dirs, load_or_init, save_outputs
+from .state import TrainerState, check_outputs, load_or_init, save_outputs
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("lorakit.train")
@@ -74,6 +74,7 @@ class FinetuneConfig:
     backend: str = "auto"
     compute_dtype: str = "f32"
     cuda_graph: bool = True  # on a CUDA backend, replay each micro-step as one captured graph
+    log_jsonl: str | None = None  # written by the CLI; here so that check_outputs protects and checks it
 
 
 @dataclass(frozen=True)
@@ -158,11 +159,17 @@ class Trainer:
         self.tok = Tokenizer.from_gguf(gf)
         self.dtype = torch.bfloat16 if cfg.compute_dtype == "bf16" else torch.float32
         self.shapes = lora_shapes(args, cfg.ranks)
-        seed = cfg.seed if cfg.seed >= 0 else int(time.time()) & 0xFFFFFFFF
+        # llama.cpp keeps the seed as a uint32 (-2 is 4294967294); only 0xFFFFFFFF (-1) means time(NULL) (spec §1.2)
+        seed = cfg.seed & 0xFFFFFFFF
+        if seed == 0xFFFFFFFF:
+            seed = int(time.time()) & 0xFFFFFFFF
         self.seed = seed
-        check_output_dirs(cfg)
+        if cfg.n_ctx > args.n_ctx_train:  # llama.cpp takes --ctx as it is (spec §3.1); lorakit notes it
+            note = f"the model was trained on only {args.n_ctx_train} tokens of context ({cfg.n_ctx} asked)"
+            self.emit(MessageEvent(f"{cfg.model_base}: {note}", warning=True))
         # LoRA, optimizer and training counters: from --checkpoint-in, or fresh (spec §5, §6.4)
         self.st: TrainerState = load_or_init(cfg, args, self.shapes, seed, self.emit, init_lora)
+        check_outputs(cfg, self.st.opt_iter)
         dev = self.backend.device
         # LoRA tensors and AdamW moments as views into one flat buffer each, in the optimizer's order
         # (a, b per name): the fused AdamW then updates them in place without gathering them per step
