@@ -127,7 +127,7 @@ def output_names(cfg, iter0: int) -> list[tuple[str, str]]:
     for opt, template in (("--checkpoint-out", cfg.checkpoint_out), ("--lora-out", cfg.lora_out)):
         if not template or (opt == "--checkpoint-out" and cfg.only_write_lora):
             continue
-        varies = cfg.pattern_fn_it and cfg.pattern_fn_it in template
+        varies = cfg.pattern_fn_it in template  # an empty pattern is in every name (fill_pattern)
         values = [cfg.fn_latest, *map(str, iterations)] if varies else [cfg.fn_latest]
         names += [(opt, fill_pattern(template, cfg.pattern_fn_it, v)) for v in values]
     if cfg.log_jsonl:
@@ -148,7 +148,11 @@ def check_outputs(cfg, iter0: int) -> None:
     if cfg.log_jsonl:  # appended to, so no output may take its place (it may not exist yet)
         inputs.append(("--log-jsonl", cfg.log_jsonl, os.path.realpath(cfg.log_jsonl), _file_id(cfg.log_jsonl)))
     checked_dirs = set()
+    owner: dict[str, str] = {}
     for opt, name in output_names(cfg, iter0):
+        other = owner.setdefault(os.path.realpath(name), opt)
+        if other != opt:  # the adapter would replace the checkpoint saved under the same name just before
+            raise UsageError(f"{opt} and {other} both write this file; choose different names", name)
         parent = os.path.dirname(name) or "."
         if parent not in checked_dirs:
             if not os.path.isdir(parent):
@@ -180,8 +184,9 @@ def _file_id(path: str) -> tuple[int, int] | None:
 
 
 def fill_pattern(template: str, pattern: str, value: str) -> str:
-    """llama.cpp replaces the first occurrence of --pattern-fn-it in an output name."""
-    return template.replace(pattern, value, 1) if pattern else template
+    """llama.cpp replaces the first occurrence of --pattern-fn-it in an output name (replace_str: an empty pattern is
+    found at the start, so the value is put in front; Python's str.replace does the same)."""
+    return template.replace(pattern, value, 1)
 
 
 def to_checkpoint(cfg, args: ModelArgs, st: TrainerState) -> Checkpoint:

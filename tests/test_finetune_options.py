@@ -220,3 +220,21 @@ def test_adam_iter_below_one_trains_nothing_and_says_so(capsys, tmp_path, n):
 def test_only_write_lora_ignores_adam_iter(capsys, tmp_path):
     _ok(capsys, _base("--adam-iter", "0", "--only-write-lora", "--lora-out", str(tmp_path / "lora-ITERATION.bin")))
     assert read_ggla(tmp_path / "lora-0.bin").pairs
+
+
+# --------------------------------------------------------------------------- names
+
+
+def test_checkpoint_and_adapter_under_one_name_is_refused(capsys, tmp_path):
+    argv = _finetune(tmp_path, TINY_Q8)
+    argv[argv.index("--lora-out") + 1] = argv[argv.index("--checkpoint-out") + 1]
+    line = expect_failure(capsys, tmp_path, argv, None, code=2)
+    assert "--lora-out and --checkpoint-out both write this file" in line
+
+
+def test_empty_pattern_puts_the_iteration_in_front(capsys, tmp_path, monkeypatch):
+    """llama.cpp's replace_str finds an empty --pattern-fn-it at the start of the name (of the whole path: with a
+    directory in front, the iteration goes before the directory, as there)."""
+    monkeypatch.chdir(tmp_path)
+    _ok(capsys, _base("--pattern-fn-it", "", "--checkpoint-out", "chk.gguf", "--lora-out", "lora.bin"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1chk.gguf", "1lora.bin", "LATESTchk.gguf", "LATESTlora.bin"]
