@@ -213,3 +213,20 @@ def test_closed_pipe_is_quiet(argv, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdout", _ClosedPipe())
     assert main(argv) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_interrupt_while_importing(monkeypatch, capsys):
+    """A Ctrl-C before the CLI is imported (typer, rich: a moment) gives the CLI's line and code, no traceback."""
+    import importlib.abc
+
+    class Interrupted(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "lorakit.cli":
+                raise KeyboardInterrupt
+
+    monkeypatch.delitem(sys.modules, "lorakit.cli")
+    monkeypatch.setattr(sys, "meta_path", [Interrupted(), *sys.meta_path])
+    from lorakit.__main__ import main as entry
+
+    assert entry() == 130
+    assert capsys.readouterr().err == "lorakit: interrupted\n"
