@@ -1,4 +1,5 @@
-"""The `lorakit` command line: finetune, predict, inspect. The only module that prints.
+"""The `lorakit` command line: finetune, predict, inspect. With finetune_cli (finetune's options and progress) and
+render (inspect's tables, on the console this module hands it), the only modules that print.
 
 Exit codes: 0 ok, 1 runtime/data error (one line on stderr naming the file and the problem),
 2 usage error, 130 interrupted (finetune saves its last finished iteration first).
@@ -295,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # typer/click exits (help, usage errors)
         return int(e.code or 0)
     except Exception as e:  # click usage errors and anything unexpected: one line, no traceback
+        if type(e).__name__ == "NoArgsIsHelpError":  # `lorakit` alone: the help, as click gives it
+            err.print(e.format_message())
+            return 2
         if hasattr(e, "exit_code") and hasattr(e, "format_message"):  # click's ClickException (vendored by typer)
             kind = "usage error" if e.exit_code == 2 else "error"
             err.print(f"lorakit: {kind}: {e.format_message()}")

@@ -52,3 +52,13 @@ def test_backend_refuses_an_older_triton(monkeypatch):
 def test_gluon_kernels_only_on_their_triton(version, env, enabled):
     triton_util = pytest.importorskip("lorakit.kernels.triton_util")
     assert triton_util.gluon_enabled(version, env) is enabled
+
+
+def test_auto_takes_cpu_torch_where_cuda_triton_cannot_run(monkeypatch):
+    import lorakit.backends as backends
+    from lorakit.backends.cpu_torch import CpuTorchBackend
+
+    monkeypatch.setattr(backends, "cuda_triton_available", lambda: (False, "the kernels need triton >= 3.6"))
+    assert isinstance(backends.get_backend("auto"), CpuTorchBackend)
+    with pytest.raises(UsageError, match=r"--backend cuda-triton cannot run here: the kernels need triton >= 3\.6"):
+        backends.get_backend("cuda-triton")

@@ -394,6 +394,9 @@ def test_prompt_too_long_is_not_echoed(capsys, tmp_path):
     assert capsys.readouterr().out == ""
 
 
-def test_finetune_click_usage_error_is_one_line(capsys, tmp_path):
-    argv = ["finetune", "--model-base", str(TINY_Q8), "--adam-iter", "1.5"]
-    assert "Invalid value for '--adam-iter'" in expect_failure(capsys, tmp_path, argv, None, code=2)
+@pytest.mark.parametrize(
+    ("extra", "words"), [(["--adam-iter", "1.5"], "Invalid value for '--adam-iter'"), (["--bogus"], "No such option")]
+)
+def test_finetune_click_usage_error_is_one_line(capsys, tmp_path, extra, words):
+    argv = ["finetune", "--model-base", str(TINY_Q8), *extra]
+    assert words in expect_failure(capsys, tmp_path, argv, None, code=2)

@@ -238,3 +238,21 @@ def test_empty_pattern_puts_the_iteration_in_front(capsys, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     _ok(capsys, _base("--pattern-fn-it", "", "--checkpoint-out", "chk.gguf", "--lora-out", "lora.bin"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1chk.gguf", "1lora.bin", "LATESTchk.gguf", "LATESTlora.bin"]
+
+
+# --------------------------------------------------------------------------- moment layout through the CLI
+
+
+def test_fresh_run_writes_right_to_left_moments_and_a_resumed_run_keeps_its_order(capsys, tmp_path):
+    """README: a fresh run writes llama.cpp's RIGHT_TO_LEFT moment layout (its choice for the seed command); a resumed
+    run keeps the layout of the checkpoint it read (llama.cpp's a-2 here, written LEFT_TO_RIGHT)."""
+    from lorakit.checkpoint import read_checkpoint
+    from lorakit.moments import LEFT_TO_RIGHT, RIGHT_TO_LEFT
+
+    _ok(capsys, _base("--checkpoint-out", str(tmp_path / "fresh-ITERATION.gguf")))
+    assert read_checkpoint(tmp_path / "fresh-LATEST.gguf").moment_order == RIGHT_TO_LEFT
+    a2 = CHK_A4.parent / "chk-a-2.gguf"
+    assert read_checkpoint(a2).moment_order == LEFT_TO_RIGHT
+    _ok(capsys, _base("--checkpoint-in", str(a2), "--ctx", "16", "--batch", "2", "--seed", "42",
+                      "--checkpoint-out", str(tmp_path / "res-ITERATION.gguf")))  # fmt: skip
+    assert read_checkpoint(tmp_path / "res-LATEST.gguf").moment_order == LEFT_TO_RIGHT

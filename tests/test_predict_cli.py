@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lorakit.cli import main
 
@@ -230,3 +232,31 @@ def test_interrupt_while_importing(monkeypatch, capsys):
 
     assert entry() == 130
     assert capsys.readouterr().err == "lorakit: interrupted\n"
+
+
+def test_seed_minus_one_draws_a_seed(capsys):
+    sampled = ("-p", "hi", "-n", "24", "--temp", "1.0", "--top-k", "0", "--top-p", "1.0", "--min-p", "0")
+    runs = {_run(capsys, *sampled, "-s", "-1")[1] for _ in range(3)}
+    assert len(runs) > 1  # three draws of 24 tokens from a near-flat distribution: equal only by a fluke
+
+
+def test_threads_are_capped_at_the_core_count(capsys):
+    before = torch.get_num_threads()
+    try:
+        assert _run(capsys, "-p", "hi", "-n", "1", "-t", "1000")[0] == 0
+        assert torch.get_num_threads() == min(1000, os.cpu_count())
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_adapters_of_both_formats_mix(capsys):
+    """--lora with a GGUF adapter and a ggla .bin together: the sum of their terms, in any order."""
+    gguf_ad, ggla_ad = str(FIX / "adapter/adapter.gguf"), str(FIX / "runs/a_fresh_q8_0/lora-a-4.bin")
+    greedy = ("-p", "From fairest", "-n", "12", "--temp", "0")
+    both = _run(capsys, *greedy, "--lora", gguf_ad, "--lora-scaled", ggla_ad, "3")
+    assert both[0] == 0
+    assert _run(capsys, *greedy, "--lora-scaled", ggla_ad, "3", "--lora", gguf_ad) == both
+    assert both[1] not in {
+        _run(capsys, *greedy, "--lora", gguf_ad)[1],
+        _run(capsys, *greedy, "--lora-scaled", ggla_ad, "3")[1],
+    }
