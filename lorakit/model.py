@@ -118,6 +118,13 @@ class ModelArgs:
             raise LorakitError("; ".join(bad), gf.path)
         return args
 
+    def context_note(self, n_ctx: int) -> str | None:
+        """What to tell a user who asks for more context than the model was trained on (llama.cpp takes it and
+        warns); None within it."""
+        if n_ctx <= self.n_ctx_train:
+            return None
+        return f"the model was trained on only {self.n_ctx_train} tokens of context ({n_ctx} asked)"
+
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         E, Ekv, Fd, V = self.n_embd, self.n_embd_kv, self.n_ff, self.n_vocab
         shapes = {"token_embd.weight": (V, E), "output_norm.weight": (E,), "output.weight": (V, E)}

@@ -73,8 +73,8 @@ def run_predict(req: PredictRequest) -> Iterator[str | PredictNote | GenerationS
         raise LorakitError("the tokenizer produced ids outside the model's vocabulary", req.model)
     if len(ids) >= n_ctx:  # before the prompt's echo
         raise UsageError(prompt_too_long(len(ids), n_ctx))
-    if n_ctx > model.args.n_ctx_train:  # llama.cpp's main warns the same way and goes on
-        yield PredictNote(f"the model was trained on only {model.args.n_ctx_train} tokens of context ({n_ctx} asked)")
+    if note := model.args.context_note(n_ctx):  # llama.cpp's main warns the same way and goes on
+        yield PredictNote(note)
     sampling = req.sampling
     if sampling.repeat_last_n == -1:  # llama.cpp: -1 = the context size
         sampling = replace(sampling, repeat_last_n=n_ctx)

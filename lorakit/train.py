@@ -32,6 +32,7 @@ from .lora_pack import pack_lora
 from .loss import cross_entropy
 from .model import forward_hidden, load_model, rope_tables
 from .optim import OptimConfig, learning_schedule
+from .options import uint32_seed
 from .state import TrainerState, check_outputs, load_or_init, save_outputs
 from .tokenizer import Tokenizer
 
@@ -160,12 +161,11 @@ class Trainer:
         self.dtype = torch.bfloat16 if cfg.compute_dtype == "bf16" else torch.float32
         self.shapes = lora_shapes(args, cfg.ranks)
         # llama.cpp keeps the seed as a uint32 (-2 is 4294967294); only 0xFFFFFFFF (-1) means time(NULL) (spec §1.2)
-        seed = cfg.seed & 0xFFFFFFFF
-        if seed == 0xFFFFFFFF:
+        seed = uint32_seed(cfg.seed)
+        if seed < 0:
             seed = int(time.time()) & 0xFFFFFFFF
         self.seed = seed
-        if cfg.n_ctx > args.n_ctx_train:  # llama.cpp takes --ctx as it is (spec §3.1); lorakit notes it
-            note = f"the model was trained on only {args.n_ctx_train} tokens of context ({cfg.n_ctx} asked)"
+        if note := args.context_note(cfg.n_ctx):  # llama.cpp takes --ctx as it is (spec §3.1); lorakit notes it
             self.emit(MessageEvent(f"{cfg.model_base}: {note}", warning=True))
         # LoRA, optimizer and training counters: from --checkpoint-in, or fresh (spec §5, §6.4)
         self.st: TrainerState = load_or_init(cfg, args, self.shapes, seed, self.emit, init_lora)
