@@ -253,6 +253,26 @@ def test_generate_with_the_megakernel_same_tokens(monkeypatch, temp, with_adapte
 
 @needs_sm90
 @pytest.mark.gpu
+@pytest.mark.parametrize("mega", ["1", "0"], ids=["megakernel", "eager-step"])
+def test_launch_overlap_off_gives_the_same_tokens(monkeypatch, mega):
+    """LORAKIT_LAUNCH_OVERLAP=0 (plain launches instead of programmatic dependent ones, greedy tokens copied to the
+    host on the main stream instead of a side stream) is the A/B switch of the decode benchmarks: the same greedy
+    tokens as with the overlap on, with the megakernel's graph and with the captured eager --act-q8 step, with two
+    scaled adapters."""
+    from lorakit.generate import SamplingParams
+
+    _, _, gen, _ = _gpu_setup(TWO)
+    monkeypatch.setenv("LORAKIT_MEGAKERNEL", mega)
+    params = SamplingParams(temp=0.0, seed=3)
+    prompt = [1, 7, 9, 11, 4]
+    on = list(gen.generate(prompt, 24, params))
+    monkeypatch.setenv("LORAKIT_LAUNCH_OVERLAP", "0")
+    off = list(gen.generate(prompt, 24, params))
+    assert on == off and len(on) == 24
+
+
+@needs_sm90
+@pytest.mark.gpu
 def test_applies_on_the_gpu():
     _, model, gen, _ = _gpu_setup()
     cache = gen.new_cache()
