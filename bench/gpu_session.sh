@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
-#   bash bench/gpu_session.sh OUTDIR [gputests] [acttests] [megatests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-mega] [streamlab] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [tclab] [tccheck] [wgmmatests] [wgmmalab] [wgmmalab-notriton] [wgmmalab-quick] [clocklab] [readfloor] [gemvcold] [gradlab[-quick|-notriton|-quick-triton]] [hostlab] [hostseries] [leanlab] [prefillpaths] [predict] [predict-nohf] [predict-mega] [predict-mega-ab] [launchtest] [prefill-fixed] [ncu-ws] [ncu-gemv] [persistentlab] [persistentlab-ws] [persistentlab-triton] [persistentlab-i8] [megalab[:CFG]] [ncu-chain] [ncu-chain-i8]
+#   bash bench/gpu_session.sh OUTDIR [gputests] [acttests] [megatests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-mega] [streamlab] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [tclab] [tccheck] [tests:FILE[,FILE...]] [wgmmatests] [wgmmalab] [wgmmalab-notriton] [wgmmalab-quick] [clocklab] [readfloor] [gemvcold] [gradlab[-quick|-notriton|-quick-triton]] [hostlab] [hostseries] [leanlab] [prefillpaths] [predict] [predict-nohf] [predict-mega] [predict-mega-ab] [launchtest] [prefill-fixed] [ncu-ws] [ncu-gemv] [persistentlab] [persistentlab-ws] [persistentlab-triton] [persistentlab-i8] [megalab[:CFG]] [ncu-chain] [ncu-chain-i8]
 #                             [finetune-quick] [finetune-quick-grad] [finetune-quick-nogluon] [adamw-repeat] [finetune] [finetune-main] [finetune-big] [finetune-seed] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-large] [kernels-small] [kernels-decode]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
@@ -86,6 +86,9 @@ for s in "$@"; do
     decodetiles) step decode_tiles 200 python3 bench/decode_tiles_lab.py --out "$out/decode_tiles_lab.json" ;;
     decodetiles-ad) step decode_tiles_ad 200 python3 bench/decode_tiles_lab.py --adapters \
         --out "$out/decode_tiles_lab_ad.json" ;;
+    tests:*)  # tests:FILE[,FILE...] runs those test files (all their tests, the gpu-marked ones included)
+        f=${s#tests:}
+        step "pytest_$(basename "${f%%,*}" .py)" 300 python3 -m pytest -q -p no:cacheprovider ${f//,/ } ;;
     wgmmatests) step pytest_wgmma 300 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_wgmma.py; \
         LORAKIT_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py" ;;
     wgmmalab) step wgmma_lab 420 python3 bench/wgmma_lab.py --out "$out/wgmma_lab_h200.json" ;;
