@@ -266,7 +266,7 @@ def _register_finetune() -> None:
 _register_finetune()
 
 
-def _quiet_stdout() -> None:
+def quiet_stdout() -> None:
     """After a closed pipe: stdout to /dev/null, so that the interpreter's last flush has nowhere to fail."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         err.print("lorakit: interrupted")
         return 130
     except (PipeClosed, BrokenPipeError):  # the reader went away (`| head`): what it read was what it wanted
-        _quiet_stdout()
+        quiet_stdout()
         return 0
     except SystemExit as e:  # typer/click exits (help, usage errors)
         return int(e.code or 0)

@@ -257,11 +257,22 @@ def _run(cfg) -> None:
     # with the bar on the same terminal, log lines go through its console so they print above it
     shared_tty = show_bar and sys.stdout.isatty()
 
+    stdout_closed = False
+
     def say(text: str, warning: bool = False) -> None:
+        nonlocal stdout_closed
         if shared_tty:
             progress.console.print(text, markup=False, highlight=False)
-        else:
-            print(text, file=sys.stderr if warning else sys.stdout, flush=True)
+        elif warning:
+            print(text, file=sys.stderr, flush=True)
+        elif not stdout_closed:
+            try:
+                print(text, flush=True)
+            except BrokenPipeError:  # `lorakit finetune ... | head`: the run goes on, its files are what it is for
+                from .cli import quiet_stdout
+
+                stdout_closed = True
+                quiet_stdout()
 
     def on_event(ev) -> None:
         nonlocal task, jsonl

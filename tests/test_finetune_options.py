@@ -7,6 +7,8 @@ names the option or file, and every file the user had left byte-identical (expec
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -256,3 +258,21 @@ def test_fresh_run_writes_right_to_left_moments_and_a_resumed_run_keeps_its_orde
     _ok(capsys, _base("--checkpoint-in", str(a2), "--ctx", "16", "--batch", "2", "--seed", "42",
                       "--checkpoint-out", str(tmp_path / "res-ITERATION.gguf")))  # fmt: skip
     assert read_checkpoint(tmp_path / "res-LATEST.gguf").moment_order == LEFT_TO_RIGHT
+
+
+# --------------------------------------------------------------------------- stdout's reader goes away
+
+
+def test_closed_stdout_does_not_stop_the_run(tmp_path):
+    """`lorakit finetune ... | head -1`: the reader is gone before the first log line. The run goes on (its files
+    are what it is for: llama.cpp's finetune would die of SIGPIPE mid-training), writes its adapter and checkpoint,
+    and exits 0 with nothing on stderr."""
+    argv = ["finetune", "--model-base", str(TINY_Q8), "--train-data", str(TRAIN), "-t", "1", "--checkpoint-in", "",
+            "--ctx", "8", "--batch", "1", "--adam-iter", "2", "--backend", "cpu-torch", "--checkpoint-out",
+            str(tmp_path / "chk-ITERATION.gguf"), "--lora-out", str(tmp_path / "l-ITERATION.bin")]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the child has written anything (importing torch takes a while)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0, err
+    assert err == ""
+    assert read_ggla(tmp_path / "l-LATEST.bin") and (tmp_path / "chk-LATEST.gguf").stat().st_size > 0
