@@ -31,8 +31,8 @@ run)
     for r in $(seq "$rounds"); do
         for t in "${trees[@]}"; do
             name=$( [ "$t" = "$PWD" ] && echo worktree || basename "$t")
-            (cd "$t" && PYTHONPATH=/tmp/site:$t timeout 150 python3 bench/finetune_gpu.py --settings "$settings" \
-                --peers lorakit7 --steps 5 --out "$out/$name-$r.json" 2>&1 | grep 'lorakit (' | tail -1 \
+            (cd "$t" && PYTHONPATH=/tmp/site:$t timeout 240 python3 bench/finetune_gpu.py --settings "$settings" \
+                --peers lorakit7 --steps 5 --out "$out/$name-$r.json" 2>&1 | grep -E '^[0-9]+x[0-9]+ .*lorakit \(' \
                 | sed "s|^|$name round $r: |")
         done
     done ;;
