@@ -81,12 +81,12 @@ class ModelArgs:
             raise LorakitError("; ".join(problems), gf.path)
         n_head = _meta(gf, "llama.attention.head_count", int)
         freq_scale = 1.0
-        scale_linear = _meta(gf, "llama.rope.scale_linear", float, None, positive=True)
+        scale_linear = _meta(gf, "llama.rope.scale_linear", float, positive=True)
         if scale_linear is not None and scale_linear != 1.0:
             freq_scale = 1.0 / scale_linear
         if gf.get("llama.rope.scaling.type") == "linear" and gf.get("llama.rope.scaling.factor"):
             freq_scale = 1.0 / _meta(gf, "llama.rope.scaling.factor", float, positive=True)
-        n_vocab = _meta(gf, "llama.vocab_size", int, None)
+        n_vocab = _meta(gf, "llama.vocab_size", int)
         if n_vocab is None:
             tokens = gf.get("tokenizer.ggml.tokens")
             if tokens is not None:
@@ -146,13 +146,12 @@ class ModelArgs:
 
 
 _REQUIRED = ("embedding_length", "feed_forward_length", "attention.head_count", "block_count")
-_MISSING = object()
 
 
-def _meta(gf: GGUFFile, key: str, kind: type, default=_MISSING, positive: bool = False):
-    """A numeric metadata value as `kind` (int or float); a value of another type, not finite, or (positive) not
-    above zero is an error naming the file and the key."""
-    value = gf.get(key) if default is _MISSING else gf.get(key, default)
+def _meta(gf: GGUFFile, key: str, kind: type, default=None, positive: bool = False):
+    """A numeric metadata value as `kind` (int or float), `default` where the key is missing; a value of another
+    type, not finite, or (positive) not above zero is an error naming the file and the key."""
+    value = gf.get(key, default)
     if value is None:
         return None
     what = "an integer" if kind is int else "a number"

@@ -150,7 +150,8 @@ def check_outputs(cfg, iter0: int) -> None:
     checked_dirs = set()
     owner: dict[str, str] = {}
     for opt, name in output_names(cfg, iter0):
-        other = owner.setdefault(os.path.realpath(name), opt)
+        real = os.path.realpath(name)
+        other = owner.setdefault(real, opt)
         if other != opt:  # the adapter would replace the checkpoint saved under the same name just before
             raise UsageError(f"{opt} and {other} both write this file; choose different names", name)
         parent = os.path.dirname(name) or "."
@@ -164,7 +165,7 @@ def check_outputs(cfg, iter0: int) -> None:
             raise LorakitError(f"{opt}: is a directory, not a file", name)
         if opt == "--log-jsonl" and os.path.exists(name) and not os.access(name, os.W_OK):
             raise LorakitError(f"{opt}: file is not writable", name)
-        real, file_id = os.path.realpath(name), _file_id(name)
+        file_id = _file_id(name)
         for in_opt, in_path, in_real, in_id in inputs:
             if in_opt == opt or (in_opt == "--checkpoint-in" and opt == "--checkpoint-out"):
                 continue  # a new LATEST checkpoint over the one resumed from is the usual resume pattern
