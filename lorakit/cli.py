@@ -45,6 +45,21 @@ class _Console(Console):
 err = _Console(stderr=True, highlight=False, soft_wrap=True, markup=False)  # paths may hold "[...]"
 out = _Console(highlight=False, soft_wrap=True)
 
+
+def _quiet_on_closed_pipe(command):
+    """A command whose stdout reader may go away (`lorakit inspect m.gguf | head`): its BrokenPipeError leaves as
+    PipeClosed, which click passes on to main (click itself turns EPIPE into exit 1)."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except BrokenPipeError:
+            raise PipeClosed from None
+
+    return run
+
+
 _SEP = "\x00"  # joins the two values of --lora-scaled FN SCALE into one option value
 
 
@@ -112,6 +127,7 @@ def _backend_opt():
 
 
 @app.command(help="Generate text with a GGUF llama model and any number of LoRA adapters (unmerged).")
+@_quiet_on_closed_pipe
 def predict(
     model: Annotated[Path, typer.Option("-m", "--model", help="GGUF model", readable=False)],
     prompt: Annotated[str | None, typer.Option("-p", "--prompt")] = None,
@@ -231,14 +247,12 @@ def predict(
 
 
 def _write(text: str) -> None:
-    try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        raise PipeClosed from None
+    sys.stdout.write(text)
+    sys.stdout.flush()  # a closed pipe shows here, inside the command, not at the interpreter's exit
 
 
 @app.command(help="Describe a GGUF model, finetune checkpoint, GGUF adapter or ggla .bin adapter.")
+@_quiet_on_closed_pipe
 def inspect(
     file: Annotated[Path, typer.Argument(help="file to inspect", readable=False)],
     json_out: Annotated[bool, typer.Option("--json", help="machine-readable JSON on stdout")] = False,
@@ -248,10 +262,7 @@ def inspect(
     from .render import print_report
 
     report = inspect_file(file, with_tensors=tensors)
-    try:
-        print_report(out, report, as_json=json_out)
-    except BrokenPipeError:  # the JSON is written straight to the console's file
-        raise PipeClosed from None
+    print_report(out, report, as_json=json_out)
 
 
 def _register_finetune() -> None:
