@@ -56,11 +56,15 @@ def main(argv=None) -> int:
     s = shapes(args.layers)
     bench_lorakit(s, 4, 64, True, "7", 1)  # the chooser measures every product of the step
     measured = dict(q8_0_tuning._PATH)
+
+    def use(variant: str) -> None:
+        q8_0_tuning._PATH.clear()
+        q8_0_tuning._PATH.update(overridden(measured, variant, DEQUANT_MIN_M))
+
     rows = []
     for rep in range(2):
         for variant in VARIANTS:
-            q8_0_tuning._PATH.clear()
-            q8_0_tuning._PATH.update(overridden(measured, variant, DEQUANT_MIN_M))
+            use(variant)
             r = bench_lorakit(s, 4, 64, True, "7", args.steps)
             rows.append(dict(variant=variant, rep=rep, **r))
             print(f"{variant:12s} rep {rep}: {r['tokens_per_s']:8.0f} tok/s  {r['peak_gib']:.2f} GiB", flush=True)
@@ -68,8 +72,7 @@ def main(argv=None) -> int:
     model = random_q8_model(s, be.device)
     profiles = {}
     for variant in VARIANTS:
-        q8_0_tuning._PATH.clear()
-        q8_0_tuning._PATH.update(overridden(measured, variant, DEQUANT_MIN_M))
+        use(variant)
         profiles[variant] = profile_train(model, be, 4, 64, True)
         show(variant, profiles[variant])
     print("\nvariant        tok/s (runs)          vs chooser")
