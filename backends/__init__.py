@@ -78,6 +78,10 @@ class Backend(Protocol):
     device: torch.device
     lora_rank_multiple: int  # the trainer pads LoRA ranks to a multiple of it (lora_pack; zero columns: exact)
 
+    def checkpointed_training(self) -> Backend:
+        """The same ops and numbers, for a training step with activation checkpointing (each layer's forward runs
+        twice, its input gradients right after the recompute): may choose its products' paths for that."""
+
     def eager_inference(self) -> Backend:
         """The same ops and numbers, for eager host-bound work (a prefill): may prefer fewer launches."""
 

@@ -55,6 +55,10 @@ class CpuTorchBackend(TermByTermLora):
     def prompt_runner(self, model: LlamaModel, dtype: torch.dtype, adapters=(), products_by_fns: bool = False) -> None:
         return None  # the CPU's prompt goes through the generic forward (torch's ops are its kernels)
 
+    def checkpointed_training(self) -> CpuTorchBackend:
+        """The same backend: its products have one path."""
+        return self
+
     def eager_inference(self) -> CpuTorchBackend:
         """The same ops for a generation; decode products through cpu_gemv's fused loop (LORAKIT_CPU_FUSED=0: not)."""
         if self._inference is None:

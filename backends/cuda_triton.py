@@ -12,6 +12,7 @@ get_backend("cuda-triton") still requires CUDA.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -65,6 +66,17 @@ class CudaTritonBackend:
         # the dequantize + cuBLAS path's last few dequantized weights (a checkpointed layer's recompute and
         # backward share them)
         self._wcache = q8_0_matmul.DequantCache(size=4)
+        self.shared_dequant = False  # checkpointed_training()'s variant
+
+    def checkpointed_training(self) -> CudaTritonBackend:
+        """This backend for a checkpointed training step: its products of >= 256 rows take dequantize + cuBLAS,
+        the recomputed forward and the input gradient sharing one dequantized copy of each weight (the DequantCache,
+        shared with this backend); q8_0_matmul's shared_dequant."""
+        if self.shared_dequant:
+            return self
+        variant = copy.copy(self)
+        variant.shared_dequant = True
+        return variant
 
     def eager_inference(self) -> CudaTritonBackend:
         """This backend for eager, host-bound work (a prefill): products choose their path by the wall time of
@@ -80,15 +92,21 @@ class CudaTritonBackend:
 
     # -- products -----------------------------------------------------------------------------------
 
+    def _paths(self) -> dict:
+        """q8_0_matmul's arguments for how this backend's products choose their path."""
+        return dict(host_bound=self.host_bound, dequant_cache=self._wcache, shared_dequant=self.shared_dequant)
+
     def matmul(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
         if not isinstance(w, Q8Weight):
             return x @ w.to(x.dtype).T
-        return self._mm.q8_0_matmul(x, w.qs, w.d, host_bound=self.host_bound, dequant_cache=self._wcache)
+        return self._mm.q8_0_matmul(x, w.qs, w.d, **self._paths())
 
     def matmul_grad_input(self, dy: torch.Tensor, w: Weight) -> torch.Tensor:
         if not isinstance(w, Q8Weight):
             return dy @ w.to(dy.dtype)
-        return self._mm.q8_0_matmul_grad_input(dy, w.qs, w.d, dequant_cache=self._wcache)
+        return self._mm.q8_0_matmul_grad_input(
+            dy, w.qs, w.d, dequant_cache=self._wcache, shared_dequant=self.shared_dequant
+        )
 
     def lora_linear(
         self,
@@ -102,7 +120,7 @@ class CudaTritonBackend:
         t = t if len(loras) == 1 else None  # t belongs to a single term (and none when its scale is 0)
         if not isinstance(w, Q8Weight):
             return add_lora_terms(x @ w.to(x.dtype).T, x, loras, t)
-        kw = dict(host_bound=self.host_bound, dequant_cache=self._wcache, prefetch=prefetch)
+        kw = dict(self._paths(), prefetch=prefetch)
         if not loras:
             return self._mm.q8_0_matmul(x, w.qs, w.d, **kw)
         (a, b, s), *rest = loras if len(loras) == 1 else self.fuse_loras(loras, x.dtype)

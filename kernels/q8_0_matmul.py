@@ -107,6 +107,14 @@ GEMV_MAX_M = 2  # rows of x up to which the gemv kernel is a candidate
 GEMV_TC_MAX_M = 16  # ... and the tensor-core gemv (bf16/fp16 activations)
 DEQUANT_MIN_M = 256  # rows of x from which dequantize + cuBLAS is a candidate
 DEQUANT_DEFAULT_M = 1024  # ... and the choice without a measurement (LORAKIT_AUTOTUNE=0)
+# shared_dequant (a checkpointed training step's products): the chooser times each product alone, the
+# dequantization D inside the dequantize + cuBLAS path's time (D + C), against a fused kernel's F. In the step a
+# weight's forward runs twice (the checkpointed pass and its recompute) and its input gradient once, right after the
+# recompute, on the DequantCache's copy: 2D + 2C + G on dequantize + cuBLAS against 2F + D + G with a fused forward,
+# so dequantize + cuBLAS is faster wherever F > C + D/2, while the chooser takes it only where F > C + D. At 256 rows
+# the two are near and the measured choice flipped between runs (4 x 64 seed step: 8,118 / 9,871 tok/s for the same
+# code, 8,352-9,300 for main; forcing every product there on dequantize + cuBLAS ran the graphed step 5.6% faster
+# than the chooser's paths in one process, bench/results/h200_session32/).
 
 # --------------------------------------------------------------------------------------------------
 # launch planning
@@ -397,9 +405,10 @@ def _fwd(
 
 
 def fwd_path(x2: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, y: torch.Tensor, lora, host_bound: bool,
-             cfg: dict | None = None) -> str:  # fmt: skip
+             cfg: dict | None = None, shared_dequant: bool = False) -> str:  # fmt: skip
     """The path of y[M, N] = x2 @ W.T (+ LoRA) that q8_0_matmul takes (choose_path: measured once per key, which
-    may run the candidates into y). lora = (t or None, a, b, r, scale) as _fwd takes it, or None; cfg: _fwd's."""
+    may run the candidates into y). lora = (t or None, a, b, r, scale) as _fwd takes it, or None; cfg: _fwd's;
+    shared_dequant: q8_0_matmul's."""
     m, k = x2.shape
     n = qs.shape[0]
     has_lora = lora is not None
@@ -407,6 +416,8 @@ def fwd_path(x2: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, y: torch.Tenso
     t_in = has_lora and lora[0] is None
     gl_ok = m > 64 and wgmma_ok(x2, qs, lora[3] if has_lora else 0)
     paths, default = _candidates(m, y.dtype == x2.dtype, True, half, t_in, gl_ok)
+    if shared_dequant and "dequant" in paths:
+        return "dequant"
     # gl_ok in the key: a product the Gluon kernel cannot compute (a LoRA rank above 32, say) never reuses the
     # "wgmma" measured for another of the same shape
     key = ("fwd", m if m <= GEMV_TC_MAX_M else _m_bucket(m), n, k, x2.dtype, y.dtype, has_lora, t_in, host_bound,
@@ -436,6 +447,7 @@ def q8_0_matmul(
     dequant_cache: DequantCache | None = None,
     lora_t: torch.Tensor | None = None,
     prefetch: Prefetch | None = None,
+    shared_dequant: bool = False,
 ) -> torch.Tensor:
     """y[..., N] = x[..., K] @ W.T (+ scale * (x @ a) @ b.T), W = q8_0(qs, d) of shape [N, K].
 
@@ -447,7 +459,9 @@ def q8_0_matmul(
     keeps its dequantized weights for reuse (DequantCache; None: a transient copy per product). lora_t: x @ a
     in x's dtype ([rows, r]) where the caller already formed it (LoraLinear keeps it for its backward).
     prefetch: an L2 hint for the next product's weight (triton_util.Prefetch), carried by the GEMV paths' launch
-    (a decode step's); no effect on the result.
+    (a decode step's); no effect on the result. shared_dequant: the product is one of a checkpointed training step,
+    whose recomputed forward and input gradient share dequant_cache's copy of W: dequantize + cuBLAS wherever it
+    is a candidate, unmeasured (see DEQUANT_DEFAULT_M).
     """
     n, k = _check_weight(qs, d)
     _check_act(x, k, qs, "x")
@@ -478,7 +492,7 @@ def q8_0_matmul(
         lora = (t, a.to(x.dtype), b.to(x.dtype), a.shape[1], float(scale))
 
     cfg = dict(config or {})
-    path = _forced_path(cfg, m) if "path" in cfg else fwd_path(x2, qs, d, y, lora, host_bound, cfg)
+    path = _forced_path(cfg, m) if "path" in cfg else fwd_path(x2, qs, d, y, lora, host_bound, cfg, shared_dequant)
     _fwd(path, x2, qs, d, y, lora, cfg, dequant_cache, prefetch)
     if extra is not None:
         y += extra.to(out_dtype)
@@ -555,9 +569,10 @@ def q8_0_matmul_grad_input(
     *,
     config: dict | None = None,
     dequant_cache: DequantCache | None = None,
+    shared_dequant: bool = False,
 ) -> torch.Tensor:
     """dx[..., K] = dy[..., N] @ W, W = q8_0(qs, d) of shape [N, K]; fp32 accumulation, dx in dy's dtype.
-    dequant_cache: as for q8_0_matmul."""
+    dequant_cache, shared_dequant: as for q8_0_matmul."""
     n, k = _check_weight(qs, d)
     _check_act(dy, n, qs, "dy")
     out_dtype = out_dtype or dy.dtype
@@ -574,7 +589,10 @@ def q8_0_matmul_grad_input(
         gl_ok = m > 64 and wgmma_grad_ok(dy2, qs, d)
         paths, default = _candidates(m, out_dtype == dy.dtype, gemv=False, wgmma=gl_ok)
         key = ("grad", _m_bucket(m), n, k, dy.dtype, out_dtype, gl_ok)
-        path = choose_path(key, paths, lambda p: _grad(p, dy2, qs, d, dx, cfg), default)
+        if shared_dequant and "dequant" in paths:
+            path = "dequant"
+        else:
+            path = choose_path(key, paths, lambda p: _grad(p, dy2, qs, d, dx, cfg), default)
     _grad(path, dy2, qs, d, dx, cfg, dequant_cache)
     return dx.reshape(*lead, k)
 

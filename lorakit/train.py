@@ -412,6 +412,8 @@ def loss_and_backward(model, backend, params: dict, dtype, rope, x, y, checkpoin
     cross-entropy, backward into the params' .grad; returns the loss. The LoRA tensors are cast to the
     compute dtype, packed and padded for the products once here (lora_pack: one gather each way), not at each
     of their uses in forward, recompute and backward."""
+    if checkpointing:
+        backend = backend.checkpointed_training()
     packed = {}
     if dtype != torch.float32 or backend.lora_rank_multiple > 1 or model.fused:
         params, packed = pack_lora(params, model, backend.lora_rank_multiple, dtype)

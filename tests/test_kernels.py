@@ -902,6 +902,40 @@ def test_dequant_cache_reuses_and_evicts():
         assert torch.equal(dx, qmm.q8_0_matmul_grad_input(dy, ws[2].qs, ws[2].d, config=cfg))
 
 
+def test_shared_dequant_takes_dequant_from_256_rows(tri):
+    """shared_dequant (a checkpointed training step's products): dequantize + cuBLAS wherever it is a candidate
+    (>= 256 rows, y in x's dtype) without a measurement, through the cache, so that the forward and the input
+    gradient share one dequantized copy; below 256 rows or into another dtype the usual choice (the interpreter's
+    default: the tiled kernel, no cache entry). cuda-triton's checkpointed_training() is that variant, sharing the
+    backend's cache; cpu-torch's is the backend itself."""
+    w = on(make_weight(40, 64, seed=2))
+    dy = rand(256, 40, seed=4).to(DEVICE)
+    for m, out_dtype, shared, entries in [(256, None, True, 1), (256, None, False, 0), (255, None, True, 0),
+                                          (256, torch.float32, True, 0)]:  # fmt: skip
+        x = rand(m, 64, seed=3, dtype=torch.bfloat16).to(DEVICE)
+        cache = qmm.DequantCache()
+        y = qmm.q8_0_matmul(x, w.qs, w.d, out_dtype=out_dtype, dequant_cache=cache, shared_dequant=shared)
+        assert len(cache._entries) == entries, (m, out_dtype, shared)
+        if entries:
+            assert torch.equal(y, qmm.q8_0_matmul(x, w.qs, w.d, config={"path": "dequant"}))
+            (copy,) = [v for _, v in cache._entries.values()]
+            dx = qmm.q8_0_matmul_grad_input(dy.to(x.dtype), w.qs, w.d, dequant_cache=cache, shared_dequant=True)
+            assert [v for _, v in cache._entries.values()] == [copy]  # a hit: no second dequantization
+            ref = qmm.q8_0_matmul_grad_input(dy.to(x.dtype), w.qs, w.d, config={"path": "dequant"})
+            assert torch.equal(dx, ref)
+    ck = tri.checkpointed_training()
+    assert ck is not tri and ck.shared_dequant and not tri.shared_dequant and ck._wcache is tri._wcache
+    assert ck.checkpointed_training() is ck and SPEC.checkpointed_training() is SPEC
+    x = rand(256, 64, seed=5, dtype=torch.bfloat16).to(DEVICE)
+    a, b = rand(64, 8, seed=6).to(DEVICE), rand(40, 8, seed=7).to(DEVICE)
+    cfg = {"path": "dequant"}
+    assert torch.equal(ck.matmul(x, w), qmm.q8_0_matmul(x, w.qs, w.d, config=cfg))
+    ref = qmm.q8_0_matmul(x, w.qs, w.d, a, b, 0.5, config=cfg)
+    assert torch.equal(ck.lora_linear(x, w, [(a, b, 0.5)]), ref)
+    dyb = dy.bfloat16()
+    assert torch.equal(ck.matmul_grad_input(dyb, w), qmm.q8_0_matmul_grad_input(dyb, w.qs, w.d, config=cfg))
+
+
 def test_lora_linear_with_formed_t_is_the_same_product(tri):
     """lora_linear(x, w, [(a, b, s)], t=x @ a) (LoraLinear's forward, which keeps t for db) gives the bits of
     lora_linear without t, on both backends, q8_0 and float weights."""

@@ -79,6 +79,39 @@ class _Padding(CpuTorchBackend):
     lora_rank_multiple = 8
 
 
+class _Recording(CpuTorchBackend):
+    """cpu-torch recording which of itself and its checkpointed_training() form computed the step's products."""
+
+    def __init__(self, log: set, form: str = "plain"):
+        super().__init__()
+        self.log, self.form = log, form
+
+    def checkpointed_training(self):
+        return _Recording(self.log, "checkpointed")
+
+    def lora_linear(self, *args, **kw):
+        self.log.add(("fwd", self.form))
+        return super().lora_linear(*args, **kw)
+
+    def matmul_grad_input(self, *args, **kw):
+        self.log.add(("grad", self.form))
+        return super().matmul_grad_input(*args, **kw)
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_train_step_products_run_on_the_checkpointed_form_when_checkpointing(ckpt):
+    """loss_and_backward computes every product, forward and input gradient, on backend.checkpointed_training()
+    exactly when it checkpoints the layers (cuda-triton's form shares dequantized weights between the recompute and
+    the gradient), and the numbers are the spec's."""
+    log: set = set()
+    lora = _lora({})
+    loss, g = _step(_model(), _Recording(log), lora, ckpt)
+    form = "checkpointed" if ckpt else "plain"
+    assert log == {("fwd", form), ("grad", form)}
+    loss_ref, g_ref = _step(_model(), CpuTorchBackend(), lora, ckpt)
+    assert loss == loss_ref and all(torch.equal(g[k], g_ref[k]) for k in g_ref)
+
+
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_train_step_with_packed_padded_terms_matches_spec(ckpt):
     """cpu-torch on the packed model with ranks padded to 8 vs the spec (unpacked, rank 3): same loss and

@@ -45,13 +45,13 @@ def _triton():
     return CudaTritonBackend(DEVICE)
 
 
-def _step(model, backend, lora, ckpt: bool):
+def _step(model, backend, lora, ckpt: bool, shape=(2, 9)):
     dev, args = backend.device, model.args
     params = {n: (a.clone().to(dev).requires_grad_(), b.clone().to(dev).requires_grad_()) for n, (a, b) in lora.items()}
     g = torch.Generator().manual_seed(5)
-    x = torch.randint(0, args.n_vocab, (2, 9), generator=g).to(dev)
-    y = torch.randint(0, args.n_vocab, (2, 9), generator=g).to(dev)
-    loss = loss_and_backward(model, backend, params, torch.float32, rope_tables(args, 9, dev), x, y, ckpt)
+    x = torch.randint(0, args.n_vocab, shape, generator=g).to(dev)
+    y = torch.randint(0, args.n_vocab, shape, generator=g).to(dev)
+    loss = loss_and_backward(model, backend, params, torch.float32, rope_tables(args, shape[1], dev), x, y, ckpt)
     grads = {(n, h): t.grad.cpu() for n, ab in params.items() for h, t in zip("ab", ab, strict=True)}
     return float(loss), grads
 
@@ -77,6 +77,23 @@ def test_train_step_cuda_triton_matches_spec(ckpt, off, args):
     packed = pack_fused(base.to(DEVICE))
     assert packed.fused
     loss, g = _step(packed, tri, lora, ckpt)
+    assert_step_close(loss, g, loss_ref, g_ref, lora)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="256 rows through the interpreter take minutes")
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_train_step_256_rows_matches_spec(ckpt):
+    """The step at 4 x 64 = 256 rows, where dequantize + cuBLAS is a candidate: with checkpointing every product on
+    it (checkpointed_training: the recompute and the input gradient share one dequantized copy), without it the
+    chooser's paths; the spec's loss and gradients either way."""
+    tri = _triton()
+    lora = init_lora(lora_shapes(ARGS, LoraRanks.default(3)), seed=7)
+    gen = torch.Generator().manual_seed(3)
+    lora = {n: (a, torch.randn(b.shape, generator=gen) * 0.1) for n, (a, b) in lora.items()}
+    base = _model(ARGS)
+    loss_ref, g_ref = _step(base, CpuTorchBackend(), lora, ckpt, (4, 64))
+    loss, g = _step(pack_fused(base.to(DEVICE)), tri, lora, ckpt, (4, 64))
     assert_step_close(loss, g, loss_ref, g_ref, lora)
 
 
