@@ -701,6 +701,19 @@ def test_pdl_only_on_hopper_cuda():
             assert triton_util.pdl(torch.device("cuda")) == {"PDL": True, "launch_pdl": True}
 
 
+def test_dequantize_launches_only_lookups_as_dependent():
+    """q8_0_dequantize: an embedding lookup launches as the decode step's overlapping launches do (overlap_pdl), a
+    whole weight (dequantize + cuBLAS) always as a plain launch (a dependent one ran 45% longer in a training step).
+    """
+    from lorakit.kernels.q8_0_dequant import launch_options
+
+    idx = torch.zeros(1, dtype=torch.int64)
+    assert launch_options(DEVICE, None) == {}
+    assert launch_options(DEVICE, idx) == triton_util.overlap_pdl(DEVICE)
+    if CUDA and torch.cuda.get_device_capability() >= (9, 0):
+        assert launch_options(DEVICE, idx) == {"PDL": True, "launch_pdl": True}
+
+
 @triton.jit
 def _affine_kernel(x_ptr, y_ptr, n, shift, BLOCK: tl.constexpr, SCALE: tl.constexpr, NEG: tl.constexpr = False):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
