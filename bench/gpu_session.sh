@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batched GPU session on a machine with torch + triton but without lorakit installed:
 #   bash bench/gpu_session.sh OUTDIR [gputests] [acttests] [megatests] [decodetests] [gemvtests] [check] [profile] [profile-decode] [profile-mega] [streamlab] [profile-pt] [loralab] [gemvlab[:VARIANTS]] [decodetiles] [decodetiles-ad] [prefetchtests] [prefetchlab] [tclab] [tccheck] [tests:FILE[,FILE...]] [wgmmatests] [wgmmalab] [wgmmalab-notriton] [wgmmalab-quick] [clocklab] [readfloor] [gemvcold] [gradlab[-quick|-notriton|-quick-triton]] [hostlab] [hostseries] [leanlab] [prefillpaths] [predict] [predict-nohf] [predict-mega] [predict-mega-ab] [launchtest] [prefill-fixed] [ncu-ws] [ncu-gemv] [persistentlab] [persistentlab-ws] [persistentlab-triton] [persistentlab-i8] [megalab[:CFG]] [ncu-chain] [ncu-chain-i8]
-#                             [finetune-quick] [finetune-quick-grad] [finetune-quick-nogluon] [adamw-repeat] [finetune] [finetune-main] [finetune-big] [finetune-seed] [trainstep-tests] [finetune-ckpt] [trainpaths] [kernels] [kernels-large] [kernels-small] [kernels-decode]
+#                             [finetune-quick] [finetune-quick-grad] [finetune-quick-nogluon] [adamw-repeat] [finetune] [finetune-main] [finetune-big] [finetune-seed] [trainstep-tests] [finetune-ckpt] [kernels] [kernels-large] [kernels-small] [kernels-decode]
 # Needs the gguf wheel in .whl/ (pip download --no-deps gguf). Each step has its own time limit, logs
 # to OUTDIR, and a failing step does not stop the next one.
 set -u
@@ -142,7 +142,6 @@ for s in "$@"; do
         --peers lorakit7,peftc,lorakit12 --steps 5 --out "$out/finetune_h200_4x64c.json" ;;
     finetune-ckpt) step finetune_ckpt 260 python3 bench/finetune_gpu.py --settings 8x512c \
         --peers lorakit7,peftc,lorakit12 --steps 5 --out "$out/finetune_h200_8x512c.json" ;;
-    trainpaths) step train_paths_ab 420 python3 bench/train_paths_ab.py --out "$out/train_paths_ab_h200.json" ;;
     kernels) step kernels 240 python3 bench/kernels_bench.py --models 3b --out "$out/kernels_h200_3b.json" ;;
     kernels-large) step kernels_large 300 python3 bench/kernels_bench.py --models 3b --m 2048,8192 \
         --out "$out/kernels_large.json" ;;
