@@ -113,8 +113,8 @@ DEQUANT_DEFAULT_M = 1024  # ... and the choice without a measurement (LORAKIT_AU
 # recompute, on the DequantCache's copy: 2D + 2C + G on dequantize + cuBLAS against 2F + D + G with a fused forward,
 # so dequantize + cuBLAS is faster wherever F > C + D/2, while the chooser takes it only where F > C + D. At 256 rows
 # the two are near and the measured choice flipped between runs (4 x 64 seed step: 8,118 / 9,871 tok/s for the same
-# code, 8,352-9,300 for main; forcing every product there on dequantize + cuBLAS ran the graphed step 5.6% faster
-# than the chooser's paths in one process, bench/results/h200_session32/).
+# code, 8,352-9,300 for main). Every product there on dequantize + cuBLAS: 9,047 / 9,072 tok/s against the chooser's
+# 8,503 / 8,487, alternating in one call, the same peak memory (bench/results/h200_session32/).
 
 # --------------------------------------------------------------------------------------------------
 # launch planning
