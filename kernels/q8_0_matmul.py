@@ -164,9 +164,11 @@ def _candidates(
     half: bool = False,
     t_in_launch: bool = False,
     wgmma: bool = False,
+    shared_dequant: bool = False,
 ) -> tuple[list[str], str]:
     """(paths that can compute an [m, *] product, the default without a measurement: below DEQUANT_DEFAULT_M rows
     the tiled kernel, one launch with little host work).
+    shared_dequant: q8_0_matmul's (a checkpointed training step): dequantize + cuBLAS alone where it is a candidate.
     half: the activations are bf16/fp16 (the tensor-core gemv's products are exact only for those).
     wgmma: the Gluon kernel can compute this product (wgmma_ok): a candidate above 64 rows, taken only where measured
     faster, never the default (as the default the fixed-tile prefill fell to 10.5k tok/s from 12.2k-16.4k: its
@@ -185,6 +187,8 @@ def _candidates(
         return ["skinny"], "skinny"
     tiled = ["large", "wgmma"] if wgmma else ["large"]  # "wgmma" only where measured faster: never the default
     if m >= DEQUANT_MIN_M and same_dtype:
+        if shared_dequant:
+            return ["dequant"], "dequant"
         return [*tiled, "dequant"], "dequant" if m >= DEQUANT_DEFAULT_M else "large"
     return tiled, "large"
 
@@ -415,9 +419,7 @@ def fwd_path(x2: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, y: torch.Tenso
     half = x2.dtype in (torch.bfloat16, torch.float16)
     t_in = has_lora and lora[0] is None
     gl_ok = m > 64 and wgmma_ok(x2, qs, lora[3] if has_lora else 0)
-    paths, default = _candidates(m, y.dtype == x2.dtype, True, half, t_in, gl_ok)
-    if shared_dequant and "dequant" in paths:
-        return "dequant"
+    paths, default = _candidates(m, y.dtype == x2.dtype, True, half, t_in, gl_ok, shared_dequant)
     # gl_ok in the key: a product the Gluon kernel cannot compute (a LoRA rank above 32, say) never reuses the
     # "wgmma" measured for another of the same shape
     key = ("fwd", m if m <= GEMV_TC_MAX_M else _m_bucket(m), n, k, x2.dtype, y.dtype, has_lora, t_in, host_bound,
@@ -587,12 +589,9 @@ def q8_0_matmul_grad_input(
         path = _forced_path(cfg, m)
     else:
         gl_ok = m > 64 and wgmma_grad_ok(dy2, qs, d)
-        paths, default = _candidates(m, out_dtype == dy.dtype, gemv=False, wgmma=gl_ok)
+        paths, default = _candidates(m, out_dtype == dy.dtype, gemv=False, wgmma=gl_ok, shared_dequant=shared_dequant)
         key = ("grad", _m_bucket(m), n, k, dy.dtype, out_dtype, gl_ok)
-        if shared_dequant and "dequant" in paths:
-            path = "dequant"
-        else:
-            path = choose_path(key, paths, lambda p: _grad(p, dy2, qs, d, dx, cfg), default)
+        path = choose_path(key, paths, lambda p: _grad(p, dy2, qs, d, dx, cfg), default)
     _grad(path, dy2, qs, d, dx, cfg, dequant_cache)
     return dx.reshape(*lead, k)
 
