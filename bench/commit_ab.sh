@@ -6,7 +6,9 @@
 #                                                (untracked, so a device call copies them; delete ab/ afterwards)
 #   bash bench/commit_ab.sh run OUTDIR [SETTINGS] [ROUNDS]
 #                                                on the device: bench/finetune_gpu.py --peers lorakit7 for the working
-#                                                tree and every ab/* in turn, ROUNDS times (default 4x64c, 2)
+#                                                tree and every ab/* in turn, ROUNDS times (default 4x64c, 2);
+#                                                SETTINGS `prefill`: bench/predict_gpu.py --only-prefill instead (the
+#                                                lean 512-token prompt forward, as `lorakit predict` runs it)
 # Needs the gguf wheel in .whl/ on the device (run(carry=[".whl"])).
 set -u
 case ${1:-} in
@@ -31,9 +33,14 @@ run)
     for r in $(seq "$rounds"); do
         for t in "${trees[@]}"; do
             name=$( [ "$t" = "$PWD" ] && echo worktree || basename "$t")
-            (cd "$t" && PYTHONPATH=/tmp/site:$t timeout 240 python3 bench/finetune_gpu.py --settings "$settings" \
-                --peers lorakit7 --steps 5 --out "$out/$name-$r.json" 2>&1 | grep -E '^[0-9]+x[0-9]+ .*lorakit \(' \
-                | sed "s|^|$name round $r: |")
+            if [ "$settings" = prefill ]; then
+                (cd "$t" && PYTHONPATH=/tmp/site:$t timeout 240 python3 bench/predict_gpu.py --only-prefill 2>&1 \
+                    | tee "$out/$name-$r.log" | grep -F '"case"' | sed "s|^|$name round $r: |")
+            else
+                (cd "$t" && PYTHONPATH=/tmp/site:$t timeout 240 python3 bench/finetune_gpu.py --settings "$settings" \
+                    --peers lorakit7 --steps 5 --out "$out/$name-$r.json" 2>&1 | grep -E '^[0-9]+x[0-9]+ .*lorakit \(' \
+                    | sed "s|^|$name round $r: |")
+            fi
         done
     done ;;
 *)
