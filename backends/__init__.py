@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from lorakit.errors import UsageError
+from lorakit.kernels import triton_release
 from lorakit.quant import Weight
 
 if TYPE_CHECKING:
@@ -241,10 +242,8 @@ TRITON_MIN = (3, 6)  # the triton release the kernels are written and tested for
 
 def triton_version_problem(version: str) -> str | None:
     """None when this triton release can run the kernels (>= TRITON_MIN), else why not (one line)."""
-    parts = version.split("+")[0].split(".")
-    try:
-        found = (int(parts[0]), int(parts[1]))
-    except (IndexError, ValueError):
+    found = triton_release(version)
+    if found is None:
         return f"cannot read the triton version {version!r}"
     if found < TRITON_MIN:
         want = ".".join(map(str, TRITON_MIN))

@@ -26,7 +26,6 @@ from . import AdamHyper, add_lora_terms, triton_version_problem
 
 if TYPE_CHECKING:
     from lorakit.kernels.triton_util import Prefetch
-
     from lorakit.model import LlamaModel
 
     from .cuda_prompt import CudaPrompt

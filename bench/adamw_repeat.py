@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
+
 from lorakit.backends.cpu_torch import CpuTorchBackend
 from lorakit.kernels import lora_update
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lorakit.kernels import q8_0_wgmma  # noqa: E402
-from lorakit.kernels.q8_0_matmul import q8_0_matmul_grad_input  # noqa: E402
 from read_floor import lab_parser, save_rows  # noqa: E402
 
+from lorakit.kernels import q8_0_wgmma  # noqa: E402
+from lorakit.kernels.q8_0_matmul import q8_0_matmul_grad_input  # noqa: E402
 from lorakit.quant import dequantize_q8_0, quantize_q8_0  # noqa: E402
 
 

@@ -198,8 +198,9 @@ def rel(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def main(argv=None) -> int:
-    from lorakit.kernels.decode_mega import decode_step, descriptors, pack_d, pack_lora, tile_q
     from persistent_lab import graph_us, launched_chain
+
+    from lorakit.kernels.decode_mega import decode_step, descriptors, pack_d, pack_lora, tile_q
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=26)
@@ -299,8 +300,9 @@ def main(argv=None) -> int:
            graph_us(lambda: launched_chain(chain_ws, x_b, L, 4)))  # fmt: skip
     if not a.skip_shipped:
         from finetune_gpu import random_q8_model, shapes
-        from lorakit.backends import get_backend
         from predict_gpu import bench_decode
+
+        from lorakit.backends import get_backend
 
         del ws
         torch.cuda.empty_cache()

@@ -66,8 +66,9 @@ def step_us(model, be, adapters, gen, cache, n: int = 96) -> float:
 
 def alone_us(x, w, evict) -> tuple[float, float]:
     """The product alone, graph replays: (L2-hot us, cold us = [evict, product] - [evict])."""
-    from lorakit.kernels.q8_0_matmul import q8_0_matmul
     from triton.testing import do_bench_cudagraph
+
+    from lorakit.kernels.q8_0_matmul import q8_0_matmul
 
     def mm():
         return q8_0_matmul(x, w.qs, w.d)
@@ -83,9 +84,9 @@ def alone_us(x, w, evict) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     from finetune_gpu import random_q8_model, shapes
+
     from lorakit.backends import get_backend
     from lorakit.kernels import q8_0_tuning
-
     from lorakit.quant import Q8Weight
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

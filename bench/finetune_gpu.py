@@ -61,8 +61,8 @@ def bench_lorakit(s: dict, batch: int, ctx: int, ckpt: bool, kinds: str, steps: 
     """The trainer's own step (forward, backward, fused AdamW, one host sync for the loss) on cuda-triton:
     replayed as one CUDA graph (lorakit.train_graph.GraphedStep, the trainer's default) or eager."""
     import numpy as np
-    from lorakit.backends import AdamHyper, get_backend
 
+    from lorakit.backends import AdamHyper, get_backend
     from lorakit.lora import LoraRanks, lora_shapes
     from lorakit.lora_init import init_lora
     from lorakit.model import rope_tables

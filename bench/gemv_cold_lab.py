@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lorakit.kernels.q8_0_matmul import q8_0_matmul  # noqa: E402
-from lorakit.kernels.q8_0_tuning import _GEMV_TC_CONFIGS  # noqa: E402
 from read_floor import cold_ms, hot_cold_ms, lab_parser, save_rows  # noqa: E402
 
+from lorakit.kernels.q8_0_matmul import q8_0_matmul  # noqa: E402
+from lorakit.kernels.q8_0_tuning import _GEMV_TC_CONFIGS  # noqa: E402
 from lorakit.quant import quantize_q8_0  # noqa: E402
 
 # (N, K): open_llama_3b's packed q/k/v, o, packed gate/up, down, output; Llama-3-8B's packed q/k/v, o, down

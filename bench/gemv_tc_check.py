@@ -16,7 +16,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lorakit.kernels.q8_0_matmul import q8_0_matmul  # noqa: E402
 from lorakit.kernels.q8_0_tuning import _GEMV_TC_CONFIGS  # noqa: E402
-
 from lorakit.quant import dequantize_q8_0, quantize_q8_0  # noqa: E402
 
 

@@ -96,9 +96,9 @@ def main(argv=None) -> int:
     import triton
     import triton.language as tl
     from finetune_gpu import random_q8_model, shapes
-    from lorakit.backends import get_backend
 
     from lorakit import flash
+    from lorakit.backends import get_backend
     from lorakit.fused_ops import qkv_heads
     from lorakit.generate import Generator
     from lorakit.lora import model_fns

@@ -61,10 +61,10 @@ def main(argv=None) -> int:
         print("kernels_bench: no CUDA GPU visible to torch; nothing to run", file=sys.stderr)
         return 2
     import triton
-    from lorakit.kernels import q8_0_matmul as qmm
-    from lorakit.kernels.q8_0_matmul import q8_0_matmul, q8_0_matmul_grad_input
     from triton.testing import do_bench, do_bench_cudagraph
 
+    from lorakit.kernels import q8_0_matmul as qmm
+    from lorakit.kernels.q8_0_matmul import q8_0_matmul, q8_0_matmul_grad_input
     from lorakit.quant import dequantize_q8_0, quantize_q8_0
 
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False

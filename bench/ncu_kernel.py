@@ -24,7 +24,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lorakit.kernels.q8_0_matmul import q8_0_matmul  # noqa: E402
 from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS, WS_CONFIGS  # noqa: E402
-
 from lorakit.quant import quantize_q8_0  # noqa: E402
 
 GLUON = {"ws": WS_CONFIGS[0], "rs": RS_CONFIGS[0], "ss": WGMMA_CONFIGS[0]}

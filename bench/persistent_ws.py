@@ -13,12 +13,13 @@ So HBM keeps streaming while the consumers wait at a product boundary, as long a
 
 from __future__ import annotations
 
-from lorakit.kernels.decode_mega import _wait_product
-from lorakit.kernels.q8_0_wgmma import _dequant_a
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+
+from lorakit.kernels.decode_mega import _wait_product
+from lorakit.kernels.q8_0_wgmma import _dequant_a
 
 BK: gl.constexpr = gl.constexpr(64)  # K per TMA box (one int32 scale word per row)
 KW: gl.constexpr = gl.constexpr(4)  # consecutive K values per thread in the mma operands (4: one int8 word)

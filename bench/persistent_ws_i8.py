@@ -20,6 +20,9 @@ product (tests/test_llamacpp_reference.py measures what it does to logits).
 from __future__ import annotations
 
 import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
 from lorakit.kernels.decode_mega import (
     SYNC_STRIDE,
     _produce,
@@ -30,8 +33,6 @@ from lorakit.kernels.decode_mega import (
     pad_scales,
     tile_q,
 )
-from triton.experimental import gluon
-from triton.experimental.gluon import language as gl
 
 RS: gl.constexpr = gl.constexpr(17280)  # y32's region stride: region 0 the chain's input, region j + 1 product j's
 

@@ -38,7 +38,6 @@ def main(argv=None) -> int:
 
         subprocess.run([sys.executable, str(ROOT / "bench/make_model.py"), str(a.model)], check=True)
     from lorakit.backends import get_backend
-
     from lorakit.generate import Generator, SamplingParams
     from lorakit.model import load_model
     from tests.llama_ref import LlamaCppRunner

@@ -47,9 +47,9 @@ PLANS = {  # name -> (tail, kind[, {"wo_tail": bytes for the output projections,
 def run_plan(model, be, ads, gen, cache, plan, n: int) -> tuple[float, list[int]]:
     """(us per greedy step over n steps after a fresh capture, the first 32 tokens)."""
     from decode_tiles_lab import best_step_us
-    from lorakit.kernels import decode_ops
 
     from lorakit.decode import GraphDecoder, PrefetchPlan
+    from lorakit.kernels import decode_ops
 
     extra = plan[2] if len(plan) > 2 else {}
     decode_ops.MAX_SPLITS = extra.get("splits", MAX_SPLITS)  # read when the step is captured
@@ -65,6 +65,7 @@ def run_plan(model, be, ads, gen, cache, plan, n: int) -> tuple[float, list[int]
 def main(argv=None) -> int:
     from decode_tiles_lab import prompted
     from finetune_gpu import random_q8_model, shapes
+
     from lorakit.backends import get_backend
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -44,10 +44,10 @@ def prefill_times(gen, ids: list[int], iters: int, host: list[float] | None = No
 
 def main(argv=None) -> int:
     from finetune_gpu import random_q8_model, shapes
-    from lorakit.backends import get_backend
-    from lorakit.kernels import q8_0_tuning as tuning
 
+    from lorakit.backends import get_backend
     from lorakit.generate import Generator
+    from lorakit.kernels import q8_0_tuning as tuning
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=26)

@@ -49,9 +49,9 @@ def timed(fn, calls: int) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     from finetune_gpu import random_q8_model, shapes
-    from lorakit.backends.cuda_triton import CudaTritonBackend
 
     from lorakit import flash
+    from lorakit.backends.cuda_triton import CudaTritonBackend
     from lorakit.fused_ops import joint_kv, qkv_heads
     from lorakit.generate import Generator
     from lorakit.model import pack_fused

@@ -30,8 +30,8 @@ def shape_row(n: int, k: int, m: int) -> dict:
     """Every path's GPU time, host time per eager call and max relative error at one shape."""
     import triton
     from host_lab import host_wall
-    from lorakit.kernels import q8_0_matmul as qmm
 
+    from lorakit.kernels import q8_0_matmul as qmm
     from lorakit.quant import quantize_q8_0
 
     w = quantize_q8_0(torch.randn(n, k) * k**-0.5)

@@ -213,6 +213,7 @@ def profile_train(model, be, batch: int, ctx: int, ckpt: bool) -> dict:
 
 def main(argv=None) -> int:
     from finetune_gpu import random_q8_model, shapes
+
     from lorakit.backends import get_backend
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

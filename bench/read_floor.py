@@ -25,7 +25,6 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lorakit.kernels.q8_0_matmul import q8_0_matmul  # noqa: E402
-
 from lorakit.quant import quantize_q8_0  # noqa: E402
 
 SHAPES = [(3200, 3200), (8640, 3200), (3200, 8640), (32000, 3200), (4096, 4096), (1024, 4096), (14336, 4096),

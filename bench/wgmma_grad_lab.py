@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lorakit.kernels.q8_0_matmul import q8_0_matmul_grad_input  # noqa: E402
-from lorakit.kernels.q8_0_wgmma import WS_CONFIGS, WS_GRAD_CONFIGS, wgmma_grad_input, wgmma_matmul  # noqa: E402
 from wgmma_lab import SHAPES, _tflops, checked, wgmma_args  # noqa: E402  (N, K) of W [N, K]: dx [M, K] = dy [M, N] @ W
 
+from lorakit.kernels.q8_0_matmul import q8_0_matmul_grad_input  # noqa: E402
+from lorakit.kernels.q8_0_wgmma import WS_CONFIGS, WS_GRAD_CONFIGS, wgmma_grad_input, wgmma_matmul  # noqa: E402
 from lorakit.quant import dequantize_q8_0, quantize_q8_0  # noqa: E402
 
 

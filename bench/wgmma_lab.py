@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lorakit.kernels.q8_0_matmul import q8_0_matmul  # noqa: E402
-from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS, WS_CONFIGS, wgmma_matmul  # noqa: E402
 from read_floor import lab_parser  # noqa: E402
 
+from lorakit.kernels.q8_0_matmul import q8_0_matmul  # noqa: E402
+from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS, WS_CONFIGS, wgmma_matmul  # noqa: E402
 from lorakit.quant import dequantize_q8_0, quantize_q8_0  # noqa: E402
 
 SHAPES = [(9600, 3200), (8640, 3200), (3200, 8640), (3200, 3200), (14336, 4096), (4096, 14336), (4096, 4096)]

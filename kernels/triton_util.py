@@ -11,6 +11,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import cuda as tl_cuda
 
+from . import triton_release
+
 QK = 32  # q8_0 block length
 
 # the same switch triton.jit read when it decorated lorakit's kernels (TRITON_INTERPRET at import)
@@ -33,8 +35,7 @@ def gluon_enabled(version: str = triton.__version__, env: str | None = None) -> 
     env = os.environ.get("LORAKIT_GLUON") if env is None else env
     if env in ("0", "1"):
         return env == "1"
-    parts = version.split("+")[0].split(".")
-    return len(parts) >= 2 and parts[:2] == [str(v) for v in GLUON_TESTED]
+    return triton_release(version) == GLUON_TESTED
 
 
 ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -5,6 +5,7 @@ against gclip 1), small second moments."""
 from __future__ import annotations
 
 import torch
+
 from lorakit.backends import AdamHyper
 
 # m, v and x match the spec to this relative to their magnitude (tests/test_kernels.py's docstring derives it)

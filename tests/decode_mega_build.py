@@ -23,12 +23,13 @@ CASES = [  # (dims, cache dtype): the open_llama_3b step (bench/predict_gpu.py's
 
 def _compile(dims: dict, cache: str):
     import triton
-    from lorakit.kernels import decode_mega as km
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
+
+    from lorakit.kernels import decode_mega as km
 
     qlay = gl.NVMMASharedLayout.get_default_for([km.BLOCK_N_ROWS, km.BKB], gl.int8)
     flat16 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from lorakit.backends.act_q8 import ActQ8Inference, requantize_act
 from lorakit.backends.cpu_torch import CpuTorchBackend
-
 from lorakit.generate import SamplingParams
 from lorakit.quant import dequantize_q8_0, q8_0_act_matmul, quantize_act_q8_0, quantize_q8_0
 

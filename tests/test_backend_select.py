@@ -6,8 +6,8 @@ import os
 
 import pytest
 import torch
-from lorakit.backends import TRITON_MIN, triton_version_problem
 
+from lorakit.backends import TRITON_MIN, triton_version_problem
 from lorakit.errors import UsageError
 
 

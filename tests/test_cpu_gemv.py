@@ -14,10 +14,10 @@ import logging
 
 import pytest
 import torch
+
 from lorakit.backends import cpu_gemv
 from lorakit.backends.act_q8 import ActQ8Inference
 from lorakit.backends.cpu_torch import CpuTorchBackend
-
 from lorakit.quant import dequantize_q8_0, q8_0_act_matmul, quantize_q8_0
 
 try:  # `tests` is a package only when the repository root is on sys.path

@@ -18,7 +18,6 @@ if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
 from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
-
 from lorakit.generate import Generator, SamplingParams  # noqa: E402
 from lorakit.model import ModelArgs, pack_fused  # noqa: E402
 from tests.test_decode import _adapter, _model  # noqa: E402

@@ -25,7 +25,6 @@ if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
 from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
-
 from lorakit.decode import GraphDecoder, PrefetchPlan  # noqa: E402
 from lorakit.generate import Generator  # noqa: E402
 from lorakit.lora import LoraAdapter, LoraPair, base_shape  # noqa: E402

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from lorakit.backends import add_lora_terms
-from lorakit.kernels.decode_mega import pack_d, pack_lora, pad_scales, splits, tile_q
 
 from lorakit import decode_mega
+from lorakit.backends import add_lora_terms
 from lorakit.decode_mega import applies, lora_factors
+from lorakit.kernels.decode_mega import pack_d, pack_lora, pad_scales, splits, tile_q
 from lorakit.lora import lora_terms
 from lorakit.model import KVCache, fused_members
 from lorakit.quant import Q8Weight
@@ -164,7 +164,6 @@ def test_compiles_for_sm90_and_fits_shared_memory(builds):
 
 def _gpu_setup(adapters=(), dtype=torch.float32):
     from lorakit.backends.cuda_triton import CudaTritonBackend
-
     from lorakit.generate import Generator
 
     dev = torch.device("cuda")

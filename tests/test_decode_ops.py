@@ -54,10 +54,10 @@ if not CUDA:
 triton = pytest.importorskip("triton")
 
 import torch.nn.functional as F  # noqa: E402
-from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
-from lorakit.kernels import decode_ops, q8_0_matmul  # noqa: E402
 
 from lorakit import model  # noqa: E402
+from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
+from lorakit.kernels import decode_ops, q8_0_matmul  # noqa: E402
 
 if not CUDA and not q8_0_matmul.interpreting():
     pytest.skip("lorakit.kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)

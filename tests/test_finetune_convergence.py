@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lorakit.backends import get_backend
 
 from lorakit.adapters import load_adapter
+from lorakit.backends import get_backend
 from lorakit.cli import main
 from lorakit.gguf_io import GGUFFile
 from lorakit.lora import model_fns

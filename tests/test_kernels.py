@@ -47,10 +47,10 @@ if not CUDA:
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
+
 from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
 from lorakit.kernels import lora_update, q8_0_matmul, triton_util  # noqa: E402
 from lorakit.kernels.triton_util import _dequant_words  # noqa: E402
-
 from lorakit.lora import LoraLinear  # noqa: E402
 from lorakit.quant import Q8Weight, dequantize_q8_0, quantize_q8_0  # noqa: E402
 from tests.adam_case import ADAM_RTOL, hyper, large_case  # noqa: E402

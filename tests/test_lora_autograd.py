@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lorakit.backends.cpu_torch import CpuTorchBackend
 from test_decode import ARGS, _model
 from test_train_step_backends import _step, assert_step_close
 
+from lorakit.backends.cpu_torch import CpuTorchBackend
 from lorakit.lora import LoraRanks, kind_of, lora_shapes
 from lorakit.lora_init import init_lora
 from lorakit.lora_pack import pack_lora

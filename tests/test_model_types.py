@@ -6,8 +6,8 @@ from __future__ import annotations
 import gguf
 import pytest
 import torch
-from lorakit.backends import get_backend
 
+from lorakit.backends import get_backend
 from lorakit.gguf_io import GGUFFile, write_gguf_atomic
 from lorakit.inspect import inspect_file
 from lorakit.lora import model_fns

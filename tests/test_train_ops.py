@@ -56,11 +56,11 @@ if not CUDA:
 triton = pytest.importorskip("triton")
 
 import torch.nn.functional as F  # noqa: E402
-from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
-from lorakit.kernels import train_ops  # noqa: E402
 
 from lorakit import flash, model  # noqa: E402
+from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
 from lorakit.fused_ops import TORCH_OPS, RMSNormFn, RopeFn, SiluMulFn, fused_ops  # noqa: E402
+from lorakit.kernels import train_ops  # noqa: E402
 
 if not CUDA and not train_ops.interpreting():
     pytest.skip("lorakit.kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)

@@ -23,9 +23,9 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
-from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
 from test_decode import ARGS, MHA_ARGS, _model  # noqa: E402
 
+from lorakit.backends.cpu_torch import CpuTorchBackend  # noqa: E402
 from lorakit.lora import LoraRanks, lora_shapes  # noqa: E402
 from lorakit.lora_init import init_lora  # noqa: E402
 from lorakit.model import pack_fused, rope_tables  # noqa: E402

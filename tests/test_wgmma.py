@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from lorakit.kernels import q8_0_matmul as qmm
 from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS, WS_CONFIGS, WS_GRAD_CONFIGS, configs_for
-
 from tests.test_kernels import assert_gpu_grad_input, assert_gpu_matmul, make_weight, needs_gpu, on, rand
 from tests.wgmma_build import CONFIGS, hgmma_a_hazards
 

@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 
 import torch
+
 from lorakit.kernels.q8_0_wgmma import RS_CONFIGS, WGMMA_CONFIGS, WS_CONFIGS, WS_GRAD_CONFIGS
 
 CONFIGS = WGMMA_CONFIGS + RS_CONFIGS + WS_CONFIGS + WS_GRAD_CONFIGS
@@ -16,12 +17,13 @@ CONFIGS = WGMMA_CONFIGS + RS_CONFIGS + WS_CONFIGS + WS_GRAD_CONFIGS
 
 def _compile(cfg: dict, dtype: str, lora: bool, d_words: bool = True):
     import triton
-    from lorakit.kernels.q8_0_wgmma import _q8_wgmma_kernel, _q8_wgmma_rs_kernel, _q8_wgmma_ws_kernel
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
+
+    from lorakit.kernels.q8_0_wgmma import _q8_wgmma_kernel, _q8_wgmma_rs_kernel, _q8_wgmma_ws_kernel
 
     tdt, gdt = (torch.bfloat16, gl.bfloat16) if dtype == "bf16" else (torch.float16, gl.float16)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
