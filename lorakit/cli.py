@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import gc
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -116,8 +115,7 @@ def parse_lora_args(lora: list[str] | None, lora_scaled: list[str] | None) -> li
             value = float(scale)
         except ValueError:
             raise UsageError(f"--lora-scaled {fn}: scale {scale!r} is not a number") from None
-        if not math.isfinite(value):
-            raise UsageError(f"--lora-scaled {fn}: scale {scale!r} is not a finite number")
+        check_finite({f"--lora-scaled {fn}: the scale": value})
         pairs.append((fn, value))
     return pairs
 

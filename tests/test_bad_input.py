@@ -378,7 +378,7 @@ def test_inspect_names_a_special_token_outside_the_vocabulary(capsys, tmp_path):
         (["--bogus"], "No such option: --bogus"),
         (["--temp", "nan"], "--temp must be a finite number"),
         (["--repeat-penalty", "inf"], "--repeat-penalty must be a finite number"),
-        (["--lora-scaled", str(ADAPTER), "nan"], "'nan' is not a finite number"),
+        (["--lora-scaled", str(ADAPTER), "nan"], "the scale must be a finite number, got nan"),
         (["-s", "99999999999999999999"], "out of range"),
         (["--repeat-last-n", "-2"], "--repeat-last-n -2"),
         (["-c", "3"], "leaves no room to generate in a context of 3"),
