@@ -45,6 +45,7 @@ def test_backend_refuses_an_older_triton(monkeypatch):
         ("3.6.0+gitabc", "", True),
         ("3.7.0", "", False),  # Gluon's API changes between releases: off unless asked for
         ("3.5.0", "", False),
+        ("nightly", "", False),  # an unreadable version: not the tested release
         ("3.7.0", "1", True),  # LORAKIT_GLUON=1 asks for them
         ("3.6.0", "0", False),  # LORAKIT_GLUON=0 switches them off
     ],
