@@ -182,7 +182,10 @@ class Generator:
         if rows is not None:  # the backend's lean prompt forward
             h = self.prompt.last_hidden(t, rows, self.rope, self.fns)
         else:
-            h = forward_hidden(self.model.args, t, linear, norm, embed, self.rope, cache, n_past, ops=self.ops)[:, -1:]
+            h = forward_hidden(self.model.args, t, linear, norm, embed, self.rope, cache, n_past, ops=self.ops)
+            # the last row as a [1, 1, E] tensor of its own, laid out as the lean forward's: torch's CPU matmul
+            # (the --act-q8 LoRA terms' x @ a) may sum a row in another order for another leading stride
+            h = h[0, -1].view(1, 1, -1)
         return linear(h, "output.weight")[0, -1].float()
 
     def new_cache(self) -> KVCache:
