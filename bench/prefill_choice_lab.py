@@ -12,7 +12,9 @@ over rounds (the choices are seeded in q8_0_tuning's per-process table, which is
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import sys
 import time
@@ -64,7 +66,8 @@ def main(argv=None) -> int:
     t = prefill_times(gen, ids, a.iters)  # the first prompt measures the paths
     keys = [k for k in tuning._PATH if k[0] == "fwd" and k[8]]  # host-bound forward products
     auto = {k: tuning._PATH[k] for k in keys}
-    print(json.dumps({"first": n / statistics.mean(t), "chosen": {f"{k[2]}x{k[3]}": p for k, p in auto.items()}}))
+    chosen = {f"{k[2]}x{k[3]}": p for k, p in auto.items()}  # by the product's N x K
+    print(json.dumps({"first": n / statistics.mean(t), "chosen": chosen}))
     forced = {p: {**auto, **{k: p for k in keys if p != "wgmma" or k[9]}} for p in ("dequant", "large", "wgmma")}
     # "wgmma" only where the Gluon kernel can compute the product (key[9]); "ffn-dequant": dequantize + cuBLAS for
     # the two feed-forward products (gate|up, down: 85% of the weight bytes), the tiled kernel for the rest
@@ -77,9 +80,6 @@ def main(argv=None) -> int:
             tuning._PATH.update(paths)
             res[c] += prefill_times(gen, ids, a.iters, host[c])
     for c in a.profile:
-        import cProfile
-        import pstats
-
         tuning._PATH.update(configs[c])
         prefill_times(gen, ids, 2)
         prof = cProfile.Profile()
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
                      "host_ms_median": 1e3 * statistics.median(host[c])})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     if a.out:
-        a.out.write_text(json.dumps({"chosen": {f"{k[2]}x{k[3]}": p for k, p in auto.items()}, "rows": rows}, indent=1))
+        a.out.write_text(json.dumps({"chosen": chosen, "rows": rows}, indent=1))
     return 0
 
 
